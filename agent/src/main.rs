@@ -1,4 +1,10 @@
-fn main() {
-    let bytes = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blkmirror-ebpf"));
-    println!("{}", bytes.len());
+//! The `blkmirror` binary: a thin shell over the library.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = blkmirror::cli::Cli::parse();
+    blkmirror::cli::run(cli)
 }

@@ -92,6 +92,10 @@ pub struct TrackState {
     pub words_per_kind: u64,
     /// Wall-clock time (seconds since the Unix epoch) the generation was created.
     pub created_unix: u64,
+    /// The `overflow` count userspace has already reported (userspace-owned).
+    pub overflow_acked: u64,
+    /// The program's `recursion_misses` userspace has already reported (userspace-owned).
+    pub misses_acked: u64,
 }
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.

@@ -172,18 +172,38 @@ fn record_in_slot(slot: u64, rel: u64, len: u64, kind: u64) -> Result<(), ()> {
     if kind == KIND_WRITE || span.full_first == span.full_end {
         return set_bits(bitmap_base(slot, KIND_WRITE, words), span.first, span.end);
     }
-    // Partly covered chunks at either end keep data that must be read: they are writes.
+    // Partly covered chunks at either end keep data that must be read: they are writes. There
+    // is at most one at each end.
     if span.first < span.full_first {
-        set_bits(bitmap_base(slot, KIND_WRITE, words), span.first, span.full_first)?;
+        set_bit(bitmap_base(slot, KIND_WRITE, words), span.first)?;
     }
     if span.full_end < span.end {
-        set_bits(bitmap_base(slot, KIND_WRITE, words), span.full_end, span.end)?;
+        set_bit(bitmap_base(slot, KIND_WRITE, words), span.full_end)?;
     }
     set_bits(bitmap_base(slot, kind, words), span.full_first, span.full_end)
 }
 
+/// ORs `mask` into word `index` of the DIRTY array.
+#[inline(always)]
+fn or_word(index: u64, mask: u64) -> Result<(), ()> {
+    let word = DIRTY.get_ptr_mut(index as u32).ok_or(())?;
+    // SAFETY: `word` points into the DIRTY array (the lookup checked the index); the update is
+    // a single atomic instruction, so concurrent CPUs cannot lose each other's bits.
+    unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask) };
+    Ok(())
+}
+
+/// Sets bit `chunk` of the bitmap starting at word `base`.
+#[inline(always)]
+fn set_bit(base: u64, chunk: u64) -> Result<(), ()> {
+    or_word(base + chunk / 64, 1u64 << (chunk % 64))
+}
+
 /// Sets bits `[first, end)` of the bitmap starting at word `base`; at most
 /// `MAX_WORDS_PER_EVENT` words (checked by the caller).
+///
+/// The loop body has no data-dependent branch except its exit, so the verifier's work grows
+/// linearly with the bound: first and last words are handled outside the loop.
 #[inline(always)]
 fn set_bits(base: u64, first: u64, end: u64) -> Result<(), ()> {
     if first >= end {
@@ -191,19 +211,20 @@ fn set_bits(base: u64, first: u64, end: u64) -> Result<(), ()> {
     }
     let first_word = first / 64;
     let last_word = (end - 1) / 64;
+    let head = u64::MAX << (first % 64);
+    let tail = u64::MAX >> (63 - (end - 1) % 64);
+    if first_word == last_word {
+        return or_word(base + first_word, head & tail);
+    }
+    or_word(base + first_word, head)?;
+    or_word(base + last_word, tail)?;
+    let middle = last_word - first_word - 1;
     let mut i = 0;
     while i < MAX_WORDS_PER_EVENT {
-        let w = first_word + i;
-        if w > last_word {
+        if i >= middle {
             break;
         }
-        let lo = if w == first_word { first % 64 } else { 0 };
-        let hi = if w == last_word { (end - 1) % 64 } else { 63 };
-        // Bits lo..=hi.
-        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-        let word = DIRTY.get_ptr_mut((base + w) as u32).ok_or(())?;
-        // SAFETY: `word` points into the DIRTY array; the write is atomic.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::SeqCst }>(word, mask) };
+        or_word(base + first_word + 1 + i, u64::MAX)?;
         i += 1;
     }
     Ok(())

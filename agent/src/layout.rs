@@ -1,0 +1,205 @@
+//! Tracepoint record layouts, read from the running kernel.
+//!
+//! Offsets inside a tracepoint record change between kernel versions (`rwbs` of
+//! `block_rq_complete` sits at 32 on 5.10 and 6.1, at 34 on 6.18), so they are never
+//! hard-coded: [`RqCompleteLayout::parse`] reads them from the tracepoint's `format` file in
+//! tracefs and checks every field we use for the size we expect.
+
+use std::{fs, path::Path};
+
+/// Errors reading or validating a tracepoint layout.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// The format file could not be read.
+    #[error("cannot read the tracepoint format {path}: {source} (is tracefs mounted?)")]
+    Read {
+        /// The format file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A field we depend on is missing.
+    #[error("this kernel's block_rq_complete tracepoint has no field `{0}`; blkmirror cannot track changes on it")]
+    MissingField(&'static str),
+    /// A field has a size we cannot read.
+    #[error("this kernel's block_rq_complete field `{field}` is {size} bytes, expected {expected}")]
+    FieldSize {
+        /// The field.
+        field: &'static str,
+        /// Its size.
+        size: u64,
+        /// What we read.
+        expected: &'static str,
+    },
+}
+
+/// Offsets of the `block_rq_complete` fields the tracker reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RqCompleteLayout {
+    /// `dev_t dev` (4 bytes).
+    pub dev: u64,
+    /// `sector_t sector` (8 bytes).
+    pub sector: u64,
+    /// `unsigned int nr_sector` (4 bytes).
+    pub nr_sector: u64,
+    /// `int error` (4 bytes).
+    pub error: u64,
+    /// `char rwbs[N]` (N >= 2).
+    pub rwbs: u64,
+}
+
+/// One `field:` line of a format file.
+#[derive(Debug, PartialEq, Eq)]
+struct Field<'a> {
+    name: &'a str,
+    offset: u64,
+    size: u64,
+}
+
+fn parse_fields(text: &str) -> Vec<Field<'_>> {
+    text.lines()
+        .filter_map(|line| {
+            let mut decl = None;
+            let mut offset = None;
+            let mut size = None;
+            for part in line.split(';') {
+                let part = part.trim();
+                if let Some(rest) = part.strip_prefix("field:") {
+                    decl = Some(rest);
+                } else if let Some(rest) = part.strip_prefix("offset:") {
+                    offset = rest.parse().ok();
+                } else if let Some(rest) = part.strip_prefix("size:") {
+                    size = rest.parse().ok();
+                }
+            }
+            let decl = decl?;
+            // The name is the last word of the declaration, without an array suffix.
+            let last = decl.split_whitespace().last()?;
+            let name = last.split('[').next()?;
+            Some(Field {
+                name,
+                offset: offset?,
+                size: size?,
+            })
+        })
+        .collect()
+}
+
+impl RqCompleteLayout {
+    /// Where the format file lives below the tracefs mount point.
+    pub const FORMAT: &'static str = "events/block/block_rq_complete/format";
+
+    /// Reads the layout from tracefs mounted at `tracefs`.
+    pub fn read(tracefs: &Path) -> Result<Self, LayoutError> {
+        let path = tracefs.join(Self::FORMAT);
+        let text = fs::read_to_string(&path).map_err(|source| LayoutError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses a format file's text.
+    pub fn parse(text: &str) -> Result<Self, LayoutError> {
+        let fields = parse_fields(text);
+        let find = |name: &'static str, sizes: &[u64], expected: &'static str| {
+            let field = fields
+                .iter()
+                .find(|f| f.name == name)
+                .ok_or(LayoutError::MissingField(name))?;
+            if !sizes.contains(&field.size) {
+                return Err(LayoutError::FieldSize {
+                    field: name,
+                    size: field.size,
+                    expected,
+                });
+            }
+            Ok(field.offset)
+        };
+        let rwbs_field = fields
+            .iter()
+            .find(|f| f.name == "rwbs")
+            .ok_or(LayoutError::MissingField("rwbs"))?;
+        if rwbs_field.size < 2 {
+            return Err(LayoutError::FieldSize {
+                field: "rwbs",
+                size: rwbs_field.size,
+                expected: "at least 2",
+            });
+        }
+        Ok(Self {
+            dev: find("dev", &[4], "4")?,
+            sector: find("sector", &[8], "8")?,
+            nr_sector: find("nr_sector", &[4], "4")?,
+            error: find("error", &[4], "4")?,
+            rwbs: rwbs_field.offset,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Verbatim from Linux 6.18 (this project's CI machine).
+    const FORMAT_6_18: &str = "name: block_rq_complete
+ID: 2107
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:unsigned char common_flags;\toffset:2;\tsize:1;\tsigned:0;
+\tfield:unsigned char common_preempt_count;\toffset:3;\tsize:1;\tsigned:0;
+\tfield:int common_pid;\toffset:4;\tsize:4;\tsigned:1;
+
+\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:sector_t sector;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned int nr_sector;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:int error;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:unsigned short ioprio;\toffset:32;\tsize:2;\tsigned:0;
+\tfield:char rwbs[10];\toffset:34;\tsize:10;\tsigned:0;
+\tfield:__data_loc char[] cmd;\toffset:44;\tsize:4;\tsigned:0;
+
+print fmt: \"%d,%d %s (%s) %llu + %u %s,%u,%u [%d]\"
+";
+
+    /// The 5.10/6.1 shape: no ioprio, so rwbs sits at 32.
+    const FORMAT_6_1: &str = "name: block_rq_complete
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:dev_t dev;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:sector_t sector;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:unsigned int nr_sector;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:int error;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:char rwbs[8];\toffset:32;\tsize:8;\tsigned:0;
+\tfield:__data_loc char[] cmd;\toffset:40;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn parses_6_18() {
+        let layout = RqCompleteLayout::parse(FORMAT_6_18).unwrap();
+        assert_eq!(
+            layout,
+            RqCompleteLayout { dev: 8, sector: 16, nr_sector: 24, error: 28, rwbs: 34 }
+        );
+    }
+
+    #[test]
+    fn parses_6_1() {
+        let layout = RqCompleteLayout::parse(FORMAT_6_1).unwrap();
+        assert_eq!(layout.rwbs, 32);
+    }
+
+    #[test]
+    fn rejects_missing_and_resized_fields() {
+        let no_error = FORMAT_6_1.replace("int error", "int status");
+        assert!(matches!(
+            RqCompleteLayout::parse(&no_error),
+            Err(LayoutError::MissingField("error"))
+        ));
+        let wide_dev = FORMAT_6_1.replace("dev_t dev;\toffset:8;\tsize:4", "dev_t dev;\toffset:8;\tsize:8");
+        assert!(matches!(
+            RqCompleteLayout::parse(&wide_dev),
+            Err(LayoutError::FieldSize { field: "dev", .. })
+        ));
+        assert!(RqCompleteLayout::parse("garbage").is_err());
+    }
+}

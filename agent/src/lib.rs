@@ -1,0 +1,35 @@
+//! blkmirror: a block-level disaster-recovery mirror for Linux, without a kernel module.
+//!
+//! # Concepts
+//!
+//! * **Tracking.** An eBPF program on the `block/block_rq_complete` tracepoint records, for
+//!   each tracked device, which *chunks* (fixed-size, 4 KiB to 1 MiB) were written, discarded
+//!   or zeroed. It keeps one bitmap per change kind in each of two *epoch slots*; the memory is
+//!   bounded by the device size (six bits per chunk), so nothing can "fill up" the way a ring
+//!   buffer does.
+//! * **Epochs and cuts.** Userspace *cuts* the dirty set at any moment: it advances the epoch,
+//!   waits for an RCU grace period, then reads the old slot. A write that completes after the
+//!   agent started reading a chunk for epoch *N* is recorded in epoch *N+1* or later, so the
+//!   chunk is read again; no write is lost between cut and read. The argument is written out in
+//!   the `blkmirror_common` crate docs.
+//! * **Generations.** Tracking state is pinned in bpffs and outlives the process. Whenever the
+//!   history of a device is not fully known (first tracking, pins lost with a reboot, another
+//!   chunk size, a kernel-side overflow), the tracker says so as `needs_verify`: the replica
+//!   must be compared in full rather than trusted.
+//!
+//! # Layout of this crate
+//!
+//! * [`extent`], [`units`], [`layout`]: pure logic (bitmaps → extents, parsing). No IO.
+//! * [`device`], [`environment`]: the host as seen through sysfs and procfs.
+//! * [`track`]: the driver around the kernel program and its pins.
+//! * [`sys`]: the only module with `unsafe` kernel interfaces (mmap, membarrier, bpf info).
+//! * [`cli`]: commands, output and exit codes.
+
+pub mod cli;
+pub mod device;
+pub mod environment;
+pub mod extent;
+pub mod layout;
+pub mod sys;
+pub mod track;
+pub mod units;

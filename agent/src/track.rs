@@ -1,0 +1,850 @@
+//! The kernel change tracker: loading, pinning and re-adopting the eBPF program, and cutting
+//! epochs.
+//!
+//! # Lifecycle
+//!
+//! [`Tracker::open`] looks for pins under `PIN_ROOT/MAJ-MIN/` (`state`, `dirty`, `big` maps, the
+//! `prog` and its `link`). If they exist and describe the same device and chunk size, it adopts
+//! them: the program kept recording while no process was running, and the first cut reports
+//! those writes. Otherwise it loads a fresh program, starts a new *tracking generation* (a random
+//! id stored in the state map), and reports [`NeedsVerify`]: nothing is known about changes
+//! made before.
+//!
+//! The generation last seen is also recorded in the state directory
+//! (`STATE_DIR/track-MAJ-MIN.json`), so a gap is detected even when the pins vanished with a
+//! reboot: pins gone + record present = a gap, never papered over.
+//!
+//! # Cutting
+//!
+//! [`Tracker::cut`] ends the current epoch and returns everything dirtied in it (see
+//! `blkmirror_common` for why nothing is lost). The slot is cleared only by
+//! [`Tracker::release`], once the caller has consumed the cut; a process that dies in between
+//! leaves the slot uncleared, and the next process reports it again (over-reporting is safe,
+//! under-reporting never happens).
+
+use std::{
+    fs,
+    io::Write as _,
+    mem::offset_of,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::atomic::Ordering,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Map, MapData, MapError, PerCpuArray, PerCpuValues},
+    programs::{
+        ProgramError, ProgramFd, ProgramInfo, TracePoint,
+        links::{FdLink, PinnedLink},
+    },
+};
+use blkmirror_common::{BigList, KINDS, SLOTS, STATE_MAGIC, TrackState, bitmap_base};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    device::{self, BlockDevice, DeviceError},
+    environment::{self, EnvError},
+    extent::{ChangeKind, DirtyBitmaps, Extent, Geometry},
+    layout::{LayoutError, RqCompleteLayout},
+    sys,
+};
+
+/// Default root of blkmirror's pins in bpffs.
+pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/blkmirror";
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/blkmirror";
+/// Where per-device locks live (one tracker process per device).
+pub const LOCK_DIR: &str = "/run/blkmirror";
+/// Smallest chunk size.
+pub const MIN_CHUNK: u64 = 4096;
+/// Largest chunk size.
+pub const MAX_CHUNK: u64 = 1 << 20;
+/// Default chunk size.
+pub const DEFAULT_CHUNK: u64 = 64 * 1024;
+
+/// The eBPF object built by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blkmirror-ebpf"));
+
+/// What the tracker hooks; printed at start-up.
+pub const HOOK: &str = "tracepoint block/block_rq_complete";
+
+/// Tracker errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    /// The environment is unsuitable.
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    /// The device is unsuitable or vanished.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The kernel's tracepoint layout is unsupported.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// Bad chunk size.
+    #[error("chunk size {0} is invalid: it must be a power of two from 4KiB to 1MiB")]
+    ChunkSize(u64),
+    /// The bitmaps would not fit one BPF map.
+    #[error("{device}: {words} bitmap words at chunk size {chunk} are too many; use a larger --chunk-size")]
+    TooLarge {
+        /// The device.
+        device: PathBuf,
+        /// Words needed.
+        words: u64,
+        /// Chunk size in bytes.
+        chunk: u64,
+    },
+    /// Another process tracks this device.
+    #[error("{device} is already being tracked by another blkmirror process (lock {lock}); stop it first")]
+    Busy {
+        /// The device.
+        device: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// Loading the program failed.
+    #[error("loading the eBPF tracker into the kernel failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// Loading or attaching the program failed.
+    #[error("attaching the eBPF tracker to {HOOK} failed: {0}")]
+    Attach(#[source] ProgramError),
+    /// A BPF map operation failed.
+    #[error("BPF map operation failed: {0}")]
+    Map(#[from] MapError),
+    /// Pinning or opening pins failed.
+    #[error("{what} {path}: {detail}")]
+    Pins {
+        /// What we were doing.
+        what: &'static str,
+        /// The pin path.
+        path: PathBuf,
+        /// The cause.
+        detail: String,
+    },
+    /// Other IO.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrackError {
+    let what = what.into();
+    move |source| TrackError::Io { what, source }
+}
+
+/// Where tracking state lives.
+#[derive(Clone, Debug)]
+pub struct TrackOptions {
+    /// Chunk size in bytes (power of two, 4 KiB to 1 MiB).
+    pub chunk_bytes: u64,
+    /// Root directory of the pins in bpffs.
+    pub pin_root: PathBuf,
+    /// State directory (generation records).
+    pub state_dir: PathBuf,
+}
+
+impl Default for TrackOptions {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: DEFAULT_CHUNK,
+            pin_root: DEFAULT_PIN_ROOT.into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
+        }
+    }
+}
+
+/// Why the changes of a device are not fully known: its replica needs a full verify.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct NeedsVerify {
+    /// Human-readable cause.
+    pub reason: String,
+}
+
+/// One ended epoch.
+#[derive(Debug)]
+pub struct Cut {
+    /// The epoch number.
+    pub epoch: u64,
+    /// Everything dirtied in it.
+    pub bitmaps: DirtyBitmaps,
+    /// Merged extents of `bitmaps`.
+    pub extents: Vec<Extent>,
+    /// Set when the kernel could not record everything during this epoch.
+    pub needs_verify: Option<NeedsVerify>,
+}
+
+/// The record of a tracking generation in the state directory.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct GenerationRecord {
+    generation: u64,
+    chunk_bytes: u64,
+    start_sector: u64,
+    nr_sectors: u64,
+}
+
+/// Word indexes of the [`TrackState`] fields in its mmap-ed map.
+mod field {
+    use super::{TrackState, offset_of};
+    pub const MAGIC: usize = offset_of!(TrackState, magic) / 8;
+    pub const EPOCH: usize = offset_of!(TrackState, epoch) / 8;
+    pub const RELEASED: usize = offset_of!(TrackState, released) / 8;
+    pub const OVERFLOW: usize = offset_of!(TrackState, overflow) / 8;
+    pub const GENERATION: usize = offset_of!(TrackState, generation) / 8;
+    pub const DEV: usize = offset_of!(TrackState, dev) / 8;
+    pub const START_SECTOR: usize = offset_of!(TrackState, start_sector) / 8;
+    pub const NR_SECTORS: usize = offset_of!(TrackState, nr_sectors) / 8;
+    pub const CHUNK_SHIFT: usize = offset_of!(TrackState, chunk_shift) / 8;
+    pub const WORDS_PER_KIND: usize = offset_of!(TrackState, words_per_kind) / 8;
+    pub const CREATED_UNIX: usize = offset_of!(TrackState, created_unix) / 8;
+    pub const OVERFLOW_ACKED: usize = offset_of!(TrackState, overflow_acked) / 8;
+    pub const MISSES_ACKED: usize = offset_of!(TrackState, misses_acked) / 8;
+    pub const WORDS: usize = size_of::<TrackState>() / 8;
+}
+
+/// The open pins of one tracked device.
+struct Pins {
+    state: sys::MappedWords,
+    dirty: sys::MappedWords,
+    big: PerCpuArray<MapData, BigList>,
+    prog: ProgramFd,
+}
+
+/// A cut whose slot has not been cleared yet.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    epoch: u64,
+    overflow: u64,
+    misses: u64,
+}
+
+/// How the tracker came to be: adopted pins or a new generation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Pins from an earlier process were re-adopted.
+    Adopted,
+    /// A new program was loaded.
+    Created,
+}
+
+/// A tracked device.
+pub struct Tracker {
+    device: BlockDevice,
+    geometry: Geometry,
+    layout: RqCompleteLayout,
+    pins: Pins,
+    pin_dir: PathBuf,
+    origin: Origin,
+    carry: Option<DirtyBitmaps>,
+    pending: Option<Pending>,
+    _lock: fs::File,
+}
+
+/// Validates a chunk size and returns log2 of it in sectors.
+pub fn chunk_shift(chunk_bytes: u64) -> Result<u64, TrackError> {
+    if !chunk_bytes.is_power_of_two() || !(MIN_CHUNK..=MAX_CHUNK).contains(&chunk_bytes) {
+        return Err(TrackError::ChunkSize(chunk_bytes));
+    }
+    Ok(u64::from((chunk_bytes / 512).trailing_zeros()))
+}
+
+/// The pin directory of a device node.
+pub fn pin_dir(pin_root: &Path, device: &BlockDevice) -> PathBuf {
+    pin_root.join(format!("{}-{}", device.major, device.minor))
+}
+
+fn record_path(state_dir: &Path, device: &BlockDevice) -> PathBuf {
+    state_dir.join(format!("track-{}-{}.json", device.major, device.minor))
+}
+
+/// Checks everything the tracker needs from the environment, mounting bpffs and tracefs if they
+/// are missing. Returns notes for the operator (what was mounted).
+pub fn prepare_environment() -> Result<Vec<String>, TrackError> {
+    environment::check_privileges()?;
+    let mut notes = Vec::new();
+    if environment::ensure_bpffs()? {
+        notes.push(format!("mounted bpffs at {}", environment::BPFFS));
+    }
+    if environment::ensure_tracefs()? {
+        notes.push(format!("mounted tracefs at {}", environment::TRACEFS));
+    }
+    environment::check_membarrier()?;
+    Ok(notes)
+}
+
+impl Tracker {
+    /// Starts or resumes tracking `path`. Returns the tracker and, when the changes made before
+    /// now are not fully known (new generation), why.
+    pub fn open(path: &Path, options: &TrackOptions) -> Result<(Self, Option<NeedsVerify>), TrackError> {
+        let device = device::inspect(path)?;
+        let shift = chunk_shift(options.chunk_bytes)?;
+        let geometry = Geometry {
+            nr_sectors: device.nr_sectors,
+            chunk_shift: shift,
+        };
+        let total_words = geometry.words_per_kind() * (SLOTS * KINDS) as u64;
+        if total_words > u64::from(u32::MAX / 8) {
+            return Err(TrackError::TooLarge {
+                device: path.to_owned(),
+                words: total_words,
+                chunk: options.chunk_bytes,
+            });
+        }
+        let lock = lock_device(&device)?;
+        let layout = RqCompleteLayout::read(Path::new(environment::TRACEFS))?;
+        let pin_dir = pin_dir(&options.pin_root, &device);
+        let record_path = record_path(&options.state_dir, &device);
+        let record = read_record(&record_path);
+
+        let mut replaced: Option<String> = None;
+        let mut adopted = match open_pins(&pin_dir, &geometry) {
+            Ok(pins) => match check_pins(&pins, &device, &geometry) {
+                Ok(()) => Some(pins),
+                Err(why) => {
+                    replaced = Some(why);
+                    None
+                }
+            },
+            Err(PinsState::Absent) => None,
+            Err(PinsState::Broken(why)) => {
+                replaced = Some(why);
+                None
+            }
+        };
+        if adopted.is_none() && pin_dir.exists() {
+            remove_pins(&pin_dir)?;
+        }
+        let origin = if adopted.is_some() { Origin::Adopted } else { Origin::Created };
+        let pins = match adopted.take() {
+            Some(pins) => pins,
+            None => {
+                create_pins(&pin_dir, &device, &geometry, &layout)?;
+                open_pins(&pin_dir, &geometry).map_err(|state| TrackError::Pins {
+                    what: "re-opening the pins just created at",
+                    path: pin_dir.clone(),
+                    detail: match state {
+                        PinsState::Absent => "they are missing".into(),
+                        PinsState::Broken(why) => why,
+                    },
+                })?
+            }
+        };
+        let generation = pins.state.words()[field::GENERATION].load(Ordering::SeqCst);
+
+        let needs_verify = match (&origin, &record) {
+            (Origin::Adopted, Some(r)) if r.generation == generation => None,
+            (Origin::Adopted, _) => Some(format!(
+                "{} has no record of tracking generation {generation:016x}; changes before it \
+                 are unknown",
+                options.state_dir.display()
+            )),
+            (Origin::Created, _) if replaced.is_some() => replaced.clone(),
+            (Origin::Created, Some(_)) => Some(
+                "the pinned tracking state was gone (reboot, `blkmirror untrack`, or bpffs \
+                 unmounted): changes made meanwhile are unknown"
+                    .to_owned(),
+            ),
+            (Origin::Created, None) => {
+                Some("first tracking of this device: its earlier changes are unknown".to_owned())
+            }
+        }
+        .map(|reason| NeedsVerify { reason });
+
+        write_record(
+            &options.state_dir,
+            &record_path,
+            &GenerationRecord {
+                generation,
+                chunk_bytes: options.chunk_bytes,
+                start_sector: device.start_sector,
+                nr_sectors: device.nr_sectors,
+            },
+        )?;
+
+        let mut tracker = Self {
+            device,
+            geometry,
+            layout,
+            pins,
+            pin_dir,
+            origin,
+            carry: None,
+            pending: None,
+            _lock: lock,
+        };
+        tracker.collect_unreleased()?;
+        Ok((tracker, needs_verify))
+    }
+
+    /// If an earlier process cut an epoch but died before releasing it, reads that slot now so
+    /// the first cut reports it (the slot itself is left as it is: over-reporting is safe).
+    fn collect_unreleased(&mut self) -> Result<(), TrackError> {
+        let state = self.pins.state.words();
+        let epoch = state[field::EPOCH].load(Ordering::SeqCst);
+        let released = state[field::RELEASED].load(Ordering::SeqCst);
+        if released + 1 < epoch {
+            sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
+            self.carry = Some(self.read_slot(epoch - 1)?);
+        }
+        Ok(())
+    }
+
+    /// The device.
+    pub fn device(&self) -> &BlockDevice {
+        &self.device
+    }
+
+    /// The chunk geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// The tracepoint layout in use.
+    pub fn layout(&self) -> RqCompleteLayout {
+        self.layout
+    }
+
+    /// Whether the pins were adopted or created.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The tracking generation.
+    pub fn generation(&self) -> u64 {
+        self.pins.state.words()[field::GENERATION].load(Ordering::SeqCst)
+    }
+
+    /// The current (open) epoch.
+    pub fn epoch(&self) -> u64 {
+        self.pins.state.words()[field::EPOCH].load(Ordering::SeqCst)
+    }
+
+    /// Ends the current epoch and returns what was dirtied in it. Call [`Self::release`] once
+    /// the result is consumed; until then the kernel keeps the data (a crash re-reports it).
+    pub fn cut(&mut self) -> Result<Cut, TrackError> {
+        // A previous cut that was never released stays in its slot and is reported again
+        // when that slot is cut next: safe, so simply forget it.
+        self.pending = None;
+        let state = self.pins.state.words();
+        let epoch = state[field::EPOCH].load(Ordering::SeqCst);
+        state[field::EPOCH].store(epoch + 1, Ordering::SeqCst);
+        // After this grace period no program invocation can still be using the old epoch.
+        sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
+        let mut bitmaps = self.read_slot(epoch)?;
+        if let Some(carry) = self.carry.take() {
+            bitmaps.union(&carry);
+        }
+        let state = self.pins.state.words();
+        let overflow = state[field::OVERFLOW].load(Ordering::SeqCst);
+        let overflow_acked = state[field::OVERFLOW_ACKED].load(Ordering::SeqCst);
+        let misses = sys::prog_recursion_misses(self.pins.prog.as_fd())
+            .map_err(io_err("reading the tracker's recursion_misses"))?;
+        let misses_acked = state[field::MISSES_ACKED].load(Ordering::SeqCst);
+        let mut reasons = Vec::new();
+        if overflow > overflow_acked {
+            reasons.push(format!(
+                "{} requests could not be recorded in the kernel (too many very large requests \
+                 in one epoch)",
+                overflow - overflow_acked
+            ));
+        }
+        if misses > misses_acked {
+            reasons.push(format!(
+                "the kernel skipped the tracker {} times (BPF recursion protection)",
+                misses - misses_acked
+            ));
+        }
+        self.pending = Some(Pending {
+            epoch,
+            overflow,
+            misses,
+        });
+        let extents = bitmaps.extents();
+        Ok(Cut {
+            epoch,
+            bitmaps,
+            extents,
+            needs_verify: (!reasons.is_empty()).then(|| NeedsVerify {
+                reason: reasons.join("; "),
+            }),
+        })
+    }
+
+    /// Clears the slot of the last cut: its content has been consumed.
+    pub fn release(&mut self) -> Result<(), TrackError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let slot = pending.epoch % SLOTS as u64;
+        let wpk = self.geometry.words_per_kind();
+        let dirty = self.pins.dirty.words();
+        for kind in 0..KINDS as u64 {
+            let base = bitmap_base(slot, kind, wpk) as usize;
+            for word in &dirty[base..base + wpk as usize] {
+                word.store(0, Ordering::Relaxed);
+            }
+        }
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| TrackError::Io {
+            what: what.to_owned(),
+            source,
+        })?;
+        let empty = PerCpuValues::try_from(vec![BigList::default(); cpus])
+            .map_err(io_err("building per-CPU values"))?;
+        self.pins.big.set(slot as u32, empty, 0)?;
+        let state = self.pins.state.words();
+        state[field::OVERFLOW_ACKED].store(pending.overflow, Ordering::SeqCst);
+        state[field::MISSES_ACKED].store(pending.misses, Ordering::SeqCst);
+        state[field::RELEASED].store(pending.epoch, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Copies the slot of `epoch` (bitmaps and big extents) into userspace.
+    fn read_slot(&self, epoch: u64) -> Result<DirtyBitmaps, TrackError> {
+        let slot = epoch % SLOTS as u64;
+        let wpk = self.geometry.words_per_kind();
+        let dirty = self.pins.dirty.words();
+        let mut bitmaps = DirtyBitmaps::new(self.geometry);
+        for kind in [ChangeKind::Write, ChangeKind::Discard, ChangeKind::Zeroes] {
+            let base = bitmap_base(slot, kind.index(), wpk) as usize;
+            let source = &dirty[base..base + wpk as usize];
+            for (dst, src) in bitmaps.words_mut(kind).iter_mut().zip(source) {
+                *dst = src.load(Ordering::Relaxed);
+            }
+        }
+        let lists = self.pins.big.get(&(slot as u32), 0)?;
+        for list in lists.iter() {
+            let valid = (list.count as usize).min(list.entries.len());
+            for entry in &list.entries[..valid] {
+                bitmaps.apply_request(entry.start, entry.len, ChangeKind::from_index(entry.kind));
+            }
+        }
+        Ok(bitmaps)
+    }
+}
+
+/// Stops tracking `path`: removes its pins (the program detaches once no process holds it).
+/// The generation record stays, so the next start reports the gap.
+pub fn untrack(path: &Path, options: &TrackOptions) -> Result<bool, TrackError> {
+    let device = device::inspect(path)?;
+    let _lock = lock_device(&device)?;
+    let dir = pin_dir(&options.pin_root, &device);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    remove_pins(&dir)?;
+    Ok(true)
+}
+
+fn lock_device(device: &BlockDevice) -> Result<fs::File, TrackError> {
+    fs::create_dir_all(LOCK_DIR).map_err(io_err(format!("creating {LOCK_DIR}")))?;
+    let lock = PathBuf::from(format!("{LOCK_DIR}/track-{}-{}.lock", device.major, device.minor));
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io_err(format!("opening {}", lock.display())))?;
+    if !sys::try_lock_exclusive(&file).map_err(io_err(format!("locking {}", lock.display())))? {
+        return Err(TrackError::Busy {
+            device: device.path.clone(),
+            lock,
+        });
+    }
+    Ok(file)
+}
+
+enum PinsState {
+    Absent,
+    Broken(String),
+}
+
+const PIN_STATE: &str = "state";
+const PIN_DIRTY: &str = "dirty";
+const PIN_BIG: &str = "big";
+const PIN_PROG: &str = "prog";
+const PIN_LINK: &str = "link";
+
+fn open_pins(dir: &Path, geometry: &Geometry) -> Result<Pins, PinsState> {
+    let state_path = dir.join(PIN_STATE);
+    if !state_path.exists() {
+        return Err(if dir.exists() {
+            PinsState::Broken("incomplete pins (no state map)".into())
+        } else {
+            PinsState::Absent
+        });
+    }
+    let broken = |what: &str| {
+        let what = what.to_owned();
+        move |e: &dyn std::fmt::Display| PinsState::Broken(format!("{what}: {e}"))
+    };
+    let state_map = MapData::from_pin(&state_path).map_err(|e| broken("state map")(&e))?;
+    let state = sys::MappedWords::map(state_map.fd().as_fd(), field::WORDS)
+        .map_err(|e| broken("mapping the state map")(&e))?;
+    if state.words()[field::MAGIC].load(Ordering::SeqCst) != STATE_MAGIC {
+        return Err(PinsState::Broken(
+            "the pinned state has another layout version or was never initialised".into(),
+        ));
+    }
+    let pinned_wpk = state.words()[field::WORDS_PER_KIND].load(Ordering::SeqCst);
+    if pinned_wpk != geometry.words_per_kind() {
+        return Err(PinsState::Broken(format!(
+            "chunk geometry changed ({pinned_wpk} bitmap words pinned, {} wanted)",
+            geometry.words_per_kind()
+        )));
+    }
+    let dirty_map = MapData::from_pin(dir.join(PIN_DIRTY)).map_err(|e| broken("dirty map")(&e))?;
+    let total = (geometry.words_per_kind() * (SLOTS * KINDS) as u64) as usize;
+    let dirty = sys::MappedWords::map(dirty_map.fd().as_fd(), total)
+        .map_err(|e| broken("mapping the dirty map")(&e))?;
+    let big_map = MapData::from_pin(dir.join(PIN_BIG)).map_err(|e| broken("big map")(&e))?;
+    let big = PerCpuArray::try_from(Map::PerCpuArray(big_map)).map_err(|e| broken("big map")(&e))?;
+    let prog = ProgramInfo::from_pin(dir.join(PIN_PROG))
+        .and_then(|info| info.fd())
+        .map_err(|e| broken("program pin")(&e))?;
+    PinnedLink::from_pin(dir.join(PIN_LINK)).map_err(|e| broken("link pin")(&e))?;
+    Ok(Pins {
+        state,
+        dirty,
+        big,
+        prog,
+    })
+}
+
+/// Whether adopted pins describe this device and chunk size; `Err` says what differs.
+fn check_pins(pins: &Pins, device: &BlockDevice, geometry: &Geometry) -> Result<(), String> {
+    let state = pins.state.words();
+    let get = |i: usize| state[i].load(Ordering::SeqCst);
+    let pinned_shift = get(field::CHUNK_SHIFT);
+    if pinned_shift != geometry.chunk_shift {
+        return Err(format!(
+            "chunk size changed from {} to {} bytes: a new tracking generation starts",
+            512u64 << pinned_shift.min(20),
+            geometry.chunk_bytes()
+        ));
+    }
+    if get(field::DEV) != u64::from(device.kernel_dev())
+        || get(field::START_SECTOR) != device.start_sector
+        || get(field::NR_SECTORS) != device.nr_sectors
+    {
+        return Err(format!(
+            "the device changed (pinned: dev {:#x}, start {}, {} sectors; now dev {:#x}, start {}, \
+             {} sectors): a new tracking generation starts",
+            get(field::DEV),
+            get(field::START_SECTOR),
+            get(field::NR_SECTORS),
+            device.kernel_dev(),
+            device.start_sector,
+            device.nr_sectors
+        ));
+    }
+    Ok(())
+}
+
+fn create_pins(
+    dir: &Path,
+    device: &BlockDevice,
+    geometry: &Geometry,
+    layout: &RqCompleteLayout,
+) -> Result<(), TrackError> {
+    let result = try_create_pins(dir, device, geometry, layout);
+    if result.is_err() {
+        // Leave nothing half-made behind.
+        let _ = remove_pins(dir);
+    }
+    result
+}
+
+fn try_create_pins(
+    dir: &Path,
+    device: &BlockDevice,
+    geometry: &Geometry,
+    layout: &RqCompleteLayout,
+) -> Result<(), TrackError> {
+    fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let wpk = geometry.words_per_kind();
+    let total_words = wpk * (SLOTS * KINDS) as u64;
+    let flags = if device.zoned { blkmirror_common::FLAG_ZONED } else { 0 };
+    let target_dev = u64::from(device.kernel_dev());
+    let mut ebpf = EbpfLoader::new()
+        .override_global("TARGET_DEV", &target_dev, true)
+        .override_global("START_SECTOR", &device.start_sector, true)
+        .override_global("NR_SECTORS", &device.nr_sectors, true)
+        .override_global("CHUNK_SHIFT", &geometry.chunk_shift, true)
+        .override_global("WORDS_PER_KIND", &wpk, true)
+        .override_global("FLAGS", &flags, true)
+        .override_global("OFF_DEV", &layout.dev, true)
+        .override_global("OFF_SECTOR", &layout.sector, true)
+        .override_global("OFF_NR_SECTOR", &layout.nr_sector, true)
+        .override_global("OFF_ERROR", &layout.error, true)
+        .override_global("OFF_RWBS", &layout.rwbs, true)
+        .map_max_entries("DIRTY", u32::try_from(total_words.max(1)).unwrap_or(u32::MAX))
+        .load(EBPF_OBJECT)
+        .map_err(TrackError::Load)?;
+
+    // Load (verify) the program first: it holds references to the maps from then on.
+    let program: &mut TracePoint = ebpf
+        .program_mut("block_rq_complete")
+        .ok_or_else(|| TrackError::Pins {
+            what: "the eBPF object lacks program",
+            path: "block_rq_complete".into(),
+            detail: "rebuild blkmirror".into(),
+        })?
+        .try_into()
+        .map_err(TrackError::Attach)?;
+    program.load().map_err(TrackError::Attach)?;
+
+    let mut state_map = None;
+    for (name, pin_name) in [("STATE", PIN_STATE), ("DIRTY", PIN_DIRTY), ("BIG", PIN_BIG)] {
+        let path = dir.join(pin_name);
+        let map = ebpf.map(name).ok_or_else(|| TrackError::Pins {
+            what: "the eBPF object lacks map",
+            path: name.into(),
+            detail: "rebuild blkmirror".into(),
+        })?;
+        map.pin(&path).map_err(|e| TrackError::Pins {
+            what: "pinning map at",
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        if name == "STATE" {
+            state_map = Some(MapData::from_pin(&path).map_err(|e| TrackError::Pins {
+                what: "opening pinned map",
+                path,
+                detail: e.to_string(),
+            })?);
+        }
+    }
+    let state_map = state_map.ok_or_else(|| TrackError::Pins {
+        what: "the eBPF object lacks map",
+        path: "STATE".into(),
+        detail: "rebuild blkmirror".into(),
+    })?;
+
+    // Initialise the state before the program is attached; the magic goes last.
+    let state = sys::MappedWords::map(state_map.fd().as_fd(), field::WORDS)
+        .map_err(io_err("mapping the state map"))?;
+    let words = state.words();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for (index, value) in [
+        (field::EPOCH, 1),
+        (field::RELEASED, 0),
+        (field::GENERATION, random_generation()?),
+        (field::DEV, target_dev),
+        (field::START_SECTOR, device.start_sector),
+        (field::NR_SECTORS, device.nr_sectors),
+        (field::CHUNK_SHIFT, geometry.chunk_shift),
+        (field::WORDS_PER_KIND, wpk),
+        (field::CREATED_UNIX, now),
+    ] {
+        words[index].store(value, Ordering::SeqCst);
+    }
+    words[field::MAGIC].store(STATE_MAGIC, Ordering::SeqCst);
+
+    let program: &mut TracePoint = ebpf
+        .program_mut("block_rq_complete")
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| TrackError::Pins {
+            what: "the eBPF object lacks program",
+            path: "block_rq_complete".into(),
+            detail: "rebuild blkmirror".into(),
+        })?;
+    let link_id = program
+        .attach("block", "block_rq_complete")
+        .map_err(TrackError::Attach)?;
+    let link = program.take_link(link_id).map_err(TrackError::Attach)?;
+    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| TrackError::Pins {
+        what: "the kernel gave no bpf_link for",
+        path: HOOK.into(),
+        detail: format!("{e} (kernel older than 5.15?); tracking could not outlive the process"),
+    })?;
+    let link_path = dir.join(PIN_LINK);
+    fd_link.pin(&link_path).map_err(|e| TrackError::Pins {
+        what: "pinning link at",
+        path: link_path,
+        detail: e.to_string(),
+    })?;
+    let prog_path = dir.join(PIN_PROG);
+    program.pin(&prog_path).map_err(|e| TrackError::Pins {
+        what: "pinning program at",
+        path: prog_path,
+        detail: e.to_string(),
+    })?;
+    Ok(())
+}
+
+fn remove_pins(dir: &Path) -> Result<(), TrackError> {
+    for name in [PIN_LINK, PIN_PROG, PIN_STATE, PIN_DIRTY, PIN_BIG] {
+        let path = dir.join(name);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(format!("removing pin {}", path.display()))(e)),
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("removing {}", dir.display()))(e)),
+    }
+}
+
+fn random_generation() -> Result<u64, TrackError> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 8];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(io_err("reading /dev/urandom"))?;
+    // Zero would look like "never initialised".
+    Ok(u64::from_le_bytes(bytes) | 1)
+}
+
+fn read_record(path: &Path) -> Option<GenerationRecord> {
+    let text = fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn write_record(state_dir: &Path, path: &Path, record: &GenerationRecord) -> Result<(), TrackError> {
+    fs::create_dir_all(state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string(record).map_err(|e| io_err("encoding generation record")(std::io::Error::other(e)))?;
+    let mut file = fs::File::create(&tmp).map_err(io_err(format!("writing {}", tmp.display())))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    fs::rename(&tmp, path).map_err(io_err(format!("renaming {}", tmp.display())))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_shift(4096).unwrap(), 3);
+        assert_eq!(chunk_shift(65536).unwrap(), 7);
+        assert_eq!(chunk_shift(1 << 20).unwrap(), 11);
+        assert!(chunk_shift(2048).is_err());
+        assert!(chunk_shift(3 << 12).is_err());
+        assert!(chunk_shift(2 << 20).is_err());
+    }
+
+    #[test]
+    fn state_field_indexes_match_layout() {
+        assert_eq!(field::MAGIC, 0);
+        assert_eq!(field::EPOCH, 1);
+        assert_eq!(field::WORDS * 8, size_of::<TrackState>());
+    }
+}
