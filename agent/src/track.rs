@@ -301,14 +301,8 @@ impl Tracker {
         let record = read_record(&record_path);
 
         let mut replaced: Option<String> = None;
-        let mut adopted = match open_pins(&pin_dir, &geometry) {
-            Ok(pins) => match check_pins(&pins, &device, &geometry) {
-                Ok(()) => Some(pins),
-                Err(why) => {
-                    replaced = Some(why);
-                    None
-                }
-            },
+        let mut adopted = match open_pins(&pin_dir, &device, &geometry) {
+            Ok(pins) => Some(pins),
             Err(PinsState::Absent) => None,
             Err(PinsState::Broken(why)) => {
                 replaced = Some(why);
@@ -323,7 +317,7 @@ impl Tracker {
             Some(pins) => pins,
             None => {
                 create_pins(&pin_dir, &device, &geometry, &layout)?;
-                open_pins(&pin_dir, &geometry).map_err(|state| TrackError::Pins {
+                open_pins(&pin_dir, &device, &geometry).map_err(|state| TrackError::Pins {
                     what: "re-opening the pins just created at",
                     path: pin_dir.clone(),
                     detail: match state {
@@ -573,7 +567,7 @@ const PIN_BIG: &str = "big";
 const PIN_PROG: &str = "prog";
 const PIN_LINK: &str = "link";
 
-fn open_pins(dir: &Path, geometry: &Geometry) -> Result<Pins, PinsState> {
+fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pins, PinsState> {
     let state_path = dir.join(PIN_STATE);
     if !state_path.exists() {
         return Err(if dir.exists() {
@@ -594,13 +588,7 @@ fn open_pins(dir: &Path, geometry: &Geometry) -> Result<Pins, PinsState> {
             "the pinned state has another layout version or was never initialised".into(),
         ));
     }
-    let pinned_wpk = state.words()[field::WORDS_PER_KIND].load(Ordering::SeqCst);
-    if pinned_wpk != geometry.words_per_kind() {
-        return Err(PinsState::Broken(format!(
-            "chunk geometry changed ({pinned_wpk} bitmap words pinned, {} wanted)",
-            geometry.words_per_kind()
-        )));
-    }
+    check_geometry(&state, device, geometry).map_err(PinsState::Broken)?;
     let dirty_map = MapData::from_pin(dir.join(PIN_DIRTY)).map_err(|e| broken("dirty map")(&e))?;
     let total = (geometry.words_per_kind() * (SLOTS * KINDS) as u64) as usize;
     let dirty = sys::MappedWords::map(dirty_map.fd().as_fd(), total)
@@ -619,9 +607,13 @@ fn open_pins(dir: &Path, geometry: &Geometry) -> Result<Pins, PinsState> {
     })
 }
 
-/// Whether adopted pins describe this device and chunk size; `Err` says what differs.
-fn check_pins(pins: &Pins, device: &BlockDevice, geometry: &Geometry) -> Result<(), String> {
-    let state = pins.state.words();
+/// Whether pinned state describes this device and chunk size; `Err` says what differs.
+fn check_geometry(
+    state: &sys::MappedWords,
+    device: &BlockDevice,
+    geometry: &Geometry,
+) -> Result<(), String> {
+    let state = state.words();
     let get = |i: usize| state[i].load(Ordering::SeqCst);
     let pinned_shift = get(field::CHUNK_SHIFT);
     if pinned_shift != geometry.chunk_shift {
@@ -634,6 +626,7 @@ fn check_pins(pins: &Pins, device: &BlockDevice, geometry: &Geometry) -> Result<
     if get(field::DEV) != u64::from(device.kernel_dev())
         || get(field::START_SECTOR) != device.start_sector
         || get(field::NR_SECTORS) != device.nr_sectors
+        || get(field::WORDS_PER_KIND) != geometry.words_per_kind()
     {
         return Err(format!(
             "the device changed (pinned: dev {:#x}, start {}, {} sectors; now dev {:#x}, start {}, \

@@ -1,1 +1,463 @@
+//! Helpers for blkmirror's root-only integration tests: guards that always clean up what a
+//! test made (loop devices, mounts, bpffs pins, scratch directories), and small wrappers to run
+//! the real `blkmirror` binary.
+//!
+//! Tests `panic!` with context instead of returning errors, so failures keep their location.
 
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader},
+    os::unix::fs::{FileExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Panics unless running as root: these tests load eBPF and create loop devices.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "the blkmirror kernel tests need root (they load eBPF and create loop devices); run them as root"
+    );
+}
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A scratch directory, removed on drop.
+pub struct Scratch {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    /// Creates a fresh directory under /tmp (or `$BLKMIRROR_TEST_DIR`).
+    pub fn new() -> Self {
+        let base = std::env::var_os("BLKMIRROR_TEST_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let path = base.join(unique("blkmirror-test"));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        Self { path }
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A loop device over a sparse file; detached on drop.
+pub struct LoopDevice {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+    /// The backing file.
+    pub backing: PathBuf,
+}
+
+impl LoopDevice {
+    /// A loop device of `size` bytes backed by a new sparse file in `dir`.
+    pub fn new(dir: &Path, size: u64) -> Self {
+        Self::with_options(dir, size, None)
+    }
+
+    /// Like [`Self::new`], with an `sfdisk` script to partition it first (attached with `-P`).
+    pub fn with_options(dir: &Path, size: u64, sfdisk_script: Option<&str>) -> Self {
+        let backing = dir.join(unique("disk.img"));
+        File::create(&backing)
+            .and_then(|f| f.set_len(size))
+            .unwrap_or_else(|e| panic!("creating {}: {e}", backing.display()));
+        if let Some(script) = sfdisk_script {
+            let mut child = Command::new("sfdisk")
+                .arg("--quiet")
+                .arg(&backing)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("sfdisk (fdisk package) must be installed");
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(script.as_bytes())
+                .expect("writing sfdisk script");
+            assert!(child.wait().expect("sfdisk").success(), "sfdisk failed");
+        }
+        let backing_str = backing.to_str().expect("utf-8 path");
+        let mut args = vec!["-f", "--show"];
+        if sfdisk_script.is_some() {
+            args.push("-P");
+        }
+        args.push(backing_str);
+        let path = PathBuf::from(sh("losetup", &args).trim());
+        let device = Self { path, backing };
+        if sfdisk_script.is_some() {
+            // Partition nodes may need a nudge to appear.
+            let p1 = device.partition(1);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !p1.exists() && Instant::now() < deadline {
+                let _ = Command::new("partx").arg("-a").arg(&device.path).output();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(p1.exists(), "{} did not appear", p1.display());
+        }
+        device
+    }
+
+    /// The node of partition `n`.
+    pub fn partition(&self, n: u32) -> PathBuf {
+        PathBuf::from(format!("{}p{n}", self.path.display()))
+    }
+
+    /// The device path as a string.
+    pub fn as_str(&self) -> &str {
+        self.path.to_str().expect("utf-8 path")
+    }
+}
+
+impl LoopDevice {
+    /// Whether the loop device is still ours: attached to our backing file. Loop numbers are
+    /// reused at once, so after a detach the same node may belong to another test.
+    pub fn is_ours(&self) -> bool {
+        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+            .is_ok_and(|file| Path::new(file.trim()) == self.backing)
+    }
+
+    /// Detaches the device now (if it is still ours).
+    pub fn detach(&self) {
+        if self.is_ours() {
+            sh("losetup", &["-d", self.as_str()]);
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.path).output();
+        }
+        let _ = fs::remove_file(&self.backing);
+    }
+}
+
+/// A mounted file system; unmounted on drop.
+pub struct Mount {
+    /// The mount point.
+    pub target: PathBuf,
+}
+
+impl Mount {
+    /// Makes a file system of type `fstype` on `device` and mounts it on a new directory in `dir`.
+    pub fn mkfs_and_mount(device: &Path, fstype: &str, dir: &Path) -> Self {
+        let dev = device.to_str().expect("utf-8 path");
+        match fstype {
+            "ext4" => sh("mkfs.ext4", &["-q", "-F", dev]),
+            "xfs" => sh("mkfs.xfs", &["-q", "-f", dev]),
+            other => panic!("unsupported fs {other}"),
+        };
+        let target = dir.join(unique("mnt"));
+        fs::create_dir_all(&target).expect("mount point");
+        sh("mount", &[dev, target.to_str().expect("utf-8 path")]);
+        Self { target }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.target).output();
+        let _ = fs::remove_dir(&self.target);
+    }
+}
+
+/// A private pin root in bpffs; removed (with everything below it) on drop, which detaches the
+/// test's tracker programs.
+pub struct PinRoot {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl PinRoot {
+    /// A fresh pin root under /sys/fs/bpf (mounting bpffs if needed).
+    pub fn new() -> Self {
+        blkmirror::environment::ensure_bpffs().expect("bpffs");
+        let path = PathBuf::from("/sys/fs/bpf").join(unique("blkmirror-test"));
+        Self { path }
+    }
+}
+
+impl Default for PinRoot {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.path) {
+            for dir in entries.flatten() {
+                if let Ok(files) = fs::read_dir(dir.path()) {
+                    for file in files.flatten() {
+                        let _ = fs::remove_file(file.path());
+                    }
+                }
+                let _ = fs::remove_dir(dir.path());
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+/// The `blkmirror` binary next to the test executable (`cargo build -p blkmirror` builds it).
+pub fn blkmirror_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let bin = dir.join("blkmirror");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p blkmirror` (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A `blkmirror` command.
+pub fn blkmirror() -> Command {
+    Command::new(blkmirror_bin())
+}
+
+/// Arguments that point a `track`/`untrack` at the test's pins and state.
+pub fn state_args(pins: &PinRoot, state_dir: &Path) -> Vec<String> {
+    vec![
+        "--pin-root".into(),
+        pins.path.display().to_string(),
+        "--state-dir".into(),
+        state_dir.display().to_string(),
+    ]
+}
+
+/// Runs `blkmirror track DEVICE --json --count N` to completion and returns its JSON lines.
+pub fn track_once(pins: &PinRoot, state_dir: &Path, device: &Path, count: u64, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
+    let output = blkmirror()
+        .arg("track")
+        .arg(device)
+        .args(["--json", "--interval", "50ms", "--count", &count.to_string()])
+        .args(extra)
+        .args(state_args(pins, state_dir))
+        .output()
+        .expect("running blkmirror");
+    let lines = parse_lines(&String::from_utf8_lossy(&output.stdout));
+    (output, lines)
+}
+
+/// Parses JSON lines, panicking on anything else.
+pub fn parse_lines(text: &str) -> Vec<serde_json::Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// A running `blkmirror track --json`, its stdout lines delivered through a channel. Killed on
+/// drop.
+pub struct TrackProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl TrackProcess {
+    /// Starts tracking `device`, and waits until the start-up line appeared on stderr.
+    pub fn start(pins: &PinRoot, state_dir: &Path, device: &Path, extra: &[&str]) -> Self {
+        let mut child = blkmirror()
+            .arg("track")
+            .arg(device)
+            .args(["--json"])
+            .args(extra)
+            .args(state_args(pins, state_dir))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning blkmirror");
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let err_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let sink = err_text.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("tracking ") {
+                    let _ = ready_tx.send(());
+                }
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        let mut process = Self {
+            child,
+            lines: rx,
+            stderr: err_text,
+        };
+        if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+            let status = process.child.try_wait();
+            panic!(
+                "blkmirror track did not start ({status:?}): {}",
+                process.stderr_text()
+            );
+        }
+        process
+    }
+
+    /// Collects JSON lines until `done` says so or `timeout` passes.
+    pub fn collect_until(
+        &mut self,
+        timeout: Duration,
+        mut done: impl FnMut(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(Duration::from_millis(50)) {
+                Ok(line) => {
+                    out.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}")));
+                    if done(&out) {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        out
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything printed on stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for TrackProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A 4 KiB-aligned buffer of `len` bytes, without unsafe code: over-allocate and slice.
+pub struct AlignedBuf {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer.
+    pub fn new(len: usize) -> Self {
+        let storage = vec![0u8; len + 4096];
+        let start = storage.as_ptr().align_offset(4096);
+        Self { storage, start, len }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.storage[self.start..self.start + self.len]
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.storage[self.start..self.start + self.len]
+    }
+}
+
+/// Opens a block device for O_DIRECT reads and writes.
+pub fn open_direct(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {} with O_DIRECT: {e}", path.display()))
+}
+
+/// Writes `len` bytes of `fill` at `offset` with O_DIRECT (both 4 KiB aligned).
+pub fn write_direct(path: &Path, offset: u64, len: usize, fill: u8) {
+    let file = open_direct(path);
+    let mut buf = AlignedBuf::new(len);
+    buf.as_mut_slice().fill(fill);
+    file.write_all_at(buf.as_slice(), offset)
+        .unwrap_or_else(|e| panic!("writing {} at {offset}: {e}", path.display()));
+}
+
+/// Reads the whole of `path` (buffered) and returns it.
+pub fn read_all(path: &Path) -> Vec<u8> {
+    fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Extents of kind `kind` from JSON lines, as (offset, length) in bytes.
+pub fn extents_of(lines: &[serde_json::Value], kind: &str) -> Vec<(u64, u64)> {
+    lines
+        .iter()
+        .filter(|l| l["kind"] == kind)
+        .map(|l| (l["offset"].as_u64().expect("offset"), l["length"].as_u64().expect("length")))
+        .collect()
+}

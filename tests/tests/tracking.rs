@@ -1,0 +1,475 @@
+//! The change tracker against real loop devices with the real eBPF program loaded.
+//! Needs root. Every test makes its own loop devices, pins and state, and cleans them up.
+
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::FileExt as _,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use blkmirror::{
+    extent::ChangeKind,
+    track::{TrackOptions, Tracker},
+};
+use blkmirror_tests::{
+    AlignedBuf, LoopDevice, Mount, PinRoot, Scratch, TrackProcess, extents_of, open_direct,
+    require_root, sh, track_once, write_direct,
+};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+fn options(pins: &PinRoot, scratch: &Scratch, chunk_bytes: u64) -> TrackOptions {
+    TrackOptions {
+        chunk_bytes,
+        pin_root: pins.path.clone(),
+        state_dir: scratch.path.join("state"),
+    }
+}
+
+/// Cuts until the tracker reports nothing new: drains what earlier IO (mkfs, set-up) left.
+fn drain(tracker: &mut Tracker) {
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
+    drop(cut);
+}
+
+#[test]
+fn direct_writes_report_exactly_their_chunks() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 256 * MIB);
+    let (mut tracker, needs_verify) =
+        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open tracker");
+    assert!(needs_verify.is_some(), "a first tracking must say the past is unknown");
+    drain(&mut tracker);
+
+    // Known offsets: inside one chunk, across a chunk boundary, a large run, the last chunk.
+    let writes: [(u64, usize); 5] = [
+        (4096, 4096),                         // chunk 0
+        (CHUNK * 10 + 61_440, 8192),          // chunks 10 and 11 (crosses the boundary)
+        (CHUNK * 100, (CHUNK * 3) as usize),  // chunks 100..103
+        (CHUNK * 2000 + 4096, 4096),          // chunk 2000
+        (256 * MIB - 4096, 4096),             // last chunk
+    ];
+    for (offset, len) in writes {
+        write_direct(&dev.path, offset, len, 0xab);
+    }
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
+    let reported: BTreeSet<u64> = cut
+        .extents
+        .iter()
+        .flat_map(|e| {
+            assert_eq!(e.kind, ChangeKind::Write);
+            (e.offset / CHUNK)..((e.offset + e.length).div_ceil(CHUNK))
+        })
+        .collect();
+    let mut expected = BTreeSet::new();
+    for (offset, len) in writes {
+        for c in (offset / CHUNK)..=((offset + len as u64 - 1) / CHUNK) {
+            expected.insert(c);
+        }
+    }
+    assert_eq!(reported, expected, "extents: {:?}", cut.extents);
+    // Adjacent chunks are merged: chunks 100..103 form one extent.
+    assert!(
+        cut.extents
+            .iter()
+            .any(|e| e.offset == CHUNK * 100 && e.length == CHUNK * 3),
+        "{:?}",
+        cut.extents
+    );
+    // Nothing happened since: the next epoch is empty.
+    let next = tracker.cut().expect("cut");
+    assert!(next.extents.is_empty(), "{:?}", next.extents);
+}
+
+#[test]
+fn cli_reports_direct_writes_as_json() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let state = scratch.path.join("state");
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    let mut track = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms", "--chunk-size", "4KiB"]);
+    write_direct(&dev.path, 40_960, 4096, 1); // chunk 10
+    write_direct(&dev.path, 8 * MIB, 12_288, 2); // chunks 2048..2051
+    let lines = track.collect_until(Duration::from_secs(10), |lines| {
+        extents_of(lines, "write").len() >= 2
+    });
+    let writes = extents_of(&lines, "write");
+    assert_eq!(writes, vec![(40_960, 4096), (8 * MIB, 12_288)], "{lines:?}");
+    for line in &lines {
+        if line.get("kind").is_some() {
+            assert_eq!(line["device"], dev.as_str());
+            assert!(line["epoch"].as_u64().is_some());
+        }
+    }
+    let first = &lines[0];
+    assert_eq!(first["event"], "needs_verify", "first line: {first}");
+}
+
+#[test]
+fn buffered_writes_and_ext4_file_extents_are_covered() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 256 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &scratch.path);
+    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
+    sh("sync", &[]);
+    drain(&mut tracker);
+
+    // A 5 MiB file written through the page cache, then fsync'd.
+    let file_path = mount.target.join("data.bin");
+    {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&file_path).expect("create file");
+        let block: Vec<u8> = (0..65_536u32).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..80 {
+            file.write_all(&block).expect("write");
+        }
+        file.sync_all().expect("fsync");
+    }
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
+    let reported: BTreeSet<u64> = cut
+        .extents
+        .iter()
+        .flat_map(|e| (e.offset / CHUNK)..((e.offset + e.length).div_ceil(CHUNK)))
+        .collect();
+
+    // Physical extents of the file, in 4 KiB blocks, from filefrag.
+    let frag = sh("filefrag", &["-v", "-b4096", file_path.to_str().expect("path")]);
+    let mut physical_blocks = 0u64;
+    for line in frag.lines() {
+        let fields: Vec<&str> = line.split(':').map(str::trim).collect();
+        if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
+            continue;
+        }
+        let (start, end) = fields[2].split_once("..").expect("physical range");
+        let (start, end): (u64, u64) = (start.trim().parse().expect("start"), end.trim().parse().expect("end"));
+        for block in start..=end {
+            physical_blocks += 1;
+            let chunk = block * 4096 / CHUNK;
+            assert!(reported.contains(&chunk), "block {block} (chunk {chunk}) of the file not reported; filefrag:\n{frag}");
+        }
+    }
+    assert_eq!(physical_blocks, 80 * 16, "filefrag output:\n{frag}");
+}
+
+#[test]
+fn partition_writes_are_relative_and_other_partitions_ignored() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    // p1: sectors 2048..133119 (64 MiB), p2: after it.
+    let dev = LoopDevice::with_options(
+        &scratch.path,
+        160 * MIB,
+        Some("label: dos\nstart=2048, size=131072, type=83\nstart=133120, type=83\n"),
+    );
+    let p1 = dev.partition(1);
+    let p2 = dev.partition(2);
+    let (mut tracker, _) = Tracker::open(&p1, &options(&pins, &scratch, CHUNK)).expect("open p1");
+    assert_eq!(tracker.device().start_sector, 2048);
+    drain(&mut tracker);
+
+    write_direct(&p1, 8 * MIB, 4096, 3); // p1-relative 8 MiB
+    write_direct(&p2, MIB, 65_536, 4); // p2: not tracked
+    // Through the whole disk, into p1's range: p1-relative 32 MiB.
+    write_direct(&dev.path, 2048 * 512 + 32 * MIB, 4096, 5);
+    // Through the whole disk, before p1 (the partition table area): not tracked.
+    write_direct(&dev.path, 0, 4096, 6);
+    let cut = tracker.cut().expect("cut");
+    let got: Vec<(u64, u64)> = cut.extents.iter().map(|e| (e.offset, e.length)).collect();
+    assert_eq!(got, vec![(8 * MIB, CHUNK), (32 * MIB, CHUNK)], "{:?}", cut.extents);
+}
+
+#[test]
+fn discard_and_write_zeroes_have_their_kinds() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let state = scratch.path.join("state");
+    let dev = LoopDevice::new(&scratch.path, 128 * MIB);
+    let mut track = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms"]);
+    sh("blkdiscard", &["-o", &(16 * MIB).to_string(), "-l", &(8 * MIB).to_string(), dev.as_str()]);
+    sh("blkdiscard", &["-z", "-o", &(64 * MIB).to_string(), "-l", &(2 * MIB).to_string(), dev.as_str()]);
+    // A discard that starts mid-chunk: its partial chunk must be a write (data kept there).
+    sh("blkdiscard", &["-o", &(96 * MIB + 4096).to_string(), "-l", &(MIB - 4096).to_string(), dev.as_str()]);
+    let lines = track.collect_until(Duration::from_secs(10), |lines| {
+        !extents_of(lines, "zeroes").is_empty() && extents_of(lines, "discard").len() >= 2
+    });
+    let discards = extents_of(&lines, "discard");
+    let zeroes = extents_of(&lines, "zeroes");
+    let writes = extents_of(&lines, "write");
+    assert_eq!(discards, vec![(16 * MIB, 8 * MIB), (96 * MIB + CHUNK, MIB - CHUNK)], "{lines:?}");
+    assert_eq!(zeroes, vec![(64 * MIB, 2 * MIB)], "{lines:?}");
+    assert_eq!(writes, vec![(96 * MIB, CHUNK)], "{lines:?}");
+}
+
+/// The no-lost-write proof: a writer hammers random blocks while we cut every few milliseconds
+/// and copy each reported chunk into a shadow. At the end the shadow equals the device.
+#[test]
+fn no_write_is_lost_across_thousands_of_cuts() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    const SIZE: u64 = 32 * MIB;
+    const CHUNK_4K: u64 = 4096;
+    let dev = LoopDevice::new(&scratch.path, SIZE);
+    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK_4K)).expect("open");
+    drain(&mut tracker);
+
+    // Initial copy: the shadow starts equal to the (all-zero) device.
+    let mut shadow = vec![0u8; SIZE as usize];
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let stop = stop.clone();
+        let writes = writes.clone();
+        let path = dev.path.clone();
+        std::thread::spawn(move || {
+            let file = open_direct(&path);
+            let mut buf = AlignedBuf::new(64 * 1024);
+            let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                // Mostly 4 KiB writes; every 8th one 64 KiB (spanning 16 chunks).
+                let len = if rng % 8 == 0 { 65_536 } else { 4096 };
+                let offset = (rng >> 8) % ((SIZE - len) / 4096) * 4096;
+                n += 1;
+                for (i, byte) in buf.as_mut_slice()[..len as usize].iter_mut().enumerate() {
+                    *byte = (n as u8).wrapping_add(i as u8);
+                }
+                file.write_all_at(&buf.as_slice()[..len as usize], offset).expect("write");
+                writes.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    let reader = open_direct(&dev.path);
+    let mut read_buf = AlignedBuf::new(1 << 20);
+    let mut copy = |tracker: &mut Tracker, shadow: &mut Vec<u8>| -> u64 {
+        let cut = tracker.cut().expect("cut");
+        assert!(cut.needs_verify.is_none(), "tracker lost events: {:?}", cut.needs_verify);
+        let mut copied = 0;
+        for extent in &cut.extents {
+            assert_eq!(extent.kind, ChangeKind::Write);
+            let mut done = 0;
+            while done < extent.length {
+                let len = (extent.length - done).min(1 << 20) as usize;
+                let at = extent.offset + done;
+                reader
+                    .read_exact_at(&mut read_buf.as_mut_slice()[..len], at)
+                    .expect("read");
+                shadow[at as usize..at as usize + len].copy_from_slice(&read_buf.as_slice()[..len]);
+                done += len as u64;
+            }
+            copied += extent.length;
+        }
+        tracker.release().expect("release");
+        copied
+    };
+
+    let started = Instant::now();
+    let mut cuts = 0u64;
+    let mut copied = 0u64;
+    while cuts < 3000 || started.elapsed() < Duration::from_secs(5) {
+        copied += copy(&mut tracker, &mut shadow);
+        cuts += 1;
+        std::thread::sleep(Duration::from_millis(1));
+        if started.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    copied += copy(&mut tracker, &mut shadow);
+
+    let device = {
+        let mut all = AlignedBuf::new(SIZE as usize);
+        reader.read_exact_at(all.as_mut_slice(), 0).expect("read device");
+        all.as_slice().to_vec()
+    };
+    let total_writes = writes.load(Ordering::Relaxed);
+    eprintln!("{cuts} cuts, {total_writes} writes, {copied} bytes copied");
+    assert!(cuts >= 3000, "only {cuts} cuts");
+    assert!(total_writes >= 1000, "only {total_writes} writes");
+    if let Some(first) = (0..SIZE as usize).find(|&i| shadow[i] != device[i]) {
+        panic!(
+            "shadow differs from the device at byte {first} (chunk {}): a write was lost",
+            first as u64 / CHUNK_4K
+        );
+    }
+}
+
+#[test]
+fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let state = scratch.path.join("state");
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+
+    let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines[0]["event"], "needs_verify", "{lines:?}");
+
+    // Written while no blkmirror process runs: the pinned program records it.
+    write_direct(&dev.path, 5 * MIB, 4096, 9);
+    let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("resumed pinned tracking"), "{stderr}");
+    assert!(lines.iter().all(|l| l.get("event").is_none()), "no gap expected: {lines:?}");
+    assert_eq!(extents_of(&lines, "write"), vec![(5 * MIB, CHUNK)], "{lines:?}");
+
+    // Pins removed (as by a reboot): the next start must report a new generation.
+    let out = blkmirror_tests::blkmirror()
+        .arg("untrack")
+        .arg(&dev.path)
+        .args(blkmirror_tests::state_args(&pins, &state))
+        .output()
+        .expect("untrack");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    write_direct(&dev.path, 6 * MIB, 4096, 9);
+    let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(lines[0]["event"], "needs_verify", "{lines:?}");
+    assert!(
+        lines[0]["reason"].as_str().unwrap_or("").contains("gone"),
+        "{lines:?}"
+    );
+
+    // A different chunk size cannot continue the generation either.
+    let (out, lines) = track_once(&pins, &state, &dev.path, 1, &["--chunk-size", "4KiB"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        lines[0]["reason"].as_str().unwrap_or("").contains("chunk size changed"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn interrupted_cut_is_reported_again_by_the_next_process() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    let opts = options(&pins, &scratch, CHUNK);
+    {
+        let (mut tracker, _) = Tracker::open(&dev.path, &opts).expect("open");
+        drain(&mut tracker);
+        write_direct(&dev.path, 3 * MIB, 4096, 1);
+        // Cut, but "crash" before release: the data must not be lost.
+        let cut = tracker.cut().expect("cut");
+        assert_eq!(cut.extents.len(), 1);
+    }
+    write_direct(&dev.path, 7 * MIB, 4096, 2);
+    let (mut tracker, needs_verify) = Tracker::open(&dev.path, &opts).expect("reopen");
+    assert!(needs_verify.is_none(), "{needs_verify:?}");
+    let cut = tracker.cut().expect("cut");
+    let got: Vec<u64> = cut.extents.iter().map(|e| e.offset).collect();
+    assert_eq!(got, vec![3 * MIB, 7 * MIB], "{:?}", cut.extents);
+}
+
+fn run_blkmirror(args: &[&str]) -> std::process::Output {
+    blkmirror_tests::blkmirror().args(args).output().expect("run blkmirror")
+}
+
+#[test]
+fn bad_inputs_and_environments_get_one_clear_line_and_exit_code() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let state = scratch.path.join("state");
+    let state_args = blkmirror_tests::state_args(&pins, &state);
+    let state_args: Vec<&str> = state_args.iter().map(String::as_str).collect();
+
+    // Not a block device.
+    let file = scratch.path.join("plain");
+    std::fs::write(&file, b"x").expect("file");
+    let out = run_blkmirror(&[&["track", file.to_str().expect("path")], &state_args[..]].concat());
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a block device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Missing device.
+    let out = run_blkmirror(&[&["track", "/dev/does-not-exist"], &state_args[..]].concat());
+    assert_eq!(out.status.code(), Some(4));
+
+    // Bad chunk size.
+    let dev = LoopDevice::new(&scratch.path, 16 * MIB);
+    let out = run_blkmirror(&[&["track", dev.as_str(), "--chunk-size", "3KiB"], &state_args[..]].concat());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
+    let out = run_blkmirror(&[&["track", dev.as_str(), "--chunk-size", "lots"], &state_args[..]].concat());
+    assert_eq!(out.status.code(), Some(2));
+
+    // Not root: drop privileges with setpriv.
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .arg(blkmirror_tests::blkmirror_bin())
+        .args(["track", dev.as_str()])
+        .args(&state_args)
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
+
+    // A second tracker on the same device is refused.
+    let mut first = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms"]);
+    let out = run_blkmirror(&[&["track", dev.as_str(), "--count", "1"], &state_args[..]].concat());
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already being tracked"));
+    assert_eq!(first.wait(Duration::from_millis(1)), None, "the first tracker must keep running");
+}
+
+#[test]
+fn vanishing_device_stops_tracking_with_an_error() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let state = scratch.path.join("state");
+    let dev = LoopDevice::new(&scratch.path, 16 * MIB);
+    let mut track = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "50ms"]);
+    dev.detach();
+    let code = track.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(4), "stderr: {}", track.stderr_text());
+    assert!(track.stderr_text().contains("vanished"), "{}", track.stderr_text());
+}
+
+#[test]
+fn xfs_metadata_and_data_writes_are_reported() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 512 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "xfs", &scratch.path);
+    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
+    sh("sync", &[]);
+    drain(&mut tracker);
+    let path = mount.target.join("f");
+    std::fs::write(&path, vec![7u8; 3 * MIB as usize]).expect("write");
+    sh("sync", &[]);
+    let cut = tracker.cut().expect("cut");
+    let written: u64 = cut
+        .extents
+        .iter()
+        .filter(|e| e.kind == ChangeKind::Write)
+        .map(|e| e.length)
+        .sum();
+    assert!(written >= 3 * MIB, "only {written} bytes reported for a 3 MiB file: {:?}", cut.extents);
+}
