@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use crate::{
     extent::Extent,
-    track::{self, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
+    track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
     units,
 };
 
@@ -74,6 +74,9 @@ pub struct TrackArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
+    /// Which kernel hooks record changes (diagnostics; `both` is the safe default).
+    #[arg(long, value_enum, default_value_t = HookChoice::Both)]
+    pub hooks: HookChoice,
     #[command(flatten)]
     pub state: StateArgs,
 }
@@ -121,19 +124,23 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn options(chunk_bytes: u64, state: &StateArgs) -> TrackOptions {
+fn options(chunk_bytes: u64, hooks: HookChoice, state: &StateArgs) -> TrackOptions {
     TrackOptions {
         chunk_bytes,
         pin_root: state.pin_root.clone(),
         state_dir: state.state_dir.clone(),
+        hooks,
     }
 }
 
 fn run_untrack(args: &UntrackArgs) -> Result<(), TrackError> {
     track::prepare_environment()?;
-    let options = options(track::DEFAULT_CHUNK, &args.state);
+    let options = options(track::DEFAULT_CHUNK, HookChoice::Both, &args.state);
     if track::untrack(&args.device, &options)? {
-        eprintln!("blkmirror: {} is no longer tracked (pins removed)", args.device.display());
+        eprintln!(
+            "blkmirror: {} is no longer tracked (pins removed)",
+            args.device.display()
+        );
     } else {
         eprintln!("blkmirror: {} was not tracked", args.device.display());
     }
@@ -146,7 +153,7 @@ fn run_track(args: &TrackArgs) -> Result<(), TrackError> {
     for note in track::prepare_environment()? {
         eprintln!("blkmirror: {note}");
     }
-    let options = options(args.chunk_size, &args.state);
+    let options = options(args.chunk_size, args.hooks, &args.state);
     let (mut tracker, needs_verify) = Tracker::open(&args.device, &options)?;
     print_startup(&tracker);
     let mut out = Printer {
@@ -183,38 +190,35 @@ fn run_track(args: &TrackArgs) -> Result<(), TrackError> {
 fn print_startup(tracker: &Tracker) {
     let device = tracker.device();
     let geometry = tracker.geometry();
-    let layout = tracker.layout();
     let origin = match tracker.origin() {
         Origin::Adopted => "resumed pinned tracking",
         Origin::Created => "started a new tracking generation",
     };
+    let partition = if device.is_partition() {
+        format!(
+            ", sectors {}.. of disk {}:{}",
+            device.start_sector, device.disk_major, device.disk_minor
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "blkmirror: tracking {} ({}, {}:{}{}, {}, {} chunks of {}); hook {} (classic tracepoint: \
-         stable on every supported kernel, fields from tracefs: dev@{} sector@{} nr_sector@{} \
-         error@{} rwbs@{}); {} {:016x} at epoch {}; pins in {}",
+        "blkmirror: tracking {} ({}, {}:{}{partition}, {}, {} chunks of {}); {origin} {:016x} at \
+         epoch {}; pins in {}",
         device.path.display(),
         device.name,
         device.major,
         device.minor,
-        if device.is_partition() {
-            format!(", sectors {}.. of disk {}:{}", device.start_sector, device.disk_major, device.disk_minor)
-        } else {
-            String::new()
-        },
         units::format_size(device.size_bytes()),
         geometry.chunks(),
         units::format_size(geometry.chunk_bytes()),
-        track::HOOK,
-        layout.dev,
-        layout.sector,
-        layout.nr_sector,
-        layout.error,
-        layout.rwbs,
-        origin,
         tracker.generation(),
         tracker.epoch(),
         tracker.pin_dir().display(),
     );
+    for hook in tracker.hooks() {
+        eprintln!("blkmirror: hook: {hook}");
+    }
 }
 
 /// One `--json` line per extent; field order as documented.
@@ -287,7 +291,10 @@ impl Printer {
     fn emit(&mut self, line: &str) {
         let mut stdout = std::io::stdout().lock();
         // A closed stdout (e.g. `| head`) ends the program quietly.
-        if writeln!(stdout, "{line}").and_then(|()| stdout.flush()).is_err() {
+        if writeln!(stdout, "{line}")
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
             std::process::exit(0);
         }
     }

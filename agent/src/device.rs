@@ -130,7 +130,11 @@ pub fn inspect(path: &Path) -> Result<BlockDevice, DeviceError> {
     let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}"));
     let sysfs_err = |what: &str| {
         let what = what.to_owned();
-        move |source| DeviceError::Sysfs { path: path.to_owned(), what, source }
+        move |source| DeviceError::Sysfs {
+            path: path.to_owned(),
+            what,
+            source,
+        }
     };
     let dir = fs::canonicalize(&sys).map_err(sysfs_err(&sys.display().to_string()))?;
     let name = dir
@@ -146,14 +150,18 @@ pub fn inspect(path: &Path) -> Result<BlockDevice, DeviceError> {
         (dir.clone(), 0)
     };
     let disk_dev = fs::read_to_string(disk_dir.join("dev")).map_err(sysfs_err("dev"))?;
-    let (disk_major, disk_minor) = parse_major_minor(&disk_dev).ok_or_else(|| DeviceError::Sysfs {
-        path: path.to_owned(),
-        what: "dev".into(),
-        source: std::io::Error::other(format!("unexpected content {disk_dev:?}")),
-    })?;
+    let (disk_major, disk_minor) =
+        parse_major_minor(&disk_dev).ok_or_else(|| DeviceError::Sysfs {
+            path: path.to_owned(),
+            what: "dev".into(),
+            source: std::io::Error::other(format!("unexpected content {disk_dev:?}")),
+        })?;
     // Request-based (blk-mq) disks have an `mq` directory; bio-based ones do not.
     if !disk_dir.join("mq").exists() {
-        return Err(DeviceError::BioBased { path: path.to_owned(), name });
+        return Err(DeviceError::BioBased {
+            path: path.to_owned(),
+            name,
+        });
     }
     let zoned = fs::read_to_string(disk_dir.join("queue/zoned"))
         .map(|z| z.trim() != "none")

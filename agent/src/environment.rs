@@ -24,7 +24,9 @@ pub enum EnvError {
         missing: String,
     },
     /// A pseudo file system is missing and could not be mounted.
-    #[error("{fs} is not mounted at {path} and mounting it failed ({source}); run `mount -t {fstype} {fstype} {path}`")]
+    #[error(
+        "{fs} is not mounted at {path} and mounting it failed ({source}); run `mount -t {fstype} {fstype} {path}`"
+    )]
     PseudoFs {
         /// Human name.
         fs: &'static str,
@@ -41,6 +43,9 @@ pub enum EnvError {
          it); blkmirror needs it to cut epochs without losing writes"
     )]
     NoMembarrier,
+    /// `--hooks raw` on a kernel where the raw hook cannot work.
+    #[error("the raw tracepoint hook is not available on this kernel: {0}")]
+    NoRawHook(String),
 }
 
 const CAP_SYS_ADMIN: u32 = 21;

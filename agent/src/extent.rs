@@ -144,7 +144,11 @@ impl DirtyBitmaps {
             let word = (chunk / 64) as usize;
             let bit = chunk % 64;
             let span = (64 - bit).min(end - chunk);
-            let mask = if span == 64 { u64::MAX } else { ((1u64 << span) - 1) << bit };
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << bit
+            };
             words[word] |= mask;
             chunk += span;
         }
@@ -153,8 +157,12 @@ impl DirtyBitmaps {
     /// Records one request of `len` sectors at `start` (relative to the tracked range) exactly
     /// as the kernel program does.
     pub fn apply_request(&mut self, start: u64, len: u64, kind: ChangeKind) {
-        let Some(span) = chunk_span(start, len, self.geometry.nr_sectors, self.geometry.chunk_shift)
-        else {
+        let Some(span) = chunk_span(
+            start,
+            len,
+            self.geometry.nr_sectors,
+            self.geometry.chunk_shift,
+        ) else {
             return;
         };
         if kind == ChangeKind::Write || span.full_first == span.full_end {
@@ -192,7 +200,9 @@ impl DirtyBitmaps {
     /// Number of dirty chunks.
     pub fn dirty_chunks(&self) -> u64 {
         (0..self.kinds[0].len())
-            .map(|i| u64::from((self.kinds[0][i] | self.kinds[1][i] | self.kinds[2][i]).count_ones()))
+            .map(|i| {
+                u64::from((self.kinds[0][i] | self.kinds[1][i] | self.kinds[2][i]).count_ones())
+            })
             .sum()
     }
 
@@ -209,14 +219,20 @@ impl DirtyBitmaps {
                 let bit = u64::from(bits.trailing_zeros());
                 bits &= bits - 1;
                 let chunk = word as u64 * 64 + bit;
-                let Some(kind) = self.kind_of(chunk) else { continue };
+                let Some(kind) = self.kind_of(chunk) else {
+                    continue;
+                };
                 let offset = chunk * chunk_bytes;
                 let length = chunk_bytes.min(size - offset);
                 match out.last_mut() {
                     Some(last) if last.kind == kind && last.offset + last.length == offset => {
                         last.length += length;
                     }
-                    _ => out.push(Extent { offset, length, kind }),
+                    _ => out.push(Extent {
+                        offset,
+                        length,
+                        kind,
+                    }),
                 }
             }
         }
@@ -237,7 +253,10 @@ mod tests {
     use super::*;
 
     fn geometry(nr_sectors: u64, chunk_shift: u64) -> Geometry {
-        Geometry { nr_sectors, chunk_shift }
+        Geometry {
+            nr_sectors,
+            chunk_shift,
+        }
     }
 
     #[test]
@@ -249,8 +268,16 @@ mod tests {
         assert_eq!(
             set.extents(),
             vec![
-                Extent { offset: 0, length: 131_072, kind: ChangeKind::Write },
-                Extent { offset: 655_360, length: 65_536, kind: ChangeKind::Write },
+                Extent {
+                    offset: 0,
+                    length: 131_072,
+                    kind: ChangeKind::Write
+                },
+                Extent {
+                    offset: 655_360,
+                    length: 65_536,
+                    kind: ChangeKind::Write
+                },
             ]
         );
     }
@@ -263,9 +290,21 @@ mod tests {
         assert_eq!(
             set.extents(),
             vec![
-                Extent { offset: 0, length: 65_536, kind: ChangeKind::Write },
-                Extent { offset: 65_536, length: 131_072, kind: ChangeKind::Discard },
-                Extent { offset: 196_608, length: 65_536, kind: ChangeKind::Write },
+                Extent {
+                    offset: 0,
+                    length: 65_536,
+                    kind: ChangeKind::Write
+                },
+                Extent {
+                    offset: 65_536,
+                    length: 131_072,
+                    kind: ChangeKind::Discard
+                },
+                Extent {
+                    offset: 196_608,
+                    length: 65_536,
+                    kind: ChangeKind::Write
+                },
             ]
         );
     }
@@ -277,14 +316,24 @@ mod tests {
         set.apply_request(0, 300, ChangeKind::Zeroes);
         assert_eq!(
             set.extents(),
-            vec![Extent { offset: 0, length: 153_600, kind: ChangeKind::Zeroes }]
+            vec![Extent {
+                offset: 0,
+                length: 153_600,
+                kind: ChangeKind::Zeroes
+            }]
         );
     }
 
     #[test]
     fn discard_and_zeroes_in_one_epoch_resolve_to_write() {
-        assert_eq!(ChangeKind::resolve(false, true, true), Some(ChangeKind::Write));
-        assert_eq!(ChangeKind::resolve(true, true, false), Some(ChangeKind::Write));
+        assert_eq!(
+            ChangeKind::resolve(false, true, true),
+            Some(ChangeKind::Write)
+        );
+        assert_eq!(
+            ChangeKind::resolve(true, true, false),
+            Some(ChangeKind::Write)
+        );
         assert_eq!(ChangeKind::resolve(false, false, false), None);
     }
 
@@ -296,11 +345,15 @@ mod tests {
     }
 
     fn request() -> impl Strategy<Value = Request> {
-        (0u64..5000, 1u64..700, prop_oneof![
-            Just(ChangeKind::Write),
-            Just(ChangeKind::Discard),
-            Just(ChangeKind::Zeroes)
-        ])
+        (
+            0u64..5000,
+            1u64..700,
+            prop_oneof![
+                Just(ChangeKind::Write),
+                Just(ChangeKind::Discard),
+                Just(ChangeKind::Zeroes)
+            ],
+        )
             .prop_map(|(start, len, kind)| Request { start, len, kind })
     }
 

@@ -19,7 +19,9 @@ pub enum LayoutError {
         source: std::io::Error,
     },
     /// A field we depend on is missing.
-    #[error("this kernel's block_rq_complete tracepoint has no field `{0}`; blkmirror cannot track changes on it")]
+    #[error(
+        "this kernel's block_rq_complete tracepoint has no field `{0}`; blkmirror cannot track changes on it"
+    )]
     MissingField(&'static str),
     /// A field has a size we cannot read.
     #[error("this kernel's block_rq_complete field `{field}` is {size} bytes, expected {expected}")]
@@ -178,7 +180,13 @@ format:
         let layout = RqCompleteLayout::parse(FORMAT_6_18).unwrap();
         assert_eq!(
             layout,
-            RqCompleteLayout { dev: 8, sector: 16, nr_sector: 24, error: 28, rwbs: 34 }
+            RqCompleteLayout {
+                dev: 8,
+                sector: 16,
+                nr_sector: 24,
+                error: 28,
+                rwbs: 34
+            }
         );
     }
 
@@ -195,11 +203,102 @@ format:
             RqCompleteLayout::parse(&no_error),
             Err(LayoutError::MissingField("error"))
         ));
-        let wide_dev = FORMAT_6_1.replace("dev_t dev;\toffset:8;\tsize:4", "dev_t dev;\toffset:8;\tsize:8");
+        let wide_dev = FORMAT_6_1.replace(
+            "dev_t dev;\toffset:8;\tsize:4",
+            "dev_t dev;\toffset:8;\tsize:8",
+        );
         assert!(matches!(
             RqCompleteLayout::parse(&wide_dev),
             Err(LayoutError::FieldSize { field: "dev", .. })
         ));
         assert!(RqCompleteLayout::parse("garbage").is_err());
+    }
+}
+
+/// What the raw-tracepoint hook reads from `struct request` and the values of `enum req_op`,
+/// from the kernel's BTF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLayout {
+    /// `request.cmd_flags` (4 bytes; the low 8 bits are the operation).
+    pub rq_cmd_flags: u64,
+    /// `request.__sector` (8 bytes).
+    pub rq_sector: u64,
+    /// `request.q` (pointer).
+    pub rq_q: u64,
+    /// `request_queue.disk` (pointer).
+    pub q_disk: u64,
+    /// `gendisk.major` (4 bytes).
+    pub disk_major: u64,
+    /// `gendisk.first_minor` (4 bytes).
+    pub disk_first_minor: u64,
+    /// `REQ_OP_READ`.
+    pub op_read: u64,
+    /// `REQ_OP_WRITE`.
+    pub op_write: u64,
+    /// `REQ_OP_FLUSH`.
+    pub op_flush: u64,
+    /// `REQ_OP_DISCARD`.
+    pub op_discard: u64,
+    /// `REQ_OP_SECURE_ERASE`.
+    pub op_secure_erase: u64,
+    /// `REQ_OP_WRITE_ZEROES`.
+    pub op_write_zeroes: u64,
+    /// `REQ_OP_DRV_OUT` (passthrough writes: their target range is unknown).
+    pub op_drv_out: u64,
+}
+
+impl RequestLayout {
+    /// Reads the layout from parsed BTF.
+    pub fn from_btf(btf: &crate::btf::Btf<'_>) -> Result<Self, crate::btf::BtfError> {
+        let member = |strukt: &str, name: &str, size: u32| -> Result<u64, crate::btf::BtfError> {
+            let (offset, actual) = btf.member(strukt, name)?;
+            if actual != size {
+                return Err(crate::btf::BtfError::Malformed(
+                    "a struct member has an unexpected size",
+                ));
+            }
+            Ok(u64::from(offset))
+        };
+        Ok(Self {
+            rq_cmd_flags: member("request", "cmd_flags", 4)?,
+            rq_sector: member("request", "__sector", 8)?,
+            rq_q: member("request", "q", 8)?,
+            q_disk: member("request_queue", "disk", 8)?,
+            disk_major: member("gendisk", "major", 4)?,
+            disk_first_minor: member("gendisk", "first_minor", 4)?,
+            op_read: btf.enumerator("REQ_OP_READ")?,
+            op_write: btf.enumerator("REQ_OP_WRITE")?,
+            op_flush: btf.enumerator("REQ_OP_FLUSH")?,
+            op_discard: btf.enumerator("REQ_OP_DISCARD")?,
+            op_secure_erase: btf.enumerator("REQ_OP_SECURE_ERASE")?,
+            op_write_zeroes: btf.enumerator("REQ_OP_WRITE_ZEROES")?,
+            op_drv_out: btf.enumerator("REQ_OP_DRV_OUT")?,
+        })
+    }
+
+    /// Reads the running kernel's layout from `/sys/kernel/btf/vmlinux`.
+    pub fn from_running_kernel() -> Result<Self, String> {
+        let blob = fs::read(crate::environment::VMLINUX_BTF)
+            .map_err(|e| format!("{}: {e}", crate::environment::VMLINUX_BTF))?;
+        let btf = crate::btf::Btf::parse(&blob).map_err(|e| e.to_string())?;
+        Self::from_btf(&btf).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+
+    /// The machines this project builds on have BTF; the layout must be found there.
+    #[test]
+    fn running_kernel_request_layout() {
+        if !Path::new(crate::environment::VMLINUX_BTF).exists() {
+            eprintln!("no kernel BTF here; nothing to check");
+            return;
+        }
+        let layout = RequestLayout::from_running_kernel().expect("layout from BTF");
+        assert_eq!(layout.op_write, 1);
+        assert_eq!(layout.op_read, 0);
+        assert!(layout.rq_sector > layout.rq_cmd_flags);
     }
 }

@@ -25,6 +25,7 @@
 //! * [`sys`]: the only module with `unsafe` kernel interfaces (mmap, membarrier, bpf info).
 //! * [`cli`]: commands, output and exit codes.
 
+pub mod btf;
 pub mod cli;
 pub mod device;
 pub mod environment;

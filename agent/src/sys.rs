@@ -162,7 +162,10 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type is i64 or u32 depending on the arch")]
+    #[expect(
+        clippy::unnecessary_cast,
+        reason = "f_type is i64 or u32 depending on the arch"
+    )]
     Ok(buf.f_type as i64)
 }
 

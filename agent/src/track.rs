@@ -36,18 +36,20 @@ use aya::{
     EbpfLoader,
     maps::{Map, MapData, MapError, PerCpuArray, PerCpuValues},
     programs::{
-        ProgramError, ProgramFd, ProgramInfo, TracePoint,
+        ProgramError, ProgramFd, ProgramInfo, RawTracePoint, TracePoint,
         links::{FdLink, PinnedLink},
     },
 };
-use blkmirror_common::{BigList, KINDS, SLOTS, STATE_MAGIC, TrackState, bitmap_base};
+use blkmirror_common::{
+    BigList, HOOK_CLASSIC, HOOK_RAW, KINDS, SLOTS, STATE_MAGIC, TrackState, bitmap_base,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     device::{self, BlockDevice, DeviceError},
     environment::{self, EnvError},
     extent::{ChangeKind, DirtyBitmaps, Extent, Geometry},
-    layout::{LayoutError, RqCompleteLayout},
+    layout::{LayoutError, RequestLayout, RqCompleteLayout},
     sys,
 };
 
@@ -63,12 +65,18 @@ pub const MIN_CHUNK: u64 = 4096;
 pub const MAX_CHUNK: u64 = 1 << 20;
 /// Default chunk size.
 pub const DEFAULT_CHUNK: u64 = 64 * 1024;
+/// Most kernel memory the bitmaps of one device may take (6 bits per chunk): 16 TiB at 64 KiB
+/// chunks needs 192 MiB.
+pub const MAX_BITMAP_BYTES: u64 = 256 << 20;
 
 /// The eBPF object built by build.rs.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blkmirror-ebpf"));
+static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/blkmirror-ebpf"));
 
-/// What the tracker hooks; printed at start-up.
+/// The classic hook; printed at start-up.
 pub const HOOK: &str = "tracepoint block/block_rq_complete";
+/// The raw hook; printed at start-up.
+pub const HOOK_RAW_NAME: &str = "raw_tracepoint block_rq_complete";
 
 /// Tracker errors.
 #[derive(Debug, thiserror::Error)]
@@ -85,8 +93,11 @@ pub enum TrackError {
     /// Bad chunk size.
     #[error("chunk size {0} is invalid: it must be a power of two from 4KiB to 1MiB")]
     ChunkSize(u64),
-    /// The bitmaps would not fit one BPF map.
-    #[error("{device}: {words} bitmap words at chunk size {chunk} are too many; use a larger --chunk-size")]
+    /// The bitmaps would take too much kernel memory.
+    #[error(
+        "{device}: tracking it at chunk size {chunk} needs {words} bitmap words, more than the \
+         256 MiB of kernel memory blkmirror allows per device; use a larger --chunk-size"
+    )]
     TooLarge {
         /// The device.
         device: PathBuf,
@@ -96,7 +107,9 @@ pub enum TrackError {
         chunk: u64,
     },
     /// Another process tracks this device.
-    #[error("{device} is already being tracked by another blkmirror process (lock {lock}); stop it first")]
+    #[error(
+        "{device} is already being tracked by another blkmirror process (lock {lock}); stop it first"
+    )]
     Busy {
         /// The device.
         device: PathBuf,
@@ -146,6 +159,8 @@ pub struct TrackOptions {
     pub pin_root: PathBuf,
     /// State directory (generation records).
     pub state_dir: PathBuf,
+    /// Which hooks to attach.
+    pub hooks: HookChoice,
 }
 
 impl Default for TrackOptions {
@@ -154,8 +169,22 @@ impl Default for TrackOptions {
             chunk_bytes: DEFAULT_CHUNK,
             pin_root: DEFAULT_PIN_ROOT.into(),
             state_dir: DEFAULT_STATE_DIR.into(),
+            hooks: HookChoice::Both,
         }
     }
+}
+
+/// Which kernel hooks record changes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookChoice {
+    /// Both, where the kernel allows the raw one (the default: each covers the other's
+    /// skipped invocations).
+    #[default]
+    Both,
+    /// Only the classic tracepoint.
+    Classic,
+    /// Only the raw tracepoint (needs kernel BTF).
+    Raw,
 }
 
 /// Why the changes of a device are not fully known: its replica needs a full verify.
@@ -203,15 +232,23 @@ mod field {
     pub const CREATED_UNIX: usize = offset_of!(TrackState, created_unix) / 8;
     pub const OVERFLOW_ACKED: usize = offset_of!(TrackState, overflow_acked) / 8;
     pub const MISSES_ACKED: usize = offset_of!(TrackState, misses_acked) / 8;
+    pub const RAW_MISSES_ACKED: usize = offset_of!(TrackState, raw_misses_acked) / 8;
+    pub const HOOKS: usize = offset_of!(TrackState, hooks) / 8;
+    pub const RECENT_MISSES: usize = offset_of!(TrackState, recent_misses) / 8;
     pub const WORDS: usize = size_of::<TrackState>() / 8;
 }
 
 /// The open pins of one tracked device.
 struct Pins {
+    stats: PerCpuArray<MapData, u64>,
     state: sys::MappedWords,
     dirty: sys::MappedWords,
     big: PerCpuArray<MapData, BigList>,
-    prog: ProgramFd,
+    big_raw: PerCpuArray<MapData, BigList>,
+    /// The classic-tracepoint program, when it is attached.
+    prog: Option<ProgramFd>,
+    /// The raw-tracepoint program, when it is attached.
+    prog_raw: Option<ProgramFd>,
 }
 
 /// A cut whose slot has not been cleared yet.
@@ -220,6 +257,8 @@ struct Pending {
     epoch: u64,
     overflow: u64,
     misses: u64,
+    raw_misses: u64,
+    recent_misses: u64,
 }
 
 /// How the tracker came to be: adopted pins or a new generation.
@@ -239,6 +278,8 @@ pub struct Tracker {
     pins: Pins,
     pin_dir: PathBuf,
     origin: Origin,
+    /// Why a wanted hook is not attached.
+    notes: Vec<String>,
     carry: Option<DirtyBitmaps>,
     pending: Option<Pending>,
     _lock: fs::File,
@@ -279,7 +320,10 @@ pub fn prepare_environment() -> Result<Vec<String>, TrackError> {
 impl Tracker {
     /// Starts or resumes tracking `path`. Returns the tracker and, when the changes made before
     /// now are not fully known (new generation), why.
-    pub fn open(path: &Path, options: &TrackOptions) -> Result<(Self, Option<NeedsVerify>), TrackError> {
+    pub fn open(
+        path: &Path,
+        options: &TrackOptions,
+    ) -> Result<(Self, Option<NeedsVerify>), TrackError> {
         let device = device::inspect(path)?;
         let shift = chunk_shift(options.chunk_bytes)?;
         let geometry = Geometry {
@@ -287,7 +331,7 @@ impl Tracker {
             chunk_shift: shift,
         };
         let total_words = geometry.words_per_kind() * (SLOTS * KINDS) as u64;
-        if total_words > u64::from(u32::MAX / 8) {
+        if total_words * 8 > MAX_BITMAP_BYTES {
             return Err(TrackError::TooLarge {
                 device: path.to_owned(),
                 words: total_words,
@@ -296,13 +340,44 @@ impl Tracker {
         }
         let lock = lock_device(&device)?;
         let layout = RqCompleteLayout::read(Path::new(environment::TRACEFS))?;
+        let request_layout = RequestLayout::from_running_kernel();
         let pin_dir = pin_dir(&options.pin_root, &device);
         let record_path = record_path(&options.state_dir, &device);
         let record = read_record(&record_path);
 
+        // The hooks this run wants, as far as the kernel allows.
+        let wanted = match (options.hooks, &request_layout) {
+            (HookChoice::Classic, _) => HOOK_CLASSIC,
+            (HookChoice::Both, Ok(_)) => HOOK_CLASSIC | HOOK_RAW,
+            (HookChoice::Both, Err(_)) => HOOK_CLASSIC,
+            (HookChoice::Raw, Ok(_)) => HOOK_RAW,
+            (HookChoice::Raw, Err(why)) => {
+                return Err(TrackError::Env(EnvError::NoRawHook(why.clone())));
+            }
+        };
+        let mut notes = Vec::new();
+        if let (HookChoice::Both, Err(why)) = (options.hooks, &request_layout) {
+            notes.push(format!("not {HOOK_RAW_NAME}: {why}"));
+        }
+
         let mut replaced: Option<String> = None;
         let mut adopted = match open_pins(&pin_dir, &device, &geometry) {
-            Ok(pins) => Some(pins),
+            Ok(pins) => {
+                let pinned = pins.state.words()[field::HOOKS].load(Ordering::SeqCst);
+                // Pins made by a run that could not attach the raw hook stay good enough for a
+                // default run; any other difference starts a new generation.
+                if pinned == wanted || (options.hooks == HookChoice::Both && pinned == HOOK_CLASSIC)
+                {
+                    Some(pins)
+                } else {
+                    replaced = Some(format!(
+                        "the attached hooks change ({} -> {}): a new tracking generation starts",
+                        hook_names(pinned),
+                        hook_names(wanted)
+                    ));
+                    None
+                }
+            }
             Err(PinsState::Absent) => None,
             Err(PinsState::Broken(why)) => {
                 replaced = Some(why);
@@ -312,11 +387,22 @@ impl Tracker {
         if adopted.is_none() && pin_dir.exists() {
             remove_pins(&pin_dir)?;
         }
-        let origin = if adopted.is_some() { Origin::Adopted } else { Origin::Created };
+        let origin = if adopted.is_some() {
+            Origin::Adopted
+        } else {
+            Origin::Created
+        };
         let pins = match adopted.take() {
             Some(pins) => pins,
             None => {
-                create_pins(&pin_dir, &device, &geometry, &layout)?;
+                let raw_layout = if wanted & HOOK_RAW != 0 {
+                    request_layout.as_ref().ok()
+                } else {
+                    None
+                };
+                create_pins(
+                    &pin_dir, &device, &geometry, &layout, raw_layout, wanted, &mut notes,
+                )?;
                 open_pins(&pin_dir, &device, &geometry).map_err(|state| TrackError::Pins {
                     what: "re-opening the pins just created at",
                     path: pin_dir.clone(),
@@ -366,6 +452,7 @@ impl Tracker {
             pins,
             pin_dir,
             origin,
+            notes,
             carry: None,
             pending: None,
             _lock: lock,
@@ -400,6 +487,58 @@ impl Tracker {
     /// The tracepoint layout in use.
     pub fn layout(&self) -> RqCompleteLayout {
         self.layout
+    }
+
+    /// The attached hooks, each with why it is used, and why a wanted one is not: for the
+    /// start-up line.
+    pub fn hooks(&self) -> Vec<String> {
+        let mut hooks = Vec::new();
+        if self.pins.prog.is_some() {
+            hooks.push(format!(
+                "{HOOK} (classic: works on every kernel; fields from tracefs: dev@{} sector@{} \
+                 nr_sector@{} error@{} rwbs@{})",
+                self.layout.dev,
+                self.layout.sector,
+                self.layout.nr_sector,
+                self.layout.error,
+                self.layout.rwbs
+            ));
+        }
+        if self.pins.prog_raw.is_some() {
+            hooks.push(format!(
+                "{HOOK_RAW_NAME} (struct request offsets from BTF: exact write-zeroes, and a \
+                 second recorder when the kernel skips the classic one)"
+            ));
+        }
+        hooks.extend(self.notes.iter().cloned());
+        hooks
+    }
+
+    /// Requests on the tracked range seen so far by the classic and the raw hook (summed over
+    /// CPUs, since the generation started).
+    pub fn events_seen(&self) -> Result<(u64, u64), TrackError> {
+        let sum = |index: u32| -> Result<u64, TrackError> {
+            Ok(self.pins.stats.get(&index, 0)?.iter().sum())
+        };
+        Ok((
+            sum(blkmirror_common::STAT_CLASSIC_EVENTS)?,
+            sum(blkmirror_common::STAT_RAW_EVENTS)?,
+        ))
+    }
+
+    /// The kernel's `recursion_misses` of the classic and the raw program (0 if not attached).
+    pub fn recursion_misses(&self) -> Result<(u64, u64), TrackError> {
+        let read = |prog: &Option<ProgramFd>| match prog {
+            Some(fd) => sys::prog_recursion_misses(fd.as_fd())
+                .map_err(io_err("reading the tracker's recursion_misses")),
+            None => Ok(0),
+        };
+        Ok((read(&self.pins.prog)?, read(&self.pins.prog_raw)?))
+    }
+
+    /// Bitmask of the attached hooks (`HOOK_CLASSIC`, `HOOK_RAW`).
+    pub fn hook_mask(&self) -> u64 {
+        self.pins.state.words()[field::HOOKS].load(Ordering::SeqCst)
     }
 
     /// Whether the pins were adopted or created.
@@ -440,27 +579,43 @@ impl Tracker {
         let state = self.pins.state.words();
         let overflow = state[field::OVERFLOW].load(Ordering::SeqCst);
         let overflow_acked = state[field::OVERFLOW_ACKED].load(Ordering::SeqCst);
-        let misses = sys::prog_recursion_misses(self.pins.prog.as_fd())
-            .map_err(io_err("reading the tracker's recursion_misses"))?;
+        let read_misses = |prog: &Option<ProgramFd>| match prog {
+            Some(fd) => sys::prog_recursion_misses(fd.as_fd())
+                .map_err(io_err("reading the tracker's recursion_misses")),
+            None => Ok(0),
+        };
+        let misses = read_misses(&self.pins.prog)?;
+        let raw_misses = read_misses(&self.pins.prog_raw)?;
         let misses_acked = state[field::MISSES_ACKED].load(Ordering::SeqCst);
+        let raw_misses_acked = state[field::RAW_MISSES_ACKED].load(Ordering::SeqCst);
+        let (lost, recent_misses) = skipped_by_every_hook(
+            state[field::HOOKS].load(Ordering::SeqCst),
+            misses.saturating_sub(misses_acked),
+            raw_misses.saturating_sub(raw_misses_acked),
+            state[field::RECENT_MISSES].load(Ordering::SeqCst),
+        );
         let mut reasons = Vec::new();
         if overflow > overflow_acked {
             reasons.push(format!(
-                "{} requests could not be recorded in the kernel (too many very large requests \
-                 in one epoch)",
+                "{} requests could not be recorded in the kernel (very large requests in one \
+                 epoch, or passthrough writes to unknown places)",
                 overflow - overflow_acked
             ));
         }
-        if misses > misses_acked {
+        if lost {
             reasons.push(format!(
-                "the kernel skipped the tracker {} times (BPF recursion protection)",
-                misses - misses_acked
+                "the kernel skipped the tracker (BPF recursion protection: {} classic, {} raw \
+                 misses), possibly for the same completion",
+                misses.saturating_sub(misses_acked),
+                raw_misses.saturating_sub(raw_misses_acked)
             ));
         }
         self.pending = Some(Pending {
             epoch,
             overflow,
             misses,
+            raw_misses,
+            recent_misses,
         });
         let extents = bitmaps.extents();
         Ok(Cut {
@@ -491,12 +646,16 @@ impl Tracker {
             what: what.to_owned(),
             source,
         })?;
-        let empty = PerCpuValues::try_from(vec![BigList::default(); cpus])
-            .map_err(io_err("building per-CPU values"))?;
-        self.pins.big.set(slot as u32, empty, 0)?;
+        for big in [&mut self.pins.big, &mut self.pins.big_raw] {
+            let empty = PerCpuValues::try_from(vec![BigList::default(); cpus])
+                .map_err(io_err("building per-CPU values"))?;
+            big.set(slot as u32, empty, 0)?;
+        }
         let state = self.pins.state.words();
         state[field::OVERFLOW_ACKED].store(pending.overflow, Ordering::SeqCst);
         state[field::MISSES_ACKED].store(pending.misses, Ordering::SeqCst);
+        state[field::RAW_MISSES_ACKED].store(pending.raw_misses, Ordering::SeqCst);
+        state[field::RECENT_MISSES].store(pending.recent_misses, Ordering::SeqCst);
         state[field::RELEASED].store(pending.epoch, Ordering::SeqCst);
         Ok(())
     }
@@ -514,14 +673,51 @@ impl Tracker {
                 *dst = src.load(Ordering::Relaxed);
             }
         }
-        let lists = self.pins.big.get(&(slot as u32), 0)?;
-        for list in lists.iter() {
-            let valid = (list.count as usize).min(list.entries.len());
-            for entry in &list.entries[..valid] {
-                bitmaps.apply_request(entry.start, entry.len, ChangeKind::from_index(entry.kind));
+        for big in [&self.pins.big, &self.pins.big_raw] {
+            let lists = big.get(&(slot as u32), 0)?;
+            for list in lists.iter() {
+                let valid = (list.count as usize).min(list.entries.len());
+                for entry in &list.entries[..valid] {
+                    bitmaps.apply_request(
+                        entry.start,
+                        entry.len,
+                        ChangeKind::from_index(entry.kind),
+                    );
+                }
             }
         }
         Ok(bitmaps)
+    }
+}
+
+/// Whether a completion may have been skipped by every attached hook, given the new
+/// `recursion_misses` of each program since the last cut and the `recent` bits of the previous
+/// interval. Returns the verdict and the bits to remember for the next interval.
+///
+/// With both hooks attached, one completion runs both programs, and a single level of
+/// nesting skips at most one of them; a completion is lost only if both were skipped. The two
+/// counts of one completion are bumped one after the other, so they can fall on either side of
+/// a cut: misses of the other hook in the previous interval count too.
+pub fn skipped_by_every_hook(hooks: u64, classic: u64, raw: u64, recent: u64) -> (bool, u64) {
+    let now = u64::from(classic > 0) | u64::from(raw > 0) << 1;
+    let lost = match hooks & (HOOK_CLASSIC | HOOK_RAW) {
+        HOOK_CLASSIC => classic > 0,
+        HOOK_RAW => raw > 0,
+        _ => {
+            let (c, r) = (classic > 0, raw > 0);
+            let (prev_c, prev_r) = (recent & 0b01 != 0, recent & 0b10 != 0);
+            (c && (r || prev_r)) || (r && prev_c)
+        }
+    };
+    (lost, now)
+}
+
+fn hook_names(mask: u64) -> &'static str {
+    match mask & (HOOK_CLASSIC | HOOK_RAW) {
+        HOOK_CLASSIC => "classic",
+        HOOK_RAW => "raw",
+        0 => "none",
+        _ => "classic+raw",
     }
 }
 
@@ -540,7 +736,10 @@ pub fn untrack(path: &Path, options: &TrackOptions) -> Result<bool, TrackError> 
 
 fn lock_device(device: &BlockDevice) -> Result<fs::File, TrackError> {
     fs::create_dir_all(LOCK_DIR).map_err(io_err(format!("creating {LOCK_DIR}")))?;
-    let lock = PathBuf::from(format!("{LOCK_DIR}/track-{}-{}.lock", device.major, device.minor));
+    let lock = PathBuf::from(format!(
+        "{LOCK_DIR}/track-{}-{}.lock",
+        device.major, device.minor
+    ));
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -566,6 +765,10 @@ const PIN_DIRTY: &str = "dirty";
 const PIN_BIG: &str = "big";
 const PIN_PROG: &str = "prog";
 const PIN_LINK: &str = "link";
+const PIN_BIG_RAW: &str = "big_raw";
+const PIN_STATS: &str = "stats";
+const PIN_PROG_RAW: &str = "prog_raw";
+const PIN_LINK_RAW: &str = "link_raw";
 
 fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pins, PinsState> {
     let state_path = dir.join(PIN_STATE);
@@ -593,17 +796,44 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
     let total = (geometry.words_per_kind() * (SLOTS * KINDS) as u64) as usize;
     let dirty = sys::MappedWords::map(dirty_map.fd().as_fd(), total)
         .map_err(|e| broken("mapping the dirty map")(&e))?;
-    let big_map = MapData::from_pin(dir.join(PIN_BIG)).map_err(|e| broken("big map")(&e))?;
-    let big = PerCpuArray::try_from(Map::PerCpuArray(big_map)).map_err(|e| broken("big map")(&e))?;
-    let prog = ProgramInfo::from_pin(dir.join(PIN_PROG))
-        .and_then(|info| info.fd())
-        .map_err(|e| broken("program pin")(&e))?;
-    PinnedLink::from_pin(dir.join(PIN_LINK)).map_err(|e| broken("link pin")(&e))?;
+    let big_map = |name: &str| {
+        let map = MapData::from_pin(dir.join(name)).map_err(|e| broken(name)(&e))?;
+        PerCpuArray::try_from(Map::PerCpuArray(map)).map_err(|e| broken(name)(&e))
+    };
+    let big = big_map(PIN_BIG)?;
+    let stats_map = MapData::from_pin(dir.join(PIN_STATS)).map_err(|e| broken(PIN_STATS)(&e))?;
+    let stats =
+        PerCpuArray::try_from(Map::PerCpuArray(stats_map)).map_err(|e| broken(PIN_STATS)(&e))?;
+    let big_raw = big_map(PIN_BIG_RAW)?;
+    let prog = |prog: &str, link: &str| -> Result<ProgramFd, PinsState> {
+        let fd = ProgramInfo::from_pin(dir.join(prog))
+            .and_then(|info| info.fd())
+            .map_err(|e| broken(prog)(&e))?;
+        PinnedLink::from_pin(dir.join(link)).map_err(|e| broken(link)(&e))?;
+        Ok(fd)
+    };
+    let hooks = state.words()[field::HOOKS].load(Ordering::SeqCst);
+    if hooks & (HOOK_CLASSIC | HOOK_RAW) == 0 {
+        return Err(PinsState::Broken("no hook was attached".into()));
+    }
+    let prog_classic = if hooks & HOOK_CLASSIC != 0 {
+        Some(prog(PIN_PROG, PIN_LINK)?)
+    } else {
+        None
+    };
+    let prog_raw = if hooks & HOOK_RAW != 0 {
+        Some(prog(PIN_PROG_RAW, PIN_LINK_RAW)?)
+    } else {
+        None
+    };
     Ok(Pins {
+        stats,
         state,
         dirty,
         big,
-        prog,
+        big_raw,
+        prog: prog_classic,
+        prog_raw,
     })
 }
 
@@ -642,13 +872,19 @@ fn check_geometry(
     Ok(())
 }
 
+/// Loads the tracker for `device`, pins it under `dir` and attaches the `wanted` hooks. When the
+/// raw hook cannot be attached next to the classic one, says why in `notes` (the classic hook
+/// alone still tracks completely).
 fn create_pins(
     dir: &Path,
     device: &BlockDevice,
     geometry: &Geometry,
     layout: &RqCompleteLayout,
+    request_layout: Option<&RequestLayout>,
+    wanted: u64,
+    notes: &mut Vec<String>,
 ) -> Result<(), TrackError> {
-    let result = try_create_pins(dir, device, geometry, layout);
+    let result = try_create_pins(dir, device, geometry, layout, request_layout, wanted, notes);
     if result.is_err() {
         // Leave nothing half-made behind.
         let _ = remove_pins(dir);
@@ -656,53 +892,104 @@ fn create_pins(
     result
 }
 
+fn missing_in_object(what: &'static str, name: &str) -> TrackError {
+    TrackError::Pins {
+        what,
+        path: name.into(),
+        detail: "the embedded eBPF object is not the one this binary expects; rebuild blkmirror"
+            .into(),
+    }
+}
+
 fn try_create_pins(
     dir: &Path,
     device: &BlockDevice,
     geometry: &Geometry,
     layout: &RqCompleteLayout,
+    request_layout: Option<&RequestLayout>,
+    wanted: u64,
+    notes: &mut Vec<String>,
 ) -> Result<(), TrackError> {
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let wpk = geometry.words_per_kind();
     let total_words = wpk * (SLOTS * KINDS) as u64;
-    let flags = if device.zoned { blkmirror_common::FLAG_ZONED } else { 0 };
+    let flags = if device.zoned {
+        blkmirror_common::FLAG_ZONED
+    } else {
+        0
+    };
     let target_dev = u64::from(device.kernel_dev());
-    let mut ebpf = EbpfLoader::new()
-        .override_global("TARGET_DEV", &target_dev, true)
-        .override_global("START_SECTOR", &device.start_sector, true)
-        .override_global("NR_SECTORS", &device.nr_sectors, true)
-        .override_global("CHUNK_SHIFT", &geometry.chunk_shift, true)
-        .override_global("WORDS_PER_KIND", &wpk, true)
-        .override_global("FLAGS", &flags, true)
-        .override_global("OFF_DEV", &layout.dev, true)
-        .override_global("OFF_SECTOR", &layout.sector, true)
-        .override_global("OFF_NR_SECTOR", &layout.nr_sector, true)
-        .override_global("OFF_ERROR", &layout.error, true)
-        .override_global("OFF_RWBS", &layout.rwbs, true)
-        .map_max_entries("DIRTY", u32::try_from(total_words.max(1)).unwrap_or(u32::MAX))
+    let raw = request_layout.copied().unwrap_or(RequestLayout {
+        rq_cmd_flags: 0,
+        rq_sector: 0,
+        rq_q: 0,
+        q_disk: 0,
+        disk_major: 0,
+        disk_first_minor: 0,
+        op_read: 0,
+        op_write: 1,
+        op_flush: 2,
+        op_discard: 3,
+        op_secure_erase: 5,
+        op_write_zeroes: 9,
+        op_drv_out: 35,
+    });
+    let mut loader = EbpfLoader::new();
+    for (name, value) in [
+        ("TARGET_DEV", &target_dev),
+        ("START_SECTOR", &device.start_sector),
+        ("NR_SECTORS", &device.nr_sectors),
+        ("CHUNK_SHIFT", &geometry.chunk_shift),
+        ("WORDS_PER_KIND", &wpk),
+        ("FLAGS", &flags),
+        ("OFF_DEV", &layout.dev),
+        ("OFF_SECTOR", &layout.sector),
+        ("OFF_NR_SECTOR", &layout.nr_sector),
+        ("OFF_ERROR", &layout.error),
+        ("OFF_RWBS", &layout.rwbs),
+        ("OFF_RQ_CMD_FLAGS", &raw.rq_cmd_flags),
+        ("OFF_RQ_SECTOR", &raw.rq_sector),
+        ("OFF_RQ_Q", &raw.rq_q),
+        ("OFF_Q_DISK", &raw.q_disk),
+        ("OFF_DISK_MAJOR", &raw.disk_major),
+        ("OFF_DISK_FIRST_MINOR", &raw.disk_first_minor),
+        ("OP_READ", &raw.op_read),
+        ("OP_WRITE", &raw.op_write),
+        ("OP_FLUSH", &raw.op_flush),
+        ("OP_DISCARD", &raw.op_discard),
+        ("OP_SECURE_ERASE", &raw.op_secure_erase),
+        ("OP_WRITE_ZEROES", &raw.op_write_zeroes),
+        ("OP_DRV_OUT", &raw.op_drv_out),
+    ] {
+        loader.override_global(name, value, true);
+    }
+    let mut ebpf = loader
+        .map_max_entries(
+            "DIRTY",
+            u32::try_from(total_words.max(1)).unwrap_or(u32::MAX),
+        )
         .load(EBPF_OBJECT)
         .map_err(TrackError::Load)?;
 
-    // Load (verify) the program first: it holds references to the maps from then on.
-    let program: &mut TracePoint = ebpf
+    // Load (verify) the classic program first: from then on it holds references to the maps.
+    let classic: &mut TracePoint = ebpf
         .program_mut("block_rq_complete")
-        .ok_or_else(|| TrackError::Pins {
-            what: "the eBPF object lacks program",
-            path: "block_rq_complete".into(),
-            detail: "rebuild blkmirror".into(),
-        })?
-        .try_into()
-        .map_err(TrackError::Attach)?;
-    program.load().map_err(TrackError::Attach)?;
+        .and_then(|p| p.try_into().ok())
+        .ok_or_else(|| missing_in_object("the eBPF object lacks program", "block_rq_complete"))?;
+    classic.load().map_err(TrackError::Attach)?;
 
     let mut state_map = None;
-    for (name, pin_name) in [("STATE", PIN_STATE), ("DIRTY", PIN_DIRTY), ("BIG", PIN_BIG)] {
+    for (name, pin_name) in [
+        ("STATE", PIN_STATE),
+        ("DIRTY", PIN_DIRTY),
+        ("BIG", PIN_BIG),
+        ("BIG_RAW", PIN_BIG_RAW),
+        ("STATS", PIN_STATS),
+    ] {
         let path = dir.join(pin_name);
-        let map = ebpf.map(name).ok_or_else(|| TrackError::Pins {
-            what: "the eBPF object lacks map",
-            path: name.into(),
-            detail: "rebuild blkmirror".into(),
-        })?;
+        let map = ebpf
+            .map(name)
+            .ok_or_else(|| missing_in_object("the eBPF object lacks map", name))?;
         map.pin(&path).map_err(|e| TrackError::Pins {
             what: "pinning map at",
             path: path.clone(),
@@ -716,13 +1003,10 @@ fn try_create_pins(
             })?);
         }
     }
-    let state_map = state_map.ok_or_else(|| TrackError::Pins {
-        what: "the eBPF object lacks map",
-        path: "STATE".into(),
-        detail: "rebuild blkmirror".into(),
-    })?;
+    let state_map =
+        state_map.ok_or_else(|| missing_in_object("the eBPF object lacks map", "STATE"))?;
 
-    // Initialise the state before the program is attached; the magic goes last.
+    // Initialise the state before any program is attached; the magic goes last.
     let state = sys::MappedWords::map(state_map.fd().as_fd(), field::WORDS)
         .map_err(io_err("mapping the state map"))?;
     let words = state.words();
@@ -740,45 +1024,106 @@ fn try_create_pins(
         (field::CHUNK_SHIFT, geometry.chunk_shift),
         (field::WORDS_PER_KIND, wpk),
         (field::CREATED_UNIX, now),
+        (field::HOOKS, 0),
     ] {
         words[index].store(value, Ordering::SeqCst);
     }
     words[field::MAGIC].store(STATE_MAGIC, Ordering::SeqCst);
 
-    let program: &mut TracePoint = ebpf
-        .program_mut("block_rq_complete")
-        .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| TrackError::Pins {
-            what: "the eBPF object lacks program",
-            path: "block_rq_complete".into(),
-            detail: "rebuild blkmirror".into(),
-        })?;
-    let link_id = program
-        .attach("block", "block_rq_complete")
-        .map_err(TrackError::Attach)?;
-    let link = program.take_link(link_id).map_err(TrackError::Attach)?;
-    let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| TrackError::Pins {
-        what: "the kernel gave no bpf_link for",
-        path: HOOK.into(),
-        detail: format!("{e} (kernel older than 5.15?); tracking could not outlive the process"),
-    })?;
-    let link_path = dir.join(PIN_LINK);
-    fd_link.pin(&link_path).map_err(|e| TrackError::Pins {
+    // The raw hook first: if it cannot be attached, the classic hook alone is still complete.
+    let mut attached = 0;
+    if wanted & HOOK_RAW != 0 {
+        let result = match request_layout {
+            Some(_) => attach_raw(&mut ebpf, dir),
+            None => Err("no usable kernel BTF".to_owned()),
+        };
+        match result {
+            Ok(()) => attached |= HOOK_RAW,
+            Err(why) if wanted & HOOK_CLASSIC != 0 => {
+                notes.push(format!("not {HOOK_RAW_NAME}: {why}"));
+            }
+            Err(why) => return Err(TrackError::Env(EnvError::NoRawHook(why))),
+        }
+    }
+    words[field::HOOKS].store(attached, Ordering::SeqCst);
+    if wanted & HOOK_CLASSIC != 0 {
+        let classic: &mut TracePoint = ebpf
+            .program_mut("block_rq_complete")
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| {
+                missing_in_object("the eBPF object lacks program", "block_rq_complete")
+            })?;
+        let link_id = classic
+            .attach("block", "block_rq_complete")
+            .map_err(TrackError::Attach)?;
+        let link = classic.take_link(link_id).map_err(TrackError::Attach)?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| TrackError::Pins {
+                what: "the kernel gave no bpf_link for",
+                path: HOOK.into(),
+                detail: format!(
+                    "{e} (kernel older than 5.15?); tracking could not outlive the process"
+                ),
+            })?;
+        pin_link_and_prog(fd_link, dir, PIN_LINK)?;
+        classic
+            .pin(dir.join(PIN_PROG))
+            .map_err(|e| TrackError::Pins {
+                what: "pinning program at",
+                path: dir.join(PIN_PROG),
+                detail: e.to_string(),
+            })?;
+        attached |= HOOK_CLASSIC;
+        words[field::HOOKS].store(attached, Ordering::SeqCst);
+    }
+    Ok(())
+}
+
+fn pin_link_and_prog(link: FdLink, dir: &Path, name: &str) -> Result<(), TrackError> {
+    let path = dir.join(name);
+    link.pin(&path).map_err(|e| TrackError::Pins {
         what: "pinning link at",
-        path: link_path,
-        detail: e.to_string(),
-    })?;
-    let prog_path = dir.join(PIN_PROG);
-    program.pin(&prog_path).map_err(|e| TrackError::Pins {
-        what: "pinning program at",
-        path: prog_path,
+        path,
         detail: e.to_string(),
     })?;
     Ok(())
 }
 
+/// Loads, attaches and pins the raw-tracepoint program; `Err` says why it cannot be used.
+fn attach_raw(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<(), String> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut("block_rq_complete_raw")
+        .and_then(|p| p.try_into().ok())
+        .ok_or("the embedded eBPF object lacks it")?;
+    program
+        .load()
+        .map_err(|e| format!("the verifier refused it on this kernel ({e})"))?;
+    let link_id = program
+        .attach("block_rq_complete")
+        .map_err(|e| format!("attaching failed ({e})"))?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|e| format!("attaching failed ({e})"))?;
+    pin_link_and_prog(FdLink::from(link), dir, PIN_LINK_RAW).map_err(|e| e.to_string())?;
+    program
+        .pin(dir.join(PIN_PROG_RAW))
+        .map_err(|e| format!("pinning failed ({e})"))?;
+    Ok(())
+}
+
 fn remove_pins(dir: &Path) -> Result<(), TrackError> {
-    for name in [PIN_LINK, PIN_PROG, PIN_STATE, PIN_DIRTY, PIN_BIG] {
+    for name in [
+        PIN_LINK,
+        PIN_LINK_RAW,
+        PIN_PROG,
+        PIN_PROG_RAW,
+        PIN_STATE,
+        PIN_DIRTY,
+        PIN_BIG,
+        PIN_BIG_RAW,
+        PIN_STATS,
+    ] {
         let path = dir.join(name);
         match fs::remove_file(&path) {
             Ok(()) => {}
@@ -808,10 +1153,15 @@ fn read_record(path: &Path) -> Option<GenerationRecord> {
     serde_json::from_str(&text).ok()
 }
 
-fn write_record(state_dir: &Path, path: &Path, record: &GenerationRecord) -> Result<(), TrackError> {
+fn write_record(
+    state_dir: &Path,
+    path: &Path,
+    record: &GenerationRecord,
+) -> Result<(), TrackError> {
     fs::create_dir_all(state_dir).map_err(io_err(format!("creating {}", state_dir.display())))?;
     let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string(record).map_err(|e| io_err("encoding generation record")(std::io::Error::other(e)))?;
+    let text = serde_json::to_string(record)
+        .map_err(|e| io_err("encoding generation record")(std::io::Error::other(e)))?;
     let mut file = fs::File::create(&tmp).map_err(io_err(format!("writing {}", tmp.display())))?;
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
@@ -832,6 +1182,25 @@ mod tests {
         assert!(chunk_shift(2048).is_err());
         assert!(chunk_shift(3 << 12).is_err());
         assert!(chunk_shift(2 << 20).is_err());
+    }
+
+    #[test]
+    fn a_completion_is_lost_only_if_every_attached_hook_missed() {
+        // One hook: any miss may be a lost completion.
+        assert_eq!(skipped_by_every_hook(HOOK_CLASSIC, 1, 0, 0), (true, 0b01));
+        assert_eq!(skipped_by_every_hook(HOOK_RAW, 0, 2, 0), (true, 0b10));
+        assert_eq!(skipped_by_every_hook(HOOK_RAW, 3, 0, 0), (false, 0b01));
+        // Both: one hook's misses alone are covered by the other.
+        let both = HOOK_CLASSIC | HOOK_RAW;
+        assert_eq!(skipped_by_every_hook(both, 5, 0, 0), (false, 0b01));
+        assert_eq!(skipped_by_every_hook(both, 0, 5, 0), (false, 0b10));
+        assert_eq!(skipped_by_every_hook(both, 1, 1, 0), (true, 0b11));
+        // Counts of one completion straddling a cut.
+        assert_eq!(skipped_by_every_hook(both, 0, 1, 0b01), (true, 0b10));
+        assert_eq!(skipped_by_every_hook(both, 1, 0, 0b10), (true, 0b01));
+        // Nothing new: whatever the previous interval saw was reported then.
+        assert_eq!(skipped_by_every_hook(both, 0, 0, 0b11), (false, 0));
+        assert_eq!(skipped_by_every_hook(both, 0, 0, 0), (false, 0));
     }
 
     #[test]

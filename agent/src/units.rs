@@ -11,7 +11,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     if number.is_empty() {
-        return Err(format!("{text:?} is not a size: expected a number such as 64KiB or 1MiB"));
+        return Err(format!(
+            "{text:?} is not a size: expected a number such as 64KiB or 1MiB"
+        ));
     }
     let value: u64 = number
         .parse()
@@ -53,7 +55,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         other => {
-            return Err(format!("{text:?}: unknown duration unit {other:?} (use ms, s, m, h)"));
+            return Err(format!(
+                "{text:?}: unknown duration unit {other:?} (use ms, s, m, h)"
+            ));
         }
     };
     if !seconds.is_finite() || seconds < 0.0 || seconds > 366.0 * 86400.0 {

@@ -57,7 +57,19 @@ pub const BIG_EXTENTS_PER_CPU: usize = 128;
 
 /// Magic in [`TrackState::magic`]: identifies a blkmirror state map and its layout version.
 /// Bump the low byte whenever the layout of any type here changes.
-pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0001; // "blkmir" + layout v1
+pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0002; // "blkmir" + layout v2
+
+/// Bit in [`TrackState::hooks`]: the classic `block/block_rq_complete` tracepoint is attached.
+pub const HOOK_CLASSIC: u64 = 1;
+/// Bit in [`TrackState::hooks`]: the raw `block_rq_complete` tracepoint is attached.
+pub const HOOK_RAW: u64 = 2;
+
+/// Index in the per-CPU `STATS` array: requests on the tracked range seen by the classic hook.
+pub const STAT_CLASSIC_EVENTS: u32 = 0;
+/// Index in the per-CPU `STATS` array: requests on the tracked range seen by the raw hook.
+pub const STAT_RAW_EVENTS: u32 = 1;
+/// Entries in the `STATS` array.
+pub const STATS: usize = 2;
 
 /// Flag in the `FLAGS` global: the device is zoned, so an `N` request may be a zone append
 /// (data), and is recorded as a write rather than as zeroes.
@@ -94,8 +106,15 @@ pub struct TrackState {
     pub created_unix: u64,
     /// The `overflow` count userspace has already reported (userspace-owned).
     pub overflow_acked: u64,
-    /// The program's `recursion_misses` userspace has already reported (userspace-owned).
+    /// The classic program's `recursion_misses` already accounted for (userspace-owned).
     pub misses_acked: u64,
+    /// The raw program's `recursion_misses` already accounted for (userspace-owned).
+    pub raw_misses_acked: u64,
+    /// Which hooks are attached: [`HOOK_CLASSIC`], [`HOOK_RAW`].
+    pub hooks: u64,
+    /// Bit 0: the classic program missed events in the last interval; bit 1: the raw one did
+    /// (userspace-owned; a completion skipped by both programs straddles at most two).
+    pub recent_misses: u64,
 }
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.
@@ -169,19 +188,31 @@ pub fn chunk_span(start: u64, len: u64, nr_sectors: u64, chunk_shift: u64) -> Op
     if len == 0 || start >= nr_sectors || chunk_shift >= 64 {
         return None;
     }
-    let end = if len > nr_sectors - start { nr_sectors } else { start + len };
+    let end = if len > nr_sectors - start {
+        nr_sectors
+    } else {
+        start + len
+    };
     let chunk = 1u64 << chunk_shift;
     let first = start >> chunk_shift;
     let last_end = ((end - 1) >> chunk_shift) + 1;
     // A chunk is fully covered if the request starts at or before its start and ends at or after
     // its end, where the end of the last chunk is clipped to the device.
-    let full_first = if start & (chunk - 1) == 0 { first } else { first + 1 };
+    let full_first = if start & (chunk - 1) == 0 {
+        first
+    } else {
+        first + 1
+    };
     let full_end = if end & (chunk - 1) == 0 || end == nr_sectors {
         last_end
     } else {
         last_end - 1
     };
-    let full_end = if full_end < full_first { full_first } else { full_end };
+    let full_end = if full_end < full_first {
+        full_first
+    } else {
+        full_end
+    };
     Some(ChunkSpan {
         first,
         end: last_end,
@@ -224,7 +255,12 @@ mod tests {
         let span = chunk_span(128, 256, 1 << 20, 7).unwrap();
         assert_eq!(
             span,
-            ChunkSpan { first: 1, end: 3, full_first: 1, full_end: 3 }
+            ChunkSpan {
+                first: 1,
+                end: 3,
+                full_first: 1,
+                full_end: 3
+            }
         );
     }
 
@@ -233,7 +269,12 @@ mod tests {
         let span = chunk_span(130, 256, 1 << 20, 7).unwrap();
         assert_eq!(
             span,
-            ChunkSpan { first: 1, end: 4, full_first: 2, full_end: 3 }
+            ChunkSpan {
+                first: 1,
+                end: 4,
+                full_first: 2,
+                full_end: 3
+            }
         );
     }
 
@@ -251,7 +292,12 @@ mod tests {
         let span = chunk_span(256, 44, 300, 7).unwrap();
         assert_eq!(
             span,
-            ChunkSpan { first: 2, end: 3, full_first: 2, full_end: 3 }
+            ChunkSpan {
+                first: 2,
+                end: 3,
+                full_first: 2,
+                full_end: 3
+            }
         );
     }
 
@@ -266,7 +312,12 @@ mod tests {
         let span = chunk_span(200, 1000, 300, 7).unwrap();
         assert_eq!(
             span,
-            ChunkSpan { first: 1, end: 3, full_first: 2, full_end: 3 }
+            ChunkSpan {
+                first: 1,
+                end: 3,
+                full_first: 2,
+                full_end: 3
+            }
         );
     }
 

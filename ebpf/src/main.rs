@@ -1,13 +1,20 @@
 //! blkmirror's kernel-side change tracker.
 //!
-//! One instance of this program is loaded per tracked device and attached to the classic
-//! `block/block_rq_complete` tracepoint. It fires when a block request (or part of one)
-//! completes, so everything it records has reached the device's queue completion path: a
-//! write that completed after userspace cut an epoch lands in the next epoch.
+//! One instance of this object is loaded per tracked device. It has two programs on the same
+//! kernel event, the completion of (part of) a block request, `block_rq_complete`:
 //!
-//! Userspace fills in the globals below before loading (`EbpfLoader::set_global`): which
-//! device and sector range to track, the chunk size, and the byte offsets of the tracepoint
-//! record's fields, read from tracefs on the running kernel (never hard-coded here).
+//! * `block_rq_complete` on the classic tracepoint reads the trace record (fields located via
+//!   tracefs). It works on every kernel.
+//! * `block_rq_complete_raw` on the raw tracepoint reads `struct request` directly (offsets and
+//!   `REQ_OP_*` values from the kernel's BTF). It tells write-zeroes apart exactly.
+//!
+//! Both record into the same bitmaps (an atomic OR is idempotent). Running both is not only
+//! about precision: the kernel skips a classic tracepoint program while *any* tracing program
+//! runs on that CPU, and a raw tracepoint program while *the same* program runs there (an
+//! interrupt completing IO in the middle). A completion is therefore lost only if both were
+//! skipped, and userspace sees that in both programs' `recursion_misses` counters.
+//!
+//! Userspace fills in the globals below before loading (`EbpfLoader::override_global`).
 //!
 //! See `blkmirror-common` for the epoch protocol and why it never loses a completed write.
 #![no_std]
@@ -18,9 +25,10 @@
 use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    helpers::bpf_probe_read_kernel,
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use blkmirror_common::{
     BIG_EXTENTS_PER_CPU, BigExtent, BigList, FLAG_ZONED, KIND_DISCARD, KIND_WRITE, KIND_ZEROES,
@@ -48,7 +56,8 @@ static WORDS_PER_KIND: u64 = 0;
 /// `FLAG_*` bits.
 #[unsafe(no_mangle)]
 static FLAGS: u64 = 0;
-/// Byte offsets of the `block_rq_complete` record fields, from tracefs.
+
+// Byte offsets of the `block_rq_complete` trace record fields, from tracefs.
 #[unsafe(no_mangle)]
 static OFF_DEV: u64 = 8;
 #[unsafe(no_mangle)]
@@ -60,6 +69,34 @@ static OFF_ERROR: u64 = 28;
 #[unsafe(no_mangle)]
 static OFF_RWBS: u64 = 34;
 
+// Kernel struct member offsets and `REQ_OP_*` values, from BTF (raw tracepoint hook only).
+#[unsafe(no_mangle)]
+static OFF_RQ_CMD_FLAGS: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_RQ_SECTOR: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_RQ_Q: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_Q_DISK: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_DISK_MAJOR: u64 = 0;
+#[unsafe(no_mangle)]
+static OFF_DISK_FIRST_MINOR: u64 = 0;
+#[unsafe(no_mangle)]
+static OP_READ: u64 = 0;
+#[unsafe(no_mangle)]
+static OP_WRITE: u64 = 1;
+#[unsafe(no_mangle)]
+static OP_FLUSH: u64 = 2;
+#[unsafe(no_mangle)]
+static OP_DISCARD: u64 = 3;
+#[unsafe(no_mangle)]
+static OP_SECURE_ERASE: u64 = 5;
+#[unsafe(no_mangle)]
+static OP_WRITE_ZEROES: u64 = 9;
+#[unsafe(no_mangle)]
+static OP_DRV_OUT: u64 = 35;
+
 /// The shared [`TrackState`] (one element).
 #[map]
 static STATE: Array<TrackState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
@@ -68,9 +105,28 @@ static STATE: Array<TrackState> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[map]
 static DIRTY: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
-/// Requests too long to expand here, per CPU and slot (index = slot).
+/// Requests too long to expand here, per CPU and slot (index = slot), classic hook.
 #[map]
 static BIG: PerCpuArray<BigList> = PerCpuArray::with_max_entries(SLOTS as u32, 0);
+
+/// The same for the raw hook: per-CPU data is only safe without atomics because a program
+/// never nests with itself, so each program has its own lists.
+#[map]
+static BIG_RAW: PerCpuArray<BigList> = PerCpuArray::with_max_entries(SLOTS as u32, 0);
+
+/// Per-CPU statistics: requests on the tracked range seen by each hook
+/// (`STAT_CLASSIC_EVENTS`, `STAT_RAW_EVENTS`).
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(blkmirror_common::STATS as u32, 0);
+
+#[inline(always)]
+fn count_stat(index: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: this CPU's element; the same program never nests on one CPU, and the two
+        // hooks count into different elements.
+        unsafe { *counter += 1 };
+    }
+}
 
 #[inline(always)]
 fn global(value: &'static u64) -> u64 {
@@ -79,26 +135,28 @@ fn global(value: &'static u64) -> u64 {
     unsafe { core::ptr::read_volatile(value) }
 }
 
-/// Atomic add whose result is unused (`BPF_ATOMIC | BPF_ADD`, available on every kernel).
+/// Atomic add whose result is unused (`BPF_ATOMIC | BPF_ADD`).
 #[inline(always)]
 fn atomic_add(ptr: *mut u64, value: u64) {
     // SAFETY: `ptr` points into a map value obtained from a successful lookup.
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, value) };
 }
 
+/// Counts an event that could not be recorded: userspace turns it into needs_verify.
+#[inline(always)]
+fn count_overflow() {
+    if let Some(state) = STATE.get_ptr_mut(0) {
+        // SAFETY: the state map has one element, and we only take a field address.
+        atomic_add(unsafe { &raw mut (*state).overflow }, 1);
+    }
+}
+
 #[tracepoint]
 pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
-    match try_block_rq_complete(&ctx) {
-        Ok(()) => 0,
-        Err(()) => {
-            // Anything we failed to record is counted: userspace turns it into needs_verify.
-            if let Some(state) = STATE.get_ptr_mut(0) {
-                // SAFETY: the state map has one element, and we only take a field address.
-                atomic_add(unsafe { &raw mut (*state).overflow }, 1);
-            }
-            0
-        }
+    if try_block_rq_complete(&ctx).is_err() {
+        count_overflow();
     }
+    0
 }
 
 #[inline(always)]
@@ -119,55 +177,125 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), ()> {
 
     // rwbs: an optional leading 'F' (preflush), then the operation letter.
     let op = if rwbs[0] == b'F' { rwbs[1] } else { rwbs[0] };
-    let mut kind = match op {
+    let kind = match op {
         b'W' => KIND_WRITE,
         b'D' => KIND_DISCARD,
-        // On a non-zoned device the only data-changing 'N' request is write-zeroes. On a zoned
-        // device it may be a zone append, so we must read the data back.
+        // On a non-zoned device the only data-changing 'N' request with a range is
+        // write-zeroes. On a zoned device it may be a zone append: read the data back.
         b'N' if global(&FLAGS) & FLAG_ZONED == 0 => KIND_ZEROES,
         b'N' => KIND_WRITE,
         _ => return Ok(()),
     };
-    // A failed request may have changed part of its range: read it back.
-    if error != 0 {
-        kind = KIND_WRITE;
-    }
+    record(
+        sector,
+        u64::from(nr_sector),
+        kind,
+        error != 0,
+        &BIG,
+        blkmirror_common::STAT_CLASSIC_EVENTS,
+    )
+}
 
+#[raw_tracepoint(tracepoint = "block_rq_complete")]
+pub fn block_rq_complete_raw(ctx: RawTracePointContext) -> i32 {
+    if try_block_rq_complete_raw(&ctx).is_err() {
+        count_overflow();
+    }
+    0
+}
+
+/// Reads a kernel value at `base + offset` (both plain numbers: no pointer arithmetic on
+/// typed pointers, which newer verifiers refuse).
+#[inline(always)]
+fn read_kernel<T>(base: u64, offset: u64) -> Result<T, ()> {
+    // SAFETY: bpf_probe_read_kernel copes with any address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel((base + offset) as *const T) }.map_err(|_| ())
+}
+
+#[inline(always)]
+fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
+    // TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes)
+    let rq: u64 = ctx.arg(0);
+    let error: u64 = ctx.arg(1);
+    let nr_bytes: u64 = ctx.arg(2);
+    let q: u64 = read_kernel(rq, global(&OFF_RQ_Q))?;
+    let disk: u64 = read_kernel(q, global(&OFF_Q_DISK))?;
+    if disk == 0 {
+        return Ok(());
+    }
+    let major: u32 = read_kernel(disk, global(&OFF_DISK_MAJOR))?;
+    let minor: u32 = read_kernel(disk, global(&OFF_DISK_FIRST_MINOR))?;
+    if (u64::from(major) << 20 | u64::from(minor)) != global(&TARGET_DEV) {
+        return Ok(());
+    }
+    let flags: u32 = read_kernel(rq, global(&OFF_RQ_CMD_FLAGS))?;
+    let op = u64::from(flags & 0xff);
+    if op == global(&OP_READ) || op == global(&OP_FLUSH) || nr_bytes == 0 {
+        return Ok(());
+    }
+    // A passthrough write could have written anywhere: we cannot say where.
+    if op == global(&OP_DRV_OUT) {
+        return Err(());
+    }
+    let kind = if op == global(&OP_WRITE) {
+        KIND_WRITE
+    } else if op == global(&OP_DISCARD) || op == global(&OP_SECURE_ERASE) {
+        KIND_DISCARD
+    } else if op == global(&OP_WRITE_ZEROES) {
+        KIND_ZEROES
+    } else {
+        // Zone append, zone resets, anything newer: read back whatever is there now.
+        KIND_WRITE
+    };
+    let sector: u64 = read_kernel(rq, global(&OFF_RQ_SECTOR))?;
+    record(
+        sector,
+        nr_bytes.div_ceil(512),
+        kind,
+        error != 0,
+        &BIG_RAW,
+        blkmirror_common::STAT_RAW_EVENTS,
+    )
+}
+
+/// Clips the request `[sector, sector + nr)` to the tracked range and records it into the
+/// current epoch's slot. A failed request may have changed any part of its range: it is
+/// recorded as a write, so its content is read back.
+///
+/// The program runs inside an RCU read-side critical section; userspace waits for a grace
+/// period after changing the epoch, so the slot chosen here stays valid until we return.
+#[inline(always)]
+fn record(
+    sector: u64,
+    nr: u64,
+    kind: u64,
+    failed: bool,
+    big: &PerCpuArray<BigList>,
+    stat: u32,
+) -> Result<(), ()> {
+    let kind = if failed { KIND_WRITE } else { kind };
     let start = global(&START_SECTOR);
-    let nr = global(&NR_SECTORS);
-    let req_end = sector.saturating_add(u64::from(nr_sector));
-    if nr_sector == 0 || req_end <= start || sector >= start + nr {
+    let tracked = global(&NR_SECTORS);
+    let req_end = sector.saturating_add(nr);
+    if nr == 0 || req_end <= start || sector >= start + tracked {
         return Ok(());
     }
     // Relative to the tracked range, clipped at its start (chunk_span clips the end).
     let (rel, len) = if sector < start {
         (0, req_end - start)
     } else {
-        (sector - start, u64::from(nr_sector))
+        (sector - start, nr)
     };
-    record(rel, len, kind)
-}
-
-/// Records one request into the current epoch's slot.
-///
-/// The whole program runs inside an RCU read-side critical section; userspace waits for a grace
-/// period after changing the epoch, so the slot read here stays valid until we return.
-#[inline(always)]
-fn record(rel: u64, len: u64, kind: u64) -> Result<(), ()> {
+    count_stat(stat);
     let state = STATE.get_ptr_mut(0).ok_or(())?;
     // SAFETY: `state` points to the single, always-present element; volatile keeps the load.
     let epoch = unsafe { core::ptr::read_volatile(&raw const (*state).epoch) };
-    record_in_slot(epoch % SLOTS as u64, rel, len, kind)
-}
+    let slot = epoch % SLOTS as u64;
 
-#[inline(always)]
-fn record_in_slot(slot: u64, rel: u64, len: u64, kind: u64) -> Result<(), ()> {
-    let nr = global(&NR_SECTORS);
-    let shift = global(&CHUNK_SHIFT);
-    let span = chunk_span(rel, len, nr, shift).ok_or(())?;
+    let span = chunk_span(rel, len, tracked, global(&CHUNK_SHIFT)).ok_or(())?;
     let words = global(&WORDS_PER_KIND);
     if (span.end - 1) / 64 - span.first / 64 + 1 > MAX_WORDS_PER_EVENT {
-        return push_big(slot, rel, len, kind);
+        return push_big(big, slot, rel, len, kind);
     }
     if kind == KIND_WRITE || span.full_first == span.full_end {
         return set_bits(bitmap_base(slot, KIND_WRITE, words), span.first, span.end);
@@ -180,7 +308,11 @@ fn record_in_slot(slot: u64, rel: u64, len: u64, kind: u64) -> Result<(), ()> {
     if span.full_end < span.end {
         set_bit(bitmap_base(slot, KIND_WRITE, words), span.full_end)?;
     }
-    set_bits(bitmap_base(slot, kind, words), span.full_first, span.full_end)
+    set_bits(
+        bitmap_base(slot, kind, words),
+        span.full_first,
+        span.full_end,
+    )
 }
 
 /// ORs `mask` into word `index` of the DIRTY array.
@@ -231,10 +363,17 @@ fn set_bits(base: u64, first: u64, end: u64) -> Result<(), ()> {
 }
 
 #[inline(always)]
-fn push_big(slot: u64, start: u64, len: u64, kind: u64) -> Result<(), ()> {
-    let list = BIG.get_ptr_mut(slot as u32).ok_or(())?;
-    // SAFETY: `list` is this CPU's element; the kernel never nests this program on one CPU and
-    // userspace touches the lists only after an RCU grace period, so the access is exclusive.
+fn push_big(
+    big: &PerCpuArray<BigList>,
+    slot: u64,
+    start: u64,
+    len: u64,
+    kind: u64,
+) -> Result<(), ()> {
+    let list = big.get_ptr_mut(slot as u32).ok_or(())?;
+    // SAFETY: `list` is this CPU's element of this program's own list; the kernel never nests a
+    // program with itself on one CPU, and userspace touches the lists only after an RCU grace
+    // period, so the access is exclusive.
     unsafe {
         let index = (*list).count;
         (*list).count = index + 1;

@@ -61,7 +61,8 @@ pub struct Scratch {
 impl Scratch {
     /// Creates a fresh directory under /tmp (or `$BLKMIRROR_TEST_DIR`).
     pub fn new() -> Self {
-        let base = std::env::var_os("BLKMIRROR_TEST_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let base =
+            std::env::var_os("BLKMIRROR_TEST_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
         let path = base.join(unique("blkmirror-test"));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
         Self { path }
@@ -153,7 +154,11 @@ impl LoopDevice {
     /// Whether the loop device is still ours: attached to our backing file. Loop numbers are
     /// reused at once, so after a detach the same node may belong to another test.
     pub fn is_ours(&self) -> bool {
-        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
             .is_ok_and(|file| Path::new(file.trim()) == self.backing)
     }
@@ -274,11 +279,23 @@ pub fn state_args(pins: &PinRoot, state_dir: &Path) -> Vec<String> {
 }
 
 /// Runs `blkmirror track DEVICE --json --count N` to completion and returns its JSON lines.
-pub fn track_once(pins: &PinRoot, state_dir: &Path, device: &Path, count: u64, extra: &[&str]) -> (Output, Vec<serde_json::Value>) {
+pub fn track_once(
+    pins: &PinRoot,
+    state_dir: &Path,
+    device: &Path,
+    count: u64,
+    extra: &[&str],
+) -> (Output, Vec<serde_json::Value>) {
     let output = blkmirror()
         .arg("track")
         .arg(device)
-        .args(["--json", "--interval", "50ms", "--count", &count.to_string()])
+        .args([
+            "--json",
+            "--interval",
+            "50ms",
+            "--count",
+            &count.to_string(),
+        ])
         .args(extra)
         .args(state_args(pins, state_dir))
         .output()
@@ -366,7 +383,10 @@ impl TrackProcess {
         while Instant::now() < deadline {
             match self.lines.recv_timeout(Duration::from_millis(50)) {
                 Ok(line) => {
-                    out.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}")));
+                    out.push(
+                        serde_json::from_str(&line)
+                            .unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}")),
+                    );
                     if done(&out) {
                         break;
                     }
@@ -415,7 +435,11 @@ impl AlignedBuf {
     pub fn new(len: usize) -> Self {
         let storage = vec![0u8; len + 4096];
         let start = storage.as_ptr().align_offset(4096);
-        Self { storage, start, len }
+        Self {
+            storage,
+            start,
+            len,
+        }
     }
 
     /// The bytes.
@@ -458,6 +482,11 @@ pub fn extents_of(lines: &[serde_json::Value], kind: &str) -> Vec<(u64, u64)> {
     lines
         .iter()
         .filter(|l| l["kind"] == kind)
-        .map(|l| (l["offset"].as_u64().expect("offset"), l["length"].as_u64().expect("length")))
+        .map(|l| {
+            (
+                l["offset"].as_u64().expect("offset"),
+                l["length"].as_u64().expect("length"),
+            )
+        })
         .collect()
 }

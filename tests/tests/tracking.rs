@@ -13,7 +13,7 @@ use std::{
 
 use blkmirror::{
     extent::ChangeKind,
-    track::{TrackOptions, Tracker},
+    track::{HookChoice, TrackOptions, Tracker},
 };
 use blkmirror_tests::{
     AlignedBuf, LoopDevice, Mount, PinRoot, Scratch, TrackProcess, extents_of, open_direct,
@@ -28,6 +28,7 @@ fn options(pins: &PinRoot, scratch: &Scratch, chunk_bytes: u64) -> TrackOptions 
         chunk_bytes,
         pin_root: pins.path.clone(),
         state_dir: scratch.path.join("state"),
+        hooks: HookChoice::Both,
     }
 }
 
@@ -39,23 +40,49 @@ fn drain(tracker: &mut Tracker) {
 }
 
 #[test]
-fn direct_writes_report_exactly_their_chunks() {
+fn direct_writes_report_exactly_their_chunks_with_both_hooks() {
+    direct_writes_report_exactly_their_chunks(HookChoice::Both);
+}
+
+#[test]
+fn direct_writes_report_exactly_their_chunks_with_the_classic_hook() {
+    direct_writes_report_exactly_their_chunks(HookChoice::Classic);
+}
+
+#[test]
+fn direct_writes_report_exactly_their_chunks_with_the_raw_hook() {
+    direct_writes_report_exactly_their_chunks(HookChoice::Raw);
+}
+
+fn direct_writes_report_exactly_their_chunks(hooks: HookChoice) {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 256 * MIB);
-    let (mut tracker, needs_verify) =
-        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open tracker");
-    assert!(needs_verify.is_some(), "a first tracking must say the past is unknown");
+    let opts = TrackOptions {
+        hooks,
+        ..options(&pins, &scratch, CHUNK)
+    };
+    let (mut tracker, needs_verify) = Tracker::open(&dev.path, &opts).expect("open tracker");
+    let expected_mask = match hooks {
+        HookChoice::Both => 3,
+        HookChoice::Classic => 1,
+        HookChoice::Raw => 2,
+    };
+    assert_eq!(tracker.hook_mask(), expected_mask, "{:?}", tracker.hooks());
+    assert!(
+        needs_verify.is_some(),
+        "a first tracking must say the past is unknown"
+    );
     drain(&mut tracker);
 
     // Known offsets: inside one chunk, across a chunk boundary, a large run, the last chunk.
     let writes: [(u64, usize); 5] = [
-        (4096, 4096),                         // chunk 0
-        (CHUNK * 10 + 61_440, 8192),          // chunks 10 and 11 (crosses the boundary)
-        (CHUNK * 100, (CHUNK * 3) as usize),  // chunks 100..103
-        (CHUNK * 2000 + 4096, 4096),          // chunk 2000
-        (256 * MIB - 4096, 4096),             // last chunk
+        (4096, 4096),                        // chunk 0
+        (CHUNK * 10 + 61_440, 8192),         // chunks 10 and 11 (crosses the boundary)
+        (CHUNK * 100, (CHUNK * 3) as usize), // chunks 100..103
+        (CHUNK * 2000 + 4096, 4096),         // chunk 2000
+        (256 * MIB - 4096, 4096),            // last chunk
     ];
     for (offset, len) in writes {
         write_direct(&dev.path, offset, len, 0xab);
@@ -97,7 +124,12 @@ fn cli_reports_direct_writes_as_json() {
     let pins = PinRoot::new();
     let state = scratch.path.join("state");
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);
-    let mut track = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms", "--chunk-size", "4KiB"]);
+    let mut track = TrackProcess::start(
+        &pins,
+        &state,
+        &dev.path,
+        &["--interval", "100ms", "--chunk-size", "4KiB"],
+    );
     write_direct(&dev.path, 40_960, 4096, 1); // chunk 10
     write_direct(&dev.path, 8 * MIB, 12_288, 2); // chunks 2048..2051
     let lines = track.collect_until(Duration::from_secs(10), |lines| {
@@ -122,7 +154,8 @@ fn buffered_writes_and_ext4_file_extents_are_covered() {
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 256 * MIB);
     let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &scratch.path);
-    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
+    let (mut tracker, _) =
+        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
     sh("sync", &[]);
     drain(&mut tracker);
 
@@ -146,7 +179,10 @@ fn buffered_writes_and_ext4_file_extents_are_covered() {
         .collect();
 
     // Physical extents of the file, in 4 KiB blocks, from filefrag.
-    let frag = sh("filefrag", &["-v", "-b4096", file_path.to_str().expect("path")]);
+    let frag = sh(
+        "filefrag",
+        &["-v", "-b4096", file_path.to_str().expect("path")],
+    );
     let mut physical_blocks = 0u64;
     for line in frag.lines() {
         let fields: Vec<&str> = line.split(':').map(str::trim).collect();
@@ -154,11 +190,17 @@ fn buffered_writes_and_ext4_file_extents_are_covered() {
             continue;
         }
         let (start, end) = fields[2].split_once("..").expect("physical range");
-        let (start, end): (u64, u64) = (start.trim().parse().expect("start"), end.trim().parse().expect("end"));
+        let (start, end): (u64, u64) = (
+            start.trim().parse().expect("start"),
+            end.trim().parse().expect("end"),
+        );
         for block in start..=end {
             physical_blocks += 1;
             let chunk = block * 4096 / CHUNK;
-            assert!(reported.contains(&chunk), "block {block} (chunk {chunk}) of the file not reported; filefrag:\n{frag}");
+            assert!(
+                reported.contains(&chunk),
+                "block {block} (chunk {chunk}) of the file not reported; filefrag:\n{frag}"
+            );
         }
     }
     assert_eq!(physical_blocks, 80 * 16, "filefrag output:\n{frag}");
@@ -189,28 +231,84 @@ fn partition_writes_are_relative_and_other_partitions_ignored() {
     write_direct(&dev.path, 0, 4096, 6);
     let cut = tracker.cut().expect("cut");
     let got: Vec<(u64, u64)> = cut.extents.iter().map(|e| (e.offset, e.length)).collect();
-    assert_eq!(got, vec![(8 * MIB, CHUNK), (32 * MIB, CHUNK)], "{:?}", cut.extents);
+    assert_eq!(
+        got,
+        vec![(8 * MIB, CHUNK), (32 * MIB, CHUNK)],
+        "{:?}",
+        cut.extents
+    );
 }
 
 #[test]
-fn discard_and_write_zeroes_have_their_kinds() {
+fn discard_and_write_zeroes_have_their_kinds_with_both_hooks() {
+    discard_and_write_zeroes_have_their_kinds("both");
+}
+
+#[test]
+fn discard_and_write_zeroes_have_their_kinds_with_the_classic_hook() {
+    discard_and_write_zeroes_have_their_kinds("classic");
+}
+
+#[test]
+fn discard_and_write_zeroes_have_their_kinds_with_the_raw_hook() {
+    discard_and_write_zeroes_have_their_kinds("raw");
+}
+
+fn discard_and_write_zeroes_have_their_kinds(hooks: &str) {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let state = scratch.path.join("state");
     let dev = LoopDevice::new(&scratch.path, 128 * MIB);
-    let mut track = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms"]);
-    sh("blkdiscard", &["-o", &(16 * MIB).to_string(), "-l", &(8 * MIB).to_string(), dev.as_str()]);
-    sh("blkdiscard", &["-z", "-o", &(64 * MIB).to_string(), "-l", &(2 * MIB).to_string(), dev.as_str()]);
+    let mut track = TrackProcess::start(
+        &pins,
+        &state,
+        &dev.path,
+        &["--interval", "100ms", "--hooks", hooks],
+    );
+    sh(
+        "blkdiscard",
+        &[
+            "-o",
+            &(16 * MIB).to_string(),
+            "-l",
+            &(8 * MIB).to_string(),
+            dev.as_str(),
+        ],
+    );
+    sh(
+        "blkdiscard",
+        &[
+            "-z",
+            "-o",
+            &(64 * MIB).to_string(),
+            "-l",
+            &(2 * MIB).to_string(),
+            dev.as_str(),
+        ],
+    );
     // A discard that starts mid-chunk: its partial chunk must be a write (data kept there).
-    sh("blkdiscard", &["-o", &(96 * MIB + 4096).to_string(), "-l", &(MIB - 4096).to_string(), dev.as_str()]);
+    sh(
+        "blkdiscard",
+        &[
+            "-o",
+            &(96 * MIB + 4096).to_string(),
+            "-l",
+            &(MIB - 4096).to_string(),
+            dev.as_str(),
+        ],
+    );
     let lines = track.collect_until(Duration::from_secs(10), |lines| {
         !extents_of(lines, "zeroes").is_empty() && extents_of(lines, "discard").len() >= 2
     });
     let discards = extents_of(&lines, "discard");
     let zeroes = extents_of(&lines, "zeroes");
     let writes = extents_of(&lines, "write");
-    assert_eq!(discards, vec![(16 * MIB, 8 * MIB), (96 * MIB + CHUNK, MIB - CHUNK)], "{lines:?}");
+    assert_eq!(
+        discards,
+        vec![(16 * MIB, 8 * MIB), (96 * MIB + CHUNK, MIB - CHUNK)],
+        "{lines:?}"
+    );
     assert_eq!(zeroes, vec![(64 * MIB, 2 * MIB)], "{lines:?}");
     assert_eq!(writes, vec![(96 * MIB, CHUNK)], "{lines:?}");
 }
@@ -219,19 +317,36 @@ fn discard_and_write_zeroes_have_their_kinds() {
 /// and copy each reported chunk into a shadow. At the end the shadow equals the device.
 #[test]
 fn no_write_is_lost_across_thousands_of_cuts() {
+    no_write_is_lost(HookChoice::Both, 3000);
+}
+
+/// Each hook alone must be complete too (the default runs both).
+#[test]
+fn no_write_is_lost_with_each_hook_alone() {
+    no_write_is_lost(HookChoice::Classic, 1000);
+    no_write_is_lost(HookChoice::Raw, 1000);
+}
+
+fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     const SIZE: u64 = 32 * MIB;
     const CHUNK_4K: u64 = 4096;
     let dev = LoopDevice::new(&scratch.path, SIZE);
-    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK_4K)).expect("open");
+    let opts = TrackOptions {
+        hooks,
+        ..options(&pins, &scratch, CHUNK_4K)
+    };
+    let (mut tracker, _) = Tracker::open(&dev.path, &opts).expect("open");
     drain(&mut tracker);
 
     // Initial copy: the shadow starts equal to the (all-zero) device.
     let mut shadow = vec![0u8; SIZE as usize];
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
+    let t0 = Instant::now();
+    // Each write's data is `seq + i` (as bytes), so any byte tells which write put it there.
     let writer = {
         let stop = stop.clone();
         let writes = writes.clone();
@@ -239,30 +354,79 @@ fn no_write_is_lost_across_thousands_of_cuts() {
         std::thread::spawn(move || {
             let file = open_direct(&path);
             let mut buf = AlignedBuf::new(64 * 1024);
-            let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+            let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
+            let mut log: Vec<(u64, u64, u64, Duration, Duration)> = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 // Mostly 4 KiB writes; every 8th one 64 KiB (spanning 16 chunks).
-                let len = if rng % 8 == 0 { 65_536 } else { 4096 };
+                let len = if rng % 8 == 0 && std::env::var_os("BLKMIRROR_ONLY_4K").is_none() {
+                    65_536
+                } else {
+                    4096
+                };
                 let offset = (rng >> 8) % ((SIZE - len) / 4096) * 4096;
                 n += 1;
                 for (i, byte) in buf.as_mut_slice()[..len as usize].iter_mut().enumerate() {
                     *byte = (n as u8).wrapping_add(i as u8);
                 }
-                file.write_all_at(&buf.as_slice()[..len as usize], offset).expect("write");
+                let issued = t0.elapsed();
+                file.write_all_at(&buf.as_slice()[..len as usize], offset)
+                    .expect("write");
+                log.push((n, offset, len, issued, t0.elapsed()));
                 writes.fetch_add(1, Ordering::Relaxed);
             }
+            log
         })
     };
 
     let reader = open_direct(&dev.path);
     let mut read_buf = AlignedBuf::new(1 << 20);
-    let mut copy = |tracker: &mut Tracker, shadow: &mut Vec<u8>| -> u64 {
-        let cut = tracker.cut().expect("cut");
-        assert!(cut.needs_verify.is_none(), "tracker lost events: {:?}", cut.needs_verify);
+    // Per cut: epoch, time before the cut, and the extents it reported.
+    let mut cut_log: Vec<(u64, Duration, Vec<(u64, u64)>)> = Vec::new();
+    let mut verifies = 0u64;
+    // With BLKMIRROR_TRACE_MARKERS set, cuts are marked in the ftrace buffer, to line them up
+    // with block_rq_complete events when investigating a failure.
+    let mut marker = std::env::var_os("BLKMIRROR_TRACE_MARKERS").and_then(|_| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/sys/kernel/tracing/trace_marker")
+            .ok()
+    });
+    let mut mark = move |text: String| {
+        if let Some(file) = marker.as_mut() {
+            use std::io::Write as _;
+            let _ = file.write_all(text.as_bytes());
+        }
+    };
+    let mut copy = |tracker: &mut Tracker,
+                    shadow: &mut Vec<u8>,
+                    cut_log: &mut Vec<(u64, Duration, Vec<(u64, u64)>)>|
+     -> u64 {
+        let before = t0.elapsed();
+        mark(format!("cut start epoch {}", tracker.epoch()));
+        let mut cut = tracker.cut().expect("cut");
+        mark(format!(
+            "cut done epoch {} extents {}",
+            cut.epoch,
+            cut.extents.len()
+        ));
+        if let Some(needs_verify) = &cut.needs_verify {
+            // The tracker may have missed something and says so: do what an agent does, a full
+            // verify (here: copy everything). The shadow must still end equal to the device.
+            eprintln!(
+                "{hooks:?}: epoch {}: needs verify: {}",
+                cut.epoch, needs_verify.reason
+            );
+            verifies += 1;
+            cut.extents = vec![blkmirror::extent::Extent {
+                offset: 0,
+                length: SIZE,
+                kind: ChangeKind::Write,
+            }];
+        }
         let mut copied = 0;
         for extent in &cut.extents {
             assert_eq!(extent.kind, ChangeKind::Write);
@@ -278,15 +442,22 @@ fn no_write_is_lost_across_thousands_of_cuts() {
             }
             copied += extent.length;
         }
+        cut_log.push((
+            cut.epoch,
+            before,
+            cut.extents.iter().map(|e| (e.offset, e.length)).collect(),
+        ));
+        mark(format!("release epoch {}", cut.epoch));
         tracker.release().expect("release");
+        mark(format!("released epoch {}", cut.epoch));
         copied
     };
 
     let started = Instant::now();
     let mut cuts = 0u64;
     let mut copied = 0u64;
-    while cuts < 3000 || started.elapsed() < Duration::from_secs(5) {
-        copied += copy(&mut tracker, &mut shadow);
+    while cuts < min_cuts || started.elapsed() < Duration::from_secs(3) {
+        copied += copy(&mut tracker, &mut shadow, &mut cut_log);
         cuts += 1;
         std::thread::sleep(Duration::from_millis(1));
         if started.elapsed() > Duration::from_secs(120) {
@@ -294,22 +465,63 @@ fn no_write_is_lost_across_thousands_of_cuts() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    writer.join().expect("writer");
-    copied += copy(&mut tracker, &mut shadow);
+    let write_log = writer.join().expect("writer");
+    copied += copy(&mut tracker, &mut shadow, &mut cut_log);
 
     let device = {
         let mut all = AlignedBuf::new(SIZE as usize);
-        reader.read_exact_at(all.as_mut_slice(), 0).expect("read device");
+        reader
+            .read_exact_at(all.as_mut_slice(), 0)
+            .expect("read device");
         all.as_slice().to_vec()
     };
     let total_writes = writes.load(Ordering::Relaxed);
-    eprintln!("{cuts} cuts, {total_writes} writes, {copied} bytes copied");
-    assert!(cuts >= 3000, "only {cuts} cuts");
+    let (classic_events, raw_events) = tracker.events_seen().expect("stats");
+    let misses = tracker.recursion_misses().expect("misses");
+    eprintln!(
+        "{hooks:?}: {cuts} cuts, {total_writes} writes, {copied} bytes copied, {verifies} full \
+         verifies; events seen: classic {classic_events}, raw {raw_events}; recursion misses \
+         (classic, raw) {misses:?}"
+    );
+    assert!(cuts >= min_cuts, "only {cuts} cuts");
+    // Kernel-side skips are rare; a tracker that asks for a verify every few cuts is broken.
+    assert!(
+        verifies * 20 <= cuts,
+        "{verifies} full verifies in {cuts} cuts"
+    );
     assert!(total_writes >= 1000, "only {total_writes} writes");
     if let Some(first) = (0..SIZE as usize).find(|&i| shadow[i] != device[i]) {
+        let first = first as u64;
+        let chunk = first / CHUNK_4K;
+        // Which writes touched this byte, and which cuts reported its chunk afterwards.
+        let touching: Vec<_> = write_log
+            .iter()
+            .filter(|w| w.1 <= first && first < w.1 + w.2)
+            .rev()
+            .take(3)
+            .collect();
+        let last_done = touching.first().map_or(Duration::ZERO, |w| w.4);
+        let reports: Vec<_> = cut_log
+            .iter()
+            .filter(|(_, at, extents)| {
+                *at + Duration::from_millis(50) >= last_done
+                    && extents.iter().any(|(o, l)| *o <= first && first < o + l)
+            })
+            .map(|(epoch, at, _)| (*epoch, *at))
+            .take(5)
+            .collect();
+        let cuts_after: Vec<_> = cut_log
+            .iter()
+            .filter(|(_, at, _)| *at + Duration::from_millis(20) >= last_done)
+            .take(3)
+            .map(|(epoch, at, _)| (*epoch, *at))
+            .collect();
         panic!(
-            "shadow differs from the device at byte {first} (chunk {}): a write was lost",
-            first as u64 / CHUNK_4K
+            "shadow differs from the device at byte {first} (chunk {chunk}): a write was lost. \
+             shadow byte {} device byte {}; last writes there (seq, offset, len, issued, done): \
+             {touching:?}; cuts reporting the chunk since: {reports:?}; first cuts after the \
+             last write: {cuts_after:?}",
+            shadow[first as usize], device[first as usize],
         );
     }
 }
@@ -323,17 +535,32 @@ fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);
 
     let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(lines[0]["event"], "needs_verify", "{lines:?}");
 
     // Written while no blkmirror process runs: the pinned program records it.
     write_direct(&dev.path, 5 * MIB, 4096, 9);
     let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("resumed pinned tracking"), "{stderr}");
-    assert!(lines.iter().all(|l| l.get("event").is_none()), "no gap expected: {lines:?}");
-    assert_eq!(extents_of(&lines, "write"), vec![(5 * MIB, CHUNK)], "{lines:?}");
+    assert!(
+        lines.iter().all(|l| l.get("event").is_none()),
+        "no gap expected: {lines:?}"
+    );
+    assert_eq!(
+        extents_of(&lines, "write"),
+        vec![(5 * MIB, CHUNK)],
+        "{lines:?}"
+    );
 
     // Pins removed (as by a reboot): the next start must report a new generation.
     let out = blkmirror_tests::blkmirror()
@@ -342,10 +569,18 @@ fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
         .args(blkmirror_tests::state_args(&pins, &state))
         .output()
         .expect("untrack");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     write_direct(&dev.path, 6 * MIB, 4096, 9);
     let (out, lines) = track_once(&pins, &state, &dev.path, 1, &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(lines[0]["event"], "needs_verify", "{lines:?}");
     assert!(
         lines[0]["reason"].as_str().unwrap_or("").contains("gone"),
@@ -354,9 +589,16 @@ fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
 
     // A different chunk size cannot continue the generation either.
     let (out, lines) = track_once(&pins, &state, &dev.path, 1, &["--chunk-size", "4KiB"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(
-        lines[0]["reason"].as_str().unwrap_or("").contains("chunk size changed"),
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lines[0]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("chunk size changed"),
         "{lines:?}"
     );
 }
@@ -385,7 +627,10 @@ fn interrupted_cut_is_reported_again_by_the_next_process() {
 }
 
 fn run_blkmirror(args: &[&str]) -> std::process::Output {
-    blkmirror_tests::blkmirror().args(args).output().expect("run blkmirror")
+    blkmirror_tests::blkmirror()
+        .args(args)
+        .output()
+        .expect("run blkmirror")
 }
 
 #[test]
@@ -412,29 +657,60 @@ fn bad_inputs_and_environments_get_one_clear_line_and_exit_code() {
 
     // Bad chunk size.
     let dev = LoopDevice::new(&scratch.path, 16 * MIB);
-    let out = run_blkmirror(&[&["track", dev.as_str(), "--chunk-size", "3KiB"], &state_args[..]].concat());
+    let out = run_blkmirror(
+        &[
+            &["track", dev.as_str(), "--chunk-size", "3KiB"],
+            &state_args[..],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("power of two"));
-    let out = run_blkmirror(&[&["track", dev.as_str(), "--chunk-size", "lots"], &state_args[..]].concat());
+    let out = run_blkmirror(
+        &[
+            &["track", dev.as_str(), "--chunk-size", "lots"],
+            &state_args[..],
+        ]
+        .concat(),
+    );
     assert_eq!(out.status.code(), Some(2));
 
     // Not root: drop privileges with setpriv.
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
         .arg(blkmirror_tests::blkmirror_bin())
         .args(["track", dev.as_str()])
         .args(&state_args)
         .output()
         .expect("setpriv");
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("must run as root"));
 
     // A second tracker on the same device is refused.
     let mut first = TrackProcess::start(&pins, &state, &dev.path, &["--interval", "100ms"]);
     let out = run_blkmirror(&[&["track", dev.as_str(), "--count", "1"], &state_args[..]].concat());
-    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("already being tracked"));
-    assert_eq!(first.wait(Duration::from_millis(1)), None, "the first tracker must keep running");
+    assert_eq!(
+        first.wait(Duration::from_millis(1)),
+        None,
+        "the first tracker must keep running"
+    );
 }
 
 #[test]
@@ -448,7 +724,11 @@ fn vanishing_device_stops_tracking_with_an_error() {
     dev.detach();
     let code = track.wait(Duration::from_secs(10));
     assert_eq!(code, Some(4), "stderr: {}", track.stderr_text());
-    assert!(track.stderr_text().contains("vanished"), "{}", track.stderr_text());
+    assert!(
+        track.stderr_text().contains("vanished"),
+        "{}",
+        track.stderr_text()
+    );
 }
 
 #[test]
@@ -458,7 +738,8 @@ fn xfs_metadata_and_data_writes_are_reported() {
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 512 * MIB);
     let mount = Mount::mkfs_and_mount(&dev.path, "xfs", &scratch.path);
-    let (mut tracker, _) = Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
+    let (mut tracker, _) =
+        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
     sh("sync", &[]);
     drain(&mut tracker);
     let path = mount.target.join("f");
@@ -471,5 +752,9 @@ fn xfs_metadata_and_data_writes_are_reported() {
         .filter(|e| e.kind == ChangeKind::Write)
         .map(|e| e.length)
         .sum();
-    assert!(written >= 3 * MIB, "only {written} bytes reported for a 3 MiB file: {:?}", cut.extents);
+    assert!(
+        written >= 3 * MIB,
+        "only {written} bytes reported for a 3 MiB file: {:?}",
+        cut.extents
+    );
 }
