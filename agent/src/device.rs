@@ -119,6 +119,29 @@ impl BlockDevice {
     }
 }
 
+/// Completed write-like requests of a whole disk (write I/Os + discard I/Os from its `stat`
+/// file), or `None` if the disk does not keep I/O statistics.
+pub fn completed_write_requests(disk_major: u32, disk_minor: u32) -> Option<u64> {
+    let dir = format!("/sys/dev/block/{disk_major}:{disk_minor}");
+    if fs::read_to_string(format!("{dir}/queue/iostats")).is_ok_and(|v| v.trim() == "0") {
+        return None;
+    }
+    let text = fs::read_to_string(format!("{dir}/stat")).ok()?;
+    parse_write_requests(&text)
+}
+
+/// Field 5 (write I/Os) plus field 12 (discard I/Os) of a block `stat` file.
+fn parse_write_requests(text: &str) -> Option<u64> {
+    let fields: Vec<u64> = text
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let writes = *fields.get(4)?;
+    let discards = fields.get(11).copied().unwrap_or(0);
+    Some(writes + discards)
+}
+
 /// Resolves `path` (a block device node) using sysfs.
 pub fn inspect(path: &Path) -> Result<BlockDevice, DeviceError> {
     let meta = fs::metadata(path).map_err(|_| DeviceError::NotFound(path.to_owned()))?;
@@ -213,6 +236,16 @@ mod tests {
         };
         assert_eq!(dev.kernel_dev(), 0x0070_0000);
         assert!(dev.is_partition());
+    }
+
+    #[test]
+    fn stat_file_parsing() {
+        let stat = "  100  2  800  10  37  1  296  20  0  30  40  5  0  64  1  9  2\n";
+        assert_eq!(parse_write_requests(stat), Some(42));
+        // Kernels before 4.18 have no discard fields.
+        assert_eq!(parse_write_requests("1 2 3 4 7 6 7 8 9 10 11"), Some(7));
+        assert_eq!(parse_write_requests("1 2 x"), None);
+        assert_eq!(parse_write_requests(""), None);
     }
 
     #[test]

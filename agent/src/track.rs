@@ -235,6 +235,8 @@ mod field {
     pub const RAW_MISSES_ACKED: usize = offset_of!(TrackState, raw_misses_acked) / 8;
     pub const HOOKS: usize = offset_of!(TrackState, hooks) / 8;
     pub const RECENT_MISSES: usize = offset_of!(TrackState, recent_misses) / 8;
+    pub const DISK_STAT_BASE: usize = offset_of!(TrackState, disk_stat_base) / 8;
+    pub const UNSEEN_ACKED: usize = offset_of!(TrackState, unseen_acked) / 8;
     pub const WORDS: usize = size_of::<TrackState>() / 8;
 }
 
@@ -259,6 +261,7 @@ struct Pending {
     misses: u64,
     raw_misses: u64,
     recent_misses: u64,
+    unseen: i64,
 }
 
 /// How the tracker came to be: adopted pins or a new generation.
@@ -511,6 +514,18 @@ impl Tracker {
             ));
         }
         hooks.extend(self.notes.iter().cloned());
+        if self.cross_checks_disk_stats() {
+            hooks.push(
+                "completeness cross-check: the hooks' request counts against the disk's own \
+                 I/O statistics"
+                    .to_owned(),
+            );
+        } else {
+            hooks.push(
+                "no completeness cross-check: the disk keeps no I/O statistics (queue/iostats)"
+                    .to_owned(),
+            );
+        }
         hooks
     }
 
@@ -534,6 +549,31 @@ impl Tracker {
             None => Ok(0),
         };
         Ok((read(&self.pins.prog)?, read(&self.pins.prog_raw)?))
+    }
+
+    /// Write-like requests of the whole disk seen by the attached hooks: the larger count of
+    /// the two (a request seen by either hook is recorded).
+    fn write_requests_seen(&self) -> Result<u64, TrackError> {
+        let sum = |index: u32| -> Result<u64, TrackError> {
+            Ok(self.pins.stats.get(&index, 0)?.iter().sum())
+        };
+        let hooks = self.hook_mask();
+        let classic = if hooks & HOOK_CLASSIC != 0 {
+            sum(blkmirror_common::STAT_CLASSIC_WRITE_REQS)?
+        } else {
+            0
+        };
+        let raw = if hooks & HOOK_RAW != 0 {
+            sum(blkmirror_common::STAT_RAW_WRITE_REQS)?
+        } else {
+            0
+        };
+        Ok(classic.max(raw))
+    }
+
+    /// Whether the disk keeps I/O statistics, so that unseen requests can be detected.
+    pub fn cross_checks_disk_stats(&self) -> bool {
+        self.pins.state.words()[field::DISK_STAT_BASE].load(Ordering::SeqCst) != NO_DISK_STATS
     }
 
     /// Bitmask of the attached hooks (`HOOK_CLASSIC`, `HOOK_RAW`).
@@ -567,6 +607,10 @@ impl Tracker {
         // A previous cut that was never released stays in its slot and is reported again
         // when that slot is cut next: safe, so simply forget it.
         self.pending = None;
+        // Read before the grace period: every request counted here had its tracepoint (and
+        // our programs, if the kernel ran them) before it was counted.
+        let disk_completed =
+            device::completed_write_requests(self.device.disk_major, self.device.disk_minor);
         let state = self.pins.state.words();
         let epoch = state[field::EPOCH].load(Ordering::SeqCst);
         state[field::EPOCH].store(epoch + 1, Ordering::SeqCst);
@@ -578,6 +622,8 @@ impl Tracker {
         }
         let state = self.pins.state.words();
         let overflow = state[field::OVERFLOW].load(Ordering::SeqCst);
+        // (The disk statistics were read before the grace period; the hooks' counters are
+        // read after it, in `write_requests_seen`.)
         let overflow_acked = state[field::OVERFLOW_ACKED].load(Ordering::SeqCst);
         let read_misses = |prog: &Option<ProgramFd>| match prog {
             Some(fd) => sys::prog_recursion_misses(fd.as_fd())
@@ -610,12 +656,31 @@ impl Tracker {
                 raw_misses.saturating_sub(raw_misses_acked)
             ));
         }
+        let unseen_acked = state[field::UNSEEN_ACKED].load(Ordering::SeqCst) as i64;
+        let unseen = match (
+            disk_completed,
+            state[field::DISK_STAT_BASE].load(Ordering::SeqCst),
+        ) {
+            (Some(now), base) if base != NO_DISK_STATS => {
+                let seen = self.write_requests_seen()?;
+                unseen_requests(now, base, seen)
+            }
+            _ => unseen_acked,
+        };
+        if unseen > unseen_acked {
+            reasons.push(format!(
+                "the disk completed {} write requests that no hook saw (the kernel did not run \
+                 the tracker for them)",
+                unseen - unseen_acked
+            ));
+        }
         self.pending = Some(Pending {
             epoch,
             overflow,
             misses,
             raw_misses,
             recent_misses,
+            unseen: unseen.max(unseen_acked),
         });
         let extents = bitmaps.extents();
         Ok(Cut {
@@ -656,6 +721,7 @@ impl Tracker {
         state[field::MISSES_ACKED].store(pending.misses, Ordering::SeqCst);
         state[field::RAW_MISSES_ACKED].store(pending.raw_misses, Ordering::SeqCst);
         state[field::RECENT_MISSES].store(pending.recent_misses, Ordering::SeqCst);
+        state[field::UNSEEN_ACKED].store(pending.unseen as u64, Ordering::SeqCst);
         state[field::RELEASED].store(pending.epoch, Ordering::SeqCst);
         Ok(())
     }
@@ -710,6 +776,18 @@ pub fn skipped_by_every_hook(hooks: u64, classic: u64, raw: u64, recent: u64) ->
         }
     };
     (lost, now)
+}
+
+/// [`TrackState::disk_stat_base`] when the disk keeps no I/O statistics.
+const NO_DISK_STATS: u64 = u64::MAX;
+
+/// Requests the disk completed beyond what the hooks saw: `(now - base) - seen`. Negative when
+/// requests are between their tracepoint and the statistics update (or completed in several
+/// parts); it grows only when the kernel did not run the hooks for a request.
+pub fn unseen_requests(disk_now: u64, disk_base: u64, seen: u64) -> i64 {
+    let completed = i128::from(disk_now) - i128::from(disk_base);
+    let unseen = completed - i128::from(seen);
+    i64::try_from(unseen).unwrap_or(if unseen > 0 { i64::MAX } else { i64::MIN })
 }
 
 fn hook_names(mask: u64) -> &'static str {
@@ -1077,6 +1155,13 @@ fn try_create_pins(
         attached |= HOOK_CLASSIC;
         words[field::HOOKS].store(attached, Ordering::SeqCst);
     }
+    // The baseline of the cross-check: after a grace period every request still to be counted
+    // by the disk will have run the attached hooks.
+    sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
+    let base = device::completed_write_requests(device.disk_major, device.disk_minor)
+        .unwrap_or(NO_DISK_STATS);
+    words[field::DISK_STAT_BASE].store(base, Ordering::SeqCst);
+    words[field::UNSEEN_ACKED].store(0, Ordering::SeqCst);
     Ok(())
 }
 
@@ -1201,6 +1286,17 @@ mod tests {
         // Nothing new: whatever the previous interval saw was reported then.
         assert_eq!(skipped_by_every_hook(both, 0, 0, 0b11), (false, 0));
         assert_eq!(skipped_by_every_hook(both, 0, 0, 0), (false, 0));
+    }
+
+    #[test]
+    fn unseen_requests_grow_only_with_requests_no_hook_saw() {
+        // 100 completed since the baseline, 100 seen: nothing unseen.
+        assert_eq!(unseen_requests(1100, 1000, 100), 0);
+        // Requests between their tracepoint and the statistics update: negative, harmless.
+        assert_eq!(unseen_requests(1090, 1000, 100), -10);
+        // Two requests the kernel never showed to the hooks.
+        assert_eq!(unseen_requests(1102, 1000, 100), 2);
+        assert_eq!(unseen_requests(0, u64::MAX - 1, 0), i64::MIN);
     }
 
     #[test]

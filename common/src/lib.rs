@@ -30,6 +30,13 @@
 //! and invocations the kernel skipped (BPF recursion protection, visible in the program's
 //! `recursion_misses`) are counted, and userspace then declares the device `needs_verify`.
 //!
+//! The kernel can also skip tracing programs *without* counting anything (seen on this
+//! project's CI kernel for completions run in soft-interrupt context on top of one particular
+//! task). So the programs also count every write-like request of the whole disk, and userspace
+//! compares that with the disk's own completed-request counters (`/sys/dev/block/M:m/stat`),
+//! which the block layer bumps *after* the tracepoint: more requests in the statistics than
+//! the programs saw means something was missed, and the device needs a verify.
+//!
 //! Everything here is `#[repr(C)]`, plain old data, and `no_std`, so the same definitions
 //! compile for `bpfel-unknown-none` and for userspace.
 #![no_std]
@@ -68,8 +75,13 @@ pub const HOOK_RAW: u64 = 2;
 pub const STAT_CLASSIC_EVENTS: u32 = 0;
 /// Index in the per-CPU `STATS` array: requests on the tracked range seen by the raw hook.
 pub const STAT_RAW_EVENTS: u32 = 1;
+/// Index in `STATS`: write-like requests (write, discard, write-zeroes, ...) on the whole disk
+/// seen by the classic hook, for the cross-check against the disk's own I/O statistics.
+pub const STAT_CLASSIC_WRITE_REQS: u32 = 2;
+/// Index in `STATS`: the same for the raw hook.
+pub const STAT_RAW_WRITE_REQS: u32 = 3;
 /// Entries in the `STATS` array.
-pub const STATS: usize = 2;
+pub const STATS: usize = 4;
 
 /// Flag in the `FLAGS` global: the device is zoned, so an `N` request may be a zone append
 /// (data), and is recorded as a write rather than as zeroes.
@@ -115,6 +127,12 @@ pub struct TrackState {
     /// Bit 0: the classic program missed events in the last interval; bit 1: the raw one did
     /// (userspace-owned; a completion skipped by both programs straddles at most two).
     pub recent_misses: u64,
+    /// The disk's completed write and discard requests (from its `stat` file) when the hooks
+    /// had been attached (userspace-owned).
+    pub disk_stat_base: u64,
+    /// Requests the disk completed that no hook saw, as already reported (userspace-owned,
+    /// an `i64` stored as `u64`).
+    pub unseen_acked: u64,
 }
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.

@@ -114,8 +114,7 @@ static BIG: PerCpuArray<BigList> = PerCpuArray::with_max_entries(SLOTS as u32, 0
 #[map]
 static BIG_RAW: PerCpuArray<BigList> = PerCpuArray::with_max_entries(SLOTS as u32, 0);
 
-/// Per-CPU statistics: requests on the tracked range seen by each hook
-/// (`STAT_CLASSIC_EVENTS`, `STAT_RAW_EVENTS`).
+/// Per-CPU statistics (`STAT_*` in `blkmirror-common`).
 #[map]
 static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(blkmirror_common::STATS as u32, 0);
 
@@ -186,6 +185,7 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), ()> {
         b'N' => KIND_WRITE,
         _ => return Ok(()),
     };
+    count_stat(blkmirror_common::STAT_CLASSIC_WRITE_REQS);
     record(
         sector,
         u64::from(nr_sector),
@@ -230,7 +230,11 @@ fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
     }
     let flags: u32 = read_kernel(rq, global(&OFF_RQ_CMD_FLAGS))?;
     let op = u64::from(flags & 0xff);
-    if op == global(&OP_READ) || op == global(&OP_FLUSH) || nr_bytes == 0 {
+    if op == global(&OP_READ) || op == global(&OP_FLUSH) {
+        return Ok(());
+    }
+    count_stat(blkmirror_common::STAT_RAW_WRITE_REQS);
+    if nr_bytes == 0 {
         return Ok(());
     }
     // A passthrough write could have written anywhere: we cannot say where.

@@ -758,3 +758,50 @@ fn xfs_metadata_and_data_writes_are_reported() {
         cut.extents
     );
 }
+
+/// The cross-check against the disk's own statistics: writes the hooks never saw (here because
+/// someone removed the link pins under a running tracker, which detaches the programs) must
+/// turn into needs_verify, not into silence.
+#[test]
+fn writes_no_hook_saw_are_detected_from_disk_statistics() {
+    require_root();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    let (mut tracker, _) =
+        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
+    assert!(
+        tracker.cross_checks_disk_stats(),
+        "loop devices keep I/O statistics"
+    );
+    drain(&mut tracker);
+    write_direct(&dev.path, MIB, 4096, 1);
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
+    assert!(cut.needs_verify.is_none(), "{:?}", cut.needs_verify);
+    assert_eq!(cut.extents.len(), 1);
+
+    for link in ["link", "link_raw"] {
+        std::fs::remove_file(tracker.pin_dir().join(link)).expect("remove link pin");
+    }
+    write_direct(&dev.path, 2 * MIB, 4096, 2);
+    write_direct(&dev.path, 3 * MIB, 4096, 3);
+    let cut = tracker.cut().expect("cut");
+    assert!(
+        cut.extents.is_empty(),
+        "the hooks are detached: {:?}",
+        cut.extents
+    );
+    let reason = cut
+        .needs_verify
+        .expect("unseen writes must be reported")
+        .reason;
+    assert!(
+        reason.contains("2 write requests that no hook saw"),
+        "{reason}"
+    );
+    tracker.release().expect("release");
+    // Reported once, not again at every cut.
+    let cut = tracker.cut().expect("cut");
+    assert!(cut.needs_verify.is_none(), "{:?}", cut.needs_verify);
+}
