@@ -162,11 +162,8 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
-    #[expect(
-        clippy::unnecessary_cast,
-        reason = "f_type is i64 or u32 depending on the arch"
-    )]
-    Ok(buf.f_type as i64)
+    // f_type is `long` on the 64-bit targets we build for (i64 on x86_64 and aarch64).
+    Ok(buf.f_type)
 }
 
 /// `mount -t FSTYPE SOURCE TARGET`.

@@ -246,7 +246,7 @@ pub fn chunk_count(nr_sectors: u64, chunk_shift: u64) -> u64 {
         return u64::from(nr_sectors > 0);
     }
     let chunk = 1u64 << chunk_shift;
-    nr_sectors / chunk + u64::from(nr_sectors % chunk != 0)
+    nr_sectors / chunk + u64::from(!nr_sectors.is_multiple_of(chunk))
 }
 
 /// Number of `u64` words in one kind bitmap of a range of `nr_sectors` sectors.

@@ -313,6 +313,35 @@ fn discard_and_write_zeroes_have_their_kinds(hooks: &str) {
     assert_eq!(writes, vec![(96 * MIB, CHUNK)], "{lines:?}");
 }
 
+/// One write of the no-lost-write test's writer.
+#[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "fields are read through Debug in the failure message"
+)]
+struct WriteRecord {
+    seq: u64,
+    offset: u64,
+    len: u64,
+    issued: Duration,
+    done: Duration,
+}
+
+/// One cut of the no-lost-write test.
+struct CutRecord {
+    epoch: u64,
+    /// When the cut started, since the test's start.
+    at: Duration,
+    /// Reported extents (offset, length).
+    extents: Vec<(u64, u64)>,
+}
+
+impl CutRecord {
+    fn covers(&self, byte: u64) -> bool {
+        self.extents.iter().any(|(o, l)| *o <= byte && byte < o + l)
+    }
+}
+
 /// The no-lost-write proof: a writer hammers random blocks while we cut every few milliseconds
 /// and copy each reported chunk into a shadow. At the end the shadow equals the device.
 #[test]
@@ -355,18 +384,14 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
             let file = open_direct(&path);
             let mut buf = AlignedBuf::new(64 * 1024);
             let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
-            let mut log: Vec<(u64, u64, u64, Duration, Duration)> = Vec::new();
+            let mut log: Vec<WriteRecord> = Vec::new();
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 rng ^= rng << 13;
                 rng ^= rng >> 7;
                 rng ^= rng << 17;
                 // Mostly 4 KiB writes; every 8th one 64 KiB (spanning 16 chunks).
-                let len = if rng % 8 == 0 && std::env::var_os("BLKMIRROR_ONLY_4K").is_none() {
-                    65_536
-                } else {
-                    4096
-                };
+                let len = if rng.is_multiple_of(8) { 65_536 } else { 4096 };
                 let offset = (rng >> 8) % ((SIZE - len) / 4096) * 4096;
                 n += 1;
                 for (i, byte) in buf.as_mut_slice()[..len as usize].iter_mut().enumerate() {
@@ -375,7 +400,13 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
                 let issued = t0.elapsed();
                 file.write_all_at(&buf.as_slice()[..len as usize], offset)
                     .expect("write");
-                log.push((n, offset, len, issued, t0.elapsed()));
+                log.push(WriteRecord {
+                    seq: n,
+                    offset,
+                    len,
+                    issued,
+                    done: t0.elapsed(),
+                });
                 writes.fetch_add(1, Ordering::Relaxed);
             }
             log
@@ -385,7 +416,7 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
     let reader = open_direct(&dev.path);
     let mut read_buf = AlignedBuf::new(1 << 20);
     // Per cut: epoch, time before the cut, and the extents it reported.
-    let mut cut_log: Vec<(u64, Duration, Vec<(u64, u64)>)> = Vec::new();
+    let mut cut_log: Vec<CutRecord> = Vec::new();
     let mut verifies = 0u64;
     // With BLKMIRROR_TRACE_MARKERS set, cuts are marked in the ftrace buffer, to line them up
     // with block_rq_complete events when investigating a failure.
@@ -401,57 +432,56 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
             let _ = file.write_all(text.as_bytes());
         }
     };
-    let mut copy = |tracker: &mut Tracker,
-                    shadow: &mut Vec<u8>,
-                    cut_log: &mut Vec<(u64, Duration, Vec<(u64, u64)>)>|
-     -> u64 {
-        let before = t0.elapsed();
-        mark(format!("cut start epoch {}", tracker.epoch()));
-        let mut cut = tracker.cut().expect("cut");
-        mark(format!(
-            "cut done epoch {} extents {}",
-            cut.epoch,
-            cut.extents.len()
-        ));
-        if let Some(needs_verify) = &cut.needs_verify {
-            // The tracker may have missed something and says so: do what an agent does, a full
-            // verify (here: copy everything). The shadow must still end equal to the device.
-            eprintln!(
-                "{hooks:?}: epoch {}: needs verify: {}",
-                cut.epoch, needs_verify.reason
-            );
-            verifies += 1;
-            cut.extents = vec![blkmirror::extent::Extent {
-                offset: 0,
-                length: SIZE,
-                kind: ChangeKind::Write,
-            }];
-        }
-        let mut copied = 0;
-        for extent in &cut.extents {
-            assert_eq!(extent.kind, ChangeKind::Write);
-            let mut done = 0;
-            while done < extent.length {
-                let len = (extent.length - done).min(1 << 20) as usize;
-                let at = extent.offset + done;
-                reader
-                    .read_exact_at(&mut read_buf.as_mut_slice()[..len], at)
-                    .expect("read");
-                shadow[at as usize..at as usize + len].copy_from_slice(&read_buf.as_slice()[..len]);
-                done += len as u64;
+    let mut copy =
+        |tracker: &mut Tracker, shadow: &mut Vec<u8>, cut_log: &mut Vec<CutRecord>| -> u64 {
+            let before = t0.elapsed();
+            mark(format!("cut start epoch {}", tracker.epoch()));
+            let mut cut = tracker.cut().expect("cut");
+            mark(format!(
+                "cut done epoch {} extents {}",
+                cut.epoch,
+                cut.extents.len()
+            ));
+            if let Some(needs_verify) = &cut.needs_verify {
+                // The tracker may have missed something and says so: do what an agent does, a full
+                // verify (here: copy everything). The shadow must still end equal to the device.
+                eprintln!(
+                    "{hooks:?}: epoch {}: needs verify: {}",
+                    cut.epoch, needs_verify.reason
+                );
+                verifies += 1;
+                cut.extents = vec![blkmirror::extent::Extent {
+                    offset: 0,
+                    length: SIZE,
+                    kind: ChangeKind::Write,
+                }];
             }
-            copied += extent.length;
-        }
-        cut_log.push((
-            cut.epoch,
-            before,
-            cut.extents.iter().map(|e| (e.offset, e.length)).collect(),
-        ));
-        mark(format!("release epoch {}", cut.epoch));
-        tracker.release().expect("release");
-        mark(format!("released epoch {}", cut.epoch));
-        copied
-    };
+            let mut copied = 0;
+            for extent in &cut.extents {
+                assert_eq!(extent.kind, ChangeKind::Write);
+                let mut done = 0;
+                while done < extent.length {
+                    let len = (extent.length - done).min(1 << 20) as usize;
+                    let at = extent.offset + done;
+                    reader
+                        .read_exact_at(&mut read_buf.as_mut_slice()[..len], at)
+                        .expect("read");
+                    shadow[at as usize..at as usize + len]
+                        .copy_from_slice(&read_buf.as_slice()[..len]);
+                    done += len as u64;
+                }
+                copied += extent.length;
+            }
+            cut_log.push(CutRecord {
+                epoch: cut.epoch,
+                at: before,
+                extents: cut.extents.iter().map(|e| (e.offset, e.length)).collect(),
+            });
+            mark(format!("release epoch {}", cut.epoch));
+            tracker.release().expect("release");
+            mark(format!("released epoch {}", cut.epoch));
+            copied
+        };
 
     let started = Instant::now();
     let mut cuts = 0u64;
@@ -496,30 +526,26 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
         // Which writes touched this byte, and which cuts reported its chunk afterwards.
         let touching: Vec<_> = write_log
             .iter()
-            .filter(|w| w.1 <= first && first < w.1 + w.2)
+            .filter(|w| w.offset <= first && first < w.offset + w.len)
             .rev()
             .take(3)
             .collect();
-        let last_done = touching.first().map_or(Duration::ZERO, |w| w.4);
+        let last_done = touching.first().map_or(Duration::ZERO, |w| w.done);
         let reports: Vec<_> = cut_log
             .iter()
-            .filter(|(_, at, extents)| {
-                *at + Duration::from_millis(50) >= last_done
-                    && extents.iter().any(|(o, l)| *o <= first && first < o + l)
-            })
-            .map(|(epoch, at, _)| (*epoch, *at))
+            .filter(|c| c.at + Duration::from_millis(50) >= last_done && c.covers(first))
+            .map(|c| (c.epoch, c.at))
             .take(5)
             .collect();
         let cuts_after: Vec<_> = cut_log
             .iter()
-            .filter(|(_, at, _)| *at + Duration::from_millis(20) >= last_done)
+            .filter(|c| c.at + Duration::from_millis(20) >= last_done)
             .take(3)
-            .map(|(epoch, at, _)| (*epoch, *at))
+            .map(|c| (c.epoch, c.at))
             .collect();
         panic!(
             "shadow differs from the device at byte {first} (chunk {chunk}): a write was lost. \
-             shadow byte {} device byte {}; last writes there (seq, offset, len, issued, done): \
-             {touching:?}; cuts reporting the chunk since: {reports:?}; first cuts after the \
+             shadow byte {} device byte {}; last writes there: {touching:?}; cuts reporting the chunk since: {reports:?}; first cuts after the \
              last write: {cuts_after:?}",
             shadow[first as usize], device[first as usize],
         );

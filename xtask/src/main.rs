@@ -111,6 +111,25 @@ fn test(no_cross: bool) -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The eBPF crate only builds for the BPF target (with build-std, as agent/build.rs does).
+    exec(
+        cargo()
+            .args([
+                "clippy",
+                "-p",
+                "blkmirror-ebpf",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--locked",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("RUSTC_BOOTSTRAP", "1"),
+    )?;
     // The kernel tests run the real binary; build it first.
     exec(cargo().args(["build", "--locked", "-p", "blkmirror"]))?;
     exec(cargo().args([
