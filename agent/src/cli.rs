@@ -74,8 +74,8 @@ pub struct TrackArgs {
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
-    /// Which kernel hooks record changes (diagnostics; `both` is the safe default).
-    #[arg(long, value_enum, default_value_t = HookChoice::Both)]
+    /// Which kernel hooks record changes.
+    #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
     pub hooks: HookChoice,
     #[command(flatten)]
     pub state: StateArgs,
@@ -135,7 +135,7 @@ fn options(chunk_bytes: u64, hooks: HookChoice, state: &StateArgs) -> TrackOptio
 
 fn run_untrack(args: &UntrackArgs) -> Result<(), TrackError> {
     track::prepare_environment()?;
-    let options = options(track::DEFAULT_CHUNK, HookChoice::Both, &args.state);
+    let options = options(track::DEFAULT_CHUNK, HookChoice::Auto, &args.state);
     if track::untrack(&args.device, &options)? {
         eprintln!(
             "blkmirror: {} is no longer tracked (pins removed)",

@@ -177,9 +177,12 @@ impl Default for TrackOptions {
 /// Which kernel hooks record changes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookChoice {
-    /// Both, where the kernel allows the raw one (the default: each covers the other's
-    /// skipped invocations).
+    /// The raw tracepoint where the kernel allows it (exact change kinds, cheapest), else the
+    /// classic one.
     #[default]
+    Auto,
+    /// Both, where the kernel allows the raw one: each covers the invocations the kernel skips
+    /// of the other (fewer verifies under heavy nesting), at about twice the per-request cost.
     Both,
     /// Only the classic tracepoint.
     Classic,
@@ -351,6 +354,8 @@ impl Tracker {
         // The hooks this run wants, as far as the kernel allows.
         let wanted = match (options.hooks, &request_layout) {
             (HookChoice::Classic, _) => HOOK_CLASSIC,
+            (HookChoice::Auto, Ok(_)) => HOOK_RAW,
+            (HookChoice::Auto, Err(_)) => HOOK_CLASSIC,
             (HookChoice::Both, Ok(_)) => HOOK_CLASSIC | HOOK_RAW,
             (HookChoice::Both, Err(_)) => HOOK_CLASSIC,
             (HookChoice::Raw, Ok(_)) => HOOK_RAW,
@@ -359,7 +364,7 @@ impl Tracker {
             }
         };
         let mut notes = Vec::new();
-        if let (HookChoice::Both, Err(why)) = (options.hooks, &request_layout) {
+        if let (HookChoice::Both | HookChoice::Auto, Err(why)) = (options.hooks, &request_layout) {
             notes.push(format!("not {HOOK_RAW_NAME}: {why}"));
         }
 
@@ -368,9 +373,13 @@ impl Tracker {
             Ok(pins) => {
                 let pinned = pins.state.words()[field::HOOKS].load(Ordering::SeqCst);
                 // Pins made by a run that could not attach the raw hook stay good enough for a
-                // default run; any other difference starts a new generation.
-                if pinned == wanted || (options.hooks == HookChoice::Both && pinned == HOOK_CLASSIC)
-                {
+                // run that does not insist on it; any other difference starts a new generation.
+                let acceptable = match options.hooks {
+                    HookChoice::Auto => pinned != 0,
+                    HookChoice::Both => pinned == wanted || pinned == HOOK_CLASSIC,
+                    HookChoice::Classic | HookChoice::Raw => pinned == wanted,
+                };
+                if acceptable {
                     Some(pins)
                 } else {
                     replaced = Some(format!(
@@ -403,9 +412,15 @@ impl Tracker {
                 } else {
                     None
                 };
-                create_pins(
-                    &pin_dir, &device, &geometry, &layout, raw_layout, wanted, &mut notes,
-                )?;
+                let spec = CreateSpec {
+                    device: &device,
+                    geometry: &geometry,
+                    layout: &layout,
+                    request_layout: raw_layout,
+                    wanted,
+                    classic_fallback: options.hooks == HookChoice::Auto,
+                };
+                create_pins(&pin_dir, &spec, &mut notes)?;
                 open_pins(&pin_dir, &device, &geometry).map_err(|state| TrackError::Pins {
                     what: "re-opening the pins just created at",
                     path: pin_dir.clone(),
@@ -950,19 +965,28 @@ fn check_geometry(
     Ok(())
 }
 
-/// Loads the tracker for `device`, pins it under `dir` and attaches the `wanted` hooks. When the
-/// raw hook cannot be attached next to the classic one, says why in `notes` (the classic hook
+/// What to create: the device, its geometry and layouts, and the hooks wanted.
+struct CreateSpec<'a> {
+    device: &'a BlockDevice,
+    geometry: &'a Geometry,
+    layout: &'a RqCompleteLayout,
+    /// The raw hook's layout; `None` when the raw hook is not wanted or not possible.
+    request_layout: Option<&'a RequestLayout>,
+    /// `HOOK_*` bits.
+    wanted: u64,
+    /// Attach the classic hook if the raw one cannot be attached.
+    classic_fallback: bool,
+}
+
+/// Loads the tracker, pins it under `dir` and attaches the wanted hooks. When the raw hook
+/// cannot be attached but the classic one can stand in, says why in `notes` (the classic hook
 /// alone still tracks completely).
 fn create_pins(
     dir: &Path,
-    device: &BlockDevice,
-    geometry: &Geometry,
-    layout: &RqCompleteLayout,
-    request_layout: Option<&RequestLayout>,
-    wanted: u64,
+    spec: &CreateSpec<'_>,
     notes: &mut Vec<String>,
 ) -> Result<(), TrackError> {
-    let result = try_create_pins(dir, device, geometry, layout, request_layout, wanted, notes);
+    let result = try_create_pins(dir, spec, notes);
     if result.is_err() {
         // Leave nothing half-made behind.
         let _ = remove_pins(dir);
@@ -981,13 +1005,17 @@ fn missing_in_object(what: &'static str, name: &str) -> TrackError {
 
 fn try_create_pins(
     dir: &Path,
-    device: &BlockDevice,
-    geometry: &Geometry,
-    layout: &RqCompleteLayout,
-    request_layout: Option<&RequestLayout>,
-    wanted: u64,
+    spec: &CreateSpec<'_>,
     notes: &mut Vec<String>,
 ) -> Result<(), TrackError> {
+    let &CreateSpec {
+        device,
+        geometry,
+        layout,
+        request_layout,
+        mut wanted,
+        classic_fallback,
+    } = spec;
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let wpk = geometry.words_per_kind();
     let total_words = wpk * (SLOTS * KINDS) as u64;
@@ -1117,8 +1145,9 @@ fn try_create_pins(
         };
         match result {
             Ok(()) => attached |= HOOK_RAW,
-            Err(why) if wanted & HOOK_CLASSIC != 0 => {
+            Err(why) if wanted & HOOK_CLASSIC != 0 || classic_fallback => {
                 notes.push(format!("not {HOOK_RAW_NAME}: {why}"));
+                wanted |= HOOK_CLASSIC;
             }
             Err(why) => return Err(TrackError::Env(EnvError::NoRawHook(why))),
         }
