@@ -16,7 +16,7 @@ use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use crate::demo::{Cleanup, release_binary, require_root, scratch_loop};
+use crate::demo::{Cleanup, release_binary, remove_pin_root, require_root, scratch_loop};
 
 #[derive(Subcommand)]
 pub enum Which {
@@ -119,6 +119,10 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
         std::process::id()
     ));
     let state = dir.join("state");
+    let remove_pins = pins.clone();
+    cleanup.push(format!("remove pins under {}", pins.display()), move || {
+        remove_pin_root(&remove_pins);
+    });
 
     // Interleaved: baseline, then each hook set, per round, so that drift hits all alike.
     let mut base = Vec::new();
@@ -132,7 +136,7 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
             let result = fio(&device, seconds);
             let _ = tracker.kill();
             let _ = tracker.wait();
-            untrack(&binary, &device, &pins, &state);
+            remove_pin_root(&pins);
             tracked[i].push(result?);
         }
     }
@@ -222,17 +226,6 @@ fn start_tracker(
         thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     bail!("blkmirror track did not attach within 5 s")
-}
-
-fn untrack(binary: &Path, device: &str, pins: &Path, state: &Path) {
-    let _ = Command::new(binary)
-        .args(["untrack", device])
-        .arg("--pin-root")
-        .arg(pins)
-        .arg("--state-dir")
-        .arg(state)
-        .stderr(Stdio::null())
-        .status();
-    let _ = fs::remove_dir(pins);
 }

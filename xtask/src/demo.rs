@@ -70,6 +70,21 @@ pub fn scratch_loop(cleanup: &mut Cleanup, dir: &Path, size: u64) -> Result<Stri
     Ok(device)
 }
 
+/// Removes a private pin root and everything pinned below it (which detaches the programs).
+pub fn remove_pin_root(root: &Path) {
+    if let Ok(dirs) = fs::read_dir(root) {
+        for dir in dirs.flatten() {
+            if let Ok(files) = fs::read_dir(dir.path()) {
+                for file in files.flatten() {
+                    let _ = fs::remove_file(file.path());
+                }
+            }
+            let _ = fs::remove_dir(dir.path());
+        }
+    }
+    let _ = fs::remove_dir(root);
+}
+
 pub fn release_binary() -> Result<PathBuf> {
     exec(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
@@ -124,20 +139,9 @@ pub fn run() -> Result<()> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting blkmirror track")?;
-    let untrack_bin = binary.clone();
-    let untrack_dev = device.clone();
-    let untrack_pins = pins.clone();
-    let untrack_state = state.clone();
+    let remove_pins = pins.clone();
     cleanup.push("remove the demo's pinned tracking state", move || {
-        let _ = Command::new(&untrack_bin)
-            .args(["untrack", &untrack_dev])
-            .arg("--pin-root")
-            .arg(&untrack_pins)
-            .arg("--state-dir")
-            .arg(&untrack_state)
-            .stderr(Stdio::null())
-            .status();
-        let _ = fs::remove_dir(&untrack_pins);
+        remove_pin_root(&remove_pins);
     });
     thread::sleep(Duration::from_millis(1500));
 
