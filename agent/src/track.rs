@@ -684,7 +684,7 @@ impl Tracker {
         };
         if unseen > unseen_acked {
             reasons.push(format!(
-                "the disk completed {} write requests that no hook saw (the kernel did not run \
+                "the disk completed {} write request(s) that no hook saw (the kernel did not run \
                  the tracker for them)",
                 unseen - unseen_acked
             ));
