@@ -132,7 +132,7 @@ fn test(no_cross: bool) -> Result<()> {
     )?;
     // The kernel tests run the real binary; build it first.
     exec(cargo().args(["build", "--locked", "-p", "blkmirror"]))?;
-    exec(cargo().args([
+    let (passed, failed) = exec_tests(cargo().args([
         "test",
         "--workspace",
         "--exclude",
@@ -162,5 +162,63 @@ fn test(no_cross: bool) -> Result<()> {
         ]))?;
     }
     eprintln!("xtask: all checks passed");
+    // One summary line for whoever reads only the end of the log (CI does).
+    println!("{passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up the `test result:` lines of all test
+/// binaries. Fails if cargo fails.
+fn exec_tests(cmd: &mut Command) -> Result<(u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    cmd.current_dir(root()).stdout(std::process::Stdio::piped());
+    eprintln!("xtask: $ {}", describe(cmd));
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run {}", describe(cmd)))?;
+    let stdout = child.stdout.take().context("test output")?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            passed += count_before(rest, " passed");
+            failed += count_before(rest, " failed");
+        }
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() {
+        println!("{passed} passed, {} failed", failed.max(1));
+        bail!("{} failed: {status}", describe(cmd));
+    }
+    Ok((passed, failed))
+}
+
+/// The number just before `label` in `text` ("ok. 24 passed; 0 failed; ..." → 24).
+fn count_before(text: &str, label: &str) -> u64 {
+    text.split(';')
+        .find_map(|part| {
+            part.trim()
+                .trim_start_matches("ok. ")
+                .trim_start_matches("FAILED. ")
+                .strip_suffix(label)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::count_before;
+
+    #[test]
+    fn counts_test_results() {
+        let line =
+            "ok. 24 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.17s";
+        assert_eq!(count_before(line, " passed"), 24);
+        assert_eq!(count_before(line, " failed"), 0);
+        let line = "FAILED. 18 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(count_before(line, " passed"), 18);
+        assert_eq!(count_before(line, " failed"), 1);
+    }
 }
