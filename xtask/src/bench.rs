@@ -88,6 +88,31 @@ fn fio(device: &str, seconds: u64) -> Result<FioResult> {
     })
 }
 
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Total `run_time_ns` of the programs pinned under `pins`, and the completions they ran for
+/// (the largest `run_cnt`: with both hooks each completion runs two programs), via bpftool.
+fn hook_run_time(pins: &Path) -> Result<(f64, f64)> {
+    let (mut ns, mut runs) = (0.0, 0.0);
+    for dir in fs::read_dir(pins)?.flatten() {
+        for prog in ["prog", "prog_raw"] {
+            let path = dir.path().join(prog);
+            if !path.exists() {
+                continue;
+            }
+            let out = Command::new("bpftool")
+                .args(["--json", "prog", "show", "pinned"])
+                .arg(&path)
+                .output()
+                .context("running bpftool")?;
+            let info: Value = serde_json::from_slice(&out.stdout).context("bpftool JSON")?;
+            ns += info["run_time_ns"].as_f64().unwrap_or(0.0);
+            runs = f64::max(runs, info["run_cnt"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok((ns, runs))
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -140,6 +165,28 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
             tracked[i].push(result?);
         }
     }
+    // A separate pass with the kernel's BPF run-time statistics on (they cost a little
+    // themselves, so they stay off while fio is timed): nanoseconds spent in the hooks per
+    // completion, a figure the machine's noise hardly moves.
+    let mut hook_cost = Vec::new();
+    let stats_before = fs::read_to_string(BPF_STATS).unwrap_or_else(|_| "0".into());
+    fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+    cleanup.push("restore kernel.bpf_stats_enabled", move || {
+        let _ = fs::write(BPF_STATS, stats_before.trim());
+    });
+    for hook in hooks {
+        eprintln!("bench: hook cost: --hooks {hook}");
+        let mut tracker = start_tracker(&binary, &device, &pins, &state, hook)?;
+        let result = fio(&device, seconds.min(5));
+        let cost = hook_run_time(&pins);
+        let _ = tracker.kill();
+        let _ = tracker.wait();
+        remove_pin_root(&pins);
+        result?;
+        hook_cost.push(cost?);
+    }
+    let _ = fs::write(BPF_STATS, "0");
+
     let summarize = |results: &[FioResult]| FioResult {
         iops: median(results.iter().map(|r| r.iops).collect()),
         p50_us: median(results.iter().map(|r| r.p50_us).collect()),
@@ -169,6 +216,18 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
             t.p99_us,
             t.iops / b.iops,
             t.p99_us / b.p99_us
+        );
+    }
+    println!();
+    println!(
+        "| hook set | ns in the hooks per completion | share of one CPU at the baseline IOPS |"
+    );
+    println!("|---|---:|---:|");
+    for (hook, (ns, runs)) in hooks.iter().zip(&hook_cost) {
+        let per = ns / runs.max(1.0);
+        println!(
+            "| `{hook}` | {per:.0} | {:.2}% |",
+            per * b.iops / 1e9 * 100.0
         );
     }
     println!();

@@ -14,6 +14,7 @@ const APT_PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "fio",
+    "bpftool",
     "e2fsprogs",
     "xfsprogs",
     "fdisk",
