@@ -1040,6 +1040,7 @@ fn try_create_pins(
         op_write_zeroes: 9,
         op_drv_out: 35,
     });
+    let disk_dev_adjacent = u64::from(raw.disk_first_minor == raw.disk_major + 4);
     let mut loader = EbpfLoader::new();
     for (name, value) in [
         ("TARGET_DEV", &target_dev),
@@ -1066,6 +1067,7 @@ fn try_create_pins(
         ("OP_SECURE_ERASE", &raw.op_secure_erase),
         ("OP_WRITE_ZEROES", &raw.op_write_zeroes),
         ("OP_DRV_OUT", &raw.op_drv_out),
+        ("DISK_DEV_ADJACENT", &disk_dev_adjacent),
     ] {
         loader.override_global(name, value, true);
     }

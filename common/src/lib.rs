@@ -64,7 +64,7 @@ pub const BIG_EXTENTS_PER_CPU: usize = 128;
 
 /// Magic in [`TrackState::magic`]: identifies a blkmirror state map and its layout version.
 /// Bump the low byte whenever the layout of any type here changes.
-pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0002; // "blkmir" + layout v2
+pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0003; // "blkmir" + layout v3
 
 /// Bit in [`TrackState::hooks`]: the classic `block/block_rq_complete` tracepoint is attached.
 pub const HOOK_CLASSIC: u64 = 1;
@@ -133,6 +133,10 @@ pub struct TrackState {
     /// Requests the disk completed that no hook saw, as already reported (userspace-owned,
     /// an `i64` stored as `u64`).
     pub unseen_acked: u64,
+    /// The tracked disk's `struct request_queue` address, learnt by the raw hook from the
+    /// first request it matched, so later requests of the disk skip the `q->disk` lookups
+    /// (kernel-owned; a cache: a request with another queue is still checked in full).
+    pub queue: u64,
 }
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.

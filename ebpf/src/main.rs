@@ -82,6 +82,9 @@ static OFF_Q_DISK: u64 = 0;
 static OFF_DISK_MAJOR: u64 = 0;
 #[unsafe(no_mangle)]
 static OFF_DISK_FIRST_MINOR: u64 = 0;
+/// 1 when `gendisk.first_minor` directly follows `gendisk.major`: one 8-byte read gets both.
+#[unsafe(no_mangle)]
+static DISK_DEV_ADJACENT: u64 = 0;
 #[unsafe(no_mangle)]
 static OP_READ: u64 = 0;
 #[unsafe(no_mangle)]
@@ -219,14 +222,15 @@ fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
     let error: u64 = ctx.arg(1);
     let nr_bytes: u64 = ctx.arg(2);
     let q: u64 = read_kernel(rq, global(&OFF_RQ_Q))?;
-    let disk: u64 = read_kernel(q, global(&OFF_Q_DISK))?;
-    if disk == 0 {
-        return Ok(());
-    }
-    let major: u32 = read_kernel(disk, global(&OFF_DISK_MAJOR))?;
-    let minor: u32 = read_kernel(disk, global(&OFF_DISK_FIRST_MINOR))?;
-    if (u64::from(major) << 20 | u64::from(minor)) != global(&TARGET_DEV) {
-        return Ok(());
+    let state = STATE.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: the single state element; `queue` is a plain cache written only here.
+    let known_queue = unsafe { core::ptr::read_volatile(&raw const (*state).queue) };
+    if q != known_queue {
+        if !is_target_disk(q)? {
+            return Ok(());
+        }
+        // SAFETY: as above; racing writers store the same value.
+        unsafe { core::ptr::write_volatile(&raw mut (*state).queue, q) };
     }
     let flags: u32 = read_kernel(rq, global(&OFF_RQ_CMD_FLAGS))?;
     let op = u64::from(flags & 0xff);
@@ -260,6 +264,24 @@ fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
         &BIG_RAW,
         blkmirror_common::STAT_RAW_EVENTS,
     )
+}
+
+/// Whether the request queue `q` belongs to the tracked whole disk (`q->disk` major:minor).
+#[inline(always)]
+fn is_target_disk(q: u64) -> Result<bool, ()> {
+    let disk: u64 = read_kernel(q, global(&OFF_Q_DISK))?;
+    if disk == 0 {
+        return Ok(false);
+    }
+    let (major, minor) = if global(&DISK_DEV_ADJACENT) != 0 {
+        let pair: u64 = read_kernel(disk, global(&OFF_DISK_MAJOR))?;
+        (pair & 0xffff_ffff, pair >> 32)
+    } else {
+        let major: u32 = read_kernel(disk, global(&OFF_DISK_MAJOR))?;
+        let minor: u32 = read_kernel(disk, global(&OFF_DISK_FIRST_MINOR))?;
+        (u64::from(major), u64::from(minor))
+    };
+    Ok((major << 20 | minor) == global(&TARGET_DEV))
 }
 
 /// Clips the request `[sector, sector + nr)` to the tracked range and records it into the

@@ -153,17 +153,37 @@ fn cli_reports_direct_writes_as_json() {
     assert_eq!(first["event"], "needs_verify", "first line: {first}");
 }
 
+/// A loop device with a fresh file system, mounted, tracked, and drained of the set-up's IO.
+/// Fields drop in order: tracker, then mount, then device.
+struct TrackedFs {
+    tracker: Tracker,
+    mount: Mount,
+    _dev: LoopDevice,
+}
+
+impl TrackedFs {
+    fn new(scratch: &Scratch, pins: &PinRoot, size: u64, fstype: &str) -> Self {
+        let dev = LoopDevice::new(&scratch.path, size);
+        let mount = Mount::mkfs_and_mount(&dev.path, fstype, &scratch.path);
+        let (mut tracker, _) =
+            Tracker::open(&dev.path, &options(pins, scratch, CHUNK)).expect("open");
+        sh("sync", &[]);
+        drain(&mut tracker);
+        Self {
+            tracker,
+            mount,
+            _dev: dev,
+        }
+    }
+}
+
 #[test]
 fn buffered_writes_and_ext4_file_extents_are_covered() {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
-    let dev = LoopDevice::new(&scratch.path, 256 * MIB);
-    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &scratch.path);
-    let (mut tracker, _) =
-        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
-    sh("sync", &[]);
-    drain(&mut tracker);
+    let mut fs = TrackedFs::new(&scratch, &pins, 256 * MIB, "ext4");
+    let (tracker, mount) = (&mut fs.tracker, &fs.mount);
 
     // A 5 MiB file written through the page cache, then fsync'd.
     let file_path = mount.target.join("data.bin");
@@ -773,12 +793,8 @@ fn xfs_metadata_and_data_writes_are_reported() {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
-    let dev = LoopDevice::new(&scratch.path, 512 * MIB);
-    let mount = Mount::mkfs_and_mount(&dev.path, "xfs", &scratch.path);
-    let (mut tracker, _) =
-        Tracker::open(&dev.path, &options(&pins, &scratch, CHUNK)).expect("open");
-    sh("sync", &[]);
-    drain(&mut tracker);
+    let mut fs = TrackedFs::new(&scratch, &pins, 512 * MIB, "xfs");
+    let (tracker, mount) = (&mut fs.tracker, &fs.mount);
     let path = mount.target.join("f");
     std::fs::write(&path, vec![7u8; 3 * MIB as usize]).expect("write");
     sh("sync", &[]);

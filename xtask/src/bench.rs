@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::Duration,
@@ -16,7 +16,9 @@ use anyhow::{Context as _, Result, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use crate::demo::{Cleanup, release_binary, remove_pin_root, require_root, scratch_loop};
+use crate::demo::{
+    Cleanup, release_binary, remove_pin_root, require_root, scratch_loop, scratch_space,
+};
 
 #[derive(Subcommand)]
 pub enum Which {
@@ -127,27 +129,33 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
     }
     let binary = release_binary()?;
     let mut cleanup = Cleanup::new();
-    let dir = std::env::temp_dir().join(format!("blkmirror-bench-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
-    let remove_dir = dir.clone();
-    cleanup.push(format!("remove {}", dir.display()), move || {
-        let _ = fs::remove_dir_all(&remove_dir);
-    });
+    let (dir, pins) = scratch_space(&mut cleanup, "bench")?;
     let device = scratch_loop(&mut cleanup, &dir, 1 << 30)?;
     // Direct IO on the backing file keeps the loop device out of the page cache, which makes
     // rounds comparable.
     let _ = Command::new("losetup")
         .args(["--direct-io=on", &device])
         .status();
-    let pins = PathBuf::from(format!(
-        "/sys/fs/bpf/blkmirror-bench-{}",
-        std::process::id()
-    ));
     let state = dir.join("state");
-    let remove_pins = pins.clone();
-    cleanup.push(format!("remove pins under {}", pins.display()), move || {
-        remove_pin_root(&remove_pins);
-    });
+    // Fill the device once: the first writes to a sparse backing file allocate its blocks and
+    // would make whichever side runs first look slow.
+    eprintln!("bench: filling the device once");
+    let fill = Command::new("fio")
+        .args([
+            "--name=fill",
+            &format!("--filename={device}"),
+            "--rw=write",
+            "--bs=1M",
+            "--direct=1",
+            "--ioengine=libaio",
+            "--iodepth=8",
+            "--size=100%",
+        ])
+        .output()
+        .context("running fio")?;
+    if !fill.status.success() {
+        bail!("fio fill failed: {}", String::from_utf8_lossy(&fill.stderr));
+    }
 
     // Interleaved: baseline, then each hook set, per round, so that drift hits all alike.
     let mut base = Vec::new();

@@ -48,6 +48,24 @@ pub fn require_root() -> Result<()> {
     Ok(())
 }
 
+/// A fresh scratch directory under the temp dir, and a private bpffs pin root, both removed
+/// by `cleanup` (removing the pins detaches whatever tracker used them).
+pub fn scratch_space(cleanup: &mut Cleanup, task: &str) -> Result<(PathBuf, PathBuf)> {
+    let id = std::process::id();
+    let dir = std::env::temp_dir().join(format!("blkmirror-{task}-{id}"));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let remove_dir = dir.clone();
+    cleanup.push(format!("remove {}", dir.display()), move || {
+        let _ = fs::remove_dir_all(&remove_dir);
+    });
+    let pins = PathBuf::from(format!("/sys/fs/bpf/blkmirror-{task}-{id}"));
+    let remove_pins = pins.clone();
+    cleanup.push(format!("remove pins under {}", pins.display()), move || {
+        remove_pin_root(&remove_pins);
+    });
+    Ok((dir, pins))
+}
+
 /// A sparse file attached as a loop device, detached by `cleanup`.
 pub fn scratch_loop(cleanup: &mut Cleanup, dir: &Path, size: u64) -> Result<String> {
     let image = dir.join("scratch.img");
@@ -102,13 +120,7 @@ pub fn run() -> Result<()> {
     require_root()?;
     let binary = release_binary()?;
     let mut cleanup = Cleanup::new();
-    let dir = std::env::temp_dir().join(format!("blkmirror-demo-{}", std::process::id()));
-    fs::create_dir_all(&dir)?;
-    let remove_dir = dir.clone();
-    cleanup.push(format!("remove {}", dir.display()), move || {
-        let _ = fs::remove_dir_all(&remove_dir);
-    });
-    let pins = PathBuf::from(format!("/sys/fs/bpf/blkmirror-demo-{}", std::process::id()));
+    let (dir, pins) = scratch_space(&mut cleanup, "demo")?;
     let state = dir.join("state");
 
     println!("== blkmirror demo: change tracking without a kernel module ==");
@@ -139,10 +151,6 @@ pub fn run() -> Result<()> {
         .stderr(Stdio::inherit())
         .spawn()
         .context("starting blkmirror track")?;
-    let remove_pins = pins.clone();
-    cleanup.push("remove the demo's pinned tracking state", move || {
-        remove_pin_root(&remove_pins);
-    });
     thread::sleep(Duration::from_millis(1500));
 
     println!("3. A live writer: a 4 MiB file, fsync'd ...");
