@@ -52,6 +52,17 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Discards (`zero == false`) or zeroes (`blkdiscard -z`) `len` bytes at `offset` of `device`.
+pub fn blkdiscard(device: &Path, zero: bool, offset: u64, len: u64) {
+    let (offset, len) = (offset.to_string(), len.to_string());
+    let device = device.to_str().expect("utf-8 path");
+    let mut args = vec!["-o", &offset, "-l", &len, device];
+    if zero {
+        args.insert(0, "-z");
+    }
+    sh("blkdiscard", &args);
+}
+
 /// A scratch directory, removed on drop.
 pub struct Scratch {
     /// Its path.

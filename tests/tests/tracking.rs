@@ -16,8 +16,8 @@ use blkmirror::{
     track::{HookChoice, TrackOptions, Tracker},
 };
 use blkmirror_tests::{
-    AlignedBuf, LoopDevice, Mount, PinRoot, Scratch, TrackProcess, extents_of, open_direct,
-    require_root, sh, track_once, write_direct,
+    AlignedBuf, LoopDevice, Mount, PinRoot, Scratch, TrackProcess, blkdiscard, extents_of,
+    open_direct, require_root, sh, track_once, write_direct,
 };
 
 const MIB: u64 = 1 << 20;
@@ -297,38 +297,10 @@ fn discard_and_write_zeroes_have_their_kinds(hooks: &str) {
         &dev.path,
         &["--interval", "100ms", "--hooks", hooks],
     );
-    sh(
-        "blkdiscard",
-        &[
-            "-o",
-            &(16 * MIB).to_string(),
-            "-l",
-            &(8 * MIB).to_string(),
-            dev.as_str(),
-        ],
-    );
-    sh(
-        "blkdiscard",
-        &[
-            "-z",
-            "-o",
-            &(64 * MIB).to_string(),
-            "-l",
-            &(2 * MIB).to_string(),
-            dev.as_str(),
-        ],
-    );
+    blkdiscard(&dev.path, false, 16 * MIB, 8 * MIB);
+    blkdiscard(&dev.path, true, 64 * MIB, 2 * MIB);
     // A discard that starts mid-chunk: its partial chunk must be a write (data kept there).
-    sh(
-        "blkdiscard",
-        &[
-            "-o",
-            &(96 * MIB + 4096).to_string(),
-            "-l",
-            &(MIB - 4096).to_string(),
-            dev.as_str(),
-        ],
-    );
+    blkdiscard(&dev.path, false, 96 * MIB + 4096, MIB - 4096);
     let lines = track.collect_until(Duration::from_secs(10), |lines| {
         !extents_of(lines, "zeroes").is_empty() && extents_of(lines, "discard").len() >= 2
     });
