@@ -21,6 +21,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
+    "qemu-user-static",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 here.
