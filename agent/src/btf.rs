@@ -353,6 +353,29 @@ pub(crate) mod tests {
         assert!(Btf::parse(&blob).is_err());
     }
 
+    proptest::proptest! {
+        /// Corrupted BTF (random bytes written over a valid blob) is rejected or parsed, never
+        /// a panic or an out-of-bounds read.
+        #[test]
+        fn corrupted_blobs_never_panic(
+            patches in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 1..20)
+        ) {
+            let mut blob = sample();
+            for (at, byte) in patches {
+                let len = blob.len();
+                blob[at % len] = byte;
+            }
+            if let Ok(btf) = Btf::parse(&blob) {
+                let _ = btf.member("request", "cmd_flags");
+                let _ = btf.enumerator("REQ_OP_WRITE");
+                for id in 0..10 {
+                    let _ = btf.size_of(id);
+                    let _ = btf.name_of(id);
+                }
+            }
+        }
+    }
+
     #[test]
     fn parses_every_truncation_without_panicking() {
         let blob = sample();

@@ -141,6 +141,8 @@ impl RqCompleteLayout {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     /// Verbatim from Linux 6.18 (this project's CI machine).
@@ -194,6 +196,38 @@ format:
     fn parses_6_1() {
         let layout = RqCompleteLayout::parse(FORMAT_6_1).unwrap();
         assert_eq!(layout.rwbs, 32);
+    }
+
+    proptest::proptest! {
+        /// Any text is parsed or rejected without a panic.
+        #[test]
+        fn arbitrary_format_text_never_panics(text in ".{0,400}") {
+            let _ = RqCompleteLayout::parse(&text);
+        }
+
+        /// Field lines in any order, with any offsets, parse to exactly those offsets.
+        #[test]
+        fn offsets_are_taken_from_the_text(
+            offsets in proptest::array::uniform5(0u64..4096),
+            order in Just([0usize, 1, 2, 3, 4]).prop_shuffle(),
+        ) {
+            let decls = [
+                ("dev_t dev", 4), ("sector_t sector", 8), ("unsigned int nr_sector", 4),
+                ("int error", 4), ("char rwbs[8]", 8),
+            ];
+            let mut text = String::from("name: block_rq_complete\nformat:\n");
+            for &i in &order {
+                text.push_str(&format!(
+                    "\tfield:{};\toffset:{};\tsize:{};\tsigned:0;\n",
+                    decls[i].0, offsets[i], decls[i].1
+                ));
+            }
+            let layout = RqCompleteLayout::parse(&text).unwrap();
+            prop_assert_eq!(
+                [layout.dev, layout.sector, layout.nr_sector, layout.error, layout.rwbs],
+                offsets
+            );
+        }
     }
 
     #[test]
