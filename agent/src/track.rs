@@ -547,13 +547,15 @@ impl Tracker {
     /// Requests on the tracked range seen so far by the classic and the raw hook (summed over
     /// CPUs, since the generation started).
     pub fn events_seen(&self) -> Result<(u64, u64), TrackError> {
-        let sum = |index: u32| -> Result<u64, TrackError> {
-            Ok(self.pins.stats.get(&index, 0)?.iter().sum())
-        };
         Ok((
-            sum(blkmirror_common::STAT_CLASSIC_EVENTS)?,
-            sum(blkmirror_common::STAT_RAW_EVENTS)?,
+            self.stat_sum(blkmirror_common::STAT_CLASSIC_EVENTS)?,
+            self.stat_sum(blkmirror_common::STAT_RAW_EVENTS)?,
         ))
+    }
+
+    /// One `STATS` counter summed over all CPUs.
+    fn stat_sum(&self, index: u32) -> Result<u64, TrackError> {
+        Ok(self.pins.stats.get(&index, 0)?.iter().sum())
     }
 
     /// The kernel's `recursion_misses` of the classic and the raw program (0 if not attached).
@@ -566,24 +568,12 @@ impl Tracker {
         Ok((read(&self.pins.prog)?, read(&self.pins.prog_raw)?))
     }
 
-    /// Write-like requests of the whole disk seen by the attached hooks: the larger count of
-    /// the two (a request seen by either hook is recorded).
+    /// Write-like requests of the whole disk seen by the hooks: the larger count of the two (a
+    /// request seen by either hook is recorded; a hook that is not attached counts nothing).
     fn write_requests_seen(&self) -> Result<u64, TrackError> {
-        let sum = |index: u32| -> Result<u64, TrackError> {
-            Ok(self.pins.stats.get(&index, 0)?.iter().sum())
-        };
-        let hooks = self.hook_mask();
-        let classic = if hooks & HOOK_CLASSIC != 0 {
-            sum(blkmirror_common::STAT_CLASSIC_WRITE_REQS)?
-        } else {
-            0
-        };
-        let raw = if hooks & HOOK_RAW != 0 {
-            sum(blkmirror_common::STAT_RAW_WRITE_REQS)?
-        } else {
-            0
-        };
-        Ok(classic.max(raw))
+        Ok(self
+            .stat_sum(blkmirror_common::STAT_CLASSIC_WRITE_REQS)?
+            .max(self.stat_sum(blkmirror_common::STAT_RAW_WRITE_REQS)?))
     }
 
     /// Whether the disk keeps I/O statistics, so that unseen requests can be detected.
@@ -640,13 +630,7 @@ impl Tracker {
         // (The disk statistics were read before the grace period; the hooks' counters are
         // read after it, in `write_requests_seen`.)
         let overflow_acked = state[field::OVERFLOW_ACKED].load(Ordering::SeqCst);
-        let read_misses = |prog: &Option<ProgramFd>| match prog {
-            Some(fd) => sys::prog_recursion_misses(fd.as_fd())
-                .map_err(io_err("reading the tracker's recursion_misses")),
-            None => Ok(0),
-        };
-        let misses = read_misses(&self.pins.prog)?;
-        let raw_misses = read_misses(&self.pins.prog_raw)?;
+        let (misses, raw_misses) = self.recursion_misses()?;
         let misses_acked = state[field::MISSES_ACKED].load(Ordering::SeqCst);
         let raw_misses_acked = state[field::RAW_MISSES_ACKED].load(Ordering::SeqCst);
         let (lost, recent_misses) = skipped_by_every_hook(
