@@ -54,27 +54,21 @@ struct FioResult {
 }
 
 fn fio(device: &str, seconds: u64) -> Result<FioResult> {
-    let out = Command::new("fio")
-        .args([
-            "--name=randwrite",
-            &format!("--filename={device}"),
-            "--rw=randwrite",
-            "--bs=4k",
-            "--direct=1",
-            "--iodepth=32",
-            "--ioengine=libaio",
-            "--numjobs=1",
-            "--time_based",
-            &format!("--runtime={seconds}"),
-            "--ramp_time=1",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
-        .output()
-        .context("running fio")?;
-    if !out.status.success() {
-        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    let out = run_fio(&[
+        "--name=randwrite",
+        &format!("--filename={device}"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--direct=1",
+        "--iodepth=32",
+        "--ioengine=libaio",
+        "--numjobs=1",
+        "--time_based",
+        &format!("--runtime={seconds}"),
+        "--ramp_time=1",
+        "--randrepeat=0",
+        "--output-format=json",
+    ])?;
     let json: Value = serde_json::from_slice(&out.stdout).context("parsing fio JSON")?;
     let write = &json["jobs"][0]["write"];
     let pct = |p: &str| {
@@ -115,6 +109,18 @@ fn hook_run_time(pins: &Path) -> Result<(f64, f64)> {
     Ok((ns, runs))
 }
 
+/// Runs fio with `args`; fails with its stderr if it fails.
+fn run_fio(args: &[&str]) -> Result<std::process::Output> {
+    let out = Command::new("fio")
+        .args(args)
+        .output()
+        .context("running fio")?;
+    if !out.status.success() {
+        bail!("fio failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(out)
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -140,22 +146,16 @@ fn tracking(seconds: u64, rounds: u32, hooks: &[String]) -> Result<()> {
     // Fill the device once: the first writes to a sparse backing file allocate its blocks and
     // would make whichever side runs first look slow.
     eprintln!("bench: filling the device once");
-    let fill = Command::new("fio")
-        .args([
-            "--name=fill",
-            &format!("--filename={device}"),
-            "--rw=write",
-            "--bs=1M",
-            "--direct=1",
-            "--ioengine=libaio",
-            "--iodepth=8",
-            "--size=100%",
-        ])
-        .output()
-        .context("running fio")?;
-    if !fill.status.success() {
-        bail!("fio fill failed: {}", String::from_utf8_lossy(&fill.stderr));
-    }
+    run_fio(&[
+        "--name=fill",
+        &format!("--filename={device}"),
+        "--rw=write",
+        "--bs=1M",
+        "--direct=1",
+        "--ioengine=libaio",
+        "--iodepth=8",
+        "--size=100%",
+    ])?;
 
     // Interleaved: baseline, then each hook set, per round, so that drift hits all alike.
     let mut base = Vec::new();
