@@ -22,9 +22,15 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
+    agent::{Agent, AgentConfig, AgentError, Compression, FreezeMode},
     extent::Extent,
+    freeze,
+    identity::{self, Fingerprint, Identity},
+    read::Engine,
+    receiver::{self, ReceiverConfig},
     track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
     units,
+    wire::RefusalCode,
 };
 
 /// blkmirror: block-level disaster-recovery mirror with eBPF change tracking.
@@ -44,6 +50,137 @@ pub enum Command {
     Track(TrackArgs),
     /// Stop tracking a device: remove its pinned kernel state.
     Untrack(UntrackArgs),
+    /// Create an identity (key and self-signed certificate) and print its fingerprint.
+    Keygen(KeygenArgs),
+    /// Replicate a block device to a receiver.
+    Agent(AgentArgs),
+    /// Accept replicas from admitted agents.
+    Receiver(ReceiverArgs),
+    /// (internal) Thaw a file system if the agent overruns its freeze or dies.
+    #[command(hide = true)]
+    ThawGuard(ThawGuardArgs),
+}
+
+/// `blkmirror keygen`.
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Directory for identity.key (mode 0600) and identity.crt.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Name in the certificate (informational: peers are admitted by fingerprint).
+    #[arg(long, default_value = "blkmirror")]
+    pub name: String,
+}
+
+/// `blkmirror agent`.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The block device to protect (whole disk or partition).
+    #[arg(long, value_name = "DEV")]
+    pub device: PathBuf,
+    /// The volume name at the receiver (1-64 of A-Z a-z 0-9 . _ -).
+    #[arg(long, value_name = "NAME")]
+    pub volume: String,
+    /// The receiver, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub receiver: String,
+    /// SHA-256 fingerprint of the receiver's certificate (printed by its `blkmirror keygen`).
+    #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
+    pub receiver_fingerprint: Fingerprint,
+    /// This agent's identity directory (from `blkmirror keygen`).
+    #[arg(long, value_name = "DIR")]
+    pub identity: PathBuf,
+    /// Time between cycles.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    pub interval: Duration,
+    /// Run exactly one cycle (with the initial sync if needed) and exit after the receiver
+    /// committed it.
+    #[arg(long)]
+    pub once: bool,
+    /// Bandwidth cap, bytes per second (e.g. 50MiB or 50MiB/s).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_rate: Option<u64>,
+    /// Chunk size: the granularity of tracking and transfer (power of two, 4KiB to 1MiB).
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = units::parse_size)]
+    pub chunk_size: u64,
+    /// Which kernel hooks record changes.
+    #[arg(long, value_enum, default_value_t = HookChoice::Auto)]
+    pub hooks: HookChoice,
+    /// Parallel QUIC data streams.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=32))]
+    pub streams: u16,
+    /// Device reads in flight.
+    #[arg(long, value_name = "N", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub queue_depth: u32,
+    /// Read engine.
+    #[arg(long, value_enum, default_value_t = Engine::Auto)]
+    pub reader: Engine,
+    /// Compression of data (zstd where it pays, or off).
+    #[arg(long, value_enum, default_value_t = Compression::Auto)]
+    pub compression: Compression,
+    /// Freeze the device's mounted file system for crash-consistent points.
+    #[arg(long, value_enum, default_value_t = FreezeMode::Auto)]
+    pub freeze: FreezeMode,
+    /// Longest time the file system may stay frozen.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_interval)]
+    pub freeze_budget: Duration,
+    /// QUIC flow-control window (about bandwidth x round-trip time).
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
+    pub window: u64,
+    /// Device bytes per committed step of an initial or verify sync.
+    #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = units::parse_size)]
+    pub sync_step: u64,
+    /// Print one JSON object per line (committed points, sync progress).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+/// `blkmirror receiver`.
+#[derive(Debug, clap::Args)]
+pub struct ReceiverArgs {
+    /// Address to listen on (UDP).
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
+    pub listen: std::net::SocketAddr,
+    /// Where volume images, metadata and journals live.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/blkmirror/receiver"
+    )]
+    pub data_dir: PathBuf,
+    /// The receiver's identity directory (from `blkmirror keygen`).
+    #[arg(long, value_name = "DIR")]
+    pub identity: PathBuf,
+    /// Admit an agent for volumes: FINGERPRINT=VOLUME[,VOLUME...]. Repeat for more agents.
+    #[arg(long = "allow", value_name = "FP=VOLUMES", required = true)]
+    pub allow: Vec<String>,
+    /// QUIC flow-control window.
+    #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
+    pub window: u64,
+}
+
+/// `blkmirror thaw-guard`.
+#[derive(Debug, clap::Args)]
+pub struct ThawGuardArgs {
+    /// The frozen mount point.
+    pub mount: PathBuf,
+    /// Thaw after this many milliseconds.
+    #[arg(long)]
+    pub after_ms: u64,
+}
+
+fn parse_fingerprint(text: &str) -> Result<Fingerprint, String> {
+    Fingerprint::parse(text).map_err(|error| error.to_string())
+}
+
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let rate = units::parse_size(text.strip_suffix("/s").unwrap_or(text))?;
+    if rate < 64 * 1024 {
+        return Err(format!("rate {text:?} is below the minimum of 64KiB/s"));
+    }
+    Ok(rate)
 }
 
 /// Options shared by commands that touch tracking state.
@@ -114,6 +251,18 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Track(args) => run_track(&args),
         Command::Untrack(args) => run_untrack(&args),
+        Command::Keygen(args) => return run_keygen(&args),
+        Command::Agent(args) => return run_agent(args),
+        Command::Receiver(args) => return run_receiver(args),
+        Command::ThawGuard(args) => {
+            return match freeze::run_guard(&args.mount, Duration::from_millis(args.after_ms)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("blkmirror thaw-guard: error: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -297,5 +446,165 @@ impl Printer {
         {
             std::process::exit(0);
         }
+    }
+}
+
+fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+    eprintln!("blkmirror: error: {error}");
+    ExitCode::from(code)
+}
+
+fn run_keygen(args: &KeygenArgs) -> ExitCode {
+    match identity::generate(&args.out, &args.name) {
+        Ok(fingerprint) => {
+            println!("{fingerprint}");
+            eprintln!(
+                "blkmirror: identity written to {} ({} is private, mode 0600); give the \
+                 fingerprint above to the other side",
+                args.out.display(),
+                identity::KEY_FILE
+            );
+            ExitCode::SUCCESS
+        }
+        Err(identity::IdentityError::Exists(dir)) => fail(
+            2,
+            format!(
+                "{} already holds an identity; refusing to overwrite it",
+                dir.display()
+            ),
+        ),
+        Err(error) => fail(1, error),
+    }
+}
+
+/// A runtime whose SIGTERM/SIGINT set the returned flag.
+fn runtime_with_signals()
+-> std::io::Result<(tokio::runtime::Runtime, tokio::sync::watch::Receiver<bool>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("blkmirror: stopping (signal)");
+        let _ = tx.send(true);
+    });
+    Ok((runtime, rx))
+}
+
+/// Exit code for an agent error.
+pub fn agent_exit_code(error: &AgentError) -> u8 {
+    match error {
+        AgentError::Track(error) => exit_code(error),
+        AgentError::DeviceMismatch { .. } => 4,
+        AgentError::Refused {
+            code: RefusalCode::NotGranted | RefusalCode::SourceMismatch | RefusalCode::Protocol,
+            ..
+        } => 6,
+        AgentError::Net(error) if error.is_handshake_refusal() => 6,
+        AgentError::Read(crate::read::ReadError::Open { .. }) => 4,
+        _ => 1,
+    }
+}
+
+fn run_agent(args: AgentArgs) -> ExitCode {
+    if let Err(error) = track::chunk_shift(args.chunk_size) {
+        return fail(2, error);
+    }
+    if let Err(error) = crate::wire::check_volume_name(&args.volume) {
+        return fail(2, error);
+    }
+    let identity = match Identity::load(&args.identity) {
+        Ok(identity) => identity,
+        Err(error) => return fail(2, error),
+    };
+    match track::prepare_environment() {
+        Ok(notes) => notes.iter().for_each(|note| eprintln!("blkmirror: {note}")),
+        Err(error) => return fail(exit_code(&error), error),
+    }
+    let (runtime, shutdown) = match runtime_with_signals() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(1, error),
+    };
+    let config = AgentConfig {
+        device: args.device,
+        volume: args.volume,
+        receiver: args.receiver,
+        receiver_fingerprint: args.receiver_fingerprint,
+        identity,
+        interval: args.interval,
+        once: args.once,
+        max_rate: args.max_rate,
+        track: options(args.chunk_size, args.hooks, &args.state),
+        streams: usize::from(args.streams),
+        queue_depth: args.queue_depth,
+        engine: args.reader,
+        compression: args.compression,
+        freeze: args.freeze,
+        freeze_budget: args.freeze_budget,
+        window: args.window,
+        sync_step: args.sync_step,
+        json: args.json,
+    };
+    let result = runtime.block_on(async move {
+        let mut agent = tokio::task::block_in_place(|| Agent::open(config, shutdown))?;
+        agent.run().await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(agent_exit_code(&error), error),
+    }
+}
+
+fn run_receiver(args: ReceiverArgs) -> ExitCode {
+    let identity = match Identity::load(&args.identity) {
+        Ok(identity) => identity,
+        Err(error) => return fail(2, error),
+    };
+    let grants = match receiver::parse_grants(&args.allow) {
+        Ok(grants) => grants,
+        Err(error) => return fail(2, error),
+    };
+    let (runtime, shutdown) = match runtime_with_signals() {
+        Ok(runtime) => runtime,
+        Err(error) => return fail(1, error),
+    };
+    let fingerprint = identity.fingerprint();
+    let config = ReceiverConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        identity,
+        grants,
+        window: args.window,
+    };
+    let result = runtime.block_on(async move {
+        let endpoint = receiver::bind(&config)?;
+        let addr = endpoint
+            .local_addr()
+            .map_err(|source| crate::net::NetError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        eprintln!(
+            "blkmirror receiver: listening on {addr} (fingerprint {fingerprint}), data in {}, \
+             {} agent(s) admitted",
+            config.data_dir.display(),
+            config.grants.len()
+        );
+        receiver::serve(endpoint, config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(1, error),
     }
 }

@@ -142,6 +142,55 @@ fn parse_write_requests(text: &str) -> Option<u64> {
     Some(writes + discards)
 }
 
+/// A name for the device that survives reboots and renumbering (`/dev/sdb` can become
+/// `/dev/sdc`): the replica records it, and an agent pointed at another device is refused.
+///
+/// In order of preference: a loop device's backing file (plus the partition's start), the
+/// `/dev/disk/by-id` link (WWN first), the partition UUID, the disk's serial. The last resort,
+/// the kernel name, is marked `unstable:`.
+pub fn stable_identity(device: &BlockDevice) -> String {
+    let disk_sys = PathBuf::from(format!(
+        "/sys/dev/block/{}:{}",
+        device.disk_major, device.disk_minor
+    ));
+    let part = |id: String| {
+        if device.is_partition() {
+            format!("{id}:part-at-sector-{}", device.start_sector)
+        } else {
+            id
+        }
+    };
+    if let Ok(backing) = fs::read_to_string(disk_sys.join("loop/backing_file")) {
+        return part(format!("loop:{}", backing.trim()));
+    }
+    let node = fs::canonicalize(&device.path).unwrap_or_else(|_| device.path.clone());
+    let links_to_node = |dir: &str| -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|entry| fs::canonicalize(entry.path()).is_ok_and(|target| target == node))
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort_by_key(|name| (!name.starts_with("wwn-"), name.clone()));
+        names
+    };
+    if let Some(name) = links_to_node("/dev/disk/by-id").into_iter().next() {
+        return format!("by-id:{name}");
+    }
+    if let Some(uuid) = links_to_node("/dev/disk/by-partuuid").into_iter().next() {
+        return format!("partuuid:{uuid}");
+    }
+    for file in ["wwid", "device/wwid", "device/serial", "serial"] {
+        if let Ok(serial) = fs::read_to_string(disk_sys.join(file))
+            && !serial.trim().is_empty()
+        {
+            return part(format!("serial:{}", serial.trim()));
+        }
+    }
+    format!("unstable:{}", device.name)
+}
+
 /// Resolves `path` (a block device node) using sysfs.
 pub fn inspect(path: &Path) -> Result<BlockDevice, DeviceError> {
     let meta = fs::metadata(path).map_err(|_| DeviceError::NotFound(path.to_owned()))?;

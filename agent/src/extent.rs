@@ -174,6 +174,14 @@ impl DirtyBitmaps {
         self.set_range(kind, span.full_first, span.full_end);
     }
 
+    /// Marks the chunks of an extent (as produced by [`Self::extents`]) with its kind.
+    pub fn add_extent(&mut self, extent: &Extent) {
+        let chunk_bytes = self.geometry.chunk_bytes();
+        let first = extent.offset / chunk_bytes;
+        let end = (extent.offset + extent.length).div_ceil(chunk_bytes);
+        self.set_range(extent.kind, first, end);
+    }
+
     /// Adds everything recorded in `other` (same geometry) to `self`.
     pub fn union(&mut self, other: &Self) {
         debug_assert_eq!(self.geometry, other.geometry);

@@ -25,12 +25,22 @@
 //! * [`sys`]: the only module with `unsafe` kernel interfaces (mmap, membarrier, bpf info).
 //! * [`cli`]: commands, output and exit codes.
 
+pub mod agent;
 pub mod btf;
 pub mod cli;
 pub mod device;
+pub mod durable;
 pub mod environment;
 pub mod extent;
+pub mod freeze;
+pub mod identity;
 pub mod layout;
+pub mod net;
+pub mod plan;
+pub mod read;
+pub mod receiver;
 pub mod sys;
 pub mod track;
 pub mod units;
+pub mod volume;
+pub mod wire;

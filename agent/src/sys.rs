@@ -197,3 +197,124 @@ fn path_to_cstring(path: &Path) -> io::Result<CString> {
     use std::os::unix::ffi::OsStrExt as _;
     CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)
 }
+
+/// Bytes available to unprivileged writers on the file system holding `path`.
+pub fn available_bytes(path: &Path) -> io::Result<u64> {
+    let c_path = path_to_cstring(path)?;
+    // SAFETY: statvfs is plain old data; all-zero is valid.
+    let mut buf: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is NUL-terminated and `buf` is a valid out-pointer.
+    let ret = unsafe { libc::statvfs(c_path.as_ptr(), &raw mut buf) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(buf.f_bavail.saturating_mul(buf.f_frsize))
+}
+
+/// Deallocates `length` bytes at `offset` of a regular file, which then read as zeros; the size
+/// is kept. Fails with `EOPNOTSUPP` on file systems without hole punching.
+pub fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    let (offset, length) = (
+        i64::try_from(offset).map_err(io::Error::other)?,
+        i64::try_from(length).map_err(io::Error::other)?,
+    );
+    // SAFETY: plain syscall on an owned, open descriptor; no pointers.
+    let ret = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            length,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+// From <linux/fs.h>: _IOWR('X', 119, int) and _IOWR('X', 120, int).
+const FIFREEZE: libc::c_ulong = 0xc004_5877;
+const FITHAW: libc::c_ulong = 0xc004_5878;
+
+/// Freezes the file system mounted at the directory `mount`: new writes block and the file
+/// system is made consistent on disk. Undo with [`thaw`].
+pub fn freeze(mount: &File) -> io::Result<()> {
+    // SAFETY: FIFREEZE takes an int argument that the kernel ignores; the fd is open.
+    let ret = unsafe { libc::ioctl(mount.as_raw_fd(), FIFREEZE as _, 0) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Thaws a file system frozen with [`freeze`]. `EINVAL` means it was not frozen.
+pub fn thaw(mount: &File) -> io::Result<()> {
+    // SAFETY: FITHAW takes an int argument that the kernel ignores; the fd is open.
+    let ret = unsafe { libc::ioctl(mount.as_raw_fd(), FITHAW as _, 0) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A heap buffer aligned for `O_DIRECT` IO.
+pub struct AlignedBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the buffer is exclusively owned heap memory.
+unsafe impl Send for AlignedBuf {}
+
+/// Alignment of [`AlignedBuf`]: enough for any logical block size.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (rounded up to the alignment).
+    pub fn new(len: usize) -> Self {
+        let len = len.max(1).div_ceil(DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN;
+        let layout = std::alloc::Layout::from_size_align(len, DIRECT_IO_ALIGN)
+            .expect("valid size and alignment");
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self { ptr, len }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the buffer is empty (never: at least one alignment unit).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Raw pointer for registering with io_uring or passing to the kernel.
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` is a live allocation of `len` initialized (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutably.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len, DIRECT_IO_ALIGN)
+            .expect("valid size and alignment");
+        // SAFETY: allocated in `new` with exactly this layout, and freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}

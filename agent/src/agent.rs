@@ -1,0 +1,1249 @@
+//! The agent: cuts epochs, reads what changed, ships it to the receiver, and records what the
+//! receiver committed.
+//!
+//! # A cycle
+//!
+//! 1. **Pre-copy pass.** Cut the tracker. Add the cut to the durable *in-flight set* (the
+//!    agent's state file), then release the kernel slot. Read the in-flight set and send it.
+//! 2. **Frozen pass** (when the device holds a mounted file system). Freeze it, cut, and if the
+//!    remainder fits the freeze budget, read it into memory, thaw, and send it. Otherwise thaw
+//!    at once, send the remainder as another pre-copy pass, and try again. The point is
+//!    crash-consistent because the final cut and its reads happened with the file system
+//!    frozen. Without a file system the point is marked `consistent: false` (fuzzy).
+//! 3. **Commit.** The receiver journals, syncs, applies, then acknowledges. Only then does the
+//!    agent record the cycle number as committed and empty the in-flight set.
+//!
+//! A crash anywhere re-sends at most the in-flight set of the one uncommitted cycle; a cycle
+//! the receiver committed but the agent did not record is recognised from the receiver's
+//! `Welcome` and not re-sent.
+//!
+//! # Syncs
+//!
+//! When the receiver has no complete replica, or the tracker cannot vouch for the history
+//! (`needs_verify`), the agent cuts once (everything after that cut is tracked) and then reads
+//! the whole device window by window. For an existing replica it asks for the receiver's chunk
+//! hashes first and sends only chunks that differ. Each group of windows is committed as an
+//! *incomplete* step, so an interrupted sync resumes where it stopped. A final incremental
+//! cycle then makes the replica a complete point.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    device,
+    extent::{ChangeKind, DirtyBitmaps, Extent},
+    freeze::{self, FreezeError, Frozen},
+    identity::{Fingerprint, Identity},
+    net::{self, NetError},
+    plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
+    read::{BlockReader, Engine, ReadError},
+    track::{TrackError, TrackOptions, Tracker},
+    units, wire,
+    wire::{
+        AgentMessage, Begin, ChunkHash, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
+        ReceiverMessage, RefusalCode, Welcome,
+    },
+};
+
+/// Version of the agent's state file.
+const STATE_FORMAT: u32 = 1;
+/// The most a frozen pass holds in memory.
+const MAX_FROZEN_BYTES: u64 = 256 << 20;
+/// Freeze attempts per cycle before the point is given up as fuzzy.
+const FREEZE_ATTEMPTS: u32 = 4;
+/// Read rate assumed before one is measured.
+const DEFAULT_READ_RATE: f64 = 100e6;
+
+/// Compression of data frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compression {
+    /// zstd where it pays (backs off on incompressible data).
+    Auto,
+    /// Never compress.
+    Off,
+}
+
+/// File-system freezing for consistent points.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FreezeMode {
+    /// Freeze the device's mounted file system, if there is one.
+    Auto,
+    /// Never freeze: every point is fuzzy (`consistent: false`).
+    Off,
+}
+
+/// Everything the agent needs.
+pub struct AgentConfig {
+    /// The device to protect.
+    pub device: PathBuf,
+    /// The volume name at the receiver.
+    pub volume: String,
+    /// `HOST:PORT` of the receiver.
+    pub receiver: String,
+    /// The receiver's certificate fingerprint.
+    pub receiver_fingerprint: Fingerprint,
+    /// Our identity.
+    pub identity: Identity,
+    /// Time between cycles.
+    pub interval: Duration,
+    /// Run one cycle (with the initial sync if needed), then exit.
+    pub once: bool,
+    /// Bandwidth cap in bytes per second.
+    pub max_rate: Option<u64>,
+    /// Tracking options (chunk size, pins, state directory, hooks).
+    pub track: TrackOptions,
+    /// Data streams per pass.
+    pub streams: usize,
+    /// Reads in flight.
+    pub queue_depth: u32,
+    /// Read engine.
+    pub engine: Engine,
+    /// Compression.
+    pub compression: Compression,
+    /// Freezing.
+    pub freeze: FreezeMode,
+    /// Longest freeze.
+    pub freeze_budget: Duration,
+    /// Flow-control window.
+    pub window: u64,
+    /// Device bytes covered by one committed step of a sync.
+    pub sync_step: u64,
+    /// Print JSON lines.
+    pub json: bool,
+}
+
+/// Agent errors. [`AgentError::retryable`] tells which ones a reconnect can fix.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Tracking.
+    #[error(transparent)]
+    Track(#[from] TrackError),
+    /// Reading the device.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The network.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The receiver refused.
+    #[error("the receiver refused: {message} ({code:?})")]
+    Refused {
+        /// Why.
+        code: RefusalCode,
+        /// The receiver's words.
+        message: String,
+    },
+    /// The receiver closed the connection with an error.
+    #[error("the receiver closed the connection: {0}")]
+    Closed(String),
+    /// The device is not the one the replica was made from.
+    #[error(
+        "{device} is {found}, but volume {volume} was replicated from {expected}; refusing to \
+         overwrite the replica with another device (use another volume name, or remove {state})"
+    )]
+    DeviceMismatch {
+        /// The device path.
+        device: PathBuf,
+        /// Its identity now.
+        found: String,
+        /// The identity in the state file.
+        expected: String,
+        /// The volume.
+        volume: String,
+        /// The state file.
+        state: PathBuf,
+    },
+    /// The state file.
+    #[error("agent state {path}: {message}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Freezing.
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    /// The receiver's answer made no sense.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Tracking lost history during a cycle: a verify sync is due.
+    #[error("tracking needs a verify: {0}")]
+    NeedsVerify(String),
+    /// A signal asked us to stop.
+    #[error("stopped by signal")]
+    Stopped,
+}
+
+impl AgentError {
+    /// Whether reconnecting and trying again can help.
+    pub fn retryable(&self) -> bool {
+        match self {
+            AgentError::Net(error) => !error.is_handshake_refusal(),
+            AgentError::Closed(_) => true,
+            AgentError::Refused { code, .. } => matches!(
+                code,
+                RefusalCode::DiskFull | RefusalCode::Storage | RefusalCode::Sequence
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// `STATE_DIR/agent-VOLUME.json`: what survives a restart of the agent.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentState {
+    format: u32,
+    volume: String,
+    source_id: String,
+    /// The last cycle the receiver committed, as far as we know.
+    committed_seq: u64,
+    /// The tracker history cannot be trusted: a full compare is due.
+    needs_full_sync: bool,
+    /// A sync started in this tracker generation and has not completed.
+    sync_generation: Option<u64>,
+    /// Cut but not yet committed: `[offset, length, kind]`.
+    inflight: Vec<[u64; 3]>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What replica hashes a pass compares against.
+enum Compare {
+    /// Send every chunk (zero chunks as zero ranges).
+    Nothing,
+    /// The replica is known to be all zeros: skip zero chunks.
+    ZeroReplica,
+    /// The replica's hashes from `first_chunk` on.
+    Hashes {
+        first_chunk: u64,
+        hashes: Vec<ChunkHash>,
+    },
+}
+
+/// Counts of one pass.
+#[derive(Debug, Default, Clone, Copy)]
+struct PassStats {
+    frames: u64,
+    read_bytes: u64,
+    data_bytes: u64,
+    wire_bytes: u64,
+    zero_bytes: u64,
+    same_bytes: u64,
+}
+
+impl PassStats {
+    fn add(&mut self, other: PassStats) {
+        self.frames += other.frames;
+        self.read_bytes += other.read_bytes;
+        self.data_bytes += other.data_bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.zero_bytes += other.zero_bytes;
+        self.same_bytes += other.same_bytes;
+    }
+}
+
+/// The control stream of one connection.
+struct Link {
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Link {
+    async fn request(&mut self, message: &AgentMessage) -> Result<ReceiverMessage, AgentError> {
+        net::write_frame(&mut self.send, message).await?;
+        self.reply().await
+    }
+
+    async fn reply(&mut self) -> Result<ReceiverMessage, AgentError> {
+        let reply = match net::read_frame::<ReceiverMessage>(&mut self.recv).await {
+            Ok(Some(reply)) => reply,
+            Ok(None) => return Err(self.closed_error()),
+            Err(NetError::Read(_)) => return Err(self.closed_error()),
+            Err(error) => return Err(error.into()),
+        };
+        match reply {
+            ReceiverMessage::Refused { code, message } => {
+                Err(AgentError::Refused { code, message })
+            }
+            other => Ok(other),
+        }
+    }
+
+    fn closed_error(&self) -> AgentError {
+        match self.connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
+                AgentError::Closed(String::from_utf8_lossy(&close.reason).into_owned())
+            }
+            Some(error) => AgentError::Net(NetError::Connection(error)),
+            None => AgentError::Closed("control stream ended".into()),
+        }
+    }
+}
+
+/// The agent.
+pub struct Agent {
+    config: AgentConfig,
+    tracker: Tracker,
+    reader: BlockReader,
+    state: AgentState,
+    state_path: PathBuf,
+    mount: Option<PathBuf>,
+    size: u64,
+    chunk: u64,
+    read_rate: f64,
+    compression: CompressionPolicy,
+    rate: Option<Arc<Mutex<RateLimit>>>,
+    started: Instant,
+    shutdown: watch::Receiver<bool>,
+}
+
+fn say(message: impl std::fmt::Display) {
+    eprintln!("blkmirror agent: {message}");
+}
+
+impl Agent {
+    /// Opens tracking, the reader and the state file. Prints what was chosen.
+    pub fn open(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<Self, AgentError> {
+        wire::check_volume_name(&config.volume).map_err(|error| AgentError::State {
+            path: config.track.state_dir.clone(),
+            message: error.to_string(),
+        })?;
+        let (tracker, open_verify) = Tracker::open(&config.device, &config.track)?;
+        let device = tracker.device().clone();
+        let source_id = device::stable_identity(&device);
+        let size = device.size_bytes();
+        let chunk = tracker.geometry().chunk_bytes();
+        let state_path = config
+            .track
+            .state_dir
+            .join(format!("agent-{}.json", config.volume));
+        let mut state = load_state(&state_path)?.unwrap_or_else(|| AgentState {
+            format: STATE_FORMAT,
+            volume: config.volume.clone(),
+            source_id: source_id.clone(),
+            needs_full_sync: true,
+            ..AgentState::default()
+        });
+        if state.source_id != source_id {
+            return Err(AgentError::DeviceMismatch {
+                device: config.device.clone(),
+                found: source_id,
+                expected: state.source_id,
+                volume: config.volume.clone(),
+                state: state_path,
+            });
+        }
+        if let Some(verify) = &open_verify {
+            say(format!(
+                "tracking history incomplete ({}); a verify sync follows",
+                verify.reason
+            ));
+            state.needs_full_sync = true;
+        }
+        store_state(&state_path, &state)?;
+        let piece = (chunk as usize).max(1 << 20);
+        let mut reader = BlockReader::open(
+            &config.device,
+            size,
+            config.queue_depth,
+            piece,
+            config.engine,
+        )?;
+        if let Some(note) = reader.take_note() {
+            say(note);
+        }
+        let mount = match config.freeze {
+            FreezeMode::Auto => freeze::mount_point(&device),
+            FreezeMode::Off => None,
+        };
+        say(format!(
+            "protecting {} ({}, {}) as volume {} on {}; hooks: {}; reads: {} x{}; points: {}",
+            config.device.display(),
+            source_id,
+            units::format_size(size),
+            config.volume,
+            config.receiver,
+            tracker.hooks().join(", "),
+            reader.engine(),
+            config.queue_depth,
+            match &mount {
+                Some(path) => format!("crash-consistent (freezes {})", path.display()),
+                None if config.freeze == FreezeMode::Off => {
+                    "fuzzy (freezing turned off)".to_owned()
+                }
+                None => "fuzzy (no mounted file system to freeze)".to_owned(),
+            }
+        ));
+        let started = Instant::now();
+        let rate = config
+            .max_rate
+            .map(|rate| Arc::new(Mutex::new(RateLimit::new(rate, Duration::ZERO))));
+        Ok(Self {
+            config,
+            tracker,
+            reader,
+            state,
+            state_path,
+            mount,
+            size,
+            chunk,
+            read_rate: DEFAULT_READ_RATE,
+            compression: CompressionPolicy::default(),
+            rate,
+            started,
+            shutdown,
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    fn persist(&self) -> Result<(), AgentError> {
+        store_state(&self.state_path, &self.state)
+    }
+
+    /// Runs until `--once` is done or a signal stops it. Reconnects on network trouble.
+    pub async fn run(&mut self) -> Result<(), AgentError> {
+        let (endpoint, client_config) = net::client_endpoint(
+            &self.config.identity,
+            &self.config.receiver_fingerprint,
+            self.config.window,
+        )?;
+        let mut attempt = 0;
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            let outcome = match self.connect(&endpoint, &client_config).await {
+                Ok(link) => {
+                    attempt = 0;
+                    self.session(link).await
+                }
+                Err(error) => Err(error),
+            };
+            match outcome {
+                Ok(()) => {
+                    endpoint.close(quinn::VarInt::from_u32(0), b"done");
+                    endpoint.wait_idle().await;
+                    return Ok(());
+                }
+                Err(AgentError::Stopped) => return Ok(()),
+                Err(error) if error.retryable() => {
+                    let delay = plan::reconnect_delay(attempt);
+                    attempt += 1;
+                    say(format!("{error}; retrying in {}s", delay.as_secs()));
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+        client_config: &quinn::ClientConfig,
+    ) -> Result<Link, AgentError> {
+        let receiver = &self.config.receiver;
+        let connect_error = |message: String| {
+            AgentError::Net(NetError::Connect {
+                addr: receiver.clone(),
+                message,
+            })
+        };
+        let addr = tokio::net::lookup_host(receiver)
+            .await
+            .map_err(|error| connect_error(error.to_string()))?
+            .next()
+            .ok_or_else(|| connect_error("no address".into()))?;
+        let connecting = endpoint
+            .connect_with(client_config.clone(), addr, "blkmirror")
+            .map_err(|error| connect_error(error.to_string()))?;
+        let connection = connecting.await.map_err(NetError::from)?;
+        let (send, recv) = connection.open_bi().await.map_err(NetError::from)?;
+        Ok(Link {
+            connection,
+            send,
+            recv,
+        })
+    }
+
+    async fn session(&mut self, mut link: Link) -> Result<(), AgentError> {
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: self.config.volume.clone(),
+            source_id: self.state.source_id.clone(),
+            size_bytes: self.size,
+            chunk_bytes: self.chunk,
+        };
+        let welcome = match link.request(&AgentMessage::Hello(hello)).await? {
+            ReceiverMessage::Welcome(welcome) => welcome,
+            other => {
+                return Err(AgentError::Protocol(format!(
+                    "expected Welcome, got {other:?}"
+                )));
+            }
+        };
+        if welcome.protocol != PROTOCOL_VERSION {
+            return Err(AgentError::Refused {
+                code: RefusalCode::Protocol,
+                message: format!("receiver speaks protocol {}", welcome.protocol),
+            });
+        }
+        self.reconcile(&welcome)?;
+        let mut new_replica = welcome.new_volume;
+        loop {
+            let sync_from = self.sync_needed(&welcome, new_replica);
+            if let Some(from) = sync_from {
+                let started = Instant::now();
+                match self.full_sync(&mut link, from, new_replica).await {
+                    Ok(()) => {}
+                    Err(AgentError::Stopped) => {
+                        link.connection
+                            .close(quinn::VarInt::from_u32(0), b"agent stopping");
+                        return Err(AgentError::Stopped);
+                    }
+                    Err(error) => return Err(error),
+                }
+                new_replica = false;
+                say(format!(
+                    "sync pass finished in {:.1}s; taking the first complete point",
+                    started.elapsed().as_secs_f64()
+                ));
+            }
+            match self.cycle(&mut link).await {
+                Ok(()) => {}
+                Err(AgentError::Stopped) => {
+                    link.connection
+                        .close(quinn::VarInt::from_u32(0), b"agent stopping");
+                    return Err(AgentError::Stopped);
+                }
+                Err(AgentError::NeedsVerify(reason)) => {
+                    say(format!(
+                        "tracking lost history ({reason}); starting a verify sync"
+                    ));
+                    continue;
+                }
+                Err(error) => return Err(error),
+            }
+            if self.config.once {
+                link.connection.close(quinn::VarInt::from_u32(0), b"done");
+                return Ok(());
+            }
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = shutdown.changed() => {
+                    link.connection.close(quinn::VarInt::from_u32(0), b"agent stopping");
+                    return Err(AgentError::Stopped);
+                }
+            }
+        }
+    }
+
+    /// Brings the state file in line with what the receiver has.
+    fn reconcile(&mut self, welcome: &Welcome) -> Result<(), AgentError> {
+        if welcome.new_volume && self.state.committed_seq > 0 {
+            say(format!(
+                "the receiver has a new, empty volume {} (we had committed cycle {}); a full \
+                 sync follows",
+                self.config.volume, self.state.committed_seq
+            ));
+            self.state.committed_seq = 0;
+            self.state.needs_full_sync = true;
+        } else if welcome.committed_seq > self.state.committed_seq {
+            // The receiver committed our last cycle, but we did not hear it: nothing to resend.
+            self.state.committed_seq = welcome.committed_seq;
+            self.state.inflight.clear();
+        } else if welcome.committed_seq < self.state.committed_seq {
+            say(format!(
+                "the receiver's volume is at cycle {}, behind our record of {}; verifying it",
+                welcome.committed_seq, self.state.committed_seq
+            ));
+            self.state.committed_seq = welcome.committed_seq;
+            self.state.needs_full_sync = true;
+        }
+        self.persist()
+    }
+
+    /// Where a sync has to start, if one is due.
+    fn sync_needed(&self, welcome: &Welcome, new_replica: bool) -> Option<u64> {
+        let resumable = welcome
+            .last_point
+            .as_ref()
+            .filter(|point| !point.complete)
+            .map(|point| point.synced_to);
+        if self.state.needs_full_sync || new_replica {
+            return Some(0);
+        }
+        if self.state.sync_generation.is_some() {
+            if self.state.sync_generation == Some(self.tracker.generation())
+                && welcome.committed_seq == self.state.committed_seq
+            {
+                return Some(resumable.unwrap_or(0));
+            }
+            return Some(0);
+        }
+        match &welcome.last_point {
+            None => Some(0),
+            Some(point) if !point.complete => Some(0),
+            Some(_) => None,
+        }
+    }
+
+    /// Cuts the tracker and moves the cut into the durable in-flight set. Returns the cut's
+    /// extents (and the epoch).
+    fn take_cut(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
+        let cut = self.tracker.cut()?;
+        if let Some(verify) = cut.needs_verify {
+            self.state.needs_full_sync = true;
+            self.persist()?;
+            self.tracker.release()?;
+            return Err(AgentError::NeedsVerify(verify.reason));
+        }
+        if !cut.extents.is_empty() {
+            let mut set = self.inflight_bitmaps();
+            set.union(&cut.bitmaps);
+            self.state.inflight = set
+                .extents()
+                .iter()
+                .map(|e| [e.offset, e.length, e.kind.index()])
+                .collect();
+            self.persist()?;
+        }
+        self.tracker.release()?;
+        Ok((cut.extents, cut.epoch))
+    }
+
+    fn inflight_bitmaps(&self) -> DirtyBitmaps {
+        let mut set = DirtyBitmaps::new(self.tracker.geometry());
+        for &[offset, length, kind] in &self.state.inflight {
+            set.add_extent(&Extent {
+                offset,
+                length,
+                kind: ChangeKind::from_index(kind),
+            });
+        }
+        set
+    }
+
+    async fn begin(&mut self, link: &mut Link, seq: u64, estimate: u64) -> Result<(), AgentError> {
+        let begin = AgentMessage::Begin(Begin {
+            seq,
+            bytes_estimate: estimate,
+        });
+        match link.request(&begin).await? {
+            ReceiverMessage::Ready { seq: ready } if ready == seq => Ok(()),
+            other => Err(AgentError::Protocol(format!(
+                "expected Ready, got {other:?}"
+            ))),
+        }
+    }
+
+    async fn flush(&mut self, link: &mut Link, frames: u64) -> Result<(), AgentError> {
+        match link.request(&AgentMessage::Flush { frames }).await? {
+            ReceiverMessage::Flushed { frames: got } if got == frames => Ok(()),
+            other => Err(AgentError::Protocol(format!(
+                "expected Flushed, got {other:?}"
+            ))),
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        link: &mut Link,
+        frames: u64,
+        point: PointInfo,
+    ) -> Result<(), AgentError> {
+        let seq = point.seq;
+        match link
+            .request(&AgentMessage::Commit { frames, point })
+            .await?
+        {
+            ReceiverMessage::Committed { seq: got } if got == seq => {}
+            other => {
+                return Err(AgentError::Protocol(format!(
+                    "expected Committed, got {other:?}"
+                )));
+            }
+        }
+        self.state.committed_seq = seq;
+        self.state.inflight.clear();
+        self.persist()
+    }
+
+    /// One incremental cycle: pre-copy, frozen final pass (if possible), commit.
+    async fn cycle(&mut self, link: &mut Link) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let seq = self.state.committed_seq + 1;
+        // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
+        let (_, mut epoch) = tokio::task::block_in_place(|| self.take_cut())?;
+        let first = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
+        self.begin(link, seq, first.bytes()).await?;
+        let mut totals = PassStats::default();
+        let pass_started = Instant::now();
+        let stats = self.send_pass(link, seq, &first, Compare::Nothing).await?;
+        if stats.read_bytes >= 1 << 20 {
+            self.read_rate = stats.read_bytes as f64 / pass_started.elapsed().as_secs_f64();
+        }
+        totals.add(stats);
+        self.flush(link, totals.frames).await?;
+        let mut consistent = false;
+        let mut freeze_ms = 0;
+        let mut cut_time = now_ms();
+        if let Some(mount) = self.mount.clone() {
+            for attempt in 1..=FREEZE_ATTEMPTS {
+                if self.stopping() {
+                    return Err(AgentError::Stopped);
+                }
+                let frozen = tokio::task::block_in_place(|| self.frozen_pass(&mount, seq))?;
+                cut_time = frozen.cut_time;
+                epoch = frozen.epoch;
+                match frozen.frames {
+                    Some(frames) => {
+                        let stats = self.send_frames(link, frames, frozen.stats).await?;
+                        totals.add(stats);
+                        consistent = !frozen.by_guard;
+                        freeze_ms = frozen.held.as_millis() as u64;
+                        if frozen.by_guard {
+                            say(
+                                "the freeze overran its budget and the guard thawed it; this \
+                                 point is not consistent",
+                            );
+                        }
+                        break;
+                    }
+                    None => {
+                        say(format!(
+                            "freeze attempt {attempt}: {} left to read does not fit the {}ms \
+                             budget; another pre-copy pass first",
+                            units::format_size(frozen.plan.read_bytes()),
+                            self.config.freeze_budget.as_millis()
+                        ));
+                        let stats = self
+                            .send_pass(link, seq, &frozen.plan, Compare::Nothing)
+                            .await?;
+                        totals.add(stats);
+                        self.flush(link, totals.frames).await?;
+                    }
+                }
+            }
+        }
+        let point = PointInfo {
+            seq,
+            generation: self.tracker.generation(),
+            epoch,
+            time_unix_ms: cut_time,
+            bytes: totals.data_bytes + totals.zero_bytes,
+            consistent,
+            freeze_ms,
+            complete: true,
+            synced_to: self.size,
+        };
+        self.commit(link, totals.frames, point.clone()).await?;
+        self.state.sync_generation = None;
+        self.persist()?;
+        self.report("cycle", &point, &totals, started.elapsed());
+        Ok(())
+    }
+
+    /// Freezes, cuts, and reads the remainder into memory if it fits the budget; thaws.
+    fn frozen_pass(&mut self, mount: &Path, seq: u64) -> Result<FrozenPass, AgentError> {
+        let budget = self.config.freeze_budget;
+        let frozen = Frozen::freeze(mount, budget)?;
+        let cut_time = now_ms();
+        let cut = self.take_cut();
+        let (extents, epoch) = match cut {
+            Ok(cut) => cut,
+            Err(error) => {
+                frozen.thaw()?;
+                return Err(error);
+            }
+        };
+        let plan = PassPlan::from_extents(&extents, self.size);
+        let fits = plan.read_bytes() <= MAX_FROZEN_BYTES
+            && plan::fits_freeze(
+                plan.read_bytes(),
+                self.read_rate,
+                budget.saturating_sub(frozen.elapsed()),
+            );
+        if !fits {
+            let thawed = frozen.thaw()?;
+            return Ok(FrozenPass {
+                plan,
+                frames: None,
+                stats: PassStats::default(),
+                held: thawed.held,
+                by_guard: thawed.by_guard,
+                cut_time,
+                epoch,
+            });
+        }
+        let mut frames = Vec::new();
+        let mut stats = PassStats::default();
+        let produced = self.produce(&plan, seq, &Compare::Nothing, &mut stats, &mut |frame| {
+            frames.push(frame);
+            Ok(())
+        });
+        let thawed = frozen.thaw()?;
+        produced?;
+        Ok(FrozenPass {
+            plan,
+            frames: Some(frames),
+            stats,
+            held: thawed.held,
+            by_guard: thawed.by_guard,
+            cut_time,
+            epoch,
+        })
+    }
+
+    /// A whole-device pass from `from`, committed in steps.
+    async fn full_sync(
+        &mut self,
+        link: &mut Link,
+        from: u64,
+        new_replica: bool,
+    ) -> Result<(), AgentError> {
+        if from == 0 || self.state.sync_generation.is_none() {
+            // Everything written after this cut is tracked; everything before it is read below.
+            tokio::task::block_in_place(|| -> Result<(), AgentError> {
+                let _ = self.tracker.cut()?;
+                self.state.sync_generation = Some(self.tracker.generation());
+                self.state.needs_full_sync = false;
+                self.state.inflight.clear();
+                self.persist()?;
+                self.tracker.release()?;
+                Ok(())
+            })?;
+        }
+        let from = if self.state.sync_generation.is_some() && from > 0 {
+            from
+        } else {
+            0
+        };
+        say(format!(
+            "{} sync of {} from offset {}: {}",
+            if new_replica { "initial" } else { "verify" },
+            units::format_size(self.size),
+            from,
+            if new_replica {
+                "sending every non-zero chunk"
+            } else {
+                "comparing chunk hashes, sending only chunks that differ"
+            }
+        ));
+        let window = self.chunk * u64::from(wire::MAX_HASHES_PER_REQUEST);
+        let step = self.config.sync_step.max(window) / window * window;
+        let mut progress = Progress {
+            total: self.size - from,
+            done: 0,
+            started: self.started.elapsed(),
+        };
+        let mut last_report = Instant::now();
+        let mut totals = PassStats::default();
+        for (step_start, step_end) in plan::sync_windows(from, self.size, step) {
+            let seq = self.state.committed_seq + 1;
+            let started = Instant::now();
+            self.begin(link, seq, step_end - step_start).await?;
+            let mut step_stats = PassStats::default();
+            for (start, end) in plan::sync_windows(step_start, step_end, window) {
+                if self.stopping() {
+                    return Err(AgentError::Stopped);
+                }
+                let compare = if new_replica {
+                    Compare::ZeroReplica
+                } else {
+                    let first_chunk = start / self.chunk;
+                    let count = (end - start).div_ceil(self.chunk) as u32;
+                    match link
+                        .request(&AgentMessage::HashRequest { first_chunk, count })
+                        .await?
+                    {
+                        ReceiverMessage::Hashes {
+                            first_chunk: got,
+                            hashes,
+                        } if got == first_chunk && hashes.len() == count as usize => {
+                            Compare::Hashes {
+                                first_chunk,
+                                hashes,
+                            }
+                        }
+                        other => {
+                            return Err(AgentError::Protocol(format!(
+                                "expected {count} hashes, got {other:?}"
+                            )));
+                        }
+                    }
+                };
+                let plan = PassPlan {
+                    read: vec![(start, end - start)],
+                    zero: Vec::new(),
+                };
+                let stats = self.send_pass(link, seq, &plan, compare).await?;
+                step_stats.add(stats);
+                progress.done += end - start;
+                if last_report.elapsed() >= Duration::from_secs(2) {
+                    last_report = Instant::now();
+                    self.report_progress(&progress, &totals, &step_stats);
+                }
+            }
+            let point = PointInfo {
+                seq,
+                generation: self.tracker.generation(),
+                epoch: self.tracker.epoch(),
+                time_unix_ms: now_ms(),
+                bytes: step_stats.data_bytes + step_stats.zero_bytes,
+                consistent: false,
+                freeze_ms: 0,
+                complete: false,
+                synced_to: step_end,
+            };
+            self.commit(link, step_stats.frames, point.clone()).await?;
+            totals.add(step_stats);
+            self.report("sync-step", &point, &step_stats, started.elapsed());
+        }
+        self.report_progress(&progress, &PassStats::default(), &totals);
+        Ok(())
+    }
+
+    fn report_progress(&self, progress: &Progress, before: &PassStats, current: &PassStats) {
+        let now = self.started.elapsed();
+        let sent = before.wire_bytes + current.wire_bytes;
+        let eta = progress
+            .eta(now)
+            .map_or("?".to_owned(), |eta| format!("{}s", eta.as_secs()));
+        let line = format!(
+            "sync: {} of {} ({:.0}%), {}/s, ETA {eta}, {} sent",
+            units::format_size(progress.done),
+            units::format_size(progress.total),
+            progress.done as f64 * 100.0 / progress.total.max(1) as f64,
+            units::format_size(progress.rate(now) as u64),
+            units::format_size(sent),
+        );
+        if self.config.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "progress",
+                    "volume": self.config.volume,
+                    "done_bytes": progress.done,
+                    "total_bytes": progress.total,
+                    "rate_bytes_per_s": progress.rate(now) as u64,
+                    "eta_s": progress.eta(now).map(|eta| eta.as_secs()),
+                    "sent_bytes": sent,
+                })
+            );
+        }
+        say(line);
+    }
+
+    fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
+        if self.config.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "committed",
+                    "kind": kind,
+                    "volume": self.config.volume,
+                    "seq": point.seq,
+                    "generation": point.generation,
+                    "epoch": point.epoch,
+                    "time_unix_ms": point.time_unix_ms,
+                    "bytes": point.bytes,
+                    "read_bytes": stats.read_bytes,
+                    "sent_bytes": stats.wire_bytes,
+                    "same_bytes": stats.same_bytes,
+                    "consistent": point.consistent,
+                    "freeze_ms": point.freeze_ms,
+                    "complete": point.complete,
+                    "synced_to": point.synced_to,
+                    "duration_ms": took.as_millis() as u64,
+                })
+            );
+        } else {
+            println!(
+                "committed {kind} {} of volume {}: {} changed, {} read, {} sent, {}, {:.2}s",
+                point.seq,
+                self.config.volume,
+                units::format_size(point.bytes),
+                units::format_size(stats.read_bytes),
+                units::format_size(stats.wire_bytes),
+                if !point.complete {
+                    format!("sync step (replica whole up to {})", point.synced_to)
+                } else if point.consistent {
+                    format!("crash-consistent (frozen {} ms)", point.freeze_ms)
+                } else {
+                    "fuzzy (not frozen)".to_owned()
+                },
+                took.as_secs_f64()
+            );
+        }
+    }
+
+    /// Reads `plan` and sends it on several data streams.
+    async fn send_pass(
+        &mut self,
+        link: &mut Link,
+        seq: u64,
+        plan: &PassPlan,
+        compare: Compare,
+    ) -> Result<PassStats, AgentError> {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let senders = self.spawn_senders(link, rx).await?;
+        let mut stats = PassStats::default();
+        let produced = tokio::task::block_in_place(|| {
+            self.produce(plan, seq, &compare, &mut stats, &mut |frame| {
+                tx.blocking_send(frame)
+                    .map_err(|_| ReadError::Sink("the data streams closed".into()))
+            })
+        });
+        drop(tx);
+        let sent = join_senders(senders).await;
+        produced?;
+        stats.wire_bytes = sent?;
+        Ok(stats)
+    }
+
+    /// Sends frames already in memory.
+    async fn send_frames(
+        &mut self,
+        link: &mut Link,
+        frames: Vec<Vec<u8>>,
+        mut stats: PassStats,
+    ) -> Result<PassStats, AgentError> {
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(64);
+        let senders = self.spawn_senders(link, rx).await?;
+        for frame in frames {
+            if tx.send(frame).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        stats.wire_bytes = join_senders(senders).await?;
+        Ok(stats)
+    }
+
+    async fn spawn_senders(
+        &self,
+        link: &Link,
+        rx: mpsc::Receiver<Vec<u8>>,
+    ) -> Result<Vec<tokio::task::JoinHandle<Result<u64, AgentError>>>, AgentError> {
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let mut senders = Vec::new();
+        for _ in 0..self.config.streams.max(1) {
+            let mut stream = link.connection.open_uni().await.map_err(NetError::from)?;
+            let rx = rx.clone();
+            let rate = self.rate.clone();
+            let started = self.started;
+            senders.push(tokio::spawn(async move {
+                let mut sent = 0u64;
+                loop {
+                    let frame = rx.lock().await.recv().await;
+                    let Some(frame) = frame else { break };
+                    if let Some(rate) = &rate {
+                        let wait = rate
+                            .lock()
+                            .expect("rate lock")
+                            .take(frame.len() as u64, started.elapsed());
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                    net::write_encoded(&mut stream, &frame).await?;
+                    sent += frame.len() as u64;
+                }
+                let _ = stream.finish();
+                Ok(sent)
+            }));
+        }
+        Ok(senders)
+    }
+
+    /// Reads the plan and turns it into encoded data frames (blocking).
+    fn produce(
+        &mut self,
+        plan: &PassPlan,
+        seq: u64,
+        compare: &Compare,
+        stats: &mut PassStats,
+        sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
+    ) -> Result<(), ReadError> {
+        for &(offset, length) in &plan.zero {
+            sink(wire::encode(&DataFrame::Zero {
+                seq,
+                offset,
+                length,
+            }))?;
+            stats.frames += 1;
+            stats.zero_bytes += length;
+        }
+        let chunk = self.chunk;
+        let compress = self.config.compression == Compression::Auto;
+        let policy = &mut self.compression;
+        let zero_hash = wire::chunk_hash(&vec![0u8; chunk as usize]);
+        let mut on_piece = |offset: u64, data: &[u8]| -> Result<(), ReadError> {
+            stats.read_bytes += data.len() as u64;
+            let mut zero_run: Option<(u64, u64)> = None;
+            for (index, bytes) in data.chunks(chunk as usize).enumerate() {
+                let at = offset + index as u64 * chunk;
+                let len = bytes.len() as u64;
+                let zero = wire::is_zero(bytes);
+                let same = match compare {
+                    Compare::Nothing => false,
+                    Compare::ZeroReplica => zero,
+                    Compare::Hashes {
+                        first_chunk,
+                        hashes,
+                    } => {
+                        let replica = hashes.get((at / chunk - first_chunk) as usize);
+                        let mine = if zero && len == chunk {
+                            zero_hash
+                        } else {
+                            wire::chunk_hash(bytes)
+                        };
+                        replica == Some(&mine)
+                    }
+                };
+                if same {
+                    stats.same_bytes += len;
+                }
+                if (same || !zero)
+                    && let Some((start, run)) = zero_run.take()
+                {
+                    sink(wire::encode(&DataFrame::Zero {
+                        seq,
+                        offset: start,
+                        length: run,
+                    }))?;
+                    stats.frames += 1;
+                    stats.zero_bytes += run;
+                }
+                if same {
+                    continue;
+                }
+                if zero {
+                    zero_run = Some(match zero_run {
+                        Some((start, run)) => (start, run + len),
+                        None => (at, len),
+                    });
+                    continue;
+                }
+                let (codec, payload) = if compress && policy.should_try() {
+                    match zstd::bulk::compress(bytes, 1) {
+                        Ok(packed) if policy.record(bytes.len(), packed.len()) => {
+                            (Codec::Zstd, packed)
+                        }
+                        _ => (Codec::Raw, bytes.to_vec()),
+                    }
+                } else {
+                    (Codec::Raw, bytes.to_vec())
+                };
+                sink(wire::encode(&DataFrame::Write {
+                    seq,
+                    offset: at,
+                    codec,
+                    raw_len: len as u32,
+                    data: payload,
+                }))?;
+                stats.frames += 1;
+                stats.data_bytes += len;
+            }
+            if let Some((start, run)) = zero_run {
+                sink(wire::encode(&DataFrame::Zero {
+                    seq,
+                    offset: start,
+                    length: run,
+                }))?;
+                stats.frames += 1;
+                stats.zero_bytes += run;
+            }
+            Ok(())
+        };
+        self.reader.read(&plan.read, &mut on_piece)?;
+        Ok(())
+    }
+}
+
+struct FrozenPass {
+    plan: PassPlan,
+    frames: Option<Vec<Vec<u8>>>,
+    stats: PassStats,
+    held: Duration,
+    by_guard: bool,
+    cut_time: u64,
+    epoch: u64,
+}
+
+async fn join_senders(
+    senders: Vec<tokio::task::JoinHandle<Result<u64, AgentError>>>,
+) -> Result<u64, AgentError> {
+    let mut total = 0;
+    let mut failure = None;
+    for sender in senders {
+        match sender.await {
+            Ok(Ok(sent)) => total += sent,
+            Ok(Err(error)) => failure = failure.or(Some(error)),
+            Err(error) => failure = failure.or(Some(AgentError::Protocol(error.to_string()))),
+        }
+    }
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(total),
+    }
+}
+
+fn load_state(path: &Path) -> Result<Option<AgentState>, AgentError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(AgentError::State {
+                path: path.to_owned(),
+                message: error.to_string(),
+            });
+        }
+    };
+    let state: AgentState = serde_json::from_str(&text).map_err(|error| AgentError::State {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })?;
+    if state.format != STATE_FORMAT {
+        return Err(AgentError::State {
+            path: path.to_owned(),
+            message: format!("format {} (this build reads {STATE_FORMAT})", state.format),
+        });
+    }
+    Ok(Some(state))
+}
+
+fn store_state(path: &Path, state: &AgentState) -> Result<(), AgentError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|error| AgentError::State {
+            path: dir.to_owned(),
+            message: error.to_string(),
+        })?;
+    }
+    let text = serde_json::to_vec(state).expect("state serializes");
+    crate::durable::write_atomic(path, &text).map_err(|error| AgentError::State {
+        path: path.to_owned(),
+        message: error.to_string(),
+    })
+}

@@ -1,0 +1,285 @@
+//! Pure planning for the agent: what to read, what to send, how fast, and when to freeze. Time
+//! is always an argument; nothing here does IO.
+
+use std::time::Duration;
+
+use crate::extent::{ChangeKind, Extent};
+
+/// The work of one pass over a dirty set.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassPlan {
+    /// Ranges whose content must be read and sent (writes, and discards, whose content after
+    /// the discard is device-specific: they are read, and sent as zeros only if they read as
+    /// zeros).
+    pub read: Vec<(u64, u64)>,
+    /// Ranges the device guarantees to read as zeros (write-zeroes): sent without reading.
+    pub zero: Vec<(u64, u64)>,
+}
+
+impl PassPlan {
+    /// Plans a pass over `extents` of a device of `size` bytes.
+    pub fn from_extents(extents: &[Extent], size: u64) -> Self {
+        let mut plan = Self::default();
+        for extent in extents {
+            if extent.offset >= size {
+                continue;
+            }
+            let range = (extent.offset, extent.length.min(size - extent.offset));
+            match extent.kind {
+                ChangeKind::Write | ChangeKind::Discard => plan.read.push(range),
+                ChangeKind::Zeroes => plan.zero.push(range),
+            }
+        }
+        plan
+    }
+
+    /// Bytes this pass reads.
+    pub fn read_bytes(&self) -> u64 {
+        self.read.iter().map(|r| r.1).sum()
+    }
+
+    /// Bytes this pass covers.
+    pub fn bytes(&self) -> u64 {
+        self.read_bytes() + self.zero.iter().map(|r| r.1).sum::<u64>()
+    }
+}
+
+/// A token bucket that caps the send rate. One second of burst.
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    bytes_per_second: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_second`, starting at time `now` with a full bucket.
+    pub fn new(bytes_per_second: u64, now: Duration) -> Self {
+        Self {
+            bytes_per_second: bytes_per_second as f64,
+            tokens: bytes_per_second as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `bytes` at time `now`; returns how long to wait before sending them.
+    pub fn take(&mut self, bytes: u64, now: Duration) -> Duration {
+        let elapsed = now.saturating_sub(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens =
+            (self.tokens + elapsed * self.bytes_per_second).min(self.bytes_per_second.max(1.0));
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.bytes_per_second)
+        }
+    }
+}
+
+/// Progress of a long pass: bytes done of a total, rate and ETA.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Bytes to cover.
+    pub total: u64,
+    /// Bytes covered.
+    pub done: u64,
+    /// When the pass started.
+    pub started: Duration,
+}
+
+impl Progress {
+    /// Bytes per second so far at time `now`.
+    pub fn rate(&self, now: Duration) -> f64 {
+        let secs = now.saturating_sub(self.started).as_secs_f64();
+        if secs <= 0.0 {
+            0.0
+        } else {
+            self.done as f64 / secs
+        }
+    }
+
+    /// Estimated time to completion at time `now`.
+    pub fn eta(&self, now: Duration) -> Option<Duration> {
+        let rate = self.rate(now);
+        (rate > 0.0)
+            .then(|| Duration::from_secs_f64(self.total.saturating_sub(self.done) as f64 / rate))
+    }
+}
+
+/// Whether compressing is worth it, learned from recent chunks. Compression is tried on every
+/// chunk until a run of chunks did not shrink; it is then skipped for a while and tried again,
+/// so incompressible data (media, encrypted volumes) costs little CPU.
+#[derive(Debug, Clone, Default)]
+pub struct CompressionPolicy {
+    misses_in_a_row: u32,
+    skip: u32,
+}
+
+impl CompressionPolicy {
+    /// Misses in a row before backing off.
+    const MISSES: u32 = 8;
+    /// Chunks skipped after a back-off.
+    const SKIP: u32 = 64;
+
+    /// Whether to try compressing the next chunk.
+    pub fn should_try(&mut self) -> bool {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// Records whether an attempt paid off (saved at least 1/8 of the bytes).
+    pub fn record(&mut self, raw: usize, compressed: usize) -> bool {
+        let paid = compressed + raw / 8 <= raw;
+        if paid {
+            self.misses_in_a_row = 0;
+        } else {
+            self.misses_in_a_row += 1;
+            if self.misses_in_a_row >= Self::MISSES {
+                self.misses_in_a_row = 0;
+                self.skip = Self::SKIP;
+            }
+        }
+        paid
+    }
+}
+
+/// Whether reading `bytes` at `read_rate` bytes/s fits in the freeze budget, with a quarter of
+/// the budget left for the cut and the thaw.
+pub fn fits_freeze(bytes: u64, read_rate: f64, budget: Duration) -> bool {
+    if bytes == 0 {
+        return true;
+    }
+    if read_rate <= 0.0 {
+        return false;
+    }
+    bytes as f64 / read_rate <= budget.as_secs_f64() * 0.75
+}
+
+/// The windows of a full sync pass: `[start, end)` byte ranges of at most `window` bytes from
+/// `from` to `size`.
+pub fn sync_windows(from: u64, size: u64, window: u64) -> Vec<(u64, u64)> {
+    let window = window.max(1);
+    (from..size)
+        .step_by(window as usize)
+        .map(|start| (start, (start + window).min(size)))
+        .collect()
+}
+
+/// Backoff before reconnect attempt `attempt` (0-based): 1 s doubling to 30 s.
+pub fn reconnect_delay(attempt: u32) -> Duration {
+    Duration::from_secs(1u64 << attempt.min(5)).min(Duration::from_secs(30))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_reads_writes_and_discards_and_zeroes_without_reading() {
+        let extents = [
+            Extent {
+                offset: 0,
+                length: 8192,
+                kind: ChangeKind::Write,
+            },
+            Extent {
+                offset: 8192,
+                length: 4096,
+                kind: ChangeKind::Discard,
+            },
+            Extent {
+                offset: 65536,
+                length: 65536,
+                kind: ChangeKind::Zeroes,
+            },
+            Extent {
+                offset: 1 << 20,
+                length: 4096,
+                kind: ChangeKind::Write,
+            },
+        ];
+        let plan = PassPlan::from_extents(&extents, 100_000);
+        assert_eq!(plan.read, vec![(0, 8192), (8192, 4096)]);
+        assert_eq!(plan.zero, vec![(65536, 100_000 - 65536)]);
+        assert_eq!(plan.read_bytes(), 12288);
+    }
+
+    #[test]
+    fn rate_limit_paces_to_the_rate() {
+        let mut limit = RateLimit::new(1000, Duration::ZERO);
+        assert_eq!(limit.take(1000, Duration::ZERO), Duration::ZERO);
+        assert_eq!(limit.take(500, Duration::ZERO), Duration::from_millis(500));
+        // After the wait, the bucket has refilled to exactly what was owed.
+        assert_eq!(
+            limit.take(0, Duration::from_millis(500)),
+            Duration::ZERO,
+            "debt repaid"
+        );
+        // Sending 10 s worth at once costs 10 s (less the 1 s burst), whatever the call pattern.
+        let mut limit = RateLimit::new(1000, Duration::ZERO);
+        let mut now = Duration::ZERO;
+        for _ in 0..100 {
+            now += limit.take(100, now);
+        }
+        assert!((now.as_secs_f64() - 9.0).abs() < 0.01, "{now:?}");
+    }
+
+    #[test]
+    fn progress_rate_and_eta() {
+        let progress = Progress {
+            total: 1000,
+            done: 250,
+            started: Duration::from_secs(10),
+        };
+        assert_eq!(progress.rate(Duration::from_secs(15)), 50.0);
+        assert_eq!(
+            progress.eta(Duration::from_secs(15)),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(progress.eta(Duration::from_secs(10)), None);
+    }
+
+    #[test]
+    fn compression_backs_off_on_incompressible_data() {
+        let mut policy = CompressionPolicy::default();
+        for _ in 0..CompressionPolicy::MISSES {
+            assert!(policy.should_try());
+            assert!(!policy.record(4096, 4100));
+        }
+        let tried = (0..CompressionPolicy::SKIP)
+            .filter(|_| policy.should_try())
+            .count();
+        assert_eq!(tried, 0);
+        assert!(policy.should_try());
+        assert!(policy.record(4096, 100));
+    }
+
+    #[test]
+    fn freeze_budget() {
+        let budget = Duration::from_secs(2);
+        assert!(fits_freeze(0, 0.0, budget));
+        assert!(fits_freeze(100 << 20, 100e6, budget));
+        assert!(!fits_freeze(200 << 20, 100e6, budget));
+        assert!(!fits_freeze(1, 0.0, budget));
+    }
+
+    #[test]
+    fn windows_cover_the_device() {
+        assert_eq!(
+            sync_windows(100, 350, 100),
+            vec![(100, 200), (200, 300), (300, 350)]
+        );
+        assert!(sync_windows(350, 350, 100).is_empty());
+    }
+
+    #[test]
+    fn reconnect_backoff_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::from_secs(1));
+        assert_eq!(reconnect_delay(3), Duration::from_secs(8));
+        assert_eq!(reconnect_delay(40), Duration::from_secs(30));
+    }
+}

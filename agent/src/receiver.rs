@@ -1,0 +1,507 @@
+//! The receiver: a QUIC server that admits pinned agents, each only for its granted volumes, and
+//! turns their cycles into atomic commits of the volume images ([`crate::volume`]).
+//!
+//! Every frame is hostile input. A connection that breaks the protocol (oversized or
+//! undecodable frame, range outside the volume, data outside a cycle, wrong cycle number) gets
+//! a `Refused` message if possible and is closed with an application error code; its open cycle
+//! is discarded, so nothing of it reaches the image. Other connections are not affected.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use crate::{
+    identity::{Fingerprint, Identity},
+    net::{self, NetError},
+    volume::{Recovery, StoreError, Volume},
+    wire::{
+        self, AgentMessage, DataFrame, PROTOCOL_VERSION, ReceiverMessage, RefusalCode, Welcome,
+    },
+};
+
+/// How long a `Flush` or `Commit` waits for missing data frames without any progress.
+const FRAME_WAIT: Duration = Duration::from_secs(60);
+
+/// Which agent may write which volumes.
+pub type Grants = BTreeMap<Fingerprint, BTreeSet<String>>;
+
+/// Receiver errors (start-up; per-connection problems are logged and refused).
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiverError {
+    /// Network setup.
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The data directory.
+    #[error("data directory {path}: {message}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A volume could not be recovered.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What the receiver needs.
+pub struct ReceiverConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where volumes live.
+    pub data_dir: PathBuf,
+    /// The receiver's identity.
+    pub identity: Identity,
+    /// Admitted agents and their volumes.
+    pub grants: Grants,
+    /// Flow-control window in bytes.
+    pub window: u64,
+}
+
+fn log(message: impl std::fmt::Display) {
+    eprintln!("blkmirror receiver: {message}");
+}
+
+/// Recovers every volume under `data_dir`: applies committed journals, drops uncommitted ones.
+pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverError> {
+    let entries = std::fs::read_dir(data_dir).map_err(|error| ReceiverError::DataDir {
+        path: data_dir.to_owned(),
+        message: error.to_string(),
+    })?;
+    let mut recovered = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if wire::check_volume_name(&name).is_err() || !entry.path().join("volume.json").exists() {
+            continue;
+        }
+        let (_, recovery) = Volume::open(data_dir, &name)?;
+        recovered.push((name, recovery));
+    }
+    Ok(recovered)
+}
+
+struct Context {
+    data_dir: PathBuf,
+    grants: Grants,
+    busy: Mutex<HashSet<String>>,
+}
+
+/// A refusal: code and message for the agent and the log.
+#[derive(Debug)]
+struct Refusal {
+    code: RefusalCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn close_code(&self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(self.code as u32 + 1)
+    }
+}
+
+impl From<NetError> for Refusal {
+    fn from(error: NetError) -> Self {
+        match error {
+            NetError::Wire(error) => Refusal::new(RefusalCode::BadFrame, error.to_string()),
+            other => Refusal::new(RefusalCode::Sequence, other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(error: StoreError) -> Self {
+        let code = match &error {
+            StoreError::DiskFull(_) => RefusalCode::DiskFull,
+            StoreError::SourceMismatch { .. } => RefusalCode::SourceMismatch,
+            StoreError::Sequence(_) => RefusalCode::Sequence,
+            _ => RefusalCode::Storage,
+        };
+        Refusal::new(code, error.to_string())
+    }
+}
+
+/// Binds the endpoint and recovers all volumes; returns the endpoint to pass to [`serve`].
+pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| ReceiverError::DataDir {
+        path: config.data_dir.clone(),
+        message: error.to_string(),
+    })?;
+    for (name, recovery) in recover_all(&config.data_dir)? {
+        match recovery {
+            Recovery::Clean => {}
+            Recovery::Discarded => log(format!(
+                "volume {name}: discarded an uncommitted cycle; the image is at its last commit"
+            )),
+            Recovery::Replayed(seq) => log(format!(
+                "volume {name}: finished applying committed cycle {seq}"
+            )),
+        }
+    }
+    let admitted = config.grants.keys().cloned().collect();
+    Ok(net::server_endpoint(
+        &config.identity,
+        admitted,
+        config.listen,
+        config.window,
+    )?)
+}
+
+/// Serves connections on `endpoint` until `shutdown` turns true.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    config: ReceiverConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ReceiverError> {
+    let context = Arc::new(Context {
+        data_dir: config.data_dir,
+        grants: config.grants,
+        busy: Mutex::new(HashSet::new()),
+    });
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                tokio::spawn(connection(incoming, context.clone()));
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"receiver shutting down");
+    endpoint.wait_idle().await;
+    Ok(())
+}
+
+async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(error) => {
+            log(format!("refused connection from {remote}: {error}"));
+            return;
+        }
+    };
+    let Some(fingerprint) = net::peer_fingerprint(&connection) else {
+        connection.close(quinn::VarInt::from_u32(1), b"no client certificate");
+        return;
+    };
+    let mut session = Session {
+        connection: connection.clone(),
+        context: context.clone(),
+        fingerprint: fingerprint.clone(),
+        claimed: None,
+    };
+    let outcome = match session.run().await {
+        // The agent closed the connection on purpose (end of `--once`, or stopping).
+        Err(_)
+            if matches!(
+                connection.close_reason(),
+                Some(quinn::ConnectionError::ApplicationClosed(ref close))
+                    if close.error_code == quinn::VarInt::from_u32(0)
+            ) =>
+        {
+            Ok(())
+        }
+        outcome => outcome,
+    };
+    if let Some((name, volume)) = session.claimed.take() {
+        if let Ok(mut volume) = volume.lock() {
+            volume.abort();
+        }
+        context.busy.lock().expect("busy lock").remove(&name);
+    }
+    match outcome {
+        Ok(()) => log(format!("agent {fingerprint} from {remote}: disconnected")),
+        Err(refusal) => {
+            log(format!(
+                "agent {fingerprint} from {remote}: refused ({:?}): {}",
+                refusal.code, refusal.message
+            ));
+            connection.close(refusal.close_code(), refusal.message.as_bytes());
+        }
+    }
+}
+
+type SharedVolume = Arc<Mutex<Volume>>;
+
+struct Session {
+    connection: quinn::Connection,
+    context: Arc<Context>,
+    fingerprint: Fingerprint,
+    claimed: Option<(String, SharedVolume)>,
+}
+
+impl Session {
+    async fn run(&mut self) -> Result<(), Refusal> {
+        let (mut send, mut recv) = self.connection.accept_bi().await.map_err(NetError::from)?;
+        let result = self.control(&mut send, &mut recv).await;
+        if let Err(refusal) = &result {
+            let message = ReceiverMessage::Refused {
+                code: refusal.code,
+                message: refusal.message.clone(),
+            };
+            let _ = net::write_frame(&mut send, &message).await;
+            let _ = send.finish();
+            // Give the refusal a moment to leave before the connection is closed.
+            let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+        }
+        result
+    }
+
+    async fn control(
+        &mut self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Refusal> {
+        let Some(AgentMessage::Hello(hello)) = net::read_frame(recv).await? else {
+            return Err(Refusal::new(RefusalCode::Sequence, "expected Hello first"));
+        };
+        if hello.protocol != PROTOCOL_VERSION {
+            return Err(Refusal::new(
+                RefusalCode::Protocol,
+                format!(
+                    "agent speaks protocol {}, this receiver speaks {PROTOCOL_VERSION}",
+                    hello.protocol
+                ),
+            ));
+        }
+        wire::check_hello(&hello)
+            .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
+        let granted = self
+            .context
+            .grants
+            .get(&self.fingerprint)
+            .is_some_and(|volumes| volumes.contains(&hello.volume));
+        if !granted {
+            return Err(Refusal::new(
+                RefusalCode::NotGranted,
+                format!("volume {} is not granted to this agent", hello.volume),
+            ));
+        }
+        if !self
+            .context
+            .busy
+            .lock()
+            .expect("busy lock")
+            .insert(hello.volume.clone())
+        {
+            return Err(Refusal::new(
+                RefusalCode::Sequence,
+                format!("volume {} is in use by another connection", hello.volume),
+            ));
+        }
+        let data_dir = self.context.data_dir.clone();
+        let opened = {
+            let hello = hello.clone();
+            tokio::task::spawn_blocking(move || Volume::open_or_create(&data_dir, &hello))
+                .await
+                .expect("open task")
+        };
+        let (volume, new_volume) = match opened {
+            Ok((volume, new_volume, _)) => (volume, new_volume),
+            Err(error) => {
+                self.context
+                    .busy
+                    .lock()
+                    .expect("busy lock")
+                    .remove(&hello.volume);
+                return Err(error.into());
+            }
+        };
+        let welcome = Welcome {
+            protocol: PROTOCOL_VERSION,
+            new_volume,
+            committed_seq: volume.meta().committed_seq,
+            last_point: volume.meta().last_point.clone(),
+        };
+        let size = volume.meta().size_bytes;
+        let volume = Arc::new(Mutex::new(volume));
+        self.claimed = Some((hello.volume.clone(), volume.clone()));
+        log(format!(
+            "agent {} connected for volume {} (committed cycle {})",
+            self.fingerprint, hello.volume, welcome.committed_seq
+        ));
+        net::write_frame(send, &ReceiverMessage::Welcome(welcome)).await?;
+
+        let (journaled_tx, mut journaled) = watch::channel(0u64);
+        let journaled_tx = Arc::new(journaled_tx);
+        let data = tokio::spawn(accept_data(
+            self.connection.clone(),
+            volume.clone(),
+            journaled_tx.clone(),
+            size,
+        ));
+        let result = async {
+            while let Some(message) = net::read_frame::<AgentMessage>(recv).await? {
+                match message {
+                    AgentMessage::Hello(_) => {
+                        return Err(Refusal::new(RefusalCode::Sequence, "second Hello"));
+                    }
+                    AgentMessage::HashRequest { first_chunk, count } => {
+                        let volume = volume.clone();
+                        let hashes = tokio::task::spawn_blocking(move || {
+                            volume
+                                .lock()
+                                .expect("volume lock")
+                                .hashes(first_chunk, count)
+                        })
+                        .await
+                        .expect("hash task")
+                        .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
+                        net::write_frame(
+                            send,
+                            &ReceiverMessage::Hashes {
+                                first_chunk,
+                                hashes,
+                            },
+                        )
+                        .await?;
+                    }
+                    AgentMessage::Begin(begin) => {
+                        let volume = volume.clone();
+                        tokio::task::spawn_blocking(move || {
+                            volume
+                                .lock()
+                                .expect("volume lock")
+                                .begin(begin.seq, begin.bytes_estimate)
+                        })
+                        .await
+                        .expect("begin task")?;
+                        journaled_tx.send_replace(0);
+                        net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
+                    }
+                    AgentMessage::Flush { frames } => {
+                        wait_frames(&mut journaled, &volume, frames).await?;
+                        net::write_frame(send, &ReceiverMessage::Flushed { frames }).await?;
+                    }
+                    AgentMessage::Commit { frames, point } => {
+                        wait_frames(&mut journaled, &volume, frames).await?;
+                        let volume = volume.clone();
+                        let seq = tokio::task::spawn_blocking(move || {
+                            let mut volume = volume.lock().expect("volume lock");
+                            volume.commit(point)?;
+                            Ok::<_, StoreError>(volume.meta().committed_seq)
+                        })
+                        .await
+                        .expect("commit task")?;
+                        net::write_frame(send, &ReceiverMessage::Committed { seq }).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        data.abort();
+        result
+    }
+}
+
+/// Waits until `frames` data frames of the open cycle are journaled.
+async fn wait_frames(
+    journaled: &mut watch::Receiver<u64>,
+    volume: &SharedVolume,
+    frames: u64,
+) -> Result<(), Refusal> {
+    if volume.lock().expect("volume lock").open_cycle().is_none() {
+        return Err(Refusal::new(RefusalCode::Sequence, "no cycle is open"));
+    }
+    loop {
+        let got = *journaled.borrow_and_update();
+        if got == frames {
+            return Ok(());
+        }
+        if got > frames {
+            return Err(Refusal::new(
+                RefusalCode::Sequence,
+                format!("{got} data frames arrived, the agent announced {frames}"),
+            ));
+        }
+        match tokio::time::timeout(FRAME_WAIT, journaled.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => {
+                return Err(Refusal::new(
+                    RefusalCode::Sequence,
+                    format!("only {got} of {frames} data frames arrived"),
+                ));
+            }
+        }
+    }
+}
+
+/// Accepts the agent's data streams and journals their frames.
+async fn accept_data(
+    connection: quinn::Connection,
+    volume: SharedVolume,
+    journaled: Arc<watch::Sender<u64>>,
+    size: u64,
+) {
+    while let Ok(mut stream) = connection.accept_uni().await {
+        let connection = connection.clone();
+        let volume = volume.clone();
+        let journaled = journaled.clone();
+        tokio::spawn(async move {
+            if let Err(refusal) = data_stream(&mut stream, &volume, &journaled, size).await {
+                log(format!(
+                    "refused data ({:?}): {}",
+                    refusal.code, refusal.message
+                ));
+                if let Ok(mut volume) = volume.lock() {
+                    volume.abort();
+                }
+                connection.close(refusal.close_code(), refusal.message.as_bytes());
+            }
+        });
+    }
+}
+
+async fn data_stream(
+    stream: &mut quinn::RecvStream,
+    volume: &SharedVolume,
+    journaled: &watch::Sender<u64>,
+    size: u64,
+) -> Result<(), Refusal> {
+    while let Some(frame) = net::read_frame::<DataFrame>(stream).await? {
+        let open = volume.lock().expect("volume lock").open_cycle();
+        let Some((seq, _)) = open else {
+            return Err(Refusal::new(
+                RefusalCode::Sequence,
+                "data frame outside a cycle",
+            ));
+        };
+        let checked = wire::check_data_frame(frame, seq, size)
+            .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
+        tokio::task::block_in_place(|| volume.lock().expect("volume lock").journal(checked))?;
+        journaled.send_modify(|count| *count += 1);
+    }
+    Ok(())
+}
+
+/// Grants from `FINGERPRINT=VOLUME[,VOLUME...]` arguments.
+pub fn parse_grants(specs: &[String]) -> Result<Grants, String> {
+    let mut grants = Grants::new();
+    for spec in specs {
+        let (fingerprint, volumes) = spec
+            .split_once('=')
+            .ok_or_else(|| format!("--allow {spec:?}: expected FINGERPRINT=VOLUME[,VOLUME...]"))?;
+        let fingerprint =
+            Fingerprint::parse(fingerprint).map_err(|error| format!("--allow: {error}"))?;
+        let entry = grants.entry(fingerprint).or_default();
+        for volume in volumes.split(',') {
+            wire::check_volume_name(volume).map_err(|error| format!("--allow: {error}"))?;
+            entry.insert(volume.to_owned());
+        }
+    }
+    Ok(grants)
+}

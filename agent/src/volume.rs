@@ -1,0 +1,758 @@
+//! The receiver's storage of one volume: a sparse raw image, its metadata, and a write-ahead
+//! journal that makes every cycle atomic.
+//!
+//! # Files (in `DATA_DIR/VOLUME/`)
+//!
+//! * `image.raw`: the replica, a sparse file of exactly the device's size. It can be
+//!   loop-mounted (read-only, on a copy, or while the receiver is stopped) or converted with
+//!   `qemu-img`.
+//! * `volume.json`: identity of the source, the last committed cycle and recent points. Written
+//!   to a temporary file, synced, and renamed over the old one.
+//! * `journal`: the open cycle. Records are `[u32 length][8-byte BLAKE3 prefix][postcard]`.
+//!
+//! # Why a SIGKILL at any instant leaves the image at a committed point
+//!
+//! 1. Data frames of a cycle go only to the journal; the image is untouched.
+//! 2. `commit` appends a commit record and syncs the journal. Before that sync completes, a
+//!    restart finds no valid commit record and discards the journal: the image is still the
+//!    previous point.
+//! 3. After the sync, the cycle is decided. Applying it writes the journal's ranges into the
+//!    image in journal order, syncs the image, then writes the metadata, and only then empties
+//!    the journal. A restart that finds a complete journal applies it again: every step is an
+//!    idempotent overwrite, so the result is the new point, never a mix.
+//! 4. The agent is told `Committed` only after step 3 is durable.
+
+use std::{
+    fs::{self, File},
+    io::{self, BufReader, BufWriter, Read as _, Write as _},
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    durable, sys,
+    wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
+};
+
+/// Version of `volume.json`.
+const META_FORMAT: u32 = 1;
+/// Points kept in `volume.json` (the receiver's points-in-time store is separate work).
+const RECENT_POINTS: usize = 64;
+/// Journal records larger than this are corrupt by definition.
+const MAX_RECORD: u32 = wire::MAX_FRAME_BYTES + 4096;
+/// Space kept free on the receiver beyond a cycle's needs.
+const SPACE_MARGIN: u64 = 64 << 20;
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// File IO failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Not enough space for the cycle (checked up front, or hit while journaling).
+    #[error("receiver disk full: {0}")]
+    DiskFull(String),
+    /// The volume exists with another source.
+    #[error("volume {volume} was made from {existing}, not {offered}; refusing to overwrite it")]
+    SourceMismatch {
+        /// The volume.
+        volume: String,
+        /// What it was made from.
+        existing: String,
+        /// What is offered now.
+        offered: String,
+    },
+    /// Metadata is unreadable.
+    #[error("{path}: corrupt metadata: {message}")]
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Cycle out of order.
+    #[error("{0}")]
+    Sequence(String),
+}
+
+impl StoreError {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+        let path = path.to_owned();
+        move |source| {
+            if source.raw_os_error() == Some(libc::ENOSPC) {
+                Self::DiskFull(format!("{what} {}: {source}", path.display()))
+            } else {
+                Self::Io { what, path, source }
+            }
+        }
+    }
+}
+
+/// `volume.json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMeta {
+    /// [`META_FORMAT`].
+    pub format: u32,
+    /// The volume name.
+    pub volume: String,
+    /// The source device identity this replica was made from.
+    pub source_id: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Chunk size in bytes.
+    pub chunk_bytes: u64,
+    /// When the volume was created (Unix ms).
+    pub created_unix_ms: u64,
+    /// The last committed cycle (0: none).
+    pub committed_seq: u64,
+    /// Its record.
+    pub last_point: Option<PointInfo>,
+    /// The last complete (whole-replica) point.
+    pub last_complete: Option<PointInfo>,
+    /// Recent committed cycles, oldest first.
+    pub recent: Vec<PointInfo>,
+}
+
+/// One journal record.
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Begin { seq: u64 },
+    Write { offset: u64, data: Vec<u8> },
+    Zero { offset: u64, length: u64 },
+    Commit { point: PointInfo },
+}
+
+/// The open cycle's journal.
+struct OpenCycle {
+    seq: u64,
+    frames: u64,
+    writer: BufWriter<File>,
+}
+
+/// One volume, open for replication.
+pub struct Volume {
+    dir: PathBuf,
+    meta: VolumeMeta,
+    image: File,
+    cycle: Option<OpenCycle>,
+}
+
+/// What recovery found at open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// The journal was empty.
+    Clean,
+    /// An uncommitted cycle was discarded.
+    Discarded,
+    /// A committed cycle was applied (again).
+    Replayed(u64),
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Volume {
+    /// The directory of volume `name` under `data_dir`.
+    pub fn dir_of(data_dir: &Path, name: &str) -> PathBuf {
+        data_dir.join(name)
+    }
+
+    /// Opens the volume `hello` names, creating it (sparse image, metadata) if it does not
+    /// exist. An existing volume must have been made from the same source with the same size
+    /// and chunk size. Returns the volume, whether it is new, and what recovery did.
+    pub fn open_or_create(
+        data_dir: &Path,
+        hello: &Hello,
+    ) -> Result<(Self, bool, Recovery), StoreError> {
+        wire::check_volume_name(&hello.volume)
+            .map_err(|error| StoreError::Sequence(error.to_string()))?;
+        let dir = Self::dir_of(data_dir, &hello.volume);
+        if dir.join("volume.json").exists() {
+            let (volume, recovery) = Self::open(data_dir, &hello.volume)?;
+            let meta = &volume.meta;
+            if meta.source_id != hello.source_id
+                || meta.size_bytes != hello.size_bytes
+                || meta.chunk_bytes != hello.chunk_bytes
+            {
+                return Err(StoreError::SourceMismatch {
+                    volume: hello.volume.clone(),
+                    existing: format!(
+                        "{} ({} bytes, {} byte chunks)",
+                        meta.source_id, meta.size_bytes, meta.chunk_bytes
+                    ),
+                    offered: format!(
+                        "{} ({} bytes, {} byte chunks)",
+                        hello.source_id, hello.size_bytes, hello.chunk_bytes
+                    ),
+                });
+            }
+            return Ok((volume, false, recovery));
+        }
+        fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
+        let image_path = dir.join("image.raw");
+        let image = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&image_path)
+            .map_err(StoreError::io("creating", &image_path))?;
+        image
+            .set_len(hello.size_bytes)
+            .map_err(StoreError::io("sizing", &image_path))?;
+        image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &image_path))?;
+        let meta = VolumeMeta {
+            format: META_FORMAT,
+            volume: hello.volume.clone(),
+            source_id: hello.source_id.clone(),
+            size_bytes: hello.size_bytes,
+            chunk_bytes: hello.chunk_bytes,
+            created_unix_ms: now_ms(),
+            committed_seq: 0,
+            last_point: None,
+            last_complete: None,
+            recent: Vec::new(),
+        };
+        write_meta(&dir, &meta)?;
+        Ok((
+            Self {
+                dir,
+                meta,
+                image,
+                cycle: None,
+            },
+            true,
+            Recovery::Clean,
+        ))
+    }
+
+    /// Opens an existing volume and recovers its journal.
+    pub fn open(data_dir: &Path, name: &str) -> Result<(Self, Recovery), StoreError> {
+        let dir = Self::dir_of(data_dir, name);
+        let meta = read_meta(&dir)?;
+        let image_path = dir.join("image.raw");
+        let image = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image_path)
+            .map_err(StoreError::io("opening", &image_path))?;
+        let mut volume = Self {
+            dir,
+            meta,
+            image,
+            cycle: None,
+        };
+        let recovery = volume.recover()?;
+        Ok((volume, recovery))
+    }
+
+    /// The metadata.
+    pub fn meta(&self) -> &VolumeMeta {
+        &self.meta
+    }
+
+    /// Path of the image.
+    pub fn image_path(&self) -> PathBuf {
+        self.dir.join("image.raw")
+    }
+
+    fn journal_path(&self) -> PathBuf {
+        self.dir.join("journal")
+    }
+
+    /// Opens cycle `seq` (must be the committed one plus one) after checking that the data
+    /// directory has room for `bytes_estimate` twice (journal and image) plus a margin.
+    pub fn begin(&mut self, seq: u64, bytes_estimate: u64) -> Result<(), StoreError> {
+        if seq != self.meta.committed_seq + 1 {
+            return Err(StoreError::Sequence(format!(
+                "cycle {seq} offered, but the next cycle is {}",
+                self.meta.committed_seq + 1
+            )));
+        }
+        let available =
+            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+        let needed = bytes_estimate
+            .saturating_mul(2)
+            .saturating_add(SPACE_MARGIN);
+        if available < needed {
+            return Err(StoreError::DiskFull(format!(
+                "cycle {seq} needs up to {needed} bytes in {}, {available} are free",
+                self.dir.display()
+            )));
+        }
+        let path = self.journal_path();
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(StoreError::io("opening", &path))?;
+        let mut cycle = OpenCycle {
+            seq,
+            frames: 0,
+            writer: BufWriter::with_capacity(4 << 20, file),
+        };
+        append(&mut cycle.writer, &Record::Begin { seq }, &path)?;
+        self.cycle = Some(cycle);
+        Ok(())
+    }
+
+    /// The open cycle and the frames journaled in it.
+    pub fn open_cycle(&self) -> Option<(u64, u64)> {
+        self.cycle.as_ref().map(|c| (c.seq, c.frames))
+    }
+
+    /// Appends a checked data frame to the open cycle's journal.
+    pub fn journal(&mut self, data: CheckedData) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let cycle = self
+            .cycle
+            .as_mut()
+            .ok_or_else(|| StoreError::Sequence("data frame outside a cycle".into()))?;
+        let record = match data {
+            CheckedData::Write { offset, data } => Record::Write { offset, data },
+            CheckedData::Zero { offset, length } => Record::Zero { offset, length },
+        };
+        append(&mut cycle.writer, &record, &path)?;
+        cycle.frames += 1;
+        Ok(())
+    }
+
+    /// Drops the open cycle: the image stays at the last committed point.
+    pub fn abort(&mut self) {
+        if self.cycle.take().is_some() {
+            let _ = fs::OpenOptions::new()
+                .write(true)
+                .truncate(true)
+                .open(self.journal_path())
+                .and_then(|file| file.sync_all());
+        }
+    }
+
+    /// Commits the open cycle: makes the journal durable with a commit record, applies it to
+    /// the image, and records the point. On error the cycle is aborted (before the commit
+    /// record is durable) or left for recovery to apply (after).
+    pub fn commit(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let Some(mut cycle) = self.cycle.take() else {
+            return Err(StoreError::Sequence("commit outside a cycle".into()));
+        };
+        point.seq = cycle.seq;
+        let durable = append(&mut cycle.writer, &Record::Commit { point }, &path).and_then(|()| {
+            let file = cycle
+                .writer
+                .into_inner()
+                .map_err(|error| StoreError::io("writing", &path)(error.into_error()))?;
+            file.sync_all().map_err(StoreError::io("syncing", &path))
+        });
+        if let Err(error) = durable {
+            self.cycle = None;
+            let _ = File::create(&path);
+            return Err(error);
+        }
+        self.apply_journal()?;
+        Ok(())
+    }
+
+    /// Replays a complete journal or discards an incomplete one.
+    fn recover(&mut self) -> Result<Recovery, StoreError> {
+        let path = self.journal_path();
+        let len = match fs::metadata(&path) {
+            Ok(meta) => meta.len(),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Recovery::Clean),
+            Err(error) => return Err(StoreError::io("reading", &path)(error)),
+        };
+        if len == 0 {
+            return Ok(Recovery::Clean);
+        }
+        match self.scan_journal()? {
+            Some(point) => {
+                let seq = point.seq;
+                self.apply_journal()?;
+                Ok(Recovery::Replayed(seq))
+            }
+            None => {
+                let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
+                file.sync_all().map_err(StoreError::io("syncing", &path))?;
+                Ok(Recovery::Discarded)
+            }
+        }
+    }
+
+    /// Reads the journal; returns the commit record if the journal is whole and committed.
+    fn scan_journal(&self) -> Result<Option<PointInfo>, StoreError> {
+        let path = self.journal_path();
+        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+        let mut reader = BufReader::with_capacity(4 << 20, file);
+        let mut expect_begin = true;
+        loop {
+            let record = match read_record(&mut reader) {
+                Ok(Some(record)) => record,
+                // A torn or corrupt tail: the cycle never committed.
+                Ok(None) | Err(_) => return Ok(None),
+            };
+            match record {
+                Record::Begin { seq } if expect_begin && seq == self.meta.committed_seq + 1 => {
+                    expect_begin = false;
+                }
+                Record::Begin { seq } if expect_begin && seq == self.meta.committed_seq => {
+                    // Applied and recorded, but the journal was not emptied yet.
+                    expect_begin = false;
+                }
+                Record::Write { .. } | Record::Zero { .. } if !expect_begin => {}
+                Record::Commit { point } if !expect_begin => return Ok(Some(point)),
+                _ => return Ok(None),
+            }
+        }
+    }
+
+    /// Applies a committed journal to the image, records the point, and empties the journal.
+    fn apply_journal(&mut self) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        let image_path = self.image_path();
+        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+        let mut reader = BufReader::with_capacity(4 << 20, file);
+        let mut committed = None;
+        while let Some(record) = read_record(&mut reader)? {
+            match record {
+                Record::Begin { .. } => {}
+                Record::Write { offset, data } => self
+                    .image
+                    .write_all_at(&data, offset)
+                    .map_err(StoreError::io("writing", &image_path))?,
+                Record::Zero { offset, length } => self.zero(offset, length)?,
+                Record::Commit { point } => {
+                    committed = Some(point);
+                    break;
+                }
+            }
+        }
+        let point = committed.ok_or_else(|| StoreError::Meta {
+            path: path.clone(),
+            message: "journal applied without a commit record".into(),
+        })?;
+        self.image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &image_path))?;
+        let mut meta = self.meta.clone();
+        meta.committed_seq = point.seq;
+        if point.complete {
+            meta.last_complete = Some(point.clone());
+        }
+        meta.last_point = Some(point.clone());
+        if meta.recent.last().map(|p| p.seq) != Some(point.seq) {
+            meta.recent.push(point);
+        }
+        if meta.recent.len() > RECENT_POINTS {
+            let excess = meta.recent.len() - RECENT_POINTS;
+            meta.recent.drain(..excess);
+        }
+        write_meta(&self.dir, &meta)?;
+        self.meta = meta;
+        let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
+        file.sync_all().map_err(StoreError::io("syncing", &path))?;
+        Ok(())
+    }
+
+    fn zero(&self, offset: u64, length: u64) -> Result<(), StoreError> {
+        let image_path = self.image_path();
+        match sys::punch_hole(&self.image, offset, length) {
+            Ok(()) => Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = offset;
+                while at < offset + length {
+                    let n = (offset + length - at).min(zeros.len() as u64) as usize;
+                    self.image
+                        .write_all_at(&zeros[..n], at)
+                        .map_err(StoreError::io("writing", &image_path))?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(error) => Err(StoreError::io("punching a hole in", &image_path)(error)),
+        }
+    }
+
+    /// BLAKE3 hashes of `count` chunks of the image starting at `first_chunk`.
+    pub fn hashes(&self, first_chunk: u64, count: u32) -> Result<Vec<ChunkHash>, StoreError> {
+        let chunk = self.meta.chunk_bytes;
+        wire::check_hash_request(first_chunk, count, self.meta.size_bytes.div_ceil(chunk))
+            .map_err(|error| StoreError::Sequence(error.to_string()))?;
+        let image_path = self.image_path();
+        let mut buffer = vec![0u8; chunk as usize];
+        (first_chunk..first_chunk + u64::from(count))
+            .map(|index| {
+                let offset = index * chunk;
+                let len = chunk.min(self.meta.size_bytes - offset) as usize;
+                self.image
+                    .read_exact_at(&mut buffer[..len], offset)
+                    .map_err(StoreError::io("reading", &image_path))?;
+                Ok(wire::chunk_hash(&buffer[..len]))
+            })
+            .collect()
+    }
+}
+
+fn record_checksum(body: &[u8]) -> [u8; 8] {
+    blake3::hash(body).as_bytes()[..8]
+        .try_into()
+        .expect("8 bytes")
+}
+
+fn append(writer: &mut BufWriter<File>, record: &Record, path: &Path) -> Result<(), StoreError> {
+    let body = postcard::to_stdvec(record).expect("serializing to a Vec cannot fail");
+    let mut head = [0u8; 12];
+    head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    head[4..].copy_from_slice(&record_checksum(&body));
+    writer
+        .write_all(&head)
+        .and_then(|()| writer.write_all(&body))
+        .map_err(StoreError::io("writing", path))
+}
+
+/// Reads one record; `Ok(None)` at a clean end of file.
+fn read_record(reader: &mut BufReader<File>) -> Result<Option<Record>, StoreError> {
+    let corrupt = |message: &str| StoreError::Meta {
+        path: PathBuf::from("journal"),
+        message: message.to_owned(),
+    };
+    let mut head = [0u8; 12];
+    let mut got = 0;
+    while got < head.len() {
+        match reader.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(corrupt("torn record header")),
+            Ok(n) => got += n,
+            Err(error) => return Err(corrupt(&error.to_string())),
+        }
+    }
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes"));
+    if len > MAX_RECORD {
+        return Err(corrupt("record length over the limit"));
+    }
+    let mut body = vec![0u8; len as usize];
+    reader
+        .read_exact(&mut body)
+        .map_err(|_| corrupt("torn record"))?;
+    if record_checksum(&body) != head[4..] {
+        return Err(corrupt("record checksum mismatch"));
+    }
+    postcard::from_bytes(&body)
+        .map(Some)
+        .map_err(|error| corrupt(&error.to_string()))
+}
+
+fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
+    let path = dir.join("volume.json");
+    let text = fs::read_to_string(&path).map_err(StoreError::io("reading", &path))?;
+    let meta: VolumeMeta = serde_json::from_str(&text).map_err(|error| StoreError::Meta {
+        path: path.clone(),
+        message: error.to_string(),
+    })?;
+    if meta.format != META_FORMAT {
+        return Err(StoreError::Meta {
+            path,
+            message: format!("format {} (this build reads {META_FORMAT})", meta.format),
+        });
+    }
+    Ok(meta)
+}
+
+fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<(), StoreError> {
+    let path = dir.join("volume.json");
+    let text = serde_json::to_string_pretty(meta).expect("metadata serializes");
+    durable::write_atomic(&path, text.as_bytes()).map_err(StoreError::io("writing", &path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PROTOCOL_VERSION;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "blkmirror-volume-{tag}-{}-{}",
+                std::process::id(),
+                now_ms()
+            ));
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "v".into(),
+            source_id: "test:source".into(),
+            size_bytes: 1 << 20,
+            chunk_bytes: 65536,
+        }
+    }
+
+    fn write(offset: u64, byte: u8, len: usize) -> CheckedData {
+        CheckedData::Write {
+            offset,
+            data: vec![byte; len],
+        }
+    }
+
+    fn image(dir: &Path) -> Vec<u8> {
+        fs::read(dir.join("v/image.raw")).unwrap()
+    }
+
+    #[test]
+    fn committed_cycles_apply_in_journal_order() {
+        let tmp = TempDir::new("order");
+        let (mut volume, new, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        assert!(new);
+        volume.begin(1, 8192).unwrap();
+        volume.journal(write(0, 1, 8192)).unwrap();
+        volume.journal(write(4096, 2, 4096)).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 0,
+                length: 512,
+            })
+            .unwrap();
+        assert_eq!(image(&tmp.0)[..8192], [0; 8192]);
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        let data = image(&tmp.0);
+        assert_eq!(data[..512], [0; 512]);
+        assert_eq!(data[512..4096], [1; 3584]);
+        assert_eq!(data[4096..8192], [2; 4096]);
+        assert_eq!(volume.meta().committed_seq, 1);
+        assert!(volume.begin(3, 0).is_err(), "cycles must be consecutive");
+    }
+
+    #[test]
+    fn uncommitted_journal_is_discarded_and_committed_one_replayed() {
+        let tmp = TempDir::new("recover");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0).unwrap();
+        volume.journal(write(0, 9, 4096)).unwrap();
+        // Simulate a crash before commit: flush the buffered journal, then drop.
+        volume.cycle.as_mut().unwrap().writer.flush().unwrap();
+        drop(volume);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Discarded);
+        assert_eq!(volume.meta().committed_seq, 0);
+        assert_eq!(image(&tmp.0)[..4096], [0; 4096]);
+        drop(volume);
+
+        // A crash after the commit record is durable but before apply: replayed at open.
+        let (mut volume, _) = Volume::open(&tmp.0, "v").unwrap();
+        volume.begin(1, 0).unwrap();
+        volume.journal(write(0, 7, 4096)).unwrap();
+        let path = volume.journal_path();
+        let mut cycle = volume.cycle.take().unwrap();
+        append(
+            &mut cycle.writer,
+            &Record::Commit {
+                point: PointInfo {
+                    seq: 1,
+                    ..PointInfo::default()
+                },
+            },
+            &path,
+        )
+        .unwrap();
+        cycle.writer.flush().unwrap();
+        drop(cycle);
+        drop(volume);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Replayed(1));
+        assert_eq!(volume.meta().committed_seq, 1);
+        assert_eq!(image(&tmp.0)[..4096], [7; 4096]);
+    }
+
+    #[test]
+    fn torn_or_corrupt_journal_is_discarded() {
+        let tmp = TempDir::new("torn");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0).unwrap();
+        volume.journal(write(0, 5, 4096)).unwrap();
+        volume.commit(PointInfo::default()).unwrap();
+        volume.begin(2, 0).unwrap();
+        volume.journal(write(0, 6, 4096)).unwrap();
+        let path = volume.journal_path();
+        let mut cycle = volume.cycle.take().unwrap();
+        append(
+            &mut cycle.writer,
+            &Record::Commit {
+                point: PointInfo::default(),
+            },
+            &path,
+        )
+        .unwrap();
+        cycle.writer.flush().unwrap();
+        drop(cycle);
+        drop(volume);
+        // Flip one byte of the data record: the checksum catches it.
+        let mut bytes = fs::read(&path).unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Discarded);
+        assert_eq!(volume.meta().committed_seq, 1);
+        assert_eq!(image(&tmp.0)[..4096], [5; 4096]);
+    }
+
+    #[test]
+    fn other_source_is_refused() {
+        let tmp = TempDir::new("source");
+        Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        let mut other = hello();
+        other.source_id = "test:other".into();
+        assert!(matches!(
+            Volume::open_or_create(&tmp.0, &other),
+            Err(StoreError::SourceMismatch { .. })
+        ));
+        let mut bigger = hello();
+        bigger.size_bytes *= 2;
+        assert!(Volume::open_or_create(&tmp.0, &bigger).is_err());
+    }
+
+    #[test]
+    fn hashes_match_content() {
+        let tmp = TempDir::new("hash");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0).unwrap();
+        volume.journal(write(65536, 3, 65536)).unwrap();
+        volume.commit(PointInfo::default()).unwrap();
+        let hashes = volume.hashes(0, 2).unwrap();
+        assert_eq!(hashes[0], wire::chunk_hash(&[0; 65536]));
+        assert_eq!(hashes[1], wire::chunk_hash(&[3; 65536]));
+        assert!(volume.hashes(15, 2).is_err());
+    }
+}

@@ -1,0 +1,654 @@
+//! The replication protocol between agent and receiver: messages, framing and the limits every
+//! received frame is checked against. Pure: no IO.
+//!
+//! # Streams
+//!
+//! One QUIC connection carries one volume. The agent opens one bidirectional *control stream*
+//! and, per cycle, several unidirectional *data streams*.
+//!
+//! * Control, agent → receiver: [`AgentMessage`] (`Hello`, `HashRequest`, `Begin`, `Flush`,
+//!   `Commit`); receiver → agent: [`ReceiverMessage`].
+//! * Data streams carry only [`DataFrame`]s of the open cycle. Within one *pass* of a cycle the
+//!   frames cover disjoint chunks, so their arrival order across streams does not matter; a
+//!   `Flush` barrier separates passes, so a later pass's frame for a chunk always lands in the
+//!   journal after an earlier one's.
+//!
+//! # Framing
+//!
+//! Every frame is a little-endian `u32` length followed by that many bytes of
+//! [postcard](https://docs.rs/postcard). A length above [`MAX_FRAME_BYTES`] is rejected before
+//! anything is allocated. Decoded messages are then checked by [`check_data_frame`] and friends
+//! against the volume they address; the receiver treats every frame as hostile.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version both sides must speak.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest payload of one [`DataFrame::Write`] (decompressed).
+pub const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+/// The largest frame on the wire: a full write plus headroom for its header.
+pub const MAX_FRAME_BYTES: u32 = MAX_WRITE_BYTES + 4096;
+
+/// The most chunk hashes one [`AgentMessage::HashRequest`] may ask for.
+pub const MAX_HASHES_PER_REQUEST: u32 = 4096;
+
+/// The longest volume name.
+pub const MAX_VOLUME_NAME: usize = 64;
+
+/// The longest source identity string.
+pub const MAX_SOURCE_ID: usize = 512;
+
+/// BLAKE3 hash of one chunk.
+pub type ChunkHash = [u8; 32];
+
+/// What the agent sends on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message: who and what.
+    Hello(Hello),
+    /// Asks for the replica's hashes of `count` chunks starting at `first_chunk`.
+    HashRequest {
+        /// First chunk index.
+        first_chunk: u64,
+        /// How many chunks.
+        count: u32,
+    },
+    /// Opens cycle `seq`.
+    Begin(Begin),
+    /// Barrier: reply once `frames` data frames of the open cycle are journaled.
+    Flush {
+        /// Data frames sent in this cycle so far.
+        frames: u64,
+    },
+    /// Closes the open cycle: commit it once `frames` data frames are journaled.
+    Commit {
+        /// Data frames sent in this cycle.
+        frames: u64,
+        /// What the new point is.
+        point: PointInfo,
+    },
+}
+
+/// The agent's introduction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub protocol: u32,
+    /// The volume to replicate into.
+    pub volume: String,
+    /// Stable identity of the source device (see `source::SourceIdentity`).
+    pub source_id: String,
+    /// Size of the source device in bytes.
+    pub size_bytes: u64,
+    /// Chunk size in bytes (hashes and frames are per chunk).
+    pub chunk_bytes: u64,
+}
+
+/// Opens a cycle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Begin {
+    /// The cycle number: the receiver's committed number plus one.
+    pub seq: u64,
+    /// Upper bound of the data bytes this cycle will send (for the disk-space check).
+    pub bytes_estimate: u64,
+}
+
+/// One data frame of the open cycle.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataFrame {
+    /// Bytes to write at `offset`.
+    Write {
+        /// The cycle this frame belongs to.
+        seq: u64,
+        /// Byte offset in the volume (a multiple of 512).
+        offset: u64,
+        /// How `data` is encoded.
+        codec: Codec,
+        /// Length of the decoded data (a multiple of 512, at most [`MAX_WRITE_BYTES`]).
+        raw_len: u32,
+        /// The encoded data.
+        data: Vec<u8>,
+    },
+    /// A range that reads as zeros (discarded, zeroed, or all-zero data): no payload.
+    Zero {
+        /// The cycle this frame belongs to.
+        seq: u64,
+        /// Byte offset (a multiple of 512).
+        offset: u64,
+        /// Length in bytes (a multiple of 512).
+        length: u64,
+    },
+}
+
+/// Encoding of a write's payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Codec {
+    /// As is.
+    Raw,
+    /// A zstd frame.
+    Zstd,
+}
+
+/// What the receiver records about a committed point.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointInfo {
+    /// The cycle number.
+    pub seq: u64,
+    /// The tracker's generation and epoch of the last cut in this cycle.
+    pub generation: u64,
+    /// See `generation`.
+    pub epoch: u64,
+    /// When the final cut was taken (Unix milliseconds).
+    pub time_unix_ms: u64,
+    /// Data bytes shipped by the cycle (before compression).
+    pub bytes: u64,
+    /// Whether the point is crash-consistent (filesystem frozen at the final cut).
+    pub consistent: bool,
+    /// How long the filesystem was frozen, in milliseconds.
+    pub freeze_ms: u64,
+    /// Whether the replica is whole after this cycle. `false` for the steps of an initial or
+    /// verify sync: the image then mixes old and new content and is not a point in time.
+    pub complete: bool,
+    /// For incomplete steps: the device offset the sync pass has covered.
+    pub synced_to: u64,
+}
+
+/// What the receiver sends on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiverMessage {
+    /// Reply to `Hello`.
+    Welcome(Welcome),
+    /// Reply to `HashRequest`.
+    Hashes {
+        /// First chunk index.
+        first_chunk: u64,
+        /// One hash per chunk.
+        hashes: Vec<ChunkHash>,
+    },
+    /// The cycle is open; data streams may start.
+    Ready {
+        /// The cycle number.
+        seq: u64,
+    },
+    /// Reply to `Flush`.
+    Flushed {
+        /// Frames journaled.
+        frames: u64,
+    },
+    /// The cycle is durable and applied.
+    Committed {
+        /// The cycle number.
+        seq: u64,
+    },
+    /// The request was refused; the connection is closed after this.
+    Refused {
+        /// Machine-readable reason.
+        code: RefusalCode,
+        /// What was wrong, for a human.
+        message: String,
+    },
+}
+
+/// The receiver's view of a volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// [`PROTOCOL_VERSION`] of the receiver.
+    pub protocol: u32,
+    /// Whether the image was just created (all zeros).
+    pub new_volume: bool,
+    /// The last committed cycle (0: none).
+    pub committed_seq: u64,
+    /// The last committed cycle's record.
+    pub last_point: Option<PointInfo>,
+}
+
+/// Why the receiver refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalCode {
+    /// Protocol versions differ.
+    Protocol,
+    /// The agent is not granted this volume (or it does not exist for this agent).
+    NotGranted,
+    /// The volume was made from another device, or with another size or chunk size.
+    SourceMismatch,
+    /// A frame broke the rules.
+    BadFrame,
+    /// Not enough space for the cycle.
+    DiskFull,
+    /// Storage failed on the receiver.
+    Storage,
+    /// Message out of order (e.g. data before `Begin`).
+    Sequence,
+}
+
+/// A frame or message that breaks the protocol.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// The length prefix is above the limit.
+    #[error("frame of {0} bytes is larger than the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge(u64),
+    /// The bytes do not decode to a known message.
+    #[error("frame does not decode: {0}")]
+    Decode(String),
+    /// Offset or length not a multiple of 512.
+    #[error("range {offset}+{length} is not aligned to 512 bytes")]
+    Unaligned {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+    /// A range outside the volume.
+    #[error("range {offset}+{length} is outside the volume of {size} bytes")]
+    OutOfRange {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+        /// Volume size.
+        size: u64,
+    },
+    /// A write longer than the limit.
+    #[error("write of {0} bytes is larger than the limit of {MAX_WRITE_BYTES} bytes")]
+    WriteTooLarge(u64),
+    /// Empty write or zero range.
+    #[error("empty range")]
+    Empty,
+    /// Payload does not match its declared length or codec.
+    #[error("payload is corrupt: {0}")]
+    Payload(String),
+    /// Frame for another cycle.
+    #[error("frame for cycle {got} while cycle {open} is open")]
+    WrongCycle {
+        /// The frame's cycle.
+        got: u64,
+        /// The open cycle.
+        open: u64,
+    },
+    /// A bad volume name.
+    #[error("volume name {0:?} is invalid (1-64 of A-Z a-z 0-9 . _ -, not starting with '.')")]
+    VolumeName(String),
+    /// A bad hello.
+    #[error("{0}")]
+    Hello(String),
+}
+
+/// Encodes `message` as one frame (length prefix included).
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(message).expect("serializing to a Vec cannot fail");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Checks a length prefix before anything is read or allocated.
+pub fn check_frame_len(len: u32) -> Result<usize, WireError> {
+    if len > MAX_FRAME_BYTES {
+        return Err(WireError::TooLarge(u64::from(len)));
+    }
+    Ok(len as usize)
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
+    if body.len() > MAX_FRAME_BYTES as usize {
+        return Err(WireError::TooLarge(body.len() as u64));
+    }
+    let (message, rest) =
+        postcard::take_from_bytes(body).map_err(|error| WireError::Decode(error.to_string()))?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(format!("{} trailing bytes", rest.len())));
+    }
+    Ok(message)
+}
+
+/// Splits a buffer holding zero or more complete frames (and maybe a partial one) into frame
+/// bodies; returns them and the number of bytes consumed. Used by the fuzz target and by tests.
+pub fn split_frames(buffer: &[u8]) -> Result<(Vec<&[u8]>, usize), WireError> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while buffer.len() - at >= 4 {
+        let len = u32::from_le_bytes(buffer[at..at + 4].try_into().expect("4 bytes"));
+        let len = check_frame_len(len)?;
+        if buffer.len() - at - 4 < len {
+            break;
+        }
+        frames.push(&buffer[at + 4..at + 4 + len]);
+        at += 4 + len;
+    }
+    Ok((frames, at))
+}
+
+/// Checks a volume name: it becomes a directory name on the receiver.
+pub fn check_volume_name(name: &str) -> Result<(), WireError> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_VOLUME_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(WireError::VolumeName(name.chars().take(80).collect()))
+    }
+}
+
+/// Checks a hello's fields (not the grant: that is the receiver's policy).
+pub fn check_hello(hello: &Hello) -> Result<(), WireError> {
+    check_volume_name(&hello.volume)?;
+    if hello.source_id.is_empty() || hello.source_id.len() > MAX_SOURCE_ID {
+        return Err(WireError::Hello(format!(
+            "source id must be 1-{MAX_SOURCE_ID} bytes"
+        )));
+    }
+    if !hello.chunk_bytes.is_power_of_two()
+        || !(4096..=u64::from(MAX_WRITE_BYTES)).contains(&hello.chunk_bytes)
+    {
+        return Err(WireError::Hello(format!(
+            "chunk size {} is not a power of two between 4 KiB and 1 MiB",
+            hello.chunk_bytes
+        )));
+    }
+    if hello.size_bytes == 0 || !hello.size_bytes.is_multiple_of(512) || hello.size_bytes > 1 << 56
+    {
+        return Err(WireError::Hello(format!(
+            "volume size {} is not a positive multiple of 512 below 2^56",
+            hello.size_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a byte range against a volume of `size` bytes.
+pub fn check_range(offset: u64, length: u64, size: u64) -> Result<(), WireError> {
+    if length == 0 {
+        return Err(WireError::Empty);
+    }
+    if !offset.is_multiple_of(512) || !length.is_multiple_of(512) {
+        return Err(WireError::Unaligned { offset, length });
+    }
+    match offset.checked_add(length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(WireError::OutOfRange {
+            offset,
+            length,
+            size,
+        }),
+    }
+}
+
+/// A data frame after checking and decoding: what the journal stores.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CheckedData {
+    /// Decoded bytes at an offset.
+    Write {
+        /// Offset.
+        offset: u64,
+        /// Decoded bytes.
+        data: Vec<u8>,
+    },
+    /// A zero range.
+    Zero {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+}
+
+/// Checks a data frame against the open cycle and the volume size, and decodes its payload
+/// (decompression is bounded by the declared length).
+pub fn check_data_frame(
+    frame: DataFrame,
+    open_seq: u64,
+    size: u64,
+) -> Result<CheckedData, WireError> {
+    match frame {
+        DataFrame::Write {
+            seq,
+            offset,
+            codec,
+            raw_len,
+            data,
+        } => {
+            if seq != open_seq {
+                return Err(WireError::WrongCycle {
+                    got: seq,
+                    open: open_seq,
+                });
+            }
+            if raw_len > MAX_WRITE_BYTES {
+                return Err(WireError::WriteTooLarge(u64::from(raw_len)));
+            }
+            check_range(offset, u64::from(raw_len), size)?;
+            let data = match codec {
+                Codec::Raw => data,
+                Codec::Zstd => zstd::bulk::decompress(&data, raw_len as usize)
+                    .map_err(|error| WireError::Payload(format!("zstd: {error}")))?,
+            };
+            if data.len() != raw_len as usize {
+                return Err(WireError::Payload(format!(
+                    "{} bytes where {raw_len} were declared",
+                    data.len()
+                )));
+            }
+            Ok(CheckedData::Write { offset, data })
+        }
+        DataFrame::Zero {
+            seq,
+            offset,
+            length,
+        } => {
+            if seq != open_seq {
+                return Err(WireError::WrongCycle {
+                    got: seq,
+                    open: open_seq,
+                });
+            }
+            check_range(offset, length, size)?;
+            Ok(CheckedData::Zero { offset, length })
+        }
+    }
+}
+
+/// Checks a hash request against a volume of `chunks` chunks.
+pub fn check_hash_request(first_chunk: u64, count: u32, chunks: u64) -> Result<(), WireError> {
+    if count == 0 || count > MAX_HASHES_PER_REQUEST {
+        return Err(WireError::Hello(format!(
+            "hash request for {count} chunks (1-{MAX_HASHES_PER_REQUEST} allowed)"
+        )));
+    }
+    match first_chunk.checked_add(u64::from(count)) {
+        Some(end) if end <= chunks => Ok(()),
+        _ => Err(WireError::OutOfRange {
+            offset: first_chunk,
+            length: u64::from(count),
+            size: chunks,
+        }),
+    }
+}
+
+/// The hash of a chunk's content.
+pub fn chunk_hash(data: &[u8]) -> ChunkHash {
+    *blake3::hash(data).as_bytes()
+}
+
+/// Whether `data` is all zeros.
+pub fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(8);
+    let tail = words.remainder();
+    words
+        .map(|word| u64::from_ne_bytes(word.try_into().expect("8 bytes")))
+        .fold(0, |acc, word| acc | word)
+        == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "db-1".into(),
+            source_id: "loop:/tmp/x".into(),
+            size_bytes: 1 << 30,
+            chunk_bytes: 65536,
+        }
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let message = AgentMessage::Hello(hello());
+        let frame = encode(&message);
+        let (bodies, used) = split_frames(&frame).unwrap();
+        assert_eq!(used, frame.len());
+        assert_eq!(decode::<AgentMessage>(bodies[0]).unwrap(), message);
+    }
+
+    #[test]
+    fn oversized_length_is_rejected_before_reading() {
+        let mut frame = (MAX_FRAME_BYTES + 1).to_le_bytes().to_vec();
+        frame.extend_from_slice(&[0; 16]);
+        assert_eq!(
+            split_frames(&frame).unwrap_err(),
+            WireError::TooLarge(u64::from(MAX_FRAME_BYTES) + 1)
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let mut body = postcard::to_stdvec(&AgentMessage::Flush { frames: 3 }).unwrap();
+        body.push(0);
+        assert!(matches!(
+            decode::<AgentMessage>(&body),
+            Err(WireError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn volume_names() {
+        for good in ["a", "db-1", "vol_2.img", &"x".repeat(64)] {
+            check_volume_name(good).unwrap();
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "ü", &"x".repeat(65)] {
+            assert!(check_volume_name(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn hello_limits() {
+        check_hello(&hello()).unwrap();
+        let mut bad = hello();
+        bad.chunk_bytes = 3000;
+        assert!(check_hello(&bad).is_err());
+        let mut bad = hello();
+        bad.size_bytes = 1000;
+        assert!(check_hello(&bad).is_err());
+        let mut bad = hello();
+        bad.source_id = String::new();
+        assert!(check_hello(&bad).is_err());
+    }
+
+    #[test]
+    fn data_frames_are_checked_against_cycle_and_size() {
+        let size = 1 << 20;
+        let write = |seq, offset, raw_len: u32, data: Vec<u8>| DataFrame::Write {
+            seq,
+            offset,
+            codec: Codec::Raw,
+            raw_len,
+            data,
+        };
+        assert!(check_data_frame(write(1, 0, 512, vec![1; 512]), 1, size).is_ok());
+        assert!(matches!(
+            check_data_frame(write(2, 0, 512, vec![1; 512]), 1, size),
+            Err(WireError::WrongCycle { .. })
+        ));
+        assert!(matches!(
+            check_data_frame(write(1, size - 512, 1024, vec![1; 1024]), 1, size),
+            Err(WireError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_data_frame(write(1, u64::MAX - 511, 512, vec![1; 512]), 1, size),
+            Err(WireError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            check_data_frame(write(1, 100, 512, vec![1; 512]), 1, size),
+            Err(WireError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            check_data_frame(write(1, 0, 1024, vec![1; 512]), 1, size),
+            Err(WireError::Payload(_))
+        ));
+        let zero = DataFrame::Zero {
+            seq: 1,
+            offset: 0,
+            length: 0,
+        };
+        assert_eq!(check_data_frame(zero, 1, size), Err(WireError::Empty));
+    }
+
+    #[test]
+    fn zstd_payload_is_bounded_by_declared_length() {
+        let data = vec![7u8; 8192];
+        let packed = zstd::bulk::compress(&data, 1).unwrap();
+        let frame = |raw_len| DataFrame::Write {
+            seq: 1,
+            offset: 0,
+            codec: Codec::Zstd,
+            raw_len,
+            data: packed.clone(),
+        };
+        assert_eq!(
+            check_data_frame(frame(8192), 1, 1 << 20).unwrap(),
+            CheckedData::Write { offset: 0, data }
+        );
+        // Declared shorter than the real content: decompression refuses to grow past it.
+        assert!(check_data_frame(frame(4096), 1, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn zero_detection() {
+        assert!(is_zero(&[0; 4099]));
+        let mut data = vec![0u8; 4099];
+        data[4098] = 1;
+        assert!(!is_zero(&data));
+        data[4098] = 0;
+        data[1] = 1;
+        assert!(!is_zero(&data));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            if let Ok((bodies, _)) = split_frames(&bytes) {
+                for body in bodies {
+                    let _ = decode::<AgentMessage>(body);
+                    if let Ok(frame) = decode::<DataFrame>(body) {
+                        let _ = check_data_frame(frame, 1, 1 << 30);
+                    }
+                }
+            }
+            let _ = decode::<DataFrame>(&bytes);
+            let _ = decode::<ReceiverMessage>(&bytes);
+        }
+
+        #[test]
+        fn data_frames_round_trip(offset in 0u64..1 << 40, len in 1u32..8, seq: u64) {
+            let frame = DataFrame::Write {
+                seq, offset: offset * 512, codec: Codec::Raw, raw_len: len * 512,
+                data: vec![3; (len * 512) as usize],
+            };
+            let encoded = encode(&frame);
+            let (bodies, _) = split_frames(&encoded).unwrap();
+            prop_assert_eq!(decode::<DataFrame>(bodies[0]).unwrap(), frame);
+        }
+    }
+}
