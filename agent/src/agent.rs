@@ -138,6 +138,22 @@ pub enum AgentError {
         /// The receiver's words.
         message: String,
     },
+    /// The TLS handshake failed: one side does not admit the other's certificate.
+    #[error(
+        "TLS handshake with {receiver} failed: the receiver does not admit this agent's \
+         certificate ({agent}), or the receiver's certificate is not {pinned}; check both \
+         fingerprints ({detail})"
+    )]
+    Handshake {
+        /// The receiver address.
+        receiver: String,
+        /// Our fingerprint.
+        agent: Fingerprint,
+        /// The receiver fingerprint we pin.
+        pinned: Fingerprint,
+        /// What quinn said.
+        detail: String,
+    },
     /// The receiver closed the connection with an error.
     #[error("the receiver closed the connection: {0}")]
     Closed(String),
@@ -441,6 +457,24 @@ impl Agent {
                     return Ok(());
                 }
                 Err(AgentError::Stopped) => return Ok(()),
+                // `--once` reports a full receiver instead of waiting for space.
+                Err(AgentError::Refused {
+                    code: RefusalCode::DiskFull,
+                    message,
+                }) if self.config.once => {
+                    return Err(AgentError::Refused {
+                        code: RefusalCode::DiskFull,
+                        message,
+                    });
+                }
+                Err(AgentError::Net(error)) if error.is_handshake_refusal() => {
+                    return Err(AgentError::Handshake {
+                        receiver: self.config.receiver.clone(),
+                        agent: self.config.identity.fingerprint(),
+                        pinned: self.config.receiver_fingerprint.clone(),
+                        detail: error.to_string(),
+                    });
+                }
                 Err(error) if error.retryable() => {
                     let delay = plan::reconnect_delay(attempt);
                     attempt += 1;
@@ -862,7 +896,9 @@ impl Agent {
         for (step_start, step_end) in plan::sync_windows(from, self.size, step) {
             let seq = self.state.committed_seq + 1;
             let started = Instant::now();
-            self.begin(link, seq, step_end - step_start).await?;
+            // The data of a sync step is unknown until read: the receiver checks its space as
+            // the journal grows.
+            self.begin(link, seq, 0).await?;
             let mut step_stats = PassStats::default();
             for (start, end) in plan::sync_windows(step_start, step_end, window) {
                 if self.stopping() {
@@ -1016,9 +1052,9 @@ impl Agent {
             })
         });
         drop(tx);
-        let sent = join_senders(senders).await;
+        // A sender's error (the connection broke) explains a producer's "streams closed".
+        stats.wire_bytes = join_senders(senders).await?;
         produced?;
-        stats.wire_bytes = sent?;
         Ok(stats)
     }
 

@@ -512,6 +512,7 @@ pub fn agent_exit_code(error: &AgentError) -> u8 {
             ..
         } => 6,
         AgentError::Net(error) if error.is_handshake_refusal() => 6,
+        AgentError::Handshake { .. } => 6,
         AgentError::Read(crate::read::ReadError::Open { .. }) => 4,
         _ => 1,
     }

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// How long a silent connection lives (keep-alives are sent at a third of it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Network errors.
 #[derive(Debug, thiserror::Error)]
@@ -122,10 +122,26 @@ pub fn server_endpoint(
         .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(window)));
-    Endpoint::server(config, listen).map_err(|source| NetError::Bind {
+    // The stateless-reset key is derived from the identity, so a restarted receiver can tell
+    // agents at once that their old connection is gone (instead of them waiting for the idle
+    // timeout).
+    let mut seed = b"blkmirror stateless reset key".to_vec();
+    seed.extend_from_slice(identity.key.secret_der());
+    let secret = ring::digest::digest(&ring::digest::SHA256, &seed);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let bind_error = |source| NetError::Bind {
         addr: listen,
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+    Endpoint::new(
+        endpoint_config,
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)
 }
 
 /// The fingerprint of the certificate the peer presented.

@@ -7,7 +7,7 @@
 //! is discarded, so nothing of it reaches the image. Other connections are not affected.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -89,7 +89,21 @@ pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverE
 struct Context {
     data_dir: PathBuf,
     grants: Grants,
-    busy: Mutex<HashSet<String>>,
+    /// Volumes with a live session, and the connection that holds each.
+    busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
+}
+
+impl Context {
+    /// Ends `connection`'s claim on `volume` (not a newer connection's).
+    fn release(&self, volume: &str, connection: &quinn::Connection) {
+        let mut busy = self.busy.lock().expect("busy lock");
+        if busy
+            .get(volume)
+            .is_some_and(|(_, holder)| holder.stable_id() == connection.stable_id())
+        {
+            busy.remove(volume);
+        }
+    }
 }
 
 /// A refusal: code and message for the agent and the log.
@@ -168,7 +182,7 @@ pub async fn serve(
     let context = Arc::new(Context {
         data_dir: config.data_dir,
         grants: config.grants,
-        busy: Mutex::new(HashSet::new()),
+        busy: Mutex::new(HashMap::new()),
     });
     loop {
         tokio::select! {
@@ -220,7 +234,7 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         if let Ok(mut volume) = volume.lock() {
             volume.abort();
         }
-        context.busy.lock().expect("busy lock").remove(&name);
+        context.release(&name, &connection);
     }
     match outcome {
         Ok(()) => log(format!("agent {fingerprint} from {remote}: disconnected")),
@@ -260,6 +274,45 @@ impl Session {
         result
     }
 
+    /// Marks the volume busy. The same agent reconnecting supersedes its old connection (which
+    /// is dead or dying: an agent runs one session per volume); another agent is refused.
+    async fn claim(&self, volume: &str) -> Result<(), Refusal> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            {
+                let mut busy = self.context.busy.lock().expect("busy lock");
+                match busy.get(volume) {
+                    None => {
+                        busy.insert(
+                            volume.to_owned(),
+                            (self.fingerprint.clone(), self.connection.clone()),
+                        );
+                        return Ok(());
+                    }
+                    Some((holder, old)) if *holder == self.fingerprint => {
+                        old.close(
+                            quinn::VarInt::from_u32(1),
+                            b"superseded by a new connection",
+                        );
+                    }
+                    Some(_) => {
+                        return Err(Refusal::new(
+                            RefusalCode::Sequence,
+                            format!("volume {volume} is in use by another connection"),
+                        ));
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Refusal::new(
+                    RefusalCode::Sequence,
+                    format!("volume {volume} is still held by an older connection"),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn control(
         &mut self,
         send: &mut quinn::SendStream,
@@ -290,18 +343,7 @@ impl Session {
                 format!("volume {} is not granted to this agent", hello.volume),
             ));
         }
-        if !self
-            .context
-            .busy
-            .lock()
-            .expect("busy lock")
-            .insert(hello.volume.clone())
-        {
-            return Err(Refusal::new(
-                RefusalCode::Sequence,
-                format!("volume {} is in use by another connection", hello.volume),
-            ));
-        }
+        self.claim(&hello.volume).await?;
         let data_dir = self.context.data_dir.clone();
         let opened = {
             let hello = hello.clone();
@@ -312,11 +354,7 @@ impl Session {
         let (volume, new_volume) = match opened {
             Ok((volume, new_volume, _)) => (volume, new_volume),
             Err(error) => {
-                self.context
-                    .busy
-                    .lock()
-                    .expect("busy lock")
-                    .remove(&hello.volume);
+                self.context.release(&hello.volume, &self.connection);
                 return Err(error.into());
             }
         };
@@ -383,11 +421,11 @@ impl Session {
                         net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
                     }
                     AgentMessage::Flush { frames } => {
-                        wait_frames(&mut journaled, &volume, frames).await?;
+                        wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         net::write_frame(send, &ReceiverMessage::Flushed { frames }).await?;
                     }
                     AgentMessage::Commit { frames, point } => {
-                        wait_frames(&mut journaled, &volume, frames).await?;
+                        wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         let volume = volume.clone();
                         let seq = tokio::task::spawn_blocking(move || {
                             let mut volume = volume.lock().expect("volume lock");
@@ -410,6 +448,7 @@ impl Session {
 
 /// Waits until `frames` data frames of the open cycle are journaled.
 async fn wait_frames(
+    connection: &quinn::Connection,
     journaled: &mut watch::Receiver<u64>,
     volume: &SharedVolume,
     frames: u64,
@@ -428,7 +467,13 @@ async fn wait_frames(
                 format!("{got} data frames arrived, the agent announced {frames}"),
             ));
         }
-        match tokio::time::timeout(FRAME_WAIT, journaled.changed()).await {
+        let changed = tokio::select! {
+            changed = tokio::time::timeout(FRAME_WAIT, journaled.changed()) => changed,
+            error = connection.closed() => {
+                return Err(Refusal::new(RefusalCode::Sequence, format!("connection closed: {error}")));
+            }
+        };
+        match changed {
             Ok(Ok(())) => {}
             Ok(Err(_)) | Err(_) => {
                 return Err(Refusal::new(

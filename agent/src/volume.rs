@@ -44,7 +44,9 @@ const RECENT_POINTS: usize = 64;
 /// Journal records larger than this are corrupt by definition.
 const MAX_RECORD: u32 = wire::MAX_FRAME_BYTES + 4096;
 /// Space kept free on the receiver beyond a cycle's needs.
-const SPACE_MARGIN: u64 = 64 << 20;
+const SPACE_MARGIN: u64 = 16 << 20;
+/// Free space is checked again after this many journaled bytes.
+const SPACE_CHECK_EVERY: u64 = 8 << 20;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -127,16 +129,31 @@ pub struct VolumeMeta {
 /// One journal record.
 #[derive(Debug, Serialize, Deserialize)]
 enum Record {
-    Begin { seq: u64 },
-    Write { offset: u64, data: Vec<u8> },
-    Zero { offset: u64, length: u64 },
-    Commit { point: PointInfo },
+    Begin {
+        seq: u64,
+    },
+    Write {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
+    Commit {
+        point: PointInfo,
+    },
 }
 
 /// The open cycle's journal.
 struct OpenCycle {
     seq: u64,
     frames: u64,
+    /// Data bytes journaled: the most the image can grow when the cycle is applied.
+    bytes: u64,
+    /// `bytes` at the last free-space check.
+    checked: u64,
     writer: BufWriter<File>,
 }
 
@@ -306,6 +323,8 @@ impl Volume {
         let mut cycle = OpenCycle {
             seq,
             frames: 0,
+            bytes: 0,
+            checked: 0,
             writer: BufWriter::with_capacity(4 << 20, file),
         };
         append(&mut cycle.writer, &Record::Begin { seq }, &path)?;
@@ -326,11 +345,31 @@ impl Volume {
             .as_mut()
             .ok_or_else(|| StoreError::Sequence("data frame outside a cycle".into()))?;
         let record = match data {
-            CheckedData::Write { offset, data } => Record::Write { offset, data },
+            CheckedData::Write { offset, data } => {
+                cycle.bytes += data.len() as u64;
+                Record::Write { offset, data }
+            }
             CheckedData::Zero { offset, length } => Record::Zero { offset, length },
         };
         append(&mut cycle.writer, &record, &path)?;
         cycle.frames += 1;
+        // The journal itself is on disk already; what must stay free is room for the image to
+        // grow by what this cycle will write into it (checked every few MiB).
+        if cycle.bytes - cycle.checked >= SPACE_CHECK_EVERY {
+            cycle.checked = cycle.bytes;
+            let available =
+                sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+            if available < cycle.bytes.saturating_add(SPACE_MARGIN) {
+                let seq = cycle.seq;
+                let bytes = cycle.bytes;
+                self.abort();
+                return Err(StoreError::DiskFull(format!(
+                    "cycle {seq} has {bytes} bytes to apply and only {available} bytes are free \
+                     in {}",
+                    self.dir.display()
+                )));
+            }
+        }
         Ok(())
     }
 

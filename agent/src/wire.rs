@@ -109,6 +109,7 @@ pub enum DataFrame {
         /// Length of the decoded data (a multiple of 512, at most [`MAX_WRITE_BYTES`]).
         raw_len: u32,
         /// The encoded data.
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// A range that reads as zeros (discarded, zeroed, or all-zero data): no payload.

@@ -17,6 +17,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod mirror;
+
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn unique(prefix: &str) -> String {
@@ -210,6 +212,13 @@ impl Mount {
         fs::create_dir_all(&target).expect("mount point");
         sh("mount", &[dev, target.to_str().expect("utf-8 path")]);
         Self { target }
+    }
+}
+
+impl Mount {
+    /// Unmounts now (asserting success); the drop then has nothing left to do.
+    pub fn unmount(&self) {
+        sh("umount", &[self.target.to_str().expect("utf-8 path")]);
     }
 }
 
@@ -500,4 +509,12 @@ pub fn extents_of(lines: &[serde_json::Value], kind: &str) -> Vec<(u64, u64)> {
             )
         })
         .collect()
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; the pid is a child we spawned.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
 }

@@ -1,0 +1,389 @@
+//! Helpers for the replication tests: identities, a receiver process on 127.0.0.1, agent runs,
+//! and a file-writing workload. Every process is killed on drop.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{PinRoot, blkmirror, parse_lines};
+
+/// An identity made by `blkmirror keygen`.
+pub struct Id {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its fingerprint.
+    pub fingerprint: String,
+}
+
+impl Id {
+    /// Runs `blkmirror keygen --out DIR/NAME`.
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let out = dir.join(name);
+        let output = blkmirror()
+            .args(["keygen", "--out"])
+            .arg(&out)
+            .output()
+            .expect("running keygen");
+        assert!(
+            output.status.success(),
+            "keygen failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let fingerprint = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+        assert_eq!(fingerprint.len(), 64, "fingerprint {fingerprint:?}");
+        Self {
+            dir: out,
+            fingerprint,
+        }
+    }
+}
+
+/// A running `blkmirror receiver`; killed (SIGKILL) on drop.
+pub struct Receiver {
+    child: Child,
+    /// The address it listens on.
+    pub addr: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its identity.
+    pub fingerprint: String,
+    log: Arc<Mutex<String>>,
+    args: Vec<String>,
+}
+
+impl Receiver {
+    /// Starts a receiver on 127.0.0.1 (`port` 0: any free port) with `allow` grants.
+    pub fn start(data_dir: &Path, id: &Id, allow: &[String], port: u16) -> Self {
+        let mut args = vec![
+            "receiver".to_owned(),
+            "--listen".to_owned(),
+            format!("127.0.0.1:{port}"),
+            "--data-dir".to_owned(),
+            data_dir.display().to_string(),
+            "--identity".to_owned(),
+            id.dir.display().to_string(),
+        ];
+        for grant in allow {
+            args.push("--allow".to_owned());
+            args.push(grant.clone());
+        }
+        Self::spawn(args, data_dir, &id.fingerprint)
+    }
+
+    fn spawn(args: Vec<String>, data_dir: &Path, fingerprint: &str) -> Self {
+        let mut child = blkmirror()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the receiver");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr = rest.split(' ').next().unwrap_or_default().to_owned();
+                    let _ = tx.send(addr);
+                }
+                if let Ok(mut text) = sink.lock() {
+                    text.push_str(&line);
+                    text.push('\n');
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the receiver did not start: {}",
+                    log.lock().map(|s| s.clone()).unwrap_or_default()
+                )
+            });
+        Self {
+            child,
+            addr,
+            data_dir: data_dir.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            log,
+            args,
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
+    /// SIGKILLs it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same arguments (and the same port).
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port();
+        let mut args = self.args.clone();
+        if let Some(listen) = args.iter().position(|a| a == "--listen") {
+            args[listen + 1] = format!("127.0.0.1:{port}");
+        }
+        let log = self.log.lock().map(|s| s.clone()).unwrap_or_default();
+        let mut fresh = Self::spawn(args, &self.data_dir.clone(), &self.fingerprint.clone());
+        if let Ok(mut text) = fresh.log.lock() {
+            text.insert_str(0, &log);
+        }
+        std::mem::swap(self, &mut fresh);
+        // `fresh` now holds the dead process; its drop is harmless.
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The image of `volume`.
+    pub fn image(&self, volume: &str) -> PathBuf {
+        self.data_dir.join(volume).join("image.raw")
+    }
+
+    /// The metadata of `volume`.
+    pub fn meta(&self, volume: &str) -> serde_json::Value {
+        let text = fs::read_to_string(self.data_dir.join(volume).join("volume.json"))
+            .expect("volume.json");
+        serde_json::from_str(&text).expect("volume.json is JSON")
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How an agent run is set up.
+pub struct AgentSetup<'a> {
+    /// The device.
+    pub device: &'a Path,
+    /// The volume name.
+    pub volume: &'a str,
+    /// The receiver.
+    pub receiver: &'a Receiver,
+    /// The agent's identity.
+    pub id: &'a Id,
+    /// Pins.
+    pub pins: &'a PinRoot,
+    /// State directory.
+    pub state_dir: &'a Path,
+    /// Pin this receiver fingerprint instead of the receiver's own.
+    pub receiver_fingerprint: Option<&'a str>,
+}
+
+impl AgentSetup<'_> {
+    /// The arguments of `blkmirror agent` for this setup, plus `extra`.
+    pub fn args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "agent",
+            "--device",
+            self.device.to_str().expect("utf-8"),
+            "--volume",
+            self.volume,
+            "--receiver",
+            &self.receiver.addr,
+            "--receiver-fingerprint",
+            self.receiver_fingerprint
+                .unwrap_or(&self.receiver.fingerprint),
+            "--identity",
+            self.id.dir.to_str().expect("utf-8"),
+            "--json",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(crate::state_args(self.pins, self.state_dir));
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
+    }
+
+    /// Runs `agent --once` to completion (killed after `timeout`); returns the output and its
+    /// JSON lines.
+    pub fn once(&self, extra: &[&str], timeout: Duration) -> (Output, Vec<serde_json::Value>) {
+        let mut args = self.args(extra);
+        args.push("--once".to_owned());
+        let child = blkmirror()
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the agent");
+        let pid = child.id();
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let watchdog = std::thread::spawn(move || {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if flag.load(Ordering::SeqCst) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            crate::signal(pid, libc::SIGKILL);
+            true
+        });
+        let output = child.wait_with_output().expect("agent output");
+        done.store(true, Ordering::SeqCst);
+        let killed = watchdog.join().unwrap_or(false);
+        assert!(
+            !killed,
+            "agent --once did not finish within {timeout:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines = parse_lines(&String::from_utf8_lossy(&output.stdout));
+        (output, lines)
+    }
+
+    /// Like [`Self::once`], and asserts success; returns the JSON lines.
+    pub fn once_ok(&self, extra: &[&str]) -> Vec<serde_json::Value> {
+        let (output, lines) = self.once(extra, Duration::from_secs(180));
+        assert!(
+            output.status.success(),
+            "agent --once failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        lines
+    }
+
+    /// Starts a long-running agent (no `--once`).
+    pub fn spawn(&self, extra: &[&str]) -> Child {
+        blkmirror()
+            .args(self.args(extra))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the agent")
+    }
+}
+
+/// The committed-point lines of an agent's output.
+pub fn committed(lines: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    lines.iter().filter(|l| l["event"] == "committed").collect()
+}
+
+/// The last committed line of a complete point.
+pub fn last_point(lines: &[serde_json::Value]) -> &serde_json::Value {
+    committed(lines)
+        .into_iter()
+        .rev()
+        .find(|l| l["complete"] == true)
+        .unwrap_or_else(|| panic!("no complete point in {lines:?}"))
+}
+
+/// Asserts two files (or devices) have equal content.
+pub fn assert_same(a: &Path, b: &Path) {
+    let output = std::process::Command::new("cmp")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("running cmp");
+    assert!(
+        output.status.success(),
+        "{} and {} differ: {}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// A BLAKE3 digest of a whole file or device.
+pub fn digest(path: &Path) -> String {
+    let data = fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    blake3_hex(&data)
+}
+
+fn blake3_hex(data: &[u8]) -> String {
+    blkmirror::wire::chunk_hash(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A thread that keeps creating, rewriting, fsync-ing and deleting files in a directory until
+/// stopped.
+pub struct Workload {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Workload {
+    /// Starts writing in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let dir = dir.join("workload");
+        fs::create_dir_all(&dir).expect("workload dir");
+        let thread = std::thread::spawn(move || {
+            let mut round = 0u64;
+            let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+            while !flag.load(Ordering::SeqCst) {
+                let name = dir.join(format!("f{}", round % 40));
+                let len = 4096 + (seed % (256 * 1024)) as usize;
+                let data: Vec<u8> = (0..len)
+                    .map(|i| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(i as u64);
+                        (seed >> 56) as u8
+                    })
+                    .collect();
+                if let Ok(mut file) = fs::File::create(&name) {
+                    let _ = file.write_all(&data);
+                    if round.is_multiple_of(3) {
+                        let _ = file.sync_all();
+                    }
+                }
+                if round.is_multiple_of(7) {
+                    let _ = fs::remove_file(dir.join(format!("f{}", (round + 13) % 40)));
+                }
+                round += 1;
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            round
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops it; returns how many files it wrote.
+    pub fn stop(&mut self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("workload thread"))
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,670 @@
+//! Replication end to end, as root: the real eBPF tracker on loop devices, the real `blkmirror`
+//! agent and receiver over QUIC on 127.0.0.1, real file systems.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use blkmirror::{
+    identity::{Fingerprint, Identity},
+    net,
+    wire::{self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, ReceiverMessage},
+};
+use blkmirror_tests::{
+    LoopDevice, Mount, PinRoot, Scratch,
+    mirror::{AgentSetup, Id, Receiver, Workload, assert_same, committed, digest, last_point},
+    require_root, sh, signal,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// Writes `len` bytes of random data at `offset` of `device` (O_DIRECT).
+fn write_random(device: &Path, offset: u64, len: u64) {
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", device.display()),
+            "bs=64K",
+            &format!("seek={}", offset / 65536),
+            &format!("count={}", len / 65536),
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .args(["iflag=fullblock"])
+        .status()
+        .expect("dd");
+    assert!(status.success(), "dd failed");
+}
+
+/// The two identities and a receiver granting `agent` the `volumes`.
+struct Site {
+    scratch: Scratch,
+    pins: PinRoot,
+    agent: Id,
+    receiver: Receiver,
+}
+
+impl Site {
+    fn new(volumes: &str) -> Self {
+        let scratch = Scratch::new();
+        let agent = Id::new(&scratch.path, "agent-id");
+        let receiver_id = Id::new(&scratch.path, "receiver-id");
+        let receiver = Receiver::start(
+            &scratch.path.join("data"),
+            &receiver_id,
+            &[format!("{}={volumes}", agent.fingerprint)],
+            0,
+        );
+        Self {
+            pins: PinRoot::new(),
+            scratch,
+            agent,
+            receiver,
+        }
+    }
+
+    fn setup<'a>(&'a self, device: &'a Path, volume: &'a str) -> AgentSetup<'a> {
+        AgentSetup {
+            device,
+            volume,
+            receiver: &self.receiver,
+            id: &self.agent,
+            pins: &self.pins,
+            state_dir: self.scratch.path.join("state").leak(),
+            receiver_fingerprint: None,
+        }
+    }
+}
+
+/// Unmounts (and so detaches the automatic loop device of) a log-replay mount on drop.
+struct ReplayMount(std::path::PathBuf);
+
+impl Drop for ReplayMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Checks a copy of the image with the file system's own checker (read-only).
+fn fsck_clean(image: &Path, fstype: &str, scratch: &Path, label: &str) {
+    let copy = scratch.join(format!("copy-{label}.img"));
+    sh(
+        "cp",
+        &[
+            "--sparse=always",
+            image.to_str().expect("utf-8"),
+            copy.to_str().expect("utf-8"),
+        ],
+    );
+    if fstype == "xfs" {
+        // A frozen XFS keeps its log dirty (crash-consistent: the log is replayed at mount), and
+        // `xfs_repair -n` refuses a dirty log. Replay it the way a restore would: mount the
+        // copy once (its own loop device, auto-detached at unmount).
+        let target = scratch.join(format!("replay-{label}"));
+        std::fs::create_dir_all(&target).expect("mount point");
+        let replay = ReplayMount(target.clone());
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop,nouuid",
+                copy.to_str().expect("utf-8"),
+                target.to_str().expect("utf-8"),
+            ],
+        );
+        drop(replay);
+    }
+    let output = match fstype {
+        "ext4" => Command::new("e2fsck").arg("-fn").arg(&copy).output(),
+        "xfs" => Command::new("xfs_repair")
+            .args(["-n", "-f"])
+            .arg(&copy)
+            .output(),
+        other => panic!("no checker for {other}"),
+    }
+    .expect("running the checker");
+    assert!(
+        output.status.success(),
+        "{fstype} check of the point {label} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_file(&copy);
+}
+
+fn mirror_filesystem(fstype: &str, size: u64) {
+    require_root();
+    let site = Site::new("fs");
+    let dev = LoopDevice::new(&site.scratch.path, size);
+    let mount = Mount::mkfs_and_mount(&dev.path, fstype, &site.scratch.path);
+    let agent = site.setup(&dev.path, "fs");
+    let mut workload = Workload::start(&mount.target);
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let lines = agent.once_ok(&[]);
+        let point = last_point(&lines);
+        assert_eq!(
+            point["consistent"], true,
+            "a point of a mounted file system must be frozen: {point}"
+        );
+        assert!(
+            point["freeze_ms"].as_u64().expect("freeze_ms") < 2000,
+            "{point}"
+        );
+        // The receiver is idle now: the image is exactly this point.
+        fsck_clean(
+            &site.receiver.image("fs"),
+            fstype,
+            &site.scratch.path,
+            &format!("round-{round}"),
+        );
+    }
+    let files = workload.stop();
+    assert!(files > 10, "the workload wrote only {files} files");
+    mount.unmount();
+    let lines = agent.once_ok(&[]);
+    assert_eq!(
+        last_point(&lines)["consistent"],
+        false,
+        "no mount, no freeze"
+    );
+    assert_same(&dev.path, &site.receiver.image("fs"));
+}
+
+#[test]
+fn ext4_replica_equals_device_and_mid_workload_points_pass_e2fsck() {
+    mirror_filesystem("ext4", 256 * MIB);
+}
+
+#[test]
+fn xfs_replica_equals_device_and_mid_workload_points_pass_xfs_repair() {
+    mirror_filesystem("xfs", 512 * MIB);
+}
+
+#[test]
+fn receiver_killed_at_any_instant_restarts_at_a_committed_point() {
+    require_root();
+    let mut site = Site::new("raw");
+    let dev = LoopDevice::new(&site.scratch.path, 96 * MIB);
+    write_random(&dev.path, 0, 8 * MIB);
+    site.setup(&dev.path, "raw").once_ok(&[]);
+    // How long one undisturbed cycle of this size takes here: the kills are spread over it, so
+    // they land while journaling, while committing and while applying.
+    write_random(&dev.path, 0, 40 * MIB);
+    let timed = Instant::now();
+    site.setup(&dev.path, "raw")
+        .once_ok(&["--compression", "off"]);
+    let cycle = timed.elapsed();
+    let mut previous = digest(&dev.path);
+    let (mut before, mut after) = (0, 0);
+    for (round, fraction) in [0.3, 0.6, 0.8, 0.9, 0.97, 1.02].into_iter().enumerate() {
+        let round = round as u64;
+        write_random(&dev.path, (round % 3) * 24 * MIB, 40 * MIB);
+        let next = digest(&dev.path);
+        let round_started = Instant::now();
+        let setup = site.setup(&dev.path, "raw");
+        let mut args = setup.args(&["--once", "--compression", "off"]);
+        args.retain(|a| a != "--json");
+        let mut agent = blkmirror_tests::blkmirror()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent");
+        std::thread::sleep(cycle.mul_f64(fraction));
+        site.receiver.kill();
+        signal(agent.id(), libc::SIGSTOP);
+        site.receiver.restart();
+        let image = digest(&site.receiver.image("raw"));
+        assert!(
+            image == previous || image == next,
+            "round {round}: after a SIGKILL the image is neither the previous point nor the new \
+             one"
+        );
+        if image == previous {
+            before += 1;
+        } else {
+            after += 1;
+        }
+        signal(agent.id(), libc::SIGCONT);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = agent.try_wait().expect("wait") {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut stderr = String::new();
+        if let Some(mut pipe) = agent.stderr.take() {
+            use std::io::Read as _;
+            let _ = pipe.read_to_string(&mut stderr);
+        }
+        eprintln!("round {round} took {:?}", round_started.elapsed());
+        assert!(
+            status.success(),
+            "round {round}: agent failed: {status}: {stderr}"
+        );
+        assert_eq!(
+            digest(&site.receiver.image("raw")),
+            next,
+            "round {round}: the next cycle must complete"
+        );
+        previous = next;
+    }
+    eprintln!(
+        "receiver kills ({cycle:?} per cycle): {before} left the previous point, {after} the new one"
+    );
+}
+
+#[test]
+fn agent_killed_mid_cycle_resends_only_what_was_not_committed() {
+    require_root();
+    let site = Site::new("raw");
+    let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    let agent = site.setup(&dev.path, "raw");
+    agent.once_ok(&[]);
+    // A: committed.
+    write_random(&dev.path, 0, 8 * MIB);
+    let lines = agent.once_ok(&["--compression", "off"]);
+    assert_eq!(last_point(&lines)["read_bytes"], 8 * MIB);
+    // B: the agent is killed while sending it (capped at 2 MiB/s, it needs ~8 s).
+    write_random(&dev.path, 32 * MIB, 16 * MIB);
+    let mut slow = agent.spawn(&[
+        "--max-rate",
+        "2MiB",
+        "--compression",
+        "off",
+        "--interval",
+        "1h",
+    ]);
+    std::thread::sleep(Duration::from_millis(2500));
+    slow.kill().expect("kill");
+    let output = slow.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        !text.contains("\"kind\":\"cycle\""),
+        "the slow cycle was not supposed to finish: {text}"
+    );
+    // The restart sends B, and not A again.
+    let lines = agent.once_ok(&["--compression", "off"]);
+    let cycle = last_point(&lines);
+    let read = cycle["read_bytes"].as_u64().expect("read_bytes");
+    assert!(
+        (16 * MIB..=16 * MIB + MIB).contains(&read),
+        "after the restart the agent read {read} bytes; B is 16 MiB and A (8 MiB) was committed"
+    );
+    assert_same(&dev.path, &site.receiver.image("raw"));
+}
+
+#[test]
+fn verify_resync_after_losing_the_pins_moves_about_what_changed() {
+    require_root();
+    let site = Site::new("raw");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    write_random(&dev.path, 0, 128 * MIB);
+    let agent = site.setup(&dev.path, "raw");
+    agent.once_ok(&["--compression", "off"]);
+    assert_same(&dev.path, &site.receiver.image("raw"));
+    // Tracking is lost (as after a reboot), then ~1% of the device changes unseen.
+    let mut untrack = blkmirror_tests::blkmirror();
+    untrack.arg("untrack").arg(&dev.path);
+    untrack.args(blkmirror_tests::state_args(
+        &site.pins,
+        &site.scratch.path.join("state"),
+    ));
+    assert!(untrack.status().expect("untrack").success());
+    let changed = 20 * 65536;
+    for i in 0..20 {
+        write_random(&dev.path, (i * 97 + 5) % 2000 * 65536, 65536);
+    }
+    let lines = agent.once_ok(&["--compression", "off"]);
+    let sent: u64 = committed(&lines)
+        .iter()
+        .map(|l| l["sent_bytes"].as_u64().expect("sent_bytes"))
+        .sum();
+    assert!(
+        (changed..=3 * changed).contains(&sent),
+        "verify sync sent {sent} bytes for {changed} changed (128 MiB device)"
+    );
+    assert_same(&dev.path, &site.receiver.image("raw"));
+}
+
+#[test]
+fn unknown_agents_wrong_receivers_and_other_volumes_are_refused() {
+    require_root();
+    let site = Site::new("vol-a");
+    let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    let stranger = Id::new(&site.scratch.path, "stranger");
+    let expect_refusal = |setup: &AgentSetup<'_>, words: &str| {
+        let (output, _) = setup.once(&[], Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(6), "{stderr}");
+        assert!(stderr.contains(words), "expected {words:?} in: {stderr}");
+    };
+    let mut as_stranger = site.setup(&dev.path, "vol-a");
+    as_stranger.id = &stranger;
+    expect_refusal(&as_stranger, "handshake");
+    assert!(
+        site.receiver.log().contains("refused connection"),
+        "{}",
+        site.receiver.log()
+    );
+    expect_refusal(&site.setup(&dev.path, "vol-b"), "not granted");
+    assert!(!site.receiver.data_dir.join("vol-b").exists());
+    // The agent pins the receiver: another receiver fingerprint is refused by the agent.
+    let wrong = Receiver::start(
+        &site.scratch.path.join("data2"),
+        &stranger,
+        &[format!("{}=vol-a", site.agent.fingerprint)],
+        0,
+    );
+    let mut to_wrong = site.setup(&dev.path, "vol-a");
+    to_wrong.receiver = &wrong;
+    to_wrong.receiver_fingerprint = Some(&site.receiver.fingerprint);
+    expect_refusal(&to_wrong, "handshake");
+    site.setup(&dev.path, "vol-a").once_ok(&[]);
+}
+
+#[test]
+fn a_device_other_than_the_replicas_source_is_refused() {
+    require_root();
+    let site = Site::new("vol");
+    let one = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    let two = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    site.setup(&one.path, "vol").once_ok(&[]);
+    let (output, _) = site
+        .setup(&two.path, "vol")
+        .once(&[], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("refusing to overwrite"), "{stderr}");
+    // With a fresh agent state, the receiver refuses it too.
+    let mut fresh = site.setup(&two.path, "vol");
+    fresh.state_dir = site.scratch.path.join("state-2").leak();
+    let (output, _) = fresh.once(&[], Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("was made from"), "{stderr}");
+}
+
+#[test]
+fn full_receiver_refuses_the_cycle_and_keeps_its_point() {
+    require_root();
+    let scratch = Scratch::new();
+    let small = LoopDevice::new(&scratch.path, 200 * MIB);
+    let data = Mount::mkfs_and_mount(&small.path, "ext4", &scratch.path);
+    let agent_id = Id::new(&scratch.path, "a");
+    let receiver_id = Id::new(&scratch.path, "r");
+    let receiver = Receiver::start(
+        &data.target.join("data"),
+        &receiver_id,
+        &[format!("{}=vol", agent_id.fingerprint)],
+        0,
+    );
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 256 * MIB);
+    write_random(&dev.path, 0, 8 * MIB);
+    let setup = AgentSetup {
+        device: &dev.path,
+        volume: "vol",
+        receiver: &receiver,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: scratch.path.join("state").leak(),
+        receiver_fingerprint: None,
+    };
+    setup.once_ok(&["--compression", "off"]);
+    let image = digest(&receiver.image("vol"));
+    write_random(&dev.path, 64 * MIB, 120 * MIB);
+    let (output, _) = setup.once(&["--compression", "off"], Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("disk full"), "{stderr}");
+    assert_eq!(digest(&receiver.image("vol")), image, "the replica moved");
+    assert_eq!(receiver.meta("vol")["committed_seq"], 2);
+}
+
+/// A client speaking the protocol by hand, to send what no agent would.
+async fn hostile_session(
+    receiver: &Receiver,
+    id: &Id,
+    hello: Hello,
+    attack: impl AsyncFnOnce(&quinn::Connection, &mut quinn::SendStream, &mut quinn::RecvStream),
+) -> String {
+    let identity = Identity::load(&id.dir).expect("identity");
+    let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
+    let (endpoint, config) =
+        net::client_endpoint(&identity, &fingerprint, 8 * MIB).expect("endpoint");
+    let connection = endpoint
+        .connect_with(config, receiver.addr.parse().expect("addr"), "blkmirror")
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = connection.open_bi().await.expect("control stream");
+    net::write_frame(&mut send, &AgentMessage::Hello(hello))
+        .await
+        .expect("hello");
+    let welcome = net::read_frame::<ReceiverMessage>(&mut recv)
+        .await
+        .expect("welcome")
+        .expect("welcome");
+    assert!(
+        matches!(welcome, ReceiverMessage::Welcome(_)),
+        "{welcome:?}"
+    );
+    attack(&connection, &mut send, &mut recv).await;
+    let reason = tokio::time::timeout(Duration::from_secs(20), connection.closed())
+        .await
+        .expect("the receiver must close a hostile connection");
+    endpoint.close(quinn::VarInt::from_u32(0), b"");
+    reason.to_string()
+}
+
+async fn begin(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, seq: u64) {
+    net::write_frame(
+        send,
+        &AgentMessage::Begin(Begin {
+            seq,
+            bytes_estimate: 0,
+        }),
+    )
+    .await
+    .expect("begin");
+    let ready = net::read_frame::<ReceiverMessage>(recv)
+        .await
+        .expect("ready");
+    assert!(
+        matches!(ready, Some(ReceiverMessage::Ready { .. })),
+        "{ready:?}"
+    );
+}
+
+async fn send_data(connection: &quinn::Connection, bytes: &[u8]) {
+    let mut stream = connection.open_uni().await.expect("data stream");
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.finish();
+}
+
+#[test]
+fn malformed_frames_are_refused_without_touching_the_image() {
+    require_root();
+    let site = Site::new("vol");
+    let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    write_random(&dev.path, 0, 4 * MIB);
+    site.setup(&dev.path, "vol").once_ok(&[]);
+    let before = digest(&site.receiver.image("vol"));
+    let meta = site.receiver.meta("vol");
+    let seq = meta["committed_seq"].as_u64().expect("seq") + 1;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "vol".into(),
+        source_id: meta["source_id"].as_str().expect("source").to_owned(),
+        size_bytes: 16 * MIB,
+        chunk_bytes: 65536,
+    };
+    let write = |offset: u64, seq: u64| DataFrame::Write {
+        seq,
+        offset,
+        codec: Codec::Raw,
+        raw_len: 4096,
+        data: vec![0xee; 4096],
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut reasons = Vec::new();
+    runtime.block_on(async {
+        // A length prefix far over the limit.
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, s, r| {
+                    begin(s, r, seq).await;
+                    send_data(c, &u32::MAX.to_le_bytes()).await;
+                },
+            )
+            .await,
+        );
+        // A write past the end of the volume (after a valid one, which must not land either).
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, s, r| {
+                    begin(s, r, seq).await;
+                    let mut bytes = wire::encode(&write(0, seq));
+                    bytes.extend(wire::encode(&write(16 * MIB, seq)));
+                    send_data(c, &bytes).await;
+                    let _ = net::write_frame(
+                        s,
+                        &AgentMessage::Commit {
+                            frames: 2,
+                            point: wire::PointInfo::default(),
+                        },
+                    )
+                    .await;
+                },
+            )
+            .await,
+        );
+        // Bytes that decode to nothing.
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, s, r| {
+                    begin(s, r, seq).await;
+                    let mut bytes = 7u32.to_le_bytes().to_vec();
+                    bytes.extend([0xff; 7]);
+                    send_data(c, &bytes).await;
+                },
+            )
+            .await,
+        );
+        // A frame for another cycle; and data before any Begin.
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, s, r| {
+                    begin(s, r, seq).await;
+                    send_data(c, &wire::encode(&write(0, seq + 5))).await;
+                },
+            )
+            .await,
+        );
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, _, _| {
+                    send_data(c, &wire::encode(&write(0, seq))).await;
+                },
+            )
+            .await,
+        );
+        // A compressed payload that inflates beyond its declared length.
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |c, s, r| {
+                    begin(s, r, seq).await;
+                    let bomb = DataFrame::Write {
+                        seq,
+                        offset: 0,
+                        codec: Codec::Zstd,
+                        raw_len: 512,
+                        data: zstd_of_zeros(1 << 20),
+                    };
+                    send_data(c, &wire::encode(&bomb)).await;
+                },
+            )
+            .await,
+        );
+        // A hash request far over the limit, and a Commit without a cycle.
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |_, s, _| {
+                    let _ = net::write_frame(
+                        s,
+                        &AgentMessage::HashRequest {
+                            first_chunk: 0,
+                            count: 1_000_000,
+                        },
+                    )
+                    .await;
+                },
+            )
+            .await,
+        );
+        reasons.push(
+            hostile_session(
+                &site.receiver,
+                &site.agent,
+                hello.clone(),
+                async |_, s, _| {
+                    let _ = net::write_frame(
+                        s,
+                        &AgentMessage::Commit {
+                            frames: 0,
+                            point: wire::PointInfo::default(),
+                        },
+                    )
+                    .await;
+                },
+            )
+            .await,
+        );
+    });
+    for reason in &reasons {
+        assert!(
+            !reason.contains("timed out"),
+            "a hostile connection must be closed by the receiver: {reasons:?}"
+        );
+    }
+    assert_eq!(digest(&site.receiver.image("vol")), before, "{reasons:?}");
+    assert_eq!(site.receiver.meta("vol")["committed_seq"], seq - 1);
+    // The receiver still serves honest agents.
+    write_random(&dev.path, 0, MIB);
+    site.setup(&dev.path, "vol").once_ok(&[]);
+    assert_same(&dev.path, &site.receiver.image("vol"));
+}
+
+fn zstd_of_zeros(len: usize) -> Vec<u8> {
+    zstd::bulk::compress(&vec![0u8; len], 1).expect("zstd")
+}
