@@ -543,9 +543,11 @@ impl Agent {
         }
         self.reconcile(&welcome)?;
         let mut new_replica = welcome.new_volume;
+        // Decided once from the receiver's view at connect; later only a tracking loss
+        // (`NeedsVerify`) starts another sync.
+        let mut sync_from = self.sync_needed(&welcome, new_replica);
         loop {
-            let sync_from = self.sync_needed(&welcome, new_replica);
-            if let Some(from) = sync_from {
+            if let Some(from) = sync_from.take() {
                 let started = Instant::now();
                 match self.full_sync(&mut link, from, new_replica).await {
                     Ok(()) => {}
@@ -573,6 +575,7 @@ impl Agent {
                     say(format!(
                         "tracking lost history ({reason}); starting a verify sync"
                     ));
+                    sync_from = Some(0);
                     continue;
                 }
                 Err(error) => return Err(error),

@@ -668,3 +668,48 @@ fn malformed_frames_are_refused_without_touching_the_image() {
 fn zstd_of_zeros(len: usize) -> Vec<u8> {
     zstd::bulk::compress(&vec![0u8; len], 1).expect("zstd")
 }
+
+#[test]
+fn continuous_agent_ships_only_changes_and_stops_cleanly_on_sigterm() {
+    require_root();
+    let site = Site::new("raw");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    write_random(&dev.path, 0, 16 * MIB);
+    let agent = site.setup(&dev.path, "raw");
+    let mut child = agent.spawn(&["--interval", "300ms", "--compression", "off"]);
+    let mut written = 0;
+    for i in 0..12 {
+        std::thread::sleep(Duration::from_millis(250));
+        write_random(&dev.path, (20 + i * 7) * MIB, MIB);
+        written += MIB;
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    signal(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = blkmirror_tests::parse_lines(&String::from_utf8_lossy(&output.stdout));
+    let points = committed(&lines);
+    let syncs = points.iter().filter(|l| l["kind"] == "sync-step").count();
+    let cycles: Vec<_> = points.iter().filter(|l| l["kind"] == "cycle").collect();
+    assert_eq!(syncs, 1, "only the first cycle may be a sync: {points:?}");
+    assert!(cycles.len() >= 4, "too few cycles: {points:?}");
+    let read: u64 = cycles
+        .iter()
+        .map(|l| l["read_bytes"].as_u64().expect("read_bytes"))
+        .sum();
+    assert!(
+        read <= written + 2 * MIB,
+        "cycles read {read} bytes for {written} written: {points:?}"
+    );
+    agent.once_ok(&[]);
+    assert_same(&dev.path, &site.receiver.image("raw"));
+}
