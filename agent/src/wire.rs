@@ -489,6 +489,104 @@ pub fn is_zero(data: &[u8]) -> bool {
         && tail.iter().all(|&b| b == 0)
 }
 
+/// The receiver's whole decoding path for untrusted bytes, for the fuzzer and the corpus replay
+/// test: split into frames, decode each as every message type, and check data frames against a
+/// small volume. Must never panic, whatever `bytes` holds.
+pub fn fuzz_decode(bytes: &[u8]) {
+    let Ok((bodies, _)) = split_frames(bytes) else {
+        return;
+    };
+    for body in bodies {
+        if let Ok(AgentMessage::Hello(hello)) = decode::<AgentMessage>(body) {
+            let _ = check_hello(&hello);
+        }
+        if let Ok(AgentMessage::HashRequest { first_chunk, count }) = decode::<AgentMessage>(body) {
+            let _ = check_hash_request(first_chunk, count, 1 << 14);
+        }
+        let _ = decode::<ReceiverMessage>(body);
+        if let Ok(frame) = decode::<DataFrame>(body) {
+            let _ = check_data_frame(frame, 1, 1 << 30);
+        }
+    }
+}
+
+/// Well-formed frames of every kind, to seed the fuzzer's corpus.
+pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "vol".into(),
+        source_id: "loop:/var/tmp/disk.img".into(),
+        size_bytes: 1 << 30,
+        chunk_bytes: 65536,
+    };
+    let packed = zstd::bulk::compress(&[7u8; 4096], 1).expect("zstd");
+    vec![
+        ("hello", encode(&AgentMessage::Hello(hello))),
+        (
+            "hash-request",
+            encode(&AgentMessage::HashRequest {
+                first_chunk: 3,
+                count: 16,
+            }),
+        ),
+        (
+            "begin",
+            encode(&AgentMessage::Begin(Begin {
+                seq: 1,
+                bytes_estimate: 1 << 20,
+            })),
+        ),
+        ("flush", encode(&AgentMessage::Flush { frames: 9 })),
+        (
+            "commit",
+            encode(&AgentMessage::Commit {
+                frames: 2,
+                point: PointInfo {
+                    seq: 1,
+                    complete: true,
+                    consistent: true,
+                    ..PointInfo::default()
+                },
+            }),
+        ),
+        (
+            "write-raw",
+            encode(&DataFrame::Write {
+                seq: 1,
+                offset: 65536,
+                codec: Codec::Raw,
+                raw_len: 512,
+                data: vec![0xab; 512],
+            }),
+        ),
+        (
+            "write-zstd",
+            encode(&DataFrame::Write {
+                seq: 1,
+                offset: 0,
+                codec: Codec::Zstd,
+                raw_len: 4096,
+                data: packed,
+            }),
+        ),
+        (
+            "zero",
+            encode(&DataFrame::Zero {
+                seq: 1,
+                offset: 1 << 20,
+                length: 1 << 20,
+            }),
+        ),
+        (
+            "refused",
+            encode(&ReceiverMessage::Refused {
+                code: RefusalCode::BadFrame,
+                message: "no".into(),
+            }),
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -613,6 +711,42 @@ mod tests {
         );
         // Declared shorter than the real content: decompression refuses to grow past it.
         assert!(check_data_frame(frame(4096), 1, 1 << 20).is_err());
+    }
+
+    /// Replays the fuzzer's committed corpus (`fuzz/corpus/frame_decoder`), and checks that the
+    /// seeds there are the current encoding of [`corpus_seeds`].
+    #[test]
+    fn fuzz_corpus_replays_without_panics() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder");
+        let mut replayed = 0;
+        for entry in std::fs::read_dir(&dir).expect("the fuzz corpus is committed") {
+            let bytes = std::fs::read(entry.expect("entry").path()).expect("corpus file");
+            fuzz_decode(&bytes);
+            replayed += 1;
+        }
+        for (name, bytes) in corpus_seeds() {
+            let committed = std::fs::read(dir.join(format!("seed-{name}"))).unwrap_or_else(|e| {
+                panic!("seed-{name} missing ({e}): run `cargo xtask fuzz --seeds`")
+            });
+            assert_eq!(
+                committed, bytes,
+                "seed-{name} is stale: run `cargo xtask fuzz --seeds`"
+            );
+        }
+        assert!(replayed >= corpus_seeds().len());
+    }
+
+    /// Writes the seeds into the corpus directory (`cargo xtask fuzz --seeds`).
+    #[test]
+    #[ignore = "writes into the source tree; run by `cargo xtask fuzz --seeds`"]
+    fn write_fuzz_seeds() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder");
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        for (name, bytes) in corpus_seeds() {
+            std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("seed");
+        }
     }
 
     #[test]

@@ -39,6 +39,16 @@ enum Task {
     },
     /// Set-up, build, and show blkmirror tracking a scratch ext4 loop device with a live writer.
     Demo,
+    /// Fuzz the receiver's frame decoder with libFuzzer (cargo-fuzz), growing the committed
+    /// corpus in fuzz/corpus/frame_decoder.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only (re)write the seed frames into the corpus.
+        #[arg(long)]
+        seeds: bool,
+    },
     /// Benchmarks (each a ratio against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -55,11 +65,57 @@ fn main() -> Result<()> {
             setup::run()?;
             demo::run()
         }
+        Task::Fuzz { seconds, seeds } => fuzz(seconds, seeds),
         Task::Bench { which } => {
             setup::run()?;
             bench::run(which)
         }
     }
+}
+
+/// `cargo xtask fuzz`.
+fn fuzz(seconds: u64, seeds_only: bool) -> Result<()> {
+    write_seeds()?;
+    if seeds_only {
+        return Ok(());
+    }
+    if setup::run_quiet("cargo", &["fuzz", "--version"]).is_none() {
+        exec(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    // cargo-fuzz passes -Z sanitizer flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
+    exec(
+        cargo()
+            .current_dir(root().join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "run", "frame_decoder"])
+            .arg(root().join("fuzz/corpus/frame_decoder"))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-rss_limit_mb=2048"),
+    )?;
+    // Keep the committed corpus small: only inputs that add coverage, plus the named seeds.
+    exec(
+        cargo()
+            .current_dir(root().join("fuzz"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args(["fuzz", "cmin", "frame_decoder"])
+            .arg(root().join("fuzz/corpus/frame_decoder")),
+    )?;
+    write_seeds()
+}
+
+fn write_seeds() -> Result<()> {
+    exec(cargo().args([
+        "test",
+        "--locked",
+        "-p",
+        "blkmirror",
+        "--lib",
+        "wire::tests::write_fuzz_seeds",
+        "--",
+        "--ignored",
+        "--exact",
+    ]))
 }
 
 /// The workspace root.
