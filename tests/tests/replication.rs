@@ -713,3 +713,45 @@ fn continuous_agent_ships_only_changes_and_stops_cleanly_on_sigterm() {
     agent.once_ok(&[]);
     assert_same(&dev.path, &site.receiver.image("raw"));
 }
+
+#[test]
+fn a_receiver_that_is_down_at_start_is_retried() {
+    require_root();
+    let mut site = Site::new("raw");
+    let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    write_random(&dev.path, 0, MIB);
+    site.receiver.kill();
+    let setup = site.setup(&dev.path, "raw");
+    let mut args = setup.args(&["--once"]);
+    args.retain(|a| a != "--json");
+    let mut agent = blkmirror_tests::blkmirror()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("agent");
+    // Longer than a handshake's timeout (the QUIC idle timeout), so the agent sees the
+    // connection fail and goes through its back-off.
+    std::thread::sleep(Duration::from_secs(18));
+    assert!(
+        agent.try_wait().expect("wait").is_none(),
+        "the agent gave up while the receiver was down"
+    );
+    site.receiver.restart();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = agent.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    if let Some(mut pipe) = agent.stderr.take() {
+        use std::io::Read as _;
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("retrying in"), "{stderr}");
+    assert_same(&dev.path, &site.receiver.image("raw"));
+}

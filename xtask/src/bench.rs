@@ -34,6 +34,19 @@ pub enum Which {
         #[arg(long, value_delimiter = ',', default_value = "raw,classic,both")]
         hooks: Vec<String>,
     },
+    /// Initial sync and incremental cycles against raw device reads (agent and receiver on
+    /// 127.0.0.1).
+    Replication {
+        /// Device size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Share of 64 KiB chunks changed per round, in permille.
+        #[arg(long, default_value_t = 10)]
+        change_permille: u64,
+        /// Incremental rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -43,6 +56,11 @@ pub fn run(which: Which) -> Result<()> {
             rounds,
             hooks,
         } => tracking(seconds, rounds, &hooks),
+        Which::Replication {
+            size_mib,
+            change_permille,
+            rounds,
+        } => crate::bench_replication::replication(size_mib, change_permille, rounds),
     }
 }
 

@@ -68,12 +68,27 @@ pub fn scratch_space(cleanup: &mut Cleanup, task: &str) -> Result<(PathBuf, Path
 
 /// A sparse file attached as a loop device, detached by `cleanup`.
 pub fn scratch_loop(cleanup: &mut Cleanup, dir: &Path, size: u64) -> Result<String> {
+    scratch_loop_with(cleanup, dir, size, false)
+}
+
+/// Like [`scratch_loop`]; with `direct_io` the loop device reads and writes its backing file
+/// with O_DIRECT, so its speed is the disk's, not the page cache's.
+pub fn scratch_loop_with(
+    cleanup: &mut Cleanup,
+    dir: &Path,
+    size: u64,
+    direct_io: bool,
+) -> Result<String> {
     let image = dir.join("scratch.img");
     fs::File::create(&image)
         .and_then(|f| f.set_len(size))
         .with_context(|| format!("creating {}", image.display()))?;
     let out = Command::new("losetup")
         .args(["-f", "--show"])
+        .arg(format!(
+            "--direct-io={}",
+            if direct_io { "on" } else { "off" }
+        ))
         .arg(&image)
         .output()
         .context("losetup")?;

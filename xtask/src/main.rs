@@ -9,6 +9,7 @@
 //! * `bench tracking` measures the write overhead of tracking with fio.
 
 mod bench;
+mod bench_replication;
 mod demo;
 mod setup;
 

@@ -1,0 +1,231 @@
+//! `cargo xtask bench replication`: what a sync and an incremental cycle cost, as ratios
+//! against baselines measured in the same run on the same device:
+//!
+//! * the raw sequential `O_DIRECT` read of the whole device (`dd`): the floor of any tool that
+//!   reads the device, and what bdsync / blocksync-fast must do on *every* run;
+//! * the bytes actually changed: an incremental cycle should read about that much.
+//!
+//! Agent and receiver run on this machine over QUIC on 127.0.0.1, so the receiver's journal,
+//! fsync and apply share the same disk and CPUs.
+
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::demo::{Cleanup, release_binary, require_root, scratch_loop_with, scratch_space};
+
+fn dd_read_seconds(device: &str) -> Result<f64> {
+    // Drop the page cache first, although O_DIRECT bypasses it anyway.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let started = Instant::now();
+    let status = Command::new("dd")
+        .args([
+            &format!("if={device}"),
+            "of=/dev/null",
+            "bs=1M",
+            "iflag=direct",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .context("dd")?;
+    if !status.success() {
+        bail!("dd read of {device} failed");
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn fill_random(device: &str, offset_blocks: u64, blocks: u64, block: &str) -> Result<()> {
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={device}"),
+            &format!("bs={block}"),
+            &format!("seek={offset_blocks}"),
+            &format!("count={blocks}"),
+            "oflag=direct",
+            "iflag=fullblock",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .status()
+        .context("dd")?;
+    if !status.success() {
+        bail!("dd write to {device} failed");
+    }
+    Ok(())
+}
+
+fn keygen(binary: &Path, dir: &Path) -> Result<String> {
+    let out = Command::new(binary)
+        .args(["keygen", "--out"])
+        .arg(dir)
+        .stderr(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!("keygen failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The committed lines of one `agent --once --json`, and its wall time.
+fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
+    let started = Instant::now();
+    let out = command.output().context("blkmirror agent")?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        bail!(
+            "blkmirror agent failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["event"] == "committed")
+        .collect();
+    Ok((lines, seconds))
+}
+
+fn sum(lines: &[serde_json::Value], key: &str) -> u64 {
+    lines.iter().filter_map(|l| l[key].as_u64()).sum()
+}
+
+pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<()> {
+    require_root()?;
+    let binary = release_binary()?;
+    let mut cleanup = Cleanup::new();
+    let (dir, pins) = scratch_space(&mut cleanup, "bench-replication")?;
+    let device = scratch_loop_with(&mut cleanup, &dir, size_mib << 20, true)?;
+    let size = size_mib << 20;
+    eprintln!("bench: filling {device} ({size_mib} MiB) with random data");
+    fill_random(&device, 0, size_mib, "1M")?;
+
+    let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
+    let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
+    let mut receiver = Command::new(&binary)
+        .args(["receiver", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--identity")
+        .arg(dir.join("receiver-id"))
+        .arg("--allow")
+        .arg(format!("{agent_fp}=bench"))
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = receiver.id();
+    let stderr = receiver.stderr.take().context("receiver stderr")?;
+    cleanup.push("stop the receiver", move || {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+        let _ = receiver.wait();
+    });
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let first = lines.next().transpose()?.context("receiver exited")?;
+    let addr = first
+        .split("listening on ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .context("receiver address")?
+        .to_owned();
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let agent = || {
+        let mut command = Command::new(&binary);
+        command
+            .args([
+                "agent",
+                "--device",
+                &device,
+                "--volume",
+                "bench",
+                "--receiver",
+                &addr,
+            ])
+            .args(["--receiver-fingerprint", &receiver_fp, "--once", "--json"])
+            .args(["--compression", "off"])
+            .arg("--identity")
+            .arg(dir.join("agent-id"))
+            .arg("--pin-root")
+            .arg(&pins)
+            .arg("--state-dir")
+            .arg(dir.join("state"));
+        command
+    };
+
+    let read_s = dd_read_seconds(&device)?.min(dd_read_seconds(&device)?);
+    let read_rate = size as f64 / read_s;
+    eprintln!(
+        "bench: raw O_DIRECT read of the device: {:.0} MB/s",
+        read_rate / 1e6
+    );
+
+    eprintln!("bench: initial sync");
+    let (sync, sync_s) = agent_once(&mut agent())?;
+    let sync_rate = size as f64 / sync_s;
+
+    let chunks = size / 65536;
+    let changed_chunks = (chunks * change_permille / 1000).max(1);
+    let mut cycles = Vec::new();
+    for round in 1..=rounds {
+        // Scattered 64 KiB writes, no chunk twice (an odd stride over a power-of-two count):
+        // the worst case for merging into extents.
+        let stride = (2_654_435_761 % chunks) | 1;
+        let mut at = u64::from(round) * 7919 % chunks;
+        for _ in 0..changed_chunks {
+            at = (at + stride) % chunks;
+            fill_random(&device, at, 1, "64K")?;
+        }
+        let (lines, seconds) = agent_once(&mut agent())?;
+        let read = sum(&lines, "read_bytes");
+        eprintln!(
+            "bench: round {round}: {} MiB changed, cycle read {} MiB in {seconds:.2}s",
+            (changed_chunks * 65536) >> 20,
+            read >> 20
+        );
+        cycles.push((read, sum(&lines, "sent_bytes"), seconds));
+    }
+    let changed = changed_chunks * 65536;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let cycle_s = median(cycles.iter().map(|c| c.2).collect());
+    let cycle_read = median(cycles.iter().map(|c| c.0 as f64).collect());
+
+    println!(
+        "blkmirror replication bench: {size_mib} MiB loop device of random data, agent and \
+         receiver on 127.0.0.1, {rounds} incremental rounds of {:.1}% scattered 64 KiB changes",
+        change_permille as f64 / 10.0
+    );
+    println!();
+    println!("| | baseline | blkmirror | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| initial sync, MB/s (baseline: raw O_DIRECT read) | {:.0} | {:.0} | {:.2} |",
+        read_rate / 1e6,
+        sync_rate / 1e6,
+        sync_rate / read_rate
+    );
+    println!(
+        "| incremental cycle, s (baseline: reading the whole device, as bdsync must) | {read_s:.2} \
+         | {cycle_s:.2} | {:.3} |",
+        cycle_s / read_s
+    );
+    println!(
+        "| incremental cycle, bytes read (baseline: bytes changed) | {changed} | {cycle_read:.0} | \
+         {:.2} |",
+        cycle_read / changed as f64
+    );
+    println!();
+    println!(
+        "Initial sync sent {} MiB; the cycles sent {:?} bytes.",
+        sum(&sync, "sent_bytes") >> 20,
+        cycles.iter().map(|c| c.1).collect::<Vec<_>>()
+    );
+    println!(
+        "Reproduce: sudo cargo xtask bench replication --size-mib {size_mib} --change-permille \
+         {change_permille} --rounds {rounds}"
+    );
+    Ok(())
+}
