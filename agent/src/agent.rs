@@ -681,10 +681,17 @@ impl Agent {
         set
     }
 
-    async fn begin(&mut self, link: &mut Link, seq: u64, estimate: u64) -> Result<(), AgentError> {
+    async fn begin(
+        &mut self,
+        link: &mut Link,
+        seq: u64,
+        estimate: u64,
+        direct: bool,
+    ) -> Result<(), AgentError> {
         let begin = AgentMessage::Begin(Begin {
             seq,
             bytes_estimate: estimate,
+            direct,
         });
         match link.request(&begin).await? {
             ReceiverMessage::Ready { seq: ready } if ready == seq => Ok(()),
@@ -733,7 +740,7 @@ impl Agent {
         // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
         let (_, mut epoch) = tokio::task::block_in_place(|| self.take_cut())?;
         let first = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
-        self.begin(link, seq, first.bytes()).await?;
+        self.begin(link, seq, first.bytes(), false).await?;
         let mut totals = PassStats::default();
         let pass_started = Instant::now();
         let stats = self.send_pass(link, seq, &first, Compare::Nothing).await?;
@@ -901,7 +908,7 @@ impl Agent {
             let started = Instant::now();
             // The data of a sync step is unknown until read: the receiver checks its space as
             // the journal grows.
-            self.begin(link, seq, 0).await?;
+            self.begin(link, seq, 0, true).await?;
             let mut step_stats = PassStats::default();
             for (start, end) in plan::sync_windows(step_start, step_end, window) {
                 if self.stopping() {

@@ -59,6 +59,23 @@ pub enum Command {
     /// (internal) Thaw a file system if the agent overruns its freeze or dies.
     #[command(hide = true)]
     ThawGuard(ThawGuardArgs),
+    /// (benchmark baseline) Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS settings.
+    #[command(hide = true)]
+    BenchTransport(BenchTransportArgs),
+}
+
+/// `blkmirror bench-transport`.
+#[derive(Debug, clap::Args)]
+pub struct BenchTransportArgs {
+    /// Bytes to send.
+    #[arg(long, default_value = "1GiB", value_parser = units::parse_size)]
+    pub bytes: u64,
+    /// Parallel streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: usize,
+    /// Flow-control window.
+    #[arg(long, default_value = "32MiB", value_parser = units::parse_size)]
+    pub window: u64,
 }
 
 /// `blkmirror keygen`.
@@ -254,6 +271,23 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keygen(args) => return run_keygen(&args),
         Command::Agent(args) => return run_agent(args),
         Command::Receiver(args) => return run_receiver(args),
+        Command::BenchTransport(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(error) => return fail(1, error),
+            };
+            return match runtime.block_on(crate::net::loopback_throughput(
+                args.bytes,
+                args.streams,
+                args.window,
+            )) {
+                Ok(rate) => {
+                    println!("{}", rate as u64);
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(1, error),
+            };
+        }
         Command::ThawGuard(args) => {
             return match freeze::run_guard(&args.mount, Duration::from_millis(args.after_ms)) {
                 Ok(()) => ExitCode::SUCCESS,

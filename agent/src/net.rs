@@ -185,3 +185,78 @@ pub async fn read_frame<T: DeserializeOwned>(
         .map_err(|error| NetError::Read(error.to_string()))?;
     Ok(Some(wire::decode(&body)?))
 }
+
+/// Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS and transport settings: `bytes` sent
+/// in 1 MiB writes over `streams` unidirectional streams, nothing done with them but count.
+/// The baseline of `cargo xtask bench replication`. Returns bytes per second.
+pub async fn loopback_throughput(bytes: u64, streams: usize, window: u64) -> Result<f64, NetError> {
+    let dir = std::env::temp_dir().join(format!("blkmirror-transport-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let server_fp = identity::generate(&dir.join("server"), "server")?;
+    let client_fp = identity::generate(&dir.join("client"), "client")?;
+    let server_id = Identity::load(&dir.join("server"))?;
+    let client_id = Identity::load(&dir.join("client"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let server = server_endpoint(&server_id, BTreeSet::from([client_fp]), listen, window)?;
+    let addr = server.local_addr().map_err(|source| NetError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let sink = tokio::spawn(async move {
+        let Some(incoming) = server.accept().await else {
+            return 0u64;
+        };
+        let Ok(connection) = incoming.await else {
+            return 0;
+        };
+        let mut readers = Vec::new();
+        while let Ok(mut stream) = connection.accept_uni().await {
+            readers.push(tokio::spawn(async move {
+                let mut total = 0u64;
+                while let Ok(Some(chunk)) = stream.read_chunk(1 << 20, false).await {
+                    total += chunk.bytes.len() as u64;
+                }
+                total
+            }));
+        }
+        let mut total = 0;
+        for reader in readers {
+            total += reader.await.unwrap_or(0);
+        }
+        total
+    });
+    let (client, config) = client_endpoint(&client_id, &server_fp, window)?;
+    let connection = client
+        .connect_with(config, addr, "blkmirror")
+        .map_err(|error| NetError::Connect {
+            addr: addr.to_string(),
+            message: error.to_string(),
+        })?
+        .await?;
+    let started = std::time::Instant::now();
+    let per_stream = bytes / streams.max(1) as u64;
+    let mut writers = Vec::new();
+    for _ in 0..streams.max(1) {
+        let mut stream = connection.open_uni().await?;
+        writers.push(tokio::spawn(async move {
+            let block = vec![0x5au8; 1 << 20];
+            let mut sent = 0;
+            while sent < per_stream {
+                stream.write_all(&block).await?;
+                sent += block.len() as u64;
+            }
+            stream.finish().ok();
+            stream.stopped().await.ok();
+            Ok::<_, NetError>(())
+        }));
+    }
+    for writer in writers {
+        writer.await.expect("writer task")?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    connection.close(quinn::VarInt::from_u32(0), b"done");
+    let received = sink.await.unwrap_or(0);
+    client.wait_idle().await;
+    Ok(received as f64 / seconds)
+}

@@ -362,7 +362,7 @@ impl Session {
             protocol: PROTOCOL_VERSION,
             new_volume,
             committed_seq: volume.meta().committed_seq,
-            last_point: volume.meta().last_point.clone(),
+            last_point: volume.last_point_for_agent(),
         };
         let size = volume.meta().size_bytes;
         let volume = Arc::new(Mutex::new(volume));
@@ -410,10 +410,11 @@ impl Session {
                     AgentMessage::Begin(begin) => {
                         let volume = volume.clone();
                         tokio::task::spawn_blocking(move || {
-                            volume
-                                .lock()
-                                .expect("volume lock")
-                                .begin(begin.seq, begin.bytes_estimate)
+                            volume.lock().expect("volume lock").begin(
+                                begin.seq,
+                                begin.bytes_estimate,
+                                begin.direct,
+                            )
                         })
                         .await
                         .expect("begin task")?;

@@ -124,6 +124,10 @@ pub struct VolumeMeta {
     pub last_complete: Option<PointInfo>,
     /// Recent committed cycles, oldest first.
     pub recent: Vec<PointInfo>,
+    /// A sync step was writing straight into the image and has not committed: the image is at
+    /// no point in time until the sync completes.
+    #[serde(default)]
+    pub unsettled: bool,
 }
 
 /// One journal record.
@@ -154,7 +158,8 @@ struct OpenCycle {
     bytes: u64,
     /// `bytes` at the last free-space check.
     checked: u64,
-    writer: BufWriter<File>,
+    /// The journal; `None` for a direct sync step, whose frames go straight to the image.
+    writer: Option<BufWriter<File>>,
 }
 
 /// One volume, open for replication.
@@ -245,6 +250,7 @@ impl Volume {
             last_point: None,
             last_complete: None,
             recent: Vec::new(),
+            unsettled: false,
         };
         write_meta(&dir, &meta)?;
         Ok((
@@ -295,7 +301,12 @@ impl Volume {
 
     /// Opens cycle `seq` (must be the committed one plus one) after checking that the data
     /// directory has room for `bytes_estimate` twice (journal and image) plus a margin.
-    pub fn begin(&mut self, seq: u64, bytes_estimate: u64) -> Result<(), StoreError> {
+    ///
+    /// A `direct` cycle is a step of an initial or verify sync: its frames are written straight
+    /// into the image, which halves the receiver's IO. The image is then at no point in time
+    /// until the sync completes, which `volume.json` records (`unsettled`) before the first
+    /// write; a step's commit only syncs the image and records how far the sync got.
+    pub fn begin(&mut self, seq: u64, bytes_estimate: u64, direct: bool) -> Result<(), StoreError> {
         if seq != self.meta.committed_seq + 1 {
             return Err(StoreError::Sequence(format!(
                 "cycle {seq} offered, but the next cycle is {}",
@@ -313,22 +324,33 @@ impl Volume {
                 self.dir.display()
             )));
         }
-        let path = self.journal_path();
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(StoreError::io("opening", &path))?;
-        let mut cycle = OpenCycle {
+        let writer = if direct {
+            if !self.meta.unsettled {
+                let mut meta = self.meta.clone();
+                meta.unsettled = true;
+                write_meta(&self.dir, &meta)?;
+                self.meta = meta;
+            }
+            None
+        } else {
+            let path = self.journal_path();
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(StoreError::io("opening", &path))?;
+            let mut writer = BufWriter::with_capacity(4 << 20, file);
+            append(&mut writer, &Record::Begin { seq }, &path)?;
+            Some(writer)
+        };
+        self.cycle = Some(OpenCycle {
             seq,
             frames: 0,
             bytes: 0,
             checked: 0,
-            writer: BufWriter::with_capacity(4 << 20, file),
-        };
-        append(&mut cycle.writer, &Record::Begin { seq }, &path)?;
-        self.cycle = Some(cycle);
+            writer,
+        });
         Ok(())
     }
 
@@ -351,31 +373,60 @@ impl Volume {
             }
             CheckedData::Zero { offset, length } => Record::Zero { offset, length },
         };
-        append(&mut cycle.writer, &record, &path)?;
-        cycle.frames += 1;
-        // The journal itself is on disk already; what must stay free is room for the image to
-        // grow by what this cycle will write into it (checked every few MiB).
-        if cycle.bytes - cycle.checked >= SPACE_CHECK_EVERY {
-            cycle.checked = cycle.bytes;
-            let available =
-                sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
-            if available < cycle.bytes.saturating_add(SPACE_MARGIN) {
-                let seq = cycle.seq;
-                let bytes = cycle.bytes;
-                self.abort();
-                return Err(StoreError::DiskFull(format!(
-                    "cycle {seq} has {bytes} bytes to apply and only {available} bytes are free \
-                     in {}",
-                    self.dir.display()
-                )));
+        match cycle.writer.as_mut() {
+            Some(writer) => append(writer, &record, &path)?,
+            None => {
+                cycle.frames += 1;
+                let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
+                match record {
+                    Record::Write { offset, data } => {
+                        let image_path = self.image_path();
+                        self.image
+                            .write_all_at(&data, offset)
+                            .map_err(StoreError::io("writing", &image_path))?;
+                    }
+                    Record::Zero { offset, length } => self.zero(offset, length)?,
+                    Record::Begin { .. } | Record::Commit { .. } => {}
+                }
+                return self.check_space(seq, bytes, checked);
             }
+        }
+        cycle.frames += 1;
+        let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
+        self.check_space(seq, bytes, checked)
+    }
+
+    /// Every few MiB of a cycle: the journal is on disk already, so what must stay free is room
+    /// for the image to grow by what the cycle will still write into it.
+    fn check_space(&mut self, seq: u64, bytes: u64, checked: u64) -> Result<(), StoreError> {
+        if bytes - checked < SPACE_CHECK_EVERY {
+            return Ok(());
+        }
+        if let Some(cycle) = self.cycle.as_mut() {
+            cycle.checked = bytes;
+        }
+        let available =
+            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+        let direct = self.cycle.as_ref().is_some_and(|c| c.writer.is_none());
+        let still_needed = if direct { 0 } else { bytes };
+        if available < still_needed.saturating_add(SPACE_MARGIN) {
+            self.abort();
+            return Err(StoreError::DiskFull(format!(
+                "cycle {seq} has {bytes} bytes to apply and only {available} bytes are free in {}",
+                self.dir.display()
+            )));
         }
         Ok(())
     }
 
-    /// Drops the open cycle: the image stays at the last committed point.
+    /// Drops the open cycle: the image stays at the last committed point (or, for a direct
+    /// sync step, stays marked unsettled).
     pub fn abort(&mut self) {
-        if self.cycle.take().is_some() {
+        if self
+            .cycle
+            .take()
+            .is_some_and(|cycle| cycle.writer.is_some())
+        {
             let _ = fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
@@ -393,9 +444,11 @@ impl Volume {
             return Err(StoreError::Sequence("commit outside a cycle".into()));
         };
         point.seq = cycle.seq;
-        let durable = append(&mut cycle.writer, &Record::Commit { point }, &path).and_then(|()| {
-            let file = cycle
-                .writer
+        let Some(mut writer) = cycle.writer.take() else {
+            return self.commit_direct(point);
+        };
+        let durable = append(&mut writer, &Record::Commit { point }, &path).and_then(|()| {
+            let file = writer
                 .into_inner()
                 .map_err(|error| StoreError::io("writing", &path)(error.into_error()))?;
             file.sync_all().map_err(StoreError::io("syncing", &path))
@@ -407,6 +460,36 @@ impl Volume {
         }
         self.apply_journal()?;
         Ok(())
+    }
+
+    /// Commits a direct sync step: the data is in the image already.
+    fn commit_direct(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
+        let image_path = self.image_path();
+        self.image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &image_path))?;
+        point.complete = false;
+        let mut meta = self.meta.clone();
+        meta.unsettled = false;
+        record_point(&mut meta, point);
+        write_meta(&self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// The last point as the agent must see it: an unsettled image is no point at all, so it
+    /// is reported as an incomplete sync step at the last offset known to be synced.
+    pub fn last_point_for_agent(&self) -> Option<PointInfo> {
+        let last = self.meta.last_point.clone()?;
+        if !self.meta.unsettled {
+            return Some(last);
+        }
+        Some(PointInfo {
+            complete: false,
+            consistent: false,
+            synced_to: if last.complete { 0 } else { last.synced_to },
+            ..last
+        })
     }
 
     /// Replays a complete journal or discards an incomplete one.
@@ -490,18 +573,7 @@ impl Volume {
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
         let mut meta = self.meta.clone();
-        meta.committed_seq = point.seq;
-        if point.complete {
-            meta.last_complete = Some(point.clone());
-        }
-        meta.last_point = Some(point.clone());
-        if meta.recent.last().map(|p| p.seq) != Some(point.seq) {
-            meta.recent.push(point);
-        }
-        if meta.recent.len() > RECENT_POINTS {
-            let excess = meta.recent.len() - RECENT_POINTS;
-            meta.recent.drain(..excess);
-        }
+        record_point(&mut meta, point);
         write_meta(&self.dir, &meta)?;
         self.meta = meta;
         let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
@@ -546,6 +618,22 @@ impl Volume {
                 Ok(wire::chunk_hash(&buffer[..len]))
             })
             .collect()
+    }
+}
+
+/// Records a committed point in the metadata.
+fn record_point(meta: &mut VolumeMeta, point: PointInfo) {
+    meta.committed_seq = point.seq;
+    if point.complete {
+        meta.last_complete = Some(point.clone());
+    }
+    meta.last_point = Some(point.clone());
+    if meta.recent.last().map(|p| p.seq) != Some(point.seq) {
+        meta.recent.push(point);
+    }
+    if meta.recent.len() > RECENT_POINTS {
+        let excess = meta.recent.len() - RECENT_POINTS;
+        meta.recent.drain(..excess);
     }
 }
 
@@ -669,7 +757,7 @@ mod tests {
         let tmp = TempDir::new("order");
         let (mut volume, new, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
         assert!(new);
-        volume.begin(1, 8192).unwrap();
+        volume.begin(1, 8192, false).unwrap();
         volume.journal(write(0, 1, 8192)).unwrap();
         volume.journal(write(4096, 2, 4096)).unwrap();
         volume
@@ -690,17 +778,28 @@ mod tests {
         assert_eq!(data[512..4096], [1; 3584]);
         assert_eq!(data[4096..8192], [2; 4096]);
         assert_eq!(volume.meta().committed_seq, 1);
-        assert!(volume.begin(3, 0).is_err(), "cycles must be consecutive");
+        assert!(
+            volume.begin(3, 0, false).is_err(),
+            "cycles must be consecutive"
+        );
     }
 
     #[test]
     fn uncommitted_journal_is_discarded_and_committed_one_replayed() {
         let tmp = TempDir::new("recover");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0).unwrap();
+        volume.begin(1, 0, false).unwrap();
         volume.journal(write(0, 9, 4096)).unwrap();
         // Simulate a crash before commit: flush the buffered journal, then drop.
-        volume.cycle.as_mut().unwrap().writer.flush().unwrap();
+        volume
+            .cycle
+            .as_mut()
+            .unwrap()
+            .writer
+            .as_mut()
+            .unwrap()
+            .flush()
+            .unwrap();
         drop(volume);
         let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
         assert_eq!(recovery, Recovery::Discarded);
@@ -710,12 +809,13 @@ mod tests {
 
         // A crash after the commit record is durable but before apply: replayed at open.
         let (mut volume, _) = Volume::open(&tmp.0, "v").unwrap();
-        volume.begin(1, 0).unwrap();
+        volume.begin(1, 0, false).unwrap();
         volume.journal(write(0, 7, 4096)).unwrap();
         let path = volume.journal_path();
         let mut cycle = volume.cycle.take().unwrap();
+        let mut writer = cycle.writer.take().unwrap();
         append(
-            &mut cycle.writer,
+            &mut writer,
             &Record::Commit {
                 point: PointInfo {
                     seq: 1,
@@ -725,8 +825,8 @@ mod tests {
             &path,
         )
         .unwrap();
-        cycle.writer.flush().unwrap();
-        drop(cycle);
+        writer.flush().unwrap();
+        drop(writer);
         drop(volume);
         let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
         assert_eq!(recovery, Recovery::Replayed(1));
@@ -738,23 +838,24 @@ mod tests {
     fn torn_or_corrupt_journal_is_discarded() {
         let tmp = TempDir::new("torn");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0).unwrap();
+        volume.begin(1, 0, false).unwrap();
         volume.journal(write(0, 5, 4096)).unwrap();
         volume.commit(PointInfo::default()).unwrap();
-        volume.begin(2, 0).unwrap();
+        volume.begin(2, 0, false).unwrap();
         volume.journal(write(0, 6, 4096)).unwrap();
         let path = volume.journal_path();
         let mut cycle = volume.cycle.take().unwrap();
+        let mut writer = cycle.writer.take().unwrap();
         append(
-            &mut cycle.writer,
+            &mut writer,
             &Record::Commit {
                 point: PointInfo::default(),
             },
             &path,
         )
         .unwrap();
-        cycle.writer.flush().unwrap();
-        drop(cycle);
+        writer.flush().unwrap();
+        drop(writer);
         drop(volume);
         // Flip one byte of the data record: the checksum catches it.
         let mut bytes = fs::read(&path).unwrap();
@@ -765,6 +866,47 @@ mod tests {
         assert_eq!(recovery, Recovery::Discarded);
         assert_eq!(volume.meta().committed_seq, 1);
         assert_eq!(image(&tmp.0)[..4096], [5; 4096]);
+    }
+
+    #[test]
+    fn direct_sync_steps_write_the_image_and_mark_it_unsettled_until_committed() {
+        let tmp = TempDir::new("direct");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0, false).unwrap();
+        volume.journal(write(0, 1, 4096)).unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        // A verify sync step starts and dies half-way.
+        volume.begin(2, 0, true).unwrap();
+        volume.journal(write(0, 2, 4096)).unwrap();
+        assert_eq!(image(&tmp.0)[..4096], [2; 4096], "written straight through");
+        drop(volume);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Clean);
+        assert!(volume.meta().unsettled);
+        assert_eq!(volume.meta().committed_seq, 1);
+        let reported = volume.last_point_for_agent().unwrap();
+        assert!(!reported.complete, "an unsettled image is no point in time");
+        assert_eq!(reported.synced_to, 0);
+        drop(volume);
+        let (mut volume, _) = Volume::open(&tmp.0, "v").unwrap();
+        volume.begin(2, 0, true).unwrap();
+        volume.journal(write(0, 3, 4096)).unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                synced_to: 65536,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        assert!(!volume.meta().unsettled);
+        let last = volume.last_point_for_agent().unwrap();
+        assert!(!last.complete, "a sync step is never a complete point");
+        assert_eq!(last.synced_to, 65536);
     }
 
     #[test]
@@ -786,7 +928,7 @@ mod tests {
     fn hashes_match_content() {
         let tmp = TempDir::new("hash");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0).unwrap();
+        volume.begin(1, 0, false).unwrap();
         volume.journal(write(65536, 3, 65536)).unwrap();
         volume.commit(PointInfo::default()).unwrap();
         let hashes = volume.hashes(0, 2).unwrap();

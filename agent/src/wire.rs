@@ -93,6 +93,9 @@ pub struct Begin {
     pub seq: u64,
     /// Upper bound of the data bytes this cycle will send (for the disk-space check).
     pub bytes_estimate: u64,
+    /// A step of an initial or verify sync: write straight into the image, without the
+    /// journal (the image is not a point in time until the sync completes).
+    pub direct: bool,
 }
 
 /// One data frame of the open cycle.
@@ -534,6 +537,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
             encode(&AgentMessage::Begin(Begin {
                 seq: 1,
                 bytes_estimate: 1 << 20,
+                direct: false,
             })),
         ),
         ("flush", encode(&AgentMessage::Flush { frames: 9 })),

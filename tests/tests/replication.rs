@@ -472,6 +472,7 @@ async fn begin(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, seq: 
         &AgentMessage::Begin(Begin {
             seq,
             bytes_estimate: 0,
+            direct: false,
         }),
     )
     .await

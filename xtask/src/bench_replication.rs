@@ -3,6 +3,8 @@
 //!
 //! * the raw sequential `O_DIRECT` read of the whole device (`dd`): the floor of any tool that
 //!   reads the device, and what bdsync / blocksync-fast must do on *every* run;
+//! * raw QUIC throughput on 127.0.0.1 with the same TLS and flow-control settings
+//!   (`blkmirror bench-transport`): the ceiling of the transport on this machine;
 //! * the bytes actually changed: an incremental cycle should read about that much.
 //!
 //! Agent and receiver run on this machine over QUIC on 127.0.0.1, so the receiver's journal,
@@ -160,6 +162,25 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
         read_rate / 1e6
     );
 
+    let transport = Command::new(&binary)
+        .args(["bench-transport", "--bytes", &size.to_string()])
+        .output()
+        .context("blkmirror bench-transport")?;
+    if !transport.status.success() {
+        bail!(
+            "bench-transport failed: {}",
+            String::from_utf8_lossy(&transport.stderr)
+        );
+    }
+    let quic_rate: f64 = String::from_utf8_lossy(&transport.stdout)
+        .trim()
+        .parse()
+        .context("bench-transport output")?;
+    eprintln!(
+        "bench: raw QUIC on 127.0.0.1 (same TLS and windows): {:.0} MB/s",
+        quic_rate / 1e6
+    );
+
     eprintln!("bench: initial sync");
     let (sync, sync_s) = agent_once(&mut agent())?;
     let sync_rate = size as f64 / sync_s;
@@ -206,6 +227,12 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
         read_rate / 1e6,
         sync_rate / 1e6,
         sync_rate / read_rate
+    );
+    println!(
+        "| initial sync, MB/s (baseline: raw QUIC, same TLS, 127.0.0.1) | {:.0} | {:.0} | {:.2} |",
+        quic_rate / 1e6,
+        sync_rate / 1e6,
+        sync_rate / quic_rate
     );
     println!(
         "| incremental cycle, s (baseline: reading the whole device, as bdsync must) | {read_s:.2} \
