@@ -757,7 +757,15 @@ impl Agent {
                 if self.stopping() {
                     return Err(AgentError::Stopped);
                 }
-                let frozen = tokio::task::block_in_place(|| self.frozen_pass(&mount, seq))?;
+                let frozen = match tokio::task::block_in_place(|| self.frozen_pass(&mount, seq)) {
+                    Ok(frozen) => frozen,
+                    // Nothing was cut: the point is the pre-copy pass's, unfrozen.
+                    Err(AgentError::Freeze(error)) => {
+                        say(format!("{error}; this point is fuzzy (not frozen)"));
+                        break;
+                    }
+                    Err(error) => return Err(error),
+                };
                 cut_time = frozen.cut_time;
                 epoch = frozen.epoch;
                 match frozen.frames {
@@ -817,10 +825,18 @@ impl Agent {
         let (extents, epoch) = match cut {
             Ok(cut) => cut,
             Err(error) => {
-                frozen.thaw()?;
+                thaw_reporting(frozen);
                 return Err(error);
             }
         };
+        // Test hook: hold the freeze, so tests can kill the agent or overrun the budget while
+        // the file system is frozen. Never set in production.
+        if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(hold));
+        }
         let plan = PassPlan::from_extents(&extents, self.size);
         let fits = plan.read_bytes() <= MAX_FROZEN_BYTES
             && plan::fits_freeze(
@@ -829,7 +845,7 @@ impl Agent {
                 budget.saturating_sub(frozen.elapsed()),
             );
         if !fits {
-            let thawed = frozen.thaw()?;
+            let thawed = thaw_reporting(frozen);
             return Ok(FrozenPass {
                 plan,
                 frames: None,
@@ -846,7 +862,7 @@ impl Agent {
             frames.push(frame);
             Ok(())
         });
-        let thawed = frozen.thaw()?;
+        let thawed = thaw_reporting(frozen);
         produced?;
         Ok(FrozenPass {
             plan,
@@ -1226,6 +1242,19 @@ impl Agent {
         self.reader.read(&plan.read, &mut on_piece)?;
         Ok(())
     }
+}
+
+/// Thaws; a failure is reported and the freeze counted as overrun (the guard thaws at its
+/// deadline), but never stops the cycle: the cut is taken and its data must still be sent.
+fn thaw_reporting(frozen: Frozen) -> freeze::Thawed {
+    let held = frozen.elapsed();
+    frozen.thaw().unwrap_or_else(|error| {
+        say(format!("{error}; the thaw guard will thaw it"));
+        freeze::Thawed {
+            held,
+            by_guard: true,
+        }
+    })
 }
 
 struct FrozenPass {

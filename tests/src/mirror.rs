@@ -224,10 +224,21 @@ impl AgentSetup<'_> {
     /// Runs `agent --once` to completion (killed after `timeout`); returns the output and its
     /// JSON lines.
     pub fn once(&self, extra: &[&str], timeout: Duration) -> (Output, Vec<serde_json::Value>) {
+        self.once_env(extra, &[], timeout)
+    }
+
+    /// Like [`Self::once`], with extra environment variables.
+    pub fn once_env(
+        &self,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        timeout: Duration,
+    ) -> (Output, Vec<serde_json::Value>) {
         let mut args = self.args(extra);
         args.push("--once".to_owned());
         let child = blkmirror()
             .args(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

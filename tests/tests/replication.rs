@@ -756,3 +756,110 @@ fn a_receiver_that_is_down_at_start_is_retried() {
     assert!(stderr.contains("retrying in"), "{stderr}");
     assert_same(&dev.path, &site.receiver.image("raw"));
 }
+
+/// Whether the file system at `mount` is frozen, asked without blocking: FIFREEZE on a frozen
+/// file system fails with EBUSY; on a thawed one it succeeds and is undone at once.
+fn is_frozen(mount: &Path) -> bool {
+    let output = Command::new("fsfreeze")
+        .arg("-f")
+        .arg(mount)
+        .output()
+        .expect("fsfreeze");
+    if output.status.success() {
+        let _ = Command::new("fsfreeze").arg("-u").arg(mount).status();
+        false
+    } else {
+        true
+    }
+}
+
+/// Whether a `blkmirror thaw-guard` for `mount` is running.
+fn guard_running(mount: &Path) -> bool {
+    let wanted = format!("thaw-guard\0{}", mount.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&wanted))
+        })
+}
+
+/// Thaws on drop, whatever happened: a test must never leave a frozen file system behind.
+struct ThawOnDrop<'a>(&'a Path);
+
+impl Drop for ThawOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.0)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn a_frozen_file_system_is_thawed_when_the_agent_dies_or_overruns_its_budget() {
+    require_root();
+    let site = Site::new("fs");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let _thaw = ThawOnDrop(&mount.target);
+    let agent = site.setup(&dev.path, "fs");
+    agent.once_ok(&[]);
+
+    // SIGKILL while frozen: the guard process sees its pipe close and thaws at once.
+    std::fs::write(mount.target.join("a"), b"changed").expect("write");
+    let mut args = agent.args(&["--once", "--freeze-budget", "2s"]);
+    args.retain(|a| a != "--json");
+    let mut child = blkmirror_tests::blkmirror()
+        .args(&args)
+        .env("BLKMIRROR_TEST_FREEZE_HOLD_MS", "60000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("agent");
+    // The guard process exists exactly while a freeze is armed (probing with FIFREEZE here
+    // would race with the agent's own).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !guard_running(&mount.target) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never froze the file system"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the agent exited"
+    );
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let killed = Instant::now();
+    while is_frozen(&mount.target) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "the file system stayed frozen after the agent died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // A freeze longer than the budget: the guard thaws, the point is not called consistent.
+    std::fs::write(mount.target.join("b"), b"changed").expect("write");
+    let (output, lines) = agent.once_env(
+        &["--freeze-budget", "1s"],
+        &[("BLKMIRROR_TEST_FREEZE_HOLD_MS", "3000")],
+        Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let point = last_point(&lines);
+    assert_eq!(point["consistent"], false, "{point} {stderr}");
+    assert!(!is_frozen(&mount.target));
+    // And a normal cycle afterwards is consistent again.
+    std::fs::write(mount.target.join("c"), b"changed").expect("write");
+    let lines = agent.once_ok(&[]);
+    assert_eq!(last_point(&lines)["consistent"], true);
+}
