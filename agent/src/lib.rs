@@ -17,12 +17,23 @@
 //!   chunk size, a kernel-side overflow), the tracker says so as `needs_verify`: the replica
 //!   must be compared in full rather than trusted.
 //!
+//! * **Cycles and points.** The agent ships what a cut reports to the receiver in a *cycle*;
+//!   the receiver journals the cycle and applies it atomically, so its image is always at a
+//!   committed *point*. A point is *consistent* when the device's file system was frozen at
+//!   its final cut, *fuzzy* otherwise. A *sync* (initial, or verify after `needs_verify`)
+//!   compares the whole device by chunk hashes instead of trusting the tracker.
+//!
 //! # Layout of this crate
 //!
-//! * [`extent`], [`units`], [`layout`]: pure logic (bitmaps → extents, parsing). No IO.
+//! * [`extent`], [`units`], [`layout`], [`wire`], [`plan`]: pure logic (bitmaps → extents,
+//!   parsing, the protocol and its checks, what to read and send). No IO.
 //! * [`device`], [`environment`]: the host as seen through sysfs and procfs.
 //! * [`track`]: the driver around the kernel program and its pins.
-//! * [`sys`]: the only module with `unsafe` kernel interfaces (mmap, membarrier, bpf info).
+//! * [`read`], [`net`], [`identity`], [`freeze`], [`volume`], [`durable`]: device reads,
+//!   QUIC, TLS identities, file-system freezing, receiver storage, crash-safe files.
+//! * [`agent`], [`receiver`]: the two long-running drivers.
+//! * [`sys`]: raw kernel interfaces with `unsafe` (mmap, membarrier, bpf info, ioctls); the
+//!   only other `unsafe` is io_uring submission in [`read`].
 //! * [`cli`]: commands, output and exit codes.
 
 pub mod agent;

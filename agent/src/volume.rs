@@ -104,7 +104,7 @@ impl StoreError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeMeta {
-    /// [`META_FORMAT`].
+    /// Version of this file's format (1).
     pub format: u32,
     /// The volume name.
     pub volume: String,
