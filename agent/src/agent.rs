@@ -717,6 +717,7 @@ impl Agent {
         point: PointInfo,
     ) -> Result<(), AgentError> {
         let seq = point.seq;
+        let point_complete = point.complete;
         match link
             .request(&AgentMessage::Commit { frames, point })
             .await?
@@ -730,6 +731,11 @@ impl Agent {
         }
         self.state.committed_seq = seq;
         self.state.inflight.clear();
+        if point_complete {
+            // The sync (if one ran) is over: recorded in the same write as the commit, so a
+            // crash cannot leave a finished sync looking unfinished.
+            self.state.sync_generation = None;
+        }
         self.persist()
     }
 
@@ -810,8 +816,6 @@ impl Agent {
             synced_to: self.size,
         };
         self.commit(link, totals.frames, point.clone()).await?;
-        self.state.sync_generation = None;
-        self.persist()?;
         self.report("cycle", &point, &totals, started.elapsed());
         Ok(())
     }

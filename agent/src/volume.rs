@@ -307,6 +307,8 @@ impl Volume {
     /// until the sync completes, which `volume.json` records (`unsettled`) before the first
     /// write; a step's commit only syncs the image and records how far the sync got.
     pub fn begin(&mut self, seq: u64, bytes_estimate: u64, direct: bool) -> Result<(), StoreError> {
+        // A new Begin abandons an open cycle (the agent restarted it, e.g. as a sync).
+        self.abort();
         if seq != self.meta.committed_seq + 1 {
             return Err(StoreError::Sequence(format!(
                 "cycle {seq} offered, but the next cycle is {}",
