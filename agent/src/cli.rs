@@ -59,6 +59,12 @@ pub enum Command {
     /// (internal) Thaw a file system if the agent overruns its freeze or dies.
     #[command(hide = true)]
     ThawGuard(ThawGuardArgs),
+    /// (kernel matrix) Check the tracker on a scratch disk, which it overwrites.
+    #[command(hide = true)]
+    VmSelftest {
+        /// The scratch disk.
+        device: PathBuf,
+    },
     /// (benchmark baseline) Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS settings.
     #[command(hide = true)]
     BenchTransport(BenchTransportArgs),
@@ -271,6 +277,15 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keygen(args) => return run_keygen(&args),
         Command::Agent(args) => return run_agent(args),
         Command::Receiver(args) => return run_receiver(args),
+        Command::VmSelftest { device } => {
+            return match crate::selftest::run(&device, &crate::selftest::guest_options()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    println!("BLKMIRROR-VM: FAIL track: {reason}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::BenchTransport(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,

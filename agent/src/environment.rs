@@ -43,6 +43,16 @@ pub enum EnvError {
          it); blkmirror needs it to cut epochs without losing writes"
     )]
     NoMembarrier,
+    /// The verifier rejects BPF atomic operations (added in Linux 5.12).
+    #[error(
+        "kernel {release} is not supported: blkmirror records changes with BPF atomic \
+         operations (atomic OR into the dirty bitmaps, BPF_ATOMIC, Linux 5.12 or later), and this \
+         kernel's verifier rejects them"
+    )]
+    NoBpfAtomics {
+        /// `uname -r`.
+        release: String,
+    },
     /// `--hooks raw` on a kernel where the raw hook cannot work.
     #[error("the raw tracepoint hook is not available on this kernel: {0}")]
     NoRawHook(String),

@@ -50,6 +50,7 @@ pub mod net;
 pub mod plan;
 pub mod read;
 pub mod receiver;
+pub mod selftest;
 pub mod sys;
 pub mod track;
 pub mod units;

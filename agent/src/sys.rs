@@ -318,3 +318,18 @@ impl Drop for AlignedBuf {
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
     }
 }
+
+// From <linux/fs.h>: _IO(0x12, 119).
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Discards `length` bytes at `offset` of a block device (`BLKDISCARD`).
+pub fn discard(device: &File, offset: u64, length: u64) -> io::Result<()> {
+    let range = [offset, length];
+    // SAFETY: BLKDISCARD reads two u64 (start, length) from the pointer, which points to a live
+    // array of exactly that; the fd is open.
+    let ret = unsafe { libc::ioctl(device.as_raw_fd(), BLKDISCARD as _, range.as_ptr()) };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

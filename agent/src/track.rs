@@ -145,6 +145,20 @@ pub enum TrackError {
     },
 }
 
+/// Names the missing kernel feature when the verifier's words identify it; otherwise the
+/// error as it is.
+fn classify_load_error(error: ProgramError) -> TrackError {
+    let text = format!("{error:?} {error}");
+    if text.contains("BPF_STX uses reserved fields") {
+        return TrackError::Env(EnvError::NoBpfAtomics {
+            release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|r| r.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+        });
+    }
+    TrackError::Attach(error)
+}
+
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TrackError {
     let what = what.into();
     move |source| TrackError::Io { what, source }
@@ -1068,7 +1082,7 @@ fn try_create_pins(
         .program_mut("block_rq_complete")
         .and_then(|p| p.try_into().ok())
         .ok_or_else(|| missing_in_object("the eBPF object lacks program", "block_rq_complete"))?;
-    classic.load().map_err(TrackError::Attach)?;
+    classic.load().map_err(classify_load_error)?;
 
     let mut state_map = None;
     for (name, pin_name) in [

@@ -12,6 +12,7 @@ mod bench;
 mod bench_replication;
 mod demo;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -50,6 +51,16 @@ enum Task {
         #[arg(long)]
         seeds: bool,
     },
+    /// Boot other kernels (Debian 5.10, 6.1, 6.12, 7.x) on x86_64 and ARM64 under qemu and run
+    /// the tracker check and one mirror cycle in each.
+    VmTest {
+        /// Which architectures.
+        #[arg(long, value_enum, default_value_t = vm::ArchChoice::All)]
+        arch: vm::ArchChoice,
+        /// Kernel versions (prefixes of Debian's: 5.10, 6.1, 6.12, 7); default all four.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+    },
     /// Benchmarks (each a ratio against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -67,6 +78,17 @@ fn main() -> Result<()> {
             demo::run()
         }
         Task::Fuzz { seconds, seeds } => fuzz(seconds, seeds),
+        Task::VmTest { arch, kernels } => {
+            setup::run()?;
+            let (passed, failed) = vm::run(arch, &kernels)?;
+            if failed > 0 {
+                bail!(
+                    "{failed} of {} kernel/arch combinations failed",
+                    passed + failed
+                );
+            }
+            Ok(())
+        }
         Task::Bench { which } => {
             setup::run()?;
             bench::run(which)
@@ -129,7 +151,9 @@ pub fn root() -> PathBuf {
 
 /// Runs a command in the workspace root, failing with its name if it fails.
 pub fn exec(cmd: &mut Command) -> Result<()> {
-    cmd.current_dir(root());
+    if cmd.get_current_dir().is_none() {
+        cmd.current_dir(root());
+    }
     eprintln!("xtask: $ {}", describe(cmd));
     let status = cmd
         .status()
@@ -150,7 +174,7 @@ pub fn describe(cmd: &Command) -> String {
     text
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
@@ -246,6 +270,15 @@ fn test(no_cross: bool) -> Result<()> {
             );
         }
         eprintln!("xtask: the aarch64 binary runs (`blkmirror track --help` under qemu-user)");
+        // Other kernels, in qemu: the reduced matrix (the full one is `cargo xtask vm-test`).
+        for (arch, kernel) in [
+            (vm::ArchChoice::X86_64, "6.1"),
+            (vm::ArchChoice::Aarch64, "6.12"),
+        ] {
+            let (p, f) = vm::run(arch, &[kernel.to_owned()])?;
+            passed += p as u64;
+            failed += f as u64;
+        }
     }
     eprintln!("xtask: all checks passed");
     // One summary line for whoever reads only the end of the log (CI does).
