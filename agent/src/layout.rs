@@ -261,6 +261,9 @@ pub struct RequestLayout {
     pub rq_q: u64,
     /// `request_queue.disk` (pointer).
     pub q_disk: u64,
+    /// 1 when the kernel's `request_queue` has no `disk` (before 5.15): then `rq_q` is the
+    /// offset of `request.rq_disk`, which points to the disk directly.
+    pub disk_in_rq: u64,
     /// `gendisk.major` (4 bytes).
     pub disk_major: u64,
     /// `gendisk.first_minor` (4 bytes).
@@ -293,11 +296,18 @@ impl RequestLayout {
             }
             Ok(u64::from(offset))
         };
+        // Newer kernels reach the disk through the queue; older ones (5.10) name it in the
+        // request itself.
+        let (rq_q, q_disk, disk_in_rq) = match member("request_queue", "disk", 8) {
+            Ok(q_disk) => (member("request", "q", 8)?, q_disk, 0),
+            Err(_) => (member("request", "rq_disk", 8)?, 0, 1),
+        };
         Ok(Self {
             rq_cmd_flags: member("request", "cmd_flags", 4)?,
             rq_sector: member("request", "__sector", 8)?,
-            rq_q: member("request", "q", 8)?,
-            q_disk: member("request_queue", "disk", 8)?,
+            rq_q,
+            q_disk,
+            disk_in_rq,
             disk_major: member("gendisk", "major", 4)?,
             disk_first_minor: member("gendisk", "first_minor", 4)?,
             op_read: btf.enumerator("REQ_OP_READ")?,

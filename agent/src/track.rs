@@ -254,6 +254,7 @@ mod field {
     pub const RECENT_MISSES: usize = offset_of!(TrackState, recent_misses) / 8;
     pub const DISK_STAT_BASE: usize = offset_of!(TrackState, disk_stat_base) / 8;
     pub const UNSEEN_ACKED: usize = offset_of!(TrackState, unseen_acked) / 8;
+    pub const BYTE_MAP: usize = offset_of!(TrackState, byte_map) / 8;
     pub const WORDS: usize = size_of::<TrackState>() / 8;
 }
 
@@ -268,6 +269,8 @@ struct Pins {
     prog: Option<ProgramFd>,
     /// The raw-tracepoint program, when it is attached.
     prog_raw: Option<ProgramFd>,
+    /// The dirty map holds a byte per chunk (kernels without BPF atomic OR).
+    byte_map: bool,
 }
 
 /// A cut whose slot has not been cleared yet.
@@ -433,6 +436,7 @@ impl Tracker {
                     request_layout: raw_layout,
                     wanted,
                     classic_fallback: options.hooks == HookChoice::Auto,
+                    byte_map: false,
                 };
                 create_pins(&pin_dir, &spec, &mut notes)?;
                 open_pins(&pin_dir, &device, &geometry).map_err(|state| TrackError::Pins {
@@ -541,6 +545,13 @@ impl Tracker {
                 "{HOOK_RAW_NAME} (struct request offsets from BTF: exact write-zeroes, and a \
                  second recorder when the kernel skips the classic one)"
             ));
+        }
+        if self.pins.byte_map {
+            hooks.push(
+                "degraded: this kernel has no BPF atomic OR (Linux 5.12+), so the dirty map keeps \
+                 a byte per chunk instead of a bit (8x the kernel memory), set with plain stores"
+                    .to_owned(),
+            );
         }
         hooks.extend(self.notes.iter().cloned());
         if self.cross_checks_disk_stats() {
@@ -713,10 +724,11 @@ impl Tracker {
         };
         let slot = pending.epoch % SLOTS as u64;
         let wpk = self.geometry.words_per_kind();
+        let scale = if self.pins.byte_map { 8 } else { 1 };
         let dirty = self.pins.dirty.words();
         for kind in 0..KINDS as u64 {
-            let base = bitmap_base(slot, kind, wpk) as usize;
-            for word in &dirty[base..base + wpk as usize] {
+            let base = (bitmap_base(slot, kind, wpk) * scale) as usize;
+            for word in &dirty[base..base + (wpk * scale) as usize] {
                 word.store(0, Ordering::Relaxed);
             }
         }
@@ -746,6 +758,14 @@ impl Tracker {
         let dirty = self.pins.dirty.words();
         let mut bitmaps = DirtyBitmaps::new(self.geometry);
         for kind in [ChangeKind::Write, ChangeKind::Discard, ChangeKind::Zeroes] {
+            if self.pins.byte_map {
+                let base = (bitmap_base(slot, kind.index(), wpk) * 8) as usize;
+                let source = &dirty[base..base + (wpk * 8) as usize];
+                for (dst, bytes) in bitmaps.words_mut(kind).iter_mut().zip(source.chunks(8)) {
+                    *dst = bits_of_byte_words(bytes.iter().map(|w| w.load(Ordering::Relaxed)));
+                }
+                continue;
+            }
             let base = bitmap_base(slot, kind.index(), wpk) as usize;
             let source = &dirty[base..base + wpk as usize];
             for (dst, src) in bitmaps.words_mut(kind).iter_mut().zip(source) {
@@ -767,6 +787,20 @@ impl Tracker {
         }
         Ok(bitmaps)
     }
+}
+
+/// Folds 8 byte-map words (one byte per chunk, little-endian, as the kernel program stores
+/// them) into one bitmap word: bit `j * 8 + k` is set when byte `k` of word `j` is non-zero.
+pub fn bits_of_byte_words(words: impl Iterator<Item = u64>) -> u64 {
+    let mut bits = 0u64;
+    for (j, word) in words.take(8).enumerate() {
+        for (k, byte) in word.to_le_bytes().into_iter().enumerate() {
+            if byte != 0 {
+                bits |= 1 << (j * 8 + k);
+            }
+        }
+    }
+    bits
 }
 
 /// Whether a completion may have been skipped by every attached hook, given the new
@@ -884,7 +918,8 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
     }
     check_geometry(&state, device, geometry).map_err(PinsState::Broken)?;
     let dirty_map = MapData::from_pin(dir.join(PIN_DIRTY)).map_err(|e| broken("dirty map")(&e))?;
-    let total = (geometry.words_per_kind() * (SLOTS * KINDS) as u64) as usize;
+    let byte_map = state.words()[field::BYTE_MAP].load(Ordering::SeqCst) != 0;
+    let total = dirty_words(geometry, byte_map) as usize;
     let dirty = sys::MappedWords::map(dirty_map.fd().as_fd(), total)
         .map_err(|e| broken("mapping the dirty map")(&e))?;
     let big_map = |name: &str| {
@@ -925,7 +960,13 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
         big_raw,
         prog: prog_classic,
         prog_raw,
+        byte_map,
     })
+}
+
+/// Words of the DIRTY map: one bit per chunk per slot and kind, or one byte in a byte map.
+fn dirty_words(geometry: &Geometry, byte_map: bool) -> u64 {
+    geometry.words_per_kind() * (SLOTS * KINDS) as u64 * if byte_map { 8 } else { 1 }
 }
 
 /// Whether pinned state describes this device and chunk size; `Err` says what differs.
@@ -974,6 +1015,8 @@ struct CreateSpec<'a> {
     wanted: u64,
     /// Attach the classic hook if the raw one cannot be attached.
     classic_fallback: bool,
+    /// Use a byte map (no BPF atomics).
+    byte_map: bool,
 }
 
 /// Loads the tracker, pins it under `dir` and attaches the wanted hooks. When the raw hook
@@ -984,10 +1027,31 @@ fn create_pins(
     spec: &CreateSpec<'_>,
     notes: &mut Vec<String>,
 ) -> Result<(), TrackError> {
-    let result = try_create_pins(dir, spec, notes);
-    if result.is_err() {
-        // Leave nothing half-made behind.
+    let mut result = try_create_pins(dir, spec, notes);
+    if let Err(TrackError::Env(EnvError::NoBpfAtomics { .. })) = &result {
+        // Degrade: a byte per chunk, written with plain stores.
         let _ = remove_pins(dir);
+        let words = dirty_words(spec.geometry, true);
+        if words * 8 > MAX_BITMAP_BYTES {
+            return Err(TrackError::TooLarge {
+                device: spec.device.path.clone(),
+                words,
+                chunk: spec.geometry.chunk_bytes(),
+            });
+        }
+        let byte_spec = CreateSpec {
+            byte_map: true,
+            ..*spec
+        };
+        result = try_create_pins(dir, &byte_spec, notes);
+    }
+    if result.is_err() {
+        // Leave nothing half-made behind, and say why earlier choices were made (a raw hook that
+        // could not be attached explains why the classic one was tried).
+        let _ = remove_pins(dir);
+        for note in notes.iter() {
+            eprintln!("blkmirror: {note}");
+        }
     }
     result
 }
@@ -1013,10 +1077,12 @@ fn try_create_pins(
         request_layout,
         mut wanted,
         classic_fallback,
+        byte_map,
     } = spec;
     fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     let wpk = geometry.words_per_kind();
-    let total_words = wpk * (SLOTS * KINDS) as u64;
+    let total_words = dirty_words(geometry, byte_map);
+    let byte_map_flag = u64::from(byte_map);
     let flags = if device.zoned {
         blkmirror_common::FLAG_ZONED
     } else {
@@ -1028,6 +1094,7 @@ fn try_create_pins(
         rq_sector: 0,
         rq_q: 0,
         q_disk: 0,
+        disk_in_rq: 0,
         disk_major: 0,
         disk_first_minor: 0,
         op_read: 0,
@@ -1056,6 +1123,7 @@ fn try_create_pins(
         ("OFF_RQ_SECTOR", &raw.rq_sector),
         ("OFF_RQ_Q", &raw.rq_q),
         ("OFF_Q_DISK", &raw.q_disk),
+        ("DISK_IN_RQ", &raw.disk_in_rq),
         ("OFF_DISK_MAJOR", &raw.disk_major),
         ("OFF_DISK_FIRST_MINOR", &raw.disk_first_minor),
         ("OP_READ", &raw.op_read),
@@ -1078,10 +1146,11 @@ fn try_create_pins(
         .map_err(TrackError::Load)?;
 
     // Load (verify) the classic program first: from then on it holds references to the maps.
+    let (classic_name, raw_name) = program_names(byte_map);
     let classic: &mut TracePoint = ebpf
-        .program_mut("block_rq_complete")
+        .program_mut(classic_name)
         .and_then(|p| p.try_into().ok())
-        .ok_or_else(|| missing_in_object("the eBPF object lacks program", "block_rq_complete"))?;
+        .ok_or_else(|| missing_in_object("the eBPF object lacks program", classic_name))?;
     classic.load().map_err(classify_load_error)?;
 
     let mut state_map = None;
@@ -1131,6 +1200,7 @@ fn try_create_pins(
         (field::WORDS_PER_KIND, wpk),
         (field::CREATED_UNIX, now),
         (field::HOOKS, 0),
+        (field::BYTE_MAP, byte_map_flag),
     ] {
         words[index].store(value, Ordering::SeqCst);
     }
@@ -1140,7 +1210,7 @@ fn try_create_pins(
     let mut attached = 0;
     if wanted & HOOK_RAW != 0 {
         let result = match request_layout {
-            Some(_) => attach_raw(&mut ebpf, dir),
+            Some(_) => attach_raw(&mut ebpf, dir, raw_name),
             None => Err("no usable kernel BTF".to_owned()),
         };
         match result {
@@ -1155,11 +1225,9 @@ fn try_create_pins(
     words[field::HOOKS].store(attached, Ordering::SeqCst);
     if wanted & HOOK_CLASSIC != 0 {
         let classic: &mut TracePoint = ebpf
-            .program_mut("block_rq_complete")
+            .program_mut(classic_name)
             .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| {
-                missing_in_object("the eBPF object lacks program", "block_rq_complete")
-            })?;
+            .ok_or_else(|| missing_in_object("the eBPF object lacks program", classic_name))?;
         let link_id = classic
             .attach("block", "block_rq_complete")
             .map_err(TrackError::Attach)?;
@@ -1204,10 +1272,20 @@ fn pin_link_and_prog(link: FdLink, dir: &Path, name: &str) -> Result<(), TrackEr
     Ok(())
 }
 
+/// The classic and raw program names: the byte-map variants hold no atomic OR instruction,
+/// which kernels before 5.12 refuse anywhere in a program.
+fn program_names(byte_map: bool) -> (&'static str, &'static str) {
+    if byte_map {
+        ("block_rq_complete_bytes", "block_rq_complete_raw_bytes")
+    } else {
+        ("block_rq_complete", "block_rq_complete_raw")
+    }
+}
+
 /// Loads, attaches and pins the raw-tracepoint program; `Err` says why it cannot be used.
-fn attach_raw(ebpf: &mut aya::Ebpf, dir: &Path) -> Result<(), String> {
+fn attach_raw(ebpf: &mut aya::Ebpf, dir: &Path, name: &str) -> Result<(), String> {
     let program: &mut RawTracePoint = ebpf
-        .program_mut("block_rq_complete_raw")
+        .program_mut(name)
         .and_then(|p| p.try_into().ok())
         .ok_or("the embedded eBPF object lacks it")?;
     program
@@ -1286,6 +1364,25 @@ fn write_record(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn byte_map_words_fold_into_bits() {
+        assert_eq!(bits_of_byte_words([0u64; 8].into_iter()), 0);
+        let mut words = [0u64; 8];
+        words[0] = 0x01; // chunk 0
+        words[0] |= 0x01 << 56; // chunk 7
+        words[3] = 0x0100; // chunk 25
+        words[7] = 0x01 << 56; // chunk 63
+        assert_eq!(
+            bits_of_byte_words(words.into_iter()),
+            1 | 1 << 7 | 1 << 25 | 1 << 63
+        );
+        assert_eq!(
+            bits_of_byte_words([0x0101_0101_0101_0101u64; 8].into_iter()),
+            u64::MAX
+        );
+    }
+
     use super::*;
 
     #[test]

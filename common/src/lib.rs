@@ -64,7 +64,7 @@ pub const BIG_EXTENTS_PER_CPU: usize = 128;
 
 /// Magic in [`TrackState::magic`]: identifies a blkmirror state map and its layout version.
 /// Bump the low byte whenever the layout of any type here changes.
-pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0003; // "blkmir" + layout v3
+pub const STATE_MAGIC: u64 = 0x626c_6b6d_6972_0004; // "blkmir" + layout v4
 
 /// Bit in [`TrackState::hooks`]: the classic `block/block_rq_complete` tracepoint is attached.
 pub const HOOK_CLASSIC: u64 = 1;
@@ -137,6 +137,9 @@ pub struct TrackState {
     /// first request it matched, so later requests of the disk skip the `q->disk` lookups
     /// (kernel-owned; a cache: a request with another queue is still checked in full).
     pub queue: u64,
+    /// Non-zero when the dirty map is a *byte map*: one byte per chunk (8 `u64` per bitmap
+    /// word) for kernels whose verifier has no BPF atomic OR (before Linux 5.12).
+    pub byte_map: u64,
 }
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.

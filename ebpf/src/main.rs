@@ -85,6 +85,9 @@ static OFF_DISK_FIRST_MINOR: u64 = 0;
 /// 1 when `gendisk.first_minor` directly follows `gendisk.major`: one 8-byte read gets both.
 #[unsafe(no_mangle)]
 static DISK_DEV_ADJACENT: u64 = 0;
+/// 1: `OFF_RQ_Q` is `request.rq_disk`, a pointer to the disk itself (kernels before 5.15).
+#[unsafe(no_mangle)]
+static DISK_IN_RQ: u64 = 0;
 #[unsafe(no_mangle)]
 static OP_READ: u64 = 0;
 #[unsafe(no_mangle)]
@@ -155,14 +158,25 @@ fn count_overflow() {
 
 #[tracepoint]
 pub fn block_rq_complete(ctx: TracePointContext) -> u32 {
-    if try_block_rq_complete(&ctx).is_err() {
+    if try_block_rq_complete::<false>(&ctx).is_err() {
+        count_overflow();
+    }
+    0
+}
+
+/// The classic hook for kernels without BPF atomic OR (byte map, see [`mark_bytes`]). A
+/// separate program, because kernels before 5.12 reject an atomic OR instruction anywhere in
+/// a program, reachable or not.
+#[tracepoint]
+pub fn block_rq_complete_bytes(ctx: TracePointContext) -> u32 {
+    if try_block_rq_complete::<true>(&ctx).is_err() {
         count_overflow();
     }
     0
 }
 
 #[inline(always)]
-fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), ()> {
+fn try_block_rq_complete<const BYTES: bool>(ctx: &TracePointContext) -> Result<(), ()> {
     // SAFETY: offsets come from the tracepoint's format file; the helper checks the read.
     let dev: u32 = unsafe { ctx.read_at(global(&OFF_DEV) as usize) }.map_err(|_| ())?;
     if u64::from(dev) != global(&TARGET_DEV) {
@@ -189,7 +203,7 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), ()> {
         _ => return Ok(()),
     };
     count_stat(blkmirror_common::STAT_CLASSIC_WRITE_REQS);
-    record(
+    record::<BYTES>(
         sector,
         u64::from(nr_sector),
         kind,
@@ -201,7 +215,16 @@ fn try_block_rq_complete(ctx: &TracePointContext) -> Result<(), ()> {
 
 #[raw_tracepoint(tracepoint = "block_rq_complete")]
 pub fn block_rq_complete_raw(ctx: RawTracePointContext) -> i32 {
-    if try_block_rq_complete_raw(&ctx).is_err() {
+    if try_block_rq_complete_raw::<false>(&ctx).is_err() {
+        count_overflow();
+    }
+    0
+}
+
+/// The raw hook with a byte map (see [`block_rq_complete_bytes`]).
+#[raw_tracepoint(tracepoint = "block_rq_complete")]
+pub fn block_rq_complete_raw_bytes(ctx: RawTracePointContext) -> i32 {
+    if try_block_rq_complete_raw::<true>(&ctx).is_err() {
         count_overflow();
     }
     0
@@ -216,7 +239,7 @@ fn read_kernel<T>(base: u64, offset: u64) -> Result<T, ()> {
 }
 
 #[inline(always)]
-fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
+fn try_block_rq_complete_raw<const BYTES: bool>(ctx: &RawTracePointContext) -> Result<(), ()> {
     // TP_PROTO(struct request *rq, blk_status_t error, unsigned int nr_bytes)
     let rq: u64 = ctx.arg(0);
     let error: u64 = ctx.arg(1);
@@ -256,7 +279,7 @@ fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
         KIND_WRITE
     };
     let sector: u64 = read_kernel(rq, global(&OFF_RQ_SECTOR))?;
-    record(
+    record::<BYTES>(
         sector,
         nr_bytes.div_ceil(512),
         kind,
@@ -269,7 +292,12 @@ fn try_block_rq_complete_raw(ctx: &RawTracePointContext) -> Result<(), ()> {
 /// Whether the request queue `q` belongs to the tracked whole disk (`q->disk` major:minor).
 #[inline(always)]
 fn is_target_disk(q: u64) -> Result<bool, ()> {
-    let disk: u64 = read_kernel(q, global(&OFF_Q_DISK))?;
+    // Before 5.15 the request names its disk (`rq_disk`, read into `q` by the caller).
+    let disk: u64 = if global(&DISK_IN_RQ) != 0 {
+        q
+    } else {
+        read_kernel(q, global(&OFF_Q_DISK))?
+    };
     if disk == 0 {
         return Ok(false);
     }
@@ -291,7 +319,7 @@ fn is_target_disk(q: u64) -> Result<bool, ()> {
 /// The program runs inside an RCU read-side critical section; userspace waits for a grace
 /// period after changing the epoch, so the slot chosen here stays valid until we return.
 #[inline(always)]
-fn record(
+fn record<const BYTES: bool>(
     sector: u64,
     nr: u64,
     kind: u64,
@@ -324,17 +352,17 @@ fn record(
         return push_big(big, slot, rel, len, kind);
     }
     if kind == KIND_WRITE || span.full_first == span.full_end {
-        return set_bits(bitmap_base(slot, KIND_WRITE, words), span.first, span.end);
+        return set_bits::<BYTES>(bitmap_base(slot, KIND_WRITE, words), span.first, span.end);
     }
     // Partly covered chunks at either end keep data that must be read: they are writes. There
     // is at most one at each end.
     if span.first < span.full_first {
-        set_bit(bitmap_base(slot, KIND_WRITE, words), span.first)?;
+        set_bit::<BYTES>(bitmap_base(slot, KIND_WRITE, words), span.first)?;
     }
     if span.full_end < span.end {
-        set_bit(bitmap_base(slot, KIND_WRITE, words), span.full_end)?;
+        set_bit::<BYTES>(bitmap_base(slot, KIND_WRITE, words), span.full_end)?;
     }
-    set_bits(
+    set_bits::<BYTES>(
         bitmap_base(slot, kind, words),
         span.full_first,
         span.full_end,
@@ -343,7 +371,10 @@ fn record(
 
 /// ORs `mask` into word `index` of the DIRTY array.
 #[inline(always)]
-fn or_word(index: u64, mask: u64) -> Result<(), ()> {
+fn or_word<const BYTES: bool>(index: u64, mask: u64) -> Result<(), ()> {
+    if BYTES {
+        return mark_bytes(index, mask);
+    }
     let word = DIRTY.get_ptr_mut(index as u32).ok_or(())?;
     // SAFETY: `word` points into the DIRTY array (the lookup checked the index); the update is
     // a single atomic instruction, so concurrent CPUs cannot lose each other's bits.
@@ -351,10 +382,40 @@ fn or_word(index: u64, mask: u64) -> Result<(), ()> {
     Ok(())
 }
 
+/// The byte-map form of [`or_word`] (kernels without BPF atomic OR, before 5.12): bitmap word `index` is 8 `u64` (64 bytes, one per chunk)
+/// from `index * 8` on. Writers only ever store ones (userspace clears a slot only after the
+/// epoch moved on and a grace period passed), so plain stores from several CPUs cannot lose
+/// each other's marks: no atomic instruction is needed.
+#[inline(always)]
+fn mark_bytes(index: u64, mask: u64) -> Result<(), ()> {
+    let base = index * 8;
+    if mask == u64::MAX {
+        let mut j = 0;
+        while j < 8 {
+            let word = DIRTY.get_ptr_mut((base + j) as u32).ok_or(())?;
+            // SAFETY: `word` points into the DIRTY array (the lookup checked the index).
+            unsafe { core::ptr::write_volatile(word, 0x0101_0101_0101_0101) };
+            j += 1;
+        }
+        return Ok(());
+    }
+    let mut bit = 0;
+    while bit < 64 {
+        if (mask >> bit) & 1 != 0 {
+            let word = DIRTY.get_ptr_mut((base + bit / 8) as u32).ok_or(())?;
+            // SAFETY: `word` points to an 8-byte element of the DIRTY array; `bit % 8` < 8
+            // stays inside it.
+            unsafe { core::ptr::write_volatile(word.cast::<u8>().add((bit % 8) as usize), 1) };
+        }
+        bit += 1;
+    }
+    Ok(())
+}
+
 /// Sets bit `chunk` of the bitmap starting at word `base`.
 #[inline(always)]
-fn set_bit(base: u64, chunk: u64) -> Result<(), ()> {
-    or_word(base + chunk / 64, 1u64 << (chunk % 64))
+fn set_bit<const BYTES: bool>(base: u64, chunk: u64) -> Result<(), ()> {
+    or_word::<BYTES>(base + chunk / 64, 1u64 << (chunk % 64))
 }
 
 /// Sets bits `[first, end)` of the bitmap starting at word `base`; at most
@@ -363,7 +424,7 @@ fn set_bit(base: u64, chunk: u64) -> Result<(), ()> {
 /// The loop body has no data-dependent branch except its exit, so the verifier's work grows
 /// linearly with the bound: first and last words are handled outside the loop.
 #[inline(always)]
-fn set_bits(base: u64, first: u64, end: u64) -> Result<(), ()> {
+fn set_bits<const BYTES: bool>(base: u64, first: u64, end: u64) -> Result<(), ()> {
     if first >= end {
         return Ok(());
     }
@@ -372,17 +433,17 @@ fn set_bits(base: u64, first: u64, end: u64) -> Result<(), ()> {
     let head = u64::MAX << (first % 64);
     let tail = u64::MAX >> (63 - (end - 1) % 64);
     if first_word == last_word {
-        return or_word(base + first_word, head & tail);
+        return or_word::<BYTES>(base + first_word, head & tail);
     }
-    or_word(base + first_word, head)?;
-    or_word(base + last_word, tail)?;
+    or_word::<BYTES>(base + first_word, head)?;
+    or_word::<BYTES>(base + last_word, tail)?;
     let middle = last_word - first_word - 1;
     let mut i = 0;
     while i < MAX_WORDS_PER_EVENT {
         if i >= middle {
             break;
         }
-        or_word(base + first_word + 1 + i, u64::MAX)?;
+        or_word::<BYTES>(base + first_word + 1 + i, u64::MAX)?;
         i += 1;
     }
     Ok(())

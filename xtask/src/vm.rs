@@ -643,7 +643,7 @@ if [ ! -b /dev/vda ]; then
   echo "BLKMIRROR-VM: FAIL track: no /dev/vda (virtio modules?)"
 else
   ip link set lo up
-  blkmirror vm-selftest /dev/vda
+  blkmirror vm-selftest /dev/vda 2>&1
   blkmirror keygen --out /tmp/agent > /tmp/agent.fp 2>/dev/null
   blkmirror keygen --out /tmp/recv > /tmp/recv.fp 2>/dev/null
   blkmirror receiver --listen 127.0.0.1:7443 --data-dir /tmp/data --identity /tmp/recv \
