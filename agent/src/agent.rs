@@ -323,6 +323,8 @@ pub struct Agent {
     rate: Option<Arc<Mutex<RateLimit>>>,
     started: Instant,
     shutdown: watch::Receiver<bool>,
+    /// The receiver's image is at a complete point (then a verify sync must not mix it).
+    replica_has_point: bool,
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -420,6 +422,7 @@ impl Agent {
             rate,
             started,
             shutdown,
+            replica_has_point: false,
         })
     }
 
@@ -542,6 +545,7 @@ impl Agent {
             });
         }
         self.reconcile(&welcome)?;
+        self.replica_has_point = welcome.last_point.as_ref().is_some_and(|p| p.complete);
         let mut new_replica = welcome.new_volume;
         // Decided once from the receiver's view at connect; later only a tracking loss
         // (`NeedsVerify`) starts another sync.
@@ -732,6 +736,7 @@ impl Agent {
         self.state.committed_seq = seq;
         self.state.inflight.clear();
         if point_complete {
+            self.replica_has_point = true;
             // The sync (if one ran) is over: recorded in the same write as the commit, so a
             // crash cannot leave a finished sync looking unfinished.
             self.state.sync_generation = None;
@@ -915,7 +920,16 @@ impl Agent {
             }
         ));
         let window = self.chunk * u64::from(wire::MAX_HASHES_PER_REQUEST);
-        let step = self.config.sync_step.max(window) / window * window;
+        // A replica that is at a complete point is verified in one journaled cycle, so a crash
+        // leaves it at that point or at the synced one, never a mix (the journal holds only
+        // the chunks that differ). An initial sync has no point to protect: it writes straight
+        // into the image in resumable steps.
+        let direct = !self.replica_has_point;
+        let step = if direct {
+            self.config.sync_step.max(window) / window * window
+        } else {
+            self.size.div_ceil(window) * window
+        };
         let mut progress = Progress {
             total: self.size - from,
             done: 0,
@@ -928,7 +942,7 @@ impl Agent {
             let started = Instant::now();
             // The data of a sync step is unknown until read: the receiver checks its space as
             // the journal grows.
-            self.begin(link, seq, 0, true).await?;
+            self.begin(link, seq, 0, direct).await?;
             let mut step_stats = PassStats::default();
             for (start, end) in plan::sync_windows(step_start, step_end, window) {
                 if self.stopping() {
