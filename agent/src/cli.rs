@@ -328,6 +328,7 @@ fn options(chunk_bytes: u64, hooks: HookChoice, state: &StateArgs) -> TrackOptio
         pin_root: state.pin_root.clone(),
         state_dir: state.state_dir.clone(),
         hooks,
+        byte_map: false,
     }
 }
 

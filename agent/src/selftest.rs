@@ -94,5 +94,6 @@ pub fn guest_options() -> TrackOptions {
         pin_root: "/sys/fs/bpf/blkmirror-vm".into(),
         state_dir: "/tmp/blkmirror-vm-state".into(),
         hooks: HookChoice::Auto,
+        byte_map: false,
     }
 }

@@ -175,6 +175,10 @@ pub struct TrackOptions {
     pub state_dir: PathBuf,
     /// Which hooks to attach.
     pub hooks: HookChoice,
+    /// Use the byte map (the degraded mode of kernels without BPF atomic OR) even where the
+    /// kernel has atomics, when a new generation is created. For tests: it runs that mode on
+    /// any kernel.
+    pub byte_map: bool,
 }
 
 impl Default for TrackOptions {
@@ -184,6 +188,7 @@ impl Default for TrackOptions {
             pin_root: DEFAULT_PIN_ROOT.into(),
             state_dir: DEFAULT_STATE_DIR.into(),
             hooks: HookChoice::Both,
+            byte_map: false,
         }
     }
 }
@@ -436,7 +441,7 @@ impl Tracker {
                     request_layout: raw_layout,
                     wanted,
                     classic_fallback: options.hooks == HookChoice::Auto,
-                    byte_map: false,
+                    byte_map: options.byte_map,
                 };
                 create_pins(&pin_dir, &spec, &mut notes)?;
                 open_pins(&pin_dir, &device, &geometry).map_err(|state| TrackError::Pins {

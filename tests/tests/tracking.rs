@@ -29,6 +29,7 @@ fn options(pins: &PinRoot, scratch: &Scratch, chunk_bytes: u64) -> TrackOptions 
         pin_root: pins.path.clone(),
         state_dir: scratch.path.join("state"),
         hooks: HookChoice::Auto,
+        byte_map: false,
     }
 }
 
@@ -359,7 +360,18 @@ fn no_write_is_lost_with_the_classic_hook_and_with_both() {
     no_write_is_lost(HookChoice::Both, 1000);
 }
 
+/// The byte map (kernels before 5.12, no BPF atomic OR) must be just as complete; forced here
+/// on a kernel that has atomics.
+#[test]
+fn no_write_is_lost_with_the_byte_map_of_old_kernels() {
+    no_write_is_lost_with(HookChoice::Auto, 1000, true);
+}
+
 fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
+    no_write_is_lost_with(hooks, min_cuts, false);
+}
+
+fn no_write_is_lost_with(hooks: HookChoice, min_cuts: u64, byte_map: bool) {
     require_root();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
@@ -368,9 +380,20 @@ fn no_write_is_lost(hooks: HookChoice, min_cuts: u64) {
     let dev = LoopDevice::new(&scratch.path, SIZE);
     let opts = TrackOptions {
         hooks,
+        byte_map,
         ..options(&pins, &scratch, CHUNK_4K)
     };
     let (mut tracker, _) = Tracker::open(&dev.path, &opts).expect("open");
+    if byte_map {
+        assert!(
+            tracker
+                .hooks()
+                .iter()
+                .any(|h| h.contains("a byte per chunk")),
+            "the byte map is not in use: {:?}",
+            tracker.hooks()
+        );
+    }
     drain(&mut tracker);
 
     // Initial copy: the shadow starts equal to the (all-zero) device.
