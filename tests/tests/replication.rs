@@ -39,6 +39,20 @@ fn write_random(device: &Path, offset: u64, len: u64) {
     assert!(status.success(), "dd failed");
 }
 
+/// A child process that is continued and killed on drop unless it has exited: a stopped
+/// agent must never outlive its test (it holds the loop device).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            signal(self.0.id(), libc::SIGCONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// The two identities and a receiver granting `agent` the `volumes`.
 struct Site {
     scratch: Scratch,
@@ -221,25 +235,33 @@ fn receiver_killed_at_any_instant_restarts_at_a_committed_point() {
         }
         let mut args = setup.args(&["--once", "--compression", "off"]);
         args.retain(|a| a != "--json");
-        let mut agent = blkmirror_tests::blkmirror()
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("agent");
+        // Whatever fails below, the agent must not stay stopped (it holds the loop device).
+        let mut agent = ChildGuard(
+            blkmirror_tests::blkmirror()
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("agent"),
+        );
         std::thread::sleep(cycle.mul_f64(fraction));
         site.receiver.kill();
-        signal(agent.id(), libc::SIGSTOP);
+        signal(agent.0.id(), libc::SIGSTOP);
         site.receiver.restart();
         let image = digest(&site.receiver.image("raw"));
         if image != previous && image != next {
-            signal(agent.id(), libc::SIGKILL);
-            let output = agent.wait_with_output().expect("agent output");
+            signal(agent.0.id(), libc::SIGCONT);
+            let _ = agent.0.kill();
+            let _ = agent.0.wait();
+            let mut stderr = String::new();
+            if let Some(mut pipe) = agent.0.stderr.take() {
+                use std::io::Read as _;
+                let _ = pipe.read_to_string(&mut stderr);
+            }
             panic!(
                 "round {round}: after a SIGKILL the image is neither the previous point nor the \
-                 new one; receiver: {}\nagent: {}",
-                site.receiver.log(),
-                String::from_utf8_lossy(&output.stderr)
+                 new one; receiver: {}\nagent: {stderr}",
+                site.receiver.log()
             );
         }
         if image == previous {
@@ -247,17 +269,17 @@ fn receiver_killed_at_any_instant_restarts_at_a_committed_point() {
         } else {
             after += 1;
         }
-        signal(agent.id(), libc::SIGCONT);
+        signal(agent.0.id(), libc::SIGCONT);
         let deadline = Instant::now() + Duration::from_secs(120);
         let status = loop {
-            if let Some(status) = agent.try_wait().expect("wait") {
+            if let Some(status) = agent.0.try_wait().expect("wait") {
                 break status;
             }
             assert!(Instant::now() < deadline, "the agent did not finish");
             std::thread::sleep(Duration::from_millis(50));
         };
         let mut stderr = String::new();
-        if let Some(mut pipe) = agent.stderr.take() {
+        if let Some(mut pipe) = agent.0.stderr.take() {
             use std::io::Read as _;
             let _ = pipe.read_to_string(&mut stderr);
         }
@@ -704,7 +726,11 @@ fn continuous_agent_ships_only_changes_and_stops_cleanly_on_sigterm() {
     signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "the agent ignored SIGTERM");
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the agent ignored SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
     let output = child.wait_with_output().expect("output");
@@ -741,30 +767,32 @@ fn a_receiver_that_is_down_at_start_is_retried() {
     let setup = site.setup(&dev.path, "raw");
     let mut args = setup.args(&["--once"]);
     args.retain(|a| a != "--json");
-    let mut agent = blkmirror_tests::blkmirror()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("agent");
+    let mut agent = ChildGuard(
+        blkmirror_tests::blkmirror()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent"),
+    );
     // Longer than a handshake's timeout (the QUIC idle timeout), so the agent sees the
     // connection fail and goes through its back-off.
     std::thread::sleep(Duration::from_secs(18));
     assert!(
-        agent.try_wait().expect("wait").is_none(),
+        agent.0.try_wait().expect("wait").is_none(),
         "the agent gave up while the receiver was down"
     );
     site.receiver.restart();
     let deadline = Instant::now() + Duration::from_secs(90);
     let status = loop {
-        if let Some(status) = agent.try_wait().expect("wait") {
+        if let Some(status) = agent.0.try_wait().expect("wait") {
             break status;
         }
         assert!(Instant::now() < deadline, "the agent did not finish");
         std::thread::sleep(Duration::from_millis(100));
     };
     let mut stderr = String::new();
-    if let Some(mut pipe) = agent.stderr.take() {
+    if let Some(mut pipe) = agent.0.stderr.take() {
         use std::io::Read as _;
         let _ = pipe.read_to_string(&mut stderr);
     }
@@ -829,13 +857,15 @@ fn a_frozen_file_system_is_thawed_when_the_agent_dies_or_overruns_its_budget() {
     std::fs::write(mount.target.join("a"), b"changed").expect("write");
     let mut args = agent.args(&["--once", "--freeze-budget", "2s"]);
     args.retain(|a| a != "--json");
-    let mut child = blkmirror_tests::blkmirror()
-        .args(&args)
-        .env("BLKMIRROR_TEST_FREEZE_HOLD_MS", "60000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("agent");
+    let mut child = ChildGuard(
+        blkmirror_tests::blkmirror()
+            .args(&args)
+            .env("BLKMIRROR_TEST_FREEZE_HOLD_MS", "60000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
     // The guard process exists exactly while a freeze is armed (probing with FIFREEZE here
     // would race with the agent's own).
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -848,11 +878,11 @@ fn a_frozen_file_system_is_thawed_when_the_agent_dies_or_overruns_its_budget() {
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        child.try_wait().expect("wait").is_none(),
+        child.0.try_wait().expect("wait").is_none(),
         "the agent exited"
     );
-    child.kill().expect("kill");
-    child.wait().expect("wait");
+    child.0.kill().expect("kill");
+    child.0.wait().expect("wait");
     let killed = Instant::now();
     while is_frozen(&mount.target) {
         assert!(
