@@ -1205,16 +1205,8 @@ impl Agent {
                 if same {
                     stats.same_bytes += len;
                 }
-                if (same || !zero)
-                    && let Some((start, run)) = zero_run.take()
-                {
-                    sink(wire::encode(&DataFrame::Zero {
-                        seq,
-                        offset: start,
-                        length: run,
-                    }))?;
-                    stats.frames += 1;
-                    stats.zero_bytes += run;
+                if same || !zero {
+                    flush_zero_run(&mut zero_run, seq, stats, sink)?;
                 }
                 if same {
                     continue;
@@ -1246,15 +1238,7 @@ impl Agent {
                 stats.frames += 1;
                 stats.data_bytes += len;
             }
-            if let Some((start, run)) = zero_run {
-                sink(wire::encode(&DataFrame::Zero {
-                    seq,
-                    offset: start,
-                    length: run,
-                }))?;
-                stats.frames += 1;
-                stats.zero_bytes += run;
-            }
+            flush_zero_run(&mut zero_run, seq, stats, sink)?;
             Ok(())
         };
         self.reader.read(&plan.read, &mut on_piece)?;
@@ -1273,6 +1257,25 @@ fn thaw_reporting(frozen: Frozen) -> freeze::Thawed {
             by_guard: true,
         }
     })
+}
+
+/// Sends the pending run of all-zero chunks, if any, as one `Zero` frame.
+fn flush_zero_run(
+    zero_run: &mut Option<(u64, u64)>,
+    seq: u64,
+    stats: &mut PassStats,
+    sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
+) -> Result<(), ReadError> {
+    if let Some((offset, length)) = zero_run.take() {
+        sink(wire::encode(&DataFrame::Zero {
+            seq,
+            offset,
+            length,
+        }))?;
+        stats.frames += 1;
+        stats.zero_bytes += length;
+    }
+    Ok(())
 }
 
 struct FrozenPass {

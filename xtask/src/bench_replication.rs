@@ -11,14 +11,15 @@
 //! fsync and apply share the same disk and CPUs.
 
 use std::{
-    path::Path,
     process::{Command, Stdio},
     time::Instant,
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::demo::{Cleanup, release_binary, require_root, scratch_loop_with, scratch_space};
+use crate::demo::{
+    Cleanup, keygen, release_binary, require_root, scratch_loop_with, scratch_space, start_receiver,
+};
 
 fn dd_read_seconds(device: &str) -> Result<f64> {
     // Drop the page cache first, although O_DIRECT bypasses it anyway.
@@ -61,18 +62,6 @@ fn fill_random(device: &str, offset_blocks: u64, blocks: u64, block: &str) -> Re
     Ok(())
 }
 
-fn keygen(binary: &Path, dir: &Path) -> Result<String> {
-    let out = Command::new(binary)
-        .args(["keygen", "--out"])
-        .arg(dir)
-        .stderr(Stdio::null())
-        .output()?;
-    if !out.status.success() {
-        bail!("keygen failed");
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
 /// The committed lines of one `agent --once --json`, and its wall time.
 fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
     let started = Instant::now();
@@ -108,30 +97,14 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
 
     let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
     let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
-    let mut receiver = Command::new(&binary)
-        .args(["receiver", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--identity")
-        .arg(dir.join("receiver-id"))
-        .arg("--allow")
-        .arg(format!("{agent_fp}=bench"))
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = receiver.id();
-    let stderr = receiver.stderr.take().context("receiver stderr")?;
-    cleanup.push("stop the receiver", move || {
-        let _ = Command::new("kill").arg(pid.to_string()).status();
-        let _ = receiver.wait();
-    });
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let first = lines.next().transpose()?.context("receiver exited")?;
-    let addr = first
-        .split("listening on ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .context("receiver address")?
-        .to_owned();
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let addr = start_receiver(
+        &mut cleanup,
+        &binary,
+        &dir,
+        &dir.join("data"),
+        &agent_fp,
+        "bench",
+    )?;
     let agent = || {
         let mut command = Command::new(&binary);
         command

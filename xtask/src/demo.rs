@@ -184,7 +184,7 @@ impl Drop for Writer {
     }
 }
 
-fn keygen(binary: &Path, dir: &Path) -> Result<String> {
+pub fn keygen(binary: &Path, dir: &Path) -> Result<String> {
     let out = Command::new(binary)
         .args(["keygen", "--out"])
         .arg(dir)
@@ -197,21 +197,25 @@ fn keygen(binary: &Path, dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
-/// Starts the receiver on 127.0.0.1 (any free port); returns it and its address.
-fn start_receiver(
+/// Starts a receiver on 127.0.0.1 (any free port) with its data in `data_dir`, its identity
+/// in `dir/receiver-id`, admitting `agent_fingerprint` for `volume`; stopped by `cleanup`.
+/// Returns its address.
+pub fn start_receiver(
     cleanup: &mut Cleanup,
     binary: &Path,
     dir: &Path,
+    data_dir: &Path,
     agent_fingerprint: &str,
+    volume: &str,
 ) -> Result<String> {
     use std::io::BufRead as _;
     let mut child = Command::new(binary)
         .args(["receiver", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.join("dr-site"))
+        .arg(data_dir)
         .arg("--identity")
         .arg(dir.join("receiver-id"))
         .arg("--allow")
-        .arg(format!("{agent_fingerprint}=demo"))
+        .arg(format!("{agent_fingerprint}={volume}"))
         .stderr(Stdio::piped())
         .spawn()
         .context("starting blkmirror receiver")?;
@@ -266,7 +270,14 @@ pub fn run() -> Result<()> {
 
     let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
     let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
-    let addr = start_receiver(&mut cleanup, &binary, &dir, &agent_fp)?;
+    let addr = start_receiver(
+        &mut cleanup,
+        &binary,
+        &dir,
+        &dir.join("dr-site"),
+        &agent_fp,
+        "demo",
+    )?;
     println!("2. Both sides made an identity (`blkmirror keygen`) and pinned each other's");
     println!("   fingerprint. The receiver listens on {addr} (QUIC, mutual TLS) and admits");
     println!(
