@@ -26,8 +26,10 @@ use crate::{
     extent::Extent,
     freeze,
     identity::{self, Fingerprint, Identity},
+    ops::{self, PointSelector},
     read::Engine,
     receiver::{self, ReceiverConfig},
+    retention::RetentionPolicy,
     track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
     units,
     wire::RefusalCode,
@@ -56,6 +58,15 @@ pub enum Command {
     Agent(AgentArgs),
     /// Accept replicas from admitted agents.
     Receiver(ReceiverArgs),
+    /// List the points in time the receiver keeps for a volume.
+    Points(PointsArgs),
+    /// Write a volume as it was at a point in time to a file or block device.
+    Restore(RestoreArgs),
+    /// Re-check a volume's stored points against their hashes.
+    Verify(VerifyArgs),
+    /// The receiver's audit log.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// (internal) Thaw a file system if the agent overruns its freeze or dies.
     #[command(hide = true)]
     ThawGuard(ThawGuardArgs),
@@ -170,7 +181,7 @@ pub struct ReceiverArgs {
     #[arg(
         long,
         value_name = "DIR",
-        default_value = "/var/lib/blkmirror/receiver"
+        default_value = DEFAULT_DATA_DIR
     )]
     pub data_dir: PathBuf,
     /// The receiver's identity directory (from `blkmirror keygen`).
@@ -182,6 +193,92 @@ pub struct ReceiverArgs {
     /// QUIC flow-control window.
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
     pub window: u64,
+    /// Keep every point younger than this.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = units::parse_duration)]
+    pub keep_all: Duration,
+    /// Keep one point per hour for this long.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = units::parse_duration)]
+    pub keep_hourly: Duration,
+    /// Keep one point per day for this long.
+    #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = units::parse_duration)]
+    pub keep_daily: Duration,
+}
+
+/// Where the receiver keeps its volumes (for the commands that read them).
+#[derive(Debug, clap::Args)]
+pub struct DataDirArg {
+    /// The receiver's data directory.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+}
+
+/// The receiver's default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/blkmirror/receiver";
+
+/// `blkmirror points`.
+#[derive(Debug, clap::Args)]
+pub struct PointsArgs {
+    /// The volume.
+    pub volume: String,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// One JSON object per point (stable; see the README).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blkmirror restore`.
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The volume.
+    pub volume: String,
+    /// The point: `latest`, a cycle number (`seq:N`), or a UTC time (`2026-11-26T14:03:05Z`:
+    /// the newest point cut at or before it).
+    #[arg(long, value_name = "POINT", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    /// Where to write: a new file (sparse), an existing file with `--force`, or a block device
+    /// that is not in use and is at least the volume's size.
+    #[arg(long, value_name = "PATH")]
+    pub to: PathBuf,
+    /// Replace an existing regular file.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// JSON progress and result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blkmirror verify`.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The volume.
+    pub volume: String,
+    /// Which point: `latest`, `all`, `seq:N` or a UTC time.
+    #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// JSON lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blkmirror audit ...`.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the audit log's hash chain and head.
+    Verify {
+        /// The log (default: DATA_DIR/audit.log).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        #[command(flatten)]
+        data: DataDirArg,
+        /// JSON result.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `blkmirror thaw-guard`.
@@ -277,6 +374,31 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Keygen(args) => return run_keygen(&args),
         Command::Agent(args) => return run_agent(args),
         Command::Receiver(args) => return run_receiver(args),
+        Command::Points(args) => {
+            return ops_result(ops::points(&args.data.data_dir, &args.volume, args.json));
+        }
+        Command::Restore(args) => {
+            return ops_result(ops::restore(
+                &args.data.data_dir,
+                &args.volume,
+                &args.at,
+                &args.to,
+                args.force,
+                args.json,
+            ));
+        }
+        Command::Verify(args) => {
+            return ops_result(ops::verify(
+                &args.data.data_dir,
+                &args.volume,
+                &args.at,
+                args.json,
+            ));
+        }
+        Command::Audit(AuditCommand::Verify { log, data, json }) => {
+            let log = log.unwrap_or_else(|| data.data_dir.join("audit.log"));
+            return ops_result(ops::audit_verify(&log, json));
+        }
         Command::VmSelftest { device } => {
             return match crate::selftest::run(&device, &crate::selftest::guest_options()) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -499,6 +621,13 @@ impl Printer {
     }
 }
 
+fn ops_result(result: Result<(), ops::OpsError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(error.exit_code(), error),
+    }
+}
+
 fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
     eprintln!("blkmirror: error: {error}");
     ExitCode::from(code)
@@ -637,6 +766,11 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
         identity,
         grants,
         window: args.window,
+        retention: RetentionPolicy {
+            all: args.keep_all,
+            hourly: args.keep_hourly,
+            daily: args.keep_daily,
+        },
     };
     let result = runtime.block_on(async move {
         let endpoint = receiver::bind(&config)?;

@@ -37,6 +37,7 @@
 //! * [`cli`]: commands, output and exit codes.
 
 pub mod agent;
+pub mod audit;
 pub mod btf;
 pub mod cli;
 pub mod device;
@@ -47,9 +48,12 @@ pub mod freeze;
 pub mod identity;
 pub mod layout;
 pub mod net;
+pub mod ops;
 pub mod plan;
+pub mod points;
 pub mod read;
 pub mod receiver;
+pub mod retention;
 pub mod selftest;
 pub mod sys;
 pub mod track;

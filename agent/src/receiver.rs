@@ -17,8 +17,10 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
+    audit::{AuditLog, Event},
     identity::{Fingerprint, Identity},
     net::{self, NetError},
+    retention::RetentionPolicy,
     volume::{Recovery, StoreError, Volume},
     wire::{
         self, AgentMessage, DataFrame, PROTOCOL_VERSION, ReceiverMessage, RefusalCode, Welcome,
@@ -62,6 +64,8 @@ pub struct ReceiverConfig {
     pub grants: Grants,
     /// Flow-control window in bytes.
     pub window: u64,
+    /// Which points in time to keep.
+    pub retention: RetentionPolicy,
 }
 
 fn log(message: impl std::fmt::Display) {
@@ -89,11 +93,21 @@ pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverE
 struct Context {
     data_dir: PathBuf,
     grants: Grants,
+    retention: RetentionPolicy,
+    audit: AuditLog,
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
 }
 
 impl Context {
+    /// Appends to the audit log; a failure to audit is logged, not fatal to replication.
+    fn record(&self, event: Event) {
+        match self.audit.append(event) {
+            Ok(hash) => log(format!("audit head {hash}")),
+            Err(error) => log(format!("audit log: {error}")),
+        }
+    }
+
     /// Ends `connection`'s claim on `volume` (not a newer connection's).
     fn release(&self, volume: &str, connection: &quinn::Connection) {
         let mut busy = self.busy.lock().expect("busy lock");
@@ -179,10 +193,27 @@ pub async fn serve(
     config: ReceiverConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ReceiverError> {
+    let audit = AuditLog::in_dir(&config.data_dir);
     let context = Arc::new(Context {
         data_dir: config.data_dir,
         grants: config.grants,
+        retention: config.retention,
+        audit,
         busy: Mutex::new(HashMap::new()),
+    });
+    context.record(Event {
+        event: "receiver-start",
+        outcome: "ok".into(),
+        detail: serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "agents": context.grants.len(),
+            "retention": {
+                "all_s": context.retention.all.as_secs(),
+                "hourly_s": context.retention.hourly.as_secs(),
+                "daily_s": context.retention.daily.as_secs(),
+            },
+        }),
+        ..Event::default()
     });
     loop {
         tokio::select! {
@@ -216,6 +247,7 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         context: context.clone(),
         fingerprint: fingerprint.clone(),
         claimed: None,
+        volume_name: None,
     };
     let outcome = match session.run().await {
         // The agent closed the connection on purpose (end of `--once`, or stopping).
@@ -243,6 +275,13 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
                 "agent {fingerprint} from {remote}: refused ({:?}): {}",
                 refusal.code, refusal.message
             ));
+            context.record(Event {
+                event: "refused",
+                agent: Some(fingerprint.to_string()),
+                volume: session.volume_name.clone(),
+                outcome: format!("{:?}: {}", refusal.code, refusal.message),
+                detail: serde_json::json!({ "remote": remote.to_string() }),
+            });
             connection.close(refusal.close_code(), refusal.message.as_bytes());
         }
     }
@@ -255,6 +294,8 @@ struct Session {
     context: Arc<Context>,
     fingerprint: Fingerprint,
     claimed: Option<(String, SharedVolume)>,
+    /// The volume the agent asked for (for the audit log).
+    volume_name: Option<String>,
 }
 
 impl Session {
@@ -332,6 +373,7 @@ impl Session {
         }
         wire::check_hello(&hello)
             .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
+        self.volume_name = Some(hello.volume.clone());
         let granted = self
             .context
             .grants
@@ -347,9 +389,15 @@ impl Session {
         let data_dir = self.context.data_dir.clone();
         let opened = {
             let hello = hello.clone();
-            tokio::task::spawn_blocking(move || Volume::open_or_create(&data_dir, &hello))
-                .await
-                .expect("open task")
+            let retention = self.context.retention;
+            tokio::task::spawn_blocking(move || {
+                Volume::open_or_create(&data_dir, &hello).map(|(mut volume, new, recovery)| {
+                    volume.set_retention(retention);
+                    (volume, new, recovery)
+                })
+            })
+            .await
+            .expect("open task")
         };
         let (volume, new_volume) = match opened {
             Ok((volume, new_volume, _)) => (volume, new_volume),
@@ -371,6 +419,17 @@ impl Session {
             "agent {} connected for volume {} (committed cycle {})",
             self.fingerprint, hello.volume, welcome.committed_seq
         ));
+        self.context.record(Event {
+            event: "connect",
+            agent: Some(self.fingerprint.to_string()),
+            volume: Some(hello.volume.clone()),
+            outcome: "ok".into(),
+            detail: serde_json::json!({
+                "remote": self.connection.remote_address().to_string(),
+                "new_volume": new_volume,
+                "committed_seq": welcome.committed_seq,
+            }),
+        });
         net::write_frame(send, &ReceiverMessage::Welcome(welcome)).await?;
 
         let (journaled_tx, mut journaled) = watch::channel(0u64);
@@ -428,9 +487,39 @@ impl Session {
                     AgentMessage::Commit { frames, point } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         let volume = volume.clone();
+                        let context = self.context.clone();
+                        let agent = self.fingerprint.to_string();
                         let seq = tokio::task::spawn_blocking(move || {
                             let mut volume = volume.lock().expect("volume lock");
-                            volume.commit(point)?;
+                            let name = volume.meta().volume.clone();
+                            let result = volume.commit(point.clone());
+                            context.record(Event {
+                                event: "commit",
+                                agent: Some(agent.clone()),
+                                volume: Some(name.clone()),
+                                outcome: match &result {
+                                    Ok(()) => "ok".into(),
+                                    Err(error) => error.to_string(),
+                                },
+                                detail: serde_json::json!({
+                                    "seq": volume.meta().committed_seq,
+                                    "bytes": point.bytes,
+                                    "consistent": point.consistent,
+                                    "complete": point.complete,
+                                    "point_time_unix_ms": point.time_unix_ms,
+                                }),
+                            });
+                            let pruned = volume.take_pruned();
+                            if !pruned.is_empty() {
+                                context.record(Event {
+                                    event: "prune",
+                                    agent: Some(agent),
+                                    volume: Some(name),
+                                    outcome: "ok".into(),
+                                    detail: serde_json::json!({ "points": pruned }),
+                                });
+                            }
+                            result?;
                             Ok::<_, StoreError>(volume.meta().committed_seq)
                         })
                         .await

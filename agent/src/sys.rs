@@ -147,6 +147,22 @@ pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
     }
 }
 
+/// Takes a blocking `flock` on `file`, shared or exclusive. Released when the file closes.
+pub fn lock(file: &File, shared: bool) -> io::Result<()> {
+    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    loop {
+        // SAFETY: flock on an fd we own; no pointers.
+        let ret = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if ret == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Magic numbers of the pseudo file systems we need.
 pub const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `TRACEFS_MAGIC`.

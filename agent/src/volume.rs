@@ -32,8 +32,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeSet;
+
 use crate::{
-    durable, sys,
+    durable,
+    points::{Delta, PointStore, PointsError},
+    retention::{self, PointAge, RetentionPolicy},
+    sys,
     wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
 };
 
@@ -85,6 +90,9 @@ pub enum StoreError {
     /// Cycle out of order.
     #[error("{0}")]
     Sequence(String),
+    /// The points-in-time store failed.
+    #[error(transparent)]
+    Points(#[from] PointsError),
 }
 
 impl StoreError {
@@ -128,6 +136,10 @@ pub struct VolumeMeta {
     /// no point in time until the sync completes.
     #[serde(default)]
     pub unsettled: bool,
+    /// The retained points in time, oldest first: complete points the image can be taken back
+    /// to (see [`crate::points`]). The last one is the image itself.
+    #[serde(default)]
+    pub points: Vec<PointInfo>,
 }
 
 /// One journal record.
@@ -160,6 +172,8 @@ struct OpenCycle {
     checked: u64,
     /// The journal; `None` for a direct sync step, whose frames go straight to the image.
     writer: Option<BufWriter<File>>,
+    /// Chunks a direct step wrote (their hashes are recorded at its commit).
+    touched: BTreeSet<u64>,
 }
 
 /// One volume, open for replication.
@@ -168,6 +182,10 @@ pub struct Volume {
     meta: VolumeMeta,
     image: File,
     cycle: Option<OpenCycle>,
+    store: PointStore,
+    retention: RetentionPolicy,
+    /// Points the last commit's retention pass dropped.
+    pruned: Vec<u64>,
 }
 
 /// What recovery found at open.
@@ -251,7 +269,10 @@ impl Volume {
             last_complete: None,
             recent: Vec::new(),
             unsettled: false,
+            points: Vec::new(),
         };
+        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
+        store.update_hashes(&image, &BTreeSet::new())?;
         write_meta(&dir, &meta)?;
         Ok((
             Self {
@@ -259,6 +280,9 @@ impl Volume {
                 meta,
                 image,
                 cycle: None,
+                store,
+                retention: RetentionPolicy::default(),
+                pruned: Vec::new(),
             },
             true,
             Recovery::Clean,
@@ -275,19 +299,55 @@ impl Volume {
             .write(true)
             .open(&image_path)
             .map_err(StoreError::io("opening", &image_path))?;
+        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
         let mut volume = Self {
             dir,
             meta,
             image,
             cycle: None,
+            store,
+            retention: RetentionPolicy::default(),
+            pruned: Vec::new(),
         };
         let recovery = volume.recover()?;
+        let _lock = volume.lock_exclusive()?;
+        if !volume.store.has_hashes() {
+            // A volume from before the points store: hash the image once.
+            volume.store.rehash_all(&volume.image)?;
+        }
+        let kept = volume.kept_seqs();
+        volume.store.compact(volume.meta.committed_seq, &kept)?;
         Ok((volume, recovery))
     }
 
     /// The metadata.
     pub fn meta(&self) -> &VolumeMeta {
         &self.meta
+    }
+
+    /// Sets the retention policy applied at every commit.
+    pub fn set_retention(&mut self, policy: RetentionPolicy) {
+        self.retention = policy;
+    }
+
+    /// The points the last commit pruned (by the retention policy).
+    pub fn take_pruned(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pruned)
+    }
+
+    /// The points store.
+    pub fn store(&self) -> &PointStore {
+        &self.store
+    }
+
+    fn kept_seqs(&self) -> BTreeSet<u64> {
+        self.meta.points.iter().map(|p| p.seq).collect()
+    }
+
+    /// Takes the volume's lock exclusively: readers of points (restore, verify) hold it shared,
+    /// so the image and the deltas do not change under them.
+    fn lock_exclusive(&self) -> Result<File, StoreError> {
+        lock_volume(&self.dir, false)
     }
 
     /// Path of the image.
@@ -328,10 +388,22 @@ impl Volume {
         }
         let writer = if direct {
             if !self.meta.unsettled {
+                let _lock = self.lock_exclusive()?;
                 let mut meta = self.meta.clone();
                 meta.unsettled = true;
+                // Writing into the image outside a journaled cycle breaks the chain of deltas:
+                // the older points cannot be reached any more.
+                let dropped = std::mem::take(&mut meta.points);
                 write_meta(&self.dir, &meta)?;
                 self.meta = meta;
+                if !dropped.is_empty() {
+                    self.store.clear()?;
+                    eprintln!(
+                        "receiver: volume {}: a direct sync step overwrites the image; {} older point(s) dropped",
+                        self.meta.volume,
+                        dropped.len()
+                    );
+                }
             }
             None
         } else {
@@ -352,6 +424,7 @@ impl Volume {
             bytes: 0,
             checked: 0,
             writer,
+            touched: BTreeSet::new(),
         });
         Ok(())
     }
@@ -379,6 +452,14 @@ impl Volume {
             Some(writer) => append(writer, &record, &path)?,
             None => {
                 cycle.frames += 1;
+                let range = match &record {
+                    Record::Write { offset, data } => {
+                        self.store.chunks_of(*offset, data.len() as u64)
+                    }
+                    Record::Zero { offset, length } => self.store.chunks_of(*offset, *length),
+                    Record::Begin { .. } | Record::Commit { .. } => 0..0,
+                };
+                cycle.touched.extend(range);
                 let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
                 match record {
                     Record::Write { offset, data } => {
@@ -447,7 +528,7 @@ impl Volume {
         };
         point.seq = cycle.seq;
         let Some(mut writer) = cycle.writer.take() else {
-            return self.commit_direct(point);
+            return self.commit_direct(point, &cycle.touched);
         };
         let durable = append(&mut writer, &Record::Commit { point }, &path).and_then(|()| {
             let file = writer
@@ -465,11 +546,16 @@ impl Volume {
     }
 
     /// Commits a direct sync step: the data is in the image already.
-    fn commit_direct(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
+    fn commit_direct(
+        &mut self,
+        mut point: PointInfo,
+        touched: &BTreeSet<u64>,
+    ) -> Result<(), StoreError> {
         let image_path = self.image_path();
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
+        self.store.update_hashes(&self.image, touched)?;
         point.complete = false;
         let mut meta = self.meta.clone();
         meta.unsettled = false;
@@ -550,6 +636,23 @@ impl Volume {
     fn apply_journal(&mut self) -> Result<(), StoreError> {
         let path = self.journal_path();
         let image_path = self.image_path();
+        let _lock = self.lock_exclusive()?;
+        // First pass: which chunks the cycle touches, and its point.
+        let (touched, point) = self.journal_chunks()?;
+        // Keep the old content of those chunks as the delta back to the previous point, before
+        // the image changes. A replay finds the delta already written (the image may be half
+        // applied by then, so it must not be captured again).
+        let previous = self.meta.committed_seq;
+        if !self.meta.unsettled && !self.meta.points.is_empty() && previous != point.seq {
+            self.store.capture(
+                &self.image,
+                Delta {
+                    from: point.seq,
+                    to: previous,
+                },
+                &touched,
+            )?;
+        }
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
         let mut reader = BufReader::with_capacity(4 << 20, file);
         let mut committed = None;
@@ -574,13 +677,61 @@ impl Volume {
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
+        self.store.update_hashes(&self.image, &touched)?;
         let mut meta = self.meta.clone();
+        if point.complete && !meta.unsettled && meta.points.last().map(|p| p.seq) != Some(point.seq)
+        {
+            meta.points.push(point.clone());
+        }
+        let ages: Vec<PointAge> = meta
+            .points
+            .iter()
+            .map(|p| PointAge {
+                seq: p.seq,
+                time_unix_ms: p.time_unix_ms,
+            })
+            .collect();
+        let keep = retention::select(&ages, now_ms(), &self.retention, &BTreeSet::new());
+        self.pruned = meta
+            .points
+            .iter()
+            .map(|p| p.seq)
+            .filter(|seq| !keep.contains(seq))
+            .collect();
+        meta.points.retain(|p| keep.contains(&p.seq));
         record_point(&mut meta, point);
         write_meta(&self.dir, &meta)?;
         self.meta = meta;
+        // Deltas of dropped points are merged only after the metadata no longer lists them.
+        let kept = self.kept_seqs();
+        self.store.compact(self.meta.committed_seq, &kept)?;
         let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
         Ok(())
+    }
+
+    /// The chunks a committed journal touches, and its commit record.
+    fn journal_chunks(&self) -> Result<(BTreeSet<u64>, PointInfo), StoreError> {
+        let path = self.journal_path();
+        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+        let mut reader = BufReader::with_capacity(4 << 20, file);
+        let mut touched = BTreeSet::new();
+        while let Some(record) = read_record(&mut reader)? {
+            match record {
+                Record::Begin { .. } => {}
+                Record::Write { offset, data } => {
+                    touched.extend(self.store.chunks_of(offset, data.len() as u64));
+                }
+                Record::Zero { offset, length } => {
+                    touched.extend(self.store.chunks_of(offset, length));
+                }
+                Record::Commit { point } => return Ok((touched, point)),
+            }
+        }
+        Err(StoreError::Meta {
+            path,
+            message: "journal applied without a commit record".into(),
+        })
     }
 
     fn zero(&self, offset: u64, length: u64) -> Result<(), StoreError> {
@@ -620,6 +771,83 @@ impl Volume {
                 Ok(wire::chunk_hash(&buffer[..len]))
             })
             .collect()
+    }
+}
+
+/// A volume opened to read its points (`points`, `restore`, `verify`), beside a running
+/// receiver. Holds the volume's lock shared: the receiver's next commit waits until the reader
+/// is done, so the image and the deltas cannot change under it, and no point it reads can be
+/// pruned.
+pub struct PointReader {
+    _lock: File,
+    meta: VolumeMeta,
+    image: File,
+    store: PointStore,
+}
+
+impl PointReader {
+    /// Opens volume `name` under `data_dir` for reading.
+    pub fn open(data_dir: &Path, name: &str) -> Result<Self, StoreError> {
+        wire::check_volume_name(name).map_err(|error| StoreError::Sequence(error.to_string()))?;
+        let dir = Volume::dir_of(data_dir, name);
+        if !dir.join("volume.json").exists() {
+            return Err(StoreError::Sequence(format!(
+                "no volume {name:?} in {}",
+                data_dir.display()
+            )));
+        }
+        let lock = lock_volume(&dir, true)?;
+        let meta = read_meta(&dir)?;
+        let image_path = dir.join("image.raw");
+        let image = File::open(&image_path).map_err(StoreError::io("opening", &image_path))?;
+        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
+        Ok(Self {
+            _lock: lock,
+            meta,
+            image,
+            store,
+        })
+    }
+
+    /// The metadata.
+    pub fn meta(&self) -> &VolumeMeta {
+        &self.meta
+    }
+
+    /// The retained points, oldest first, with the bytes each one's delta holds.
+    pub fn points(&self) -> Vec<(PointInfo, u64)> {
+        if self.meta.unsettled {
+            return Vec::new();
+        }
+        self.meta
+            .points
+            .iter()
+            .map(|p| (p.clone(), self.store.stored_bytes(p.seq)))
+            .collect()
+    }
+
+    /// Bytes held by all deltas.
+    pub fn delta_bytes(&self) -> u64 {
+        self.store.total_bytes()
+    }
+
+    /// Reads point `seq` in device order, checking every chunk (see
+    /// [`PointStore::read_point`]).
+    pub fn read_point(
+        &self,
+        seq: u64,
+        keep_going: bool,
+        sink: impl FnMut(u64, Option<&[u8]>) -> Result<(), PointsError>,
+    ) -> Result<Vec<u64>, StoreError> {
+        if !self.meta.points.iter().any(|p| p.seq == seq) || self.meta.unsettled {
+            return Err(StoreError::Sequence(format!(
+                "volume {} has no retained point {seq}",
+                self.meta.volume
+            )));
+        }
+        Ok(self
+            .store
+            .read_point(&self.image, self.meta.committed_seq, seq, keep_going, sink)?)
     }
 }
 
@@ -688,7 +916,22 @@ fn read_record(reader: &mut BufReader<File>) -> Result<Option<Record>, StoreErro
         .map_err(|error| corrupt(&error.to_string()))
 }
 
-fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
+/// Opens and locks `DIR/lock` (shared for readers of points, exclusive for the receiver while
+/// it changes the image or the deltas). The lock goes with the returned file.
+fn lock_volume(dir: &Path, shared: bool) -> Result<File, StoreError> {
+    let path = dir.join("lock");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(StoreError::io("opening", &path))?;
+    sys::lock(&file, shared).map_err(StoreError::io("locking", &path))?;
+    Ok(file)
+}
+
+pub(crate) fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
     let path = dir.join("volume.json");
     let text = fs::read_to_string(&path).map_err(StoreError::io("reading", &path))?;
     let meta: VolumeMeta = serde_json::from_str(&text).map_err(|error| StoreError::Meta {

@@ -15,7 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{PinRoot, blkmirror, parse_lines};
+use std::process::Command;
+
+use crate::{PinRoot, Scratch, blkmirror, parse_lines, sh, signal};
 
 /// An identity made by `blkmirror keygen`.
 pub struct Id {
@@ -64,6 +66,17 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1 (`port` 0: any free port) with `allow` grants.
     pub fn start(data_dir: &Path, id: &Id, allow: &[String], port: u16) -> Self {
+        Self::start_with(data_dir, id, allow, port, &[])
+    }
+
+    /// Like [`Self::start`], with extra arguments (retention, window).
+    pub fn start_with(
+        data_dir: &Path,
+        id: &Id,
+        allow: &[String],
+        port: u16,
+        extra: &[&str],
+    ) -> Self {
         let mut args = vec![
             "receiver".to_owned(),
             "--listen".to_owned(),
@@ -77,6 +90,7 @@ impl Receiver {
             args.push("--allow".to_owned());
             args.push(grant.clone());
         }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
         Self::spawn(args, data_dir, &id.fingerprint)
     }
 
@@ -397,4 +411,174 @@ impl Drop for Workload {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Writes `len` bytes of random data at `offset` of `device` (O_DIRECT).
+pub fn write_random(device: &Path, offset: u64, len: u64) {
+    let status = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", device.display()),
+            "bs=64K",
+            &format!("seek={}", offset / 65536),
+            &format!("count={}", len / 65536),
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ])
+        .args(["iflag=fullblock"])
+        .status()
+        .expect("dd");
+    assert!(status.success(), "dd failed");
+}
+
+/// A child process that is continued and killed on drop unless it has exited: a stopped
+/// agent must never outlive its test (it holds the loop device).
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            signal(self.0.id(), libc::SIGCONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// The two identities and a receiver granting `agent` the `volumes`.
+pub struct Site {
+    /// Scratch directory.
+    pub scratch: Scratch,
+    /// Pins.
+    pub pins: PinRoot,
+    /// The agent's identity.
+    pub agent: Id,
+    /// The receiver.
+    pub receiver: Receiver,
+}
+
+impl Site {
+    pub fn new(volumes: &str) -> Self {
+        Self::with_receiver_args(volumes, &[])
+    }
+
+    /// Like [`Self::new`], with extra receiver arguments.
+    pub fn with_receiver_args(volumes: &str, extra: &[&str]) -> Self {
+        let scratch = Scratch::new();
+        let agent = Id::new(&scratch.path, "agent-id");
+        let receiver_id = Id::new(&scratch.path, "receiver-id");
+        let receiver = Receiver::start_with(
+            &scratch.path.join("data"),
+            &receiver_id,
+            &[format!("{}={volumes}", agent.fingerprint)],
+            0,
+            extra,
+        );
+        Self {
+            pins: PinRoot::new(),
+            scratch,
+            agent,
+            receiver,
+        }
+    }
+
+    pub fn setup<'a>(&'a self, device: &'a Path, volume: &'a str) -> AgentSetup<'a> {
+        AgentSetup {
+            device,
+            volume,
+            receiver: &self.receiver,
+            id: &self.agent,
+            pins: &self.pins,
+            state_dir: self.scratch.path.join("state").leak(),
+            receiver_fingerprint: None,
+        }
+    }
+}
+
+/// Unmounts (and so detaches the automatic loop device of) a log-replay mount on drop.
+pub struct ReplayMount(pub std::path::PathBuf);
+
+impl Drop for ReplayMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// Checks a copy of the image with the file system's own checker (read-only).
+pub fn fsck_clean(image: &Path, fstype: &str, scratch: &Path, label: &str) {
+    let copy = scratch.join(format!("copy-{label}.img"));
+    sh(
+        "cp",
+        &[
+            "--sparse=always",
+            image.to_str().expect("utf-8"),
+            copy.to_str().expect("utf-8"),
+        ],
+    );
+    if fstype == "xfs" {
+        // A frozen XFS keeps its log dirty (crash-consistent: the log is replayed at mount), and
+        // `xfs_repair -n` refuses a dirty log. Replay it the way a restore would: mount the
+        // copy once (its own loop device, auto-detached at unmount).
+        let target = scratch.join(format!("replay-{label}"));
+        std::fs::create_dir_all(&target).expect("mount point");
+        let replay = ReplayMount(target.clone());
+        sh(
+            "mount",
+            &[
+                "-o",
+                "loop,nouuid",
+                copy.to_str().expect("utf-8"),
+                target.to_str().expect("utf-8"),
+            ],
+        );
+        drop(replay);
+    }
+    let output = match fstype {
+        "ext4" => Command::new("e2fsck").arg("-fn").arg(&copy).output(),
+        "xfs" => Command::new("xfs_repair")
+            .args(["-n", "-f"])
+            .arg(&copy)
+            .output(),
+        other => panic!("no checker for {other}"),
+    }
+    .expect("running the checker");
+    assert!(
+        output.status.success(),
+        "{fstype} check of the point {label} failed ({}):\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_file(&copy);
+}
+
+/// Whether the file system at `mount` is frozen, asked without blocking: FIFREEZE on a frozen
+/// file system fails with EBUSY; on a thawed one it succeeds and is undone at once.
+pub fn is_frozen(mount: &Path) -> bool {
+    let output = Command::new("fsfreeze")
+        .arg("-f")
+        .arg(mount)
+        .output()
+        .expect("fsfreeze");
+    if output.status.success() {
+        let _ = Command::new("fsfreeze").arg("-u").arg(mount).status();
+        false
+    } else {
+        true
+    }
+}
+
+/// Whether a `blkmirror thaw-guard` for `mount` is running.
+pub fn guard_running(mount: &Path) -> bool {
+    let wanted = format!("thaw-guard\0{}", mount.display());
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&wanted))
+        })
 }

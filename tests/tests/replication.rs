@@ -14,142 +14,14 @@ use blkmirror::{
 };
 use blkmirror_tests::{
     LoopDevice, Mount, PinRoot, Scratch,
-    mirror::{AgentSetup, Id, Receiver, Workload, assert_same, committed, digest, last_point},
-    require_root, sh, signal,
+    mirror::{
+        AgentSetup, ChildGuard, Id, Receiver, Site, Workload, assert_same, committed, digest,
+        fsck_clean, guard_running, is_frozen, last_point, write_random,
+    },
+    require_root, signal,
 };
 
 const MIB: u64 = 1 << 20;
-
-/// Writes `len` bytes of random data at `offset` of `device` (O_DIRECT).
-fn write_random(device: &Path, offset: u64, len: u64) {
-    let status = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            &format!("of={}", device.display()),
-            "bs=64K",
-            &format!("seek={}", offset / 65536),
-            &format!("count={}", len / 65536),
-            "oflag=direct",
-            "conv=notrunc",
-            "status=none",
-        ])
-        .args(["iflag=fullblock"])
-        .status()
-        .expect("dd");
-    assert!(status.success(), "dd failed");
-}
-
-/// A child process that is continued and killed on drop unless it has exited: a stopped
-/// agent must never outlive its test (it holds the loop device).
-struct ChildGuard(std::process::Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            signal(self.0.id(), libc::SIGCONT);
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// The two identities and a receiver granting `agent` the `volumes`.
-struct Site {
-    scratch: Scratch,
-    pins: PinRoot,
-    agent: Id,
-    receiver: Receiver,
-}
-
-impl Site {
-    fn new(volumes: &str) -> Self {
-        let scratch = Scratch::new();
-        let agent = Id::new(&scratch.path, "agent-id");
-        let receiver_id = Id::new(&scratch.path, "receiver-id");
-        let receiver = Receiver::start(
-            &scratch.path.join("data"),
-            &receiver_id,
-            &[format!("{}={volumes}", agent.fingerprint)],
-            0,
-        );
-        Self {
-            pins: PinRoot::new(),
-            scratch,
-            agent,
-            receiver,
-        }
-    }
-
-    fn setup<'a>(&'a self, device: &'a Path, volume: &'a str) -> AgentSetup<'a> {
-        AgentSetup {
-            device,
-            volume,
-            receiver: &self.receiver,
-            id: &self.agent,
-            pins: &self.pins,
-            state_dir: self.scratch.path.join("state").leak(),
-            receiver_fingerprint: None,
-        }
-    }
-}
-
-/// Unmounts (and so detaches the automatic loop device of) a log-replay mount on drop.
-struct ReplayMount(std::path::PathBuf);
-
-impl Drop for ReplayMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
-/// Checks a copy of the image with the file system's own checker (read-only).
-fn fsck_clean(image: &Path, fstype: &str, scratch: &Path, label: &str) {
-    let copy = scratch.join(format!("copy-{label}.img"));
-    sh(
-        "cp",
-        &[
-            "--sparse=always",
-            image.to_str().expect("utf-8"),
-            copy.to_str().expect("utf-8"),
-        ],
-    );
-    if fstype == "xfs" {
-        // A frozen XFS keeps its log dirty (crash-consistent: the log is replayed at mount), and
-        // `xfs_repair -n` refuses a dirty log. Replay it the way a restore would: mount the
-        // copy once (its own loop device, auto-detached at unmount).
-        let target = scratch.join(format!("replay-{label}"));
-        std::fs::create_dir_all(&target).expect("mount point");
-        let replay = ReplayMount(target.clone());
-        sh(
-            "mount",
-            &[
-                "-o",
-                "loop,nouuid",
-                copy.to_str().expect("utf-8"),
-                target.to_str().expect("utf-8"),
-            ],
-        );
-        drop(replay);
-    }
-    let output = match fstype {
-        "ext4" => Command::new("e2fsck").arg("-fn").arg(&copy).output(),
-        "xfs" => Command::new("xfs_repair")
-            .args(["-n", "-f"])
-            .arg(&copy)
-            .output(),
-        other => panic!("no checker for {other}"),
-    }
-    .expect("running the checker");
-    assert!(
-        output.status.success(),
-        "{fstype} check of the point {label} failed ({}):\n{}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let _ = std::fs::remove_file(&copy);
-}
 
 fn mirror_filesystem(fstype: &str, size: u64) {
     require_root();
@@ -799,35 +671,6 @@ fn a_receiver_that_is_down_at_start_is_retried() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("retrying in"), "{stderr}");
     assert_same(&dev.path, &site.receiver.image("raw"));
-}
-
-/// Whether the file system at `mount` is frozen, asked without blocking: FIFREEZE on a frozen
-/// file system fails with EBUSY; on a thawed one it succeeds and is undone at once.
-fn is_frozen(mount: &Path) -> bool {
-    let output = Command::new("fsfreeze")
-        .arg("-f")
-        .arg(mount)
-        .output()
-        .expect("fsfreeze");
-    if output.status.success() {
-        let _ = Command::new("fsfreeze").arg("-u").arg(mount).status();
-        false
-    } else {
-        true
-    }
-}
-
-/// Whether a `blkmirror thaw-guard` for `mount` is running.
-fn guard_running(mount: &Path) -> bool {
-    let wanted = format!("thaw-guard\0{}", mount.display());
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|entry| {
-            std::fs::read(entry.path().join("cmdline"))
-                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&wanted))
-        })
 }
 
 /// Thaws on drop, whatever happened: a test must never leave a frozen file system behind.

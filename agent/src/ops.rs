@@ -1,0 +1,624 @@
+//! Operator commands on the receiver's store: `points`, `restore`, `verify`, `audit verify`.
+//!
+//! They run beside a live receiver: each holds the volume's lock shared while it reads (see
+//! [`crate::volume::PointReader`]), and `restore` and `verify` append to the audit log.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Seek as _, SeekFrom, Write as _},
+    os::unix::fs::{FileExt as _, FileTypeExt as _, OpenOptionsExt as _},
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use crate::{
+    audit::{AuditLog, Event},
+    points::PointsError,
+    units,
+    volume::{PointReader, StoreError},
+    wire::PointInfo,
+};
+
+/// Exit code when `verify` or `restore` finds corrupt data.
+pub const EXIT_CORRUPT: u8 = 7;
+
+/// Errors of the operator commands, each with its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    /// Bad arguments (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The store failed (exit 1).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The restore target failed (exit 1).
+    #[error("{what} {path}: {source}")]
+    Target {
+        /// What was being done.
+        what: &'static str,
+        /// The target.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// Stored data does not match its hashes (exit 7).
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+impl OpsError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) => 2,
+            Self::Store(_) | Self::Target { .. } => 1,
+            Self::Corrupt(_) => EXIT_CORRUPT,
+        }
+    }
+}
+
+/// Which point `--at` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PointSelector {
+    /// The newest point.
+    Latest,
+    /// A cycle number (`seq:N`, or a bare number).
+    Seq(u64),
+    /// The newest point cut at or before this UTC time.
+    AtOrBefore(u64),
+    /// Every retained point (`verify` only).
+    All,
+}
+
+/// Parses `--at`: `latest`, `all`, `seq:N`, `N`, or a UTC time such as `2026-11-26T14:03:05Z`.
+pub fn parse_selector(text: &str) -> Result<PointSelector, String> {
+    match text.trim() {
+        "latest" => Ok(PointSelector::Latest),
+        "all" => Ok(PointSelector::All),
+        other => {
+            let number = other.strip_prefix("seq:").unwrap_or(other);
+            if let Ok(seq) = number.parse::<u64>() {
+                return Ok(PointSelector::Seq(seq));
+            }
+            units::parse_utc(other).map(PointSelector::AtOrBefore).map_err(|_| {
+                format!(
+                    "{other:?} names no point: use latest, all, a cycle number (seq:N) or a UTC \
+                     time such as 2026-11-26T14:03:05Z"
+                )
+            })
+        }
+    }
+}
+
+/// The retained points `selector` names.
+pub fn select(points: &[PointInfo], selector: &PointSelector) -> Result<Vec<PointInfo>, String> {
+    let found = match selector {
+        PointSelector::All => return Ok(points.to_vec()),
+        PointSelector::Latest => points.last().cloned(),
+        PointSelector::Seq(seq) => points.iter().find(|p| p.seq == *seq).cloned(),
+        PointSelector::AtOrBefore(ms) => points
+            .iter()
+            .filter(|p| p.time_unix_ms <= *ms)
+            .max_by_key(|p| p.seq)
+            .cloned(),
+    };
+    found.map(|p| vec![p]).ok_or_else(|| match selector {
+        PointSelector::AtOrBefore(ms) => format!(
+            "no retained point was cut at or before {} (oldest: {})",
+            units::format_utc(*ms),
+            points
+                .first()
+                .map_or("none".into(), |p| units::format_utc(p.time_unix_ms))
+        ),
+        PointSelector::Seq(seq) => format!("no retained point with cycle number {seq}"),
+        _ => "the volume has no retained point yet (no complete cycle committed)".into(),
+    })
+}
+
+/// One line of `points --json`.
+#[derive(Debug, Serialize)]
+pub struct PointLine {
+    /// Cycle number (use with `--at seq:N`).
+    pub seq: u64,
+    /// When the point was cut (UTC).
+    pub time: String,
+    /// The same in Unix milliseconds.
+    pub time_unix_ms: u64,
+    /// Tracker epoch of the final cut.
+    pub epoch: u64,
+    /// Whether the file system was frozen at the cut.
+    pub consistent: bool,
+    /// How long it was frozen.
+    pub freeze_ms: u64,
+    /// Data bytes the cycle shipped.
+    pub bytes: u64,
+    /// Bytes the store keeps to go back to this point from the next newer one (0 for the
+    /// newest: it is the image).
+    pub stored_bytes: u64,
+}
+
+/// `blkmirror points`.
+pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError> {
+    let reader = PointReader::open(data_dir, volume)?;
+    let lines: Vec<PointLine> = reader
+        .points()
+        .into_iter()
+        .map(|(p, stored_bytes)| PointLine {
+            seq: p.seq,
+            time: units::format_utc(p.time_unix_ms),
+            time_unix_ms: p.time_unix_ms,
+            epoch: p.epoch,
+            consistent: p.consistent,
+            freeze_ms: p.freeze_ms,
+            bytes: p.bytes,
+            stored_bytes,
+        })
+        .collect();
+    if json {
+        for line in &lines {
+            println!("{}", serde_json::to_string(line).expect("serializes"));
+        }
+        return Ok(());
+    }
+    let meta = reader.meta();
+    println!(
+        "volume {} ({}, from {}): {} point(s), deltas hold {}",
+        meta.volume,
+        units::format_size(meta.size_bytes),
+        meta.source_id,
+        lines.len(),
+        units::format_size(reader.delta_bytes())
+    );
+    println!(
+        "{:>8}  {:<20}  {:>8}  {:<10}  {:>8}  {:>10}  {:>10}",
+        "SEQ", "TIME (UTC)", "EPOCH", "STATE", "FREEZE", "CHANGED", "STORED"
+    );
+    for line in &lines {
+        println!(
+            "{:>8}  {:<20}  {:>8}  {:<10}  {:>6}ms  {:>10}  {:>10}",
+            line.seq,
+            line.time,
+            line.epoch,
+            if line.consistent {
+                "consistent"
+            } else {
+                "fuzzy"
+            },
+            line.freeze_ms,
+            units::format_size(line.bytes),
+            units::format_size(line.stored_bytes)
+        );
+    }
+    if meta.unsettled {
+        println!(
+            "(an initial or verify sync is in progress: no point can be restored until it completes)"
+        );
+    }
+    Ok(())
+}
+
+/// Progress on stderr, at most once a second.
+struct Progress {
+    what: String,
+    total: u64,
+    started: Instant,
+    last: Instant,
+    json: bool,
+}
+
+impl Progress {
+    fn new(what: String, total: u64, json: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            what,
+            total,
+            started: now,
+            last: now,
+            json,
+        }
+    }
+
+    fn update(&mut self, done: u64) {
+        if self.last.elapsed().as_secs_f64() < 1.0 {
+            return;
+        }
+        self.last = Instant::now();
+        let elapsed = self.started.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / elapsed;
+        let eta = if rate > 0.0 {
+            (self.total.saturating_sub(done)) as f64 / rate
+        } else {
+            0.0
+        };
+        if self.json {
+            eprintln!(
+                "{}",
+                serde_json::json!({"event": "progress", "what": self.what, "done_bytes": done,
+                    "total_bytes": self.total, "rate_bytes_per_s": rate as u64, "eta_s": eta as u64})
+            );
+        } else {
+            eprintln!(
+                "blkmirror: {}: {} of {} ({:.0}%), {}/s, ETA {:.0}s",
+                self.what,
+                units::format_size(done),
+                units::format_size(self.total),
+                done as f64 * 100.0 / self.total.max(1) as f64,
+                units::format_size(rate as u64),
+                eta
+            );
+        }
+    }
+}
+
+/// Where a restore writes.
+enum Target {
+    /// A block device, written in place (zero chunks written as zeros).
+    Device { file: File, path: PathBuf },
+    /// A new regular file, written under a temporary name and renamed when whole.
+    File {
+        file: File,
+        tmp: PathBuf,
+        path: PathBuf,
+    },
+}
+
+impl Target {
+    fn open(path: &Path, size: u64, force: bool) -> Result<Self, OpsError> {
+        let target_err = |what| {
+            let path = path.to_owned();
+            move |source| OpsError::Target { what, path, source }
+        };
+        match fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_block_device() => {
+                // O_EXCL on a block device fails if it is mounted or otherwise held.
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_EXCL)
+                    .open(path)
+                    .map_err(|source| {
+                        if source.raw_os_error() == Some(libc::EBUSY) {
+                            OpsError::Usage(format!(
+                                "{} is in use (mounted or held open); refusing to restore onto it",
+                                path.display()
+                            ))
+                        } else {
+                            target_err("opening")(source)
+                        }
+                    })?;
+                let device_size = file.seek(SeekFrom::End(0)).map_err(target_err("sizing"))?;
+                if device_size < size {
+                    return Err(OpsError::Usage(format!(
+                        "{} holds {device_size} bytes, the point needs {size}",
+                        path.display()
+                    )));
+                }
+                Ok(Self::Device {
+                    file,
+                    path: path.to_owned(),
+                })
+            }
+            Ok(meta) if meta.is_file() && !force => Err(OpsError::Usage(format!(
+                "{} exists; pass --force to replace it",
+                path.display()
+            ))),
+            Ok(meta) if !meta.is_file() => Err(OpsError::Usage(format!(
+                "{} is neither a block device nor a regular file",
+                path.display()
+            ))),
+            _ => {
+                let mut name = path.file_name().unwrap_or_default().to_owned();
+                name.push(".blkmirror-partial");
+                let tmp = path.with_file_name(name);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)
+                    .map_err(target_err("creating"))?;
+                file.set_len(size).map_err(target_err("sizing"))?;
+                Ok(Self::File {
+                    file,
+                    tmp,
+                    path: path.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn write(&self, offset: u64, data: Option<&[u8]>, chunk: usize) -> io::Result<()> {
+        match (self, data) {
+            (Self::Device { file, .. }, Some(data)) | (Self::File { file, .. }, Some(data)) => {
+                file.write_all_at(data, offset)
+            }
+            (Self::Device { file, .. }, None) => file.write_all_at(&vec![0u8; chunk], offset),
+            // A new file is sparse: its holes read as zeros.
+            (Self::File { .. }, None) => Ok(()),
+        }
+    }
+
+    fn finish(self) -> io::Result<()> {
+        match self {
+            Self::Device { mut file, .. } => {
+                file.flush()?;
+                file.sync_all()
+            }
+            Self::File { file, tmp, path } => {
+                file.sync_all()?;
+                drop(file);
+                fs::rename(&tmp, &path)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    File::open(dir)?.sync_all()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn abandon(self) {
+        if let Self::File { tmp, .. } = self {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Self::Device { path, .. } | Self::File { path, .. } => path,
+        }
+    }
+}
+
+/// `blkmirror restore`.
+pub fn restore(
+    data_dir: &Path,
+    volume: &str,
+    selector: &PointSelector,
+    to: &Path,
+    force: bool,
+    json: bool,
+) -> Result<(), OpsError> {
+    if *selector == PointSelector::All {
+        return Err(OpsError::Usage(
+            "restore needs one point, not --at all".into(),
+        ));
+    }
+    let reader = PointReader::open(data_dir, volume)?;
+    // Test hook: a restore that takes long, holding the volume, for the retention tests. Never
+    // set in production.
+    if let Some(hold) = std::env::var("BLKMIRROR_TEST_RESTORE_HOLD_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(hold));
+    }
+    let points: Vec<PointInfo> = reader.points().into_iter().map(|(p, _)| p).collect();
+    let point = select(&points, selector)
+        .map_err(OpsError::Usage)?
+        .remove(0);
+    let size = reader.meta().size_bytes;
+    let chunk = reader.meta().chunk_bytes as usize;
+    let target = Target::open(to, size, force)?;
+    eprintln!(
+        "blkmirror: restoring volume {volume} point {} ({}, {}) to {}",
+        point.seq,
+        units::format_utc(point.time_unix_ms),
+        if point.consistent {
+            "consistent"
+        } else {
+            "fuzzy"
+        },
+        to.display()
+    );
+    let mut progress = Progress::new(format!("restore of {volume}"), size, json);
+    let started = Instant::now();
+    let result = reader.read_point(point.seq, false, |offset, data| {
+        target
+            .write(offset, data, chunk.min((size - offset) as usize))
+            .map_err(|source| PointsError::Io {
+                what: "writing the restore target",
+                path: target.path().to_owned(),
+                source,
+            })?;
+        progress.update(offset + chunk as u64);
+        Ok(())
+    });
+    let audit = AuditLog::in_dir(data_dir);
+    let outcome = match &result {
+        Ok(bad) if bad.is_empty() => "ok".to_owned(),
+        Ok(bad) => format!("corrupt chunk at byte offset {}", bad[0]),
+        Err(error) => error.to_string(),
+    };
+    let record = audit.append(Event {
+        event: "restore",
+        volume: Some(volume.to_owned()),
+        outcome: outcome.clone(),
+        detail: serde_json::json!({
+            "seq": point.seq,
+            "point_time_unix_ms": point.time_unix_ms,
+            "to": to.display().to_string(),
+        }),
+        ..Event::default()
+    });
+    if let Err(error) = record {
+        eprintln!("blkmirror: warning: audit log: {error}");
+    }
+    match result {
+        Ok(bad) if bad.is_empty() => {}
+        Ok(bad) => {
+            target.abandon();
+            return Err(OpsError::Corrupt(format!(
+                "point {} of volume {volume} is corrupt at byte offset {}; nothing was restored \
+                 (run `blkmirror verify {volume} --at seq:{}` for the full list)",
+                point.seq, bad[0], point.seq
+            )));
+        }
+        Err(error) => {
+            target.abandon();
+            return Err(error.into());
+        }
+    }
+    let path = target.path().to_owned();
+    target.finish().map_err(|source| OpsError::Target {
+        what: "syncing",
+        path,
+        source,
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let line = serde_json::json!({
+        "event": "restored", "volume": volume, "seq": point.seq,
+        "time": units::format_utc(point.time_unix_ms), "consistent": point.consistent,
+        "to": to.display().to_string(), "bytes": size, "duration_ms": (elapsed * 1000.0) as u64,
+    });
+    if json {
+        println!("{line}");
+    } else {
+        println!(
+            "restored volume {volume} point {} ({}) to {}: {} in {elapsed:.1}s, every chunk \
+             checked against its stored hash",
+            point.seq,
+            units::format_utc(point.time_unix_ms),
+            to.display(),
+            units::format_size(size)
+        );
+    }
+    Ok(())
+}
+
+/// `blkmirror verify`.
+pub fn verify(
+    data_dir: &Path,
+    volume: &str,
+    selector: &PointSelector,
+    json: bool,
+) -> Result<(), OpsError> {
+    let reader = PointReader::open(data_dir, volume)?;
+    let points: Vec<PointInfo> = reader.points().into_iter().map(|(p, _)| p).collect();
+    let chosen = select(&points, selector).map_err(OpsError::Usage)?;
+    let size = reader.meta().size_bytes;
+    let chunk = reader.meta().chunk_bytes;
+    let mut corrupt = Vec::new();
+    for point in &chosen {
+        let mut progress = Progress::new(
+            format!("verify of {volume} point {}", point.seq),
+            size,
+            json,
+        );
+        let bad = reader.read_point(point.seq, true, |offset, _| {
+            progress.update(offset + chunk);
+            Ok(())
+        })?;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"event": "verified", "volume": volume, "seq": point.seq,
+                    "ok": bad.is_empty(), "corrupt_offsets": bad})
+            );
+        } else if bad.is_empty() {
+            println!(
+                "volume {volume} point {} ({}): ok, {} checked",
+                point.seq,
+                units::format_utc(point.time_unix_ms),
+                units::format_size(size)
+            );
+        } else {
+            println!(
+                "volume {volume} point {} ({}): {} CORRUPT chunk(s) at byte offsets {:?}",
+                point.seq,
+                units::format_utc(point.time_unix_ms),
+                bad.len(),
+                &bad[..bad.len().min(16)]
+            );
+        }
+        if !bad.is_empty() {
+            corrupt.push((point.seq, bad.len()));
+        }
+    }
+    let outcome = if corrupt.is_empty() {
+        "ok".to_owned()
+    } else {
+        format!("corrupt: {corrupt:?} (point, chunks)")
+    };
+    let record = AuditLog::in_dir(data_dir).append(Event {
+        event: "verify",
+        volume: Some(volume.to_owned()),
+        outcome: outcome.clone(),
+        detail: serde_json::json!({ "points": chosen.iter().map(|p| p.seq).collect::<Vec<_>>() }),
+        ..Event::default()
+    });
+    if let Err(error) = record {
+        eprintln!("blkmirror: warning: audit log: {error}");
+    }
+    if corrupt.is_empty() {
+        Ok(())
+    } else {
+        Err(OpsError::Corrupt(format!("volume {volume}: {outcome}")))
+    }
+}
+
+/// `blkmirror audit verify`.
+pub fn audit_verify(log: &Path, json: bool) -> Result<(), OpsError> {
+    match AuditLog::at(log).verify() {
+        Ok(verified) => {
+            if json {
+                println!("{}", serde_json::to_string(&verified).expect("serializes"));
+            } else {
+                println!(
+                    "{}: {} entries, chain intact, head {}",
+                    log.display(),
+                    verified.entries,
+                    verified.head
+                );
+            }
+            Ok(())
+        }
+        Err(crate::audit::AuditError::Io { what, path, source }) => {
+            Err(OpsError::Target { what, path, source })
+        }
+        Err(error) => Err(OpsError::Corrupt(error.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(seq: u64, time_unix_ms: u64) -> PointInfo {
+        PointInfo {
+            seq,
+            generation: 1,
+            epoch: seq,
+            time_unix_ms,
+            bytes: 0,
+            consistent: true,
+            freeze_ms: 0,
+            complete: true,
+            synced_to: 0,
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        assert_eq!(parse_selector("latest"), Ok(PointSelector::Latest));
+        assert_eq!(parse_selector("seq:7"), Ok(PointSelector::Seq(7)));
+        assert_eq!(parse_selector("7"), Ok(PointSelector::Seq(7)));
+        assert_eq!(
+            parse_selector("1970-01-01T00:00:02Z"),
+            Ok(PointSelector::AtOrBefore(2000))
+        );
+        assert!(parse_selector("yesterday").is_err());
+        let points = [point(3, 1000), point(5, 2000), point(8, 3000)];
+        assert_eq!(select(&points, &PointSelector::Latest).unwrap()[0].seq, 8);
+        assert_eq!(
+            select(&points, &PointSelector::AtOrBefore(2500)).unwrap()[0].seq,
+            5
+        );
+        assert_eq!(select(&points, &PointSelector::Seq(3)).unwrap()[0].seq, 3);
+        assert!(select(&points, &PointSelector::Seq(4)).is_err());
+        let error = select(&points, &PointSelector::AtOrBefore(500)).unwrap_err();
+        assert!(error.contains("oldest"), "{error}");
+        assert_eq!(select(&points, &PointSelector::All).unwrap().len(), 3);
+        assert!(select(&[], &PointSelector::Latest).is_err());
+    }
+}

@@ -1,0 +1,850 @@
+//! Points in time on the receiver: the image holds the newest point, and *undo deltas* lead
+//! back from it to older ones.
+//!
+//! # Undo deltas
+//!
+//! Before a committed cycle is applied to the image, the receiver copies the old content of
+//! every chunk the cycle touches into `points/undo-FROM-TO`: applying that file to the image at
+//! point `FROM` gives the image at point `TO`. Older points are reached by applying the deltas
+//! from the newest one backwards, so a point costs what its cycle changed, not a copy of the
+//! device, and the newest point is the image itself (no work to reach it).
+//!
+//! Dropping a point `B` between `A` (newer) and `C` (older) merges `undo-A-B` and `undo-B-C`
+//! into `undo-A-C`: the chunks of the older delta win. The merged file is written and synced
+//! before the two are deleted; a crash in between leaves both paths, and [`PointStore::compact`]
+//! finishes the job. Deltas are written to a temporary file and renamed, so a delta file is
+//! whole or absent.
+//!
+//! # Hashes
+//!
+//! Every delta record carries the BLAKE3 hash of the chunk it holds, and `hashes` holds the
+//! hash of every chunk of the image (32 bytes per chunk; all zeros for an all-zero chunk, so
+//! the file is sparse). `verify` and `restore` check every chunk they read against them.
+//!
+//! # Delta file format
+//!
+//! A 40-byte header (`BMUNDO01`, from, to, chunk bytes, device bytes, little-endian), then one
+//! record per chunk: chunk index (u64), data length (u32), flags (u32, 1 = all zeros, no data),
+//! hash (32 bytes), data. A trailer record with chunk index `u64::MAX` carries the record
+//! count.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::{self, File},
+    io::{self, BufReader, BufWriter, Read as _, Write as _},
+    os::unix::fs::FileExt as _,
+    path::{Path, PathBuf},
+};
+
+const MAGIC: &[u8; 8] = b"BMUNDO01";
+const HEADER_BYTES: u64 = 40;
+const RECORD_HEAD_BYTES: u64 = 48;
+const FLAG_ZERO: u32 = 1;
+const TRAILER: u64 = u64::MAX;
+const HASH_BYTES: u64 = 32;
+
+/// Errors of the points store.
+#[derive(Debug, thiserror::Error)]
+pub enum PointsError {
+    /// File IO failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A delta file is malformed.
+    #[error("{path}: corrupt delta: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// No chain of deltas leads to the point.
+    #[error("point {0} cannot be reached: no delta chain leads to it")]
+    Unreachable(u64),
+    /// Chunks whose content does not match the stored hash.
+    #[error("{count} corrupt chunk(s) in point {seq}, first at byte offset {first_offset}")]
+    Mismatch {
+        /// The point.
+        seq: u64,
+        /// How many chunks differ.
+        count: u64,
+        /// The first one.
+        first_offset: u64,
+    },
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PointsError {
+    let path = path.to_owned();
+    move |source| PointsError::Io { what, path, source }
+}
+
+/// A delta's endpoints: applying it to point `from` gives point `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Delta {
+    /// The newer point.
+    pub from: u64,
+    /// The older point.
+    pub to: u64,
+}
+
+/// Where a chunk's content for a point comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// Record in the `delta`-th file of the plan: data at `offset`, `len` bytes.
+    Delta {
+        delta: usize,
+        offset: u64,
+        len: u32,
+        zero: bool,
+        hash: [u8; 32],
+    },
+}
+
+/// One record's header.
+struct RecordHead {
+    chunk: u64,
+    len: u32,
+    flags: u32,
+    hash: [u8; 32],
+}
+
+impl RecordHead {
+    fn encode(&self) -> [u8; RECORD_HEAD_BYTES as usize] {
+        let mut out = [0u8; RECORD_HEAD_BYTES as usize];
+        out[..8].copy_from_slice(&self.chunk.to_le_bytes());
+        out[8..12].copy_from_slice(&self.len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.flags.to_le_bytes());
+        out[16..].copy_from_slice(&self.hash);
+        out
+    }
+
+    fn decode(bytes: &[u8; RECORD_HEAD_BYTES as usize]) -> Self {
+        Self {
+            chunk: u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")),
+            len: u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
+            flags: u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")),
+            hash: bytes[16..].try_into().expect("32 bytes"),
+        }
+    }
+}
+
+/// The hash stored for a chunk: all zeros for an all-zero chunk (a sparse hole in `hashes`).
+pub fn stored_hash(data: &[u8]) -> [u8; 32] {
+    if data.iter().all(|&b| b == 0) {
+        [0; 32]
+    } else {
+        *blake3::hash(data).as_bytes()
+    }
+}
+
+/// The deltas and chunk hashes of one volume (`VOLUME_DIR/points/`, `VOLUME_DIR/hashes`).
+pub struct PointStore {
+    dir: PathBuf,
+    hashes_path: PathBuf,
+    chunk_bytes: u64,
+    size_bytes: u64,
+}
+
+impl PointStore {
+    /// The store of the volume in `volume_dir`; creates the directory.
+    pub fn open(volume_dir: &Path, chunk_bytes: u64, size_bytes: u64) -> Result<Self, PointsError> {
+        let dir = volume_dir.join("points");
+        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        Ok(Self {
+            dir,
+            hashes_path: volume_dir.join("hashes"),
+            chunk_bytes,
+            size_bytes,
+        })
+    }
+
+    fn chunk_len(&self, chunk: u64) -> u64 {
+        self.chunk_bytes
+            .min(self.size_bytes.saturating_sub(chunk * self.chunk_bytes))
+    }
+
+    fn chunks(&self) -> u64 {
+        self.size_bytes.div_ceil(self.chunk_bytes)
+    }
+
+    /// The chunks `[offset, offset + length)` touches.
+    pub fn chunks_of(&self, offset: u64, length: u64) -> std::ops::Range<u64> {
+        if length == 0 {
+            return 0..0;
+        }
+        offset / self.chunk_bytes..(offset + length).div_ceil(self.chunk_bytes)
+    }
+
+    fn path(&self, delta: Delta) -> PathBuf {
+        self.dir.join(format!("undo-{}-{}", delta.from, delta.to))
+    }
+
+    /// The delta files present, sorted.
+    pub fn deltas(&self) -> Result<Vec<Delta>, PointsError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))? {
+            let entry = entry.map_err(io_err("listing", &self.dir))?;
+            let name = entry.file_name();
+            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("undo-")) else {
+                continue;
+            };
+            if let Some((from, to)) = rest.split_once('-')
+                && let (Ok(from), Ok(to)) = (from.parse(), to.parse())
+            {
+                out.push(Delta { from, to });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Bytes the store holds for the delta leading to `to` (0 if none).
+    pub fn stored_bytes(&self, to: u64) -> u64 {
+        self.deltas()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| d.to == to)
+            .filter_map(|d| fs::metadata(self.path(d)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Total bytes of all deltas.
+    pub fn total_bytes(&self) -> u64 {
+        self.deltas()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|d| fs::metadata(self.path(d)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Writes `undo-FROM-TO` holding the current content of `chunks` of `image` (which must be
+    /// at point `to`), unless it exists already (a replayed commit). Synced before it appears.
+    pub fn capture(
+        &self,
+        image: &File,
+        delta: Delta,
+        chunks: &BTreeSet<u64>,
+    ) -> Result<(), PointsError> {
+        let path = self.path(delta);
+        if path.exists() {
+            return Ok(());
+        }
+        let mut writer = DeltaWriter::create(self, delta)?;
+        let mut buffer = vec![0u8; self.chunk_bytes as usize];
+        for &chunk in chunks {
+            let len = self.chunk_len(chunk) as usize;
+            image
+                .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
+                .map_err(io_err("reading the image for", &path))?;
+            writer.push(chunk, &buffer[..len])?;
+        }
+        writer.finish()
+    }
+
+    /// Deletes every delta (the chain was broken: the image was overwritten outside a cycle).
+    pub fn clear(&self) -> Result<(), PointsError> {
+        for delta in self.deltas()? {
+            let path = self.path(delta);
+            fs::remove_file(&path).map_err(io_err("removing", &path))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the delta files match `kept` (the retained points) with the image at `head`:
+    /// deltas ending at a point no longer kept are merged with the next older delta (or
+    /// removed, at the old end), and deltas starting at an unreachable point are removed.
+    /// Idempotent; finishes a merge a crash interrupted.
+    pub fn compact(&self, head: u64, kept: &BTreeSet<u64>) -> Result<(), PointsError> {
+        loop {
+            let deltas = self.deltas()?;
+            // Points reachable from the image through the deltas present.
+            let mut reachable = BTreeSet::from([head]);
+            let mut grew = true;
+            while grew {
+                grew = false;
+                for delta in &deltas {
+                    if reachable.contains(&delta.from) && reachable.insert(delta.to) {
+                        grew = true;
+                    }
+                }
+            }
+            if let Some(&orphan) = deltas.iter().find(|d| !reachable.contains(&d.from)) {
+                let path = self.path(orphan);
+                fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                continue;
+            }
+            let Some(&dangling) = deltas.iter().find(|d| !kept.contains(&d.to)) else {
+                return Ok(());
+            };
+            let older = deltas.iter().copied().find(|d| d.from == dangling.to);
+            if let Some(older) = older {
+                let merged = Delta {
+                    from: dangling.from,
+                    to: older.to,
+                };
+                if !self.path(merged).exists() {
+                    self.merge(dangling, older, merged)?;
+                }
+                for delta in [dangling, older] {
+                    let path = self.path(delta);
+                    fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                }
+            } else {
+                let path = self.path(dangling);
+                fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            }
+        }
+    }
+
+    /// Writes `merged` = `newer` then `older` applied: the older delta's chunks win.
+    fn merge(&self, newer: Delta, older: Delta, merged: Delta) -> Result<(), PointsError> {
+        let newer_index = self.index(newer)?;
+        let older_index = self.index(older)?;
+        let mut writer = DeltaWriter::create(self, merged)?;
+        let newer_file =
+            File::open(self.path(newer)).map_err(io_err("opening", &self.path(newer)))?;
+        let older_file =
+            File::open(self.path(older)).map_err(io_err("opening", &self.path(older)))?;
+        let mut all: BTreeMap<u64, (&File, PathBuf, &IndexEntry)> = BTreeMap::new();
+        for (chunk, entry) in &newer_index {
+            all.insert(*chunk, (&newer_file, self.path(newer), entry));
+        }
+        for (chunk, entry) in &older_index {
+            all.insert(*chunk, (&older_file, self.path(older), entry));
+        }
+        let mut buffer = vec![0u8; self.chunk_bytes as usize];
+        for (chunk, (file, path, entry)) in all {
+            let data = read_checked(file, &path, entry, &mut buffer)?;
+            writer.push(chunk, data)?;
+        }
+        writer.finish()
+    }
+
+    /// Reads a delta's record index (chunk → where its data is).
+    fn index(&self, delta: Delta) -> Result<BTreeMap<u64, IndexEntry>, PointsError> {
+        let path = self.path(delta);
+        let corrupt = |message: String| PointsError::Corrupt {
+            path: path.clone(),
+            message,
+        };
+        let file = File::open(&path).map_err(io_err("opening", &path))?;
+        let file_len = file.metadata().map_err(io_err("reading", &path))?.len();
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let mut header = [0u8; HEADER_BYTES as usize];
+        reader
+            .read_exact(&mut header)
+            .map_err(|e| corrupt(format!("header: {e}")))?;
+        let field =
+            |i: usize| u64::from_le_bytes(header[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
+        if &header[..8] != MAGIC
+            || field(0) != delta.from
+            || field(1) != delta.to
+            || field(2) != self.chunk_bytes
+            || field(3) != self.size_bytes
+        {
+            return Err(corrupt(
+                "header does not match its name or the volume".into(),
+            ));
+        }
+        let mut index = BTreeMap::new();
+        let mut at = HEADER_BYTES;
+        loop {
+            let mut head = [0u8; RECORD_HEAD_BYTES as usize];
+            reader
+                .read_exact(&mut head)
+                .map_err(|_| corrupt(format!("truncated at byte {at} (no trailer)")))?;
+            let head = RecordHead::decode(&head);
+            at += RECORD_HEAD_BYTES;
+            if head.chunk == TRAILER {
+                if u64::from(head.len) != index.len() as u64 && index.len() < u32::MAX as usize {
+                    return Err(corrupt(format!(
+                        "trailer counts {} records, found {}",
+                        head.len,
+                        index.len()
+                    )));
+                }
+                return Ok(index);
+            }
+            if head.chunk >= self.chunks() || u64::from(head.len) != self.chunk_len(head.chunk) {
+                return Err(corrupt(format!("record at byte {at}: bad chunk or length")));
+            }
+            let zero = head.flags & FLAG_ZERO != 0;
+            let stored = if zero { 0 } else { u64::from(head.len) };
+            if at + stored > file_len {
+                return Err(corrupt(format!("record at byte {at} runs past the end")));
+            }
+            index.insert(
+                head.chunk,
+                IndexEntry {
+                    offset: at,
+                    len: head.len,
+                    zero,
+                    hash: head.hash,
+                },
+            );
+            reader
+                .seek_relative(stored as i64)
+                .map_err(io_err("reading", &path))?;
+            at += stored;
+        }
+    }
+
+    /// The deltas to apply, newest first, to go from the image at `head` to point `target`.
+    pub fn plan(&self, head: u64, target: u64) -> Result<Vec<Delta>, PointsError> {
+        let deltas = self.deltas()?;
+        let mut plan = Vec::new();
+        let mut at = head;
+        while at != target {
+            // The delta from here that goes furthest back without passing the target.
+            let next = deltas
+                .iter()
+                .filter(|d| d.from == at && d.to >= target && d.to < at)
+                .min_by_key(|d| d.to)
+                .ok_or(PointsError::Unreachable(target))?;
+            plan.push(*next);
+            at = next.to;
+        }
+        Ok(plan)
+    }
+
+    /// Reads point `target` chunk by chunk, checking every chunk against its stored hash, and
+    /// hands each one to `sink` in device order (`None` for an all-zero chunk). Stops at the
+    /// first mismatch unless `keep_going`; returns the mismatching chunk offsets.
+    pub fn read_point(
+        &self,
+        image: &File,
+        head: u64,
+        target: u64,
+        keep_going: bool,
+        mut sink: impl FnMut(u64, Option<&[u8]>) -> Result<(), PointsError>,
+    ) -> Result<Vec<u64>, PointsError> {
+        let plan = self.plan(head, target)?;
+        let mut files = Vec::new();
+        let mut sources: BTreeMap<u64, Source> = BTreeMap::new();
+        for (delta_index, delta) in plan.iter().enumerate() {
+            let path = self.path(*delta);
+            files.push((File::open(&path).map_err(io_err("opening", &path))?, path));
+            // Applied newest first: a chunk in an older delta overrides a newer one.
+            for (chunk, entry) in self.index(*delta)? {
+                sources.insert(
+                    chunk,
+                    Source::Delta {
+                        delta: delta_index,
+                        offset: entry.offset,
+                        len: entry.len,
+                        zero: entry.zero,
+                        hash: entry.hash,
+                    },
+                );
+            }
+        }
+        let hashes = File::open(&self.hashes_path).map_err(io_err("opening", &self.hashes_path))?;
+        let mut buffer = vec![0u8; self.chunk_bytes as usize];
+        let mut bad = Vec::new();
+        for chunk in 0..self.chunks() {
+            let offset = chunk * self.chunk_bytes;
+            let (data, expected): (&[u8], [u8; 32]) = match sources.get(&chunk) {
+                Some(Source::Delta { zero: true, .. }) => {
+                    sink(offset, None)?;
+                    continue;
+                }
+                Some(&Source::Delta {
+                    delta,
+                    offset: at,
+                    len,
+                    hash,
+                    ..
+                }) => {
+                    let (file, path) = &files[delta];
+                    let data = &mut buffer[..len as usize];
+                    file.read_exact_at(data, at)
+                        .map_err(io_err("reading", path))?;
+                    (data, hash)
+                }
+                None => {
+                    let len = self.chunk_len(chunk) as usize;
+                    let data = &mut buffer[..len];
+                    image
+                        .read_exact_at(data, offset)
+                        .map_err(io_err("reading the image for point", &self.hashes_path))?;
+                    let mut expected = [0u8; 32];
+                    read_full_at(&hashes, &mut expected, chunk * HASH_BYTES)
+                        .map_err(io_err("reading", &self.hashes_path))?;
+                    (data, expected)
+                }
+            };
+            if stored_hash(data) != expected {
+                bad.push(offset);
+                if !keep_going {
+                    return Ok(bad);
+                }
+            }
+            if data.iter().all(|&b| b == 0) {
+                sink(offset, None)?;
+            } else {
+                sink(offset, Some(data))?;
+            }
+        }
+        Ok(bad)
+    }
+
+    /// Records the hashes of `chunks` of `image` in `hashes` and syncs it.
+    pub fn update_hashes(&self, image: &File, chunks: &BTreeSet<u64>) -> Result<(), PointsError> {
+        let path = &self.hashes_path;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        file.set_len(self.chunks() * HASH_BYTES)
+            .map_err(io_err("sizing", path))?;
+        let mut buffer = vec![0u8; self.chunk_bytes as usize];
+        for &chunk in chunks {
+            let len = self.chunk_len(chunk) as usize;
+            image
+                .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
+                .map_err(io_err("reading the image for", path))?;
+            file.write_all_at(&stored_hash(&buffer[..len]), chunk * HASH_BYTES)
+                .map_err(io_err("writing", path))?;
+        }
+        file.sync_all().map_err(io_err("syncing", path))
+    }
+
+    /// Whether the `hashes` file exists (volumes made before it need a full rehash).
+    pub fn has_hashes(&self) -> bool {
+        self.hashes_path.exists()
+    }
+
+    /// Rehashes every chunk of the image.
+    pub fn rehash_all(&self, image: &File) -> Result<(), PointsError> {
+        let all: BTreeSet<u64> = (0..self.chunks()).collect();
+        self.update_hashes(image, &all)
+    }
+}
+
+/// Where one chunk's record is in a delta file.
+#[derive(Clone, Copy, Debug)]
+struct IndexEntry {
+    offset: u64,
+    len: u32,
+    zero: bool,
+    hash: [u8; 32],
+}
+
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    match file.read_exact_at(buf, offset) {
+        Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
+            buf.fill(0);
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn read_checked<'b>(
+    file: &File,
+    path: &Path,
+    entry: &IndexEntry,
+    buffer: &'b mut [u8],
+) -> Result<&'b [u8], PointsError> {
+    let data = &mut buffer[..entry.len as usize];
+    if entry.zero {
+        data.fill(0);
+        return Ok(data);
+    }
+    file.read_exact_at(data, entry.offset)
+        .map_err(io_err("reading", path))?;
+    if stored_hash(data) != entry.hash {
+        return Err(PointsError::Corrupt {
+            path: path.to_owned(),
+            message: format!("record at byte {} does not match its hash", entry.offset),
+        });
+    }
+    Ok(data)
+}
+
+/// Writes a delta file: temporary name, records, trailer, sync, rename, directory sync.
+struct DeltaWriter {
+    tmp: PathBuf,
+    path: PathBuf,
+    writer: BufWriter<File>,
+    records: u64,
+}
+
+impl DeltaWriter {
+    fn create(store: &PointStore, delta: Delta) -> Result<Self, PointsError> {
+        let path = store.path(delta);
+        let tmp = store.dir.join(format!("tmp-{}-{}", delta.from, delta.to));
+        let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
+        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let mut header = [0u8; HEADER_BYTES as usize];
+        header[..8].copy_from_slice(MAGIC);
+        for (i, value) in [delta.from, delta.to, store.chunk_bytes, store.size_bytes]
+            .into_iter()
+            .enumerate()
+        {
+            header[8 + 8 * i..16 + 8 * i].copy_from_slice(&value.to_le_bytes());
+        }
+        writer.write_all(&header).map_err(io_err("writing", &tmp))?;
+        Ok(Self {
+            tmp,
+            path,
+            writer,
+            records: 0,
+        })
+    }
+
+    fn push(&mut self, chunk: u64, data: &[u8]) -> Result<(), PointsError> {
+        let hash = stored_hash(data);
+        let zero = hash == [0; 32];
+        let head = RecordHead {
+            chunk,
+            len: data.len() as u32,
+            flags: if zero { FLAG_ZERO } else { 0 },
+            hash,
+        };
+        self.writer
+            .write_all(&head.encode())
+            .map_err(io_err("writing", &self.tmp))?;
+        if !zero {
+            self.writer
+                .write_all(data)
+                .map_err(io_err("writing", &self.tmp))?;
+        }
+        self.records += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<(), PointsError> {
+        let trailer = RecordHead {
+            chunk: TRAILER,
+            len: self.records.min(u64::from(u32::MAX)) as u32,
+            flags: 0,
+            hash: [0; 32],
+        };
+        self.writer
+            .write_all(&trailer.encode())
+            .map_err(io_err("writing", &self.tmp))?;
+        let file = self
+            .writer
+            .into_inner()
+            .map_err(|e| io_err("writing", &self.tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err("syncing", &self.tmp))?;
+        drop(file);
+        fs::rename(&self.tmp, &self.path).map_err(io_err("renaming", &self.tmp))?;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "blkmirror-points-{tag}-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    const CHUNK: u64 = 4096;
+    const SIZE: u64 = 16 * CHUNK + 1024;
+
+    /// Simulates the receiver: applies writes to an image, capturing deltas and hashes, and
+    /// keeps a copy of every point to compare with.
+    struct Sim {
+        _dir: TempDir,
+        store: PointStore,
+        image: File,
+        head: u64,
+        copies: BTreeMap<u64, Vec<u8>>,
+    }
+
+    impl Sim {
+        fn new(tag: &str) -> Self {
+            let dir = TempDir::new(tag);
+            let image = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.0.join("image.raw"))
+                .unwrap();
+            image.set_len(SIZE).unwrap();
+            let store = PointStore::open(&dir.0, CHUNK, SIZE).unwrap();
+            store.rehash_all(&image).unwrap();
+            let mut sim = Self {
+                _dir: dir,
+                store,
+                image,
+                head: 1,
+                copies: BTreeMap::new(),
+            };
+            sim.copies.insert(1, sim.contents());
+            sim
+        }
+
+        fn contents(&self) -> Vec<u8> {
+            let mut out = vec![0u8; SIZE as usize];
+            self.image.read_exact_at(&mut out, 0).unwrap();
+            out
+        }
+
+        fn cycle(&mut self, writes: &[(u64, u64, u8)]) {
+            let seq = self.head + 1;
+            let mut chunks = BTreeSet::new();
+            for &(offset, len, _) in writes {
+                chunks.extend(self.store.chunks_of(offset, len));
+            }
+            self.store
+                .capture(
+                    &self.image,
+                    Delta {
+                        from: seq,
+                        to: self.head,
+                    },
+                    &chunks,
+                )
+                .unwrap();
+            for &(offset, len, byte) in writes {
+                self.image
+                    .write_all_at(&vec![byte; len as usize], offset)
+                    .unwrap();
+            }
+            self.store.update_hashes(&self.image, &chunks).unwrap();
+            self.head = seq;
+            self.copies.insert(seq, self.contents());
+        }
+
+        fn restore(&self, target: u64) -> Vec<u8> {
+            let mut out = vec![0u8; SIZE as usize];
+            let bad = self
+                .store
+                .read_point(&self.image, self.head, target, false, |offset, data| {
+                    if let Some(data) = data {
+                        out[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert!(bad.is_empty(), "corrupt chunks {bad:?}");
+            out
+        }
+    }
+
+    #[test]
+    fn every_point_restores_exactly_and_merging_keeps_the_rest_exact() {
+        let mut sim = Sim::new("restore");
+        sim.cycle(&[(0, 8192, 1), (SIZE - 1024, 1024, 2)]);
+        sim.cycle(&[(4096, 512, 3), (40960, 4096, 4)]);
+        sim.cycle(&[(0, 4096, 0), (12288, 20000, 5)]);
+        sim.cycle(&[(4096, 4096, 6)]);
+        for seq in 1..=5 {
+            assert_eq!(sim.restore(seq), sim.copies[&seq], "point {seq}");
+        }
+        // Drop points 2 and 4: their deltas merge, the others stay exact.
+        let kept = BTreeSet::from([1, 3, 5]);
+        sim.store.compact(sim.head, &kept).unwrap();
+        assert_eq!(
+            sim.store.deltas().unwrap(),
+            vec![Delta { from: 3, to: 1 }, Delta { from: 5, to: 3 }]
+        );
+        for seq in [1, 3, 5] {
+            assert_eq!(
+                sim.restore(seq),
+                sim.copies[&seq],
+                "point {seq} after merge"
+            );
+        }
+        assert!(matches!(
+            sim.store.plan(sim.head, 2),
+            Err(PointsError::Unreachable(2))
+        ));
+        // Dropping the oldest removes its delta only.
+        sim.store
+            .compact(sim.head, &BTreeSet::from([3, 5]))
+            .unwrap();
+        assert_eq!(sim.store.deltas().unwrap(), vec![Delta { from: 5, to: 3 }]);
+        assert_eq!(sim.restore(3), sim.copies[&3]);
+    }
+
+    #[test]
+    fn an_interrupted_merge_is_finished_by_compact() {
+        let mut sim = Sim::new("crash");
+        sim.cycle(&[(0, 4096, 1)]);
+        sim.cycle(&[(0, 4096, 2), (8192, 4096, 2)]);
+        // Merge written, originals not yet removed (a crash between the two steps).
+        sim.store
+            .merge(
+                Delta { from: 3, to: 2 },
+                Delta { from: 2, to: 1 },
+                Delta { from: 3, to: 1 },
+            )
+            .unwrap();
+        assert_eq!(sim.restore(1), sim.copies[&1]);
+        sim.store
+            .compact(sim.head, &BTreeSet::from([1, 3]))
+            .unwrap();
+        assert_eq!(sim.store.deltas().unwrap(), vec![Delta { from: 3, to: 1 }]);
+        assert_eq!(sim.restore(1), sim.copies[&1]);
+        // A leftover temporary file is not a delta.
+        fs::write(sim.store.dir.join("tmp-9-8"), b"torn").unwrap();
+        assert_eq!(sim.store.deltas().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn corruption_is_reported_not_restored() {
+        let mut sim = Sim::new("corrupt");
+        sim.cycle(&[(0, 4096, 7)]);
+        sim.cycle(&[(0, 4096, 8)]);
+        // Flip a byte of the delta's data and of the image.
+        let path = sim.store.path(Delta { from: 3, to: 2 });
+        let file = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff], HEADER_BYTES + RECORD_HEAD_BYTES + 10)
+            .unwrap();
+        let bad = sim
+            .store
+            .read_point(&sim.image, 3, 2, true, |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(bad, vec![0]);
+        sim.image.write_all_at(&[0xee], 5 * CHUNK).unwrap();
+        let bad = sim
+            .store
+            .read_point(&sim.image, 3, 3, true, |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(bad, vec![5 * CHUNK]);
+        // A truncated delta is refused with a message.
+        let len = fs::metadata(&path).unwrap().len();
+        file.set_len(len - 10).unwrap();
+        let error = sim
+            .store
+            .read_point(&sim.image, 3, 2, true, |_, _| Ok(()))
+            .unwrap_err();
+        assert!(error.to_string().contains("truncated"), "{error}");
+    }
+}

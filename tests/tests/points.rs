@@ -1,0 +1,486 @@
+//! Points in time on the receiver, as root: real ext4 on a loop device replicated by the real
+//! agent and receiver; `points`, `restore`, `verify` and `audit verify` run as an operator
+//! would, beside the live receiver.
+
+use std::{
+    fs,
+    io::Read as _,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use blkmirror_tests::{
+    LoopDevice, Mount, blkmirror,
+    mirror::{ChildGuard, Site, digest, guard_running, last_point, write_random},
+    parse_lines, require_root, sh,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn run(args: &[&str]) -> Output {
+    blkmirror().args(args).output().expect("running blkmirror")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "blkmirror {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Reads `device` with O_DIRECT (the agent's view, not a stale page cache) into `to`.
+fn copy_device(device: &Path, to: &Path) {
+    sh(
+        "dd",
+        &[
+            &format!("if={}", device.display()),
+            &format!("of={}", to.display()),
+            "bs=1M",
+            "iflag=direct",
+            "conv=sparse",
+            "status=none",
+        ],
+    );
+}
+
+fn e2fsck_clean(image: &Path) {
+    let output = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(image)
+        .output()
+        .expect("e2fsck");
+    assert!(
+        output.status.success(),
+        "e2fsck -fn {} failed:\n{}{}",
+        image.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Runs `agent --once` with the freeze held for a while and copies the device while it is
+/// frozen: the copy is the source exactly as the point's final cut saw it.
+fn cycle_with_copy(site: &Site, device: &Path, mount: &Path, copy: &Path) -> serde_json::Value {
+    let agent = site.setup(device, "fs");
+    let mut args = agent.args(&["--once", "--freeze-budget", "30s"]);
+    args.retain(|a| a != "--json");
+    args.push("--json".into());
+    let child = ChildGuard(
+        blkmirror()
+            .args(&args)
+            .env("BLKMIRROR_TEST_FREEZE_HOLD_MS", "3000")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("agent"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !guard_running(mount) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never froze {}",
+            mount.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The guard is started just before FIFREEZE; the freeze is held for 3 s after the cut.
+    std::thread::sleep(Duration::from_millis(500));
+    copy_device(device, copy);
+    let mut child = child;
+    let mut stdout = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("agent stdout");
+    let mut stderr = String::new();
+    child
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("agent stderr");
+    let status = child.0.wait().expect("agent");
+    assert!(status.success(), "agent failed: {stderr}");
+    let lines = parse_lines(&stdout);
+    let point = last_point(&lines).clone();
+    assert_eq!(point["consistent"], true, "{point}\n{stderr}");
+    assert!(!guard_running(mount), "the thaw guard outlived the agent");
+    point
+}
+
+#[test]
+fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
+    require_root();
+    let site = Site::new("fs");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+
+    // Four points, each with different files; a copy of the source at each cut.
+    let mut points = Vec::new();
+    for round in 0..4u64 {
+        let dir = mount.target.join(format!("round-{round}"));
+        fs::create_dir_all(&dir).expect("dir");
+        for file in 0..20u64 {
+            let body: Vec<u8> = (0..(8192 + file * 4096 + round * 777))
+                .map(|i| (i * (round + 3) + file) as u8)
+                .collect();
+            fs::write(dir.join(format!("f{file}")), body).expect("write");
+        }
+        if round > 0 {
+            fs::remove_dir_all(mount.target.join(format!("round-{}", round - 1))).expect("rm");
+        }
+        let copy = site.scratch.path.join(format!("source-at-{round}.img"));
+        let point = cycle_with_copy(&site, &dev.path, &mount.target, &copy);
+        points.push((point, copy));
+    }
+
+    // `points` lists all four, newest last, each consistent.
+    let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
+    let seqs: Vec<u64> = listed
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("seq"))
+        .collect();
+    let expected: Vec<u64> = points
+        .iter()
+        .map(|(p, _)| p["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, expected, "{listed:?}");
+    assert!(listed.iter().all(|p| p["consistent"] == true), "{listed:?}");
+    let human = run_ok(&["points", "fs", "--data-dir", &data]);
+    assert!(
+        human.contains("consistent") && human.contains("4 point(s)"),
+        "{human}"
+    );
+
+    // Every point restores to exactly the source at its cut, and is a clean ext4.
+    for (index, (point, copy)) in points.iter().enumerate() {
+        let seq = point["seq"].as_u64().expect("seq");
+        let restored = site.scratch.path.join(format!("restored-{index}.img"));
+        let out = run_ok(&[
+            "restore",
+            "fs",
+            "--at",
+            &format!("seq:{seq}"),
+            "--to",
+            restored.to_str().expect("utf-8"),
+            "--data-dir",
+            &data,
+        ]);
+        assert!(out.contains("restored volume fs"), "{out}");
+        assert_eq!(
+            digest(&restored),
+            digest(copy),
+            "point {seq} differs from the source at its cut"
+        );
+        e2fsck_clean(&restored);
+        fs::remove_file(&restored).expect("rm");
+    }
+
+    // By time (to the millisecond): the newest point at or before the second point's cut is
+    // the second point.
+    let second_ms = listed[1]["time_unix_ms"].as_u64().expect("ms");
+    let time = format!(
+        "{}.{:03}Z",
+        listed[1]["time"]
+            .as_str()
+            .expect("time")
+            .trim_end_matches('Z'),
+        second_ms % 1000
+    );
+    let by_time = site.scratch.path.join("by-time.img");
+    let restored = parse_lines(&run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        &time,
+        "--to",
+        by_time.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+        "--json",
+    ]));
+    assert_eq!(restored[0]["seq"], points[1].0["seq"], "{restored:?}");
+    assert_eq!(digest(&by_time), digest(&points[1].1));
+
+    // A target that exists is refused without --force.
+    let refused = run(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        by_time.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    // A point that does not exist is refused with the oldest one named.
+    let refused = run(&[
+        "restore",
+        "fs",
+        "--at",
+        "2001-01-01T00:00:00Z",
+        "--to",
+        "/tmp/never",
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("oldest"));
+
+    // The deltas cost about what the cycles changed, not a copy per point.
+    let deltas: u64 = fs::read_dir(Path::new(&data).join("fs/points"))
+        .expect("points dir")
+        .flatten()
+        .map(|e| e.metadata().expect("meta").len())
+        .sum();
+    let changed: u64 = listed[1..]
+        .iter()
+        .map(|p| p["bytes"].as_u64().expect("bytes"))
+        .sum();
+    eprintln!("deltas of 3 older points: {deltas} bytes for {changed} bytes shipped");
+    assert!(
+        deltas <= changed + 4 * MIB,
+        "deltas {deltas} vs changed {changed}"
+    );
+
+    // verify: all points are intact; a flipped byte in a delta is found and refuses restore.
+    let verified = parse_lines(&run_ok(&[
+        "verify",
+        "fs",
+        "--at",
+        "all",
+        "--data-dir",
+        &data,
+        "--json",
+    ]));
+    assert_eq!(verified.len(), 4);
+    assert!(verified.iter().all(|v| v["ok"] == true), "{verified:?}");
+    let delta = fs::read_dir(Path::new(&data).join("fs/points"))
+        .expect("points dir")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| fs::metadata(p).map(|m| m.len() > 200_000).unwrap_or(false))
+        .expect("a delta with data");
+    let mut bytes = fs::read(&delta).expect("delta");
+    let at = bytes.len() - 5000;
+    bytes[at] ^= 0x55;
+    fs::write(&delta, &bytes).expect("corrupt");
+    let verify = run(&["verify", "fs", "--at", "all", "--data-dir", &data]);
+    let report = String::from_utf8_lossy(&verify.stdout).into_owned();
+    assert_eq!(verify.status.code(), Some(7), "{report}");
+    assert!(report.contains("CORRUPT"), "{report}");
+    // The point that reads the flipped chunk (a chunk an older delta also holds is not read
+    // for the older points).
+    let corrupt_seq = report
+        .lines()
+        .find(|l| l.contains("CORRUPT"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<u64>().ok())
+        .expect("a corrupt point in the report");
+    let target = site.scratch.path.join("corrupt.img");
+    let refused = run(&[
+        "restore",
+        "fs",
+        "--at",
+        &format!("seq:{corrupt_seq}"),
+        "--to",
+        target.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(
+        refused.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(!target.exists(), "a corrupt restore left its target behind");
+    assert!(
+        !site
+            .scratch
+            .path
+            .join("corrupt.img.blkmirror-partial")
+            .exists(),
+        "a corrupt restore left its partial file behind"
+    );
+    bytes[at] ^= 0x55;
+    fs::write(&delta, &bytes).expect("repair");
+
+    // The audit log holds the connects, commits, restores and verifies, chained.
+    let audit = run_ok(&["audit", "verify", "--data-dir", &data, "--json"]);
+    let audit: serde_json::Value = serde_json::from_str(audit.trim()).expect("json");
+    let log = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
+    for event in ["receiver-start", "connect", "commit", "restore", "verify"] {
+        assert!(
+            log.contains(&format!("\"event\":\"{event}\"")),
+            "no {event} in the audit log"
+        );
+    }
+    assert_eq!(audit["entries"].as_u64(), Some(log.lines().count() as u64));
+    // An edit is detected.
+    fs::write(
+        Path::new(&data).join("audit.log"),
+        log.replacen("\"outcome\":\"ok\"", "\"outcome\":\"OK\"", 1),
+    )
+    .expect("edit");
+    let broken = run(&["audit", "verify", "--data-dir", &data]);
+    assert_eq!(broken.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&broken.stderr).contains("edited"));
+    drop(mount);
+}
+
+/// A FIFO a restore writes into; its reader is started on demand.
+struct Fifo(PathBuf);
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn retention_prunes_old_points_but_never_the_newest_or_one_being_restored() {
+    require_root();
+    // Keep only the newest point (every tier zero), so each cycle prunes the one before.
+    let site = Site::with_receiver_args(
+        "raw",
+        &[
+            "--keep-all",
+            "0s",
+            "--keep-hourly",
+            "0s",
+            "--keep-daily",
+            "0s",
+        ],
+    );
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    let agent = site.setup(&dev.path, "raw");
+    write_random(&dev.path, 0, 4 * MIB);
+    agent.once_ok(&[]);
+    write_random(&dev.path, 8 * MIB, 4 * MIB);
+    let lines = agent.once_ok(&[]);
+    let b = last_point(&lines)["seq"].as_u64().expect("seq");
+    let listed = parse_lines(&run_ok(&["points", "raw", "--data-dir", &data, "--json"]));
+    assert_eq!(listed.len(), 1, "only the newest point is kept: {listed:?}");
+    assert_eq!(listed[0]["seq"].as_u64(), Some(b));
+    let source_at_b = site.scratch.path.join("source-at-b.img");
+    copy_device(&dev.path, &source_at_b);
+
+    // A FIFO is neither a block device nor a regular file: restore refuses it.
+    let fifo = Fifo(site.scratch.path.join("restore.fifo"));
+    sh("mkfifo", &[fifo.0.to_str().expect("utf-8")]);
+    let refused = run(&[
+        "restore",
+        "raw",
+        "--at",
+        "latest",
+        "--to",
+        fifo.0.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    drop(fifo);
+
+    // A restore of B that takes a while (held 6 s after it opened the volume, by a test hook).
+    let target = site.scratch.path.join("restore-b.img");
+    let mut restore = ChildGuard(
+        blkmirror()
+            .args([
+                "restore",
+                "raw",
+                "--at",
+                &format!("seq:{b}"),
+                "--to",
+                target.to_str().expect("utf-8"),
+                "--data-dir",
+                &data,
+            ])
+            .env("BLKMIRROR_TEST_RESTORE_HOLD_MS", "6000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("restore"),
+    );
+    let pid = restore.0.id().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some(pid.as_str()))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the restore never locked the volume"
+        );
+        assert!(
+            restore.0.try_wait().expect("wait").is_none(),
+            "the restore exited early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A new cycle C meanwhile: its commit waits for the restore, so B is not pruned under it.
+    write_random(&dev.path, 16 * MIB, 4 * MIB);
+    let agent_run = std::thread::scope(|scope| {
+        let handle = scope.spawn(|| agent.once_ok(&[]));
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !handle.is_finished(),
+            "cycle C committed while a restore was reading"
+        );
+        let listed = parse_lines(&run_ok(&["points", "raw", "--data-dir", &data, "--json"]));
+        assert!(
+            listed.iter().any(|p| p["seq"].as_u64() == Some(b)),
+            "B was pruned while a restore of it was running: {listed:?}"
+        );
+        handle.join().expect("agent thread")
+    });
+    let c = last_point(&agent_run)["seq"].as_u64().expect("seq");
+    let status = restore.0.wait().expect("restore");
+    let mut stderr = String::new();
+    if let Some(mut pipe) = restore.0.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "the held restore failed: {stderr}");
+    assert_eq!(
+        digest(&target),
+        digest(&source_at_b),
+        "restore of B is not B"
+    );
+    // Now B is gone and C, the newest, is kept.
+    let listed = parse_lines(&run_ok(&["points", "raw", "--data-dir", &data, "--json"]));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["seq"].as_u64(), Some(c));
+    let log = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit");
+    assert!(
+        log.contains("\"event\":\"prune\""),
+        "no prune in the audit log"
+    );
+    // The newest point restores to the device as it is now.
+    let now = site.scratch.path.join("now.img");
+    run_ok(&[
+        "restore",
+        "raw",
+        "--at",
+        "latest",
+        "--to",
+        now.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(digest(&now), digest(&dev.path));
+}
