@@ -43,6 +43,7 @@ use crate::{
     net::{self, NetError},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     read::{BlockReader, Engine, ReadError},
+    status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
     track::{TrackError, TrackOptions, Tracker},
     units, wire,
     wire::{
@@ -116,6 +117,8 @@ pub struct AgentConfig {
     pub sync_step: u64,
     /// Print JSON lines.
     pub json: bool,
+    /// Where status is reported (control socket, metrics, systemd).
+    pub status: Arc<StatusBoard>,
 }
 
 /// Agent errors. [`AgentError::retryable`] tells which ones a reconnect can fix.
@@ -363,12 +366,20 @@ impl Agent {
                 state: state_path,
             });
         }
+        config.status.update(&config.volume, |s| {
+            s.source = config.device.display().to_string();
+            s.interval_s = config.interval.as_secs();
+            s.tracking_generation = Some(format!("{:016x}", tracker.generation()));
+        });
         if let Some(verify) = &open_verify {
             say(format!(
                 "tracking history incomplete ({}); a verify sync follows",
                 verify.reason
             ));
             state.needs_full_sync = true;
+            config
+                .status
+                .update(&config.volume, |s| s.tracking_loss_total += 1);
         }
         store_state(&state_path, &state)?;
         let piece = (chunk as usize).max(1 << 20);
@@ -482,6 +493,11 @@ impl Agent {
                     let delay = plan::reconnect_delay(attempt);
                     attempt += 1;
                     say(format!("{error}; retrying in {}s", delay.as_secs()));
+                    self.config.status.update(&self.config.volume, |s| {
+                        s.state = VolumeState::Disconnected;
+                        s.last_error = Some(error.to_string());
+                        s.rate_bytes_per_s = 0;
+                    });
                     let mut shutdown = self.shutdown.clone();
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
@@ -550,9 +566,29 @@ impl Agent {
         // Decided once from the receiver's view at connect; later only a tracking loss
         // (`NeedsVerify`) starts another sync.
         let mut sync_from = self.sync_needed(&welcome, new_replica);
+        self.config.status.update(&self.config.volume, |s| {
+            s.state = VolumeState::Continuous;
+            s.last_error = None;
+            if let Some(point) = welcome.last_point.as_ref().filter(|p| p.complete) {
+                s.last_point.get_or_insert(PointSummary {
+                    seq: point.seq,
+                    time_unix_ms: point.time_unix_ms,
+                    consistent: point.consistent,
+                    freeze_ms: point.freeze_ms,
+                });
+            }
+        });
         loop {
             if let Some(from) = sync_from.take() {
                 let started = Instant::now();
+                let state = if self.replica_has_point || !new_replica {
+                    VolumeState::VerifyResync
+                } else {
+                    VolumeState::InitialSync
+                };
+                self.config
+                    .status
+                    .update(&self.config.volume, |s| s.state = state);
                 match self.full_sync(&mut link, from, new_replica).await {
                     Ok(()) => {}
                     Err(AgentError::Stopped) => {
@@ -579,6 +615,11 @@ impl Agent {
                     say(format!(
                         "tracking lost history ({reason}); starting a verify sync"
                     ));
+                    let generation = format!("{:016x}", self.tracker.generation());
+                    self.config.status.update(&self.config.volume, |s| {
+                        s.tracking_loss_total += 1;
+                        s.tracking_generation = Some(generation);
+                    });
                     sync_from = Some(0);
                     continue;
                 }
@@ -669,6 +710,10 @@ impl Agent {
                 .collect();
             self.persist()?;
         }
+        let backlog: u64 = self.state.inflight.iter().map(|e| e[1]).sum();
+        self.config
+            .status
+            .update(&self.config.volume, |s| s.backlog_bytes = backlog);
         self.tracker.release()?;
         Ok((cut.extents, cut.epoch))
     }
@@ -1010,6 +1055,14 @@ impl Agent {
         let eta = progress
             .eta(now)
             .map_or("?".to_owned(), |eta| format!("{}s", eta.as_secs()));
+        self.config.status.update(&self.config.volume, |s| {
+            s.sync = Some(SyncProgress {
+                done_bytes: progress.done,
+                total_bytes: progress.total,
+                eta_s: progress.eta(now).map(|eta| eta.as_secs()),
+            });
+            s.rate_bytes_per_s = progress.rate(now) as u64;
+        });
         let line = format!(
             "sync: {} of {} ({:.0}%), {}/s, ETA {eta}, {} sent",
             units::format_size(progress.done),
@@ -1036,6 +1089,18 @@ impl Agent {
     }
 
     fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
+        self.config.status.committed(
+            &self.config.volume,
+            PointSummary {
+                seq: point.seq,
+                time_unix_ms: point.time_unix_ms,
+                consistent: point.consistent,
+                freeze_ms: point.freeze_ms,
+            },
+            point.complete,
+            stats.wire_bytes,
+            took.as_secs_f64(),
+        );
         if self.config.json {
             println!(
                 "{}",

@@ -22,13 +22,14 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    agent::{Agent, AgentConfig, AgentError, Compression, FreezeMode},
+    agent::{AgentError, Compression, FreezeMode},
+    config::{self, AgentSettings, ConfigKind, DeviceSettings, EXIT_CONFIG, ReceiverSettings},
+    daemon,
     extent::Extent,
     freeze,
-    identity::{self, Fingerprint, Identity},
+    identity::{self, Fingerprint},
     ops::{self, PointSelector},
     read::Engine,
-    receiver::{self, ReceiverConfig},
     retention::RetentionPolicy,
     track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
     units,
@@ -67,6 +68,11 @@ pub enum Command {
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Show what the running agent and receiver are doing (over their control sockets).
+    Status(StatusArgs),
     /// (internal) Thaw a file system if the agent overruns its freeze or dies.
     #[command(hide = true)]
     ThawGuard(ThawGuardArgs),
@@ -109,21 +115,32 @@ pub struct KeygenArgs {
 /// `blkmirror agent`.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
+    /// Read everything from this file (`/etc/blkmirror/agent.toml`; see `packaging/agent.toml`)
+    /// instead of the flags below; `--once` and `--json` still apply.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["device", "volume", "receiver", "receiver_fingerprint", "identity"])]
+    pub config: Option<PathBuf>,
     /// The block device to protect (whole disk or partition).
-    #[arg(long, value_name = "DEV")]
-    pub device: PathBuf,
+    #[arg(long, value_name = "DEV", required_unless_present = "config")]
+    pub device: Option<PathBuf>,
     /// The volume name at the receiver (1-64 of A-Z a-z 0-9 . _ -).
-    #[arg(long, value_name = "NAME")]
-    pub volume: String,
+    #[arg(long, value_name = "NAME", required_unless_present = "config")]
+    pub volume: Option<String>,
     /// The receiver, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub receiver: String,
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
+    pub receiver: Option<String>,
     /// SHA-256 fingerprint of the receiver's certificate (printed by its `blkmirror keygen`).
-    #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
-    pub receiver_fingerprint: Fingerprint,
+    #[arg(long, value_name = "FP", value_parser = parse_fingerprint, required_unless_present = "config")]
+    pub receiver_fingerprint: Option<Fingerprint>,
     /// This agent's identity directory (from `blkmirror keygen`).
-    #[arg(long, value_name = "DIR")]
-    pub identity: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub identity: Option<PathBuf>,
+    /// Serve `blkmirror status` on this Unix socket (the config file's default:
+    /// /run/blkmirror/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Time between cycles.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
     pub interval: Duration,
@@ -174,6 +191,17 @@ pub struct AgentArgs {
 /// `blkmirror receiver`.
 #[derive(Debug, clap::Args)]
 pub struct ReceiverArgs {
+    /// Read everything from this file (`/etc/blkmirror/receiver.toml`; see
+    /// `packaging/receiver.toml`) instead of the flags below.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["identity", "allow"])]
+    pub config: Option<PathBuf>,
+    /// Serve `blkmirror status` on this Unix socket (the config file's default:
+    /// /run/blkmirror/receiver.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Address to listen on (UDP).
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
     pub listen: std::net::SocketAddr,
@@ -185,10 +213,14 @@ pub struct ReceiverArgs {
     )]
     pub data_dir: PathBuf,
     /// The receiver's identity directory (from `blkmirror keygen`).
-    #[arg(long, value_name = "DIR")]
-    pub identity: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "config")]
+    pub identity: Option<PathBuf>,
     /// Admit an agent for volumes: FINGERPRINT=VOLUME[,VOLUME...]. Repeat for more agents.
-    #[arg(long = "allow", value_name = "FP=VOLUMES", required = true)]
+    #[arg(
+        long = "allow",
+        value_name = "FP=VOLUMES",
+        required_unless_present = "config"
+    )]
     pub allow: Vec<String>,
     /// QUIC flow-control window.
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
@@ -265,6 +297,33 @@ pub struct VerifyArgs {
     pub json: bool,
 }
 
+/// `blkmirror config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print every problem with its key.
+    Check {
+        /// The file (agent.toml or receiver.toml).
+        file: PathBuf,
+        /// Which kind of file (default: told by its sections).
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+    },
+}
+
+/// `blkmirror status`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The control socket (default: the agent's and the receiver's, whichever run here).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The status as JSON (stable; see the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Redraw every second, with progress bars for syncs.
+    #[arg(long)]
+    pub watch: bool,
+}
+
 /// `blkmirror audit ...`.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -295,7 +354,7 @@ fn parse_fingerprint(text: &str) -> Result<Fingerprint, String> {
     Fingerprint::parse(text).map_err(|error| error.to_string())
 }
 
-fn parse_rate(text: &str) -> Result<u64, String> {
+pub fn parse_rate(text: &str) -> Result<u64, String> {
     let rate = units::parse_size(text.strip_suffix("/s").unwrap_or(text))?;
     if rate < 64 * 1024 {
         return Err(format!("rate {text:?} is below the minimum of 64KiB/s"));
@@ -347,7 +406,7 @@ pub struct UntrackArgs {
     pub state: StateArgs,
 }
 
-fn parse_interval(text: &str) -> Result<Duration, String> {
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
     let interval = units::parse_duration(text)?;
     if interval < Duration::from_millis(1) {
         return Err(format!("interval {text:?} is too short (at least 1ms)"));
@@ -394,6 +453,18 @@ pub fn run(cli: Cli) -> ExitCode {
                 &args.at,
                 args.json,
             ));
+        }
+        Command::Config(ConfigCommand::Check { file, kind }) => {
+            return match config::check_file(&file, kind) {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => fail(EXIT_CONFIG, error),
+            };
+        }
+        Command::Status(args) => {
+            return daemon::run_status(args.socket.as_deref(), args.json, args.watch);
         }
         Command::Audit(AuditCommand::Verify { log, data, json }) => {
             let log = log.unwrap_or_else(|| data.data_dir.join("audit.log"));
@@ -628,7 +699,8 @@ fn ops_result(result: Result<(), ops::OpsError>) -> ExitCode {
     }
 }
 
-fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
+/// Prints the error and returns `code`.
+pub fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
     eprintln!("blkmirror: error: {error}");
     ExitCode::from(code)
 }
@@ -657,7 +729,7 @@ fn run_keygen(args: &KeygenArgs) -> ExitCode {
 }
 
 /// A runtime whose SIGTERM/SIGINT set the returned flag.
-fn runtime_with_signals()
+pub fn runtime_with_signals()
 -> std::io::Result<(tokio::runtime::Runtime, tokio::sync::watch::Receiver<bool>)> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -698,98 +770,99 @@ pub fn agent_exit_code(error: &AgentError) -> u8 {
 }
 
 fn run_agent(args: AgentArgs) -> ExitCode {
-    if let Err(error) = track::chunk_shift(args.chunk_size) {
-        return fail(2, error);
-    }
-    if let Err(error) = crate::wire::check_volume_name(&args.volume) {
-        return fail(2, error);
-    }
-    let identity = match Identity::load(&args.identity) {
-        Ok(identity) => identity,
-        Err(error) => return fail(2, error),
+    let settings = match &args.config {
+        Some(path) => match config::load_agent(path) {
+            Ok(mut settings) => {
+                settings.once |= args.once;
+                settings.json |= args.json;
+                if args.control_socket.is_some() {
+                    settings.control_socket = args.control_socket.clone();
+                }
+                if args.metrics_listen.is_some() {
+                    settings.metrics_listen = args.metrics_listen;
+                }
+                settings
+            }
+            Err(error) => return fail(EXIT_CONFIG, error),
+        },
+        None => {
+            let (Some(device), Some(volume), Some(receiver), Some(fingerprint), Some(identity)) = (
+                args.device,
+                args.volume,
+                args.receiver,
+                args.receiver_fingerprint,
+                args.identity,
+            ) else {
+                return fail(
+                    2,
+                    "--device, --volume, --receiver, --receiver-fingerprint and --identity are needed without --config",
+                );
+            };
+            AgentSettings {
+                identity,
+                receiver,
+                receiver_fingerprint: fingerprint,
+                state_dir: args.state.state_dir,
+                pin_root: args.state.pin_root,
+                json: args.json,
+                once: args.once,
+                control_socket: args.control_socket,
+                metrics_listen: args.metrics_listen,
+                devices: vec![DeviceSettings {
+                    device,
+                    volume,
+                    interval: args.interval,
+                    max_rate: args.max_rate,
+                    chunk_size: args.chunk_size,
+                    hooks: args.hooks,
+                    streams: args.streams,
+                    queue_depth: args.queue_depth,
+                    reader: args.reader,
+                    compression: args.compression,
+                    freeze: args.freeze,
+                    freeze_budget: args.freeze_budget,
+                    window: args.window,
+                    sync_step: args.sync_step,
+                }],
+            }
+        }
     };
-    match track::prepare_environment() {
-        Ok(notes) => notes.iter().for_each(|note| eprintln!("blkmirror: {note}")),
-        Err(error) => return fail(exit_code(&error), error),
-    }
-    let (runtime, shutdown) = match runtime_with_signals() {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(1, error),
-    };
-    let config = AgentConfig {
-        device: args.device,
-        volume: args.volume,
-        receiver: args.receiver,
-        receiver_fingerprint: args.receiver_fingerprint,
-        identity,
-        interval: args.interval,
-        once: args.once,
-        max_rate: args.max_rate,
-        track: options(args.chunk_size, args.hooks, &args.state),
-        streams: usize::from(args.streams),
-        queue_depth: args.queue_depth,
-        engine: args.reader,
-        compression: args.compression,
-        freeze: args.freeze,
-        freeze_budget: args.freeze_budget,
-        window: args.window,
-        sync_step: args.sync_step,
-        json: args.json,
-    };
-    let result = runtime.block_on(async move {
-        let mut agent = tokio::task::block_in_place(|| Agent::open(config, shutdown))?;
-        agent.run().await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(agent_exit_code(&error), error),
-    }
+    daemon::run_agents(settings)
 }
 
 fn run_receiver(args: ReceiverArgs) -> ExitCode {
-    let identity = match Identity::load(&args.identity) {
-        Ok(identity) => identity,
-        Err(error) => return fail(2, error),
-    };
-    let grants = match receiver::parse_grants(&args.allow) {
-        Ok(grants) => grants,
-        Err(error) => return fail(2, error),
-    };
-    let (runtime, shutdown) = match runtime_with_signals() {
-        Ok(runtime) => runtime,
-        Err(error) => return fail(1, error),
-    };
-    let fingerprint = identity.fingerprint();
-    let config = ReceiverConfig {
-        listen: args.listen,
-        data_dir: args.data_dir,
-        identity,
-        grants,
-        window: args.window,
-        retention: RetentionPolicy {
-            all: args.keep_all,
-            hourly: args.keep_hourly,
-            daily: args.keep_daily,
+    let settings = match &args.config {
+        Some(path) => match config::load_receiver(path) {
+            Ok(mut settings) => {
+                if args.control_socket.is_some() {
+                    settings.control_socket = args.control_socket.clone();
+                }
+                if args.metrics_listen.is_some() {
+                    settings.metrics_listen = args.metrics_listen;
+                }
+                settings
+            }
+            Err(error) => return fail(EXIT_CONFIG, error),
         },
+        None => {
+            let Some(identity) = args.identity else {
+                return fail(2, "--identity is needed without --config");
+            };
+            ReceiverSettings {
+                identity,
+                listen: args.listen,
+                data_dir: args.data_dir,
+                window: args.window,
+                control_socket: args.control_socket,
+                metrics_listen: args.metrics_listen,
+                retention: RetentionPolicy {
+                    all: args.keep_all,
+                    hourly: args.keep_hourly,
+                    daily: args.keep_daily,
+                },
+                allow: args.allow,
+            }
+        }
     };
-    let result = runtime.block_on(async move {
-        let endpoint = receiver::bind(&config)?;
-        let addr = endpoint
-            .local_addr()
-            .map_err(|source| crate::net::NetError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-        eprintln!(
-            "blkmirror receiver: listening on {addr} (fingerprint {fingerprint}), data in {}, \
-             {} agent(s) admitted",
-            config.data_dir.display(),
-            config.grants.len()
-        );
-        receiver::serve(endpoint, config, shutdown).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(1, error),
-    }
+    daemon::run_receiver(settings)
 }

@@ -21,6 +21,7 @@ use crate::{
     identity::{Fingerprint, Identity},
     net::{self, NetError},
     retention::RetentionPolicy,
+    status::{PointSummary, StatusBoard, VolumeState},
     volume::{Recovery, StoreError, Volume},
     wire::{
         self, AgentMessage, DataFrame, PROTOCOL_VERSION, ReceiverMessage, RefusalCode, Welcome,
@@ -66,6 +67,8 @@ pub struct ReceiverConfig {
     pub window: u64,
     /// Which points in time to keep.
     pub retention: RetentionPolicy,
+    /// Where status is reported.
+    pub status: Arc<StatusBoard>,
 }
 
 fn log(message: impl std::fmt::Display) {
@@ -95,6 +98,7 @@ struct Context {
     grants: Grants,
     retention: RetentionPolicy,
     audit: AuditLog,
+    status: Arc<StatusBoard>,
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
 }
@@ -199,6 +203,7 @@ pub async fn serve(
         grants: config.grants,
         retention: config.retention,
         audit,
+        status: config.status,
         busy: Mutex::new(HashMap::new()),
     });
     context.record(Event {
@@ -267,6 +272,10 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
             volume.abort();
         }
         context.release(&name, &connection);
+        context.status.update(&name, |s| {
+            s.state = VolumeState::Idle;
+            s.rate_bytes_per_s = 0;
+        });
     }
     match outcome {
         Ok(()) => log(format!("agent {fingerprint} from {remote}: disconnected")),
@@ -419,6 +428,11 @@ impl Session {
             "agent {} connected for volume {} (committed cycle {})",
             self.fingerprint, hello.volume, welcome.committed_seq
         ));
+        let agent = self.fingerprint.to_string();
+        self.context.status.update(&hello.volume, |s| {
+            s.state = VolumeState::Connected;
+            s.source = agent;
+        });
         self.context.record(Event {
             event: "connect",
             agent: Some(self.fingerprint.to_string()),
@@ -492,6 +506,7 @@ impl Session {
                         let seq = tokio::task::spawn_blocking(move || {
                             let mut volume = volume.lock().expect("volume lock");
                             let name = volume.meta().volume.clone();
+                            let name_for_status = name.clone();
                             let result = volume.commit(point.clone());
                             context.record(Event {
                                 event: "commit",
@@ -520,6 +535,18 @@ impl Session {
                                 });
                             }
                             result?;
+                            context.status.committed(
+                                &name_for_status,
+                                PointSummary {
+                                    seq: volume.meta().committed_seq,
+                                    time_unix_ms: point.time_unix_ms,
+                                    consistent: point.consistent,
+                                    freeze_ms: point.freeze_ms,
+                                },
+                                point.complete,
+                                point.bytes,
+                                0.0,
+                            );
                             Ok::<_, StoreError>(volume.meta().committed_seq)
                         })
                         .await

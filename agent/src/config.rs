@@ -1,0 +1,839 @@
+//! Configuration files: `/etc/blkmirror/agent.toml` and `/etc/blkmirror/receiver.toml`.
+//!
+//! Every flag of `blkmirror agent` and `blkmirror receiver` has a key of the same name (with
+//! `_` for `-`); sizes and durations are strings as on the command line (`"64KiB"`, `"60s"`).
+//! Unknown keys are errors, so a typo is not silently ignored. [`check_file`] parses and checks
+//! a file the way the services do and names every problem with its key.
+//!
+//! A bad file makes the service exit with [`EXIT_CONFIG`] (78, `EX_CONFIG`), which the units
+//! list in `RestartPreventExitStatus=`, so systemd does not restart-loop on it.
+
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+use crate::{
+    agent::{Compression, FreezeMode},
+    identity::Fingerprint,
+    read::Engine,
+    retention::RetentionPolicy,
+    track::{self, HookChoice},
+    units, wire,
+};
+
+/// Exit code of a service whose configuration is invalid (`EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
+/// Default control socket of the agent.
+pub const AGENT_SOCKET: &str = "/run/blkmirror/agent.sock";
+/// Default control socket of the receiver.
+pub const RECEIVER_SOCKET: &str = "/run/blkmirror/receiver.sock";
+
+/// A configuration problem: the file, and one line per problem (`key: what was expected`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {}", path.display(), problems.join(&format!("\n{}: ", path.display())))]
+pub struct ConfigError {
+    /// The file.
+    pub path: PathBuf,
+    /// What is wrong, one entry per key.
+    pub problems: Vec<String>,
+}
+
+/// `[receiver]` of the agent's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSection {
+    /// `HOST:PORT` (flag `--receiver`).
+    pub address: String,
+    /// The receiver's certificate fingerprint (flag `--receiver-fingerprint`).
+    pub fingerprint: String,
+}
+
+/// One `[[device]]` of the agent's file. Keys left out take the command line's defaults.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// `--device`.
+    pub path: PathBuf,
+    /// `--volume`.
+    pub volume: String,
+    /// `--interval`.
+    pub interval: Option<String>,
+    /// `--max-rate`.
+    pub max_rate: Option<String>,
+    /// `--chunk-size`.
+    pub chunk_size: Option<String>,
+    /// `--hooks`.
+    pub hooks: Option<String>,
+    /// `--streams`.
+    pub streams: Option<u16>,
+    /// `--queue-depth`.
+    pub queue_depth: Option<u32>,
+    /// `--reader`.
+    pub reader: Option<String>,
+    /// `--compression`.
+    pub compression: Option<String>,
+    /// `--freeze`.
+    pub freeze: Option<String>,
+    /// `--freeze-budget`.
+    pub freeze_budget: Option<String>,
+    /// `--window`.
+    pub window: Option<String>,
+    /// `--sync-step`.
+    pub sync_step: Option<String>,
+    /// Devices of one consistency group are frozen and cut together (not supported yet: the
+    /// key is recognised so that the check can say so).
+    pub consistency_group: Option<String>,
+}
+
+/// `/etc/blkmirror/agent.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    /// `--identity`.
+    pub identity: PathBuf,
+    /// The receiver.
+    pub receiver: PeerSection,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--pin-root`.
+    pub pin_root: Option<PathBuf>,
+    /// `--json`.
+    #[serde(default)]
+    pub json: bool,
+    /// `--once`.
+    #[serde(default)]
+    pub once: bool,
+    /// `--control-socket`.
+    pub control_socket: Option<PathBuf>,
+    /// `--metrics-listen` (Prometheus; off when absent).
+    pub metrics_listen: Option<String>,
+    /// The protected devices.
+    #[serde(default)]
+    pub device: Vec<DeviceSection>,
+}
+
+/// One device, checked: what the agent runs with.
+#[derive(Clone, Debug)]
+pub struct DeviceSettings {
+    /// The device.
+    pub device: PathBuf,
+    /// The volume.
+    pub volume: String,
+    /// Time between cycles.
+    pub interval: Duration,
+    /// Bandwidth cap.
+    pub max_rate: Option<u64>,
+    /// Chunk size.
+    pub chunk_size: u64,
+    /// Hooks.
+    pub hooks: HookChoice,
+    /// Data streams.
+    pub streams: u16,
+    /// Reads in flight.
+    pub queue_depth: u32,
+    /// Read engine.
+    pub reader: Engine,
+    /// Compression.
+    pub compression: Compression,
+    /// Freezing.
+    pub freeze: FreezeMode,
+    /// Freeze budget.
+    pub freeze_budget: Duration,
+    /// Flow-control window.
+    pub window: u64,
+    /// Sync step.
+    pub sync_step: u64,
+}
+
+/// The agent's whole configuration, checked.
+#[derive(Clone, Debug)]
+pub struct AgentSettings {
+    /// Identity directory.
+    pub identity: PathBuf,
+    /// Receiver address.
+    pub receiver: String,
+    /// Receiver fingerprint.
+    pub receiver_fingerprint: Fingerprint,
+    /// Tracking state directory.
+    pub state_dir: PathBuf,
+    /// Pin root.
+    pub pin_root: PathBuf,
+    /// JSON output.
+    pub json: bool,
+    /// One cycle, then exit.
+    pub once: bool,
+    /// Control socket (`None`: none, the default on the command line).
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The devices.
+    pub devices: Vec<DeviceSettings>,
+}
+
+/// `[[agent]]` of the receiver's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantSection {
+    /// The agent's certificate fingerprint.
+    pub fingerprint: String,
+    /// The volumes it may write.
+    pub volumes: Vec<String>,
+    /// A name for humans (logs only).
+    pub name: Option<String>,
+}
+
+/// `[retention]` of the receiver's file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// `--keep-all`.
+    pub all: Option<String>,
+    /// `--keep-hourly`.
+    pub hourly: Option<String>,
+    /// `--keep-daily`.
+    pub daily: Option<String>,
+}
+
+/// `/etc/blkmirror/receiver.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverFile {
+    /// `--identity`.
+    pub identity: PathBuf,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--window`.
+    pub window: Option<String>,
+    /// `--control-socket`.
+    pub control_socket: Option<PathBuf>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
+    /// Retention of points in time.
+    pub retention: Option<RetentionSection>,
+    /// Admitted agents (`--allow`).
+    #[serde(default)]
+    pub agent: Vec<GrantSection>,
+}
+
+/// The receiver's configuration, checked.
+#[derive(Clone, Debug)]
+pub struct ReceiverSettings {
+    /// Identity directory.
+    pub identity: PathBuf,
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Flow-control window.
+    pub window: u64,
+    /// Control socket (`None`: none, the default on the command line).
+    pub control_socket: Option<PathBuf>,
+    /// Prometheus endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Retention.
+    pub retention: RetentionPolicy,
+    /// Grants as `FP=VOL,VOL` (the `--allow` form).
+    pub allow: Vec<String>,
+}
+
+/// Collects problems with their keys.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T>(&mut self, key: &str, result: Result<T, String>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(message) => {
+                self.0.push(format!("{key}: {message}"));
+                None
+            }
+        }
+    }
+}
+
+fn enum_value<T: ValueEnum>(text: &str) -> Result<T, String> {
+    T::from_str(text, false).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
+            .collect();
+        format!("{text:?} is not one of {}", names.join(", "))
+    })
+}
+
+fn parse_or<T>(
+    problems: &mut Problems,
+    key: &str,
+    text: Option<&str>,
+    default: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Option<T> {
+    problems.check(key, parse(text.unwrap_or(default)))
+}
+
+fn socket_addr(text: &str) -> Result<SocketAddr, String> {
+    text.parse()
+        .map_err(|_| format!("{text:?} is not an address such as 127.0.0.1:9464"))
+}
+
+fn parse_toml<T: for<'de> Deserialize<'de>>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|error| ConfigError {
+        path: path.to_owned(),
+        problems: vec![error.to_string().trim().replace('\n', "\n    ")],
+    })
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|error| ConfigError {
+        path: path.to_owned(),
+        problems: vec![format!("cannot read: {error}")],
+    })
+}
+
+/// Parses and checks an agent configuration.
+pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigError> {
+    let file: AgentFile = parse_toml(path, text)?;
+    let mut problems = Problems::default();
+    let fingerprint = problems.check(
+        "receiver.fingerprint",
+        Fingerprint::parse(&file.receiver.fingerprint).map_err(|e| e.to_string()),
+    );
+    if file
+        .receiver
+        .address
+        .rsplit_once(':')
+        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+    {
+        problems.0.push(format!(
+            "receiver.address: {:?} is not HOST:PORT",
+            file.receiver.address
+        ));
+    }
+    let metrics_listen = file
+        .metrics_listen
+        .as_deref()
+        .and_then(|text| problems.check("metrics_listen", socket_addr(text)));
+    if file.device.is_empty() {
+        problems
+            .0
+            .push("device: no [[device]] section: nothing to protect".into());
+    }
+    let mut volumes = BTreeSet::new();
+    let mut paths = BTreeSet::new();
+    let mut devices = Vec::new();
+    for (index, section) in file.device.iter().enumerate() {
+        let key = |name: &str| format!("device[{index}].{name}");
+        if let Err(error) = wire::check_volume_name(&section.volume) {
+            problems.0.push(format!("{}: {error}", key("volume")));
+        }
+        if !volumes.insert(section.volume.clone()) {
+            problems.0.push(format!(
+                "{}: volume {:?} is named twice",
+                key("volume"),
+                section.volume
+            ));
+        }
+        if !paths.insert(section.path.clone()) {
+            problems.0.push(format!(
+                "{}: {} is listed twice",
+                key("path"),
+                section.path.display()
+            ));
+        }
+        if let Some(group) = &section.consistency_group {
+            problems.0.push(format!(
+                "{}: consistency groups ({group:?}) are not supported by this version; each \
+                 device is frozen and cut on its own. Remove the key.",
+                key("consistency_group")
+            ));
+        }
+        let interval = parse_or(
+            &mut problems,
+            &key("interval"),
+            section.interval.as_deref(),
+            "60s",
+            crate::cli::parse_interval,
+        );
+        let max_rate = match section.max_rate.as_deref() {
+            None => Some(None),
+            Some(text) => problems
+                .check(&key("max_rate"), crate::cli::parse_rate(text))
+                .map(Some),
+        };
+        let chunk_size = parse_or(
+            &mut problems,
+            &key("chunk_size"),
+            section.chunk_size.as_deref(),
+            "64KiB",
+            |text| {
+                let size = units::parse_size(text)?;
+                track::chunk_shift(size).map_err(|e| e.to_string())?;
+                Ok(size)
+            },
+        );
+        let hooks = parse_or(
+            &mut problems,
+            &key("hooks"),
+            section.hooks.as_deref(),
+            "auto",
+            enum_value,
+        );
+        let reader = parse_or(
+            &mut problems,
+            &key("reader"),
+            section.reader.as_deref(),
+            "auto",
+            enum_value,
+        );
+        let compression = parse_or(
+            &mut problems,
+            &key("compression"),
+            section.compression.as_deref(),
+            "auto",
+            enum_value,
+        );
+        let freeze = parse_or(
+            &mut problems,
+            &key("freeze"),
+            section.freeze.as_deref(),
+            "auto",
+            enum_value,
+        );
+        let freeze_budget = parse_or(
+            &mut problems,
+            &key("freeze_budget"),
+            section.freeze_budget.as_deref(),
+            "2s",
+            crate::cli::parse_interval,
+        );
+        let window = parse_or(
+            &mut problems,
+            &key("window"),
+            section.window.as_deref(),
+            "32MiB",
+            units::parse_size,
+        );
+        let sync_step = parse_or(
+            &mut problems,
+            &key("sync_step"),
+            section.sync_step.as_deref(),
+            "4GiB",
+            units::parse_size,
+        );
+        let streams = section.streams.unwrap_or(4);
+        if !(1..=32).contains(&streams) {
+            problems
+                .0
+                .push(format!("{}: {streams} is not in 1..=32", key("streams")));
+        }
+        let queue_depth = section.queue_depth.unwrap_or(32);
+        if !(1..=256).contains(&queue_depth) {
+            problems.0.push(format!(
+                "{}: {queue_depth} is not in 1..=256",
+                key("queue_depth")
+            ));
+        }
+        if let (
+            Some(interval),
+            Some(max_rate),
+            Some(chunk_size),
+            Some(hooks),
+            Some(reader),
+            Some(compression),
+            Some(freeze),
+            Some(freeze_budget),
+            Some(window),
+            Some(sync_step),
+        ) = (
+            interval,
+            max_rate,
+            chunk_size,
+            hooks,
+            reader,
+            compression,
+            freeze,
+            freeze_budget,
+            window,
+            sync_step,
+        ) {
+            devices.push(DeviceSettings {
+                device: section.path.clone(),
+                volume: section.volume.clone(),
+                interval,
+                max_rate,
+                chunk_size,
+                hooks,
+                streams,
+                queue_depth,
+                reader,
+                compression,
+                freeze,
+                freeze_budget,
+                window,
+                sync_step,
+            });
+        }
+    }
+    match (problems.0.is_empty(), fingerprint) {
+        (true, Some(receiver_fingerprint)) => Ok(AgentSettings {
+            identity: file.identity,
+            receiver: file.receiver.address,
+            receiver_fingerprint,
+            state_dir: file
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(track::DEFAULT_STATE_DIR)),
+            pin_root: file
+                .pin_root
+                .unwrap_or_else(|| PathBuf::from(track::DEFAULT_PIN_ROOT)),
+            json: file.json,
+            once: file.once,
+            control_socket: Some(
+                file.control_socket
+                    .unwrap_or_else(|| PathBuf::from(AGENT_SOCKET)),
+            ),
+            metrics_listen,
+            devices,
+        }),
+        _ => Err(ConfigError {
+            path: path.to_owned(),
+            problems: problems.0,
+        }),
+    }
+}
+
+/// Parses and checks a receiver configuration.
+pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, ConfigError> {
+    let file: ReceiverFile = parse_toml(path, text)?;
+    let mut problems = Problems::default();
+    let listen = parse_or(
+        &mut problems,
+        "listen",
+        file.listen.as_deref(),
+        "0.0.0.0:7443",
+        socket_addr,
+    );
+    let window = parse_or(
+        &mut problems,
+        "window",
+        file.window.as_deref(),
+        "32MiB",
+        units::parse_size,
+    );
+    let metrics_listen = file
+        .metrics_listen
+        .as_deref()
+        .and_then(|text| problems.check("metrics_listen", socket_addr(text)));
+    let retention_section = file.retention.as_ref();
+    let defaults = RetentionPolicy::default();
+    let mut duration = |key: &str, text: Option<&String>, default: Duration| match text {
+        None => Some(default),
+        Some(text) => problems.check(key, units::parse_duration(text)),
+    };
+    let all = duration(
+        "retention.all",
+        retention_section.and_then(|r| r.all.as_ref()),
+        defaults.all,
+    );
+    let hourly = duration(
+        "retention.hourly",
+        retention_section.and_then(|r| r.hourly.as_ref()),
+        defaults.hourly,
+    );
+    let daily = duration(
+        "retention.daily",
+        retention_section.and_then(|r| r.daily.as_ref()),
+        defaults.daily,
+    );
+    if file.agent.is_empty() {
+        problems
+            .0
+            .push("agent: no [[agent]] section: no agent is admitted".into());
+    }
+    let mut allow = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (index, grant) in file.agent.iter().enumerate() {
+        let key = |name: &str| format!("agent[{index}].{name}");
+        match Fingerprint::parse(&grant.fingerprint) {
+            Ok(fingerprint) => {
+                if !seen.insert(fingerprint.to_string()) {
+                    problems.0.push(format!(
+                        "{}: this agent is listed twice; list all its volumes in one section",
+                        key("fingerprint")
+                    ));
+                }
+            }
+            Err(error) => problems.0.push(format!("{}: {error}", key("fingerprint"))),
+        }
+        if grant.volumes.is_empty() {
+            problems
+                .0
+                .push(format!("{}: no volume granted", key("volumes")));
+        }
+        for volume in &grant.volumes {
+            if let Err(error) = wire::check_volume_name(volume) {
+                problems.0.push(format!("{}: {error}", key("volumes")));
+            }
+        }
+        allow.push(format!("{}={}", grant.fingerprint, grant.volumes.join(",")));
+    }
+    match (listen, window, all, hourly, daily) {
+        (Some(listen), Some(window), Some(all), Some(hourly), Some(daily))
+            if problems.0.is_empty() =>
+        {
+            Ok(ReceiverSettings {
+                identity: file.identity,
+                listen,
+                data_dir: file
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from(crate::cli::DEFAULT_DATA_DIR)),
+                window,
+                control_socket: Some(
+                    file.control_socket
+                        .unwrap_or_else(|| PathBuf::from(RECEIVER_SOCKET)),
+                ),
+                metrics_listen,
+                retention: RetentionPolicy { all, hourly, daily },
+                allow,
+            })
+        }
+        _ => Err(ConfigError {
+            path: path.to_owned(),
+            problems: problems.0,
+        }),
+    }
+}
+
+/// Reads and checks an agent configuration file.
+pub fn load_agent(path: &Path) -> Result<AgentSettings, ConfigError> {
+    agent_from_str(path, &read(path)?)
+}
+
+/// Reads and checks a receiver configuration file.
+pub fn load_receiver(path: &Path) -> Result<ReceiverSettings, ConfigError> {
+    receiver_from_str(path, &read(path)?)
+}
+
+/// What kind of file `blkmirror config check` was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConfigKind {
+    /// `agent.toml`.
+    Agent,
+    /// `receiver.toml`.
+    Receiver,
+}
+
+/// `blkmirror config check`: returns a summary of a valid file.
+pub fn check_file(path: &Path, kind: Option<ConfigKind>) -> Result<String, ConfigError> {
+    let text = read(path)?;
+    let kind = match kind {
+        Some(kind) => kind,
+        None => {
+            let table: toml::Table = parse_toml(path, &text)?;
+            if table.contains_key("device") || table.contains_key("receiver") {
+                ConfigKind::Agent
+            } else if table.contains_key("agent") || table.contains_key("retention") {
+                ConfigKind::Receiver
+            } else {
+                return Err(ConfigError {
+                    path: path.to_owned(),
+                    problems: vec![
+                        "neither an agent file ([receiver], [[device]]) nor a receiver file \
+                         ([[agent]]); say which with --kind"
+                            .into(),
+                    ],
+                });
+            }
+        }
+    };
+    Ok(match kind {
+        ConfigKind::Agent => {
+            let settings = agent_from_str(path, &text)?;
+            format!(
+                "{}: valid agent configuration: {} device(s) ({}) to {}",
+                path.display(),
+                settings.devices.len(),
+                settings
+                    .devices
+                    .iter()
+                    .map(|d| format!("{} as {}", d.device.display(), d.volume))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                settings.receiver
+            )
+        }
+        ConfigKind::Receiver => {
+            let settings = receiver_from_str(path, &text)?;
+            format!(
+                "{}: valid receiver configuration: listening on {}, {} agent(s), data in {}",
+                path.display(),
+                settings.listen,
+                settings.allow.len(),
+                settings.data_dir.display()
+            )
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn agent(text: &str) -> Result<AgentSettings, ConfigError> {
+        agent_from_str(Path::new("agent.toml"), text)
+    }
+
+    #[test]
+    fn the_example_files_are_valid() {
+        let agent_example = include_str!("../../packaging/agent.toml");
+        let settings = agent_from_str(Path::new("agent.toml"), agent_example).unwrap();
+        assert!(!settings.devices.is_empty());
+        let receiver_example = include_str!("../../packaging/receiver.toml");
+        let settings = receiver_from_str(Path::new("receiver.toml"), receiver_example).unwrap();
+        assert_eq!(settings.retention, RetentionPolicy::default());
+    }
+
+    #[test]
+    fn a_full_agent_file_maps_every_key() {
+        let settings = agent(&format!(
+            r#"
+identity = "/etc/blkmirror/identity"
+state_dir = "/var/lib/blkmirror/agent"
+metrics_listen = "127.0.0.1:9464"
+[receiver]
+address = "dr.example:7443"
+fingerprint = "{FP}"
+[[device]]
+path = "/dev/vdb"
+volume = "db"
+interval = "30s"
+max_rate = "50MiB/s"
+chunk_size = "128KiB"
+hooks = "raw"
+streams = 8
+queue_depth = 64
+reader = "pread"
+compression = "off"
+freeze = "off"
+freeze_budget = "1s"
+window = "16MiB"
+sync_step = "1GiB"
+[[device]]
+path = "/dev/vdc"
+volume = "logs"
+"#
+        ))
+        .unwrap();
+        let db = &settings.devices[0];
+        assert_eq!(db.interval, Duration::from_secs(30));
+        assert_eq!(db.max_rate, Some(50 << 20));
+        assert_eq!(db.chunk_size, 128 << 10);
+        assert_eq!(db.hooks, HookChoice::Raw);
+        assert_eq!((db.streams, db.queue_depth), (8, 64));
+        assert_eq!(db.reader, Engine::Pread);
+        assert_eq!(db.compression, Compression::Off);
+        assert_eq!(db.freeze, FreezeMode::Off);
+        assert_eq!(db.window, 16 << 20);
+        assert_eq!(db.sync_step, 1 << 30);
+        let logs = &settings.devices[1];
+        assert_eq!(logs.interval, Duration::from_secs(60));
+        assert_eq!(logs.chunk_size, 64 << 10);
+        assert_eq!(
+            settings.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn problems_name_the_key_and_what_was_expected() {
+        let error = agent(&format!(
+            r#"
+identity = "/x"
+[receiver]
+address = "nohost"
+fingerprint = "{FP}"
+[[device]]
+path = "/dev/vdb"
+volume = "db"
+interval = "soon"
+max_rate = "1KiB"
+chunk_size = "3000"
+hooks = "magic"
+streams = 99
+consistency_group = "app"
+[[device]]
+path = "/dev/vdb"
+volume = "db"
+"#
+        ))
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "receiver.address",
+            "device[0].interval",
+            "device[0].max_rate",
+            "device[0].chunk_size",
+            "device[0].hooks: \"magic\" is not one of",
+            "device[0].streams",
+            "device[0].consistency_group",
+            "device[1].volume: volume \"db\" is named twice",
+            "device[1].path",
+        ] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+        assert!(error.starts_with("agent.toml: "), "{error}");
+        // Unknown keys and wrong types are reported by the parser with line and key.
+        let error = agent("identity = \"/x\"\nfrobnicate = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("frobnicate"), "{error}");
+        let error = agent(&format!(
+            "identity = \"/x\"\n[receiver]\naddress = \"a:1\"\nfingerprint = \"{FP}\"\n[[device]]\npath = \"/d\"\nvolume = \"v\"\nstreams = \"four\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("streams") && error.contains("line 8"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn receiver_files_are_checked() {
+        let path = Path::new("receiver.toml");
+        let settings = receiver_from_str(
+            path,
+            &format!(
+                "identity = \"/id\"\nlisten = \"0.0.0.0:7443\"\n[retention]\nall = \"2h\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\", \"logs\"]\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(settings.allow, vec![format!("{FP}=db,logs")]);
+        assert_eq!(settings.retention.all, Duration::from_secs(7200));
+        let error = receiver_from_str(
+            path,
+            "identity = \"/id\"\nlisten = \"everywhere\"\n[[agent]]\nfingerprint = \"xyz\"\nvolumes = [\"../etc\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in ["listen:", "agent[0].fingerprint", "agent[0].volumes"] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+    }
+}

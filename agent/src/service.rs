@@ -1,0 +1,313 @@
+//! Running as a service: the control socket (`blkmirror status`), the Prometheus endpoint, and
+//! systemd's notification protocol (`READY=1`, `STATUS=`, `WATCHDOG=1`), written by hand: it is
+//! one datagram per message on `$NOTIFY_SOCKET`.
+//!
+//! The control socket is a Unix stream socket, mode 0600 in a 0700 directory (root only). A
+//! client sends one line, `status`, and reads one JSON [`Snapshot`] until end of stream.
+
+use std::{
+    io,
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{TcpListener, UnixListener, UnixStream},
+    sync::watch,
+};
+
+use crate::status::{self, Snapshot, StatusBoard};
+
+/// Service errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {source}")]
+    Control {
+        /// The socket.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The metrics endpoint could not be bound.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: io::Error,
+    },
+    /// No daemon answered.
+    #[error(
+        "no blkmirror {role} is running here: {path}: {source} (is the service started? \
+         `systemctl status blkmirror-{role}`)"
+    )]
+    NotRunning {
+        /// agent or receiver.
+        role: String,
+        /// The socket tried.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// The daemon's answer was not a status.
+    #[error("{path}: unexpected answer: {message}")]
+    BadAnswer {
+        /// The socket.
+        path: PathBuf,
+        /// What was wrong.
+        message: String,
+    },
+}
+
+/// Binds the control socket at `path` (replacing a stale one) and serves snapshots.
+pub fn serve_control(
+    path: &Path,
+    board: Arc<StatusBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, ServiceError> {
+    let control_err = |source| ServiceError::Control {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(control_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(control_err(error)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(control_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(control_err)?;
+    let path = path.to_owned();
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let board = board.clone();
+                    tokio::spawn(async move {
+                        let _ = answer(stream, &board).await;
+                    });
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }))
+}
+
+async fn answer(stream: UnixStream, board: &StatusBoard) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    // Bounded: a request is one short word.
+    let mut reader = BufReader::new(read.take(256));
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let reply = match line.trim() {
+        "status" => {
+            serde_json::to_string(&board.snapshot(status::now_ms())).expect("snapshot serializes")
+        }
+        other => {
+            serde_json::json!({ "error": format!("unknown request {other:?}; send \"status\"") })
+                .to_string()
+        }
+    };
+    write.write_all(reply.as_bytes()).await?;
+    write.write_all(b"\n").await?;
+    write.shutdown().await
+}
+
+/// Asks the daemon at `path` for its status.
+pub async fn query(path: &Path, role: &str) -> Result<Snapshot, ServiceError> {
+    let not_running = |source| ServiceError::NotRunning {
+        role: role.to_owned(),
+        path: path.to_owned(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).await.map_err(not_running)?;
+    stream.write_all(b"status\n").await.map_err(not_running)?;
+    let mut text = String::new();
+    stream
+        .take(16 << 20)
+        .read_to_string(&mut text)
+        .await
+        .map_err(not_running)?;
+    serde_json::from_str(&text).map_err(|error| ServiceError::BadAnswer {
+        path: path.to_owned(),
+        message: format!("{error}: {}", text.chars().take(200).collect::<String>()),
+    })
+}
+
+/// Serves `GET /metrics` (Prometheus text format) on `addr`.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    board: Arc<StatusBoard>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, ServiceError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServiceError::Metrics { addr, source })?;
+    Ok(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let board = board.clone();
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), http(stream, &board)).await;
+                    });
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }))
+}
+
+async fn http(stream: tokio::net::TcpStream, board: &StatusBoard) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    // Requests are small; anything longer than 8 KiB of headers is cut off and answered.
+    let mut reader = BufReader::new(read.take(8192));
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).await?;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).await? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (code, content_type, body) = match (method, target) {
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            status::prometheus(&board.snapshot(status::now_ms())),
+        ),
+        ("GET", _) => ("404 Not Found", "text/plain", "see /metrics\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
+    };
+    let head = format!(
+        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    write.write_all(head.as_bytes()).await?;
+    write.write_all(body.as_bytes()).await?;
+    write.shutdown().await
+}
+
+/// Sends one message to systemd, if it is listening (`$NOTIFY_SOCKET`).
+pub fn notify(message: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt as _;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
+    } else {
+        socket.send_to(message.as_bytes(), Path::new(&path))
+    };
+}
+
+/// The watchdog interval systemd asked for (`$WATCHDOG_USEC`), for this process.
+pub fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        && pid != std::process::id()
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Pings the watchdog and refreshes `STATUS=` every few seconds while `alive()` says the
+/// replication loops are turning. A loop that stops ticking stops the pings, and systemd
+/// restarts the service.
+pub fn spawn_watchdog(
+    board: Arc<StatusBoard>,
+    alive: impl Fn() -> bool + Send + 'static,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let watchdog = watchdog_interval();
+    let period = watchdog
+        .map(|w| w / 3)
+        .unwrap_or(Duration::from_secs(5))
+        .min(Duration::from_secs(5));
+    tokio::spawn(async move {
+        loop {
+            let line = status::status_line(&board.snapshot(status::now_ms()));
+            notify(&format!("STATUS={line}"));
+            if watchdog.is_some() && alive() {
+                notify("WATCHDOG=1");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify_reaches_a_listening_socket() {
+        let dir = std::env::temp_dir().join(format!("blkmirror-notify-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("notify");
+        let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        // SAFETY: test-only; no other thread of this test binary reads NOTIFY_SOCKET.
+        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
+        notify("READY=1");
+        // SAFETY: as above.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn control_socket_answers_status_and_rejects_other_requests() {
+        let dir = std::env::temp_dir().join(format!("blkmirror-control-{}", std::process::id()));
+        let path = dir.join("agent.sock");
+        let board = Arc::new(StatusBoard::new("agent"));
+        board.update("db", |s| s.backlog_bytes = 5);
+        let (_tx, rx) = watch::channel(false);
+        let _server = serve_control(&path, board, rx).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let snapshot = query(&path, "agent").await.unwrap();
+        assert_eq!(snapshot.volumes[0].backlog_bytes, 5);
+        let mut stream = UnixStream::connect(&path).await.unwrap();
+        stream.write_all(b"shutdown\n").await.unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        assert!(text.contains("unknown request"), "{text}");
+        let missing = query(&dir.join("nothing.sock"), "agent").await.unwrap_err();
+        assert!(
+            missing
+                .to_string()
+                .contains("no blkmirror agent is running")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

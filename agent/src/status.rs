@@ -1,0 +1,500 @@
+//! What a running agent or receiver reports: per-volume status, kept on a [`StatusBoard`] that
+//! the replication loops update and the control socket, the Prometheus endpoint and systemd's
+//! `STATUS=` read. Pure data and rendering; the servers are in [`crate::service`].
+//!
+//! # `blkmirror status --json` (stable)
+//!
+//! One object: `role` (`agent` or `receiver`), `version`, `pid`, `time_unix_ms`, and `volumes`,
+//! an array of [`VolumeStatus`]. Fields are only ever added, never renamed or removed.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::Mutex,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units;
+
+/// The state of one volume.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeState {
+    /// Opening tracking, or connecting for the first time.
+    #[default]
+    Starting,
+    /// Copying the whole device to a new replica.
+    InitialSync,
+    /// Comparing the whole device with the replica (tracking history was lost).
+    VerifyResync,
+    /// Shipping changes every interval.
+    Continuous,
+    /// The receiver cannot be reached; retrying.
+    Disconnected,
+    /// Connected, but no point committed for much longer than the interval.
+    Stalled,
+    /// The agent for this volume stopped with an error.
+    Failed,
+    /// (receiver) An agent is connected for this volume.
+    Connected,
+    /// (receiver) No agent is connected for this volume.
+    Idle,
+}
+
+/// A committed point, as status shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PointSummary {
+    /// Cycle number.
+    pub seq: u64,
+    /// When it was cut (Unix ms).
+    pub time_unix_ms: u64,
+    /// Frozen at the cut.
+    pub consistent: bool,
+    /// Freeze duration.
+    pub freeze_ms: u64,
+}
+
+/// A running sync.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncProgress {
+    /// Device bytes compared or sent so far.
+    pub done_bytes: u64,
+    /// Device bytes in all.
+    pub total_bytes: u64,
+    /// Seconds to go, when known.
+    pub eta_s: Option<u64>,
+}
+
+/// One volume's status.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeStatus {
+    /// The volume name.
+    pub volume: String,
+    /// The device (agent) or the connected agent's fingerprint (receiver).
+    pub source: String,
+    /// What it is doing.
+    pub state: VolumeState,
+    /// Seconds since the newest committed complete point was cut (`null`: none yet).
+    pub lag_seconds: Option<f64>,
+    /// Changed bytes cut but not yet committed.
+    pub backlog_bytes: u64,
+    /// Recent transfer rate (bytes per second).
+    pub rate_bytes_per_s: u64,
+    /// The sync in progress, if any.
+    pub sync: Option<SyncProgress>,
+    /// The newest committed complete point.
+    pub last_point: Option<PointSummary>,
+    /// The newest committed consistent point.
+    pub last_consistent: Option<PointSummary>,
+    /// Bytes sent (agent) or received (receiver), on the wire.
+    pub sent_bytes_total: u64,
+    /// Cycles committed since start.
+    pub cycles_total: u64,
+    /// Sum of their durations.
+    pub cycle_seconds_sum: f64,
+    /// Freezes since start.
+    pub freezes_total: u64,
+    /// Sum of their durations.
+    pub freeze_seconds_sum: f64,
+    /// The tracker's generation (hex).
+    pub tracking_generation: Option<String>,
+    /// Times tracking history was lost (each one forces a verify sync).
+    pub tracking_loss_total: u64,
+    /// The last error, if the volume is not healthy.
+    pub last_error: Option<String>,
+    /// Seconds between cycles.
+    pub interval_s: u64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// `agent` or `receiver`.
+    pub role: String,
+    /// Program version.
+    pub version: String,
+    /// Process id.
+    pub pid: u32,
+    /// When the snapshot was taken.
+    pub time_unix_ms: u64,
+    /// Per volume.
+    pub volumes: Vec<VolumeStatus>,
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A volume is stalled when no point was committed for this many intervals (plus a minute).
+const STALL_INTERVALS: u64 = 3;
+
+/// Shared, updated by the loops, read by the reporters.
+#[derive(Debug)]
+pub struct StatusBoard {
+    role: &'static str,
+    volumes: Mutex<BTreeMap<String, VolumeStatus>>,
+}
+
+impl StatusBoard {
+    /// An empty board for `role` (`agent` or `receiver`).
+    pub fn new(role: &'static str) -> Self {
+        Self {
+            role,
+            volumes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Changes one volume's status (creating it).
+    pub fn update(&self, volume: &str, change: impl FnOnce(&mut VolumeStatus)) {
+        let mut volumes = self.volumes.lock().expect("status lock");
+        let status = volumes
+            .entry(volume.to_owned())
+            .or_insert_with(|| VolumeStatus {
+                volume: volume.to_owned(),
+                ..VolumeStatus::default()
+            });
+        change(status);
+    }
+
+    /// Records a committed cycle.
+    pub fn committed(
+        &self,
+        volume: &str,
+        point: PointSummary,
+        complete: bool,
+        sent_bytes: u64,
+        cycle_seconds: f64,
+    ) {
+        self.update(volume, |s| {
+            s.sent_bytes_total += sent_bytes;
+            s.backlog_bytes = 0;
+            if cycle_seconds > 0.0 {
+                s.rate_bytes_per_s = (sent_bytes as f64 / cycle_seconds) as u64;
+            }
+            if !complete {
+                return;
+            }
+            s.cycles_total += 1;
+            s.cycle_seconds_sum += cycle_seconds;
+            if point.consistent {
+                s.freezes_total += 1;
+                s.freeze_seconds_sum += point.freeze_ms as f64 / 1000.0;
+                s.last_consistent = Some(point.clone());
+            }
+            s.last_point = Some(point);
+            s.sync = None;
+            s.last_error = None;
+            if matches!(
+                s.state,
+                VolumeState::InitialSync | VolumeState::VerifyResync | VolumeState::Starting
+            ) || s.state == VolumeState::Disconnected
+            {
+                s.state = VolumeState::Continuous;
+            }
+        });
+    }
+
+    /// The report as of `now_unix_ms`: lag is computed, and a continuous volume whose newest
+    /// point is older than a few intervals is reported stalled.
+    pub fn snapshot(&self, now_unix_ms: u64) -> Snapshot {
+        let volumes = self
+            .volumes
+            .lock()
+            .expect("status lock")
+            .values()
+            .cloned()
+            .map(|mut s| {
+                s.lag_seconds = s
+                    .last_point
+                    .as_ref()
+                    .map(|p| now_unix_ms.saturating_sub(p.time_unix_ms) as f64 / 1000.0);
+                if s.state == VolumeState::Continuous
+                    && s.interval_s > 0
+                    && s.lag_seconds
+                        .is_some_and(|lag| lag > (STALL_INTERVALS * s.interval_s + 60) as f64)
+                {
+                    s.state = VolumeState::Stalled;
+                }
+                s
+            })
+            .collect();
+        Snapshot {
+            role: self.role.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            pid: std::process::id(),
+            time_unix_ms: now_unix_ms,
+            volumes,
+        }
+    }
+}
+
+fn state_name(state: VolumeState) -> String {
+    serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// A one-line summary for systemd's `STATUS=`.
+pub fn status_line(snapshot: &Snapshot) -> String {
+    let parts: Vec<String> = snapshot
+        .volumes
+        .iter()
+        .map(|s| {
+            let mut part = format!("{}: {}", s.volume, state_name(s.state));
+            if let Some(sync) = &s.sync {
+                let _ = write!(
+                    part,
+                    " {:.0}%",
+                    sync.done_bytes as f64 * 100.0 / sync.total_bytes.max(1) as f64
+                );
+            } else if let Some(lag) = s.lag_seconds {
+                let _ = write!(part, " lag {lag:.0}s");
+            }
+            part
+        })
+        .collect();
+    if parts.is_empty() {
+        "no volumes yet".into()
+    } else {
+        parts.join("; ")
+    }
+}
+
+fn bar(fraction: f64, width: usize) -> String {
+    let filled = ((fraction.clamp(0.0, 1.0)) * width as f64).round() as usize;
+    format!("[{}{}]", "#".repeat(filled), "-".repeat(width - filled))
+}
+
+/// The human rendering of `blkmirror status` (and of each `--watch` frame).
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut out = format!(
+        "blkmirror {} {} (pid {}), {} volume(s)\n",
+        snapshot.role,
+        snapshot.version,
+        snapshot.pid,
+        snapshot.volumes.len()
+    );
+    for s in &snapshot.volumes {
+        let _ = writeln!(out, "\n  {} ({})", s.volume, s.source);
+        let _ = writeln!(out, "    state        {}", state_name(s.state));
+        if let Some(sync) = &s.sync {
+            let fraction = sync.done_bytes as f64 / sync.total_bytes.max(1) as f64;
+            let _ = writeln!(
+                out,
+                "    sync         {} {:.0}% of {}, ETA {}",
+                bar(fraction, 30),
+                fraction * 100.0,
+                units::format_size(sync.total_bytes),
+                sync.eta_s.map_or("?".into(), |eta| format!("{eta}s"))
+            );
+        }
+        let _ = writeln!(
+            out,
+            "    lag          {}",
+            s.lag_seconds
+                .map_or("no point yet".into(), |lag| format!("{lag:.1}s"))
+        );
+        let _ = writeln!(
+            out,
+            "    backlog      {}",
+            units::format_size(s.backlog_bytes)
+        );
+        let _ = writeln!(
+            out,
+            "    rate         {}/s",
+            units::format_size(s.rate_bytes_per_s)
+        );
+        if let Some(point) = &s.last_consistent {
+            let _ = writeln!(
+                out,
+                "    consistent   point {} at {} (frozen {} ms)",
+                point.seq,
+                units::format_utc(point.time_unix_ms),
+                point.freeze_ms
+            );
+        } else {
+            let _ = writeln!(out, "    consistent   none yet");
+        }
+        let _ = writeln!(
+            out,
+            "    tracking     generation {}, {} loss event(s)",
+            s.tracking_generation.as_deref().unwrap_or("-"),
+            s.tracking_loss_total
+        );
+        let _ = writeln!(
+            out,
+            "    totals       {} cycle(s), {} on the wire",
+            s.cycles_total,
+            units::format_size(s.sent_bytes_total)
+        );
+        if let Some(error) = &s.last_error {
+            let _ = writeln!(out, "    last error   {error}");
+        }
+    }
+    out
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The Prometheus text exposition of a snapshot. Labels are per volume, never per block.
+pub fn prometheus(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, value: &dyn Fn(&VolumeStatus) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for s in &snapshot.volumes {
+                if let Some(v) = value(s) {
+                    let _ = writeln!(out, "{name}{{volume=\"{}\"}} {v}", escape_label(&s.volume));
+                }
+            }
+        };
+    family(
+        "blkmirror_lag_seconds",
+        "gauge",
+        "Age of the newest committed complete point.",
+        &|s| s.lag_seconds,
+    );
+    family(
+        "blkmirror_backlog_bytes",
+        "gauge",
+        "Changed bytes cut but not yet committed.",
+        &|s| Some(s.backlog_bytes as f64),
+    );
+    family(
+        "blkmirror_sent_bytes_total",
+        "counter",
+        "Bytes sent to (agent) or received from (receiver) the peer, on the wire.",
+        &|s| Some(s.sent_bytes_total as f64),
+    );
+    family(
+        "blkmirror_tracking_loss_total",
+        "counter",
+        "Times tracking history was lost, each forcing a verify sync.",
+        &|s| Some(s.tracking_loss_total as f64),
+    );
+    family(
+        "blkmirror_sync_remaining_bytes",
+        "gauge",
+        "Bytes an initial or verify sync still has to cover (0 when none runs).",
+        &|s| {
+            Some(
+                s.sync
+                    .as_ref()
+                    .map_or(0.0, |p| p.total_bytes.saturating_sub(p.done_bytes) as f64),
+            )
+        },
+    );
+    for (name, help, sum, count) in [
+        (
+            "blkmirror_cycle_duration_seconds",
+            "Duration of committed cycles.",
+            (|s: &VolumeStatus| s.cycle_seconds_sum) as fn(&VolumeStatus) -> f64,
+            (|s: &VolumeStatus| s.cycles_total) as fn(&VolumeStatus) -> u64,
+        ),
+        (
+            "blkmirror_freeze_duration_seconds",
+            "How long file systems stayed frozen for consistent points.",
+            |s: &VolumeStatus| s.freeze_seconds_sum,
+            |s: &VolumeStatus| s.freezes_total,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
+        for s in &snapshot.volumes {
+            let label = escape_label(&s.volume);
+            let _ = writeln!(out, "{name}_sum{{volume=\"{label}\"}} {}", sum(s));
+            let _ = writeln!(out, "{name}_count{{volume=\"{label}\"}} {}", count(s));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP blkmirror_build_info Build information.\n# TYPE blkmirror_build_info gauge\n\
+         blkmirror_build_info{{version=\"{}\",role=\"{}\"}} 1",
+        escape_label(&snapshot.version),
+        escape_label(&snapshot.role)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(seq: u64, time_unix_ms: u64, consistent: bool) -> PointSummary {
+        PointSummary {
+            seq,
+            time_unix_ms,
+            consistent,
+            freeze_ms: 12,
+        }
+    }
+
+    #[test]
+    fn commits_drive_state_lag_and_counters() {
+        let board = StatusBoard::new("agent");
+        board.update("db", |s| {
+            s.state = VolumeState::InitialSync;
+            s.interval_s = 60;
+            s.sync = Some(SyncProgress {
+                done_bytes: 50,
+                total_bytes: 100,
+                eta_s: Some(3),
+            });
+        });
+        let snap = board.snapshot(10_000);
+        assert_eq!(snap.volumes[0].state, VolumeState::InitialSync);
+        assert_eq!(snap.volumes[0].lag_seconds, None);
+        assert!(render(&snap).contains("50%"));
+        board.committed("db", point(1, 9_000, false), false, 100, 1.0);
+        assert_eq!(
+            board.snapshot(10_000).volumes[0].state,
+            VolumeState::InitialSync
+        );
+        board.committed("db", point(2, 9_500, true), true, 10, 0.5);
+        let snap = board.snapshot(10_000);
+        let db = &snap.volumes[0];
+        assert_eq!(db.state, VolumeState::Continuous);
+        assert_eq!(db.lag_seconds, Some(0.5));
+        assert_eq!(db.sent_bytes_total, 110);
+        assert_eq!((db.cycles_total, db.freezes_total), (1, 1));
+        assert!(db.sync.is_none());
+        // Four intervals and a minute later without a commit: stalled.
+        let late = board.snapshot(9_500 + (4 * 60 + 61) * 1000);
+        assert_eq!(late.volumes[0].state, VolumeState::Stalled);
+        let json = serde_json::to_value(&late).unwrap();
+        assert_eq!(json["volumes"][0]["state"], "stalled");
+    }
+
+    #[test]
+    fn prometheus_text_is_well_formed_and_per_volume() {
+        let board = StatusBoard::new("agent");
+        board.committed("db", point(2, 1_000, true), true, 4096, 2.0);
+        board.update("we\"ird", |s| s.backlog_bytes = 7);
+        let text = prometheus(&board.snapshot(3_000));
+        assert!(
+            text.contains("blkmirror_lag_seconds{volume=\"db\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blkmirror_backlog_bytes{volume=\"we\\\"ird\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("blkmirror_cycle_duration_seconds_count{volume=\"db\"} 1"));
+        assert!(text.contains("blkmirror_build_info{version="));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            assert!(name.starts_with("blkmirror_"), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+}
