@@ -694,12 +694,20 @@ mod tests {
     }
 
     #[test]
-    fn the_example_files_are_valid() {
+    fn the_example_files_are_refused_until_edited_then_valid() {
         let agent_example = include_str!("../../packaging/agent.toml");
-        let settings = agent_from_str(Path::new("agent.toml"), agent_example).unwrap();
+        let error = agent_from_str(Path::new("agent.toml"), agent_example).unwrap_err();
+        assert!(
+            error.to_string().contains("receiver.fingerprint"),
+            "{error}"
+        );
+        let edited = agent_example.replace("REPLACE-WITH-THE-RECEIVER-FINGERPRINT", FP);
+        let settings = agent_from_str(Path::new("agent.toml"), &edited).unwrap();
         assert!(!settings.devices.is_empty());
         let receiver_example = include_str!("../../packaging/receiver.toml");
-        let settings = receiver_from_str(Path::new("receiver.toml"), receiver_example).unwrap();
+        assert!(receiver_from_str(Path::new("receiver.toml"), receiver_example).is_err());
+        let edited = receiver_example.replace("REPLACE-WITH-THE-AGENT-FINGERPRINT", FP);
+        let settings = receiver_from_str(Path::new("receiver.toml"), &edited).unwrap();
         assert_eq!(settings.retention, RetentionPolicy::default());
     }
 

@@ -22,6 +22,9 @@
 //!   committed *point*. A point is *consistent* when the device's file system was frozen at
 //!   its final cut, *fuzzy* otherwise. A *sync* (initial, or verify after `needs_verify`)
 //!   compares the whole device by chunk hashes instead of trusting the tracker.
+//! * **Points in time.** The receiver's image is the newest point; older ones are kept as
+//!   *undo deltas* (the old content of what each cycle changed) under a tiered retention
+//!   policy, and restored by applying the deltas backwards.
 //!
 //! # Layout of this crate
 //!
@@ -31,7 +34,12 @@
 //! * [`track`]: the driver around the kernel program and its pins.
 //! * [`read`], [`net`], [`identity`], [`freeze`], [`volume`], [`durable`]: device reads,
 //!   QUIC, TLS identities, file-system freezing, receiver storage, crash-safe files.
-//! * [`agent`], [`receiver`]: the two long-running drivers.
+//! * [`agent`], [`receiver`]: the two long-running drivers; [`daemon`] runs them as
+//!   processes (one agent loop per device) with [`service`]'s control socket, metrics and
+//!   systemd notifications, reporting through [`status`].
+//! * [`retention`] (pure), [`points`], [`audit`], [`ops`]: points in time on the receiver, its
+//!   audit log, and the operator commands that read them.
+//! * [`config`]: the configuration files and their checks.
 //! * [`sys`]: raw kernel interfaces with `unsafe` (mmap, membarrier, bpf info, ioctls); the
 //!   only other `unsafe` is io_uring submission in [`read`].
 //! * [`cli`]: commands, output and exit codes.

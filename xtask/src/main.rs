@@ -11,6 +11,7 @@
 mod bench;
 mod bench_replication;
 mod demo;
+mod package;
 mod setup;
 mod vm;
 
@@ -61,6 +62,15 @@ enum Task {
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,
     },
+    /// Build the .deb and .rpm packages (x86_64 and aarch64) into target/packages.
+    Package {
+        /// Which architectures.
+        #[arg(long, value_enum, default_value_t = package::ArchChoice::All)]
+        arch: package::ArchChoice,
+        /// Package the debug build instead of an optimized, stripped one (as the tests do).
+        #[arg(long)]
+        debug: bool,
+    },
     /// Benchmarks (each a ratio against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -88,6 +98,10 @@ fn main() -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Task::Package { arch, debug } => {
+            setup::run()?;
+            package::run(arch, !debug).map(|_| ())
         }
         Task::Bench { which } => {
             setup::run()?;
@@ -211,8 +225,15 @@ fn test(no_cross: bool) -> Result<()> {
             ])
             .env("RUSTC_BOOTSTRAP", "1"),
     )?;
-    // The kernel tests run the real binary; build it first.
+    // The kernel tests run the real binary; build it first. The package tests inspect and
+    // install packages of this debug build (both architectures).
     exec(cargo().args(["build", "--locked", "-p", "blkmirror"]))?;
+    let arches = if no_cross {
+        package::ArchChoice::X86_64
+    } else {
+        package::ArchChoice::All
+    };
+    package::run(arches, false)?;
     let (passed, failed) = exec_tests(cargo().args([
         "test",
         "--workspace",

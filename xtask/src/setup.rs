@@ -22,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "gcc-aarch64-linux-gnu",
     "libc6-dev-arm64-cross",
     "qemu-user-static",
+    "rpm",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 here.
