@@ -39,6 +39,7 @@ use crate::{
     device,
     extent::{ChangeKind, DirtyBitmaps, Extent},
     freeze::{self, FreezeError, Frozen},
+    group::{ConsistencyGroup, GroupError},
     identity::{Fingerprint, Identity},
     net::{self, NetError},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
@@ -56,6 +57,8 @@ use crate::{
 const STATE_FORMAT: u32 = 1;
 /// The most a frozen pass holds in memory.
 const MAX_FROZEN_BYTES: u64 = 256 << 20;
+/// How much longer than an interval a group member waits for the others at the freeze.
+const GROUP_WAIT: Duration = Duration::from_secs(60);
 /// Freeze attempts per cycle before the point is given up as fuzzy.
 const FREEZE_ATTEMPTS: u32 = 4;
 /// Read rate assumed before one is measured.
@@ -119,6 +122,8 @@ pub struct AgentConfig {
     pub json: bool,
     /// Where status is reported (control socket, metrics, systemd).
     pub status: Arc<StatusBoard>,
+    /// The consistency group this device is frozen and cut with, if any.
+    pub group: Option<Arc<ConsistencyGroup>>,
 }
 
 /// Agent errors. [`AgentError::retryable`] tells which ones a reconnect can fix.
@@ -188,6 +193,9 @@ pub enum AgentError {
     /// Freezing.
     #[error(transparent)]
     Freeze(#[from] FreezeError),
+    /// A consistency group could not freeze together.
+    #[error("{0}")]
+    Group(String),
     /// The receiver's answer made no sense.
     #[error("protocol: {0}")]
     Protocol(String),
@@ -808,15 +816,27 @@ impl Agent {
         let mut consistent = false;
         let mut freeze_ms = 0;
         let mut cut_time = now_ms();
-        if let Some(mount) = self.mount.clone() {
+        let mut group_cut = None;
+        if self.mount.is_some() || self.config.group.is_some() {
             for attempt in 1..=FREEZE_ATTEMPTS {
                 if self.stopping() {
                     return Err(AgentError::Stopped);
                 }
-                let frozen = match tokio::task::block_in_place(|| self.frozen_pass(&mount, seq)) {
+                let pass = tokio::task::block_in_place(|| match self.config.group.clone() {
+                    Some(group) => self.group_frozen_pass(&group, seq),
+                    None => {
+                        let mount = self.mount.clone().expect("a mount without a group");
+                        self.frozen_pass(&mount, seq)
+                    }
+                });
+                let frozen = match pass {
                     Ok(frozen) => frozen,
                     // Nothing was cut: the point is the pre-copy pass's, unfrozen.
                     Err(AgentError::Freeze(error)) => {
+                        say(format!("{error}; this point is fuzzy (not frozen)"));
+                        break;
+                    }
+                    Err(AgentError::Group(error)) => {
                         say(format!("{error}; this point is fuzzy (not frozen)"));
                         break;
                     }
@@ -824,6 +844,7 @@ impl Agent {
                 };
                 cut_time = frozen.cut_time;
                 epoch = frozen.epoch;
+                group_cut = frozen.group_cut;
                 match frozen.frames {
                     Some(frames) => {
                         let stats = self.send_frames(link, frames, frozen.stats).await?;
@@ -864,6 +885,7 @@ impl Agent {
             freeze_ms,
             complete: true,
             synced_to: self.size,
+            group_cut: group_cut.filter(|_| consistent),
         };
         self.commit(link, totals.frames, point.clone()).await?;
         self.report("cycle", &point, &totals, started.elapsed());
@@ -908,6 +930,7 @@ impl Agent {
                 by_guard: thawed.by_guard,
                 cut_time,
                 epoch,
+                group_cut: None,
             });
         }
         let mut frames = Vec::new();
@@ -926,7 +949,96 @@ impl Agent {
             by_guard: thawed.by_guard,
             cut_time,
             epoch,
+            group_cut: None,
         })
+    }
+
+    /// Like [`Self::frozen_pass`], with the whole consistency group frozen at once: waits for
+    /// the other members, cuts and reads while all are frozen, and takes the group's verdict.
+    /// A group whose members do not all arrive in time falls back to freezing alone.
+    fn group_frozen_pass(
+        &mut self,
+        group: &ConsistencyGroup,
+        seq: u64,
+    ) -> Result<FrozenPass, AgentError> {
+        let mount = self.mount.clone();
+        let wait = self.config.interval + GROUP_WAIT;
+        let volume = self.config.volume.clone();
+        let outcome = group.round(&volume, mount.as_deref(), wait, |remaining| {
+            let cut_time = now_ms();
+            let result = self.read_remainder(seq, remaining);
+            let fits = matches!(result, Ok((_, Some(_), _, _)));
+            ((result, cut_time), fits)
+        });
+        match outcome {
+            Ok(((result, cut_time), verdict)) => {
+                let (plan, frames, stats, epoch) = result?;
+                if !verdict.ok {
+                    say(format!(
+                        "consistency group {}: not every member's remainder fit the freeze \
+                         budget (or a guard thawed); another pre-copy pass first",
+                        group.name()
+                    ));
+                }
+                let (frames, stats) = if verdict.ok {
+                    (frames, stats)
+                } else {
+                    (None, PassStats::default())
+                };
+                Ok(FrozenPass {
+                    plan,
+                    frames,
+                    stats,
+                    held: verdict.held,
+                    by_guard: verdict.by_guard,
+                    cut_time,
+                    epoch,
+                    group_cut: verdict.ok.then_some(verdict.cut),
+                })
+            }
+            Err(error @ GroupError::Timeout { .. }) => match mount {
+                Some(mount) => {
+                    say(format!(
+                        "{error}; freezing this volume alone (its point is consistent, but not \
+                         with the group)"
+                    ));
+                    self.frozen_pass(&mount, seq)
+                }
+                None => Err(AgentError::Group(error.to_string())),
+            },
+            Err(error) => Err(AgentError::Group(error.to_string())),
+        }
+    }
+
+    /// Cuts and, if it fits `remaining` of the freeze budget, reads the remainder into
+    /// memory (the frames are `None` if it does not fit).
+    #[allow(clippy::type_complexity)]
+    fn read_remainder(
+        &mut self,
+        seq: u64,
+        remaining: Duration,
+    ) -> Result<(PassPlan, Option<Vec<Vec<u8>>>, PassStats, u64), AgentError> {
+        let (extents, epoch) = self.take_cut()?;
+        // Test hook, as in `frozen_pass`.
+        if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(hold));
+        }
+        let plan = PassPlan::from_extents(&extents, self.size);
+        let fits = plan.read_bytes() <= MAX_FROZEN_BYTES
+            && plan::fits_freeze(plan.read_bytes(), self.read_rate, remaining);
+        if !fits {
+            return Ok((plan, None, PassStats::default(), epoch));
+        }
+        let mut frames = Vec::new();
+        let mut stats = PassStats::default();
+        self.produce(&plan, seq, &Compare::Nothing, &mut stats, &mut |frame| {
+            frames.push(frame);
+            Ok(())
+        })?;
+        Ok((plan, Some(frames), stats, epoch))
     }
 
     /// A whole-device pass from `from`, committed in steps.
@@ -1040,6 +1152,7 @@ impl Agent {
                 freeze_ms: 0,
                 complete: false,
                 synced_to: step_end,
+                group_cut: None,
             };
             self.commit(link, step_stats.frames, point.clone()).await?;
             totals.add(step_stats);
@@ -1351,6 +1464,8 @@ struct FrozenPass {
     by_guard: bool,
     cut_time: u64,
     epoch: u64,
+    /// The consistency group's cut, when the whole group was frozen for this pass.
+    group_cut: Option<u64>,
 }
 
 async fn join_senders(

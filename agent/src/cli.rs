@@ -823,6 +823,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                     freeze_budget: args.freeze_budget,
                     window: args.window,
                     sync_step: args.sync_step,
+                    consistency_group: None,
                 }],
             }
         }

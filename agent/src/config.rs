@@ -86,8 +86,7 @@ pub struct DeviceSection {
     pub window: Option<String>,
     /// `--sync-step`.
     pub sync_step: Option<String>,
-    /// Devices of one consistency group are frozen and cut together (not supported yet: the
-    /// key is recognised so that the check can say so).
+    /// Devices of one consistency group are frozen and cut together.
     pub consistency_group: Option<String>,
 }
 
@@ -149,6 +148,8 @@ pub struct DeviceSettings {
     pub window: u64,
     /// Sync step.
     pub sync_step: u64,
+    /// The consistency group.
+    pub consistency_group: Option<String>,
 }
 
 /// The agent's whole configuration, checked.
@@ -350,11 +351,17 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             ));
         }
         if let Some(group) = &section.consistency_group {
-            problems.0.push(format!(
-                "{}: consistency groups ({group:?}) are not supported by this version; each \
-                 device is frozen and cut on its own. Remove the key.",
-                key("consistency_group")
-            ));
+            if group.is_empty() {
+                problems
+                    .0
+                    .push(format!("{}: empty group name", key("consistency_group")));
+            }
+            if section.freeze.as_deref() == Some("off") {
+                problems.0.push(format!(
+                    "{}: a device of consistency group {group:?} must not have freeze = \"off\"",
+                    key("freeze")
+                ));
+            }
         }
         let interval = parse_or(
             &mut problems,
@@ -480,7 +487,29 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 freeze_budget,
                 window,
                 sync_step,
+                consistency_group: section.consistency_group.clone(),
             });
+        }
+    }
+    // A group's members cycle together: one interval, and at least two of them.
+    let mut groups: std::collections::BTreeMap<&str, Vec<&DeviceSettings>> = Default::default();
+    for device in &devices {
+        if let Some(group) = &device.consistency_group {
+            groups.entry(group).or_default().push(device);
+        }
+    }
+    for (group, members) in &groups {
+        if members.len() < 2 {
+            problems.0.push(format!(
+                "consistency_group: group {group:?} has only volume {}; a group needs two or \
+                 more devices",
+                members[0].volume
+            ));
+        }
+        if members.iter().any(|m| m.interval != members[0].interval) {
+            problems.0.push(format!(
+                "consistency_group: the devices of group {group:?} must share one interval"
+            ));
         }
     }
     match (problems.0.is_empty(), fingerprint) {
@@ -793,7 +822,6 @@ volume = "db"
             "device[0].chunk_size",
             "device[0].hooks: \"magic\" is not one of",
             "device[0].streams",
-            "device[0].consistency_group",
             "device[1].volume: volume \"db\" is named twice",
             "device[1].path",
         ] {
@@ -816,6 +844,41 @@ volume = "db"
         assert!(
             error.contains("streams") && error.contains("line 8"),
             "{error}"
+        );
+    }
+
+    #[test]
+    fn consistency_groups_need_two_members_with_one_interval_and_freezing() {
+        let head =
+            format!("identity = \"/x\"\n[receiver]\naddress = \"a:1\"\nfingerprint = \"{FP}\"\n");
+        let device = |path: &str, volume: &str, extra: &str| {
+            format!(
+                "[[device]]\npath = \"{path}\"\nvolume = \"{volume}\"\nconsistency_group = \"app\"\n{extra}"
+            )
+        };
+        let alone = agent(&format!("{head}{}", device("/d1", "db", "")))
+            .unwrap_err()
+            .to_string();
+        assert!(alone.contains("has only volume db"), "{alone}");
+        let mixed = agent(&format!(
+            "{head}{}{}",
+            device("/d1", "db", "interval = \"10s\"\n"),
+            device("/d2", "wal", "freeze = \"off\"\n")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(mixed.contains("must share one interval"), "{mixed}");
+        assert!(mixed.contains("device[1].freeze"), "{mixed}");
+        let good = agent(&format!(
+            "{head}{}{}",
+            device("/d1", "db", ""),
+            device("/d2", "wal", "")
+        ))
+        .unwrap();
+        assert!(
+            good.devices
+                .iter()
+                .all(|d| d.consistency_group.as_deref() == Some("app"))
         );
     }
 

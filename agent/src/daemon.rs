@@ -3,6 +3,7 @@
 //! socket, metrics, and systemd notifications around them.
 
 use std::{
+    collections::BTreeMap,
     process::ExitCode,
     sync::{
         Arc,
@@ -14,7 +15,8 @@ use std::{
 use crate::{
     agent::{Agent, AgentConfig},
     cli::{agent_exit_code, exit_code, fail, runtime_with_signals},
-    config::{AgentSettings, ReceiverSettings},
+    config::{AgentSettings, DeviceSettings, ReceiverSettings},
+    group::{ConsistencyGroup, FsFreezer},
     identity::Identity,
     receiver::{self, ReceiverConfig},
     service,
@@ -71,6 +73,35 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
         .iter()
         .map(|_| Arc::new(AtomicU64::new(status::now_ms())))
         .collect();
+    // One shared rendezvous per consistency group.
+    let mut groups: BTreeMap<String, Arc<ConsistencyGroup>> = BTreeMap::new();
+    for device in &settings.devices {
+        let Some(name) = &device.consistency_group else {
+            continue;
+        };
+        if groups.contains_key(name) {
+            continue;
+        }
+        let members: Vec<&DeviceSettings> = settings
+            .devices
+            .iter()
+            .filter(|d| d.consistency_group.as_ref() == Some(name))
+            .collect();
+        let budget = members
+            .iter()
+            .map(|d| d.freeze_budget)
+            .min()
+            .unwrap_or(device.freeze_budget);
+        groups.insert(
+            name.clone(),
+            Arc::new(ConsistencyGroup::new(
+                name,
+                members.iter().map(|d| d.volume.clone()).collect(),
+                budget,
+                FsFreezer,
+            )),
+        );
+    }
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<bool>();
     let mut threads = Vec::new();
     for (device, heartbeat) in settings.devices.iter().zip(&heartbeats) {
@@ -100,6 +131,10 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             sync_step: device.sync_step,
             json: settings.json,
             status: board.clone(),
+            group: device
+                .consistency_group
+                .as_ref()
+                .and_then(|name| groups.get(name).cloned()),
         };
         let shutdown = shutdown.clone();
         let heartbeat = heartbeat.clone();

@@ -55,6 +55,7 @@ pub mod durable;
 pub mod environment;
 pub mod extent;
 pub mod freeze;
+pub mod group;
 pub mod identity;
 pub mod layout;
 pub mod net;

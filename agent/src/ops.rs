@@ -68,6 +68,8 @@ pub enum PointSelector {
     Seq(u64),
     /// The newest point cut at or before this UTC time.
     AtOrBefore(u64),
+    /// The point of a consistency-group cut (`group:N`).
+    GroupCut(u64),
     /// Every retained point (`verify` only).
     All,
 }
@@ -77,6 +79,10 @@ pub fn parse_selector(text: &str) -> Result<PointSelector, String> {
     match text.trim() {
         "latest" => Ok(PointSelector::Latest),
         "all" => Ok(PointSelector::All),
+        other if other.starts_with("group:") => other["group:".len()..]
+            .parse()
+            .map(PointSelector::GroupCut)
+            .map_err(|_| format!("{other:?}: expected group:N with N from `blkmirror points`")),
         other => {
             let number = other.strip_prefix("seq:").unwrap_or(other);
             if let Ok(seq) = number.parse::<u64>() {
@@ -98,6 +104,7 @@ pub fn select(points: &[PointInfo], selector: &PointSelector) -> Result<Vec<Poin
         PointSelector::All => return Ok(points.to_vec()),
         PointSelector::Latest => points.last().cloned(),
         PointSelector::Seq(seq) => points.iter().find(|p| p.seq == *seq).cloned(),
+        PointSelector::GroupCut(cut) => points.iter().find(|p| p.group_cut == Some(*cut)).cloned(),
         PointSelector::AtOrBefore(ms) => points
             .iter()
             .filter(|p| p.time_unix_ms <= *ms)
@@ -113,6 +120,7 @@ pub fn select(points: &[PointInfo], selector: &PointSelector) -> Result<Vec<Poin
                 .map_or("none".into(), |p| units::format_utc(p.time_unix_ms))
         ),
         PointSelector::Seq(seq) => format!("no retained point with cycle number {seq}"),
+        PointSelector::GroupCut(cut) => format!("no retained point of group cut {cut}"),
         _ => "the volume has no retained point yet (no complete cycle committed)".into(),
     })
 }
@@ -137,6 +145,8 @@ pub struct PointLine {
     /// Bytes the store keeps to go back to this point from the next newer one (0 for the
     /// newest: it is the image).
     pub stored_bytes: u64,
+    /// The consistency-group cut shared with the group's other volumes (`--at group:N`).
+    pub group_cut: Option<u64>,
 }
 
 /// `blkmirror points`.
@@ -154,6 +164,7 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
             freeze_ms: p.freeze_ms,
             bytes: p.bytes,
             stored_bytes,
+            group_cut: p.group_cut,
         })
         .collect();
     if json {
@@ -172,12 +183,12 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
         units::format_size(reader.delta_bytes())
     );
     println!(
-        "{:>8}  {:<20}  {:>8}  {:<10}  {:>8}  {:>10}  {:>10}",
+        "{:>8}  {:<20}  {:>8}  {:<10}  {:>8}  {:>10}  {:>10}  GROUP CUT",
         "SEQ", "TIME (UTC)", "EPOCH", "STATE", "FREEZE", "CHANGED", "STORED"
     );
     for line in &lines {
         println!(
-            "{:>8}  {:<20}  {:>8}  {:<10}  {:>6}ms  {:>10}  {:>10}",
+            "{:>8}  {:<20}  {:>8}  {:<10}  {:>6}ms  {:>10}  {:>10}  {}",
             line.seq,
             line.time,
             line.epoch,
@@ -188,7 +199,9 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
             },
             line.freeze_ms,
             units::format_size(line.bytes),
-            units::format_size(line.stored_bytes)
+            units::format_size(line.stored_bytes),
+            line.group_cut
+                .map_or("-".to_owned(), |cut| format!("group:{cut}"))
         );
     }
     if meta.unsettled {
@@ -595,6 +608,7 @@ mod tests {
             freeze_ms: 0,
             complete: true,
             synced_to: 0,
+            group_cut: None,
         }
     }
 

@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -157,6 +157,10 @@ pub struct PointInfo {
     pub complete: bool,
     /// For incomplete steps: the device offset the sync pass has covered.
     pub synced_to: u64,
+    /// The consistency-group cut this point shares with the group's other volumes (they were
+    /// all frozen and cut together), if any.
+    #[serde(default)]
+    pub group_cut: Option<u64>,
 }
 
 /// What the receiver sends on the control stream.
@@ -549,6 +553,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     seq: 1,
                     complete: true,
                     consistent: true,
+                    group_cut: Some(1_795_690_476_603),
                     ..PointInfo::default()
                 },
             }),

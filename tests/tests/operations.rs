@@ -235,3 +235,182 @@ fn a_bad_config_file_exits_78_with_every_problem_named() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_key"));
     fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// Checks the ext4 image `image` (`e2fsck -fy`: a frozen point is clean, exit 0; anything
+/// else replays a journal or repairs, which is reported), then reads its `/counter`.
+fn counter_in(image: &std::path::Path) -> u64 {
+    let fsck = std::process::Command::new("e2fsck")
+        .arg("-fy")
+        .arg(image)
+        .output()
+        .expect("e2fsck");
+    assert_eq!(
+        fsck.status.code(),
+        Some(0),
+        "{} is not a clean frozen point: {}",
+        image.display(),
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "cat /counter"])
+        .arg(image)
+        .output()
+        .expect("debugfs");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no counter in {}: {:?}", image.display(), out))
+}
+
+#[test]
+fn a_consistency_group_freezes_and_cuts_its_devices_at_one_instant() {
+    require_root();
+    let site = Site::new("db,wal");
+    let db = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    let wal = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    let db_mount = blkmirror_tests::Mount::mkfs_and_mount(&db.path, "ext4", &site.scratch.path);
+    let wal_mount = blkmirror_tests::Mount::mkfs_and_mount(&wal.path, "ext4", &site.scratch.path);
+    let config = site.scratch.path.join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"
+identity = "{identity}"
+state_dir = "{state}"
+pin_root = "{pins}"
+[receiver]
+address = "{address}"
+fingerprint = "{fingerprint}"
+[[device]]
+path = "{db}"
+volume = "db"
+interval = "1s"
+consistency_group = "app"
+[[device]]
+path = "{wal}"
+volume = "wal"
+interval = "1s"
+consistency_group = "app"
+"#,
+            identity = site.agent.dir.display(),
+            state = site.scratch.path.join("state").display(),
+            pins = site.pins.path.display(),
+            address = site.receiver.addr,
+            fingerprint = site.receiver.fingerprint,
+            db = db.path.display(),
+            wal = wal.path.display(),
+        ),
+    )
+    .expect("config");
+    // An application writing one counter to both disks: first the WAL, then the database,
+    // each synced. At any instant, wal == db or wal == db + 1.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let (wal_file, db_file) = (
+            wal_mount.target.join("counter"),
+            db_mount.target.join("counter"),
+        );
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                n += 1;
+                // Written whole and renamed into place, so a frozen image holds an old or a
+                // new counter, never a truncated one.
+                for path in [&wal_file, &db_file] {
+                    let tmp = path.with_extension("tmp");
+                    let mut file = fs::File::create(&tmp).expect("counter");
+                    file.write_all(n.to_string().as_bytes()).expect("write");
+                    file.sync_all().expect("fsync");
+                    fs::rename(&tmp, path).expect("rename");
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            n
+        })
+    };
+    let mut agent = ChildGuard(
+        blkmirror()
+            .args(["agent", "--json", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("agent"),
+    );
+    // Let a few group cuts happen.
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let points_of = |volume: &str| -> Vec<serde_json::Value> {
+        let out = blkmirror()
+            .args(["points", volume, "--json", "--data-dir", &data])
+            .output()
+            .expect("points");
+        blkmirror_tests::parse_lines(&String::from_utf8_lossy(&out.stdout))
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let shared: Vec<u64> = loop {
+        let cuts = |volume: &str| -> Vec<u64> {
+            points_of(volume)
+                .iter()
+                .filter_map(|p| p["group_cut"].as_u64())
+                .collect()
+        };
+        let db_cuts = cuts("db");
+        let shared: Vec<u64> = cuts("wal")
+            .into_iter()
+            .filter(|c| db_cuts.contains(c))
+            .collect();
+        if shared.len() >= 3 {
+            break shared;
+        }
+        assert!(
+            agent.0.try_wait().expect("wait").is_none(),
+            "the agent exited"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "fewer than 3 group cuts in 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let written = writer.join().expect("writer");
+    blkmirror_tests::signal(agent.0.id(), libc::SIGTERM);
+    let mut stderr = String::new();
+    agent
+        .0
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .ok();
+    assert!(agent.0.wait().expect("agent").success(), "{stderr}");
+
+    // Every shared group cut restores to one instant of the application on both disks.
+    for cut in &shared[shared.len() - 3..] {
+        let mut counters = Vec::new();
+        for volume in ["db", "wal"] {
+            let image = site.scratch.path.join(format!("{volume}-{cut}.img"));
+            let out = blkmirror()
+                .args(["restore", volume, "--at", &format!("group:{cut}"), "--to"])
+                .arg(&image)
+                .args(["--data-dir", &data])
+                .output()
+                .expect("restore");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            counters.push(counter_in(&image));
+            fs::remove_file(&image).expect("rm");
+        }
+        let (db_n, wal_n) = (counters[0], counters[1]);
+        assert!(
+            wal_n == db_n || wal_n == db_n + 1,
+            "group cut {cut}: db at {db_n}, wal at {wal_n}: not one instant"
+        );
+        assert!(db_n > 0, "the writer had not started at cut {cut}");
+    }
+    assert!(written > 100, "the writer wrote only {written} counters");
+}
