@@ -865,5 +865,5 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
             }
         }
     };
-    daemon::run_receiver(settings)
+    daemon::run_receiver(settings, args.config.clone())
 }

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::PathBuf,
     process::ExitCode,
     sync::{
         Arc,
@@ -260,8 +261,8 @@ fn known_volumes(settings: &ReceiverSettings, board: &StatusBoard) {
     }
 }
 
-/// Runs the receiver.
-pub fn run_receiver(settings: ReceiverSettings) -> ExitCode {
+/// Runs the receiver. With a configuration file, SIGHUP reloads its grants and retention.
+pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) -> ExitCode {
     let identity = match Identity::load(&settings.identity) {
         Ok(identity) => identity,
         Err(error) => return fail(2, error),
@@ -286,6 +287,8 @@ pub fn run_receiver(settings: ReceiverSettings) -> ExitCode {
         retention: settings.retention,
         status: board.clone(),
     };
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    runtime.spawn(reload_on_hangup(config_path, settings.clone(), reload_tx));
     let result = runtime.block_on(async move {
         if let Some(path) = &settings.control_socket {
             service::serve_control(path, board.clone(), shutdown.clone())?;
@@ -308,7 +311,7 @@ pub fn run_receiver(settings: ReceiverSettings) -> ExitCode {
         );
         service::notify("READY=1");
         let watchdog = service::spawn_watchdog(board.clone(), || true, shutdown.clone());
-        let served = receiver::serve(endpoint, config, shutdown).await;
+        let served = receiver::serve(endpoint, config, shutdown, reload_rx).await;
         watchdog.abort();
         served.map_err(DaemonError::from)
     });
@@ -317,6 +320,43 @@ pub fn run_receiver(settings: ReceiverSettings) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(DaemonError::Service(error)) => fail(3, error),
         Err(error) => fail(1, error),
+    }
+}
+
+/// On every SIGHUP, reads the configuration file again and hands the result to the receiver.
+async fn reload_on_hangup(
+    path: Option<PathBuf>,
+    running: ReceiverSettings,
+    reloads: tokio::sync::mpsc::Sender<receiver::Reload>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let Some(path) = &path else {
+            eprintln!("blkmirror receiver: SIGHUP: started without --config, nothing to reload");
+            continue;
+        };
+        let reload = crate::config::load_receiver(path)
+            .map_err(|error| error.to_string())
+            .and_then(|settings| {
+                if settings.listen != running.listen
+                    || settings.identity != running.identity
+                    || settings.data_dir != running.data_dir
+                    || settings.window != running.window
+                {
+                    eprintln!(
+                        "blkmirror receiver: listen, identity, data_dir and window changes take \
+                         effect at the next restart"
+                    );
+                }
+                let grants = receiver::parse_grants(&settings.allow)?;
+                Ok((grants, settings.retention))
+            });
+        if reloads.send(reload).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -347,41 +387,108 @@ pub fn run_status(socket: Option<&std::path::Path>, json: bool, watch: bool) -> 
             (crate::config::RECEIVER_SOCKET.into(), "receiver"),
         ],
     };
-    loop {
-        let mut answered = 0;
+    let fetch = || -> Result<Vec<status::Snapshot>, String> {
+        let mut snapshots = Vec::new();
         let mut errors = Vec::new();
-        let mut frame = String::new();
         for (path, role) in &sockets {
             match runtime.block_on(service::query(path, role)) {
-                Ok(snapshot) => {
-                    answered += 1;
-                    if json {
-                        frame.push_str(&serde_json::to_string(&snapshot).expect("serializes"));
-                        frame.push('\n');
-                    } else {
-                        frame.push_str(&status::render(&snapshot));
-                    }
-                }
-                Err(error) => errors.push(error),
+                Ok(snapshot) => snapshots.push(snapshot),
+                Err(error) => errors.push(error.to_string()),
             }
         }
-        if answered == 0 {
-            let message = errors
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join("; ");
-            return fail(1, message);
-        }
-        if watch && !json {
-            // Clear the screen and draw the frame: a live view with sync progress bars.
-            print!("\x1b[2J\x1b[H{frame}");
+        if snapshots.is_empty() {
+            Err(errors.join("; "))
         } else {
-            print!("{frame}");
+            Ok(snapshots)
+        }
+    };
+    let live = watch && !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut bars = live.then(|| LiveBars {
+        multi: indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stdout()),
+        lines: BTreeMap::new(),
+    });
+    loop {
+        let snapshots = match fetch() {
+            Ok(snapshots) => snapshots,
+            Err(message) => return fail(1, message),
+        };
+        match &mut bars {
+            Some(bars) => bars.draw(&snapshots),
+            None => {
+                for snapshot in &snapshots {
+                    if json {
+                        println!("{}", serde_json::to_string(snapshot).expect("serializes"));
+                    } else {
+                        print!("{}", status::render(snapshot));
+                    }
+                }
+                if watch && !json {
+                    println!("--");
+                }
+            }
         }
         if !watch {
             return ExitCode::SUCCESS;
         }
         std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// `status --watch` on a terminal: one indicatif line per volume, with a progress bar while a
+/// sync runs. (Not on a terminal, `--watch` prints a text frame every second instead.)
+struct LiveBars {
+    multi: indicatif::MultiProgress,
+    lines: BTreeMap<String, indicatif::ProgressBar>,
+}
+
+impl LiveBars {
+    fn draw(&mut self, snapshots: &[status::Snapshot]) {
+        let plain =
+            indicatif::ProgressStyle::with_template("{prefix:24!} {msg}").expect("template");
+        let syncing =
+            indicatif::ProgressStyle::with_template("{prefix:24!} [{bar:30}] {percent:>3}% {msg}")
+                .expect("template")
+                .progress_chars("#>-");
+        for snapshot in snapshots {
+            for volume in &snapshot.volumes {
+                let key = format!("{} {}", snapshot.role, volume.volume);
+                let bar = self.lines.entry(key.clone()).or_insert_with(|| {
+                    let bar = self.multi.add(indicatif::ProgressBar::new(1));
+                    bar.set_prefix(key.clone());
+                    bar
+                });
+                let state = serde_json::to_value(volume.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let lag = volume
+                    .lag_seconds
+                    .map_or("no point yet".into(), |lag| format!("lag {lag:.0}s"));
+                match &volume.sync {
+                    Some(sync) => {
+                        bar.set_style(syncing.clone());
+                        bar.set_length(sync.total_bytes.max(1));
+                        bar.set_position(sync.done_bytes);
+                        bar.set_message(format!(
+                            "{state}, {}/s, ETA {}",
+                            crate::units::format_size(volume.rate_bytes_per_s),
+                            sync.eta_s.map_or("?".into(), |eta| format!("{eta}s"))
+                        ));
+                    }
+                    None => {
+                        bar.set_style(plain.clone());
+                        bar.set_message(format!(
+                            "{state}, {lag}, backlog {}, {} cycle(s){}",
+                            crate::units::format_size(volume.backlog_bytes),
+                            volume.cycles_total,
+                            volume
+                                .last_error
+                                .as_ref()
+                                .map_or(String::new(), |e| format!(", last error: {e}"))
+                        ));
+                    }
+                }
+            }
+        }
     }
 }

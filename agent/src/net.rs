@@ -117,11 +117,7 @@ pub fn server_endpoint(
     listen: SocketAddr,
     window: u64,
 ) -> Result<Endpoint, NetError> {
-    let tls = identity::server_config(identity, admitted)?;
-    let crypto = QuicServerConfig::try_from(tls)
-        .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(window)));
+    let config = server_config(identity, admitted, window)?;
     // The stateless-reset key is derived from the identity, so a restarted receiver can tell
     // agents at once that their old connection is gone (instead of them waiting for the idle
     // timeout).
@@ -142,6 +138,21 @@ pub fn server_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(bind_error)
+}
+
+/// The receiver's QUIC configuration admitting exactly `admitted` (also used to swap the
+/// admitted set of a running endpoint on a configuration reload).
+pub fn server_config(
+    identity: &Identity,
+    admitted: BTreeSet<Fingerprint>,
+    window: u64,
+) -> Result<quinn::ServerConfig, NetError> {
+    let tls = identity::server_config(identity, admitted)?;
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(window)));
+    Ok(config)
 }
 
 /// The fingerprint of the certificate the peer presented.

@@ -95,8 +95,10 @@ pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverE
 
 struct Context {
     data_dir: PathBuf,
-    grants: Grants,
-    retention: RetentionPolicy,
+    /// Replaced on a configuration reload.
+    grants: std::sync::RwLock<Grants>,
+    /// Replaced on a configuration reload (applies to volumes opened afterwards).
+    retention: std::sync::RwLock<RetentionPolicy>,
     audit: AuditLog,
     status: Arc<StatusBoard>,
     /// Volumes with a live session, and the connection that holds each.
@@ -192,16 +194,29 @@ pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
 }
 
 /// Serves connections on `endpoint` until `shutdown` turns true.
+/// A configuration reload (SIGHUP): the new grants and retention, or why the file was refused.
+pub type Reload = Result<(Grants, RetentionPolicy), String>;
+
+fn retention_json(policy: &RetentionPolicy) -> serde_json::Value {
+    serde_json::json!({
+        "all_s": policy.all.as_secs(),
+        "hourly_s": policy.hourly.as_secs(),
+        "daily_s": policy.daily.as_secs(),
+    })
+}
+
+/// Serves until `shutdown`; applies the configuration reloads that arrive on `reloads`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     config: ReceiverConfig,
     mut shutdown: watch::Receiver<bool>,
+    mut reloads: tokio::sync::mpsc::Receiver<Reload>,
 ) -> Result<(), ReceiverError> {
     let audit = AuditLog::in_dir(&config.data_dir);
     let context = Arc::new(Context {
         data_dir: config.data_dir,
-        grants: config.grants,
-        retention: config.retention,
+        grants: std::sync::RwLock::new(config.grants),
+        retention: std::sync::RwLock::new(config.retention),
         audit,
         status: config.status,
         busy: Mutex::new(HashMap::new()),
@@ -211,12 +226,8 @@ pub async fn serve(
         outcome: "ok".into(),
         detail: serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "agents": context.grants.len(),
-            "retention": {
-                "all_s": context.retention.all.as_secs(),
-                "hourly_s": context.retention.hourly.as_secs(),
-                "daily_s": context.retention.daily.as_secs(),
-            },
+            "agents": context.grants.read().expect("grants").len(),
+            "retention": retention_json(&context.retention.read().expect("retention")),
         }),
         ..Event::default()
     });
@@ -226,12 +237,77 @@ pub async fn serve(
                 let Some(incoming) = incoming else { break };
                 tokio::spawn(connection(incoming, context.clone()));
             }
+            Some(reload) = reloads.recv() => {
+                apply_reload(&endpoint, &config.identity, config.window, &context, reload);
+            }
             _ = shutdown.changed() => break,
         }
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"receiver shutting down");
     endpoint.wait_idle().await;
     Ok(())
+}
+
+/// Swaps in new grants and retention: new handshakes admit exactly the new agents, and a
+/// session whose agent lost its grant for the volume is closed.
+fn apply_reload(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    window: u64,
+    context: &Context,
+    reload: Reload,
+) {
+    let (grants, retention) = match reload {
+        Ok(new) => new,
+        Err(message) => {
+            log(format!(
+                "configuration reload refused, keeping the running one: {message}"
+            ));
+            context.record(Event {
+                event: "config-reload",
+                outcome: message,
+                ..Event::default()
+            });
+            return;
+        }
+    };
+    let admitted = grants.keys().cloned().collect();
+    let server_config = match net::server_config(identity, admitted, window) {
+        Ok(config) => config,
+        Err(error) => {
+            context.record(Event {
+                event: "config-reload",
+                outcome: error.to_string(),
+                ..Event::default()
+            });
+            return;
+        }
+    };
+    endpoint.set_server_config(Some(server_config));
+    let mut revoked = Vec::new();
+    for (volume, (holder, connection)) in context.busy.lock().expect("busy lock").iter() {
+        if !grants
+            .get(holder)
+            .is_some_and(|volumes| volumes.contains(volume))
+        {
+            connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
+            revoked.push(volume.clone());
+        }
+    }
+    let detail = serde_json::json!({
+        "agents": grants.len(),
+        "retention": retention_json(&retention),
+        "closed_sessions": revoked,
+    });
+    *context.grants.write().expect("grants") = grants;
+    *context.retention.write().expect("retention") = retention;
+    log(format!("configuration reloaded: {detail}"));
+    context.record(Event {
+        event: "config-reload",
+        outcome: "ok".into(),
+        detail,
+        ..Event::default()
+    });
 }
 
 async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
@@ -386,6 +462,8 @@ impl Session {
         let granted = self
             .context
             .grants
+            .read()
+            .expect("grants")
             .get(&self.fingerprint)
             .is_some_and(|volumes| volumes.contains(&hello.volume));
         if !granted {
@@ -398,7 +476,7 @@ impl Session {
         let data_dir = self.context.data_dir.clone();
         let opened = {
             let hello = hello.clone();
-            let retention = self.context.retention;
+            let retention = *self.context.retention.read().expect("retention");
             tokio::task::spawn_blocking(move || {
                 Volume::open_or_create(&data_dir, &hello).map(|(mut volume, new, recovery)| {
                     volume.set_retention(retention);

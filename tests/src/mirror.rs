@@ -94,6 +94,22 @@ impl Receiver {
         Self::spawn(args, data_dir, &id.fingerprint)
     }
 
+    /// Starts `blkmirror receiver --config FILE` (whose `data_dir` must be `data_dir` and whose
+    /// `listen` should be `127.0.0.1:0`).
+    pub fn start_config(config: &Path, data_dir: &Path, id: &Id) -> Self {
+        let args = vec![
+            "receiver".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+        ];
+        Self::spawn(args, data_dir, &id.fingerprint)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn spawn(args: Vec<String>, data_dir: &Path, fingerprint: &str) -> Self {
         let mut child = blkmirror()
             .args(&args)

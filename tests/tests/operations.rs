@@ -157,6 +157,34 @@ chunk_size = "128KiB"
         human.contains("continuous") && human.contains("two"),
         "{human}"
     );
+    // --watch: text frames every second when not on a terminal, indicatif lines on one.
+    let watch = std::process::Command::new("timeout")
+        .args([
+            "3",
+            blkmirror_tests::blkmirror_bin().to_str().expect("utf-8"),
+            "status",
+            "--watch",
+            "--socket",
+        ])
+        .arg(&socket)
+        .output()
+        .expect("status --watch");
+    let frames = String::from_utf8_lossy(&watch.stdout);
+    assert!(frames.matches("\n--\n").count() >= 2, "{frames}");
+    let command = format!(
+        "timeout 3 {} status --watch --socket {}",
+        blkmirror_tests::blkmirror_bin().display(),
+        socket.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script");
+    let drawn = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        drawn.contains("agent one") && drawn.contains("agent two") && drawn.contains("continuous"),
+        "{drawn}"
+    );
     // The socket is root-only.
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(
@@ -413,4 +441,90 @@ consistency_group = "app"
         assert!(db_n > 0, "the writer had not started at cut {cut}");
     }
     assert!(written > 100, "the writer wrote only {written} counters");
+}
+
+/// Waits until the receiver's log contains `text`.
+fn wait_log(receiver: &blkmirror_tests::mirror::Receiver, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !receiver.log().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in the receiver log:\n{}",
+            receiver.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_receiver_reloads_its_grants_on_sighup_and_keeps_running_on_a_bad_file() {
+    require_root();
+    let scratch = blkmirror_tests::Scratch::new();
+    let agent_id = blkmirror_tests::mirror::Id::new(&scratch.path, "agent-id");
+    let receiver_id = blkmirror_tests::mirror::Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let config = scratch.path.join("receiver.toml");
+    let write_config = |volumes: &str| {
+        fs::write(
+            &config,
+            format!(
+                "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[[agent]]\nfingerprint = \"{}\"\nvolumes = {volumes}\n",
+                receiver_id.dir.display(),
+                data.display(),
+                agent_id.fingerprint
+            ),
+        )
+        .expect("config")
+    };
+    write_config("[\"one\"]");
+    let receiver = blkmirror_tests::mirror::Receiver::start_config(&config, &data, &receiver_id);
+    let pins = blkmirror_tests::PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 32 * MIB);
+    write_random(&dev.path, 0, 2 * MIB);
+    let state_dir = scratch.path.join("state");
+    let agent = blkmirror_tests::mirror::AgentSetup {
+        device: &dev.path,
+        volume: "two",
+        receiver: &receiver,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &state_dir,
+        receiver_fingerprint: None,
+    };
+    // Not granted yet.
+    let (output, _) = agent.once(&[], Duration::from_secs(60));
+    assert_eq!(
+        output.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Granted by a reload.
+    write_config("[\"one\", \"two\"]");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    wait_log(&receiver, "configuration reloaded");
+    agent.once_ok(&[]);
+    assert_same(&dev.path, &receiver.image("two"));
+
+    // A broken file is refused; the running grants stay and the receiver keeps serving.
+    fs::write(&config, "identity = 3\n").expect("config");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    wait_log(&receiver, "configuration reload refused");
+    write_random(&dev.path, 4 * MIB, MIB);
+    agent.once_ok(&[]);
+    assert_same(&dev.path, &receiver.image("two"));
+
+    let log = fs::read_to_string(data.join("audit.log")).expect("audit");
+    let reloads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"event\":\"config-reload\""))
+        .collect();
+    assert_eq!(reloads.len(), 2, "{log}");
+    assert!(reloads[0].contains("\"outcome\":\"ok\""), "{}", reloads[0]);
+    assert!(!reloads[1].contains("\"outcome\":\"ok\""), "{}", reloads[1]);
+    assert!(
+        log.contains("\"event\":\"refused\""),
+        "the first refusal is not audited"
+    );
 }

@@ -212,6 +212,20 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
     assert_eq!(restored[0]["seq"], points[1].0["seq"], "{restored:?}");
     assert_eq!(digest(&by_time), digest(&points[1].1));
 
+    // A mounted device is refused (opened O_EXCL).
+    let refused = run(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        dev.as_str(),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use"));
+
     // A target that exists is refused without --force.
     let refused = run(&[
         "restore",
@@ -470,6 +484,32 @@ fn retention_prunes_old_points_but_never_the_newest_or_one_being_restored() {
         log.contains("\"event\":\"prune\""),
         "no prune in the audit log"
     );
+    // To block devices: one as large is written whole; a smaller one is refused.
+    let target_dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    run_ok(&[
+        "restore",
+        "raw",
+        "--at",
+        "latest",
+        "--to",
+        target_dev.as_str(),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(digest(&target_dev.path), digest(&dev.path));
+    let small = LoopDevice::new(&site.scratch.path, 32 * MIB);
+    let refused = run(&[
+        "restore",
+        "raw",
+        "--at",
+        "latest",
+        "--to",
+        small.as_str(),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("the point needs"));
     // The newest point restores to the device as it is now.
     let now = site.scratch.path.join("now.img");
     run_ok(&[
