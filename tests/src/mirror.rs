@@ -110,8 +110,41 @@ impl Receiver {
         self.child.id()
     }
 
+    /// Like [`Self::start`], run under `wrapper` (e.g. `strace -f -o FILE`).
+    pub fn start_wrapped(wrapper: &[&str], data_dir: &Path, id: &Id, allow: &[String]) -> Self {
+        let mut args: Vec<String> = wrapper.iter().map(|s| (*s).to_owned()).collect();
+        args.push(crate::blkmirror_bin().display().to_string());
+        args.extend(
+            [
+                "receiver",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data_dir.to_str().expect("utf-8"),
+                "--identity",
+                id.dir.to_str().expect("utf-8"),
+            ]
+            .map(str::to_owned),
+        );
+        for grant in allow {
+            args.push("--allow".to_owned());
+            args.push(grant.clone());
+        }
+        let program = args.remove(0);
+        Self::spawn_program(Command::new(program), args, data_dir, &id.fingerprint)
+    }
+
     fn spawn(args: Vec<String>, data_dir: &Path, fingerprint: &str) -> Self {
-        let mut child = blkmirror()
+        Self::spawn_program(blkmirror(), args, data_dir, fingerprint)
+    }
+
+    fn spawn_program(
+        mut program: Command,
+        args: Vec<String>,
+        data_dir: &Path,
+        fingerprint: &str,
+    ) -> Self {
+        let mut child = program
             .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -23,6 +23,7 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dev-arm64-cross",
     "qemu-user-static",
     "rpm",
+    "strace",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 here.
