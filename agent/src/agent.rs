@@ -339,7 +339,11 @@ pub struct Agent {
 }
 
 fn say(message: impl std::fmt::Display) {
-    eprintln!("blkmirror agent: {message}");
+    tracing::info!(target: "blkmirror agent", "{message}");
+}
+
+fn warn(message: impl std::fmt::Display) {
+    tracing::warn!(target: "blkmirror agent", "{message}");
 }
 
 impl Agent {
@@ -500,7 +504,7 @@ impl Agent {
                 Err(error) if error.retryable() => {
                     let delay = plan::reconnect_delay(attempt);
                     attempt += 1;
-                    say(format!("{error}; retrying in {}s", delay.as_secs()));
+                    warn(format!("{error}; retrying in {}s", delay.as_secs()));
                     self.config.status.update(&self.config.volume, |s| {
                         s.state = VolumeState::Disconnected;
                         s.last_error = Some(error.to_string());

@@ -427,6 +427,7 @@ pub fn exit_code(error: &TrackError) -> u8 {
 
 /// Runs the command line; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    crate::logging::init();
     let result = match cli.command {
         Command::Track(args) => run_track(&args),
         Command::Untrack(args) => run_untrack(&args),

@@ -46,7 +46,9 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
         Err(error) => return fail(2, error),
     };
     match track::prepare_environment() {
-        Ok(notes) => notes.iter().for_each(|note| eprintln!("blkmirror: {note}")),
+        Ok(notes) => notes
+            .iter()
+            .for_each(|note| tracing::info!(target: "blkmirror", "{note}")),
         Err(error) => return fail(exit_code(&error), error),
     }
     let (runtime, shutdown) = match runtime_with_signals() {
@@ -149,8 +151,9 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             if code != 0 {
                 board.update(&volume, |s| s.state = VolumeState::Failed);
                 if many {
-                    eprintln!(
-                        "blkmirror: volume {volume}: the agent loop ended (exit code {code})"
+                    tracing::error!(
+                        target: "blkmirror agent",
+                        "volume {volume}: the agent loop ended (exit code {code})"
                     );
                 }
             }
@@ -204,7 +207,7 @@ fn run_one(
         Ok(runtime) => runtime,
         Err(error) => {
             let _ = opened.send(false);
-            eprintln!("blkmirror: error: {error}");
+            tracing::error!(target: "blkmirror", "error: {error}");
             return 1;
         }
     };
@@ -223,7 +226,7 @@ fn run_one(
     match result {
         Ok(()) => 0,
         Err(error) => {
-            eprintln!("blkmirror: error: {error}");
+            tracing::error!(target: "blkmirror", "error: {error}");
             agent_exit_code(&error)
         }
     }
@@ -303,9 +306,9 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
                 addr: config.listen,
                 source,
             })?;
-        eprintln!(
-            "blkmirror receiver: listening on {addr} (fingerprint {fingerprint}), data in {}, \
-             {} agent(s) admitted",
+        tracing::info!(
+            target: "blkmirror receiver",
+            "listening on {addr} (fingerprint {fingerprint}), data in {}, {} agent(s) admitted",
             config.data_dir.display(),
             config.grants.len()
         );
@@ -335,7 +338,10 @@ async fn reload_on_hangup(
     };
     while hangups.recv().await.is_some() {
         let Some(path) = &path else {
-            eprintln!("blkmirror receiver: SIGHUP: started without --config, nothing to reload");
+            tracing::warn!(
+                target: "blkmirror receiver",
+                "SIGHUP: started without --config, nothing to reload"
+            );
             continue;
         };
         let reload = crate::config::load_receiver(path)
@@ -346,9 +352,10 @@ async fn reload_on_hangup(
                     || settings.data_dir != running.data_dir
                     || settings.window != running.window
                 {
-                    eprintln!(
-                        "blkmirror receiver: listen, identity, data_dir and window changes take \
-                         effect at the next restart"
+                    tracing::warn!(
+                        target: "blkmirror receiver",
+                        "listen, identity, data_dir and window changes take effect at the next \
+                         restart"
                     );
                 }
                 let grants = receiver::parse_grants(&settings.allow)?;

@@ -58,6 +58,7 @@ pub mod freeze;
 pub mod group;
 pub mod identity;
 pub mod layout;
+pub mod logging;
 pub mod net;
 pub mod ops;
 pub mod plan;

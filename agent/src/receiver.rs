@@ -72,7 +72,11 @@ pub struct ReceiverConfig {
 }
 
 fn log(message: impl std::fmt::Display) {
-    eprintln!("blkmirror receiver: {message}");
+    tracing::info!(target: "blkmirror receiver", "{message}");
+}
+
+fn warn(message: impl std::fmt::Display) {
+    tracing::warn!(target: "blkmirror receiver", "{message}");
 }
 
 /// Recovers every volume under `data_dir`: applies committed journals, drops uncommitted ones.
@@ -110,7 +114,7 @@ impl Context {
     fn record(&self, event: Event) {
         match self.audit.append(event) {
             Ok(hash) => log(format!("audit head {hash}")),
-            Err(error) => log(format!("audit log: {error}")),
+            Err(error) => warn(format!("audit log: {error}")),
         }
     }
 
@@ -260,7 +264,7 @@ fn apply_reload(
     let (grants, retention) = match reload {
         Ok(new) => new,
         Err(message) => {
-            log(format!(
+            warn(format!(
                 "configuration reload refused, keeping the running one: {message}"
             ));
             context.record(Event {
@@ -356,7 +360,7 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
     match outcome {
         Ok(()) => log(format!("agent {fingerprint} from {remote}: disconnected")),
         Err(refusal) => {
-            log(format!(
+            warn(format!(
                 "agent {fingerprint} from {remote}: refused ({:?}): {}",
                 refusal.code, refusal.message
             ));

@@ -398,8 +398,9 @@ impl Volume {
                 self.meta = meta;
                 if !dropped.is_empty() {
                     self.store.clear()?;
-                    eprintln!(
-                        "receiver: volume {}: a direct sync step overwrites the image; {} older point(s) dropped",
+                    tracing::warn!(
+                        target: "blkmirror receiver",
+                        "volume {}: a direct sync step overwrites the image; {} older point(s) dropped",
                         self.meta.volume,
                         dropped.len()
                     );
@@ -643,7 +644,16 @@ impl Volume {
         // the image changes. A replay finds the delta already written (the image may be half
         // applied by then, so it must not be captured again).
         let previous = self.meta.committed_seq;
-        if !self.meta.unsettled && !self.meta.points.is_empty() && previous != point.seq {
+        // A policy that keeps only the newest point would drop the delta right after the
+        // commit: skip it (no history, no extra IO).
+        let keeps_history = !(self.retention.all.is_zero()
+            && self.retention.hourly.is_zero()
+            && self.retention.daily.is_zero());
+        if keeps_history
+            && !self.meta.unsettled
+            && !self.meta.points.is_empty()
+            && previous != point.seq
+        {
             self.store.capture(
                 &self.image,
                 Delta {

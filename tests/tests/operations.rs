@@ -528,3 +528,65 @@ fn the_receiver_reloads_its_grants_on_sighup_and_keeps_running_on_a_bad_file() {
         "the first refusal is not audited"
     );
 }
+
+#[test]
+fn logs_carry_journald_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt as _;
+    let scratch = blkmirror_tests::Scratch::new();
+    let id = blkmirror_tests::mirror::Id::new(&scratch.path, "receiver-id");
+    let log_path = scratch.path.join("stderr.log");
+    let log = fs::File::create(&log_path).expect("log file");
+    let meta = log.metadata().expect("stat");
+    // What systemd sets when it connects stderr to the journal: DEV:INODE of that stream.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let fingerprint = "ab".repeat(32);
+    let child = blkmirror()
+        .args(["receiver", "--listen", "127.0.0.1:0", "--identity"])
+        .arg(&id.dir)
+        .arg("--data-dir")
+        .arg(scratch.path.join("data"))
+        .args(["--allow", &format!("{fingerprint}=v")])
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(log)
+        .spawn()
+        .expect("receiver");
+    let mut child = ChildGuard(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = fs::read_to_string(&log_path).unwrap_or_default();
+        if text.contains("listening on") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no listening line: {text}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.0.kill();
+    let line = text
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .expect("line");
+    assert!(
+        line.starts_with("<6>blkmirror receiver: listening on"),
+        "{line}"
+    );
+    // Without the journal, plain lines.
+    let plain = blkmirror()
+        .args(["receiver", "--listen", "127.0.0.1:0", "--identity"])
+        .arg(&id.dir)
+        .arg("--data-dir")
+        .arg(scratch.path.join("data"))
+        .args(["--allow", &format!("{fingerprint}=v")])
+        .env("JOURNAL_STREAM", "1:2")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("receiver");
+    let mut plain = ChildGuard(plain);
+    let mut first = String::new();
+    let mut stderr = std::io::BufReader::new(plain.0.stderr.take().expect("stderr"));
+    std::io::BufRead::read_line(&mut stderr, &mut first).expect("line");
+    let _ = plain.0.kill();
+    assert!(
+        first.starts_with("blkmirror receiver: listening on"),
+        "{first}"
+    );
+}

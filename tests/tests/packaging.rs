@@ -253,6 +253,19 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
     assert_eq!(check.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&check.stderr).contains("receiver.fingerprint"));
 
+    // Reinstalling (an upgrade in place) keeps an operator's edits to the conffiles.
+    let edited = format!(
+        "{}\n# edited by the operator\n",
+        fs::read_to_string("/etc/blkmirror/agent.toml").expect("agent.toml")
+    );
+    fs::write("/etc/blkmirror/agent.toml", &edited).expect("edit");
+    output("dpkg", &["-i", deb.to_str().expect("utf-8")]);
+    assert_eq!(
+        fs::read_to_string("/etc/blkmirror/agent.toml").expect("agent.toml"),
+        edited,
+        "reinstalling replaced an edited conffile"
+    );
+
     // Remove keeps the conffiles; purge removes them and the tracking pins.
     output("dpkg", &["-r", "blkmirror"]);
     assert!(!Path::new("/usr/bin/blkmirror").exists());
@@ -269,4 +282,50 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
     );
     assert!(!pins.exists(), "purge left the pins");
     drop(guard);
+}
+
+#[test]
+fn the_rpm_installs_into_a_scratch_root_and_erases() {
+    require_root();
+    let root = std::env::temp_dir().join(format!("blkmirror-rpm-root-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&root);
+    fs::create_dir_all(&root).expect("root");
+    let root_arg = root.to_str().expect("utf-8");
+    let rpm = package(".x86_64.rpm");
+    output("rpm", &["--root", root_arg, "--initdb"]);
+    // Scripts would run systemctl inside the scratch root; they are inspected separately.
+    output(
+        "rpm",
+        &[
+            "--root",
+            root_arg,
+            "-i",
+            "--nodeps",
+            "--noscripts",
+            rpm.to_str().expect("utf-8"),
+        ],
+    );
+    for (path, mode) in [
+        ("usr/bin/blkmirror", 0o755),
+        ("usr/lib/systemd/system/blkmirror-agent.service", 0o644),
+        ("etc/blkmirror", 0o750),
+        ("etc/blkmirror/receiver.toml", 0o640),
+    ] {
+        let meta = fs::metadata(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o7777, mode, "{path}");
+    }
+    let version = output(
+        root.join("usr/bin/blkmirror").to_str().expect("utf-8"),
+        &["--version"],
+    );
+    assert!(version.starts_with("blkmirror "), "{version}");
+    output(
+        "rpm",
+        &["--root", root_arg, "-e", "--noscripts", "blkmirror"],
+    );
+    assert!(
+        !root.join("usr/bin/blkmirror").exists(),
+        "erase left the binary"
+    );
+    fs::remove_dir_all(&root).expect("cleanup");
 }

@@ -47,6 +47,19 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// What keeping points in time costs: cycle time and bytes kept, against a receiver that
+    /// keeps only the newest point.
+    Points {
+        /// Device size in MiB.
+        #[arg(long, default_value_t = 512)]
+        size_mib: u64,
+        /// Share of 64 KiB chunks changed per round, in permille.
+        #[arg(long, default_value_t = 10)]
+        change_permille: u64,
+        /// Rounds.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -61,6 +74,11 @@ pub fn run(which: Which) -> Result<()> {
             change_permille,
             rounds,
         } => crate::bench_replication::replication(size_mib, change_permille, rounds),
+        Which::Points {
+            size_mib,
+            change_permille,
+            rounds,
+        } => crate::bench_replication::points(size_mib, change_permille, rounds),
     }
 }
 

@@ -104,6 +104,7 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
         &dir.join("data"),
         &agent_fp,
         "bench",
+        &[],
     )?;
     let agent = || {
         let mut command = Command::new(&binary);
@@ -225,6 +226,167 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
     );
     println!(
         "Reproduce: sudo cargo xtask bench replication --size-mib {size_mib} --change-permille \
+         {change_permille} --rounds {rounds}"
+    );
+    Ok(())
+}
+
+/// Bytes of all files under `dir`.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// `cargo xtask bench points`: what keeping points in time costs. Two identical devices are
+/// replicated to two receivers on 127.0.0.1, one keeping every point (the default policy),
+/// one keeping only the newest (the baseline: no delta is captured). Each round makes the same
+/// scattered changes on both and runs one cycle of each, alternating which goes first.
+pub fn points(size_mib: u64, change_permille: u64, rounds: u32) -> Result<()> {
+    require_root()?;
+    let binary = release_binary()?;
+    let mut cleanup = Cleanup::new();
+    let (dir, pins) = scratch_space(&mut cleanup, "bench-points")?;
+    let size = size_mib << 20;
+    let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
+    let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
+    struct Side {
+        name: &'static str,
+        device: String,
+        addr: String,
+        data: std::path::PathBuf,
+        seconds: Vec<f64>,
+        stored: Vec<u64>,
+    }
+    let mut sides = Vec::new();
+    for (name, extra) in [
+        (
+            "baseline (newest point only)",
+            &[
+                "--keep-all",
+                "0s",
+                "--keep-hourly",
+                "0s",
+                "--keep-daily",
+                "0s",
+            ][..],
+        ),
+        ("points kept (default policy)", &[][..]),
+    ] {
+        let device = scratch_loop_with(&mut cleanup, &dir, size, true)?;
+        eprintln!("bench: filling {device} ({size_mib} MiB) with random data");
+        fill_random(&device, 0, size_mib, "1M")?;
+        let data = dir.join(format!("data-{}", sides.len()));
+        let addr = start_receiver(
+            &mut cleanup,
+            &binary,
+            &dir,
+            &data,
+            &agent_fp,
+            "bench",
+            extra,
+        )?;
+        sides.push(Side {
+            name,
+            device,
+            addr,
+            data,
+            seconds: Vec::new(),
+            stored: Vec::new(),
+        });
+    }
+    let agent = |side: &Side, index: usize| {
+        let mut command = Command::new(&binary);
+        command
+            .args(["agent", "--device", &side.device, "--volume", "bench"])
+            .args([
+                "--receiver",
+                &side.addr,
+                "--receiver-fingerprint",
+                &receiver_fp,
+            ])
+            .args(["--once", "--json", "--compression", "off"])
+            .arg("--identity")
+            .arg(dir.join("agent-id"))
+            .arg("--pin-root")
+            .arg(&pins)
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{index}")));
+        command
+    };
+    for (index, side) in sides.iter().enumerate() {
+        eprintln!("bench: initial sync of {}", side.name);
+        agent_once(&mut agent(side, index))?;
+        // The first complete point.
+        agent_once(&mut agent(side, index))?;
+    }
+    let chunks = size / 65536;
+    let changed_chunks = (chunks * change_permille / 1000).max(1);
+    for round in 1..=rounds {
+        let stride = (2_654_435_761 % chunks) | 1;
+        for side in &sides {
+            let mut at = u64::from(round) * 7919 % chunks;
+            for _ in 0..changed_chunks {
+                at = (at + stride) % chunks;
+                fill_random(&side.device, at, 1, "64K")?;
+            }
+        }
+        let order: Vec<usize> = if round % 2 == 0 {
+            vec![0, 1]
+        } else {
+            vec![1, 0]
+        };
+        for index in order {
+            let side = &mut sides[index];
+            let before = dir_bytes(&side.data.join("bench/points"));
+            let (_, seconds) = agent_once(&mut agent(side, index))?;
+            let after = dir_bytes(&side.data.join("bench/points"));
+            side.seconds.push(seconds);
+            side.stored.push(after.saturating_sub(before));
+        }
+        eprintln!(
+            "bench: round {round}: cycle {:.2}s without points, {:.2}s with; delta {} KiB",
+            sides[0].seconds.last().copied().unwrap_or(0.0),
+            sides[1].seconds.last().copied().unwrap_or(0.0),
+            sides[1].stored.last().copied().unwrap_or(0) >> 10
+        );
+    }
+    let changed = changed_chunks * 65536;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let base_s = median(sides[0].seconds.clone());
+    let points_s = median(sides[1].seconds.clone());
+    let stored = median(sides[1].stored.iter().map(|&b| b as f64).collect());
+    println!(
+        "blkmirror points bench: two {size_mib} MiB loop devices of random data, agent and \
+         receivers on 127.0.0.1, {rounds} rounds of {:.1}% scattered 64 KiB changes",
+        change_permille as f64 / 10.0
+    );
+    println!();
+    println!("| | baseline | with points | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| incremental cycle, s (baseline: receiver keeping only the newest point) | {base_s:.3} | \
+         {points_s:.3} | {:.2} |",
+        points_s / base_s
+    );
+    println!(
+        "| receiver bytes kept per cycle (baseline: bytes changed) | {changed} | {stored:.0} | \
+         {:.3} |",
+        stored / changed as f64
+    );
+    println!();
+    println!(
+        "Reproduce: sudo cargo xtask bench points --size-mib {size_mib} --change-permille \
          {change_permille} --rounds {rounds}"
     );
     Ok(())

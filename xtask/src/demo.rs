@@ -207,6 +207,7 @@ pub fn start_receiver(
     data_dir: &Path,
     agent_fingerprint: &str,
     volume: &str,
+    extra: &[&str],
 ) -> Result<String> {
     use std::io::BufRead as _;
     let mut child = Command::new(binary)
@@ -216,6 +217,7 @@ pub fn start_receiver(
         .arg(dir.join("receiver-id"))
         .arg("--allow")
         .arg(format!("{agent_fingerprint}={volume}"))
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .context("starting blkmirror receiver")?;
@@ -277,6 +279,7 @@ pub fn run() -> Result<()> {
         &dir.join("dr-site"),
         &agent_fp,
         "demo",
+        &[],
     )?;
     println!("2. Both sides made an identity (`blkmirror keygen`) and pinned each other's");
     println!("   fingerprint. The receiver listens on {addr} (QUIC, mutual TLS) and admits");
@@ -325,28 +328,54 @@ pub fn run() -> Result<()> {
     let files = writer.stop();
     println!("   (the agent stopped cleanly on SIGTERM; the writer wrote {files} files meanwhile)");
 
-    println!("4. Checking the last point, taken while the writer was running: e2fsck on a copy");
-    let image = dir.join("dr-site/demo/image.raw");
-    let copy = dir.join("point-copy.img");
+    println!("4. The receiver keeps every point of the last hour (`blkmirror points demo`):");
+    let data_dir = dir.join("dr-site");
     exec(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&image)
-            .arg(&copy),
+        Command::new(&binary)
+            .args(["points", "demo", "--data-dir"])
+            .arg(&data_dir),
     )?;
-    let fsck = Command::new("e2fsck")
-        .arg("-fn")
-        .arg(&copy)
+    let listed = Command::new(&binary)
+        .args(["points", "demo", "--json", "--data-dir"])
+        .arg(&data_dir)
         .output()
-        .context("e2fsck")?;
-    if !fsck.status.success() {
-        bail!(
-            "e2fsck found problems in the replica:\n{}",
-            String::from_utf8_lossy(&fsck.stdout)
-        );
+        .context("blkmirror points")?;
+    let seqs: Vec<u64> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|p| p["seq"].as_u64())
+        .collect();
+    let (Some(&oldest), Some(&newest)) = (seqs.first(), seqs.last()) else {
+        bail!("the receiver kept no point");
+    };
+    println!(
+        "   Restoring the oldest and the newest, both taken while the writer was running, and \
+         checking each with e2fsck:"
+    );
+    let image = data_dir.join("demo/image.raw");
+    for seq in [oldest, newest] {
+        let copy = dir.join(format!("point-{seq}.img"));
+        exec(
+            Command::new(&binary)
+                .args(["restore", "demo", "--at", &format!("seq:{seq}"), "--to"])
+                .arg(&copy)
+                .arg("--data-dir")
+                .arg(&data_dir),
+        )?;
+        let fsck = Command::new("e2fsck")
+            .arg("-fn")
+            .arg(&copy)
+            .output()
+            .context("e2fsck")?;
+        if !fsck.status.success() {
+            bail!(
+                "e2fsck found problems in point {seq}:\n{}",
+                String::from_utf8_lossy(&fsck.stdout)
+            );
+        }
+        let _ = fs::remove_file(&copy);
+        println!("   point {seq}: e2fsck -fn clean.");
     }
-    let _ = fs::remove_file(&copy);
-    println!("   e2fsck -fn: clean.");
 
     println!("5. The writer stopped and the disk is unmounted; one last cycle (`agent --once`):");
     exec(Command::new("umount").arg(&mnt))?;
