@@ -901,53 +901,12 @@ impl Agent {
         let budget = self.config.freeze_budget;
         let frozen = Frozen::freeze(mount, budget)?;
         let cut_time = now_ms();
-        let cut = self.take_cut();
-        let (extents, epoch) = match cut {
-            Ok(cut) => cut,
-            Err(error) => {
-                thaw_reporting(frozen);
-                return Err(error);
-            }
-        };
-        // Test hook: hold the freeze, so tests can kill the agent or overrun the budget while
-        // the file system is frozen. Never set in production.
-        if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-        {
-            std::thread::sleep(Duration::from_millis(hold));
-        }
-        let plan = PassPlan::from_extents(&extents, self.size);
-        let fits = plan.read_bytes() <= MAX_FROZEN_BYTES
-            && plan::fits_freeze(
-                plan.read_bytes(),
-                self.read_rate,
-                budget.saturating_sub(frozen.elapsed()),
-            );
-        if !fits {
-            let thawed = thaw_reporting(frozen);
-            return Ok(FrozenPass {
-                plan,
-                frames: None,
-                stats: PassStats::default(),
-                held: thawed.held,
-                by_guard: thawed.by_guard,
-                cut_time,
-                epoch,
-                group_cut: None,
-            });
-        }
-        let mut frames = Vec::new();
-        let mut stats = PassStats::default();
-        let produced = self.produce(&plan, seq, &Compare::Nothing, &mut stats, &mut |frame| {
-            frames.push(frame);
-            Ok(())
-        });
+        let read = self.read_remainder(seq, Instant::now() + budget);
         let thawed = thaw_reporting(frozen);
-        produced?;
+        let (plan, frames, stats, epoch) = read?;
         Ok(FrozenPass {
             plan,
-            frames: Some(frames),
+            frames,
             stats,
             held: thawed.held,
             by_guard: thawed.by_guard,
@@ -970,7 +929,7 @@ impl Agent {
         let volume = self.config.volume.clone();
         let outcome = group.round(&volume, mount.as_deref(), wait, |remaining| {
             let cut_time = now_ms();
-            let result = self.read_remainder(seq, remaining);
+            let result = self.read_remainder(seq, Instant::now() + remaining);
             let fits = matches!(result, Ok((_, Some(_), _, _)));
             ((result, cut_time), fits)
         });
@@ -1014,16 +973,17 @@ impl Agent {
         }
     }
 
-    /// Cuts and, if it fits `remaining` of the freeze budget, reads the remainder into
-    /// memory (the frames are `None` if it does not fit).
+    /// While frozen: cuts and, if reading the remainder can finish by `deadline` (the end of
+    /// the freeze budget), reads it into memory (the frames are `None` if it cannot).
     #[allow(clippy::type_complexity)]
     fn read_remainder(
         &mut self,
         seq: u64,
-        remaining: Duration,
+        deadline: Instant,
     ) -> Result<(PassPlan, Option<Vec<Vec<u8>>>, PassStats, u64), AgentError> {
         let (extents, epoch) = self.take_cut()?;
-        // Test hook, as in `frozen_pass`.
+        // Test hook: hold the freeze, so tests can kill the agent or overrun the budget while
+        // the file system is frozen. Never set in production.
         if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")
             .ok()
             .and_then(|ms| ms.parse().ok())
@@ -1031,6 +991,7 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(hold));
         }
         let plan = PassPlan::from_extents(&extents, self.size);
+        let remaining = deadline.saturating_duration_since(Instant::now());
         let fits = plan.read_bytes() <= MAX_FROZEN_BYTES
             && plan::fits_freeze(plan.read_bytes(), self.read_rate, remaining);
         if !fits {

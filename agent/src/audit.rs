@@ -288,14 +288,6 @@ fn last_line(file: &mut File) -> io::Result<Option<String>> {
 mod tests {
     use super::*;
 
-    fn temp(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("blkmirror-audit-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     fn event(name: &'static str, n: u64) -> Event {
         Event {
             event: name,
@@ -308,8 +300,8 @@ mod tests {
 
     #[test]
     fn chain_verifies_and_every_kind_of_tampering_is_found() {
-        let dir = temp("chain");
-        let log = AuditLog::in_dir(&dir);
+        let dir = crate::testing::TempDir::new("audit-chain");
+        let log = AuditLog::in_dir(&dir.0);
         for n in 0..5 {
             log.append(event("commit", n)).unwrap();
         }
@@ -349,6 +341,5 @@ mod tests {
         fs::write(log.path(), &original).unwrap();
         log.append(event("restore", 6)).unwrap();
         assert_eq!(log.verify().unwrap().entries, 6);
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

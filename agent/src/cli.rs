@@ -776,12 +776,8 @@ fn run_agent(args: AgentArgs) -> ExitCode {
             Ok(mut settings) => {
                 settings.once |= args.once;
                 settings.json |= args.json;
-                if args.control_socket.is_some() {
-                    settings.control_socket = args.control_socket.clone();
-                }
-                if args.metrics_listen.is_some() {
-                    settings.metrics_listen = args.metrics_listen;
-                }
+                settings.control_socket = args.control_socket.clone().or(settings.control_socket);
+                settings.metrics_listen = args.metrics_listen.or(settings.metrics_listen);
                 settings
             }
             Err(error) => return fail(EXIT_CONFIG, error),
@@ -836,12 +832,8 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
     let settings = match &args.config {
         Some(path) => match config::load_receiver(path) {
             Ok(mut settings) => {
-                if args.control_socket.is_some() {
-                    settings.control_socket = args.control_socket.clone();
-                }
-                if args.metrics_listen.is_some() {
-                    settings.metrics_listen = args.metrics_listen;
-                }
+                settings.control_socket = args.control_socket.clone().or(settings.control_socket);
+                settings.metrics_listen = args.metrics_listen.or(settings.metrics_listen);
                 settings
             }
             Err(error) => return fail(EXIT_CONFIG, error),

@@ -333,6 +333,18 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
     let mut devices = Vec::new();
     for (index, section) in file.device.iter().enumerate() {
         let key = |name: &str| format!("device[{index}].{name}");
+        // A key of this section, parsed with its default: the key is the field's name.
+        macro_rules! setting {
+            ($field:ident, $default:expr, $parse:expr) => {
+                parse_or(
+                    &mut problems,
+                    &key(stringify!($field)),
+                    section.$field.as_deref(),
+                    $default,
+                    $parse,
+                )
+            };
+        }
         if let Err(error) = wire::check_volume_name(&section.volume) {
             problems.0.push(format!("{}: {error}", key("volume")));
         }
@@ -363,79 +375,25 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 ));
             }
         }
-        let interval = parse_or(
-            &mut problems,
-            &key("interval"),
-            section.interval.as_deref(),
-            "60s",
-            crate::cli::parse_interval,
-        );
+        let interval = setting!(interval, "60s", crate::cli::parse_interval);
         let max_rate = match section.max_rate.as_deref() {
             None => Some(None),
             Some(text) => problems
                 .check(&key("max_rate"), crate::cli::parse_rate(text))
                 .map(Some),
         };
-        let chunk_size = parse_or(
-            &mut problems,
-            &key("chunk_size"),
-            section.chunk_size.as_deref(),
-            "64KiB",
-            |text| {
-                let size = units::parse_size(text)?;
-                track::chunk_shift(size).map_err(|e| e.to_string())?;
-                Ok(size)
-            },
-        );
-        let hooks = parse_or(
-            &mut problems,
-            &key("hooks"),
-            section.hooks.as_deref(),
-            "auto",
-            enum_value,
-        );
-        let reader = parse_or(
-            &mut problems,
-            &key("reader"),
-            section.reader.as_deref(),
-            "auto",
-            enum_value,
-        );
-        let compression = parse_or(
-            &mut problems,
-            &key("compression"),
-            section.compression.as_deref(),
-            "auto",
-            enum_value,
-        );
-        let freeze = parse_or(
-            &mut problems,
-            &key("freeze"),
-            section.freeze.as_deref(),
-            "auto",
-            enum_value,
-        );
-        let freeze_budget = parse_or(
-            &mut problems,
-            &key("freeze_budget"),
-            section.freeze_budget.as_deref(),
-            "2s",
-            crate::cli::parse_interval,
-        );
-        let window = parse_or(
-            &mut problems,
-            &key("window"),
-            section.window.as_deref(),
-            "32MiB",
-            units::parse_size,
-        );
-        let sync_step = parse_or(
-            &mut problems,
-            &key("sync_step"),
-            section.sync_step.as_deref(),
-            "4GiB",
-            units::parse_size,
-        );
+        let chunk_size = setting!(chunk_size, "64KiB", |text| {
+            let size = units::parse_size(text)?;
+            track::chunk_shift(size).map_err(|e| e.to_string())?;
+            Ok(size)
+        });
+        let hooks = setting!(hooks, "auto", enum_value);
+        let reader = setting!(reader, "auto", enum_value);
+        let compression = setting!(compression, "auto", enum_value);
+        let freeze = setting!(freeze, "auto", enum_value);
+        let freeze_budget = setting!(freeze_budget, "2s", crate::cli::parse_interval);
+        let window = setting!(window, "32MiB", units::parse_size);
+        let sync_step = setting!(sync_step, "4GiB", units::parse_size);
         let streams = section.streams.unwrap_or(4);
         if !(1..=32).contains(&streams) {
             problems

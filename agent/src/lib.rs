@@ -70,6 +70,8 @@ pub mod selftest;
 pub mod service;
 pub mod status;
 pub mod sys;
+#[cfg(test)]
+mod testing;
 pub mod track;
 pub mod units;
 pub mod volume;

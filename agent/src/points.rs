@@ -652,25 +652,7 @@ impl DeltaWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "blkmirror-points-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::testing::TempDir;
 
     const CHUNK: u64 = 4096;
     const SIZE: u64 = 16 * CHUNK + 1024;
@@ -687,7 +669,7 @@ mod tests {
 
     impl Sim {
         fn new(tag: &str) -> Self {
-            let dir = TempDir::new(tag);
+            let dir = TempDir::new(&format!("points-{tag}"));
             let image = fs::OpenOptions::new()
                 .read(true)
                 .write(true)

@@ -966,25 +966,7 @@ fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::PROTOCOL_VERSION;
-
-    struct TempDir(PathBuf);
-    impl TempDir {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!(
-                "blkmirror-volume-{tag}-{}-{}",
-                std::process::id(),
-                now_ms()
-            ));
-            fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use crate::{testing::TempDir, wire::PROTOCOL_VERSION};
 
     fn hello() -> Hello {
         Hello {

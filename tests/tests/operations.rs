@@ -49,6 +49,55 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Writes `SCRATCH/agent.toml` for `site`: identity, state, pins and receiver from the site,
+/// then `top` (more top-level keys), then one `[[device]]` per `(path, volume, extra keys)`.
+fn agent_config(
+    site: &Site,
+    top: &str,
+    devices: &[(&std::path::Path, &str, &str)],
+) -> std::path::PathBuf {
+    let mut text = format!(
+        "identity = \"{}\"\nstate_dir = \"{}\"\npin_root = \"{}\"\n{top}\n[receiver]\naddress = \"{}\"\nfingerprint = \"{}\"\n",
+        site.agent.dir.display(),
+        site.scratch.path.join("state").display(),
+        site.pins.path.display(),
+        site.receiver.addr,
+        site.receiver.fingerprint,
+    );
+    for (path, volume, extra) in devices {
+        text.push_str(&format!(
+            "[[device]]\npath = \"{}\"\nvolume = \"{volume}\"\ninterval = \"1s\"\n{extra}\n",
+            path.display()
+        ));
+    }
+    let config = site.scratch.path.join("agent.toml");
+    fs::write(&config, text).expect("config");
+    config
+}
+
+/// Polls `check` every `every` until it gives a value, while `agent` keeps running; fails
+/// after `seconds` with `what`.
+fn poll_running<T>(
+    agent: &mut ChildGuard,
+    seconds: u64,
+    every: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            agent.0.try_wait().expect("wait").is_none(),
+            "the agent exited"
+        );
+        assert!(Instant::now() < deadline, "{what} within {seconds} s");
+        std::thread::sleep(every);
+    }
+}
+
 #[test]
 fn two_devices_from_a_config_file_with_status_and_metrics() {
     require_root();
@@ -63,40 +112,17 @@ fn two_devices_from_a_config_file_with_status_and_metrics() {
     write_random(&two.path, 8 * MIB, 4 * MIB);
     let socket = site.scratch.path.join("agent.sock");
     let metrics = free_port();
-    let config = site.scratch.path.join("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-identity = "{identity}"
-state_dir = "{state}"
-pin_root = "{pins}"
-control_socket = "{socket}"
-metrics_listen = "127.0.0.1:{metrics}"
-[receiver]
-address = "{address}"
-fingerprint = "{fingerprint}"
-[[device]]
-path = "{one}"
-volume = "one"
-interval = "1s"
-[[device]]
-path = "{two}"
-volume = "two"
-interval = "1s"
-chunk_size = "128KiB"
-"#,
-            identity = site.agent.dir.display(),
-            state = site.scratch.path.join("state").display(),
-            pins = site.pins.path.display(),
-            socket = socket.display(),
-            address = site.receiver.addr,
-            fingerprint = site.receiver.fingerprint,
-            one = one.path.display(),
-            two = two.path.display(),
+    let config = agent_config(
+        &site,
+        &format!(
+            "control_socket = \"{}\"\nmetrics_listen = \"127.0.0.1:{metrics}\"",
+            socket.display()
         ),
-    )
-    .expect("config");
+        &[
+            (&one.path, "one", ""),
+            (&two.path, "two", "chunk_size = \"128KiB\""),
+        ],
+    );
     let check = blkmirror()
         .args(["config", "check"])
         .arg(&config)
@@ -119,29 +145,24 @@ chunk_size = "128KiB"
             .expect("agent"),
     );
     // Both volumes reach continuous replication with a point.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if socket.exists() {
+    let status = poll_running(
+        &mut agent,
+        120,
+        Duration::from_millis(200),
+        "both volumes continuous",
+        || {
+            if !socket.exists() {
+                return None;
+            }
             let status = status_json(&socket);
             let volumes = status["volumes"].as_array().cloned().unwrap_or_default();
-            if volumes.len() == 2
+            (volumes.len() == 2
                 && volumes
                     .iter()
-                    .all(|v| v["state"] == "continuous" && v["last_point"].is_object())
-            {
-                break status;
-            }
-        }
-        assert!(
-            agent.0.try_wait().expect("wait").is_none(),
-            "the agent exited"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the volumes never became continuous"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+                    .all(|v| v["state"] == "continuous" && v["last_point"].is_object()))
+            .then_some(status)
+        },
+    );
     assert_eq!(status["role"], "agent");
     let one_status = &status["volumes"][0];
     assert_eq!(one_status["volume"], "one");
@@ -298,38 +319,14 @@ fn a_consistency_group_freezes_and_cuts_its_devices_at_one_instant() {
     let wal = LoopDevice::new(&site.scratch.path, 64 * MIB);
     let db_mount = blkmirror_tests::Mount::mkfs_and_mount(&db.path, "ext4", &site.scratch.path);
     let wal_mount = blkmirror_tests::Mount::mkfs_and_mount(&wal.path, "ext4", &site.scratch.path);
-    let config = site.scratch.path.join("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            r#"
-identity = "{identity}"
-state_dir = "{state}"
-pin_root = "{pins}"
-[receiver]
-address = "{address}"
-fingerprint = "{fingerprint}"
-[[device]]
-path = "{db}"
-volume = "db"
-interval = "1s"
-consistency_group = "app"
-[[device]]
-path = "{wal}"
-volume = "wal"
-interval = "1s"
-consistency_group = "app"
-"#,
-            identity = site.agent.dir.display(),
-            state = site.scratch.path.join("state").display(),
-            pins = site.pins.path.display(),
-            address = site.receiver.addr,
-            fingerprint = site.receiver.fingerprint,
-            db = db.path.display(),
-            wal = wal.path.display(),
-        ),
-    )
-    .expect("config");
+    let config = agent_config(
+        &site,
+        "",
+        &[
+            (&db.path, "db", "consistency_group = \"app\""),
+            (&wal.path, "wal", "consistency_group = \"app\""),
+        ],
+    );
     // An application writing one counter to both disks: first the WAL, then the database,
     // each synced. At any instant, wal == db or wal == db + 1.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -375,32 +372,26 @@ consistency_group = "app"
             .expect("points");
         blkmirror_tests::parse_lines(&String::from_utf8_lossy(&out.stdout))
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let shared: Vec<u64> = loop {
-        let cuts = |volume: &str| -> Vec<u64> {
-            points_of(volume)
-                .iter()
-                .filter_map(|p| p["group_cut"].as_u64())
-                .collect()
-        };
-        let db_cuts = cuts("db");
-        let shared: Vec<u64> = cuts("wal")
-            .into_iter()
-            .filter(|c| db_cuts.contains(c))
-            .collect();
-        if shared.len() >= 3 {
-            break shared;
-        }
-        assert!(
-            agent.0.try_wait().expect("wait").is_none(),
-            "the agent exited"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "fewer than 3 group cuts in 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let shared: Vec<u64> = poll_running(
+        &mut agent,
+        120,
+        Duration::from_millis(500),
+        "3 group cuts",
+        || {
+            let cuts = |volume: &str| -> Vec<u64> {
+                points_of(volume)
+                    .iter()
+                    .filter_map(|p| p["group_cut"].as_u64())
+                    .collect()
+            };
+            let db_cuts = cuts("db");
+            let shared: Vec<u64> = cuts("wal")
+                .into_iter()
+                .filter(|c| db_cuts.contains(c))
+                .collect();
+            (shared.len() >= 3).then_some(shared)
+        },
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.join().expect("writer");
     blkmirror_tests::signal(agent.0.id(), libc::SIGTERM);

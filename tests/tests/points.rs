@@ -33,6 +33,24 @@ fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `blkmirror restore VOLUME --at AT --to TO --data-dir DATA`, expecting it to fail with
+/// `code` and a message containing `says`.
+fn restore_refused(volume: &str, at: &str, to: &str, data: &str, code: i32, says: &str) {
+    let out = run(&[
+        "restore",
+        volume,
+        "--at",
+        at,
+        "--to",
+        to,
+        "--data-dir",
+        data,
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(says), "no {says:?} in: {stderr}");
+}
+
 /// Reads `device` with O_DIRECT (the agent's view, not a stale page cache) into `to`.
 fn copy_device(device: &Path, to: &Path) {
     sh(
@@ -213,45 +231,26 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
     assert_eq!(digest(&by_time), digest(&points[1].1));
 
     // A mounted device is refused (opened O_EXCL).
-    let refused = run(&[
-        "restore",
-        "fs",
-        "--at",
-        "latest",
-        "--to",
-        dev.as_str(),
-        "--data-dir",
-        &data,
-    ]);
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use"));
+    restore_refused("fs", "latest", dev.as_str(), &data, 2, "in use");
 
     // A target that exists is refused without --force.
-    let refused = run(&[
-        "restore",
+    restore_refused(
         "fs",
-        "--at",
         "latest",
-        "--to",
         by_time.to_str().expect("utf-8"),
-        "--data-dir",
         &data,
-    ]);
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+        2,
+        "--force",
+    );
     // A point that does not exist is refused with the oldest one named.
-    let refused = run(&[
-        "restore",
+    restore_refused(
         "fs",
-        "--at",
         "2001-01-01T00:00:00Z",
-        "--to",
         "/tmp/never",
-        "--data-dir",
         &data,
-    ]);
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("oldest"));
+        2,
+        "oldest",
+    );
 
     // The deltas cost about what the cycles changed, not a copy per point.
     let deltas: u64 = fs::read_dir(Path::new(&data).join("fs/points"))
@@ -396,17 +395,14 @@ fn retention_prunes_old_points_but_never_the_newest_or_one_being_restored() {
     // A FIFO is neither a block device nor a regular file: restore refuses it.
     let fifo = Fifo(site.scratch.path.join("restore.fifo"));
     sh("mkfifo", &[fifo.0.to_str().expect("utf-8")]);
-    let refused = run(&[
-        "restore",
+    restore_refused(
         "raw",
-        "--at",
         "latest",
-        "--to",
         fifo.0.to_str().expect("utf-8"),
-        "--data-dir",
         &data,
-    ]);
-    assert_eq!(refused.status.code(), Some(2));
+        2,
+        "neither a block device nor a regular file",
+    );
     drop(fifo);
 
     // A restore of B that takes a while (held 6 s after it opened the volume, by a test hook).
@@ -498,18 +494,7 @@ fn retention_prunes_old_points_but_never_the_newest_or_one_being_restored() {
     ]);
     assert_eq!(digest(&target_dev.path), digest(&dev.path));
     let small = LoopDevice::new(&site.scratch.path, 32 * MIB);
-    let refused = run(&[
-        "restore",
-        "raw",
-        "--at",
-        "latest",
-        "--to",
-        small.as_str(),
-        "--data-dir",
-        &data,
-    ]);
-    assert_eq!(refused.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("the point needs"));
+    restore_refused("raw", "latest", small.as_str(), &data, 2, "the point needs");
     // The newest point restores to the device as it is now.
     let now = site.scratch.path.join("now.img");
     run_ok(&[
