@@ -253,9 +253,8 @@ fn two_devices_from_a_config_file_with_status_and_metrics() {
 
 #[test]
 fn a_bad_config_file_exits_78_with_every_problem_named() {
-    let dir = std::env::temp_dir().join(format!("blkmirror-badcfg-{}", std::process::id()));
-    fs::create_dir_all(&dir).expect("dir");
-    let config = dir.join("agent.toml");
+    let scratch = blkmirror_tests::Scratch::new();
+    let config = scratch.path.join("agent.toml");
     fs::write(
         &config,
         "identity = \"/nonexistent\"\n[receiver]\naddress = \"x\"\nfingerprint = \"nope\"\n[[device]]\npath = \"/dev/null\"\nvolume = \"a b\"\ninterval = \"often\"\n",
@@ -282,7 +281,6 @@ fn a_bad_config_file_exits_78_with_every_problem_named() {
         .expect("run");
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown_key"));
-    fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 /// Checks the ext4 image `image` (`e2fsck -fy`: a frozen point is clean, exit 0; anything

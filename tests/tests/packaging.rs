@@ -44,8 +44,8 @@ fn output(program: &str, args: &[&str]) -> String {
 
 /// The ELF machine of the file `path` inside `deb`.
 fn elf_machine_in_deb(deb: &Path) -> u16 {
-    let dir = std::env::temp_dir().join(format!("blkmirror-deb-x-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&dir);
+    let scratch = blkmirror_tests::Scratch::new();
+    let dir = scratch.path.join("extracted");
     output(
         "dpkg-deb",
         &[
@@ -55,7 +55,6 @@ fn elf_machine_in_deb(deb: &Path) -> u16 {
         ],
     );
     let bytes = fs::read(dir.join("usr/bin/blkmirror")).expect("binary");
-    fs::remove_dir_all(&dir).expect("cleanup");
     assert_eq!(&bytes[..4], b"\x7fELF");
     u16::from_le_bytes([bytes[18], bytes[19]])
 }
@@ -92,9 +91,8 @@ fn debs_hold_the_binary_units_and_conffiles_and_never_start_a_service() {
         assert!(info.contains("Package: blkmirror"), "{info}");
         let conffiles = output("dpkg-deb", &["-f", path, "Package"]);
         assert_eq!(conffiles.trim(), "blkmirror");
-        let control =
-            std::env::temp_dir().join(format!("blkmirror-ctl-{arch}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&control);
+        let scratch = blkmirror_tests::Scratch::new();
+        let control = scratch.path.join("control");
         output("dpkg-deb", &["-e", path, control.to_str().expect("utf-8")]);
         let conffiles = fs::read_to_string(control.join("conffiles")).expect("conffiles");
         assert!(conffiles.contains("/etc/blkmirror/agent.toml"));
@@ -118,7 +116,6 @@ fn debs_hold_the_binary_units_and_conffiles_and_never_start_a_service() {
         }
         let postinst = fs::read_to_string(control.join("postinst")).expect("postinst");
         assert!(postinst.contains("daemon-reload"));
-        fs::remove_dir_all(&control).expect("cleanup");
         assert_eq!(elf_machine_in_deb(&deb), machine, "{arch} binary");
     }
 }
@@ -287,8 +284,8 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
 #[test]
 fn the_rpm_installs_into_a_scratch_root_and_erases() {
     require_root();
-    let root = std::env::temp_dir().join(format!("blkmirror-rpm-root-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&root);
+    let scratch = blkmirror_tests::Scratch::new();
+    let root = scratch.path.join("root");
     fs::create_dir_all(&root).expect("root");
     let root_arg = root.to_str().expect("utf-8");
     let rpm = package(".x86_64.rpm");
@@ -327,5 +324,4 @@ fn the_rpm_installs_into_a_scratch_root_and_erases() {
         !root.join("usr/bin/blkmirror").exists(),
         "erase left the binary"
     );
-    fs::remove_dir_all(&root).expect("cleanup");
 }

@@ -84,6 +84,17 @@ fn bounding_set_of(unit: &str) -> String {
         .join(",")
 }
 
+/// Every process below `pid`.
+fn descendants(pid: u32) -> Vec<u32> {
+    let children =
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .flat_map(|child| std::iter::once(child).chain(descendants(child)))
+        .collect()
+}
+
 /// The system calls in an `strace -f -o` trace.
 fn called_in(trace: &Path) -> BTreeSet<String> {
     let text = fs::read_to_string(trace).expect("trace");
@@ -159,6 +170,10 @@ fn the_units_capabilities_and_syscall_filters_allow_what_agent_and_receiver_do()
             point["consistent"], true,
             "the sandboxed agent could not freeze: {point}"
         );
+    }
+    // The receiver runs as strace's child: kill it first, or it would outlive strace.
+    for pid in descendants(receiver.pid()) {
+        blkmirror_tests::signal(pid, libc::SIGKILL);
     }
     drop(receiver);
     drop(mount);
