@@ -582,12 +582,7 @@ impl Agent {
             s.state = VolumeState::Continuous;
             s.last_error = None;
             if let Some(point) = welcome.last_point.as_ref().filter(|p| p.complete) {
-                s.last_point.get_or_insert(PointSummary {
-                    seq: point.seq,
-                    time_unix_ms: point.time_unix_ms,
-                    consistent: point.consistent,
-                    freeze_ms: point.freeze_ms,
-                });
+                s.last_point.get_or_insert(PointSummary::from(point));
             }
         });
         loop {
@@ -1169,12 +1164,7 @@ impl Agent {
     fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
         self.config.status.committed(
             &self.config.volume,
-            PointSummary {
-                seq: point.seq,
-                time_unix_ms: point.time_unix_ms,
-                consistent: point.consistent,
-                freeze_ms: point.freeze_ms,
-            },
+            PointSummary::from(point),
             point.complete,
             stats.wire_bytes,
             took.as_secs_f64(),
@@ -1310,13 +1300,7 @@ impl Agent {
         sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
     ) -> Result<(), ReadError> {
         for &(offset, length) in &plan.zero {
-            sink(wire::encode(&DataFrame::Zero {
-                seq,
-                offset,
-                length,
-            }))?;
-            stats.frames += 1;
-            stats.zero_bytes += length;
+            send_zero(seq, offset, length, stats, sink)?;
         }
         let chunk = self.chunk;
         let compress = self.config.compression == Compression::Auto;
@@ -1409,15 +1393,27 @@ fn flush_zero_run(
     stats: &mut PassStats,
     sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
 ) -> Result<(), ReadError> {
-    if let Some((offset, length)) = zero_run.take() {
-        sink(wire::encode(&DataFrame::Zero {
-            seq,
-            offset,
-            length,
-        }))?;
-        stats.frames += 1;
-        stats.zero_bytes += length;
+    match zero_run.take() {
+        Some((offset, length)) => send_zero(seq, offset, length, stats, sink),
+        None => Ok(()),
     }
+}
+
+/// Sends `[offset, offset + length)` as one `Zero` frame and counts it.
+fn send_zero(
+    seq: u64,
+    offset: u64,
+    length: u64,
+    stats: &mut PassStats,
+    sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
+) -> Result<(), ReadError> {
+    sink(wire::encode(&DataFrame::Zero {
+        seq,
+        offset,
+        length,
+    }))?;
+    stats.frames += 1;
+    stats.zero_bytes += length;
     Ok(())
 }
 

@@ -243,23 +243,13 @@ fn known_volumes(settings: &ReceiverSettings, board: &StatusBoard) {
         };
         board.update(&meta.volume, |s| {
             s.state = VolumeState::Idle;
-            s.last_point = meta.points.last().map(|p| status::PointSummary {
-                seq: p.seq,
-                time_unix_ms: p.time_unix_ms,
-                consistent: p.consistent,
-                freeze_ms: p.freeze_ms,
-            });
-            s.last_consistent =
-                meta.points
-                    .iter()
-                    .rev()
-                    .find(|p| p.consistent)
-                    .map(|p| status::PointSummary {
-                        seq: p.seq,
-                        time_unix_ms: p.time_unix_ms,
-                        consistent: true,
-                        freeze_ms: p.freeze_ms,
-                    });
+            s.last_point = meta.points.last().map(status::PointSummary::from);
+            s.last_consistent = meta
+                .points
+                .iter()
+                .rev()
+                .find(|p| p.consistent)
+                .map(status::PointSummary::from);
         });
     }
 }

@@ -154,7 +154,8 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
     let reader = PointReader::open(data_dir, volume)?;
     let lines: Vec<PointLine> = reader
         .points()
-        .into_iter()
+        .iter()
+        .zip(reader.stored_bytes()?)
         .map(|(p, stored_bytes)| PointLine {
             seq: p.seq,
             time: units::format_utc(p.time_unix_ms),
@@ -180,7 +181,7 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
         units::format_size(meta.size_bytes),
         meta.source_id,
         lines.len(),
-        units::format_size(reader.delta_bytes())
+        units::format_size(reader.delta_bytes()?)
     );
     println!(
         "{:>8}  {:<20}  {:>8}  {:<10}  {:>8}  {:>10}  {:>10}  GROUP CUT",
@@ -267,8 +268,12 @@ impl Progress {
 
 /// Where a restore writes.
 enum Target {
-    /// A block device, written in place (zero chunks written as zeros).
-    Device { file: File, path: PathBuf },
+    /// A block device, written in place (zero chunks written from `zeros`, one chunk long).
+    Device {
+        file: File,
+        path: PathBuf,
+        zeros: Vec<u8>,
+    },
     /// A new regular file, written under a temporary name and renamed when whole.
     File {
         file: File,
@@ -278,7 +283,7 @@ enum Target {
 }
 
 impl Target {
-    fn open(path: &Path, size: u64, force: bool) -> Result<Self, OpsError> {
+    fn open(path: &Path, size: u64, chunk_bytes: usize, force: bool) -> Result<Self, OpsError> {
         let target_err = |what| {
             let path = path.to_owned();
             move |source| OpsError::Target { what, path, source }
@@ -310,6 +315,7 @@ impl Target {
                 Ok(Self::Device {
                     file,
                     path: path.to_owned(),
+                    zeros: vec![0; chunk_bytes],
                 })
             }
             Ok(meta) if meta.is_file() && !force => Err(OpsError::Usage(format!(
@@ -346,7 +352,7 @@ impl Target {
             (Self::Device { file, .. }, Some(data)) | (Self::File { file, .. }, Some(data)) => {
                 file.write_all_at(data, offset)
             }
-            (Self::Device { file, .. }, None) => file.write_all_at(&vec![0u8; chunk], offset),
+            (Self::Device { file, zeros, .. }, None) => file.write_all_at(&zeros[..chunk], offset),
             // A new file is sparse: its holes read as zeros.
             (Self::File { .. }, None) => Ok(()),
         }
@@ -406,13 +412,12 @@ pub fn restore(
     {
         std::thread::sleep(std::time::Duration::from_millis(hold));
     }
-    let points: Vec<PointInfo> = reader.points().into_iter().map(|(p, _)| p).collect();
-    let point = select(&points, selector)
+    let point = select(reader.points(), selector)
         .map_err(OpsError::Usage)?
         .remove(0);
     let size = reader.meta().size_bytes;
     let chunk = reader.meta().chunk_bytes as usize;
-    let target = Target::open(to, size, force)?;
+    let target = Target::open(to, size, chunk, force)?;
     eprintln!(
         "blkmirror: restoring volume {volume} point {} ({}, {}) to {}",
         point.seq,
@@ -507,8 +512,7 @@ pub fn verify(
     json: bool,
 ) -> Result<(), OpsError> {
     let reader = PointReader::open(data_dir, volume)?;
-    let points: Vec<PointInfo> = reader.points().into_iter().map(|(p, _)| p).collect();
-    let chosen = select(&points, selector).map_err(OpsError::Usage)?;
+    let chosen = select(reader.points(), selector).map_err(OpsError::Usage)?;
     let size = reader.meta().size_bytes;
     let chunk = reader.meta().chunk_bytes;
     let mut corrupt = Vec::new();

@@ -204,25 +204,16 @@ impl PointStore {
         Ok(out)
     }
 
-    /// Bytes the store holds for the delta leading to `to` (0 if none).
-    pub fn stored_bytes(&self, to: u64) -> u64 {
-        self.deltas()
-            .unwrap_or_default()
+    /// The size in bytes of every delta file present.
+    pub fn delta_sizes(&self) -> Result<Vec<(Delta, u64)>, PointsError> {
+        self.deltas()?
             .into_iter()
-            .filter(|d| d.to == to)
-            .filter_map(|d| fs::metadata(self.path(d)).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
-    /// Total bytes of all deltas.
-    pub fn total_bytes(&self) -> u64 {
-        self.deltas()
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|d| fs::metadata(self.path(d)).ok())
-            .map(|m| m.len())
-            .sum()
+            .map(|delta| {
+                let path = self.path(delta);
+                let len = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
+                Ok((delta, len))
+            })
+            .collect()
     }
 
     /// Writes `undo-FROM-TO` holding the current content of `chunks` of `image` (which must be
@@ -309,20 +300,24 @@ impl PointStore {
         let newer_index = self.index(newer)?;
         let older_index = self.index(older)?;
         let mut writer = DeltaWriter::create(self, merged)?;
-        let newer_file =
-            File::open(self.path(newer)).map_err(io_err("opening", &self.path(newer)))?;
-        let older_file =
-            File::open(self.path(older)).map_err(io_err("opening", &self.path(older)))?;
-        let mut all: BTreeMap<u64, (&File, PathBuf, &IndexEntry)> = BTreeMap::new();
-        for (chunk, entry) in &newer_index {
-            all.insert(*chunk, (&newer_file, self.path(newer), entry));
-        }
-        for (chunk, entry) in &older_index {
-            all.insert(*chunk, (&older_file, self.path(older), entry));
+        let open = |delta: Delta| {
+            let path = self.path(delta);
+            File::open(&path)
+                .map(|file| (file, path.clone()))
+                .map_err(io_err("opening", &path))
+        };
+        let files = [open(newer)?, open(older)?];
+        // Chunk → (file, record); the older delta's records overwrite the newer one's.
+        let mut all: BTreeMap<u64, (usize, &IndexEntry)> = BTreeMap::new();
+        for (file, index) in [&newer_index, &older_index].into_iter().enumerate() {
+            for (chunk, entry) in index {
+                all.insert(*chunk, (file, entry));
+            }
         }
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
-        for (chunk, (file, path, entry)) in all {
-            let data = read_checked(file, &path, entry, &mut buffer)?;
+        for (chunk, (file, entry)) in all {
+            let (file, path) = &files[file];
+            let data = read_checked(file, path, entry, &mut buffer)?;
             writer.push(chunk, data)?;
         }
         writer.finish()

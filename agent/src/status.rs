@@ -56,6 +56,17 @@ pub struct PointSummary {
     pub freeze_ms: u64,
 }
 
+impl From<&crate::wire::PointInfo> for PointSummary {
+    fn from(point: &crate::wire::PointInfo) -> Self {
+        Self {
+            seq: point.seq,
+            time_unix_ms: point.time_unix_ms,
+            consistent: point.consistent,
+            freeze_ms: point.freeze_ms,
+        }
+    }
+}
+
 /// A running sync.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncProgress {
@@ -191,9 +202,11 @@ impl StatusBoard {
             s.last_error = None;
             if matches!(
                 s.state,
-                VolumeState::InitialSync | VolumeState::VerifyResync | VolumeState::Starting
-            ) || s.state == VolumeState::Disconnected
-            {
+                VolumeState::InitialSync
+                    | VolumeState::VerifyResync
+                    | VolumeState::Starting
+                    | VolumeState::Disconnected
+            ) {
                 s.state = VolumeState::Continuous;
             }
         });

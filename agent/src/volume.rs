@@ -824,21 +824,34 @@ impl PointReader {
         &self.meta
     }
 
-    /// The retained points, oldest first, with the bytes each one's delta holds.
-    pub fn points(&self) -> Vec<(PointInfo, u64)> {
+    /// The retained points, oldest first (none while a sync leaves the image unsettled).
+    pub fn points(&self) -> &[PointInfo] {
         if self.meta.unsettled {
-            return Vec::new();
+            return &[];
         }
-        self.meta
-            .points
+        &self.meta.points
+    }
+
+    /// The bytes of the delta that leads back to each retained point (0 for the newest: it is
+    /// the image), in the order of [`Self::points`].
+    pub fn stored_bytes(&self) -> Result<Vec<u64>, StoreError> {
+        let sizes = self.store.delta_sizes()?;
+        Ok(self
+            .points()
             .iter()
-            .map(|p| (p.clone(), self.store.stored_bytes(p.seq)))
-            .collect()
+            .map(|p| {
+                sizes
+                    .iter()
+                    .filter(|(delta, _)| delta.to == p.seq)
+                    .map(|(_, len)| len)
+                    .sum()
+            })
+            .collect())
     }
 
     /// Bytes held by all deltas.
-    pub fn delta_bytes(&self) -> u64 {
-        self.store.total_bytes()
+    pub fn delta_bytes(&self) -> Result<u64, StoreError> {
+        Ok(self.store.delta_sizes()?.iter().map(|(_, len)| len).sum())
     }
 
     /// Reads point `seq` in device order, checking every chunk (see
