@@ -135,6 +135,8 @@ impl Context {
 struct Refusal {
     code: RefusalCode,
     message: String,
+    /// The connection itself failed (the peer went away); not a decision of ours.
+    transport: bool,
 }
 
 impl Refusal {
@@ -142,6 +144,7 @@ impl Refusal {
         Self {
             code,
             message: message.into(),
+            transport: false,
         }
     }
 
@@ -154,6 +157,12 @@ impl From<NetError> for Refusal {
     fn from(error: NetError) -> Self {
         match error {
             NetError::Wire(error) => Refusal::new(RefusalCode::BadFrame, error.to_string()),
+            transport @ (NetError::Connection(_) | NetError::Write(_) | NetError::Read(_)) => {
+                Refusal {
+                    transport: true,
+                    ..Refusal::new(RefusalCode::Sequence, transport.to_string())
+                }
+            }
             other => Refusal::new(RefusalCode::Sequence, other.to_string()),
         }
     }
@@ -319,7 +328,14 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
     let connection = match incoming.await {
         Ok(connection) => connection,
         Err(error) => {
-            log(format!("refused connection from {remote}: {error}"));
+            // Most often the TLS handshake: an agent certificate that is not admitted.
+            warn(format!("refused connection from {remote}: {error}"));
+            context.record(Event {
+                event: "refused",
+                outcome: error.to_string(),
+                detail: serde_json::json!({ "remote": remote.to_string(), "stage": "handshake" }),
+                ..Event::default()
+            });
             return;
         }
     };
@@ -336,12 +352,15 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
     };
     let outcome = match session.run().await {
         // The agent closed the connection on purpose (end of `--once`, or stopping).
-        Err(_)
-            if matches!(
-                connection.close_reason(),
-                Some(quinn::ConnectionError::ApplicationClosed(ref close))
-                    if close.error_code == quinn::VarInt::from_u32(0)
-            ) =>
+        // Only a transport error: a refusal the receiver decided is logged and audited even
+        // when the agent has closed by the time we look (it does, on reading `Refused`).
+        Err(ref refusal)
+            if refusal.transport
+                && matches!(
+                    connection.close_reason(),
+                    Some(quinn::ConnectionError::ApplicationClosed(ref close))
+                        if close.error_code == quinn::VarInt::from_u32(0)
+                ) =>
         {
             Ok(())
         }
@@ -621,9 +640,7 @@ impl Session {
                                 &name_for_status,
                                 PointSummary {
                                     seq: volume.meta().committed_seq,
-                                    time_unix_ms: point.time_unix_ms,
-                                    consistent: point.consistent,
-                                    freeze_ms: point.freeze_ms,
+                                    ..PointSummary::from(&point)
                                 },
                                 point.complete,
                                 point.bytes,

@@ -267,6 +267,24 @@ fn unknown_agents_wrong_receivers_and_other_volumes_are_refused() {
     );
     expect_refusal(&site.setup(&dev.path, "vol-b"), "not granted");
     assert!(!site.receiver.data_dir.join("vol-b").exists());
+    // Both refusals are in the audit log: the stranger's at the handshake, the grant by volume.
+    let audit = std::fs::read_to_string(site.receiver.data_dir.join("audit.log")).expect("audit");
+    let refused: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("\"event\":\"refused\""))
+        .collect();
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("\"stage\":\"handshake\"")),
+        "{audit}"
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("\"volume\":\"vol-b\"") && l.contains("not granted")),
+        "{audit}"
+    );
     // The agent pins the receiver: another receiver fingerprint is refused by the agent.
     let wrong = Receiver::start(
         &site.scratch.path.join("data2"),
