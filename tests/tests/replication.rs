@@ -267,24 +267,33 @@ fn unknown_agents_wrong_receivers_and_other_volumes_are_refused() {
     );
     expect_refusal(&site.setup(&dev.path, "vol-b"), "not granted");
     assert!(!site.receiver.data_dir.join("vol-b").exists());
-    // Both refusals are in the audit log: the stranger's at the handshake, the grant by volume.
-    let audit = std::fs::read_to_string(site.receiver.data_dir.join("audit.log")).expect("audit");
-    let refused: Vec<&str> = audit
-        .lines()
-        .filter(|l| l.contains("\"event\":\"refused\""))
-        .collect();
-    assert!(
+    // Both refusals reach the audit log: the stranger's at the handshake, the grant by volume.
+    // (The receiver appends after the refused agent has gone, so give it a moment.)
+    let audit_path = site.receiver.data_dir.join("audit.log");
+    let refusals_audited = |audit: &str| {
+        let refused: Vec<&str> = audit
+            .lines()
+            .filter(|l| l.contains("\"event\":\"refused\""))
+            .collect();
         refused
             .iter()
-            .any(|l| l.contains("\"stage\":\"handshake\"")),
-        "{audit}"
-    );
-    assert!(
-        refused
-            .iter()
-            .any(|l| l.contains("\"volume\":\"vol-b\"") && l.contains("not granted")),
-        "{audit}"
-    );
+            .any(|l| l.contains("\"stage\":\"handshake\""))
+            && refused
+                .iter()
+                .any(|l| l.contains("\"volume\":\"vol-b\"") && l.contains("not granted"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = std::fs::read_to_string(&audit_path).unwrap_or_default();
+        if refusals_audited(&audit) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refusals missing from the audit log:\n{audit}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The agent pins the receiver: another receiver fingerprint is refused by the agent.
     let wrong = Receiver::start(
         &site.scratch.path.join("data2"),
