@@ -573,7 +573,9 @@ impl Agent {
             });
         }
         self.reconcile(&welcome)?;
-        self.replica_has_point = welcome.last_point.as_ref().is_some_and(|p| p.complete);
+        // The receiver says whether the volume has history: then every sync is journaled (it
+        // refuses direct steps), even when the last cycle was an unfinished verify sync.
+        self.replica_has_point = welcome.history;
         let mut new_replica = welcome.new_volume;
         // Decided once from the receiver's view at connect; later only a tracking loss
         // (`NeedsVerify`) starts another sync.
@@ -743,11 +745,13 @@ impl Agent {
         seq: u64,
         estimate: u64,
         direct: bool,
+        from: u64,
     ) -> Result<(), AgentError> {
         let begin = AgentMessage::Begin(Begin {
             seq,
             bytes_estimate: estimate,
             direct,
+            from,
         });
         match link.request(&begin).await? {
             ReceiverMessage::Ready { seq: ready } if ready == seq => Ok(()),
@@ -803,7 +807,8 @@ impl Agent {
         // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
         let (_, mut epoch) = tokio::task::block_in_place(|| self.take_cut())?;
         let first = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
-        self.begin(link, seq, first.bytes(), false).await?;
+        self.begin(link, seq, first.data_estimate(), false, 0)
+            .await?;
         let mut totals = PassStats::default();
         let pass_started = Instant::now();
         let stats = self.send_pass(link, seq, &first, Compare::Nothing).await?;
@@ -885,6 +890,7 @@ impl Agent {
             complete: true,
             synced_to: self.size,
             group_cut: group_cut.filter(|_| consistent),
+            received_unix_ms: 0,
         };
         self.commit(link, totals.frames, point.clone()).await?;
         self.report("cycle", &point, &totals, started.elapsed());
@@ -1037,10 +1043,10 @@ impl Agent {
             }
         ));
         let window = self.chunk * u64::from(wire::MAX_HASHES_PER_REQUEST);
-        // A replica that is at a complete point is verified in one journaled cycle, so a crash
-        // leaves it at that point or at the synced one, never a mix (the journal holds only
-        // the chunks that differ). An initial sync has no point to protect: it writes straight
-        // into the image in resumable steps.
+        // A replica with history is verified in one journaled cycle, so a crash leaves it at
+        // its last point or at the synced one, never a mix (the journal holds only the chunks
+        // that differ). An initial sync has no point to protect: it writes straight into the
+        // image in resumable steps, each telling the receiver where it starts.
         let direct = !self.replica_has_point;
         let step = if direct {
             self.config.sync_step.max(window) / window * window
@@ -1059,7 +1065,7 @@ impl Agent {
             let started = Instant::now();
             // The data of a sync step is unknown until read: the receiver checks its space as
             // the journal grows.
-            self.begin(link, seq, 0, direct).await?;
+            self.begin(link, seq, 0, direct, step_start).await?;
             let mut step_stats = PassStats::default();
             for (start, end) in plan::sync_windows(step_start, step_end, window) {
                 if self.stopping() {
@@ -1092,7 +1098,7 @@ impl Agent {
                 };
                 let plan = PassPlan {
                     read: vec![(start, end - start)],
-                    zero: Vec::new(),
+                    ..PassPlan::default()
                 };
                 let stats = self.send_pass(link, seq, &plan, compare).await?;
                 step_stats.add(stats);
@@ -1113,6 +1119,7 @@ impl Agent {
                 complete: false,
                 synced_to: step_end,
                 group_cut: None,
+                received_unix_ms: 0,
             };
             self.commit(link, step_stats.frames, point.clone()).await?;
             totals.add(step_stats);

@@ -234,6 +234,10 @@ pub struct ReceiverArgs {
     /// Keep one point per day for this long.
     #[arg(long, value_name = "DURATION", default_value = "7d", value_parser = units::parse_duration)]
     pub keep_daily: Duration,
+    /// Retention lock: no point younger than this is pruned, whatever the other settings say
+    /// (0: off). A configuration reload cannot shorten it.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = units::parse_duration)]
+    pub retention_lock: Duration,
 }
 
 /// Where the receiver keeps its volumes (for the commands that read them).
@@ -760,7 +764,11 @@ pub fn agent_exit_code(error: &AgentError) -> u8 {
         AgentError::Track(error) => exit_code(error),
         AgentError::DeviceMismatch { .. } => 4,
         AgentError::Refused {
-            code: RefusalCode::NotGranted | RefusalCode::SourceMismatch | RefusalCode::Protocol,
+            code:
+                RefusalCode::NotGranted
+                | RefusalCode::SourceMismatch
+                | RefusalCode::Protocol
+                | RefusalCode::Forbidden,
             ..
         } => 6,
         AgentError::Net(error) if error.is_handshake_refusal() => 6,
@@ -853,6 +861,7 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                     all: args.keep_all,
                     hourly: args.keep_hourly,
                     daily: args.keep_daily,
+                    locked: args.retention_lock,
                 },
                 allow: args.allow,
             }

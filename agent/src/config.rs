@@ -199,6 +199,8 @@ pub struct RetentionSection {
     pub hourly: Option<String>,
     /// `--keep-daily`.
     pub daily: Option<String>,
+    /// `--retention-lock`.
+    pub locked: Option<String>,
 }
 
 /// `/etc/blkmirror/receiver.toml`.
@@ -540,6 +542,11 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
         retention_section.and_then(|r| r.daily.as_ref()),
         defaults.daily,
     );
+    let locked = duration(
+        "retention.locked",
+        retention_section.and_then(|r| r.locked.as_ref()),
+        defaults.locked,
+    );
     if file.agent.is_empty() {
         problems
             .0
@@ -572,8 +579,8 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
         }
         allow.push(format!("{}={}", grant.fingerprint, grant.volumes.join(",")));
     }
-    match (listen, window, all, hourly, daily) {
-        (Some(listen), Some(window), Some(all), Some(hourly), Some(daily))
+    match (listen, window, all, hourly, daily, locked) {
+        (Some(listen), Some(window), Some(all), Some(hourly), Some(daily), Some(locked))
             if problems.0.is_empty() =>
         {
             Ok(ReceiverSettings {
@@ -588,7 +595,12 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                         .unwrap_or_else(|| PathBuf::from(RECEIVER_SOCKET)),
                 ),
                 metrics_listen,
-                retention: RetentionPolicy { all, hourly, daily },
+                retention: RetentionPolicy {
+                    all,
+                    hourly,
+                    daily,
+                    locked,
+                },
                 allow,
             })
         }

@@ -613,6 +613,7 @@ mod tests {
             complete: true,
             synced_to: 0,
             group_cut: None,
+            received_unix_ms: time_unix_ms,
         }
     }
 

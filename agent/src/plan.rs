@@ -14,6 +14,10 @@ pub struct PassPlan {
     pub read: Vec<(u64, u64)>,
     /// Ranges the device guarantees to read as zeros (write-zeroes): sent without reading.
     pub zero: Vec<(u64, u64)>,
+    /// Bytes of `read` that were discarded: they usually read back as zeros and travel as
+    /// metadata, so they are left out of the receiver's space estimate (which checks again as
+    /// data arrives).
+    pub discarded: u64,
 }
 
 impl PassPlan {
@@ -26,7 +30,11 @@ impl PassPlan {
             }
             let range = (extent.offset, extent.length.min(size - extent.offset));
             match extent.kind {
-                ChangeKind::Write | ChangeKind::Discard => plan.read.push(range),
+                ChangeKind::Write => plan.read.push(range),
+                ChangeKind::Discard => {
+                    plan.read.push(range);
+                    plan.discarded += range.1;
+                }
                 ChangeKind::Zeroes => plan.zero.push(range),
             }
         }
@@ -41,6 +49,12 @@ impl PassPlan {
     /// Bytes this pass covers.
     pub fn bytes(&self) -> u64 {
         self.read_bytes() + self.zero.iter().map(|r| r.1).sum::<u64>()
+    }
+
+    /// The data bytes this pass is expected to send, for the receiver's space check: written
+    /// ranges only. Zeroed ranges are metadata, and discarded ones nearly always read as zeros.
+    pub fn data_estimate(&self) -> u64 {
+        self.read_bytes().saturating_sub(self.discarded)
     }
 }
 

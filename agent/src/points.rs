@@ -134,6 +134,102 @@ impl RecordHead {
     }
 }
 
+/// A set of chunk indices kept as merged ranges: its memory grows with the number of separate
+/// ranges inserted, not with the number of chunks they cover (one frame may name a whole
+/// volume).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChunkRanges {
+    /// First chunk of each range → the chunk after its last; ranges neither overlap nor touch.
+    ranges: BTreeMap<u64, u64>,
+}
+
+impl ChunkRanges {
+    /// Adds chunks `[first, end)`.
+    pub fn insert(&mut self, first: u64, end: u64) {
+        if first >= end {
+            return;
+        }
+        let (mut first, mut end) = (first, end);
+        // Merge with a range that starts before `first` and reaches it.
+        if let Some((&start, &stop)) = self.ranges.range(..=first).next_back()
+            && stop >= first
+        {
+            first = start;
+            end = end.max(stop);
+        }
+        // Absorb every range that starts inside the new one.
+        let inside: Vec<(u64, u64)> = self
+            .ranges
+            .range(first..=end)
+            .map(|(&start, &stop)| (start, stop))
+            .collect();
+        for (start, stop) in inside {
+            end = end.max(stop);
+            self.ranges.remove(&start);
+        }
+        self.ranges.insert(first, end);
+    }
+
+    /// Adds every chunk of `other`.
+    pub fn extend(&mut self, other: &ChunkRanges) {
+        for (first, end) in other.ranges() {
+            self.insert(first, end);
+        }
+    }
+
+    /// Whether `chunk` is in the set.
+    pub fn contains(&self, chunk: u64) -> bool {
+        self.ranges
+            .range(..=chunk)
+            .next_back()
+            .is_some_and(|(_, &stop)| chunk < stop)
+    }
+
+    /// The ranges, in order.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&first, &end)| (first, end))
+    }
+
+    /// The chunks, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.ranges().flat_map(|(first, end)| first..end)
+    }
+
+    /// How many chunks.
+    pub fn count(&self) -> u64 {
+        self.ranges().map(|(first, end)| end - first).sum()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
+
+    /// The chunks of this set that are not in `other`.
+    pub fn without(&self, other: &ChunkRanges) -> ChunkRanges {
+        let mut out = ChunkRanges::default();
+        for (first, end) in self.ranges() {
+            let mut at = first;
+            for (start, stop) in other.ranges() {
+                if stop <= at {
+                    continue;
+                }
+                if start >= end {
+                    break;
+                }
+                if start > at {
+                    out.insert(at, start);
+                }
+                at = at.max(stop);
+            }
+            if at < end {
+                out.insert(at, end);
+            }
+        }
+        out
+    }
+}
+
 /// The hash stored for a chunk: all zeros for an all-zero chunk (a sparse hole in `hashes`).
 pub fn stored_hash(data: &[u8]) -> [u8; 32] {
     if data.iter().all(|&b| b == 0) {
@@ -185,6 +281,11 @@ impl PointStore {
         self.dir.join(format!("undo-{}-{}", delta.from, delta.to))
     }
 
+    /// Whether the delta file exists (written whole: files appear by rename).
+    pub fn has_delta(&self, delta: Delta) -> bool {
+        self.path(delta).exists()
+    }
+
     /// The delta files present, sorted.
     pub fn deltas(&self) -> Result<Vec<Delta>, PointsError> {
         let mut out = Vec::new();
@@ -222,7 +323,7 @@ impl PointStore {
         &self,
         image: &File,
         delta: Delta,
-        chunks: &BTreeSet<u64>,
+        chunks: impl IntoIterator<Item = u64>,
     ) -> Result<(), PointsError> {
         let path = self.path(delta);
         if path.exists() {
@@ -230,7 +331,7 @@ impl PointStore {
         }
         let mut writer = DeltaWriter::create(self, delta)?;
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
-        for &chunk in chunks {
+        for chunk in chunks {
             let len = self.chunk_len(chunk) as usize;
             image
                 .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
@@ -491,8 +592,15 @@ impl PointStore {
         Ok(bad)
     }
 
-    /// Records the hashes of `chunks` of `image` in `hashes` and syncs it.
-    pub fn update_hashes(&self, image: &File, chunks: &BTreeSet<u64>) -> Result<(), PointsError> {
+    /// Records the hashes of `chunks` of `image` in `hashes` and syncs it. The chunks in
+    /// `zeroed` (all zeros after a zero range) get the all-zero hash first, by punching the
+    /// hashes file: no read of the image, and work proportional to the ranges, not the chunks.
+    pub fn update_hashes(
+        &self,
+        image: &File,
+        zeroed: &ChunkRanges,
+        chunks: impl IntoIterator<Item = u64>,
+    ) -> Result<(), PointsError> {
         let path = &self.hashes_path;
         let file = fs::OpenOptions::new()
             .read(true)
@@ -503,8 +611,25 @@ impl PointStore {
             .map_err(io_err("opening", path))?;
         file.set_len(self.chunks() * HASH_BYTES)
             .map_err(io_err("sizing", path))?;
+        for (first, end) in zeroed.ranges() {
+            let (offset, length) = (first * HASH_BYTES, (end - first) * HASH_BYTES);
+            match crate::sys::punch_hole(&file, offset, length) {
+                Ok(()) => {}
+                Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    let zeros = vec![0u8; 1 << 16];
+                    let mut at = offset;
+                    while at < offset + length {
+                        let n = (offset + length - at).min(zeros.len() as u64) as usize;
+                        file.write_all_at(&zeros[..n], at)
+                            .map_err(io_err("writing", path))?;
+                        at += n as u64;
+                    }
+                }
+                Err(error) => return Err(io_err("punching a hole in", path)(error)),
+            }
+        }
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
-        for &chunk in chunks {
+        for chunk in chunks {
             let len = self.chunk_len(chunk) as usize;
             image
                 .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
@@ -522,8 +647,7 @@ impl PointStore {
 
     /// Rehashes every chunk of the image.
     pub fn rehash_all(&self, image: &File) -> Result<(), PointsError> {
-        let all: BTreeSet<u64> = (0..self.chunks()).collect();
-        self.update_hashes(image, &all)
+        self.update_hashes(image, &ChunkRanges::default(), 0..self.chunks())
     }
 }
 
@@ -705,7 +829,7 @@ mod tests {
                         from: seq,
                         to: self.head,
                     },
-                    &chunks,
+                    chunks.iter().copied(),
                 )
                 .unwrap();
             for &(offset, len, byte) in writes {
@@ -713,7 +837,9 @@ mod tests {
                     .write_all_at(&vec![byte; len as usize], offset)
                     .unwrap();
             }
-            self.store.update_hashes(&self.image, &chunks).unwrap();
+            self.store
+                .update_hashes(&self.image, &ChunkRanges::default(), chunks.iter().copied())
+                .unwrap();
             self.head = seq;
             self.copies.insert(seq, self.contents());
         }
@@ -732,6 +858,46 @@ mod tests {
             assert!(bad.is_empty(), "corrupt chunks {bad:?}");
             out
         }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn chunk_ranges_hold_exactly_the_chunks_inserted(
+            inserts in proptest::collection::vec((0u64..200, 0u64..40), 0..30),
+            removed in proptest::collection::vec((0u64..200, 0u64..40), 0..10),
+        ) {
+            let (mut set, mut model) = (ChunkRanges::default(), BTreeSet::new());
+            for &(first, len) in &inserts {
+                set.insert(first, first + len);
+                model.extend(first..first + len);
+            }
+            proptest::prop_assert_eq!(set.chunks().collect::<BTreeSet<_>>(), model.clone());
+            proptest::prop_assert_eq!(set.count(), model.len() as u64);
+            for chunk in 0..260 {
+                proptest::prop_assert_eq!(set.contains(chunk), model.contains(&chunk));
+            }
+            // Ranges are disjoint and do not touch.
+            let ranges: Vec<_> = set.ranges().collect();
+            for pair in ranges.windows(2) {
+                proptest::prop_assert!(pair[0].1 < pair[1].0);
+            }
+            let (mut other, mut other_model) = (ChunkRanges::default(), BTreeSet::new());
+            for &(first, len) in &removed {
+                other.insert(first, first + len);
+                other_model.extend(first..first + len);
+            }
+            let left: BTreeSet<u64> = model.difference(&other_model).copied().collect();
+            proptest::prop_assert_eq!(set.without(&other).chunks().collect::<BTreeSet<_>>(), left);
+        }
+    }
+
+    #[test]
+    fn a_chunk_range_over_a_huge_volume_costs_one_entry() {
+        let mut set = ChunkRanges::default();
+        set.insert(0, 1 << 40);
+        set.insert(5, 7);
+        assert_eq!(set.ranges().count(), 1);
+        assert_eq!(set.count(), 1 << 40);
     }
 
     #[test]

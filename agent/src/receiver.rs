@@ -80,7 +80,12 @@ fn warn(message: impl std::fmt::Display) {
 }
 
 /// Recovers every volume under `data_dir`: applies committed journals, drops uncommitted ones.
-pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverError> {
+/// A volume that cannot be opened (corrupt metadata, unreadable files) is reported with its
+/// error and left alone: one broken volume must not keep the others from being served.
+#[allow(clippy::type_complexity)]
+pub fn recover_all(
+    data_dir: &Path,
+) -> Result<Vec<(String, Result<Recovery, StoreError>)>, ReceiverError> {
     let entries = std::fs::read_dir(data_dir).map_err(|error| ReceiverError::DataDir {
         path: data_dir.to_owned(),
         message: error.to_string(),
@@ -91,10 +96,44 @@ pub fn recover_all(data_dir: &Path) -> Result<Vec<(String, Recovery)>, ReceiverE
         if wire::check_volume_name(&name).is_err() || !entry.path().join("volume.json").exists() {
             continue;
         }
-        let (_, recovery) = Volume::open(data_dir, &name)?;
+        let recovery = Volume::open(data_dir, &name).map(|(_, recovery)| recovery);
         recovered.push((name, recovery));
     }
+    recovered.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(recovered)
+}
+
+/// Audit entries for refused handshakes are throttled: an unauthenticated peer must not be
+/// able to grow the audit log (3 fsyncs an entry) at its own pace. Pure: time is an argument.
+#[derive(Debug, Default)]
+pub struct RefusalThrottle {
+    /// The start of the current window and the entries written in it.
+    window_start_ms: u64,
+    written: u32,
+    /// Refusals not written since the last entry, reported with the next one.
+    suppressed: u64,
+}
+
+impl RefusalThrottle {
+    /// Entries written per window at most.
+    pub const PER_WINDOW: u32 = 10;
+    /// The window.
+    pub const WINDOW_MS: u64 = 60_000;
+
+    /// Whether a refusal at `now_ms` gets its own audit entry; if so, also how many were
+    /// suppressed before it (to be recorded in that entry).
+    pub fn admit(&mut self, now_ms: u64) -> Option<u64> {
+        if now_ms.saturating_sub(self.window_start_ms) >= Self::WINDOW_MS {
+            self.window_start_ms = now_ms;
+            self.written = 0;
+        }
+        if self.written >= Self::PER_WINDOW {
+            self.suppressed += 1;
+            return None;
+        }
+        self.written += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
 
 struct Context {
@@ -107,9 +146,23 @@ struct Context {
     status: Arc<StatusBoard>,
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
+    /// Every authenticated connection, with the volume it asked for once it has: a reload
+    /// closes those whose grant it withdrew, also while they wait for a volume.
+    sessions: Mutex<HashMap<usize, (Fingerprint, Option<String>, quinn::Connection)>>,
+    /// Throttles the audit entries of refused handshakes.
+    handshake_refusals: Mutex<RefusalThrottle>,
 }
 
 impl Context {
+    /// Whether `agent` is granted `volume` under the current configuration.
+    fn granted(&self, agent: &Fingerprint, volume: &str) -> bool {
+        self.grants
+            .read()
+            .expect("grants")
+            .get(agent)
+            .is_some_and(|volumes| volumes.contains(volume))
+    }
+
     /// Appends to the audit log; a failure to audit is logged, not fatal to replication.
     fn record(&self, event: Event) {
         match self.audit.append(event) {
@@ -174,6 +227,7 @@ impl From<StoreError> for Refusal {
             StoreError::DiskFull(_) => RefusalCode::DiskFull,
             StoreError::SourceMismatch { .. } => RefusalCode::SourceMismatch,
             StoreError::Sequence(_) => RefusalCode::Sequence,
+            StoreError::Refused(_) => RefusalCode::Forbidden,
             _ => RefusalCode::Storage,
         };
         Refusal::new(code, error.to_string())
@@ -188,13 +242,34 @@ pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
     })?;
     for (name, recovery) in recover_all(&config.data_dir)? {
         match recovery {
-            Recovery::Clean => {}
-            Recovery::Discarded => log(format!(
+            Ok(Recovery::Clean) => {}
+            Ok(Recovery::Discarded) => log(format!(
                 "volume {name}: discarded an uncommitted cycle; the image is at its last commit"
             )),
-            Recovery::Replayed(seq) => log(format!(
+            Ok(Recovery::Replayed(seq)) => log(format!(
                 "volume {name}: finished applying committed cycle {seq}"
             )),
+            Err(error) => {
+                tracing::error!(
+                    target: "blkmirror receiver",
+                    "volume {name} is broken and will not be served: {error}"
+                );
+                config.status.update(&name, |s| {
+                    s.state = VolumeState::Failed;
+                    s.last_error = Some(error.to_string());
+                });
+                AuditLog::in_dir(&config.data_dir)
+                    .append(Event {
+                        event: "volume-failed",
+                        volume: Some(name.clone()),
+                        outcome: error.to_string(),
+                        ..Event::default()
+                    })
+                    .map_err(|error| ReceiverError::DataDir {
+                        path: config.data_dir.clone(),
+                        message: format!("audit log: {error}"),
+                    })?;
+            }
         }
     }
     let admitted = config.grants.keys().cloned().collect();
@@ -215,6 +290,7 @@ fn retention_json(policy: &RetentionPolicy) -> serde_json::Value {
         "all_s": policy.all.as_secs(),
         "hourly_s": policy.hourly.as_secs(),
         "daily_s": policy.daily.as_secs(),
+        "locked_s": policy.locked.as_secs(),
     })
 }
 
@@ -233,6 +309,8 @@ pub async fn serve(
         audit,
         status: config.status,
         busy: Mutex::new(HashMap::new()),
+        sessions: Mutex::new(HashMap::new()),
+        handshake_refusals: Mutex::new(RefusalThrottle::default()),
     });
     context.record(Event {
         event: "receiver-start",
@@ -248,6 +326,14 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                // A stateless retry first proves that the peer owns its source address, so a
+                // spoofed flood cannot reach the handshake (nor the audit log).
+                if !incoming.remote_address_validated() {
+                    if let Err(error) = incoming.retry() {
+                        error.into_incoming().ignore();
+                    }
+                    continue;
+                }
                 tokio::spawn(connection(incoming, context.clone()));
             }
             Some(reload) = reloads.recv() => {
@@ -271,6 +357,26 @@ fn apply_reload(
     reload: Reload,
 ) {
     let (grants, retention) = match reload {
+        Ok((_, retention))
+            if retention.locked < context.retention.read().expect("retention").locked =>
+        {
+            let running = context.retention.read().expect("retention").locked;
+            let message = format!(
+                "the new retention lock ({}s) is shorter than the running one ({}s); a lock \
+                 cannot be shortened by a reload (restart the receiver to change it)",
+                retention.locked.as_secs(),
+                running.as_secs()
+            );
+            warn(format!(
+                "configuration reload refused, keeping the running one: {message}"
+            ));
+            context.record(Event {
+                event: "config-reload",
+                outcome: message,
+                ..Event::default()
+            });
+            return;
+        }
         Ok(new) => new,
         Err(message) => {
             warn(format!(
@@ -297,23 +403,26 @@ fn apply_reload(
         }
     };
     endpoint.set_server_config(Some(server_config));
+    // The new grants first, then the sweep: a session checks its grant after registering, so
+    // either it sees the new grants or the sweep sees it.
+    *context.grants.write().expect("grants") = grants;
+    *context.retention.write().expect("retention") = retention;
     let mut revoked = Vec::new();
-    for (volume, (holder, connection)) in context.busy.lock().expect("busy lock").iter() {
-        if !grants
-            .get(holder)
-            .is_some_and(|volumes| volumes.contains(volume))
-        {
+    for (holder, volume, connection) in context.sessions.lock().expect("sessions").values() {
+        let keep = match volume {
+            Some(volume) => context.granted(holder, volume),
+            None => context.grants.read().expect("grants").contains_key(holder),
+        };
+        if !keep {
             connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
-            revoked.push(volume.clone());
+            revoked.push(volume.clone().unwrap_or_else(|| holder.to_string()));
         }
     }
     let detail = serde_json::json!({
-        "agents": grants.len(),
+        "agents": context.grants.read().expect("grants").len(),
         "retention": retention_json(&retention),
         "closed_sessions": revoked,
     });
-    *context.grants.write().expect("grants") = grants;
-    *context.retention.write().expect("retention") = retention;
     log(format!("configuration reloaded: {detail}"));
     context.record(Event {
         event: "config-reload",
@@ -330,12 +439,23 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         Err(error) => {
             // Most often the TLS handshake: an agent certificate that is not admitted.
             warn(format!("refused connection from {remote}: {error}"));
-            context.record(Event {
-                event: "refused",
-                outcome: error.to_string(),
-                detail: serde_json::json!({ "remote": remote.to_string(), "stage": "handshake" }),
-                ..Event::default()
-            });
+            let admitted = context
+                .handshake_refusals
+                .lock()
+                .expect("throttle")
+                .admit(crate::status::now_ms());
+            if let Some(suppressed) = admitted {
+                context.record(Event {
+                    event: "refused",
+                    outcome: error.to_string(),
+                    detail: serde_json::json!({
+                        "remote": remote.to_string(),
+                        "stage": "handshake",
+                        "suppressed_before": suppressed,
+                    }),
+                    ..Event::default()
+                });
+            }
             return;
         }
     };
@@ -343,6 +463,10 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         connection.close(quinn::VarInt::from_u32(1), b"no client certificate");
         return;
     };
+    context.sessions.lock().expect("sessions").insert(
+        connection.stable_id(),
+        (fingerprint.clone(), None, connection.clone()),
+    );
     let mut session = Session {
         connection: connection.clone(),
         context: context.clone(),
@@ -376,6 +500,11 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
             s.rate_bytes_per_s = 0;
         });
     }
+    context
+        .sessions
+        .lock()
+        .expect("sessions")
+        .remove(&connection.stable_id());
     match outcome {
         Ok(()) => log(format!("agent {fingerprint} from {remote}: disconnected")),
         Err(refusal) => {
@@ -482,14 +611,16 @@ impl Session {
         wire::check_hello(&hello)
             .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
         self.volume_name = Some(hello.volume.clone());
-        let granted = self
+        if let Some(entry) = self
             .context
-            .grants
-            .read()
-            .expect("grants")
-            .get(&self.fingerprint)
-            .is_some_and(|volumes| volumes.contains(&hello.volume));
-        if !granted {
+            .sessions
+            .lock()
+            .expect("sessions")
+            .get_mut(&self.connection.stable_id())
+        {
+            entry.1 = Some(hello.volume.clone());
+        }
+        if !self.context.granted(&self.fingerprint, &hello.volume) {
             return Err(Refusal::new(
                 RefusalCode::NotGranted,
                 format!("volume {} is not granted to this agent", hello.volume),
@@ -516,11 +647,20 @@ impl Session {
                 return Err(error.into());
             }
         };
+        // The claim may have waited: a reload meanwhile may have withdrawn the grant.
+        if !self.context.granted(&self.fingerprint, &hello.volume) {
+            self.context.release(&hello.volume, &self.connection);
+            return Err(Refusal::new(
+                RefusalCode::NotGranted,
+                format!("volume {} is not granted to this agent", hello.volume),
+            ));
+        }
         let welcome = Welcome {
             protocol: PROTOCOL_VERSION,
             new_volume,
             committed_seq: volume.meta().committed_seq,
             last_point: volume.last_point_for_agent(),
+            history: volume.has_history(),
         };
         let size = volume.meta().size_bytes;
         let volume = Arc::new(Mutex::new(volume));
@@ -588,6 +728,7 @@ impl Session {
                                 begin.seq,
                                 begin.bytes_estimate,
                                 begin.direct,
+                                begin.from,
                             )
                         })
                         .await
@@ -636,13 +777,20 @@ impl Session {
                                 });
                             }
                             result?;
+                            // Status comes from the durable record: only a point that `points`
+                            // lists (and `restore` can produce) is reported as one.
+                            let seq = volume.meta().committed_seq;
+                            let kept = volume
+                                .meta()
+                                .points
+                                .last()
+                                .filter(|p| p.seq == seq)
+                                .cloned();
                             context.status.committed(
                                 &name_for_status,
-                                PointSummary {
-                                    seq: volume.meta().committed_seq,
-                                    ..PointSummary::from(&point)
-                                },
-                                point.complete,
+                                kept.as_ref()
+                                    .map_or_else(|| PointSummary::from(&point), PointSummary::from),
+                                kept.is_some(),
                                 point.bytes,
                                 0.0,
                             );

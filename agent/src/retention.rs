@@ -31,6 +31,10 @@ pub struct RetentionPolicy {
     pub hourly: Duration,
     /// One point per day is kept for this long.
     pub daily: Duration,
+    /// The retention lock: no point younger than this is pruned, whatever the other tiers
+    /// say (in the spirit of S3 Object Lock). A configuration reload cannot shorten it.
+    #[serde(default)]
+    pub locked: Duration,
 }
 
 impl Default for RetentionPolicy {
@@ -39,6 +43,7 @@ impl Default for RetentionPolicy {
             all: Duration::from_secs(3600),
             hourly: Duration::from_secs(24 * 3600),
             daily: Duration::from_secs(7 * 24 * 3600),
+            locked: Duration::ZERO,
         }
     }
 }
@@ -69,7 +74,7 @@ pub fn select(
     let (mut last_hour, mut last_day) = (None, None);
     for point in &sorted {
         let age = Duration::from_millis(now_unix_ms.saturating_sub(point.time_unix_ms));
-        if age <= policy.all {
+        if age <= policy.all || age <= policy.locked {
             keep.insert(point.seq);
         }
         // A bucket's representative is its oldest point within the tier's horizon, so the
@@ -150,6 +155,7 @@ mod tests {
             all: Duration::ZERO,
             hourly: Duration::ZERO,
             daily: Duration::ZERO,
+            locked: Duration::ZERO,
         };
         let points = [at(1, 1000), at(2, 2000), at(3, 3000)];
         let keep = select(&points, 10_000, &policy, &BTreeSet::from([1]));
@@ -162,6 +168,7 @@ mod tests {
             times in proptest::collection::vec(0u64..30 * DAY_MS, 1..60),
             now_extra in 0u64..40 * DAY_MS,
             all_s in 0u64..7200, hourly_h in 0u64..48, daily_d in 0u64..10,
+            locked_h in 0u64..100,
             pin_index in any::<prop::sample::Index>(),
         ) {
             let mut times = times;
@@ -172,11 +179,18 @@ mod tests {
                 all: Duration::from_secs(all_s),
                 hourly: Duration::from_secs(hourly_h * 3600),
                 daily: Duration::from_secs(daily_d * 86400),
+                locked: Duration::from_secs(locked_h * 3600),
             };
             let pinned = BTreeSet::from([points[pin_index.index(points.len())].seq]);
             let keep = select(&points, now, &policy, &pinned);
             prop_assert!(keep.contains(&(points.len() as u64)));
             prop_assert!(keep.is_superset(&pinned));
+            // The lock: nothing younger than it is pruned.
+            for point in &points {
+                if now - point.time_unix_ms <= locked_h * 3_600_000 {
+                    prop_assert!(keep.contains(&point.seq), "locked point {} pruned", point.seq);
+                }
+            }
             // Applying the policy to what it kept keeps all of it: pruning again at the same
             // instant removes nothing more.
             let survivors: Vec<_> = points.iter().copied().filter(|p| keep.contains(&p.seq)).collect();

@@ -24,7 +24,7 @@
 
 use std::{
     fs::{self, File},
-    io::{self, BufReader, BufWriter, Read as _, Write as _},
+    io::{self, BufReader, BufWriter, Write as _},
     os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
@@ -36,7 +36,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     durable,
-    points::{Delta, PointStore, PointsError},
+    points::{ChunkRanges, Delta, PointStore, PointsError},
     retention::{self, PointAge, RetentionPolicy},
     sys,
     wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
@@ -52,6 +52,8 @@ const MAX_RECORD: u32 = wire::MAX_FRAME_BYTES + 4096;
 const SPACE_MARGIN: u64 = 16 << 20;
 /// Free space is checked again after this many journaled bytes.
 const SPACE_CHECK_EVERY: u64 = 8 << 20;
+/// What a zero record costs in the journal, for the space accounting (an upper bound).
+const ZERO_RECORD_BYTES: u64 = 40;
 
 /// Storage errors.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,9 @@ pub enum StoreError {
     /// Cycle out of order.
     #[error("{0}")]
     Sequence(String),
+    /// The receiver's policy forbids what the agent asked (it would destroy history).
+    #[error("{0}")]
+    Refused(String),
     /// The points-in-time store failed.
     #[error(transparent)]
     Points(#[from] PointsError),
@@ -140,6 +145,15 @@ pub struct VolumeMeta {
     /// to (see [`crate::points`]). The last one is the image itself.
     #[serde(default)]
     pub points: Vec<PointInfo>,
+    /// While `unsettled`: the offset where the interrupted sync step began, which is where a
+    /// resumed sync must start.
+    #[serde(default)]
+    pub unsettled_from: u64,
+    /// The `hashes` file may not match the image (a direct sync step was cut off by a crash of
+    /// the receiver, so which chunks it wrote is unknown): the whole image is rehashed before
+    /// it becomes a point.
+    #[serde(default)]
+    pub hashes_stale: bool,
 }
 
 /// One journal record.
@@ -172,8 +186,54 @@ struct OpenCycle {
     checked: u64,
     /// The journal; `None` for a direct sync step, whose frames go straight to the image.
     writer: Option<BufWriter<File>>,
-    /// Chunks a direct step wrote (their hashes are recorded at its commit).
-    touched: BTreeSet<u64>,
+    /// The chunks the cycle touches (for a direct step: their hashes are recorded at its
+    /// commit or abort).
+    touched: Touched,
+}
+
+/// What a cycle changes, by chunk. Kept as merged ranges, so a frame naming a whole volume
+/// costs one entry, not one per chunk.
+#[derive(Debug, Default)]
+struct Touched {
+    /// Chunks written, or partly zeroed: their old content is captured and their hash is
+    /// recomputed from the image.
+    rewritten: ChunkRanges,
+    /// Chunks wholly inside a zero range: all zeros afterwards. Their old content is captured
+    /// only where the image holds data, and their hash becomes the zero hash without a read.
+    zeroed: ChunkRanges,
+}
+
+impl Touched {
+    fn add_write(&mut self, chunk_bytes: u64, offset: u64, length: u64) {
+        if length > 0 {
+            self.rewritten.insert(
+                offset / chunk_bytes,
+                (offset + length).div_ceil(chunk_bytes),
+            );
+        }
+    }
+
+    fn add_zero(&mut self, chunk_bytes: u64, size: u64, offset: u64, length: u64) {
+        if length == 0 {
+            return;
+        }
+        let end = offset + length;
+        let (first, last_end) = (offset / chunk_bytes, end.div_ceil(chunk_bytes));
+        let full_first = offset.div_ceil(chunk_bytes);
+        // The volume's last chunk may be short: reaching the end of the volume covers it.
+        let full_end = if end >= size {
+            size.div_ceil(chunk_bytes)
+        } else {
+            end / chunk_bytes
+        };
+        if full_first >= full_end {
+            self.rewritten.insert(first, last_end);
+            return;
+        }
+        self.zeroed.insert(full_first, full_end);
+        self.rewritten.insert(first, full_first);
+        self.rewritten.insert(full_end, last_end);
+    }
 }
 
 /// One volume, open for replication.
@@ -231,11 +291,11 @@ impl Volume {
                 return Err(StoreError::SourceMismatch {
                     volume: hello.volume.clone(),
                     existing: format!(
-                        "{} ({} bytes, {} byte chunks)",
+                        "{:?} ({} bytes, {} byte chunks)",
                         meta.source_id, meta.size_bytes, meta.chunk_bytes
                     ),
                     offered: format!(
-                        "{} ({} bytes, {} byte chunks)",
+                        "{:?} ({} bytes, {} byte chunks)",
                         hello.source_id, hello.size_bytes, hello.chunk_bytes
                     ),
                 });
@@ -270,9 +330,11 @@ impl Volume {
             recent: Vec::new(),
             unsettled: false,
             points: Vec::new(),
+            unsettled_from: 0,
+            hashes_stale: false,
         };
         let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
-        store.update_hashes(&image, &BTreeSet::new())?;
+        store.update_hashes(&image, &ChunkRanges::default(), std::iter::empty())?;
         write_meta(&dir, &meta)?;
         Ok((
             Self {
@@ -311,6 +373,13 @@ impl Volume {
         };
         let recovery = volume.recover()?;
         let _lock = volume.lock_exclusive()?;
+        if volume.meta.unsettled && !volume.meta.hashes_stale {
+            // The receiver stopped during a direct sync step: what it wrote is unknown.
+            let mut meta = volume.meta.clone();
+            meta.hashes_stale = true;
+            write_meta(&volume.dir, &meta)?;
+            volume.meta = meta;
+        }
         if !volume.store.has_hashes() {
             // A volume from before the points store: hash the image once.
             volume.store.rehash_all(&volume.image)?;
@@ -362,17 +431,41 @@ impl Volume {
     /// Opens cycle `seq` (must be the committed one plus one) after checking that the data
     /// directory has room for `bytes_estimate` twice (journal and image) plus a margin.
     ///
-    /// A `direct` cycle is a step of an initial or verify sync: its frames are written straight
-    /// into the image, which halves the receiver's IO. The image is then at no point in time
-    /// until the sync completes, which `volume.json` records (`unsettled`) before the first
-    /// write; a step's commit only syncs the image and records how far the sync got.
-    pub fn begin(&mut self, seq: u64, bytes_estimate: u64, direct: bool) -> Result<(), StoreError> {
+    /// A `direct` cycle is a step of an initial sync: its frames are written straight into the
+    /// image, which halves the receiver's IO. It is refused once the volume has had a complete
+    /// point. The image is at no point in time until the sync completes, which `volume.json`
+    /// records (`unsettled`, with the step's start `from`) before the first write; a step's
+    /// commit syncs the image and its hashes and records how far the sync got. A journaled
+    /// cycle is refused while the image is unsettled: it could not become a point.
+    pub fn begin(
+        &mut self,
+        seq: u64,
+        bytes_estimate: u64,
+        direct: bool,
+        from: u64,
+    ) -> Result<(), StoreError> {
         // A new Begin abandons an open cycle (the agent restarted it, e.g. as a sync).
         self.abort();
         if seq != self.meta.committed_seq + 1 {
             return Err(StoreError::Sequence(format!(
                 "cycle {seq} offered, but the next cycle is {}",
                 self.meta.committed_seq + 1
+            )));
+        }
+        // The receiver alone decides what is kept: a volume with history is never written
+        // outside the journal, whatever the agent asks (see the module docs).
+        if direct && self.has_history() {
+            return Err(StoreError::Refused(format!(
+                "volume {} has committed points: a direct (unjournaled) sync step would destroy \
+                 them; every re-sync of an existing replica must be journaled",
+                self.meta.volume
+            )));
+        }
+        if !direct && self.meta.unsettled {
+            return Err(StoreError::Refused(format!(
+                "volume {} is in the middle of an initial sync (its image is at no point in \
+                 time): resume the sync from offset {} before a journaled cycle",
+                self.meta.volume, self.meta.unsettled_from
             )));
         }
         let available =
@@ -387,24 +480,24 @@ impl Volume {
             )));
         }
         let writer = if direct {
-            if !self.meta.unsettled {
-                let _lock = self.lock_exclusive()?;
-                let mut meta = self.meta.clone();
-                meta.unsettled = true;
-                // Writing into the image outside a journaled cycle breaks the chain of deltas:
-                // the older points cannot be reached any more.
-                let dropped = std::mem::take(&mut meta.points);
-                write_meta(&self.dir, &meta)?;
-                self.meta = meta;
-                if !dropped.is_empty() {
-                    self.store.clear()?;
-                    tracing::warn!(
-                        target: "blkmirror receiver",
-                        "volume {}: a direct sync step overwrites the image; {} older point(s) dropped",
-                        self.meta.volume,
-                        dropped.len()
-                    );
-                }
+            // Recorded before the first write into the image: until the step commits, the image
+            // is at no point in time and a resumed sync starts at `from`.
+            let _lock = self.lock_exclusive()?;
+            let mut meta = self.meta.clone();
+            meta.unsettled = true;
+            meta.unsettled_from = from.min(meta.size_bytes);
+            // Only a legacy volume (unsettled by an older release) can reach this with points.
+            let dropped = std::mem::take(&mut meta.points);
+            write_meta(&self.dir, &meta)?;
+            self.meta = meta;
+            if !dropped.is_empty() {
+                self.store.clear()?;
+                tracing::warn!(
+                    target: "blkmirror receiver",
+                    "volume {}: an unsettled image from an older release; {} point(s) dropped",
+                    self.meta.volume,
+                    dropped.len()
+                );
             }
             None
         } else {
@@ -425,9 +518,15 @@ impl Volume {
             bytes: 0,
             checked: 0,
             writer,
-            touched: BTreeSet::new(),
+            touched: Touched::default(),
         });
         Ok(())
+    }
+
+    /// Whether the volume has had a complete point: its history is then protected (no direct
+    /// steps), unless an older release left the image unsettled.
+    pub fn has_history(&self) -> bool {
+        self.meta.last_complete.is_some() && !self.meta.unsettled
     }
 
     /// The open cycle and the frames journaled in it.
@@ -438,6 +537,7 @@ impl Volume {
     /// Appends a checked data frame to the open cycle's journal.
     pub fn journal(&mut self, data: CheckedData) -> Result<(), StoreError> {
         let path = self.journal_path();
+        let (chunk_bytes, size) = (self.meta.chunk_bytes, self.meta.size_bytes);
         let cycle = self
             .cycle
             .as_mut()
@@ -445,38 +545,33 @@ impl Volume {
         let record = match data {
             CheckedData::Write { offset, data } => {
                 cycle.bytes += data.len() as u64;
+                cycle
+                    .touched
+                    .add_write(chunk_bytes, offset, data.len() as u64);
                 Record::Write { offset, data }
             }
-            CheckedData::Zero { offset, length } => Record::Zero { offset, length },
-        };
-        match cycle.writer.as_mut() {
-            Some(writer) => append(writer, &record, &path)?,
-            None => {
-                cycle.frames += 1;
-                let range = match &record {
-                    Record::Write { offset, data } => {
-                        self.store.chunks_of(*offset, data.len() as u64)
-                    }
-                    Record::Zero { offset, length } => self.store.chunks_of(*offset, *length),
-                    Record::Begin { .. } | Record::Commit { .. } => 0..0,
-                };
-                cycle.touched.extend(range);
-                let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
-                match record {
-                    Record::Write { offset, data } => {
-                        let image_path = self.image_path();
-                        self.image
-                            .write_all_at(&data, offset)
-                            .map_err(StoreError::io("writing", &image_path))?;
-                    }
-                    Record::Zero { offset, length } => self.zero(offset, length)?,
-                    Record::Begin { .. } | Record::Commit { .. } => {}
-                }
-                return self.check_space(seq, bytes, checked);
+            CheckedData::Zero { offset, length } => {
+                // The journal record is small, but it still takes room.
+                cycle.bytes += ZERO_RECORD_BYTES;
+                cycle.touched.add_zero(chunk_bytes, size, offset, length);
+                Record::Zero { offset, length }
             }
-        }
+        };
         cycle.frames += 1;
         let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
+        match cycle.writer.as_mut() {
+            Some(writer) => append(writer, &record, &path)?,
+            None => match record {
+                Record::Write { offset, data } => {
+                    let image_path = self.image_path();
+                    self.image
+                        .write_all_at(&data, offset)
+                        .map_err(StoreError::io("writing", &image_path))?;
+                }
+                Record::Zero { offset, length } => self.zero(offset, length)?,
+                Record::Begin { .. } | Record::Commit { .. } => {}
+            },
+        }
         self.check_space(seq, bytes, checked)
     }
 
@@ -504,33 +599,79 @@ impl Volume {
     }
 
     /// Drops the open cycle: the image stays at the last committed point (or, for a direct
-    /// sync step, stays marked unsettled).
+    /// sync step, stays marked unsettled). The hashes of the chunks a direct step wrote are
+    /// brought up to date, so a resumed sync that skips them (they already match) leaves no
+    /// stale hash behind; if that fails, the volume is marked for a full rehash.
     pub fn abort(&mut self) {
-        if self
-            .cycle
-            .take()
-            .is_some_and(|cycle| cycle.writer.is_some())
-        {
+        let Some(cycle) = self.cycle.take() else {
+            return;
+        };
+        if cycle.writer.is_some() {
             let _ = fs::OpenOptions::new()
                 .write(true)
                 .truncate(true)
                 .open(self.journal_path())
                 .and_then(|file| file.sync_all());
+            return;
+        }
+        let touched = cycle.touched;
+        let updated = self
+            .image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &self.image_path()))
+            .and_then(|()| {
+                Ok(self.store.update_hashes(
+                    &self.image,
+                    &touched.zeroed,
+                    touched.rewritten.chunks(),
+                )?)
+            });
+        if let Err(error) = updated {
+            tracing::warn!(
+                target: "blkmirror receiver",
+                "volume {}: hashes of an interrupted sync step not updated ({error}); the image \
+                 is rehashed before its first point",
+                self.meta.volume
+            );
+            let mut meta = self.meta.clone();
+            meta.hashes_stale = true;
+            if write_meta(&self.dir, &meta).is_ok() {
+                self.meta = meta;
+            }
         }
     }
 
     /// Commits the open cycle: makes the journal durable with a commit record, applies it to
     /// the image, and records the point. On error the cycle is aborted (before the commit
     /// record is durable) or left for recovery to apply (after).
+    ///
+    /// The point's times are the receiver's to vouch for: `received_unix_ms` is the receiver's
+    /// clock, and the agent's cut time is held between the previous point's and now.
     pub fn commit(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
         let path = self.journal_path();
         let Some(mut cycle) = self.cycle.take() else {
             return Err(StoreError::Sequence("commit outside a cycle".into()));
         };
         point.seq = cycle.seq;
+        let now = now_ms();
+        point.received_unix_ms = now;
+        let floor = self
+            .meta
+            .last_point
+            .as_ref()
+            .map_or(0, |p| p.time_unix_ms)
+            .min(now);
+        point.time_unix_ms = point.time_unix_ms.clamp(floor, now);
         let Some(mut writer) = cycle.writer.take() else {
             return self.commit_direct(point, &cycle.touched);
         };
+        // Before the cycle is decided: room for the undo delta and for the image to grow. A
+        // refusal here leaves the image at the last point, and the agent retries later.
+        if let Err(error) = self.check_commit_space(&cycle) {
+            self.cycle = Some(cycle);
+            self.abort();
+            return Err(error);
+        }
         let durable = append(&mut writer, &Record::Commit { point }, &path).and_then(|()| {
             let file = writer
                 .into_inner()
@@ -546,20 +687,74 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether this commit keeps an undo delta (history on, and a point to lead back to).
+    fn captures(&self) -> bool {
+        let keeps_history = !(self.retention.all.is_zero()
+            && self.retention.hourly.is_zero()
+            && self.retention.daily.is_zero()
+            && self.retention.locked.is_zero());
+        keeps_history && !self.meta.unsettled && !self.meta.points.is_empty()
+    }
+
+    /// The chunks whose old content the undo delta must hold: every rewritten chunk, and the
+    /// zeroed chunks that hold data in the image (a zeroed hole stays a hole).
+    fn capture_set(&self, touched: &Touched) -> Result<ChunkRanges, StoreError> {
+        let chunk = self.meta.chunk_bytes;
+        let size = self.meta.size_bytes;
+        let mut set = touched.rewritten.clone();
+        for (first, end) in touched.zeroed.without(&touched.rewritten).ranges() {
+            let offset = first * chunk;
+            let length = (end * chunk).min(size) - offset;
+            let segments = sys::data_segments(&self.image, offset, length)
+                .map_err(StoreError::io("scanning", &self.image_path()))?;
+            for (at, len) in segments {
+                let chunks = self.store.chunks_of(at, len);
+                set.insert(chunks.start.max(first), chunks.end.min(end));
+            }
+        }
+        Ok(set)
+    }
+
+    /// Checks, before the commit record is written, that the delta capture and the image's
+    /// growth fit in the free space (the journal is on disk already).
+    fn check_commit_space(&self, cycle: &OpenCycle) -> Result<(), StoreError> {
+        let capture = if self.captures() {
+            self.capture_set(&cycle.touched)?
+                .count()
+                .saturating_mul(self.meta.chunk_bytes + 48)
+        } else {
+            0
+        };
+        let needed = capture
+            .saturating_add(cycle.bytes)
+            .saturating_add(SPACE_MARGIN);
+        let available =
+            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+        if available < needed {
+            return Err(StoreError::DiskFull(format!(
+                "committing cycle {} needs {needed} bytes in {} (undo delta {capture}, image \
+                 {}), {available} are free",
+                cycle.seq,
+                self.dir.display(),
+                cycle.bytes
+            )));
+        }
+        Ok(())
+    }
+
     /// Commits a direct sync step: the data is in the image already.
-    fn commit_direct(
-        &mut self,
-        mut point: PointInfo,
-        touched: &BTreeSet<u64>,
-    ) -> Result<(), StoreError> {
+    fn commit_direct(&mut self, mut point: PointInfo, touched: &Touched) -> Result<(), StoreError> {
         let image_path = self.image_path();
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
-        self.store.update_hashes(&self.image, touched)?;
+        self.store
+            .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?;
         point.complete = false;
+        point.consistent = false;
         let mut meta = self.meta.clone();
         meta.unsettled = false;
+        meta.unsettled_from = 0;
         record_point(&mut meta, point);
         write_meta(&self.dir, &meta)?;
         self.meta = meta;
@@ -567,7 +762,7 @@ impl Volume {
     }
 
     /// The last point as the agent must see it: an unsettled image is no point at all, so it
-    /// is reported as an incomplete sync step at the last offset known to be synced.
+    /// is reported as an incomplete sync step at the offset where the interrupted step began.
     pub fn last_point_for_agent(&self) -> Option<PointInfo> {
         let last = self.meta.last_point.clone()?;
         if !self.meta.unsettled {
@@ -576,7 +771,7 @@ impl Volume {
         Some(PointInfo {
             complete: false,
             consistent: false,
-            synced_to: if last.complete { 0 } else { last.synced_to },
+            synced_to: self.meta.unsettled_from,
             ..last
         })
     }
@@ -610,27 +805,10 @@ impl Volume {
     fn scan_journal(&self) -> Result<Option<PointInfo>, StoreError> {
         let path = self.journal_path();
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
-        let mut reader = BufReader::with_capacity(4 << 20, file);
-        let mut expect_begin = true;
-        loop {
-            let record = match read_record(&mut reader) {
-                Ok(Some(record)) => record,
-                // A torn or corrupt tail: the cycle never committed.
-                Ok(None) | Err(_) => return Ok(None),
-            };
-            match record {
-                Record::Begin { seq } if expect_begin && seq == self.meta.committed_seq + 1 => {
-                    expect_begin = false;
-                }
-                Record::Begin { seq } if expect_begin && seq == self.meta.committed_seq => {
-                    // Applied and recorded, but the journal was not emptied yet.
-                    expect_begin = false;
-                }
-                Record::Write { .. } | Record::Zero { .. } if !expect_begin => {}
-                Record::Commit { point } if !expect_begin => return Ok(Some(point)),
-                _ => return Ok(None),
-            }
-        }
+        scan_records(
+            BufReader::with_capacity(4 << 20, file),
+            self.meta.committed_seq,
+        )
     }
 
     /// Applies a committed journal to the image, records the point, and empties the journal.
@@ -642,26 +820,18 @@ impl Volume {
         let (touched, point) = self.journal_chunks()?;
         // Keep the old content of those chunks as the delta back to the previous point, before
         // the image changes. A replay finds the delta already written (the image may be half
-        // applied by then, so it must not be captured again).
+        // applied by then, so it must not be captured again). A policy that keeps only the
+        // newest point would drop the delta right after the commit: it is skipped.
         let previous = self.meta.committed_seq;
-        // A policy that keeps only the newest point would drop the delta right after the
-        // commit: skip it (no history, no extra IO).
-        let keeps_history = !(self.retention.all.is_zero()
-            && self.retention.hourly.is_zero()
-            && self.retention.daily.is_zero());
-        if keeps_history
-            && !self.meta.unsettled
-            && !self.meta.points.is_empty()
-            && previous != point.seq
-        {
-            self.store.capture(
-                &self.image,
-                Delta {
-                    from: point.seq,
-                    to: previous,
-                },
-                &touched,
-            )?;
+        if self.captures() && previous != point.seq {
+            let delta = Delta {
+                from: point.seq,
+                to: previous,
+            };
+            if !self.store.has_delta(delta) {
+                let chunks = self.capture_set(&touched)?;
+                self.store.capture(&self.image, delta, chunks.chunks())?;
+            }
         }
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
         let mut reader = BufReader::with_capacity(4 << 20, file);
@@ -687,20 +857,21 @@ impl Volume {
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
-        self.store.update_hashes(&self.image, &touched)?;
         let mut meta = self.meta.clone();
+        if meta.hashes_stale && point.complete {
+            // An initial sync step was cut off by a crash: which chunks it wrote is unknown, so
+            // the whole image is hashed once before it becomes a point.
+            self.store.rehash_all(&self.image)?;
+            meta.hashes_stale = false;
+        } else {
+            self.store
+                .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?;
+        }
         if point.complete && !meta.unsettled && meta.points.last().map(|p| p.seq) != Some(point.seq)
         {
             meta.points.push(point.clone());
         }
-        let ages: Vec<PointAge> = meta
-            .points
-            .iter()
-            .map(|p| PointAge {
-                seq: p.seq,
-                time_unix_ms: p.time_unix_ms,
-            })
-            .collect();
+        let ages: Vec<PointAge> = meta.points.iter().map(point_age).collect();
         let keep = retention::select(&ages, now_ms(), &self.retention, &BTreeSet::new());
         self.pruned = meta
             .points
@@ -721,19 +892,20 @@ impl Volume {
     }
 
     /// The chunks a committed journal touches, and its commit record.
-    fn journal_chunks(&self) -> Result<(BTreeSet<u64>, PointInfo), StoreError> {
+    fn journal_chunks(&self) -> Result<(Touched, PointInfo), StoreError> {
         let path = self.journal_path();
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
         let mut reader = BufReader::with_capacity(4 << 20, file);
-        let mut touched = BTreeSet::new();
+        let mut touched = Touched::default();
+        let (chunk_bytes, size) = (self.meta.chunk_bytes, self.meta.size_bytes);
         while let Some(record) = read_record(&mut reader)? {
             match record {
                 Record::Begin { .. } => {}
                 Record::Write { offset, data } => {
-                    touched.extend(self.store.chunks_of(offset, data.len() as u64));
+                    touched.add_write(chunk_bytes, offset, data.len() as u64);
                 }
                 Record::Zero { offset, length } => {
-                    touched.extend(self.store.chunks_of(offset, length));
+                    touched.add_zero(chunk_bytes, size, offset, length);
                 }
                 Record::Commit { point } => return Ok((touched, point)),
             }
@@ -874,6 +1046,47 @@ impl PointReader {
     }
 }
 
+/// A point's age for retention: by the receiver's clock (an agent's clock is not trusted to
+/// decide what is kept); points from before that was recorded use their cut time.
+fn point_age(point: &PointInfo) -> PointAge {
+    PointAge {
+        seq: point.seq,
+        time_unix_ms: if point.received_unix_ms > 0 {
+            point.received_unix_ms
+        } else {
+            point.time_unix_ms
+        },
+    }
+}
+
+/// Reads journal records from `reader` and returns the commit record if the journal is whole
+/// and committed on top of cycle `committed_seq` (or is that cycle, applied but not yet
+/// emptied). A torn or corrupt record means the cycle never committed. Pure apart from the
+/// reading; the fuzz target drives it with arbitrary bytes.
+pub fn scan_records(
+    mut reader: impl io::Read,
+    committed_seq: u64,
+) -> Result<Option<PointInfo>, StoreError> {
+    let mut expect_begin = true;
+    loop {
+        let record = match read_record(&mut reader) {
+            Ok(Some(record)) => record,
+            Ok(None) | Err(_) => return Ok(None),
+        };
+        match record {
+            Record::Begin { seq }
+                if expect_begin
+                    && (seq == committed_seq.saturating_add(1) || seq == committed_seq) =>
+            {
+                expect_begin = false;
+            }
+            Record::Write { .. } | Record::Zero { .. } if !expect_begin => {}
+            Record::Commit { point } if !expect_begin => return Ok(Some(point)),
+            _ => return Ok(None),
+        }
+    }
+}
+
 /// Records a committed point in the metadata.
 fn record_point(meta: &mut VolumeMeta, point: PointInfo) {
     meta.committed_seq = point.seq;
@@ -908,7 +1121,7 @@ fn append(writer: &mut BufWriter<File>, record: &Record, path: &Path) -> Result<
 }
 
 /// Reads one record; `Ok(None)` at a clean end of file.
-fn read_record(reader: &mut BufReader<File>) -> Result<Option<Record>, StoreError> {
+fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError> {
     let corrupt = |message: &str| StoreError::Meta {
         path: PathBuf::from("journal"),
         message: message.to_owned(),
@@ -1007,7 +1220,7 @@ mod tests {
         let tmp = TempDir::new("order");
         let (mut volume, new, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
         assert!(new);
-        volume.begin(1, 8192, false).unwrap();
+        volume.begin(1, 8192, false, 0).unwrap();
         volume.journal(write(0, 1, 8192)).unwrap();
         volume.journal(write(4096, 2, 4096)).unwrap();
         volume
@@ -1029,7 +1242,7 @@ mod tests {
         assert_eq!(data[4096..8192], [2; 4096]);
         assert_eq!(volume.meta().committed_seq, 1);
         assert!(
-            volume.begin(3, 0, false).is_err(),
+            volume.begin(3, 0, false, 0).is_err(),
             "cycles must be consecutive"
         );
     }
@@ -1038,7 +1251,7 @@ mod tests {
     fn uncommitted_journal_is_discarded_and_committed_one_replayed() {
         let tmp = TempDir::new("recover");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0, false).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
         volume.journal(write(0, 9, 4096)).unwrap();
         // Simulate a crash before commit: flush the buffered journal, then drop.
         volume
@@ -1059,7 +1272,7 @@ mod tests {
 
         // A crash after the commit record is durable but before apply: replayed at open.
         let (mut volume, _) = Volume::open(&tmp.0, "v").unwrap();
-        volume.begin(1, 0, false).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
         volume.journal(write(0, 7, 4096)).unwrap();
         let path = volume.journal_path();
         let mut cycle = volume.cycle.take().unwrap();
@@ -1088,10 +1301,10 @@ mod tests {
     fn torn_or_corrupt_journal_is_discarded() {
         let tmp = TempDir::new("torn");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0, false).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
         volume.journal(write(0, 5, 4096)).unwrap();
         volume.commit(PointInfo::default()).unwrap();
-        volume.begin(2, 0, false).unwrap();
+        volume.begin(2, 0, false, 0).unwrap();
         volume.journal(write(0, 6, 4096)).unwrap();
         let path = volume.journal_path();
         let mut cycle = volume.cycle.take().unwrap();
@@ -1118,45 +1331,295 @@ mod tests {
         assert_eq!(image(&tmp.0)[..4096], [5; 4096]);
     }
 
+    fn complete() -> PointInfo {
+        PointInfo {
+            complete: true,
+            ..PointInfo::default()
+        }
+    }
+
+    fn step(synced_to: u64) -> PointInfo {
+        PointInfo {
+            synced_to,
+            ..PointInfo::default()
+        }
+    }
+
+    /// Reads every retained point back, checking each chunk; returns the corrupt offsets.
+    fn verify_all(dir: &Path) -> Vec<u64> {
+        let reader = PointReader::open(dir, "v").unwrap();
+        let mut bad = Vec::new();
+        for point in reader.points() {
+            bad.extend(reader.read_point(point.seq, true, |_, _| Ok(())).unwrap());
+        }
+        bad
+    }
+
     #[test]
     fn direct_sync_steps_write_the_image_and_mark_it_unsettled_until_committed() {
         let tmp = TempDir::new("direct");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0, false).unwrap();
+        volume.begin(1, 0, true, 0).unwrap();
         volume.journal(write(0, 1, 4096)).unwrap();
-        volume
-            .commit(PointInfo {
-                complete: true,
-                ..PointInfo::default()
-            })
-            .unwrap();
-        // A verify sync step starts and dies half-way.
-        volume.begin(2, 0, true).unwrap();
-        volume.journal(write(0, 2, 4096)).unwrap();
-        assert_eq!(image(&tmp.0)[..4096], [2; 4096], "written straight through");
+        volume.commit(step(65536)).unwrap();
+        // The next step starts and the receiver dies half-way.
+        volume.begin(2, 0, true, 65536).unwrap();
+        volume.journal(write(65536, 2, 4096)).unwrap();
+        assert_eq!(
+            image(&tmp.0)[65536..65536 + 4096],
+            [2; 4096],
+            "written straight through"
+        );
         drop(volume);
         let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
         assert_eq!(recovery, Recovery::Clean);
         assert!(volume.meta().unsettled);
+        assert!(
+            volume.meta().hashes_stale,
+            "what the cut-off step wrote is unknown"
+        );
         assert_eq!(volume.meta().committed_seq, 1);
         let reported = volume.last_point_for_agent().unwrap();
         assert!(!reported.complete, "an unsettled image is no point in time");
-        assert_eq!(reported.synced_to, 0);
+        assert_eq!(
+            reported.synced_to, 65536,
+            "resume where the cut-off step began"
+        );
         drop(volume);
         let (mut volume, _) = Volume::open(&tmp.0, "v").unwrap();
-        volume.begin(2, 0, true).unwrap();
-        volume.journal(write(0, 3, 4096)).unwrap();
-        volume
-            .commit(PointInfo {
-                complete: true,
-                synced_to: 65536,
-                ..PointInfo::default()
-            })
-            .unwrap();
+        volume.begin(2, 0, true, 65536).unwrap();
+        volume.journal(write(65536, 3, 4096)).unwrap();
+        volume.commit(step(1 << 20)).unwrap();
         assert!(!volume.meta().unsettled);
         let last = volume.last_point_for_agent().unwrap();
         assert!(!last.complete, "a sync step is never a complete point");
-        assert_eq!(last.synced_to, 65536);
+        assert_eq!(last.synced_to, 1 << 20);
+        volume.begin(3, 0, false, 0).unwrap();
+        volume.commit(complete()).unwrap();
+        assert!(
+            !volume.meta().hashes_stale,
+            "rehashed before the first point"
+        );
+        drop(volume);
+        assert_eq!(verify_all(&tmp.0), Vec::<u64>::new());
+    }
+
+    /// Finding 1 of the hardening issue: a direct `Begin` wiped every point.
+    #[test]
+    fn a_direct_begin_cannot_touch_a_volume_with_history() {
+        let tmp = TempDir::new("wipe");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        for (seq, byte) in [(1, 1u8), (2, 2), (3, 3)] {
+            volume.begin(seq, 0, false, 0).unwrap();
+            volume.journal(write(0, byte, 4096)).unwrap();
+            volume.commit(complete()).unwrap();
+        }
+        assert_eq!(volume.meta().points.len(), 3);
+        let error = volume.begin(4, 0, true, 0).unwrap_err();
+        assert!(matches!(error, StoreError::Refused(_)), "{error}");
+        assert!(volume.open_cycle().is_none());
+        // A verify sync is a journaled cycle like any other, with `complete: false`; after it
+        // the volume still has its history and still refuses direct steps.
+        volume.begin(4, 0, false, 0).unwrap();
+        volume.journal(write(0, 4, 4096)).unwrap();
+        volume.commit(step(1 << 20)).unwrap();
+        assert!(volume.has_history());
+        assert!(volume.begin(5, 0, true, 0).is_err());
+        drop(volume);
+        let reader = PointReader::open(&tmp.0, "v").unwrap();
+        assert_eq!(
+            reader.points().iter().map(|p| p.seq).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
+        for (seq, byte) in [(1u64, 1u8), (2, 2), (3, 3)] {
+            let mut first = Vec::new();
+            reader
+                .read_point(seq, false, |offset, data| {
+                    if offset == 0 {
+                        first = data.map(<[u8]>::to_vec).unwrap_or_default();
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(first[..4096], [byte; 4096], "point {seq}");
+        }
+        drop(reader);
+        assert_eq!(verify_all(&tmp.0), Vec::<u64>::new());
+    }
+
+    /// Finding 2: chunks written by an interrupted direct step and skipped on resume (they
+    /// already matched) kept their old hashes, so verify and restore called good data corrupt.
+    #[test]
+    fn an_interrupted_direct_step_leaves_no_stale_hash() {
+        for crash in [false, true] {
+            let tmp = TempDir::new("stale");
+            let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+            volume.begin(1, 0, true, 0).unwrap();
+            for chunk in 0..4u64 {
+                volume
+                    .journal(write(chunk * 65536, chunk as u8 + 1, 65536))
+                    .unwrap();
+            }
+            if crash {
+                // The receiver dies: nothing of the step's bookkeeping survives.
+                drop(volume);
+                volume = Volume::open(&tmp.0, "v").unwrap().0;
+            } else {
+                // The link drops: the receiver aborts the open cycle.
+                volume.abort();
+            }
+            // The resumed step finds chunks 0-3 matching and sends only chunk 4.
+            volume.begin(1, 0, true, 0).unwrap();
+            volume.journal(write(4 * 65536, 9, 65536)).unwrap();
+            volume.commit(step(1 << 20)).unwrap();
+            volume.begin(2, 0, false, 0).unwrap();
+            volume.commit(complete()).unwrap();
+            drop(volume);
+            assert_eq!(verify_all(&tmp.0), Vec::<u64>::new(), "crash: {crash}");
+        }
+    }
+
+    /// Finding 3: after an aborted direct step, journaled cycles were acknowledged but never
+    /// became points, and the resume offset was the previous sync's end.
+    #[test]
+    fn an_unsettled_image_refuses_journaled_cycles_and_resumes_where_the_step_began() {
+        let tmp = TempDir::new("unsettled");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0, true, 0).unwrap();
+        volume.journal(write(0, 1, 4096)).unwrap();
+        volume.commit(step(1 << 20)).unwrap();
+        // A second sync pass (the tracker lost history) starts again at 0 and is cut off.
+        volume.begin(2, 0, true, 0).unwrap();
+        volume.journal(write(0, 2, 4096)).unwrap();
+        volume.abort();
+        assert_eq!(volume.last_point_for_agent().unwrap().synced_to, 0);
+        let error = volume.begin(2, 0, false, 0).unwrap_err();
+        assert!(matches!(error, StoreError::Refused(_)), "{error}");
+        assert!(volume.meta().points.is_empty());
+    }
+
+    /// Finding 4: one `Zero` frame over a huge volume built a set of every chunk and rehashed
+    /// each under the lock (1.39 GB from a 62-byte journal), at commit and again at replay.
+    #[test]
+    fn a_zero_frame_over_a_huge_volume_costs_what_the_image_holds() {
+        let tmp = TempDir::new("huge");
+        let mut big = hello();
+        big.size_bytes = 256 << 30;
+        big.chunk_bytes = 4096;
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &big).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
+        volume.journal(write(1 << 30, 7, 8192)).unwrap();
+        volume.commit(complete()).unwrap();
+        volume.begin(2, 0, false, 0).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 0,
+                length: 256 << 30,
+            })
+            .unwrap();
+        let cycle = volume.cycle.as_ref().unwrap();
+        assert_eq!(cycle.touched.zeroed.ranges().count(), 1);
+        assert!(cycle.touched.rewritten.is_empty());
+        // Only the two chunks that hold data need their old content kept.
+        assert_eq!(volume.capture_set(&cycle.touched).unwrap().count(), 2);
+        // Crash after the commit record: the replay at open does the same bounded work.
+        let path = volume.journal_path();
+        let mut cycle = volume.cycle.take().unwrap();
+        let mut writer = cycle.writer.take().unwrap();
+        let point = PointInfo {
+            seq: 2,
+            ..complete()
+        };
+        append(&mut writer, &Record::Commit { point }, &path).unwrap();
+        writer.flush().unwrap();
+        drop(writer);
+        drop(volume);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Replayed(2));
+        assert_eq!(volume.meta().points.len(), 2);
+        let image = File::open(volume.image_path()).unwrap();
+        assert!(sys::data_segments(&image, 0, 256 << 30).unwrap().is_empty());
+        drop(volume);
+        // The delta back to point 1 holds exactly the two data chunks (header, two records
+        // of 48 + 4096 bytes, trailer). Reading the point back would read 256 GiB; the unit
+        // tests of `points` prove that deltas restore.
+        let reader = PointReader::open(&tmp.0, "v").unwrap();
+        assert_eq!(reader.delta_bytes().unwrap(), 40 + 2 * (48 + 4096) + 48);
+    }
+
+    /// Finding 6: zeroing a range that is already a hole (a routine `fstrim`) needs no room.
+    #[test]
+    fn zeroing_holes_needs_no_room_for_history() {
+        let tmp = TempDir::new("trim");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
+        volume.journal(write(0, 1, 65536)).unwrap();
+        volume.commit(complete()).unwrap();
+        volume.begin(2, 0, false, 0).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 65536,
+                length: (1 << 20) - 65536,
+            })
+            .unwrap();
+        let cycle = volume.cycle.as_ref().unwrap();
+        assert_eq!(volume.capture_set(&cycle.touched).unwrap().count(), 0);
+        volume.commit(complete()).unwrap();
+    }
+
+    /// Finding 13: an agent's clock decides neither retention nor `--at TIME` beyond bounds.
+    #[test]
+    fn point_times_are_held_between_the_previous_point_and_the_receivers_clock() {
+        let tmp = TempDir::new("clock");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        let before = now_ms();
+        volume.begin(1, 0, false, 0).unwrap();
+        volume
+            .commit(PointInfo {
+                time_unix_ms: u64::MAX / 2,
+                received_unix_ms: 1,
+                ..complete()
+            })
+            .unwrap();
+        let first = volume.meta().points[0].clone();
+        assert!(
+            first.time_unix_ms <= now_ms(),
+            "a future stamp is held at now"
+        );
+        assert!(first.received_unix_ms >= before);
+        volume.begin(2, 0, false, 0).unwrap();
+        volume
+            .commit(PointInfo {
+                time_unix_ms: 5,
+                ..complete()
+            })
+            .unwrap();
+        let second = volume.meta().points[1].clone();
+        assert_eq!(
+            second.time_unix_ms, first.time_unix_ms,
+            "no earlier than the last"
+        );
+    }
+
+    #[test]
+    fn the_retention_lock_keeps_points_the_other_tiers_would_drop() {
+        let tmp = TempDir::new("lock");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.set_retention(RetentionPolicy {
+            all: std::time::Duration::ZERO,
+            hourly: std::time::Duration::ZERO,
+            daily: std::time::Duration::ZERO,
+            locked: std::time::Duration::from_secs(3600),
+        });
+        for seq in 1..=3 {
+            volume.begin(seq, 0, false, 0).unwrap();
+            volume.journal(write(0, seq as u8, 4096)).unwrap();
+            volume.commit(complete()).unwrap();
+        }
+        assert_eq!(volume.meta().points.len(), 3);
+        assert!(volume.take_pruned().is_empty());
+        drop(volume);
+        assert_eq!(verify_all(&tmp.0), Vec::<u64>::new());
     }
 
     #[test]
@@ -1178,7 +1641,7 @@ mod tests {
     fn hashes_match_content() {
         let tmp = TempDir::new("hash");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
-        volume.begin(1, 0, false).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
         volume.journal(write(65536, 3, 65536)).unwrap();
         volume.commit(PointInfo::default()).unwrap();
         let hashes = volume.hashes(0, 2).unwrap();

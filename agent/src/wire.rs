@@ -23,7 +23,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -93,9 +93,13 @@ pub struct Begin {
     pub seq: u64,
     /// Upper bound of the data bytes this cycle will send (for the disk-space check).
     pub bytes_estimate: u64,
-    /// A step of an initial or verify sync: write straight into the image, without the
-    /// journal (the image is not a point in time until the sync completes).
+    /// A step of an initial sync: write straight into the image, without the journal (the
+    /// image is not a point in time until the sync completes). The receiver refuses it for a
+    /// volume that has ever had a complete point: every re-sync of a replica is journaled.
     pub direct: bool,
+    /// For a direct step: the device offset where the step starts. Until the step commits, the
+    /// receiver reports this offset as where a resumed sync must start.
+    pub from: u64,
 }
 
 /// One data frame of the open cycle.
@@ -161,6 +165,10 @@ pub struct PointInfo {
     /// all frozen and cut together), if any.
     #[serde(default)]
     pub group_cut: Option<u64>,
+    /// When the receiver committed the point (Unix milliseconds, the receiver's clock). Set by
+    /// the receiver; what an agent sends here is ignored. Retention ages points by it.
+    #[serde(default)]
+    pub received_unix_ms: u64,
 }
 
 /// What the receiver sends on the control stream.
@@ -210,6 +218,9 @@ pub struct Welcome {
     pub committed_seq: u64,
     /// The last committed cycle's record.
     pub last_point: Option<PointInfo>,
+    /// The volume has had a complete point: its history is kept, so every sync is journaled
+    /// (a direct `Begin` is refused).
+    pub history: bool,
 }
 
 /// Why the receiver refused.
@@ -229,6 +240,8 @@ pub enum RefusalCode {
     Storage,
     /// Message out of order (e.g. data before `Begin`).
     Sequence,
+    /// The receiver's policy forbids it: it would remove or rewrite committed history.
+    Forbidden,
 }
 
 /// A frame or message that breaks the protocol.
@@ -351,6 +364,14 @@ pub fn check_hello(hello: &Hello) -> Result<(), WireError> {
     if hello.source_id.is_empty() || hello.source_id.len() > MAX_SOURCE_ID {
         return Err(WireError::Hello(format!(
             "source id must be 1-{MAX_SOURCE_ID} bytes"
+        )));
+    }
+    // It is written to logs, the audit log and volume.json: printable characters only, so an
+    // agent cannot forge log lines or terminal escapes.
+    if hello.source_id.chars().any(char::is_control) {
+        return Err(WireError::Hello(format!(
+            "source id {:?} holds control characters",
+            hello.source_id.chars().take(80).collect::<String>()
         )));
     }
     if !hello.chunk_bytes.is_power_of_two()
@@ -542,6 +563,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 seq: 1,
                 bytes_estimate: 1 << 20,
                 direct: false,
+                from: 0,
             })),
         ),
         ("flush", encode(&AgentMessage::Flush { frames: 9 })),

@@ -410,6 +410,7 @@ async fn begin(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, seq: 
             seq,
             bytes_estimate: 0,
             direct: false,
+            from: 0,
         }),
     )
     .await
