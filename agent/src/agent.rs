@@ -702,11 +702,20 @@ impl Agent {
     /// Cuts the tracker and moves the cut into the durable in-flight set. Returns the cut's
     /// extents (and the epoch).
     fn take_cut(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
+        let cut = self.cut_into_inflight();
+        self.persist_and_release()?;
+        cut
+    }
+
+    /// Cuts the tracker and adds the cut to the in-flight set in memory only. The kernel slot
+    /// keeps the cut until [`Self::persist_and_release`]: a crash in between loses nothing (the
+    /// restarted agent finds the slot again). This is what runs while a file system is frozen:
+    /// the state file may live on that file system (`/var/lib/blkmirror` on a protected root
+    /// disk), and a write to it would block until the thaw.
+    fn cut_into_inflight(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
         let cut = self.tracker.cut()?;
         if let Some(verify) = cut.needs_verify {
             self.state.needs_full_sync = true;
-            self.persist()?;
-            self.tracker.release()?;
             return Err(AgentError::NeedsVerify(verify.reason));
         }
         if !cut.extents.is_empty() {
@@ -717,14 +726,20 @@ impl Agent {
                 .iter()
                 .map(|e| [e.offset, e.length, e.kind.index()])
                 .collect();
-            self.persist()?;
         }
         let backlog: u64 = self.state.inflight.iter().map(|e| e[1]).sum();
         self.config
             .status
             .update(&self.config.volume, |s| s.backlog_bytes = backlog);
-        self.tracker.release()?;
         Ok((cut.extents, cut.epoch))
+    }
+
+    /// Makes the in-flight set durable, then releases the tracker's last cut (in this order:
+    /// the cut is always in the kernel or on disk).
+    fn persist_and_release(&mut self) -> Result<(), AgentError> {
+        self.persist()?;
+        self.tracker.release()?;
+        Ok(())
     }
 
     fn inflight_bitmaps(&self) -> DirtyBitmaps {
@@ -904,6 +919,8 @@ impl Agent {
         let cut_time = now_ms();
         let read = self.read_remainder(seq, Instant::now() + budget);
         let thawed = thaw_reporting(frozen);
+        // Only now, thawed, can the state file be written (it may be on this file system).
+        self.persist_and_release()?;
         let (plan, frames, stats, epoch) = read?;
         Ok(FrozenPass {
             plan,
@@ -934,6 +951,8 @@ impl Agent {
             let fits = matches!(result, Ok((_, Some(_), _, _)));
             ((result, cut_time), fits)
         });
+        // The round is over and every member thawed: the state file can be written.
+        self.persist_and_release()?;
         match outcome {
             Ok(((result, cut_time), verdict)) => {
                 let (plan, frames, stats, epoch) = result?;
@@ -982,7 +1001,8 @@ impl Agent {
         seq: u64,
         deadline: Instant,
     ) -> Result<(PassPlan, Option<Vec<Vec<u8>>>, PassStats, u64), AgentError> {
-        let (extents, epoch) = self.take_cut()?;
+        // Frozen: nothing may be written to the state file here (see `cut_into_inflight`).
+        let (extents, epoch) = self.cut_into_inflight()?;
         // Test hook: hold the freeze, so tests can kill the agent or overrun the budget while
         // the file system is frozen. Never set in production.
         if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")

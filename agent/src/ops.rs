@@ -330,10 +330,23 @@ impl Target {
                 let mut name = path.file_name().unwrap_or_default().to_owned();
                 name.push(".blkmirror-partial");
                 let tmp = path.with_file_name(name);
+                // A leftover of an earlier restore, or something planted: removing the name
+                // removes a symlink itself, never what it points at. The new file is then
+                // created exclusively and without following links.
+                match fs::symlink_metadata(&tmp) {
+                    Ok(meta) if meta.is_dir() => {
+                        return Err(OpsError::Usage(format!(
+                            "{} is a directory; remove it first",
+                            tmp.display()
+                        )));
+                    }
+                    Ok(_) => fs::remove_file(&tmp).map_err(target_err("removing"))?,
+                    Err(_) => {}
+                }
                 let file = OpenOptions::new()
                     .write(true)
-                    .create(true)
-                    .truncate(true)
+                    .create_new(true)
+                    .custom_flags(libc::O_NOFOLLOW)
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(target_err("creating"))?;
@@ -418,6 +431,26 @@ pub fn restore(
     let size = reader.meta().size_bytes;
     let chunk = reader.meta().chunk_bytes as usize;
     let target = Target::open(to, size, chunk, force)?;
+    let to_device = matches!(target, Target::Device { .. });
+    if to_device {
+        // A device cannot be written aside and renamed into place: check the whole point
+        // first, so a corrupt point leaves the device untouched.
+        eprintln!(
+            "blkmirror: checking point {} of volume {volume} before writing to {}",
+            point.seq,
+            to.display()
+        );
+        let bad = reader.read_point(point.seq, false, |_, _| Ok(()))?;
+        if let Some(first) = bad.first() {
+            return Err(OpsError::Corrupt(format!(
+                "point {} of volume {volume} is corrupt at byte offset {first}; {} was not \
+                 written (run `blkmirror verify {volume} --at seq:{}` for the full list)",
+                point.seq,
+                to.display(),
+                point.seq
+            )));
+        }
+    }
     eprintln!(
         "blkmirror: restoring volume {volume} point {} ({}, {}) to {}",
         point.seq,
@@ -466,14 +499,29 @@ pub fn restore(
         Ok(bad) if bad.is_empty() => {}
         Ok(bad) => {
             target.abandon();
+            let what = if to_device {
+                format!(
+                    "{} was written up to byte offset {} and does not hold the point",
+                    to.display(),
+                    bad[0]
+                )
+            } else {
+                "nothing was restored".to_owned()
+            };
             return Err(OpsError::Corrupt(format!(
-                "point {} of volume {volume} is corrupt at byte offset {}; nothing was restored \
-                 (run `blkmirror verify {volume} --at seq:{}` for the full list)",
+                "point {} of volume {volume} is corrupt at byte offset {}; {what} (run \
+                 `blkmirror verify {volume} --at seq:{}` for the full list)",
                 point.seq, bad[0], point.seq
             )));
         }
         Err(error) => {
             target.abandon();
+            if to_device {
+                eprintln!(
+                    "blkmirror: {} was partly written and does not hold the point",
+                    to.display()
+                );
+            }
             return Err(error.into());
         }
     }
@@ -587,6 +635,9 @@ pub fn audit_verify(log: &Path, json: bool) -> Result<(), OpsError> {
                     verified.entries,
                     verified.head
                 );
+            }
+            for note in &verified.notes {
+                eprintln!("blkmirror: note: {note}");
             }
             Ok(())
         }

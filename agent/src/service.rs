@@ -8,7 +8,7 @@
 use std::{
     io,
     net::SocketAddr,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -17,10 +17,49 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{TcpListener, UnixListener, UnixStream},
-    sync::watch,
+    sync::{Semaphore, watch},
 };
 
 use crate::status::{self, Snapshot, StatusBoard};
+
+/// Connections one listener serves at once; more are closed at once, so idle clients cannot
+/// use up the process's descriptors.
+const MAX_CONNECTIONS: usize = 32;
+
+/// How long an accept loop pauses after `accept` failed `streak` times in a row: running out
+/// of descriptors (EMFILE) must not spin a core. 10 ms doubling to 1 s.
+pub fn accept_backoff(streak: u32) -> Duration {
+    Duration::from_millis(10u64 << streak.min(7)).min(Duration::from_secs(1))
+}
+
+/// Handles one `accept` outcome for a loop: a stream gets a permit (or is dropped, closing it,
+/// when all are taken); an error pauses the loop. Returns the stream and its permit to serve.
+async fn admit<S>(
+    accepted: io::Result<S>,
+    permits: &Arc<Semaphore>,
+    streak: &mut u32,
+    what: &str,
+) -> Option<(S, tokio::sync::OwnedSemaphorePermit)> {
+    match accepted {
+        Ok(stream) => {
+            *streak = 0;
+            // Dropping the stream without a permit closes it.
+            permits
+                .clone()
+                .try_acquire_owned()
+                .ok()
+                .map(|permit| (stream, permit))
+        }
+        Err(error) => {
+            if *streak == 0 {
+                tracing::warn!(target: "blkmirror", "{what}: accept failed: {error}; pausing");
+            }
+            tokio::time::sleep(accept_backoff(*streak)).await;
+            *streak = streak.saturating_add(1);
+            None
+        }
+    }
+}
 
 /// Service errors.
 #[derive(Debug, thiserror::Error)]
@@ -74,8 +113,15 @@ pub fn serve_control(
         path: path.to_owned(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(control_err)?;
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        // Root only: created 0700 (an existing directory is left as it is).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(control_err)?;
     }
     match std::fs::remove_file(path) {
         Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(control_err(error)),
@@ -85,13 +131,21 @@ pub fn serve_control(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(control_err)?;
     let path = path.to_owned();
     Ok(tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut streak = 0;
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let accepted = accepted.map(|(stream, _)| stream);
+                    let Some((stream, permit)) =
+                        admit(accepted, &permits, &mut streak, "control socket").await
+                    else {
+                        continue;
+                    };
                     let board = board.clone();
                     tokio::spawn(async move {
                         let _ = answer(stream, &board).await;
+                        drop(permit);
                     });
                 }
                 _ = shutdown.changed() => break,
@@ -154,13 +208,21 @@ pub async fn serve_metrics(
         .await
         .map_err(|source| ServiceError::Metrics { addr, source })?;
     Ok(tokio::spawn(async move {
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let mut streak = 0;
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let accepted = accepted.map(|(stream, _)| stream);
+                    let Some((stream, permit)) =
+                        admit(accepted, &permits, &mut streak, "metrics").await
+                    else {
+                        continue;
+                    };
                     let board = board.clone();
                     tokio::spawn(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(10), http(stream, &board)).await;
+                        drop(permit);
                     });
                 }
                 _ = shutdown.changed() => break,
@@ -295,6 +357,9 @@ mod tests {
         let _server = serve_control(&path, board, rx).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // Finding 15 of the hardening issue: the directory was created 0755.
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
         let snapshot = query(&path, "agent").await.unwrap();
         assert_eq!(snapshot.volumes[0].backlog_bytes, 5);
         let mut stream = UnixStream::connect(&path).await.unwrap();
@@ -309,5 +374,45 @@ mod tests {
                 .contains("no blkmirror agent is running")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Finding 10: idle connections used up the descriptors and a failing accept spun a core.
+    #[tokio::test]
+    async fn idle_clients_cannot_take_every_connection_and_failures_back_off() {
+        let dir = std::env::temp_dir().join(format!("blkmirror-idle-{}", std::process::id()));
+        let path = dir.join("receiver.sock");
+        let board = Arc::new(StatusBoard::new("receiver"));
+        let (_tx, rx) = watch::channel(false);
+        let _server = serve_control(&path, board, rx).unwrap();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(UnixStream::connect(&path).await.unwrap());
+        }
+        // Past the bound, a connection is closed at once (end of stream, no answer).
+        let mut extra = UnixStream::connect(&path).await.unwrap();
+        let _ = extra.write_all(b"status\n").await;
+        let mut text = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(3), extra.read_to_string(&mut text))
+            .await
+            .expect("an over-the-bound connection must be closed at once");
+        assert!(read.is_err() || text.is_empty(), "{text}");
+        // Once the idle ones go (they time out after 5 s, or close), status works again.
+        drop(idle);
+        let snapshot = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(snapshot) = query(&path, "receiver").await {
+                    return snapshot;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(snapshot.role, "receiver");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // The pause after a failed accept grows and is capped.
+        assert_eq!(accept_backoff(0), Duration::from_millis(10));
+        assert!(accept_backoff(3) > accept_backoff(2));
+        assert_eq!(accept_backoff(40), Duration::from_secs(1));
     }
 }

@@ -780,3 +780,48 @@ fn a_frozen_file_system_is_thawed_when_the_agent_dies_or_overruns_its_budget() {
     let lines = agent.once_ok(&[]);
     assert_eq!(last_point(&lines)["consistent"], true);
 }
+
+/// Finding 5 of the hardening issue: with the state directory on the protected, mounted file
+/// system (`/var/lib/blkmirror` on a protected root disk), the agent wrote its state file while
+/// that file system was frozen; the write blocked until the guard thawed it, so every point was
+/// fuzzy and the host's writers stalled for seconds in each cycle.
+#[test]
+fn the_state_directory_on_the_protected_file_system_still_gets_consistent_points() {
+    require_root();
+    let site = Site::new("root");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let _thaw = ThawOnDrop(&mount.target);
+    let state = mount.target.join("var/lib/blkmirror");
+    std::fs::create_dir_all(&state).expect("state directory");
+    let agent = AgentSetup {
+        state_dir: &state,
+        ..site.setup(&dev.path, "root")
+    };
+    agent.once_ok(&[]);
+    for round in 0..3 {
+        std::fs::write(
+            mount.target.join(format!("file-{round}")),
+            vec![round as u8; 100_000],
+        )
+        .expect("write");
+        let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(60));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        let point = last_point(&lines);
+        assert_eq!(point["consistent"], true, "round {round}: {point} {stderr}");
+        assert!(
+            point["freeze_ms"].as_u64().expect("freeze_ms") < 2000,
+            "round {round}: the freeze ran into its budget: {point}"
+        );
+        assert!(!stderr.contains("guard thawed"), "{stderr}");
+    }
+    // The state file on the protected file system records the last commit.
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("agent-root.json")).expect("state file"))
+            .expect("state json");
+    assert_eq!(
+        recorded["committed_seq"],
+        site.receiver.meta("root")["committed_seq"]
+    );
+}
