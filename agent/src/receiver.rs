@@ -467,6 +467,23 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         connection.stable_id(),
         (fingerprint.clone(), None, connection.clone()),
     );
+    // The handshake ran against the configuration of its start: a reload that withdrew this
+    // agent meanwhile swept the sessions before this one was listed. Checked after listing,
+    // so one of the two sees the other.
+    if !context
+        .grants
+        .read()
+        .expect("grants")
+        .contains_key(&fingerprint)
+    {
+        context
+            .sessions
+            .lock()
+            .expect("sessions")
+            .remove(&connection.stable_id());
+        connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
+        return;
+    }
     let mut session = Session {
         connection: connection.clone(),
         context: context.clone(),

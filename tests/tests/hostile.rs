@@ -1,0 +1,724 @@
+//! A compromised source against the real receiver: real QUIC on 127.0.0.1, a valid and granted
+//! identity (what ransomware on the source host holds), and every message in every session
+//! state. Whatever it sends, every point committed before it must still restore byte for byte,
+//! `verify --at all` must pass, the receiver's memory must stay bounded, and an honest agent
+//! must still be served. Also: unauthenticated floods and a revoked agent.
+//!
+//! No kernel is involved (the "source" is a model of the volume in memory), but the tests run
+//! with the others as root, in a scratch directory they remove.
+
+use std::{
+    fs,
+    net::UdpSocket,
+    path::Path,
+    process::Output,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use blkmirror::{
+    identity::{Fingerprint, Identity},
+    net,
+    wire::{
+        self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
+        ReceiverMessage, RefusalCode,
+    },
+};
+use blkmirror_tests::{
+    Scratch, blkmirror,
+    mirror::{Id, Receiver},
+    require_root,
+};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 16 * MIB;
+const CHUNK: u64 = 65536;
+const VOLUME: &str = "vol";
+
+fn hello() -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: VOLUME.into(),
+        source_id: "test:hostile-source".into(),
+        size_bytes: SIZE,
+        chunk_bytes: CHUNK,
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A small deterministic generator (xorshift64*), so a failing run can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One QUIC connection speaking the protocol by hand.
+struct Client {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Client {
+    async fn connect(receiver: &Receiver, id: &Id) -> Option<Self> {
+        let identity = Identity::load(&id.dir).expect("identity");
+        let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
+        let (endpoint, config) =
+            net::client_endpoint(&identity, &fingerprint, 8 * MIB).expect("endpoint");
+        let connection = endpoint
+            .connect_with(config, receiver.addr.parse().expect("addr"), "blkmirror")
+            .ok()?
+            .await
+            .ok()?;
+        let (send, recv) = connection.open_bi().await.ok()?;
+        Some(Self {
+            endpoint,
+            connection,
+            send,
+            recv,
+        })
+    }
+
+    /// Sends `message` and reads one reply (None: closed, refused, or no reply in time).
+    async fn request(&mut self, message: &AgentMessage) -> Option<ReceiverMessage> {
+        net::write_frame(&mut self.send, message).await.ok()?;
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            net::read_frame::<ReceiverMessage>(&mut self.recv),
+        )
+        .await
+        .ok()?
+        .ok()?
+    }
+
+    async fn send_only(&mut self, message: &AgentMessage) {
+        let _ = net::write_frame(&mut self.send, message).await;
+    }
+
+    async fn data(&self, frames: &[DataFrame]) {
+        let Ok(mut stream) = self.connection.open_uni().await else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        for frame in frames {
+            bytes.extend(wire::encode(frame));
+        }
+        let _ = stream.write_all(&bytes).await;
+        let _ = stream.finish();
+    }
+
+    async fn close(self) {
+        self.connection.close(quinn::VarInt::from_u32(0), b"");
+        self.endpoint.wait_idle().await;
+    }
+
+    fn welcome(reply: Option<ReceiverMessage>) -> wire::Welcome {
+        match reply {
+            Some(ReceiverMessage::Welcome(welcome)) => welcome,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+}
+
+/// An honest cycle: journaled, the given writes, committed as a complete point. Applies the
+/// writes to `model` and returns the committed cycle number.
+async fn honest_cycle(
+    receiver: &Receiver,
+    id: &Id,
+    writes: &[(u64, u8, u64)],
+    model: &mut [u8],
+) -> u64 {
+    let mut client = Client::connect(receiver, id).await.expect("connect");
+    let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+    let seq = welcome.committed_seq + 1;
+    let ready = client
+        .request(&AgentMessage::Begin(Begin {
+            seq,
+            bytes_estimate: 0,
+            direct: false,
+            from: 0,
+        }))
+        .await;
+    assert!(
+        matches!(ready, Some(ReceiverMessage::Ready { .. })),
+        "{ready:?}"
+    );
+    let frames: Vec<DataFrame> = writes
+        .iter()
+        .map(|&(offset, byte, len)| {
+            model[offset as usize..(offset + len) as usize].fill(byte);
+            DataFrame::Write {
+                seq,
+                offset,
+                codec: Codec::Raw,
+                raw_len: len as u32,
+                data: vec![byte; len as usize],
+            }
+        })
+        .collect();
+    client.data(&frames).await;
+    let committed = client
+        .request(&AgentMessage::Commit {
+            frames: frames.len() as u64,
+            point: PointInfo {
+                seq,
+                time_unix_ms: now_ms(),
+                complete: true,
+                consistent: true,
+                synced_to: SIZE,
+                ..PointInfo::default()
+            },
+        })
+        .await;
+    assert!(
+        matches!(committed, Some(ReceiverMessage::Committed { seq: got }) if got == seq),
+        "{committed:?}\n{}",
+        receiver.log()
+    );
+    client.close().await;
+    seq
+}
+
+fn run_cli(args: &[&str]) -> Output {
+    blkmirror().args(args).output().expect("blkmirror")
+}
+
+/// Restores point `seq` to a file and returns its content.
+fn restore(data_dir: &Path, scratch: &Path, seq: u64) -> Vec<u8> {
+    let to = scratch.join(format!("restore-{seq}.img"));
+    let output = run_cli(&[
+        "restore",
+        VOLUME,
+        "--at",
+        &format!("seq:{seq}"),
+        "--to",
+        to.to_str().expect("utf-8"),
+        "--force",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        output.status.success(),
+        "restore of point {seq}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let content = fs::read(&to).expect("restored file");
+    fs::remove_file(&to).expect("remove");
+    content
+}
+
+/// The receiver's peak resident memory (VmHWM), in bytes.
+fn peak_memory(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM")
+        * 1024
+}
+
+/// One hostile session: a random sequence of messages and frames, drawn from `rng`.
+async fn random_session(receiver: &Receiver, id: &Id, rng: &mut Rng, committed: u64) {
+    let Some(mut client) = Client::connect(receiver, id).await else {
+        return;
+    };
+    if rng.below(8) != 0 {
+        let mut hello = hello();
+        match rng.below(12) {
+            0 => hello.source_id = "test:\u{1b}[31mforged\nline".into(),
+            1 => hello.size_bytes = SIZE * 2,
+            2 => hello.protocol = 2,
+            3 => hello.volume = "../etc".into(),
+            _ => {}
+        }
+        client.send_only(&AgentMessage::Hello(hello)).await;
+    }
+    let seq_near = |rng: &mut Rng| match rng.below(4) {
+        0 => rng.next(),
+        1 => committed.saturating_sub(rng.below(3)),
+        _ => committed + 1 + rng.below(2),
+    };
+    for _ in 0..rng.below(12) {
+        let aligned = |rng: &mut Rng, limit: u64| rng.below(limit / 512 + 2) * 512;
+        match rng.below(9) {
+            0 => {
+                client
+                    .send_only(&AgentMessage::Begin(Begin {
+                        seq: seq_near(rng),
+                        bytes_estimate: rng.next() >> rng.below(64),
+                        direct: rng.below(2) == 0,
+                        from: rng.next(),
+                    }))
+                    .await
+            }
+            1 => {
+                client
+                    .send_only(&AgentMessage::Commit {
+                        frames: rng.below(5),
+                        point: PointInfo {
+                            seq: seq_near(rng),
+                            time_unix_ms: rng.next(),
+                            complete: rng.below(2) == 0,
+                            consistent: rng.below(2) == 0,
+                            synced_to: rng.next(),
+                            received_unix_ms: rng.next(),
+                            ..PointInfo::default()
+                        },
+                    })
+                    .await
+            }
+            2 => {
+                client
+                    .send_only(&AgentMessage::Flush {
+                        frames: rng.below(5),
+                    })
+                    .await
+            }
+            3 => {
+                client
+                    .send_only(&AgentMessage::HashRequest {
+                        first_chunk: rng.below(400),
+                        count: rng.below(6000) as u32,
+                    })
+                    .await
+            }
+            4 => client.send_only(&AgentMessage::Hello(hello())).await,
+            5 | 6 => {
+                let seq = seq_near(rng);
+                let frames: Vec<DataFrame> = (0..1 + rng.below(4))
+                    .map(|_| {
+                        let len = aligned(rng, 2 * MIB).max(512);
+                        DataFrame::Write {
+                            seq,
+                            offset: aligned(rng, SIZE + MIB),
+                            codec: if rng.below(4) == 0 {
+                                Codec::Zstd
+                            } else {
+                                Codec::Raw
+                            },
+                            raw_len: len as u32,
+                            data: vec![rng.next() as u8; (len as usize).min(1 << 20)],
+                        }
+                    })
+                    .collect();
+                client.data(&frames).await;
+            }
+            7 => {
+                let seq = seq_near(rng);
+                let offset = aligned(rng, SIZE);
+                client
+                    .data(&[DataFrame::Zero {
+                        seq,
+                        offset,
+                        length: if rng.below(2) == 0 {
+                            SIZE - offset.min(SIZE)
+                        } else {
+                            u64::MAX - 511
+                        },
+                    }])
+                    .await
+            }
+            _ => tokio::time::sleep(Duration::from_millis(rng.below(50))).await,
+        }
+    }
+    // Sometimes wait for what the receiver says, sometimes vanish mid-session.
+    if rng.below(2) == 0 {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(300),
+            net::read_frame::<ReceiverMessage>(&mut client.recv),
+        )
+        .await;
+    }
+    client.close().await;
+}
+
+#[test]
+fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
+    require_root();
+    let scratch = Scratch::new();
+    let agent = Id::new(&scratch.path, "agent-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let receiver = Receiver::start(
+        &data,
+        &receiver_id,
+        &[format!("{}={VOLUME}", agent.fingerprint)],
+        0,
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    let mut points = Vec::new();
+    runtime.block_on(async {
+        for (round, writes) in [
+            vec![(0, 1u8, MIB), (8 * MIB, 2, 512 * 1024)],
+            vec![(MIB / 2, 3, MIB), (15 * MIB, 4, MIB)],
+            vec![(4 * MIB, 5, 65536), (0, 6, 4096)],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let seq = honest_cycle(&receiver, &agent, &writes, &mut model).await;
+            assert_eq!(seq, round as u64 + 1);
+            points.push((seq, model.clone()));
+        }
+    });
+    let committed = points.len() as u64;
+
+    runtime.block_on(async {
+        // The history wipe of the hardening issue: a direct Begin on a volume with points.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        assert!(welcome.history);
+        let reply = client
+            .request(&AgentMessage::Begin(Begin {
+                seq: committed + 1,
+                bytes_estimate: 0,
+                direct: true,
+                from: 0,
+            }))
+            .await;
+        assert!(
+            matches!(
+                reply,
+                Some(ReceiverMessage::Refused {
+                    code: RefusalCode::Forbidden,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        client.close().await;
+
+        // A half-finished cycle: Begin, data, and the agent vanishes.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        client
+            .request(&AgentMessage::Begin(Begin {
+                seq: committed + 1,
+                bytes_estimate: 1 << 40,
+                direct: false,
+                from: 0,
+            }))
+            .await;
+        client
+            .data(&[DataFrame::Zero {
+                seq: committed + 1,
+                offset: 0,
+                length: SIZE,
+            }])
+            .await;
+        drop(client);
+
+        // A reconnect storm.
+        for _ in 0..30 {
+            if let Some(mut client) = Client::connect(&receiver, &agent).await {
+                client.send_only(&AgentMessage::Hello(hello())).await;
+                drop(client);
+            }
+        }
+
+        // Random sessions in every state.
+        let mut rng = Rng(0x5eed_0b5e_55ed_u64);
+        for _ in 0..120 {
+            random_session(&receiver, &agent, &mut rng, committed).await;
+        }
+
+        // Bad data as a new point is what a compromised source can do: a whole-volume Zero
+        // and overlapping writes, committed as point 4 with a time far in the future.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let seq = welcome.committed_seq + 1;
+        let ready = client
+            .request(&AgentMessage::Begin(Begin {
+                seq,
+                bytes_estimate: 0,
+                direct: false,
+                from: 0,
+            }))
+            .await;
+        assert!(
+            matches!(ready, Some(ReceiverMessage::Ready { .. })),
+            "{ready:?}"
+        );
+        let frames = vec![
+            DataFrame::Zero {
+                seq,
+                offset: 0,
+                length: SIZE,
+            },
+            DataFrame::Write {
+                seq,
+                offset: 0,
+                codec: Codec::Raw,
+                raw_len: 8192,
+                data: vec![0x66; 8192],
+            },
+        ];
+        client.data(&frames[..1]).await;
+        client.request(&AgentMessage::Flush { frames: 1 }).await;
+        client.data(&frames[1..]).await;
+        let reply = client
+            .request(&AgentMessage::Commit {
+                frames: 2,
+                point: PointInfo {
+                    seq,
+                    time_unix_ms: u64::MAX / 4,
+                    complete: true,
+                    ..PointInfo::default()
+                },
+            })
+            .await;
+        assert!(
+            matches!(reply, Some(ReceiverMessage::Committed { .. })),
+            "{reply:?}"
+        );
+        client.close().await;
+    });
+
+    // Every point that existed before the attack restores byte for byte.
+    for (seq, content) in &points {
+        assert!(
+            restore(&data, &scratch.path, *seq) == *content,
+            "point {seq} changed under the hostile agent"
+        );
+    }
+    let verify = run_cli(&[
+        "verify",
+        VOLUME,
+        "--at",
+        "all",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let listing = run_cli(&[
+        "points",
+        VOLUME,
+        "--json",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.contains("\"seq\":4"), "{listing}");
+    // The future time stamp was held at the receiver's clock.
+    let meta = receiver.meta(VOLUME);
+    let last = &meta["points"]
+        .as_array()
+        .expect("points")
+        .last()
+        .cloned()
+        .expect("point");
+    assert!(
+        last["time_unix_ms"].as_u64().expect("time") <= now_ms(),
+        "{last}"
+    );
+    // No control character reached the log.
+    assert!(
+        !receiver.log().contains('\u{1b}'),
+        "an escape reached the log"
+    );
+    // Memory stayed bounded.
+    let peak = peak_memory(receiver.pid());
+    eprintln!(
+        "receiver peak memory under the hostile agent: {} MiB",
+        peak >> 20
+    );
+    assert!(peak < 512 * MIB, "receiver peak memory {} MiB", peak >> 20);
+    // And an honest agent is still served.
+    runtime.block_on(async {
+        let mut model = points.last().expect("points").1.clone();
+        model.fill(0);
+        model[..8192].fill(0x66);
+        honest_cycle(&receiver, &agent, &[(MIB, 9, 4096)], &mut model).await;
+    });
+    let audit = fs::read_to_string(data.join("audit.log")).expect("audit");
+    assert!(
+        audit.contains("Forbidden"),
+        "the refused direct Begin is not audited"
+    );
+}
+
+/// Finding 7 of the hardening issue: every failed handshake appended an audit entry (3
+/// fsyncs), with no address validation, so anyone could grow the log at will.
+#[test]
+fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
+    require_root();
+    let scratch = Scratch::new();
+    let agent = Id::new(&scratch.path, "agent-id");
+    let stranger = Id::new(&scratch.path, "stranger-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let receiver = Receiver::start(
+        &data,
+        &receiver_id,
+        &[format!("{}={VOLUME}", agent.fingerprint)],
+        0,
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let handshake_entries = || {
+        fs::read_to_string(data.join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"stage\":\"handshake\""))
+            .count()
+    };
+    // Bare Initial packets from addresses that never answer: capture one real Initial and
+    // replay it from 200 other sockets.
+    let relay = UdpSocket::bind("127.0.0.1:0").expect("relay");
+    relay
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let relay_addr = relay.local_addr().expect("addr");
+    let fake = receiver_clone_addr(&receiver, &relay_addr.to_string());
+    let client = std::thread::spawn({
+        let stranger_dir = stranger.dir.clone();
+        let fingerprint = fake.fingerprint.clone();
+        let addr = fake.addr.clone();
+        move || {
+            let runtime = tokio::runtime::Runtime::new().expect("runtime");
+            runtime.block_on(async {
+                let identity = Identity::load(&stranger_dir).expect("identity");
+                let fingerprint = Fingerprint::parse(&fingerprint).expect("fingerprint");
+                let (endpoint, config) =
+                    net::client_endpoint(&identity, &fingerprint, MIB).expect("endpoint");
+                let connecting = endpoint
+                    .connect_with(config, addr.parse().expect("addr"), "blkmirror")
+                    .expect("connect");
+                let _ = tokio::time::timeout(Duration::from_secs(2), connecting).await;
+            });
+        }
+    });
+    let mut initial = vec![0u8; 2048];
+    let (len, _) = relay.recv_from(&mut initial).expect("an Initial packet");
+    initial.truncate(len);
+    client.join().expect("client");
+    let target: std::net::SocketAddr = receiver.addr.parse().expect("addr");
+    for _ in 0..200 {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("socket");
+        socket.send_to(&initial, target).expect("send");
+    }
+    // Certificates the receiver does not admit, 300 times.
+    runtime.block_on(async {
+        for _ in 0..300 {
+            // In TLS 1.3 the client learns of the refusal after its side of the handshake.
+            if let Some(client) = Client::connect(&receiver, &stranger).await {
+                let closed =
+                    tokio::time::timeout(Duration::from_secs(5), client.connection.closed()).await;
+                assert!(closed.is_ok(), "a stranger's connection stayed open");
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let entries = handshake_entries();
+    assert!(
+        (1..=blkmirror::receiver::RefusalThrottle::PER_WINDOW as usize).contains(&entries),
+        "{entries} handshake entries in the audit log"
+    );
+    // The admitted agent is still served, and the audit chain holds.
+    runtime.block_on(async {
+        let mut model = vec![0u8; SIZE as usize];
+        honest_cycle(&receiver, &agent, &[(0, 1, 4096)], &mut model).await;
+    });
+    let verify = run_cli(&[
+        "audit",
+        "verify",
+        "--log",
+        data.join("audit.log").to_str().expect("utf-8"),
+    ]);
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+}
+
+/// A receiver handle whose address is `addr` (to aim a client at a relay).
+fn receiver_clone_addr(receiver: &Receiver, addr: &str) -> FakeReceiver {
+    FakeReceiver {
+        addr: addr.to_owned(),
+        fingerprint: receiver.fingerprint.clone(),
+    }
+}
+
+struct FakeReceiver {
+    addr: String,
+    fingerprint: String,
+}
+
+/// Finding 8: a revoked agent's connection that had not yet claimed a volume survived the
+/// reload and went on to get `Welcome` and hashes.
+#[test]
+fn a_reload_closes_a_revoked_agents_connection_that_holds_no_volume_yet() {
+    require_root();
+    let scratch = Scratch::new();
+    let agent = Id::new(&scratch.path, "agent-id");
+    let other = Id::new(&scratch.path, "other-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let config = scratch.path.join("receiver.toml");
+    let write_config = |agents: &[&Id]| {
+        let mut text = format!(
+            "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n",
+            receiver_id.dir.display(),
+            data.display()
+        );
+        for id in agents {
+            text.push_str(&format!(
+                "[[agent]]\nfingerprint = \"{}\"\nvolumes = [\"{VOLUME}\"]\n",
+                id.fingerprint
+            ));
+        }
+        fs::write(&config, text).expect("config");
+    };
+    write_config(&[&agent, &other]);
+    let receiver = Receiver::start_config(&config, &data, &receiver_id);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        // Authenticated, no Hello yet.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        write_config(&[&other]);
+        blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+        let closed =
+            tokio::time::timeout(Duration::from_secs(10), client.connection.closed()).await;
+        assert!(
+            closed.is_ok(),
+            "the revoked agent's connection stayed open:\n{}",
+            receiver.log()
+        );
+        let reply = client.request(&AgentMessage::Hello(hello())).await;
+        assert!(
+            !matches!(reply, Some(ReceiverMessage::Welcome(_))),
+            "{reply:?}"
+        );
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !receiver.log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "{}", receiver.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        receiver.log().contains("closed_sessions"),
+        "{}",
+        receiver.log()
+    );
+}
