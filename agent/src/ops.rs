@@ -691,4 +691,48 @@ mod tests {
         assert_eq!(select(&points, &PointSelector::All).unwrap().len(), 3);
         assert!(select(&[], &PointSelector::Latest).is_err());
     }
+
+    /// Finding 9 of the hardening issue: `PATH.blkmirror-partial` was opened without
+    /// `O_EXCL`/`O_NOFOLLOW`, so a planted symlink's target was truncated.
+    #[test]
+    fn restore_does_not_follow_a_planted_partial_file() {
+        use crate::{
+            testing::TempDir,
+            volume::Volume,
+            wire::{CheckedData, Hello, PROTOCOL_VERSION},
+        };
+        let tmp = TempDir::new("planted");
+        let data = tmp.0.join("data");
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "v".into(),
+            source_id: "test:source".into(),
+            size_bytes: 1 << 20,
+            chunk_bytes: 65536,
+        };
+        let (mut volume, _, _) = Volume::open_or_create(&data, &hello).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
+        volume
+            .journal(CheckedData::Write {
+                offset: 0,
+                data: vec![7; 4096],
+            })
+            .unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        drop(volume);
+        let victim = tmp.0.join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let target = tmp.0.join("restored.img");
+        std::os::unix::fs::symlink(&victim, tmp.0.join("restored.img.blkmirror-partial")).unwrap();
+        restore(&data, "v", &PointSelector::Latest, &target, false, true).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        let restored = fs::read(&target).unwrap();
+        assert_eq!(restored.len(), 1 << 20);
+        assert_eq!(restored[..4096], [7; 4096]);
+    }
 }

@@ -675,6 +675,20 @@ mod tests {
     #[test]
     fn hello_limits() {
         check_hello(&hello()).unwrap();
+        // Finding 14 of the hardening issue: the source id is echoed into logs and files.
+        for forged in [
+            "loop:/x\nblkmirror receiver: forged",
+            "a\u{1b}[2Jb",
+            "nul\0",
+        ] {
+            let mut bad = hello();
+            bad.source_id = forged.into();
+            let error = check_hello(&bad).unwrap_err().to_string();
+            assert!(error.contains("control characters"), "{error}");
+        }
+        let mut unicode = hello();
+        unicode.source_id = "loop:/var/tmp/disque-é.img".into();
+        check_hello(&unicode).unwrap();
         let mut bad = hello();
         bad.chunk_bytes = 3000;
         assert!(check_hello(&bad).is_err());

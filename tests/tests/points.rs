@@ -328,6 +328,29 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
             .exists(),
         "a corrupt restore left its partial file behind"
     );
+    // Finding 12 of the hardening issue: a restore to a device wrote chunks before it found
+    // the corruption, then said nothing was restored. The point is checked first now.
+    let target_dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    blkmirror_tests::mirror::write_random(&target_dev.path, 0, 4 * MIB);
+    let before = blkmirror_tests::mirror::digest(&target_dev.path);
+    let refused = run(&[
+        "restore",
+        "fs",
+        "--at",
+        &format!("seq:{corrupt_seq}"),
+        "--to",
+        target_dev.path.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(7), "{stderr}");
+    assert!(stderr.contains("was not written"), "{stderr}");
+    assert_eq!(
+        blkmirror_tests::mirror::digest(&target_dev.path),
+        before,
+        "a refused restore wrote to the device"
+    );
     bytes[at] ^= 0x55;
     fs::write(&delta, &bytes).expect("repair");
 
