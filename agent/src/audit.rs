@@ -232,6 +232,18 @@ impl AuditLog {
     pub fn verify(&self) -> Result<Verified, AuditError> {
         let path = &self.path;
         let text = fs::read_to_string(path).map_err(io_err("reading", path))?;
+        let head = match fs::read_to_string(&self.head_path) {
+            Ok(head) => Some(head),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(error) => return Err(io_err("reading", &self.head_path)(error)),
+        };
+        self.verify_text(&text, head.as_deref())
+    }
+
+    /// Checks the chain of `text` (the log) and `head` (the head file, if there is one). Pure;
+    /// the fuzz target drives it with arbitrary input.
+    pub fn verify_text(&self, text: &str, head: Option<&str>) -> Result<Verified, AuditError> {
+        let path = &self.path;
         let broken = |line: u64, message: String| AuditError::Broken {
             path: path.clone(),
             line,
@@ -240,7 +252,7 @@ impl AuditLog {
         let mut notes = Vec::new();
         // A torn last line is an append that never completed: noted, not tampering.
         let whole = match text.rfind('\n') {
-            _ if text.is_empty() || text.ends_with('\n') => text.as_str(),
+            _ if text.is_empty() || text.ends_with('\n') => text,
             Some(at) => {
                 notes.push(format!(
                     "the last line is torn ({} bytes after entry {}): an append was cut off; \
@@ -291,8 +303,8 @@ impl AuditLog {
             before_last = std::mem::replace(&mut prev, hash.to_owned());
             entries += 1;
         }
-        match fs::read_to_string(&self.head_path) {
-            Ok(head) => {
+        match head {
+            Some(head) => {
                 let expected = format!("{entries} {prev}");
                 let one_behind = format!("{} {before_last}", entries.saturating_sub(1));
                 if entries > 0 && head.trim() == one_behind {
@@ -308,17 +320,25 @@ impl AuditLog {
                             "the log ends at entry {entries}, but {} records the head as {:?} \
                              (entries were cut off the end)",
                             self.head_path.display(),
-                            head.trim()
+                            head.trim().chars().take(200).collect::<String>()
                         ),
                     ));
                 }
             }
-            Err(error) if error.kind() == io::ErrorKind::NotFound && entries <= 1 => {
+            None if entries <= 1 => {
                 if entries == 1 {
                     notes.push("no head file yet: the first append was interrupted".into());
                 }
             }
-            Err(error) => return Err(io_err("reading", &self.head_path)(error)),
+            None => {
+                return Err(broken(
+                    entries,
+                    format!(
+                        "{} is missing but the log has {entries} entries",
+                        self.head_path.display()
+                    ),
+                ));
+            }
         }
         Ok(Verified {
             entries,
@@ -339,9 +359,8 @@ fn write_entry(file: &mut File, path: &Path, entry: &Entry) -> Result<String, Au
     Ok(hash)
 }
 
-/// If `file` does not end with a newline, cuts it back to its last complete line and returns
-/// the bytes cut off.
-fn cut_torn_tail(file: &mut File) -> io::Result<Option<Vec<u8>>> {
+/// The last `MAX_LINE + 1` bytes of `file` and where they start (`None` for an empty file).
+fn read_tail(file: &mut File) -> io::Result<Option<(u64, Vec<u8>)>> {
     let len = file.seek(SeekFrom::End(0))?;
     if len == 0 {
         return Ok(None);
@@ -350,6 +369,15 @@ fn cut_torn_tail(file: &mut File) -> io::Result<Option<Vec<u8>>> {
     file.seek(SeekFrom::Start(start))?;
     let mut tail = Vec::new();
     file.read_to_end(&mut tail)?;
+    Ok(Some((start, tail)))
+}
+
+/// If `file` does not end with a newline, cuts it back to its last complete line and returns
+/// the bytes cut off.
+fn cut_torn_tail(file: &mut File) -> io::Result<Option<Vec<u8>>> {
+    let Some((start, tail)) = read_tail(file)? else {
+        return Ok(None);
+    };
     if tail.last() == Some(&b'\n') {
         return Ok(None);
     }
@@ -368,14 +396,9 @@ fn cut_torn_tail(file: &mut File) -> io::Result<Option<Vec<u8>>> {
 
 /// The last complete line of `file` (without its newline).
 fn last_line(file: &mut File) -> io::Result<Option<String>> {
-    let len = file.seek(SeekFrom::End(0))?;
-    if len == 0 {
+    let Some((_, tail)) = read_tail(file)? else {
         return Ok(None);
-    }
-    let start = len.saturating_sub(MAX_LINE as u64 + 1);
-    file.seek(SeekFrom::Start(start))?;
-    let mut tail = Vec::new();
-    file.read_to_end(&mut tail)?;
+    };
     let text = String::from_utf8_lossy(&tail);
     let text = text.strip_suffix('\n').unwrap_or(&text);
     Ok(Some(text.rsplit('\n').next().unwrap_or(text).to_owned()))

@@ -55,6 +55,7 @@ pub mod durable;
 pub mod environment;
 pub mod extent;
 pub mod freeze;
+pub mod fuzz;
 pub mod group;
 pub mod identity;
 pub mod layout;
@@ -70,8 +71,8 @@ pub mod selftest;
 pub mod service;
 pub mod status;
 pub mod sys;
-#[cfg(test)]
-mod testing;
+#[doc(hidden)]
+pub mod testing;
 pub mod track;
 pub mod units;
 pub mod volume;

@@ -220,6 +220,9 @@ mod tests {
         assert_eq!(plan.read, vec![(0, 8192), (8192, 4096)]);
         assert_eq!(plan.zero, vec![(65536, 100_000 - 65536)]);
         assert_eq!(plan.read_bytes(), 12288);
+        // Finding 6 of the hardening issue: discards and write-zeroes were counted at full
+        // length in the receiver's space estimate (an fstrim was then "disk full" forever).
+        assert_eq!(plan.data_estimate(), 8192);
     }
 
     #[test]

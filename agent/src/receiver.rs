@@ -136,6 +136,10 @@ impl RefusalThrottle {
     }
 }
 
+/// An authenticated connection: its agent, the volume it asked for (once it has), and the
+/// connection, keyed by the connection's stable id.
+type ListedSession = (Fingerprint, Option<String>, quinn::Connection);
+
 struct Context {
     data_dir: PathBuf,
     /// Replaced on a configuration reload.
@@ -148,7 +152,7 @@ struct Context {
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
     /// Every authenticated connection, with the volume it asked for once it has: a reload
     /// closes those whose grant it withdrew, also while they wait for a volume.
-    sessions: Mutex<HashMap<usize, (Fingerprint, Option<String>, quinn::Connection)>>,
+    sessions: Mutex<HashMap<usize, ListedSession>>,
     /// Throttles the audit entries of refused handshakes.
     handshake_refusals: Mutex<RefusalThrottle>,
 }
@@ -356,27 +360,19 @@ fn apply_reload(
     context: &Context,
     reload: Reload,
 ) {
-    let (grants, retention) = match reload {
-        Ok((_, retention))
-            if retention.locked < context.retention.read().expect("retention").locked =>
-        {
-            let running = context.retention.read().expect("retention").locked;
-            let message = format!(
+    let running_lock = context.retention.read().expect("retention").locked;
+    let reload = reload.and_then(|(grants, retention)| {
+        if retention.locked < running_lock {
+            return Err(format!(
                 "the new retention lock ({}s) is shorter than the running one ({}s); a lock \
                  cannot be shortened by a reload (restart the receiver to change it)",
                 retention.locked.as_secs(),
-                running.as_secs()
-            );
-            warn(format!(
-                "configuration reload refused, keeping the running one: {message}"
+                running_lock.as_secs()
             ));
-            context.record(Event {
-                event: "config-reload",
-                outcome: message,
-                ..Event::default()
-            });
-            return;
         }
+        Ok((grants, retention))
+    });
+    let (grants, retention) = match reload {
         Ok(new) => new,
         Err(message) => {
             warn(format!(
@@ -930,4 +926,73 @@ pub fn parse_grants(specs: &[String]) -> Result<Grants, String> {
         }
     }
     Ok(grants)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{testing::TempDir, wire::Hello};
+
+    /// Finding 4 of the hardening issue (its second half): one corrupt `volume.json` stopped
+    /// the whole receiver from starting.
+    #[test]
+    fn a_broken_volume_is_reported_and_the_others_still_recover() {
+        let tmp = TempDir::new("recover-all");
+        for name in ["good", "bad"] {
+            let hello = Hello {
+                protocol: PROTOCOL_VERSION,
+                volume: name.into(),
+                source_id: "test:source".into(),
+                size_bytes: 1 << 20,
+                chunk_bytes: 65536,
+            };
+            Volume::open_or_create(&tmp.0, &hello).unwrap();
+        }
+        std::fs::write(
+            tmp.0.join("bad/volume.json"),
+            "{\"format\": 1, \"chunk_bytes\": 0",
+        )
+        .unwrap();
+        let recovered = recover_all(&tmp.0).unwrap();
+        assert_eq!(recovered.len(), 2);
+        assert_eq!(recovered[0].0, "bad");
+        assert!(recovered[0].1.is_err());
+        assert_eq!(recovered[1].0, "good");
+        assert_eq!(recovered[1].1.as_ref().unwrap(), &Recovery::Clean);
+        // A well-formed file with values that would divide by zero is refused too.
+        let meta = std::fs::read_to_string(tmp.0.join("good/volume.json")).unwrap();
+        std::fs::write(
+            tmp.0.join("bad/volume.json"),
+            meta.replace("\"chunk_bytes\": 65536", "\"chunk_bytes\": 0")
+                .replace("\"volume\": \"good\"", "\"volume\": \"bad\""),
+        )
+        .unwrap();
+        let error = recover_all(&tmp.0).unwrap()[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("chunk size 0"), "{error}");
+    }
+
+    #[test]
+    fn handshake_refusals_are_audited_at_most_ten_a_minute_and_count_the_rest() {
+        let mut throttle = RefusalThrottle::default();
+        let start = 1_000_000;
+        for i in 0..RefusalThrottle::PER_WINDOW {
+            assert_eq!(throttle.admit(start + u64::from(i)), Some(0));
+        }
+        for i in 0..500 {
+            assert_eq!(throttle.admit(start + 100 + i), None);
+        }
+        // The next window's first entry says how many were left out.
+        assert_eq!(
+            throttle.admit(start + RefusalThrottle::WINDOW_MS + 1),
+            Some(500)
+        );
+        assert_eq!(
+            throttle.admit(start + RefusalThrottle::WINDOW_MS + 2),
+            Some(0)
+        );
+    }
 }

@@ -1,4 +1,4 @@
-//! Helpers for this crate's unit tests.
+//! Helpers for this crate's unit tests and fuzz targets (not part of the interface).
 
 use std::{
     fs,

@@ -1170,15 +1170,48 @@ fn lock_volume(dir: &Path, shared: bool) -> Result<File, StoreError> {
 pub(crate) fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
     let path = dir.join("volume.json");
     let text = fs::read_to_string(&path).map_err(StoreError::io("reading", &path))?;
-    let meta: VolumeMeta = serde_json::from_str(&text).map_err(|error| StoreError::Meta {
-        path: path.clone(),
-        message: error.to_string(),
-    })?;
+    parse_meta(&text).map_err(|message| StoreError::Meta { path, message })
+}
+
+/// Parses and checks `volume.json`: a damaged or planted file is refused with what is wrong,
+/// never trusted into a division by zero or an allocation of its own choosing. Pure; the fuzz
+/// target drives it with arbitrary text.
+pub fn parse_meta(text: &str) -> Result<VolumeMeta, String> {
+    let meta: VolumeMeta = serde_json::from_str(text).map_err(|error| error.to_string())?;
     if meta.format != META_FORMAT {
-        return Err(StoreError::Meta {
-            path,
-            message: format!("format {} (this build reads {META_FORMAT})", meta.format),
-        });
+        return Err(format!(
+            "format {} (this build reads {META_FORMAT})",
+            meta.format
+        ));
+    }
+    wire::check_volume_name(&meta.volume).map_err(|error| error.to_string())?;
+    wire::check_hello(&Hello {
+        protocol: wire::PROTOCOL_VERSION,
+        volume: meta.volume.clone(),
+        source_id: meta.source_id.clone(),
+        size_bytes: meta.size_bytes,
+        chunk_bytes: meta.chunk_bytes,
+    })
+    .map_err(|error| error.to_string())?;
+    if meta
+        .points
+        .windows(2)
+        .any(|pair| pair[0].seq >= pair[1].seq)
+        || meta
+            .points
+            .last()
+            .is_some_and(|p| p.seq > meta.committed_seq)
+    {
+        return Err(format!(
+            "the points are not in order below the committed cycle {}",
+            meta.committed_seq
+        ));
+    }
+    if meta.unsettled_from > meta.size_bytes {
+        return Err(format!(
+            "unsettled_from {} is beyond the volume's {} bytes",
+            meta.unsettled_from, meta.size_bytes
+        ));
     }
     Ok(meta)
 }

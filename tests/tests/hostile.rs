@@ -66,6 +66,35 @@ impl Rng {
     }
 }
 
+/// A receiver granting `agent` the volume, in a scratch directory.
+struct Site {
+    scratch: Scratch,
+    agent: Id,
+    data: std::path::PathBuf,
+    receiver: Receiver,
+}
+
+impl Site {
+    fn new() -> Self {
+        let scratch = Scratch::new();
+        let agent = Id::new(&scratch.path, "agent-id");
+        let receiver_id = Id::new(&scratch.path, "receiver-id");
+        let data = scratch.path.join("data");
+        let receiver = Receiver::start(
+            &data,
+            &receiver_id,
+            &[format!("{}={VOLUME}", agent.fingerprint)],
+            0,
+        );
+        Self {
+            scratch,
+            agent,
+            data,
+            receiver,
+        }
+    }
+}
+
 /// One QUIC connection speaking the protocol by hand.
 struct Client {
     endpoint: quinn::Endpoint,
@@ -351,16 +380,12 @@ async fn random_session(receiver: &Receiver, id: &Id, rng: &mut Rng, committed: 
 #[test]
 fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
     require_root();
-    let scratch = Scratch::new();
-    let agent = Id::new(&scratch.path, "agent-id");
-    let receiver_id = Id::new(&scratch.path, "receiver-id");
-    let data = scratch.path.join("data");
-    let receiver = Receiver::start(
-        &data,
-        &receiver_id,
-        &[format!("{}={VOLUME}", agent.fingerprint)],
-        0,
-    );
+    let Site {
+        scratch,
+        agent,
+        data,
+        receiver,
+    } = Site::new();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let mut model = vec![0u8; SIZE as usize];
     let mut points = Vec::new();
@@ -456,7 +481,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
             matches!(ready, Some(ReceiverMessage::Ready { .. })),
             "{ready:?}"
         );
-        let frames = vec![
+        let frames = [
             DataFrame::Zero {
                 seq,
                 offset: 0,
@@ -563,17 +588,13 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
 #[test]
 fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
     require_root();
-    let scratch = Scratch::new();
-    let agent = Id::new(&scratch.path, "agent-id");
+    let Site {
+        scratch,
+        agent,
+        data,
+        receiver,
+    } = Site::new();
     let stranger = Id::new(&scratch.path, "stranger-id");
-    let receiver_id = Id::new(&scratch.path, "receiver-id");
-    let data = scratch.path.join("data");
-    let receiver = Receiver::start(
-        &data,
-        &receiver_id,
-        &[format!("{}={VOLUME}", agent.fingerprint)],
-        0,
-    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let handshake_entries = || {
         fs::read_to_string(data.join("audit.log"))
@@ -721,4 +742,51 @@ fn a_reload_closes_a_revoked_agents_connection_that_holds_no_volume_yet() {
         "{}",
         receiver.log()
     );
+}
+
+/// The retention lock cannot be shortened by a reload: the file is refused and audited, and
+/// the running configuration stays.
+#[test]
+fn a_reload_cannot_shorten_the_retention_lock() {
+    require_root();
+    let scratch = Scratch::new();
+    let agent = Id::new(&scratch.path, "agent-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let config = scratch.path.join("receiver.toml");
+    let write_config = |locked: &str| {
+        fs::write(
+            &config,
+            format!(
+                "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[retention]\nlocked = \"{locked}\"\n[[agent]]\nfingerprint = \"{}\"\nvolumes = [\"{VOLUME}\"]\n",
+                receiver_id.dir.display(),
+                data.display(),
+                agent.fingerprint
+            ),
+        )
+        .expect("config")
+    };
+    write_config("2h");
+    let receiver = Receiver::start_config(&config, &data, &receiver_id);
+    write_config("1h");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !receiver.log().contains("reload refused") {
+        assert!(Instant::now() < deadline, "{}", receiver.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        receiver.log().contains("cannot be shortened"),
+        "{}",
+        receiver.log()
+    );
+    // A longer lock is taken.
+    write_config("3h");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    while !receiver.log().contains("\"locked_s\":10800") {
+        assert!(Instant::now() < deadline, "{}", receiver.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let audit = fs::read_to_string(data.join("audit.log")).expect("audit");
+    assert!(audit.contains("cannot be shortened"), "{audit}");
 }

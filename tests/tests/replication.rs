@@ -825,3 +825,78 @@ fn the_state_directory_on_the_protected_file_system_still_gets_consistent_points
         site.receiver.meta("root")["committed_seq"]
     );
 }
+
+/// Finding 2 of the hardening issue, with the real agent: SIGKILL during the initial sync,
+/// then run it again. The resume skipped chunks that already matched, so their stored hashes
+/// were never updated: `verify --at all` reported thousands of corrupt chunks and `restore`
+/// refused a correct image.
+#[test]
+fn an_initial_sync_killed_half_way_resumes_to_points_that_verify() {
+    require_root();
+    let site = Site::new("vol");
+    let dev = LoopDevice::new(&site.scratch.path, 256 * MIB);
+    write_random(&dev.path, 0, 256 * MIB);
+    let agent = site.setup(&dev.path, "vol");
+    // 16 KiB chunks: a hash window (4096 chunks) of 64 MiB, so the sync has four steps.
+    let opts = [
+        "--chunk-size",
+        "16KiB",
+        "--compression",
+        "off",
+        "--sync-step",
+        "64MiB",
+    ];
+    let mut args = agent.args(&opts);
+    args.push("--once".into());
+    args.retain(|a| a != "--json");
+    let mut child = ChildGuard(
+        blkmirror_tests::blkmirror()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    // Kill it once a step has committed and the next is writing.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let meta = std::fs::read_to_string(site.receiver.data_dir.join("vol/volume.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        if meta.is_some_and(|m| m["committed_seq"].as_u64() >= Some(1) && m["unsettled"] == true) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sync never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    child.0.kill().expect("kill");
+    child.0.wait().expect("wait");
+    agent.once_ok(&opts);
+    agent.once_ok(&opts);
+    assert_same(&dev.path, &site.receiver.image("vol"));
+    let data = site.receiver.data_dir.to_str().expect("utf-8");
+    let verify = blkmirror_tests::blkmirror()
+        .args(["verify", "vol", "--at", "all", "--data-dir", data])
+        .output()
+        .expect("verify");
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let restored = site.scratch.path.join("restored.img");
+    let restore = blkmirror_tests::blkmirror()
+        .args(["restore", "vol", "--at", "latest", "--to"])
+        .arg(&restored)
+        .args(["--data-dir", data])
+        .output()
+        .expect("restore");
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    assert_same(&dev.path, &restored);
+}

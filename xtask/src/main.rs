@@ -42,12 +42,16 @@ enum Task {
     },
     /// Set-up, build, and show blkmirror tracking a scratch ext4 loop device with a live writer.
     Demo,
-    /// Fuzz the receiver's frame decoder with libFuzzer (cargo-fuzz), growing the committed
-    /// corpus in fuzz/corpus/frame_decoder.
+    /// Fuzz the receiver's decoders with libFuzzer (cargo-fuzz), growing the committed corpora
+    /// in fuzz/corpus/TARGET.
     Fuzz {
-        /// How long to fuzz.
+        /// How long to fuzz each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
+        /// Which target: frame_decoder, journal_recovery, volume_meta, audit_log, config,
+        /// receiver_session, or all.
+        #[arg(long, default_value = "frame_decoder")]
+        target: String,
         /// Only (re)write the seed frames into the corpus.
         #[arg(long)]
         seeds: bool,
@@ -87,7 +91,11 @@ fn main() -> Result<()> {
             setup::run()?;
             demo::run()
         }
-        Task::Fuzz { seconds, seeds } => fuzz(seconds, seeds),
+        Task::Fuzz {
+            seconds,
+            seeds,
+            target,
+        } => fuzz(seconds, seeds, &target),
         Task::VmTest { arch, kernels } => {
             setup::run()?;
             let (passed, failed) = vm::run(arch, &kernels)?;
@@ -110,8 +118,25 @@ fn main() -> Result<()> {
     }
 }
 
+const FUZZ_TARGETS: [&str; 6] = [
+    "frame_decoder",
+    "journal_recovery",
+    "volume_meta",
+    "audit_log",
+    "config",
+    "receiver_session",
+];
+
 /// `cargo xtask fuzz`.
-fn fuzz(seconds: u64, seeds_only: bool) -> Result<()> {
+fn fuzz(seconds: u64, seeds_only: bool, target: &str) -> Result<()> {
+    let targets: Vec<&str> = match target {
+        "all" => FUZZ_TARGETS.to_vec(),
+        one if FUZZ_TARGETS.contains(&one) => vec![one],
+        other => bail!(
+            "unknown fuzz target {other:?}: one of {} or all",
+            FUZZ_TARGETS.join(", ")
+        ),
+    };
     write_seeds()?;
     if seeds_only {
         return Ok(());
@@ -119,40 +144,50 @@ fn fuzz(seconds: u64, seeds_only: bool) -> Result<()> {
     if setup::run_quiet("cargo", &["fuzz", "--version"]).is_none() {
         exec(cargo().args(["install", "cargo-fuzz", "--locked"]))?;
     }
-    // cargo-fuzz passes -Z sanitizer flags; RUSTC_BOOTSTRAP lets the stable toolchain take them.
-    exec(
-        cargo()
-            .current_dir(root().join("fuzz"))
-            .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "run", "frame_decoder"])
-            .arg(root().join("fuzz/corpus/frame_decoder"))
-            .arg("--")
-            .arg(format!("-max_total_time={seconds}"))
-            .arg("-rss_limit_mb=2048"),
-    )?;
-    // Keep the committed corpus small: only inputs that add coverage, plus the named seeds.
-    exec(
-        cargo()
-            .current_dir(root().join("fuzz"))
-            .env("RUSTC_BOOTSTRAP", "1")
-            .args(["fuzz", "cmin", "frame_decoder"])
-            .arg(root().join("fuzz/corpus/frame_decoder")),
-    )?;
+    for target in targets {
+        let corpus = root().join("fuzz/corpus").join(target);
+        // cargo-fuzz passes -Z sanitizer flags; RUSTC_BOOTSTRAP lets the stable toolchain
+        // take them.
+        exec(
+            cargo()
+                .current_dir(root().join("fuzz"))
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", target])
+                .arg(&corpus)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-rss_limit_mb=2048"),
+        )?;
+        // Keep the committed corpus small: only inputs that add coverage, plus the seeds.
+        exec(
+            cargo()
+                .current_dir(root().join("fuzz"))
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "cmin", target])
+                .arg(&corpus),
+        )?;
+    }
     write_seeds()
 }
 
 fn write_seeds() -> Result<()> {
-    exec(cargo().args([
-        "test",
-        "--locked",
-        "-p",
-        "blkmirror",
-        "--lib",
+    for test in [
         "wire::tests::write_fuzz_seeds",
-        "--",
-        "--ignored",
-        "--exact",
-    ]))
+        "fuzz::tests::write_fuzz_seeds",
+    ] {
+        exec(cargo().args([
+            "test",
+            "--locked",
+            "-p",
+            "blkmirror",
+            "--lib",
+            test,
+            "--",
+            "--ignored",
+            "--exact",
+        ]))?;
+    }
+    Ok(())
 }
 
 /// The workspace root.

@@ -1,0 +1,346 @@
+//! Entry points for the fuzz targets (`fuzz/fuzz_targets/`, run by `cargo xtask fuzz`): every
+//! parser of untrusted or damaged input on the receiver, and whole sequences of receiver
+//! operations. Each must never panic, whatever the bytes; the session target also checks that
+//! no sequence of operations changes a committed point.
+//!
+//! The committed corpora (`fuzz/corpus/TARGET/`) are replayed by this module's tests, and the
+//! same tests feed each entry point random inputs (proptest), so CI exercises them without
+//! libFuzzer.
+
+use std::{collections::BTreeMap, path::Path};
+
+use crate::{
+    audit::AuditLog,
+    config,
+    volume::{self, Volume},
+    wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo},
+};
+
+/// The names of the fuzz targets beside `frame_decoder` (one corpus folder each).
+pub const TARGETS: [&str; 5] = [
+    "journal_recovery",
+    "volume_meta",
+    "audit_log",
+    "config",
+    "receiver_session",
+];
+
+/// The journal recovery parser on arbitrary bytes (a torn or corrupted journal).
+pub fn journal_recovery(bytes: &[u8]) {
+    for committed in [0, 1, u64::MAX] {
+        let _ = volume::scan_records(bytes, committed);
+    }
+}
+
+/// `volume.json` on arbitrary text.
+pub fn volume_meta(bytes: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let _ = volume::parse_meta(text);
+    }
+}
+
+/// The audit-log reader on arbitrary text; the first line is taken as the head file.
+pub fn audit_log(bytes: &[u8]) {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return;
+    };
+    let log = AuditLog::at(Path::new("/nonexistent/audit.log"));
+    let (head, body) = text.split_once('\n').unwrap_or((text, ""));
+    let _ = log.verify_text(body, Some(head));
+    let _ = log.verify_text(text, None);
+}
+
+/// Both configuration parsers on arbitrary text.
+pub fn config(bytes: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let path = Path::new("fuzz.toml");
+        let _ = config::agent_from_str(path, text);
+        let _ = config::receiver_from_str(path, text);
+    }
+}
+
+const SESSION_SIZE: u64 = 256 * 1024;
+const SESSION_CHUNK: u64 = 4096;
+
+/// A sequence of receiver operations decoded from `bytes` (begin, data frames checked as the
+/// receiver checks them, commit, abort, crash and reopen) against a real volume in a temporary
+/// directory. After every operation, every retained point must read back exactly as it was
+/// committed: whatever an agent sends, it cannot change one.
+pub fn receiver_session(bytes: &[u8]) {
+    // Not shared with other inputs: each run starts from a new volume.
+    let dir = crate::testing::TempDir::new("fuzz-session");
+    let Ok((mut volume, _, _)) = Volume::open_or_create(&dir.0, &session_hello()) else {
+        return;
+    };
+    // The image the open cycle leads to (journaled cycles), and every committed point's image.
+    let mut image = vec![0u8; SESSION_SIZE as usize];
+    let mut pending: Option<(u64, bool, Vec<u8>)> = None;
+    let mut committed: BTreeMap<u64, Vec<u8>> = BTreeMap::new();
+    let mut input = bytes.iter().copied();
+    let mut next = move || input.next();
+    while let Some(op) = next() {
+        let arg = |next: &mut dyn FnMut() -> Option<u8>| u64::from(next().unwrap_or(0));
+        match op % 6 {
+            0 => {
+                let seq = volume.meta().committed_seq + arg(&mut next) % 3;
+                let direct = arg(&mut next) % 2 == 0;
+                let from = arg(&mut next) * SESSION_CHUNK;
+                if volume.begin(seq, 0, direct, from).is_ok() {
+                    pending = Some((seq, direct, image.clone()));
+                } else {
+                    pending = None;
+                }
+            }
+            1 | 2 => {
+                let Some((seq, direct, next_image)) = pending.as_mut() else {
+                    continue;
+                };
+                let offset = arg(&mut next) * 2048;
+                let length = (arg(&mut next) + 1) * 512;
+                let byte = next().unwrap_or(1);
+                let frame = if op % 6 == 1 {
+                    DataFrame::Write {
+                        seq: *seq,
+                        offset,
+                        codec: wire::Codec::Raw,
+                        raw_len: length as u32,
+                        data: vec![byte; length as usize],
+                    }
+                } else {
+                    DataFrame::Zero {
+                        seq: *seq,
+                        offset,
+                        length: length * 64,
+                    }
+                };
+                let Ok(checked) = wire::check_data_frame(frame, *seq, SESSION_SIZE) else {
+                    continue;
+                };
+                let range = match &checked {
+                    CheckedData::Write { offset, data } => {
+                        (*offset as usize, *offset as usize + data.len(), byte)
+                    }
+                    CheckedData::Zero { offset, length } => {
+                        (*offset as usize, (*offset + *length) as usize, 0)
+                    }
+                };
+                if volume.journal(checked).is_err() {
+                    pending = None;
+                    continue;
+                }
+                next_image[range.0..range.1].fill(range.2);
+                if *direct {
+                    // Written straight into the image: no point covers it yet.
+                    image[range.0..range.1].fill(range.2);
+                }
+            }
+            3 => {
+                let complete = arg(&mut next) % 2 == 0;
+                let point = PointInfo {
+                    complete,
+                    time_unix_ms: arg(&mut next) << 40,
+                    ..PointInfo::default()
+                };
+                if let Some((seq, _, next_image)) = pending.take()
+                    && volume.commit(point).is_ok()
+                {
+                    image = next_image;
+                    if volume.meta().points.last().is_some_and(|p| p.seq == seq) {
+                        committed.insert(seq, image.clone());
+                    }
+                }
+            }
+            4 => {
+                volume.abort();
+                pending = None;
+            }
+            _ => {
+                // A crash: the open cycle's bookkeeping is lost.
+                drop(volume);
+                let Ok((reopened, _)) = Volume::open(&dir.0, "v") else {
+                    panic!("a volume no longer opens after a crash");
+                };
+                volume = reopened;
+                pending = None;
+            }
+        }
+        check_points(&dir.0, &volume, &committed);
+    }
+}
+
+fn session_hello() -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "v".into(),
+        source_id: "fuzz:source".into(),
+        size_bytes: SESSION_SIZE,
+        chunk_bytes: SESSION_CHUNK,
+    }
+}
+
+/// Every retained point reads back as committed.
+fn check_points(dir: &Path, volume: &Volume, committed: &BTreeMap<u64, Vec<u8>>) {
+    if volume.meta().unsettled {
+        return;
+    }
+    let kept: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
+    let reader = volume::PointReader::open(dir, "v").expect("points reader");
+    for seq in kept {
+        let Some(expected) = committed.get(&seq) else {
+            panic!("point {seq} is listed but was never committed as complete");
+        };
+        let mut got = vec![0u8; SESSION_SIZE as usize];
+        let bad = reader
+            .read_point(seq, true, |offset, data| {
+                if let Some(data) = data {
+                    got[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                }
+                Ok(())
+            })
+            .expect("reading a point");
+        assert!(bad.is_empty(), "point {seq}: corrupt chunks at {bad:?}");
+        assert!(
+            got == *expected,
+            "point {seq} does not read back as committed"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus(target: &str) -> Vec<Vec<u8>> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fuzz/corpus")
+            .join(target);
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e} (the corpus is committed)", dir.display()))
+            .map(|entry| std::fs::read(entry.expect("entry").path()).expect("corpus file"))
+            .collect()
+    }
+
+    fn run(target: &str, bytes: &[u8]) {
+        match target {
+            "journal_recovery" => journal_recovery(bytes),
+            "volume_meta" => volume_meta(bytes),
+            "audit_log" => audit_log(bytes),
+            "config" => config(bytes),
+            "receiver_session" => receiver_session(bytes),
+            other => panic!("unknown target {other}"),
+        }
+    }
+
+    #[test]
+    fn every_committed_corpus_replays_without_panics() {
+        for target in TARGETS {
+            let inputs = corpus(target);
+            assert!(!inputs.is_empty(), "{target}: empty corpus");
+            for bytes in inputs {
+                run(target, &bytes);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn parsers_take_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            journal_recovery(&bytes);
+            volume_meta(&bytes);
+            audit_log(&bytes);
+            config(&bytes);
+        }
+
+        #[test]
+        fn no_operation_sequence_changes_a_committed_point(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..160)) {
+            receiver_session(&bytes);
+        }
+    }
+
+    /// Writes the seed inputs into the corpora (`cargo xtask fuzz --seeds`): real artifacts
+    /// made by the real code, so the fuzzer starts from well-formed input.
+    #[test]
+    #[ignore = "writes into the source tree; run by `cargo xtask fuzz --seeds`"]
+    fn write_fuzz_seeds() {
+        use std::io::Write as _;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+        let write = |target: &str, name: &str, bytes: &[u8]| {
+            let dir = root.join(target);
+            std::fs::create_dir_all(&dir).expect("corpus dir");
+            std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("seed");
+        };
+        let tmp = crate::testing::TempDir::new("seeds");
+        // A journal holding a Begin and a Write (an open cycle), and a volume.json.
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &session_hello()).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        volume.begin(2, 0, false, 0).unwrap();
+        volume
+            .journal(CheckedData::Write {
+                offset: 4096,
+                data: vec![5; 4096],
+            })
+            .unwrap();
+        drop(volume);
+        write(
+            "journal_recovery",
+            "open-cycle",
+            &std::fs::read(tmp.0.join("v/journal")).unwrap(),
+        );
+        write("journal_recovery", "empty", b"");
+        write(
+            "volume_meta",
+            "volume",
+            &std::fs::read(tmp.0.join("v/volume.json")).unwrap(),
+        );
+        // An audit log of three entries, its head first.
+        let log = AuditLog::in_dir(&tmp.0);
+        for n in 0..3 {
+            log.append(crate::audit::Event {
+                event: "commit",
+                volume: Some("v".into()),
+                outcome: "ok".into(),
+                detail: serde_json::json!({ "seq": n }),
+                ..crate::audit::Event::default()
+            })
+            .unwrap();
+        }
+        let mut seed = std::fs::read(tmp.0.join("audit.head")).unwrap();
+        seed.extend(std::fs::read(tmp.0.join("audit.log")).unwrap());
+        write("audit_log", "three-entries", &seed);
+        // The shipped example configurations.
+        let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+        for name in ["agent", "receiver"] {
+            write(
+                "config",
+                name,
+                &std::fs::read(packaging.join(format!("{name}.toml"))).unwrap(),
+            );
+        }
+        // Sessions: an honest cycle; a direct begin after a point; a crash mid-cycle.
+        let mut honest = Vec::new();
+        honest
+            .write_all(&[0, 1, 1, 0, 1, 2, 3, 9, 3, 0, 0])
+            .unwrap();
+        write("receiver_session", "honest", &honest);
+        write(
+            "receiver_session",
+            "direct-after-point",
+            &[
+                0, 1, 1, 0, 1, 2, 3, 9, 3, 0, 0, 0, 1, 0, 0, 2, 0, 255, 3, 1, 0,
+            ],
+        );
+        write(
+            "receiver_session",
+            "crash",
+            &[0, 1, 0, 0, 1, 2, 3, 9, 5, 0, 1, 1, 0, 2, 4, 9, 3, 0, 0, 5],
+        );
+    }
+}
