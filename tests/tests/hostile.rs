@@ -790,3 +790,69 @@ fn a_reload_cannot_shorten_the_retention_lock() {
     let audit = fs::read_to_string(data.join("audit.log")).expect("audit");
     assert!(audit.contains("cannot be shortened"), "{audit}");
 }
+
+/// A damaged `volume.json` used to stop the whole receiver from starting. Now that volume is
+/// marked failed in `status`, audited once, and the others are served.
+#[test]
+fn a_broken_volume_is_shown_failed_and_the_others_are_served() {
+    require_root();
+    let scratch = Scratch::new();
+    let agent = Id::new(&scratch.path, "agent-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let socket = scratch.path.join("receiver.sock");
+    let mut receiver = Receiver::start_with(
+        &data,
+        &receiver_id,
+        &[format!("{}={VOLUME},other", agent.fingerprint)],
+        0,
+        &["--control-socket", socket.to_str().expect("utf-8")],
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    runtime.block_on(async {
+        honest_cycle(&receiver, &agent, &[(0, 1, 4096)], &mut model).await;
+    });
+    // Another volume, then damage it while the receiver is down.
+    let other = data.join("other");
+    fs::create_dir_all(&other).expect("dir");
+    let meta = fs::read_to_string(data.join(VOLUME).join("volume.json")).expect("meta");
+    fs::write(
+        other.join("volume.json"),
+        meta.replace(
+            &format!("\"volume\": \"{VOLUME}\""),
+            "\"volume\": \"other\"",
+        )
+        .replace("\"chunk_bytes\": 65536", "\"chunk_bytes\": 0"),
+    )
+    .expect("damaged meta");
+    receiver.restart();
+    let status = blkmirror()
+        .args(["status", "--json", "--socket"])
+        .arg(&socket)
+        .output()
+        .expect("status");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let volumes = status["volumes"].as_array().expect("volumes");
+    let broken = volumes
+        .iter()
+        .find(|v| v["volume"] == "other")
+        .unwrap_or_else(|| panic!("no status for the broken volume: {status}"));
+    assert_eq!(broken["state"], "failed", "{broken}");
+    assert!(
+        broken["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("chunk size 0")),
+        "{broken}"
+    );
+    // The healthy volume is still served.
+    runtime.block_on(async {
+        honest_cycle(&receiver, &agent, &[(4096, 2, 4096)], &mut model).await;
+    });
+    let audit = fs::read_to_string(data.join("audit.log")).expect("audit");
+    assert_eq!(
+        audit.matches("\"event\":\"volume-failed\"").count(),
+        1,
+        "{audit}"
+    );
+}
