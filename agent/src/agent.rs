@@ -951,10 +951,11 @@ impl Agent {
             let fits = matches!(result, Ok((_, Some(_), _, _)));
             ((result, cut_time), fits)
         });
-        // The round is over and every member thawed: the state file can be written.
-        self.persist_and_release()?;
         match outcome {
             Ok(((result, cut_time), verdict)) => {
+                // The round is over and every member thawed: the state file can be written.
+                // (A round that ends in an error never froze, so it cut nothing.)
+                self.persist_and_release()?;
                 let (plan, frames, stats, epoch) = result?;
                 if !verdict.ok {
                     say(format!(

@@ -38,7 +38,8 @@ use std::{
 
 const MAGIC: &[u8; 8] = b"BMUNDO01";
 const HEADER_BYTES: u64 = 40;
-const RECORD_HEAD_BYTES: u64 = 48;
+/// Bytes of a delta record's head (what an all-zero chunk costs).
+pub const RECORD_HEAD_BYTES: u64 = 48;
 const FLAG_ZERO: u32 = 1;
 const TRAILER: u64 = u64::MAX;
 const HASH_BYTES: u64 = 32;
@@ -612,21 +613,8 @@ impl PointStore {
         file.set_len(self.chunks() * HASH_BYTES)
             .map_err(io_err("sizing", path))?;
         for (first, end) in zeroed.ranges() {
-            let (offset, length) = (first * HASH_BYTES, (end - first) * HASH_BYTES);
-            match crate::sys::punch_hole(&file, offset, length) {
-                Ok(()) => {}
-                Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    let zeros = vec![0u8; 1 << 16];
-                    let mut at = offset;
-                    while at < offset + length {
-                        let n = (offset + length - at).min(zeros.len() as u64) as usize;
-                        file.write_all_at(&zeros[..n], at)
-                            .map_err(io_err("writing", path))?;
-                        at += n as u64;
-                    }
-                }
-                Err(error) => return Err(io_err("punching a hole in", path)(error)),
-            }
+            crate::sys::zero_range(&file, first * HASH_BYTES, (end - first) * HASH_BYTES)
+                .map_err(io_err("zeroing a range of", path))?;
         }
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
         for chunk in chunks {

@@ -158,6 +158,11 @@ struct Context {
 }
 
 impl Context {
+    /// Whether `agent` is admitted at all under the current configuration.
+    fn admitted(&self, agent: &Fingerprint) -> bool {
+        self.grants.read().expect("grants").contains_key(agent)
+    }
+
     /// Whether `agent` is granted `volume` under the current configuration.
     fn granted(&self, agent: &Fingerprint, volume: &str) -> bool {
         self.grants
@@ -407,7 +412,7 @@ fn apply_reload(
     for (holder, volume, connection) in context.sessions.lock().expect("sessions").values() {
         let keep = match volume {
             Some(volume) => context.granted(holder, volume),
-            None => context.grants.read().expect("grants").contains_key(holder),
+            None => context.admitted(holder),
         };
         if !keep {
             connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
@@ -466,12 +471,7 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
     // The handshake ran against the configuration of its start: a reload that withdrew this
     // agent meanwhile swept the sessions before this one was listed. Checked after listing,
     // so one of the two sees the other.
-    if !context
-        .grants
-        .read()
-        .expect("grants")
-        .contains_key(&fingerprint)
-    {
+    if !context.admitted(&fingerprint) {
         context
             .sessions
             .lock()

@@ -8,7 +8,10 @@ use std::{
     ffi::CString,
     fs::File,
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::{
+        fd::{AsRawFd as _, BorrowedFd},
+        unix::fs::FileExt as _,
+    },
     path::Path,
     ptr::NonNull,
     sync::atomic::AtomicU64,
@@ -247,6 +250,24 @@ pub fn punch_hole(file: &File, offset: u64, length: u64) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Makes `length` bytes at `offset` of a regular file read as zeros: a punched hole where the
+/// file system can, written zeros where it cannot (`EOPNOTSUPP`).
+pub fn zero_range(file: &File, offset: u64, length: u64) -> io::Result<()> {
+    match punch_hole(file, offset, length) {
+        Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+            let zeros = vec![0u8; length.min(1 << 20) as usize];
+            let mut at = offset;
+            while at < offset + length {
+                let n = (offset + length - at).min(zeros.len() as u64) as usize;
+                file.write_all_at(&zeros[..n], at)?;
+                at += n as u64;
+            }
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The ranges of `[offset, offset + length)` of a regular file that hold data (not holes), by

@@ -36,7 +36,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     durable,
-    points::{ChunkRanges, Delta, PointStore, PointsError},
+    points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
     retention::{self, PointAge, RetentionPolicy},
     sys,
     wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
@@ -204,13 +204,8 @@ struct Touched {
 }
 
 impl Touched {
-    fn add_write(&mut self, chunk_bytes: u64, offset: u64, length: u64) {
-        if length > 0 {
-            self.rewritten.insert(
-                offset / chunk_bytes,
-                (offset + length).div_ceil(chunk_bytes),
-            );
-        }
+    fn add_write(&mut self, chunks: std::ops::Range<u64>) {
+        self.rewritten.insert(chunks.start, chunks.end);
     }
 
     fn add_zero(&mut self, chunk_bytes: u64, size: u64, offset: u64, length: u64) {
@@ -234,6 +229,17 @@ impl Touched {
         self.rewritten.insert(first, full_first);
         self.rewritten.insert(full_end, last_end);
     }
+}
+
+/// What the commit path already knows of the journal it applies (a replay at open reads the
+/// same from the journal).
+struct Known {
+    /// The cycle.
+    seq: u64,
+    /// What it touches.
+    touched: Touched,
+    /// The chunks its undo delta holds, if the commit computed them.
+    capture: Option<ChunkRanges>,
 }
 
 /// One volume, open for replication.
@@ -547,7 +553,7 @@ impl Volume {
                 cycle.bytes += data.len() as u64;
                 cycle
                     .touched
-                    .add_write(chunk_bytes, offset, data.len() as u64);
+                    .add_write(self.store.chunks_of(offset, data.len() as u64));
                 Record::Write { offset, data }
             }
             CheckedData::Zero { offset, length } => {
@@ -614,19 +620,7 @@ impl Volume {
                 .and_then(|file| file.sync_all());
             return;
         }
-        let touched = cycle.touched;
-        let updated = self
-            .image
-            .sync_all()
-            .map_err(StoreError::io("syncing", &self.image_path()))
-            .and_then(|()| {
-                Ok(self.store.update_hashes(
-                    &self.image,
-                    &touched.zeroed,
-                    touched.rewritten.chunks(),
-                )?)
-            });
-        if let Err(error) = updated {
+        if let Err(error) = self.settle_direct_writes(&cycle.touched) {
             tracing::warn!(
                 target: "blkmirror receiver",
                 "volume {}: hashes of an interrupted sync step not updated ({error}); the image \
@@ -649,7 +643,7 @@ impl Volume {
     /// clock, and the agent's cut time is held between the previous point's and now.
     pub fn commit(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
         let path = self.journal_path();
-        let Some(mut cycle) = self.cycle.take() else {
+        let Some(cycle) = self.cycle.take() else {
             return Err(StoreError::Sequence("commit outside a cycle".into()));
         };
         point.seq = cycle.seq;
@@ -662,16 +656,30 @@ impl Volume {
             .map_or(0, |p| p.time_unix_ms)
             .min(now);
         point.time_unix_ms = point.time_unix_ms.clamp(floor, now);
-        let Some(mut writer) = cycle.writer.take() else {
-            return self.commit_direct(point, &cycle.touched);
+        // Before a journaled cycle is decided: room for the undo delta and for the image to
+        // grow. A refusal here leaves the image at the last point (the journal is emptied as
+        // for any abort), and the agent retries later.
+        let capture = if cycle.writer.is_some() {
+            match self.check_commit_space(&cycle) {
+                Ok(capture) => capture,
+                Err(error) => {
+                    self.cycle = Some(cycle);
+                    self.abort();
+                    return Err(error);
+                }
+            }
+        } else {
+            None
         };
-        // Before the cycle is decided: room for the undo delta and for the image to grow. A
-        // refusal here leaves the image at the last point, and the agent retries later.
-        if let Err(error) = self.check_commit_space(&cycle) {
-            self.cycle = Some(cycle);
-            self.abort();
-            return Err(error);
-        }
+        let OpenCycle {
+            seq,
+            touched,
+            writer,
+            ..
+        } = cycle;
+        let Some(mut writer) = writer else {
+            return self.commit_direct(point, &touched);
+        };
         let durable = append(&mut writer, &Record::Commit { point }, &path).and_then(|()| {
             let file = writer
                 .into_inner()
@@ -683,8 +691,26 @@ impl Volume {
             let _ = File::create(&path);
             return Err(error);
         }
-        self.apply_journal()?;
-        Ok(())
+        self.apply_journal(Some(Known {
+            seq,
+            touched,
+            capture,
+        }))
+    }
+
+    /// Syncs what a direct step wrote into the image and records the hashes of those chunks.
+    fn settle_direct_writes(&self, touched: &Touched) -> Result<(), StoreError> {
+        self.image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &self.image_path()))?;
+        self.update_hashes(touched)
+    }
+
+    /// Records the hashes of the chunks `touched` names, as the image holds them now.
+    fn update_hashes(&self, touched: &Touched) -> Result<(), StoreError> {
+        Ok(self
+            .store
+            .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?)
     }
 
     /// Whether this commit keeps an undo delta (history on, and a point to lead back to).
@@ -716,15 +742,18 @@ impl Volume {
     }
 
     /// Checks, before the commit record is written, that the delta capture and the image's
-    /// growth fit in the free space (the journal is on disk already).
-    fn check_commit_space(&self, cycle: &OpenCycle) -> Result<(), StoreError> {
-        let capture = if self.captures() {
-            self.capture_set(&cycle.touched)?
-                .count()
-                .saturating_mul(self.meta.chunk_bytes + 48)
+    /// growth fit in the free space (the journal is on disk already). Returns the chunks the
+    /// undo delta will hold, if this commit keeps one.
+    fn check_commit_space(&self, cycle: &OpenCycle) -> Result<Option<ChunkRanges>, StoreError> {
+        let capture_set = if self.captures() {
+            Some(self.capture_set(&cycle.touched)?)
         } else {
-            0
+            None
         };
+        let capture = capture_set.as_ref().map_or(0, |set| {
+            set.count()
+                .saturating_mul(self.meta.chunk_bytes + RECORD_HEAD_BYTES)
+        });
         let needed = capture
             .saturating_add(cycle.bytes)
             .saturating_add(SPACE_MARGIN);
@@ -739,17 +768,12 @@ impl Volume {
                 cycle.bytes
             )));
         }
-        Ok(())
+        Ok(capture_set)
     }
 
     /// Commits a direct sync step: the data is in the image already.
     fn commit_direct(&mut self, mut point: PointInfo, touched: &Touched) -> Result<(), StoreError> {
-        let image_path = self.image_path();
-        self.image
-            .sync_all()
-            .map_err(StoreError::io("syncing", &image_path))?;
-        self.store
-            .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?;
+        self.settle_direct_writes(touched)?;
         point.complete = false;
         point.consistent = false;
         let mut meta = self.meta.clone();
@@ -790,7 +814,7 @@ impl Volume {
         match self.scan_journal()? {
             Some(point) => {
                 let seq = point.seq;
-                self.apply_journal()?;
+                self.apply_journal(None)?;
                 Ok(Recovery::Replayed(seq))
             }
             None => {
@@ -812,24 +836,43 @@ impl Volume {
     }
 
     /// Applies a committed journal to the image, records the point, and empties the journal.
-    fn apply_journal(&mut self) -> Result<(), StoreError> {
+    /// The commit path passes what it already knows of the journal; a replay at open reads it.
+    fn apply_journal(&mut self, known: Option<Known>) -> Result<(), StoreError> {
         let path = self.journal_path();
         let image_path = self.image_path();
         let _lock = self.lock_exclusive()?;
-        // First pass: which chunks the cycle touches, and its point.
-        let (touched, point) = self.journal_chunks()?;
+        // Which chunks the cycle touches, and its number: a first pass over the journal when
+        // replaying.
+        let Known {
+            seq,
+            touched,
+            capture,
+        } = match known {
+            Some(known) => known,
+            None => {
+                let (touched, point) = self.journal_chunks()?;
+                Known {
+                    seq: point.seq,
+                    touched,
+                    capture: None,
+                }
+            }
+        };
         // Keep the old content of those chunks as the delta back to the previous point, before
         // the image changes. A replay finds the delta already written (the image may be half
         // applied by then, so it must not be captured again). A policy that keeps only the
         // newest point would drop the delta right after the commit: it is skipped.
         let previous = self.meta.committed_seq;
-        if self.captures() && previous != point.seq {
+        if self.captures() && previous != seq {
             let delta = Delta {
-                from: point.seq,
+                from: seq,
                 to: previous,
             };
             if !self.store.has_delta(delta) {
-                let chunks = self.capture_set(&touched)?;
+                let chunks = match capture {
+                    Some(chunks) => chunks,
+                    None => self.capture_set(&touched)?,
+                };
                 self.store.capture(&self.image, delta, chunks.chunks())?;
             }
         }
@@ -864,8 +907,7 @@ impl Volume {
             self.store.rehash_all(&self.image)?;
             meta.hashes_stale = false;
         } else {
-            self.store
-                .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?;
+            self.update_hashes(&touched)?;
         }
         if point.complete && !meta.unsettled && meta.points.last().map(|p| p.seq) != Some(point.seq)
         {
@@ -902,7 +944,7 @@ impl Volume {
             match record {
                 Record::Begin { .. } => {}
                 Record::Write { offset, data } => {
-                    touched.add_write(chunk_bytes, offset, data.len() as u64);
+                    touched.add_write(self.store.chunks_of(offset, data.len() as u64));
                 }
                 Record::Zero { offset, length } => {
                     touched.add_zero(chunk_bytes, size, offset, length);
@@ -917,23 +959,8 @@ impl Volume {
     }
 
     fn zero(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        let image_path = self.image_path();
-        match sys::punch_hole(&self.image, offset, length) {
-            Ok(()) => Ok(()),
-            Err(error) if error.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                let zeros = vec![0u8; 1 << 20];
-                let mut at = offset;
-                while at < offset + length {
-                    let n = (offset + length - at).min(zeros.len() as u64) as usize;
-                    self.image
-                        .write_all_at(&zeros[..n], at)
-                        .map_err(StoreError::io("writing", &image_path))?;
-                    at += n as u64;
-                }
-                Ok(())
-            }
-            Err(error) => Err(StoreError::io("punching a hole in", &image_path)(error)),
-        }
+        sys::zero_range(&self.image, offset, length)
+            .map_err(StoreError::io("zeroing a range of", &self.image_path()))
     }
 
     /// BLAKE3 hashes of `count` chunks of the image starting at `first_chunk`.
