@@ -10,11 +10,11 @@
 use std::{collections::BTreeMap, path::Path};
 
 use crate::{
-    audit::AuditLog,
-    config,
-    volume::{self, Volume},
-    wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo},
+    command::config,
+    dr::audit::AuditLog,
+    dr::volume::{self, Volume},
 };
+use blkmirror_protocol::wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo};
 
 /// The names of the fuzz targets beside `frame_decoder` (one corpus folder each).
 pub const TARGETS: [&str; 5] = [
@@ -303,12 +303,12 @@ mod tests {
         // An audit log of three entries, its head first.
         let log = AuditLog::in_dir(&tmp.0);
         for n in 0..3 {
-            log.append(crate::audit::Event {
+            log.append(crate::dr::audit::Event {
                 event: "commit",
                 volume: Some("v".into()),
                 outcome: "ok".into(),
                 detail: serde_json::json!({ "seq": n }),
-                ..crate::audit::Event::default()
+                ..crate::dr::audit::Event::default()
             })
             .unwrap();
         }

@@ -28,52 +28,31 @@
 //!
 //! # Layout of this crate
 //!
-//! * [`extent`], [`units`], [`layout`], [`wire`], [`plan`]: pure logic (bitmaps → extents,
-//!   parsing, the protocol and its checks, what to read and send). No IO.
-//! * [`device`], [`environment`]: the host as seen through sysfs and procfs.
-//! * [`track`]: the driver around the kernel program and its pins.
-//! * [`read`], [`net`], [`identity`], [`freeze`], [`volume`], [`durable`]: device reads,
-//!   QUIC, TLS identities, file-system freezing, receiver storage, crash-safe files.
-//! * [`agent`], [`receiver`]: the two long-running drivers; [`daemon`] runs them as
-//!   processes (one agent loop per device) with [`service`]'s control socket, metrics and
-//!   systemd notifications, reporting through [`status`].
-//! * [`retention`] (pure), [`points`], [`audit`], [`ops`]: points in time on the receiver, its
-//!   audit log, and the operator commands that read them.
-//! * [`config`]: the configuration files and their checks.
-//! * [`sys`]: raw kernel interfaces with `unsafe` (mmap, membarrier, bpf info, ioctls); the
-//!   only other `unsafe` is io_uring submission in [`read`].
-//! * [`cli`]: commands, output and exit codes.
+//! The protocol and every other pure decision (extents, plans, wire messages and their checks,
+//! units, retention) live in the `blkmirror_protocol` crate, whose dependency list keeps it
+//! free of IO. This crate holds the drivers, in one folder per role:
+//!
+//! * [`tracker`]: the kernel side as userspace sees it: the eBPF loader and its pins
+//!   ([`tracker::track`]), the tracked-device layout, BTF, devices in sysfs, the host
+//!   environment checks, raw kernel interfaces ([`tracker::sys`], most of the `unsafe`), and the
+//!   self-test.
+//! * [`source`]: the protected host: the replication loop ([`source::agent`]), io_uring reads,
+//!   file-system freezing and consistency groups.
+//! * [`link`]: what both ends share on the network: QUIC endpoints and TLS identities.
+//! * [`dr`]: the disaster-recovery site: the receiver's sessions ([`dr::receiver`]), volume
+//!   storage and its journal ([`dr::volume`]), points in time, the audit log and the operator
+//!   commands that read them.
+//! * [`command`]: the command surface: the CLI and its exit codes, configuration files, the
+//!   long-running daemons, status, the control socket and metrics, logging.
+//! * [`durable`]: crash-safe file replacement, used by both sides.
 
-pub mod agent;
-pub mod audit;
-pub mod btf;
-pub mod cli;
-pub mod config;
-pub mod daemon;
-pub mod device;
+pub mod command;
+pub mod dr;
 pub mod durable;
-pub mod environment;
-pub mod extent;
-pub mod freeze;
 pub mod fuzz;
-pub mod group;
-pub mod identity;
-pub mod layout;
-pub mod logging;
-pub mod net;
-pub mod ops;
-pub mod plan;
-pub mod points;
-pub mod read;
-pub mod receiver;
-pub mod retention;
-pub mod selftest;
-pub mod service;
-pub mod status;
-pub mod sys;
+pub mod link;
+pub mod source;
+pub mod test_hooks;
 #[doc(hidden)]
 pub mod testing;
-pub mod track;
-pub mod units;
-pub mod volume;
-pub mod wire;
+pub mod tracker;

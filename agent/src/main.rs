@@ -5,6 +5,6 @@ use std::process::ExitCode;
 use clap::Parser as _;
 
 fn main() -> ExitCode {
-    let cli = blkmirror::cli::Cli::parse();
-    blkmirror::cli::run(cli)
+    let cli = blkmirror::command::cli::Cli::parse();
+    blkmirror::command::cli::run(cli).into()
 }

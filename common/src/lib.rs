@@ -41,6 +41,8 @@
 //! compile for `bpfel-unknown-none` and for userspace.
 #![no_std]
 
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
 /// Number of epoch slots (double buffering: one being written, one being drained).
 pub const SLOTS: usize = 2;
 
@@ -92,7 +94,9 @@ pub const FLAG_ZONED: u64 = 1;
 /// Fields written by the kernel program are only ever changed with atomic instructions;
 /// userspace accesses them through atomics on the mmap-ed map.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct TrackState {
     /// [`STATE_MAGIC`] once userspace initialised the map; zero before.
     pub magic: u64,
@@ -144,7 +148,9 @@ pub struct TrackState {
 
 /// A request too long to expand into bitmap bits in the kernel, kept for userspace.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
 pub struct BigExtent {
     /// First sector, relative to the tracked range.
     pub start: u64,
@@ -158,7 +164,7 @@ pub struct BigExtent {
 /// slot). Per-CPU data needs no atomics: the kernel never runs this program twice at once on one
 /// CPU (it skips and counts a nested invocation instead).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout)]
 pub struct BigList {
     /// Entries claimed, possibly more than [`BIG_EXTENTS_PER_CPU`] (the rest overflowed).
     pub count: u64,
@@ -175,15 +181,23 @@ impl Default for BigList {
     }
 }
 
+/// Implements `aya::Pod` for types whose zerocopy derives prove the two things `Pod` asks for:
+/// `IntoBytes` (no padding, so every byte the kernel copies is defined) and `FromBytes` (valid
+/// for any bits the kernel writes). A type without them does not compile here.
 #[cfg(feature = "user")]
-// SAFETY: `BigList` is `repr(C)`, made only of `u64`s (no padding), and valid for any bits.
-unsafe impl aya::Pod for BigList {}
+macro_rules! pod_from_zerocopy {
+    ($($ty:ty),*) => {$(
+        const _: () = {
+            const fn proven<T: FromBytes + IntoBytes + Immutable>() {}
+            proven::<$ty>();
+        };
+        // SAFETY: the `proven` call above only compiles if zerocopy's derives showed that the
+        // type has no padding and accepts any bit pattern, which is what `aya::Pod` requires.
+        unsafe impl aya::Pod for $ty {}
+    )*};
+}
 #[cfg(feature = "user")]
-// SAFETY: `TrackState` is `repr(C)`, made only of `u64`s (no padding), and valid for any bits.
-unsafe impl aya::Pod for TrackState {}
-#[cfg(feature = "user")]
-// SAFETY: `BigExtent` is `repr(C)`, made only of `u64`s (no padding), and valid for any bits.
-unsafe impl aya::Pod for BigExtent {}
+pod_from_zerocopy!(BigList, TrackState, BigExtent);
 
 /// How one request maps onto chunks.
 ///

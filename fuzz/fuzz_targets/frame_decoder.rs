@@ -2,14 +2,10 @@
 //! framing, decoding of every message type, and the checks of data frames (bounded zstd
 //! decompression included). Run with `cargo xtask fuzz`.
 //!
-//! The agent's `wire` module is compiled here directly: it is pure (no IO, no eBPF), and this
-//! keeps the sanitizer build from having to build the eBPF program embedded in the agent.
+//! It depends on the pure `blkmirror-protocol` crate alone, so the sanitizer build of this
+//! target does not build the eBPF program embedded in the agent.
 #![no_main]
 
-#[path = "../../agent/src/wire.rs"]
-#[allow(dead_code)]
-mod wire;
-
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    wire::fuzz_decode(data);
+    blkmirror_protocol::wire::fuzz_decode(data);
 });

@@ -239,7 +239,7 @@ pub struct PinRoot {
 impl PinRoot {
     /// A fresh pin root under /sys/fs/bpf (mounting bpffs if needed).
     pub fn new() -> Self {
-        blkmirror::environment::ensure_bpffs().expect("bpffs");
+        blkmirror::tracker::environment::ensure_bpffs().expect("bpffs");
         let path = PathBuf::from("/sys/fs/bpf").join(unique("blkmirror-test"));
         Self { path }
     }

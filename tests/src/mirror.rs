@@ -392,7 +392,7 @@ pub fn digest(path: &Path) -> String {
 }
 
 fn blake3_hex(data: &[u8]) -> String {
-    blkmirror::wire::chunk_hash(data)
+    blkmirror_protocol::wire::chunk_hash(data)
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()

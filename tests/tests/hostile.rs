@@ -16,12 +16,12 @@ use std::{
 };
 
 use blkmirror::{
-    identity::{Fingerprint, Identity},
-    net,
-    wire::{
-        self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
-        ReceiverMessage, RefusalCode,
-    },
+    link::identity::{Fingerprint, Identity},
+    link::net,
+};
+use blkmirror_protocol::wire::{
+    self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
+    ReceiverMessage, RefusalCode,
 };
 use blkmirror_tests::{
     Scratch, blkmirror,
@@ -646,7 +646,7 @@ fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
     std::thread::sleep(Duration::from_secs(2));
     let entries = handshake_entries();
     assert!(
-        (1..=blkmirror::receiver::RefusalThrottle::PER_WINDOW as usize).contains(&entries),
+        (1..=blkmirror::dr::receiver::RefusalThrottle::PER_WINDOW as usize).contains(&entries),
         "{entries} handshake entries in the audit log"
     );
     // The admitted agent is still served, and the audit chain holds.

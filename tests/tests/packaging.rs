@@ -270,7 +270,7 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
         Path::new("/etc/blkmirror/agent.toml").exists(),
         "remove dropped a conffile"
     );
-    blkmirror::environment::ensure_bpffs().expect("bpffs");
+    blkmirror::tracker::environment::ensure_bpffs().expect("bpffs");
     fs::create_dir(pins).expect("a pin directory in bpffs");
     output("dpkg", &["--purge", "blkmirror"]);
     assert!(

@@ -8,9 +8,11 @@ use std::{
 };
 
 use blkmirror::{
-    identity::{Fingerprint, Identity},
-    net,
-    wire::{self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, ReceiverMessage},
+    link::identity::{Fingerprint, Identity},
+    link::net,
+};
+use blkmirror_protocol::wire::{
+    self, AgentMessage, Begin, Codec, DataFrame, Hello, PROTOCOL_VERSION, ReceiverMessage,
 };
 use blkmirror_tests::{
     LoopDevice, Mount, PinRoot, Scratch,

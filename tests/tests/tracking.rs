@@ -11,10 +11,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use blkmirror::{
-    extent::ChangeKind,
-    track::{HookChoice, TrackOptions, Tracker},
-};
+use blkmirror::tracker::track::{HookChoice, TrackOptions, Tracker};
+use blkmirror_protocol::extent::ChangeKind;
 use blkmirror_tests::{
     AlignedBuf, LoopDevice, Mount, PinRoot, Scratch, TrackProcess, blkdiscard, extents_of,
     open_direct, require_root, sh, track_once, write_direct,
@@ -476,7 +474,7 @@ fn no_write_is_lost_with(hooks: HookChoice, min_cuts: u64, byte_map: bool) {
                     cut.epoch, needs_verify.reason
                 );
                 verifies += 1;
-                cut.extents = vec![blkmirror::extent::Extent {
+                cut.extents = vec![blkmirror_protocol::extent::Extent {
                     offset: 0,
                     length: SIZE,
                     kind: ChangeKind::Write,

@@ -227,6 +227,9 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// The agent's test-only feature, for the binary the root tests run.
+const TEST_HOOKS: &str = "blkmirror/test-hooks";
+
 fn test(no_cross: bool) -> Result<()> {
     setup::run()?;
     exec(cargo().args(["fmt", "--all", "--check"]))?;
@@ -237,6 +240,8 @@ fn test(no_cross: bool) -> Result<()> {
         "blkmirror-ebpf",
         "--all-targets",
         "--locked",
+        "--features",
+        TEST_HOOKS,
         "--",
         "-D",
         "warnings",
@@ -260,21 +265,32 @@ fn test(no_cross: bool) -> Result<()> {
             ])
             .env("RUSTC_BOOTSTRAP", "1"),
     )?;
-    // The kernel tests run the real binary; build it first. The package tests inspect and
-    // install packages of this debug build (both architectures).
-    exec(cargo().args(["build", "--locked", "-p", "blkmirror"]))?;
+    // The package tests inspect and install packages of a debug build without test hooks
+    // (both architectures).
     let arches = if no_cross {
         package::ArchChoice::X86_64
     } else {
         package::ArchChoice::All
     };
     package::run(arches, false)?;
+    // The kernel tests run the real binary, with the test-only hooks (`test_hooks`) that hold a
+    // freeze or a restore open; build it after the packages, which rebuild target/debug.
+    exec(cargo().args([
+        "build",
+        "--locked",
+        "-p",
+        "blkmirror",
+        "--features",
+        TEST_HOOKS,
+    ]))?;
     let (passed, failed) = exec_tests(cargo().args([
         "test",
         "--workspace",
         "--exclude",
         "blkmirror-ebpf",
         "--locked",
+        "--features",
+        TEST_HOOKS,
     ]))?;
     exec(
         cargo()

@@ -1,7 +1,7 @@
 //! Operator commands on the receiver's store: `points`, `restore`, `verify`, `audit verify`.
 //!
 //! They run beside a live receiver: each holds the volume's lock shared while it reads (see
-//! [`crate::volume::PointReader`]), and `restore` and `verify` append to the audit log.
+//! [`crate::dr::volume::PointReader`]), and `restore` and `verify` append to the audit log.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -14,17 +14,13 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    audit::{AuditLog, Event},
-    points::PointsError,
-    units,
-    volume::{PointReader, StoreError},
-    wire::PointInfo,
+    dr::audit::{AuditLog, Event},
+    dr::points::PointsError,
+    dr::volume::{PointReader, StoreError},
 };
+use blkmirror_protocol::{units, wire::PointInfo};
 
-/// Exit code when `verify` or `restore` finds corrupt data.
-pub const EXIT_CORRUPT: u8 = 7;
-
-/// Errors of the operator commands, each with its exit code.
+/// Errors of the operator commands (their exit codes: `command::exit`).
 #[derive(Debug, thiserror::Error)]
 pub enum OpsError {
     /// Bad arguments (exit 2).
@@ -46,17 +42,6 @@ pub enum OpsError {
     /// Stored data does not match its hashes (exit 7).
     #[error("{0}")]
     Corrupt(String),
-}
-
-impl OpsError {
-    /// The process exit code.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Usage(_) => 2,
-            Self::Store(_) | Self::Target { .. } => 1,
-            Self::Corrupt(_) => EXIT_CORRUPT,
-        }
-    }
 }
 
 /// Which point `--at` names.
@@ -417,14 +402,8 @@ pub fn restore(
         ));
     }
     let reader = PointReader::open(data_dir, volume)?;
-    // Test hook: a restore that takes long, holding the volume, for the retention tests. Never
-    // set in production.
-    if let Some(hold) = std::env::var("BLKMIRROR_TEST_RESTORE_HOLD_MS")
-        .ok()
-        .and_then(|ms| ms.parse().ok())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(hold));
-    }
+    // A restore that takes long, holding the volume, for the retention tests.
+    crate::test_hooks::hold_restore();
     let point = select(reader.points(), selector)
         .map_err(OpsError::Usage)?
         .remove(0);
@@ -641,7 +620,7 @@ pub fn audit_verify(log: &Path, json: bool) -> Result<(), OpsError> {
             }
             Ok(())
         }
-        Err(crate::audit::AuditError::Io { what, path, source }) => {
+        Err(crate::dr::audit::AuditError::Io { what, path, source }) => {
             Err(OpsError::Target { what, path, source })
         }
         Err(error) => Err(OpsError::Corrupt(error.to_string())),
@@ -696,11 +675,8 @@ mod tests {
     /// `O_EXCL`/`O_NOFOLLOW`, so a planted symlink's target was truncated.
     #[test]
     fn restore_does_not_follow_a_planted_partial_file() {
-        use crate::{
-            testing::TempDir,
-            volume::Volume,
-            wire::{CheckedData, Hello, PROTOCOL_VERSION},
-        };
+        use crate::{dr::volume::Volume, testing::TempDir};
+        use blkmirror_protocol::wire::{CheckedData, Hello, PROTOCOL_VERSION};
         let tmp = TempDir::new("planted");
         let data = tmp.0.join("data");
         let hello = Hello {

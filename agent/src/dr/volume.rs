@@ -35,10 +35,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 use crate::{
+    dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
     durable,
-    points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
+    tracker::sys,
+};
+use blkmirror_protocol::{
     retention::{self, PointAge, RetentionPolicy},
-    sys,
     wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
 };
 
@@ -142,7 +144,7 @@ pub struct VolumeMeta {
     #[serde(default)]
     pub unsettled: bool,
     /// The retained points in time, oldest first: complete points the image can be taken back
-    /// to (see [`crate::points`]). The last one is the image itself.
+    /// to (see [`crate::dr::points`]). The last one is the image itself.
     #[serde(default)]
     pub points: Vec<PointInfo>,
     /// While `unsettled`: the offset where the interrupted sync step began, which is where a
@@ -1252,7 +1254,8 @@ fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{testing::TempDir, wire::PROTOCOL_VERSION};
+    use crate::testing::TempDir;
+    use blkmirror_protocol::wire::PROTOCOL_VERSION;
 
     fn hello() -> Hello {
         Hello {

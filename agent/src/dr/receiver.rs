@@ -1,5 +1,5 @@
 //! The receiver: a QUIC server that admits pinned agents, each only for its granted volumes, and
-//! turns their cycles into atomic commits of the volume images ([`crate::volume`]).
+//! turns their cycles into atomic commits of the volume images ([`crate::dr::volume`]).
 //!
 //! Every frame is hostile input. A connection that breaks the protocol (oversized or
 //! undecodable frame, range outside the volume, data outside a cycle, wrong cycle number) gets
@@ -17,12 +17,14 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    audit::{AuditLog, Event},
-    identity::{Fingerprint, Identity},
-    net::{self, NetError},
+    command::status::{PointSummary, StatusBoard, VolumeState},
+    dr::audit::{AuditLog, Event},
+    dr::volume::{Recovery, StoreError, Volume},
+    link::identity::{Fingerprint, Identity},
+    link::net::{self, NetError},
+};
+use blkmirror_protocol::{
     retention::RetentionPolicy,
-    status::{PointSummary, StatusBoard, VolumeState},
-    volume::{Recovery, StoreError, Volume},
     wire::{
         self, AgentMessage, DataFrame, PROTOCOL_VERSION, ReceiverMessage, RefusalCode, Welcome,
     },
@@ -444,7 +446,7 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
                 .handshake_refusals
                 .lock()
                 .expect("throttle")
-                .admit(crate::status::now_ms());
+                .admit(crate::command::status::now_ms());
             if let Some(suppressed) = admitted {
                 context.record(Event {
                     event: "refused",
@@ -931,7 +933,8 @@ pub fn parse_grants(specs: &[String]) -> Result<Grants, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{testing::TempDir, wire::Hello};
+    use crate::testing::TempDir;
+    use blkmirror_protocol::wire::Hello;
 
     /// Finding 4 of the hardening issue (its second half): one corrupt `volume.json` stopped
     /// the whole receiver from starting.

@@ -5,7 +5,7 @@
 //! Unknown keys are errors, so a typo is not silently ignored. [`check_file`] parses and checks
 //! a file the way the services do and names every problem with its key.
 //!
-//! A bad file makes the service exit with [`EXIT_CONFIG`] (78, `EX_CONFIG`), which the units
+//! A bad file makes the service exit with exit code 78 (`EX_CONFIG`, [`crate::command::exit::ExitCode::Config`]), which the units
 //! list in `RestartPreventExitStatus=`, so systemd does not restart-loop on it.
 
 use std::{
@@ -19,16 +19,13 @@ use clap::ValueEnum;
 use serde::Deserialize;
 
 use crate::{
-    agent::{Compression, FreezeMode},
-    identity::Fingerprint,
-    read::Engine,
-    retention::RetentionPolicy,
-    track::{self, HookChoice},
-    units, wire,
+    link::identity::Fingerprint,
+    source::agent::{Compression, FreezeMode},
+    source::read::Engine,
+    tracker::track::{self, HookChoice},
 };
+use blkmirror_protocol::{retention::RetentionPolicy, units, wire};
 
-/// Exit code of a service whose configuration is invalid (`EX_CONFIG`).
-pub const EXIT_CONFIG: u8 = 78;
 /// Default control socket of the agent.
 pub const AGENT_SOCKET: &str = "/run/blkmirror/agent.sock";
 /// Default control socket of the receiver.
@@ -377,12 +374,10 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 ));
             }
         }
-        let interval = setting!(interval, "60s", crate::cli::parse_interval);
+        let interval = setting!(interval, "60s", parse_interval);
         let max_rate = match section.max_rate.as_deref() {
             None => Some(None),
-            Some(text) => problems
-                .check(&key("max_rate"), crate::cli::parse_rate(text))
-                .map(Some),
+            Some(text) => problems.check(&key("max_rate"), parse_rate(text)).map(Some),
         };
         let chunk_size = setting!(chunk_size, "64KiB", |text| {
             let size = units::parse_size(text)?;
@@ -393,7 +388,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
         let reader = setting!(reader, "auto", enum_value);
         let compression = setting!(compression, "auto", enum_value);
         let freeze = setting!(freeze, "auto", enum_value);
-        let freeze_budget = setting!(freeze_budget, "2s", crate::cli::parse_interval);
+        let freeze_budget = setting!(freeze_budget, "2s", parse_interval);
         let window = setting!(window, "32MiB", units::parse_size);
         let sync_step = setting!(sync_step, "4GiB", units::parse_size);
         let streams = section.streams.unwrap_or(4);
@@ -588,7 +583,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                 listen,
                 data_dir: file
                     .data_dir
-                    .unwrap_or_else(|| PathBuf::from(crate::cli::DEFAULT_DATA_DIR)),
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
                 window,
                 control_socket: Some(
                     file.control_socket
@@ -682,6 +677,27 @@ pub fn check_file(path: &Path, kind: Option<ConfigKind>) -> Result<String, Confi
     })
 }
 
+/// The receiver's default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/blkmirror/receiver";
+
+/// A rate as operators write it (`50MiB` or `50MiB/s`), at least 64 KiB/s.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let rate = units::parse_size(text.strip_suffix("/s").unwrap_or(text))?;
+    if rate < 64 * 1024 {
+        return Err(format!("rate {text:?} is below the minimum of 64KiB/s"));
+    }
+    Ok(rate)
+}
+
+/// An interval as operators write it (`60s`, `500ms`), at least 1 ms.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    let interval = units::parse_duration(text)?;
+    if interval < Duration::from_millis(1) {
+        return Err(format!("interval {text:?} is too short (at least 1ms)"));
+    }
+    Ok(interval)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -694,7 +710,7 @@ mod tests {
 
     #[test]
     fn the_example_files_are_refused_until_edited_then_valid() {
-        let agent_example = include_str!("../../packaging/agent.toml");
+        let agent_example = include_str!("../../../packaging/agent.toml");
         let error = agent_from_str(Path::new("agent.toml"), agent_example).unwrap_err();
         assert!(
             error.to_string().contains("receiver.fingerprint"),
@@ -703,7 +719,7 @@ mod tests {
         let edited = agent_example.replace("REPLACE-WITH-THE-RECEIVER-FINGERPRINT", FP);
         let settings = agent_from_str(Path::new("agent.toml"), &edited).unwrap();
         assert!(!settings.devices.is_empty());
-        let receiver_example = include_str!("../../packaging/receiver.toml");
+        let receiver_example = include_str!("../../../packaging/receiver.toml");
         assert!(receiver_from_str(Path::new("receiver.toml"), receiver_example).is_err());
         let edited = receiver_example.replace("REPLACE-WITH-THE-AGENT-FINGERPRINT", FP);
         let settings = receiver_from_str(Path::new("receiver.toml"), &edited).unwrap();

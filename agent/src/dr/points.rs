@@ -613,7 +613,7 @@ impl PointStore {
         file.set_len(self.chunks() * HASH_BYTES)
             .map_err(io_err("sizing", path))?;
         for (first, end) in zeroed.ranges() {
-            crate::sys::zero_range(&file, first * HASH_BYTES, (end - first) * HASH_BYTES)
+            crate::tracker::sys::zero_range(&file, first * HASH_BYTES, (end - first) * HASH_BYTES)
                 .map_err(io_err("zeroing a range of", path))?;
         }
         let mut buffer = vec![0u8; self.chunk_bytes as usize];

@@ -13,16 +13,16 @@ use std::{
 };
 
 use crate::{
-    extent::ChangeKind,
-    sys::{self, AlignedBuf},
-    track::{HookChoice, TrackOptions, Tracker},
+    tracker::sys::{self, AlignedBuf},
+    tracker::track::{HookChoice, TrackOptions, Tracker},
 };
+use blkmirror_protocol::extent::ChangeKind;
 
 const CHUNK: u64 = 64 << 10;
 
 /// Runs the check; returns a failure reason or `Ok`.
 pub fn run(device: &Path, options: &TrackOptions) -> Result<(), String> {
-    for note in crate::track::prepare_environment().map_err(|e| e.to_string())? {
+    for note in crate::tracker::track::prepare_environment().map_err(|e| e.to_string())? {
         println!("BLKMIRROR-VM: note: {note}");
     }
     let (mut tracker, _) = Tracker::open(device, options).map_err(|e| e.to_string())?;

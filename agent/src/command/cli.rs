@@ -14,7 +14,6 @@
 use std::{
     io::Write as _,
     path::PathBuf,
-    process::ExitCode,
     time::{Duration, Instant},
 };
 
@@ -22,19 +21,20 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 
 use crate::{
-    agent::{AgentError, Compression, FreezeMode},
-    config::{self, AgentSettings, ConfigKind, DeviceSettings, EXIT_CONFIG, ReceiverSettings},
-    daemon,
-    extent::Extent,
-    freeze,
-    identity::{self, Fingerprint},
-    ops::{self, PointSelector},
-    read::Engine,
-    retention::RetentionPolicy,
-    track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
-    units,
-    wire::RefusalCode,
+    command::config::{
+        self, AgentSettings, ConfigKind, DEFAULT_DATA_DIR, DeviceSettings, ReceiverSettings,
+        parse_interval, parse_rate,
+    },
+    command::daemon,
+    command::exit::{ExitCode, fail},
+    dr::ops::{self, PointSelector},
+    link::identity::{self, Fingerprint},
+    source::agent::{Compression, FreezeMode},
+    source::freeze,
+    source::read::Engine,
+    tracker::track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
 };
+use blkmirror_protocol::{extent::Extent, retention::RetentionPolicy, units};
 
 /// blkmirror: block-level disaster-recovery mirror with eBPF change tracking.
 #[derive(Debug, Parser)]
@@ -248,9 +248,6 @@ pub struct DataDirArg {
     pub data_dir: PathBuf,
 }
 
-/// The receiver's default data directory.
-pub const DEFAULT_DATA_DIR: &str = "/var/lib/blkmirror/receiver";
-
 /// `blkmirror points`.
 #[derive(Debug, clap::Args)]
 pub struct PointsArgs {
@@ -358,14 +355,6 @@ fn parse_fingerprint(text: &str) -> Result<Fingerprint, String> {
     Fingerprint::parse(text).map_err(|error| error.to_string())
 }
 
-pub fn parse_rate(text: &str) -> Result<u64, String> {
-    let rate = units::parse_size(text.strip_suffix("/s").unwrap_or(text))?;
-    if rate < 64 * 1024 {
-        return Err(format!("rate {text:?} is below the minimum of 64KiB/s"));
-    }
-    Ok(rate)
-}
-
 /// Options shared by commands that touch tracking state.
 #[derive(Debug, clap::Args)]
 pub struct StateArgs {
@@ -410,28 +399,9 @@ pub struct UntrackArgs {
     pub state: StateArgs,
 }
 
-pub fn parse_interval(text: &str) -> Result<Duration, String> {
-    let interval = units::parse_duration(text)?;
-    if interval < Duration::from_millis(1) {
-        return Err(format!("interval {text:?} is too short (at least 1ms)"));
-    }
-    Ok(interval)
-}
-
-/// Exit code for an error.
-pub fn exit_code(error: &TrackError) -> u8 {
-    match error {
-        TrackError::Env(_) | TrackError::Layout(_) => 3,
-        TrackError::Device(_) => 4,
-        TrackError::Busy { .. } => 5,
-        TrackError::ChunkSize(_) | TrackError::TooLarge { .. } => 2,
-        _ => 1,
-    }
-}
-
 /// Runs the command line; returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
-    crate::logging::init();
+    crate::command::logging::init();
     let result = match cli.command {
         Command::Track(args) => run_track(&args),
         Command::Untrack(args) => run_untrack(&args),
@@ -463,9 +433,9 @@ pub fn run(cli: Cli) -> ExitCode {
             return match config::check_file(&file, kind) {
                 Ok(summary) => {
                     println!("{summary}");
-                    ExitCode::SUCCESS
+                    ExitCode::Success
                 }
-                Err(error) => fail(EXIT_CONFIG, error),
+                Err(error) => fail(ExitCode::Config, error),
             };
         }
         Command::Status(args) => {
@@ -476,46 +446,49 @@ pub fn run(cli: Cli) -> ExitCode {
             return ops_result(ops::audit_verify(&log, json));
         }
         Command::VmSelftest { device } => {
-            return match crate::selftest::run(&device, &crate::selftest::guest_options()) {
-                Ok(()) => ExitCode::SUCCESS,
+            return match crate::tracker::selftest::run(
+                &device,
+                &crate::tracker::selftest::guest_options(),
+            ) {
+                Ok(()) => ExitCode::Success,
                 Err(reason) => {
                     println!("BLKMIRROR-VM: FAIL track: {reason}");
-                    ExitCode::FAILURE
+                    ExitCode::Failure
                 }
             };
         }
         Command::BenchTransport(args) => {
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(runtime) => runtime,
-                Err(error) => return fail(1, error),
+                Err(error) => return fail(ExitCode::Failure, error),
             };
-            return match runtime.block_on(crate::net::loopback_throughput(
+            return match runtime.block_on(crate::link::net::loopback_throughput(
                 args.bytes,
                 args.streams,
                 args.window,
             )) {
                 Ok(rate) => {
                     println!("{}", rate as u64);
-                    ExitCode::SUCCESS
+                    ExitCode::Success
                 }
-                Err(error) => fail(1, error),
+                Err(error) => fail(ExitCode::Failure, error),
             };
         }
         Command::ThawGuard(args) => {
             return match freeze::run_guard(&args.mount, Duration::from_millis(args.after_ms)) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => ExitCode::Success,
                 Err(error) => {
                     eprintln!("blkmirror thaw-guard: error: {error}");
-                    ExitCode::FAILURE
+                    ExitCode::Failure
                 }
             };
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::Success,
         Err(error) => {
             eprintln!("blkmirror: error: {error}");
-            ExitCode::from(exit_code(&error))
+            ExitCode::from(&error)
         }
     }
 }
@@ -699,15 +672,9 @@ impl Printer {
 
 fn ops_result(result: Result<(), ops::OpsError>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => fail(error.exit_code(), error),
+        Ok(()) => ExitCode::Success,
+        Err(error) => fail(ExitCode::from(&error), error),
     }
-}
-
-/// Prints the error and returns `code`.
-pub fn fail(code: u8, error: impl std::fmt::Display) -> ExitCode {
-    eprintln!("blkmirror: error: {error}");
-    ExitCode::from(code)
 }
 
 fn run_keygen(args: &KeygenArgs) -> ExitCode {
@@ -720,61 +687,16 @@ fn run_keygen(args: &KeygenArgs) -> ExitCode {
                 args.out.display(),
                 identity::KEY_FILE
             );
-            ExitCode::SUCCESS
+            ExitCode::Success
         }
         Err(identity::IdentityError::Exists(dir)) => fail(
-            2,
+            ExitCode::Usage,
             format!(
                 "{} already holds an identity; refusing to overwrite it",
                 dir.display()
             ),
         ),
-        Err(error) => fail(1, error),
-    }
-}
-
-/// A runtime whose SIGTERM/SIGINT set the returned flag.
-pub fn runtime_with_signals()
--> std::io::Result<(tokio::runtime::Runtime, tokio::sync::watch::Receiver<bool>)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    runtime.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        eprintln!("blkmirror: stopping (signal)");
-        let _ = tx.send(true);
-    });
-    Ok((runtime, rx))
-}
-
-/// Exit code for an agent error.
-pub fn agent_exit_code(error: &AgentError) -> u8 {
-    match error {
-        AgentError::Track(error) => exit_code(error),
-        AgentError::DeviceMismatch { .. } => 4,
-        AgentError::Refused {
-            code:
-                RefusalCode::NotGranted
-                | RefusalCode::SourceMismatch
-                | RefusalCode::Protocol
-                | RefusalCode::Forbidden,
-            ..
-        } => 6,
-        AgentError::Net(error) if error.is_handshake_refusal() => 6,
-        AgentError::Handshake { .. } => 6,
-        AgentError::Read(crate::read::ReadError::Open { .. }) => 4,
-        _ => 1,
+        Err(error) => fail(ExitCode::Failure, error),
     }
 }
 
@@ -788,7 +710,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                 settings.metrics_listen = args.metrics_listen.or(settings.metrics_listen);
                 settings
             }
-            Err(error) => return fail(EXIT_CONFIG, error),
+            Err(error) => return fail(ExitCode::Config, error),
         },
         None => {
             let (Some(device), Some(volume), Some(receiver), Some(fingerprint), Some(identity)) = (
@@ -799,7 +721,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                 args.identity,
             ) else {
                 return fail(
-                    2,
+                    ExitCode::Usage,
                     "--device, --volume, --receiver, --receiver-fingerprint and --identity are needed without --config",
                 );
             };
@@ -844,11 +766,11 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                 settings.metrics_listen = args.metrics_listen.or(settings.metrics_listen);
                 settings
             }
-            Err(error) => return fail(EXIT_CONFIG, error),
+            Err(error) => return fail(ExitCode::Config, error),
         },
         None => {
             let Some(identity) = args.identity else {
-                return fail(2, "--identity is needed without --config");
+                return fail(ExitCode::Usage, "--identity is needed without --config");
             };
             ReceiverSettings {
                 identity,

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::sys;
+use crate::tracker::sys;
 
 /// Where bpffs is expected.
 pub const BPFFS: &str = "/sys/fs/bpf";

@@ -46,12 +46,12 @@ use blkmirror_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    device::{self, BlockDevice, DeviceError},
-    environment::{self, EnvError},
-    extent::{ChangeKind, DirtyBitmaps, Extent, Geometry},
-    layout::{LayoutError, RequestLayout, RqCompleteLayout},
-    sys,
+    tracker::device::{self, BlockDevice, DeviceError},
+    tracker::environment::{self, EnvError},
+    tracker::layout::{LayoutError, RequestLayout, RqCompleteLayout},
+    tracker::sys,
 };
+use blkmirror_protocol::extent::{ChangeKind, DirtyBitmaps, Extent, Geometry};
 
 /// Default root of blkmirror's pins in bpffs.
 pub const DEFAULT_PIN_ROOT: &str = "/sys/fs/bpf/blkmirror";

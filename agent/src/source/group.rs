@@ -35,12 +35,12 @@ pub trait Freezer: Send + Sync {
 pub struct FsFreezer;
 
 impl Freezer for FsFreezer {
-    type Held = Vec<crate::freeze::Frozen>;
+    type Held = Vec<crate::source::freeze::Frozen>;
 
     fn freeze(&self, mounts: &[PathBuf], budget: Duration) -> Result<Self::Held, String> {
         let mut held = Vec::new();
         for mount in mounts {
-            match crate::freeze::Frozen::freeze(mount, budget) {
+            match crate::source::freeze::Frozen::freeze(mount, budget) {
                 Ok(frozen) => held.push(frozen),
                 Err(error) => {
                     self.thaw(held);
@@ -194,7 +194,7 @@ impl<F: Freezer> ConsistencyGroup<F> {
                 Ok(held) => {
                     round.held = Some(held);
                     round.frozen_at = Some(Instant::now());
-                    round.cut = crate::status::now_ms();
+                    round.cut = crate::command::status::now_ms();
                     round.phase = Phase::Frozen;
                 }
                 Err(message) => {

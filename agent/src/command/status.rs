@@ -1,6 +1,6 @@
 //! What a running agent or receiver reports: per-volume status, kept on a [`StatusBoard`] that
 //! the replication loops update and the control socket, the Prometheus endpoint and systemd's
-//! `STATUS=` read. Pure data and rendering; the servers are in [`crate::service`].
+//! `STATUS=` read. Pure data and rendering; the servers are in [`crate::command::service`].
 //!
 //! # `blkmirror status --json` (stable)
 //!
@@ -16,7 +16,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::units;
+use blkmirror_protocol::units;
 
 /// The state of one volume.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,8 +56,8 @@ pub struct PointSummary {
     pub freeze_ms: u64,
 }
 
-impl From<&crate::wire::PointInfo> for PointSummary {
-    fn from(point: &crate::wire::PointInfo) -> Self {
+impl From<&blkmirror_protocol::wire::PointInfo> for PointSummary {
+    fn from(point: &blkmirror_protocol::wire::PointInfo) -> Self {
         Self {
             seq: point.seq,
             time_unix_ms: point.time_unix_ms,

@@ -2,10 +2,10 @@
 //! (each on its own thread and runtime, so a slow device cannot starve another), the control
 //! socket, metrics, and systemd notifications around them.
 
+use sd_notify::NotifyState;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    process::ExitCode,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -14,16 +14,16 @@ use std::{
 };
 
 use crate::{
-    agent::{Agent, AgentConfig},
-    cli::{agent_exit_code, exit_code, fail, runtime_with_signals},
-    config::{AgentSettings, DeviceSettings, ReceiverSettings},
-    group::{ConsistencyGroup, FsFreezer},
-    identity::Identity,
-    receiver::{self, ReceiverConfig},
-    service,
-    status::{self, StatusBoard, VolumeState},
-    track::{self, TrackOptions},
-    volume,
+    command::config::{AgentSettings, DeviceSettings, ReceiverSettings},
+    command::exit::{ExitCode, fail},
+    command::service,
+    command::status::{self, StatusBoard, VolumeState},
+    dr::receiver::{self, ReceiverConfig},
+    dr::volume,
+    link::identity::Identity,
+    source::agent::{Agent, AgentConfig},
+    source::group::{ConsistencyGroup, FsFreezer},
+    tracker::track::{self, TrackOptions},
 };
 
 /// A loop that has ended (or never started) counts as alive for the watchdog.
@@ -35,32 +35,32 @@ const STUCK_MS: u64 = 30_000;
 pub fn run_agents(settings: AgentSettings) -> ExitCode {
     for device in &settings.devices {
         if let Err(error) = track::chunk_shift(device.chunk_size) {
-            return fail(2, error);
+            return fail(ExitCode::Usage, error);
         }
-        if let Err(error) = crate::wire::check_volume_name(&device.volume) {
-            return fail(2, error);
+        if let Err(error) = blkmirror_protocol::wire::check_volume_name(&device.volume) {
+            return fail(ExitCode::Usage, error);
         }
     }
     let identity = match Identity::load(&settings.identity) {
         Ok(identity) => identity,
-        Err(error) => return fail(2, error),
+        Err(error) => return fail(ExitCode::Usage, error),
     };
     match track::prepare_environment() {
         Ok(notes) => notes
             .iter()
             .for_each(|note| tracing::info!(target: "blkmirror", "{note}")),
-        Err(error) => return fail(exit_code(&error), error),
+        Err(error) => return fail(ExitCode::from(&error), error),
     }
     let (runtime, shutdown) = match runtime_with_signals() {
         Ok(runtime) => runtime,
-        Err(error) => return fail(1, error),
+        Err(error) => return fail(ExitCode::Failure, error),
     };
     let board = Arc::new(StatusBoard::new("agent"));
     let _guard = runtime.enter();
     if let Some(path) = &settings.control_socket
         && let Err(error) = service::serve_control(path, board.clone(), shutdown.clone())
     {
-        return fail(3, error);
+        return fail(ExitCode::Environment, error);
     }
     if let Some(addr) = settings.metrics_listen
         && let Err(error) = runtime.block_on(service::serve_metrics(
@@ -69,7 +69,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             shutdown.clone(),
         ))
     {
-        return fail(3, error);
+        return fail(ExitCode::Environment, error);
     }
     let heartbeats: Vec<Arc<AtomicU64>> = settings
         .devices
@@ -145,15 +145,16 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
         let board = board.clone();
         let volume = device.volume.clone();
         let many = settings.devices.len() > 1;
-        threads.push(std::thread::spawn(move || -> u8 {
+        threads.push(std::thread::spawn(move || -> ExitCode {
             let code = run_one(config, shutdown, &heartbeat, &opened);
             heartbeat.store(ENDED, Ordering::SeqCst);
-            if code != 0 {
+            if code != ExitCode::Success {
                 board.update(&volume, |s| s.state = VolumeState::Failed);
                 if many {
                     tracing::error!(
                         target: "blkmirror agent",
-                        "volume {volume}: the agent loop ended (exit code {code})"
+                        "volume {volume}: the agent loop ended (exit code {})",
+                        code.code()
                     );
                 }
             }
@@ -164,7 +165,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
     // READY once every device's tracking is attached (or failed to attach).
     let opened = opened_rx.iter().filter(|ok| *ok).count();
     if opened > 0 {
-        service::notify("READY=1");
+        service::notify(NotifyState::Ready);
     }
     let watchdog = {
         let heartbeats = heartbeats.clone();
@@ -180,16 +181,13 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             shutdown.clone(),
         )
     };
-    let mut code = 0;
+    let mut code = ExitCode::Success;
     for thread in threads {
-        let result = thread.join().unwrap_or(1);
-        if code == 0 {
-            code = result;
-        }
+        code = code.first_failure(thread.join().unwrap_or(ExitCode::Failure));
     }
-    service::notify("STOPPING=1");
+    service::notify(NotifyState::Stopping);
     watchdog.abort();
-    ExitCode::from(code)
+    code
 }
 
 /// One device's loop on its own runtime; returns its exit code.
@@ -198,7 +196,7 @@ fn run_one(
     shutdown: tokio::sync::watch::Receiver<bool>,
     heartbeat: &Arc<AtomicU64>,
     opened: &std::sync::mpsc::Sender<bool>,
-) -> u8 {
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -208,7 +206,7 @@ fn run_one(
         Err(error) => {
             let _ = opened.send(false);
             tracing::error!(target: "blkmirror", "error: {error}");
-            return 1;
+            return ExitCode::Failure;
         }
     };
     let beat = heartbeat.clone();
@@ -224,10 +222,10 @@ fn run_one(
         opened_agent?.run().await
     });
     match result {
-        Ok(()) => 0,
+        Ok(()) => ExitCode::Success,
         Err(error) => {
             tracing::error!(target: "blkmirror", "error: {error}");
-            agent_exit_code(&error)
+            ExitCode::from(&error)
         }
     }
 }
@@ -258,15 +256,15 @@ fn known_volumes(settings: &ReceiverSettings, board: &StatusBoard) {
 pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) -> ExitCode {
     let identity = match Identity::load(&settings.identity) {
         Ok(identity) => identity,
-        Err(error) => return fail(2, error),
+        Err(error) => return fail(ExitCode::Usage, error),
     };
     let grants = match receiver::parse_grants(&settings.allow) {
         Ok(grants) => grants,
-        Err(error) => return fail(2, error),
+        Err(error) => return fail(ExitCode::Usage, error),
     };
     let (runtime, shutdown) = match runtime_with_signals() {
         Ok(runtime) => runtime,
-        Err(error) => return fail(1, error),
+        Err(error) => return fail(ExitCode::Failure, error),
     };
     let board = Arc::new(StatusBoard::new("receiver"));
     known_volumes(&settings, &board);
@@ -292,7 +290,7 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         let endpoint = receiver::bind(&config)?;
         let addr = endpoint
             .local_addr()
-            .map_err(|source| crate::net::NetError::Bind {
+            .map_err(|source| crate::link::net::NetError::Bind {
                 addr: config.listen,
                 source,
             })?;
@@ -302,17 +300,17 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
             config.data_dir.display(),
             config.grants.len()
         );
-        service::notify("READY=1");
+        service::notify(NotifyState::Ready);
         let watchdog = service::spawn_watchdog(board.clone(), || true, shutdown.clone());
         let served = receiver::serve(endpoint, config, shutdown, reload_rx).await;
         watchdog.abort();
         served.map_err(DaemonError::from)
     });
-    service::notify("STOPPING=1");
+    service::notify(NotifyState::Stopping);
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(DaemonError::Service(error)) => fail(3, error),
-        Err(error) => fail(1, error),
+        Ok(()) => ExitCode::Success,
+        Err(DaemonError::Service(error)) => fail(ExitCode::Environment, error),
+        Err(error) => fail(ExitCode::Failure, error),
     }
 }
 
@@ -334,7 +332,7 @@ async fn reload_on_hangup(
             );
             continue;
         };
-        let reload = crate::config::load_receiver(path)
+        let reload = crate::command::config::load_receiver(path)
             .map_err(|error| error.to_string())
             .and_then(|settings| {
                 if settings.listen != running.listen
@@ -365,7 +363,7 @@ enum DaemonError {
     #[error(transparent)]
     Receiver(#[from] receiver::ReceiverError),
     #[error(transparent)]
-    Net(#[from] crate::net::NetError),
+    Net(#[from] crate::link::net::NetError),
 }
 
 /// `blkmirror status`.
@@ -375,13 +373,13 @@ pub fn run_status(socket: Option<&std::path::Path>, json: bool, watch: bool) -> 
         .build()
     {
         Ok(runtime) => runtime,
-        Err(error) => return fail(1, error),
+        Err(error) => return fail(ExitCode::Failure, error),
     };
     let sockets: Vec<(std::path::PathBuf, &str)> = match socket {
         Some(path) => vec![(path.to_owned(), "agent or receiver")],
         None => vec![
-            (crate::config::AGENT_SOCKET.into(), "agent"),
-            (crate::config::RECEIVER_SOCKET.into(), "receiver"),
+            (crate::command::config::AGENT_SOCKET.into(), "agent"),
+            (crate::command::config::RECEIVER_SOCKET.into(), "receiver"),
         ],
     };
     let fetch = || -> Result<Vec<status::Snapshot>, String> {
@@ -407,7 +405,7 @@ pub fn run_status(socket: Option<&std::path::Path>, json: bool, watch: bool) -> 
     loop {
         let snapshots = match fetch() {
             Ok(snapshots) => snapshots,
-            Err(message) => return fail(1, message),
+            Err(message) => return fail(ExitCode::Failure, message),
         };
         match &mut bars {
             Some(bars) => bars.draw(&snapshots),
@@ -425,7 +423,7 @@ pub fn run_status(socket: Option<&std::path::Path>, json: bool, watch: bool) -> 
             }
         }
         if !watch {
-            return ExitCode::SUCCESS;
+            return ExitCode::Success;
         }
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -468,7 +466,7 @@ impl LiveBars {
                         bar.set_position(sync.done_bytes);
                         bar.set_message(format!(
                             "{state}, {}/s, ETA {}",
-                            crate::units::format_size(volume.rate_bytes_per_s),
+                            blkmirror_protocol::units::format_size(volume.rate_bytes_per_s),
                             sync.eta_s.map_or("?".into(), |eta| format!("{eta}s"))
                         ));
                     }
@@ -476,7 +474,7 @@ impl LiveBars {
                         bar.set_style(plain.clone());
                         bar.set_message(format!(
                             "{state}, {lag}, backlog {}, {} cycle(s){}",
-                            crate::units::format_size(volume.backlog_bytes),
+                            blkmirror_protocol::units::format_size(volume.backlog_bytes),
                             volume.cycles_total,
                             volume
                                 .last_error
@@ -488,4 +486,29 @@ impl LiveBars {
             }
         }
     }
+}
+
+/// A runtime whose SIGTERM/SIGINT set the returned flag.
+pub fn runtime_with_signals()
+-> std::io::Result<(tokio::runtime::Runtime, tokio::sync::watch::Receiver<bool>)> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        eprintln!("blkmirror: stopping (signal)");
+        let _ = tx.send(true);
+    });
+    Ok((runtime, rx))
 }

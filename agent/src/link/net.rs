@@ -1,5 +1,5 @@
 //! QUIC plumbing: endpoints with pinned mutual TLS, transport tuning, and length-prefixed
-//! frames on streams. The protocol itself is in [`crate::wire`].
+//! frames on streams. The protocol itself is in [`blkmirror_protocol::wire`].
 
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -9,10 +9,8 @@ use quinn::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{
-    identity::{self, Fingerprint, Identity, IdentityError},
-    wire::{self, WireError},
-};
+use crate::link::identity::{self, Fingerprint, Identity, IdentityError};
+use blkmirror_protocol::wire::{self, WireError};
 
 /// How long a silent connection lives (keep-alives are sent at a third of it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);

@@ -17,7 +17,7 @@ use std::{
 
 use io_uring::{IoUring, opcode, types};
 
-use crate::sys::AlignedBuf;
+use crate::tracker::sys::AlignedBuf;
 
 /// Reader errors.
 #[derive(Debug, thiserror::Error)]
@@ -240,10 +240,12 @@ impl Ring {
         let mut total = 0;
         let mut failure: Option<ReadError> = None;
         let mut exhausted = false;
+        // A piece taken from `pieces` that did not fit in a full submission queue.
+        let mut carried: Option<(u64, usize)> = None;
         loop {
             while failure.is_none() && !exhausted {
                 let Some(slot) = free.pop() else { break };
-                let Some((offset, len)) = pieces.next() else {
+                let Some((offset, len)) = carried.take().or_else(|| pieces.next()) else {
                     free.push(slot);
                     exhausted = true;
                     break;
@@ -261,19 +263,23 @@ impl Ring {
                 }
                 .user_data(slot as u64);
                 // SAFETY: the buffer stays valid and untouched until this entry completes: the
-                // slot is out of `free` until its completion is reaped below, and we never leave
-                // this function with entries in flight.
-                while unsafe { self.ring.submission().push(&entry) }.is_err() {
-                    self.ring.submit().map_err(|source| ReadError::Read {
-                        path: path.to_owned(),
-                        offset,
-                        length: len as u64,
-                        source,
-                    })?;
+                // slot is out of `free` until its completion is reaped below, and this function
+                // returns only once `in_flight` is empty (the loop's one exit), or aborts the
+                // process when io_uring_enter fails with entries in flight. No `?` sits between
+                // a push and its completion.
+                if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                    // The submission queue is full: submit and reap below, then come back.
+                    carried = Some((offset, len));
+                    free.push(slot);
+                    break;
                 }
                 in_flight[slot] = Some((offset, len));
             }
             if in_flight.iter().all(Option::is_none) {
+                // Nothing in flight, so nothing the kernel could still write: safe to leave. A
+                // carried piece cannot be left behind here, as a full queue means entries
+                // in flight.
+                debug_assert!(carried.is_none() || failure.is_some());
                 break;
             }
             if let Err(source) = self.ring.submit_and_wait(1) {

@@ -5,6 +5,7 @@
 //! The control socket is a Unix stream socket, mode 0600 in a 0700 directory (root only). A
 //! client sends one line, `status`, and reads one JSON [`Snapshot`] until end of stream.
 
+use sd_notify::NotifyState;
 use std::{
     io,
     net::SocketAddr,
@@ -20,7 +21,7 @@ use tokio::{
     sync::{Semaphore, watch},
 };
 
-use crate::status::{self, Snapshot, StatusBoard};
+use crate::command::status::{self, Snapshot, StatusBoard};
 
 /// Connections one listener serves at once; more are closed at once, so idle clients cannot
 /// use up the process's descriptors.
@@ -267,35 +268,17 @@ async fn http(stream: tokio::net::TcpStream, board: &StatusBoard) -> io::Result<
     write.shutdown().await
 }
 
-/// Sends one message to systemd, if it is listening (`$NOTIFY_SOCKET`).
-pub fn notify(message: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(socket) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let _ = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt as _;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| socket.send_to_addr(message.as_bytes(), &addr))
-    } else {
-        socket.send_to(message.as_bytes(), Path::new(&path))
-    };
+/// Tells systemd of a state change, if it is listening (`$NOTIFY_SOCKET`). A failure only
+/// costs the notification, so it is logged, not returned.
+pub fn notify(state: NotifyState<'_>) {
+    if let Err(error) = sd_notify::notify(&[state]) {
+        tracing::debug!(target: "blkmirror", "sd_notify: {error}");
+    }
 }
 
 /// The watchdog interval systemd asked for (`$WATCHDOG_USEC`), for this process.
 pub fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        && pid != std::process::id()
-    {
-        return None;
-    }
-    (usec > 0).then(|| Duration::from_micros(usec))
+    sd_notify::watchdog_enabled().filter(|interval| !interval.is_zero())
 }
 
 /// Pings the watchdog and refreshes `STATUS=` every few seconds while `alive()` says the
@@ -314,9 +297,9 @@ pub fn spawn_watchdog(
     tokio::spawn(async move {
         loop {
             let line = status::status_line(&board.snapshot(status::now_ms()));
-            notify(&format!("STATUS={line}"));
+            notify(NotifyState::Status(&line));
             if watchdog.is_some() && alive() {
-                notify("WATCHDOG=1");
+                notify(NotifyState::Watchdog);
             }
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
@@ -338,12 +321,13 @@ mod tests {
         let listener = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
         // SAFETY: test-only; no other thread of this test binary reads NOTIFY_SOCKET.
         unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        notify("READY=1");
+        notify(NotifyState::Ready);
         // SAFETY: as above.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let mut buf = [0u8; 64];
         let n = listener.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1");
+        // The protocol is newline-separated assignments (sd_notify(3)).
+        assert_eq!(&buf[..n], b"READY=1\n");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -36,16 +36,18 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    device,
+    command::status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
+    link::identity::{Fingerprint, Identity},
+    link::net::{self, NetError},
+    source::freeze::{self, FreezeError, Frozen},
+    source::group::{ConsistencyGroup, GroupError},
+    source::read::{BlockReader, Engine, ReadError},
+    tracker::device,
+    tracker::track::{TrackError, TrackOptions, Tracker},
+};
+use blkmirror_protocol::{
     extent::{ChangeKind, DirtyBitmaps, Extent},
-    freeze::{self, FreezeError, Frozen},
-    group::{ConsistencyGroup, GroupError},
-    identity::{Fingerprint, Identity},
-    net::{self, NetError},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
-    read::{BlockReader, Engine, ReadError},
-    status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
-    track::{TrackError, TrackOptions, Tracker},
     units, wire,
     wire::{
         AgentMessage, Begin, ChunkHash, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
@@ -1004,14 +1006,8 @@ impl Agent {
     ) -> Result<(PassPlan, Option<Vec<Vec<u8>>>, PassStats, u64), AgentError> {
         // Frozen: nothing may be written to the state file here (see `cut_into_inflight`).
         let (extents, epoch) = self.cut_into_inflight()?;
-        // Test hook: hold the freeze, so tests can kill the agent or overrun the budget while
-        // the file system is frozen. Never set in production.
-        if let Some(hold) = std::env::var("BLKMIRROR_TEST_FREEZE_HOLD_MS")
-            .ok()
-            .and_then(|ms| ms.parse().ok())
-        {
-            std::thread::sleep(Duration::from_millis(hold));
-        }
+        // Lets tests kill the agent or overrun the budget while the file system is frozen.
+        crate::test_hooks::hold_freeze();
         let plan = PassPlan::from_extents(&extents, self.size);
         let remaining = deadline.saturating_duration_since(Instant::now());
         let fits = plan.read_bytes() <= MAX_FROZEN_BYTES

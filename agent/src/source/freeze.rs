@@ -22,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{device::BlockDevice, sys};
+use crate::{tracker::device::BlockDevice, tracker::sys};
 
 /// Freeze errors.
 #[derive(Debug, thiserror::Error)]

@@ -286,16 +286,19 @@ pub struct RequestLayout {
 
 impl RequestLayout {
     /// Reads the layout from parsed BTF.
-    pub fn from_btf(btf: &crate::btf::Btf<'_>) -> Result<Self, crate::btf::BtfError> {
-        let member = |strukt: &str, name: &str, size: u32| -> Result<u64, crate::btf::BtfError> {
-            let (offset, actual) = btf.member(strukt, name)?;
-            if actual != size {
-                return Err(crate::btf::BtfError::Malformed(
-                    "a struct member has an unexpected size",
-                ));
-            }
-            Ok(u64::from(offset))
-        };
+    pub fn from_btf(
+        btf: &crate::tracker::btf::Btf<'_>,
+    ) -> Result<Self, crate::tracker::btf::BtfError> {
+        let member =
+            |strukt: &str, name: &str, size: u32| -> Result<u64, crate::tracker::btf::BtfError> {
+                let (offset, actual) = btf.member(strukt, name)?;
+                if actual != size {
+                    return Err(crate::tracker::btf::BtfError::Malformed(
+                        "a struct member has an unexpected size",
+                    ));
+                }
+                Ok(u64::from(offset))
+            };
         // Newer kernels reach the disk through the queue; older ones (5.10) name it in the
         // request itself.
         let (rq_q, q_disk, disk_in_rq) = match member("request_queue", "disk", 8) {
@@ -322,9 +325,9 @@ impl RequestLayout {
 
     /// Reads the running kernel's layout from `/sys/kernel/btf/vmlinux`.
     pub fn from_running_kernel() -> Result<Self, String> {
-        let blob = fs::read(crate::environment::VMLINUX_BTF)
-            .map_err(|e| format!("{}: {e}", crate::environment::VMLINUX_BTF))?;
-        let btf = crate::btf::Btf::parse(&blob).map_err(|e| e.to_string())?;
+        let blob = fs::read(crate::tracker::environment::VMLINUX_BTF)
+            .map_err(|e| format!("{}: {e}", crate::tracker::environment::VMLINUX_BTF))?;
+        let btf = crate::tracker::btf::Btf::parse(&blob).map_err(|e| e.to_string())?;
         Self::from_btf(&btf).map_err(|e| e.to_string())
     }
 }
@@ -336,7 +339,7 @@ mod kernel_tests {
     /// The machines this project builds on have BTF; the layout must be found there.
     #[test]
     fn running_kernel_request_layout() {
-        if !Path::new(crate::environment::VMLINUX_BTF).exists() {
+        if !Path::new(crate::tracker::environment::VMLINUX_BTF).exists() {
             eprintln!("no kernel BTF here; nothing to check");
             return;
         }

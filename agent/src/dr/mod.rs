@@ -1,0 +1,8 @@
+//! The disaster-recovery side: the receiver's sessions, volume storage with its journal and
+//! atomic apply, points in time, the audit log, and the operator commands that read them.
+
+pub mod audit;
+pub mod ops;
+pub mod points;
+pub mod receiver;
+pub mod volume;

@@ -1,0 +1,20 @@
+//! The blkmirror replication protocol and the pure logic around it.
+//!
+//! Everything here takes its input (bitmaps, messages, times) as arguments and does no IO:
+//! no files, no sockets, no clock, no async runtime. The dependency list enforces it. The
+//! `blkmirror` crate's drivers (the tracker, the agent, the receiver) execute what these
+//! modules decide, which is what lets the hard parts be tested, fuzzed and simulated without
+//! root.
+//!
+//! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
+//! * [`plan`]: what a cycle or a verify pass reads and sends, and how big it is.
+//! * [`wire`]: the messages between agent and receiver, their framing and every check a
+//!   receiver makes before it believes a frame.
+//! * [`units`]: sizes, durations and rates as operators write them.
+//! * [`retention`]: which points in time a tiered policy keeps.
+
+pub mod extent;
+pub mod plan;
+pub mod retention;
+pub mod units;
+pub mod wire;
