@@ -171,15 +171,15 @@ fn fuzz(seconds: u64, seeds_only: bool, target: &str) -> Result<()> {
 }
 
 fn write_seeds() -> Result<()> {
-    for test in [
-        "wire::tests::write_fuzz_seeds",
-        "fuzz::tests::write_fuzz_seeds",
+    for (package, test) in [
+        ("blkmirror-protocol", "wire::tests::write_fuzz_seeds"),
+        ("blkmirror", "fuzz::tests::write_fuzz_seeds"),
     ] {
         exec(cargo().args([
             "test",
             "--locked",
             "-p",
-            "blkmirror",
+            package,
             "--lib",
             test,
             "--",
