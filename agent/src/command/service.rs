@@ -249,7 +249,7 @@ async fn http(stream: tokio::net::TcpStream, board: &StatusBoard) -> io::Result<
     let (code, content_type, body) = match (method, target) {
         ("GET", "/metrics") => (
             "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            status::METRICS_CONTENT_TYPE,
             status::prometheus(&board.snapshot(status::now_ms())),
         ),
         ("GET", _) => ("404 Not Found", "text/plain", "see /metrics\n".to_owned()),

@@ -7,6 +7,12 @@
 //! One object: `role` (`agent` or `receiver`), `version`, `pid`, `time_unix_ms`, and `volumes`,
 //! an array of [`VolumeStatus`]. Fields are only ever added, never renamed or removed.
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet, text},
+    metrics::MetricType,
+    registry::Registry,
+};
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -360,82 +366,124 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The Prometheus text exposition of a snapshot. Labels are per volume, never per block.
-pub fn prometheus(snapshot: &Snapshot) -> String {
-    let mut out = String::new();
-    let mut family =
-        |name: &str, kind: &str, help: &str, value: &dyn Fn(&VolumeStatus) -> Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for s in &snapshot.volumes {
-                if let Some(v) = value(s) {
-                    let _ = writeln!(out, "{name}{{volume=\"{}\"}} {v}", escape_label(&s.volume));
+/// The content type of [`prometheus`]'s text (OpenMetrics, which Prometheus scrapes natively).
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// One scrape's view of the board, encoded by prometheus-client. The board stays the single
+/// source of status, JSON and metrics; this collector only reads a snapshot of it.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+/// A volume's label set. prometheus-client writes label values as given, so they are escaped
+/// here (a volume name cannot hold a quote today, but the exposition must not depend on it).
+fn volume_labels(status: &VolumeStatus) -> [(&'static str, String); 1] {
+    [("volume", escape_label(&status.volume))]
+}
+
+/// A metric family: name, help, and its value for one volume.
+type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let volumes = &self.0.volumes;
+        let gauges: [Series<Option<f64>>; 3] = [
+            (
+                "blkmirror_lag_seconds",
+                "Age of the newest committed complete point.",
+                |s| s.lag_seconds,
+            ),
+            (
+                "blkmirror_backlog_bytes",
+                "Changed bytes cut but not yet committed.",
+                |s| Some(s.backlog_bytes as f64),
+            ),
+            (
+                "blkmirror_sync_remaining_bytes",
+                "Bytes an initial or verify sync still has to cover (0 when none runs).",
+                |s| {
+                    Some(
+                        s.sync
+                            .as_ref()
+                            .map_or(0.0, |p| p.total_bytes.saturating_sub(p.done_bytes) as f64),
+                    )
+                },
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for status in volumes {
+                if let Some(value) = value(status) {
+                    family
+                        .encode_family(&volume_labels(status))?
+                        .encode_gauge(&value)?;
                 }
             }
-        };
-    family(
-        "blkmirror_lag_seconds",
-        "gauge",
-        "Age of the newest committed complete point.",
-        &|s| s.lag_seconds,
-    );
-    family(
-        "blkmirror_backlog_bytes",
-        "gauge",
-        "Changed bytes cut but not yet committed.",
-        &|s| Some(s.backlog_bytes as f64),
-    );
-    family(
-        "blkmirror_sent_bytes_total",
-        "counter",
-        "Bytes sent to (agent) or received from (receiver) the peer, on the wire.",
-        &|s| Some(s.sent_bytes_total as f64),
-    );
-    family(
-        "blkmirror_tracking_loss_total",
-        "counter",
-        "Times tracking history was lost, each forcing a verify sync.",
-        &|s| Some(s.tracking_loss_total as f64),
-    );
-    family(
-        "blkmirror_sync_remaining_bytes",
-        "gauge",
-        "Bytes an initial or verify sync still has to cover (0 when none runs).",
-        &|s| {
-            Some(
-                s.sync
-                    .as_ref()
-                    .map_or(0.0, |p| p.total_bytes.saturating_sub(p.done_bytes) as f64),
-            )
-        },
-    );
-    for (name, help, sum, count) in [
-        (
-            "blkmirror_cycle_duration_seconds",
-            "Duration of committed cycles.",
-            (|s: &VolumeStatus| s.cycle_seconds_sum) as fn(&VolumeStatus) -> f64,
-            (|s: &VolumeStatus| s.cycles_total) as fn(&VolumeStatus) -> u64,
-        ),
-        (
-            "blkmirror_freeze_duration_seconds",
-            "How long file systems stayed frozen for consistent points.",
-            |s: &VolumeStatus| s.freeze_seconds_sum,
-            |s: &VolumeStatus| s.freezes_total,
-        ),
-    ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} summary");
-        for s in &snapshot.volumes {
-            let label = escape_label(&s.volume);
-            let _ = writeln!(out, "{name}_sum{{volume=\"{label}\"}} {}", sum(s));
-            let _ = writeln!(out, "{name}_count{{volume=\"{label}\"}} {}", count(s));
         }
+        // Counters: the encoder appends `_total` to the name.
+        let counters: [Series<u64>; 2] = [
+            (
+                "blkmirror_sent_bytes",
+                "Bytes sent to (agent) or received from (receiver) the peer, on the wire.",
+                |s| s.sent_bytes_total,
+            ),
+            (
+                "blkmirror_tracking_loss",
+                "Times tracking history was lost, each forcing a verify sync.",
+                |s| s.tracking_loss_total,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for status in volumes {
+                family
+                    .encode_family(&volume_labels(status))?
+                    .encode_counter::<NoLabelSet, _, u64>(&value(status), None)?;
+            }
+        }
+        // Durations: only sums and counts are kept, so each is a histogram with the one
+        // `+Inf` bucket (written for `f64::MAX`; its `_sum` and `_count` series are what dashboards divide).
+        let durations: [Series<(f64, u64)>; 2] = [
+            (
+                "blkmirror_cycle_duration_seconds",
+                "Duration of committed cycles.",
+                |s| (s.cycle_seconds_sum, s.cycles_total),
+            ),
+            (
+                "blkmirror_freeze_duration_seconds",
+                "How long file systems stayed frozen for consistent points.",
+                |s| (s.freeze_seconds_sum, s.freezes_total),
+            ),
+        ];
+        for (name, help, value) in durations {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for status in volumes {
+                let (sum, count) = value(status);
+                family
+                    .encode_family(&volume_labels(status))?
+                    .encode_histogram::<NoLabelSet>(sum, count, &[(f64::MAX, count)], None)?;
+            }
+        }
+        encoder
+            .encode_descriptor(
+                "blkmirror_build",
+                "Build information.",
+                None,
+                MetricType::Info,
+            )?
+            .encode_info(&[
+                ("version", escape_label(&self.0.version)),
+                ("role", escape_label(&self.0.role)),
+            ])
     }
-    let _ = writeln!(
-        out,
-        "# HELP blkmirror_build_info Build information.\n# TYPE blkmirror_build_info gauge\n\
-         blkmirror_build_info{{version=\"{}\",role=\"{}\"}} 1",
-        escape_label(&snapshot.version),
-        escape_label(&snapshot.role)
-    );
+}
+
+/// The metrics exposition of a snapshot (OpenMetrics text, [`METRICS_CONTENT_TYPE`]). Labels
+/// are per volume, never per block.
+pub fn prometheus(snapshot: &Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot.clone())));
+    let mut out = String::new();
+    text::encode(&mut out, &registry).expect("writing to a String cannot fail");
     out
 }
 
@@ -504,6 +552,15 @@ mod tests {
         );
         assert!(text.contains("blkmirror_cycle_duration_seconds_count{volume=\"db\"} 1"));
         assert!(text.contains("blkmirror_build_info{version="));
+        assert!(
+            text.contains("blkmirror_sent_bytes_total{volume=\"db\"} 4096"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.contains("blkmirror_cycle_duration_seconds_bucket{le=\"+Inf\",volume=\"db\"} 1"),
+            "{text}"
+        );
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("blkmirror_"), "{line}");
