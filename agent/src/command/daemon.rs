@@ -105,7 +105,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             )),
         );
     }
-    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<bool>();
+    let (opened_tx, opened_rx) = crossbeam_channel::unbounded::<bool>();
     let mut threads = Vec::new();
     for (device, heartbeat) in settings.devices.iter().zip(&heartbeats) {
         let config = AgentConfig {
@@ -195,7 +195,7 @@ fn run_one(
     config: AgentConfig,
     shutdown: tokio::sync::watch::Receiver<bool>,
     heartbeat: &Arc<AtomicU64>,
-    opened: &std::sync::mpsc::Sender<bool>,
+    opened: &crossbeam_channel::Sender<bool>,
 ) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

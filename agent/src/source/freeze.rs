@@ -18,7 +18,6 @@ use std::{
     io::{self, BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::mpsc,
     time::{Duration, Instant},
 };
 
@@ -225,7 +224,8 @@ pub fn run_guard(mount: &Path, after: Duration) -> Result<(), FreezeError> {
         path: mount.to_owned(),
         source,
     })?;
-    let (tx, rx) = mpsc::channel();
+    // The stdin reader hands its verdict to this thread; one message, so capacity 1.
+    let (tx, rx) = crossbeam_channel::bounded(1);
     std::thread::spawn(move || {
         let mut line = String::new();
         let done = io::stdin().read_line(&mut line).is_ok() && line.trim() == "done";
