@@ -73,6 +73,12 @@ impl From<&blkmirror_protocol::wire::PointInfo> for PointSummary {
     }
 }
 
+impl From<&crate::dr::stored::StoredPoint> for PointSummary {
+    fn from(point: &crate::dr::stored::StoredPoint) -> Self {
+        Self::from(&point.to_wire())
+    }
+}
+
 /// A running sync.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SyncProgress {

@@ -68,6 +68,10 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> AuditErr
 pub struct Entry {
     /// 1, 2, 3, ... in file order.
     pub seq: u64,
+    /// The entry's format ([`AUDIT_FORMAT`]; entries of releases before it was written have
+    /// none and are format 1).
+    #[serde(default = "format_1")]
+    pub format: u32,
     /// When (Unix milliseconds).
     pub time_unix_ms: u64,
     /// What happened: `receiver-start`, `connect`, `refused`, `commit`, `prune`, `restore`,
@@ -121,6 +125,13 @@ pub struct AuditLog {
     head_path: PathBuf,
 }
 
+/// The format of the entries this build writes.
+pub const AUDIT_FORMAT: u32 = 1;
+
+fn format_1() -> u32 {
+    1
+}
+
 fn entry_hash(body: &str) -> String {
     blake3::hash(body.as_bytes()).to_hex().to_string()
 }
@@ -172,6 +183,7 @@ impl AuditLog {
         if let Some(torn) = torn {
             let repair = Entry {
                 seq,
+                format: AUDIT_FORMAT,
                 time_unix_ms: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as u64),
@@ -190,6 +202,7 @@ impl AuditLog {
         }
         let entry = Entry {
             seq,
+            format: AUDIT_FORMAT,
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -288,6 +301,15 @@ impl AuditLog {
             }
             let entry: Entry = serde_json::from_str(&body)
                 .map_err(|error| broken(number, format!("not an audit entry: {error}")))?;
+            if entry.format > AUDIT_FORMAT {
+                return Err(broken(
+                    number,
+                    format!(
+                        "entry format {} is newer than this build reads ({AUDIT_FORMAT})",
+                        entry.format
+                    ),
+                ));
+            }
             if entry.prev != prev {
                 return Err(broken(
                     number,

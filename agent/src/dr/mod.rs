@@ -5,4 +5,5 @@ pub mod audit;
 pub mod ops;
 pub mod points;
 pub mod receiver;
+pub mod stored;
 pub mod volume;

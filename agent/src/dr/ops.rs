@@ -13,12 +13,13 @@ use std::{
 
 use serde::Serialize;
 
+use crate::dr::stored::StoredPoint;
 use crate::{
     dr::audit::{AuditLog, Event},
     dr::points::PointsError,
     dr::volume::{PointReader, StoreError},
 };
-use blkmirror_protocol::{units, wire::PointInfo};
+use blkmirror_protocol::units;
 
 /// Errors of the operator commands (their exit codes: `command::exit`).
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +85,10 @@ pub fn parse_selector(text: &str) -> Result<PointSelector, String> {
 }
 
 /// The retained points `selector` names.
-pub fn select(points: &[PointInfo], selector: &PointSelector) -> Result<Vec<PointInfo>, String> {
+pub fn select(
+    points: &[StoredPoint],
+    selector: &PointSelector,
+) -> Result<Vec<StoredPoint>, String> {
     let found = match selector {
         PointSelector::All => return Ok(points.to_vec()),
         PointSelector::Latest => points.last().cloned(),
@@ -631,8 +635,8 @@ pub fn audit_verify(log: &Path, json: bool) -> Result<(), OpsError> {
 mod tests {
     use super::*;
 
-    fn point(seq: u64, time_unix_ms: u64) -> PointInfo {
-        PointInfo {
+    fn point(seq: u64, time_unix_ms: u64) -> StoredPoint {
+        StoredPoint {
             seq,
             generation: 1,
             epoch: seq,
@@ -695,9 +699,9 @@ mod tests {
             })
             .unwrap();
         volume
-            .commit(PointInfo {
+            .commit(blkmirror_protocol::wire::PointInfo {
                 complete: true,
-                ..PointInfo::default()
+                ..blkmirror_protocol::wire::PointInfo::default()
             })
             .unwrap();
         drop(volume);

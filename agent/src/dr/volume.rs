@@ -36,6 +36,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
+    dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint},
     durable,
     tracker::sys,
 };
@@ -44,8 +45,6 @@ use blkmirror_protocol::{
     wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
 };
 
-/// Version of `volume.json`.
-const META_FORMAT: u32 = 1;
 /// Points kept in `volume.json` (the receiver's points-in-time store is separate work).
 const RECENT_POINTS: usize = 64;
 /// Journal records larger than this are corrupt by definition.
@@ -119,7 +118,7 @@ impl StoreError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeMeta {
-    /// Version of this file's format (1).
+    /// Version of this file's format ([`META_FORMAT`]; 1 is read and upgraded).
     pub format: u32,
     /// The volume name.
     pub volume: String,
@@ -134,11 +133,11 @@ pub struct VolumeMeta {
     /// The last committed cycle (0: none).
     pub committed_seq: u64,
     /// Its record.
-    pub last_point: Option<PointInfo>,
+    pub last_point: Option<StoredPoint>,
     /// The last complete (whole-replica) point.
-    pub last_complete: Option<PointInfo>,
+    pub last_complete: Option<StoredPoint>,
     /// Recent committed cycles, oldest first.
-    pub recent: Vec<PointInfo>,
+    pub recent: Vec<StoredPoint>,
     /// A sync step was writing straight into the image and has not committed: the image is at
     /// no point in time until the sync completes.
     #[serde(default)]
@@ -146,7 +145,7 @@ pub struct VolumeMeta {
     /// The retained points in time, oldest first: complete points the image can be taken back
     /// to (see [`crate::dr::points`]). The last one is the image itself.
     #[serde(default)]
-    pub points: Vec<PointInfo>,
+    pub points: Vec<StoredPoint>,
     /// While `unsettled`: the offset where the interrupted sync step began, which is where a
     /// resumed sync must start.
     #[serde(default)]
@@ -156,6 +155,10 @@ pub struct VolumeMeta {
     /// it becomes a point.
     #[serde(default)]
     pub hashes_stale: bool,
+    /// The format this file was read in, when older than [`META_FORMAT`] (it is upgraded in
+    /// memory and rewritten when the volume is opened for writing). Not stored.
+    #[serde(skip)]
+    pub upgraded_from: Option<u32>,
 }
 
 /// One journal record.
@@ -174,7 +177,12 @@ enum Record {
         length: u64,
     },
     Commit {
-        point: PointInfo,
+        point: StoredPoint,
+    },
+    /// The journal's format, as its first record (format 1 journals have none). Last among
+    /// the variants: postcard numbers them in order, and format 1 has the four above.
+    Format {
+        version: u32,
     },
 }
 
@@ -340,6 +348,7 @@ impl Volume {
             points: Vec::new(),
             unsettled_from: 0,
             hashes_stale: false,
+            upgraded_from: None,
         };
         let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
         store.update_hashes(&image, &ChunkRanges::default(), std::iter::empty())?;
@@ -381,6 +390,14 @@ impl Volume {
         };
         let recovery = volume.recover()?;
         let _lock = volume.lock_exclusive()?;
+        if let Some(old) = volume.meta.upgraded_from.take() {
+            write_meta(&volume.dir, &volume.meta)?;
+            tracing::info!(
+                target: "blkmirror receiver",
+                "volume {}: volume.json upgraded from format {old} to {META_FORMAT}",
+                volume.meta.volume
+            );
+        }
         if volume.meta.unsettled && !volume.meta.hashes_stale {
             // The receiver stopped during a direct sync step: what it wrote is unknown.
             let mut meta = volume.meta.clone();
@@ -517,6 +534,13 @@ impl Volume {
                 .open(&path)
                 .map_err(StoreError::io("opening", &path))?;
             let mut writer = BufWriter::with_capacity(4 << 20, file);
+            append(
+                &mut writer,
+                &Record::Format {
+                    version: JOURNAL_FORMAT,
+                },
+                &path,
+            )?;
             append(&mut writer, &Record::Begin { seq }, &path)?;
             Some(writer)
         };
@@ -577,7 +601,7 @@ impl Volume {
                         .map_err(StoreError::io("writing", &image_path))?;
                 }
                 Record::Zero { offset, length } => self.zero(offset, length)?,
-                Record::Begin { .. } | Record::Commit { .. } => {}
+                Record::Begin { .. } | Record::Commit { .. } | Record::Format { .. } => {}
             },
         }
         self.check_space(seq, bytes, checked)
@@ -643,7 +667,8 @@ impl Volume {
     ///
     /// The point's times are the receiver's to vouch for: `received_unix_ms` is the receiver's
     /// clock, and the agent's cut time is held between the previous point's and now.
-    pub fn commit(&mut self, mut point: PointInfo) -> Result<(), StoreError> {
+    pub fn commit(&mut self, point: PointInfo) -> Result<(), StoreError> {
+        let mut point = StoredPoint::received(&point, 0);
         let path = self.journal_path();
         let Some(cycle) = self.cycle.take() else {
             return Err(StoreError::Sequence("commit outside a cycle".into()));
@@ -774,7 +799,11 @@ impl Volume {
     }
 
     /// Commits a direct sync step: the data is in the image already.
-    fn commit_direct(&mut self, mut point: PointInfo, touched: &Touched) -> Result<(), StoreError> {
+    fn commit_direct(
+        &mut self,
+        mut point: StoredPoint,
+        touched: &Touched,
+    ) -> Result<(), StoreError> {
         self.settle_direct_writes(touched)?;
         point.complete = false;
         point.consistent = false;
@@ -790,7 +819,7 @@ impl Volume {
     /// The last point as the agent must see it: an unsettled image is no point at all, so it
     /// is reported as an incomplete sync step at the offset where the interrupted step began.
     pub fn last_point_for_agent(&self) -> Option<PointInfo> {
-        let last = self.meta.last_point.clone()?;
+        let last = self.meta.last_point.as_ref()?.to_wire();
         if !self.meta.unsettled {
             return Some(last);
         }
@@ -828,7 +857,7 @@ impl Volume {
     }
 
     /// Reads the journal; returns the commit record if the journal is whole and committed.
-    fn scan_journal(&self) -> Result<Option<PointInfo>, StoreError> {
+    fn scan_journal(&self) -> Result<Option<StoredPoint>, StoreError> {
         let path = self.journal_path();
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
         scan_records(
@@ -883,7 +912,7 @@ impl Volume {
         let mut committed = None;
         while let Some(record) = read_record(&mut reader)? {
             match record {
-                Record::Begin { .. } => {}
+                Record::Begin { .. } | Record::Format { .. } => {}
                 Record::Write { offset, data } => self
                     .image
                     .write_all_at(&data, offset)
@@ -936,7 +965,7 @@ impl Volume {
     }
 
     /// The chunks a committed journal touches, and its commit record.
-    fn journal_chunks(&self) -> Result<(Touched, PointInfo), StoreError> {
+    fn journal_chunks(&self) -> Result<(Touched, StoredPoint), StoreError> {
         let path = self.journal_path();
         let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
         let mut reader = BufReader::with_capacity(4 << 20, file);
@@ -944,7 +973,7 @@ impl Volume {
         let (chunk_bytes, size) = (self.meta.chunk_bytes, self.meta.size_bytes);
         while let Some(record) = read_record(&mut reader)? {
             match record {
-                Record::Begin { .. } => {}
+                Record::Begin { .. } | Record::Format { .. } => {}
                 Record::Write { offset, data } => {
                     touched.add_write(self.store.chunks_of(offset, data.len() as u64));
                 }
@@ -1026,7 +1055,7 @@ impl PointReader {
     }
 
     /// The retained points, oldest first (none while a sync leaves the image unsettled).
-    pub fn points(&self) -> &[PointInfo] {
+    pub fn points(&self) -> &[StoredPoint] {
         if self.meta.unsettled {
             return &[];
         }
@@ -1076,15 +1105,11 @@ impl PointReader {
 }
 
 /// A point's age for retention: by the receiver's clock (an agent's clock is not trusted to
-/// decide what is kept); points from before that was recorded use their cut time.
-fn point_age(point: &PointInfo) -> PointAge {
+/// decide what is kept; points from before that was recorded got their cut time at upgrade).
+fn point_age(point: &StoredPoint) -> PointAge {
     PointAge {
         seq: point.seq,
-        time_unix_ms: if point.received_unix_ms > 0 {
-            point.received_unix_ms
-        } else {
-            point.time_unix_ms
-        },
+        time_unix_ms: point.received_unix_ms,
     }
 }
 
@@ -1095,14 +1120,24 @@ fn point_age(point: &PointInfo) -> PointAge {
 pub fn scan_records(
     mut reader: impl io::Read,
     committed_seq: u64,
-) -> Result<Option<PointInfo>, StoreError> {
+) -> Result<Option<StoredPoint>, StoreError> {
     let mut expect_begin = true;
+    let mut first = true;
     loop {
         let record = match read_record(&mut reader) {
             Ok(Some(record)) => record,
             Ok(None) | Err(_) => return Ok(None),
         };
+        let at_start = std::mem::replace(&mut first, false);
         match record {
+            Record::Format { version } if at_start && version <= JOURNAL_FORMAT => {}
+            Record::Format { version } if at_start => {
+                // Never discard what a newer release committed: refuse to touch it.
+                return Err(StoreError::Sequence(format!(
+                    "the journal is in format {version}, newer than this build reads \
+                     ({JOURNAL_FORMAT}); run the newer release"
+                )));
+            }
             Record::Begin { seq }
                 if expect_begin
                     && (seq == committed_seq.saturating_add(1) || seq == committed_seq) =>
@@ -1117,7 +1152,7 @@ pub fn scan_records(
 }
 
 /// Records a committed point in the metadata.
-fn record_point(meta: &mut VolumeMeta, point: PointInfo) {
+fn record_point(meta: &mut VolumeMeta, point: StoredPoint) {
     meta.committed_seq = point.seq;
     if point.complete {
         meta.last_complete = Some(point.clone());
@@ -1206,12 +1241,29 @@ pub(crate) fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
 /// never trusted into a division by zero or an allocation of its own choosing. Pure; the fuzz
 /// target drives it with arbitrary text.
 pub fn parse_meta(text: &str) -> Result<VolumeMeta, String> {
-    let meta: VolumeMeta = serde_json::from_str(text).map_err(|error| error.to_string())?;
-    if meta.format != META_FORMAT {
-        return Err(format!(
-            "format {} (this build reads {META_FORMAT})",
-            meta.format
-        ));
+    let mut meta: VolumeMeta = serde_json::from_str(text).map_err(|error| error.to_string())?;
+    match meta.format {
+        1 => {
+            // The points of format 1 lack a receive time when they predate it.
+            for point in meta
+                .points
+                .iter_mut()
+                .chain(meta.recent.iter_mut())
+                .chain(meta.last_point.iter_mut())
+                .chain(meta.last_complete.iter_mut())
+            {
+                point.upgrade_from_v1();
+            }
+            meta.upgraded_from = Some(1);
+            meta.format = META_FORMAT;
+        }
+        META_FORMAT => {}
+        newer => {
+            return Err(format!(
+                "format {newer} is newer than this build reads ({META_FORMAT}); run the newer \
+                 release"
+            ));
+        }
     }
     wire::check_volume_name(&meta.volume).map_err(|error| error.to_string())?;
     wire::check_hello(&Hello {
@@ -1343,9 +1395,9 @@ mod tests {
         append(
             &mut writer,
             &Record::Commit {
-                point: PointInfo {
+                point: StoredPoint {
                     seq: 1,
-                    ..PointInfo::default()
+                    ..StoredPoint::default()
                 },
             },
             &path,
@@ -1375,7 +1427,7 @@ mod tests {
         append(
             &mut writer,
             &Record::Commit {
-                point: PointInfo::default(),
+                point: StoredPoint::default(),
             },
             &path,
         )
@@ -1589,10 +1641,13 @@ mod tests {
         let path = volume.journal_path();
         let mut cycle = volume.cycle.take().unwrap();
         let mut writer = cycle.writer.take().unwrap();
-        let point = PointInfo {
-            seq: 2,
-            ..complete()
-        };
+        let point = StoredPoint::received(
+            &PointInfo {
+                seq: 2,
+                ..complete()
+            },
+            1,
+        );
         append(&mut writer, &Record::Commit { point }, &path).unwrap();
         writer.flush().unwrap();
         drop(writer);

@@ -229,9 +229,19 @@ pub struct Cut {
     pub needs_verify: Option<NeedsVerify>,
 }
 
+/// The format of the generation records this build writes.
+const GENERATION_FORMAT: u32 = 1;
+
+fn format_1() -> u32 {
+    1
+}
+
 /// The record of a tracking generation in the state directory.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct GenerationRecord {
+    /// [`GENERATION_FORMAT`]; records of releases before it have none and are format 1.
+    #[serde(default = "format_1")]
+    format: u32,
     generation: u64,
     chunk_bytes: u64,
     start_sector: u64,
@@ -479,6 +489,7 @@ impl Tracker {
             &options.state_dir,
             &record_path,
             &GenerationRecord {
+                format: GENERATION_FORMAT,
                 generation,
                 chunk_bytes: options.chunk_bytes,
                 start_sector: device.start_sector,
@@ -1345,9 +1356,14 @@ fn random_generation() -> Result<u64, TrackError> {
     Ok(u64::from_le_bytes(bytes) | 1)
 }
 
+/// The generation record, if there is one this build can read. A record it cannot read
+/// (damaged, or from a newer release) is no record: the history is unknown, so the tracker
+/// says `needs_verify`, which is always safe.
 fn read_record(path: &Path) -> Option<GenerationRecord> {
     let text = fs::read_to_string(path).ok()?;
-    serde_json::from_str(&text).ok()
+    serde_json::from_str::<GenerationRecord>(&text)
+        .ok()
+        .filter(|record| record.format <= GENERATION_FORMAT)
 }
 
 fn write_record(
