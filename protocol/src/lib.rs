@@ -12,9 +12,11 @@
 //!   receiver makes before it believes a frame.
 //! * [`units`]: sizes, durations and rates as operators write them.
 //! * [`retention`]: which points in time a tiered policy keeps.
+//! * [`session`]: the agent's replication session as a state machine without IO.
 
 pub mod extent;
 pub mod plan;
 pub mod retention;
+pub mod session;
 pub mod units;
 pub mod wire;

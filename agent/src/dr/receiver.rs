@@ -23,6 +23,7 @@ use crate::{
     link::identity::{Fingerprint, Identity},
     link::net::{self, NetError},
 };
+use blkmirror_protocol::session::{self, ControlStep, FramesVerdict, ReceiverSession};
 use blkmirror_protocol::{
     retention::RetentionPolicy,
     wire::{
@@ -214,6 +215,12 @@ impl Refusal {
 
     fn close_code(&self) -> quinn::VarInt {
         quinn::VarInt::from_u32(self.code as u32 + 1)
+    }
+}
+
+impl From<session::Refusal> for Refusal {
+    fn from(refusal: session::Refusal) -> Self {
+        Refusal::new(refusal.code, refusal.message)
     }
 }
 
@@ -611,20 +618,17 @@ impl Session {
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Refusal> {
-        let Some(AgentMessage::Hello(hello)) = net::read_frame(recv).await? else {
+        let mut control = ReceiverSession::new();
+        let first = net::read_frame(recv).await?.ok_or_else(|| {
+            Refusal::new(
+                RefusalCode::Sequence,
+                "the control stream ended before Hello",
+            )
+        })?;
+        // The session admits on its first step or refuses; nothing else comes first.
+        let ControlStep::Admit(hello) = control.on_message(first)? else {
             return Err(Refusal::new(RefusalCode::Sequence, "expected Hello first"));
         };
-        if hello.protocol != PROTOCOL_VERSION {
-            return Err(Refusal::new(
-                RefusalCode::Protocol,
-                format!(
-                    "agent speaks protocol {}, this receiver speaks {PROTOCOL_VERSION}",
-                    hello.protocol
-                ),
-            ));
-        }
-        wire::check_hello(&hello)
-            .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
         self.volume_name = Some(hello.volume.clone());
         if let Some(entry) = self
             .context
@@ -712,11 +716,12 @@ impl Session {
         ));
         let result = async {
             while let Some(message) = net::read_frame::<AgentMessage>(recv).await? {
-                match message {
-                    AgentMessage::Hello(_) => {
+                match control.on_message(message)? {
+                    // The session admits once; a second `Hello` is refused there.
+                    ControlStep::Admit(_) => {
                         return Err(Refusal::new(RefusalCode::Sequence, "second Hello"));
                     }
-                    AgentMessage::HashRequest { first_chunk, count } => {
+                    ControlStep::Hashes { first_chunk, count } => {
                         let volume = volume.clone();
                         let hashes = tokio::task::spawn_blocking(move || {
                             volume
@@ -736,7 +741,7 @@ impl Session {
                         )
                         .await?;
                     }
-                    AgentMessage::Begin(begin) => {
+                    ControlStep::Begin(begin) => {
                         let volume = volume.clone();
                         tokio::task::spawn_blocking(move || {
                             volume.lock().expect("volume lock").begin(
@@ -751,11 +756,11 @@ impl Session {
                         journaled_tx.send_replace(0);
                         net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
                     }
-                    AgentMessage::Flush { frames } => {
+                    ControlStep::Flush { frames } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         net::write_frame(send, &ReceiverMessage::Flushed { frames }).await?;
                     }
-                    AgentMessage::Commit { frames, point } => {
+                    ControlStep::Commit { frames, point } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         let volume = volume.clone();
                         let context = self.context.clone();
@@ -837,14 +842,10 @@ async fn wait_frames(
     }
     loop {
         let got = *journaled.borrow_and_update();
-        if got == frames {
-            return Ok(());
-        }
-        if got > frames {
-            return Err(Refusal::new(
-                RefusalCode::Sequence,
-                format!("{got} data frames arrived, the agent announced {frames}"),
-            ));
+        match session::frames_verdict(got, frames) {
+            FramesVerdict::Arrived => return Ok(()),
+            FramesVerdict::Refuse(refusal) => return Err(refusal.into()),
+            FramesVerdict::Wait => {}
         }
         let changed = tokio::select! {
             changed = tokio::time::timeout(FRAME_WAIT, journaled.changed()) => changed,

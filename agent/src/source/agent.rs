@@ -45,13 +45,14 @@ use crate::{
     tracker::device,
     tracker::track::{TrackError, TrackOptions, Tracker},
 };
+use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession, SyncShape};
 use blkmirror_protocol::{
     extent::{ChangeKind, DirtyBitmaps, Extent},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     units, wire,
     wire::{
-        AgentMessage, Begin, ChunkHash, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
-        ReceiverMessage, RefusalCode, Welcome,
+        AgentMessage, ChunkHash, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
+        ReceiverMessage, RefusalCode,
     },
 };
 
@@ -209,6 +210,15 @@ pub enum AgentError {
     Stopped,
 }
 
+impl From<SessionError> for AgentError {
+    fn from(error: SessionError) -> Self {
+        match error {
+            SessionError::Protocol(message) => Self::Protocol(message),
+            SessionError::Refused { code, message } => Self::Refused { code, message },
+        }
+    }
+}
+
 impl AgentError {
     /// Whether reconnecting and trying again can help.
     pub fn retryable(&self) -> bool {
@@ -227,18 +237,35 @@ impl AgentError {
 /// `STATE_DIR/agent-VOLUME.json`: what survives a restart of the agent.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AgentState {
+pub(crate) struct AgentState {
     format: u32,
     volume: String,
     source_id: String,
     /// The last cycle the receiver committed, as far as we know.
-    committed_seq: u64,
+    pub(crate) committed_seq: u64,
     /// The tracker history cannot be trusted: a full compare is due.
     needs_full_sync: bool,
     /// A sync started in this tracker generation and has not completed.
     sync_generation: Option<u64>,
     /// Cut but not yet committed: `[offset, length, kind]`.
     inflight: Vec<[u64; 3]>,
+}
+
+impl AgentState {
+    /// The session's part of the state.
+    fn record(&self) -> SourceRecord {
+        SourceRecord {
+            committed_seq: self.committed_seq,
+            needs_full_sync: self.needs_full_sync,
+            sync_generation: self.sync_generation,
+        }
+    }
+
+    fn set_record(&mut self, record: &SourceRecord) {
+        self.committed_seq = record.committed_seq;
+        self.needs_full_sync = record.needs_full_sync;
+        self.sync_generation = record.sync_generation;
+    }
 }
 
 fn now_ms() -> u64 {
@@ -336,8 +363,8 @@ pub struct Agent {
     rate: Option<Arc<Mutex<RateLimit>>>,
     started: Instant,
     shutdown: watch::Receiver<bool>,
-    /// The receiver's image is at a complete point (then a verify sync must not mix it).
-    replica_has_point: bool,
+    /// The replication session's decisions (pure; this driver executes them).
+    session: SourceSession,
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -437,7 +464,6 @@ impl Agent {
             config,
             tracker,
             reader,
-            state,
             state_path,
             mount,
             size,
@@ -446,8 +472,9 @@ impl Agent {
             compression: CompressionPolicy::default(),
             rate,
             started,
+            session: SourceSession::new(state.record()),
+            state,
             shutdown,
-            replica_has_point: false,
         })
     }
 
@@ -455,7 +482,9 @@ impl Agent {
         *self.shutdown.borrow()
     }
 
-    fn persist(&self) -> Result<(), AgentError> {
+    /// Writes the state file: the session's record and the in-flight set.
+    fn persist(&mut self) -> Result<(), AgentError> {
+        self.state.set_record(self.session.record());
         store_state(&self.state_path, &self.state)
     }
 
@@ -560,47 +589,42 @@ impl Agent {
             size_bytes: self.size,
             chunk_bytes: self.chunk,
         };
-        let welcome = match link.request(&AgentMessage::Hello(hello)).await? {
-            ReceiverMessage::Welcome(welcome) => welcome,
-            other => {
-                return Err(AgentError::Protocol(format!(
-                    "expected Welcome, got {other:?}"
-                )));
-            }
+        let hello = self.session.hello(hello)?;
+        let reply = link.request(&hello).await?;
+        let last_point = match &reply {
+            ReceiverMessage::Welcome(welcome) => welcome.last_point.clone(),
+            _ => None,
         };
-        if welcome.protocol != PROTOCOL_VERSION {
-            return Err(AgentError::Refused {
-                code: RefusalCode::Protocol,
-                message: format!("receiver speaks protocol {}", welcome.protocol),
-            });
+        let welcomed = self.session.on_welcome(reply, self.tracker.generation())?;
+        for note in &welcomed.notes {
+            say(format!("volume {}: {note}", self.config.volume));
         }
-        self.reconcile(&welcome)?;
-        // The receiver says whether the volume has history: then every sync is journaled (it
-        // refuses direct steps), even when the last cycle was an unfinished verify sync.
-        self.replica_has_point = welcome.history;
-        let mut new_replica = welcome.new_volume;
+        if welcomed.clear_inflight {
+            self.state.inflight.clear();
+        }
+        self.persist()?;
         // Decided once from the receiver's view at connect; later only a tracking loss
         // (`NeedsVerify`) starts another sync.
-        let mut sync_from = self.sync_needed(&welcome, new_replica);
+        let mut sync_from = welcomed.sync_from;
         self.config.status.update(&self.config.volume, |s| {
             s.state = VolumeState::Continuous;
             s.last_error = None;
-            if let Some(point) = welcome.last_point.as_ref().filter(|p| p.complete) {
+            if let Some(point) = last_point.as_ref().filter(|p| p.complete) {
                 s.last_point.get_or_insert(PointSummary::from(point));
             }
         });
         loop {
             if let Some(from) = sync_from.take() {
                 let started = Instant::now();
-                let state = if self.replica_has_point || !new_replica {
-                    VolumeState::VerifyResync
-                } else {
+                let state = if self.session.initial_sync() {
                     VolumeState::InitialSync
+                } else {
+                    VolumeState::VerifyResync
                 };
                 self.config
                     .status
                     .update(&self.config.volume, |s| s.state = state);
-                match self.full_sync(&mut link, from, new_replica).await {
+                match self.full_sync(&mut link, from).await {
                     Ok(()) => {}
                     Err(AgentError::Stopped) => {
                         link.connection
@@ -609,7 +633,6 @@ impl Agent {
                     }
                     Err(error) => return Err(error),
                 }
-                new_replica = false;
                 say(format!(
                     "sync pass finished in {:.1}s; taking the first complete point",
                     started.elapsed().as_secs_f64()
@@ -651,56 +674,6 @@ impl Agent {
         }
     }
 
-    /// Brings the state file in line with what the receiver has.
-    fn reconcile(&mut self, welcome: &Welcome) -> Result<(), AgentError> {
-        if welcome.new_volume && self.state.committed_seq > 0 {
-            say(format!(
-                "the receiver has a new, empty volume {} (we had committed cycle {}); a full \
-                 sync follows",
-                self.config.volume, self.state.committed_seq
-            ));
-            self.state.committed_seq = 0;
-            self.state.needs_full_sync = true;
-        } else if welcome.committed_seq > self.state.committed_seq {
-            // The receiver committed our last cycle, but we did not hear it: nothing to resend.
-            self.state.committed_seq = welcome.committed_seq;
-            self.state.inflight.clear();
-        } else if welcome.committed_seq < self.state.committed_seq {
-            say(format!(
-                "the receiver's volume is at cycle {}, behind our record of {}; verifying it",
-                welcome.committed_seq, self.state.committed_seq
-            ));
-            self.state.committed_seq = welcome.committed_seq;
-            self.state.needs_full_sync = true;
-        }
-        self.persist()
-    }
-
-    /// Where a sync has to start, if one is due.
-    fn sync_needed(&self, welcome: &Welcome, new_replica: bool) -> Option<u64> {
-        let resumable = welcome
-            .last_point
-            .as_ref()
-            .filter(|point| !point.complete)
-            .map(|point| point.synced_to);
-        if self.state.needs_full_sync || new_replica {
-            return Some(0);
-        }
-        if self.state.sync_generation.is_some() {
-            if self.state.sync_generation == Some(self.tracker.generation())
-                && welcome.committed_seq == self.state.committed_seq
-            {
-                return Some(resumable.unwrap_or(0));
-            }
-            return Some(0);
-        }
-        match &welcome.last_point {
-            None => Some(0),
-            Some(point) if !point.complete => Some(0),
-            Some(_) => None,
-        }
-    }
-
     /// Cuts the tracker and moves the cut into the durable in-flight set. Returns the cut's
     /// extents (and the epoch).
     fn take_cut(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
@@ -717,7 +690,7 @@ impl Agent {
     fn cut_into_inflight(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
         let cut = self.tracker.cut()?;
         if let Some(verify) = cut.needs_verify {
-            self.state.needs_full_sync = true;
+            self.session.tracking_lost();
             return Err(AgentError::NeedsVerify(verify.reason));
         }
         if !cut.extents.is_empty() {
@@ -764,27 +737,15 @@ impl Agent {
         direct: bool,
         from: u64,
     ) -> Result<(), AgentError> {
-        let begin = AgentMessage::Begin(Begin {
-            seq,
-            bytes_estimate: estimate,
-            direct,
-            from,
-        });
-        match link.request(&begin).await? {
-            ReceiverMessage::Ready { seq: ready } if ready == seq => Ok(()),
-            other => Err(AgentError::Protocol(format!(
-                "expected Ready, got {other:?}"
-            ))),
-        }
+        let message = self.session.begin(seq, estimate, direct, from)?;
+        self.session.on_reply(link.request(&message).await?)?;
+        Ok(())
     }
 
     async fn flush(&mut self, link: &mut Link, frames: u64) -> Result<(), AgentError> {
-        match link.request(&AgentMessage::Flush { frames }).await? {
-            ReceiverMessage::Flushed { frames: got } if got == frames => Ok(()),
-            other => Err(AgentError::Protocol(format!(
-                "expected Flushed, got {other:?}"
-            ))),
-        }
+        let message = self.session.flush(frames)?;
+        self.session.on_reply(link.request(&message).await?)?;
+        Ok(())
     }
 
     async fn commit(
@@ -793,34 +754,18 @@ impl Agent {
         frames: u64,
         point: PointInfo,
     ) -> Result<(), AgentError> {
-        let seq = point.seq;
-        let point_complete = point.complete;
-        match link
-            .request(&AgentMessage::Commit { frames, point })
-            .await?
-        {
-            ReceiverMessage::Committed { seq: got } if got == seq => {}
-            other => {
-                return Err(AgentError::Protocol(format!(
-                    "expected Committed, got {other:?}"
-                )));
-            }
-        }
-        self.state.committed_seq = seq;
+        let message = self.session.commit(frames, point)?;
+        // A commit clears the in-flight set, and a complete point ends the sync, in the same
+        // write of the state file: a crash cannot leave a finished sync looking unfinished.
+        self.session.on_reply(link.request(&message).await?)?;
         self.state.inflight.clear();
-        if point_complete {
-            self.replica_has_point = true;
-            // The sync (if one ran) is over: recorded in the same write as the commit, so a
-            // crash cannot leave a finished sync looking unfinished.
-            self.state.sync_generation = None;
-        }
         self.persist()
     }
 
     /// One incremental cycle: pre-copy, frozen final pass (if possible), commit.
     async fn cycle(&mut self, link: &mut Link) -> Result<(), AgentError> {
         let started = Instant::now();
-        let seq = self.state.committed_seq + 1;
+        let seq = self.session.next_seq();
         // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
         let (_, mut epoch) = tokio::task::block_in_place(|| self.take_cut())?;
         let first = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
@@ -1025,29 +970,20 @@ impl Agent {
     }
 
     /// A whole-device pass from `from`, committed in steps.
-    async fn full_sync(
-        &mut self,
-        link: &mut Link,
-        from: u64,
-        new_replica: bool,
-    ) -> Result<(), AgentError> {
-        if from == 0 || self.state.sync_generation.is_none() {
+    async fn full_sync(&mut self, link: &mut Link, from: u64) -> Result<(), AgentError> {
+        let new_replica = self.session.initial_sync();
+        if self.session.sync_needs_fresh_cut(from) {
             // Everything written after this cut is tracked; everything before it is read below.
             tokio::task::block_in_place(|| -> Result<(), AgentError> {
                 let _ = self.tracker.cut()?;
-                self.state.sync_generation = Some(self.tracker.generation());
-                self.state.needs_full_sync = false;
+                self.session.sync_started(self.tracker.generation());
                 self.state.inflight.clear();
                 self.persist()?;
                 self.tracker.release()?;
                 Ok(())
             })?;
         }
-        let from = if self.state.sync_generation.is_some() && from > 0 {
-            from
-        } else {
-            0
-        };
+        let from = self.session.sync_start(from);
         say(format!(
             "{} sync of {} from offset {}: {}",
             if new_replica { "initial" } else { "verify" },
@@ -1064,12 +1000,12 @@ impl Agent {
         // its last point or at the synced one, never a mix (the journal holds only the chunks
         // that differ). An initial sync has no point to protect: it writes straight into the
         // image in resumable steps, each telling the receiver where it starts.
-        let direct = !self.replica_has_point;
-        let step = if direct {
-            self.config.sync_step.max(window) / window * window
-        } else {
-            self.size.div_ceil(window) * window
-        };
+        let SyncShape {
+            direct,
+            step_bytes: step,
+        } = self
+            .session
+            .sync_shape(self.size, window, self.config.sync_step);
         let mut progress = Progress {
             total: self.size - from,
             done: 0,
@@ -1078,7 +1014,7 @@ impl Agent {
         let mut last_report = Instant::now();
         let mut totals = PassStats::default();
         for (step_start, step_end) in plan::sync_windows(from, self.size, step) {
-            let seq = self.state.committed_seq + 1;
+            let seq = self.session.next_seq();
             let started = Instant::now();
             // The data of a sync step is unknown until read: the receiver checks its space as
             // the journal grows.
@@ -1093,19 +1029,15 @@ impl Agent {
                 } else {
                     let first_chunk = start / self.chunk;
                     let count = (end - start).div_ceil(self.chunk) as u32;
-                    match link
-                        .request(&AgentMessage::HashRequest { first_chunk, count })
-                        .await?
-                    {
-                        ReceiverMessage::Hashes {
-                            first_chunk: got,
+                    let message = self.session.hash_request(first_chunk, count)?;
+                    match self.session.on_reply(link.request(&message).await?)? {
+                        Answer::Hashes {
+                            first_chunk,
                             hashes,
-                        } if got == first_chunk && hashes.len() == count as usize => {
-                            Compare::Hashes {
-                                first_chunk,
-                                hashes,
-                            }
-                        }
+                        } => Compare::Hashes {
+                            first_chunk,
+                            hashes,
+                        },
                         other => {
                             return Err(AgentError::Protocol(format!(
                                 "expected {count} hashes, got {other:?}"
@@ -1471,7 +1403,7 @@ async fn join_senders(
     }
 }
 
-fn load_state(path: &Path) -> Result<Option<AgentState>, AgentError> {
+pub(crate) fn load_state(path: &Path) -> Result<Option<AgentState>, AgentError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),

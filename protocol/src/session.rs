@@ -1,0 +1,841 @@
+//! Both sides of a replication session, without IO.
+//!
+//! [`SourceSession`] decides what the agent says on the control stream and what it concludes
+//! from the receiver's replies, the way quinn-proto decides for quinn: it is handed events (a
+//! `Welcome`, a reply, a tracking loss, a sync that starts) and returns the message to send,
+//! the state to persist, and where the session goes next. The driver (`source::agent` in the
+//! `blkmirror` crate) owns the sockets, the tracker, the device reads and the state file, and
+//! does what it is told.
+//!
+//! # States
+//!
+//! ```text
+//!              hello()                 on_reply(Welcome)
+//!   Idle ───────────────▶ AwaitWelcome ──────────────────▶ Idle ──┐
+//!    ▲                                                           │ hash_request / begin /
+//!    │                      on_reply(Hashes | Ready |            │ flush / commit
+//!    └──────────────────────  Flushed | Committed) ◀── Await* ◀──┘
+//! ```
+//!
+//! One request is outstanding at a time: a reply that does not answer it (another kind,
+//! another cycle, another count) is a protocol error, as is any request made while one is
+//! outstanding. [`SourceRecord`] is what must survive a restart; every transition that
+//! changes it returns `persist: true`, and the driver writes it before it acts further.
+//!
+//! # Decisions kept here
+//!
+//! * **Reconciling at connect** ([`SourceSession::on_reply`] with `Welcome`): a new, empty
+//!   volume where we had committed cycles, a receiver ahead of our record (it committed the
+//!   cycle whose reply we lost: nothing to resend), or behind it (verify).
+//! * **Whether a sync is due, and from where**: a resumable sync continues at the offset the
+//!   receiver reports only within the same tracker generation and the same committed cycle.
+//! * **How a sync writes**: straight into the image in resumable steps while the replica has
+//!   no point in time to protect, one journaled cycle once it has one (the receiver refuses
+//!   direct steps then).
+//! * **What a commit settles**: the in-flight set is cleared, and a complete point ends the
+//!   sync in the same record, so a crash cannot leave a finished sync looking unfinished.
+//!
+//! # The receiver's control stream
+//!
+//! [`ReceiverSession`] orders what an agent may say: `Hello` first and once, in this
+//! protocol, with a well-formed volume and geometry; then any number of hash requests and
+//! cycles. Each message becomes a [`ControlStep`] for the driver (`dr::receiver`), which checks
+//! grants, claims and opens the volume, and carries out `Begin`, `Flush` and `Commit` on the
+//! volume store (which keeps the rules of what a cycle may do to the replica's history).
+//! [`frames_verdict`] decides whether the data frames an agent announced have arrived.
+//!
+//! ```text
+//!   AwaitHello ──Hello (checked)──▶ Serving ──HashRequest | Begin | Flush | Commit──▶ Serving
+//!        │                            │
+//!        └──anything else──▶ Ended    └──Hello──▶ Ended   (Ended refuses everything)
+//! ```
+
+use crate::wire::{
+    self, AgentMessage, Begin, ChunkHash, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage,
+    RefusalCode, Welcome,
+};
+
+/// What the agent keeps across restarts about its progress with the receiver.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceRecord {
+    /// The last cycle the receiver committed, as far as we know.
+    pub committed_seq: u64,
+    /// The tracker's history cannot be trusted: a full compare is due.
+    pub needs_full_sync: bool,
+    /// The tracker generation a sync started in, until the sync completes.
+    pub sync_generation: Option<u64>,
+}
+
+/// Why a session cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The receiver said something that does not answer what was asked.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The receiver refused, or speaks another protocol.
+    #[error("refused by the receiver ({code:?}): {message}")]
+    Refused {
+        /// Why.
+        code: RefusalCode,
+        /// The receiver's words.
+        message: String,
+    },
+}
+
+/// What connecting concluded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcomed {
+    /// Where a sync must start, if one is due before the next cycle.
+    pub sync_from: Option<u64>,
+    /// The in-flight set is already committed on the receiver: drop it.
+    pub clear_inflight: bool,
+    /// The record changed: persist it.
+    pub persist: bool,
+    /// What the operator should read about it.
+    pub notes: Vec<String>,
+}
+
+/// A reply that answered the outstanding request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The receiver's chunk hashes from `first_chunk` on.
+    Hashes {
+        /// The first chunk.
+        first_chunk: u64,
+        /// One per chunk asked for.
+        hashes: Vec<ChunkHash>,
+    },
+    /// The cycle is open.
+    Ready,
+    /// The announced frames are journaled.
+    Flushed,
+    /// The cycle is committed: clear the in-flight set and persist the record.
+    Committed {
+        /// The cycle.
+        seq: u64,
+    },
+}
+
+/// How a sync pass writes into the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncShape {
+    /// Straight into the image, in resumable steps (only while it has no point in time).
+    pub direct: bool,
+    /// Bytes per step (a multiple of the hash window; the whole device when journaled).
+    pub step_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Awaiting {
+    Nothing,
+    Welcome,
+    Hashes { first_chunk: u64, count: u32 },
+    Ready { seq: u64 },
+    Flushed { frames: u64 },
+    Committed { seq: u64, complete: bool },
+}
+
+/// The agent's session state machine (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SourceSession {
+    record: SourceRecord,
+    awaiting: Awaiting,
+    /// The receiver's volume has a complete point (then every sync is journaled).
+    replica_has_point: bool,
+    /// The receiver's volume was created by this connection and no sync has finished since.
+    new_replica: bool,
+}
+
+impl SourceSession {
+    /// A session resuming from `record` (the default for a first run).
+    pub fn new(record: SourceRecord) -> Self {
+        Self {
+            record,
+            awaiting: Awaiting::Nothing,
+            replica_has_point: false,
+            new_replica: false,
+        }
+    }
+
+    /// The record to persist.
+    pub fn record(&self) -> &SourceRecord {
+        &self.record
+    }
+
+    /// Whether the receiver's volume has a complete point in time.
+    pub fn replica_has_point(&self) -> bool {
+        self.replica_has_point
+    }
+
+    /// Whether a sync now would be the initial one (the receiver's volume is new and no sync
+    /// has finished); otherwise it is a verify sync.
+    pub fn initial_sync(&self) -> bool {
+        self.new_replica && !self.replica_has_point
+    }
+
+    /// The number of the next cycle.
+    pub fn next_seq(&self) -> u64 {
+        self.record.committed_seq + 1
+    }
+
+    fn ask(
+        &mut self,
+        awaiting: Awaiting,
+        message: AgentMessage,
+    ) -> Result<AgentMessage, SessionError> {
+        if self.awaiting != Awaiting::Nothing {
+            return Err(SessionError::Protocol(format!(
+                "{message:?} asked while {:?} is outstanding",
+                self.awaiting
+            )));
+        }
+        self.awaiting = awaiting;
+        Ok(message)
+    }
+
+    /// The opening message of a connection.
+    pub fn hello(&mut self, hello: Hello) -> Result<AgentMessage, SessionError> {
+        self.awaiting = Awaiting::Nothing;
+        self.ask(Awaiting::Welcome, AgentMessage::Hello(hello))
+    }
+
+    /// Asks for `count` chunk hashes from `first_chunk`.
+    pub fn hash_request(
+        &mut self,
+        first_chunk: u64,
+        count: u32,
+    ) -> Result<AgentMessage, SessionError> {
+        self.ask(
+            Awaiting::Hashes { first_chunk, count },
+            AgentMessage::HashRequest { first_chunk, count },
+        )
+    }
+
+    /// Opens cycle `seq`.
+    pub fn begin(
+        &mut self,
+        seq: u64,
+        bytes_estimate: u64,
+        direct: bool,
+        from: u64,
+    ) -> Result<AgentMessage, SessionError> {
+        self.ask(
+            Awaiting::Ready { seq },
+            AgentMessage::Begin(Begin {
+                seq,
+                bytes_estimate,
+                direct,
+                from,
+            }),
+        )
+    }
+
+    /// Asks the receiver to confirm that `frames` data frames of the open cycle are journaled.
+    pub fn flush(&mut self, frames: u64) -> Result<AgentMessage, SessionError> {
+        self.ask(Awaiting::Flushed { frames }, AgentMessage::Flush { frames })
+    }
+
+    /// Commits the open cycle after `frames` data frames, as `point`.
+    pub fn commit(&mut self, frames: u64, point: PointInfo) -> Result<AgentMessage, SessionError> {
+        self.ask(
+            Awaiting::Committed {
+                seq: point.seq,
+                complete: point.complete,
+            },
+            AgentMessage::Commit { frames, point },
+        )
+    }
+
+    /// Handles the reply to the outstanding request. `Welcome` is answered by
+    /// [`Self::on_welcome`]; everything else here.
+    pub fn on_reply(&mut self, reply: ReceiverMessage) -> Result<Answer, SessionError> {
+        let awaiting = std::mem::replace(&mut self.awaiting, Awaiting::Nothing);
+        match (awaiting, reply) {
+            (_, ReceiverMessage::Refused { code, message }) => {
+                Err(SessionError::Refused { code, message })
+            }
+            (
+                Awaiting::Hashes { first_chunk, count },
+                ReceiverMessage::Hashes {
+                    first_chunk: got,
+                    hashes,
+                },
+            ) if got == first_chunk && hashes.len() == count as usize => Ok(Answer::Hashes {
+                first_chunk,
+                hashes,
+            }),
+            (Awaiting::Ready { seq }, ReceiverMessage::Ready { seq: got }) if got == seq => {
+                Ok(Answer::Ready)
+            }
+            (Awaiting::Flushed { frames }, ReceiverMessage::Flushed { frames: got })
+                if got == frames =>
+            {
+                Ok(Answer::Flushed)
+            }
+            (Awaiting::Committed { seq, complete }, ReceiverMessage::Committed { seq: got })
+                if got == seq =>
+            {
+                self.record.committed_seq = seq;
+                if complete {
+                    self.replica_has_point = true;
+                    self.new_replica = false;
+                    self.record.sync_generation = None;
+                }
+                Ok(Answer::Committed { seq })
+            }
+            (awaiting, reply) => Err(SessionError::Protocol(format!(
+                "expected the answer to {awaiting:?}, got {reply:?}"
+            ))),
+        }
+    }
+
+    /// Handles the reply to `Hello`: checks the protocol, reconciles the record with what the
+    /// receiver has, and decides whether a sync is due. `tracker_generation` is the tracker's
+    /// current generation.
+    pub fn on_welcome(
+        &mut self,
+        reply: ReceiverMessage,
+        tracker_generation: u64,
+    ) -> Result<Welcomed, SessionError> {
+        let awaiting = std::mem::replace(&mut self.awaiting, Awaiting::Nothing);
+        let welcome = match (awaiting, reply) {
+            (_, ReceiverMessage::Refused { code, message }) => {
+                return Err(SessionError::Refused { code, message });
+            }
+            (Awaiting::Welcome, ReceiverMessage::Welcome(welcome)) => welcome,
+            (awaiting, reply) => {
+                return Err(SessionError::Protocol(format!(
+                    "expected Welcome (awaiting {awaiting:?}), got {reply:?}"
+                )));
+            }
+        };
+        if welcome.protocol != PROTOCOL_VERSION {
+            return Err(SessionError::Refused {
+                code: RefusalCode::Protocol,
+                message: format!("receiver speaks protocol {}", welcome.protocol),
+            });
+        }
+        let before = self.record.clone();
+        let mut notes = Vec::new();
+        let mut clear_inflight = false;
+        if welcome.new_volume && self.record.committed_seq > 0 {
+            notes.push(format!(
+                "the receiver has a new, empty volume (we had committed cycle {}); a full \
+                 sync follows",
+                self.record.committed_seq
+            ));
+            self.record.committed_seq = 0;
+            self.record.needs_full_sync = true;
+        } else if welcome.committed_seq > self.record.committed_seq {
+            // The receiver committed our last cycle, but we did not hear it: nothing to resend.
+            self.record.committed_seq = welcome.committed_seq;
+            clear_inflight = true;
+        } else if welcome.committed_seq < self.record.committed_seq {
+            notes.push(format!(
+                "the receiver's volume is at cycle {}, behind our record of {}; verifying it",
+                welcome.committed_seq, self.record.committed_seq
+            ));
+            self.record.committed_seq = welcome.committed_seq;
+            self.record.needs_full_sync = true;
+        }
+        // The receiver says whether the volume has history: then every sync is journaled (it
+        // refuses direct steps), even when the last cycle was an unfinished verify sync.
+        self.replica_has_point = welcome.history;
+        self.new_replica = welcome.new_volume;
+        let sync_from = self.sync_due(&welcome, tracker_generation);
+        Ok(Welcomed {
+            sync_from,
+            clear_inflight,
+            persist: self.record != before || clear_inflight,
+            notes,
+        })
+    }
+
+    /// Where a sync has to start after `welcome`, if one is due.
+    fn sync_due(&self, welcome: &Welcome, tracker_generation: u64) -> Option<u64> {
+        if self.record.needs_full_sync || self.new_replica {
+            return Some(0);
+        }
+        let resumable = welcome
+            .last_point
+            .as_ref()
+            .filter(|point| !point.complete)
+            .map(|point| point.synced_to);
+        if let Some(generation) = self.record.sync_generation {
+            if generation == tracker_generation
+                && welcome.committed_seq == self.record.committed_seq
+            {
+                return Some(resumable.unwrap_or(0));
+            }
+            return Some(0);
+        }
+        match &welcome.last_point {
+            None => Some(0),
+            Some(point) if !point.complete => Some(0),
+            Some(_) => None,
+        }
+    }
+
+    /// The tracker lost history (or was replaced): a verify sync from the start is due.
+    pub fn tracking_lost(&mut self) -> u64 {
+        self.record.needs_full_sync = true;
+        0
+    }
+
+    /// Where a sync asked to start at `from` really starts: a resumed pass only continues
+    /// within the sync it belongs to.
+    pub fn sync_start(&self, from: u64) -> u64 {
+        if from > 0 && self.record.sync_generation.is_some() {
+            from
+        } else {
+            0
+        }
+    }
+
+    /// Whether a sync from `from` must first take a fresh cut and start a new sync record
+    /// (then call [`Self::sync_started`] once the cut is taken).
+    pub fn sync_needs_fresh_cut(&self, from: u64) -> bool {
+        from == 0 || self.record.sync_generation.is_none()
+    }
+
+    /// A sync started in `tracker_generation`, after a cut: everything written since is
+    /// tracked, everything before is compared. Clear the in-flight set and persist.
+    pub fn sync_started(&mut self, tracker_generation: u64) {
+        self.record.sync_generation = Some(tracker_generation);
+        self.record.needs_full_sync = false;
+    }
+
+    /// How a sync pass over `size` bytes writes, with hash windows of `window` bytes and the
+    /// configured step `sync_step` for direct steps.
+    pub fn sync_shape(&self, size: u64, window: u64, sync_step: u64) -> SyncShape {
+        let window = window.max(1);
+        if self.replica_has_point {
+            SyncShape {
+                direct: false,
+                step_bytes: size.div_ceil(window) * window,
+            }
+        } else {
+            SyncShape {
+                direct: true,
+                step_bytes: sync_step.max(window) / window * window,
+            }
+        }
+    }
+}
+
+/// Why the receiver ends a session: the code and message it sends in `Refused`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code.
+    pub code: RefusalCode,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal with `code`.
+    pub fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the receiver's driver does for one control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlStep {
+    /// Admit the agent for `hello.volume` (grant, claim, open), then answer `Welcome`.
+    Admit(Hello),
+    /// Answer the replica's hashes of `count` chunks from `first_chunk`.
+    Hashes {
+        /// The first chunk.
+        first_chunk: u64,
+        /// How many.
+        count: u32,
+    },
+    /// Open the cycle, then answer `Ready`.
+    Begin(Begin),
+    /// When `frames` data frames of the open cycle are journaled, answer `Flushed`.
+    Flush {
+        /// The frames the agent sent.
+        frames: u64,
+    },
+    /// When `frames` data frames are journaled, commit the cycle as `point`, then answer
+    /// `Committed`.
+    Commit {
+        /// The frames the agent sent.
+        frames: u64,
+        /// The agent's description of the point (the store decides what it records).
+        point: PointInfo,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ControlPhase {
+    AwaitHello,
+    Serving,
+    /// A refusal ended the session; nothing more is served on it.
+    Ended,
+}
+
+/// The receiver's control-stream state machine (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ReceiverSession {
+    phase: ControlPhase,
+}
+
+impl Default for ReceiverSession {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ReceiverSession {
+    /// A session waiting for `Hello`.
+    pub fn new() -> Self {
+        Self {
+            phase: ControlPhase::AwaitHello,
+        }
+    }
+
+    /// Orders and checks one control message from the agent. A refusal ends the session.
+    pub fn on_message(&mut self, message: AgentMessage) -> Result<ControlStep, Refusal> {
+        let step = self.step(message);
+        if step.is_err() {
+            self.phase = ControlPhase::Ended;
+        }
+        step
+    }
+
+    fn step(&mut self, message: AgentMessage) -> Result<ControlStep, Refusal> {
+        match (self.phase, message) {
+            (ControlPhase::Ended, _) => Err(Refusal::new(
+                RefusalCode::Sequence,
+                "the session was refused; reconnect",
+            )),
+            (ControlPhase::AwaitHello, AgentMessage::Hello(hello)) => {
+                if hello.protocol != PROTOCOL_VERSION {
+                    return Err(Refusal::new(
+                        RefusalCode::Protocol,
+                        format!(
+                            "agent speaks protocol {}, this receiver speaks {PROTOCOL_VERSION}",
+                            hello.protocol
+                        ),
+                    ));
+                }
+                wire::check_hello(&hello)
+                    .map_err(|error| Refusal::new(RefusalCode::BadFrame, error.to_string()))?;
+                self.phase = ControlPhase::Serving;
+                Ok(ControlStep::Admit(hello))
+            }
+            (ControlPhase::AwaitHello, _) => {
+                Err(Refusal::new(RefusalCode::Sequence, "expected Hello first"))
+            }
+            (ControlPhase::Serving, AgentMessage::Hello(_)) => {
+                Err(Refusal::new(RefusalCode::Sequence, "second Hello"))
+            }
+            (ControlPhase::Serving, AgentMessage::HashRequest { first_chunk, count }) => {
+                Ok(ControlStep::Hashes { first_chunk, count })
+            }
+            (ControlPhase::Serving, AgentMessage::Begin(begin)) => Ok(ControlStep::Begin(begin)),
+            (ControlPhase::Serving, AgentMessage::Flush { frames }) => {
+                Ok(ControlStep::Flush { frames })
+            }
+            (ControlPhase::Serving, AgentMessage::Commit { frames, point }) => {
+                Ok(ControlStep::Commit { frames, point })
+            }
+        }
+    }
+}
+
+/// Whether the data frames an agent announced have all been journaled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FramesVerdict {
+    /// All of them: go on.
+    Arrived,
+    /// Not yet: wait (within the frame timeout).
+    Wait,
+    /// More arrived than were announced: the agent is lying or broken.
+    Refuse(Refusal),
+}
+
+/// Compares the frames journaled so far with the count the agent announced.
+pub fn frames_verdict(journaled: u64, announced: u64) -> FramesVerdict {
+    match journaled.cmp(&announced) {
+        std::cmp::Ordering::Equal => FramesVerdict::Arrived,
+        std::cmp::Ordering::Less => FramesVerdict::Wait,
+        std::cmp::Ordering::Greater => FramesVerdict::Refuse(Refusal::new(
+            RefusalCode::Sequence,
+            format!("{journaled} data frames arrived, the agent announced {announced}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn welcome(
+        new_volume: bool,
+        committed_seq: u64,
+        last_point: Option<PointInfo>,
+    ) -> ReceiverMessage {
+        let history = last_point.as_ref().is_some_and(|p| p.complete);
+        ReceiverMessage::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            new_volume,
+            committed_seq,
+            last_point,
+            history,
+        })
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "v".into(),
+            source_id: "s".into(),
+            size_bytes: 1 << 20,
+            chunk_bytes: 65536,
+        }
+    }
+
+    fn connected(
+        record: SourceRecord,
+        reply: ReceiverMessage,
+        generation: u64,
+    ) -> (SourceSession, Welcomed) {
+        let mut session = SourceSession::new(record);
+        session.hello(hello()).unwrap();
+        let welcomed = session.on_welcome(reply, generation).unwrap();
+        (session, welcomed)
+    }
+
+    fn complete(seq: u64) -> PointInfo {
+        PointInfo {
+            seq,
+            complete: true,
+            ..PointInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_new_volume_gets_an_initial_sync_written_directly() {
+        let (session, welcomed) = connected(SourceRecord::default(), welcome(true, 0, None), 1);
+        assert_eq!(welcomed.sync_from, Some(0));
+        assert!(session.initial_sync());
+        assert!(session.sync_shape(1 << 30, 1 << 20, 64 << 20).direct);
+    }
+
+    #[test]
+    fn a_receiver_that_committed_our_unacknowledged_cycle_clears_the_inflight_set() {
+        let record = SourceRecord {
+            committed_seq: 4,
+            ..SourceRecord::default()
+        };
+        let (session, welcomed) = connected(record, welcome(false, 5, Some(complete(5))), 1);
+        assert!(welcomed.clear_inflight && welcomed.persist);
+        assert_eq!(welcomed.sync_from, None);
+        assert_eq!(session.next_seq(), 6);
+    }
+
+    #[test]
+    fn a_receiver_behind_our_record_or_replaced_by_an_empty_volume_is_verified() {
+        let record = SourceRecord {
+            committed_seq: 9,
+            ..SourceRecord::default()
+        };
+        let (session, welcomed) =
+            connected(record.clone(), welcome(false, 7, Some(complete(7))), 1);
+        assert_eq!(welcomed.sync_from, Some(0));
+        assert_eq!(session.record().committed_seq, 7);
+        assert!(session.record().needs_full_sync);
+        // A volume with history is verified in one journaled cycle, never directly.
+        let shape = session.sync_shape(10 << 20, 1 << 20, 4 << 20);
+        assert!(!shape.direct);
+        assert_eq!(shape.step_bytes, 10 << 20);
+
+        let (session, welcomed) = connected(record, welcome(true, 0, None), 1);
+        assert_eq!(welcomed.sync_from, Some(0));
+        assert_eq!(session.record().committed_seq, 0);
+        assert_eq!(welcomed.notes.len(), 1);
+    }
+
+    #[test]
+    fn an_interrupted_sync_resumes_only_in_the_same_generation_and_cycle() {
+        let step = PointInfo {
+            seq: 3,
+            complete: false,
+            synced_to: 8 << 20,
+            ..PointInfo::default()
+        };
+        let record = SourceRecord {
+            committed_seq: 3,
+            sync_generation: Some(42),
+            ..SourceRecord::default()
+        };
+        let (session, welcomed) =
+            connected(record.clone(), welcome(false, 3, Some(step.clone())), 42);
+        assert_eq!(welcomed.sync_from, Some(8 << 20));
+        assert_eq!(session.sync_start(8 << 20), 8 << 20);
+        assert!(!session.sync_needs_fresh_cut(8 << 20));
+        // Another tracker generation: what was written meanwhile is unknown.
+        let (_, welcomed) = connected(record, welcome(false, 3, Some(step)), 43);
+        assert_eq!(welcomed.sync_from, Some(0));
+    }
+
+    #[test]
+    fn a_complete_commit_ends_the_sync_in_the_same_record() {
+        let (mut session, _) = connected(SourceRecord::default(), welcome(true, 0, None), 7);
+        session.sync_started(7);
+        assert_eq!(session.record().sync_generation, Some(7));
+        session.begin(1, 0, true, 0).unwrap();
+        assert_eq!(
+            session.on_reply(ReceiverMessage::Ready { seq: 1 }),
+            Ok(Answer::Ready)
+        );
+        session
+            .commit(
+                3,
+                PointInfo {
+                    seq: 1,
+                    ..PointInfo::default()
+                },
+            )
+            .unwrap();
+        session
+            .on_reply(ReceiverMessage::Committed { seq: 1 })
+            .unwrap();
+        // A sync step: the sync goes on.
+        assert_eq!(session.record().sync_generation, Some(7));
+        assert!(!session.replica_has_point());
+        session.begin(2, 0, false, 0).unwrap();
+        session.on_reply(ReceiverMessage::Ready { seq: 2 }).unwrap();
+        session.commit(0, complete(2)).unwrap();
+        assert_eq!(
+            session.on_reply(ReceiverMessage::Committed { seq: 2 }),
+            Ok(Answer::Committed { seq: 2 })
+        );
+        assert_eq!(session.record().sync_generation, None);
+        assert_eq!(session.record().committed_seq, 2);
+        assert!(session.replica_has_point());
+        // From now on a sync is journaled.
+        assert!(!session.sync_shape(1 << 20, 1 << 20, 1 << 20).direct);
+    }
+
+    #[test]
+    fn replies_that_do_not_answer_the_request_are_protocol_errors() {
+        let (mut session, _) = connected(SourceRecord::default(), welcome(true, 0, None), 1);
+        session.begin(1, 0, true, 0).unwrap();
+        assert!(matches!(
+            session.on_reply(ReceiverMessage::Ready { seq: 2 }),
+            Err(SessionError::Protocol(_))
+        ));
+        session.flush(5).unwrap();
+        assert!(session.flush(5).is_err(), "two requests outstanding");
+        assert!(matches!(
+            session.on_reply(ReceiverMessage::Committed { seq: 1 }),
+            Err(SessionError::Protocol(_))
+        ));
+        session.hash_request(10, 4).unwrap();
+        assert!(matches!(
+            session.on_reply(ReceiverMessage::Hashes {
+                first_chunk: 10,
+                hashes: vec![[0; 32]; 3],
+            }),
+            Err(SessionError::Protocol(_))
+        ));
+        session.commit(1, complete(1)).unwrap();
+        assert_eq!(
+            session.on_reply(ReceiverMessage::Refused {
+                code: RefusalCode::Forbidden,
+                message: "no".into()
+            }),
+            Err(SessionError::Refused {
+                code: RefusalCode::Forbidden,
+                message: "no".into()
+            })
+        );
+        // An unanswered commit leaves the record alone.
+        assert_eq!(session.record().committed_seq, 0);
+    }
+
+    #[test]
+    fn another_protocol_version_is_a_refusal() {
+        let mut session = SourceSession::new(SourceRecord::default());
+        session.hello(hello()).unwrap();
+        let reply = ReceiverMessage::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION + 1,
+            new_volume: false,
+            committed_seq: 0,
+            last_point: None,
+            history: false,
+        });
+        assert!(matches!(
+            session.on_welcome(reply, 1),
+            Err(SessionError::Refused {
+                code: RefusalCode::Protocol,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn the_receiver_wants_one_checked_hello_first() {
+        let mut session = ReceiverSession::new();
+        let refused = session
+            .on_message(AgentMessage::Flush { frames: 0 })
+            .unwrap_err();
+        assert_eq!(refused.code, RefusalCode::Sequence);
+        let mut bad = hello();
+        bad.chunk_bytes = 3;
+        assert_eq!(
+            ReceiverSession::new()
+                .on_message(AgentMessage::Hello(bad))
+                .unwrap_err()
+                .code,
+            RefusalCode::BadFrame
+        );
+        let mut old = hello();
+        old.protocol = PROTOCOL_VERSION - 1;
+        assert_eq!(
+            ReceiverSession::new()
+                .on_message(AgentMessage::Hello(old))
+                .unwrap_err()
+                .code,
+            RefusalCode::Protocol
+        );
+        assert_eq!(
+            session.on_message(AgentMessage::Hello(hello())),
+            Err(Refusal::new(
+                RefusalCode::Sequence,
+                "the session was refused; reconnect"
+            )),
+            "a refused session stays refused"
+        );
+        let mut session = ReceiverSession::new();
+        assert_eq!(
+            session.on_message(AgentMessage::Hello(hello())),
+            Ok(ControlStep::Admit(hello()))
+        );
+        assert_eq!(
+            session.on_message(AgentMessage::Flush { frames: 4 }),
+            Ok(ControlStep::Flush { frames: 4 })
+        );
+        assert_eq!(
+            session
+                .on_message(AgentMessage::Hello(hello()))
+                .unwrap_err()
+                .message,
+            "second Hello"
+        );
+    }
+
+    #[test]
+    fn announced_frames_are_awaited_and_extra_frames_refused() {
+        assert_eq!(frames_verdict(3, 3), FramesVerdict::Arrived);
+        assert_eq!(frames_verdict(2, 3), FramesVerdict::Wait);
+        assert!(matches!(frames_verdict(4, 3), FramesVerdict::Refuse(_)));
+    }
+}
