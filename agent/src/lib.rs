@@ -51,6 +51,8 @@ pub mod dr;
 pub mod durable;
 pub mod fuzz;
 pub mod link;
+#[cfg(test)]
+mod sim;
 pub mod source;
 pub mod test_hooks;
 #[doc(hidden)]

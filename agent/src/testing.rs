@@ -12,8 +12,13 @@ pub struct TempDir(pub PathBuf);
 impl TempDir {
     /// A new, empty directory whose name contains `tag` (unique within the process).
     pub fn new(tag: &str) -> Self {
+        Self::new_in(&std::env::temp_dir(), tag)
+    }
+
+    /// A new, empty directory under `base` whose name contains `tag`.
+    pub fn new_in(base: &std::path::Path, tag: &str) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
+        let dir = base.join(format!(
             "blkmirror-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::SeqCst)

@@ -64,6 +64,9 @@ pub struct SourceRecord {
     pub needs_full_sync: bool,
     /// The tracker generation a sync started in, until the sync completes.
     pub sync_generation: Option<u64>,
+    /// The committed cycle when that sync started: only a step committed after it belongs to
+    /// this sync and may be resumed from (`None`: unknown, so the sync starts over).
+    pub sync_base_seq: Option<u64>,
 }
 
 /// Why a session cannot go on.
@@ -280,6 +283,7 @@ impl SourceSession {
                     self.replica_has_point = true;
                     self.new_replica = false;
                     self.record.sync_generation = None;
+                    self.record.sync_base_seq = None;
                 }
                 Ok(Answer::Committed { seq })
             }
@@ -356,10 +360,18 @@ impl SourceSession {
         if self.record.needs_full_sync || self.new_replica {
             return Some(0);
         }
+        // A step of *this* sync: an incomplete point committed after it started. A step of an
+        // earlier sync (say, before the source host rebooted and the tracker lost its history)
+        // says nothing of what changed since.
         let resumable = welcome
             .last_point
             .as_ref()
             .filter(|point| !point.complete)
+            .filter(|point| {
+                self.record
+                    .sync_base_seq
+                    .is_some_and(|base| point.seq > base)
+            })
             .map(|point| point.synced_to);
         if let Some(generation) = self.record.sync_generation {
             if generation == tracker_generation
@@ -402,6 +414,7 @@ impl SourceSession {
     /// tracked, everything before is compared. Clear the in-flight set and persist.
     pub fn sync_started(&mut self, tracker_generation: u64) {
         self.record.sync_generation = Some(tracker_generation);
+        self.record.sync_base_seq = Some(self.record.committed_seq);
         self.record.needs_full_sync = false;
     }
 
@@ -673,6 +686,7 @@ mod tests {
         let record = SourceRecord {
             committed_seq: 3,
             sync_generation: Some(42),
+            sync_base_seq: Some(1),
             ..SourceRecord::default()
         };
         let (session, welcomed) =
@@ -837,5 +851,44 @@ mod tests {
         assert_eq!(frames_verdict(3, 3), FramesVerdict::Arrived);
         assert_eq!(frames_verdict(2, 3), FramesVerdict::Wait);
         assert!(matches!(frames_verdict(4, 3), FramesVerdict::Refuse(_)));
+    }
+
+    /// Found by the simulator (seed 1818): a sync restarted from 0 after the source host
+    /// rebooted was cut off before its first step committed; on reconnect the receiver's last
+    /// point was a step of the *earlier* sync, and resuming from its offset skipped every chunk
+    /// below it that changed while the tracker was down.
+    #[test]
+    fn a_step_of_an_earlier_sync_is_not_resumed_from() {
+        let step = PointInfo {
+            seq: 2,
+            complete: false,
+            synced_to: 64 << 10,
+            ..PointInfo::default()
+        };
+        // The host rebooted: a new generation, and a verify sync from the start.
+        let record = SourceRecord {
+            committed_seq: 2,
+            needs_full_sync: true,
+            sync_generation: Some(1),
+            sync_base_seq: Some(0),
+        };
+        let (mut session, welcomed) = connected(record, welcome(false, 2, Some(step.clone())), 2);
+        assert_eq!(welcomed.sync_from, Some(0));
+        assert!(session.sync_needs_fresh_cut(0));
+        session.sync_started(2);
+        // Cut off before the new sync committed a step: it starts over, not at 64 KiB.
+        let (_, welcomed) = connected(session.record().clone(), welcome(false, 2, Some(step)), 2);
+        assert_eq!(welcomed.sync_from, Some(0));
+        // Once a step of this sync has committed, that one is resumed from.
+        let ours = PointInfo {
+            seq: 3,
+            complete: false,
+            synced_to: 32 << 10,
+            ..PointInfo::default()
+        };
+        let mut record = session.record().clone();
+        record.committed_seq = 3;
+        let (_, welcomed) = connected(record, welcome(false, 3, Some(ours)), 2);
+        assert_eq!(welcomed.sync_from, Some(32 << 10));
     }
 }

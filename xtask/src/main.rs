@@ -42,6 +42,16 @@ enum Task {
     },
     /// Set-up, build, and show blkmirror tracking a scratch ext4 loop device with a live writer.
     Demo,
+    /// Run the deterministic replication simulator (agent/src/sim.rs) over more seeds than
+    /// `cargo xtask test` does, in a release build; a failing seed prints its trace.
+    Simulate {
+        /// How many seeds.
+        #[arg(long, default_value_t = 20_000)]
+        seeds: u64,
+        /// The first seed (to explore other ranges, or replay one with --seeds 1).
+        #[arg(long, default_value_t = 0)]
+        first: u64,
+    },
     /// Fuzz the receiver's decoders with libFuzzer (cargo-fuzz), growing the committed corpora
     /// in fuzz/corpus/TARGET.
     Fuzz {
@@ -96,6 +106,22 @@ fn main() -> Result<()> {
             seeds,
             target,
         } => fuzz(seconds, seeds, &target),
+        Task::Simulate { seeds, first } => exec(
+            cargo()
+                .args([
+                    "test",
+                    "--locked",
+                    "--release",
+                    "-p",
+                    "blkmirror",
+                    "--lib",
+                    "sim::tests::",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("BLKMIRROR_SIM_SEEDS", seeds.to_string())
+                .env("BLKMIRROR_SIM_FIRST_SEED", first.to_string()),
+        ),
         Task::VmTest { arch, kernels } => {
             setup::run()?;
             let (passed, failed) = vm::run(arch, &kernels)?;

@@ -247,6 +247,10 @@ pub(crate) struct AgentState {
     needs_full_sync: bool,
     /// A sync started in this tracker generation and has not completed.
     sync_generation: Option<u64>,
+    /// The committed cycle when that sync started (absent in files of earlier releases: such a
+    /// sync starts over).
+    #[serde(default)]
+    sync_base_seq: Option<u64>,
     /// Cut but not yet committed: `[offset, length, kind]`.
     inflight: Vec<[u64; 3]>,
 }
@@ -258,6 +262,7 @@ impl AgentState {
             committed_seq: self.committed_seq,
             needs_full_sync: self.needs_full_sync,
             sync_generation: self.sync_generation,
+            sync_base_seq: self.sync_base_seq,
         }
     }
 
@@ -265,6 +270,7 @@ impl AgentState {
         self.committed_seq = record.committed_seq;
         self.needs_full_sync = record.needs_full_sync;
         self.sync_generation = record.sync_generation;
+        self.sync_base_seq = record.sync_base_seq;
     }
 }
 
