@@ -7,6 +7,7 @@
 //! root.
 //!
 //! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
+//! * [`frames`]: how the chunks a pass reads become data frames (skip, zero ranges, zstd).
 //! * [`plan`]: what a cycle or a verify pass reads and sends, and how big it is.
 //! * [`wire`]: the messages between agent and receiver, their framing and every check a
 //!   receiver makes before it believes a frame.
@@ -15,6 +16,7 @@
 //! * [`session`]: the agent's replication session as a state machine without IO.
 
 pub mod extent;
+pub mod frames;
 pub mod plan;
 pub mod retention;
 pub mod session;

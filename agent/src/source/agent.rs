@@ -45,14 +45,14 @@ use crate::{
     tracker::device,
     tracker::track::{TrackError, TrackOptions, Tracker},
 };
+use blkmirror_protocol::frames::{Compare, FrameBuilder, FrameStats};
 use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession, SyncShape};
 use blkmirror_protocol::{
     extent::{ChangeKind, DirtyBitmaps, Extent},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     units, wire,
     wire::{
-        AgentMessage, ChunkHash, Codec, DataFrame, Hello, PROTOCOL_VERSION, PointInfo,
-        ReceiverMessage, RefusalCode,
+        AgentMessage, DataFrame, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage, RefusalCode,
     },
 };
 
@@ -280,19 +280,6 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// What replica hashes a pass compares against.
-enum Compare {
-    /// Send every chunk (zero chunks as zero ranges).
-    Nothing,
-    /// The replica is known to be all zeros: skip zero chunks.
-    ZeroReplica,
-    /// The replica's hashes from `first_chunk` on.
-    Hashes {
-        first_chunk: u64,
-        hashes: Vec<ChunkHash>,
-    },
-}
-
 /// Counts of one pass.
 #[derive(Debug, Default, Clone, Copy)]
 struct PassStats {
@@ -305,6 +292,15 @@ struct PassStats {
 }
 
 impl PassStats {
+    /// Adds what a frame builder produced.
+    fn add_frames(&mut self, frames: FrameStats) {
+        self.frames += frames.frames;
+        self.read_bytes += frames.read_bytes;
+        self.data_bytes += frames.data_bytes;
+        self.zero_bytes += frames.zero_bytes;
+        self.same_bytes += frames.same_bytes;
+    }
+
     fn add(&mut self, other: PassStats) {
         self.frames += other.frames;
         self.read_bytes += other.read_bytes;
@@ -1261,77 +1257,18 @@ impl Agent {
         stats: &mut PassStats,
         sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
     ) -> Result<(), ReadError> {
+        let compression =
+            (self.config.compression == Compression::Auto).then_some(&mut self.compression);
+        let mut builder = FrameBuilder::new(seq, self.chunk, compare, compression);
+        let mut emit = |frame: DataFrame| sink(wire::encode(&frame));
         for &(offset, length) in &plan.zero {
-            send_zero(seq, offset, length, stats, sink)?;
+            builder.zero_range(offset, length, &mut emit)?;
         }
-        let chunk = self.chunk;
-        let compress = self.config.compression == Compression::Auto;
-        let policy = &mut self.compression;
-        let zero_hash = wire::chunk_hash(&vec![0u8; chunk as usize]);
-        let mut on_piece = |offset: u64, data: &[u8]| -> Result<(), ReadError> {
-            stats.read_bytes += data.len() as u64;
-            let mut zero_run: Option<(u64, u64)> = None;
-            for (index, bytes) in data.chunks(chunk as usize).enumerate() {
-                let at = offset + index as u64 * chunk;
-                let len = bytes.len() as u64;
-                let zero = wire::is_zero(bytes);
-                let same = match compare {
-                    Compare::Nothing => false,
-                    Compare::ZeroReplica => zero,
-                    Compare::Hashes {
-                        first_chunk,
-                        hashes,
-                    } => {
-                        let replica = hashes.get((at / chunk - first_chunk) as usize);
-                        let mine = if zero && len == chunk {
-                            zero_hash
-                        } else {
-                            wire::chunk_hash(bytes)
-                        };
-                        replica == Some(&mine)
-                    }
-                };
-                if same {
-                    stats.same_bytes += len;
-                }
-                if same || !zero {
-                    flush_zero_run(&mut zero_run, seq, stats, sink)?;
-                }
-                if same {
-                    continue;
-                }
-                if zero {
-                    zero_run = Some(match zero_run {
-                        Some((start, run)) => (start, run + len),
-                        None => (at, len),
-                    });
-                    continue;
-                }
-                let (codec, payload) = if compress && policy.should_try() {
-                    match zstd::bulk::compress(bytes, 1) {
-                        Ok(packed) if policy.record(bytes.len(), packed.len()) => {
-                            (Codec::Zstd, packed)
-                        }
-                        _ => (Codec::Raw, bytes.to_vec()),
-                    }
-                } else {
-                    (Codec::Raw, bytes.to_vec())
-                };
-                sink(wire::encode(&DataFrame::Write {
-                    seq,
-                    offset: at,
-                    codec,
-                    raw_len: len as u32,
-                    data: payload,
-                }))?;
-                stats.frames += 1;
-                stats.data_bytes += len;
-            }
-            flush_zero_run(&mut zero_run, seq, stats, sink)?;
-            Ok(())
-        };
-        self.reader.read(&plan.read, &mut on_piece)?;
-        Ok(())
+        let read = self.reader.read(&plan.read, &mut |offset, data| {
+            builder.piece(offset, data, &mut emit)
+        });
+        stats.add_frames(builder.stats);
+        read.map(|_| ())
     }
 }
 
@@ -1346,37 +1283,6 @@ fn thaw_reporting(frozen: Frozen) -> freeze::Thawed {
             by_guard: true,
         }
     })
-}
-
-/// Sends the pending run of all-zero chunks, if any, as one `Zero` frame.
-fn flush_zero_run(
-    zero_run: &mut Option<(u64, u64)>,
-    seq: u64,
-    stats: &mut PassStats,
-    sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
-) -> Result<(), ReadError> {
-    match zero_run.take() {
-        Some((offset, length)) => send_zero(seq, offset, length, stats, sink),
-        None => Ok(()),
-    }
-}
-
-/// Sends `[offset, offset + length)` as one `Zero` frame and counts it.
-fn send_zero(
-    seq: u64,
-    offset: u64,
-    length: u64,
-    stats: &mut PassStats,
-    sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
-) -> Result<(), ReadError> {
-    sink(wire::encode(&DataFrame::Zero {
-        seq,
-        offset,
-        length,
-    }))?;
-    stats.frames += 1;
-    stats.zero_bytes += length;
-    Ok(())
 }
 
 struct FrozenPass {
