@@ -40,7 +40,7 @@ use std::{
 use blkmirror_protocol::{
     session::{Answer, ControlStep, ReceiverSession, SessionError, SourceRecord, SourceSession},
     wire::{
-        self, AgentMessage, CheckedData, ChunkHash, Hello, PROTOCOL_VERSION, PointInfo,
+        self, AgentMessage, Begin, CheckedData, ChunkHash, Hello, PROTOCOL_VERSION, PointInfo,
         ReceiverMessage, RefusalCode, Welcome,
     },
 };
@@ -320,7 +320,7 @@ impl World {
                     history: volume.has_history(),
                 })
             }
-            ControlStep::Hashes { first_chunk, count } => {
+            ControlStep::Serve(AgentMessage::HashRequest { first_chunk, count }) => {
                 let volume = self.volume.as_ref().expect("admitted");
                 match volume.hashes(first_chunk, count) {
                     Ok(hashes) => ReceiverMessage::Hashes {
@@ -330,7 +330,7 @@ impl World {
                     Err(error) => store_refusal(error),
                 }
             }
-            ControlStep::Begin(begin) => {
+            ControlStep::Serve(AgentMessage::Begin(begin)) => {
                 let volume = self.volume.as_mut().expect("admitted");
                 self.pending.clear();
                 match volume.begin(begin.seq, begin.bytes_estimate, begin.direct, begin.from) {
@@ -338,8 +338,14 @@ impl World {
                     Err(error) => store_refusal(error),
                 }
             }
-            ControlStep::Flush { frames } => ReceiverMessage::Flushed { frames },
-            ControlStep::Commit { point, .. } => {
+            ControlStep::Serve(AgentMessage::Flush { frames }) => {
+                ReceiverMessage::Flushed { frames }
+            }
+            ControlStep::Serve(AgentMessage::Hello(_)) => ReceiverMessage::Refused {
+                code: RefusalCode::Sequence,
+                message: "second Hello".into(),
+            },
+            ControlStep::Serve(AgentMessage::Commit { point, .. }) => {
                 let volume = self.volume.as_mut().expect("admitted");
                 let direct = volume.meta().unsettled;
                 match volume.commit(point) {
@@ -461,7 +467,12 @@ impl World {
     ) -> Result<(), Cut> {
         self.note("hostile agent: direct Begin");
         let seq = session.next_seq();
-        let begin = session.begin(seq, SIZE, true, 0)?;
+        let begin = session.begin(Begin {
+            seq,
+            bytes_estimate: SIZE,
+            direct: true,
+            from: 0,
+        })?;
         self.ask(session, control, begin)?;
         for chunk in 0..CHUNKS {
             self.frame(chunk, 0x77, true)?;
@@ -494,7 +505,12 @@ impl World {
         while start < SIZE {
             let end = (start + shape.step_bytes).min(SIZE);
             let seq = session.next_seq();
-            let begin = session.begin(seq, end - start, shape.direct, start)?;
+            let begin = session.begin(Begin {
+                seq,
+                bytes_estimate: end - start,
+                direct: shape.direct,
+                from: start,
+            })?;
             self.ask(session, control, begin)?;
             let mut frames = 0;
             let mut window = start;
@@ -553,7 +569,12 @@ impl World {
         self.inflight.extend(std::mem::take(&mut self.dirty));
         self.persist(session);
         let seq = session.next_seq();
-        let begin = session.begin(seq, self.inflight.len() as u64 * CHUNK, false, 0)?;
+        let begin = session.begin(Begin {
+            seq,
+            bytes_estimate: self.inflight.len() as u64 * CHUNK,
+            direct: false,
+            from: 0,
+        })?;
         self.ask(session, control, begin)?;
         let chunks: Vec<u64> = self.inflight.iter().copied().collect();
         for &chunk in &chunks {

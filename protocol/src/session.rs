@@ -46,6 +46,7 @@
 //!
 //! ```text
 //!   AwaitHello ──Hello (checked)──▶ Serving ──HashRequest | Begin | Flush | Commit──▶ Serving
+//!              step: Admit                  step: Serve
 //!        │                            │
 //!        └──anything else──▶ Ended    └──Hello──▶ Ended   (Ended refuses everything)
 //! ```
@@ -214,22 +215,11 @@ impl SourceSession {
         )
     }
 
-    /// Opens cycle `seq`.
-    pub fn begin(
-        &mut self,
-        seq: u64,
-        bytes_estimate: u64,
-        direct: bool,
-        from: u64,
-    ) -> Result<AgentMessage, SessionError> {
+    /// Opens a cycle.
+    pub fn begin(&mut self, begin: Begin) -> Result<AgentMessage, SessionError> {
         self.ask(
-            Awaiting::Ready { seq },
-            AgentMessage::Begin(Begin {
-                seq,
-                bytes_estimate,
-                direct,
-                from,
-            }),
+            Awaiting::Ready { seq: begin.seq },
+            AgentMessage::Begin(begin),
         )
     }
 
@@ -460,28 +450,10 @@ impl Refusal {
 pub enum ControlStep {
     /// Admit the agent for `hello.volume` (grant, claim, open), then answer `Welcome`.
     Admit(Hello),
-    /// Answer the replica's hashes of `count` chunks from `first_chunk`.
-    Hashes {
-        /// The first chunk.
-        first_chunk: u64,
-        /// How many.
-        count: u32,
-    },
-    /// Open the cycle, then answer `Ready`.
-    Begin(Begin),
-    /// When `frames` data frames of the open cycle are journaled, answer `Flushed`.
-    Flush {
-        /// The frames the agent sent.
-        frames: u64,
-    },
-    /// When `frames` data frames are journaled, commit the cycle as `point`, then answer
-    /// `Committed`.
-    Commit {
-        /// The frames the agent sent.
-        frames: u64,
-        /// The agent's description of the point (the store decides what it records).
-        point: PointInfo,
-    },
+    /// Serve this request of an admitted agent: a `HashRequest`, `Begin`, `Flush` or `Commit`
+    /// (never `Hello`). `Flush` and `Commit` wait for the announced frames
+    /// ([`frames_verdict`]); the volume store decides what a `Begin` or `Commit` may do.
+    Serve(AgentMessage),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -548,16 +520,7 @@ impl ReceiverSession {
             (ControlPhase::Serving, AgentMessage::Hello(_)) => {
                 Err(Refusal::new(RefusalCode::Sequence, "second Hello"))
             }
-            (ControlPhase::Serving, AgentMessage::HashRequest { first_chunk, count }) => {
-                Ok(ControlStep::Hashes { first_chunk, count })
-            }
-            (ControlPhase::Serving, AgentMessage::Begin(begin)) => Ok(ControlStep::Begin(begin)),
-            (ControlPhase::Serving, AgentMessage::Flush { frames }) => {
-                Ok(ControlStep::Flush { frames })
-            }
-            (ControlPhase::Serving, AgentMessage::Commit { frames, point }) => {
-                Ok(ControlStep::Commit { frames, point })
-            }
+            (ControlPhase::Serving, request) => Ok(ControlStep::Serve(request)),
         }
     }
 }
@@ -625,6 +588,24 @@ mod tests {
         (session, welcomed)
     }
 
+    fn begin(seq: u64, direct: bool) -> Begin {
+        Begin {
+            seq,
+            bytes_estimate: 0,
+            direct,
+            from: 0,
+        }
+    }
+
+    /// An incomplete point: a sync step that reached `synced_to`.
+    fn sync_step(seq: u64, synced_to: u64) -> PointInfo {
+        PointInfo {
+            seq,
+            synced_to,
+            ..PointInfo::default()
+        }
+    }
+
     fn complete(seq: u64) -> PointInfo {
         PointInfo {
             seq,
@@ -677,12 +658,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_sync_resumes_only_in_the_same_generation_and_cycle() {
-        let step = PointInfo {
-            seq: 3,
-            complete: false,
-            synced_to: 8 << 20,
-            ..PointInfo::default()
-        };
+        let step = sync_step(3, 8 << 20);
         let record = SourceRecord {
             committed_seq: 3,
             sync_generation: Some(42),
@@ -704,7 +680,7 @@ mod tests {
         let (mut session, _) = connected(SourceRecord::default(), welcome(true, 0, None), 7);
         session.sync_started(7);
         assert_eq!(session.record().sync_generation, Some(7));
-        session.begin(1, 0, true, 0).unwrap();
+        session.begin(begin(1, true)).unwrap();
         assert_eq!(
             session.on_reply(ReceiverMessage::Ready { seq: 1 }),
             Ok(Answer::Ready)
@@ -724,7 +700,7 @@ mod tests {
         // A sync step: the sync goes on.
         assert_eq!(session.record().sync_generation, Some(7));
         assert!(!session.replica_has_point());
-        session.begin(2, 0, false, 0).unwrap();
+        session.begin(begin(2, false)).unwrap();
         session.on_reply(ReceiverMessage::Ready { seq: 2 }).unwrap();
         session.commit(0, complete(2)).unwrap();
         assert_eq!(
@@ -741,7 +717,7 @@ mod tests {
     #[test]
     fn replies_that_do_not_answer_the_request_are_protocol_errors() {
         let (mut session, _) = connected(SourceRecord::default(), welcome(true, 0, None), 1);
-        session.begin(1, 0, true, 0).unwrap();
+        session.begin(begin(1, true)).unwrap();
         assert!(matches!(
             session.on_reply(ReceiverMessage::Ready { seq: 2 }),
             Err(SessionError::Protocol(_))
@@ -835,7 +811,7 @@ mod tests {
         );
         assert_eq!(
             session.on_message(AgentMessage::Flush { frames: 4 }),
-            Ok(ControlStep::Flush { frames: 4 })
+            Ok(ControlStep::Serve(AgentMessage::Flush { frames: 4 }))
         );
         assert_eq!(
             session
@@ -859,12 +835,7 @@ mod tests {
     /// below it that changed while the tracker was down.
     #[test]
     fn a_step_of_an_earlier_sync_is_not_resumed_from() {
-        let step = PointInfo {
-            seq: 2,
-            complete: false,
-            synced_to: 64 << 10,
-            ..PointInfo::default()
-        };
+        let step = sync_step(2, 64 << 10);
         // The host rebooted: a new generation, and a verify sync from the start.
         let record = SourceRecord {
             committed_seq: 2,
@@ -880,12 +851,7 @@ mod tests {
         let (_, welcomed) = connected(session.record().clone(), welcome(false, 2, Some(step)), 2);
         assert_eq!(welcomed.sync_from, Some(0));
         // Once a step of this sync has committed, that one is resumed from.
-        let ours = PointInfo {
-            seq: 3,
-            complete: false,
-            synced_to: 32 << 10,
-            ..PointInfo::default()
-        };
+        let ours = sync_step(3, 32 << 10);
         let mut record = session.record().clone();
         record.committed_seq = 3;
         let (_, welcomed) = connected(record, welcome(false, 3, Some(ours)), 2);

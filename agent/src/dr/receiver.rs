@@ -716,12 +716,16 @@ impl Session {
         ));
         let result = async {
             while let Some(message) = net::read_frame::<AgentMessage>(recv).await? {
-                match control.on_message(message)? {
-                    // The session admits once; a second `Hello` is refused there.
-                    ControlStep::Admit(_) => {
+                // The session admits once (a second `Hello` is refused there); everything
+                // after is a request to serve.
+                let ControlStep::Serve(request) = control.on_message(message)? else {
+                    return Err(Refusal::new(RefusalCode::Sequence, "second Hello"));
+                };
+                match request {
+                    AgentMessage::Hello(_) => {
                         return Err(Refusal::new(RefusalCode::Sequence, "second Hello"));
                     }
-                    ControlStep::Hashes { first_chunk, count } => {
+                    AgentMessage::HashRequest { first_chunk, count } => {
                         let volume = volume.clone();
                         let hashes = tokio::task::spawn_blocking(move || {
                             volume
@@ -741,7 +745,7 @@ impl Session {
                         )
                         .await?;
                     }
-                    ControlStep::Begin(begin) => {
+                    AgentMessage::Begin(begin) => {
                         let volume = volume.clone();
                         tokio::task::spawn_blocking(move || {
                             volume.lock().expect("volume lock").begin(
@@ -756,11 +760,11 @@ impl Session {
                         journaled_tx.send_replace(0);
                         net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
                     }
-                    ControlStep::Flush { frames } => {
+                    AgentMessage::Flush { frames } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         net::write_frame(send, &ReceiverMessage::Flushed { frames }).await?;
                     }
-                    ControlStep::Commit { frames, point } => {
+                    AgentMessage::Commit { frames, point } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
                         let volume = volume.clone();
                         let context = self.context.clone();

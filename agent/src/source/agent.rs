@@ -52,7 +52,8 @@ use blkmirror_protocol::{
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     units, wire,
     wire::{
-        AgentMessage, DataFrame, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage, RefusalCode,
+        AgentMessage, Begin, DataFrame, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage,
+        RefusalCode,
     },
 };
 
@@ -739,7 +740,12 @@ impl Agent {
         direct: bool,
         from: u64,
     ) -> Result<(), AgentError> {
-        let message = self.session.begin(seq, estimate, direct, from)?;
+        let message = self.session.begin(Begin {
+            seq,
+            bytes_estimate: estimate,
+            direct,
+            from,
+        })?;
         self.session.on_reply(link.request(&message).await?)?;
         Ok(())
     }
