@@ -20,7 +20,7 @@
 //!   storage interface for it is the next step), the QUIC layer itself (duplicates and
 //!   reordering of packets are quinn's to hide), clocks.
 //!
-//! # Invariants, checked after every step
+//! # Invariants, checked after every connection and at the end
 //!
 //! * The image equals the newest point whenever the volume is settled, and each point the
 //!   volume lists was committed with exactly that content.
