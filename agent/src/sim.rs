@@ -248,10 +248,7 @@ impl World {
         }
         if self.rng.chance(25) {
             self.note("link down");
-            if let Some(volume) = self.volume.as_mut() {
-                volume.abort();
-            }
-            self.pending.clear();
+            self.end_session();
             return Err(Cut::LinkDown);
         }
         if self.rng.chance(15) {
@@ -267,18 +264,12 @@ impl World {
             self.tracker_generation += 1;
             self.dirty.clear();
             self.record.needs_full_sync = true;
-            if let Some(volume) = self.volume.as_mut() {
-                volume.abort();
-            }
-            self.pending.clear();
+            self.end_session();
             return Err(Cut::AgentCrash);
         }
         if self.rng.chance(10) {
             self.note("agent crash");
-            if let Some(volume) = self.volume.as_mut() {
-                volume.abort();
-            }
-            self.pending.clear();
+            self.end_session();
             return Err(Cut::AgentCrash);
         }
         if self.rng.chance(20) {
@@ -394,10 +385,7 @@ impl World {
         self.note(format!("agent -> frame {chunk}={fill:#x}"));
         if let Err(error) = journaled {
             self.note(format!("receiver refuses frame: {error}"));
-            if let Some(volume) = self.volume.as_mut() {
-                volume.abort();
-            }
-            self.pending.clear();
+            self.end_session();
             return Err(Cut::Refused(RefusalCode::Sequence, error.to_string()));
         }
         if direct {
@@ -701,10 +689,7 @@ impl World {
                     self.record.needs_full_sync = true;
                 }
                 if matches!(cut, Cut::Refused(..)) {
-                    if let Some(volume) = self.volume.as_mut() {
-                        volume.abort();
-                    }
-                    self.pending.clear();
+                    self.end_session();
                 }
             }
             self.check()?;
