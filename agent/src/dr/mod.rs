@@ -5,5 +5,6 @@ pub mod audit;
 pub mod ops;
 pub mod points;
 pub mod receiver;
+pub mod storage;
 pub mod stored;
 pub mod volume;

@@ -30,11 +30,11 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs::{self, File},
     io::{self, BufReader, BufWriter, Read as _, Write as _},
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
 };
+
+use crate::dr::storage::{Cursor, Disk, OpenMode, StoredFile};
 
 const MAGIC: &[u8; 8] = b"BMUNDO01";
 const HEADER_BYTES: u64 = 40;
@@ -242,6 +242,7 @@ pub fn stored_hash(data: &[u8]) -> [u8; 32] {
 
 /// The deltas and chunk hashes of one volume (`VOLUME_DIR/points/`, `VOLUME_DIR/hashes`).
 pub struct PointStore {
+    disk: Disk,
     dir: PathBuf,
     hashes_path: PathBuf,
     chunk_bytes: u64,
@@ -250,10 +251,20 @@ pub struct PointStore {
 
 impl PointStore {
     /// The store of the volume in `volume_dir`; creates the directory.
-    pub fn open(volume_dir: &Path, chunk_bytes: u64, size_bytes: u64) -> Result<Self, PointsError> {
+    pub fn open(
+        disk: &Disk,
+        volume_dir: &Path,
+        chunk_bytes: u64,
+        size_bytes: u64,
+    ) -> Result<Self, PointsError> {
         let dir = volume_dir.join("points");
-        fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+        if !disk.exists(&dir) {
+            disk.create_dir_all(&dir)
+                .and_then(|()| disk.sync_dir(volume_dir))
+                .map_err(io_err("creating", &dir))?;
+        }
         Ok(Self {
+            disk: disk.clone(),
             dir,
             hashes_path: volume_dir.join("hashes"),
             chunk_bytes,
@@ -284,16 +295,14 @@ impl PointStore {
 
     /// Whether the delta file exists (written whole: files appear by rename).
     pub fn has_delta(&self, delta: Delta) -> bool {
-        self.path(delta).exists()
+        self.disk.exists(&self.path(delta))
     }
 
     /// The delta files present, sorted.
     pub fn deltas(&self) -> Result<Vec<Delta>, PointsError> {
         let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir).map_err(io_err("listing", &self.dir))? {
-            let entry = entry.map_err(io_err("listing", &self.dir))?;
-            let name = entry.file_name();
-            let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("undo-")) else {
+        for name in self.disk.list(&self.dir).map_err(io_err("listing", &self.dir))? {
+            let Some(rest) = name.strip_prefix("undo-") else {
                 continue;
             };
             if let Some((from, to)) = rest.split_once('-')
@@ -312,7 +321,10 @@ impl PointStore {
             .into_iter()
             .map(|delta| {
                 let path = self.path(delta);
-                let len = fs::metadata(&path).map_err(io_err("reading", &path))?.len();
+                let len = self
+                    .disk
+                    .file_len(&path)
+                    .map_err(io_err("reading", &path))?;
                 Ok((delta, len))
             })
             .collect()
@@ -322,12 +334,12 @@ impl PointStore {
     /// at point `to`), unless it exists already (a replayed commit). Synced before it appears.
     pub fn capture(
         &self,
-        image: &File,
+        image: &dyn StoredFile,
         delta: Delta,
         chunks: impl IntoIterator<Item = u64>,
     ) -> Result<(), PointsError> {
         let path = self.path(delta);
-        if path.exists() {
+        if self.disk.exists(&path) {
             return Ok(());
         }
         let mut writer = DeltaWriter::create(self, delta)?;
@@ -346,7 +358,9 @@ impl PointStore {
     pub fn clear(&self) -> Result<(), PointsError> {
         for delta in self.deltas()? {
             let path = self.path(delta);
-            fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            self.disk
+                    .remove_file(&path)
+                    .map_err(io_err("removing", &path))?;
         }
         Ok(())
     }
@@ -371,7 +385,9 @@ impl PointStore {
             }
             if let Some(&orphan) = deltas.iter().find(|d| !reachable.contains(&d.from)) {
                 let path = self.path(orphan);
-                fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                self.disk
+                    .remove_file(&path)
+                    .map_err(io_err("removing", &path))?;
                 continue;
             }
             let Some(&dangling) = deltas.iter().find(|d| !kept.contains(&d.to)) else {
@@ -383,16 +399,20 @@ impl PointStore {
                     from: dangling.from,
                     to: older.to,
                 };
-                if !self.path(merged).exists() {
+                if !self.has_delta(merged) {
                     self.merge(dangling, older, merged)?;
                 }
                 for delta in [dangling, older] {
                     let path = self.path(delta);
-                    fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                    self.disk
+                    .remove_file(&path)
+                    .map_err(io_err("removing", &path))?;
                 }
             } else {
                 let path = self.path(dangling);
-                fs::remove_file(&path).map_err(io_err("removing", &path))?;
+                self.disk
+                    .remove_file(&path)
+                    .map_err(io_err("removing", &path))?;
             }
         }
     }
@@ -404,7 +424,8 @@ impl PointStore {
         let mut writer = DeltaWriter::create(self, merged)?;
         let open = |delta: Delta| {
             let path = self.path(delta);
-            File::open(&path)
+            self.disk
+                .open(&path, OpenMode::Read)
                 .map(|file| (file, path.clone()))
                 .map_err(io_err("opening", &path))
         };
@@ -419,7 +440,7 @@ impl PointStore {
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
         for (chunk, (file, entry)) in all {
             let (file, path) = &files[file];
-            let data = read_checked(file, path, entry, &mut buffer)?;
+            let data = read_checked(&**file, path, entry, &mut buffer)?;
             writer.push(chunk, data)?;
         }
         writer.finish()
@@ -432,9 +453,12 @@ impl PointStore {
             path: path.clone(),
             message,
         };
-        let file = File::open(&path).map_err(io_err("opening", &path))?;
-        let file_len = file.metadata().map_err(io_err("reading", &path))?.len();
-        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(io_err("opening", &path))?;
+        let file_len = file.size().map_err(io_err("reading", &path))?;
+        let mut reader = BufReader::with_capacity(1 << 20, Cursor::new(file));
         let mut header = [0u8; HEADER_BYTES as usize];
         reader
             .read_exact(&mut header)
@@ -517,7 +541,7 @@ impl PointStore {
     /// first mismatch unless `keep_going`; returns the mismatching chunk offsets.
     pub fn read_point(
         &self,
-        image: &File,
+        image: &dyn StoredFile,
         head: u64,
         target: u64,
         keep_going: bool,
@@ -528,7 +552,11 @@ impl PointStore {
         let mut sources: BTreeMap<u64, Source> = BTreeMap::new();
         for (delta_index, delta) in plan.iter().enumerate() {
             let path = self.path(*delta);
-            files.push((File::open(&path).map_err(io_err("opening", &path))?, path));
+            let file = self
+                .disk
+                .open(&path, OpenMode::Read)
+                .map_err(io_err("opening", &path))?;
+            files.push((file, path));
             // Applied newest first: a chunk in an older delta overrides a newer one.
             for (chunk, entry) in self.index(*delta)? {
                 sources.insert(
@@ -543,7 +571,10 @@ impl PointStore {
                 );
             }
         }
-        let hashes = File::open(&self.hashes_path).map_err(io_err("opening", &self.hashes_path))?;
+        let hashes = self
+            .disk
+            .open(&self.hashes_path, OpenMode::Read)
+            .map_err(io_err("opening", &self.hashes_path))?;
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
         let mut bad = Vec::new();
         for chunk in 0..self.chunks() {
@@ -573,7 +604,7 @@ impl PointStore {
                         .read_exact_at(data, offset)
                         .map_err(io_err("reading the image for point", &self.hashes_path))?;
                     let mut expected = [0u8; 32];
-                    read_full_at(&hashes, &mut expected, chunk * HASH_BYTES)
+                    read_full_at(&*hashes, &mut expected, chunk * HASH_BYTES)
                         .map_err(io_err("reading", &self.hashes_path))?;
                     (data, expected)
                 }
@@ -598,22 +629,19 @@ impl PointStore {
     /// hashes file: no read of the image, and work proportional to the ranges, not the chunks.
     pub fn update_hashes(
         &self,
-        image: &File,
+        image: &dyn StoredFile,
         zeroed: &ChunkRanges,
         chunks: impl IntoIterator<Item = u64>,
     ) -> Result<(), PointsError> {
         let path = &self.hashes_path;
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
+        let file = self
+            .disk
+            .open(path, OpenMode::ReadWriteCreate)
             .map_err(io_err("opening", path))?;
         file.set_len(self.chunks() * HASH_BYTES)
             .map_err(io_err("sizing", path))?;
         for (first, end) in zeroed.ranges() {
-            crate::tracker::sys::zero_range(&file, first * HASH_BYTES, (end - first) * HASH_BYTES)
+            file.zero_range(first * HASH_BYTES, (end - first) * HASH_BYTES)
                 .map_err(io_err("zeroing a range of", path))?;
         }
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
@@ -630,11 +658,11 @@ impl PointStore {
 
     /// Whether the `hashes` file exists (volumes made before it need a full rehash).
     pub fn has_hashes(&self) -> bool {
-        self.hashes_path.exists()
+        self.disk.exists(&self.hashes_path)
     }
 
     /// Rehashes every chunk of the image.
-    pub fn rehash_all(&self, image: &File) -> Result<(), PointsError> {
+    pub fn rehash_all(&self, image: &dyn StoredFile) -> Result<(), PointsError> {
         self.update_hashes(image, &ChunkRanges::default(), 0..self.chunks())
     }
 }
@@ -648,7 +676,7 @@ struct IndexEntry {
     hash: [u8; 32],
 }
 
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+fn read_full_at(file: &dyn StoredFile, buf: &mut [u8], offset: u64) -> io::Result<()> {
     match file.read_exact_at(buf, offset) {
         Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
             buf.fill(0);
@@ -659,7 +687,7 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 }
 
 fn read_checked<'b>(
-    file: &File,
+    file: &dyn StoredFile,
     path: &Path,
     entry: &IndexEntry,
     buffer: &'b mut [u8],
@@ -684,16 +712,20 @@ fn read_checked<'b>(
 struct DeltaWriter {
     tmp: PathBuf,
     path: PathBuf,
-    writer: BufWriter<File>,
+    writer: BufWriter<Cursor>,
     records: u64,
+    disk: Disk,
 }
 
 impl DeltaWriter {
     fn create(store: &PointStore, delta: Delta) -> Result<Self, PointsError> {
         let path = store.path(delta);
         let tmp = store.dir.join(format!("tmp-{}-{}", delta.from, delta.to));
-        let file = File::create(&tmp).map_err(io_err("creating", &tmp))?;
-        let mut writer = BufWriter::with_capacity(1 << 20, file);
+        let file = store
+            .disk
+            .open(&tmp, OpenMode::Truncate)
+            .map_err(io_err("creating", &tmp))?;
+        let mut writer = BufWriter::with_capacity(1 << 20, Cursor::new(file));
         let mut header = [0u8; HEADER_BYTES as usize];
         header[..8].copy_from_slice(MAGIC);
         for (i, value) in [delta.from, delta.to, store.chunk_bytes, store.size_bytes]
@@ -708,6 +740,7 @@ impl DeltaWriter {
             path,
             writer,
             records: 0,
+            disk: store.disk.clone(),
         })
     }
 
@@ -746,20 +779,23 @@ impl DeltaWriter {
             .writer
             .into_inner()
             .map_err(|e| io_err("writing", &self.tmp)(e.into_error()))?;
-        file.sync_all().map_err(io_err("syncing", &self.tmp))?;
+        file.file()
+            .sync_all()
+            .map_err(io_err("syncing", &self.tmp))?;
         drop(file);
-        fs::rename(&self.tmp, &self.path).map_err(io_err("renaming", &self.tmp))?;
+        self.disk
+            .rename(&self.tmp, &self.path)
+            .map_err(io_err("renaming", &self.tmp))?;
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", dir))
+        self.disk.sync_dir(dir).map_err(io_err("syncing", dir))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::TempDir;
+    use crate::{dr::storage::LocalDisk, testing::TempDir};
+    use std::fs::{self, File};
 
     const CHUNK: u64 = 4096;
     const SIZE: u64 = 16 * CHUNK + 1024;
@@ -785,7 +821,7 @@ mod tests {
                 .open(dir.0.join("image.raw"))
                 .unwrap();
             image.set_len(SIZE).unwrap();
-            let store = PointStore::open(&dir.0, CHUNK, SIZE).unwrap();
+            let store = PointStore::open(&LocalDisk::shared(), &dir.0, CHUNK, SIZE).unwrap();
             store.rehash_all(&image).unwrap();
             let mut sim = Self {
                 _dir: dir,

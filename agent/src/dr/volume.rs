@@ -23,10 +23,9 @@
 //! 4. The agent is told `Committed` only after step 3 is durable.
 
 use std::{
-    fs::{self, File},
     io::{self, BufReader, BufWriter, Write as _},
-    os::unix::fs::FileExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -36,9 +35,8 @@ use std::collections::BTreeSet;
 
 use crate::{
     dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
+    dr::storage::{Cursor, Disk, LocalDisk, LockGuard, OpenMode, StoredFile},
     dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint},
-    durable,
-    tracker::sys,
 };
 use blkmirror_protocol::{
     retention::{self, PointAge, RetentionPolicy},
@@ -195,7 +193,7 @@ struct OpenCycle {
     /// `bytes` at the last free-space check.
     checked: u64,
     /// The journal; `None` for a direct sync step, whose frames go straight to the image.
-    writer: Option<BufWriter<File>>,
+    writer: Option<BufWriter<Cursor>>,
     /// The chunks the cycle touches (for a direct step: their hashes are recorded at its
     /// commit or abort).
     touched: Touched,
@@ -254,9 +252,11 @@ struct Known {
 
 /// One volume, open for replication.
 pub struct Volume {
+    disk: Disk,
+    clock: Clock,
     dir: PathBuf,
     meta: VolumeMeta,
-    image: File,
+    image: Box<dyn StoredFile>,
     cycle: Option<OpenCycle>,
     store: PointStore,
     retention: RetentionPolicy,
@@ -275,10 +275,15 @@ pub enum Recovery {
     Replayed(u64),
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// The receiver's clock, in Unix milliseconds (the simulator sets its own).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+fn system_clock() -> Clock {
+    Arc::new(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    })
 }
 
 impl Volume {
@@ -294,11 +299,21 @@ impl Volume {
         data_dir: &Path,
         hello: &Hello,
     ) -> Result<(Self, bool, Recovery), StoreError> {
+        Self::open_or_create_on(&LocalDisk::shared(), system_clock(), data_dir, hello)
+    }
+
+    /// [`Self::open_or_create`] on `disk`, with `clock` for the receiver's times.
+    pub fn open_or_create_on(
+        disk: &Disk,
+        clock: Clock,
+        data_dir: &Path,
+        hello: &Hello,
+    ) -> Result<(Self, bool, Recovery), StoreError> {
         wire::check_volume_name(&hello.volume)
             .map_err(|error| StoreError::Sequence(error.to_string()))?;
         let dir = Self::dir_of(data_dir, &hello.volume);
-        if dir.join("volume.json").exists() {
-            let (volume, recovery) = Self::open(data_dir, &hello.volume)?;
+        if disk.exists(&dir.join("volume.json")) {
+            let (volume, recovery) = Self::open_on(disk, clock, data_dir, &hello.volume)?;
             let meta = &volume.meta;
             if meta.source_id != hello.source_id
                 || meta.size_bytes != hello.size_bytes
@@ -318,14 +333,14 @@ impl Volume {
             }
             return Ok((volume, false, recovery));
         }
-        fs::create_dir_all(&dir).map_err(StoreError::io("creating", &dir))?;
+        // The volume's directory entry is made durable with it: a later crash must not lose a
+        // volume whose points were committed.
+        disk.create_dir_all(&dir)
+            .and_then(|()| disk.sync_dir(data_dir))
+            .map_err(StoreError::io("creating", &dir))?;
         let image_path = dir.join("image.raw");
-        let image = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&image_path)
+        let image = disk
+            .open(&image_path, OpenMode::Truncate)
             .map_err(StoreError::io("creating", &image_path))?;
         image
             .set_len(hello.size_bytes)
@@ -339,7 +354,7 @@ impl Volume {
             source_id: hello.source_id.clone(),
             size_bytes: hello.size_bytes,
             chunk_bytes: hello.chunk_bytes,
-            created_unix_ms: now_ms(),
+            created_unix_ms: clock(),
             committed_seq: 0,
             last_point: None,
             last_complete: None,
@@ -350,11 +365,13 @@ impl Volume {
             hashes_stale: false,
             upgraded_from: None,
         };
-        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
-        store.update_hashes(&image, &ChunkRanges::default(), std::iter::empty())?;
-        write_meta(&dir, &meta)?;
+        let store = PointStore::open(disk, &dir, meta.chunk_bytes, meta.size_bytes)?;
+        store.update_hashes(&*image, &ChunkRanges::default(), std::iter::empty())?;
+        write_meta(disk, &dir, &meta)?;
         Ok((
             Self {
+                disk: disk.clone(),
+                clock,
                 dir,
                 meta,
                 image,
@@ -370,16 +387,26 @@ impl Volume {
 
     /// Opens an existing volume and recovers its journal.
     pub fn open(data_dir: &Path, name: &str) -> Result<(Self, Recovery), StoreError> {
+        Self::open_on(&LocalDisk::shared(), system_clock(), data_dir, name)
+    }
+
+    /// [`Self::open`] on `disk`, with `clock` for the receiver's times.
+    pub fn open_on(
+        disk: &Disk,
+        clock: Clock,
+        data_dir: &Path,
+        name: &str,
+    ) -> Result<(Self, Recovery), StoreError> {
         let dir = Self::dir_of(data_dir, name);
-        let meta = read_meta(&dir)?;
+        let meta = read_meta(disk, &dir)?;
         let image_path = dir.join("image.raw");
-        let image = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&image_path)
+        let image = disk
+            .open(&image_path, OpenMode::ReadWrite)
             .map_err(StoreError::io("opening", &image_path))?;
-        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
+        let store = PointStore::open(disk, &dir, meta.chunk_bytes, meta.size_bytes)?;
         let mut volume = Self {
+            disk: disk.clone(),
+            clock,
             dir,
             meta,
             image,
@@ -391,7 +418,7 @@ impl Volume {
         let recovery = volume.recover()?;
         let _lock = volume.lock_exclusive()?;
         if let Some(old) = volume.meta.upgraded_from.take() {
-            write_meta(&volume.dir, &volume.meta)?;
+            write_meta(&volume.disk, &volume.dir, &volume.meta)?;
             tracing::info!(
                 target: "blkmirror receiver",
                 "volume {}: volume.json upgraded from format {old} to {META_FORMAT}",
@@ -405,12 +432,12 @@ impl Volume {
             // The receiver stopped during a direct sync step: what it wrote is unknown.
             let mut meta = volume.meta.clone();
             meta.hashes_stale = true;
-            write_meta(&volume.dir, &meta)?;
+            write_meta(&volume.disk, &volume.dir, &meta)?;
             volume.meta = meta;
         }
         if !volume.store.has_hashes() {
             // A volume from before the points store: hash the image once.
-            volume.store.rehash_all(&volume.image)?;
+            volume.store.rehash_all(&*volume.image)?;
         }
         let kept = volume.kept_seqs();
         volume.store.compact(volume.meta.committed_seq, &kept)?;
@@ -443,8 +470,8 @@ impl Volume {
 
     /// Takes the volume's lock exclusively: readers of points (restore, verify) hold it shared,
     /// so the image and the deltas do not change under them.
-    fn lock_exclusive(&self) -> Result<File, StoreError> {
-        lock_volume(&self.dir, false)
+    fn lock_exclusive(&self) -> Result<LockGuard, StoreError> {
+        lock_volume(&self.disk, &self.dir, false)
     }
 
     /// Path of the image.
@@ -497,7 +524,9 @@ impl Volume {
             )));
         }
         let available =
-            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+            self.disk
+                .available_bytes(&self.dir)
+                .map_err(StoreError::io("statvfs", &self.dir))?;
         let needed = bytes_estimate
             .saturating_mul(2)
             .saturating_add(SPACE_MARGIN);
@@ -516,7 +545,7 @@ impl Volume {
             meta.unsettled_from = from.min(meta.size_bytes);
             // Only a legacy volume (unsettled by an older release) can reach this with points.
             let dropped = std::mem::take(&mut meta.points);
-            write_meta(&self.dir, &meta)?;
+            write_meta(&self.disk, &self.dir, &meta)?;
             self.meta = meta;
             if !dropped.is_empty() {
                 self.store.clear()?;
@@ -530,13 +559,11 @@ impl Volume {
             None
         } else {
             let path = self.journal_path();
-            let file = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
+            let file = self
+                .disk
+                .open(&path, OpenMode::Truncate)
                 .map_err(StoreError::io("opening", &path))?;
-            let mut writer = BufWriter::with_capacity(4 << 20, file);
+            let mut writer = BufWriter::with_capacity(4 << 20, Cursor::new(file));
             append(
                 &mut writer,
                 &Record::Format {
@@ -620,7 +647,9 @@ impl Volume {
             cycle.checked = bytes;
         }
         let available =
-            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+            self.disk
+                .available_bytes(&self.dir)
+                .map_err(StoreError::io("statvfs", &self.dir))?;
         let direct = self.cycle.as_ref().is_some_and(|c| c.writer.is_none());
         let still_needed = if direct { 0 } else { bytes };
         if available < still_needed.saturating_add(SPACE_MARGIN) {
@@ -642,10 +671,9 @@ impl Volume {
             return;
         };
         if cycle.writer.is_some() {
-            let _ = fs::OpenOptions::new()
-                .write(true)
-                .truncate(true)
-                .open(self.journal_path())
+            let _ = self
+                .disk
+                .open(&self.journal_path(), OpenMode::Truncate)
                 .and_then(|file| file.sync_all());
             return;
         }
@@ -661,7 +689,7 @@ impl Volume {
             );
             let mut meta = self.meta.clone();
             meta.hashes_stale = true;
-            if write_meta(&self.dir, &meta).is_ok() {
+            if write_meta(&self.disk, &self.dir, &meta).is_ok() {
                 self.meta = meta;
             }
         }
@@ -680,7 +708,7 @@ impl Volume {
             return Err(StoreError::Sequence("commit outside a cycle".into()));
         };
         point.seq = cycle.seq;
-        let now = now_ms();
+        let now = (self.clock)();
         point.received_unix_ms = now;
         let floor = self
             .meta
@@ -717,11 +745,13 @@ impl Volume {
             let file = writer
                 .into_inner()
                 .map_err(|error| StoreError::io("writing", &path)(error.into_error()))?;
-            file.sync_all().map_err(StoreError::io("syncing", &path))
+            file.file()
+                .sync_all()
+                .map_err(StoreError::io("syncing", &path))
         });
         if let Err(error) = durable {
             self.cycle = None;
-            let _ = File::create(&path);
+            let _ = self.disk.open(&path, OpenMode::Truncate);
             return Err(error);
         }
         self.apply_journal(Some(Known {
@@ -743,7 +773,7 @@ impl Volume {
     fn update_hashes(&self, touched: &Touched) -> Result<(), StoreError> {
         Ok(self
             .store
-            .update_hashes(&self.image, &touched.zeroed, touched.rewritten.chunks())?)
+            .update_hashes(&*self.image, &touched.zeroed, touched.rewritten.chunks())?)
     }
 
     /// Whether this commit keeps an undo delta (history on, and a point to lead back to).
@@ -764,7 +794,9 @@ impl Volume {
         for (first, end) in touched.zeroed.without(&touched.rewritten).ranges() {
             let offset = first * chunk;
             let length = (end * chunk).min(size) - offset;
-            let segments = sys::data_segments(&self.image, offset, length)
+            let segments = self
+                .image
+                .data_segments(offset, length)
                 .map_err(StoreError::io("scanning", &self.image_path()))?;
             for (at, len) in segments {
                 let chunks = self.store.chunks_of(at, len);
@@ -791,7 +823,9 @@ impl Volume {
             .saturating_add(cycle.bytes)
             .saturating_add(SPACE_MARGIN);
         let available =
-            sys::available_bytes(&self.dir).map_err(StoreError::io("statvfs", &self.dir))?;
+            self.disk
+                .available_bytes(&self.dir)
+                .map_err(StoreError::io("statvfs", &self.dir))?;
         if available < needed {
             return Err(StoreError::DiskFull(format!(
                 "committing cycle {} needs {needed} bytes in {} (undo delta {capture}, image \
@@ -817,7 +851,7 @@ impl Volume {
         meta.unsettled = false;
         meta.unsettled_from = 0;
         record_point(&mut meta, point);
-        write_meta(&self.dir, &meta)?;
+        write_meta(&self.disk, &self.dir, &meta)?;
         self.meta = meta;
         Ok(())
     }
@@ -840,8 +874,8 @@ impl Volume {
     /// Replays a complete journal or discards an incomplete one.
     fn recover(&mut self) -> Result<Recovery, StoreError> {
         let path = self.journal_path();
-        let len = match fs::metadata(&path) {
-            Ok(meta) => meta.len(),
+        let len = match self.disk.file_len(&path) {
+            Ok(len) => len,
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Recovery::Clean),
             Err(error) => return Err(StoreError::io("reading", &path)(error)),
         };
@@ -855,7 +889,10 @@ impl Volume {
                 Ok(Recovery::Replayed(seq))
             }
             None => {
-                let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
+                let file = self
+                    .disk
+                    .open(&path, OpenMode::Truncate)
+                    .map_err(StoreError::io("truncating", &path))?;
                 file.sync_all().map_err(StoreError::io("syncing", &path))?;
                 Ok(Recovery::Discarded)
             }
@@ -865,9 +902,12 @@ impl Volume {
     /// Reads the journal; returns the commit record if the journal is whole and committed.
     fn scan_journal(&self) -> Result<Option<StoredPoint>, StoreError> {
         let path = self.journal_path();
-        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &path))?;
         scan_records(
-            BufReader::with_capacity(4 << 20, file),
+            BufReader::with_capacity(4 << 20, Cursor::new(file)),
             self.meta.committed_seq,
         )
     }
@@ -910,11 +950,14 @@ impl Volume {
                     Some(chunks) => chunks,
                     None => self.capture_set(&touched)?,
                 };
-                self.store.capture(&self.image, delta, chunks.chunks())?;
+                self.store.capture(&*self.image, delta, chunks.chunks())?;
             }
         }
-        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
-        let mut reader = BufReader::with_capacity(4 << 20, file);
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &path))?;
+        let mut reader = BufReader::with_capacity(4 << 20, Cursor::new(file));
         let mut committed = None;
         while let Some(record) = read_record(&mut reader)? {
             match record {
@@ -941,7 +984,7 @@ impl Volume {
         if meta.hashes_stale && point.complete {
             // An initial sync step was cut off by a crash: which chunks it wrote is unknown, so
             // the whole image is hashed once before it becomes a point.
-            self.store.rehash_all(&self.image)?;
+            self.store.rehash_all(&*self.image)?;
             meta.hashes_stale = false;
         } else {
             self.update_hashes(&touched)?;
@@ -951,7 +994,7 @@ impl Volume {
             meta.points.push(point.clone());
         }
         let ages: Vec<PointAge> = meta.points.iter().map(point_age).collect();
-        let keep = retention::select(&ages, now_ms(), &self.retention, &BTreeSet::new());
+        let keep = retention::select(&ages, (self.clock)(), &self.retention, &BTreeSet::new());
         self.pruned = meta
             .points
             .iter()
@@ -960,12 +1003,15 @@ impl Volume {
             .collect();
         meta.points.retain(|p| keep.contains(&p.seq));
         record_point(&mut meta, point);
-        write_meta(&self.dir, &meta)?;
+        write_meta(&self.disk, &self.dir, &meta)?;
         self.meta = meta;
         // Deltas of dropped points are merged only after the metadata no longer lists them.
         let kept = self.kept_seqs();
         self.store.compact(self.meta.committed_seq, &kept)?;
-        let file = File::create(&path).map_err(StoreError::io("truncating", &path))?;
+        let file = self
+            .disk
+            .open(&path, OpenMode::Truncate)
+            .map_err(StoreError::io("truncating", &path))?;
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
         Ok(())
     }
@@ -973,8 +1019,11 @@ impl Volume {
     /// The chunks a committed journal touches, and its commit record.
     fn journal_chunks(&self) -> Result<(Touched, StoredPoint), StoreError> {
         let path = self.journal_path();
-        let file = File::open(&path).map_err(StoreError::io("opening", &path))?;
-        let mut reader = BufReader::with_capacity(4 << 20, file);
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &path))?;
+        let mut reader = BufReader::with_capacity(4 << 20, Cursor::new(file));
         let mut touched = Touched::default();
         let (chunk_bytes, size) = (self.meta.chunk_bytes, self.meta.size_bytes);
         while let Some(record) = read_record(&mut reader)? {
@@ -996,7 +1045,8 @@ impl Volume {
     }
 
     fn zero(&self, offset: u64, length: u64) -> Result<(), StoreError> {
-        sys::zero_range(&self.image, offset, length)
+        self.image
+            .zero_range(offset, length)
             .map_err(StoreError::io("zeroing a range of", &self.image_path()))
     }
 
@@ -1025,28 +1075,35 @@ impl Volume {
 /// is done, so the image and the deltas cannot change under it, and no point it reads can be
 /// pruned.
 pub struct PointReader {
-    _lock: File,
+    _lock: LockGuard,
     meta: VolumeMeta,
-    image: File,
+    image: Box<dyn StoredFile>,
     store: PointStore,
 }
 
 impl PointReader {
     /// Opens volume `name` under `data_dir` for reading.
     pub fn open(data_dir: &Path, name: &str) -> Result<Self, StoreError> {
+        Self::open_on(&LocalDisk::shared(), data_dir, name)
+    }
+
+    /// [`Self::open`] on `disk`.
+    pub fn open_on(disk: &Disk, data_dir: &Path, name: &str) -> Result<Self, StoreError> {
         wire::check_volume_name(name).map_err(|error| StoreError::Sequence(error.to_string()))?;
         let dir = Volume::dir_of(data_dir, name);
-        if !dir.join("volume.json").exists() {
+        if !disk.exists(&dir.join("volume.json")) {
             return Err(StoreError::Sequence(format!(
                 "no volume {name:?} in {}",
                 data_dir.display()
             )));
         }
-        let lock = lock_volume(&dir, true)?;
-        let meta = read_meta(&dir)?;
+        let lock = lock_volume(disk, &dir, true)?;
+        let meta = read_meta(disk, &dir)?;
         let image_path = dir.join("image.raw");
-        let image = File::open(&image_path).map_err(StoreError::io("opening", &image_path))?;
-        let store = PointStore::open(&dir, meta.chunk_bytes, meta.size_bytes)?;
+        let image = disk
+            .open(&image_path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &image_path))?;
+        let store = PointStore::open(disk, &dir, meta.chunk_bytes, meta.size_bytes)?;
         Ok(Self {
             _lock: lock,
             meta,
@@ -1106,7 +1163,7 @@ impl PointReader {
         }
         Ok(self
             .store
-            .read_point(&self.image, self.meta.committed_seq, seq, keep_going, sink)?)
+            .read_point(&*self.image, self.meta.committed_seq, seq, keep_going, sink)?)
     }
 }
 
@@ -1196,7 +1253,7 @@ fn record_checksum(body: &[u8]) -> [u8; 8] {
         .expect("8 bytes")
 }
 
-fn append(writer: &mut BufWriter<File>, record: &Record, path: &Path) -> Result<(), StoreError> {
+fn append(writer: &mut BufWriter<Cursor>, record: &Record, path: &Path) -> Result<(), StoreError> {
     let body = postcard::to_stdvec(record).expect("serializing to a Vec cannot fail");
     let mut head = [0u8; 12];
     head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
@@ -1241,22 +1298,19 @@ fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError>
 
 /// Opens and locks `DIR/lock` (shared for readers of points, exclusive for the receiver while
 /// it changes the image or the deltas). The lock goes with the returned file.
-fn lock_volume(dir: &Path, shared: bool) -> Result<File, StoreError> {
+fn lock_volume(disk: &Disk, dir: &Path, shared: bool) -> Result<LockGuard, StoreError> {
     let path = dir.join("lock");
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(StoreError::io("opening", &path))?;
-    sys::lock(&file, shared).map_err(StoreError::io("locking", &path))?;
-    Ok(file)
+    disk.lock(&path, shared)
+        .map_err(StoreError::io("locking", &path))
 }
 
-pub(crate) fn read_meta(dir: &Path) -> Result<VolumeMeta, StoreError> {
+pub(crate) fn read_meta(disk: &Disk, dir: &Path) -> Result<VolumeMeta, StoreError> {
     let path = dir.join("volume.json");
-    let text = fs::read_to_string(&path).map_err(StoreError::io("reading", &path))?;
+    let bytes = disk.read(&path).map_err(StoreError::io("reading", &path))?;
+    let text = String::from_utf8(bytes).map_err(|_| StoreError::Meta {
+        path: path.clone(),
+        message: "not UTF-8 text".into(),
+    })?;
     parse_meta(&text).map_err(|message| StoreError::Meta { path, message })
 }
 
@@ -1320,17 +1374,23 @@ pub fn parse_meta(text: &str) -> Result<VolumeMeta, String> {
     Ok(meta)
 }
 
-fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<(), StoreError> {
+fn write_meta(disk: &Disk, dir: &Path, meta: &VolumeMeta) -> Result<(), StoreError> {
     let path = dir.join("volume.json");
     let text = serde_json::to_string_pretty(meta).expect("metadata serializes");
-    durable::write_atomic(&path, text.as_bytes()).map_err(StoreError::io("writing", &path))
+    disk.write_atomic(&path, text.as_bytes())
+        .map_err(StoreError::io("writing", &path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::TempDir;
+    use crate::{testing::TempDir, tracker::sys};
     use blkmirror_protocol::wire::PROTOCOL_VERSION;
+    use std::fs::{self, File};
+
+    fn now_ms() -> u64 {
+        system_clock()()
+    }
 
     fn hello() -> Hello {
         Hello {
