@@ -236,7 +236,8 @@ fn known_volumes(settings: &ReceiverSettings, board: &StatusBoard) {
         return;
     };
     for entry in entries.flatten() {
-        let Ok(meta) = volume::read_meta(&crate::dr::storage::LocalDisk::shared(), &entry.path()) else {
+        let Ok(meta) = volume::read_meta(&crate::dr::storage::LocalDisk::shared(), &entry.path())
+        else {
             continue;
         };
         board.update(&meta.volume, |s| {

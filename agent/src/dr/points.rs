@@ -298,10 +298,24 @@ impl PointStore {
         self.disk.exists(&self.path(delta))
     }
 
+    /// Makes `delta`'s file and its name durable (a file found present may not be yet).
+    pub fn make_durable(&self, delta: Delta) -> Result<(), PointsError> {
+        let path = self.path(delta);
+        self.disk
+            .open(&path, OpenMode::Read)
+            .and_then(|file| file.sync_all())
+            .and_then(|()| self.disk.sync_dir(&self.dir))
+            .map_err(io_err("syncing", &path))
+    }
+
     /// The delta files present, sorted.
     pub fn deltas(&self) -> Result<Vec<Delta>, PointsError> {
         let mut out = Vec::new();
-        for name in self.disk.list(&self.dir).map_err(io_err("listing", &self.dir))? {
+        for name in self
+            .disk
+            .list(&self.dir)
+            .map_err(io_err("listing", &self.dir))?
+        {
             let Some(rest) = name.strip_prefix("undo-") else {
                 continue;
             };
@@ -359,8 +373,8 @@ impl PointStore {
         for delta in self.deltas()? {
             let path = self.path(delta);
             self.disk
-                    .remove_file(&path)
-                    .map_err(io_err("removing", &path))?;
+                .remove_file(&path)
+                .map_err(io_err("removing", &path))?;
         }
         Ok(())
     }
@@ -405,8 +419,8 @@ impl PointStore {
                 for delta in [dangling, older] {
                     let path = self.path(delta);
                     self.disk
-                    .remove_file(&path)
-                    .map_err(io_err("removing", &path))?;
+                        .remove_file(&path)
+                        .map_err(io_err("removing", &path))?;
                 }
             } else {
                 let path = self.path(dangling);

@@ -177,10 +177,7 @@ impl Context {
 
     /// Appends to the audit log; a failure to audit is logged, not fatal to replication.
     fn record(&self, event: Event) {
-        match self.audit.append(event) {
-            Ok(hash) => log(format!("audit head {hash}")),
-            Err(error) => warn(format!("audit log: {error}")),
-        }
+        record(&self.audit, event);
     }
 
     /// Ends `connection`'s claim on `volume` (not a newer connection's).
@@ -771,54 +768,13 @@ impl Session {
                         let agent = self.fingerprint.to_string();
                         let seq = tokio::task::spawn_blocking(move || {
                             let mut volume = volume.lock().expect("volume lock");
-                            let name = volume.meta().volume.clone();
-                            let name_for_status = name.clone();
-                            let result = volume.commit(point.clone());
-                            context.record(Event {
-                                event: "commit",
-                                agent: Some(agent.clone()),
-                                volume: Some(name.clone()),
-                                outcome: match &result {
-                                    Ok(()) => "ok".into(),
-                                    Err(error) => error.to_string(),
-                                },
-                                detail: serde_json::json!({
-                                    "seq": volume.meta().committed_seq,
-                                    "bytes": point.bytes,
-                                    "consistent": point.consistent,
-                                    "complete": point.complete,
-                                    "point_time_unix_ms": point.time_unix_ms,
-                                }),
-                            });
-                            let pruned = volume.take_pruned();
-                            if !pruned.is_empty() {
-                                context.record(Event {
-                                    event: "prune",
-                                    agent: Some(agent),
-                                    volume: Some(name),
-                                    outcome: "ok".into(),
-                                    detail: serde_json::json!({ "points": pruned }),
-                                });
-                            }
-                            result?;
-                            // Status comes from the durable record: only a point that `points`
-                            // lists (and `restore` can produce) is reported as one.
-                            let seq = volume.meta().committed_seq;
-                            let kept = volume
-                                .meta()
-                                .points
-                                .last()
-                                .filter(|p| p.seq == seq)
-                                .cloned();
-                            context.status.committed(
-                                &name_for_status,
-                                kept.as_ref()
-                                    .map_or_else(|| PointSummary::from(&point), PointSummary::from),
-                                kept.is_some(),
-                                point.bytes,
-                                0.0,
-                            );
-                            Ok::<_, StoreError>(volume.meta().committed_seq)
+                            commit_and_record(
+                                &mut volume,
+                                point,
+                                &agent,
+                                &context.audit,
+                                &context.status,
+                            )
                         })
                         .await
                         .expect("commit task")?;
@@ -832,6 +788,79 @@ impl Session {
         data.abort();
         result
     }
+}
+
+/// Appends to `audit`; a failure to audit is logged, not fatal to replication.
+fn record(audit: &AuditLog, event: Event) {
+    match audit.append(event) {
+        Ok(hash) => log(format!("audit head {hash}")),
+        Err(error) => warn(format!("audit log: {error}")),
+    }
+}
+
+/// Commits the open cycle of `volume` for `agent`: the commit itself, its audit entries (the
+/// commit, and the points retention pruned), and the status board. Returns the committed
+/// cycle. The simulator drives this same function.
+pub(crate) fn commit_and_record(
+    volume: &mut Volume,
+    point: blkmirror_protocol::wire::PointInfo,
+    agent: &str,
+    audit: &AuditLog,
+    status: &StatusBoard,
+) -> Result<u64, StoreError> {
+    let name = volume.meta().volume.clone();
+    let result = volume.commit(point.clone());
+    record(
+        audit,
+        Event {
+            event: "commit",
+            agent: Some(agent.to_owned()),
+            volume: Some(name.clone()),
+            outcome: match &result {
+                Ok(()) => "ok".into(),
+                Err(error) => error.to_string(),
+            },
+            detail: serde_json::json!({
+                "seq": volume.meta().committed_seq,
+                "bytes": point.bytes,
+                "consistent": point.consistent,
+                "complete": point.complete,
+                "point_time_unix_ms": point.time_unix_ms,
+            }),
+        },
+    );
+    let pruned = volume.take_pruned();
+    if !pruned.is_empty() {
+        record(
+            audit,
+            Event {
+                event: "prune",
+                agent: Some(agent.to_owned()),
+                volume: Some(name.clone()),
+                outcome: "ok".into(),
+                detail: serde_json::json!({ "points": pruned }),
+            },
+        );
+    }
+    result?;
+    // Status comes from the durable record: only a point that `points` lists (and `restore`
+    // can produce) is reported as one.
+    let seq = volume.meta().committed_seq;
+    let kept = volume
+        .meta()
+        .points
+        .last()
+        .filter(|p| p.seq == seq)
+        .cloned();
+    status.committed(
+        &name,
+        kept.as_ref()
+            .map_or_else(|| PointSummary::from(&point), PointSummary::from),
+        kept.is_some(),
+        point.bytes,
+        0.0,
+    );
+    Ok(seq)
 }
 
 /// Waits until `frames` data frames of the open cycle are journaled.

@@ -298,9 +298,8 @@ impl Seek for Cursor {
             SeekFrom::End(delta) => self.file.size()?.checked_add_signed(delta),
             SeekFrom::Current(delta) => self.position.checked_add_signed(delta),
         };
-        self.position = position.ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")
-        })?;
+        self.position = position
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
         Ok(self.position)
     }
 }

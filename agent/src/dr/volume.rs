@@ -523,10 +523,10 @@ impl Volume {
                 self.meta.volume, self.meta.unsettled_from
             )));
         }
-        let available =
-            self.disk
-                .available_bytes(&self.dir)
-                .map_err(StoreError::io("statvfs", &self.dir))?;
+        let available = self
+            .disk
+            .available_bytes(&self.dir)
+            .map_err(StoreError::io("statvfs", &self.dir))?;
         let needed = bytes_estimate
             .saturating_mul(2)
             .saturating_add(SPACE_MARGIN);
@@ -646,10 +646,10 @@ impl Volume {
         if let Some(cycle) = self.cycle.as_mut() {
             cycle.checked = bytes;
         }
-        let available =
-            self.disk
-                .available_bytes(&self.dir)
-                .map_err(StoreError::io("statvfs", &self.dir))?;
+        let available = self
+            .disk
+            .available_bytes(&self.dir)
+            .map_err(StoreError::io("statvfs", &self.dir))?;
         let direct = self.cycle.as_ref().is_some_and(|c| c.writer.is_none());
         let still_needed = if direct { 0 } else { bytes };
         if available < still_needed.saturating_add(SPACE_MARGIN) {
@@ -710,13 +710,11 @@ impl Volume {
         point.seq = cycle.seq;
         let now = (self.clock)();
         point.received_unix_ms = now;
-        let floor = self
-            .meta
-            .last_point
-            .as_ref()
-            .map_or(0, |p| p.time_unix_ms)
-            .min(now);
-        point.time_unix_ms = point.time_unix_ms.clamp(floor, now);
+        // Never before the previous point, even when the receiver's clock has stepped back
+        // (NTP): `--at TIME` picks the newest point dated at or before TIME, so dates must
+        // not go backwards with the sequence (the simulator found this, seed 44).
+        let floor = self.meta.last_point.as_ref().map_or(0, |p| p.time_unix_ms);
+        point.time_unix_ms = point.time_unix_ms.clamp(floor, now.max(floor));
         // Before a journaled cycle is decided: room for the undo delta and for the image to
         // grow. A refusal here leaves the image at the last point (the journal is emptied as
         // for any abort), and the agent retries later.
@@ -822,10 +820,10 @@ impl Volume {
         let needed = capture
             .saturating_add(cycle.bytes)
             .saturating_add(SPACE_MARGIN);
-        let available =
-            self.disk
-                .available_bytes(&self.dir)
-                .map_err(StoreError::io("statvfs", &self.dir))?;
+        let available = self
+            .disk
+            .available_bytes(&self.dir)
+            .map_err(StoreError::io("statvfs", &self.dir))?;
         if available < needed {
             return Err(StoreError::DiskFull(format!(
                 "committing cycle {} needs {needed} bytes in {} (undo delta {capture}, image \
@@ -885,6 +883,14 @@ impl Volume {
         match self.scan_journal()? {
             Some(point) => {
                 let seq = point.seq;
+                // What was read may be only in the page cache: a process killed during the
+                // commit's fsync leaves a commit record that a power cut can still take away.
+                // Make it durable before the image changes on its word (the simulator found
+                // this, seed 673).
+                self.disk
+                    .open(&path, OpenMode::ReadWrite)
+                    .and_then(|file| file.sync_all())
+                    .map_err(StoreError::io("syncing", &path))?;
                 self.apply_journal(None)?;
                 Ok(Recovery::Replayed(seq))
             }
@@ -945,7 +951,12 @@ impl Volume {
                 from: seq,
                 to: previous,
             };
-            if !self.store.has_delta(delta) {
+            if self.store.has_delta(delta) {
+                // Found by a replay: a process killed between the delta's rename and its
+                // directory sync leaves a name a power cut can still take away, and the image
+                // is about to change on its word (the simulator found this, seed 611).
+                self.store.make_durable(delta)?;
+            } else {
                 let chunks = match capture {
                     Some(chunks) => chunks,
                     None => self.capture_set(&touched)?,
@@ -1099,6 +1110,26 @@ impl PointReader {
         }
         let lock = lock_volume(disk, &dir, true)?;
         let meta = read_meta(disk, &dir)?;
+        // A cycle whose commit record is durable but which is not yet applied: the image is
+        // between two points (a half-applied image would read as corrupt chunks).
+        let journal = dir.join("journal");
+        if disk.file_len(&journal).is_ok_and(|len| len > 0) {
+            let file = disk
+                .open(&journal, OpenMode::Read)
+                .map_err(StoreError::io("opening", &journal))?;
+            let committed = scan_records(
+                BufReader::with_capacity(1 << 20, Cursor::new(file)),
+                meta.committed_seq,
+            )?;
+            if let Some(point) = committed.filter(|p| p.seq > meta.committed_seq) {
+                return Err(StoreError::Sequence(format!(
+                    "volume {name}: cycle {} is committed but not yet applied to the image; \
+                     the receiver applies it (at once if it is running, or when it starts): \
+                     retry then",
+                    point.seq
+                )));
+            }
+        }
         let image_path = dir.join("image.raw");
         let image = disk
             .open(&image_path, OpenMode::Read)

@@ -30,11 +30,17 @@
 //!
 //! `cargo xtask simulate --seeds N` runs more seeds than the unit test does.
 
+mod disk;
+
 use std::{
     cell::Cell,
     collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use blkmirror_protocol::{
@@ -45,7 +51,16 @@ use blkmirror_protocol::{
     },
 };
 
-use crate::dr::volume::{PointReader, StoreError, Volume};
+use crate::{
+    command::status::StatusBoard,
+    dr::{
+        audit::AuditLog,
+        receiver::commit_and_record,
+        storage::Disk,
+        volume::{PointReader, StoreError, Volume},
+    },
+};
+use disk::{Chooser, SimDisk};
 
 /// Bugs of the past, re-introduced on demand to prove that the simulator finds them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +90,19 @@ const SIZE: u64 = CHUNK * CHUNKS;
 const WINDOW_CHUNKS: u64 = 8;
 const VOLUME: &str = "sim";
 
+/// Where the simulated receiver keeps its volumes (on the simulated disk).
+const DATA_DIR: &str = "/sim/data";
+/// The simulated receiver clock's start (Unix ms): 2026-01-01.
+const EPOCH_MS: u64 = 1_767_225_600_000;
+
 /// splitmix64: small, fast, and the same everywhere.
 struct Rng(u64);
+
+impl Chooser for Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        Rng::below(self, n)
+    }
+}
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -146,7 +172,31 @@ impl std::fmt::Display for Violation {
 struct World {
     rng: Rng,
     seed: u64,
-    dir: PathBuf,
+    /// The receiver's disk (in memory; it can lose what was not synced).
+    disk: SimDisk,
+    storage: Disk,
+    data_dir: PathBuf,
+    /// The receiver's clock (Unix ms); it steps back now and then, as NTP does.
+    clock: Arc<AtomicU64>,
+    /// The receiver's audit log (real files in the scratch directory) and status board.
+    audit: AuditLog,
+    status: Arc<StatusBoard>,
+    /// The cycle whose commit the receiver was executing when it died, if it was.
+    committing: Option<u64>,
+    /// Version of each source chunk's content (every write makes a new one), the version of
+    /// it the last commit made durable, and the versions sent in the open cycle.
+    version: Vec<u64>,
+    next_version: u64,
+    committed_version: Vec<u64>,
+    pending_version: BTreeMap<u64, u64>,
+    /// Faults so far.
+    fault_count: u64,
+    /// Versions from this one on were written after the newest cut of the tracker, and the
+    /// chunk versions sent that way: a read that lands after the cut ships a write that the
+    /// next cycle ships again (pre-copy cannot tell), so each may be re-sent once more than
+    /// the faults allow.
+    read_cut: u64,
+    read_after_cut: BTreeSet<(u64, u64)>,
     /// Fill byte of each source chunk (0: all zeros).
     source: Vec<u8>,
     /// Chunks written since the last cut.
@@ -164,6 +214,11 @@ struct World {
     /// Content of every complete point committed.
     points: BTreeMap<u64, Vec<u8>>,
     faults: bool,
+    /// Per chunk: re-sends of its committed version, and the fault count at that commit.
+    resent_of: Vec<u64>,
+    faults_at_commit: Vec<u64>,
+    /// An invariant found broken in the middle of a step (reported by the next check).
+    broken: Option<String>,
     trace: Vec<String>,
 }
 
@@ -171,12 +226,9 @@ fn chunk_bytes(fill: u8) -> Vec<u8> {
     vec![fill; CHUNK as usize]
 }
 
+/// The hash the receiver reports for a chunk of `fill` (as the agent computes it).
 fn chunk_hash(fill: u8) -> ChunkHash {
-    if fill == 0 {
-        [0; 32]
-    } else {
-        wire::chunk_hash(&chunk_bytes(fill))
-    }
+    wire::chunk_hash(&chunk_bytes(fill))
 }
 
 fn store_refusal(error: StoreError) -> ReceiverMessage {
@@ -194,10 +246,25 @@ fn store_refusal(error: StoreError) -> ReceiverMessage {
 
 impl World {
     fn new(seed: u64, dir: &Path) -> Self {
+        let data_dir = PathBuf::from(DATA_DIR);
+        let disk = SimDisk::with_root(&data_dir);
         Self {
             rng: Rng(seed),
             seed,
-            dir: dir.to_owned(),
+            storage: Arc::new(disk.clone()),
+            disk,
+            data_dir,
+            clock: Arc::new(AtomicU64::new(EPOCH_MS)),
+            audit: AuditLog::in_dir(dir),
+            status: Arc::new(StatusBoard::new("receiver")),
+            committing: None,
+            version: vec![0; CHUNKS as usize],
+            next_version: 1,
+            committed_version: vec![0; CHUNKS as usize],
+            pending_version: BTreeMap::new(),
+            fault_count: 0,
+            read_cut: 1,
+            read_after_cut: BTreeSet::new(),
             source: vec![0; CHUNKS as usize],
             dirty: BTreeSet::new(),
             tracker_generation: 1,
@@ -211,6 +278,9 @@ impl World {
             pending: BTreeMap::new(),
             points: BTreeMap::new(),
             faults: true,
+            resent_of: vec![0; CHUNKS as usize],
+            faults_at_commit: vec![0; CHUNKS as usize],
+            broken: None,
             trace: Vec::new(),
         }
     }
@@ -235,32 +305,48 @@ impl World {
             let chunk = self.rng.below(CHUNKS);
             let fill = [0u8, 0x11, 0x22, 0x33][self.rng.below(4) as usize];
             self.source[chunk as usize] = fill;
+            self.version[chunk as usize] = self.next_version;
+            self.next_version += 1;
             self.dirty.insert(chunk);
             let _ = write!(written, " {chunk}={fill:#x}");
         }
         self.note(format!("write{written}"));
     }
 
-    /// Before each message: maybe a fault.
+    /// Before each message: the receiver's clock moves on, and maybe a fault.
     fn weather(&mut self) -> Result<(), Cut> {
+        self.clock
+            .fetch_add(self.rng.below(2_000), Ordering::Relaxed);
         if !self.faults {
             return Ok(());
         }
+        if self.rng.chance(5) {
+            let back = 1 + self.rng.below(600_000);
+            self.clock.fetch_sub(back, Ordering::Relaxed);
+            self.note(format!("the receiver's clock steps back {back} ms"));
+        }
         if self.rng.chance(25) {
             self.note("link down");
+            self.fault_count += 1;
             self.end_session();
             return Err(Cut::LinkDown);
         }
         if self.rng.chance(15) {
             self.note("receiver crash");
-            self.volume = None;
-            self.pending.clear();
-            return Err(Cut::ReceiverCrash);
+            return Err(self.receiver_dies());
+        }
+        if self.volume.is_some() && self.rng.chance(12) {
+            let operations = self.rng.below(40);
+            self.note(format!(
+                "the receiver will die {operations} storage operations from now"
+            ));
+            self.disk.arm(operations);
         }
         if self.rng.chance(8) {
             // The host restarts: the tracker's pins are gone with its history, so the agent
             // starts with a new generation and must verify.
             self.note("source host reboots");
+            self.fault_count += 1;
             self.tracker_generation += 1;
             self.dirty.clear();
             self.record.needs_full_sync = true;
@@ -269,6 +355,7 @@ impl World {
         }
         if self.rng.chance(10) {
             self.note("agent crash");
+            self.fault_count += 1;
             self.end_session();
             return Err(Cut::AgentCrash);
         }
@@ -276,6 +363,115 @@ impl World {
             self.write();
         }
         Ok(())
+    }
+
+    /// The agent's cut time: the receiver's clock a little earlier, off by up to a minute
+    /// either way (the clocks of two hosts never agree).
+    fn agent_time(&mut self) -> u64 {
+        let now = self.clock.load(Ordering::Relaxed);
+        (now + self.rng.below(120_000)).saturating_sub(60_000 + self.rng.below(5_000))
+    }
+
+    fn clock_fn(&self) -> crate::dr::volume::Clock {
+        let clock = self.clock.clone();
+        Arc::new(move || clock.load(Ordering::Relaxed))
+    }
+
+    fn volume_json(&self) -> PathBuf {
+        self.data_dir.join(VOLUME).join("volume.json")
+    }
+
+    /// The receiver process dies (a crash, or its fuse went off in the middle of an
+    /// operation), maybe with a power cut, and its service restarts it: it recovers the
+    /// volume at once, as the receiver's start-up does. Now and then someone runs a restore
+    /// while it is down.
+    fn receiver_dies(&mut self) -> Cut {
+        self.fault_count += 1;
+        // The process is gone: no abort, nothing more reaches the disk.
+        self.volume = None;
+        for _ in 0..8 {
+            let power_cut = self.rng.chance(400);
+            let lost = self.disk.restart(power_cut, &mut self.rng);
+            if power_cut {
+                self.note(format!("power cut at the receiver: {lost}"));
+            }
+            self.status = Arc::new(StatusBoard::new("receiver"));
+            if self.rng.chance(200) {
+                self.note("a restore runs while the receiver is down");
+                if let Err(what) = self.check_points(true) {
+                    self.broken.get_or_insert(what);
+                }
+            }
+            if self.rng.chance(300) {
+                let operations = self.rng.below(30);
+                self.note(format!(
+                    "the restarted receiver will die {operations} storage operations from now"
+                ));
+                self.disk.arm(operations);
+            }
+            match self.recover() {
+                Ok(()) => return Cut::ReceiverCrash,
+                Err(_) if self.disk.dead() => {
+                    self.note("the receiver dies again while it recovers")
+                }
+                Err(error) => {
+                    let what = format!("the volume does not recover after a crash: {error}");
+                    self.broken.get_or_insert(what);
+                    return Cut::ReceiverCrash;
+                }
+            }
+        }
+        self.broken
+            .get_or_insert_with(|| "the receiver never finished recovering".into());
+        Cut::ReceiverCrash
+    }
+
+    /// The receiver's start-up recovery of the volume, and what the model learns from it: a
+    /// commit that was under way when the receiver died either happened or did not.
+    fn recover(&mut self) -> Result<(), StoreError> {
+        if !self.storage.exists(&self.volume_json()) {
+            self.committing = None;
+            self.pending.clear();
+            self.pending_version.clear();
+            return Ok(());
+        }
+        let (volume, recovery) =
+            Volume::open_on(&self.storage, self.clock_fn(), &self.data_dir, VOLUME)?;
+        let meta = volume.meta().clone();
+        drop(volume);
+        if let Some(seq) = self.committing.take()
+            && meta.committed_seq == seq
+        {
+            self.settle_commit(seq, meta.points.last().is_some_and(|p| p.seq == seq));
+        }
+        self.pending.clear();
+        self.pending_version.clear();
+        if meta.unsettled {
+            // The image is at no point in time until the sync completes: what a direct step
+            // wrote before the crash may or may not be there.
+            self.model = self.image();
+        }
+        self.note(format!(
+            "receiver restarts: {recovery:?}, committed {}",
+            meta.committed_seq
+        ));
+        Ok(())
+    }
+
+    /// A commit of cycle `seq` happened: the model takes its writes.
+    fn settle_commit(&mut self, seq: u64, listed: bool) {
+        for (chunk, fill) in std::mem::take(&mut self.pending) {
+            self.model[chunk as usize] = fill;
+        }
+        for (chunk, version) in std::mem::take(&mut self.pending_version) {
+            let chunk = chunk as usize;
+            self.committed_version[chunk] = version;
+            self.resent_of[chunk] = 0;
+            self.faults_at_commit[chunk] = self.fault_count;
+        }
+        if listed {
+            self.points.insert(seq, self.model.clone());
+        }
     }
 
     /// The receiver's side of one control message.
@@ -297,7 +493,16 @@ impl World {
         };
         let reply = match step {
             ControlStep::Admit(hello) => {
-                let (volume, new_volume) = match Volume::open_or_create(&self.dir, &hello) {
+                let opened = Volume::open_or_create_on(
+                    &self.storage,
+                    self.clock_fn(),
+                    &self.data_dir,
+                    &hello,
+                );
+                if self.disk.dead() {
+                    return Err(self.receiver_dies());
+                }
+                let (volume, new_volume) = match opened {
                     Ok((volume, new_volume, _)) => (volume, new_volume),
                     Err(error) => return Ok(store_refusal(error)),
                 };
@@ -313,7 +518,11 @@ impl World {
             }
             ControlStep::Serve(AgentMessage::HashRequest { first_chunk, count }) => {
                 let volume = self.volume.as_ref().expect("admitted");
-                match volume.hashes(first_chunk, count) {
+                let hashes = volume.hashes(first_chunk, count);
+                if self.disk.dead() {
+                    return Err(self.receiver_dies());
+                }
+                match hashes {
                     Ok(hashes) => ReceiverMessage::Hashes {
                         first_chunk,
                         hashes,
@@ -324,7 +533,12 @@ impl World {
             ControlStep::Serve(AgentMessage::Begin(begin)) => {
                 let volume = self.volume.as_mut().expect("admitted");
                 self.pending.clear();
-                match volume.begin(begin.seq, begin.bytes_estimate, begin.direct, begin.from) {
+                self.pending_version.clear();
+                let begun = volume.begin(begin.seq, begin.bytes_estimate, begin.direct, begin.from);
+                if self.disk.dead() {
+                    return Err(self.receiver_dies());
+                }
+                match begun {
                     Ok(()) => ReceiverMessage::Ready { seq: begin.seq },
                     Err(error) => store_refusal(error),
                 }
@@ -339,16 +553,19 @@ impl World {
             ControlStep::Serve(AgentMessage::Commit { point, .. }) => {
                 let volume = self.volume.as_mut().expect("admitted");
                 let direct = volume.meta().unsettled;
-                match volume.commit(point) {
-                    Ok(()) => {
-                        for (chunk, fill) in std::mem::take(&mut self.pending) {
-                            self.model[chunk as usize] = fill;
-                        }
+                let seq = volume.open_cycle().map_or(0, |(seq, _)| seq);
+                self.committing = Some(seq);
+                let committed =
+                    commit_and_record(volume, point, "sim-agent", &self.audit, &self.status);
+                if self.disk.dead() {
+                    return Err(self.receiver_dies());
+                }
+                self.committing = None;
+                match committed {
+                    Ok(seq) => {
                         let meta = volume.meta();
-                        let seq = meta.committed_seq;
-                        if meta.points.last().is_some_and(|p| p.seq == seq) {
-                            self.points.insert(seq, self.model.clone());
-                        }
+                        let listed = meta.points.last().is_some_and(|p| p.seq == seq);
+                        self.settle_commit(seq, listed);
                         self.note(format!(
                             "receiver commits {seq}{}",
                             if direct { " (direct step)" } else { "" }
@@ -357,6 +574,7 @@ impl World {
                     }
                     Err(error) => {
                         self.pending.clear();
+                        self.pending_version.clear();
                         store_refusal(error)
                     }
                 }
@@ -383,16 +601,44 @@ impl World {
         };
         let journaled = self.volume.as_mut().expect("admitted").journal(data);
         self.note(format!("agent -> frame {chunk}={fill:#x}"));
+        if self.disk.dead() {
+            return Err(self.receiver_dies());
+        }
         if let Err(error) = journaled {
             self.note(format!("receiver refuses frame: {error}"));
             self.end_session();
             return Err(Cut::Refused(RefusalCode::Sequence, error.to_string()));
         }
+        let at = chunk as usize;
+        if self.version[at] == self.committed_version[at] && self.source[at] == fill {
+            self.resent_of[at] += 1;
+            let allowed = self.fault_count - self.faults_at_commit[at]
+                + u64::from(self.read_after_cut.contains(&(chunk, self.version[at])));
+            if self.resent_of[at] > allowed {
+                self.broken.get_or_insert_with(|| {
+                    format!(
+                        "chunk {chunk}'s committed content was re-sent {} times with {allowed} \
+                         faults since its commit",
+                        self.resent_of[at]
+                    )
+                });
+            }
+        }
         if direct {
-            self.model[chunk as usize] = fill;
+            self.model[at] = fill;
         } else {
             self.pending.insert(chunk, fill);
         }
+        // A hostile agent's 0x77 is no version of the source.
+        let version = if self.source[at] == fill {
+            self.version[at]
+        } else {
+            u64::MAX
+        };
+        if version != u64::MAX && version >= self.read_cut {
+            self.read_after_cut.insert((chunk, version));
+        }
+        self.pending_version.insert(chunk, version);
         Ok(())
     }
 
@@ -454,6 +700,7 @@ impl World {
         control: &mut ReceiverSession,
     ) -> Result<(), Cut> {
         self.note("hostile agent: direct Begin");
+        self.fault_count += 1;
         let seq = session.next_seq();
         let begin = session.begin(Begin {
             seq,
@@ -475,8 +722,18 @@ impl World {
         control: &mut ReceiverSession,
         from: u64,
     ) -> Result<(), Cut> {
+        self.sync_pass(session, control, from)
+    }
+
+    fn sync_pass(
+        &mut self,
+        session: &mut SourceSession,
+        control: &mut ReceiverSession,
+        from: u64,
+    ) -> Result<(), Cut> {
         if session.sync_needs_fresh_cut(from) {
             self.dirty.clear();
+            self.read_cut = self.next_version;
             self.inflight.clear();
             session.sync_started(self.tracker_generation);
             self.persist(session);
@@ -507,7 +764,8 @@ impl World {
                 let first = window / CHUNK;
                 let count = ((window_end - window) / CHUNK) as u32;
                 let replica = if initial {
-                    vec![[0u8; 32]; count as usize]
+                    // An initial sync knows the replica is all zeros: it asks nothing.
+                    vec![chunk_hash(0); count as usize]
                 } else {
                     let request = session.hash_request(first, count)?;
                     match self.ask(session, control, request)? {
@@ -532,7 +790,7 @@ impl World {
                 complete: !shape.direct,
                 synced_to: end,
                 generation: self.tracker_generation,
-                time_unix_ms: 1,
+                time_unix_ms: self.agent_time(),
                 ..PointInfo::default()
             };
             let commit = session.commit(frames, point)?;
@@ -551,10 +809,12 @@ impl World {
     ) -> Result<(), Cut> {
         if self.faults && self.rng.chance(30) {
             self.note("tracker loses history");
+            self.fault_count += 1;
             self.tracker_generation += 1;
             return Err(Cut::TrackingLost);
         }
         self.inflight.extend(std::mem::take(&mut self.dirty));
+        self.read_cut = self.next_version;
         self.persist(session);
         let seq = session.next_seq();
         let begin = session.begin(Begin {
@@ -575,7 +835,7 @@ impl World {
             seq,
             complete: true,
             generation: self.tracker_generation,
-            time_unix_ms: 1,
+            time_unix_ms: self.agent_time(),
             ..PointInfo::default()
         };
         let commit = session.commit(chunks.len() as u64, point)?;
@@ -591,27 +851,58 @@ impl World {
         if let Some(mut volume) = self.volume.take() {
             volume.abort();
         }
+        if self.disk.dead() {
+            self.receiver_dies();
+        }
         self.pending.clear();
+        self.pending_version.clear();
+        // Between connections the receiver is idle: it cannot die in the middle of work.
+        self.disk.disarm();
     }
 
     /// Reads the receiver's image file.
     fn image(&self) -> Vec<u8> {
-        let bytes = std::fs::read(self.dir.join(VOLUME).join("image.raw")).unwrap_or_default();
+        let bytes = self
+            .disk
+            .content(&self.data_dir.join(VOLUME).join("image.raw"))
+            .unwrap_or_default();
         bytes.chunks(CHUNK as usize).map(|chunk| chunk[0]).collect()
     }
 
     /// The invariants (see the module docs).
     fn check(&mut self) -> Result<(), Violation> {
-        if !self.dir.join(VOLUME).join("volume.json").exists() {
+        if let Some(what) = self.broken.take() {
+            return Err(self.violation(what));
+        }
+        self.check_points(false)
+            .map_err(|what| self.violation(what))?;
+        if self.audit.path().exists() {
+            self.audit.verify().map_err(|error| {
+                self.violation(format!("the audit chain does not verify: {error}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The replica's points as `restore` and `status` see them. With `may_refuse` (the
+    /// receiver is down), the reader may refuse to read a volume it would find between two
+    /// points, but whatever it reads must be right.
+    fn check_points(&mut self, may_refuse: bool) -> Result<(), String> {
+        if !self.storage.exists(&self.volume_json()) {
             return Ok(());
         }
         // A restore takes a shared lock and reads the files, as `blkmirror restore` does.
-        let reader = match PointReader::open(&self.dir, VOLUME) {
+        let reader = match PointReader::open_on(&self.storage, &self.data_dir, VOLUME) {
             Ok(reader) => reader,
-            Err(error) => return Err(self.violation(format!("the volume cannot be read: {error}"))),
+            Err(error) if may_refuse && error.to_string().contains("not yet applied") => {
+                self.note(format!("the restore is refused: {error}"));
+                return Ok(());
+            }
+            Err(error) => return Err(format!("the volume cannot be read: {error}")),
         };
         let meta = reader.meta().clone();
-        if !meta.unsettled
+        if !may_refuse
+            && !meta.unsettled
             && meta
                 .points
                 .last()
@@ -619,20 +910,47 @@ impl World {
         {
             let image = self.image();
             if image != self.model {
-                return Err(self.violation(format!(
+                return Err(format!(
                     "the settled image {image:?} is not the newest point {:?}",
                     self.model
-                )));
+                ));
             }
         }
-        let listed: BTreeSet<u64> = meta.points.iter().map(|p| p.seq).collect();
-        for (&seq, content) in &self.points {
-            if !listed.contains(&seq) && !meta.unsettled {
-                return Err(self.violation(format!(
-                    "committed point {seq} is gone (points now {listed:?})"
-                )));
+        let listed: BTreeMap<u64, u64> = meta
+            .points
+            .iter()
+            .map(|p| (p.seq, p.time_unix_ms))
+            .collect();
+        if let Some(pair) = meta
+            .points
+            .windows(2)
+            .find(|w| w[1].time_unix_ms < w[0].time_unix_ms)
+        {
+            return Err(format!(
+                "point {} is dated before point {} ({} < {} ms): `--at` would pick the wrong one",
+                pair[1].seq, pair[0].seq, pair[1].time_unix_ms, pair[0].time_unix_ms
+            ));
+        }
+        let snapshot = self.status.snapshot(self.clock.load(Ordering::Relaxed));
+        for status in &snapshot.volumes {
+            if let Some(point) = &status.last_point
+                && listed.get(&point.seq) != Some(&point.time_unix_ms)
+            {
+                return Err(format!(
+                    "status reports point {} ({} ms), which `points` does not list (it lists \
+                     {listed:?})",
+                    point.seq, point.time_unix_ms
+                ));
             }
-            if meta.unsettled || !listed.contains(&seq) {
+        }
+        for (&seq, content) in &self.points {
+            if !listed.contains_key(&seq) && !meta.unsettled {
+                return Err(format!(
+                    "committed point {seq} is gone (points now {:?})",
+                    listed.keys().collect::<Vec<_>>()
+                ));
+            }
+            if meta.unsettled || !listed.contains_key(&seq) {
                 continue;
             }
             let mut restored = Vec::new();
@@ -643,20 +961,18 @@ impl World {
             match bad {
                 Ok(bad) if bad.is_empty() && restored == *content => {}
                 Ok(bad) => {
-                    return Err(self.violation(format!(
+                    return Err(format!(
                         "point {seq} restores as {restored:?} (corrupt chunks at {bad:?}), \
                          committed as {content:?}"
-                    )));
+                    ));
                 }
-                Err(error) => {
-                    return Err(self.violation(format!("point {seq} cannot be read: {error}")));
-                }
+                Err(error) => return Err(format!("point {seq} cannot be read: {error}")),
             }
         }
         if meta.unsettled && !self.points.is_empty() {
-            return Err(self.violation(
-                "a volume with committed points was left unsettled (its history is gone)",
-            ));
+            return Err(
+                "a volume with committed points was left unsettled (its history is gone)".into(),
+            );
         }
         Ok(())
     }
@@ -706,6 +1022,7 @@ impl World {
             self.check()?;
         }
         self.inflight.extend(std::mem::take(&mut self.dirty));
+        self.read_cut = self.next_version;
         let mut session = SourceSession::new(self.record.clone());
         let mut control = ReceiverSession::new();
         let hello = session
