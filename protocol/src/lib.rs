@@ -8,6 +8,8 @@
 //!
 //! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
 //! * [`frames`]: how the chunks a pass reads become data frames (skip, zero ranges, zstd).
+//! * [`pass`]: an incremental cycle and a sync pass as state machines: what to do next, and
+//!   what the committed point says.
 //! * [`plan`]: what a cycle or a verify pass reads and sends, and how big it is.
 //! * [`wire`]: the messages between agent and receiver, their framing and every check a
 //!   receiver makes before it believes a frame.
@@ -17,6 +19,7 @@
 
 pub mod extent;
 pub mod frames;
+pub mod pass;
 pub mod plan;
 pub mod retention;
 pub mod session;

@@ -66,9 +66,10 @@ use std::{
 };
 
 use blkmirror_protocol::{
+    pass::{Cycle, CycleAction, FreezeOutcome, SyncAction, SyncPass, WindowCompare},
     session::{Answer, ControlStep, ReceiverSession, SessionError, SourceRecord, SourceSession},
     wire::{
-        self, AgentMessage, Begin, CheckedData, ChunkHash, Hello, PROTOCOL_VERSION, PointInfo,
+        self, AgentMessage, Begin, CheckedData, ChunkHash, Hello, PROTOCOL_VERSION,
         ReceiverMessage, RefusalCode, Welcome,
     },
 };
@@ -213,6 +214,9 @@ struct World {
     pending_version: BTreeMap<u64, u64>,
     /// Faults so far.
     fault_count: u64,
+    /// A cycle that claims a consistent point, and the source as it was at its frozen cut:
+    /// the point must hold exactly that.
+    expect_consistent: Option<(u64, Vec<u8>)>,
     /// Versions from this one on were written after the newest cut of the tracker, and the
     /// chunk versions sent that way: a read that lands after the cut ships a write that the
     /// next cycle ships again (pre-copy cannot tell), so each may be re-sent once more than
@@ -285,6 +289,7 @@ impl World {
             committed_version: vec![0; CHUNKS as usize],
             pending_version: BTreeMap::new(),
             fault_count: 0,
+            expect_consistent: None,
             read_cut: 1,
             read_after_cut: BTreeSet::new(),
             source: vec![0; CHUNKS as usize],
@@ -322,9 +327,14 @@ impl World {
     /// The random writer: a few chunks get new content (from a four-value alphabet).
     fn write(&mut self) {
         let count = 1 + self.rng.below(4);
+        let chunks: Vec<u64> = (0..count).map(|_| self.rng.below(CHUNKS)).collect();
+        self.write_chunks(&chunks);
+    }
+
+    /// The writer gives `chunks` new content.
+    fn write_chunks(&mut self, chunks: &[u64]) {
         let mut written = String::new();
-        for _ in 0..count {
-            let chunk = self.rng.below(CHUNKS);
+        for &chunk in chunks {
             let fill = [0u8, 0x11, 0x22, 0x33][self.rng.below(4) as usize];
             self.source[chunk as usize] = fill;
             self.version[chunk as usize] = self.next_version;
@@ -491,6 +501,18 @@ impl World {
             self.resent_of[chunk] = 0;
             self.faults_at_commit[chunk] = self.fault_count;
         }
+        if let Some((expected_seq, source)) = self.expect_consistent.take()
+            && expected_seq == seq
+            && source != self.model
+        {
+            self.broken.get_or_insert_with(|| {
+                format!(
+                    "point {seq} is marked consistent but holds {:?}, not the source at its \
+                     frozen cut {source:?}",
+                    self.model
+                )
+            });
+        }
         if listed {
             self.points.insert(seq, self.model.clone());
         }
@@ -608,6 +630,17 @@ impl World {
 
     /// One data frame of the open cycle.
     fn frame(&mut self, chunk: u64, fill: u8, direct: bool) -> Result<(), Cut> {
+        // A hostile agent's 0x77 is no version of the source.
+        let version = if self.source[chunk as usize] == fill {
+            self.version[chunk as usize]
+        } else {
+            u64::MAX
+        };
+        self.frame_of(chunk, fill, version, direct)
+    }
+
+    /// A data frame carrying version `version` of `chunk` (content `fill`).
+    fn frame_of(&mut self, chunk: u64, fill: u8, version: u64, direct: bool) -> Result<(), Cut> {
         self.weather()?;
         let offset = chunk * CHUNK;
         let data = if fill == 0 {
@@ -632,10 +665,10 @@ impl World {
             return Err(Cut::Refused(RefusalCode::Sequence, error.to_string()));
         }
         let at = chunk as usize;
-        if self.version[at] == self.committed_version[at] && self.source[at] == fill {
+        if version == self.committed_version[at] {
             self.resent_of[at] += 1;
             let allowed = self.fault_count - self.faults_at_commit[at]
-                + u64::from(self.read_after_cut.contains(&(chunk, self.version[at])));
+                + u64::from(self.read_after_cut.contains(&(chunk, version)));
             if self.resent_of[at] > allowed {
                 self.broken.get_or_insert_with(|| {
                     format!(
@@ -651,12 +684,6 @@ impl World {
         } else {
             self.pending.insert(chunk, fill);
         }
-        // A hostile agent's 0x77 is no version of the source.
-        let version = if self.source[at] == fill {
-            self.version[at]
-        } else {
-            u64::MAX
-        };
         if version != u64::MAX && version >= self.read_cut {
             self.read_after_cut.insert((chunk, version));
         }
@@ -760,70 +787,68 @@ impl World {
             session.sync_started(self.tracker_generation);
             self.persist(session);
         }
-        let from = session.sync_start(from);
-        let shape = session.sync_shape(SIZE, WINDOW_CHUNKS * CHUNK, WINDOW_CHUNKS * CHUNK);
-        let initial = session.initial_sync();
+        let window = WINDOW_CHUNKS * CHUNK;
+        let mut pass = SyncPass::new(session, from, SIZE, CHUNK, window, window);
         self.note(format!(
-            "sync from {from} ({}{})",
-            if shape.direct { "direct" } else { "journaled" },
-            if initial { ", initial" } else { "" }
+            "sync from {} ({}{})",
+            pass.from(),
+            if pass.direct() { "direct" } else { "journaled" },
+            if pass.initial() { ", initial" } else { "" }
         ));
-        let mut start = from - from % shape.step_bytes;
-        while start < SIZE {
-            let end = (start + shape.step_bytes).min(SIZE);
-            let seq = session.next_seq();
-            let begin = session.begin(Begin {
-                seq,
-                bytes_estimate: end - start,
-                direct: shape.direct,
-                from: start,
-            })?;
-            self.ask(session, control, begin)?;
-            let mut frames = 0;
-            let mut window = start;
-            while window < end {
-                let window_end = (window + WINDOW_CHUNKS * CHUNK).min(end);
-                let first = window / CHUNK;
-                let count = ((window_end - window) / CHUNK) as u32;
-                let replica = if initial {
-                    // An initial sync knows the replica is all zeros: it asks nothing.
-                    vec![chunk_hash(0); count as usize]
-                } else {
-                    let request = session.hash_request(first, count)?;
-                    match self.ask(session, control, request)? {
-                        Answer::Hashes { hashes, .. } => hashes,
-                        other => {
-                            return Err(Cut::Refused(RefusalCode::Protocol, format!("{other:?}")));
+        loop {
+            let now = self.agent_time();
+            match pass.next(session.next_seq(), self.tracker_generation, 0, now) {
+                SyncAction::Begin(begin) => {
+                    let begin = session.begin(begin)?;
+                    self.ask(session, control, begin)?;
+                }
+                SyncAction::Window {
+                    start,
+                    end,
+                    compare,
+                } => {
+                    let first = start / CHUNK;
+                    let count = (end - start).div_ceil(CHUNK);
+                    let replica = match compare {
+                        // An initial sync knows the replica is all zeros: it asks nothing.
+                        WindowCompare::ZeroReplica => vec![chunk_hash(0); count as usize],
+                        WindowCompare::AskHashes { first_chunk, count } => {
+                            let request = session.hash_request(first_chunk, count)?;
+                            match self.ask(session, control, request)? {
+                                Answer::Hashes { hashes, .. } => hashes,
+                                other => {
+                                    return Err(Cut::Refused(
+                                        RefusalCode::Protocol,
+                                        format!("{other:?}"),
+                                    ));
+                                }
+                            }
+                        }
+                    };
+                    let mut frames = 0;
+                    for (index, hash) in replica.iter().enumerate() {
+                        let chunk = first + index as u64;
+                        let fill = self.source[chunk as usize];
+                        if chunk_hash(fill) != *hash {
+                            self.frame(chunk, fill, pass.direct())?;
+                            frames += 1;
                         }
                     }
-                };
-                for (index, hash) in replica.iter().enumerate() {
-                    let chunk = first + index as u64;
-                    let fill = self.source[chunk as usize];
-                    if chunk_hash(fill) != *hash {
-                        self.frame(chunk, fill, shape.direct)?;
-                        frames += 1;
-                    }
+                    pass.window_sent(frames, frames * CHUNK);
                 }
-                window = window_end;
+                SyncAction::Commit { frames, point } => {
+                    let commit = session.commit(frames, point)?;
+                    self.ask(session, control, commit)?;
+                    self.persist(session);
+                }
+                SyncAction::Done => return Ok(()),
             }
-            let point = PointInfo {
-                seq,
-                complete: !shape.direct,
-                synced_to: end,
-                generation: self.tracker_generation,
-                time_unix_ms: self.agent_time(),
-                ..PointInfo::default()
-            };
-            let commit = session.commit(frames, point)?;
-            self.ask(session, control, commit)?;
-            self.persist(session);
-            start = end;
         }
-        Ok(())
     }
 
-    /// One incremental cycle: cut into the in-flight set, send it, commit.
+    /// One incremental cycle, driven by the agent's [`Cycle`] machine: a pre-copy pass of the
+    /// in-flight set, and, when the source "has a mount", freeze attempts whose outcome the
+    /// seed decides (fails, does not fit, or reads the remainder while frozen).
     fn cycle(
         &mut self,
         session: &mut SourceSession,
@@ -835,6 +860,7 @@ impl World {
             self.tracker_generation += 1;
             return Err(Cut::TrackingLost);
         }
+        self.expect_consistent = None;
         self.inflight.extend(std::mem::take(&mut self.dirty));
         self.read_cut = self.next_version;
         self.persist(session);
@@ -846,25 +872,94 @@ impl World {
             from: 0,
         })?;
         self.ask(session, control, begin)?;
-        let chunks: Vec<u64> = self.inflight.iter().copied().collect();
-        for &chunk in &chunks {
-            let fill = self.source[chunk as usize];
-            self.frame(chunk, fill, false)?;
+        let freezes = self.rng.chance(500);
+        let (mut cycle, mut action) =
+            Cycle::start(seq, self.tracker_generation, 0, SIZE, freezes, 3);
+        let mut plan: Vec<u64> = self.inflight.iter().copied().collect();
+        // Chunks read while frozen: (chunk, content, version), and the source at that cut.
+        let mut read_while_frozen: Vec<(u64, u8, u64)> = Vec::new();
+        let mut frozen_source = None;
+        loop {
+            action = match action {
+                CycleAction::PreCopy => {
+                    for &chunk in &plan {
+                        let fill = self.source[chunk as usize];
+                        self.frame(chunk, fill, false)?;
+                    }
+                    let sent = plan.len() as u64;
+                    let now = self.agent_time();
+                    cycle.pass_sent(sent, sent * CHUNK, now)
+                }
+                CycleAction::Flush { frames } => {
+                    let flush = session.flush(frames)?;
+                    self.ask(session, control, flush)?;
+                    cycle.flushed()
+                }
+                CycleAction::Freeze { attempt } => {
+                    let outcome = self.rng.below(3);
+                    // The application keeps writing until the freeze.
+                    if self.faults && self.rng.chance(500) {
+                        self.write();
+                    }
+                    if outcome == 0 {
+                        self.note(format!("freeze attempt {attempt} fails"));
+                        cycle.frozen(FreezeOutcome::NotFrozen)
+                    } else {
+                        // Frozen: the cut joins the in-flight set (persisted after the thaw).
+                        let cut: Vec<u64> = std::mem::take(&mut self.dirty).into_iter().collect();
+                        self.inflight.extend(cut.iter().copied());
+                        self.read_cut = self.next_version;
+                        self.persist(session);
+                        let cut_time_unix_ms = self.agent_time();
+                        if outcome == 1 {
+                            self.note(format!("freeze attempt {attempt}: cut {cut:?}, too big"));
+                            plan = cut;
+                            cycle.frozen(FreezeOutcome::DidNotFit {
+                                cut_time_unix_ms,
+                                epoch: 0,
+                            })
+                        } else {
+                            self.note(format!("freeze attempt {attempt}: cut {cut:?}, read"));
+                            read_while_frozen = cut
+                                .iter()
+                                .map(|&c| (c, self.source[c as usize], self.version[c as usize]))
+                                .collect();
+                            frozen_source = Some(self.source.clone());
+                            // Thawed: the application writes again, often where it just had.
+                            if self.faults && !cut.is_empty() && self.rng.chance(700) {
+                                let chunk = cut[self.rng.below(cut.len() as u64) as usize];
+                                self.write_chunks(&[chunk]);
+                            }
+                            cycle.frozen(FreezeOutcome::Read {
+                                cut_time_unix_ms,
+                                epoch: 0,
+                                by_guard: false,
+                                held_ms: 1,
+                                group_cut: None,
+                            })
+                        }
+                    }
+                }
+                CycleAction::SendFrozen => {
+                    let read = std::mem::take(&mut read_while_frozen);
+                    for &(chunk, fill, version) in &read {
+                        self.frame_of(chunk, fill, version, false)?;
+                    }
+                    let sent = read.len() as u64;
+                    cycle.frozen_sent(sent, sent * CHUNK)
+                }
+                CycleAction::Commit { frames, point } => {
+                    if point.consistent {
+                        self.expect_consistent = frozen_source.take().map(|source| (seq, source));
+                    }
+                    let commit = session.commit(frames, point)?;
+                    self.ask(session, control, commit)?;
+                    self.inflight.clear();
+                    self.persist(session);
+                    return Ok(());
+                }
+            };
         }
-        let flush = session.flush(chunks.len() as u64)?;
-        self.ask(session, control, flush)?;
-        let point = PointInfo {
-            seq,
-            complete: true,
-            generation: self.tracker_generation,
-            time_unix_ms: self.agent_time(),
-            ..PointInfo::default()
-        };
-        let commit = session.commit(chunks.len() as u64, point)?;
-        self.ask(session, control, commit)?;
-        self.inflight.clear();
-        self.persist(session);
-        Ok(())
     }
 
     /// The receiver's side of a connection's end: the session aborts its open cycle and
@@ -878,6 +973,7 @@ impl World {
         }
         self.pending.clear();
         self.pending_version.clear();
+        self.expect_consistent = None;
         // Between connections the receiver is idle: it cannot die in the middle of work.
         self.disk.disarm();
     }

@@ -46,7 +46,10 @@ use crate::{
     tracker::track::{TrackError, TrackOptions, Tracker},
 };
 use blkmirror_protocol::frames::{Compare, FrameBuilder, FrameStats};
-use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession, SyncShape};
+use blkmirror_protocol::pass::{
+    Cycle, CycleAction, FreezeOutcome, SyncAction, SyncPass, WindowCompare,
+};
+use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession};
 use blkmirror_protocol::{
     extent::{ChangeKind, DirtyBitmaps, Extent},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
@@ -775,96 +778,129 @@ impl Agent {
         let started = Instant::now();
         let seq = self.session.next_seq();
         // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
-        let (_, mut epoch) = tokio::task::block_in_place(|| self.take_cut())?;
-        let first = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
-        self.begin(link, seq, first.data_estimate(), false, 0)
+        let (_, epoch) = tokio::task::block_in_place(|| self.take_cut())?;
+        let mut plan = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
+        self.begin(link, seq, plan.data_estimate(), false, 0)
             .await?;
+        let freezes = self.mount.is_some() || self.config.group.is_some();
+        let (mut cycle, mut action) = Cycle::start(
+            seq,
+            self.tracker.generation(),
+            epoch,
+            self.size,
+            freezes,
+            FREEZE_ATTEMPTS,
+        );
         let mut totals = PassStats::default();
-        let pass_started = Instant::now();
-        let stats = self.send_pass(link, seq, &first, Compare::Nothing).await?;
-        if stats.read_bytes >= 1 << 20 {
-            self.read_rate = stats.read_bytes as f64 / pass_started.elapsed().as_secs_f64();
+        let mut read_while_frozen = None;
+        loop {
+            action = match action {
+                CycleAction::PreCopy => {
+                    let pass_started = Instant::now();
+                    let stats = self.send_pass(link, seq, &plan, Compare::Nothing).await?;
+                    if cycle.attempt() == 0 && stats.read_bytes >= 1 << 20 {
+                        self.read_rate =
+                            stats.read_bytes as f64 / pass_started.elapsed().as_secs_f64();
+                    }
+                    totals.add(stats);
+                    cycle.pass_sent(stats.frames, stats.data_bytes + stats.zero_bytes, now_ms())
+                }
+                CycleAction::Flush { frames } => {
+                    self.flush(link, frames).await?;
+                    cycle.flushed()
+                }
+                CycleAction::Freeze { attempt } => {
+                    if self.stopping() {
+                        return Err(AgentError::Stopped);
+                    }
+                    let outcome = self.freeze_attempt(seq, attempt)?;
+                    if let Some((next_plan, frames)) = outcome.1 {
+                        plan = next_plan;
+                        read_while_frozen = frames;
+                    }
+                    cycle.frozen(outcome.0)
+                }
+                CycleAction::SendFrozen => {
+                    let (frames, stats) = read_while_frozen.take().expect("read while frozen");
+                    let stats = self.send_frames(link, frames, stats).await?;
+                    totals.add(stats);
+                    cycle.frozen_sent(stats.frames, stats.data_bytes + stats.zero_bytes)
+                }
+                CycleAction::Commit { frames, point } => {
+                    self.commit(link, frames, point.clone()).await?;
+                    self.report("cycle", &point, &totals, started.elapsed());
+                    return Ok(());
+                }
+            };
         }
-        totals.add(stats);
-        self.flush(link, totals.frames).await?;
-        let mut consistent = false;
-        let mut freeze_ms = 0;
-        let mut cut_time = now_ms();
-        let mut group_cut = None;
-        if self.mount.is_some() || self.config.group.is_some() {
-            for attempt in 1..=FREEZE_ATTEMPTS {
-                if self.stopping() {
-                    return Err(AgentError::Stopped);
+    }
+
+    /// One freeze attempt of a cycle: freezes (alone or with the group), cuts, reads the
+    /// remainder if it fits the budget, thaws. Returns the outcome for [`Cycle::frozen`], with
+    /// the cut's plan and, if read, its frames.
+    #[allow(clippy::type_complexity)]
+    fn freeze_attempt(
+        &mut self,
+        seq: u64,
+        attempt: u32,
+    ) -> Result<
+        (
+            FreezeOutcome,
+            Option<(PassPlan, Option<(Vec<Vec<u8>>, PassStats)>)>,
+        ),
+        AgentError,
+    > {
+        let pass = tokio::task::block_in_place(|| match self.config.group.clone() {
+            Some(group) => self.group_frozen_pass(&group, seq),
+            None => {
+                let mount = self.mount.clone().expect("a mount without a group");
+                self.frozen_pass(&mount, seq)
+            }
+        });
+        let frozen = match pass {
+            Ok(frozen) => frozen,
+            // Nothing was cut: the point is the pre-copy pass's, unfrozen.
+            Err(AgentError::Freeze(error)) => {
+                say(format!("{error}; this point is fuzzy (not frozen)"));
+                return Ok((FreezeOutcome::NotFrozen, None));
+            }
+            Err(AgentError::Group(error)) => {
+                say(format!("{error}; this point is fuzzy (not frozen)"));
+                return Ok((FreezeOutcome::NotFrozen, None));
+            }
+            Err(error) => return Err(error),
+        };
+        match frozen.frames {
+            Some(frames) => {
+                if frozen.by_guard {
+                    say(
+                        "the freeze overran its budget and the guard thawed it; this point is \
+                         not consistent",
+                    );
                 }
-                let pass = tokio::task::block_in_place(|| match self.config.group.clone() {
-                    Some(group) => self.group_frozen_pass(&group, seq),
-                    None => {
-                        let mount = self.mount.clone().expect("a mount without a group");
-                        self.frozen_pass(&mount, seq)
-                    }
-                });
-                let frozen = match pass {
-                    Ok(frozen) => frozen,
-                    // Nothing was cut: the point is the pre-copy pass's, unfrozen.
-                    Err(AgentError::Freeze(error)) => {
-                        say(format!("{error}; this point is fuzzy (not frozen)"));
-                        break;
-                    }
-                    Err(AgentError::Group(error)) => {
-                        say(format!("{error}; this point is fuzzy (not frozen)"));
-                        break;
-                    }
-                    Err(error) => return Err(error),
+                let outcome = FreezeOutcome::Read {
+                    cut_time_unix_ms: frozen.cut_time,
+                    epoch: frozen.epoch,
+                    by_guard: frozen.by_guard,
+                    held_ms: frozen.held.as_millis() as u64,
+                    group_cut: frozen.group_cut,
                 };
-                cut_time = frozen.cut_time;
-                epoch = frozen.epoch;
-                group_cut = frozen.group_cut;
-                match frozen.frames {
-                    Some(frames) => {
-                        let stats = self.send_frames(link, frames, frozen.stats).await?;
-                        totals.add(stats);
-                        consistent = !frozen.by_guard;
-                        freeze_ms = frozen.held.as_millis() as u64;
-                        if frozen.by_guard {
-                            say(
-                                "the freeze overran its budget and the guard thawed it; this \
-                                 point is not consistent",
-                            );
-                        }
-                        break;
-                    }
-                    None => {
-                        say(format!(
-                            "freeze attempt {attempt}: {} left to read does not fit the {}ms \
-                             budget; another pre-copy pass first",
-                            units::format_size(frozen.plan.read_bytes()),
-                            self.config.freeze_budget.as_millis()
-                        ));
-                        let stats = self
-                            .send_pass(link, seq, &frozen.plan, Compare::Nothing)
-                            .await?;
-                        totals.add(stats);
-                        self.flush(link, totals.frames).await?;
-                    }
-                }
+                Ok((outcome, Some((frozen.plan, Some((frames, frozen.stats))))))
+            }
+            None => {
+                say(format!(
+                    "freeze attempt {attempt}: {} left to read does not fit the {}ms budget; \
+                     another pre-copy pass first",
+                    units::format_size(frozen.plan.read_bytes()),
+                    self.config.freeze_budget.as_millis()
+                ));
+                let outcome = FreezeOutcome::DidNotFit {
+                    cut_time_unix_ms: frozen.cut_time,
+                    epoch: frozen.epoch,
+                };
+                Ok((outcome, Some((frozen.plan, None))))
             }
         }
-        let point = PointInfo {
-            seq,
-            generation: self.tracker.generation(),
-            epoch,
-            time_unix_ms: cut_time,
-            bytes: totals.data_bytes + totals.zero_bytes,
-            consistent,
-            freeze_ms,
-            complete: true,
-            synced_to: self.size,
-            group_cut: group_cut.filter(|_| consistent),
-            received_unix_ms: 0,
-        };
-        self.commit(link, totals.frames, point.clone()).await?;
-        self.report("cycle", &point, &totals, started.elapsed());
-        Ok(())
     }
 
     /// Freezes, cuts, and reads the remainder into memory if it fits the budget; thaws.
@@ -979,7 +1015,6 @@ impl Agent {
 
     /// A whole-device pass from `from`, committed in steps.
     async fn full_sync(&mut self, link: &mut Link, from: u64) -> Result<(), AgentError> {
-        let new_replica = self.session.initial_sync();
         if self.session.sync_needs_fresh_cut(from) {
             // Everything written after this cut is tracked; everything before it is read below.
             tokio::task::block_in_place(|| -> Result<(), AgentError> {
@@ -991,96 +1026,107 @@ impl Agent {
                 Ok(())
             })?;
         }
-        let from = self.session.sync_start(from);
+        // A replica with history is verified in one journaled cycle, so a crash leaves it at
+        // its last point or at the synced one, never a mix (the journal holds only the chunks
+        // that differ). An initial sync has no point to protect: it writes straight into the
+        // image in resumable steps, each telling the receiver where it starts.
+        let window = self.chunk * u64::from(wire::MAX_HASHES_PER_REQUEST);
+        let mut pass = SyncPass::new(
+            &self.session,
+            from,
+            self.size,
+            self.chunk,
+            window,
+            self.config.sync_step,
+        );
+        let new_replica = pass.initial();
         say(format!(
             "{} sync of {} from offset {}: {}",
             if new_replica { "initial" } else { "verify" },
             units::format_size(self.size),
-            from,
+            pass.from(),
             if new_replica {
                 "sending every non-zero chunk"
             } else {
                 "comparing chunk hashes, sending only chunks that differ"
             }
         ));
-        let window = self.chunk * u64::from(wire::MAX_HASHES_PER_REQUEST);
-        // A replica with history is verified in one journaled cycle, so a crash leaves it at
-        // its last point or at the synced one, never a mix (the journal holds only the chunks
-        // that differ). An initial sync has no point to protect: it writes straight into the
-        // image in resumable steps, each telling the receiver where it starts.
-        let SyncShape {
-            direct,
-            step_bytes: step,
-        } = self
-            .session
-            .sync_shape(self.size, window, self.config.sync_step);
         let mut progress = Progress {
-            total: self.size - from,
+            total: self.size - pass.from(),
             done: 0,
             started: self.started.elapsed(),
         };
         let mut last_report = Instant::now();
         let mut totals = PassStats::default();
-        for (step_start, step_end) in plan::sync_windows(from, self.size, step) {
-            let seq = self.session.next_seq();
-            let started = Instant::now();
-            // The data of a sync step is unknown until read: the receiver checks its space as
-            // the journal grows.
-            self.begin(link, seq, 0, direct, step_start).await?;
-            let mut step_stats = PassStats::default();
-            for (start, end) in plan::sync_windows(step_start, step_end, window) {
-                if self.stopping() {
-                    return Err(AgentError::Stopped);
+        // The open step: its number, when it began, what it sent.
+        let mut step = (0, Instant::now(), PassStats::default());
+        loop {
+            let action = pass.next(
+                self.session.next_seq(),
+                self.tracker.generation(),
+                self.tracker.epoch(),
+                now_ms(),
+            );
+            match action {
+                SyncAction::Begin(begin) => {
+                    step = (begin.seq, Instant::now(), PassStats::default());
+                    self.begin(
+                        link,
+                        begin.seq,
+                        begin.bytes_estimate,
+                        begin.direct,
+                        begin.from,
+                    )
+                    .await?;
                 }
-                let compare = if new_replica {
-                    Compare::ZeroReplica
-                } else {
-                    let first_chunk = start / self.chunk;
-                    let count = (end - start).div_ceil(self.chunk) as u32;
-                    let message = self.session.hash_request(first_chunk, count)?;
-                    match self.session.on_reply(link.request(&message).await?)? {
-                        Answer::Hashes {
-                            first_chunk,
-                            hashes,
-                        } => Compare::Hashes {
-                            first_chunk,
-                            hashes,
-                        },
-                        other => {
-                            return Err(AgentError::Protocol(format!(
-                                "expected {count} hashes, got {other:?}"
-                            )));
-                        }
+                SyncAction::Window {
+                    start,
+                    end,
+                    compare,
+                } => {
+                    if self.stopping() {
+                        return Err(AgentError::Stopped);
                     }
-                };
-                let plan = PassPlan {
-                    read: vec![(start, end - start)],
-                    ..PassPlan::default()
-                };
-                let stats = self.send_pass(link, seq, &plan, compare).await?;
-                step_stats.add(stats);
-                progress.done += end - start;
-                if last_report.elapsed() >= Duration::from_secs(2) {
-                    last_report = Instant::now();
-                    self.report_progress(&progress, &totals, &step_stats);
+                    let compare = match compare {
+                        WindowCompare::ZeroReplica => Compare::ZeroReplica,
+                        WindowCompare::AskHashes { first_chunk, count } => {
+                            let message = self.session.hash_request(first_chunk, count)?;
+                            match self.session.on_reply(link.request(&message).await?)? {
+                                Answer::Hashes {
+                                    first_chunk,
+                                    hashes,
+                                } => Compare::Hashes {
+                                    first_chunk,
+                                    hashes,
+                                },
+                                other => {
+                                    return Err(AgentError::Protocol(format!(
+                                        "expected {count} hashes, got {other:?}"
+                                    )));
+                                }
+                            }
+                        }
+                    };
+                    let plan = PassPlan {
+                        read: vec![(start, end - start)],
+                        ..PassPlan::default()
+                    };
+                    let stats = self.send_pass(link, step.0, &plan, compare).await?;
+                    pass.window_sent(stats.frames, stats.data_bytes + stats.zero_bytes);
+                    step.2.add(stats);
+                    progress.done += end - start;
+                    if last_report.elapsed() >= Duration::from_secs(2) {
+                        last_report = Instant::now();
+                        self.report_progress(&progress, &totals, &step.2);
+                    }
                 }
+                SyncAction::Commit { frames, point } => {
+                    self.commit(link, frames, point.clone()).await?;
+                    totals.add(step.2);
+                    self.report("sync-step", &point, &step.2, step.1.elapsed());
+                }
+                SyncAction::Done => break,
             }
-            let point = PointInfo {
-                seq,
-                generation: self.tracker.generation(),
-                epoch: self.tracker.epoch(),
-                time_unix_ms: now_ms(),
-                bytes: step_stats.data_bytes + step_stats.zero_bytes,
-                consistent: false,
-                freeze_ms: 0,
-                complete: false,
-                synced_to: step_end,
-                group_cut: None,
-                received_unix_ms: 0,
-            };
-            self.commit(link, step_stats.frames, point.clone()).await?;
-            totals.add(step_stats);
-            self.report("sync-step", &point, &step_stats, started.elapsed());
         }
         self.report_progress(&progress, &PassStats::default(), &totals);
         Ok(())
