@@ -8,7 +8,8 @@
 //!
 //! # What is simulated, and what is real
 //!
-//! * Real: both session machines; [`Volume`] (journal, apply, undo deltas, hashes) and
+//! * Real: both session machines and the agent's pass machines ([`Cycle`], [`SyncPass`]);
+//!   [`Volume`] (journal, apply, undo deltas, hashes) and
 //!   [`PointReader`] for restores, over the [`crate::dr::storage::Storage`] interface; the
 //!   receiver's commit path with its audit entries and status board
 //!   ([`crate::dr::receiver::commit_and_record`]); the audit log's files and hash chain.
@@ -16,6 +17,9 @@
 //!   * the device (one fill byte per chunk, from a small alphabet, so contents recur the way
 //!     real blocks do) under a random writer, and the tracker (a dirty set, cut into the
 //!     agent's durable in-flight set);
+//!   * freezes: a cycle freezes now and then, and the seed picks the outcome (the freeze
+//!     fails, the remainder is too big, or it is read while frozen); the application writes
+//!     right before a freeze and right after the thaw;
 //!   * the network (a connection is a sequence of messages; it can drop before any of them);
 //!   * the receiver's disk ([`disk`]): a power cut loses or tears any write not yet synced
 //!     and keeps only a prefix of the directory changes not yet synced;
@@ -37,6 +41,7 @@
 //!   volume lists was committed with exactly that content.
 //! * Every committed complete point stays listed (retention keeps all in a run), restores
 //!   byte for byte with its stored hashes, also after power cuts; points are dated in order.
+//! * A point marked consistent holds exactly the source at its frozen cut.
 //! * The status board reports no point that `points` does not list.
 //! * The audit chain verifies.
 //! * A committed chunk version is re-sent at most once per fault since its commit (plus once
