@@ -351,7 +351,8 @@ fn test(no_cross: bool) -> Result<()> {
                 .args(["--target", AARCH64])
                 .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", QEMU)
                 // Under emulation the simulator runs seeds about ten times slower: enough
-                // seeds to find both re-introduced bugs (seeds 16 and 110), not a thousand.
+                // seeds to find both re-introduced bugs (now at seeds 24 and 95), not a
+                // thousand.
                 .env("BLKMIRROR_SIM_SEEDS", "150"),
         )?;
         passed += p;

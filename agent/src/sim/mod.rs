@@ -20,7 +20,10 @@
 //!   * freezes: a cycle freezes now and then, and the seed picks the outcome (the freeze
 //!     fails, the remainder is too big, or it is read while frozen); the application writes
 //!     right before a freeze and right after the thaw;
-//!   * the network (a connection is a sequence of messages; it can drop before any of them);
+//!   * the network: control messages in order (one QUIC stream), data frames on several
+//!     streams, so they arrive in any order until a `Flush` or `Commit` (which the receiver
+//!     holds until they have); a connection can drop before any message, losing what is on
+//!     its way;
 //!   * the receiver's disk ([`disk`]): a power cut loses or tears any write not yet synced
 //!     and keeps only a prefix of the directory changes not yet synced;
 //!   * process deaths: at message boundaries, and, through the disk's fuse, in the middle of
@@ -31,9 +34,9 @@
 //!     and a hostile (granted) agent;
 //!   * the receiver's clock, which moves on and now and then steps back, and the agent's
 //!     clock, a minute off either way.
-//! * Not simulated: the QUIC layer itself (duplicates and reordering of packets are quinn's
-//!   to hide; the sim's messages arrive in order or not at all), the audit log under power
-//!   cuts (it is on real files), a full disk.
+//! * Not simulated: the QUIC layer itself (packet loss, duplicates and reordering inside a
+//!   stream are quinn's to hide), the audit log under power cuts (it is on real files), a
+//!   full disk.
 //!
 //! # Invariants, checked after every connection and at the end
 //!
@@ -197,6 +200,15 @@ impl std::fmt::Display for Violation {
     }
 }
 
+/// A data frame on its way to the receiver.
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    chunk: u64,
+    fill: u8,
+    version: u64,
+    direct: bool,
+}
+
 struct World {
     rng: Rng,
     seed: u64,
@@ -217,6 +229,8 @@ struct World {
     next_version: u64,
     committed_version: Vec<u64>,
     pending_version: BTreeMap<u64, u64>,
+    /// Data frames sent and not yet arrived.
+    in_flight: Vec<InFlight>,
     /// Faults so far.
     fault_count: u64,
     /// A cycle that claims a consistent point, and the source as it was at its frozen cut:
@@ -293,6 +307,7 @@ impl World {
             next_version: 1,
             committed_version: vec![0; CHUNKS as usize],
             pending_version: BTreeMap::new(),
+            in_flight: Vec::new(),
             fault_count: 0,
             expect_consistent: None,
             read_cut: 1,
@@ -530,6 +545,12 @@ impl World {
         message: AgentMessage,
     ) -> Result<ReceiverMessage, Cut> {
         self.weather()?;
+        if matches!(
+            message,
+            AgentMessage::Flush { .. } | AgentMessage::Commit { .. }
+        ) {
+            self.arrive(true)?;
+        }
         self.note(format!("agent -> {}", describe(&message)));
         let step = match control.on_message(message) {
             Ok(step) => step,
@@ -647,28 +668,7 @@ impl World {
     /// A data frame carrying version `version` of `chunk` (content `fill`).
     fn frame_of(&mut self, chunk: u64, fill: u8, version: u64, direct: bool) -> Result<(), Cut> {
         self.weather()?;
-        let offset = chunk * CHUNK;
-        let data = if fill == 0 {
-            CheckedData::Zero {
-                offset,
-                length: CHUNK,
-            }
-        } else {
-            CheckedData::Write {
-                offset,
-                data: chunk_bytes(fill),
-            }
-        };
-        let journaled = self.volume.as_mut().expect("admitted").journal(data);
         self.note(format!("agent -> frame {chunk}={fill:#x}"));
-        if self.disk.dead() {
-            return Err(self.receiver_dies());
-        }
-        if let Err(error) = journaled {
-            self.note(format!("receiver refuses frame: {error}"));
-            self.end_session();
-            return Err(Cut::Refused(RefusalCode::Sequence, error.to_string()));
-        }
         let at = chunk as usize;
         if version == self.committed_version[at] {
             self.resent_of[at] += 1;
@@ -684,13 +684,76 @@ impl World {
                 });
             }
         }
-        if direct {
-            self.model[at] = fill;
-        } else {
-            self.pending.insert(chunk, fill);
-        }
         if version != u64::MAX && version >= self.read_cut {
             self.read_after_cut.insert((chunk, version));
+        }
+        self.in_flight.push(InFlight {
+            chunk,
+            fill,
+            version,
+            direct,
+        });
+        // Frames travel on several streams: now and then some of them arrive.
+        if self.rng.chance(300) {
+            self.arrive(false)?;
+        }
+        Ok(())
+    }
+
+    /// Data frames in flight arrive at the receiver, in any order: all of them (before a
+    /// `Flush` or `Commit`, which the receiver holds until they have), or a random part.
+    fn arrive(&mut self, all: bool) -> Result<(), Cut> {
+        let mut frames = std::mem::take(&mut self.in_flight);
+        for i in (1..frames.len()).rev() {
+            let j = self.rng.below(i as u64 + 1) as usize;
+            frames.swap(i, j);
+        }
+        let stay = if all {
+            0
+        } else {
+            self.rng.below(frames.len() as u64 + 1) as usize
+        };
+        self.in_flight = frames.split_off(frames.len() - stay);
+        for frame in frames {
+            self.journal_frame(frame)?;
+        }
+        Ok(())
+    }
+
+    /// The receiver journals one data frame (a direct step writes it into the image).
+    fn journal_frame(&mut self, frame: InFlight) -> Result<(), Cut> {
+        let InFlight {
+            chunk,
+            fill,
+            version,
+            direct,
+        } = frame;
+        let offset = chunk * CHUNK;
+        let data = if fill == 0 {
+            CheckedData::Zero {
+                offset,
+                length: CHUNK,
+            }
+        } else {
+            CheckedData::Write {
+                offset,
+                data: chunk_bytes(fill),
+            }
+        };
+        let journaled = self.volume.as_mut().expect("admitted").journal(data);
+        self.note(format!("receiver journals frame {chunk}={fill:#x}"));
+        if self.disk.dead() {
+            return Err(self.receiver_dies());
+        }
+        if let Err(error) = journaled {
+            self.note(format!("receiver refuses frame: {error}"));
+            self.end_session();
+            return Err(Cut::Refused(RefusalCode::Sequence, error.to_string()));
+        }
+        if direct {
+            self.model[chunk as usize] = fill;
+        } else {
+            self.pending.insert(chunk, fill);
         }
         self.pending_version.insert(chunk, version);
         Ok(())
@@ -979,6 +1042,8 @@ impl World {
         self.pending.clear();
         self.pending_version.clear();
         self.expect_consistent = None;
+        // What was still on its way is lost with the connection.
+        self.in_flight.clear();
         // Between connections the receiver is idle: it cannot die in the middle of work.
         self.disk.disarm();
     }
@@ -1295,8 +1360,12 @@ mod tests {
         let found = run_seeds(seeds().0, seeds().1, Some(Bug::DirectBeginAfterHistory))
             .expect_err("the re-introduced bug must be found");
         eprintln!("{found}");
+        // Points wiped: a committed point is gone, the volume is left unsettled, or status
+        // still reports the point that `points` lost (whichever the seed meets first).
         assert!(
-            found.what.contains("gone") || found.what.contains("unsettled"),
+            found.what.contains("gone")
+                || found.what.contains("unsettled")
+                || found.what.contains("does not list"),
             "{found}"
         );
     }
