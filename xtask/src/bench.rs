@@ -60,6 +60,13 @@ pub enum Which {
         #[arg(long, default_value_t = 5)]
         rounds: u32,
     },
+    /// The link emulator's fidelity and ceiling: its throughput against a direct UDP stream,
+    /// the delivered rate at a cap, the round trip and the loss, each against its setting.
+    Relay {
+        /// Seconds per stream.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -79,6 +86,19 @@ pub fn run(which: Which) -> Result<()> {
             change_permille,
             rounds,
         } => crate::bench_replication::points(size_mib, change_permille, rounds),
+        Which::Relay { seconds } => crate::exec(crate::cargo().args([
+            "run",
+            "--locked",
+            "--release",
+            "-p",
+            "blkmirror-wan",
+            "--bin",
+            "wan-relay",
+            "--",
+            "check",
+            "--seconds",
+            &seconds.to_string(),
+        ])),
     }
 }
 

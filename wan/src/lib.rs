@@ -1,0 +1,853 @@
+//! A WAN in userspace: a UDP relay that sits between agent and receiver and models each
+//! direction as a bottleneck router, because this machine has no netem.
+//!
+//! # The model ([`Direction`], pure: time is an argument)
+//!
+//! A datagram offered to a direction at time `now`:
+//!
+//! 1. **Queue.** The link serializes datagrams at `rate` into a FIFO. What is still queued at
+//!    `now` is `(busy_until - now) × rate`; a datagram that would take the queue past
+//!    `queue_bytes` is dropped at the tail (default: one bandwidth-delay product, the classic
+//!    router sizing). A rate of 0 means no bottleneck.
+//! 2. **Loss.** A transmitted datagram is lost with the loss probability of the channel's
+//!    state: a Gilbert–Elliott chain with a good and a bad state (random loss is the chain
+//!    that never leaves the good state). Lost datagrams still used the link.
+//! 3. **Delay.** It arrives one-way `delay` after its last bit left, plus a uniform jitter in
+//!    `[0, jitter]`. Datagrams keep their order (jitter only delays), except that with
+//!    probability `reorder` a datagram is held back an extra `delay / 2 + jitter` and may be
+//!    overtaken.
+//!
+//! # The relay ([`Relay`])
+//!
+//! It listens on one UDP address; each client that sends there gets its own socket towards the
+//! upstream address, so replies find their way back. One thread per direction receives,
+//! schedules by the model and sends when due (`poll` with the time to the next delivery). The
+//! handle cuts the link both ways ([`RelayHandle::blackout`]) and counts what happened.
+
+use std::{
+    collections::{BinaryHeap, HashMap},
+    io,
+    net::{SocketAddr, UdpSocket},
+    os::fd::AsRawFd as _,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+/// Burst loss: a Gilbert–Elliott channel.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GilbertElliott {
+    /// Probability, per datagram, of going from the good state to the bad one.
+    pub good_to_bad: f64,
+    /// Probability, per datagram, of going from the bad state back to the good one.
+    pub bad_to_good: f64,
+    /// Loss probability in the bad state (the good state's is [`LinkSpec::loss`]).
+    pub bad_loss: f64,
+}
+
+impl GilbertElliott {
+    /// The long-run loss rate of a channel whose good state loses `good_loss`.
+    pub fn mean_loss(&self, good_loss: f64) -> f64 {
+        let bad_share = self.good_to_bad / (self.good_to_bad + self.bad_to_good);
+        bad_share * self.bad_loss + (1.0 - bad_share) * good_loss
+    }
+}
+
+/// One direction of a link.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkSpec {
+    /// Bottleneck rate in bits per second; 0 for none.
+    pub rate_bits: u64,
+    /// One-way delay.
+    pub delay: Duration,
+    /// Extra delay, uniform in `[0, jitter]`.
+    pub jitter: Duration,
+    /// Random loss probability (in the good state, with burst loss).
+    pub loss: f64,
+    /// Burst loss, if any.
+    pub burst: Option<GilbertElliott>,
+    /// The bottleneck's queue in bytes; `None` for one bandwidth-delay product (of the
+    /// round trip, twice `delay`), at least 64 KiB.
+    pub queue_bytes: Option<u64>,
+    /// Probability that a datagram is held back and may be overtaken.
+    pub reorder: f64,
+}
+
+impl Default for LinkSpec {
+    fn default() -> Self {
+        Self {
+            rate_bits: 0,
+            delay: Duration::ZERO,
+            jitter: Duration::ZERO,
+            loss: 0.0,
+            burst: None,
+            queue_bytes: None,
+            reorder: 0.0,
+        }
+    }
+}
+
+impl LinkSpec {
+    /// The queue limit in bytes.
+    pub fn queue_limit(&self) -> u64 {
+        self.queue_bytes.unwrap_or_else(|| {
+            let bdp = self.rate_bits as f64 / 8.0 * (2.0 * self.delay.as_secs_f64());
+            (bdp as u64).max(64 << 10)
+        })
+    }
+
+    /// The long-run loss rate.
+    pub fn mean_loss(&self) -> f64 {
+        self.burst.map_or(self.loss, |ge| ge.mean_loss(self.loss))
+    }
+}
+
+/// splitmix64, seeded: the same run of losses for the same seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// What became of a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// It arrives at this time (since the model's start).
+    Arrives(Duration),
+    /// The queue was full.
+    TailDrop,
+    /// The channel lost it.
+    Lost,
+}
+
+/// One direction's state.
+#[derive(Debug, Clone)]
+pub struct Direction {
+    spec: LinkSpec,
+    rng: Rng,
+    bad: bool,
+    /// When the link has sent everything queued so far.
+    busy_until: Duration,
+    /// The latest arrival scheduled in order (datagrams do not overtake it).
+    last_arrival: Duration,
+}
+
+impl Direction {
+    /// A direction with `spec`, its randomness from `seed`.
+    pub fn new(spec: LinkSpec, seed: u64) -> Self {
+        Self {
+            spec,
+            rng: Rng::new(seed),
+            bad: false,
+            busy_until: Duration::ZERO,
+            last_arrival: Duration::ZERO,
+        }
+    }
+
+    /// The spec.
+    pub fn spec(&self) -> &LinkSpec {
+        &self.spec
+    }
+
+    /// Offers a datagram of `len` bytes at `now`.
+    pub fn offer(&mut self, now: Duration, len: usize) -> Fate {
+        let start = self.busy_until.max(now);
+        let sent = if self.spec.rate_bits == 0 {
+            now
+        } else {
+            let queued =
+                (start - now).as_secs_f64() * self.spec.rate_bits as f64 / 8.0 + len as f64;
+            if queued > self.spec.queue_limit() as f64 {
+                return Fate::TailDrop;
+            }
+            let serialize = Duration::from_secs_f64(len as f64 * 8.0 / self.spec.rate_bits as f64);
+            self.busy_until = start + serialize;
+            self.busy_until
+        };
+        let loss = match self.spec.burst {
+            Some(ge) => {
+                let flip = if self.bad {
+                    ge.bad_to_good
+                } else {
+                    ge.good_to_bad
+                };
+                if self.rng.unit() < flip {
+                    self.bad = !self.bad;
+                }
+                if self.bad {
+                    ge.bad_loss
+                } else {
+                    self.spec.loss
+                }
+            }
+            None => self.spec.loss,
+        };
+        if loss > 0.0 && self.rng.unit() < loss {
+            return Fate::Lost;
+        }
+        let jitter = self.spec.jitter.mul_f64(self.rng.unit());
+        let arrival = sent + self.spec.delay + jitter;
+        if self.spec.reorder > 0.0 && self.rng.unit() < self.spec.reorder {
+            return Fate::Arrives(arrival + self.spec.delay / 2 + self.spec.jitter);
+        }
+        self.last_arrival = self.last_arrival.max(arrival);
+        Fate::Arrives(self.last_arrival)
+    }
+}
+
+/// Counts of one direction.
+#[derive(Debug, Default)]
+pub struct DirectionStats {
+    /// Datagrams received from the sender.
+    pub offered: AtomicU64,
+    /// Datagrams delivered.
+    pub delivered: AtomicU64,
+    /// Bytes delivered.
+    pub delivered_bytes: AtomicU64,
+    /// Dropped at the queue's tail.
+    pub tail_drops: AtomicU64,
+    /// Lost on the channel.
+    pub lost: AtomicU64,
+    /// Dropped because the link was cut.
+    pub blackout_drops: AtomicU64,
+}
+
+/// A running relay's controls and counters.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    blackout: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    /// Agent to receiver.
+    pub up: Arc<DirectionStats>,
+    /// Receiver to agent.
+    pub down: Arc<DirectionStats>,
+    /// Where clients send.
+    pub address: SocketAddr,
+}
+
+impl RelayHandle {
+    /// Cuts the link both ways (everything sent meanwhile is dropped), or restores it.
+    pub fn blackout(&self, on: bool) {
+        self.blackout.store(on, Ordering::SeqCst);
+    }
+
+    /// Whether the link is cut.
+    pub fn is_blacked_out(&self) -> bool {
+        self.blackout.load(Ordering::SeqCst)
+    }
+}
+
+/// A running relay; stops its threads when dropped.
+#[derive(Debug)]
+pub struct Relay {
+    handle: RelayHandle,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Listens on `listen` and relays to `upstream`: `up` models agent → receiver, `down` the
+    /// way back. `seed` makes the losses reproducible.
+    pub fn start(
+        listen: SocketAddr,
+        upstream: SocketAddr,
+        up: LinkSpec,
+        down: LinkSpec,
+        seed: u64,
+    ) -> io::Result<Self> {
+        let front = Arc::new(UdpSocket::bind(listen)?);
+        set_buffers(&front);
+        let handle = RelayHandle {
+            blackout: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+            up: Arc::default(),
+            down: Arc::default(),
+            address: front.local_addr()?,
+        };
+        let epoch = Instant::now();
+        let clients: Arc<Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>> = Arc::default();
+        let mut threads = Vec::new();
+        // Agent → receiver: from the front socket to each client's own upstream socket.
+        {
+            let handle = handle.clone();
+            let front = front.clone();
+            let clients = clients.clone();
+            let (down_handle, down_front) = (handle.clone(), front.clone());
+            let spawned = Arc::new(Mutex::new(Vec::new()));
+            let spawned_for_stop = spawned.clone();
+            threads.push(thread::spawn(move || {
+                let mut direction = Direction::new(up, seed);
+                let mut seed = seed;
+                forward(
+                    &front,
+                    &handle.up,
+                    &handle,
+                    epoch,
+                    &mut direction,
+                    |from| {
+                        let mut clients = clients.lock().expect("clients");
+                        if let Some(socket) = clients.get(&from) {
+                            return Some(socket.clone());
+                        }
+                        let socket = UdpSocket::bind(("127.0.0.1", 0)).ok()?;
+                        socket.connect(upstream).ok()?;
+                        set_buffers(&socket);
+                        let socket = Arc::new(socket);
+                        clients.insert(from, socket.clone());
+                        // Receiver → this client.
+                        seed = seed.wrapping_add(0x1234_5678);
+                        let (socket_back, handle, front) =
+                            (socket.clone(), down_handle.clone(), down_front.clone());
+                        let mut back = Direction::new(down, seed);
+                        spawned
+                            .lock()
+                            .expect("threads")
+                            .push(thread::spawn(move || {
+                                forward(
+                                    &socket_back,
+                                    &handle.down,
+                                    &handle,
+                                    epoch,
+                                    &mut back,
+                                    |_| Some(front.clone()),
+                                    Some(from),
+                                );
+                            }));
+                        Some(socket)
+                    },
+                    None,
+                );
+                for thread in spawned_for_stop.lock().expect("threads").drain(..) {
+                    let _ = thread.join();
+                }
+            }));
+        }
+        Ok(Self { handle, threads })
+    }
+
+    /// The controls.
+    pub fn handle(&self) -> &RelayHandle {
+        &self.handle
+    }
+
+    /// Where clients send.
+    pub fn address(&self) -> SocketAddr {
+        self.handle.address
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.handle.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Asks for large socket buffers: a relay that drops in its own socket is a worse link than
+/// the one it models. (The kernel caps them at `net.core.rmem_max`/`wmem_max`.)
+fn set_buffers(socket: &UdpSocket) {
+    let size: libc::c_int = 8 << 20;
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        // SAFETY: setsockopt on an open socket we own, with a pointer to a live c_int and its
+        // size.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&raw const size).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+/// A datagram waiting for its arrival time.
+#[derive(Debug, PartialEq, Eq)]
+struct Pending {
+    at: Duration,
+    order: u64,
+    to: Option<SocketAddr>,
+    out: usize,
+    data: Vec<u8>,
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // A min-heap on (arrival, order).
+        (other.at, other.order).cmp(&(self.at, self.order))
+    }
+}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One direction's loop: receive from `from_socket`, schedule by the model, send each
+/// datagram when due through the socket `route` picks for its sender (to `reply_to`, or to
+/// the socket's connected peer).
+fn forward(
+    from_socket: &UdpSocket,
+    stats: &DirectionStats,
+    handle: &RelayHandle,
+    epoch: Instant,
+    direction: &mut Direction,
+    mut route: impl FnMut(SocketAddr) -> Option<Arc<UdpSocket>>,
+    reply_to: Option<SocketAddr>,
+) {
+    if from_socket.set_nonblocking(true).is_err() {
+        return;
+    }
+    let mut outs: Vec<Arc<UdpSocket>> = Vec::new();
+    let mut queue: BinaryHeap<Pending> = BinaryHeap::new();
+    let mut order = 0u64;
+    let mut buffer = vec![0u8; 65536];
+    while !handle.stop.load(Ordering::SeqCst) {
+        // Send what is due.
+        let now = epoch.elapsed();
+        while queue.peek().is_some_and(|p| p.at <= now) {
+            let pending = queue.pop().expect("peeked");
+            if handle.is_blacked_out() {
+                stats.blackout_drops.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let out = &outs[pending.out];
+            let sent = match pending.to {
+                Some(to) => out.send_to(&pending.data, to),
+                None => out.send(&pending.data),
+            };
+            if sent.is_ok() {
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .delivered_bytes
+                    .fetch_add(pending.data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        // Wait for a datagram or the next arrival (at most 50 ms, to notice a stop).
+        let wait = queue
+            .peek()
+            .map_or(Duration::from_millis(50), |p| {
+                p.at.saturating_sub(epoch.elapsed())
+            })
+            .min(Duration::from_millis(50));
+        let mut poll = libc::pollfd {
+            fd: from_socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let timeout = wait.as_micros().div_ceil(1000) as libc::c_int;
+        // SAFETY: one valid pollfd for an open socket we own; the count says one.
+        unsafe { libc::poll(&raw mut poll, 1, timeout) };
+        // Take everything that is there.
+        loop {
+            let (len, from) = match from_socket.recv_from(&mut buffer) {
+                Ok(got) => got,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(_) => break,
+            };
+            stats.offered.fetch_add(1, Ordering::Relaxed);
+            if handle.is_blacked_out() {
+                stats.blackout_drops.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(out) = route(from) else { continue };
+            let index = match outs.iter().position(|o| Arc::ptr_eq(o, &out)) {
+                Some(index) => index,
+                None => {
+                    outs.push(out);
+                    outs.len() - 1
+                }
+            };
+            match direction.offer(epoch.elapsed(), len) {
+                Fate::Arrives(at) => {
+                    order += 1;
+                    queue.push(Pending {
+                        at,
+                        order,
+                        to: reply_to,
+                        out: index,
+                        data: buffer[..len].to_vec(),
+                    });
+                }
+                Fate::TailDrop => {
+                    stats.tail_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                Fate::Lost => {
+                    stats.lost.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}
+
+/// What a paced stream through a relay measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Measured {
+    /// Delivered payload rate, bits per second, over the stream's steady part.
+    pub rate_bits: f64,
+    /// Fraction of datagrams that did not arrive.
+    pub loss: f64,
+}
+
+/// Sends `seconds` of `len`-byte datagrams at `offered_bits` per second (0: as fast as the
+/// sender can) to `to`, and counts what arrives at `sink`. The rate is measured between the
+/// first and the last arrival.
+pub fn stream(
+    to: SocketAddr,
+    sink: &UdpSocket,
+    offered_bits: u64,
+    seconds: f64,
+    len: usize,
+) -> io::Result<Measured> {
+    sink.set_read_timeout(Some(Duration::from_millis(300)))?;
+    set_buffers(sink);
+    let sender = UdpSocket::bind("127.0.0.1:0")?;
+    set_buffers(&sender);
+    let done = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending = {
+        let (done, sent) = (done.clone(), sent.clone());
+        thread::spawn(move || {
+            let payload = vec![0x5au8; len];
+            let gap = if offered_bits == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(len as f64 * 8.0 / offered_bits as f64)
+            };
+            let start = Instant::now();
+            let mut next = start;
+            while start.elapsed().as_secs_f64() < seconds {
+                if !gap.is_zero() {
+                    // Pace by the clock, catching up in bursts rather than sleeping per datagram.
+                    let now = Instant::now();
+                    if next > now {
+                        thread::sleep(next - now);
+                    }
+                    next += gap;
+                }
+                if sender.send_to(&payload, to).is_ok() {
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let mut buffer = vec![0u8; 65536];
+    let (mut received, mut bytes, mut first, mut last) = (0u64, 0u64, None, None);
+    loop {
+        match sink.recv_from(&mut buffer) {
+            Ok((got, _)) => {
+                let now = Instant::now();
+                if first.is_none() {
+                    first = Some(now);
+                } else {
+                    bytes += got as u64;
+                }
+                last = Some(now);
+                received += 1;
+            }
+            Err(_) if done.load(Ordering::SeqCst) => break,
+            Err(_) => {}
+        }
+    }
+    let _ = sending.join();
+    let sent = sent.load(Ordering::Relaxed).max(1);
+    let span = match (first, last) {
+        (Some(first), Some(last)) if last > first => (last - first).as_secs_f64(),
+        _ => f64::INFINITY,
+    };
+    Ok(Measured {
+        rate_bits: bytes as f64 * 8.0 / span,
+        loss: 1.0 - received as f64 / sent as f64,
+    })
+}
+
+/// The round trip of `count` small datagrams through the relay at `to` to an echo server,
+/// one at a time: the median.
+pub fn round_trip(to: SocketAddr, count: u32) -> io::Result<Duration> {
+    let client = UdpSocket::bind("127.0.0.1:0")?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buffer = [0u8; 64];
+    let mut times = Vec::new();
+    for i in 0..count {
+        let start = Instant::now();
+        client.send_to(&i.to_le_bytes(), to)?;
+        loop {
+            let (len, _) = client.recv_from(&mut buffer)?;
+            if buffer[..len] == i.to_le_bytes() {
+                break;
+            }
+        }
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok(times[times.len() / 2])
+}
+
+/// A UDP echo server on 127.0.0.1 for [`round_trip`]; stops when dropped.
+#[derive(Debug)]
+pub struct Echo {
+    address: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Echo {
+    /// Starts one.
+    pub fn start() -> io::Result<Self> {
+        let socket = UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let address = socket.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::spawn(move || {
+            let mut buffer = [0u8; 65536];
+            while !stopping.load(Ordering::SeqCst) {
+                if let Ok((len, from)) = socket.recv_from(&mut buffer) {
+                    let _ = socket.send_to(&buffer[..len], from);
+                }
+            }
+        });
+        Ok(Self {
+            address,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    fn spec(rate_bits: u64, delay_ms: u64) -> LinkSpec {
+        LinkSpec {
+            rate_bits,
+            delay: MS * delay_ms as u32,
+            ..LinkSpec::default()
+        }
+    }
+
+    /// Offers `count` datagrams of `len` bytes every `gap`; returns the fates.
+    fn run(direction: &mut Direction, count: u32, len: usize, gap: Duration) -> Vec<Fate> {
+        (0..count).map(|i| direction.offer(gap * i, len)).collect()
+    }
+
+    #[test]
+    fn an_idle_link_delivers_after_the_delay_plus_serialization() {
+        let mut link = Direction::new(spec(8_000_000, 40), 1);
+        // 1000 bytes at 8 Mbit/s: 1 ms on the wire.
+        assert_eq!(link.offer(Duration::ZERO, 1000), Fate::Arrives(MS * 41));
+    }
+
+    #[test]
+    fn an_overdriven_link_delivers_its_rate_and_drops_the_excess_at_the_tail() {
+        // 100 Mbit/s, 20 ms: the queue is one BDP of the 40 ms round trip, 500 kB.
+        let mut link = Direction::new(spec(100_000_000, 20), 1);
+        assert_eq!(link.spec().queue_limit(), 500_000);
+        // Offered at 200 Mbit/s for 2 s: 1250-byte datagrams every 50 µs.
+        let fates = run(&mut link, 40_000, 1250, Duration::from_micros(50));
+        let arrivals: Vec<Duration> = fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::Arrives(at) => Some(*at),
+                _ => None,
+            })
+            .collect();
+        let drops = fates.iter().filter(|f| **f == Fate::TailDrop).count();
+        let (first, last) = (arrivals[0], *arrivals.last().unwrap());
+        let rate = (arrivals.len() - 1) as f64 * 1250.0 * 8.0 / (last - first).as_secs_f64();
+        assert!((rate / 100e6 - 1.0).abs() < 0.01, "delivered {rate} bit/s");
+        assert!(
+            (drops as f64 / 40_000.0 - 0.5).abs() < 0.02,
+            "{drops} tail drops"
+        );
+        // The queue bounds the delay: at most one BDP of queueing on top of the path delay.
+        let worst = fates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, fate)| match fate {
+                Fate::Arrives(at) => Some(*at - Duration::from_micros(50) * i as u32),
+                _ => None,
+            })
+            .max()
+            .unwrap();
+        assert!(worst <= MS * 61, "worst one-way delay {worst:?}");
+    }
+
+    #[test]
+    fn random_loss_matches_the_configured_rate() {
+        let mut link = Direction::new(
+            LinkSpec {
+                loss: 0.01,
+                ..spec(0, 10)
+            },
+            7,
+        );
+        let fates = run(&mut link, 200_000, 1200, MS);
+        let lost = fates.iter().filter(|f| **f == Fate::Lost).count() as f64 / 200_000.0;
+        assert!((lost - 0.01).abs() < 0.001, "lost {lost}");
+    }
+
+    #[test]
+    fn burst_loss_comes_in_runs_with_the_chain_s_mean() {
+        let ge = GilbertElliott {
+            good_to_bad: 0.001,
+            bad_to_good: 0.1,
+            bad_loss: 0.5,
+        };
+        let mut link = Direction::new(
+            LinkSpec {
+                burst: Some(ge),
+                ..spec(0, 10)
+            },
+            9,
+        );
+        let fates = run(&mut link, 500_000, 1200, MS);
+        let lost: Vec<bool> = fates.iter().map(|f| *f == Fate::Lost).collect();
+        let rate = lost.iter().filter(|l| **l).count() as f64 / lost.len() as f64;
+        let mean = ge.mean_loss(0.0);
+        assert!(
+            (rate / mean - 1.0).abs() < 0.15,
+            "lost {rate}, chain mean {mean}"
+        );
+        // Bursty: a loss is followed by another far more often than the mean rate.
+        let pairs = lost.windows(2).filter(|w| w[0]).count() as f64;
+        let follow = lost.windows(2).filter(|w| w[0] && w[1]).count() as f64 / pairs;
+        assert!(
+            follow > 10.0 * mean,
+            "P(loss | loss) {follow} vs mean {mean}"
+        );
+    }
+
+    #[test]
+    fn jitter_keeps_order_and_reordering_lets_datagrams_overtake() {
+        let mut jittery = Direction::new(
+            LinkSpec {
+                jitter: MS * 5,
+                ..spec(0, 10)
+            },
+            3,
+        );
+        let arrivals: Vec<Duration> = run(&mut jittery, 10_000, 100, Duration::from_micros(100))
+            .into_iter()
+            .map(|f| match f {
+                Fate::Arrives(at) => at,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(
+            arrivals.windows(2).all(|w| w[0] <= w[1]),
+            "jitter reordered"
+        );
+        assert!(arrivals.iter().any(|at| *at > MS * 12));
+        let mut reordering = Direction::new(
+            LinkSpec {
+                reorder: 0.01,
+                ..spec(0, 10)
+            },
+            3,
+        );
+        let arrivals: Vec<Duration> = run(&mut reordering, 10_000, 100, Duration::from_micros(100))
+            .into_iter()
+            .map(|f| match f {
+                Fate::Arrives(at) => at,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let overtaken = arrivals.windows(2).filter(|w| w[0] > w[1]).count();
+        assert!((50..200).contains(&overtaken), "{overtaken} overtaken");
+    }
+
+    #[test]
+    fn the_relay_passes_datagrams_both_ways_and_a_blackout_cuts_them() {
+        let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let echo_address = echo.local_addr().unwrap();
+        echo.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let echo_stop = stop.clone();
+        let echo_thread = thread::spawn(move || {
+            let mut buffer = [0u8; 2048];
+            while !echo_stop.load(Ordering::SeqCst) {
+                if let Ok((len, from)) = echo.recv_from(&mut buffer) {
+                    let _ = echo.send_to(&buffer[..len], from);
+                }
+            }
+        });
+        let relay = Relay::start(
+            "127.0.0.1:0".parse().unwrap(),
+            echo_address,
+            spec(0, 5),
+            spec(0, 5),
+            1,
+        )
+        .unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut buffer = [0u8; 2048];
+        client.send_to(b"ping", relay.address()).unwrap();
+        let (len, _) = client
+            .recv_from(&mut buffer)
+            .expect("an echo through the relay");
+        assert_eq!(&buffer[..len], b"ping");
+        relay.handle().blackout(true);
+        client.send_to(b"lost", relay.address()).unwrap();
+        assert!(
+            client.recv_from(&mut buffer).is_err(),
+            "nothing passes a blackout"
+        );
+        relay.handle().blackout(false);
+        client.send_to(b"back", relay.address()).unwrap();
+        let (len, _) = client
+            .recv_from(&mut buffer)
+            .expect("an echo after the blackout");
+        assert_eq!(&buffer[..len], b"back");
+        assert_eq!(relay.handle().up.blackout_drops.load(Ordering::Relaxed), 1);
+        drop(relay);
+        stop.store(true, Ordering::SeqCst);
+        echo_thread.join().unwrap();
+    }
+}
