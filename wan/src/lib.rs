@@ -383,6 +383,194 @@ fn set_buffers(socket: &UdpSocket) {
     }
 }
 
+/// Datagrams per `recvmmsg`/`sendmmsg` call.
+const BATCH: usize = 64;
+/// The largest datagram relayed (a UDP payload's limit).
+const MAX_DATAGRAM: usize = 65536;
+
+/// Receive buffers for [`recv_batch`].
+struct RecvBatch {
+    buffers: Vec<Vec<u8>>,
+    lens: Vec<usize>,
+    addrs: Vec<libc::sockaddr_storage>,
+}
+
+impl RecvBatch {
+    fn new() -> Self {
+        Self {
+            buffers: (0..BATCH).map(|_| vec![0u8; MAX_DATAGRAM]).collect(),
+            lens: vec![0; BATCH],
+            // SAFETY: sockaddr_storage is plain old data; all zeros is a valid value.
+            addrs: vec![unsafe { std::mem::zeroed() }; BATCH],
+        }
+    }
+
+    fn from(&self, index: usize) -> Option<SocketAddr> {
+        socket_address(&self.addrs[index])
+    }
+}
+
+/// Converts what the kernel wrote into a `sockaddr_storage`.
+fn socket_address(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, which it is large and
+            // aligned enough for.
+            let v4 = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in>()) };
+            Some(SocketAddr::from((
+                u32::from_be(v4.sin_addr.s_addr).to_be_bytes(),
+                u16::from_be(v4.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let v6 = unsafe { &*(std::ptr::from_ref(storage).cast::<libc::sockaddr_in6>()) };
+            Some(SocketAddr::from((
+                v6.sin6_addr.s6_addr,
+                u16::from_be(v6.sin6_port),
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// The `sockaddr` form of `address`, with its length.
+fn raw_address(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all zeros is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match address {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for a sockaddr_in.
+            let raw =
+                unsafe { &mut *(std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in>()) };
+            raw.sin_family = libc::AF_INET as libc::sa_family_t;
+            raw.sin_port = v4.port().to_be();
+            raw.sin_addr.s_addr = u32::from_be_bytes(v4.ip().octets()).to_be();
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let raw =
+                unsafe { &mut *(std::ptr::from_mut(&mut storage).cast::<libc::sockaddr_in6>()) };
+            raw.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            raw.sin6_port = v6.port().to_be();
+            raw.sin6_addr.s6_addr = v6.ip().octets();
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Receives up to [`BATCH`] datagrams without waiting; returns how many (0 when none).
+fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize> {
+    let mut iovecs: Vec<libc::iovec> = batch
+        .buffers
+        .iter_mut()
+        .map(|buffer| libc::iovec {
+            iov_base: buffer.as_mut_ptr().cast(),
+            iov_len: buffer.len(),
+        })
+        .collect();
+    let mut headers: Vec<libc::mmsghdr> = iovecs
+        .iter_mut()
+        .zip(batch.addrs.iter_mut())
+        .map(|(iovec, addr)| {
+            // SAFETY: msghdr is plain old data; all zeros is a valid (empty) header.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_name = std::ptr::from_mut(addr).cast();
+            header.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            header.msg_iov = std::ptr::from_mut(iovec);
+            header.msg_iovlen = 1;
+            libc::mmsghdr {
+                msg_hdr: header,
+                msg_len: 0,
+            }
+        })
+        .collect();
+    // SAFETY: every header points at a live buffer, iovec and address in `batch`/`iovecs`,
+    // which outlive the call; the count is the array's length.
+    let got = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            headers.as_mut_ptr(),
+            headers.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if got < 0 {
+        let error = io::Error::last_os_error();
+        return match error.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(0),
+            _ => Err(error),
+        };
+    }
+    let got = got as usize;
+    for (len, header) in batch.lens.iter_mut().zip(&headers).take(got) {
+        *len = header.msg_len as usize;
+    }
+    Ok(got)
+}
+
+/// Sends `datagrams` through `socket` (to `to`, or to its connected peer) with as few
+/// `sendmmsg` calls as it takes; returns how many were sent.
+fn send_batch(socket: &UdpSocket, to: Option<SocketAddr>, datagrams: &[&[u8]]) -> usize {
+    let (mut address, address_len) = match to {
+        Some(to) => raw_address(to),
+        // SAFETY: sockaddr_storage is plain old data; all zeros is a valid value.
+        None => (unsafe { std::mem::zeroed() }, 0),
+    };
+    let mut sent = 0;
+    for chunk in datagrams.chunks(BATCH) {
+        let mut iovecs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|data| libc::iovec {
+                iov_base: data.as_ptr().cast_mut().cast(),
+                iov_len: data.len(),
+            })
+            .collect();
+        let mut headers: Vec<libc::mmsghdr> = iovecs
+            .iter_mut()
+            .map(|iovec| {
+                // SAFETY: msghdr is plain old data; all zeros is a valid (empty) header.
+                let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+                if to.is_some() {
+                    header.msg_name = std::ptr::from_mut(&mut address).cast();
+                    header.msg_namelen = address_len;
+                }
+                header.msg_iov = std::ptr::from_mut(iovec);
+                header.msg_iovlen = 1;
+                libc::mmsghdr {
+                    msg_hdr: header,
+                    msg_len: 0,
+                }
+            })
+            .collect();
+        let mut at = 0;
+        while at < headers.len() {
+            // SAFETY: the headers point at live iovecs (into `datagrams`, which the kernel only
+            // reads) and at `address`, all outliving the call; the count stays within the
+            // array.
+            let done = unsafe {
+                libc::sendmmsg(
+                    socket.as_raw_fd(),
+                    headers[at..].as_mut_ptr(),
+                    (headers.len() - at) as libc::c_uint,
+                    0,
+                )
+            };
+            if done <= 0 {
+                // A full socket buffer or a refused peer: what is left is dropped, as a
+                // router's queue would.
+                break;
+            }
+            at += done as usize;
+        }
+        sent += at;
+    }
+    sent
+}
+
 /// A datagram waiting for its arrival time.
 #[derive(Debug, PartialEq, Eq)]
 struct Pending {
@@ -424,27 +612,39 @@ fn forward(
     let mut outs: Vec<Arc<UdpSocket>> = Vec::new();
     let mut queue: BinaryHeap<Pending> = BinaryHeap::new();
     let mut order = 0u64;
-    let mut buffer = vec![0u8; 65536];
+    let mut batch = RecvBatch::new();
+    let mut due: Vec<Pending> = Vec::new();
+    // The last sender and where its datagrams go (most datagrams come from one peer).
+    let mut last_route: Option<(SocketAddr, usize)> = None;
     while !handle.stop.load(Ordering::SeqCst) {
-        // Send what is due.
+        // Send what is due, in batches of consecutive datagrams for the same socket.
         let now = epoch.elapsed();
+        due.clear();
         while queue.peek().is_some_and(|p| p.at <= now) {
-            let pending = queue.pop().expect("peeked");
-            if handle.is_blacked_out() {
-                stats.blackout_drops.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let out = &outs[pending.out];
-            let sent = match pending.to {
-                Some(to) => out.send_to(&pending.data, to),
-                None => out.send(&pending.data),
-            };
-            if sent.is_ok() {
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .delivered_bytes
-                    .fetch_add(pending.data.len() as u64, Ordering::Relaxed);
-            }
+            due.push(queue.pop().expect("peeked"));
+        }
+        if handle.is_blacked_out() {
+            stats
+                .blackout_drops
+                .fetch_add(due.len() as u64, Ordering::Relaxed);
+            due.clear();
+        }
+        let mut start = 0;
+        while start < due.len() {
+            let (out, to) = (due[start].out, due[start].to);
+            let end = start
+                + due[start..]
+                    .iter()
+                    .take_while(|p| p.out == out && p.to == to)
+                    .count();
+            let datagrams: Vec<&[u8]> = due[start..end].iter().map(|p| &p.data[..]).collect();
+            let sent = send_batch(&outs[out], to, &datagrams);
+            let bytes: usize = datagrams[..sent].iter().map(|d| d.len()).sum();
+            stats.delivered.fetch_add(sent as u64, Ordering::Relaxed);
+            stats
+                .delivered_bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+            start = end;
         }
         // Wait for a datagram or the next arrival (at most 50 ms, to notice a stop).
         let wait = queue
@@ -461,43 +661,60 @@ fn forward(
         let timeout = wait.as_micros().div_ceil(1000) as libc::c_int;
         // SAFETY: one valid pollfd for an open socket we own; the count says one.
         unsafe { libc::poll(&raw mut poll, 1, timeout) };
-        // Take everything that is there.
+        // Take everything that is there, a batch at a time.
         loop {
-            let (len, from) = match from_socket.recv_from(&mut buffer) {
+            let got = match recv_batch(from_socket, &mut batch) {
+                Ok(0) => break,
                 Ok(got) => got,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                // A refused peer (an ICMP error queued on the socket): keep going.
                 Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(_) => break,
             };
-            stats.offered.fetch_add(1, Ordering::Relaxed);
+            stats.offered.fetch_add(got as u64, Ordering::Relaxed);
             if handle.is_blacked_out() {
-                stats.blackout_drops.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .blackout_drops
+                    .fetch_add(got as u64, Ordering::Relaxed);
                 continue;
             }
-            let Some(out) = route(from) else { continue };
-            let index = match outs.iter().position(|o| Arc::ptr_eq(o, &out)) {
-                Some(index) => index,
-                None => {
-                    outs.push(out);
-                    outs.len() - 1
-                }
-            };
-            match direction.offer(epoch.elapsed(), len) {
-                Fate::Arrives(at) => {
-                    order += 1;
-                    queue.push(Pending {
-                        at,
-                        order,
-                        to: reply_to,
-                        out: index,
-                        data: buffer[..len].to_vec(),
-                    });
-                }
-                Fate::TailDrop => {
-                    stats.tail_drops.fetch_add(1, Ordering::Relaxed);
-                }
-                Fate::Lost => {
-                    stats.lost.fetch_add(1, Ordering::Relaxed);
+            let now = epoch.elapsed();
+            for index in 0..got {
+                let Some(from) = batch.from(index) else {
+                    continue;
+                };
+                let out = match last_route {
+                    Some((last, out)) if last == from => out,
+                    _ => {
+                        let Some(out) = route(from) else { continue };
+                        let out = match outs.iter().position(|o| Arc::ptr_eq(o, &out)) {
+                            Some(out) => out,
+                            None => {
+                                outs.push(out);
+                                outs.len() - 1
+                            }
+                        };
+                        last_route = Some((from, out));
+                        out
+                    }
+                };
+                let len = batch.lens[index];
+                match direction.offer(now, len) {
+                    Fate::Arrives(at) => {
+                        order += 1;
+                        queue.push(Pending {
+                            at,
+                            order,
+                            to: reply_to,
+                            out,
+                            data: batch.buffers[index][..len].to_vec(),
+                        });
+                    }
+                    Fate::TailDrop => {
+                        stats.tail_drops.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Fate::Lost => {
+                        stats.lost.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         }
@@ -523,8 +740,8 @@ pub fn stream(
     seconds: f64,
     len: usize,
 ) -> io::Result<Measured> {
-    sink.set_read_timeout(Some(Duration::from_millis(300)))?;
     set_buffers(sink);
+    sink.set_nonblocking(true)?;
     let sender = UdpSocket::bind("127.0.0.1:0")?;
     set_buffers(&sender);
     let done = Arc::new(AtomicBool::new(false));
@@ -533,49 +750,60 @@ pub fn stream(
         let (done, sent) = (done.clone(), sent.clone());
         thread::spawn(move || {
             let payload = vec![0x5au8; len];
-            let gap = if offered_bits == 0 {
-                Duration::ZERO
-            } else {
-                Duration::from_secs_f64(len as f64 * 8.0 / offered_bits as f64)
-            };
+            let datagrams = vec![&payload[..]; BATCH];
             let start = Instant::now();
-            let mut next = start;
+            let mut total = 0u64;
             while start.elapsed().as_secs_f64() < seconds {
-                if !gap.is_zero() {
-                    // Pace by the clock, catching up in bursts rather than sleeping per datagram.
-                    let now = Instant::now();
-                    if next > now {
-                        thread::sleep(next - now);
-                    }
-                    next += gap;
+                // Paced by the clock: send what is due, in batches.
+                let due = if offered_bits == 0 {
+                    total + BATCH as u64
+                } else {
+                    (start.elapsed().as_secs_f64() * offered_bits as f64 / (len as f64 * 8.0))
+                        as u64
+                };
+                if due <= total {
+                    thread::sleep(Duration::from_micros(200));
+                    continue;
                 }
-                if sender.send_to(&payload, to).is_ok() {
-                    sent.fetch_add(1, Ordering::Relaxed);
-                }
+                let count = ((due - total) as usize).min(BATCH);
+                total += send_batch(&sender, Some(to), &datagrams[..count]) as u64;
             }
+            sent.store(total, Ordering::SeqCst);
             done.store(true, Ordering::SeqCst);
         })
     };
-    let mut buffer = vec![0u8; 65536];
+    let mut batch = RecvBatch::new();
     let (mut received, mut bytes, mut first, mut last) = (0u64, 0u64, None, None);
+    let mut quiet_since = Instant::now();
     loop {
-        match sink.recv_from(&mut buffer) {
-            Ok((got, _)) => {
-                let now = Instant::now();
-                if first.is_none() {
-                    first = Some(now);
-                } else {
-                    bytes += got as u64;
-                }
-                last = Some(now);
-                received += 1;
+        let mut poll = libc::pollfd {
+            fd: sink.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for an open socket we own; the count says one.
+        unsafe { libc::poll(&raw mut poll, 1, 50) };
+        let got = recv_batch(sink, &mut batch)?;
+        if got == 0 {
+            if done.load(Ordering::SeqCst) && quiet_since.elapsed() > Duration::from_millis(300) {
+                break;
             }
-            Err(_) if done.load(Ordering::SeqCst) => break,
-            Err(_) => {}
+            continue;
         }
+        let now = Instant::now();
+        quiet_since = now;
+        for &len in &batch.lens[..got] {
+            if first.is_none() {
+                first = Some(now);
+            } else {
+                bytes += len as u64;
+            }
+        }
+        last = Some(now);
+        received += got as u64;
     }
     let _ = sending.join();
-    let sent = sent.load(Ordering::Relaxed).max(1);
+    let sent = sent.load(Ordering::SeqCst).max(1);
     let span = match (first, last) {
         (Some(first), Some(last)) if last > first => (last - first).as_secs_f64(),
         _ => f64::INFINITY,

@@ -349,11 +349,14 @@ fn test(no_cross: bool) -> Result<()> {
                     "blkmirror-common",
                 ])
                 .args(["--target", AARCH64])
+                // Under emulation the simulator runs seeds about ten times slower: 60 seeds of
+                // the fault run (about a minute), not a thousand. The two tests that
+                // re-introduce old bugs run natively only: a seed is the same run on both
+                // architectures, so they would find the same seeds (24 and 95) here, minutes
+                // later, in a CI budget of 45.
+                .args(["--", "--skip", "sim::tests::the_simulator_finds"])
                 .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", QEMU)
-                // Under emulation the simulator runs seeds about ten times slower: enough
-                // seeds to find both re-introduced bugs (now at seeds 24 and 95), not a
-                // thousand.
-                .env("BLKMIRROR_SIM_SEEDS", "150"),
+                .env("BLKMIRROR_SIM_SEEDS", "60"),
         )?;
         passed += p;
         failed += f;
