@@ -23,6 +23,15 @@
 //! upstream address, so replies find their way back. One thread per direction receives,
 //! schedules by the model and sends when due (`poll` with the time to the next delivery). The
 //! handle cuts the link both ways ([`RelayHandle::blackout`]) and counts what happened.
+//!
+//! # Known limits (issue 11)
+//!
+//! * About 1 Gbit/s of 1200-byte datagrams on a 2-core machine (`cargo xtask bench relay`);
+//!   the goal is 2 Gbit/s. UDP GRO/GSO is the next step.
+//! * 8 KiB datagrams did not get through in a trial: the per-client upstream socket is shared
+//!   by both directions' threads and set non-blocking by the receiving one, so a full send
+//!   buffer makes `sendmmsg` drop the rest of a batch (also extra loss at high rates). A
+//!   separate send socket, or a bounded blocking send, should fix it.
 
 use std::{
     collections::{BinaryHeap, HashMap},
