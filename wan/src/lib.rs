@@ -910,6 +910,17 @@ mod tests {
         (0..count).map(|i| direction.offer(gap * i, len)).collect()
     }
 
+    /// The arrival times of `fates`, which must all arrive.
+    fn all_arrive(fates: Vec<Fate>) -> Vec<Duration> {
+        fates
+            .into_iter()
+            .map(|f| match f {
+                Fate::Arrives(at) => at,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
     #[test]
     fn an_idle_link_delivers_after_the_delay_plus_serialization() {
         let mut link = Direction::new(spec(8_000_000, 40), 1);
@@ -1006,13 +1017,7 @@ mod tests {
             },
             3,
         );
-        let arrivals: Vec<Duration> = run(&mut jittery, 10_000, 100, Duration::from_micros(100))
-            .into_iter()
-            .map(|f| match f {
-                Fate::Arrives(at) => at,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let arrivals = all_arrive(run(&mut jittery, 10_000, 100, Duration::from_micros(100)));
         assert!(
             arrivals.windows(2).all(|w| w[0] <= w[1]),
             "jitter reordered"
@@ -1025,13 +1030,12 @@ mod tests {
             },
             3,
         );
-        let arrivals: Vec<Duration> = run(&mut reordering, 10_000, 100, Duration::from_micros(100))
-            .into_iter()
-            .map(|f| match f {
-                Fate::Arrives(at) => at,
-                other => panic!("{other:?}"),
-            })
-            .collect();
+        let arrivals = all_arrive(run(
+            &mut reordering,
+            10_000,
+            100,
+            Duration::from_micros(100),
+        ));
         let overtaken = arrivals.windows(2).filter(|w| w[0] > w[1]).count();
         assert!((50..200).contains(&overtaken), "{overtaken} overtaken");
     }
