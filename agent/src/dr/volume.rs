@@ -26,7 +26,6 @@ use std::{
     io::{self, BufReader, BufWriter, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
-    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::{Deserialize, Serialize};
@@ -279,11 +278,7 @@ pub enum Recovery {
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 fn system_clock() -> Clock {
-    Arc::new(|| {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
-    })
+    Arc::new(crate::command::status::now_ms)
 }
 
 impl Volume {
