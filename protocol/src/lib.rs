@@ -6,6 +6,7 @@
 //! modules decide, which is what lets the hard parts be tested, fuzzed and simulated without
 //! root.
 //!
+//! * [`congestion`]: which losses on the link are congestion and which are random.
 //! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
 //! * [`frames`]: how the chunks a pass reads become data frames (skip, zero ranges, zstd).
 //! * [`pass`]: an incremental cycle and a sync pass as state machines: what to do next, and
@@ -17,6 +18,7 @@
 //! * [`retention`]: which points in time a tiered policy keeps.
 //! * [`session`]: the agent's replication session as a state machine without IO.
 
+pub mod congestion;
 pub mod extent;
 pub mod frames;
 pub mod pass;

@@ -108,7 +108,8 @@ impl Client {
         let identity = Identity::load(&id.dir).expect("identity");
         let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
         let (endpoint, config) =
-            net::client_endpoint(&identity, &fingerprint, 8 * MIB).expect("endpoint");
+            net::client_endpoint(&identity, &fingerprint, 8 * MIB, net::Congestion::default())
+                .expect("endpoint");
         let connection = endpoint
             .connect_with(config, receiver.addr.parse().expect("addr"), "blkmirror")
             .ok()?
@@ -615,7 +616,8 @@ fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
                 let identity = Identity::load(&stranger_dir).expect("identity");
                 let fingerprint = Fingerprint::parse(&fingerprint).expect("fingerprint");
                 let (endpoint, config) =
-                    net::client_endpoint(&identity, &fingerprint, MIB).expect("endpoint");
+                    net::client_endpoint(&identity, &fingerprint, MIB, net::Congestion::default())
+                        .expect("endpoint");
                 let connecting = endpoint
                     .connect_with(config, addr.parse().expect("addr"), "blkmirror")
                     .expect("connect");

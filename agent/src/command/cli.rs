@@ -29,6 +29,7 @@ use crate::{
     command::exit::{ExitCode, fail},
     dr::ops::{self, PointSelector},
     link::identity::{self, Fingerprint},
+    link::net::Congestion,
     source::agent::{Compression, FreezeMode},
     source::freeze,
     source::read::Engine,
@@ -99,6 +100,9 @@ pub struct BenchTransportArgs {
     /// Flow-control window.
     #[arg(long, default_value = "32MiB", value_parser = units::parse_size)]
     pub window: u64,
+    /// Congestion controller of the sender.
+    #[arg(long, value_enum, default_value_t = Congestion::default())]
+    pub congestion: Congestion,
 }
 
 /// `blkmirror keygen`.
@@ -175,9 +179,12 @@ pub struct AgentArgs {
     /// Longest time the file system may stay frozen.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_interval)]
     pub freeze_budget: Duration,
-    /// QUIC flow-control window (about bandwidth x round-trip time).
+    /// QUIC flow-control window (at least bandwidth x round-trip time).
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
     pub window: u64,
+    /// QUIC congestion controller for the data the agent sends.
+    #[arg(long, value_enum, default_value_t = Congestion::default())]
+    pub congestion: Congestion,
     /// Device bytes per committed step of an initial or verify sync.
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = units::parse_size)]
     pub sync_step: u64,
@@ -466,6 +473,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 args.bytes,
                 args.streams,
                 args.window,
+                args.congestion,
             )) {
                 Ok(rate) => {
                     println!("{}", rate as u64);
@@ -749,6 +757,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                     freeze: args.freeze,
                     freeze_budget: args.freeze_budget,
                     window: args.window,
+                    congestion: args.congestion,
                     sync_step: args.sync_step,
                     consistency_group: None,
                 }],

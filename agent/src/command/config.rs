@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::{
     link::identity::Fingerprint,
+    link::net::Congestion,
     source::agent::{Compression, FreezeMode},
     source::read::Engine,
     tracker::track::{self, HookChoice},
@@ -81,6 +82,8 @@ pub struct DeviceSection {
     pub freeze_budget: Option<String>,
     /// `--window`.
     pub window: Option<String>,
+    /// `--congestion`.
+    pub congestion: Option<String>,
     /// `--sync-step`.
     pub sync_step: Option<String>,
     /// Devices of one consistency group are frozen and cut together.
@@ -143,6 +146,8 @@ pub struct DeviceSettings {
     pub freeze_budget: Duration,
     /// Flow-control window.
     pub window: u64,
+    /// Congestion controller.
+    pub congestion: Congestion,
     /// Sync step.
     pub sync_step: u64,
     /// The consistency group.
@@ -390,6 +395,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
         let freeze = setting!(freeze, "auto", enum_value);
         let freeze_budget = setting!(freeze_budget, "2s", parse_interval);
         let window = setting!(window, "32MiB", units::parse_size);
+        let congestion = setting!(congestion, "filtered-cubic", enum_value);
         let sync_step = setting!(sync_step, "4GiB", units::parse_size);
         let streams = section.streams.unwrap_or(4);
         if !(1..=32).contains(&streams) {
@@ -414,6 +420,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             Some(freeze),
             Some(freeze_budget),
             Some(window),
+            Some(congestion),
             Some(sync_step),
         ) = (
             interval,
@@ -425,6 +432,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             freeze,
             freeze_budget,
             window,
+            congestion,
             sync_step,
         ) {
             devices.push(DeviceSettings {
@@ -441,6 +449,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 freeze,
                 freeze_budget,
                 window,
+                congestion,
                 sync_step,
                 consistency_group: section.consistency_group.clone(),
             });

@@ -131,6 +131,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             freeze: device.freeze,
             freeze_budget: device.freeze_budget,
             window: device.window,
+            congestion: device.congestion,
             sync_step: device.sync_step,
             json: settings.json,
             status: board.clone(),

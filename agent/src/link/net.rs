@@ -4,16 +4,165 @@
 use std::{collections::BTreeSet, net::SocketAddr, sync::Arc, time::Duration};
 
 use quinn::{
-    Endpoint, IdleTimeout, TransportConfig, VarInt,
+    Endpoint, IdleTimeout, TransportConfig, VarInt, congestion,
     crypto::rustls::{QuicClientConfig, QuicServerConfig},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::link::identity::{self, Fingerprint, Identity, IdentityError};
-use blkmirror_protocol::wire::{self, WireError};
+use blkmirror_protocol::{
+    congestion::LossFilter,
+    wire::{self, WireError},
+};
 
-/// How long a silent connection lives (keep-alives are sent at a third of it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a silent connection lives. A receiver host that vanished without a word is
+/// noticed after this long; a restarted receiver much sooner (see [`KEEP_ALIVE`]).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often an otherwise idle connection sends a ping. A restarted receiver answers the
+/// first ping after its restart with a stateless reset (its reset key is derived from its
+/// identity, so it survives the restart), and the agent notices the dead connection within
+/// this interval plus one round trip, instead of waiting out [`IDLE_TIMEOUT`]. A ping is a
+/// few dozen bytes a second.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// The UDP socket buffers asked for. The kernel caps `SO_RCVBUF` at `net.core.rmem_max`
+/// unless the process may use `SO_RCVBUFFORCE` (root may); a receive buffer that is too
+/// small drops datagrams at line rate before QUIC sees them (`RcvbufErrors` in
+/// `/proc/net/snmp`), which costs as much as loss on the link.
+pub const SOCKET_BUFFER: usize = 16 << 20;
+
+/// The congestion controller of the side that sends data (the agent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Congestion {
+    /// Loss-based (RFC 9438); quinn's default. Random loss on a long link throttles it to
+    /// the Mathis limit.
+    Cubic,
+    /// Loss-based (RFC 9002's reference controller).
+    #[value(name = "newreno")]
+    NewReno,
+    /// quinn's BBR (experimental there): model-based, so random loss does not slow it, but
+    /// it sends at about twice the bottleneck rate and loses half at a tail-drop queue.
+    Bbr,
+    /// Cubic behind [`LossFilter`]: only losses that look like congestion (more than 3% of
+    /// the bytes over two round trips) reach it, so random loss does not throttle it.
+    /// `cargo xtask bench wan` measures the four; see the README.
+    #[default]
+    #[value(name = "filtered-cubic")]
+    FilteredCubic,
+}
+
+/// A loss-based controller behind a [`LossFilter`]: the adapter between the pure filter and
+/// quinn's controller interface.
+#[derive(Debug)]
+struct FilteredFactory<F>(Arc<F>);
+
+impl<F: congestion::ControllerFactory + Send + Sync + 'static> congestion::ControllerFactory
+    for FilteredFactory<F>
+{
+    fn build(
+        self: Arc<Self>,
+        now: std::time::Instant,
+        current_mtu: u16,
+    ) -> Box<dyn congestion::Controller> {
+        Box::new(Filtered {
+            inner: self.0.clone().build(now, current_mtu),
+            filter: LossFilter::new(),
+            epoch: now,
+            rtt: Duration::from_millis(100),
+        })
+    }
+}
+
+struct Filtered {
+    inner: Box<dyn congestion::Controller>,
+    filter: LossFilter,
+    /// The filter counts time from here.
+    epoch: std::time::Instant,
+    /// The latest smoothed round trip.
+    rtt: Duration,
+}
+
+impl congestion::Controller for Filtered {
+    fn on_sent(&mut self, now: std::time::Instant, bytes: u64, last_packet_number: u64) {
+        self.inner.on_sent(now, bytes, last_packet_number);
+    }
+
+    fn on_ack(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.rtt = rtt.get();
+        self.filter
+            .on_ack(now.saturating_duration_since(self.epoch), bytes, self.rtt);
+        self.inner.on_ack(now, sent, bytes, app_limited, rtt);
+    }
+
+    fn on_end_acks(
+        &mut self,
+        now: std::time::Instant,
+        in_flight: u64,
+        app_limited: bool,
+        largest_packet_num_acked: Option<u64>,
+    ) {
+        self.inner
+            .on_end_acks(now, in_flight, app_limited, largest_packet_num_acked);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        // No bytes lost: an ECN congestion mark, which is never random.
+        let congestion = lost_bytes == 0
+            || self.filter.on_loss(
+                now.saturating_duration_since(self.epoch),
+                lost_bytes,
+                self.rtt,
+                is_persistent_congestion,
+            );
+        if congestion {
+            self.inner
+                .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
+        }
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.inner.on_mtu_update(new_mtu);
+    }
+
+    fn window(&self) -> u64 {
+        self.inner.window()
+    }
+
+    fn metrics(&self) -> congestion::ControllerMetrics {
+        self.inner.metrics()
+    }
+
+    fn clone_box(&self) -> Box<dyn congestion::Controller> {
+        Box::new(Filtered {
+            inner: self.inner.clone_box(),
+            filter: self.filter.clone(),
+            epoch: self.epoch,
+            rtt: self.rtt,
+        })
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.inner.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
 
 /// Network errors.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +220,10 @@ impl NetError {
     }
 }
 
-/// Transport tuning: flow-control windows sized for `window` bytes in flight (set it to the
-/// link's bandwidth × round-trip time; the default suits up to ~1 Gbit/s at 100 ms).
-pub fn transport_config(window: u64) -> TransportConfig {
+/// Transport tuning: flow-control windows sized for `window` bytes in flight (at least the
+/// link's bandwidth × round-trip time; the default, 32 MiB, suits up to 1 Gbit/s at 250 ms),
+/// and the congestion controller.
+pub fn transport_config(window: u64, congestion: Congestion) -> TransportConfig {
     let window = window.clamp(1 << 20, 1 << 30);
     let mut transport = TransportConfig::default();
     let var = |v: u64| VarInt::from_u64(v).expect("window below 2^62");
@@ -83,11 +233,109 @@ pub fn transport_config(window: u64) -> TransportConfig {
         .send_window(window)
         .max_concurrent_uni_streams(var(64))
         .max_concurrent_bidi_streams(var(4))
-        .keep_alive_interval(Some(IDLE_TIMEOUT / 3))
+        .keep_alive_interval(Some(KEEP_ALIVE))
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("idle timeout in range"),
         ));
+    // The initial congestion window stays quinn's; the controllers grow it from there.
+    match congestion {
+        Congestion::Cubic => {
+            transport.congestion_controller_factory(Arc::new(congestion::CubicConfig::default()))
+        }
+        Congestion::NewReno => {
+            transport.congestion_controller_factory(Arc::new(congestion::NewRenoConfig::default()))
+        }
+        Congestion::Bbr => {
+            transport.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
+        }
+        Congestion::FilteredCubic => transport.congestion_controller_factory(Arc::new(
+            FilteredFactory(Arc::new(congestion::CubicConfig::default())),
+        )),
+    };
     transport
+}
+
+/// A UDP socket bound to `addr` with [`SOCKET_BUFFER`]-sized buffers (or as close as the
+/// kernel allows: the sizes granted are logged when smaller).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let want = SOCKET_BUFFER as libc::c_int;
+    for (force, plain, name, sysctl) in [
+        (
+            libc::SO_RCVBUFFORCE,
+            libc::SO_RCVBUF,
+            "receive",
+            "net.core.rmem_max",
+        ),
+        (
+            libc::SO_SNDBUFFORCE,
+            libc::SO_SNDBUF,
+            "send",
+            "net.core.wmem_max",
+        ),
+    ] {
+        if set_socket_int(&socket, force, want).is_err() {
+            // Not privileged: the plain option, capped by the sysctl.
+            let _ = set_socket_int(&socket, plain, want);
+        }
+        // Linux reports twice the size asked for (it counts its bookkeeping).
+        let granted = get_socket_int(&socket, plain).unwrap_or(0) / 2;
+        if granted < want {
+            tracing::warn!(
+                target: "blkmirror",
+                "UDP {name} buffer is {} KiB, not the {} KiB asked for: raise {sysctl} (or run \
+                 as root) to avoid drops at high rates",
+                granted / 1024,
+                want / 1024
+            );
+        }
+    }
+    Ok(socket)
+}
+
+fn set_socket_int(
+    socket: &std::net::UdpSocket,
+    option: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: setsockopt on an open socket we own, with a pointer to a live c_int and its
+    // size.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw const value).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn get_socket_int(socket: &std::net::UdpSocket, option: libc::c_int) -> std::io::Result<i32> {
+    use std::os::fd::AsRawFd as _;
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt on an open socket we own, into a live c_int whose size `len` holds.
+    let done = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if done == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// An agent's endpoint: presents `identity`, admits only the receiver `receiver`.
@@ -95,16 +343,24 @@ pub fn client_endpoint(
     identity: &Identity,
     receiver: &Fingerprint,
     window: u64,
+    congestion: Congestion,
 ) -> Result<(Endpoint, quinn::ClientConfig), NetError> {
     let tls = identity::client_config(identity, receiver)?;
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(window)));
+    config.transport_config(Arc::new(transport_config(window, congestion)));
     let addr: SocketAddr = "[::]:0".parse().expect("valid address");
-    let endpoint = Endpoint::client(addr)
-        .or_else(|_| Endpoint::client("0.0.0.0:0".parse().expect("valid address")))
+    let socket = udp_socket(addr)
+        .or_else(|_| udp_socket("0.0.0.0:0".parse().expect("valid address")))
         .map_err(|source| NetError::Bind { addr, source })?;
+    let endpoint = Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| NetError::Bind { addr, source })?;
     Ok((endpoint, config))
 }
 
@@ -123,12 +379,28 @@ pub fn server_endpoint(
     seed.extend_from_slice(identity.key.secret_der());
     let secret = ring::digest::digest(&ring::digest::SHA256, &seed);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // The connection IDs carry a keyed check that the endpoint verifies before it answers a
+    // packet for an unknown connection with a reset. quinn keys it at random per endpoint, so
+    // a restarted receiver took the agents' old IDs for forgeries and stayed silent: derive
+    // that key from the identity as well.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(
+        &ring::digest::digest(
+            &ring::digest::SHA256,
+            &[b"cid:".as_slice(), secret.as_ref()].concat(),
+        )
+        .as_ref()[..8],
+    );
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let bind_error = |source| NetError::Bind {
         addr: listen,
         source,
     };
-    let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+    let socket = udp_socket(listen).map_err(bind_error)?;
     Endpoint::new(
         endpoint_config,
         Some(config),
@@ -149,7 +421,8 @@ pub fn server_config(
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(window)));
+    // The receiver sends little (acks, replies, hashes): the controller matters for the agent.
+    config.transport_config(Arc::new(transport_config(window, Congestion::default())));
     Ok(config)
 }
 
@@ -198,7 +471,12 @@ pub async fn read_frame<T: DeserializeOwned>(
 /// Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS and transport settings: `bytes` sent
 /// in 1 MiB writes over `streams` unidirectional streams, nothing done with them but count.
 /// The baseline of `cargo xtask bench replication`. Returns bytes per second.
-pub async fn loopback_throughput(bytes: u64, streams: usize, window: u64) -> Result<f64, NetError> {
+pub async fn loopback_throughput(
+    bytes: u64,
+    streams: usize,
+    window: u64,
+    congestion: Congestion,
+) -> Result<f64, NetError> {
     let dir = std::env::temp_dir().join(format!("blkmirror-transport-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let server_fp = identity::generate(&dir.join("server"), "server")?;
@@ -235,7 +513,7 @@ pub async fn loopback_throughput(bytes: u64, streams: usize, window: u64) -> Res
         }
         total
     });
-    let (client, config) = client_endpoint(&client_id, &server_fp, window)?;
+    let (client, config) = client_endpoint(&client_id, &server_fp, window, congestion)?;
     let connection = client
         .connect_with(config, addr, "blkmirror")
         .map_err(|error| NetError::Connect {
@@ -268,4 +546,128 @@ pub async fn loopback_throughput(bytes: u64, streams: usize, window: u64) -> Res
     let received = sink.await.unwrap_or(0);
     client.wait_idle().await;
     Ok(received as f64 / seconds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Peers {
+        dir: std::path::PathBuf,
+        server: Identity,
+        server_fp: Fingerprint,
+        client: Identity,
+        client_fp: Fingerprint,
+    }
+
+    impl Peers {
+        fn new(name: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("blkmirror-net-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let server_fp = identity::generate(&dir.join("server"), "server").unwrap();
+            let client_fp = identity::generate(&dir.join("client"), "client").unwrap();
+            Self {
+                server: Identity::load(&dir.join("server")).unwrap(),
+                client: Identity::load(&dir.join("client")).unwrap(),
+                dir,
+                server_fp,
+                client_fp,
+            }
+        }
+
+        /// A receiver endpoint on `listen` in a runtime of its own, holding every connection
+        /// it accepts until the runtime goes.
+        fn serve(&self, listen: SocketAddr) -> (tokio::runtime::Runtime, SocketAddr) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let endpoint = {
+                let _entered = runtime.enter();
+                server_endpoint(
+                    &self.server,
+                    BTreeSet::from([self.client_fp.clone()]),
+                    listen,
+                    32 << 20,
+                )
+                .unwrap()
+            };
+            let address = endpoint.local_addr().unwrap();
+            runtime.spawn(async move {
+                let mut held = Vec::new();
+                while let Some(incoming) = endpoint.accept().await {
+                    if let Ok(connection) = incoming.await {
+                        held.push(connection);
+                    }
+                }
+            });
+            (runtime, address)
+        }
+    }
+
+    impl Drop for Peers {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A receiver that dies without a word (its runtime is torn down: no close frame) and
+    /// comes back on the same port is noticed by a connected, idle agent within 2 s, by a
+    /// stateless reset, over an 80 ms link.
+    #[test]
+    fn an_idle_agent_notices_a_restarted_receiver_within_two_seconds() {
+        let peers = Peers::new("restart");
+        let (first, address) = peers.serve("127.0.0.1:0".parse().unwrap());
+        let link = blkmirror_wan::LinkSpec {
+            delay: Duration::from_millis(40),
+            ..blkmirror_wan::LinkSpec::default()
+        };
+        let relay =
+            blkmirror_wan::Relay::start("127.0.0.1:0".parse().unwrap(), address, link, link, 7)
+                .unwrap();
+        let client = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let connection = client.block_on(async {
+            let (endpoint, config) = client_endpoint(
+                &peers.client,
+                &peers.server_fp,
+                32 << 20,
+                Congestion::default(),
+            )
+            .unwrap();
+            endpoint
+                .connect_with(config, relay.address(), "blkmirror")
+                .unwrap()
+                .await
+                .unwrap()
+        });
+        // The receiver crashes: its tasks and socket are dropped, nothing is sent.
+        first.shutdown_timeout(Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            connection.close_reason().is_none(),
+            "a crashed receiver says nothing, and the idle timeout is far"
+        );
+        let (_second, _) = peers.serve(address);
+        let restarted = std::time::Instant::now();
+        let reason = client
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), connection.closed()).await
+            })
+            .expect("the dead connection is noticed within 5 s");
+        let noticed = restarted.elapsed();
+        assert!(
+            matches!(reason, quinn::ConnectionError::Reset),
+            "noticed by a stateless reset, not {reason:?}"
+        );
+        assert!(
+            noticed <= Duration::from_secs(2),
+            "noticed after {noticed:?}"
+        );
+    }
 }

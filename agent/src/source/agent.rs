@@ -123,6 +123,8 @@ pub struct AgentConfig {
     pub freeze_budget: Duration,
     /// Flow-control window.
     pub window: u64,
+    /// Congestion controller.
+    pub congestion: net::Congestion,
     /// Device bytes covered by one committed step of a sync.
     pub sync_step: u64,
     /// Print JSON lines.
@@ -500,6 +502,7 @@ impl Agent {
             &self.config.identity,
             &self.config.receiver_fingerprint,
             self.config.window,
+            self.config.congestion,
         )?;
         let mut attempt = 0;
         loop {
@@ -675,6 +678,12 @@ impl Agent {
                 _ = shutdown.changed() => {
                     link.connection.close(quinn::VarInt::from_u32(0), b"agent stopping");
                     return Err(AgentError::Stopped);
+                }
+                // A receiver that restarted (a stateless reset answers the next keep-alive) or
+                // went silent: reconnect now, and show `disconnected` meanwhile, instead of
+                // finding out at the next cycle.
+                error = link.connection.closed() => {
+                    return Err(AgentError::Net(NetError::Connection(error)));
                 }
             }
         }
