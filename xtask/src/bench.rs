@@ -67,6 +67,29 @@ pub enum Which {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// Initial sync and a cycle through the link emulator over a matrix of round-trip
+    /// times, loss rates, link rates and congestion controllers: goodput as a fraction of
+    /// the link.
+    Wan {
+        /// Round-trip times, ms.
+        #[arg(long, value_delimiter = ',', default_value = "1,20,80,200")]
+        rtt_ms: Vec<u64>,
+        /// Random loss, percent (each direction).
+        #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
+        loss_pct: Vec<f64>,
+        /// Link rates, Mbit/s.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        rate_mbit: Vec<u64>,
+        /// Congestion controllers.
+        #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
+        congestion: Vec<String>,
+        /// The initial sync's length at the link rate, which sizes the device.
+        #[arg(long, default_value_t = 8.0)]
+        seconds: f64,
+        /// Longest time one pass may take.
+        #[arg(long, default_value_t = 90.0)]
+        timeout: f64,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -86,6 +109,21 @@ pub fn run(which: Which) -> Result<()> {
             change_permille,
             rounds,
         } => crate::bench_replication::points(size_mib, change_permille, rounds),
+        Which::Wan {
+            rtt_ms,
+            loss_pct,
+            rate_mbit,
+            congestion,
+            seconds,
+            timeout,
+        } => crate::bench_wan::wan(&crate::bench_wan::WanMatrix {
+            rtt_ms,
+            loss_pct,
+            rate_mbit,
+            congestion,
+            seconds,
+            timeout,
+        }),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",

@@ -2,7 +2,8 @@
 //!
 //! * `wan-relay run --listen ADDR --upstream ADDR [link options]` relays until standard input
 //!   closes. Lines on standard input control it: `down` cuts the link, `up` restores it,
-//!   `down SECONDS` cuts it for that long.
+//!   `down SECONDS` cuts it for that long, `stats` prints both directions' counters as one
+//!   JSON line on standard output.
 //! * `wan-relay check` measures how faithfully it models a link on this machine: its ceiling
 //!   against a direct UDP stream, the delivered rate at a cap, the round trip, and the loss
 //!   (`cargo xtask bench relay` runs it in a release build).
@@ -141,7 +142,7 @@ fn run(listen: SocketAddr, upstream: SocketAddr, link: &LinkArgs) -> Result<bool
     let relay = Relay::start(listen, upstream, spec, spec, link.seed)
         .map_err(|e| format!("listening on {listen}: {e}"))?;
     eprintln!(
-        "wan-relay: {} -> {upstream}, {spec:?}; stdin: down [SECONDS] | up",
+        "wan-relay: {} -> {upstream}, {spec:?}; stdin: down [SECONDS] | up | stats",
         relay.address()
     );
     for line in std::io::stdin().lock().lines() {
@@ -150,6 +151,14 @@ fn run(listen: SocketAddr, upstream: SocketAddr, link: &LinkArgs) -> Result<bool
         match words[..] {
             ["down"] => relay.handle().blackout(true),
             ["up"] => relay.handle().blackout(false),
+            ["stats"] => {
+                let handle = relay.handle();
+                println!(
+                    "{{\"up\":{},\"down\":{}}}",
+                    stats_json(&handle.up),
+                    stats_json(&handle.down)
+                );
+            }
             ["down", seconds] => match seconds.parse::<f64>() {
                 Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => {
                     let handle = relay.handle().clone();
@@ -162,10 +171,25 @@ fn run(listen: SocketAddr, upstream: SocketAddr, link: &LinkArgs) -> Result<bool
                 _ => eprintln!("wan-relay: {seconds:?} is not a number of seconds"),
             },
             [] => {}
-            _ => eprintln!("wan-relay: unknown command {line:?} (down [SECONDS] | up)"),
+            _ => eprintln!("wan-relay: unknown command {line:?} (down [SECONDS] | up | stats)"),
         }
     }
     Ok(true)
+}
+
+/// One direction's counters as a JSON object.
+fn stats_json(stats: &wan::DirectionStats) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    format!(
+        "{{\"offered\":{},\"delivered\":{},\"delivered_bytes\":{},\"tail_drops\":{},\
+         \"lost\":{},\"blackout_drops\":{}}}",
+        stats.offered.load(Relaxed),
+        stats.delivered.load(Relaxed),
+        stats.delivered_bytes.load(Relaxed),
+        stats.tail_drops.load(Relaxed),
+        stats.lost.load(Relaxed),
+        stats.blackout_drops.load(Relaxed),
+    )
 }
 
 /// One line of the report; returns whether it is within its tolerance.

@@ -1,0 +1,425 @@
+//! `cargo xtask bench wan`: replication through the project's link emulator (`wan-relay`)
+//! over a matrix of round-trip times, loss rates, link rates and congestion controllers.
+//!
+//! For each cell: a fresh receiver and agent state, an initial sync of a random-filled loop
+//! device sized for about `--seconds` of the link, then one incremental cycle of scattered
+//! 64 KiB changes (10% of the device), both with `agent --once --compression off` through a
+//! `wan-relay` that models the link both ways. Goodput is device bytes over the committed
+//! passes' own durations (`duration_ms` of the `committed` events: start-up and the
+//! handshake are left out), as a fraction of the link rate. The relay's counters give the
+//! wire bytes per device byte and the datagrams lost or tail-dropped.
+//!
+//! A pass that does not finish within `--timeout` is stopped and reported as `< x` from what
+//! it had committed (nothing: `< timeout bound`).
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::demo::{
+    Cleanup, keygen, release_binary, require_root, scratch_loop_with, scratch_space, start_receiver,
+};
+
+/// The matrix and its sizing.
+pub struct WanMatrix {
+    pub rtt_ms: Vec<u64>,
+    pub loss_pct: Vec<f64>,
+    pub rate_mbit: Vec<u64>,
+    pub congestion: Vec<String>,
+    pub seconds: f64,
+    pub timeout: f64,
+}
+
+/// A running `wan-relay`.
+struct RelayProcess {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: mpsc::Receiver<String>,
+    address: String,
+}
+
+impl RelayProcess {
+    fn start(binary: &Path, upstream: &str, rtt_ms: u64, loss_pct: f64, mbit: u64) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .args(["run", "--listen", "127.0.0.1:0", "--upstream", upstream])
+            .args(["--rtt", &format!("{rtt_ms}ms")])
+            .args(["--loss-pct", &loss_pct.to_string()])
+            .args(["--rate-mbit", &mbit.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting wan-relay")?;
+        let stdin = child.stdin.take().context("relay stdin")?;
+        let stderr = child.stderr.take().context("relay stderr")?;
+        let first = BufReader::new(stderr)
+            .lines()
+            .next()
+            .transpose()?
+            .context("wan-relay exited before listening")?;
+        let address = first
+            .strip_prefix("wan-relay: ")
+            .and_then(|rest| rest.split(' ').next())
+            .with_context(|| format!("unexpected wan-relay output: {first}"))?
+            .to_owned();
+        let stdout = child.stdout.take().context("relay stdout")?;
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            stdout: rx,
+            address,
+        })
+    }
+
+    fn stats(&mut self) -> Result<serde_json::Value> {
+        writeln!(self.stdin, "stats")?;
+        let line = self
+            .stdout
+            .recv_timeout(Duration::from_secs(5))
+            .context("wan-relay stats")?;
+        Ok(serde_json::from_str(&line)?)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn release_relay() -> Result<PathBuf> {
+    crate::exec(crate::cargo().args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "blkmirror-wan",
+        "--bin",
+        "wan-relay",
+    ]))?;
+    Ok(crate::root().join("target/release/wan-relay"))
+}
+
+/// What one `agent --once` committed before it ended or was stopped.
+struct Pass {
+    /// Device bytes the committed passes covered, and their summed durations.
+    bytes: u64,
+    seconds: f64,
+    finished: bool,
+}
+
+/// Runs `command` for at most `timeout` seconds and sums its `committed` events of `kind`.
+fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("blkmirror agent")?;
+    let stdout = child.stdout.take().context("agent stdout")?;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && tx.send(value).is_err()
+            {
+                break;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut pass = Pass {
+        bytes: 0,
+        seconds: 0.0,
+        finished: false,
+    };
+    loop {
+        let left = timeout - started.elapsed().as_secs_f64();
+        if left <= 0.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+            break;
+        }
+        match rx.recv_timeout(Duration::from_secs_f64(left.min(1.0))) {
+            Ok(event) => {
+                if event["event"] == "committed" && event["kind"] == kind {
+                    pass.bytes += event["bytes"].as_u64().unwrap_or(0);
+                    pass.seconds += event["duration_ms"].as_u64().unwrap_or(0) as f64 / 1e3;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait()?;
+                if !status.success() {
+                    bail!("blkmirror agent failed ({status})");
+                }
+                pass.finished = true;
+                break;
+            }
+        }
+    }
+    Ok(pass)
+}
+
+fn fill(device: &str, seek: u64, count: u64, block: &str) -> Result<()> {
+    crate::exec(Command::new("dd").args([
+        "if=/dev/urandom",
+        &format!("of={device}"),
+        &format!("bs={block}"),
+        &format!("seek={seek}"),
+        &format!("count={count}"),
+        "oflag=direct",
+        "iflag=fullblock",
+        "conv=notrunc",
+        "status=none",
+    ]))
+}
+
+/// Writes pseudo-random 64 KiB blocks at `offsets` (in 64 KiB units) and syncs them.
+fn write_chunks(device: &str, offsets: &[u64], seed: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .with_context(|| format!("opening {device}"))?;
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut block = vec![0u8; 65536];
+    for &offset in offsets {
+        for word in block.chunks_exact_mut(8) {
+            // xorshift64: incompressible enough for `--compression off` anyway.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        file.write_all_at(&block, offset * 65536)
+            .with_context(|| format!("writing {device}"))?;
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {device}"))?;
+    Ok(())
+}
+
+/// One cell's result.
+struct Cell {
+    rtt_ms: u64,
+    loss_pct: f64,
+    mbit: u64,
+    congestion: String,
+    sync: Option<f64>,
+    sync_bound: bool,
+    cycle: Option<f64>,
+    cycle_bound: bool,
+    wire_per_byte: f64,
+    dropped_pct: f64,
+}
+
+fn fraction(value: Option<f64>, bound: bool) -> String {
+    match value {
+        Some(value) if bound => format!("< {value:.2}"),
+        Some(value) => format!("{value:.2}"),
+        None => "n/a".into(),
+    }
+}
+
+pub fn wan(matrix: &WanMatrix) -> Result<()> {
+    require_root()?;
+    let binary = release_binary()?;
+    let relay_binary = release_relay()?;
+    let mut cleanup = Cleanup::new();
+    let (dir, pins) = scratch_space(&mut cleanup, "bench-wan")?;
+    let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
+    let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
+
+    // One device per link rate, sized for `seconds` of it, filled once.
+    let mut devices = Vec::new();
+    for &mbit in &matrix.rate_mbit {
+        let mib = ((mbit as f64 * 1e6 / 8.0 * matrix.seconds) / f64::from(1 << 20)).ceil() as u64;
+        let mib = mib.max(16);
+        let sub = dir.join(format!("dev-{mbit}"));
+        std::fs::create_dir_all(&sub)?;
+        let device = scratch_loop_with(&mut cleanup, &sub, mib << 20, true)?;
+        eprintln!("bench: filling {device} ({mib} MiB, {mbit} Mbit/s) with random data");
+        fill(&device, 0, mib, "1M")?;
+        devices.push((mbit, device, mib << 20));
+    }
+
+    let mut cells = Vec::new();
+    let total = matrix.rtt_ms.len()
+        * matrix.loss_pct.len()
+        * matrix.rate_mbit.len()
+        * matrix.congestion.len();
+    let mut index = 0;
+    for (mbit, device, size) in &devices {
+        let link_bytes = *mbit as f64 * 1e6 / 8.0;
+        for &rtt_ms in &matrix.rtt_ms {
+            for &loss_pct in &matrix.loss_pct {
+                for congestion in &matrix.congestion {
+                    index += 1;
+                    let cell_dir = dir.join(format!("cell-{index}"));
+                    std::fs::create_dir_all(&cell_dir)?;
+                    let mut cell_cleanup = Cleanup::new();
+                    let receiver = start_receiver(
+                        &mut cell_cleanup,
+                        &binary,
+                        &dir,
+                        &cell_dir.join("data"),
+                        &agent_fp,
+                        "bench",
+                        &[],
+                    )?;
+                    let mut relay =
+                        RelayProcess::start(&relay_binary, &receiver, rtt_ms, loss_pct, *mbit)?;
+                    let agent = || {
+                        let mut command = Command::new(&binary);
+                        command
+                            .args(["agent", "--device", device, "--volume", "bench"])
+                            .args(["--receiver", &relay.address])
+                            .args(["--receiver-fingerprint", &receiver_fp])
+                            .args(["--once", "--json", "--compression", "off"])
+                            .args(["--congestion", congestion])
+                            .arg("--identity")
+                            .arg(dir.join("agent-id"))
+                            .arg("--pin-root")
+                            .arg(&pins)
+                            .arg("--state-dir")
+                            .arg(cell_dir.join("state"));
+                        command
+                    };
+                    eprintln!(
+                        "bench: [{index}/{total}] {mbit} Mbit/s, {rtt_ms} ms, {loss_pct}% loss, \
+                         {congestion}: initial sync of {} MiB",
+                        size >> 20
+                    );
+                    let sync = agent_pass(&mut agent(), "sync-step", matrix.timeout)?;
+                    let sync_fraction =
+                        (sync.seconds > 0.0).then(|| sync.bytes as f64 / sync.seconds / link_bytes);
+                    let mut cell = Cell {
+                        rtt_ms,
+                        loss_pct,
+                        mbit: *mbit,
+                        congestion: congestion.clone(),
+                        sync: sync_fraction
+                            .or_else(|| Some(*size as f64 / matrix.timeout / link_bytes)),
+                        sync_bound: !sync.finished,
+                        cycle: None,
+                        cycle_bound: false,
+                        wire_per_byte: 0.0,
+                        dropped_pct: 0.0,
+                    };
+                    if sync.finished {
+                        // 10% of the device in scattered 64 KiB writes, no chunk twice.
+                        let chunks = size / 65536;
+                        let stride = (2_654_435_761 % chunks) | 1;
+                        let mut at = 7919 % chunks;
+                        let changed = chunks / 10;
+                        let mut offsets: Vec<u64> = (0..changed)
+                            .map(|_| {
+                                at = (at + stride) % chunks;
+                                at
+                            })
+                            .collect();
+                        offsets.sort_unstable();
+                        write_chunks(device, &offsets, index as u64)?;
+                        let cycle = agent_pass(&mut agent(), "cycle", matrix.timeout)?;
+                        cell.cycle_bound = !cycle.finished;
+                        cell.cycle = (cycle.seconds > 0.0)
+                            .then(|| (changed * 65536) as f64 / cycle.seconds / link_bytes)
+                            .or_else(|| {
+                                (!cycle.finished)
+                                    .then(|| (changed * 65536) as f64 / matrix.timeout / link_bytes)
+                            });
+                    }
+                    let stats = relay.stats()?;
+                    let up = &stats["up"];
+                    let offered = up["offered"].as_u64().unwrap_or(0).max(1);
+                    let dropped =
+                        up["lost"].as_u64().unwrap_or(0) + up["tail_drops"].as_u64().unwrap_or(0);
+                    cell.dropped_pct = dropped as f64 * 100.0 / offered as f64;
+                    cell.wire_per_byte =
+                        up["delivered_bytes"].as_u64().unwrap_or(0) as f64 / *size as f64;
+                    eprintln!(
+                        "bench: [{index}/{total}] sync {} cycle {} of the link; {:.2} wire \
+                         bytes per device byte (both passes), {:.2}% of datagrams dropped",
+                        fraction(cell.sync, cell.sync_bound),
+                        fraction(cell.cycle, cell.cycle_bound),
+                        cell.wire_per_byte,
+                        cell.dropped_pct
+                    );
+                    cells.push(cell);
+                    drop(relay);
+                    drop(cell_cleanup);
+                    let _ = std::fs::remove_dir_all(&cell_dir);
+                    // The agent's tracker pins live under the shared pin root, per device:
+                    // a fresh state directory for the next cell starts a fresh tracker.
+                    crate::demo::remove_pin_root(&pins);
+                }
+            }
+        }
+    }
+
+    println!(
+        "blkmirror WAN bench: initial sync of a random-filled loop device (~{} s of the link) \
+         and one cycle of 10% scattered 64 KiB changes, agent --once --compression off, \
+         through wan-relay (rate cap with a 1-BDP tail-drop queue, delay, random loss; both \
+         ways). Goodput as a fraction of the link rate, from the committed passes' durations.",
+        matrix.seconds
+    );
+    println!();
+    println!(
+        "| link | RTT | loss | controller | sync | cycle | wire bytes / device byte | dropped |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|---:|");
+    for cell in &cells {
+        println!(
+            "| {} Mbit/s | {} ms | {}% | {} | {} | {} | {:.2} | {:.2}% |",
+            cell.mbit,
+            cell.rtt_ms,
+            cell.loss_pct,
+            cell.congestion,
+            fraction(cell.sync, cell.sync_bound),
+            fraction(cell.cycle, cell.cycle_bound),
+            cell.wire_per_byte,
+            cell.dropped_pct
+        );
+    }
+    println!();
+    println!(
+        "Goals (issue 11): >= 0.9 without loss at any RTT up to 200 ms, >= 0.8 at 0.1%, >= 0.5 \
+         at 1%."
+    );
+    println!(
+        "Reproduce: sudo cargo xtask bench wan --rtt-ms {} --loss-pct {} --rate-mbit {} \
+         --congestion {} --seconds {} --timeout {}",
+        join(&matrix.rtt_ms),
+        join(&matrix.loss_pct),
+        join(&matrix.rate_mbit),
+        matrix.congestion.join(","),
+        matrix.seconds,
+        matrix.timeout
+    );
+    Ok(())
+}
+
+fn join<T: ToString>(values: &[T]) -> String {
+    values
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
