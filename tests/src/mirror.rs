@@ -256,6 +256,9 @@ pub struct AgentSetup<'a> {
     pub state_dir: &'a Path,
     /// Pin this receiver fingerprint instead of the receiver's own.
     pub receiver_fingerprint: Option<&'a str>,
+    /// Send to this address (a link emulator in front of the receiver) instead of the
+    /// receiver's own.
+    pub via: Option<String>,
 }
 
 impl AgentSetup<'_> {
@@ -268,7 +271,7 @@ impl AgentSetup<'_> {
             "--volume",
             self.volume,
             "--receiver",
-            &self.receiver.addr,
+            self.via.as_deref().unwrap_or(&self.receiver.addr),
             "--receiver-fingerprint",
             self.receiver_fingerprint
                 .unwrap_or(&self.receiver.fingerprint),
@@ -541,6 +544,7 @@ impl Site {
             pins: &self.pins,
             state_dir: self.scratch.path.join("state").leak(),
             receiver_fingerprint: None,
+            via: None,
         }
     }
 }

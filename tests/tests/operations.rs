@@ -479,6 +479,7 @@ fn the_receiver_reloads_its_grants_on_sighup_and_keeps_running_on_a_bad_file() {
         pins: &pins,
         state_dir: &state_dir,
         receiver_fingerprint: None,
+        via: None,
     };
     // Not granted yet.
     let (output, _) = agent.once(&[], Duration::from_secs(60));

@@ -357,6 +357,7 @@ fn full_receiver_refuses_the_cycle_and_keeps_its_point() {
         pins: &pins,
         state_dir: scratch.path.join("state").leak(),
         receiver_fingerprint: None,
+        via: None,
     };
     setup.once_ok(&["--compression", "off"]);
     let image = digest(&receiver.image("vol"));

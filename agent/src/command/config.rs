@@ -759,6 +759,7 @@ compression = "off"
 freeze = "off"
 freeze_budget = "1s"
 window = "16MiB"
+congestion = "bbr"
 sync_step = "1GiB"
 [[device]]
 path = "/dev/vdc"
@@ -776,8 +777,10 @@ volume = "logs"
         assert_eq!(db.compression, Compression::Off);
         assert_eq!(db.freeze, FreezeMode::Off);
         assert_eq!(db.window, 16 << 20);
+        assert_eq!(db.congestion, Congestion::Bbr);
         assert_eq!(db.sync_step, 1 << 30);
         let logs = &settings.devices[1];
+        assert_eq!(logs.congestion, Congestion::FilteredCubic);
         assert_eq!(logs.interval, Duration::from_secs(60));
         assert_eq!(logs.chunk_size, 64 << 10);
         assert_eq!(
@@ -801,6 +804,7 @@ interval = "soon"
 max_rate = "1KiB"
 chunk_size = "3000"
 hooks = "magic"
+congestion = "vegas"
 streams = 99
 consistency_group = "app"
 [[device]]
@@ -816,6 +820,7 @@ volume = "db"
             "device[0].max_rate",
             "device[0].chunk_size",
             "device[0].hooks: \"magic\" is not one of",
+            "device[0].congestion: \"vegas\" is not one of cubic, newreno, bbr, filtered-cubic",
             "device[0].streams",
             "device[1].volume: volume \"db\" is named twice",
             "device[1].path",

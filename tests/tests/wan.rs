@@ -1,0 +1,124 @@
+//! Replication over an emulated WAN, as root: the real agent and receiver with the real eBPF
+//! tracker, through the project's link emulator (`blkmirror-wan`) modelling a distant, lossy
+//! link that goes down. Every test ends with the replica compared to the device.
+
+use std::{
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use blkmirror_tests::{
+    LoopDevice,
+    mirror::{AgentSetup, Site, assert_same, committed, write_random},
+    require_root,
+};
+use blkmirror_wan::{LinkSpec, Relay};
+
+const MIB: u64 = 1 << 20;
+
+fn link(rate_mbit: u64, rtt_ms: u64, loss: f64) -> LinkSpec {
+    LinkSpec {
+        rate_bits: rate_mbit * 1_000_000,
+        delay: Duration::from_millis(rtt_ms / 2),
+        loss,
+        ..LinkSpec::default()
+    }
+}
+
+fn relay_to(site: &Site, spec: LinkSpec, seed: u64) -> Relay {
+    let upstream = site.receiver.addr.parse().expect("receiver address");
+    Relay::start(
+        "127.0.0.1:0".parse().expect("address"),
+        upstream,
+        spec,
+        spec,
+        seed,
+    )
+    .expect("starting the link emulator")
+}
+
+fn via<'a>(site: &'a Site, dev: &'a LoopDevice, relay: &Relay) -> AgentSetup<'a> {
+    AgentSetup {
+        via: Some(relay.address().to_string()),
+        ..site.setup(&dev.path, "wan")
+    }
+}
+
+#[test]
+fn a_sync_and_cycles_over_a_distant_link_with_one_percent_loss_equal_the_device() {
+    require_root();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 48 * MIB);
+    write_random(&dev.path, 0, 48 * MIB);
+    let relay = relay_to(&site, link(100, 40, 0.01), 11);
+    let agent = via(&site, &dev, &relay);
+    let lines = agent.once_ok(&["--compression", "off"]);
+    assert!(
+        !committed(&lines).is_empty(),
+        "nothing committed: {lines:?}"
+    );
+    assert_same(&dev.path, &site.receiver.image("wan"));
+    for round in 0..2u64 {
+        for extent in 0..8u64 {
+            write_random(&dev.path, (extent * 5 + round) * MIB, MIB / 2);
+        }
+        agent.once_ok(&[]);
+        assert_same(&dev.path, &site.receiver.image("wan"));
+    }
+    // The loss was real: the relay dropped datagrams both ways.
+    let handle = relay.handle();
+    let lost_up = handle.up.lost.load(Ordering::Relaxed);
+    let lost_down = handle.down.lost.load(Ordering::Relaxed);
+    assert!(
+        lost_up > 100 && lost_down > 0,
+        "the link lost {lost_up} datagrams up and {lost_down} down"
+    );
+}
+
+#[test]
+fn a_blackout_longer_than_the_idle_timeout_mid_sync_reconnects_and_ends_equal() {
+    require_root();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 96 * MIB);
+    write_random(&dev.path, 0, 96 * MIB);
+    let relay = relay_to(&site, link(200, 20, 0.0), 12);
+    let agent = via(&site, &dev, &relay);
+    let handle = relay.handle().clone();
+    let cutter = std::thread::spawn(move || {
+        // Cut once the sync is well under way, for longer than the 10 s idle timeout.
+        let started = Instant::now();
+        while handle.up.delivered_bytes.load(Ordering::Relaxed) < 24 * MIB {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the sync never got going"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        handle.blackout(true);
+        std::thread::sleep(Duration::from_secs(12));
+        handle.blackout(false);
+    });
+    let (output, lines) = agent.once(
+        &["--compression", "off", "--sync-step", "16MiB"],
+        Duration::from_secs(120),
+    );
+    cutter.join().expect("the link cutter");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "agent --once failed: {stderr}");
+    assert!(
+        stderr.contains("retrying"),
+        "the agent should have lost the connection and retried: {stderr}"
+    );
+    assert!(relay.handle().up.blackout_drops.load(Ordering::Relaxed) > 0);
+    // The steps committed before the cut are not sent again: at most one open step is.
+    let sent: u64 = committed(&lines)
+        .iter()
+        .filter_map(|line| line["sent_bytes"].as_u64())
+        .sum();
+    assert!(
+        sent < 96 * MIB + 17 * MIB,
+        "sent {} MiB for a 96 MiB device",
+        sent / MIB
+    );
+    assert_same(&dev.path, &site.receiver.image("wan"));
+}
