@@ -58,20 +58,38 @@ impl PassPlan {
     }
 }
 
-/// A token bucket that caps the send rate. One second of burst.
+/// A token bucket that caps the send rate.
+///
+/// The burst is 100 ms of the rate (at least 256 KiB, so a whole data frame always fits): a
+/// burst of a second at the cap would overflow the queue of a link sized near it, and would
+/// let a short transfer exceed the cap by a second's worth.
 #[derive(Debug, Clone)]
 pub struct RateLimit {
     bytes_per_second: f64,
+    burst: f64,
     tokens: f64,
     last: Duration,
 }
 
 impl RateLimit {
+    /// The smallest burst.
+    pub const MIN_BURST: u64 = 256 << 10;
+
     /// A limit of `bytes_per_second`, starting at time `now` with a full bucket.
     pub fn new(bytes_per_second: u64, now: Duration) -> Self {
+        Self::with_burst(
+            bytes_per_second,
+            (bytes_per_second / 10).max(Self::MIN_BURST),
+            now,
+        )
+    }
+
+    /// A limit of `bytes_per_second` with a bucket of `burst` bytes.
+    pub fn with_burst(bytes_per_second: u64, burst: u64, now: Duration) -> Self {
         Self {
             bytes_per_second: bytes_per_second as f64,
-            tokens: bytes_per_second as f64,
+            burst: burst.max(1) as f64,
+            tokens: burst.max(1) as f64,
             last: now,
         }
     }
@@ -80,8 +98,7 @@ impl RateLimit {
     pub fn take(&mut self, bytes: u64, now: Duration) -> Duration {
         let elapsed = now.saturating_sub(self.last).as_secs_f64();
         self.last = now;
-        self.tokens =
-            (self.tokens + elapsed * self.bytes_per_second).min(self.bytes_per_second.max(1.0));
+        self.tokens = (self.tokens + elapsed * self.bytes_per_second).min(self.burst);
         self.tokens -= bytes as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -227,7 +244,7 @@ mod tests {
 
     #[test]
     fn rate_limit_paces_to_the_rate() {
-        let mut limit = RateLimit::new(1000, Duration::ZERO);
+        let mut limit = RateLimit::with_burst(1000, 1000, Duration::ZERO);
         assert_eq!(limit.take(1000, Duration::ZERO), Duration::ZERO);
         assert_eq!(limit.take(500, Duration::ZERO), Duration::from_millis(500));
         // After the wait, the bucket has refilled to exactly what was owed.
@@ -237,12 +254,32 @@ mod tests {
             "debt repaid"
         );
         // Sending 10 s worth at once costs 10 s (less the 1 s burst), whatever the call pattern.
-        let mut limit = RateLimit::new(1000, Duration::ZERO);
+        let mut limit = RateLimit::with_burst(1000, 1000, Duration::ZERO);
         let mut now = Duration::ZERO;
         for _ in 0..100 {
             now += limit.take(100, now);
         }
         assert!((now.as_secs_f64() - 9.0).abs() < 0.01, "{now:?}");
+    }
+
+    #[test]
+    fn rate_limit_bursts_a_tenth_of_a_second_and_at_least_a_frame() {
+        // 100 MB/s: 10 MB of burst, then the rate.
+        let mut limit = RateLimit::new(100_000_000, Duration::ZERO);
+        assert_eq!(limit.take(10_000_000, Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            limit.take(1_000_000, Duration::ZERO),
+            Duration::from_millis(10)
+        );
+        // A slow cap still lets a whole 64 KiB frame through without waiting.
+        let mut limit = RateLimit::new(100_000, Duration::ZERO);
+        assert_eq!(limit.take(65_536, Duration::ZERO), Duration::ZERO);
+        // A long idle time does not buy more than the burst.
+        let mut limit = RateLimit::new(100_000_000, Duration::ZERO);
+        assert_eq!(
+            limit.take(20_000_000, Duration::from_secs(60)),
+            Duration::from_millis(100)
+        );
     }
 
     #[test]

@@ -89,6 +89,9 @@ pub enum Which {
         /// Longest time one pass may take.
         #[arg(long, default_value_t = 90.0)]
         timeout: f64,
+        /// Cap the agent with `--max-rate` at this fraction of the link rate (its accuracy).
+        #[arg(long)]
+        max_rate_fraction: Option<f64>,
     },
 }
 
@@ -116,6 +119,7 @@ pub fn run(which: Which) -> Result<()> {
             congestion,
             seconds,
             timeout,
+            max_rate_fraction,
         } => crate::bench_wan::wan(&crate::bench_wan::WanMatrix {
             rtt_ms,
             loss_pct,
@@ -123,6 +127,7 @@ pub fn run(which: Which) -> Result<()> {
             congestion,
             seconds,
             timeout,
+            max_rate_fraction,
         }),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",

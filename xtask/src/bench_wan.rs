@@ -35,6 +35,8 @@ pub struct WanMatrix {
     pub congestion: Vec<String>,
     pub seconds: f64,
     pub timeout: f64,
+    /// Run the agent with `--max-rate` at this fraction of the link rate.
+    pub max_rate_fraction: Option<f64>,
 }
 
 /// A running `wan-relay`.
@@ -293,6 +295,12 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                             .args(["--receiver-fingerprint", &receiver_fp])
                             .args(["--once", "--json", "--compression", "off"])
                             .args(["--congestion", congestion])
+                            .args(matrix.max_rate_fraction.iter().flat_map(|fraction| {
+                                [
+                                    "--max-rate".to_owned(),
+                                    format!("{:.0}", fraction * link_bytes),
+                                ]
+                            }))
                             .arg("--identity")
                             .arg(dir.join("agent-id"))
                             .arg("--pin-root")
@@ -399,19 +407,30 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
         );
     }
     println!();
-    println!(
-        "Goals (issue 11): >= 0.9 without loss at any RTT up to 200 ms, >= 0.8 at 0.1%, >= 0.5 \
-         at 1%."
-    );
+    if let Some(fraction) = matrix.max_rate_fraction {
+        println!(
+            "With --max-rate at {fraction} of the link: the sync column should read {fraction} \
+             (within 5%)."
+        );
+    } else {
+        println!(
+            "Goals (issue 11): >= 0.9 without loss at any RTT up to 200 ms, >= 0.8 at 0.1%, >= \
+             0.5 at 1%."
+        );
+    }
     println!(
         "Reproduce: sudo cargo xtask bench wan --rtt-ms {} --loss-pct {} --rate-mbit {} \
-         --congestion {} --seconds {} --timeout {}",
+         --congestion {} --seconds {} --timeout {}{}",
         join(&matrix.rtt_ms),
         join(&matrix.loss_pct),
         join(&matrix.rate_mbit),
         matrix.congestion.join(","),
         matrix.seconds,
-        matrix.timeout
+        matrix.timeout,
+        matrix
+            .max_rate_fraction
+            .map(|fraction| format!(" --max-rate-fraction {fraction}"))
+            .unwrap_or_default()
     );
     Ok(())
 }
