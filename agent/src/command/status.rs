@@ -105,6 +105,22 @@ pub struct VolumeStatus {
     pub backlog_bytes: u64,
     /// Recent transfer rate (bytes per second).
     pub rate_bytes_per_s: u64,
+    /// How fast the source changes: bytes cut per second, smoothed over recent cuts.
+    #[serde(default)]
+    pub change_rate_bytes_per_s: u64,
+    /// How fast changes are shipped: device bytes per second of the recent cycles' time.
+    #[serde(default)]
+    pub ship_rate_bytes_per_s: u64,
+    /// The source changes faster than the link ships: the backlog and the lag can only grow
+    /// (the agent keeps cycling back to back, each cycle shipping what it can).
+    #[serde(default)]
+    pub falling_behind: bool,
+    /// With a backlog and a ship rate above the change rate: seconds until it is shipped.
+    #[serde(default)]
+    pub catch_up_eta_s: Option<u64>,
+    /// When the last cut was taken (for the change rate).
+    #[serde(skip)]
+    pub last_cut_unix_ms: Option<u64>,
     /// The sync in progress, if any.
     pub sync: Option<SyncProgress>,
     /// The newest committed complete point.
@@ -184,6 +200,41 @@ impl StatusBoard {
         change(status);
     }
 
+    /// Records a cut of `changed_bytes` at `now_unix_ms`: the change rate is the bytes cut
+    /// over the time since the previous cut, smoothed (half the old value, half the new).
+    pub fn cut(&self, volume: &str, changed_bytes: u64, now_unix_ms: u64) {
+        self.update(volume, |s| {
+            if let Some(last) = s.last_cut_unix_ms {
+                let seconds = now_unix_ms.saturating_sub(last) as f64 / 1000.0;
+                if seconds > 0.0 {
+                    let rate = changed_bytes as f64 / seconds;
+                    s.change_rate_bytes_per_s = if s.change_rate_bytes_per_s == 0 {
+                        rate as u64
+                    } else {
+                        ((s.change_rate_bytes_per_s as f64 + rate) / 2.0) as u64
+                    };
+                }
+            }
+            s.last_cut_unix_ms = Some(now_unix_ms);
+        });
+    }
+
+    /// Records the device bytes a committed cycle shipped and how long it took (the ship
+    /// rate, smoothed like the change rate).
+    pub fn shipped(&self, volume: &str, device_bytes: u64, cycle_seconds: f64) {
+        if cycle_seconds <= 0.0 || device_bytes == 0 {
+            return;
+        }
+        self.update(volume, |s| {
+            let rate = device_bytes as f64 / cycle_seconds;
+            s.ship_rate_bytes_per_s = if s.ship_rate_bytes_per_s == 0 {
+                rate as u64
+            } else {
+                ((s.ship_rate_bytes_per_s as f64 + rate) / 2.0) as u64
+            };
+        });
+    }
+
     /// Records a committed cycle.
     pub fn committed(
         &self,
@@ -224,6 +275,18 @@ impl StatusBoard {
         });
     }
 
+    /// Whether changes outrun shipping, and otherwise how long the backlog takes to ship.
+    fn behind(change_rate: u64, ship_rate: u64, backlog: u64) -> (bool, Option<u64>) {
+        if ship_rate == 0 {
+            return (false, None);
+        }
+        if change_rate >= ship_rate {
+            return (true, None);
+        }
+        let eta = (backlog > 0).then(|| backlog.div_ceil(ship_rate - change_rate));
+        (false, eta)
+    }
+
     /// The report as of `now_unix_ms`: lag is computed, and a continuous volume whose newest
     /// point is older than a few intervals is reported stalled.
     pub fn snapshot(&self, now_unix_ms: u64) -> Snapshot {
@@ -238,6 +301,11 @@ impl StatusBoard {
                     .last_point
                     .as_ref()
                     .map(|p| now_unix_ms.saturating_sub(p.time_unix_ms) as f64 / 1000.0);
+                (s.falling_behind, s.catch_up_eta_s) = Self::behind(
+                    s.change_rate_bytes_per_s,
+                    s.ship_rate_bytes_per_s,
+                    s.backlog_bytes,
+                );
                 if s.state == VolumeState::Continuous
                     && s.interval_s > 0
                     && s.lag_seconds
@@ -335,6 +403,24 @@ pub fn render(snapshot: &Snapshot) -> String {
             "    rate         {}/s",
             units::format_size(s.rate_bytes_per_s)
         );
+        if s.change_rate_bytes_per_s > 0 || s.ship_rate_bytes_per_s > 0 {
+            let _ = writeln!(
+                out,
+                "    changes      {}/s, shipped at {}/s{}",
+                units::format_size(s.change_rate_bytes_per_s),
+                units::format_size(s.ship_rate_bytes_per_s),
+                if s.falling_behind {
+                    " - FALLING BEHIND: the source changes faster than the link ships; the \
+                     backlog grows (raise the link, --max-rate or compression, or lower the \
+                     write rate)"
+                        .to_owned()
+                } else {
+                    s.catch_up_eta_s
+                        .map(|eta| format!(", backlog shipped in about {eta}s"))
+                        .unwrap_or_default()
+                }
+            );
+        }
         if let Some(point) = &s.last_consistent {
             let _ = writeln!(
                 out,
@@ -392,7 +478,22 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 3] = [
+        let gauges: [Series<Option<f64>>; 6] = [
+            (
+                "blkmirror_change_rate_bytes_per_second",
+                "How fast the source changes: bytes cut per second, smoothed.",
+                |s| Some(s.change_rate_bytes_per_s as f64),
+            ),
+            (
+                "blkmirror_ship_rate_bytes_per_second",
+                "How fast changes are shipped: device bytes per second of cycle time, smoothed.",
+                |s| Some(s.ship_rate_bytes_per_s as f64),
+            ),
+            (
+                "blkmirror_falling_behind",
+                "1 when the source changes faster than the link ships (the backlog grows).",
+                |s| Some(if s.falling_behind { 1.0 } else { 0.0 }),
+            ),
             (
                 "blkmirror_lag_seconds",
                 "Age of the newest committed complete point.",
@@ -504,6 +605,38 @@ mod tests {
             consistent,
             freeze_ms: 12,
         }
+    }
+
+    #[test]
+    fn a_change_rate_above_the_ship_rate_is_falling_behind_and_below_it_has_a_catch_up_eta() {
+        let board = StatusBoard::new("agent");
+        // Cuts 10 s apart of 50 MB: 5 MB/s of changes.
+        board.cut("db", 0, 0);
+        board.cut("db", 50_000_000, 10_000);
+        board.cut("db", 50_000_000, 20_000);
+        // Cycles ship 40 MB in 10 s: 4 MB/s.
+        board.shipped("db", 40_000_000, 10.0);
+        board.update("db", |s| s.backlog_bytes = 80_000_000);
+        let db = board.snapshot(20_000).volumes[0].clone();
+        assert_eq!(db.change_rate_bytes_per_s, 5_000_000);
+        assert_eq!(db.ship_rate_bytes_per_s, 4_000_000);
+        assert!(db.falling_behind);
+        assert_eq!(db.catch_up_eta_s, None);
+        let snap = board.snapshot(20_000);
+        assert!(render(&snap).contains("FALLING BEHIND"), "{}", render(&snap));
+        let metrics = prometheus(&snap);
+        assert!(
+            metrics.contains("blkmirror_change_rate_bytes_per_second{volume=\"db\"} 5000000"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("blkmirror_falling_behind{volume=\"db\"} 1"));
+        // The writes slow down to 1 MB/s (smoothed: 3 MB/s) and shipping speeds up to 8 MB/s
+        // (smoothed: 6 MB/s): 80 MB of backlog ships in 80 / (6 - 3) = 27 s.
+        board.cut("db", 10_000_000, 30_000);
+        board.shipped("db", 80_000_000, 10.0);
+        let db = board.snapshot(30_000).volumes[0].clone();
+        assert!(!db.falling_behind);
+        assert_eq!(db.catch_up_eta_s, Some(27));
     }
 
     #[test]

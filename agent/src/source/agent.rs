@@ -721,6 +721,10 @@ impl Agent {
         self.config
             .status
             .update(&self.config.volume, |s| s.backlog_bytes = backlog);
+        let changed: u64 = cut.extents.iter().map(|e| e.length).sum();
+        self.config
+            .status
+            .cut(&self.config.volume, changed, now_ms());
         Ok((cut.extents, cut.epoch))
     }
 
@@ -1181,6 +1185,11 @@ impl Agent {
     }
 
     fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
+        if kind == "cycle" {
+            self.config
+                .status
+                .shipped(&self.config.volume, stats.read_bytes, took.as_secs_f64());
+        }
         self.config.status.committed(
             &self.config.volume,
             PointSummary::from(point),
