@@ -58,6 +58,14 @@ impl PassPlan {
     }
 }
 
+/// How long to wait after a cycle that took `took` before the next one: cycles start an
+/// `interval` apart, or back to back when one takes longer. (Waiting a whole interval after
+/// each cycle would stretch the period to interval + cycle time, and the recovery point with
+/// it, the more so the busier the source.)
+pub fn wait_before_next_cycle(interval: Duration, took: Duration) -> Duration {
+    interval.saturating_sub(took)
+}
+
 /// A token bucket that caps the send rate.
 ///
 /// The burst is 100 ms of the rate (at least 256 KiB, so a whole data frame always fits): a
@@ -279,6 +287,19 @@ mod tests {
         assert_eq!(
             limit.take(20_000_000, Duration::from_secs(60)),
             Duration::from_millis(100)
+        );
+    }
+
+    #[test]
+    fn cycles_start_an_interval_apart_or_back_to_back() {
+        let interval = Duration::from_secs(5);
+        assert_eq!(
+            wait_before_next_cycle(interval, Duration::from_secs(3)),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            wait_before_next_cycle(interval, Duration::from_secs(7)),
+            Duration::ZERO
         );
     }
 

@@ -67,6 +67,28 @@ pub enum Which {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// The recovery point (lag of the newest committed point) under a fio write load at a
+    /// share of the link rate, through the link emulator: p50, p99 and max per case.
+    Rpo {
+        /// Cycle intervals, seconds.
+        #[arg(long, value_delimiter = ',', default_value = "5,60")]
+        intervals_s: Vec<u64>,
+        /// Write rates, percent of the link rate.
+        #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
+        write_pct: Vec<u64>,
+        /// Link rate, Mbit/s.
+        #[arg(long, default_value_t = 100)]
+        rate_mbit: u64,
+        /// Round trip, ms.
+        #[arg(long, default_value_t = 40)]
+        rtt_ms: u64,
+        /// Device size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Seconds sampled per case (default: the larger of 60 s and five intervals).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
     /// Initial sync and a cycle through the link emulator over a matrix of round-trip
     /// times, loss rates, link rates and congestion controllers: goodput as a fraction of
     /// the link.
@@ -128,6 +150,21 @@ pub fn run(which: Which) -> Result<()> {
             seconds,
             timeout,
             max_rate_fraction,
+        }),
+        Which::Rpo {
+            intervals_s,
+            write_pct,
+            rate_mbit,
+            rtt_ms,
+            size_mib,
+            seconds,
+        } => crate::bench_rpo::rpo(&crate::bench_rpo::RpoCases {
+            intervals_s,
+            write_pct,
+            rate_mbit,
+            rtt_ms,
+            size_mib,
+            seconds,
         }),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",

@@ -40,15 +40,21 @@ pub struct WanMatrix {
 }
 
 /// A running `wan-relay`.
-struct RelayProcess {
+pub(crate) struct RelayProcess {
     child: Child,
     stdin: ChildStdin,
     stdout: mpsc::Receiver<String>,
-    address: String,
+    pub(crate) address: String,
 }
 
 impl RelayProcess {
-    fn start(binary: &Path, upstream: &str, rtt_ms: u64, loss_pct: f64, mbit: u64) -> Result<Self> {
+    pub(crate) fn start(
+        binary: &Path,
+        upstream: &str,
+        rtt_ms: u64,
+        loss_pct: f64,
+        mbit: u64,
+    ) -> Result<Self> {
         let mut child = Command::new(binary)
             .args(["run", "--listen", "127.0.0.1:0", "--upstream", upstream])
             .args(["--rtt", &format!("{rtt_ms}ms")])
@@ -105,7 +111,7 @@ impl Drop for RelayProcess {
     }
 }
 
-fn release_relay() -> Result<PathBuf> {
+pub(crate) fn release_relay() -> Result<PathBuf> {
     crate::exec(crate::cargo().args([
         "build",
         "--release",

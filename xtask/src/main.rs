@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_replication;
+mod bench_rpo;
 mod bench_wan;
 mod demo;
 mod package;

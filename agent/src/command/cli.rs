@@ -145,7 +145,7 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
-    /// Time between cycles.
+    /// Time from the start of one cycle to the next (back to back when a cycle takes longer).
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
     pub interval: Duration,
     /// Run exactly one cycle (with the initial sync if needed) and exit after the receiver

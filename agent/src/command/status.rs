@@ -623,7 +623,11 @@ mod tests {
         assert!(db.falling_behind);
         assert_eq!(db.catch_up_eta_s, None);
         let snap = board.snapshot(20_000);
-        assert!(render(&snap).contains("FALLING BEHIND"), "{}", render(&snap));
+        assert!(
+            render(&snap).contains("FALLING BEHIND"),
+            "{}",
+            render(&snap)
+        );
         let metrics = prometheus(&snap);
         assert!(
             metrics.contains("blkmirror_change_rate_bytes_per_second{volume=\"db\"} 5000000"),

@@ -101,7 +101,7 @@ pub struct AgentConfig {
     pub receiver_fingerprint: Fingerprint,
     /// Our identity.
     pub identity: Identity,
-    /// Time between cycles.
+    /// Time from one cycle's start to the next one's (back to back when a cycle takes longer).
     pub interval: Duration,
     /// Run one cycle (with the initial sync if needed), then exit.
     pub once: bool,
@@ -647,6 +647,7 @@ impl Agent {
                     started.elapsed().as_secs_f64()
                 ));
             }
+            let cycle_started = Instant::now();
             match self.cycle(&mut link).await {
                 Ok(()) => {}
                 Err(AgentError::Stopped) => {
@@ -674,7 +675,10 @@ impl Agent {
             }
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
-                _ = tokio::time::sleep(self.config.interval) => {}
+                _ = tokio::time::sleep(plan::wait_before_next_cycle(
+                    self.config.interval,
+                    cycle_started.elapsed(),
+                )) => {}
                 _ = shutdown.changed() => {
                     link.connection.close(quinn::VarInt::from_u32(0), b"agent stopping");
                     return Err(AgentError::Stopped);
