@@ -8,8 +8,8 @@ use std::{
 };
 
 use blkmirror_tests::{
-    LoopDevice,
-    mirror::{AgentSetup, Site, assert_same, committed, write_random},
+    LoopDevice, blkmirror,
+    mirror::{AgentSetup, ChildGuard, Site, assert_same, committed, write_random},
     require_root,
 };
 use blkmirror_wan::{LinkSpec, Relay};
@@ -120,5 +120,103 @@ fn a_blackout_longer_than_the_idle_timeout_mid_sync_reconnects_and_ends_equal() 
         "sent {} MiB for a 96 MiB device",
         sent / MIB
     );
+    assert_same(&dev.path, &site.receiver.image("wan"));
+}
+
+fn agent_status(socket: &std::path::Path) -> Option<serde_json::Value> {
+    let out = blkmirror()
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    status["volumes"].get(0).cloned()
+}
+
+/// Waits up to `limit` for the agent's status to satisfy `check`; returns it.
+fn wait_for(
+    socket: &std::path::Path,
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let status = agent_status(socket);
+        if let Some(status) = status.as_ref().filter(|s| check(s)) {
+            return status.clone();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "waited {limit:?} for {what}; status: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A partition during continuous replication under writes: the agent shows `disconnected`,
+/// keeps tracking, and after the link returns it catches up from its tracked changes (no
+/// verify sync: no tracking loss, no sync pass) to a replica equal to the device.
+#[test]
+fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify() {
+    require_root();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    write_random(&dev.path, 0, 64 * MIB);
+    let relay = relay_to(&site, link(100, 40, 0.001), 13);
+    let socket = site.scratch.path.join("agent.sock");
+    let agent = via(&site, &dev, &relay);
+    let socket_arg = socket.to_str().expect("utf-8");
+    let mut running =
+        ChildGuard(agent.spawn(&["--interval", "1s", "--control-socket", socket_arg]));
+    let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
+        s["lag_seconds"].is_number() && s["state"] == "continuous"
+    });
+    // (The first tracking of a device counts as one loss: its earlier history is unknown.)
+    let losses_before = synced["tracking_loss_total"].clone();
+    // The link goes down (longer than the idle timeout) while the source keeps writing.
+    relay.handle().blackout(true);
+    for round in 0..6u64 {
+        write_random(&dev.path, (round * 7 % 60) * MIB, 2 * MIB);
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let down = wait_for(&socket, Duration::from_secs(20), "disconnected", |s| {
+        s["state"] == "disconnected"
+    });
+    assert!(down["last_error"].is_string(), "{down}");
+    write_random(&dev.path, 33 * MIB, 3 * MIB);
+    relay.handle().blackout(false);
+    // Back: it catches up from the tracked changes.
+    let writes_done = Instant::now();
+    let caught_up = wait_for(&socket, Duration::from_secs(90), "the catch-up", |s| {
+        s["state"] == "continuous"
+            && s["backlog_bytes"] == 0
+            && s["last_point"]["time_unix_ms"].as_u64().is_some_and(|t| {
+                t > std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("clock")
+                    .as_millis() as u64
+                    - writes_done.elapsed().as_millis() as u64
+            })
+    });
+    // The agent's log, for the messages below.
+    let _ = running.0.kill();
+    let output = std::mem::replace(
+        &mut running.0,
+        blkmirror().arg("--version").spawn().expect("spawn"),
+    )
+    .wait_with_output()
+    .expect("agent output");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        caught_up["tracking_loss_total"], losses_before,
+        "{caught_up}\nagent log:\n{log}"
+    );
+    assert!(
+        log.contains("connection lost") && !log.contains("starting a verify sync"),
+        "agent log:\n{log}"
+    );
+    assert!(caught_up["sync"].is_null(), "no sync pass: {caught_up}");
+    drop(running);
     assert_same(&dev.path, &site.receiver.image("wan"));
 }

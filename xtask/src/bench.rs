@@ -69,52 +69,11 @@ pub enum Which {
     },
     /// The recovery point (lag of the newest committed point) under a fio write load at a
     /// share of the link rate, through the link emulator: p50, p99 and max per case.
-    Rpo {
-        /// Cycle intervals, seconds.
-        #[arg(long, value_delimiter = ',', default_value = "5,60")]
-        intervals_s: Vec<u64>,
-        /// Write rates, percent of the link rate.
-        #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
-        write_pct: Vec<u64>,
-        /// Link rate, Mbit/s.
-        #[arg(long, default_value_t = 100)]
-        rate_mbit: u64,
-        /// Round trip, ms.
-        #[arg(long, default_value_t = 40)]
-        rtt_ms: u64,
-        /// Device size in MiB.
-        #[arg(long, default_value_t = 1024)]
-        size_mib: u64,
-        /// Seconds sampled per case (default: the larger of 60 s and five intervals).
-        #[arg(long)]
-        seconds: Option<u64>,
-    },
+    Rpo(crate::bench_rpo::RpoCases),
     /// Initial sync and a cycle through the link emulator over a matrix of round-trip
     /// times, loss rates, link rates and congestion controllers: goodput as a fraction of
     /// the link.
-    Wan {
-        /// Round-trip times, ms.
-        #[arg(long, value_delimiter = ',', default_value = "1,20,80,200")]
-        rtt_ms: Vec<u64>,
-        /// Random loss, percent (each direction).
-        #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
-        loss_pct: Vec<f64>,
-        /// Link rates, Mbit/s.
-        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
-        rate_mbit: Vec<u64>,
-        /// Congestion controllers.
-        #[arg(long, value_delimiter = ',', default_value = "cubic,newreno,bbr")]
-        congestion: Vec<String>,
-        /// The initial sync's length at the link rate, which sizes the device.
-        #[arg(long, default_value_t = 8.0)]
-        seconds: f64,
-        /// Longest time one pass may take.
-        #[arg(long, default_value_t = 90.0)]
-        timeout: f64,
-        /// Cap the agent with `--max-rate` at this fraction of the link rate (its accuracy).
-        #[arg(long)]
-        max_rate_fraction: Option<f64>,
-    },
+    Wan(crate::bench_wan::WanMatrix),
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -134,38 +93,8 @@ pub fn run(which: Which) -> Result<()> {
             change_permille,
             rounds,
         } => crate::bench_replication::points(size_mib, change_permille, rounds),
-        Which::Wan {
-            rtt_ms,
-            loss_pct,
-            rate_mbit,
-            congestion,
-            seconds,
-            timeout,
-            max_rate_fraction,
-        } => crate::bench_wan::wan(&crate::bench_wan::WanMatrix {
-            rtt_ms,
-            loss_pct,
-            rate_mbit,
-            congestion,
-            seconds,
-            timeout,
-            max_rate_fraction,
-        }),
-        Which::Rpo {
-            intervals_s,
-            write_pct,
-            rate_mbit,
-            rtt_ms,
-            size_mib,
-            seconds,
-        } => crate::bench_rpo::rpo(&crate::bench_rpo::RpoCases {
-            intervals_s,
-            write_pct,
-            rate_mbit,
-            rtt_ms,
-            size_mib,
-            seconds,
-        }),
+        Which::Wan(matrix) => crate::bench_wan::wan(&matrix),
+        Which::Rpo(cases) => crate::bench_rpo::rpo(&cases),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",

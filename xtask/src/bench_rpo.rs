@@ -30,13 +30,25 @@ use crate::{
 };
 
 /// The cases and the link.
+#[derive(clap::Args)]
 pub struct RpoCases {
+    /// Cycle intervals, seconds.
+    #[arg(long, value_delimiter = ',', default_value = "5,60")]
     pub intervals_s: Vec<u64>,
+    /// Write rates, percent of the link rate.
+    #[arg(long, value_delimiter = ',', default_value = "10,50,90")]
     pub write_pct: Vec<u64>,
+    /// Link rate, Mbit/s.
+    #[arg(long, default_value_t = 100)]
     pub rate_mbit: u64,
+    /// Round trip, ms.
+    #[arg(long, default_value_t = 40)]
     pub rtt_ms: u64,
+    /// Device size in MiB.
+    #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,
-    /// Seconds sampled per case (default: the larger of 60 s and 5 intervals).
+    /// Seconds sampled per case (default: the larger of 60 s and five intervals).
+    #[arg(long)]
     pub seconds: Option<u64>,
 }
 

@@ -28,14 +28,32 @@ use crate::demo::{
 };
 
 /// The matrix and its sizing.
+#[derive(clap::Args)]
 pub struct WanMatrix {
+    /// Round-trip times, ms.
+    #[arg(long, value_delimiter = ',', default_value = "1,20,80,200")]
     pub rtt_ms: Vec<u64>,
+    /// Random loss, percent (each direction).
+    #[arg(long, value_delimiter = ',', default_value = "0,0.1,1")]
     pub loss_pct: Vec<f64>,
+    /// Link rates, Mbit/s.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
     pub rate_mbit: Vec<u64>,
+    /// Congestion controllers.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "cubic,newreno,bbr,filtered-cubic"
+    )]
     pub congestion: Vec<String>,
+    /// The initial sync's length at the link rate, which sizes the device.
+    #[arg(long, default_value_t = 8.0)]
     pub seconds: f64,
+    /// Longest time one pass may take.
+    #[arg(long, default_value_t = 90.0)]
     pub timeout: f64,
-    /// Run the agent with `--max-rate` at this fraction of the link rate.
+    /// Cap the agent with `--max-rate` at this fraction of the link rate (its accuracy).
+    #[arg(long)]
     pub max_rate_fraction: Option<f64>,
 }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | bench tracking`.
+//! Project tasks: `cargo xtask setup | test | demo | bench ...`.
 //!
 //! * `setup` installs what a fresh Debian 12 machine lacks to build and test blkmirror (apt
 //!   packages, bpf-linker built against LLVM 22, rust-src, the aarch64 target). It is
@@ -6,7 +6,9 @@
 //! * `test` is the project's test command (the README's and CI's): set-up, rustfmt, clippy, the
 //!   unit tests, the root-only kernel tests, and an aarch64 cross build.
 //! * `demo` shows the tracker on a scratch loop device with ext4 and a live writer.
-//! * `bench tracking` measures the write overhead of tracking with fio.
+//! * `bench tracking` measures the write overhead of tracking with fio; `bench replication`,
+//!   `bench points`, `bench relay`, `bench wan` and `bench rpo` measure replication on
+//!   127.0.0.1 and through the link emulator (see the README).
 
 mod bench;
 mod bench_replication;
