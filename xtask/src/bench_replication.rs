@@ -41,7 +41,12 @@ fn dd_read_seconds(device: &str) -> Result<f64> {
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn fill_random(device: &str, offset_blocks: u64, blocks: u64, block: &str) -> Result<()> {
+pub(crate) fn fill_random(
+    device: &str,
+    offset_blocks: u64,
+    blocks: u64,
+    block: &str,
+) -> Result<()> {
     let status = Command::new("dd")
         .args([
             "if=/dev/urandom",

@@ -22,7 +22,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
-    bench_wan::{RelayProcess, release_relay},
+    bench_wan::{RelayProcess, join, release_relay},
     demo::{
         Cleanup, keygen, release_binary, remove_pin_root, require_root, scratch_loop_with,
         scratch_space, start_receiver,
@@ -297,12 +297,4 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
-}
-
-fn join(values: &[u64]) -> String {
-    values
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }

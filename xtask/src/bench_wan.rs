@@ -23,6 +23,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use crate::bench_replication::fill_random;
 use crate::demo::{
     Cleanup, keygen, release_binary, require_root, scratch_loop_with, scratch_space, start_receiver,
 };
@@ -202,20 +203,6 @@ fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
     Ok(pass)
 }
 
-fn fill(device: &str, seek: u64, count: u64, block: &str) -> Result<()> {
-    crate::exec(Command::new("dd").args([
-        "if=/dev/urandom",
-        &format!("of={device}"),
-        &format!("bs={block}"),
-        &format!("seek={seek}"),
-        &format!("count={count}"),
-        "oflag=direct",
-        "iflag=fullblock",
-        "conv=notrunc",
-        "status=none",
-    ]))
-}
-
 /// Writes pseudo-random 64 KiB blocks at `offsets` (in 64 KiB units) and syncs them.
 fn write_chunks(device: &str, offsets: &[u64], seed: u64) -> Result<()> {
     use std::os::unix::fs::FileExt as _;
@@ -281,7 +268,7 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
         std::fs::create_dir_all(&sub)?;
         let device = scratch_loop_with(&mut cleanup, &sub, mib << 20, true)?;
         eprintln!("bench: filling {device} ({mib} MiB, {mbit} Mbit/s) with random data");
-        fill(&device, 0, mib, "1M")?;
+        fill_random(&device, 0, mib, "1M")?;
         devices.push((mbit, device, mib << 20));
     }
 
@@ -459,7 +446,7 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
     Ok(())
 }
 
-fn join<T: ToString>(values: &[T]) -> String {
+pub(crate) fn join<T: ToString>(values: &[T]) -> String {
     values
         .iter()
         .map(ToString::to_string)
