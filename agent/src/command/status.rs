@@ -179,6 +179,16 @@ pub struct StatusBoard {
     volumes: Mutex<BTreeMap<String, VolumeStatus>>,
 }
 
+/// A rate smoothed over samples: the first sample as it is, then half the old value and half
+/// the new.
+fn smoothed(old: u64, sample: f64) -> u64 {
+    if old == 0 {
+        sample as u64
+    } else {
+        ((old as f64 + sample) / 2.0) as u64
+    }
+}
+
 impl StatusBoard {
     /// An empty board for `role` (`agent` or `receiver`).
     pub fn new(role: &'static str) -> Self {
@@ -207,12 +217,8 @@ impl StatusBoard {
             if let Some(last) = s.last_cut_unix_ms {
                 let seconds = now_unix_ms.saturating_sub(last) as f64 / 1000.0;
                 if seconds > 0.0 {
-                    let rate = changed_bytes as f64 / seconds;
-                    s.change_rate_bytes_per_s = if s.change_rate_bytes_per_s == 0 {
-                        rate as u64
-                    } else {
-                        ((s.change_rate_bytes_per_s as f64 + rate) / 2.0) as u64
-                    };
+                    s.change_rate_bytes_per_s =
+                        smoothed(s.change_rate_bytes_per_s, changed_bytes as f64 / seconds);
                 }
             }
             s.last_cut_unix_ms = Some(now_unix_ms);
@@ -226,12 +232,8 @@ impl StatusBoard {
             return;
         }
         self.update(volume, |s| {
-            let rate = device_bytes as f64 / cycle_seconds;
-            s.ship_rate_bytes_per_s = if s.ship_rate_bytes_per_s == 0 {
-                rate as u64
-            } else {
-                ((s.ship_rate_bytes_per_s as f64 + rate) / 2.0) as u64
-            };
+            s.ship_rate_bytes_per_s =
+                smoothed(s.ship_rate_bytes_per_s, device_bytes as f64 / cycle_seconds);
         });
     }
 
