@@ -554,10 +554,20 @@ impl Volume {
             None
         } else {
             let path = self.journal_path();
+            let created = !self.disk.exists(&path);
             let file = self
                 .disk
                 .open(&path, OpenMode::Truncate)
                 .map_err(StoreError::io("opening", &path))?;
+            // The commit syncs the journal's content, not its name: a journal created here
+            // must have a durable directory entry before any commit applies it to the image,
+            // or a power cut could keep the image writes and lose the journal that explains
+            // them (found by the simulator, seed 1901).
+            if created {
+                self.disk
+                    .sync_dir(&self.dir)
+                    .map_err(StoreError::io("syncing", &self.dir))?;
+            }
             let mut writer = BufWriter::with_capacity(4 << 20, Cursor::new(file));
             append(
                 &mut writer,
