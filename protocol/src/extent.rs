@@ -135,6 +135,16 @@ impl DirtyBitmaps {
         &mut self.kinds[kind_slot(kind)]
     }
 
+    /// Forgets every kind recorded for chunks `[first, end)` (clipped to the device).
+    pub fn clear_range(&mut self, first: u64, end: u64) {
+        let end = end.min(self.geometry.chunks());
+        for words in &mut self.kinds {
+            for chunk in first..end {
+                words[(chunk / 64) as usize] &= !(1u64 << (chunk % 64));
+            }
+        }
+    }
+
     /// Marks chunks `[first, end)` with `kind` (clipped to the device).
     pub fn set_range(&mut self, kind: ChangeKind, first: u64, end: u64) {
         let end = end.min(self.geometry.chunks());

@@ -29,9 +29,10 @@
 use std::collections::VecDeque;
 
 use crate::{
+    extent::DirtyBitmaps,
     plan,
     session::{SourceSession, SyncShape},
-    wire::{Begin, PointInfo},
+    wire::{Begin, OpenCycleReport, PointInfo},
 };
 
 /// What the cycle's driver does next.
@@ -151,6 +152,14 @@ impl Cycle {
         (cycle, CycleAction::PreCopy)
     }
 
+    /// Continues an interrupted cycle (see [`Resumption`]): the frames and bytes the
+    /// receiver journaled count toward this cycle's.
+    pub fn resumed(mut self, resumption: &Resumption) -> Self {
+        self.frames = resumption.frames;
+        self.bytes = resumption.bytes;
+        self
+    }
+
     /// The cycle's number.
     pub fn seq(&self) -> u64 {
         self.seq
@@ -259,6 +268,82 @@ impl Cycle {
                 received_unix_ms: 0,
             },
         }
+    }
+}
+
+/// An interrupted cycle that the receiver kept open, as a new connection continues it (the
+/// receiver's [`OpenCycleReport`]).
+///
+/// # Which chunks need not be sent again
+///
+/// The journal holds frames read after the cycle's first cut. A chunk they cover wholly holds
+/// its content as of that read; if the chunk was written after the read, the write is in a
+/// later cut of the tracker. So the resumed cycle skips a journaled chunk unless a cut taken
+/// after the cycle's first one (during the interrupted connection or at the resume) names it:
+/// the driver keeps the union of those cuts (`redirtied`) and passes it to
+/// [`Resumption::plan`]. The journal may then hold two versions of a chunk; the receiver
+/// applies it in order, so the later one wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumption {
+    /// The cycle.
+    pub seq: u64,
+    /// Frames the receiver journaled.
+    pub frames: u64,
+    /// Bytes the journaled frames cover.
+    pub bytes: u64,
+    /// Chunk ranges `[first, end)` the journaled frames cover wholly.
+    pub chunks: Vec<(u64, u64)>,
+}
+
+impl Resumption {
+    /// The resumption of `report` on a device of `size` bytes in chunks of `chunk` bytes
+    /// (the report is checked: [`OpenCycleReport::check`]).
+    pub fn new(report: &OpenCycleReport, chunk: u64, size: u64) -> Self {
+        let chunk = chunk.max(1);
+        let last_chunk_end = size.div_ceil(chunk);
+        let mut chunks: Vec<(u64, u64)> = Vec::new();
+        for &(offset, length) in &report.journaled {
+            let end = offset + length;
+            let first = offset.div_ceil(chunk);
+            // The device's last chunk may be short: covering up to the end of the device
+            // covers it.
+            let end_chunk = if end >= size {
+                last_chunk_end
+            } else {
+                end / chunk
+            };
+            if first >= end_chunk {
+                continue;
+            }
+            match chunks.last_mut() {
+                Some(last) if last.1 >= first => last.1 = last.1.max(end_chunk),
+                _ => chunks.push((first, end_chunk)),
+            }
+        }
+        Self {
+            seq: report.seq,
+            frames: report.frames,
+            bytes: report.journaled.iter().map(|r| r.1).sum(),
+            chunks,
+        }
+    }
+
+    /// What the resumed cycle's first pass sends: the in-flight set (which holds the resume's
+    /// cut) less the chunks the journal covers, except those `redirtied` (every cut taken
+    /// since the cycle began, the resume's included).
+    pub fn plan(&self, inflight: &DirtyBitmaps, redirtied: &DirtyBitmaps) -> DirtyBitmaps {
+        let mut remaining = inflight.clone();
+        for &(first, end) in &self.chunks {
+            for chunk in (first..end).filter(|&c| redirtied.kind_of(c).is_none()) {
+                remaining.clear_range(chunk, chunk + 1);
+            }
+        }
+        remaining
+    }
+
+    /// Chunks the resumed cycle skips.
+    pub fn skipped(&self, inflight: &DirtyBitmaps, redirtied: &DirtyBitmaps) -> u64 {
+        inflight.dirty_chunks() - self.plan(inflight, redirtied).dirty_chunks()
     }
 }
 
@@ -435,7 +520,88 @@ impl SyncPass {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::extent::{ChangeKind, Geometry};
     use crate::session::SourceRecord;
+
+    /// A device of 10 chunks of 4 KiB, the last one 2 KiB short.
+    fn short_tail() -> Geometry {
+        Geometry {
+            nr_sectors: (10 * 4096 - 2048) / 512,
+            chunk_shift: 3,
+        }
+    }
+
+    fn chunks(set: &DirtyBitmaps) -> Vec<u64> {
+        (0..set.geometry().chunks())
+            .filter(|&c| set.kind_of(c).is_some())
+            .collect()
+    }
+
+    #[test]
+    fn a_resumed_cycle_skips_only_whole_journaled_chunks_not_cut_again() {
+        let geometry = short_tail();
+        let size = geometry.size_bytes();
+        let report = OpenCycleReport {
+            seq: 7,
+            frames: 3,
+            journaled: vec![
+                // Chunks 0 and 1 whole.
+                (0, 8192),
+                // Half of chunk 3: not skippable.
+                (3 * 4096, 2048),
+                // Chunks 5 and 6 whole, and chunk 7 from its second half on only.
+                (5 * 4096, 2 * 4096),
+                (7 * 4096 + 512, 3584),
+                // The short last chunk, to the end of the device.
+                (9 * 4096, size - 9 * 4096),
+            ],
+        };
+        report.check(size).unwrap();
+        let resumption = Resumption::new(&report, 4096, size);
+        assert_eq!(resumption.chunks, vec![(0, 2), (5, 7), (9, 10)]);
+        assert_eq!(resumption.frames, 3);
+        assert_eq!(
+            resumption.bytes,
+            8192 + 2048 + 8192 + 3584 + (size - 9 * 4096)
+        );
+        let mut inflight = DirtyBitmaps::new(geometry);
+        inflight.set_range(ChangeKind::Write, 0, 10);
+        // Chunk 5 was cut again after the cycle began: the journal may hold an older copy.
+        let mut redirtied = DirtyBitmaps::new(geometry);
+        redirtied.set_range(ChangeKind::Write, 5, 6);
+        let plan = resumption.plan(&inflight, &redirtied);
+        assert_eq!(chunks(&plan), vec![2, 3, 4, 5, 7, 8]);
+        assert_eq!(resumption.skipped(&inflight, &redirtied), 4);
+        // A chunk the journal covers but that is not in flight is not added.
+        let mut sparse = DirtyBitmaps::new(geometry);
+        sparse.set_range(ChangeKind::Write, 2, 3);
+        assert_eq!(chunks(&resumption.plan(&sparse, &redirtied)), vec![2]);
+    }
+
+    #[test]
+    fn a_resumed_cycle_counts_the_journaled_frames_and_bytes() {
+        let report = OpenCycleReport {
+            seq: 4,
+            frames: 10,
+            journaled: vec![(0, 1 << 20)],
+        };
+        let resumption = Resumption::new(&report, 65536, 8 << 20);
+        let (cycle, action) = Cycle::start(4, 1, 2, 8 << 20, false, 0);
+        assert_eq!(action, CycleAction::PreCopy);
+        let mut cycle = cycle.resumed(&resumption);
+        assert_eq!(
+            cycle.pass_sent(5, 4096, 1000),
+            CycleAction::Flush { frames: 15 }
+        );
+        match cycle.flushed() {
+            CycleAction::Commit { frames, point } => {
+                assert_eq!(frames, 15);
+                assert_eq!(point.bytes, (1 << 20) + 4096);
+                assert_eq!(point.seq, 4);
+            }
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
 
     fn cycle(freezes: bool) -> Cycle {
         let (cycle, first) = Cycle::start(7, 2, 10, 4096, freezes, 3);
@@ -578,6 +744,7 @@ mod tests {
                     committed_seq: 4,
                     last_point: last,
                     history: has_point,
+                    open_cycle: None,
                 }),
                 1,
             )

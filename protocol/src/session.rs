@@ -52,8 +52,8 @@
 //! ```
 
 use crate::wire::{
-    self, AgentMessage, Begin, ChunkHash, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage,
-    RefusalCode, Welcome,
+    self, AgentMessage, Begin, ChunkHash, Hello, OpenCycleReport, PROTOCOL_VERSION, PointInfo,
+    ReceiverMessage, RefusalCode, Welcome,
 };
 
 /// What the agent keeps across restarts about its progress with the receiver.
@@ -148,6 +148,10 @@ pub struct SourceSession {
     replica_has_point: bool,
     /// The receiver's volume was created by this connection and no sync has finished since.
     new_replica: bool,
+    /// The size of the device (from `Hello`), to check what the receiver reports against.
+    size: u64,
+    /// The receiver kept our interrupted cycle open, and this connection may continue it.
+    resumable: Option<OpenCycleReport>,
 }
 
 impl SourceSession {
@@ -158,6 +162,8 @@ impl SourceSession {
             awaiting: Awaiting::Nothing,
             replica_has_point: false,
             new_replica: false,
+            size: 0,
+            resumable: None,
         }
     }
 
@@ -200,6 +206,8 @@ impl SourceSession {
     /// The opening message of a connection.
     pub fn hello(&mut self, hello: Hello) -> Result<AgentMessage, SessionError> {
         self.awaiting = Awaiting::Nothing;
+        self.resumable = None;
+        self.size = hello.size_bytes;
         self.ask(Awaiting::Welcome, AgentMessage::Hello(hello))
     }
 
@@ -221,6 +229,19 @@ impl SourceSession {
             Awaiting::Ready { seq: begin.seq },
             AgentMessage::Begin(begin),
         )
+    }
+
+    /// The interrupted cycle the receiver kept open, if the next cycle may continue it instead
+    /// of starting over: it is the next cycle, no sync is due, and the receiver's report is
+    /// well formed. Taking it means the caller sends [`Self::resume`] (or starts afresh with
+    /// [`Self::begin`], which the receiver takes as abandoning the journal).
+    pub fn take_resumable(&mut self) -> Option<OpenCycleReport> {
+        self.resumable.take()
+    }
+
+    /// Continues the open cycle `seq` (from [`Self::take_resumable`]).
+    pub fn resume(&mut self, seq: u64) -> Result<AgentMessage, SessionError> {
+        self.ask(Awaiting::Ready { seq }, AgentMessage::Resume { seq })
     }
 
     /// Asks the receiver to confirm that `frames` data frames of the open cycle are journaled.
@@ -337,6 +358,15 @@ impl SourceSession {
         self.replica_has_point = welcome.history;
         self.new_replica = welcome.new_volume;
         let sync_from = self.sync_due(&welcome, tracker_generation);
+        // Continue the interrupted cycle only as the next cycle of an incremental session: a
+        // sync starts over (its `Begin` abandons the journal), and a report that breaks the
+        // rules is ignored (the cycle is then re-sent whole).
+        self.resumable = welcome.open_cycle.filter(|open| {
+            sync_from.is_none()
+                && open.seq == self.record.committed_seq + 1
+                && welcome.committed_seq == self.record.committed_seq
+                && open.check(self.size).is_ok()
+        });
         Ok(Welcomed {
             sync_from,
             clear_inflight,
@@ -564,6 +594,7 @@ mod tests {
             committed_seq,
             last_point,
             history,
+            open_cycle: None,
         })
     }
 
@@ -612,6 +643,63 @@ mod tests {
             complete: true,
             ..PointInfo::default()
         }
+    }
+
+    fn welcome_with_open_cycle(committed: u64, open: OpenCycleReport) -> ReceiverMessage {
+        let ReceiverMessage::Welcome(mut welcome) =
+            welcome(false, committed, Some(complete(committed)))
+        else {
+            unreachable!()
+        };
+        welcome.open_cycle = Some(open);
+        ReceiverMessage::Welcome(welcome)
+    }
+
+    #[test]
+    fn only_the_next_cycle_of_an_incremental_session_is_resumed() {
+        let record = SourceRecord {
+            committed_seq: 4,
+            ..SourceRecord::default()
+        };
+        let open = |seq: u64, journaled: Vec<(u64, u64)>| OpenCycleReport {
+            seq,
+            frames: 2,
+            journaled,
+        };
+        // The next cycle, well reported: resumable, once.
+        let (mut session, welcomed) = connected(
+            record.clone(),
+            welcome_with_open_cycle(4, open(5, vec![(0, 65536)])),
+            1,
+        );
+        assert_eq!(welcomed.sync_from, None);
+        assert_eq!(session.take_resumable().map(|o| o.seq), Some(5));
+        assert_eq!(session.take_resumable(), None);
+        let resume = session.resume(5).unwrap();
+        assert_eq!(resume, AgentMessage::Resume { seq: 5 });
+        assert_eq!(
+            session.on_reply(ReceiverMessage::Ready { seq: 5 }),
+            Ok(Answer::Ready)
+        );
+        // Another cycle's journal, or a report that breaks the rules (a range past the
+        // device): begin afresh.
+        for report in [
+            open(6, vec![(0, 65536)]),
+            open(5, vec![(0, 2 << 20)]),
+            open(5, vec![(65536, 512), (0, 512)]),
+        ] {
+            let (mut session, _) = connected(record.clone(), welcome_with_open_cycle(4, report), 1);
+            assert_eq!(session.take_resumable(), None);
+        }
+        // A sync is due: it begins afresh too.
+        let behind = SourceRecord {
+            needs_full_sync: true,
+            ..record
+        };
+        let (mut session, welcomed) =
+            connected(behind, welcome_with_open_cycle(4, open(5, vec![])), 1);
+        assert_eq!(welcomed.sync_from, Some(0));
+        assert_eq!(session.take_resumable(), None);
     }
 
     #[test]
@@ -761,6 +849,7 @@ mod tests {
             committed_seq: 0,
             last_point: None,
             history: false,
+            open_cycle: None,
         });
         assert!(matches!(
             session.on_welcome(reply, 1),

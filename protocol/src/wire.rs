@@ -7,7 +7,12 @@
 //! and, per cycle, several unidirectional *data streams*.
 //!
 //! * Control, agent → receiver: [`AgentMessage`] (`Hello`, `HashRequest`, `Begin`, `Flush`,
-//!   `Commit`); receiver → agent: [`ReceiverMessage`].
+//!   `Commit`, `Resume`); receiver → agent: [`ReceiverMessage`].
+//! * A connection that breaks in the middle of a journaled cycle does not lose the cycle: the
+//!   receiver keeps its journal and reports it in the next [`Welcome`] of the same agent
+//!   ([`OpenCycleReport`]: the cycle, its frame count, the byte ranges journaled), and the
+//!   agent continues it with `Resume` instead of `Begin`, sending only what the journal does
+//!   not hold (`pass::Resumption`). A `Begin` abandons a kept cycle.
 //! * Data streams carry only [`DataFrame`]s of the open cycle. Within one *pass* of a cycle the
 //!   frames cover disjoint chunks, so their arrival order across streams does not matter; a
 //!   `Flush` barrier separates passes, so a later pass's frame for a chunk always lands in the
@@ -23,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -39,6 +44,10 @@ pub const MAX_VOLUME_NAME: usize = 64;
 
 /// The longest source identity string.
 pub const MAX_SOURCE_ID: usize = 512;
+
+/// The most journaled ranges a [`Welcome`] reports of an interrupted cycle. A cycle whose
+/// journal holds more reports only its first ranges; the agent re-sends the rest.
+pub const MAX_RESUME_RANGES: usize = 16384;
 
 /// BLAKE3 hash of one chunk.
 pub type ChunkHash = [u8; 32];
@@ -68,6 +77,14 @@ pub enum AgentMessage {
         frames: u64,
         /// What the new point is.
         point: PointInfo,
+    },
+    /// Continues cycle `seq`, which the receiver kept open when the last connection broke
+    /// (its [`Welcome::open_cycle`]): the journal keeps what it holds, and data frames and the
+    /// frame count go on from there. The receiver replies `Ready`. (Last, so that the other
+    /// messages keep their encoding.)
+    Resume {
+        /// The open cycle.
+        seq: u64,
     },
 }
 
@@ -221,6 +238,48 @@ pub struct Welcome {
     /// The volume has had a complete point: its history is kept, so every sync is journaled
     /// (a direct `Begin` is refused).
     pub history: bool,
+    /// A journaled cycle this agent began and did not finish before its connection broke: the
+    /// receiver kept its journal, and the agent may continue it with `Resume`.
+    pub open_cycle: Option<OpenCycleReport>,
+}
+
+/// What the journal of an interrupted cycle holds (see [`Welcome::open_cycle`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenCycleReport {
+    /// The cycle.
+    pub seq: u64,
+    /// Data frames journaled.
+    pub frames: u64,
+    /// Byte ranges `(offset, length)` the journaled frames cover, ascending and disjoint; at
+    /// most [`MAX_RESUME_RANGES`].
+    pub journaled: Vec<(u64, u64)>,
+}
+
+impl OpenCycleReport {
+    /// Checks the report against a volume of `size` bytes: ranges in bounds, ascending,
+    /// disjoint, not too many.
+    pub fn check(&self, size: u64) -> Result<(), WireError> {
+        if self.journaled.len() > MAX_RESUME_RANGES {
+            return Err(WireError::OpenCycle(format!(
+                "an open cycle reports {} journaled ranges, more than {MAX_RESUME_RANGES}",
+                self.journaled.len()
+            )));
+        }
+        let mut end_of_last = 0;
+        for &(offset, length) in &self.journaled {
+            let end = offset.checked_add(length).filter(|&end| end <= size);
+            match end {
+                Some(end) if length > 0 && offset >= end_of_last => end_of_last = end,
+                _ => {
+                    return Err(WireError::OpenCycle(format!(
+                        "an open cycle reports the journaled range ({offset}, {length}), which \
+                         is empty, out of order or past the volume's {size} bytes"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why the receiver refused.
@@ -280,6 +339,9 @@ pub enum WireError {
     /// Payload does not match its declared length or codec.
     #[error("payload is corrupt: {0}")]
     Payload(String),
+    /// A `Welcome`'s report of an open cycle breaks its rules.
+    #[error("bad open-cycle report: {0}")]
+    OpenCycle(String),
     /// Frame for another cycle.
     #[error("frame for cycle {got} while cycle {open} is open")]
     WrongCycle {
@@ -531,7 +593,13 @@ pub fn fuzz_decode(bytes: &[u8]) {
         if let Ok(AgentMessage::HashRequest { first_chunk, count }) = decode::<AgentMessage>(body) {
             let _ = check_hash_request(first_chunk, count, 1 << 14);
         }
-        let _ = decode::<ReceiverMessage>(body);
+        if let Ok(ReceiverMessage::Welcome(Welcome {
+            open_cycle: Some(open),
+            ..
+        })) = decode::<ReceiverMessage>(body)
+        {
+            let _ = open.check(1 << 30);
+        }
         if let Ok(frame) = decode::<DataFrame>(body) {
             let _ = check_data_frame(frame, 1, 1 << 30);
         }
@@ -567,6 +635,22 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
             })),
         ),
         ("flush", encode(&AgentMessage::Flush { frames: 9 })),
+        ("resume", encode(&AgentMessage::Resume { seq: 4 })),
+        (
+            "welcome-open-cycle",
+            encode(&ReceiverMessage::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                new_volume: false,
+                committed_seq: 3,
+                last_point: None,
+                history: true,
+                open_cycle: Some(OpenCycleReport {
+                    seq: 4,
+                    frames: 17,
+                    journaled: vec![(0, 1 << 20), (4 << 20, 65536)],
+                }),
+            })),
+        ),
         (
             "commit",
             encode(&AgentMessage::Commit {
@@ -631,6 +715,37 @@ mod tests {
             size_bytes: 1 << 30,
             chunk_bytes: 65536,
         }
+    }
+
+    #[test]
+    fn an_open_cycle_report_is_checked_against_the_volume() {
+        let report = |journaled: Vec<(u64, u64)>| OpenCycleReport {
+            seq: 2,
+            frames: 1,
+            journaled,
+        };
+        assert!(report(vec![]).check(4096).is_ok());
+        assert!(
+            report(vec![(0, 512), (512, 512), (2048, 2048)])
+                .check(4096)
+                .is_ok()
+        );
+        for bad in [
+            vec![(0, 0)],
+            vec![(0, 8192)],
+            vec![(u64::MAX, 2)],
+            vec![(1024, 512), (0, 512)],
+            vec![(0, 1024), (512, 512)],
+        ] {
+            let error = report(bad.clone()).check(4096).unwrap_err();
+            assert!(matches!(error, WireError::OpenCycle(_)), "{bad:?}: {error}");
+        }
+        let many = report(
+            (0..=MAX_RESUME_RANGES as u64)
+                .map(|i| (i * 1024, 512))
+                .collect(),
+        );
+        assert!(many.check(u64::MAX).is_err());
     }
 
     #[test]

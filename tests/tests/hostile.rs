@@ -291,7 +291,7 @@ async fn random_session(receiver: &Receiver, id: &Id, rng: &mut Rng, committed: 
     };
     for _ in 0..rng.below(12) {
         let aligned = |rng: &mut Rng, limit: u64| rng.below(limit / 512 + 2) * 512;
-        match rng.below(9) {
+        match rng.below(10) {
             0 => {
                 client
                     .send_only(&AgentMessage::Begin(Begin {
@@ -367,6 +367,12 @@ async fn random_session(receiver: &Receiver, id: &Id, rng: &mut Rng, committed: 
                             u64::MAX - 511
                         },
                     }])
+                    .await
+            }
+            // A cycle this agent left open (it vanishes mid-session below), or none at all.
+            8 => {
+                client
+                    .send_only(&AgentMessage::Resume { seq: seq_near(rng) })
                     .await
             }
             _ => tokio::time::sleep(Duration::from_millis(rng.below(50))).await,
@@ -455,6 +461,60 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
             }])
             .await;
         drop(client);
+
+        // A cycle the agent leaves after one frame has been journaled.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        client.begin_journaled(committed + 1).await;
+        client
+            .data(&[DataFrame::Zero {
+                seq: committed + 1,
+                offset: 0,
+                length: SIZE,
+            }])
+            .await;
+        let flushed = client.request(&AgentMessage::Flush { frames: 1 }).await;
+        assert_eq!(flushed, Some(ReceiverMessage::Flushed { frames: 1 }));
+        drop(client);
+
+        // The receiver kept that cycle for this agent to resume; a `Resume` of any other
+        // cycle is refused, and the refusal abandons the kept cycle.
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let open = welcome.open_cycle.expect("the interrupted cycle is kept");
+        assert_eq!((open.seq, open.frames), (committed + 1, 1));
+        assert_eq!(open.journaled, vec![(0, SIZE)]);
+        let reply = client
+            .request(&AgentMessage::Resume { seq: committed + 5 })
+            .await;
+        assert!(
+            matches!(
+                reply,
+                Some(ReceiverMessage::Refused {
+                    code: RefusalCode::Sequence,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        client.close().await;
+        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        assert_eq!(welcome.open_cycle, None);
+        let reply = client
+            .request(&AgentMessage::Resume { seq: committed + 1 })
+            .await;
+        assert!(
+            matches!(
+                reply,
+                Some(ReceiverMessage::Refused {
+                    code: RefusalCode::Sequence,
+                    ..
+                })
+            ),
+            "{reply:?}"
+        );
+        client.close().await;
 
         // A reconnect storm.
         for _ in 0..30 {

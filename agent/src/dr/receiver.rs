@@ -153,6 +153,10 @@ struct Context {
     status: Arc<StatusBoard>,
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
+    /// Volumes whose connection broke in the middle of a journaled cycle, with the agent that
+    /// began it: the open cycle's journal is kept for that agent to continue (`Resume`). Any
+    /// other connection for the volume, or a `Begin`, abandons it.
+    suspended: Mutex<HashMap<String, (Fingerprint, SharedVolume)>>,
     /// Every authenticated connection, with the volume it asked for once it has: a reload
     /// closes those whose grant it withdrew, also while they wait for a volume.
     sessions: Mutex<HashMap<usize, ListedSession>>,
@@ -324,6 +328,7 @@ pub async fn serve(
         audit,
         status: config.status,
         busy: Mutex::new(HashMap::new()),
+        suspended: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
         handshake_refusals: Mutex::new(RefusalThrottle::default()),
     });
@@ -510,8 +515,44 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         outcome => outcome,
     };
     if let Some((name, volume)) = session.claimed.take() {
-        if let Ok(mut volume) = volume.lock() {
-            volume.abort();
+        // A connection that broke (or an agent that stopped) in the middle of a journaled
+        // cycle leaves the cycle open for the agent to continue; a refusal of ours abandons it.
+        let keep = match &outcome {
+            Ok(()) => true,
+            Err(refusal) => refusal.transport,
+        };
+        // Closed before the journal is kept: a data frame of this connection still on its way
+        // to the journal is then refused (`data_stream`), so nothing of it can land after the
+        // agent has resumed on a new connection.
+        if keep {
+            connection.close(quinn::VarInt::from_u32(0), b"");
+        }
+        let kept = match volume.lock() {
+            Ok(mut locked) => {
+                let report = locked.open_cycle_report().filter(|_| keep);
+                if report.is_none() {
+                    locked.abort();
+                }
+                report
+            }
+            Err(_) => None,
+        };
+        if let Some(report) = kept {
+            log(format!(
+                "volume {name}: connection lost in cycle {}; keeping its {} journaled frames for \
+                 the agent to resume",
+                report.seq, report.frames
+            ));
+            let replaced = context
+                .suspended
+                .lock()
+                .expect("suspended")
+                .insert(name.clone(), (fingerprint.clone(), volume));
+            if let Some((_, older)) = replaced
+                && let Ok(mut older) = older.lock()
+            {
+                older.abort();
+            }
         }
         context.release(&name, &connection);
         context.status.update(&name, |s| {
@@ -643,21 +684,45 @@ impl Session {
             ));
         }
         self.claim(&hello.volume).await?;
+        let retention = *self.context.retention.read().expect("retention");
+        let suspended = self
+            .context
+            .suspended
+            .lock()
+            .expect("suspended")
+            .remove(&hello.volume);
         let data_dir = self.context.data_dir.clone();
-        let opened = {
+        let opened = if let Some(kept) = suspended.and_then(|(holder, kept)| {
+            // Only the agent that began the cycle continues it, from the same device; for
+            // anyone else, the journal is abandoned and the volume opened afresh.
+            let matches = {
+                let volume = kept.lock().expect("volume lock");
+                let meta = volume.meta();
+                holder == self.fingerprint
+                    && meta.source_id == hello.source_id
+                    && meta.size_bytes == hello.size_bytes
+                    && meta.chunk_bytes == hello.chunk_bytes
+            };
+            if !matches {
+                kept.lock().expect("volume lock").abort();
+            }
+            matches.then_some(kept)
+        }) {
+            kept.lock().expect("volume lock").set_retention(retention);
+            Ok((kept, false))
+        } else {
             let hello = hello.clone();
-            let retention = *self.context.retention.read().expect("retention");
             tokio::task::spawn_blocking(move || {
-                Volume::open_or_create(&data_dir, &hello).map(|(mut volume, new, recovery)| {
+                Volume::open_or_create(&data_dir, &hello).map(|(mut volume, new, _)| {
                     volume.set_retention(retention);
-                    (volume, new, recovery)
+                    (Arc::new(Mutex::new(volume)), new)
                 })
             })
             .await
             .expect("open task")
         };
         let (volume, new_volume) = match opened {
-            Ok((volume, new_volume, _)) => (volume, new_volume),
+            Ok(opened) => opened,
             Err(error) => {
                 self.context.release(&hello.volume, &self.connection);
                 return Err(error.into());
@@ -671,15 +736,18 @@ impl Session {
                 format!("volume {} is not granted to this agent", hello.volume),
             ));
         }
-        let welcome = Welcome {
-            protocol: PROTOCOL_VERSION,
-            new_volume,
-            committed_seq: volume.meta().committed_seq,
-            last_point: volume.last_point_for_agent(),
-            history: volume.has_history(),
+        let (welcome, size) = {
+            let volume = volume.lock().expect("volume lock");
+            let welcome = Welcome {
+                protocol: PROTOCOL_VERSION,
+                new_volume,
+                committed_seq: volume.meta().committed_seq,
+                last_point: volume.last_point_for_agent(),
+                history: volume.has_history(),
+                open_cycle: volume.open_cycle_report(),
+            };
+            (welcome, volume.meta().size_bytes)
         };
-        let size = volume.meta().size_bytes;
-        let volume = Arc::new(Mutex::new(volume));
         self.claimed = Some((hello.volume.clone(), volume.clone()));
         log(format!(
             "agent {} connected for volume {} (committed cycle {})",
@@ -756,6 +824,16 @@ impl Session {
                         .expect("begin task")?;
                         journaled_tx.send_replace(0);
                         net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
+                    }
+                    AgentMessage::Resume { seq } => {
+                        let frames = volume.lock().expect("volume lock").resume(seq)?;
+                        journaled_tx.send_replace(frames);
+                        log(format!(
+                            "volume {}: the agent resumes cycle {seq} after {frames} journaled \
+                             frames",
+                            hello.volume
+                        ));
+                        net::write_frame(send, &ReceiverMessage::Ready { seq }).await?;
                     }
                     AgentMessage::Flush { frames } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
@@ -910,21 +988,27 @@ async fn accept_data(
         let volume = volume.clone();
         let journaled = journaled.clone();
         tokio::spawn(async move {
-            if let Err(refusal) = data_stream(&mut stream, &volume, &journaled, size).await {
-                log(format!(
-                    "refused data ({:?}): {}",
-                    refusal.code, refusal.message
-                ));
-                if let Ok(mut volume) = volume.lock() {
-                    volume.abort();
+            match data_stream(&connection, &mut stream, &volume, &journaled, size).await {
+                Ok(()) => {}
+                // The connection broke: the session's end decides what becomes of the cycle.
+                Err(refusal) if refusal.transport => {}
+                Err(refusal) => {
+                    log(format!(
+                        "refused data ({:?}): {}",
+                        refusal.code, refusal.message
+                    ));
+                    if let Ok(mut volume) = volume.lock() {
+                        volume.abort();
+                    }
+                    connection.close(refusal.close_code(), refusal.message.as_bytes());
                 }
-                connection.close(refusal.close_code(), refusal.message.as_bytes());
             }
         });
     }
 }
 
 async fn data_stream(
+    connection: &quinn::Connection,
     stream: &mut quinn::RecvStream,
     volume: &SharedVolume,
     journaled: &watch::Sender<u64>,
@@ -940,7 +1024,15 @@ async fn data_stream(
         };
         let checked = wire::check_data_frame(frame, seq, size)
             .map_err(|e| Refusal::new(RefusalCode::BadFrame, e.to_string()))?;
-        tokio::task::block_in_place(|| volume.lock().expect("volume lock").journal(checked))?;
+        tokio::task::block_in_place(|| {
+            let mut volume = volume.lock().expect("volume lock");
+            // Checked under the lock that the session's end takes to keep the cycle for a
+            // resume: once the connection is closed, none of its frames reach the journal.
+            if let Some(error) = connection.close_reason() {
+                return Err(Refusal::from(NetError::Connection(error)));
+            }
+            volume.journal(checked).map_err(Refusal::from)
+        })?;
         journaled.send_modify(|count| *count += 1);
     }
     Ok(())

@@ -39,7 +39,7 @@ use crate::{
 };
 use blkmirror_protocol::{
     retention::{self, PointAge, RetentionPolicy},
-    wire::{self, CheckedData, ChunkHash, Hello, PointInfo},
+    wire::{self, CheckedData, ChunkHash, Hello, OpenCycleReport, PointInfo},
 };
 
 /// Points kept in `volume.json` (the receiver's points-in-time store is separate work).
@@ -196,6 +196,9 @@ struct OpenCycle {
     /// The chunks the cycle touches (for a direct step: their hashes are recorded at its
     /// commit or abort).
     touched: Touched,
+    /// The byte ranges (not chunks: the set is unit-free) that the journaled frames cover,
+    /// reported to an agent that reconnects to continue the cycle.
+    journaled_bytes: ChunkRanges,
 }
 
 /// What a cycle changes, by chunk. Kept as merged ranges, so a frame naming a whole volume
@@ -586,8 +589,49 @@ impl Volume {
             checked: 0,
             writer,
             touched: Touched::default(),
+            journaled_bytes: ChunkRanges::default(),
         });
         Ok(())
+    }
+
+    /// What the open journaled cycle holds, for an agent that reconnects to continue it
+    /// (`None` without one, or when it holds nothing yet). The ranges are bounded by
+    /// [`wire::MAX_RESUME_RANGES`]: the agent re-sends what is not reported.
+    pub fn open_cycle_report(&self) -> Option<OpenCycleReport> {
+        let cycle = self.cycle.as_ref().filter(|c| c.writer.is_some())?;
+        if cycle.frames == 0 {
+            return None;
+        }
+        Some(OpenCycleReport {
+            seq: cycle.seq,
+            frames: cycle.frames,
+            journaled: cycle
+                .journaled_bytes
+                .ranges()
+                .take(wire::MAX_RESUME_RANGES)
+                .map(|(start, end)| (start, end - start))
+                .collect(),
+        })
+    }
+
+    /// Continues the open journaled cycle `seq` on a new connection (the agent's `Resume`):
+    /// the journal keeps its frames. Returns the frames journaled so far.
+    pub fn resume(&mut self, seq: u64) -> Result<u64, StoreError> {
+        match self.cycle.as_ref() {
+            Some(cycle) if cycle.seq == seq && cycle.writer.is_some() => Ok(cycle.frames),
+            Some(cycle) => Err(StoreError::Sequence(format!(
+                "cycle {seq} cannot be resumed: cycle {} is open{}",
+                cycle.seq,
+                if cycle.writer.is_none() {
+                    " as a direct sync step"
+                } else {
+                    ""
+                }
+            ))),
+            None => Err(StoreError::Sequence(format!(
+                "cycle {seq} cannot be resumed: no cycle is open (begin it again)"
+            ))),
+        }
     }
 
     /// Whether the volume has had a complete point: its history is then protected (no direct
@@ -612,6 +656,11 @@ impl Volume {
         let record = match data {
             CheckedData::Write { offset, data } => {
                 cycle.bytes += data.len() as u64;
+                if cycle.writer.is_some() {
+                    cycle
+                        .journaled_bytes
+                        .insert(offset, offset + data.len() as u64);
+                }
                 cycle
                     .touched
                     .add_write(self.store.chunks_of(offset, data.len() as u64));
@@ -620,6 +669,9 @@ impl Volume {
             CheckedData::Zero { offset, length } => {
                 // The journal record is small, but it still takes room.
                 cycle.bytes += ZERO_RECORD_BYTES;
+                if cycle.writer.is_some() {
+                    cycle.journaled_bytes.insert(offset, offset + length);
+                }
                 cycle.touched.add_zero(chunk_bytes, size, offset, length);
                 Record::Zero { offset, length }
             }
@@ -1447,6 +1499,48 @@ mod tests {
 
     fn image(dir: &Path) -> Vec<u8> {
         fs::read(dir.join("v/image.raw")).unwrap()
+    }
+
+    #[test]
+    fn an_open_journaled_cycle_reports_what_it_holds_and_resumes() {
+        let tmp = TempDir::new("resume");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 8192, false, 0).unwrap();
+        assert_eq!(volume.open_cycle_report(), None, "nothing journaled yet");
+        volume.journal(write(4096, 1, 4096)).unwrap();
+        volume.journal(write(0, 2, 4096)).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 16384,
+                length: 512,
+            })
+            .unwrap();
+        let report = volume.open_cycle_report().unwrap();
+        assert_eq!(report.seq, 1);
+        assert_eq!(report.frames, 3);
+        assert_eq!(report.journaled, vec![(0, 8192), (16384, 512)]);
+        report.check(volume.meta().size_bytes).unwrap();
+        assert!(matches!(volume.resume(2), Err(StoreError::Sequence(_))));
+        assert_eq!(volume.resume(1).unwrap(), 3);
+        // The resumed cycle goes on where it was, and its journal applies in order.
+        volume.journal(write(0, 3, 512)).unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        let data = image(&tmp.0);
+        assert_eq!(data[..512], [3; 512]);
+        assert_eq!(data[512..4096], [2; 3584]);
+        assert_eq!(data[4096..8192], [1; 4096]);
+        assert_eq!(volume.open_cycle_report(), None);
+        assert!(matches!(volume.resume(1), Err(StoreError::Sequence(_))));
+        // A new Begin abandons an open cycle: nothing of it is reported or applied.
+        volume.begin(2, 0, false, 0).unwrap();
+        volume.journal(write(0, 9, 512)).unwrap();
+        volume.begin(2, 0, false, 0).unwrap();
+        assert_eq!(volume.open_cycle_report(), None);
     }
 
     #[test]

@@ -47,7 +47,7 @@ use crate::{
 };
 use blkmirror_protocol::frames::{Compare, FrameBuilder, FrameStats};
 use blkmirror_protocol::pass::{
-    Cycle, CycleAction, FreezeOutcome, SyncAction, SyncPass, WindowCompare,
+    Cycle, CycleAction, FreezeOutcome, Resumption, SyncAction, SyncPass, WindowCompare,
 };
 use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession};
 use blkmirror_protocol::{
@@ -295,6 +295,9 @@ struct PassStats {
     wire_bytes: u64,
     zero_bytes: u64,
     same_bytes: u64,
+    /// Bytes a resumed cycle did not send again: the receiver had journaled them before the
+    /// connection broke.
+    resumed_bytes: u64,
 }
 
 impl PassStats {
@@ -314,6 +317,7 @@ impl PassStats {
         self.wire_bytes += other.wire_bytes;
         self.zero_bytes += other.zero_bytes;
         self.same_bytes += other.same_bytes;
+        self.resumed_bytes += other.resumed_bytes;
     }
 }
 
@@ -373,6 +377,11 @@ pub struct Agent {
     shutdown: watch::Receiver<bool>,
     /// The replication session's decisions (pure; this driver executes them).
     session: SourceSession,
+    /// The journaled cycle this process began and has not seen committed, with every cut
+    /// taken since its first one: what a resume of it must send again (see
+    /// `protocol::pass::Resumption`). Kept in memory only: a restarted agent begins the cycle
+    /// afresh.
+    open_cycle: Option<(u64, DirtyBitmaps)>,
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -477,6 +486,7 @@ impl Agent {
             size,
             chunk,
             read_rate: DEFAULT_READ_RATE,
+            open_cycle: None,
             compression: CompressionPolicy::default(),
             rate,
             started,
@@ -713,6 +723,9 @@ impl Agent {
             return Err(AgentError::NeedsVerify(verify.reason));
         }
         if !cut.extents.is_empty() {
+            if let Some((_, redirtied)) = self.open_cycle.as_mut() {
+                redirtied.union(&cut.bitmaps);
+            }
             let mut set = self.inflight_bitmaps();
             set.union(&cut.bitmaps);
             self.state.inflight = set
@@ -787,6 +800,7 @@ impl Agent {
         // write of the state file: a crash cannot leave a finished sync looking unfinished.
         self.session.on_reply(link.request(&message).await?)?;
         self.state.inflight.clear();
+        self.open_cycle = None;
         self.persist()
     }
 
@@ -794,13 +808,49 @@ impl Agent {
     async fn cycle(&mut self, link: &mut Link) -> Result<(), AgentError> {
         let started = Instant::now();
         let seq = self.session.next_seq();
-        // Pass 1: whatever is in flight plus a fresh cut, read while the system runs.
+        // The receiver kept this cycle's journal when the last connection broke: continue it
+        // if this process began it (it knows what was cut since), else begin it afresh.
+        let resumption = self
+            .session
+            .take_resumable()
+            .filter(|open| {
+                self.open_cycle
+                    .as_ref()
+                    .is_some_and(|(s, _)| *s == open.seq)
+            })
+            .map(|open| Resumption::new(&open, self.chunk, self.size));
+        if resumption.is_none() {
+            self.open_cycle = None;
+        }
+        // Pass 1: whatever is in flight plus a fresh cut, read while the system runs (less,
+        // when resuming, what the journal already holds).
         let (_, epoch) = tokio::task::block_in_place(|| self.take_cut())?;
-        let mut plan = PassPlan::from_extents(&self.inflight_bitmaps().extents(), self.size);
-        self.begin(link, seq, plan.data_estimate(), false, 0)
-            .await?;
+        let inflight = self.inflight_bitmaps();
+        let mut plan = match (&resumption, &self.open_cycle) {
+            (Some(resumption), Some((_, redirtied))) => {
+                let remaining = resumption.plan(&inflight, redirtied);
+                say(format!(
+                    "resuming cycle {seq}: the receiver kept {} frames ({}); {} of {} chunks \
+                     in flight are still to send",
+                    resumption.frames,
+                    units::format_size(resumption.bytes),
+                    remaining.dirty_chunks(),
+                    inflight.dirty_chunks()
+                ));
+                PassPlan::from_extents(&remaining.extents(), self.size)
+            }
+            _ => PassPlan::from_extents(&inflight.extents(), self.size),
+        };
+        if resumption.is_some() {
+            let message = self.session.resume(seq)?;
+            self.session.on_reply(link.request(&message).await?)?;
+        } else {
+            self.begin(link, seq, plan.data_estimate(), false, 0)
+                .await?;
+            self.open_cycle = Some((seq, DirtyBitmaps::new(self.tracker.geometry())));
+        }
         let freezes = self.mount.is_some() || self.config.group.is_some();
-        let (mut cycle, mut action) = Cycle::start(
+        let (cycle, mut action) = Cycle::start(
             seq,
             self.tracker.generation(),
             epoch,
@@ -808,7 +858,14 @@ impl Agent {
             freezes,
             FREEZE_ATTEMPTS,
         );
-        let mut totals = PassStats::default();
+        let mut cycle = match &resumption {
+            Some(resumption) => cycle.resumed(resumption),
+            None => cycle,
+        };
+        let mut totals = PassStats {
+            resumed_bytes: resumption.as_ref().map_or(0, |r| r.bytes),
+            ..PassStats::default()
+        };
         let mut read_while_frozen = None;
         loop {
             action = match action {
@@ -1032,6 +1089,8 @@ impl Agent {
 
     /// A whole-device pass from `from`, committed in steps.
     async fn full_sync(&mut self, link: &mut Link, from: u64) -> Result<(), AgentError> {
+        // A sync's `Begin` abandons whatever cycle the receiver kept open.
+        self.open_cycle = None;
         if self.session.sync_needs_fresh_cut(from) {
             // Everything written after this cut is tracked; everything before it is read below.
             tokio::task::block_in_place(|| -> Result<(), AgentError> {
@@ -1216,6 +1275,7 @@ impl Agent {
                     "read_bytes": stats.read_bytes,
                     "sent_bytes": stats.wire_bytes,
                     "same_bytes": stats.same_bytes,
+                    "resumed_bytes": stats.resumed_bytes,
                     "consistent": point.consistent,
                     "freeze_ms": point.freeze_ms,
                     "complete": point.complete,
