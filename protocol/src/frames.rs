@@ -68,6 +68,20 @@ impl<'a> FrameBuilder<'a> {
         }
     }
 
+    /// Passes the driver's measurements of a stretch of the pass to the compression policy
+    /// ([`CompressionPolicy::observe`]), which may change the level. Returns the level (`None`
+    /// without compression).
+    pub fn observe(
+        &mut self,
+        elapsed: std::time::Duration,
+        work: std::time::Duration,
+        blocked: std::time::Duration,
+    ) -> Option<i32> {
+        self.compression
+            .as_deref_mut()
+            .map(|policy| policy.observe(elapsed, work, blocked))
+    }
+
     /// A zero range known without reading (a discard or write-zeroes the tracker saw).
     pub fn zero_range<E>(
         &mut self,
@@ -144,7 +158,7 @@ impl<'a> FrameBuilder<'a> {
             if let Some(policy) = self.compression.as_deref_mut()
                 && policy.should_try()
             {
-                packed = zstd::bulk::compress(bytes, 1)
+                packed = zstd::bulk::compress(bytes, policy.level())
                     .ok()
                     .filter(|packed| policy.record(bytes.len(), packed.len()));
             }

@@ -146,13 +146,56 @@ impl Progress {
     }
 }
 
-/// Whether compressing is worth it, learned from recent chunks. Compression is tried on every
-/// chunk until a run of chunks did not shrink; it is then skipped for a while and tried again,
-/// so incompressible data (media, encrypted volumes) costs little CPU.
-#[derive(Debug, Clone, Default)]
+/// How data frames are compressed: whether it is worth it (learned from recent chunks), and at
+/// which zstd level.
+///
+/// # Whether
+///
+/// Compression is tried on every chunk until a run of chunks did not shrink; it is then
+/// skipped for a while and tried again, so incompressible data (media, encrypted volumes)
+/// costs little CPU.
+///
+/// # Which level: buy link time with spare CPU
+///
+/// An adaptive policy starts at zstd level 1 and moves along [`Self::LEVELS`] one step per
+/// second of a pass, from what the driver measured in that second ([`Self::observe`]): the
+/// time the producer spent waiting for the link to take its frames, and the time it spent
+/// compressing and framing.
+///
+/// * Waiting for the link more than [`Self::RAISE_ABOVE`] of the time: the link is the
+///   bottleneck and the CPU has room, so a higher level ships the same data in fewer bytes.
+///   Not when the data barely compresses (less than [`Self::MIN_SAVING`] saved): a higher
+///   level would not change that.
+/// * Waiting less than [`Self::LOWER_BELOW`] while compressing more than
+///   [`Self::BUSY_ABOVE`] of the time: compression is the bottleneck, so a lower level
+///   (down to zstd's fast levels) keeps the link fed.
+///
+/// So on a slow link the level climbs until compression just keeps the link full; on a fast
+/// one it stays low, and the CPU available is what the producer thread measures.
+#[derive(Debug, Clone)]
 pub struct CompressionPolicy {
     misses_in_a_row: u32,
     skip: u32,
+    /// Index into [`Self::LEVELS`].
+    step: usize,
+    adaptive: bool,
+    window: LevelWindow,
+}
+
+/// What one stretch of a pass measured, for the level decision.
+#[derive(Debug, Clone, Copy, Default)]
+struct LevelWindow {
+    elapsed: f64,
+    work: f64,
+    blocked: f64,
+    raw: u64,
+    packed: u64,
+}
+
+impl Default for CompressionPolicy {
+    fn default() -> Self {
+        Self::adaptive()
+    }
 }
 
 impl CompressionPolicy {
@@ -160,6 +203,44 @@ impl CompressionPolicy {
     const MISSES: u32 = 8;
     /// Chunks skipped after a back-off.
     const SKIP: u32 = 64;
+    /// The zstd levels an adaptive policy moves along (negative: zstd's fast levels).
+    pub const LEVELS: [i32; 8] = [-5, -1, 1, 2, 3, 5, 7, 9];
+    /// Where it starts: level 1.
+    const START: usize = 2;
+    /// Seconds of a pass per decision.
+    const WINDOW_S: f64 = 1.0;
+    /// Raise the level when the producer waited for the link more than this share of the time.
+    pub const RAISE_ABOVE: f64 = 0.25;
+    /// Lower it when the producer waited less than this share…
+    pub const LOWER_BELOW: f64 = 0.05;
+    /// …and compressed more than this share of the time.
+    pub const BUSY_ABOVE: f64 = 0.5;
+    /// Below this saving (of the bytes tried), a higher level is not worth trying.
+    pub const MIN_SAVING: f64 = 0.05;
+
+    /// A policy that chooses the level from the measured link and CPU (the default).
+    pub fn adaptive() -> Self {
+        Self {
+            misses_in_a_row: 0,
+            skip: 0,
+            step: Self::START,
+            adaptive: true,
+            window: LevelWindow::default(),
+        }
+    }
+
+    /// A policy that always uses zstd level 1 (where it pays).
+    pub fn fixed() -> Self {
+        Self {
+            adaptive: false,
+            ..Self::adaptive()
+        }
+    }
+
+    /// The zstd level to compress the next chunk at.
+    pub fn level(&self) -> i32 {
+        Self::LEVELS[self.step]
+    }
 
     /// Whether to try compressing the next chunk.
     pub fn should_try(&mut self) -> bool {
@@ -172,6 +253,8 @@ impl CompressionPolicy {
 
     /// Records whether an attempt paid off (saved at least 1/8 of the bytes).
     pub fn record(&mut self, raw: usize, compressed: usize) -> bool {
+        self.window.raw += raw as u64;
+        self.window.packed += compressed.min(raw) as u64;
         let paid = compressed + raw / 8 <= raw;
         if paid {
             self.misses_in_a_row = 0;
@@ -183,6 +266,36 @@ impl CompressionPolicy {
             }
         }
         paid
+    }
+
+    /// A stretch of a pass took `elapsed`; the producer spent `work` of it compressing and
+    /// framing, and `blocked` waiting for the link to take frames. Once a window's worth has
+    /// been observed, the level may move one step (see the type's docs). Returns the level.
+    pub fn observe(&mut self, elapsed: Duration, work: Duration, blocked: Duration) -> i32 {
+        let window = &mut self.window;
+        window.elapsed += elapsed.as_secs_f64();
+        window.work += work.as_secs_f64();
+        window.blocked += blocked.as_secs_f64();
+        if !self.adaptive || window.elapsed < Self::WINDOW_S {
+            return self.level();
+        }
+        let waited = window.blocked / window.elapsed;
+        let busy = window.work / window.elapsed;
+        let saving = if window.raw == 0 {
+            0.0
+        } else {
+            1.0 - window.packed as f64 / window.raw as f64
+        };
+        if waited > Self::RAISE_ABOVE
+            && saving >= Self::MIN_SAVING
+            && self.step + 1 < Self::LEVELS.len()
+        {
+            self.step += 1;
+        } else if waited < Self::LOWER_BELOW && busy > Self::BUSY_ABOVE && self.step > 0 {
+            self.step -= 1;
+        }
+        self.window = LevelWindow::default();
+        self.level()
     }
 }
 
@@ -331,6 +444,54 @@ mod tests {
         assert_eq!(tried, 0);
         assert!(policy.should_try());
         assert!(policy.record(4096, 100));
+    }
+
+    /// One second of a pass: `waited` and `busy` are shares of it; the chunks compressed in
+    /// it saved `saving` of their bytes.
+    fn second(policy: &mut CompressionPolicy, waited: f64, busy: f64, saving: f64) -> i32 {
+        policy.record(1000, (1000.0 * (1.0 - saving)) as usize);
+        let ms = |share: f64| Duration::from_millis((share * 1000.0) as u64);
+        // In two halves: a decision needs a whole second.
+        let half = |share: f64| ms(share / 2.0);
+        let before = policy.level();
+        assert_eq!(
+            policy.observe(ms(0.5), half(busy), half(waited)),
+            before,
+            "no decision before a second has been observed"
+        );
+        policy.observe(ms(0.5), half(busy), half(waited))
+    }
+
+    #[test]
+    fn the_level_climbs_while_the_link_is_the_bottleneck_and_falls_while_compression_is() {
+        let mut policy = CompressionPolicy::adaptive();
+        assert_eq!(policy.level(), 1);
+        // A slow link: the producer waits most of the time, the data compresses.
+        let levels: Vec<i32> = (0..7).map(|_| second(&mut policy, 0.7, 0.2, 0.4)).collect();
+        assert_eq!(levels, vec![2, 3, 5, 7, 9, 9, 9]);
+        // Compression became the bottleneck: step down until the link waits again.
+        assert_eq!(second(&mut policy, 0.01, 0.9, 0.5), 7);
+        assert_eq!(second(&mut policy, 0.02, 0.8, 0.5), 5);
+        // Balanced (neither waits much nor is compression busy): stay.
+        assert_eq!(second(&mut policy, 0.1, 0.4, 0.5), 5);
+        // A fast link with compression as the bottleneck: down to zstd's fast levels.
+        let levels: Vec<i32> = (0..6)
+            .map(|_| second(&mut policy, 0.0, 0.95, 0.3))
+            .collect();
+        assert_eq!(levels, vec![3, 2, 1, -1, -5, -5]);
+    }
+
+    #[test]
+    fn the_level_does_not_climb_for_data_that_does_not_compress_nor_when_fixed() {
+        let mut policy = CompressionPolicy::adaptive();
+        for _ in 0..5 {
+            assert_eq!(second(&mut policy, 0.9, 0.05, 0.01), 1);
+        }
+        let mut fixed = CompressionPolicy::fixed();
+        for _ in 0..5 {
+            assert_eq!(second(&mut fixed, 0.9, 0.05, 0.5), 1);
+            assert_eq!(second(&mut fixed, 0.0, 0.99, 0.5), 1);
+        }
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub enum Which {
     /// times, loss rates, link rates and congestion controllers: goodput as a fraction of
     /// the link.
     Wan(crate::bench_wan::WanMatrix),
+    /// What compression buys on a disk of binaries, text, zeros and random data, through the
+    /// link emulator: --compression off (the baseline), fast and auto (the level adapts).
+    Compression(crate::bench_compression::CompressionCases),
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -95,6 +98,7 @@ pub fn run(which: Which) -> Result<()> {
         } => crate::bench_replication::points(size_mib, change_permille, rounds),
         Which::Wan(matrix) => crate::bench_wan::wan(&matrix),
         Which::Rpo(cases) => crate::bench_rpo::rpo(&cases),
+        Which::Compression(cases) => crate::bench_compression::compression(&cases),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",

@@ -113,7 +113,7 @@ impl RelayProcess {
         })
     }
 
-    fn stats(&mut self) -> Result<serde_json::Value> {
+    pub(crate) fn stats(&mut self) -> Result<serde_json::Value> {
         writeln!(self.stdin, "stats")?;
         let line = self
             .stdout
@@ -144,15 +144,17 @@ pub(crate) fn release_relay() -> Result<PathBuf> {
 }
 
 /// What one `agent --once` committed before it ended or was stopped.
-struct Pass {
+pub(crate) struct Pass {
     /// Device bytes the committed passes covered, and their summed durations.
-    bytes: u64,
-    seconds: f64,
-    finished: bool,
+    pub(crate) bytes: u64,
+    pub(crate) seconds: f64,
+    pub(crate) finished: bool,
+    /// The last `committed` event of the kind asked for.
+    pub(crate) last: Option<serde_json::Value>,
 }
 
 /// Runs `command` for at most `timeout` seconds and sums its `committed` events of `kind`.
-fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
+pub(crate) fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -174,6 +176,7 @@ fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
         bytes: 0,
         seconds: 0.0,
         finished: false,
+        last: None,
     };
     loop {
         let left = timeout - started.elapsed().as_secs_f64();
@@ -187,6 +190,7 @@ fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Result<Pass> {
                 if event["event"] == "committed" && event["kind"] == kind {
                     pass.bytes += event["bytes"].as_u64().unwrap_or(0);
                     pass.seconds += event["duration_ms"].as_u64().unwrap_or(0) as f64 / 1e3;
+                    pass.last = Some(event);
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}

@@ -11,6 +11,7 @@
 //!   127.0.0.1 and through the link emulator (see the README).
 
 mod bench;
+mod bench_compression;
 mod bench_replication;
 mod bench_rpo;
 mod bench_wan;

@@ -74,8 +74,12 @@ const DEFAULT_READ_RATE: f64 = 100e6;
 /// Compression of data frames.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Compression {
-    /// zstd where it pays (backs off on incompressible data).
+    /// zstd where it pays (backs off on incompressible data), at a level chosen from the
+    /// measured link and CPU: higher while the link is the bottleneck, lower while compression
+    /// is (`protocol::plan::CompressionPolicy`).
     Auto,
+    /// zstd level 1 where it pays, whatever the link.
+    Fast,
     /// Never compress.
     Off,
 }
@@ -395,6 +399,11 @@ fn warn(message: impl std::fmt::Display) {
 impl Agent {
     /// Opens tracking, the reader and the state file. Prints what was chosen.
     pub fn open(config: AgentConfig, shutdown: watch::Receiver<bool>) -> Result<Self, AgentError> {
+        let compression = if config.compression == Compression::Fast {
+            CompressionPolicy::fixed()
+        } else {
+            CompressionPolicy::adaptive()
+        };
         wire::check_volume_name(&config.volume).map_err(|error| AgentError::State {
             path: config.track.state_dir.clone(),
             message: error.to_string(),
@@ -487,7 +496,7 @@ impl Agent {
             chunk,
             read_rate: DEFAULT_READ_RATE,
             open_cycle: None,
-            compression: CompressionPolicy::default(),
+            compression,
             rate,
             started,
             session: SourceSession::new(state.record()),
@@ -1276,6 +1285,8 @@ impl Agent {
                     "sent_bytes": stats.wire_bytes,
                     "same_bytes": stats.same_bytes,
                     "resumed_bytes": stats.resumed_bytes,
+                    "zstd_level": (self.config.compression != Compression::Off)
+                        .then(|| self.compression.level()),
                     "consistent": point.consistent,
                     "freeze_ms": point.freeze_ms,
                     "complete": point.complete,
@@ -1392,14 +1403,34 @@ impl Agent {
         sink: &mut dyn FnMut(Vec<u8>) -> Result<(), ReadError>,
     ) -> Result<(), ReadError> {
         let compression =
-            (self.config.compression == Compression::Auto).then_some(&mut self.compression);
+            (self.config.compression != Compression::Off).then_some(&mut self.compression);
         let mut builder = FrameBuilder::new(seq, self.chunk, compare, compression);
-        let mut emit = |frame: DataFrame| sink(wire::encode(&frame));
+        // Time spent waiting for the data streams to take a frame: the link's share of the
+        // pass, which (with the time spent compressing) sets the compression level.
+        let blocked = std::cell::Cell::new(Duration::ZERO);
+        let mut emit = |frame: DataFrame| {
+            let started = Instant::now();
+            let sent = sink(wire::encode(&frame));
+            blocked.set(blocked.get() + started.elapsed());
+            sent
+        };
         for &(offset, length) in &plan.zero {
             builder.zero_range(offset, length, &mut emit)?;
         }
+        let mut observed = Instant::now();
         let read = self.reader.read(&plan.read, &mut |offset, data| {
-            builder.piece(offset, data, &mut emit)
+            let started = Instant::now();
+            let waited_before = blocked.get();
+            let built = builder.piece(offset, data, &mut emit);
+            let waited = blocked.get() - waited_before;
+            let now = Instant::now();
+            builder.observe(
+                now - observed,
+                (now - started).saturating_sub(waited),
+                waited,
+            );
+            observed = now;
+            built
         });
         stats.add_frames(builder.stats);
         read.map(|_| ())
