@@ -76,10 +76,11 @@ impl<'a> FrameBuilder<'a> {
         elapsed: std::time::Duration,
         work: std::time::Duration,
         blocked: std::time::Duration,
+        idle_cores: f64,
     ) -> Option<i32> {
         self.compression
             .as_deref_mut()
-            .map(|policy| policy.observe(elapsed, work, blocked))
+            .map(|policy| policy.observe(elapsed, work, blocked, idle_cores))
     }
 
     /// A zero range known without reading (a discard or write-zeroes the tracker saw).

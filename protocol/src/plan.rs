@@ -163,9 +163,11 @@ impl Progress {
 /// compressing and framing.
 ///
 /// * Waiting for the link more than [`Self::RAISE_ABOVE`] of the time: the link is the
-///   bottleneck and the CPU has room, so a higher level ships the same data in fewer bytes.
-///   Not when the data barely compresses (less than [`Self::MIN_SAVING`] saved): a higher
-///   level would not change that.
+///   bottleneck, so a higher level ships the same data in fewer bytes. Only while the machine
+///   has CPU to spare (at least [`Self::RAISE_IDLE_CORES`] idle): on a machine whose cores
+///   are busy (the QUIC stack and the application among them), the wait may be for CPU, not
+///   for the link, and a higher level would slow everything down. Not when the data barely
+///   compresses (less than [`Self::MIN_SAVING`] saved): a higher level would not change that.
 /// * Waiting less than [`Self::LOWER_BELOW`] while compressing more than
 ///   [`Self::BUSY_ABOVE`] of the time: compression is the bottleneck, so a lower level
 ///   (down to zstd's fast levels) keeps the link fed.
@@ -188,6 +190,8 @@ struct LevelWindow {
     elapsed: f64,
     work: f64,
     blocked: f64,
+    /// Idle core-seconds of the machine.
+    idle: f64,
     raw: u64,
     packed: u64,
 }
@@ -217,6 +221,8 @@ impl CompressionPolicy {
     pub const BUSY_ABOVE: f64 = 0.5;
     /// Below this saving (of the bytes tried), a higher level is not worth trying.
     pub const MIN_SAVING: f64 = 0.05;
+    /// Raise the level only with at least this many cores idle.
+    pub const RAISE_IDLE_CORES: f64 = 0.5;
 
     /// A policy that chooses the level from the measured link and CPU (the default).
     pub fn adaptive() -> Self {
@@ -269,13 +275,21 @@ impl CompressionPolicy {
     }
 
     /// A stretch of a pass took `elapsed`; the producer spent `work` of it compressing and
-    /// framing, and `blocked` waiting for the link to take frames. Once a window's worth has
-    /// been observed, the level may move one step (see the type's docs). Returns the level.
-    pub fn observe(&mut self, elapsed: Duration, work: Duration, blocked: Duration) -> i32 {
+    /// framing, and `blocked` waiting for the link to take frames, while the machine had
+    /// `idle_cores` idle on average. Once a window's worth has been observed, the level may
+    /// move one step (see the type's docs). Returns the level.
+    pub fn observe(
+        &mut self,
+        elapsed: Duration,
+        work: Duration,
+        blocked: Duration,
+        idle_cores: f64,
+    ) -> i32 {
         let window = &mut self.window;
         window.elapsed += elapsed.as_secs_f64();
         window.work += work.as_secs_f64();
         window.blocked += blocked.as_secs_f64();
+        window.idle += idle_cores * elapsed.as_secs_f64();
         if !self.adaptive || window.elapsed < Self::WINDOW_S {
             return self.level();
         }
@@ -286,8 +300,10 @@ impl CompressionPolicy {
         } else {
             1.0 - window.packed as f64 / window.raw as f64
         };
+        let idle_cores = window.idle / window.elapsed;
         if waited > Self::RAISE_ABOVE
             && saving >= Self::MIN_SAVING
+            && idle_cores >= Self::RAISE_IDLE_CORES
             && self.step + 1 < Self::LEVELS.len()
         {
             self.step += 1;
@@ -449,17 +465,27 @@ mod tests {
     /// One second of a pass: `waited` and `busy` are shares of it; the chunks compressed in
     /// it saved `saving` of their bytes.
     fn second(policy: &mut CompressionPolicy, waited: f64, busy: f64, saving: f64) -> i32 {
+        second_idle(policy, waited, busy, saving, 1.0)
+    }
+
+    fn second_idle(
+        policy: &mut CompressionPolicy,
+        waited: f64,
+        busy: f64,
+        saving: f64,
+        idle_cores: f64,
+    ) -> i32 {
         policy.record(1000, (1000.0 * (1.0 - saving)) as usize);
         let ms = |share: f64| Duration::from_millis((share * 1000.0) as u64);
         // In two halves: a decision needs a whole second.
         let half = |share: f64| ms(share / 2.0);
         let before = policy.level();
         assert_eq!(
-            policy.observe(ms(0.5), half(busy), half(waited)),
+            policy.observe(ms(0.5), half(busy), half(waited), idle_cores),
             before,
             "no decision before a second has been observed"
         );
-        policy.observe(ms(0.5), half(busy), half(waited))
+        policy.observe(ms(0.5), half(busy), half(waited), idle_cores)
     }
 
     #[test]
@@ -486,6 +512,10 @@ mod tests {
         let mut policy = CompressionPolicy::adaptive();
         for _ in 0..5 {
             assert_eq!(second(&mut policy, 0.9, 0.05, 0.01), 1);
+        }
+        // Nor while the machine's cores are busy: the wait may be for CPU, not the link.
+        for _ in 0..5 {
+            assert_eq!(second_idle(&mut policy, 0.9, 0.05, 0.5, 0.2), 1);
         }
         let mut fixed = CompressionPolicy::fixed();
         for _ in 0..5 {

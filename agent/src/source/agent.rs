@@ -1417,24 +1417,56 @@ impl Agent {
         for &(offset, length) in &plan.zero {
             builder.zero_range(offset, length, &mut emit)?;
         }
-        let mut observed = Instant::now();
+        // Each second of the pass: how long the producer worked and waited, and how much CPU
+        // the machine had idle.
+        let mut window = (
+            Instant::now(),
+            Duration::ZERO,
+            Duration::ZERO,
+            idle_cpu_ticks(),
+        );
         let read = self.reader.read(&plan.read, &mut |offset, data| {
             let started = Instant::now();
             let waited_before = blocked.get();
             let built = builder.piece(offset, data, &mut emit);
             let waited = blocked.get() - waited_before;
-            let now = Instant::now();
-            builder.observe(
-                now - observed,
-                (now - started).saturating_sub(waited),
-                waited,
-            );
-            observed = now;
+            window.1 += started.elapsed().saturating_sub(waited);
+            window.2 += waited;
+            let elapsed = window.0.elapsed();
+            if elapsed >= Duration::from_secs(1) {
+                let idle = idle_cpu_ticks();
+                let idle_cores = match (window.3, idle) {
+                    (Some(then), Some(now)) => {
+                        now.saturating_sub(then) as f64 / CLOCK_TICKS / elapsed.as_secs_f64()
+                    }
+                    // Unknown: assume the machine has nothing to spare.
+                    _ => 0.0,
+                };
+                builder.observe(elapsed, window.1, window.2, idle_cores);
+                window = (Instant::now(), Duration::ZERO, Duration::ZERO, idle);
+            }
             built
         });
         stats.add_frames(builder.stats);
         read.map(|_| ())
     }
+}
+
+/// Clock ticks per second in `/proc/stat` (`USER_HZ`, 100 on Linux's architectures).
+const CLOCK_TICKS: f64 = 100.0;
+
+/// The machine's idle CPU time so far (idle and iowait, all CPUs), in clock ticks, from the
+/// first line of `/proc/stat`; `None` where it cannot be read.
+fn idle_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    Some(fields.get(3)? + fields.get(4).copied().unwrap_or(0))
 }
 
 /// Thaws; a failure is reported and the freeze counted as overrun (the guard thaws at its
