@@ -181,6 +181,14 @@ impl Client {
     }
 }
 
+/// Asserts that `reply` is a refusal with `code`.
+fn assert_refused(reply: &Option<ReceiverMessage>, code: RefusalCode) {
+    assert!(
+        matches!(reply, Some(ReceiverMessage::Refused { code: got, .. }) if *got == code),
+        "expected a refusal ({code:?}), got {reply:?}"
+    );
+}
+
 /// An honest cycle: journaled, the given writes, committed as a complete point. Applies the
 /// writes to `model` and returns the committed cycle number.
 async fn honest_cycle(
@@ -430,16 +438,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
                 from: 0,
             }))
             .await;
-        assert!(
-            matches!(
-                reply,
-                Some(ReceiverMessage::Refused {
-                    code: RefusalCode::Forbidden,
-                    ..
-                })
-            ),
-            "{reply:?}"
-        );
+        assert_refused(&reply, RefusalCode::Forbidden);
         client.close().await;
 
         // A half-finished cycle: Begin, data, and the agent vanishes.
@@ -487,16 +486,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
         let reply = client
             .request(&AgentMessage::Resume { seq: committed + 5 })
             .await;
-        assert!(
-            matches!(
-                reply,
-                Some(ReceiverMessage::Refused {
-                    code: RefusalCode::Sequence,
-                    ..
-                })
-            ),
-            "{reply:?}"
-        );
+        assert_refused(&reply, RefusalCode::Sequence);
         client.close().await;
         let mut client = Client::connect(&receiver, &agent).await.expect("connect");
         let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
@@ -504,16 +494,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
         let reply = client
             .request(&AgentMessage::Resume { seq: committed + 1 })
             .await;
-        assert!(
-            matches!(
-                reply,
-                Some(ReceiverMessage::Refused {
-                    code: RefusalCode::Sequence,
-                    ..
-                })
-            ),
-            "{reply:?}"
-        );
+        assert_refused(&reply, RefusalCode::Sequence);
         client.close().await;
 
         // A reconnect storm.

@@ -26,9 +26,7 @@ use crate::{
 use blkmirror_protocol::session::{self, ControlStep, FramesVerdict, ReceiverSession};
 use blkmirror_protocol::{
     retention::RetentionPolicy,
-    wire::{
-        self, AgentMessage, DataFrame, PROTOCOL_VERSION, ReceiverMessage, RefusalCode, Welcome,
-    },
+    wire::{self, AgentMessage, DataFrame, ReceiverMessage, RefusalCode},
 };
 
 /// How long a `Flush` or `Commit` waits for missing data frames without any progress.
@@ -738,15 +736,7 @@ impl Session {
         }
         let (welcome, size) = {
             let volume = volume.lock().expect("volume lock");
-            let welcome = Welcome {
-                protocol: PROTOCOL_VERSION,
-                new_volume,
-                committed_seq: volume.meta().committed_seq,
-                last_point: volume.last_point_for_agent(),
-                history: volume.has_history(),
-                open_cycle: volume.open_cycle_report(),
-            };
-            (welcome, volume.meta().size_bytes)
+            (volume.welcome(new_volume), volume.meta().size_bytes)
         };
         self.claimed = Some((hello.volume.clone(), volume.clone()));
         log(format!(
@@ -1069,7 +1059,7 @@ mod tests {
         let tmp = TempDir::new("recover-all");
         for name in ["good", "bad"] {
             let hello = Hello {
-                protocol: PROTOCOL_VERSION,
+                protocol: wire::PROTOCOL_VERSION,
                 volume: name.into(),
                 source_id: "test:source".into(),
                 size_bytes: 1 << 20,

@@ -39,7 +39,7 @@ use crate::{
 };
 use blkmirror_protocol::{
     retention::{self, PointAge, RetentionPolicy},
-    wire::{self, CheckedData, ChunkHash, Hello, OpenCycleReport, PointInfo},
+    wire::{self, CheckedData, ChunkHash, Hello, OpenCycleReport, PointInfo, Welcome},
 };
 
 /// Points kept in `volume.json` (the receiver's points-in-time store is separate work).
@@ -592,6 +592,19 @@ impl Volume {
             journaled_bytes: ChunkRanges::default(),
         });
         Ok(())
+    }
+
+    /// The receiver's answer to an agent's `Hello` for this volume: what it has committed and
+    /// whether a cycle is kept open for it. `new_volume`: the connection created it.
+    pub fn welcome(&self, new_volume: bool) -> Welcome {
+        Welcome {
+            protocol: wire::PROTOCOL_VERSION,
+            new_volume,
+            committed_seq: self.meta.committed_seq,
+            last_point: self.last_point_for_agent(),
+            history: self.has_history(),
+            open_cycle: self.open_cycle_report(),
+        }
     }
 
     /// What the open journaled cycle holds, for an agent that reconnects to continue it

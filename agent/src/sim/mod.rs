@@ -84,7 +84,7 @@ use blkmirror_protocol::{
     session::{Answer, ControlStep, ReceiverSession, SessionError, SourceRecord, SourceSession},
     wire::{
         self, AgentMessage, Begin, CheckedData, ChunkHash, Hello, PROTOCOL_VERSION,
-        ReceiverMessage, RefusalCode, Welcome,
+        ReceiverMessage, RefusalCode,
     },
 };
 
@@ -622,14 +622,7 @@ impl World {
                 };
                 self.note("receiver opens the volume");
                 let volume = self.volume.insert(volume);
-                ReceiverMessage::Welcome(Welcome {
-                    protocol: PROTOCOL_VERSION,
-                    new_volume,
-                    committed_seq: volume.meta().committed_seq,
-                    last_point: volume.last_point_for_agent(),
-                    history: volume.has_history(),
-                    open_cycle: volume.open_cycle_report(),
-                })
+                ReceiverMessage::Welcome(volume.welcome(new_volume))
             }
             ControlStep::Serve(AgentMessage::HashRequest { first_chunk, count }) => {
                 let volume = self.volume.as_ref().expect("admitted");
