@@ -7,6 +7,9 @@ use crate::{
     wire::{self, ChunkHash, Codec, DataFrame},
 };
 
+/// The longest run of chunks one write frame carries (within [`wire::MAX_WRITE_BYTES`]).
+pub const MAX_WRITE_RUN: usize = 256 << 10;
+
 /// What the replica is known to hold, to skip what need not be sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Compare {
@@ -121,8 +124,9 @@ impl<'a> FrameBuilder<'a> {
     }
 
     /// Frames for `data`, read at device offset `offset` (chunk-aligned): chunks the replica
-    /// holds are skipped, runs of all-zero chunks become one zero range, the rest are written
-    /// (compressed when that pays).
+    /// holds are skipped, runs of all-zero chunks become one zero range, and runs of the other
+    /// chunks become writes of up to [`MAX_WRITE_RUN`] bytes, compressed as one unit when that
+    /// pays (zstd finds more to share in a run than in one chunk, and a run is one frame).
     pub fn piece<E>(
         &mut self,
         offset: u64,
@@ -130,57 +134,84 @@ impl<'a> FrameBuilder<'a> {
         emit: &mut dyn FnMut(DataFrame) -> Result<(), E>,
     ) -> Result<(), E> {
         self.stats.read_bytes += data.len() as u64;
+        let chunk = self.chunk as usize;
+        let longest_run = (MAX_WRITE_RUN / chunk).max(1) * chunk;
         let mut zero_run: Option<(u64, u64)> = None;
-        for (index, bytes) in data.chunks(self.chunk as usize).enumerate() {
-            let at = offset + index as u64 * self.chunk;
+        // A run of chunks to write: its start within `data`, and its end.
+        let mut write_run: Option<(usize, usize)> = None;
+        for (index, bytes) in data.chunks(chunk).enumerate() {
+            let start = index * chunk;
+            let at = offset + start as u64;
             let len = bytes.len() as u64;
             let zero = wire::is_zero(bytes);
             let same = self.same_as_replica(at, bytes, zero);
             if same {
                 self.stats.same_bytes += len;
             }
+            let write = !same && !zero;
             // A zero run ends at a chunk that is not sent as zeros.
             if (same || !zero)
-                && let Some((start, run)) = zero_run.take()
+                && let Some((run_at, run)) = zero_run.take()
             {
-                self.zero_range(start, run, emit)?;
+                self.zero_range(run_at, run, emit)?;
             }
-            if same {
-                continue;
+            // A write run ends at a chunk that is not written, or when it is as long as a
+            // frame may be.
+            if let Some((run_start, run_end)) = write_run
+                && (!write || run_end - run_start + bytes.len() > longest_run)
+            {
+                write_run = None;
+                self.write(offset + run_start as u64, &data[run_start..run_end], emit)?;
             }
-            if zero {
+            if write {
+                write_run = Some(match write_run {
+                    Some((run_start, _)) => (run_start, start + bytes.len()),
+                    None => (start, start + bytes.len()),
+                });
+            } else if zero && !same {
                 zero_run = Some(match zero_run {
-                    Some((start, run)) => (start, run + len),
+                    Some((run_at, run)) => (run_at, run + len),
                     None => (at, len),
                 });
-                continue;
             }
-            let mut packed = None;
-            if let Some(policy) = self.compression.as_deref_mut()
-                && policy.should_try()
-            {
-                packed = zstd::bulk::compress(bytes, policy.level())
-                    .ok()
-                    .filter(|packed| policy.record(bytes.len(), packed.len()));
-            }
-            let (codec, payload) = match packed {
-                Some(packed) => (Codec::Zstd, packed),
-                None => (Codec::Raw, bytes.to_vec()),
-            };
-            self.stats.frames += 1;
-            self.stats.data_bytes += len;
-            emit(DataFrame::Write {
-                seq: self.seq,
-                offset: at,
-                codec,
-                raw_len: len as u32,
-                data: payload,
-            })?;
         }
-        if let Some((start, run)) = zero_run {
-            self.zero_range(start, run, emit)?;
+        if let Some((run_start, run_end)) = write_run {
+            self.write(offset + run_start as u64, &data[run_start..run_end], emit)?;
+        }
+        if let Some((run_at, run)) = zero_run {
+            self.zero_range(run_at, run, emit)?;
         }
         Ok(())
+    }
+
+    /// One write frame for `bytes` at `at`, compressed where that pays.
+    fn write<E>(
+        &mut self,
+        at: u64,
+        bytes: &[u8],
+        emit: &mut dyn FnMut(DataFrame) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut packed = None;
+        if let Some(policy) = self.compression.as_deref_mut()
+            && policy.should_try()
+        {
+            packed = zstd::bulk::compress(bytes, policy.level())
+                .ok()
+                .filter(|packed| policy.record(bytes.len(), packed.len()));
+        }
+        let (codec, payload) = match packed {
+            Some(packed) => (Codec::Zstd, packed),
+            None => (Codec::Raw, bytes.to_vec()),
+        };
+        self.stats.frames += 1;
+        self.stats.data_bytes += bytes.len() as u64;
+        emit(DataFrame::Write {
+            seq: self.seq,
+            offset: at,
+            codec,
+            raw_len: bytes.len() as u32,
+            data: payload,
+        })
     }
 }
 
@@ -225,6 +256,46 @@ mod tests {
         assert!(matches!(frames[2], DataFrame::Write { offset, .. } if offset == 4 * CHUNK));
         assert_eq!(stats.zero_bytes, 2 * CHUNK);
         assert_eq!(stats.data_bytes, 2 * CHUNK);
+    }
+
+    #[test]
+    fn adjacent_data_chunks_travel_as_one_write_of_at_most_a_run() {
+        let longest = MAX_WRITE_RUN as u64 / CHUNK;
+        // 70 data chunks, then a zero, then one more: two runs (the first at the limit), a
+        // zero range and a one-chunk write.
+        let mut chunks = vec![3u8; 70];
+        chunks.extend([0, 4]);
+        let (frames, stats) = run(&Compare::Nothing, &device(&chunks));
+        let shape: Vec<(u64, u64, bool)> = frames
+            .iter()
+            .map(|frame| match frame {
+                DataFrame::Write {
+                    offset, raw_len, ..
+                } => (offset / CHUNK, u64::from(*raw_len) / CHUNK, true),
+                DataFrame::Zero { offset, length, .. } => (offset / CHUNK, length / CHUNK, false),
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (1, longest, true),
+                (1 + longest, 70 - longest, true),
+                (71, 1, false),
+                (72, 1, true)
+            ]
+        );
+        assert_eq!(stats.frames, 4);
+        assert_eq!(stats.data_bytes, 71 * CHUNK);
+        // Every frame decodes to what was read.
+        let data = device(&chunks);
+        for frame in frames {
+            if let wire::CheckedData::Write { offset, data: got } =
+                wire::check_data_frame(frame, 7, 1 << 30).unwrap()
+            {
+                let at = (offset - CHUNK) as usize;
+                assert_eq!(got, data[at..at + got.len()]);
+            }
+        }
     }
 
     #[test]
