@@ -193,7 +193,7 @@ impl<'a> FrameBuilder<'a> {
     ) -> Result<(), E> {
         let mut packed = None;
         if let Some(policy) = self.compression.as_deref_mut()
-            && policy.should_try()
+            && policy.should_try(bytes.len())
         {
             packed = zstd::bulk::compress(bytes, policy.level())
                 .ok()

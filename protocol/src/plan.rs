@@ -151,9 +151,9 @@ impl Progress {
 ///
 /// # Whether
 ///
-/// Compression is tried on every chunk until a run of chunks did not shrink; it is then
-/// skipped for a while and tried again, so incompressible data (media, encrypted volumes)
-/// costs little CPU.
+/// Compression is tried on every write until 512 KiB in a row did not shrink; it is then
+/// skipped for the next 4 MiB and tried again, so incompressible data (media, encrypted
+/// volumes) costs little CPU. Both are counted in bytes, whatever the size of a write.
 ///
 /// # Which level: buy link time with spare CPU
 ///
@@ -176,8 +176,10 @@ impl Progress {
 /// one it stays low, and the CPU available is what the producer thread measures.
 #[derive(Debug, Clone)]
 pub struct CompressionPolicy {
-    misses_in_a_row: u32,
-    skip: u32,
+    /// Bytes tried in a row that did not shrink.
+    missed_bytes: u64,
+    /// Bytes still to send without trying.
+    skip_bytes: u64,
     /// Index into [`Self::LEVELS`].
     step: usize,
     adaptive: bool,
@@ -203,10 +205,10 @@ impl Default for CompressionPolicy {
 }
 
 impl CompressionPolicy {
-    /// Misses in a row before backing off.
-    const MISSES: u32 = 8;
-    /// Chunks skipped after a back-off.
-    const SKIP: u32 = 64;
+    /// Bytes in a row that did not shrink before backing off.
+    const MISSED_BYTES: u64 = 512 << 10;
+    /// Bytes sent without trying after a back-off.
+    const SKIP_BYTES: u64 = 4 << 20;
     /// The zstd levels an adaptive policy moves along (negative: zstd's fast levels).
     pub const LEVELS: [i32; 8] = [-5, -1, 1, 2, 3, 5, 7, 9];
     /// Where it starts: level 1.
@@ -227,8 +229,8 @@ impl CompressionPolicy {
     /// A policy that chooses the level from the measured link and CPU (the default).
     pub fn adaptive() -> Self {
         Self {
-            misses_in_a_row: 0,
-            skip: 0,
+            missed_bytes: 0,
+            skip_bytes: 0,
             step: Self::START,
             adaptive: true,
             window: LevelWindow::default(),
@@ -248,10 +250,11 @@ impl CompressionPolicy {
         Self::LEVELS[self.step]
     }
 
-    /// Whether to try compressing the next chunk.
-    pub fn should_try(&mut self) -> bool {
-        if self.skip > 0 {
-            self.skip -= 1;
+    /// Whether to try compressing the next `bytes` (a chunk or a run of them). Back-offs are
+    /// counted in bytes, so they last as long whatever the size of what is tried.
+    pub fn should_try(&mut self, bytes: usize) -> bool {
+        if self.skip_bytes > 0 {
+            self.skip_bytes = self.skip_bytes.saturating_sub(bytes as u64);
             return false;
         }
         true
@@ -263,12 +266,12 @@ impl CompressionPolicy {
         self.window.packed += compressed.min(raw) as u64;
         let paid = compressed + raw / 8 <= raw;
         if paid {
-            self.misses_in_a_row = 0;
+            self.missed_bytes = 0;
         } else {
-            self.misses_in_a_row += 1;
-            if self.misses_in_a_row >= Self::MISSES {
-                self.misses_in_a_row = 0;
-                self.skip = Self::SKIP;
+            self.missed_bytes += raw as u64;
+            if self.missed_bytes >= Self::MISSED_BYTES {
+                self.missed_bytes = 0;
+                self.skip_bytes = Self::SKIP_BYTES;
             }
         }
         paid
@@ -450,15 +453,17 @@ mod tests {
     #[test]
     fn compression_backs_off_on_incompressible_data() {
         let mut policy = CompressionPolicy::default();
-        for _ in 0..CompressionPolicy::MISSES {
-            assert!(policy.should_try());
+        let misses = CompressionPolicy::MISSED_BYTES / 4096;
+        for _ in 0..misses {
+            assert!(policy.should_try(4096));
             assert!(!policy.record(4096, 4100));
         }
-        let tried = (0..CompressionPolicy::SKIP)
-            .filter(|_| policy.should_try())
+        // The back-off lasts as many bytes whatever the size of what is tried.
+        let tried = (0..CompressionPolicy::SKIP_BYTES / (256 << 10))
+            .filter(|_| policy.should_try(256 << 10))
             .count();
         assert_eq!(tried, 0);
-        assert!(policy.should_try());
+        assert!(policy.should_try(4096));
         assert!(policy.record(4096, 100));
     }
 
