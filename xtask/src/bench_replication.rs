@@ -86,6 +86,50 @@ fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
     Ok((lines, seconds))
 }
 
+/// The durations (ms) of the cycles a continuous agent (`command`, without `--once`) commits
+/// in `seconds` with nothing to ship: the fixed cost of a cycle on an open connection. The
+/// first cycle (it opens the connection) is left out.
+fn idle_cycles_ms(command: &mut Command, seconds: u64) -> Result<Vec<u64>> {
+    use std::io::BufRead as _;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("blkmirror agent")?;
+    let stdout = child.stdout.take().context("agent stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
+    let mut durations = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+            && event["event"] == "committed"
+            && event["kind"] == "cycle"
+        {
+            durations.push(event["duration_ms"].as_u64().unwrap_or(0));
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if durations.len() < 3 {
+        bail!("the continuous agent committed only {} cycles", durations.len());
+    }
+    durations.remove(0);
+    Ok(durations)
+}
+
 fn sum(lines: &[serde_json::Value], key: &str) -> u64 {
     lines.iter().filter_map(|l| l[key].as_u64()).sum()
 }
@@ -193,6 +237,19 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
     let cycle_s = median(cycles.iter().map(|c| c.2).collect());
     let cycle_read = median(cycles.iter().map(|c| c.0 as f64).collect());
 
+    eprintln!("bench: a continuous agent with nothing to ship, cycles 1 s apart");
+    let mut continuous = agent();
+    continuous.args(["--interval", "1s"]);
+    let args: Vec<std::ffi::OsString> = continuous
+        .get_args()
+        .filter(|arg| *arg != "--once")
+        .map(|arg| arg.to_owned())
+        .collect();
+    let mut continuous = Command::new(&binary);
+    continuous.args(args);
+    let idle = idle_cycles_ms(&mut continuous, 12)?;
+    let idle_ms = median(idle.iter().map(|&ms| ms as f64).collect());
+
     println!(
         "blkmirror replication bench: {size_mib} MiB loop device of random data, agent and \
          receiver on 127.0.0.1, {rounds} incremental rounds of {:.1}% scattered 64 KiB changes",
@@ -223,9 +280,12 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
          {:.2} |",
         cycle_read / changed as f64
     );
+    println!(
+        "| a cycle with nothing changed, connection up, ms (goal: 50) | | {idle_ms:.0} | |"
+    );
     println!();
     println!(
-        "Initial sync sent {} MiB; the cycles sent {:?} bytes.",
+        "Idle cycles (ms): {idle:?}. Initial sync sent {} MiB; the cycles sent {:?} bytes.",
         sum(&sync, "sent_bytes") >> 20,
         cycles.iter().map(|c| c.1).collect::<Vec<_>>()
     );
