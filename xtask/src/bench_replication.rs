@@ -124,7 +124,10 @@ fn idle_cycles_ms(command: &mut Command, seconds: u64) -> Result<Vec<u64>> {
     let _ = child.kill();
     let _ = child.wait();
     if durations.len() < 3 {
-        bail!("the continuous agent committed only {} cycles", durations.len());
+        bail!(
+            "the continuous agent committed only {} cycles",
+            durations.len()
+        );
     }
     durations.remove(0);
     Ok(durations)
@@ -280,9 +283,7 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
          {:.2} |",
         cycle_read / changed as f64
     );
-    println!(
-        "| a cycle with nothing changed, connection up, ms (goal: 50) | | {idle_ms:.0} | |"
-    );
+    println!("| a cycle with nothing changed, connection up, ms (goal: 50) | | {idle_ms:.0} | |");
     println!();
     println!(
         "Idle cycles (ms): {idle:?}. Initial sync sent {} MiB; the cycles sent {:?} bytes.",

@@ -11,7 +11,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::watch;
@@ -152,9 +152,10 @@ struct Context {
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
     /// Volumes whose connection broke in the middle of a journaled cycle, with the agent that
-    /// began it: the open cycle's journal is kept for that agent to continue (`Resume`). Any
-    /// other connection for the volume, or a `Begin`, abandons it.
-    suspended: Mutex<HashMap<String, (Fingerprint, SharedVolume)>>,
+    /// began it and when: the open cycle's journal is kept for that agent to continue
+    /// (`Resume`). Any other connection for the volume, a `Begin`, or [`KEEP_OPEN_CYCLE`]
+    /// without one abandons it.
+    suspended: Suspended,
     /// Every authenticated connection, with the volume it asked for once it has: a reload
     /// closes those whose grant it withdrew, also while they wait for a volume.
     sessions: Mutex<HashMap<usize, ListedSession>>,
@@ -311,6 +312,45 @@ fn retention_json(policy: &RetentionPolicy) -> serde_json::Value {
     })
 }
 
+/// How long a cycle interrupted by a broken connection is kept for its agent to resume: its
+/// journal holds disk space until then.
+const KEEP_OPEN_CYCLE: Duration = Duration::from_secs(3600);
+
+/// The volumes kept with an interrupted cycle (see `Context::suspended`).
+type Suspended = Mutex<HashMap<String, (Fingerprint, SharedVolume, Instant)>>;
+
+/// Abandons the kept cycles whose agent has not come back within `keep_for` of `now`: the
+/// journal's space is freed, and the agent, if it returns, sends the cycle afresh. Returns
+/// the volumes whose cycle it abandoned.
+fn abandon_stale_cycles(suspended: &Suspended, keep_for: Duration, now: Instant) -> Vec<String> {
+    let stale: Vec<(String, SharedVolume)> = {
+        let mut suspended = suspended.lock().expect("suspended");
+        let names: Vec<String> = suspended
+            .iter()
+            .filter(|(_, (_, _, since))| now.saturating_duration_since(*since) >= keep_for)
+            .map(|(name, _)| name.clone())
+            .collect();
+        names
+            .into_iter()
+            .filter_map(|name| suspended.remove(&name).map(|(_, volume, _)| (name, volume)))
+            .collect()
+    };
+    stale
+        .into_iter()
+        .map(|(name, volume)| {
+            if let Ok(mut volume) = volume.lock() {
+                volume.abort();
+            }
+            log(format!(
+                "volume {name}: the agent did not resume its interrupted cycle within {} s; \
+                 abandoned it",
+                keep_for.as_secs()
+            ));
+            name
+        })
+        .collect()
+}
+
 /// Serves until `shutdown`; applies the configuration reloads that arrive on `reloads`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -340,8 +380,12 @@ pub async fn serve(
         }),
         ..Event::default()
     });
+    let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
+            _ = sweep.tick() => {
+                abandon_stale_cycles(&context.suspended, KEEP_OPEN_CYCLE, Instant::now());
+            }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 // A stateless retry first proves that the peer owns its source address, so a
@@ -545,8 +589,8 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
                 .suspended
                 .lock()
                 .expect("suspended")
-                .insert(name.clone(), (fingerprint.clone(), volume));
-            if let Some((_, older)) = replaced
+                .insert(name.clone(), (fingerprint.clone(), volume, Instant::now()));
+            if let Some((_, older, _)) = replaced
                 && let Ok(mut older) = older.lock()
             {
                 older.abort();
@@ -690,7 +734,7 @@ impl Session {
             .expect("suspended")
             .remove(&hello.volume);
         let data_dir = self.context.data_dir.clone();
-        let opened = if let Some(kept) = suspended.and_then(|(holder, kept)| {
+        let opened = if let Some(kept) = suspended.and_then(|(holder, kept, _)| {
             // Only the agent that began the cycle continues it, from the same device; for
             // anyone else, the journal is abandoned and the volume opened afresh.
             let matches = {
@@ -1092,6 +1136,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("chunk size 0"), "{error}");
+    }
+
+    #[test]
+    fn a_kept_cycle_is_abandoned_once_its_agent_has_stayed_away_too_long() {
+        let tmp = TempDir::new("kept-cycles");
+        let agent = Fingerprint::parse(&"ab".repeat(32)).expect("fingerprint");
+        let suspended: Suspended = Mutex::new(HashMap::new());
+        let start = Instant::now();
+        for (name, age) in [("old", 7200), ("recent", 60)] {
+            let hello = Hello {
+                protocol: wire::PROTOCOL_VERSION,
+                volume: name.into(),
+                source_id: "loop:/tmp/kept".into(),
+                size_bytes: 1 << 20,
+                chunk_bytes: 65536,
+            };
+            let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
+            volume.begin(1, 0, false, 0).unwrap();
+            volume
+                .journal(wire::CheckedData::Zero {
+                    offset: 0,
+                    length: 65536,
+                })
+                .unwrap();
+            assert!(volume.open_cycle_report().is_some());
+            suspended.lock().unwrap().insert(
+                name.into(),
+                (
+                    agent.clone(),
+                    Arc::new(Mutex::new(volume)),
+                    start - Duration::from_secs(age),
+                ),
+            );
+        }
+        let old = suspended.lock().unwrap()["old"].1.clone();
+        let abandoned = abandon_stale_cycles(&suspended, Duration::from_secs(3600), start);
+        assert_eq!(abandoned, vec!["old".to_owned()]);
+        assert!(old.lock().unwrap().open_cycle_report().is_none());
+        let kept = suspended.lock().unwrap();
+        assert_eq!(kept.keys().collect::<Vec<_>>(), vec!["recent"]);
+        assert!(
+            kept["recent"]
+                .1
+                .lock()
+                .unwrap()
+                .open_cycle_report()
+                .is_some()
+        );
     }
 
     #[test]
