@@ -46,6 +46,13 @@ pub enum Which {
         /// Incremental rounds.
         #[arg(long, default_value_t = 3)]
         rounds: u32,
+        /// Shift each 64 KiB write by this many KiB (a multiple of 4): 4 makes every write
+        /// straddle two 64 KiB chunks, as file systems' 4 KiB-aligned writes do.
+        #[arg(long, default_value_t = 0)]
+        write_offset_kib: u64,
+        /// The agent's `--chunk-size` (the granularity of tracking and transfer).
+        #[arg(long, default_value = "64KiB")]
+        chunk_size: String,
     },
     /// What keeping points in time costs: cycle time and bytes kept, against a receiver that
     /// keeps only the newest point.
@@ -90,7 +97,15 @@ pub fn run(which: Which) -> Result<()> {
             size_mib,
             change_permille,
             rounds,
-        } => crate::bench_replication::replication(size_mib, change_permille, rounds),
+            write_offset_kib,
+            chunk_size,
+        } => crate::bench_replication::replication(
+            size_mib,
+            change_permille,
+            rounds,
+            write_offset_kib,
+            &chunk_size,
+        ),
         Which::Points {
             size_mib,
             change_permille,

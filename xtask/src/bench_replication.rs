@@ -137,7 +137,16 @@ fn sum(lines: &[serde_json::Value], key: &str) -> u64 {
     lines.iter().filter_map(|l| l[key].as_u64()).sum()
 }
 
-pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<()> {
+pub fn replication(
+    size_mib: u64,
+    change_permille: u64,
+    rounds: u32,
+    write_offset_kib: u64,
+    chunk_size: &str,
+) -> Result<()> {
+    if !write_offset_kib.is_multiple_of(4) || write_offset_kib >= 64 {
+        bail!("--write-offset-kib must be a multiple of 4 below 64, not {write_offset_kib}");
+    }
     require_root()?;
     let binary = release_binary()?;
     let mut cleanup = Cleanup::new();
@@ -171,7 +180,7 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
                 &addr,
             ])
             .args(["--receiver-fingerprint", &receiver_fp, "--once", "--json"])
-            .args(["--compression", "off"])
+            .args(["--compression", "off", "--chunk-size", chunk_size])
             .arg("--identity")
             .arg(dir.join("agent-id"))
             .arg("--pin-root")
@@ -220,8 +229,13 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
         let stride = (2_654_435_761 % chunks) | 1;
         let mut at = u64::from(round) * 7919 % chunks;
         for _ in 0..changed_chunks {
-            at = (at + stride) % chunks;
-            fill_random(&device, at, 1, "64K")?;
+            // (Shifted writes stay clear of the device's last 64 KiB.)
+            at = (at + stride) % (chunks - u64::from(write_offset_kib > 0));
+            if write_offset_kib == 0 {
+                fill_random(&device, at, 1, "64K")?;
+            } else {
+                fill_random(&device, at * 16 + write_offset_kib / 4, 16, "4K")?;
+            }
         }
         let (lines, seconds) = agent_once(&mut agent())?;
         let read = sum(&lines, "read_bytes");
@@ -255,7 +269,8 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
 
     println!(
         "blkmirror replication bench: {size_mib} MiB loop device of random data, agent and \
-         receiver on 127.0.0.1, {rounds} incremental rounds of {:.1}% scattered 64 KiB changes",
+         receiver on 127.0.0.1, {rounds} incremental rounds of {:.1}% scattered 64 KiB changes \
+         (shifted by {write_offset_kib} KiB), --chunk-size {chunk_size}",
         change_permille as f64 / 10.0
     );
     println!();
@@ -292,7 +307,8 @@ pub fn replication(size_mib: u64, change_permille: u64, rounds: u32) -> Result<(
     );
     println!(
         "Reproduce: sudo cargo xtask bench replication --size-mib {size_mib} --change-permille \
-         {change_permille} --rounds {rounds}"
+         {change_permille} --rounds {rounds} --write-offset-kib {write_offset_kib} --chunk-size \
+         {chunk_size}"
     );
     Ok(())
 }
