@@ -49,6 +49,19 @@ pub enum VolumeState {
     Idle,
 }
 
+/// (receiver) A cycle interrupted by a broken connection and kept for its agent to resume.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeptCycle {
+    /// The cycle.
+    pub seq: u64,
+    /// Frames journaled.
+    pub frames: u64,
+    /// Bytes the journaled frames cover.
+    pub journaled_bytes: u64,
+    /// When the connection broke (Unix ms).
+    pub since_unix_ms: u64,
+}
+
 /// A committed point, as status shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointSummary {
@@ -121,6 +134,9 @@ pub struct VolumeStatus {
     /// When the last cut was taken (for the change rate).
     #[serde(skip)]
     pub last_cut_unix_ms: Option<u64>,
+    /// (receiver) A cycle whose connection broke, kept for its agent to resume.
+    #[serde(default)]
+    pub kept_cycle: Option<KeptCycle>,
     /// The sync in progress, if any.
     pub sync: Option<SyncProgress>,
     /// The newest committed complete point.
@@ -423,6 +439,17 @@ pub fn render(snapshot: &Snapshot) -> String {
                 }
             );
         }
+        if let Some(kept) = &s.kept_cycle {
+            let _ = writeln!(
+                out,
+                "    interrupted  cycle {}: {} frames ({}) journaled since {}, kept for the agent \
+                 to resume",
+                kept.seq,
+                kept.frames,
+                units::format_size(kept.journaled_bytes),
+                units::format_utc(kept.since_unix_ms)
+            );
+        }
         if let Some(point) = &s.last_consistent {
             let _ = writeln!(
                 out,
@@ -480,7 +507,19 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 6] = [
+        let gauges: [Series<Option<f64>>; 7] = [
+            (
+                "blkmirror_kept_cycle_bytes",
+                "(receiver) Bytes journaled by a cycle whose connection broke, kept for its \
+                 agent to resume (0: none).",
+                |s| {
+                    Some(
+                        s.kept_cycle
+                            .as_ref()
+                            .map_or(0.0, |k| k.journaled_bytes as f64),
+                    )
+                },
+            ),
             (
                 "blkmirror_change_rate_bytes_per_second",
                 "How fast the source changes: bytes cut per second, smoothed.",
@@ -643,6 +682,30 @@ mod tests {
         let db = board.snapshot(30_000).volumes[0].clone();
         assert!(!db.falling_behind);
         assert_eq!(db.catch_up_eta_s, Some(27));
+    }
+
+    #[test]
+    fn a_kept_cycle_is_shown_and_counted() {
+        let board = StatusBoard::new("receiver");
+        board.update("db", |s| {
+            s.kept_cycle = Some(KeptCycle {
+                seq: 7,
+                frames: 40,
+                journaled_bytes: 10 << 20,
+                since_unix_ms: 1_795_690_476_603,
+            })
+        });
+        let snap = board.snapshot(1_795_690_480_000);
+        let text = render(&snap);
+        assert!(
+            text.contains("interrupted  cycle 7: 40 frames (10 MiB) journaled"),
+            "{text}"
+        );
+        assert!(prometheus(&snap).contains("blkmirror_kept_cycle_bytes{volume=\"db\"} 10485760"));
+        board.update("db", |s| s.kept_cycle = None);
+        let snap = board.snapshot(1_795_690_480_000);
+        assert!(!render(&snap).contains("interrupted"));
+        assert!(prometheus(&snap).contains("blkmirror_kept_cycle_bytes{volume=\"db\"} 0"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::{
 use tokio::sync::watch;
 
 use crate::{
-    command::status::{PointSummary, StatusBoard, VolumeState},
+    command::status::{KeptCycle, PointSummary, StatusBoard, VolumeState},
     dr::audit::{AuditLog, Event},
     dr::volume::{Recovery, StoreError, Volume},
     link::identity::{Fingerprint, Identity},
@@ -384,7 +384,11 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = sweep.tick() => {
-                abandon_stale_cycles(&context.suspended, KEEP_OPEN_CYCLE, Instant::now());
+                for name in
+                    abandon_stale_cycles(&context.suspended, KEEP_OPEN_CYCLE, Instant::now())
+                {
+                    context.status.update(&name, |s| s.kept_cycle = None);
+                }
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
@@ -580,6 +584,14 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
             Err(_) => None,
         };
         if let Some(report) = kept {
+            context.status.update(&name, |s| {
+                s.kept_cycle = Some(KeptCycle {
+                    seq: report.seq,
+                    frames: report.frames,
+                    journaled_bytes: report.journaled.iter().map(|r| r.1).sum(),
+                    since_unix_ms: crate::command::status::now_ms(),
+                });
+            });
             log(format!(
                 "volume {name}: connection lost in cycle {}; keeping its {} journaled frames for \
                  the agent to resume",
@@ -791,6 +803,7 @@ impl Session {
         self.context.status.update(&hello.volume, |s| {
             s.state = VolumeState::Connected;
             s.source = agent;
+            s.kept_cycle = None;
         });
         self.context.record(Event {
             event: "connect",
