@@ -8,8 +8,11 @@ use std::{
 };
 
 use blkmirror_tests::{
-    LoopDevice, blkmirror,
-    mirror::{AgentSetup, ChildGuard, Site, assert_same, committed, write_random},
+    LoopDevice, Mount, blkmirror,
+    mirror::{
+        AgentSetup, ChildGuard, Site, Workload, assert_same, committed, fsck_clean, last_point,
+        write_random,
+    },
     require_root,
 };
 use blkmirror_wan::{LinkSpec, Relay};
@@ -315,4 +318,86 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
         wire as f64 / changed as f64
     );
     assert_same(&dev.path, &site.receiver.image("wan"));
+}
+
+/// Thaws a file system a test may leave frozen (an assertion failing mid-cycle).
+struct ThawOnDrop<'a>(&'a std::path::Path);
+
+impl Drop for ThawOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// The field setting of a resume: a busy ext4 file system whose agent state lives on it (as
+/// `/var/lib/blkmirror` on a protected root disk), a blackout in the middle of a large cycle,
+/// and writes going on throughout. The resumed cycle still freezes and commits a crash-
+/// consistent point, and that point passes `e2fsck`.
+#[test]
+fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
+    require_root();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let _thaw = ThawOnDrop(&mount.target);
+    let state = mount.target.join("var/lib/blkmirror");
+    std::fs::create_dir_all(&state).expect("state directory");
+    let relay = relay_to(&site, link(200, 20, 0.0), 15);
+    let agent = AgentSetup {
+        state_dir: &state,
+        ..via(&site, &dev, &relay)
+    };
+    agent.once_ok(&[]);
+    // 96 MiB of new file data for one cycle, and an application that keeps writing.
+    let changed = 96 * MIB;
+    let status = std::process::Command::new("dd")
+        .arg("if=/dev/urandom")
+        .arg(format!("of={}", mount.target.join("big").display()))
+        .args(["bs=1M", "count=96", "conv=fsync", "status=none"])
+        .status()
+        .expect("dd");
+    assert!(status.success());
+    let mut workload = Workload::start(&mount.target);
+    let handle = relay.handle().clone();
+    let before = handle.up.delivered_bytes.load(Ordering::Relaxed);
+    let cutter = std::thread::spawn(move || {
+        let started = Instant::now();
+        while handle.up.delivered_bytes.load(Ordering::Relaxed) < before + changed / 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the cycle never got going"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        handle.blackout(true);
+        std::thread::sleep(Duration::from_secs(12));
+        handle.blackout(false);
+    });
+    let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
+    cutter.join().expect("the link cutter");
+    let files = workload.stop();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "agent --once failed: {stderr}");
+    assert!(files > 0, "the workload wrote nothing");
+    assert!(
+        stderr.contains("resuming cycle"),
+        "the agent should have resumed the cycle: {stderr}"
+    );
+    let point = last_point(&lines);
+    assert_eq!(point["kind"], "cycle", "{point}");
+    assert_eq!(point["consistent"], true, "{point}\n{stderr}");
+    assert!(
+        point["resumed_bytes"].as_u64().expect("resumed_bytes") > changed / 4,
+        "{point}"
+    );
+    fsck_clean(
+        &site.receiver.image("wan"),
+        "ext4",
+        &site.scratch.path,
+        "resumed",
+    );
 }
