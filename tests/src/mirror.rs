@@ -607,6 +607,20 @@ pub fn fsck_clean(image: &Path, fstype: &str, scratch: &Path, label: &str) {
     let _ = std::fs::remove_file(&copy);
 }
 
+/// Thaws the file system at its path on drop, whatever happened: a test must never leave a
+/// frozen file system behind.
+pub struct ThawOnDrop<'a>(pub &'a Path);
+
+impl Drop for ThawOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze")
+            .arg("-u")
+            .arg(self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
 /// Whether the file system at `mount` is frozen, asked without blocking: FIFREEZE on a frozen
 /// file system fails with EBUSY; on a thawed one it succeeds and is undone at once.
 pub fn is_frozen(mount: &Path) -> bool {

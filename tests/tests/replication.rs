@@ -2,8 +2,7 @@
 //! agent and receiver over QUIC on 127.0.0.1, real file systems.
 
 use std::{
-    path::Path,
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -17,8 +16,8 @@ use blkmirror_protocol::wire::{
 use blkmirror_tests::{
     LoopDevice, Mount, PinRoot, Scratch,
     mirror::{
-        AgentSetup, ChildGuard, Id, Receiver, Site, Workload, assert_same, committed, digest,
-        fsck_clean, guard_running, is_frozen, last_point, write_random,
+        AgentSetup, ChildGuard, Id, Receiver, Site, ThawOnDrop, Workload, assert_same, committed,
+        digest, fsck_clean, guard_running, is_frozen, last_point, write_random,
     },
     require_root, signal,
 };
@@ -703,19 +702,6 @@ fn a_receiver_that_is_down_at_start_is_retried() {
     assert!(status.success(), "{stderr}");
     assert!(stderr.contains("retrying in"), "{stderr}");
     assert_same(&dev.path, &site.receiver.image("raw"));
-}
-
-/// Thaws on drop, whatever happened: a test must never leave a frozen file system behind.
-struct ThawOnDrop<'a>(&'a Path);
-
-impl Drop for ThawOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze")
-            .arg("-u")
-            .arg(self.0)
-            .stderr(Stdio::null())
-            .status();
-    }
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::{
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
     mirror::{
-        AgentSetup, ChildGuard, Site, Workload, assert_same, committed, fsck_clean, last_point,
-        write_random,
+        AgentSetup, ChildGuard, Site, ThawOnDrop, Workload, assert_same, committed, fsck_clean,
+        last_point, write_random,
     },
     require_root,
 };
@@ -38,6 +38,29 @@ fn relay_to(site: &Site, spec: LinkSpec, seed: u64) -> Relay {
         seed,
     )
     .expect("starting the link emulator")
+}
+
+/// Cuts `relay`'s link for 12 s, longer than the 10 s idle timeout, once `bytes` more than now
+/// have crossed it towards the receiver; `what` must get that far within `limit`. Join the
+/// thread to see its assertion.
+fn blackout_after(
+    relay: &Relay,
+    bytes: u64,
+    limit: Duration,
+    what: &'static str,
+) -> std::thread::JoinHandle<()> {
+    let handle = relay.handle().clone();
+    let until = handle.up.delivered_bytes.load(Ordering::Relaxed) + bytes;
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while handle.up.delivered_bytes.load(Ordering::Relaxed) < until {
+            assert!(started.elapsed() < limit, "{what} never got going");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        handle.blackout(true);
+        std::thread::sleep(Duration::from_secs(12));
+        handle.blackout(false);
+    })
 }
 
 fn via<'a>(site: &'a Site, dev: &'a LoopDevice, relay: &Relay) -> AgentSetup<'a> {
@@ -86,21 +109,8 @@ fn a_blackout_longer_than_the_idle_timeout_mid_sync_reconnects_and_ends_equal() 
     write_random(&dev.path, 0, 96 * MIB);
     let relay = relay_to(&site, link(200, 20, 0.0), 12);
     let agent = via(&site, &dev, &relay);
-    let handle = relay.handle().clone();
-    let cutter = std::thread::spawn(move || {
-        // Cut once the sync is well under way, for longer than the 10 s idle timeout.
-        let started = Instant::now();
-        while handle.up.delivered_bytes.load(Ordering::Relaxed) < 24 * MIB {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the sync never got going"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        handle.blackout(true);
-        std::thread::sleep(Duration::from_secs(12));
-        handle.blackout(false);
-    });
+    // Cut once the sync is well under way.
+    let cutter = blackout_after(&relay, 24 * MIB, Duration::from_secs(60), "the sync");
     let (output, lines) = agent.once(
         &["--compression", "off", "--sync-step", "16MiB"],
         Duration::from_secs(120),
@@ -256,22 +266,14 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
     agent.once_ok(&["--compression", "off"]);
     assert_same(&dev.path, &site.receiver.image("wan"));
     write_random(&dev.path, 16 * MIB, changed);
-    let handle = relay.handle().clone();
-    let before = handle.up.delivered_bytes.load(Ordering::Relaxed);
-    let cutter = std::thread::spawn(move || {
-        // Cut when about half of the change has crossed, for longer than the idle timeout.
-        let started = Instant::now();
-        while handle.up.delivered_bytes.load(Ordering::Relaxed) < before + changed / 2 {
-            assert!(
-                started.elapsed() < Duration::from_secs(60 + seconds_at_rate),
-                "the cycle never got going"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        handle.blackout(true);
-        std::thread::sleep(Duration::from_secs(12));
-        handle.blackout(false);
-    });
+    let before = relay.handle().up.delivered_bytes.load(Ordering::Relaxed);
+    // Cut when about half of the change has crossed.
+    let cutter = blackout_after(
+        &relay,
+        changed / 2,
+        Duration::from_secs(60 + seconds_at_rate),
+        "the cycle",
+    );
     let (output, lines) = agent.once(
         &["--compression", "off"],
         Duration::from_secs(120 + 2 * seconds_at_rate),
@@ -320,19 +322,6 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
     assert_same(&dev.path, &site.receiver.image("wan"));
 }
 
-/// Thaws a file system a test may leave frozen (an assertion failing mid-cycle).
-struct ThawOnDrop<'a>(&'a std::path::Path);
-
-impl Drop for ThawOnDrop<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("fsfreeze")
-            .arg("-u")
-            .arg(self.0)
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
-}
-
 /// The field setting of a resume: a busy ext4 file system whose agent state lives on it (as
 /// `/var/lib/blkmirror` on a protected root disk), a blackout in the middle of a large cycle,
 /// and writes going on throughout. The resumed cycle still freezes and commits a crash-
@@ -362,21 +351,7 @@ fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
         .expect("dd");
     assert!(status.success());
     let mut workload = Workload::start(&mount.target);
-    let handle = relay.handle().clone();
-    let before = handle.up.delivered_bytes.load(Ordering::Relaxed);
-    let cutter = std::thread::spawn(move || {
-        let started = Instant::now();
-        while handle.up.delivered_bytes.load(Ordering::Relaxed) < before + changed / 2 {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the cycle never got going"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        handle.blackout(true);
-        std::thread::sleep(Duration::from_secs(12));
-        handle.blackout(false);
-    });
+    let cutter = blackout_after(&relay, changed / 2, Duration::from_secs(60), "the cycle");
     let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
     cutter.join().expect("the link cutter");
     let files = workload.stop();
