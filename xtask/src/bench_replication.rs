@@ -90,24 +90,12 @@ fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
 /// in `seconds` with nothing to ship: the fixed cost of a cycle on an open connection. The
 /// first cycle (it opens the connection) is left out.
 fn idle_cycles_ms(command: &mut Command, seconds: u64) -> Result<Vec<u64>> {
-    use std::io::BufRead as _;
     let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("blkmirror agent")?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = crate::bench_wan::line_channel(child.stdout.take().context("agent stdout")?);
     let deadline = Instant::now() + std::time::Duration::from_secs(seconds);
     let mut durations = Vec::new();
     while let Some(left) = deadline.checked_duration_since(Instant::now()) {

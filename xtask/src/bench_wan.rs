@@ -96,15 +96,7 @@ impl RelayProcess {
             .and_then(|rest| rest.split(' ').next())
             .with_context(|| format!("unexpected wan-relay output: {first}"))?
             .to_owned();
-        let stdout = child.stdout.take().context("relay stdout")?;
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = line_channel(child.stdout.take().context("relay stdout")?);
         Ok(Self {
             child,
             stdin,
@@ -128,6 +120,20 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The lines of a child's output pipe, read on a thread of their own, so a caller can wait
+/// for them with a timeout.
+pub(crate) fn line_channel(pipe: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 pub(crate) fn release_relay() -> Result<PathBuf> {
@@ -160,17 +166,7 @@ pub(crate) fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Res
         .stderr(Stdio::null())
         .spawn()
         .context("blkmirror agent")?;
-    let stdout = child.stdout.take().context("agent stdout")?;
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                && tx.send(value).is_err()
-            {
-                break;
-            }
-        }
-    });
+    let rx = line_channel(child.stdout.take().context("agent stdout")?);
     let started = Instant::now();
     let mut pass = Pass {
         bytes: 0,
@@ -186,8 +182,11 @@ pub(crate) fn agent_pass(command: &mut Command, kind: &str, timeout: f64) -> Res
             break;
         }
         match rx.recv_timeout(Duration::from_secs_f64(left.min(1.0))) {
-            Ok(event) => {
-                if event["event"] == "committed" && event["kind"] == kind {
+            Ok(line) => {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["event"] == "committed"
+                    && event["kind"] == kind
+                {
                     pass.bytes += event["bytes"].as_u64().unwrap_or(0);
                     pass.seconds += event["duration_ms"].as_u64().unwrap_or(0) as f64 / 1e3;
                     pass.last = Some(event);
