@@ -1419,36 +1419,53 @@ impl Agent {
         }
         // Each second of the pass: how long the producer worked and waited, and how much CPU
         // the machine had idle.
-        let mut window = (
-            Instant::now(),
-            Duration::ZERO,
-            Duration::ZERO,
-            idle_cpu_ticks(),
-        );
+        let mut window = LevelWindow::start(idle_cpu_ticks());
         let read = self.reader.read(&plan.read, &mut |offset, data| {
             let started = Instant::now();
             let waited_before = blocked.get();
             let built = builder.piece(offset, data, &mut emit);
             let waited = blocked.get() - waited_before;
-            window.1 += started.elapsed().saturating_sub(waited);
-            window.2 += waited;
-            let elapsed = window.0.elapsed();
+            window.work += started.elapsed().saturating_sub(waited);
+            window.waited += waited;
+            let elapsed = window.started.elapsed();
             if elapsed >= Duration::from_secs(1) {
                 let idle = idle_cpu_ticks();
-                let idle_cores = match (window.3, idle) {
+                let idle_cores = match (window.idle_ticks, idle) {
                     (Some(then), Some(now)) => {
                         now.saturating_sub(then) as f64 / CLOCK_TICKS / elapsed.as_secs_f64()
                     }
                     // Unknown: assume the machine has nothing to spare.
                     _ => 0.0,
                 };
-                builder.observe(elapsed, window.1, window.2, idle_cores);
-                window = (Instant::now(), Duration::ZERO, Duration::ZERO, idle);
+                builder.observe(elapsed, window.work, window.waited, idle_cores);
+                window = LevelWindow::start(idle);
             }
             built
         });
         stats.add_frames(builder.stats);
         read.map(|_| ())
+    }
+}
+
+/// What the producer measures over one second of a pass, for the compression level.
+struct LevelWindow {
+    started: Instant,
+    /// Compressing and framing.
+    work: Duration,
+    /// Waiting for the data streams to take a frame.
+    waited: Duration,
+    /// The machine's idle CPU ticks when the window started.
+    idle_ticks: Option<u64>,
+}
+
+impl LevelWindow {
+    fn start(idle_ticks: Option<u64>) -> Self {
+        Self {
+            started: Instant::now(),
+            work: Duration::ZERO,
+            waited: Duration::ZERO,
+            idle_ticks,
+        }
     }
 }
 
