@@ -27,6 +27,7 @@ use crate::{
     },
     command::daemon,
     command::exit::{ExitCode, fail},
+    dr::export,
     dr::ops::{self, PointSelector},
     link::identity::{self, Fingerprint},
     link::net::Congestion,
@@ -66,6 +67,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Re-check a volume's stored points against their hashes.
     Verify(VerifyArgs),
+    /// Serve a point in time as a block device over NBD, at once and beside the receiver
+    /// (qemu, qemu-img, qemu-storage-daemon, nbd-client).
+    Export(ExportArgs),
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -291,6 +295,33 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+/// `blkmirror export`.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The volume (also the export's NBD name).
+    pub volume: String,
+    /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
+    #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    /// Where to serve: `127.0.0.1:PORT` (port 0 picks a free one) or `unix:PATH`. The NBD URI
+    /// is printed on standard output once clients can connect.
+    #[arg(long, value_name = "ADDR", value_parser = export::parse_listen)]
+    pub listen: export::ListenAddr,
+    /// Accept writes, into a copy-on-write overlay that is dropped when the export ends; the
+    /// replica and its points are never written.
+    #[arg(long)]
+    pub writable: bool,
+    /// Where the overlay of `--writable` is kept (an unlinked sparse file; default: the volume's
+    /// directory in the data directory).
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+    /// Allow a TCP address that is not loopback (NBD has no authentication).
+    #[arg(long)]
+    pub allow_remote: bool,
+    #[command(flatten)]
+    pub data: DataDirArg,
+}
+
 /// `blkmirror verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
@@ -428,6 +459,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 args.force,
                 args.json,
             ));
+        }
+        Command::Export(args) => {
+            return ops_result(export::export(&export::ExportOptions {
+                data_dir: args.data.data_dir,
+                volume: args.volume,
+                at: args.at,
+                listen: args.listen,
+                writable: args.writable,
+                overlay_dir: args.overlay_dir,
+                allow_remote: args.allow_remote,
+            }));
         }
         Command::Verify(args) => {
             return ops_result(ops::verify(

@@ -2,6 +2,8 @@
 //! atomic apply, points in time, the audit log, and the operator commands that read them.
 
 pub mod audit;
+pub mod export;
+pub mod nbd;
 pub mod ops;
 pub mod points;
 pub mod receiver;

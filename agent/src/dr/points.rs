@@ -107,6 +107,43 @@ enum Source {
     },
 }
 
+/// Where each chunk of one point is ([`PointStore::map_point`]).
+pub struct PointMap {
+    head: u64,
+    target: u64,
+    files: Vec<(Box<dyn StoredFile>, PathBuf)>,
+    sources: BTreeMap<u64, Source>,
+}
+
+impl PointMap {
+    /// The image's point this map reads through.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// The point it reads.
+    pub fn target(&self) -> u64 {
+        self.target
+    }
+}
+
+/// One chunk read through a [`PointMap`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MappedChunk {
+    /// An all-zero chunk of `len` bytes (nothing was read).
+    Zero {
+        /// The chunk's length.
+        len: usize,
+    },
+    /// `len` bytes were read; `intact` when they match the stored hash.
+    Data {
+        /// The chunk's length.
+        len: usize,
+        /// Whether the hash matched.
+        intact: bool,
+    },
+}
+
 /// One record's header.
 struct RecordHead {
     chunk: u64,
@@ -272,7 +309,8 @@ impl PointStore {
         })
     }
 
-    fn chunk_len(&self, chunk: u64) -> u64 {
+    /// The length of chunk `chunk` (the last one may be short).
+    pub fn chunk_len(&self, chunk: u64) -> u64 {
         self.chunk_bytes
             .min(self.size_bytes.saturating_sub(chunk * self.chunk_bytes))
     }
@@ -550,6 +588,117 @@ impl PointStore {
         Ok(plan)
     }
 
+    /// Where every chunk of point `target` is, with the image at point `head`: the deltas of
+    /// [`Self::plan`], opened (an open file stays readable after a later merge deletes it), and
+    /// for each chunk they hold, the record of the oldest one. Chunks in none of them are read
+    /// from the image.
+    pub fn map_point(&self, head: u64, target: u64) -> Result<PointMap, PointsError> {
+        let plan = self.plan(head, target)?;
+        let mut map = PointMap {
+            head,
+            target,
+            files: Vec::new(),
+            sources: BTreeMap::new(),
+        };
+        for delta in plan {
+            self.add_to_map(&mut map, delta, true)?;
+        }
+        Ok(map)
+    }
+
+    /// Adds `delta` to `map`. Its records win over the map's when `older` (a delta further back
+    /// in the plan); otherwise they fill only chunks the map reads from the image, which is
+    /// how a delta captured for a newer head (one the map's image is about to leave) joins it.
+    fn add_to_map(&self, map: &mut PointMap, delta: Delta, older: bool) -> Result<(), PointsError> {
+        let path = self.path(delta);
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(io_err("opening", &path))?;
+        let index = self.index(delta)?;
+        let delta_index = map.files.len();
+        map.files.push((file, path));
+        for (chunk, entry) in index {
+            let source = Source::Delta {
+                delta: delta_index,
+                offset: entry.offset,
+                len: entry.len,
+                zero: entry.zero,
+                hash: entry.hash,
+            };
+            if older {
+                map.sources.insert(chunk, source);
+            } else {
+                map.sources.entry(chunk).or_insert(source);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `map` to a new head `head`, one newer than its own, whose delta back to the map's
+    /// head is `delta` (`undo-HEAD-OLD`, captured before the image left the old head): the
+    /// chunks that cycle changes are then read from the delta, not the image.
+    pub fn advance_map(&self, map: &mut PointMap, delta: Delta) -> Result<(), PointsError> {
+        if delta.to != map.head || delta.from <= map.head {
+            return Err(PointsError::Unreachable(map.target));
+        }
+        self.add_to_map(map, delta, false)?;
+        map.head = delta.from;
+        Ok(())
+    }
+
+    /// Opens the chunk hashes of the image.
+    pub fn open_hashes(&self) -> Result<Box<dyn StoredFile>, PointsError> {
+        self.disk
+            .open(&self.hashes_path, OpenMode::Read)
+            .map_err(io_err("opening", &self.hashes_path))
+    }
+
+    /// Reads chunk `chunk` of the mapped point into `buffer` (at least a chunk long) and checks
+    /// it against its stored hash. An all-zero record is not read.
+    pub fn read_mapped_chunk(
+        &self,
+        map: &PointMap,
+        image: &dyn StoredFile,
+        hashes: &dyn StoredFile,
+        chunk: u64,
+        buffer: &mut [u8],
+    ) -> Result<MappedChunk, PointsError> {
+        let (len, expected) = match map.sources.get(&chunk) {
+            Some(Source::Delta { zero: true, .. }) => {
+                return Ok(MappedChunk::Zero {
+                    len: self.chunk_len(chunk) as usize,
+                });
+            }
+            Some(&Source::Delta {
+                delta,
+                offset: at,
+                len,
+                hash,
+                ..
+            }) => {
+                let (file, path) = &map.files[delta];
+                file.read_exact_at(&mut buffer[..len as usize], at)
+                    .map_err(io_err("reading", path))?;
+                (len as usize, hash)
+            }
+            None => {
+                let len = self.chunk_len(chunk) as usize;
+                image
+                    .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
+                    .map_err(io_err("reading the image for point", &self.hashes_path))?;
+                let mut expected = [0u8; 32];
+                read_full_at(hashes, &mut expected, chunk * HASH_BYTES)
+                    .map_err(io_err("reading", &self.hashes_path))?;
+                (len, expected)
+            }
+        };
+        Ok(MappedChunk::Data {
+            len,
+            intact: stored_hash(&buffer[..len]) == expected,
+        })
+    }
+
     /// Reads point `target` chunk by chunk, checking every chunk against its stored hash, and
     /// hands each one to `sink` in device order (`None` for an all-zero chunk). Stops at the
     /// first mismatch unless `keep_going`; returns the mismatching chunk offsets.
@@ -561,74 +710,28 @@ impl PointStore {
         keep_going: bool,
         mut sink: impl FnMut(u64, Option<&[u8]>) -> Result<(), PointsError>,
     ) -> Result<Vec<u64>, PointsError> {
-        let plan = self.plan(head, target)?;
-        let mut files = Vec::new();
-        let mut sources: BTreeMap<u64, Source> = BTreeMap::new();
-        for (delta_index, delta) in plan.iter().enumerate() {
-            let path = self.path(*delta);
-            let file = self
-                .disk
-                .open(&path, OpenMode::Read)
-                .map_err(io_err("opening", &path))?;
-            files.push((file, path));
-            // Applied newest first: a chunk in an older delta overrides a newer one.
-            for (chunk, entry) in self.index(*delta)? {
-                sources.insert(
-                    chunk,
-                    Source::Delta {
-                        delta: delta_index,
-                        offset: entry.offset,
-                        len: entry.len,
-                        zero: entry.zero,
-                        hash: entry.hash,
-                    },
-                );
-            }
-        }
-        let hashes = self
-            .disk
-            .open(&self.hashes_path, OpenMode::Read)
-            .map_err(io_err("opening", &self.hashes_path))?;
+        let map = self.map_point(head, target)?;
+        let hashes = self.open_hashes()?;
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
         let mut bad = Vec::new();
         for chunk in 0..self.chunks() {
             let offset = chunk * self.chunk_bytes;
-            let (data, expected): (&[u8], [u8; 32]) = match sources.get(&chunk) {
-                Some(Source::Delta { zero: true, .. }) => {
+            let len = match self.read_mapped_chunk(&map, image, &*hashes, chunk, &mut buffer)? {
+                MappedChunk::Zero { .. } => {
                     sink(offset, None)?;
                     continue;
                 }
-                Some(&Source::Delta {
-                    delta,
-                    offset: at,
-                    len,
-                    hash,
-                    ..
-                }) => {
-                    let (file, path) = &files[delta];
-                    let data = &mut buffer[..len as usize];
-                    file.read_exact_at(data, at)
-                        .map_err(io_err("reading", path))?;
-                    (data, hash)
-                }
-                None => {
-                    let len = self.chunk_len(chunk) as usize;
-                    let data = &mut buffer[..len];
-                    image
-                        .read_exact_at(data, offset)
-                        .map_err(io_err("reading the image for point", &self.hashes_path))?;
-                    let mut expected = [0u8; 32];
-                    read_full_at(&*hashes, &mut expected, chunk * HASH_BYTES)
-                        .map_err(io_err("reading", &self.hashes_path))?;
-                    (data, expected)
+                MappedChunk::Data { len, intact } => {
+                    if !intact {
+                        bad.push(offset);
+                        if !keep_going {
+                            return Ok(bad);
+                        }
+                    }
+                    len
                 }
             };
-            if stored_hash(data) != expected {
-                bad.push(offset);
-                if !keep_going {
-                    return Ok(bad);
-                }
-            }
+            let data = &buffer[..len];
             if data.iter().all(|&b| b == 0) {
                 sink(offset, None)?;
             } else {

@@ -114,6 +114,8 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn available_bytes(&self, path: &Path) -> io::Result<u64>;
     /// Takes the lock file `path` (created if missing), shared or exclusive; waits for it.
     fn lock(&self, path: &Path, shared: bool) -> io::Result<LockGuard>;
+    /// Whether some process holds a lock on the file `path` (which must exist); takes no lock.
+    fn is_locked(&self, path: &Path) -> io::Result<bool>;
 
     /// The whole content of `path`.
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
@@ -249,6 +251,11 @@ impl Storage for LocalDisk {
             .open(path)?;
         sys::lock(&file, shared)?;
         Ok(Box::new(file))
+    }
+
+    fn is_locked(&self, path: &Path) -> io::Result<bool> {
+        let file = fs::File::open(path)?;
+        Ok(!sys::try_lock_exclusive(&file)?)
     }
 }
 

@@ -99,7 +99,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
+    pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Self {
         let path = path.to_owned();
         move |source| {
             if source.raw_os_error() == Some(libc::ENOSPC) {
@@ -845,11 +845,14 @@ impl Volume {
     }
 
     /// Whether this commit keeps an undo delta (history on, and a point to lead back to).
-    fn captures(&self) -> bool {
+    /// Whether a commit keeps the old content as an undo delta: when retention keeps history,
+    /// or an export holds a point (it reads the point through the deltas).
+    fn captures(&self, pinned: &BTreeSet<u64>) -> bool {
         let keeps_history = !(self.retention.all.is_zero()
             && self.retention.hourly.is_zero()
             && self.retention.daily.is_zero()
-            && self.retention.locked.is_zero());
+            && self.retention.locked.is_zero())
+            || !pinned.is_empty();
         keeps_history && !self.meta.unsettled && !self.meta.points.is_empty()
     }
 
@@ -878,7 +881,8 @@ impl Volume {
     /// growth fit in the free space (the journal is on disk already). Returns the chunks the
     /// undo delta will hold, if this commit keeps one.
     fn check_commit_space(&self, cycle: &OpenCycle) -> Result<Option<ChunkRanges>, StoreError> {
-        let capture_set = if self.captures() {
+        // The pins read here only size the estimate; the commit reads them again under its lock.
+        let capture_set = if self.captures(&pinned_points(&self.disk, &self.dir)) {
             Some(self.capture_set(&cycle.touched)?)
         } else {
             None
@@ -1016,7 +1020,9 @@ impl Volume {
         // applied by then, so it must not be captured again). A policy that keeps only the
         // newest point would drop the delta right after the commit: it is skipped.
         let previous = self.meta.committed_seq;
-        if self.captures() && previous != seq {
+        // Read under the exclusive lock: an export pins its point under the shared one.
+        let pinned = pinned_points(&self.disk, &self.dir);
+        if self.captures(&pinned) && previous != seq {
             let delta = Delta {
                 from: seq,
                 to: previous,
@@ -1075,7 +1081,7 @@ impl Volume {
             meta.points.push(point.clone());
         }
         let ages: Vec<PointAge> = meta.points.iter().map(point_age).collect();
-        let keep = retention::select(&ages, (self.clock)(), &self.retention, &BTreeSet::new());
+        let keep = retention::select(&ages, (self.clock)(), &self.retention, &pinned);
         self.pruned = meta
             .points
             .iter()
@@ -1397,9 +1403,92 @@ fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError>
         .map_err(|error| corrupt(&error.to_string()))
 }
 
+/// The folder of a volume's pins: `pins/SEQ-TAG`, one file per holder (an export), each locked
+/// shared by the process that holds the point. Retention keeps a pinned point; the receiver
+/// reads the pins under the volume's exclusive lock, and a holder makes its pin under the
+/// shared one, so a pin never appears while the receiver prunes.
+pub const PINS_DIR: &str = "pins";
+
+/// The points pinned by live holders. A pin file whose holder is gone (no lock on it: the
+/// process died) is removed.
+fn pinned_points(disk: &Disk, dir: &Path) -> BTreeSet<u64> {
+    let pins = dir.join(PINS_DIR);
+    let mut pinned = BTreeSet::new();
+    if !disk.exists(&pins) {
+        return pinned;
+    }
+    let names = match disk.list(&pins) {
+        Ok(names) => names,
+        Err(error) => {
+            tracing::warn!(
+                target: "blkmirror receiver",
+                "listing the pins in {}: {error}; no point is held for an export this time",
+                pins.display()
+            );
+            return pinned;
+        }
+    };
+    for name in names {
+        let Some(seq) = name.split('-').next().and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let path = pins.join(&name);
+        match disk.is_locked(&path) {
+            Ok(true) => {
+                pinned.insert(seq);
+            }
+            Ok(false) => {
+                // Its holder died without removing it.
+                let _ = disk.remove_file(&path);
+            }
+            Err(error) => tracing::warn!(
+                target: "blkmirror receiver",
+                "checking the pin {}: {error}",
+                path.display()
+            ),
+        }
+    }
+    pinned
+}
+
+/// A point held against retention for as long as this value lives (`blkmirror export`).
+pub struct PointPin {
+    path: PathBuf,
+    disk: Disk,
+    _lock: LockGuard,
+}
+
+impl PointPin {
+    /// Pins point `seq` of the volume in `dir`. The caller holds the volume's lock (shared)
+    /// and has checked that the point is retained.
+    pub(crate) fn take(disk: &Disk, dir: &Path, seq: u64) -> Result<Self, StoreError> {
+        let pins = dir.join(PINS_DIR);
+        disk.create_dir_all(&pins)
+            .map_err(StoreError::io("creating", &pins))?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let path = pins.join(format!("{seq}-{}-{nanos}", std::process::id()));
+        let lock = disk
+            .lock(&path, true)
+            .map_err(StoreError::io("locking", &path))?;
+        Ok(Self {
+            path,
+            disk: disk.clone(),
+            _lock: lock,
+        })
+    }
+}
+
+impl Drop for PointPin {
+    fn drop(&mut self) {
+        let _ = self.disk.remove_file(&self.path);
+    }
+}
+
 /// Opens and locks `DIR/lock` (shared for readers of points, exclusive for the receiver while
 /// it changes the image or the deltas). The lock goes with the returned file.
-fn lock_volume(disk: &Disk, dir: &Path, shared: bool) -> Result<LockGuard, StoreError> {
+pub(crate) fn lock_volume(disk: &Disk, dir: &Path, shared: bool) -> Result<LockGuard, StoreError> {
     let path = dir.join("lock");
     disk.lock(&path, shared)
         .map_err(StoreError::io("locking", &path))

@@ -441,6 +441,11 @@ impl Storage for SimDisk {
         self.state().tick()?;
         Ok(Box::new(()))
     }
+
+    fn is_locked(&self, _: &Path) -> io::Result<bool> {
+        // No exports in the simulation: a pin file never outlives its (absent) holder.
+        Ok(false)
+    }
 }
 
 impl SimDisk {

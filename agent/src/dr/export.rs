@@ -1,0 +1,906 @@
+//! `blkmirror export`: any retained point served as a block device over NBD in seconds, beside
+//! a running receiver, with no restore first.
+//!
+//! # Reading a point while the receiver commits
+//!
+//! A [`PointView`] reads point `P` the way `restore` does: a chunk comes from the oldest undo
+//! delta on the way back from the image's point to `P` that holds it, else from the image, and
+//! every chunk is checked against its stored hash. Unlike `restore`, the view does not hold the
+//! volume's lock for its whole life (the receiver could not commit while a VM runs on the
+//! export). It takes the lock shared for each read only, and first checks whether the receiver
+//! has moved the image on:
+//!
+//! * `volume.json` is replaced (a new inode) by every commit. The view keeps the file it last
+//!   read open, so that inode cannot be reused: a different inode at the path means a commit,
+//!   and the view maps the point again from the new head.
+//! * A receiver killed in the middle of applying a cycle leaves `undo-(HEAD+1)-HEAD` written but
+//!   `volume.json` not yet replaced. The view then reads the chunks that delta holds from it,
+//!   not from the half-written image ([`PointStore::advance_map`]).
+//!
+//! A point's content never changes, so whatever a view has read stays right.
+//!
+//! # Pins
+//!
+//! Retention must not drop an exported point, and a volume whose policy keeps only the newest
+//! point would keep no deltas at all. The view pins its point ([`PointPin`]): the receiver keeps
+//! a pinned point and captures undo deltas while any pin exists. A pin is a file locked by the
+//! export's process, so one left by a killed export is removed by the next commit.
+//!
+//! # Writable exports
+//!
+//! `--writable` puts a copy-on-write overlay in front of the view ([`Overlay`]): a sparse file
+//! beside the volume, unlinked as soon as it is made (nothing is left behind, even after a
+//! SIGKILL). A chunk's first write copies the point's chunk into the overlay; reads of written
+//! chunks come from it. The replica and its points are never written.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{self, Read as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::{
+        fs::{FileExt, MetadataExt as _, OpenOptionsExt as _},
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::dr::{
+    audit::{AuditLog, Event},
+    nbd::{self, Backend},
+    ops::{OpsError, PointSelector, select},
+    points::{Delta, MappedChunk, PointMap, PointStore},
+    storage::{Disk, LocalDisk, OpenMode, StoredFile},
+    stored::StoredPoint,
+    volume::{PointPin, StoreError, Volume, lock_volume, parse_meta},
+};
+use blkmirror_protocol::{units, wire};
+
+/// Clients served at once; more wait in the listen queue.
+pub const MAX_CLIENTS: usize = 16;
+/// The handshake must finish within this (a client that connects and says nothing is dropped).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn store_err(error: impl Into<StoreError>) -> io::Error {
+    io::Error::other(error.into().to_string())
+}
+
+/// One retained point of a volume, readable while the receiver goes on committing.
+pub struct PointView {
+    volume: String,
+    point: StoredPoint,
+    size: u64,
+    chunk_bytes: u64,
+    dir: PathBuf,
+    disk: Disk,
+    _pin: PointPin,
+    state: Mutex<ViewState>,
+}
+
+struct ViewState {
+    /// The `volume.json` the map was built from, held open (see the module docs).
+    meta_file: File,
+    store: PointStore,
+    image: Box<dyn StoredFile>,
+    hashes: Box<dyn StoredFile>,
+    map: PointMap,
+    /// The last chunk read, in `buffer` (a point's content never changes).
+    cached: Option<u64>,
+    buffer: Vec<u8>,
+    /// Times the map was rebuilt or advanced after a commit.
+    remaps: u64,
+}
+
+impl PointView {
+    /// Opens the point `selector` names of volume `name` under `data_dir`, and pins it.
+    pub fn open(data_dir: &Path, name: &str, selector: &PointSelector) -> Result<Self, OpsError> {
+        if *selector == PointSelector::All {
+            return Err(OpsError::Usage("an export serves one point, not --at all".into()));
+        }
+        wire::check_volume_name(name).map_err(|error| OpsError::Usage(error.to_string()))?;
+        let disk = LocalDisk::shared();
+        let dir = Volume::dir_of(data_dir, name);
+        let meta_path = dir.join("volume.json");
+        if !meta_path.exists() {
+            return Err(OpsError::Usage(format!(
+                "no volume {name:?} in {}",
+                data_dir.display()
+            )));
+        }
+        let _lock = lock_volume(&disk, &dir, true)?;
+        let (meta_file, meta) = read_meta_file(&meta_path)?;
+        if meta.unsettled {
+            return Err(OpsError::Usage(format!(
+                "volume {name} is in the middle of an initial sync: it has no point to export yet"
+            )));
+        }
+        let point = select(&meta.points, selector)
+            .map_err(OpsError::Usage)?
+            .remove(0);
+        let pin = PointPin::take(&disk, &dir, point.seq)?;
+        let store = PointStore::open(&disk, &dir, meta.chunk_bytes, meta.size_bytes)
+            .map_err(StoreError::from)?;
+        let image_path = dir.join("image.raw");
+        let image = disk
+            .open(&image_path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &image_path))?;
+        let hashes = store.open_hashes().map_err(StoreError::from)?;
+        let map = store
+            .map_point(meta.committed_seq, point.seq)
+            .map_err(StoreError::from)?;
+        let state = ViewState {
+            meta_file,
+            store,
+            image,
+            hashes,
+            map,
+            cached: None,
+            buffer: vec![0; meta.chunk_bytes as usize],
+            remaps: 0,
+        };
+        let view = Self {
+            volume: name.to_owned(),
+            point,
+            size: meta.size_bytes,
+            chunk_bytes: meta.chunk_bytes,
+            dir,
+            disk,
+            _pin: pin,
+            state: Mutex::new(state),
+        };
+        // A receiver killed while applying a cycle: read around its half-written image.
+        view.follow_receiver(&mut view.state.lock().expect("not poisoned"))
+            .map_err(|error| OpsError::Store(StoreError::Sequence(error.to_string())))?;
+        Ok(view)
+    }
+
+    /// The point served.
+    pub fn point(&self) -> &StoredPoint {
+        &self.point
+    }
+
+    /// The volume's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The volume's chunk size.
+    pub fn chunk_bytes(&self) -> u64 {
+        self.chunk_bytes
+    }
+
+    /// How many times the view followed a commit of the receiver.
+    pub fn remaps(&self) -> u64 {
+        self.state.lock().expect("not poisoned").remaps
+    }
+
+    /// Brings the map up to the receiver's current head (see the module docs). Called with the
+    /// volume's lock held shared.
+    fn follow_receiver(&self, state: &mut ViewState) -> io::Result<()> {
+        let meta_path = self.dir.join("volume.json");
+        let current = fs::metadata(&meta_path)?.ino();
+        if current != state.meta_file.metadata()?.ino() {
+            let (meta_file, meta) = read_meta_file(&meta_path).map_err(store_err)?;
+            if meta.unsettled || !meta.points.iter().any(|p| p.seq == self.point.seq) {
+                return Err(io::Error::other(format!(
+                    "point {} of volume {} is no longer retained (a receiver without support \
+                     for pins, or a re-sync of the volume)",
+                    self.point.seq, self.volume
+                )));
+            }
+            state.map = state
+                .store
+                .map_point(meta.committed_seq, self.point.seq)
+                .map_err(store_err)?;
+            state.meta_file = meta_file;
+            state.remaps += 1;
+        }
+        let pending = Delta {
+            from: state.map.head() + 1,
+            to: state.map.head(),
+        };
+        if state.store.has_delta(pending) {
+            state
+                .store
+                .advance_map(&mut state.map, pending)
+                .map_err(store_err)?;
+            state.remaps += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes of the point at `offset`, checking every chunk it touches.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .filter(|end| *end <= self.size)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let _lock = self.disk.lock(&self.dir.join("lock"), true)?;
+        let mut guard = self.state.lock().expect("not poisoned");
+        let state = &mut *guard;
+        self.follow_receiver(state)?;
+        let mut at = offset;
+        while at < end {
+            let chunk = at / self.chunk_bytes;
+            let chunk_start = chunk * self.chunk_bytes;
+            let len = state.store.chunk_len(chunk) as usize;
+            if state.cached != Some(chunk) {
+                state.cached = None;
+                match state
+                    .store
+                    .read_mapped_chunk(
+                        &state.map,
+                        &*state.image,
+                        &*state.hashes,
+                        chunk,
+                        &mut state.buffer,
+                    )
+                    .map_err(store_err)?
+                {
+                    MappedChunk::Zero { .. } => state.buffer[..len].fill(0),
+                    MappedChunk::Data { intact: true, .. } => {}
+                    MappedChunk::Data { intact: false, .. } => {
+                        return Err(io::Error::other(format!(
+                            "point {} of volume {} is corrupt at byte offset {chunk_start}: the \
+                             chunk does not match its stored hash",
+                            self.point.seq, self.volume
+                        )));
+                    }
+                }
+                state.cached = Some(chunk);
+            }
+            let from = (at - chunk_start) as usize;
+            let take = (len - from).min((end - at) as usize);
+            let out = (at - offset) as usize;
+            buf[out..out + take].copy_from_slice(&state.buffer[from..from + take]);
+            at += take as u64;
+        }
+        Ok(())
+    }
+}
+
+/// The operator: the login name behind `sudo`, else the user id.
+fn current_user() -> String {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    match std::env::var("SUDO_USER") {
+        Ok(name) if !name.is_empty() => format!("{name} (uid {uid} via sudo)"),
+        _ => format!("uid {uid}"),
+    }
+}
+
+fn read_meta_file(path: &Path) -> Result<(File, crate::dr::volume::VolumeMeta), StoreError> {
+    let mut file = File::open(path).map_err(StoreError::io("opening", path))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)
+        .map_err(StoreError::io("reading", path))?;
+    let meta = parse_meta(&text).map_err(|message| StoreError::Meta {
+        path: path.to_owned(),
+        message,
+    })?;
+    Ok((file, meta))
+}
+
+/// A copy-on-write overlay in front of a [`PointView`]: writes land in a sparse, unlinked file
+/// at chunk granularity; the view is never written.
+pub struct Overlay {
+    file: File,
+    /// One bit per chunk: copied into the overlay.
+    present: Mutex<Vec<u64>>,
+    chunk_bytes: u64,
+}
+
+impl Overlay {
+    /// Makes the overlay file in `dir` (and unlinks it at once).
+    pub fn create(dir: &Path, size: u64, chunk_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(format!(".overlay-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        fs::remove_file(&path)?;
+        file.set_len(size)?;
+        let chunks = size.div_ceil(chunk_bytes);
+        Ok(Self {
+            file,
+            present: Mutex::new(vec![0; chunks.div_ceil(64) as usize]),
+            chunk_bytes,
+        })
+    }
+
+    fn has(present: &[u64], chunk: u64) -> bool {
+        present[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+    }
+
+    /// Bytes of the overlay's chunks (what the writes cost in space).
+    pub fn bytes(&self) -> u64 {
+        let present = self.present.lock().expect("not poisoned");
+        present.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * self.chunk_bytes
+    }
+}
+
+/// What an export serves: a view, with an overlay when writable.
+pub struct ExportDisk {
+    view: PointView,
+    overlay: Option<Overlay>,
+}
+
+impl ExportDisk {
+    /// A read-only export of `view`, or a writable one over `overlay`.
+    pub fn new(view: PointView, overlay: Option<Overlay>) -> Self {
+        Self { view, overlay }
+    }
+
+    /// The view.
+    pub fn view(&self) -> &PointView {
+        &self.view
+    }
+
+    /// The overlay, when writable.
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+}
+
+impl Backend for ExportDisk {
+    fn size(&self) -> u64 {
+        self.view.size
+    }
+
+    fn writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    fn preferred_block(&self) -> u32 {
+        self.view.chunk_bytes as u32
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let Some(overlay) = &self.overlay else {
+            return self.view.read_at(buf, offset);
+        };
+        let chunk_bytes = overlay.chunk_bytes;
+        let present = overlay.present.lock().expect("not poisoned");
+        let end = offset + buf.len() as u64;
+        let mut at = offset;
+        // Runs of chunks from the same side, one read each.
+        while at < end {
+            let chunk = at / chunk_bytes;
+            let in_overlay = Overlay::has(&present, chunk);
+            let mut run_end = ((chunk + 1) * chunk_bytes).min(end);
+            while run_end < end && Overlay::has(&present, run_end / chunk_bytes) == in_overlay {
+                run_end = ((run_end / chunk_bytes + 1) * chunk_bytes).min(end);
+            }
+            let out = &mut buf[(at - offset) as usize..(run_end - offset) as usize];
+            if in_overlay {
+                FileExt::read_exact_at(&overlay.file, out, at)?;
+            } else {
+                self.view.read_at(out, at)?;
+            }
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let overlay = self
+            .overlay
+            .as_ref()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::PermissionDenied))?;
+        let chunk_bytes = overlay.chunk_bytes;
+        let mut present = overlay.present.lock().expect("not poisoned");
+        let end = offset + data.len() as u64;
+        let mut copy = vec![0u8; chunk_bytes as usize];
+        for chunk in offset / chunk_bytes..end.div_ceil(chunk_bytes) {
+            if Overlay::has(&present, chunk) {
+                continue;
+            }
+            let start = chunk * chunk_bytes;
+            let len = chunk_bytes.min(self.view.size - start) as usize;
+            // A chunk the write covers whole needs no copy of the point's.
+            if !(offset <= start && start + len as u64 <= end) {
+                self.view.read_at(&mut copy[..len], start)?;
+                FileExt::write_all_at(&overlay.file, &copy[..len], start)?;
+            }
+            present[(chunk / 64) as usize] |= 1 << (chunk % 64);
+        }
+        FileExt::write_all_at(&overlay.file, data, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        match &self.overlay {
+            Some(overlay) => overlay.file.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where an export listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket path.
+    Unix(PathBuf),
+}
+
+/// Parses `--listen`: `HOST:PORT` (an IP address), or `unix:PATH` / an absolute path.
+pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+    }
+    if text.starts_with('/') {
+        return Ok(ListenAddr::Unix(PathBuf::from(text)));
+    }
+    text.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        format!(
+            "{text:?}: expected IP:PORT (such as 127.0.0.1:10809) or unix:PATH for a Unix socket"
+        )
+    })
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, path) = self {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// A client's stream, either kind.
+enum Client {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl io::Read for Client {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(stream) => stream.read(buf),
+            Self::Unix(stream) => stream.read(buf),
+        }
+    }
+}
+
+impl io::Write for Client {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(stream) => io::Write::write(stream, buf),
+            Self::Unix(stream) => io::Write::write(stream, buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Client {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(stream) => stream.set_read_timeout(timeout),
+            Self::Unix(stream) => stream.set_read_timeout(timeout),
+        }
+    }
+}
+
+/// The options of `blkmirror export`.
+#[derive(Clone, Debug)]
+pub struct ExportOptions {
+    /// The receiver's data directory.
+    pub data_dir: PathBuf,
+    /// The volume (also the export's name).
+    pub volume: String,
+    /// The point.
+    pub at: PointSelector,
+    /// Where to listen.
+    pub listen: ListenAddr,
+    /// A copy-on-write overlay in front.
+    pub writable: bool,
+    /// Where the overlay file goes (default: the volume's directory).
+    pub overlay_dir: Option<PathBuf>,
+    /// Allow a TCP address other than loopback.
+    pub allow_remote: bool,
+}
+
+/// `blkmirror export`: serves until the process is stopped. Prints the export's NBD URI on
+/// standard output as its first line, once clients can connect.
+pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
+    if let ListenAddr::Tcp(addr) = &options.listen
+        && !addr.ip().is_loopback()
+        && !options.allow_remote
+    {
+        return Err(OpsError::Usage(format!(
+            "{addr} is not a loopback address: NBD has no authentication, so anyone who can \
+             reach it could read the volume; use a Unix socket, 127.0.0.1 with an SSH tunnel, \
+             or --allow-remote on a trusted network"
+        )));
+    }
+    let started = Instant::now();
+    let view = PointView::open(&options.data_dir, &options.volume, &options.at)?;
+    let overlay = if options.writable {
+        let dir = options
+            .overlay_dir
+            .clone()
+            .unwrap_or_else(|| Volume::dir_of(&options.data_dir, &options.volume));
+        Some(
+            Overlay::create(&dir, view.size(), view.chunk_bytes()).map_err(|source| {
+                OpsError::Target {
+                    what: "creating the overlay in",
+                    path: dir.clone(),
+                    source,
+                }
+            })?,
+        )
+    } else {
+        None
+    };
+    let point = view.point().clone();
+    let disk = Arc::new(ExportDisk::new(view, overlay));
+    let (listener, uri) = bind(&options.listen, &options.volume)?;
+    let audit = AuditLog::in_dir(&options.data_dir);
+    let record = audit.append(Event {
+        event: "export",
+        volume: Some(options.volume.clone()),
+        outcome: "ok".into(),
+        detail: serde_json::json!({
+            "seq": point.seq,
+            "point_time_unix_ms": point.time_unix_ms,
+            "writable": options.writable,
+            "listen": uri,
+            "user": current_user(),
+        }),
+        ..Default::default()
+    });
+    if let Err(error) = record {
+        eprintln!("blkmirror: warning: audit log: {error}");
+    }
+    eprintln!(
+        "blkmirror: exporting volume {} point {} ({}, {}) {} at {uri}, ready in {} ms",
+        options.volume,
+        point.seq,
+        units::format_utc(point.time_unix_ms),
+        if point.consistent {
+            "consistent"
+        } else {
+            "fuzzy"
+        },
+        if options.writable {
+            "writable (copy-on-write: the replica is not written)"
+        } else {
+            "read-only"
+        },
+        started.elapsed().as_millis()
+    );
+    println!("{uri}");
+    let _ = io::Write::flush(&mut io::stdout());
+    let clients = Arc::new(AtomicUsize::new(0));
+    loop {
+        let client = match &listener {
+            Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| {
+                let _ = stream.set_nodelay(true);
+                (Client::Tcp(stream), peer.to_string())
+            }),
+            Listener::Unix(listener, _) => listener
+                .accept()
+                .map(|(stream, _)| (Client::Unix(stream), "unix socket".to_owned())),
+        };
+        let (mut client, peer) = match client {
+            Ok(client) => client,
+            Err(error) => {
+                eprintln!("blkmirror: export: accept: {error}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if clients.load(Ordering::SeqCst) >= MAX_CLIENTS {
+            eprintln!("blkmirror: export: {peer} refused: {MAX_CLIENTS} clients already");
+            continue;
+        }
+        clients.fetch_add(1, Ordering::SeqCst);
+        let (disk, clients, name) = (disk.clone(), clients.clone(), options.volume.clone());
+        std::thread::spawn(move || {
+            let _ = client.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+            let result = serve_client(&mut client, &name, &disk);
+            match result {
+                Ok(stats) if stats.attached => eprintln!(
+                    "blkmirror: export: {peer} disconnected: {} read in {} request(s), {} \
+                     written, {} error(s)",
+                    units::format_size(stats.read_bytes),
+                    stats.reads,
+                    units::format_size(stats.written_bytes),
+                    stats.errors
+                ),
+                Ok(_) => {}
+                Err(error) => eprintln!("blkmirror: export: {peer}: {error}"),
+            }
+            clients.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// One client: the handshake under a timeout, then requests for as long as it likes (a VM's
+/// disk may be idle for hours).
+fn serve_client(
+    client: &mut Client,
+    name: &str,
+    disk: &ExportDisk,
+) -> Result<nbd::SessionStats, nbd::NbdError> {
+    let mut stats = nbd::SessionStats::default();
+    if !nbd::handshake(client, name, disk)? {
+        return Ok(stats);
+    }
+    client.set_read_timeout(None)?;
+    stats.attached = true;
+    nbd::transmit(client, disk, &mut stats)?;
+    Ok(stats)
+}
+
+fn bind(listen: &ListenAddr, volume: &str) -> Result<(Listener, String), OpsError> {
+    match listen {
+        ListenAddr::Tcp(addr) => {
+            let listener = TcpListener::bind(addr).map_err(|source| OpsError::Target {
+                what: "listening on",
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+            let local = listener.local_addr().map_err(|source| OpsError::Target {
+                what: "listening on",
+                path: PathBuf::from(addr.to_string()),
+                source,
+            })?;
+            let host = match local {
+                SocketAddr::V4(v4) => v4.ip().to_string(),
+                SocketAddr::V6(v6) => format!("[{}]", v6.ip()),
+            };
+            Ok((
+                Listener::Tcp(listener),
+                format!("nbd://{host}:{}/{volume}", local.port()),
+            ))
+        }
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                // A socket left by an export that was killed: nobody answers on it.
+                if UnixStream::connect(path).is_ok() {
+                    return Err(OpsError::Usage(format!(
+                        "{} is in use by another export",
+                        path.display()
+                    )));
+                }
+                let _ = fs::remove_file(path);
+            }
+            let listener = UnixListener::bind(path).map_err(|source| OpsError::Target {
+                what: "listening on",
+                path: path.clone(),
+                source,
+            })?;
+            Ok((
+                Listener::Unix(listener, path.clone()),
+                format!("nbd+unix:///{volume}?socket={}", path.display()),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TempDir;
+    use blkmirror_protocol::{
+        retention::RetentionPolicy,
+        wire::{CheckedData, Hello, PROTOCOL_VERSION, PointInfo},
+    };
+
+    const CHUNK: u64 = 65536;
+    const SIZE: u64 = 16 * CHUNK;
+
+    fn volume(data: &Path) -> Volume {
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "v".into(),
+            source_id: "test:source".into(),
+            size_bytes: SIZE,
+            chunk_bytes: CHUNK,
+        };
+        Volume::open_or_create(data, &hello).unwrap().0
+    }
+
+    /// Commits the next cycle: each write fills `len` bytes at `offset` with `byte`.
+    fn commit(volume: &mut Volume, writes: &[(u64, usize, u8)]) -> u64 {
+        let seq = volume.meta().committed_seq + 1;
+        volume.begin(seq, 0, false, 0).unwrap();
+        for &(offset, len, byte) in writes {
+            volume
+                .journal(CheckedData::Write {
+                    offset,
+                    data: vec![byte; len],
+                })
+                .unwrap();
+        }
+        volume
+            .commit(PointInfo {
+                seq,
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        seq
+    }
+
+    fn read(view: &PointView, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0xEE; len];
+        view.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
+    fn a_view_keeps_its_point_while_the_receiver_commits_and_pins_it_against_retention() {
+        let tmp = TempDir::new("export-view");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        // Only the newest point is kept, so without the pin no delta would be captured at all.
+        volume.set_retention(RetentionPolicy {
+            all: Duration::ZERO,
+            hourly: Duration::ZERO,
+            daily: Duration::ZERO,
+            locked: Duration::ZERO,
+        });
+        let first = commit(&mut volume, &[(0, 4096, 1), (3 * CHUNK, 100, 3)]);
+        let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
+        assert_eq!(view.point().seq, first);
+        assert_eq!(read(&view, 0, 4096), vec![1; 4096]);
+        // Two more cycles rewrite what the point holds, with the view open.
+        commit(&mut volume, &[(0, 8192, 2), (5 * CHUNK, 10, 5)]);
+        commit(&mut volume, &[(100, 50, 9), (3 * CHUNK, CHUNK as usize, 7)]);
+        assert_eq!(read(&view, 0, 4096), vec![1; 4096]);
+        let across = read(&view, 3 * CHUNK - 10, 120);
+        assert_eq!(&across[..10], &[0; 10]);
+        assert_eq!(&across[10..110], &[3; 100]);
+        assert_eq!(&across[110..], &[0; 10]);
+        assert_eq!(read(&view, 5 * CHUNK, 10), vec![0; 10]);
+        assert!(view.remaps() >= 1);
+        // The pinned point is retained beside the newest.
+        let seqs: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, vec![first, first + 2]);
+        // Reads past the end are refused.
+        let mut buf = [0u8; 2];
+        assert!(view.read_at(&mut buf, SIZE - 1).is_err());
+        drop(view);
+        assert!(fs::read_dir(Volume::dir_of(&data, "v").join("pins")).unwrap().next().is_none());
+        commit(&mut volume, &[(0, 1, 4)]);
+        let seqs: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, vec![first + 3], "the unpinned point is pruned");
+    }
+
+    #[test]
+    fn a_pin_left_by_a_dead_export_is_removed_and_does_not_hold_its_point() {
+        let tmp = TempDir::new("export-stale-pin");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        volume.set_retention(RetentionPolicy {
+            all: Duration::ZERO,
+            hourly: Duration::ZERO,
+            daily: Duration::ZERO,
+            locked: Duration::ZERO,
+        });
+        let first = commit(&mut volume, &[(0, 10, 1)]);
+        let pins = Volume::dir_of(&data, "v").join("pins");
+        fs::create_dir_all(&pins).unwrap();
+        let stale = pins.join(format!("{first}-999999-1"));
+        File::create(&stale).unwrap();
+        commit(&mut volume, &[(0, 10, 2)]);
+        assert!(!stale.exists());
+        assert_eq!(volume.meta().points.len(), 1);
+    }
+
+    #[test]
+    fn a_view_reads_around_a_cycle_the_receiver_died_applying() {
+        let tmp = TempDir::new("export-half-applied");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        let first = commit(&mut volume, &[(0, 4096, 1)]);
+        let view = PointView::open(&data, "v", &PointSelector::Seq(first)).unwrap();
+        drop(volume);
+        // What a receiver killed in the middle of applying cycle 2 leaves: its undo delta, and
+        // chunk 0 of the image (and its hash) already rewritten; volume.json still at cycle 1.
+        let dir = Volume::dir_of(&data, "v");
+        let disk = LocalDisk::shared();
+        let store = PointStore::open(&disk, &dir, CHUNK, SIZE).unwrap();
+        let image = disk.open(&dir.join("image.raw"), OpenMode::ReadWrite).unwrap();
+        store
+            .capture(&*image, Delta { from: first + 1, to: first }, [0])
+            .unwrap();
+        image.write_all_at(&[8; 4096], 0).unwrap();
+        store
+            .update_hashes(&*image, &Default::default(), [0])
+            .unwrap();
+        assert_eq!(read(&view, 0, 4096), vec![1; 4096]);
+    }
+
+    #[test]
+    fn a_writable_export_keeps_its_writes_in_the_overlay_and_never_writes_the_replica() {
+        let tmp = TempDir::new("export-overlay");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        commit(&mut volume, &[(0, CHUNK as usize * 2, 1)]);
+        let image_path = volume.image_path();
+        let before = fs::read(&image_path).unwrap();
+        let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
+        let overlay = Overlay::create(&tmp.0.join("overlay"), SIZE, CHUNK).unwrap();
+        let disk = ExportDisk::new(view, Some(overlay));
+        assert!(disk.writable());
+        // A partial write into chunk 1 keeps the rest of the chunk's content.
+        disk.write_at(&[7; 100], CHUNK + 10).unwrap();
+        // A write covering chunk 4 whole.
+        disk.write_at(&vec![6; CHUNK as usize], 4 * CHUNK).unwrap();
+        disk.flush().unwrap();
+        let mut buf = vec![0u8; 5 * CHUNK as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert!(buf[..CHUNK as usize + 10].iter().all(|&b| b == 1));
+        assert!(buf[CHUNK as usize + 10..CHUNK as usize + 110].iter().all(|&b| b == 7));
+        assert!(buf[CHUNK as usize + 110..2 * CHUNK as usize].iter().all(|&b| b == 1));
+        assert!(buf[2 * CHUNK as usize..4 * CHUNK as usize].iter().all(|&b| b == 0));
+        assert!(buf[4 * CHUNK as usize..].iter().all(|&b| b == 6));
+        assert_eq!(disk.overlay().unwrap().bytes(), 2 * CHUNK);
+        // The overlay file is unlinked; the replica and the point are as they were.
+        assert!(fs::read_dir(tmp.0.join("overlay")).unwrap().next().is_none());
+        assert_eq!(fs::read(&image_path).unwrap(), before);
+        let mut point = vec![0u8; 100];
+        disk.view().read_at(&mut point, CHUNK + 10).unwrap();
+        assert_eq!(point, vec![1; 100]);
+        // A read-only export refuses writes.
+        let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
+        let read_only = ExportDisk::new(view, None);
+        assert!(read_only.write_at(&[1], 0).is_err());
+    }
+
+    #[test]
+    fn export_refuses_what_it_cannot_serve() {
+        let tmp = TempDir::new("export-refusals");
+        let data = tmp.0.join("data");
+        assert!(matches!(
+            PointView::open(&data, "v", &PointSelector::Latest),
+            Err(OpsError::Usage(m)) if m.contains("no volume")
+        ));
+        let mut volume = volume(&data);
+        assert!(matches!(
+            PointView::open(&data, "v", &PointSelector::Latest),
+            Err(OpsError::Usage(m)) if m.contains("no retained point")
+        ));
+        commit(&mut volume, &[(0, 1, 1)]);
+        assert!(matches!(
+            PointView::open(&data, "v", &PointSelector::Seq(99)),
+            Err(OpsError::Usage(m)) if m.contains("99")
+        ));
+        assert!(matches!(
+            PointView::open(&data, "../v", &PointSelector::Latest),
+            Err(OpsError::Usage(_))
+        ));
+        assert_eq!(
+            parse_listen("unix:/run/x.sock"),
+            Ok(ListenAddr::Unix("/run/x.sock".into()))
+        );
+        assert!(parse_listen("localhost:99").is_err());
+        let remote = export(&ExportOptions {
+            data_dir: data.clone(),
+            volume: "v".into(),
+            at: PointSelector::Latest,
+            listen: parse_listen("192.0.2.1:10809").unwrap(),
+            writable: false,
+            overlay_dir: None,
+            allow_remote: false,
+        });
+        assert!(matches!(remote, Err(OpsError::Usage(m)) if m.contains("loopback")));
+    }
+}
