@@ -1,0 +1,386 @@
+//! Recovery at the DR site, as root: `blkmirror export` serves points of a real ext4 volume,
+//! replicated by the real agent and receiver, over NBD to the real qemu tools (`qemu-img`,
+//! `qemu-io`, `qemu-storage-daemon`), while replication goes on.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use blkmirror_tests::{
+    LoopDevice, Mount, blkmirror,
+    mirror::{ChildGuard, Site, digest, last_point},
+    parse_lines, require_root, sh,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// A running `blkmirror export`; killed on drop.
+struct Export {
+    _child: ChildGuard,
+    uri: String,
+    /// From the spawn to the URI on standard output (the export accepts clients then).
+    ready: Duration,
+    log: PathBuf,
+}
+
+impl Export {
+    fn start(data: &str, volume: &str, at: &str, extra: &[&str], log: PathBuf) -> Self {
+        let started = Instant::now();
+        let mut child = ChildGuard(
+            blkmirror()
+                .args([
+                    "export",
+                    volume,
+                    "--at",
+                    at,
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--data-dir",
+                    data,
+                ])
+                .args(extra)
+                .stdout(Stdio::piped())
+                .stderr(fs::File::create(&log).expect("export log"))
+                .spawn()
+                .expect("blkmirror export"),
+        );
+        let stdout = child.0.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let uri = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        assert!(
+            uri.starts_with("nbd://"),
+            "no URI from the export: {}",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        Self {
+            ready: started.elapsed(),
+            _child: child,
+            uri,
+            log,
+        }
+    }
+
+    fn port(&self) -> String {
+        let rest = self.uri.trim_start_matches("nbd://127.0.0.1:");
+        rest.split('/').next().expect("port").to_owned()
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// `qemu-img compare` of the export and a file: true when their contents are identical.
+fn same_as(export: &Export, file: &Path) -> bool {
+    let output = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &export.uri])
+        .arg(file)
+        .output()
+        .expect("qemu-img");
+    match output.status.code() {
+        Some(0) => true,
+        Some(1) => false,
+        _ => panic!(
+            "qemu-img compare failed: {}\nexport: {}",
+            String::from_utf8_lossy(&output.stderr),
+            export.log()
+        ),
+    }
+}
+
+/// `qemu-io` commands against the export (`-c` each); panics on failure.
+fn qemu_io(export: &Export, commands: &[&str]) -> String {
+    let mut command = Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let output = command.arg(&export.uri).output().expect("qemu-io");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success() && !stdout.contains("failed"),
+        "qemu-io {commands:?}: {stdout}{}\nexport: {}",
+        String::from_utf8_lossy(&output.stderr),
+        export.log()
+    );
+    stdout
+}
+
+/// The export as a regular file through FUSE (`qemu-storage-daemon` with the NBD client and a
+/// FUSE export: the machine has no NBD kernel module); unmounted and stopped on drop.
+struct FuseFile {
+    daemon: ChildGuard,
+    path: PathBuf,
+}
+
+impl FuseFile {
+    fn mount(export: &Export, volume: &str, path: PathBuf) -> Self {
+        fs::write(&path, b"").expect("FUSE mount point");
+        let daemon = ChildGuard(
+            Command::new("qemu-storage-daemon")
+                .arg("--blockdev")
+                .arg(format!(
+                    "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},\
+                     export={volume},node-name=point,read-only=on",
+                    export.port()
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=fuse,id=file,node-name=point,mountpoint={},writable=off",
+                    path.display()
+                ))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("qemu-storage-daemon"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::metadata(&path).map(|m| m.len()).unwrap_or(0) == 0 {
+            assert!(Instant::now() < deadline, "the FUSE export never appeared");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { daemon, path }
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        // SIGTERM lets the daemon unmount; a lazy unmount catches one that did not.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.daemon.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.daemon.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// A read-only loop device over a file; detached on drop.
+struct ReadOnlyLoop(PathBuf);
+
+impl ReadOnlyLoop {
+    fn attach(file: &Path) -> Self {
+        Self(PathBuf::from(
+            sh(
+                "losetup",
+                &["-r", "-f", "--show", file.to_str().expect("utf-8")],
+            )
+            .trim(),
+        ))
+    }
+}
+
+impl Drop for ReadOnlyLoop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).output();
+    }
+}
+
+/// A read-only mount; unmounted on drop.
+struct ReadOnlyMount(PathBuf);
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).output();
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+fn body(round: u64, file: u64) -> Vec<u8> {
+    (0..(8192 + file * 4096 + round * 777))
+        .map(|i| (i * (round + 3) + file) as u8)
+        .collect()
+}
+
+fn write_round(mount: &Path, round: u64) {
+    let dir = mount.join(format!("round-{round}"));
+    fs::create_dir_all(&dir).expect("dir");
+    for file in 0..20 {
+        fs::write(dir.join(format!("f{file}")), body(round, file)).expect("write");
+    }
+    if round > 0 {
+        fs::remove_dir_all(mount.join(format!("round-{}", round - 1))).expect("rm");
+    }
+}
+
+fn pins(data: &str, volume: &str) -> usize {
+    fs::read_dir(Path::new(data).join(volume).join("pins"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication_goes_on() {
+    require_root();
+    // Only the newest point is kept: an exported point survives only by its pin, and the
+    // receiver keeps undo deltas only because of it.
+    let site = Site::with_receiver_args(
+        "fs",
+        &["--keep-all", "0s", "--keep-hourly", "0s", "--keep-daily", "0s"],
+    );
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let agent = site.setup(&dev.path, "fs");
+    write_round(&mount.target, 0);
+    let a = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let restored_a = site.scratch.path.join("restored-a.img");
+    let restore_started = Instant::now();
+    run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        &format!("seq:{a}"),
+        "--to",
+        restored_a.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    let restore_took = restore_started.elapsed();
+
+    // The export of point A is ready in seconds, and is byte for byte its restore.
+    let export = Export::start(
+        &data,
+        "fs",
+        &format!("seq:{a}"),
+        &[],
+        site.scratch.path.join("export-a.log"),
+    );
+    eprintln!(
+        "export ready in {:?}; the full restore of the same point took {restore_took:?}",
+        export.ready
+    );
+    assert!(
+        export.ready < Duration::from_secs(10),
+        "export took {:?}",
+        export.ready
+    );
+    assert_eq!(pins(&data, "fs"), 1, "the export pins its point");
+    assert!(same_as(&export, &restored_a), "the export differs from the restore");
+
+    // Two more cycles commit with the export open; each would prune point A without its pin.
+    for round in 1..3 {
+        write_round(&mount.target, round);
+        agent.once_ok(&[]);
+    }
+    let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
+    let seqs: Vec<u64> = listed.iter().map(|p| p["seq"].as_u64().expect("seq")).collect();
+    assert_eq!(seqs.len(), 2, "the exported point and the newest: {listed:?}");
+    assert_eq!(seqs[0], a, "{listed:?}");
+    assert!(
+        same_as(&export, &restored_a),
+        "the exported point changed while the receiver committed: {}",
+        export.log()
+    );
+
+    // A mount through FUSE and a read-only loop device shows point A's files.
+    let fuse = FuseFile::mount(&export, "fs", site.scratch.path.join("point-a.raw"));
+    let loop_device = ReadOnlyLoop::attach(&fuse.path);
+    let target = site.scratch.path.join("point-a-mnt");
+    fs::create_dir_all(&target).expect("mount point");
+    sh(
+        "mount",
+        &[
+            "-o",
+            "ro,noload",
+            loop_device.0.to_str().expect("utf-8"),
+            target.to_str().expect("utf-8"),
+        ],
+    );
+    let mounted = ReadOnlyMount(target.clone());
+    for file in [0, 7, 19] {
+        assert_eq!(
+            fs::read(target.join(format!("round-0/f{file}"))).expect("a file of point A"),
+            body(0, file)
+        );
+    }
+    assert!(!target.join("round-2").exists(), "point A has no later files");
+    drop(mounted);
+    drop(loop_device);
+    drop(fuse);
+
+    // A killed export leaves its pin; the next commit removes it, and point A goes.
+    let export_log = export.log();
+    drop(export);
+    assert_eq!(pins(&data, "fs"), 1, "the killed export's pin is still there");
+    write_round(&mount.target, 3);
+    let newest = last_point(&agent.once_ok(&[]))["seq"].as_u64().expect("seq");
+    assert_eq!(pins(&data, "fs"), 0, "a dead export's pin is removed at the next commit");
+    let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        export_log.contains("disconnected"),
+        "the export logs its clients: {export_log}"
+    );
+
+    // A writable export of the newest point takes writes into its overlay; the replica and
+    // the point are untouched, and a commit goes on beside it.
+    let replica = site.receiver.image("fs");
+    let replica_before = digest(&replica);
+    let writable = Export::start(
+        &data,
+        "fs",
+        "latest",
+        &["--writable"],
+        site.scratch.path.join("export-writable.log"),
+    );
+    let out = qemu_io(
+        &writable,
+        &[
+            "write -P 0x5a 1M 3M",
+            "read -P 0x5a 1M 3M",
+            "write -P 0x33 100k 8k",
+            "flush",
+        ],
+    );
+    assert!(out.contains("wrote"), "{out}");
+    // A separate connection sees the writes (one overlay for every client).
+    qemu_io(&writable, &["read -P 0x5a 1M 3M", "read -P 0x33 100k 8k"]);
+    assert_eq!(digest(&replica), replica_before, "the replica was written");
+    write_round(&mount.target, 4);
+    agent.once_ok(&[]);
+    qemu_io(&writable, &["read -P 0x5a 1M 3M"]);
+    drop(writable);
+    run_ok(&[
+        "verify",
+        "fs",
+        "--at",
+        &format!("seq:{newest}"),
+        "--data-dir",
+        &data,
+    ]);
+
+    // Exports are audited, and the chain verifies.
+    let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
+    assert_eq!(audit.matches("\"event\":\"export\"").count(), 2, "{audit}");
+    run_ok(&["audit", "verify", "--data-dir", &data]);
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = blkmirror().args(args).output().expect("running blkmirror");
+    assert!(
+        output.status.success(),
+        "blkmirror {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
