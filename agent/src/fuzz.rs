@@ -12,17 +12,19 @@ use std::{collections::BTreeMap, path::Path};
 use crate::{
     command::config,
     dr::audit::AuditLog,
+    dr::nbd,
     dr::volume::{self, Volume},
 };
 use blkmirror_protocol::wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo};
 
 /// The names of the fuzz targets beside `frame_decoder` (one corpus folder each).
-pub const TARGETS: [&str; 5] = [
+pub const TARGETS: [&str; 6] = [
     "journal_recovery",
     "volume_meta",
     "audit_log",
     "config",
     "receiver_session",
+    "nbd_session",
 ];
 
 /// The journal recovery parser on arbitrary bytes (a torn or corrupted journal).
@@ -37,6 +39,60 @@ pub fn volume_meta(bytes: &[u8]) {
     if let Ok(text) = std::str::from_utf8(bytes) {
         let _ = volume::parse_meta(text);
     }
+}
+
+/// A disk in memory for the NBD target: 1 MiB, writable.
+struct MemoryDisk(std::sync::Mutex<Vec<u8>>);
+
+impl nbd::Backend for MemoryDisk {
+    fn size(&self) -> u64 {
+        self.0.lock().expect("not poisoned").len() as u64
+    }
+    fn writable(&self) -> bool {
+        true
+    }
+    fn preferred_block(&self) -> u32 {
+        4096
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let disk = self.0.lock().expect("not poisoned");
+        buf.copy_from_slice(&disk[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        let mut disk = self.0.lock().expect("not poisoned");
+        disk[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A client's bytes in, the server's out (discarded).
+struct ClientBytes<'a>(&'a [u8]);
+
+impl std::io::Read for ClientBytes<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl std::io::Write for ClientBytes<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The NBD server (`blkmirror export`) on an arbitrary client byte stream: it must never
+/// panic, never touch the disk outside its bounds (the in-memory disk would panic), and
+/// never allocate more than its bounds allow.
+pub fn nbd_session(bytes: &[u8]) {
+    let disk = MemoryDisk(std::sync::Mutex::new(vec![0; 1 << 20]));
+    let _ = nbd::serve(&mut ClientBytes(bytes), "vol", &disk);
 }
 
 /// The audit-log reader on arbitrary text; the first line is taken as the head file.
@@ -227,6 +283,7 @@ mod tests {
             "audit_log" => audit_log(bytes),
             "config" => config(bytes),
             "receiver_session" => receiver_session(bytes),
+            "nbd_session" => nbd_session(bytes),
             other => panic!("unknown target {other}"),
         }
     }
@@ -251,6 +308,7 @@ mod tests {
             volume_meta(&bytes);
             audit_log(&bytes);
             config(&bytes);
+            nbd_session(&bytes);
         }
 
         #[test]
@@ -295,6 +353,16 @@ mod tests {
             &std::fs::read(tmp.0.join("v/journal")).unwrap(),
         );
         write("journal_recovery", "empty", b"");
+        write(
+            "nbd_session",
+            "typical",
+            &nbd::client_bytes::typical_session("vol"),
+        );
+        write(
+            "nbd_session",
+            "export-name",
+            &nbd::client_bytes::export_name_session("vol"),
+        );
         write(
             "volume_meta",
             "volume",

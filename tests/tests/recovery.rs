@@ -232,7 +232,14 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
     // receiver keeps undo deltas only because of it.
     let site = Site::with_receiver_args(
         "fs",
-        &["--keep-all", "0s", "--keep-hourly", "0s", "--keep-daily", "0s"],
+        &[
+            "--keep-all",
+            "0s",
+            "--keep-hourly",
+            "0s",
+            "--keep-daily",
+            "0s",
+        ],
     );
     let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
     let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
@@ -274,7 +281,10 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
         export.ready
     );
     assert_eq!(pins(&data, "fs"), 1, "the export pins its point");
-    assert!(same_as(&export, &restored_a), "the export differs from the restore");
+    assert!(
+        same_as(&export, &restored_a),
+        "the export differs from the restore"
+    );
 
     // Two more cycles commit with the export open; each would prune point A without its pin.
     for round in 1..3 {
@@ -282,8 +292,15 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
         agent.once_ok(&[]);
     }
     let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
-    let seqs: Vec<u64> = listed.iter().map(|p| p["seq"].as_u64().expect("seq")).collect();
-    assert_eq!(seqs.len(), 2, "the exported point and the newest: {listed:?}");
+    let seqs: Vec<u64> = listed
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(
+        seqs.len(),
+        2,
+        "the exported point and the newest: {listed:?}"
+    );
     assert_eq!(seqs[0], a, "{listed:?}");
     assert!(
         same_as(&export, &restored_a),
@@ -312,7 +329,10 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
             body(0, file)
         );
     }
-    assert!(!target.join("round-2").exists(), "point A has no later files");
+    assert!(
+        !target.join("round-2").exists(),
+        "point A has no later files"
+    );
     drop(mounted);
     drop(loop_device);
     drop(fuse);
@@ -320,10 +340,20 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
     // A killed export leaves its pin; the next commit removes it, and point A goes.
     let export_log = export.log();
     drop(export);
-    assert_eq!(pins(&data, "fs"), 1, "the killed export's pin is still there");
+    assert_eq!(
+        pins(&data, "fs"),
+        1,
+        "the killed export's pin is still there"
+    );
     write_round(&mount.target, 3);
-    let newest = last_point(&agent.once_ok(&[]))["seq"].as_u64().expect("seq");
-    assert_eq!(pins(&data, "fs"), 0, "a dead export's pin is removed at the next commit");
+    let newest = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    assert_eq!(
+        pins(&data, "fs"),
+        0,
+        "a dead export's pin is removed at the next commit"
+    );
     let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert!(
@@ -383,4 +413,190 @@ fn run_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Whether anything is mounted at `target`.
+fn is_mounted(target: &Path) -> bool {
+    let target = fs::canonicalize(target).unwrap_or_else(|_| target.to_owned());
+    fs::read_to_string("/proc/self/mounts")
+        .expect("mounts")
+        .lines()
+        .any(|line| line.split(' ').nth(1) == Some(target.to_str().expect("utf-8")))
+}
+
+/// Loop devices over an attachment's FUSE file (`blkmirror-attach-*`): none may outlive it.
+fn attachment_loops() -> String {
+    sh("losetup", &["-a"])
+        .lines()
+        .filter(|line| line.contains("blkmirror-attach"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() {
+    require_root();
+    let site = Site::new("fs,raw");
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let agent = site.setup(&dev.path, "fs");
+    write_round(&mount.target, 0);
+    let a = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let expected = site.scratch.path.join("expected-f3");
+    fs::write(&expected, body(0, 3)).expect("expected file");
+    let replica = site.receiver.image("fs");
+    let replica_before = digest(&replica);
+
+    // A drill whose health check takes a while, with a commit in the middle of it.
+    write_round(&mount.target, 1);
+    let check = format!(
+        "sleep 3; test \"$BLKMIRROR_DRILL_POINT\" = {a} && cmp -s round-0/f3 {}",
+        expected.display()
+    );
+    let drill = blkmirror()
+        .args([
+            "drill",
+            "fs",
+            "--at",
+            &format!("seq:{a}"),
+            "--check",
+            &check,
+            "--data-dir",
+            &data,
+            "--json",
+        ])
+        .stdout(fs::File::create(site.scratch.path.join("drill.out")).expect("out"))
+        .stderr(fs::File::create(site.scratch.path.join("drill.err")).expect("err"))
+        .spawn()
+        .expect("drill");
+    let mut drill = ChildGuard(drill);
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let status = drill.0.wait().expect("drill");
+    let stderr = fs::read_to_string(site.scratch.path.join("drill.err")).expect("drill.err");
+    assert!(status.success(), "drill failed: {stderr}");
+    let record: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(site.scratch.path.join("drill.out")).expect("drill.out"),
+    )
+    .expect("drill --json");
+    assert_eq!(record["ok"], true, "{record}");
+    assert_eq!(record["seq"].as_u64(), Some(a), "{record}");
+    let steps: Vec<&str> = record["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_str().expect("step"))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "attach",
+            "filesystem",
+            "journal replay",
+            "fsck",
+            "mount",
+            "check"
+        ],
+        "{record}"
+    );
+    let recovery_ms = record["recovery_ms"].as_u64().expect("recovery_ms");
+    assert!((3000..120_000).contains(&recovery_ms), "{record}");
+    eprintln!("drill of point {a}: recovered in {recovery_ms} ms ({stderr})");
+    assert!(b > a, "the commit went on during the drill");
+    assert!(attachment_loops().is_empty(), "{}", attachment_loops());
+
+    // The drill is recorded beside the volume and in the audit log.
+    let kept: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(Path::new(&data).join("fs/drill.json")).expect("drill.json"),
+    )
+    .expect("json");
+    assert_eq!(kept["ok"], true);
+    let success = kept["last_success_unix_ms"].as_u64().expect("success time");
+
+    // A failing health check fails the drill (exit 8) and keeps the last success.
+    let failed = blkmirror()
+        .args([
+            "drill",
+            "fs",
+            "--check",
+            "echo unhealthy; exit 3",
+            "--data-dir",
+            &data,
+        ])
+        .output()
+        .expect("drill");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("unhealthy"), "{stderr}");
+    let kept: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(Path::new(&data).join("fs/drill.json")).expect("drill.json"),
+    )
+    .expect("json");
+    assert_eq!(kept["ok"], false);
+    assert_eq!(kept["last_success_unix_ms"].as_u64(), Some(success));
+
+    // A volume with no file system does not recover: the drill says so.
+    let raw = LoopDevice::new(&site.scratch.path, 32 * MIB);
+    blkmirror_tests::mirror::write_random(&raw.path, 0, 32 * MIB);
+    site.setup(&raw.path, "raw").once_ok(&[]);
+    let failed = blkmirror()
+        .args(["drill", "raw", "--data-dir", &data])
+        .output()
+        .expect("drill");
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert_eq!(failed.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("no file system"), "{stderr}");
+
+    // `mount` serves point A's files until SIGTERM, then leaves nothing behind.
+    let target = site.scratch.path.join("point-a");
+    fs::create_dir_all(&target).expect("mount point");
+    let mut mounted = ChildGuard(
+        blkmirror()
+            .args(["mount", "fs"])
+            .arg(&target)
+            .args(["--at", &format!("seq:{a}"), "--data-dir", &data])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("mount"),
+    );
+    let stdout = mounted.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("mount line");
+    assert_eq!(line.trim(), target.to_str().expect("utf-8"));
+    assert!(is_mounted(&target));
+    assert_eq!(fs::read(target.join("round-0/f3")).expect("f3"), body(0, 3));
+    assert!(
+        !target.join("round-1").exists(),
+        "point A has no later files"
+    );
+    assert!(
+        fs::write(target.join("new-file"), b"x").is_err(),
+        "the mount is read-only"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(mounted.0.id() as i32, libc::SIGTERM) };
+    let status = mounted.0.wait().expect("mount");
+    assert!(status.success(), "mount exited with {status}");
+    assert!(!is_mounted(&target), "still mounted after SIGTERM");
+    assert!(attachment_loops().is_empty(), "{}", attachment_loops());
+
+    // Nothing of this wrote the replica: it is still the newest point (b), as replicated.
+    assert_ne!(
+        digest(&replica),
+        replica_before,
+        "cycle b changed the replica"
+    );
+    run_ok(&["verify", "fs", "--at", "all", "--data-dir", &data]);
+    let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
+    assert_eq!(audit.matches("\"event\":\"drill\"").count(), 3, "{audit}");
+    assert_eq!(audit.matches("\"event\":\"mount\"").count(), 1, "{audit}");
+    run_ok(&["audit", "verify", "--data-dir", &data]);
 }

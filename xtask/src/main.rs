@@ -149,13 +149,14 @@ fn main() -> Result<()> {
     }
 }
 
-const FUZZ_TARGETS: [&str; 6] = [
+const FUZZ_TARGETS: [&str; 7] = [
     "frame_decoder",
     "journal_recovery",
     "volume_meta",
     "audit_log",
     "config",
     "receiver_session",
+    "nbd_session",
 ];
 
 /// `cargo xtask fuzz`.

@@ -29,6 +29,7 @@ use crate::{
     command::exit::{ExitCode, fail},
     dr::export,
     dr::ops::{self, PointSelector},
+    dr::recovery,
     link::identity::{self, Fingerprint},
     link::net::Congestion,
     source::agent::{Compression, FreezeMode},
@@ -70,6 +71,11 @@ pub enum Command {
     /// Serve a point in time as a block device over NBD, at once and beside the receiver
     /// (qemu, qemu-img, qemu-storage-daemon, nbd-client).
     Export(ExportArgs),
+    /// Mount a point in time read-only (a file-level restore), until SIGINT or SIGTERM.
+    Mount(MountArgs),
+    /// Prove that a point recovers: attach it copy-on-write, replay its journal, fsck it, mount
+    /// it and run a health check; record the result and the recovery time.
+    Drill(DrillArgs),
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -322,6 +328,42 @@ pub struct ExportArgs {
     pub data: DataDirArg,
 }
 
+/// `blkmirror mount`.
+#[derive(Debug, clap::Args)]
+pub struct MountArgs {
+    /// The volume.
+    pub volume: String,
+    /// The mount point (an existing directory).
+    pub dir: PathBuf,
+    /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
+    #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    #[command(flatten)]
+    pub data: DataDirArg,
+}
+
+/// `blkmirror drill`.
+#[derive(Debug, clap::Args)]
+pub struct DrillArgs {
+    /// The volume.
+    pub volume: String,
+    /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
+    #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    /// A health check, run by `sh -c` in the mounted point (also `$BLKMIRROR_DRILL_MOUNT`,
+    /// with `$BLKMIRROR_DRILL_VOLUME` and `$BLKMIRROR_DRILL_POINT`); exit 0 is healthy.
+    #[arg(long, value_name = "CMD")]
+    pub check: Option<String>,
+    /// How long the health check may run.
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = units::parse_duration)]
+    pub check_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Print the drill's record as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `blkmirror verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
@@ -469,6 +511,24 @@ pub fn run(cli: Cli) -> ExitCode {
                 writable: args.writable,
                 overlay_dir: args.overlay_dir,
                 allow_remote: args.allow_remote,
+            }));
+        }
+        Command::Mount(args) => {
+            return ops_result(recovery::mount(
+                &args.data.data_dir,
+                &args.volume,
+                &args.at,
+                &args.dir,
+            ));
+        }
+        Command::Drill(args) => {
+            return ops_result(recovery::drill(&recovery::DrillOptions {
+                data_dir: args.data.data_dir,
+                volume: args.volume,
+                at: args.at,
+                check: args.check,
+                check_timeout: args.check_timeout,
+                json: args.json,
             }));
         }
         Command::Verify(args) => {

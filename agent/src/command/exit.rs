@@ -36,6 +36,8 @@ pub enum ExitCode {
     Refused = 6,
     /// 7: `verify` or `restore` found data that does not match its hashes.
     Corrupt = 7,
+    /// 8: a drill found that a point does not recover.
+    DrillFailed = 8,
     /// 78 (`EX_CONFIG`): a bad configuration file.
     Config = 78,
 }
@@ -97,6 +99,8 @@ impl From<&OpsError> for ExitCode {
             OpsError::Usage(_) => Self::Usage,
             OpsError::Store(_) | OpsError::Target { .. } => Self::Failure,
             OpsError::Corrupt(_) => Self::Corrupt,
+            OpsError::Environment(_) => Self::Environment,
+            OpsError::DrillFailed(_) => Self::DrillFailed,
         }
     }
 }

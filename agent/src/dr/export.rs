@@ -99,7 +99,9 @@ impl PointView {
     /// Opens the point `selector` names of volume `name` under `data_dir`, and pins it.
     pub fn open(data_dir: &Path, name: &str, selector: &PointSelector) -> Result<Self, OpsError> {
         if *selector == PointSelector::All {
-            return Err(OpsError::Usage("an export serves one point, not --at all".into()));
+            return Err(OpsError::Usage(
+                "an export serves one point, not --at all".into(),
+            ));
         }
         wire::check_volume_name(name).map_err(|error| OpsError::Usage(error.to_string()))?;
         let disk = LocalDisk::shared();
@@ -264,7 +266,7 @@ impl PointView {
 }
 
 /// The operator: the login name behind `sudo`, else the user id.
-fn current_user() -> String {
+pub(crate) fn current_user() -> String {
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
     match std::env::var("SUDO_USER") {
@@ -322,7 +324,11 @@ impl Overlay {
     /// Bytes of the overlay's chunks (what the writes cost in space).
     pub fn bytes(&self) -> u64 {
         let present = self.present.lock().expect("not poisoned");
-        present.iter().map(|w| u64::from(w.count_ones())).sum::<u64>() * self.chunk_bytes
+        present
+            .iter()
+            .map(|w| u64::from(w.count_ones()))
+            .sum::<u64>()
+            * self.chunk_bytes
     }
 }
 
@@ -446,7 +452,8 @@ pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
     })
 }
 
-enum Listener {
+/// A bound export socket.
+pub(crate) enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, PathBuf),
 }
@@ -585,6 +592,11 @@ pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
     );
     println!("{uri}");
     let _ = io::Write::flush(&mut io::stdout());
+    serve_forever(&listener, &disk, &options.volume)
+}
+
+/// Accepts clients of `listener` for ever, a thread each (at most [`MAX_CLIENTS`] at once).
+pub(crate) fn serve_forever(listener: &Listener, disk: &Arc<ExportDisk>, name: &str) -> ! {
     let clients = Arc::new(AtomicUsize::new(0));
     loop {
         let client = match &listener {
@@ -609,7 +621,7 @@ pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
             continue;
         }
         clients.fetch_add(1, Ordering::SeqCst);
-        let (disk, clients, name) = (disk.clone(), clients.clone(), options.volume.clone());
+        let (disk, clients, name) = (disk.clone(), clients.clone(), name.to_owned());
         std::thread::spawn(move || {
             let _ = client.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
             let result = serve_client(&mut client, &name, &disk);
@@ -647,7 +659,8 @@ fn serve_client(
     Ok(stats)
 }
 
-fn bind(listen: &ListenAddr, volume: &str) -> Result<(Listener, String), OpsError> {
+/// Binds `listen` for export `volume`; returns the listener and the export's NBD URI.
+pub(crate) fn bind(listen: &ListenAddr, volume: &str) -> Result<(Listener, String), OpsError> {
     match listen {
         ListenAddr::Tcp(addr) => {
             let listener = TcpListener::bind(addr).map_err(|source| OpsError::Target {
@@ -777,7 +790,12 @@ mod tests {
         let mut buf = [0u8; 2];
         assert!(view.read_at(&mut buf, SIZE - 1).is_err());
         drop(view);
-        assert!(fs::read_dir(Volume::dir_of(&data, "v").join("pins")).unwrap().next().is_none());
+        assert!(
+            fs::read_dir(Volume::dir_of(&data, "v").join("pins"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
         commit(&mut volume, &[(0, 1, 4)]);
         let seqs: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
         assert_eq!(seqs, vec![first + 3], "the unpinned point is pruned");
@@ -817,9 +835,18 @@ mod tests {
         let dir = Volume::dir_of(&data, "v");
         let disk = LocalDisk::shared();
         let store = PointStore::open(&disk, &dir, CHUNK, SIZE).unwrap();
-        let image = disk.open(&dir.join("image.raw"), OpenMode::ReadWrite).unwrap();
+        let image = disk
+            .open(&dir.join("image.raw"), OpenMode::ReadWrite)
+            .unwrap();
         store
-            .capture(&*image, Delta { from: first + 1, to: first }, [0])
+            .capture(
+                &*image,
+                Delta {
+                    from: first + 1,
+                    to: first,
+                },
+                [0],
+            )
             .unwrap();
         image.write_all_at(&[8; 4096], 0).unwrap();
         store
@@ -848,13 +875,30 @@ mod tests {
         let mut buf = vec![0u8; 5 * CHUNK as usize];
         disk.read_at(&mut buf, 0).unwrap();
         assert!(buf[..CHUNK as usize + 10].iter().all(|&b| b == 1));
-        assert!(buf[CHUNK as usize + 10..CHUNK as usize + 110].iter().all(|&b| b == 7));
-        assert!(buf[CHUNK as usize + 110..2 * CHUNK as usize].iter().all(|&b| b == 1));
-        assert!(buf[2 * CHUNK as usize..4 * CHUNK as usize].iter().all(|&b| b == 0));
+        assert!(
+            buf[CHUNK as usize + 10..CHUNK as usize + 110]
+                .iter()
+                .all(|&b| b == 7)
+        );
+        assert!(
+            buf[CHUNK as usize + 110..2 * CHUNK as usize]
+                .iter()
+                .all(|&b| b == 1)
+        );
+        assert!(
+            buf[2 * CHUNK as usize..4 * CHUNK as usize]
+                .iter()
+                .all(|&b| b == 0)
+        );
         assert!(buf[4 * CHUNK as usize..].iter().all(|&b| b == 6));
         assert_eq!(disk.overlay().unwrap().bytes(), 2 * CHUNK);
         // The overlay file is unlinked; the replica and the point are as they were.
-        assert!(fs::read_dir(tmp.0.join("overlay")).unwrap().next().is_none());
+        assert!(
+            fs::read_dir(tmp.0.join("overlay"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
         assert_eq!(fs::read(&image_path).unwrap(), before);
         let mut point = vec![0u8; 100];
         disk.view().read_at(&mut point, CHUNK + 10).unwrap();

@@ -7,6 +7,7 @@ pub mod nbd;
 pub mod ops;
 pub mod points;
 pub mod receiver;
+pub mod recovery;
 pub mod storage;
 pub mod stored;
 pub mod volume;

@@ -130,7 +130,6 @@ fn violation(message: impl Into<String>) -> NbdError {
     NbdError::Protocol(message.into())
 }
 
-
 fn read_u32(stream: &mut impl Read) -> io::Result<u32> {
     let mut bytes = [0; 4];
     stream.read_exact(&mut bytes)?;
@@ -219,9 +218,7 @@ pub fn handshake<S: Read + Write>(
     stream.flush()?;
     let client_flags = read_u32(stream)?;
     if client_flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
-        return Err(violation(format!(
-            "unknown client flags {client_flags:#x}"
-        )));
+        return Err(violation(format!("unknown client flags {client_flags:#x}")));
     }
     if client_flags & CLIENT_FIXED_NEWSTYLE == 0 {
         return Err(violation(
@@ -294,7 +291,8 @@ fn negotiate<S: Read + Write>(
                     b"malformed NBD_OPT_INFO/GO payload",
                 )?,
                 Some((requested, _)) if !names_the_export(requested, name) => {
-                    let message = format!("no export named {:?}", String::from_utf8_lossy(requested));
+                    let message =
+                        format!("no export named {:?}", String::from_utf8_lossy(requested));
                     option_reply(stream, option, REP_ERR_UNKNOWN, message.as_bytes())?;
                 }
                 Some((_, wanted)) => {
@@ -456,8 +454,78 @@ pub fn transmit<S: Read + Write>(
     }
 }
 
+/// What a client sends, for the tests and the fuzz target's seeds.
+#[doc(hidden)]
+pub mod client_bytes {
+    use super::*;
+
+    /// The client's flags (fixed newstyle, no zeroes).
+    pub fn greeting() -> Vec<u8> {
+        (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec()
+    }
+
+    /// An option.
+    pub fn option(kind: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// `NBD_OPT_GO` for `name`, asking for `infos`.
+    pub fn go(name: &str, infos: &[u16]) -> Vec<u8> {
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&(infos.len() as u16).to_be_bytes());
+        for info in infos {
+            data.extend_from_slice(&info.to_be_bytes());
+        }
+        option(OPT_GO, &data)
+    }
+
+    /// A request header.
+    pub fn request(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+        let mut out = REQUEST_MAGIC.to_be_bytes().to_vec();
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&command.to_be_bytes());
+        out.extend_from_slice(&cookie.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        out.extend_from_slice(&length.to_be_bytes());
+        out
+    }
+
+    /// A whole session: structured replies (declined), a list, GO, a read, a FUA write, a
+    /// flush, a read past the end, and the disconnect.
+    pub fn typical_session(name: &str) -> Vec<u8> {
+        let mut out = greeting();
+        out.extend(option(8, &[]));
+        out.extend(option(OPT_LIST, &[]));
+        out.extend(go(name, &[INFO_BLOCK_SIZE, INFO_NAME]));
+        out.extend(request(CMD_READ, 0, 1, 0, 4096));
+        out.extend(request(CMD_WRITE, CMD_FLAG_FUA, 2, 512, 8));
+        out.extend([7; 8]);
+        out.extend(request(CMD_FLUSH, 0, 3, 0, 0));
+        out.extend(request(CMD_READ, 0, 4, u64::MAX - 1, 2));
+        out.extend(request(CMD_DISC, 0, 5, 0, 0));
+        out
+    }
+
+    /// The old way in: `NBD_OPT_EXPORT_NAME`, then a read and the disconnect.
+    pub fn export_name_session(name: &str) -> Vec<u8> {
+        let mut out = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        out.extend(option(OPT_EXPORT_NAME, name.as_bytes()));
+        out.extend(request(CMD_READ, 0, 1, 4096, 512));
+        out.extend(request(CMD_DISC, 0, 2, 0, 0));
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::client_bytes::{go, option, request};
     use super::*;
     use std::sync::Mutex;
 
@@ -514,34 +582,6 @@ mod tests {
         }
     }
 
-    fn option(kind: u32, data: &[u8]) -> Vec<u8> {
-        let mut out = IHAVEOPT.to_be_bytes().to_vec();
-        out.extend_from_slice(&kind.to_be_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        out.extend_from_slice(data);
-        out
-    }
-
-    fn go(name: &str, infos: &[u16]) -> Vec<u8> {
-        let mut data = (name.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(name.as_bytes());
-        data.extend_from_slice(&(infos.len() as u16).to_be_bytes());
-        for info in infos {
-            data.extend_from_slice(&info.to_be_bytes());
-        }
-        option(OPT_GO, &data)
-    }
-
-    fn request(command: u16, flags: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
-        let mut out = REQUEST_MAGIC.to_be_bytes().to_vec();
-        out.extend_from_slice(&flags.to_be_bytes());
-        out.extend_from_slice(&command.to_be_bytes());
-        out.extend_from_slice(&cookie.to_be_bytes());
-        out.extend_from_slice(&offset.to_be_bytes());
-        out.extend_from_slice(&length.to_be_bytes());
-        out
-    }
-
     fn disk(writable: bool) -> MemoryDisk {
         MemoryDisk {
             bytes: Mutex::new((0..65536u32).map(|i| (i % 251) as u8).collect()),
@@ -592,7 +632,10 @@ mod tests {
         assert_eq!(&replies[1].2[4..], b"vol");
         let export = &replies[3];
         assert_eq!((export.0, export.1), (OPT_GO, REP_INFO));
-        assert_eq!(u64::from_be_bytes(export.2[2..10].try_into().unwrap()), 65536);
+        assert_eq!(
+            u64::from_be_bytes(export.2[2..10].try_into().unwrap()),
+            65536
+        );
         let flags = u16::from_be_bytes(export.2[10..12].try_into().unwrap());
         assert_ne!(flags & TRANSMIT_READ_ONLY, 0);
         assert_eq!(replies[4].2[..2], INFO_BLOCK_SIZE.to_be_bytes());
@@ -610,7 +653,10 @@ mod tests {
         assert_eq!(&write_reply[4..8], EPERM.to_be_bytes());
         assert_eq!(backend.bytes.lock().unwrap()[0], 0);
         // The read across the end: EINVAL.
-        assert_eq!(&transmission[16 + 512 + 20..16 + 512 + 24], EINVAL.to_be_bytes());
+        assert_eq!(
+            &transmission[16 + 512 + 20..16 + 512 + 24],
+            EINVAL.to_be_bytes()
+        );
         assert_eq!(stats.reads, 1);
         assert_eq!(stats.errors, 2);
     }
@@ -618,7 +664,9 @@ mod tests {
     #[test]
     fn a_writable_export_takes_writes_and_export_name_falls_back_without_zeroes() {
         let backend = disk(true);
-        let mut client = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES).to_be_bytes().to_vec();
+        let mut client = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
         client.extend(option(OPT_EXPORT_NAME, b"vol"));
         client.extend(request(CMD_WRITE, CMD_FLAG_FUA, 1, 100, 3));
         client.extend([9, 9, 9]);
@@ -662,19 +710,26 @@ mod tests {
         huge.extend_from_slice(&OPT_GO.to_be_bytes());
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
         client.extend(huge);
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(_))));
+        assert!(matches!(
+            run(client, &backend).0,
+            Err(NbdError::Protocol(_))
+        ));
 
         let mut client = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
         client.extend(go("", &[]));
         client.extend(request(CMD_WRITE, 0, 1, 0, u32::MAX));
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("write")));
+        assert!(
+            matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("write"))
+        );
 
         let mut client = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
         client.extend(go("", &[]));
         let mut bad = request(CMD_READ, 0, 1, 0, 1);
         bad[0] ^= 1;
         client.extend(bad);
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("magic")));
+        assert!(
+            matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("magic"))
+        );
 
         // A huge read is refused with EINVAL; the session goes on.
         let mut client = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
@@ -687,9 +742,15 @@ mod tests {
 
         // Unknown client flags, and an old client.
         let client = 0x80u32.to_be_bytes().to_vec();
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(_))));
+        assert!(matches!(
+            run(client, &backend).0,
+            Err(NbdError::Protocol(_))
+        ));
         let client = 0u32.to_be_bytes().to_vec();
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(_))));
+        assert!(matches!(
+            run(client, &backend).0,
+            Err(NbdError::Protocol(_))
+        ));
     }
 
     #[test]
@@ -706,7 +767,11 @@ mod tests {
             client.extend(option(OPT_ABORT, &[]));
             let (result, out) = run(client, &backend);
             assert!(!result.unwrap().attached);
-            assert_eq!(option_replies(&out[18..])[0].1, REP_ERR_INVALID, "{payload:?}");
+            assert_eq!(
+                option_replies(&out[18..])[0].1,
+                REP_ERR_INVALID,
+                "{payload:?}"
+            );
         }
     }
 
@@ -717,6 +782,8 @@ mod tests {
         for _ in 0..=MAX_OPTIONS {
             client.extend(option(OPT_LIST, &[]));
         }
-        assert!(matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("options")));
+        assert!(
+            matches!(run(client, &backend).0, Err(NbdError::Protocol(m)) if m.contains("options"))
+        );
     }
 }

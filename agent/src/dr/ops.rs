@@ -43,6 +43,12 @@ pub enum OpsError {
     /// Stored data does not match its hashes (exit 7).
     #[error("{0}")]
     Corrupt(String),
+    /// A tool or privilege the command needs is missing (exit 3).
+    #[error("{0}")]
+    Environment(String),
+    /// A drill found that the point does not recover (exit 8).
+    #[error("{0}")]
+    DrillFailed(String),
 }
 
 /// Which point `--at` names.

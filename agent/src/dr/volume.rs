@@ -848,11 +848,11 @@ impl Volume {
     /// Whether a commit keeps the old content as an undo delta: when retention keeps history,
     /// or an export holds a point (it reads the point through the deltas).
     fn captures(&self, pinned: &BTreeSet<u64>) -> bool {
-        let keeps_history = !(self.retention.all.is_zero()
+        let policy_keeps = !(self.retention.all.is_zero()
             && self.retention.hourly.is_zero()
             && self.retention.daily.is_zero()
-            && self.retention.locked.is_zero())
-            || !pinned.is_empty();
+            && self.retention.locked.is_zero());
+        let keeps_history = policy_keeps || !pinned.is_empty();
         keeps_history && !self.meta.unsettled && !self.meta.points.is_empty()
     }
 

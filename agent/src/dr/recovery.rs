@@ -1,0 +1,680 @@
+//! `blkmirror mount` and `blkmirror drill`: a point attached as a local block device, and a
+//! drill that proves it recovers, beside a running receiver.
+//!
+//! # Attaching a point
+//!
+//! The machine class this runs on has FUSE and loop devices but no NBD kernel module. An
+//! [`Attachment`] chains three parts that exist everywhere qemu-utils is installed:
+//!
+//! 1. the export's own NBD server ([`crate::dr::export`]), in this process, on a Unix socket in
+//!    a private directory;
+//! 2. `qemu-storage-daemon` with its NBD client and a FUSE export: the point as a regular file;
+//! 3. a loop device over that file.
+//!
+//! The export is always copy-on-write here ([`Overlay`]): mounting a crash-consistent file
+//! system replays its journal, and those writes go to the overlay, never to the replica.
+//! Everything is undone when the attachment is dropped, in reverse order.
+//!
+//! # Drills
+//!
+//! A drill attaches a point, then: finds its file system; mounts and unmounts it (the journal
+//! replay a real recovery would do); checks it read-only (`e2fsck -fn`, `xfs_repair -n`);
+//! mounts it read-only and runs the operator's health check against the mount. The recovery
+//! time is from the drill's start to the health check's success. The result goes to the audit
+//! log and to `VOLUME/drill.json`, which the receiver's status and metrics read.
+
+use std::{
+    fs,
+    io::Read as _,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dr::{
+    audit::{AuditLog, Event},
+    export::{self, ExportDisk, ListenAddr, Overlay, PointView},
+    ops::{OpsError, PointSelector},
+    stored::StoredPoint,
+    volume::Volume,
+};
+use blkmirror_protocol::units;
+
+/// How long qemu-storage-daemon may take to show the FUSE file.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// The file a drill's result is kept in, in the volume's directory.
+pub const DRILL_RECORD: &str = "drill.json";
+/// The format of [`DrillRecord`].
+const DRILL_FORMAT: u32 = 1;
+
+fn environment(message: impl Into<String>) -> OpsError {
+    OpsError::Environment(message.into())
+}
+
+/// Runs a helper program; its output on failure.
+fn run(program: &str, args: &[&str]) -> Result<String, String> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|error| format!("{program}: {error}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{program} {} failed ({}): {}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+fn check_tools() -> Result<(), OpsError> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(environment(
+            "attaching a point needs root (it makes a loop device and mounts it)",
+        ));
+    }
+    for (tool, package) in [
+        ("qemu-storage-daemon", "qemu-utils"),
+        ("losetup", "mount"),
+        ("blkid", "util-linux"),
+    ] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+        if !found {
+            return Err(environment(format!(
+                "{tool} is not installed (package {package}); it is needed to attach a point \
+                 without the NBD kernel module"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A point attached as a loop device (see the module docs); detached on drop.
+pub struct Attachment {
+    dir: PathBuf,
+    daemon: Option<Child>,
+    fuse_file: PathBuf,
+    loop_device: Option<PathBuf>,
+    disk: Arc<ExportDisk>,
+}
+
+impl Attachment {
+    /// Attaches `disk` (a view with an overlay) as a writable loop device.
+    pub fn attach(disk: Arc<ExportDisk>, name: &str) -> Result<Self, OpsError> {
+        check_tools()?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("blkmirror-attach-{}-{nanos}", std::process::id()));
+        fs::create_dir(&dir)
+            .and_then(|()| fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)))
+            .map_err(|source| OpsError::Target {
+                what: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+        let mut attachment = Self {
+            fuse_file: dir.join("point.raw"),
+            dir,
+            daemon: None,
+            loop_device: None,
+            disk,
+        };
+        attachment.start(name)?;
+        Ok(attachment)
+    }
+
+    fn start(&mut self, name: &str) -> Result<(), OpsError> {
+        let socket = self.dir.join("nbd.sock");
+        let (listener, _) = export::bind(&ListenAddr::Unix(socket.clone()), name)?;
+        let (disk, export_name) = (self.disk.clone(), name.to_owned());
+        std::thread::spawn(move || export::serve_forever(&listener, &disk, &export_name));
+        fs::write(&self.fuse_file, b"").map_err(|source| OpsError::Target {
+            what: "creating",
+            path: self.fuse_file.clone(),
+            source,
+        })?;
+        let log = self.dir.join("qemu-storage-daemon.log");
+        let log_file = fs::File::create(&log).map_err(|source| OpsError::Target {
+            what: "creating",
+            path: log.clone(),
+            source,
+        })?;
+        let daemon = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=nbd,server.type=unix,server.path={},export={name},node-name=point",
+                socket.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=fuse,id=file,node-name=point,mountpoint={},writable=on",
+                self.fuse_file.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|error| environment(format!("qemu-storage-daemon: {error}")))?;
+        self.daemon = Some(daemon);
+        let size = self.disk.view().size();
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
+        while fs::metadata(&self.fuse_file).map_or(0, |m| m.len()) != size {
+            let exited = self
+                .daemon
+                .as_mut()
+                .and_then(|daemon| daemon.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                return Err(environment(format!(
+                    "qemu-storage-daemon did not attach the point: {}",
+                    fs::read_to_string(&log).unwrap_or_default().trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let file = self.fuse_file.to_str().expect("a temp path is UTF-8");
+        let device = run("losetup", &["-f", "--show", file]).map_err(environment)?;
+        self.loop_device = Some(PathBuf::from(device.trim()));
+        Ok(())
+    }
+
+    /// The loop device.
+    pub fn device(&self) -> &Path {
+        self.loop_device.as_deref().expect("attached")
+    }
+
+    /// The device as a string argument.
+    fn device_arg(&self) -> &str {
+        self.device().to_str().expect("/dev/loopN is UTF-8")
+    }
+
+    /// The private directory (for mount points).
+    fn private_dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(device) = self.loop_device.take() {
+            let _ = Command::new("losetup").arg("-d").arg(&device).output();
+        }
+        if let Some(mut daemon) = self.daemon.take() {
+            // SIGTERM lets it unmount its FUSE file; a lazy unmount catches one that did not.
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(daemon.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.fuse_file)
+            .output();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A mount made by this module; unmounted on drop (lazily if busy).
+struct Mounted(PathBuf);
+
+impl Mounted {
+    fn mount(device: &str, target: &Path, options: &str) -> Result<Self, String> {
+        run(
+            "mount",
+            &[
+                "-o",
+                options,
+                device,
+                target.to_str().ok_or("a UTF-8 mount point")?,
+            ],
+        )?;
+        Ok(Self(target.to_owned()))
+    }
+
+    fn unmount(self) -> Result<(), String> {
+        let target = self.0.clone();
+        std::mem::forget(self);
+        run("umount", &[target.to_str().unwrap_or_default()]).map(|_| ())
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if Command::new("umount")
+            .arg(&self.0)
+            .output()
+            .is_ok_and(|o| !o.status.success())
+        {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+        }
+    }
+}
+
+fn open_disk(
+    data_dir: &Path,
+    volume: &str,
+    at: &PointSelector,
+) -> Result<Arc<ExportDisk>, OpsError> {
+    let view = PointView::open(data_dir, volume, at)?;
+    let overlay_dir = Volume::dir_of(data_dir, volume);
+    let overlay =
+        Overlay::create(&overlay_dir, view.size(), view.chunk_bytes()).map_err(|source| {
+            OpsError::Target {
+                what: "creating the overlay in",
+                path: overlay_dir,
+                source,
+            }
+        })?;
+    Ok(Arc::new(ExportDisk::new(view, Some(overlay))))
+}
+
+fn describe(point: &StoredPoint) -> String {
+    format!(
+        "point {} ({}, {})",
+        point.seq,
+        units::format_utc(point.time_unix_ms),
+        if point.consistent {
+            "consistent"
+        } else {
+            "fuzzy"
+        }
+    )
+}
+
+fn audit(
+    data_dir: &Path,
+    event: &'static str,
+    volume: &str,
+    outcome: &str,
+    detail: serde_json::Value,
+) {
+    let record = AuditLog::in_dir(data_dir).append(Event {
+        event,
+        volume: Some(volume.to_owned()),
+        outcome: outcome.to_owned(),
+        detail,
+        ..Event::default()
+    });
+    if let Err(error) = record {
+        eprintln!("blkmirror: warning: audit log: {error}");
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+fn wait_for_stop() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime");
+    runtime.block_on(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    });
+}
+
+/// `blkmirror mount VOLUME --at POINT DIR`: mounts the point read-only at `target` until
+/// SIGINT or SIGTERM.
+pub fn mount(
+    data_dir: &Path,
+    volume: &str,
+    at: &PointSelector,
+    target: &Path,
+) -> Result<(), OpsError> {
+    if !target.is_dir() {
+        return Err(OpsError::Usage(format!(
+            "{}: not a directory (make the mount point first)",
+            target.display()
+        )));
+    }
+    let disk = open_disk(data_dir, volume, at)?;
+    let point = disk.view().point().clone();
+    let attachment = Attachment::attach(disk, volume)?;
+    // The loop device is writable (over the overlay): a dirty journal is replayed into the
+    // overlay, and the mount is read-only.
+    let mounted = Mounted::mount(attachment.device_arg(), target, "ro").map_err(environment)?;
+    audit(
+        data_dir,
+        "mount",
+        volume,
+        "ok",
+        serde_json::json!({
+            "seq": point.seq,
+            "target": target.display().to_string(),
+            "user": export::current_user(),
+        }),
+    );
+    eprintln!(
+        "blkmirror: volume {volume} {} mounted read-only at {} (SIGINT or SIGTERM unmounts)",
+        describe(&point),
+        target.display()
+    );
+    println!("{}", target.display());
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    wait_for_stop();
+    let unmounted = mounted.unmount();
+    drop(attachment);
+    unmounted.map_err(environment)?;
+    eprintln!("blkmirror: {} unmounted", target.display());
+    Ok(())
+}
+
+/// One step of a drill.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillStep {
+    /// `attach`, `filesystem`, `journal replay`, `fsck`, `mount`, `check`.
+    pub step: String,
+    /// Whether it passed.
+    pub ok: bool,
+    /// How long it took.
+    pub ms: u64,
+    /// What it found (the file system type, a tool's complaint).
+    pub detail: String,
+}
+
+/// The result of a drill, as kept in `VOLUME/drill.json` and printed by `drill --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrillRecord {
+    /// [`DRILL_FORMAT`].
+    pub format: u32,
+    /// The volume.
+    pub volume: String,
+    /// The point drilled.
+    pub seq: u64,
+    /// When the drill started (Unix milliseconds).
+    pub time_unix_ms: u64,
+    /// Whether the point recovered.
+    pub ok: bool,
+    /// From the drill's start to the health check's success (or to the failure).
+    pub recovery_ms: u64,
+    /// Why it failed, when it did.
+    pub failure: Option<String>,
+    /// The steps.
+    pub steps: Vec<DrillStep>,
+    /// The last successful drill (Unix milliseconds), this one or an earlier one.
+    pub last_success_unix_ms: Option<u64>,
+}
+
+/// Reads the drill record of volume `volume`, if any.
+pub fn read_drill_record(data_dir: &Path, volume: &str) -> Option<DrillRecord> {
+    let path = Volume::dir_of(data_dir, volume).join(DRILL_RECORD);
+    let text = fs::read_to_string(path).ok()?;
+    serde_json::from_str::<DrillRecord>(&text)
+        .ok()
+        .filter(|record| record.format == DRILL_FORMAT)
+}
+
+/// The options of `blkmirror drill`.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    /// The receiver's data directory.
+    pub data_dir: PathBuf,
+    /// The volume.
+    pub volume: String,
+    /// The point.
+    pub at: PointSelector,
+    /// A shell command run against the mount (`$BLKMIRROR_DRILL_MOUNT`); exit 0 is healthy.
+    pub check: Option<String>,
+    /// How long the check may take.
+    pub check_timeout: Duration,
+    /// Print the record as JSON.
+    pub json: bool,
+}
+
+struct Drill {
+    started: Instant,
+    steps: Vec<DrillStep>,
+}
+
+impl Drill {
+    /// Runs `step`, records it, and returns its value or the failure message.
+    fn step<T>(
+        &mut self,
+        name: &str,
+        run: impl FnOnce() -> Result<(T, String), String>,
+    ) -> Result<T, String> {
+        let started = Instant::now();
+        let result = run();
+        let ms = started.elapsed().as_millis() as u64;
+        let (ok, detail) = match &result {
+            Ok((_, detail)) => (true, detail.clone()),
+            Err(message) => (false, message.clone()),
+        };
+        eprintln!(
+            "blkmirror: drill: {name}: {} in {ms} ms{}",
+            if ok { "ok" } else { "FAILED" },
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({detail})")
+            }
+        );
+        self.steps.push(DrillStep {
+            step: name.to_owned(),
+            ok,
+            ms,
+            detail,
+        });
+        result
+            .map(|(value, _)| value)
+            .map_err(|message| format!("{name}: {message}"))
+    }
+}
+
+/// Runs `command` through `sh -c` in `dir`, killed after `timeout`.
+fn health_check(
+    command: &str,
+    dir: &Path,
+    volume: &str,
+    seq: u64,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .args(["-c", command])
+        .current_dir(dir)
+        .env("BLKMIRROR_DRILL_MOUNT", dir)
+        .env("BLKMIRROR_DRILL_VOLUME", volume)
+        .env("BLKMIRROR_DRILL_POINT", seq.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("sh: {error}"))?;
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("{command:?} did not finish within {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        let _ = out.read_to_string(&mut output);
+    }
+    if let Some(mut err) = child.stderr.take() {
+        let _ = err.read_to_string(&mut output);
+    }
+    let tail: String = output
+        .trim()
+        .chars()
+        .rev()
+        .take(400)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{command:?} exited with {status}: {tail}"))
+    }
+}
+
+/// `blkmirror drill`: proves that a point recovers, without touching the replica.
+pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
+    let time_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut drill = Drill {
+        started: Instant::now(),
+        steps: Vec::new(),
+    };
+    // Usage errors (no such volume or point) are not drill results.
+    let disk = open_disk(&options.data_dir, &options.volume, &options.at)?;
+    let point = disk.view().point().clone();
+    eprintln!(
+        "blkmirror: drill of volume {} {}",
+        options.volume,
+        describe(&point)
+    );
+    let result = run_drill(&mut drill, options, disk, point.seq);
+    let recovery_ms = match &result {
+        Ok(healthy_ms) => *healthy_ms,
+        Err(_) => drill.started.elapsed().as_millis() as u64,
+    };
+    let result = result.map(|_| ());
+    let previous = read_drill_record(&options.data_dir, &options.volume);
+    let record = DrillRecord {
+        format: DRILL_FORMAT,
+        volume: options.volume.clone(),
+        seq: point.seq,
+        time_unix_ms,
+        ok: result.is_ok(),
+        recovery_ms,
+        failure: result.as_ref().err().cloned(),
+        steps: drill.steps,
+        last_success_unix_ms: if result.is_ok() {
+            Some(time_unix_ms)
+        } else {
+            previous.and_then(|p| p.last_success_unix_ms)
+        },
+    };
+    let path = Volume::dir_of(&options.data_dir, &options.volume).join(DRILL_RECORD);
+    let text = serde_json::to_string_pretty(&record).expect("serializes");
+    crate::durable::write_atomic(&path, text.as_bytes()).map_err(|source| OpsError::Target {
+        what: "writing",
+        path: path.clone(),
+        source,
+    })?;
+    audit(
+        &options.data_dir,
+        "drill",
+        &options.volume,
+        result.as_ref().err().map_or("ok", String::as_str),
+        serde_json::json!({
+            "seq": point.seq,
+            "recovery_ms": recovery_ms,
+            "steps": record.steps,
+            "user": export::current_user(),
+        }),
+    );
+    if options.json {
+        println!("{}", serde_json::to_string(&record).expect("serializes"));
+    }
+    match result {
+        Ok(()) => {
+            eprintln!(
+                "blkmirror: drill passed: volume {} point {} recovered in {:.1} s",
+                options.volume,
+                point.seq,
+                recovery_ms as f64 / 1000.0
+            );
+            Ok(())
+        }
+        Err(failure) => Err(OpsError::DrillFailed(format!(
+            "drill of volume {} point {} failed: {failure}",
+            options.volume, point.seq
+        ))),
+    }
+}
+
+fn run_drill(
+    drill: &mut Drill,
+    options: &DrillOptions,
+    disk: Arc<ExportDisk>,
+    seq: u64,
+) -> Result<u64, String> {
+    let attachment = drill.step("attach", || {
+        Attachment::attach(disk, &options.volume)
+            .map(|a| {
+                let detail = a.device().display().to_string();
+                (a, detail)
+            })
+            .map_err(|e| e.to_string())
+    })?;
+    let device = attachment.device_arg().to_owned();
+    let fstype = drill.step("filesystem", || {
+        let out = run("blkid", &["-p", "-o", "value", "-s", "TYPE", &device])
+            .map_err(|_| "no file system found on the point".to_owned())?;
+        let fstype = out.trim().to_owned();
+        if fstype.is_empty() {
+            return Err("no file system found on the point".into());
+        }
+        Ok((fstype.clone(), fstype))
+    })?;
+    let mount_point = attachment.private_dir().join("mnt");
+    fs::create_dir_all(&mount_point).map_err(|e| e.to_string())?;
+    drill.step("journal replay", || {
+        // A read-write mount and unmount: what a recovered host would do at boot. Its writes
+        // go to the overlay.
+        let mounted = Mounted::mount(&device, &mount_point, "rw")?;
+        mounted.unmount()?;
+        Ok(((), String::new()))
+    })?;
+    drill.step("fsck", || {
+        let (program, args): (&str, Vec<&str>) = match fstype.as_str() {
+            "ext2" | "ext3" | "ext4" => ("e2fsck", vec!["-fn", &device]),
+            "xfs" => ("xfs_repair", vec!["-n", &device]),
+            other => return Ok(((), format!("no read-only checker for {other}; skipped"))),
+        };
+        run(program, &args).map(|_| ((), format!("{program} clean")))
+    })?;
+    let mounted = drill.step("mount", || {
+        Mounted::mount(&device, &mount_point, "ro").map(|m| (m, "read-only".to_owned()))
+    })?;
+    if let Some(command) = &options.check {
+        drill.step("check", || {
+            health_check(
+                command,
+                &mount_point,
+                &options.volume,
+                seq,
+                options.check_timeout,
+            )
+            .map(|()| ((), String::new()))
+        })?;
+    }
+    // Recovered: the file system is mounted and the application's check passed.
+    let healthy_ms = drill.started.elapsed().as_millis() as u64;
+    mounted.unmount()?;
+    drop(attachment);
+    Ok(healthy_ms)
+}
