@@ -5,28 +5,16 @@
 use std::{
     fs,
     io::{Read as _, Write as _},
-    net::TcpStream,
     time::{Duration, Instant},
 };
 
 use blkmirror_tests::{
     LoopDevice, blkmirror,
-    mirror::{ChildGuard, Site, assert_same, write_random},
+    mirror::{ChildGuard, Site, assert_same, free_port, scrape_metrics, write_random},
     require_root,
 };
 
 const MIB: u64 = 1 << 20;
-
-fn scrape(port: u16) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("metrics endpoint");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("request");
-    let mut text = String::new();
-    stream.read_to_string(&mut text).expect("response");
-    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
-    text
-}
 
 fn status_json(socket: &std::path::Path) -> serde_json::Value {
     let out = blkmirror()
@@ -40,13 +28,6 @@ fn status_json(socket: &std::path::Path) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("status JSON")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Writes `SCRATCH/agent.toml` for `site`: identity, state, pins and receiver from the site,
@@ -214,7 +195,7 @@ fn two_devices_from_a_config_file_with_status_and_metrics() {
     );
 
     // Metrics, scraped from the real endpoints.
-    let text = scrape(metrics);
+    let text = scrape_metrics(metrics);
     for needle in [
         "blkmirror_lag_seconds{volume=\"one\"}",
         "blkmirror_lag_seconds{volume=\"two\"}",
@@ -233,7 +214,7 @@ fn two_devices_from_a_config_file_with_status_and_metrics() {
         .and_then(|v| v.parse().ok())
         .expect("sent bytes of two");
     assert!(sent >= 4.0 * MIB as f64 / 2.0, "sent {sent}");
-    let receiver_text = scrape(receiver_metrics);
+    let receiver_text = scrape_metrics(receiver_metrics);
     assert!(
         receiver_text.contains("blkmirror_lag_seconds{volume=\"one\"}"),
         "{receiver_text}"

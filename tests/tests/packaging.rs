@@ -75,6 +75,14 @@ fn debs_hold_the_binary_units_and_conffiles_and_never_start_a_service() {
                 "-rw-r--r-- root/root",
                 "./lib/systemd/system/blkmirror-receiver.service",
             ),
+            (
+                "-rw-r--r-- root/root",
+                "./lib/systemd/system/blkmirror-drills.service",
+            ),
+            (
+                "-rw-r--r-- root/root",
+                "./lib/systemd/system/blkmirror-drills.timer",
+            ),
             ("-rw-r----- root/root", "./etc/blkmirror/agent.toml"),
             ("-rw-r----- root/root", "./etc/blkmirror/receiver.toml"),
             ("drwxr-x--- root/root", "./etc/blkmirror/"),
@@ -130,6 +138,8 @@ fn rpms_hold_the_binary_units_and_noreplace_configs() {
             "/usr/bin/blkmirror",
             "/usr/lib/systemd/system/blkmirror-agent.service",
             "/usr/lib/systemd/system/blkmirror-receiver.service",
+            "/usr/lib/systemd/system/blkmirror-drills.service",
+            "/usr/lib/systemd/system/blkmirror-drills.timer",
             "/etc/blkmirror/agent.toml",
             "/etc/blkmirror/receiver.toml",
         ] {
@@ -226,6 +236,8 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
             "verify",
             "/lib/systemd/system/blkmirror-agent.service",
             "/lib/systemd/system/blkmirror-receiver.service",
+            "/lib/systemd/system/blkmirror-drills.service",
+            "/lib/systemd/system/blkmirror-drills.timer",
         ])
         .output()
         .expect("systemd-analyze");

@@ -13,7 +13,7 @@ use std::{
 
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
-    mirror::{ChildGuard, Site, digest, last_point},
+    mirror::{ChildGuard, Site, digest, free_port, last_point, scrape_metrics},
     parse_lines, require_root, sh,
 };
 
@@ -436,7 +436,11 @@ fn attachment_loops() -> String {
 #[test]
 fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() {
     require_root();
-    let site = Site::new("fs,raw");
+    let metrics_port = free_port();
+    let site = Site::with_receiver_args(
+        "fs,raw",
+        &["--metrics-listen", &format!("127.0.0.1:{metrics_port}")],
+    );
     let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
     let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
     let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
@@ -517,6 +521,22 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
     .expect("json");
     assert_eq!(kept["ok"], true);
     let success = kept["last_success_unix_ms"].as_u64().expect("success time");
+    // The receiver reads it into its metrics (within its 5 s refresh).
+    let wanted = format!(
+        "blkmirror_drill_last_success_timestamp_seconds{{volume=\"fs\"}} {}",
+        success as f64 / 1000.0
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = scrape_metrics(metrics_port);
+        if metrics.contains(&wanted)
+            && metrics.contains("blkmirror_drill_recovery_seconds{volume=\"fs\"}")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {wanted:?} in:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // A failing health check fails the drill (exit 8) and keeps the last success.
     let failed = blkmirror()
@@ -595,8 +615,39 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
         "cycle b changed the replica"
     );
     run_ok(&["verify", "fs", "--at", "all", "--data-dir", &data]);
+    // `drill --due` runs what receiver.toml schedules, once per interval.
+    let config = site.scratch.path.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "identity = \"{}\"\ndata_dir = \"{data}\"\n[[agent]]\nfingerprint = \"{}\"\n\
+             volumes = [\"fs\", \"raw\"]\n[[drill]]\nvolume = \"fs\"\nevery = \"1h\"\n\
+             check = \"test -d round-1\"\n",
+            site.scratch.path.join("receiver-id").display(),
+            site.agent.fingerprint
+        ),
+    )
+    .expect("receiver.toml");
+    let config_arg = config.to_str().expect("utf-8");
+    // fs was drilled seconds ago: nothing is due. Without its record it is, once.
+    for (expect, forget) in [
+        ("0 due and run, 0 failed", true),
+        ("1 due and run, 0 failed", false),
+        ("0 due and run, 0 failed", false),
+    ] {
+        let due = blkmirror()
+            .args(["drill", "--due", "--config", config_arg])
+            .output()
+            .expect("drill --due");
+        let stderr = String::from_utf8_lossy(&due.stderr);
+        assert!(due.status.success(), "{stderr}");
+        assert!(stderr.contains(expect), "no {expect:?} in: {stderr}");
+        if forget {
+            fs::remove_file(Path::new(&data).join("fs/drill.json")).expect("forget the drill");
+        }
+    }
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
-    assert_eq!(audit.matches("\"event\":\"drill\"").count(), 3, "{audit}");
+    assert_eq!(audit.matches("\"event\":\"drill\"").count(), 4, "{audit}");
     assert_eq!(audit.matches("\"event\":\"mount\"").count(), 1, "{audit}");
     run_ok(&["audit", "verify", "--data-dir", &data]);
 }

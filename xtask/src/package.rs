@@ -170,7 +170,12 @@ fn stage_tree(stage: &Path, binary: &Path, arch: &Arch, release: bool, units: &s
     if release {
         exec(Command::new(arch.strip).arg(&bin))?;
     }
-    for unit in ["blkmirror-agent.service", "blkmirror-receiver.service"] {
+    for unit in [
+        "blkmirror-agent.service",
+        "blkmirror-receiver.service",
+        "blkmirror-drills.service",
+        "blkmirror-drills.timer",
+    ] {
         install(
             &root().join("packaging/systemd").join(unit),
             &stage.join(units).join(unit),
@@ -263,6 +268,8 @@ cp -a {stage}/. %{{buildroot}}/
 %attr(0755,root,root) /usr/bin/blkmirror
 %attr(0644,root,root) /usr/lib/systemd/system/blkmirror-agent.service
 %attr(0644,root,root) /usr/lib/systemd/system/blkmirror-receiver.service
+%attr(0644,root,root) /usr/lib/systemd/system/blkmirror-drills.service
+%attr(0644,root,root) /usr/lib/systemd/system/blkmirror-drills.timer
 %dir %attr(0750,root,root) /etc/blkmirror
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/agent.toml
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/receiver.toml

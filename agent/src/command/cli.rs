@@ -345,8 +345,21 @@ pub struct MountArgs {
 /// `blkmirror drill`.
 #[derive(Debug, clap::Args)]
 pub struct DrillArgs {
-    /// The volume.
-    pub volume: String,
+    /// The volume (or `--due`).
+    #[arg(required_unless_present = "due", conflicts_with = "due")]
+    pub volume: Option<String>,
+    /// Run the drills that `receiver.toml`'s `[[drill]]` schedules say are due (what
+    /// `blkmirror-drills.timer` runs), each with its own point, check and timeout.
+    #[arg(long)]
+    pub due: bool,
+    /// The receiver's configuration, for `--due`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/blkmirror/receiver.toml",
+        requires = "due"
+    )]
+    pub config: PathBuf,
     /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
@@ -522,9 +535,19 @@ pub fn run(cli: Cli) -> ExitCode {
             ));
         }
         Command::Drill(args) => {
+            let Some(volume) = args.volume else {
+                return match config::load_receiver(&args.config) {
+                    Ok(settings) => ops_result(recovery::run_due(
+                        &settings.data_dir,
+                        &settings.drills,
+                        args.json,
+                    )),
+                    Err(error) => fail(ExitCode::Config, error),
+                };
+            };
             return ops_result(recovery::drill(&recovery::DrillOptions {
                 data_dir: args.data.data_dir,
-                volume: args.volume,
+                volume,
                 at: args.at,
                 check: args.check,
                 check_timeout: args.check_timeout,
@@ -898,6 +921,7 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                     locked: args.retention_lock,
                 },
                 allow: args.allow,
+                drills: Vec::new(),
             }
         }
     };

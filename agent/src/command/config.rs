@@ -18,6 +18,7 @@ use std::{
 use clap::ValueEnum;
 use serde::Deserialize;
 
+use crate::dr::ops::PointSelector;
 use crate::{
     link::identity::Fingerprint,
     link::net::Congestion,
@@ -226,7 +227,45 @@ pub struct ReceiverFile {
     /// Admitted agents (`--allow`).
     #[serde(default)]
     pub agent: Vec<GrantSection>,
+    /// Scheduled drills (`blkmirror drill --due` runs the ones due).
+    #[serde(default)]
+    pub drill: Vec<DrillSection>,
 }
+
+/// A `[[drill]]` section of `receiver.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillSection {
+    /// The volume.
+    pub volume: String,
+    /// How often (`7d`): a drill is due this long after the last one started, and the volume
+    /// is flagged when its last successful drill is older than this.
+    pub every: String,
+    /// Which point (`latest` by default).
+    pub at: Option<String>,
+    /// The health check (`drill --check`).
+    pub check: Option<String>,
+    /// How long it may run (`10m` by default).
+    pub check_timeout: Option<String>,
+}
+
+/// A drill schedule, checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DrillSchedule {
+    /// The volume.
+    pub volume: String,
+    /// How often.
+    pub every: Duration,
+    /// Which point.
+    pub at: PointSelector,
+    /// The health check.
+    pub check: Option<String>,
+    /// Its time limit.
+    pub check_timeout: Duration,
+}
+
+/// The shortest drill schedule accepted.
+pub const MIN_DRILL_EVERY: Duration = Duration::from_secs(60);
 
 /// The receiver's configuration, checked.
 #[derive(Clone, Debug)]
@@ -247,6 +286,8 @@ pub struct ReceiverSettings {
     pub retention: RetentionPolicy,
     /// Grants as `FP=VOL,VOL` (the `--allow` form).
     pub allow: Vec<String>,
+    /// Scheduled drills.
+    pub drills: Vec<DrillSchedule>,
 }
 
 /// Collects problems with their keys.
@@ -583,6 +624,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
         }
         allow.push(format!("{}={}", grant.fingerprint, grant.volumes.join(",")));
     }
+    let drills = drill_schedules(&file.drill, &mut problems);
     match (listen, window, all, hourly, daily, locked) {
         (Some(listen), Some(window), Some(all), Some(hourly), Some(daily), Some(locked))
             if problems.0.is_empty() =>
@@ -606,6 +648,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                     locked,
                 },
                 allow,
+                drills,
             })
         }
         _ => Err(ConfigError {
@@ -613,6 +656,73 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
             problems: problems.0,
         }),
     }
+}
+
+/// Checks the `[[drill]]` sections.
+fn drill_schedules(sections: &[DrillSection], problems: &mut Problems) -> Vec<DrillSchedule> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (index, section) in sections.iter().enumerate() {
+        let key = |name: &str| format!("drill[{index}].{name}");
+        if let Err(error) = wire::check_volume_name(&section.volume) {
+            problems.0.push(format!("{}: {error}", key("volume")));
+        } else if !seen.insert(section.volume.clone()) {
+            problems.0.push(format!(
+                "{}: volume {} has two drill schedules",
+                key("volume"),
+                section.volume
+            ));
+        }
+        let every = problems.check(
+            &key("every"),
+            units::parse_duration(&section.every).and_then(|every| {
+                if every < MIN_DRILL_EVERY {
+                    Err(format!(
+                        "{every:?} is shorter than {MIN_DRILL_EVERY:?}; a drill attaches, checks \
+                         and mounts a whole volume"
+                    ))
+                } else {
+                    Ok(every)
+                }
+            }),
+        );
+        let at = problems.check(
+            &key("at"),
+            crate::dr::ops::parse_selector(section.at.as_deref().unwrap_or("latest")).and_then(
+                |at| {
+                    if at == PointSelector::All {
+                        Err("a drill proves one point, not all".into())
+                    } else {
+                        Ok(at)
+                    }
+                },
+            ),
+        );
+        if section
+            .check
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            problems.0.push(format!(
+                "{}: empty; leave it out for no check",
+                key("check")
+            ));
+        }
+        let check_timeout = problems.check(
+            &key("check_timeout"),
+            units::parse_duration(section.check_timeout.as_deref().unwrap_or("10m")),
+        );
+        if let (Some(every), Some(at), Some(check_timeout)) = (every, at, check_timeout) {
+            out.push(DrillSchedule {
+                volume: section.volume.clone(),
+                every,
+                at,
+                check: section.check.clone(),
+                check_timeout,
+            });
+        }
+    }
+    out
 }
 
 /// Reads and checks an agent configuration file.
@@ -901,6 +1011,61 @@ volume = "db"
         .unwrap_err()
         .to_string();
         for expected in ["listen:", "agent[0].fingerprint", "agent[0].volumes"] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn drill_schedules_are_checked() {
+        let path = Path::new("receiver.toml");
+        let head =
+            format!("identity = \"/id\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\"]\n");
+        let settings = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[drill]]\nvolume = \"db\"\nevery = \"7d\"\ncheck = \"test -d etc\"\n[[drill]]\nvolume = \"logs\"\nevery = \"1h\"\nat = \"seq:4\"\ncheck_timeout = \"30s\"\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            settings.drills,
+            vec![
+                DrillSchedule {
+                    volume: "db".into(),
+                    every: Duration::from_secs(7 * 86400),
+                    at: PointSelector::Latest,
+                    check: Some("test -d etc".into()),
+                    check_timeout: Duration::from_secs(600),
+                },
+                DrillSchedule {
+                    volume: "logs".into(),
+                    every: Duration::from_secs(3600),
+                    at: PointSelector::Seq(4),
+                    check: None,
+                    check_timeout: Duration::from_secs(30),
+                },
+            ]
+        );
+        let error = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[drill]]\nvolume = \"../x\"\nevery = \"5s\"\nat = \"all\"\ncheck = \" \"\n[[drill]]\nvolume = \"db\"\nevery = \"soon\"\n[[drill]]\nvolume = \"db\"\nevery = \"1d\"\ncheck_timeout = \"x\"\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "drill[0].volume",
+            "drill[0].every: 5s is shorter",
+            "drill[0].at: a drill proves one point",
+            "drill[0].check: empty",
+            "drill[1].every",
+            "drill[2].volume: volume db has two drill schedules",
+            "drill[2].check_timeout",
+        ] {
             assert!(
                 error.contains(expected),
                 "missing {expected:?} in:\n{error}"

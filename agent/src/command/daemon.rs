@@ -281,7 +281,18 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         status: board.clone(),
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    runtime.spawn(reload_on_hangup(config_path, settings.clone(), reload_tx));
+    let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
+    runtime.spawn(reload_on_hangup(
+        config_path,
+        settings.clone(),
+        reload_tx,
+        drills.clone(),
+    ));
+    runtime.spawn(refresh_drills(
+        settings.data_dir.clone(),
+        drills,
+        board.clone(),
+    ));
     let result = runtime.block_on(async move {
         if let Some(path) = &settings.control_socket {
             service::serve_control(path, board.clone(), shutdown.clone())?;
@@ -316,11 +327,38 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     }
 }
 
-/// On every SIGHUP, reads the configuration file again and hands the result to the receiver.
+/// How often the receiver reads the volumes' drill records into its status.
+const DRILL_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the status board's drill lines current: the records `blkmirror drill` writes, and
+/// whether each scheduled volume is overdue.
+async fn refresh_drills(
+    data_dir: PathBuf,
+    schedules: Arc<std::sync::Mutex<Vec<crate::command::config::DrillSchedule>>>,
+    board: Arc<StatusBoard>,
+) {
+    loop {
+        let current = schedules.lock().expect("not poisoned").clone();
+        let (dir, board_ref) = (data_dir.clone(), board.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            for (volume, summary) in
+                crate::dr::recovery::drill_summaries(&dir, &current, status::now_ms())
+            {
+                board_ref.update(&volume, |s| s.drill = Some(summary));
+            }
+        })
+        .await;
+        tokio::time::sleep(DRILL_REFRESH).await;
+    }
+}
+
+/// On every SIGHUP, reads the configuration file again and hands the result to the receiver
+/// (the drill schedules go straight to the status refresher).
 async fn reload_on_hangup(
     path: Option<PathBuf>,
     running: ReceiverSettings,
     reloads: tokio::sync::mpsc::Sender<receiver::Reload>,
+    drills: Arc<std::sync::Mutex<Vec<crate::command::config::DrillSchedule>>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -349,6 +387,7 @@ async fn reload_on_hangup(
                     );
                 }
                 let grants = receiver::parse_grants(&settings.allow)?;
+                *drills.lock().expect("not poisoned") = settings.drills.clone();
                 Ok((grants, settings.retention))
             });
         if reloads.send(reload).await.is_err() {

@@ -62,6 +62,27 @@ pub struct KeptCycle {
     pub since_unix_ms: u64,
 }
 
+/// (receiver) The volume's last drill (`blkmirror drill`), and its schedule.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrillSummary {
+    /// The point drilled.
+    pub seq: u64,
+    /// When the drill started (Unix ms).
+    pub time_unix_ms: u64,
+    /// Whether it passed.
+    pub ok: bool,
+    /// Its recovery time: start to healthy (or to the failure).
+    pub recovery_seconds: f64,
+    /// Why it failed.
+    pub failure: Option<String>,
+    /// The last successful drill (Unix ms).
+    pub last_success_unix_ms: Option<u64>,
+    /// The schedule (`[[drill]] every`), in seconds.
+    pub every_s: Option<u64>,
+    /// Scheduled, and the last success is older than the schedule (or there is none).
+    pub overdue: bool,
+}
+
 /// A committed point, as status shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PointSummary {
@@ -137,6 +158,9 @@ pub struct VolumeStatus {
     /// (receiver) A cycle whose connection broke, kept for its agent to resume.
     #[serde(default)]
     pub kept_cycle: Option<KeptCycle>,
+    /// (receiver) The last drill and its schedule.
+    #[serde(default)]
+    pub drill: Option<DrillSummary>,
     /// The sync in progress, if any.
     pub sync: Option<SyncProgress>,
     /// The newest committed complete point.
@@ -450,6 +474,13 @@ pub fn render(snapshot: &Snapshot) -> String {
                 units::format_utc(kept.since_unix_ms)
             );
         }
+        if let Some(drill) = &s.drill {
+            let _ = writeln!(
+                out,
+                "    drill        {}",
+                drill_line(drill, snapshot.time_unix_ms)
+            );
+        }
         if let Some(point) = &s.last_consistent {
             let _ = writeln!(
                 out,
@@ -487,6 +518,44 @@ fn escape_label(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The status line of a volume's drills.
+fn drill_line(drill: &DrillSummary, now_unix_ms: u64) -> String {
+    let ago = |ms: u64| {
+        units::format_duration(std::time::Duration::from_secs(
+            now_unix_ms.saturating_sub(ms) / 1000,
+        ))
+    };
+    let mut line = if drill.time_unix_ms == 0 {
+        "never run".to_owned()
+    } else if drill.ok {
+        format!(
+            "passed {} ago: point {} recovered in {:.1}s",
+            ago(drill.time_unix_ms),
+            drill.seq,
+            drill.recovery_seconds
+        )
+    } else {
+        format!(
+            "FAILED {} ago on point {}: {}",
+            ago(drill.time_unix_ms),
+            drill.seq,
+            drill.failure.as_deref().unwrap_or("unknown")
+        )
+    };
+    if let Some(every) = drill.every_s {
+        let every = units::format_duration(std::time::Duration::from_secs(every));
+        if drill.overdue {
+            let last = drill
+                .last_success_unix_ms
+                .map_or("none ever".to_owned(), |ms| format!("{} ago", ago(ms)));
+            line = format!("OVERDUE (every {every}; last success {last}): {line}");
+        } else {
+            line.push_str(&format!(" (every {every})"));
+        }
+    }
+    line
+}
+
 /// The content type of [`prometheus`]'s text (OpenMetrics, which Prometheus scrapes natively).
 pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -507,7 +576,37 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 7] = [
+        let gauges: [Series<Option<f64>>; 10] = [
+            (
+                "blkmirror_drill_last_success_timestamp_seconds",
+                "(receiver) When the last successful drill of the volume started (Unix seconds).",
+                |s| {
+                    s.drill
+                        .as_ref()
+                        .and_then(|d| d.last_success_unix_ms)
+                        .map(|ms| ms as f64 / 1000.0)
+                },
+            ),
+            (
+                "blkmirror_drill_recovery_seconds",
+                "(receiver) The last drill's recovery time: start to healthy.",
+                |s| {
+                    s.drill
+                        .as_ref()
+                        .filter(|d| d.ok)
+                        .map(|d| d.recovery_seconds)
+                },
+            ),
+            (
+                "blkmirror_drill_overdue",
+                "(receiver) 1 when the volume's last successful drill is older than its schedule.",
+                |s| {
+                    s.drill
+                        .as_ref()
+                        .filter(|d| d.every_s.is_some())
+                        .map(|d| if d.overdue { 1.0 } else { 0.0 })
+                },
+            ),
             (
                 "blkmirror_kept_cycle_bytes",
                 "(receiver) Bytes journaled by a cycle whose connection broke, kept for its \
@@ -682,6 +781,58 @@ mod tests {
         let db = board.snapshot(30_000).volumes[0].clone();
         assert!(!db.falling_behind);
         assert_eq!(db.catch_up_eta_s, Some(27));
+    }
+
+    #[test]
+    fn drills_are_shown_flagged_when_overdue_and_exported_as_metrics() {
+        let board = StatusBoard::new("receiver");
+        let now = 1_000_000_000u64;
+        board.update("db", |s| {
+            s.drill = Some(DrillSummary {
+                seq: 12,
+                time_unix_ms: now - 7_200_000,
+                ok: true,
+                recovery_seconds: 3.25,
+                failure: None,
+                last_success_unix_ms: Some(now - 7_200_000),
+                every_s: Some(86400),
+                overdue: false,
+            });
+        });
+        board.update("logs", |s| {
+            s.drill = Some(DrillSummary {
+                seq: 4,
+                time_unix_ms: now - 60_000,
+                ok: false,
+                recovery_seconds: 1.0,
+                failure: Some("fsck: e2fsck failed".into()),
+                last_success_unix_ms: None,
+                every_s: Some(3600),
+                overdue: true,
+            });
+        });
+        let snap = board.snapshot(now);
+        let text = render(&snap);
+        assert!(
+            text.contains("drill        passed 2h ago: point 12 recovered in 3.2s (every 1day)"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "OVERDUE (every 1h; last success none ever): FAILED 1m ago on point 4: fsck"
+            ),
+            "{text}"
+        );
+        let metrics = prometheus(&snap);
+        assert!(
+            metrics
+                .contains("blkmirror_drill_last_success_timestamp_seconds{volume=\"db\"} 992800.0"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("blkmirror_drill_recovery_seconds{volume=\"db\"} 3.25"));
+        assert!(!metrics.contains("blkmirror_drill_recovery_seconds{volume=\"logs\"}"));
+        assert!(metrics.contains("blkmirror_drill_overdue{volume=\"logs\"} 1"));
+        assert!(metrics.contains("blkmirror_drill_overdue{volume=\"db\"} 0"));
     }
 
     #[test]

@@ -678,3 +678,186 @@ fn run_drill(
     drop(attachment);
     Ok(healthy_ms)
 }
+
+/// Whether a drill of a volume scheduled `every` is due at `now_unix_ms`: never drilled, or
+/// the last drill (passed or failed) started at least `every` ago. Pure.
+pub fn is_due(record: Option<&DrillRecord>, every: Duration, now_unix_ms: u64) -> bool {
+    record.is_none_or(|r| now_unix_ms.saturating_sub(r.time_unix_ms) >= every.as_millis() as u64)
+}
+
+/// Whether a volume scheduled `every` is overdue: no successful drill, or the last one is
+/// older than `every`. Pure.
+pub fn is_overdue(record: Option<&DrillRecord>, every: Duration, now_unix_ms: u64) -> bool {
+    record
+        .and_then(|r| r.last_success_unix_ms)
+        .is_none_or(|success| now_unix_ms.saturating_sub(success) > every.as_millis() as u64)
+}
+
+/// `blkmirror drill --due`: runs every scheduled drill that is due, one after another; fails
+/// (exit 8) when any of them failed, after running the rest.
+pub fn run_due(
+    data_dir: &Path,
+    schedules: &[crate::command::config::DrillSchedule],
+    json: bool,
+) -> Result<(), OpsError> {
+    let now = crate::command::status::now_ms();
+    let mut failed = Vec::new();
+    let mut ran = 0;
+    for schedule in schedules {
+        let record = read_drill_record(data_dir, &schedule.volume);
+        if !is_due(record.as_ref(), schedule.every, now) {
+            continue;
+        }
+        ran += 1;
+        let result = drill(&DrillOptions {
+            data_dir: data_dir.to_owned(),
+            volume: schedule.volume.clone(),
+            at: schedule.at.clone(),
+            check: schedule.check.clone(),
+            check_timeout: schedule.check_timeout,
+            json,
+        });
+        if let Err(error) = result {
+            eprintln!("blkmirror: {error}");
+            failed.push(schedule.volume.clone());
+        }
+    }
+    eprintln!(
+        "blkmirror: {} drill schedule(s), {ran} due and run, {} failed",
+        schedules.len(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(OpsError::DrillFailed(format!(
+            "drills failed for: {}",
+            failed.join(", ")
+        )))
+    }
+}
+
+/// The drill status of every volume under `data_dir` that has a drill record or a schedule.
+pub fn drill_summaries(
+    data_dir: &Path,
+    schedules: &[crate::command::config::DrillSchedule],
+    now_unix_ms: u64,
+) -> Vec<(String, crate::command::status::DrillSummary)> {
+    let mut volumes: std::collections::BTreeSet<String> =
+        schedules.iter().map(|s| s.volume.clone()).collect();
+    if let Ok(entries) = fs::read_dir(data_dir) {
+        for entry in entries.flatten() {
+            if entry.path().join(DRILL_RECORD).is_file()
+                && let Some(name) = entry.file_name().to_str()
+            {
+                volumes.insert(name.to_owned());
+            }
+        }
+    }
+    volumes
+        .into_iter()
+        .map(|volume| {
+            let record = read_drill_record(data_dir, &volume);
+            let every = schedules
+                .iter()
+                .find(|s| s.volume == volume)
+                .map(|s| s.every);
+            let summary = crate::command::status::DrillSummary {
+                seq: record.as_ref().map_or(0, |r| r.seq),
+                time_unix_ms: record.as_ref().map_or(0, |r| r.time_unix_ms),
+                ok: record.as_ref().is_some_and(|r| r.ok),
+                recovery_seconds: record
+                    .as_ref()
+                    .map_or(0.0, |r| r.recovery_ms as f64 / 1000.0),
+                failure: record.as_ref().and_then(|r| r.failure.clone()),
+                last_success_unix_ms: record.as_ref().and_then(|r| r.last_success_unix_ms),
+                every_s: every.map(|e| e.as_secs()),
+                overdue: every.is_some_and(|e| is_overdue(record.as_ref(), e, now_unix_ms)),
+            };
+            (volume, summary)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(time_unix_ms: u64, ok: bool, last_success_unix_ms: Option<u64>) -> DrillRecord {
+        DrillRecord {
+            format: DRILL_FORMAT,
+            volume: "v".into(),
+            seq: 3,
+            time_unix_ms,
+            ok,
+            recovery_ms: 1500,
+            failure: (!ok).then(|| "fsck: e2fsck failed".into()),
+            steps: Vec::new(),
+            last_success_unix_ms,
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const HOUR_MS: u64 = 3_600_000;
+
+    #[test]
+    fn a_drill_is_due_an_interval_after_the_last_attempt_and_overdue_after_the_last_success() {
+        let now = 100 * HOUR_MS;
+        assert!(is_due(None, HOUR, now));
+        assert!(is_overdue(None, HOUR, now));
+        let recent_failure = record(now - HOUR_MS / 2, false, Some(now - 3 * HOUR_MS));
+        // A failed drill is retried after the interval, not at once...
+        assert!(!is_due(Some(&recent_failure), HOUR, now));
+        assert!(is_due(Some(&recent_failure), HOUR, now + HOUR_MS / 2));
+        // ...and the volume is overdue meanwhile: its last success is 3 h old.
+        assert!(is_overdue(Some(&recent_failure), HOUR, now));
+        let success = record(now - HOUR_MS / 2, true, Some(now - HOUR_MS / 2));
+        assert!(!is_overdue(Some(&success), HOUR, now));
+        assert!(is_overdue(Some(&success), HOUR, now + HOUR_MS));
+        // Never a success: overdue whatever the attempts.
+        assert!(is_overdue(Some(&record(now, false, None)), HOUR, now));
+    }
+
+    #[test]
+    fn summaries_cover_scheduled_and_drilled_volumes() {
+        let tmp = crate::testing::TempDir::new("drill-summaries");
+        let now = 100 * HOUR_MS;
+        fs::create_dir_all(tmp.0.join("drilled")).unwrap();
+        fs::write(
+            tmp.0.join("drilled").join(DRILL_RECORD),
+            serde_json::to_string(&record(now - 2 * HOUR_MS, true, Some(now - 2 * HOUR_MS)))
+                .unwrap(),
+        )
+        .unwrap();
+        fs::create_dir_all(tmp.0.join("plain")).unwrap();
+        let schedules = vec![
+            crate::command::config::DrillSchedule {
+                volume: "drilled".into(),
+                every: HOUR,
+                at: PointSelector::Latest,
+                check: None,
+                check_timeout: HOUR,
+            },
+            crate::command::config::DrillSchedule {
+                volume: "never".into(),
+                every: HOUR,
+                at: PointSelector::Latest,
+                check: None,
+                check_timeout: HOUR,
+            },
+        ];
+        let summaries = drill_summaries(&tmp.0, &schedules, now);
+        let names: Vec<&str> = summaries.iter().map(|(v, _)| v.as_str()).collect();
+        assert_eq!(names, ["drilled", "never"]);
+        let drilled = &summaries[0].1;
+        assert!(drilled.ok && drilled.overdue, "{drilled:?}");
+        assert_eq!(drilled.recovery_seconds, 1.5);
+        assert_eq!(drilled.every_s, Some(3600));
+        let never = &summaries[1].1;
+        assert!(never.overdue && never.time_unix_ms == 0, "{never:?}");
+        // Without a schedule, a drilled volume is shown but never overdue.
+        let unscheduled = drill_summaries(&tmp.0, &[], now);
+        assert_eq!(unscheduled.len(), 1);
+        assert!(!unscheduled[0].1.overdue);
+    }
+}
