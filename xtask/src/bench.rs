@@ -84,6 +84,16 @@ pub enum Which {
     /// What compression buys on a disk of binaries, text, zeros and random data, through the
     /// link emulator: --compression off (the baseline), fast and auto (the level adapts).
     Compression(crate::bench_compression::CompressionCases),
+    /// Instant recovery: `export` of an old point (first byte, whole read) against a full
+    /// `restore` of it and a raw read of the replica image.
+    Export {
+        /// Device size in MiB.
+        #[arg(long, default_value_t = 1024)]
+        size_mib: u64,
+        /// Rounds of 1% changes after the exported point.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -114,6 +124,7 @@ pub fn run(which: Which) -> Result<()> {
         Which::Wan(matrix) => crate::bench_wan::wan(&matrix),
         Which::Rpo(cases) => crate::bench_rpo::rpo(&cases),
         Which::Compression(cases) => crate::bench_compression::compression(&cases),
+        Which::Export { size_mib, rounds } => crate::bench_export::export(size_mib, rounds),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",

@@ -21,7 +21,7 @@ use crate::demo::{
     Cleanup, keygen, release_binary, require_root, scratch_loop_with, scratch_space, start_receiver,
 };
 
-fn dd_read_seconds(device: &str) -> Result<f64> {
+pub(crate) fn dd_read_seconds(device: &str) -> Result<f64> {
     // Drop the page cache first, although O_DIRECT bypasses it anyway.
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
     let started = Instant::now();
@@ -68,7 +68,7 @@ pub(crate) fn fill_random(
 }
 
 /// The committed lines of one `agent --once --json`, and its wall time.
-fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
+pub(crate) fn agent_once(command: &mut Command) -> Result<(Vec<serde_json::Value>, f64)> {
     let started = Instant::now();
     let out = command.output().context("blkmirror agent")?;
     let seconds = started.elapsed().as_secs_f64();

@@ -8,10 +8,12 @@
 //! * `demo` shows the tracker on a scratch loop device with ext4 and a live writer.
 //! * `bench tracking` measures the write overhead of tracking with fio; `bench replication`,
 //!   `bench points`, `bench relay`, `bench wan` and `bench rpo` measure replication on
-//!   127.0.0.1 and through the link emulator (see the README).
+//!   127.0.0.1 and through the link emulator (see the README); `bench export` measures
+//!   instant recovery against a full restore.
 
 mod bench;
 mod bench_compression;
+mod bench_export;
 mod bench_replication;
 mod bench_rpo;
 mod bench_wan;
