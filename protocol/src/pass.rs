@@ -266,6 +266,8 @@ impl Cycle {
                 synced_to: self.size,
                 group_cut: self.group_cut.filter(|_| self.consistent),
                 received_unix_ms: 0,
+                // The driver knows the application hooks' outcome and sets it.
+                app_consistent: false,
             },
         }
     }
@@ -504,6 +506,7 @@ impl SyncPass {
                 synced_to: open.end,
                 group_cut: None,
                 received_unix_ms: 0,
+                app_consistent: false,
             },
         }
     }

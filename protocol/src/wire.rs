@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -186,6 +186,11 @@ pub struct PointInfo {
     /// the receiver; what an agent sends here is ignored. Retention ages points by it.
     #[serde(default)]
     pub received_unix_ms: u64,
+    /// Whether the application's `pre_freeze` hook succeeded before the freeze of the final cut
+    /// (a database checkpoint, a read lock): the point is application-consistent, not only
+    /// crash-consistent. Only ever true with `consistent`.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// What the receiver sends on the control stream.

@@ -152,6 +152,21 @@ impl LoopDevice {
         device
     }
 
+    /// A loop device over an existing file (detached, and the file removed, on drop).
+    pub fn attach(file: &Path) -> Self {
+        let path = PathBuf::from(
+            sh(
+                "losetup",
+                &["-f", "--show", file.to_str().expect("utf-8 path")],
+            )
+            .trim(),
+        );
+        Self {
+            path,
+            backing: file.to_owned(),
+        }
+    }
+
     /// The node of partition `n`.
     pub fn partition(&self, n: u32) -> PathBuf {
         PathBuf::from(format!("{}p{n}", self.path.display()))

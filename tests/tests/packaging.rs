@@ -84,6 +84,10 @@ fn debs_hold_the_binary_units_and_conffiles_and_never_start_a_service() {
                 "./lib/systemd/system/blkmirror-drills.timer",
             ),
             ("-rw-r----- root/root", "./etc/blkmirror/agent.toml"),
+            (
+                "-rwxr-xr-x root/root",
+                "./usr/share/blkmirror/hooks/postgresql-pre-freeze",
+            ),
             ("-rw-r----- root/root", "./etc/blkmirror/receiver.toml"),
             ("drwxr-x--- root/root", "./etc/blkmirror/"),
         ] {
@@ -140,6 +144,7 @@ fn rpms_hold_the_binary_units_and_noreplace_configs() {
             "/usr/lib/systemd/system/blkmirror-receiver.service",
             "/usr/lib/systemd/system/blkmirror-drills.service",
             "/usr/lib/systemd/system/blkmirror-drills.timer",
+            "/usr/share/blkmirror/hooks/mysql-post-thaw",
             "/etc/blkmirror/agent.toml",
             "/etc/blkmirror/receiver.toml",
         ] {

@@ -163,6 +163,13 @@ fn install(from: &Path, to: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// The application hooks shipped as examples (`/usr/share/blkmirror/hooks/`).
+const HOOK_EXAMPLES: [&str; 3] = [
+    "postgresql-pre-freeze",
+    "mysql-pre-freeze",
+    "mysql-post-thaw",
+];
+
 /// The installed files, under `stage`.
 fn stage_tree(stage: &Path, binary: &Path, arch: &Arch, release: bool, units: &str) -> Result<()> {
     let bin = stage.join("usr/bin/blkmirror");
@@ -189,6 +196,13 @@ fn stage_tree(stage: &Path, binary: &Path, arch: &Arch, release: bool, units: &s
     fs::set_permissions(&etc, fs::Permissions::from_mode(0o750))?;
     let doc = stage.join("usr/share/doc/blkmirror");
     install(&root().join("README.md"), &doc.join("README.md"), 0o644)?;
+    for hook in HOOK_EXAMPLES {
+        install(
+            &root().join("packaging/hooks").join(hook),
+            &stage.join("usr/share/blkmirror/hooks").join(hook),
+            0o755,
+        )?;
+    }
     Ok(())
 }
 
@@ -274,6 +288,9 @@ cp -a {stage}/. %{{buildroot}}/
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/agent.toml
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/receiver.toml
 %doc %attr(0644,root,root) /usr/share/doc/blkmirror/README.md
+%attr(0755,root,root) /usr/share/blkmirror/hooks/postgresql-pre-freeze
+%attr(0755,root,root) /usr/share/blkmirror/hooks/mysql-pre-freeze
+%attr(0755,root,root) /usr/share/blkmirror/hooks/mysql-post-thaw
 
 %post
 if [ -d /run/systemd/system ]; then systemctl daemon-reload >/dev/null 2>&1 || :; fi

@@ -33,6 +33,7 @@ use crate::{
     link::identity::{self, Fingerprint},
     link::net::Congestion,
     source::agent::{Compression, FreezeMode},
+    source::app_hooks::AppHooks,
     source::freeze,
     source::read::Engine,
     tracker::track::{self, HookChoice, NeedsVerify, Origin, TrackError, TrackOptions, Tracker},
@@ -190,6 +191,17 @@ pub struct AgentArgs {
     /// Longest time the file system may stay frozen.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_interval)]
     pub freeze_budget: Duration,
+    /// A command run (by `sh -c`) before each freeze: a database checkpoint, a read lock. When
+    /// it succeeds, the point is application-consistent; when it fails, the point is still
+    /// frozen and says it is only crash-consistent.
+    #[arg(long, value_name = "CMD")]
+    pub pre_freeze: Option<String>,
+    /// A command run after each thaw, always (it releases what `--pre-freeze` took).
+    #[arg(long, value_name = "CMD")]
+    pub post_thaw: Option<String>,
+    /// How long each hook may run before it and what it started are killed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_interval)]
+    pub hook_timeout: Duration,
     /// QUIC flow-control window (at least bandwidth x round-trip time).
     #[arg(long, value_name = "SIZE", default_value = "32MiB", value_parser = units::parse_size)]
     pub window: u64,
@@ -859,6 +871,14 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                     "--device, --volume, --receiver, --receiver-fingerprint and --identity are needed without --config",
                 );
             };
+            if (args.pre_freeze.is_some() || args.post_thaw.is_some())
+                && args.freeze == FreezeMode::Off
+            {
+                return fail(
+                    ExitCode::Usage,
+                    "--pre-freeze and --post-thaw run around a freeze, and --freeze is off",
+                );
+            }
             AgentSettings {
                 identity,
                 receiver,
@@ -882,6 +902,11 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                     compression: args.compression,
                     freeze: args.freeze,
                     freeze_budget: args.freeze_budget,
+                    app_hooks: AppHooks {
+                        pre_freeze: args.pre_freeze,
+                        post_thaw: args.post_thaw,
+                        timeout: args.hook_timeout,
+                    },
                     window: args.window,
                     congestion: args.congestion,
                     sync_step: args.sync_step,

@@ -23,6 +23,7 @@ use crate::{
     link::identity::Fingerprint,
     link::net::Congestion,
     source::agent::{Compression, FreezeMode},
+    source::app_hooks::AppHooks,
     source::read::Engine,
     tracker::track::{self, HookChoice},
 };
@@ -89,6 +90,12 @@ pub struct DeviceSection {
     pub sync_step: Option<String>,
     /// Devices of one consistency group are frozen and cut together.
     pub consistency_group: Option<String>,
+    /// `--pre-freeze`.
+    pub pre_freeze: Option<String>,
+    /// `--post-thaw`.
+    pub post_thaw: Option<String>,
+    /// `--hook-timeout`.
+    pub hook_timeout: Option<String>,
 }
 
 /// `/etc/blkmirror/agent.toml`.
@@ -153,6 +160,8 @@ pub struct DeviceSettings {
     pub sync_step: u64,
     /// The consistency group.
     pub consistency_group: Option<String>,
+    /// Application hooks around each freeze.
+    pub app_hooks: AppHooks,
 }
 
 /// The agent's whole configuration, checked.
@@ -438,6 +447,25 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
         let window = setting!(window, "32MiB", units::parse_size);
         let congestion = setting!(congestion, "filtered-cubic", enum_value);
         let sync_step = setting!(sync_step, "4GiB", units::parse_size);
+        let hook_timeout = setting!(hook_timeout, "60s", parse_interval);
+        for (name, command) in [
+            ("pre_freeze", &section.pre_freeze),
+            ("post_thaw", &section.post_thaw),
+        ] {
+            if command.as_deref().is_some_and(|c| c.trim().is_empty()) {
+                problems
+                    .0
+                    .push(format!("{}: empty; leave it out for no hook", key(name)));
+            }
+        }
+        if (section.pre_freeze.is_some() || section.post_thaw.is_some())
+            && section.freeze.as_deref() == Some("off")
+        {
+            problems.0.push(format!(
+                "{}: hooks run around a freeze, and freeze is off",
+                key("pre_freeze")
+            ));
+        }
         let streams = section.streams.unwrap_or(4);
         if !(1..=32).contains(&streams) {
             problems
@@ -463,6 +491,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             Some(window),
             Some(congestion),
             Some(sync_step),
+            Some(hook_timeout),
         ) = (
             interval,
             max_rate,
@@ -475,6 +504,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             window,
             congestion,
             sync_step,
+            hook_timeout,
         ) {
             devices.push(DeviceSettings {
                 device: section.path.clone(),
@@ -493,6 +523,11 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 congestion,
                 sync_step,
                 consistency_group: section.consistency_group.clone(),
+                app_hooks: AppHooks {
+                    pre_freeze: section.pre_freeze.clone(),
+                    post_thaw: section.post_thaw.clone(),
+                    timeout: hook_timeout,
+                },
             });
         }
     }

@@ -134,6 +134,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
             congestion: device.congestion,
             sync_step: device.sync_step,
             json: settings.json,
+            app_hooks: device.app_hooks.clone(),
             status: board.clone(),
             group: device
                 .consistency_group

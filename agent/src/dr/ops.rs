@@ -133,6 +133,8 @@ pub struct PointLine {
     pub epoch: u64,
     /// Whether the file system was frozen at the cut.
     pub consistent: bool,
+    /// Whether the application's `pre_freeze` hook succeeded before that freeze.
+    pub app_consistent: bool,
     /// How long it was frozen.
     pub freeze_ms: u64,
     /// Data bytes the cycle shipped.
@@ -157,6 +159,7 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
             time_unix_ms: p.time_unix_ms,
             epoch: p.epoch,
             consistent: p.consistent,
+            app_consistent: p.app_consistent,
             freeze_ms: p.freeze_ms,
             bytes: p.bytes,
             stored_bytes,
@@ -188,7 +191,9 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
             line.seq,
             line.time,
             line.epoch,
-            if line.consistent {
+            if line.app_consistent {
+                "app"
+            } else if line.consistent {
                 "consistent"
             } else {
                 "fuzzy"
@@ -654,6 +659,7 @@ mod tests {
             synced_to: 0,
             group_cut: None,
             received_unix_ms: time_unix_ms,
+            app_consistent: false,
         }
     }
 

@@ -7,7 +7,7 @@
 //! | file | format marker | current |
 //! |---|---|---|
 //! | `VOLUME/volume.json` | `"format"` field | [`META_FORMAT`] (2) |
-//! | `VOLUME/journal` | a leading `Format` record (none: format 1) | [`JOURNAL_FORMAT`] (2) |
+//! | `VOLUME/journal` | a leading `Format` record (none: format 1) | [`JOURNAL_FORMAT`] (3) |
 //! | `VOLUME/hashes` | the format of `volume.json` (32 bytes per chunk) | 2 |
 //! | `VOLUME/points/undo-*` | magic `BMUNDO01` | 1 |
 //! | `audit.log` | `"format"` in each entry (none: format 1) | [`crate::dr::audit::AUDIT_FORMAT`] (1) |
@@ -31,8 +31,46 @@ use blkmirror_protocol::wire::PointInfo;
 
 /// Version of `volume.json` this build writes. It also reads 1, and upgrades it.
 pub const META_FORMAT: u32 = 2;
-/// Version of the journal this build writes. It also reads 1 (no `Format` record).
-pub const JOURNAL_FORMAT: u32 = 2;
+/// Version of the journal this build writes. It also reads 1 (no `Format` record) and 2.
+/// Format 3 commits with a record that holds [`StoredPoint`] (with `app_consistent`); formats
+/// 1 and 2 hold [`StoredPointV2`].
+pub const JOURNAL_FORMAT: u32 = 3;
+
+/// A committed point as journals of formats 1 and 2 hold it: [`StoredPoint`] before
+/// `app_consistent` (postcard is positional, so the old layout keeps its own type).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPointV2 {
+    seq: u64,
+    generation: u64,
+    epoch: u64,
+    time_unix_ms: u64,
+    bytes: u64,
+    consistent: bool,
+    freeze_ms: u64,
+    complete: bool,
+    synced_to: u64,
+    group_cut: Option<u64>,
+    received_unix_ms: u64,
+}
+
+impl From<StoredPointV2> for StoredPoint {
+    fn from(old: StoredPointV2) -> Self {
+        Self {
+            seq: old.seq,
+            generation: old.generation,
+            epoch: old.epoch,
+            time_unix_ms: old.time_unix_ms,
+            bytes: old.bytes,
+            consistent: old.consistent,
+            freeze_ms: old.freeze_ms,
+            complete: old.complete,
+            synced_to: old.synced_to,
+            group_cut: old.group_cut,
+            received_unix_ms: old.received_unix_ms,
+            app_consistent: false,
+        }
+    }
+}
 
 /// A committed point as the receiver stores it (in `volume.json` and in a journal's commit
 /// record). The field order is part of the journal format (postcard is positional): add
@@ -65,6 +103,10 @@ pub struct StoredPoint {
     /// Retention ages points by it.
     #[serde(default)]
     pub received_unix_ms: u64,
+    /// Whether the application's `pre_freeze` hook succeeded for the final cut (points from
+    /// before hooks existed have none: false).
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 impl StoredPoint {
@@ -83,6 +125,8 @@ impl StoredPoint {
             synced_to: point.synced_to,
             group_cut: point.group_cut,
             received_unix_ms,
+            // Claimed by the agent; it can only say so of a frozen point.
+            app_consistent: point.app_consistent && point.consistent,
         }
     }
 
@@ -100,6 +144,7 @@ impl StoredPoint {
             synced_to: self.synced_to,
             group_cut: self.group_cut,
             received_unix_ms: self.received_unix_ms,
+            app_consistent: self.app_consistent,
         }
     }
 
@@ -130,8 +175,19 @@ mod tests {
             synced_to: 0,
             group_cut: Some(55),
             received_unix_ms: 123_456_789,
+            app_consistent: true,
         };
         let stored = StoredPoint::received(&wire, 2_000);
+        assert!(stored.app_consistent);
+        // An agent cannot call an unfrozen point application-consistent.
+        let unfrozen = StoredPoint::received(
+            &PointInfo {
+                consistent: false,
+                ..wire.clone()
+            },
+            2_000,
+        );
+        assert!(!unfrozen.app_consistent);
         assert_eq!(stored.received_unix_ms, 2_000);
         assert_eq!(
             stored.to_wire(),
@@ -143,20 +199,34 @@ mod tests {
     }
 
     #[test]
-    fn the_journal_encoding_of_a_stored_point_is_that_of_format_1() {
-        // Format 1 journals hold the protocol-3 `PointInfo` in their commit records; a stored
-        // point must decode from those bytes unchanged.
-        let wire = PointInfo {
+    fn the_journal_encoding_of_a_format_2_point_is_that_of_format_1() {
+        // Format 1 journals hold the protocol-3 `PointInfo` in their commit records (the
+        // fields of `StoredPointV2`, in its order); the bytes of that layout, written out.
+        let wire = StoredPointV2 {
             seq: 2,
             time_unix_ms: 77,
             complete: true,
             group_cut: Some(1),
             received_unix_ms: 99,
-            ..PointInfo::default()
+            ..StoredPointV2::default()
         };
         let bytes = postcard::to_stdvec(&wire).unwrap();
-        let stored: StoredPoint = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(stored.to_wire(), wire);
+        assert_eq!(bytes, [2, 0, 0, 77, 0, 0, 0, 1, 0, 1, 1, 99]);
+        let stored: StoredPoint = postcard::from_bytes::<StoredPointV2>(&bytes)
+            .unwrap()
+            .into();
+        assert_eq!(
+            stored.to_wire(),
+            PointInfo {
+                seq: 2,
+                time_unix_ms: 77,
+                complete: true,
+                group_cut: Some(1),
+                received_unix_ms: 99,
+                ..PointInfo::default()
+            }
+        );
+        assert!(!stored.app_consistent);
     }
 
     /// The previous release's data directory (`tests/fixtures/make-release-fixture.sh`):

@@ -35,7 +35,7 @@ use std::collections::BTreeSet;
 use crate::{
     dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
     dr::storage::{Cursor, Disk, LocalDisk, LockGuard, OpenMode, StoredFile},
-    dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint},
+    dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint, StoredPointV2},
 };
 use blkmirror_protocol::{
     retention::{self, PointAge, RetentionPolicy},
@@ -173,14 +173,30 @@ enum Record {
         offset: u64,
         length: u64,
     },
+    /// The commit record of formats 1 and 2.
     Commit {
-        point: StoredPoint,
+        point: StoredPointV2,
     },
-    /// The journal's format, as its first record (format 1 journals have none). Last among
-    /// the variants: postcard numbers them in order, and format 1 has the four above.
+    /// The journal's format, as its first record (format 1 journals have none). After the
+    /// four variants of format 1: postcard numbers them in order.
     Format {
         version: u32,
     },
+    /// The commit record of format 3 (the point with `app_consistent`).
+    CommitV3 {
+        point: StoredPoint,
+    },
+}
+
+impl Record {
+    /// The committed point of either commit record.
+    fn committed(self) -> Option<StoredPoint> {
+        match self {
+            Self::Commit { point } => Some(point.into()),
+            Self::CommitV3 { point } => Some(point),
+            _ => None,
+        }
+    }
 }
 
 /// The open cycle's journal.
@@ -701,7 +717,10 @@ impl Volume {
                         .map_err(StoreError::io("writing", &image_path))?;
                 }
                 Record::Zero { offset, length } => self.zero(offset, length)?,
-                Record::Begin { .. } | Record::Commit { .. } | Record::Format { .. } => {}
+                Record::Begin { .. }
+                | Record::Commit { .. }
+                | Record::CommitV3 { .. }
+                | Record::Format { .. } => {}
             },
         }
         self.check_space(seq, bytes, checked)
@@ -809,7 +828,7 @@ impl Volume {
         let Some(mut writer) = writer else {
             return self.commit_direct(point, &touched);
         };
-        let durable = append(&mut writer, &Record::Commit { point }, &path).and_then(|()| {
+        let durable = append(&mut writer, &Record::CommitV3 { point }, &path).and_then(|()| {
             let file = writer
                 .into_inner()
                 .map_err(|error| StoreError::io("writing", &path)(error.into_error()))?;
@@ -1054,8 +1073,8 @@ impl Volume {
                     .write_all_at(&data, offset)
                     .map_err(StoreError::io("writing", &image_path))?,
                 Record::Zero { offset, length } => self.zero(offset, length)?,
-                Record::Commit { point } => {
-                    committed = Some(point);
+                commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) => {
+                    committed = commit.committed();
                     break;
                 }
             }
@@ -1122,7 +1141,9 @@ impl Volume {
                 Record::Zero { offset, length } => {
                     touched.add_zero(chunk_bytes, size, offset, length);
                 }
-                Record::Commit { point } => return Ok((touched, point)),
+                commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) => {
+                    return Ok((touched, commit.committed().expect("a commit record")));
+                }
             }
         }
         Err(StoreError::Meta {
@@ -1332,7 +1353,9 @@ pub fn scan_records(
                 expect_begin = false;
             }
             Record::Write { .. } | Record::Zero { .. } if !expect_begin => {}
-            Record::Commit { point } if !expect_begin => return Ok(Some(point)),
+            commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) if !expect_begin => {
+                return Ok(commit.committed());
+            }
             _ => return Ok(None),
         }
     }
@@ -1709,7 +1732,7 @@ mod tests {
         let mut writer = cycle.writer.take().unwrap();
         append(
             &mut writer,
-            &Record::Commit {
+            &Record::CommitV3 {
                 point: StoredPoint {
                     seq: 1,
                     ..StoredPoint::default()
@@ -1741,7 +1764,7 @@ mod tests {
         let mut writer = cycle.writer.take().unwrap();
         append(
             &mut writer,
-            &Record::Commit {
+            &Record::CommitV3 {
                 point: StoredPoint::default(),
             },
             &path,
@@ -1963,7 +1986,7 @@ mod tests {
             },
             1,
         );
-        append(&mut writer, &Record::Commit { point }, &path).unwrap();
+        append(&mut writer, &Record::CommitV3 { point }, &path).unwrap();
         writer.flush().unwrap();
         drop(writer);
         drop(volume);

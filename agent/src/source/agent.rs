@@ -39,6 +39,7 @@ use crate::{
     command::status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
     link::identity::{Fingerprint, Identity},
     link::net::{self, NetError},
+    source::app_hooks::{AppHooks, HookContext},
     source::freeze::{self, FreezeError, Frozen},
     source::group::{ConsistencyGroup, GroupError},
     source::read::{BlockReader, Engine, ReadError},
@@ -137,6 +138,8 @@ pub struct AgentConfig {
     pub status: Arc<StatusBoard>,
     /// The consistency group this device is frozen and cut with, if any.
     pub group: Option<Arc<ConsistencyGroup>>,
+    /// `pre_freeze` / `post_thaw` around each freeze.
+    pub app_hooks: AppHooks,
 }
 
 /// Agent errors. [`AgentError::retryable`] tells which ones a reconnect can fix.
@@ -386,6 +389,10 @@ pub struct Agent {
     /// `protocol::pass::Resumption`). Kept in memory only: a restarted agent begins the cycle
     /// afresh.
     open_cycle: Option<(u64, DirtyBitmaps)>,
+    /// How `pre_freeze` went before the last freeze attempt (`None`: no hook, or no attempt):
+    /// the committed point is application-consistent when it was `Some(true)` and the point
+    /// is frozen.
+    last_pre_freeze: Option<bool>,
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -496,6 +503,7 @@ impl Agent {
             chunk,
             read_rate: DEFAULT_READ_RATE,
             open_cycle: None,
+            last_pre_freeze: None,
             compression,
             rate,
             started,
@@ -876,6 +884,7 @@ impl Agent {
             ..PassStats::default()
         };
         let mut read_while_frozen = None;
+        self.last_pre_freeze = None;
         loop {
             action = match action {
                 CycleAction::PreCopy => {
@@ -909,7 +918,8 @@ impl Agent {
                     totals.add(stats);
                     cycle.frozen_sent(stats.frames, stats.data_bytes + stats.zero_bytes)
                 }
-                CycleAction::Commit { frames, point } => {
+                CycleAction::Commit { frames, mut point } => {
+                    point.app_consistent = point.consistent && self.last_pre_freeze == Some(true);
                     self.commit(link, frames, point.clone()).await?;
                     self.report("cycle", &point, &totals, started.elapsed());
                     return Ok(());
@@ -933,6 +943,26 @@ impl Agent {
         ),
         AgentError,
     > {
+        let (volume, device, mount) = (
+            self.config.volume.clone(),
+            self.config.device.clone(),
+            self.mount.clone(),
+        );
+        let context = HookContext {
+            volume: &volume,
+            device: &device,
+            mount: mount.as_deref(),
+            cycle: seq,
+        };
+        let hooks = self.config.app_hooks.clone();
+        let pre_freeze = tokio::task::block_in_place(|| hooks.before_freeze(context));
+        if pre_freeze == Some(false) {
+            warn(format!(
+                "{volume}: pre_freeze failed; freezing anyway: this point is crash-consistent, \
+                 not application-consistent"
+            ));
+        }
+        self.last_pre_freeze = pre_freeze;
         let pass = tokio::task::block_in_place(|| match self.config.group.clone() {
             Some(group) => self.group_frozen_pass(&group, seq),
             None => {
@@ -940,6 +970,8 @@ impl Agent {
                 self.frozen_pass(&mount, seq)
             }
         });
+        // Whatever happened: post_thaw releases the application.
+        tokio::task::block_in_place(|| hooks.after_thaw(context, pre_freeze));
         let frozen = match pass {
             Ok(frozen) => frozen,
             // Nothing was cut: the point is the pre-copy pass's, unfrozen.
@@ -1288,6 +1320,7 @@ impl Agent {
                     "zstd_level": (self.config.compression != Compression::Off)
                         .then(|| self.compression.level()),
                     "consistent": point.consistent,
+                    "app_consistent": point.app_consistent,
                     "freeze_ms": point.freeze_ms,
                     "complete": point.complete,
                     "synced_to": point.synced_to,
@@ -1304,6 +1337,11 @@ impl Agent {
                 units::format_size(stats.wire_bytes),
                 if !point.complete {
                     format!("sync step (replica whole up to {})", point.synced_to)
+                } else if point.app_consistent {
+                    format!(
+                        "application-consistent (pre_freeze ok, frozen {} ms)",
+                        point.freeze_ms
+                    )
                 } else if point.consistent {
                     format!("crash-consistent (frozen {} ms)", point.freeze_ms)
                 } else {

@@ -2,6 +2,7 @@
 //! wire (the replication loop, io_uring reads, file-system freezing, consistency groups).
 
 pub mod agent;
+pub mod app_hooks;
 pub mod freeze;
 pub mod group;
 pub mod read;
