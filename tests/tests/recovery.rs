@@ -192,10 +192,10 @@ impl Drop for ReadOnlyLoop {
     }
 }
 
-/// A read-only mount; unmounted on drop.
-struct ReadOnlyMount(PathBuf);
+/// A mount; unmounted on drop.
+struct UnmountOnDrop(PathBuf);
 
-impl Drop for ReadOnlyMount {
+impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).output();
         let _ = fs::remove_dir(&self.0);
@@ -322,7 +322,7 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
             target.to_str().expect("utf-8"),
         ],
     );
-    let mounted = ReadOnlyMount(target.clone());
+    let mounted = UnmountOnDrop(target.clone());
     for file in [0, 7, 19] {
         assert_eq!(
             fs::read(target.join(format!("round-0/f{file}"))).expect("a file of point A"),
@@ -649,5 +649,110 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(audit.matches("\"event\":\"drill\"").count(), 4, "{audit}");
     assert_eq!(audit.matches("\"event\":\"mount\"").count(), 1, "{audit}");
+    run_ok(&["audit", "verify", "--data-dir", &data]);
+}
+
+#[test]
+fn after_a_failover_the_old_source_is_refused_until_reprotected() {
+    require_root();
+    let site = Site::new("fs");
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let agent = site.setup(&dev.path, "fs");
+
+    // 1. Replicate A -> B under a writer.
+    let mut workload = blkmirror_tests::mirror::Workload::start(&mount.target);
+    write_round(&mount.target, 0);
+    agent.once_ok(&[]);
+    let a = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    // 2. Disaster: no agent runs, and A keeps writing for a while.
+    write_round(&mount.target, 1);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // 3. Failover at B to a file, which is mounted and written (the application runs there).
+    let promoted = site.scratch.path.join("promoted.img");
+    let out = blkmirror()
+        .args(["failover", "fs", "--at", &format!("seq:{a}"), "--to"])
+        .arg(&promoted)
+        .args(["--data-dir", &data])
+        .output()
+        .expect("failover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "failover failed: {stderr}");
+    assert!(stderr.contains("term 2"), "{stderr}");
+    let b = LoopDevice::attach(&promoted);
+    let b_mount = site.scratch.path.join("b");
+    fs::create_dir_all(&b_mount).expect("mount point");
+    sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
+    let unmount_b = UnmountOnDrop(b_mount.clone());
+    assert_eq!(
+        fs::read(b_mount.join("round-0/f5")).expect("f5"),
+        body(0, 5)
+    );
+    fs::write(b_mount.join("written-at-b"), b"promoted").expect("write at B");
+    drop(unmount_b);
+    let replica_seq = site.receiver.meta("fs")["committed_seq"].clone();
+
+    // 4. A comes back: its agent is refused (exit 6) with what happened and what to run.
+    let (output, _) = agent.once(&[], Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stderr}");
+    for expected in [
+        "failed over",
+        "term 2",
+        &format!("point {a}"),
+        "reprotect fs",
+    ] {
+        assert!(stderr.contains(expected), "no {expected:?} in: {stderr}");
+    }
+    assert_eq!(
+        site.receiver.meta("fs")["committed_seq"],
+        replica_seq,
+        "the refused source changed the replica"
+    );
+    let points = run_ok(&["points", "fs", "--data-dir", &data]);
+    assert!(points.contains("FAILED OVER"), "{points}");
+
+    // A failover of a failover needs --again, and raises the term.
+    let out = blkmirror()
+        .args(["failover", "fs", "--to"])
+        .arg(site.scratch.path.join("second.img"))
+        .args(["--data-dir", &data])
+        .output()
+        .expect("failover");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--again"));
+    let out = blkmirror()
+        .args(["failover", "fs", "--again", "--to"])
+        .arg(site.scratch.path.join("second.img"))
+        .args(["--data-dir", &data])
+        .output()
+        .expect("failover");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("term 3"));
+
+    // Reprotect: the source is primary again (term 4) and its next cycle commits.
+    run_ok(&["reprotect", "fs", "--data-dir", &data]);
+    workload.stop();
+    let lines = agent.once_ok(&[]);
+    assert!(last_point(&lines)["seq"].as_u64().expect("seq") > a);
+    let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
+    assert_eq!(
+        audit.matches("\"event\":\"failover\"").count(),
+        2,
+        "{audit}"
+    );
+    assert_eq!(
+        audit.matches("\"event\":\"reprotect\"").count(),
+        1,
+        "{audit}"
+    );
     run_ok(&["audit", "verify", "--data-dir", &data]);
 }

@@ -77,6 +77,12 @@ pub enum Command {
     /// Prove that a point recovers: attach it copy-on-write, replay its journal, fsck it, mount
     /// it and run a health check; record the result and the recovery time.
     Drill(DrillArgs),
+    /// Promote a point at the DR site: write it to a device or file and make the DR site
+    /// primary (a new term); the receiver refuses the old source from then on.
+    Failover(FailoverArgs),
+    /// Make the source primary again after a failover (a new term); the DR site's writes are
+    /// not replicated back.
+    Reprotect(ReprotectArgs),
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -389,6 +395,37 @@ pub struct DrillArgs {
     pub json: bool,
 }
 
+/// `blkmirror failover`.
+#[derive(Debug, clap::Args)]
+pub struct FailoverArgs {
+    /// The volume.
+    pub volume: String,
+    /// The point to promote: `latest`, `seq:N`, a UTC time, or `group:N`.
+    #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
+    pub at: PointSelector,
+    /// Where the application will run: a block device not in use, or a new file (an existing
+    /// one with `--force`).
+    #[arg(long, value_name = "PATH")]
+    pub to: PathBuf,
+    /// Replace an existing regular file.
+    #[arg(long)]
+    pub force: bool,
+    /// Fail over again while a failover is in force (promotes another point, new term).
+    #[arg(long)]
+    pub again: bool,
+    #[command(flatten)]
+    pub data: DataDirArg,
+}
+
+/// `blkmirror reprotect`.
+#[derive(Debug, clap::Args)]
+pub struct ReprotectArgs {
+    /// The volume.
+    pub volume: String,
+    #[command(flatten)]
+    pub data: DataDirArg,
+}
+
 /// `blkmirror verify`.
 #[derive(Debug, clap::Args)]
 pub struct VerifyArgs {
@@ -565,6 +602,19 @@ pub fn run(cli: Cli) -> ExitCode {
                 check_timeout: args.check_timeout,
                 json: args.json,
             }));
+        }
+        Command::Failover(args) => {
+            return ops_result(recovery::failover(
+                &args.data.data_dir,
+                &args.volume,
+                &args.at,
+                &args.to,
+                args.force,
+                args.again,
+            ));
+        }
+        Command::Reprotect(args) => {
+            return ops_result(recovery::reprotect(&args.data.data_dir, &args.volume));
         }
         Command::Verify(args) => {
             return ops_result(ops::verify(

@@ -2,6 +2,7 @@
 //! atomic apply, points in time, the audit log, and the operator commands that read them.
 
 pub mod audit;
+pub mod authority;
 pub mod export;
 pub mod nbd;
 pub mod ops;

@@ -205,6 +205,14 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
                 .map_or("-".to_owned(), |cut| format!("group:{cut}"))
         );
     }
+    if let Some(refusal) = crate::dr::authority::read(
+        &crate::dr::storage::LocalDisk::shared(),
+        &crate::dr::volume::Volume::dir_of(data_dir, volume),
+    )?
+    .refusal(volume)
+    {
+        println!("FAILED OVER: {refusal}");
+    }
     if meta.unsettled {
         println!(
             "(an initial or verify sync is in progress: no point can be restored until it completes)"

@@ -779,6 +779,112 @@ pub fn drill_summaries(
         .collect()
 }
 
+/// `blkmirror failover VOLUME --at POINT --to DEV|FILE`: writes the point to the target (as
+/// `restore` does, checking every chunk), then raises the volume's term and makes the DR site
+/// primary, so the receiver refuses the old source from then on (see
+/// [`crate::dr::authority`]). The write comes first: a failover whose target fails changes
+/// nothing. Cycles the receiver applies meanwhile only add later points; the promoted point is
+/// the one written.
+pub fn failover(
+    data_dir: &Path,
+    volume: &str,
+    at: &PointSelector,
+    to: &Path,
+    force: bool,
+    again: bool,
+) -> Result<(), OpsError> {
+    if *at == PointSelector::All {
+        return Err(OpsError::Usage(
+            "a failover promotes one point, not --at all".into(),
+        ));
+    }
+    let disk = crate::dr::storage::LocalDisk::shared();
+    let dir = Volume::dir_of(data_dir, volume);
+    let current = crate::dr::authority::read(&disk, &dir)?;
+    // Refuse a second failover before writing anything.
+    current.may_fail_over(again).map_err(OpsError::Usage)?;
+    let point = {
+        let reader = crate::dr::volume::PointReader::open(data_dir, volume)?;
+        crate::dr::ops::select(reader.points(), at)
+            .map_err(OpsError::Usage)?
+            .remove(0)
+    };
+    crate::dr::ops::restore(
+        data_dir,
+        volume,
+        &PointSelector::Seq(point.seq),
+        to,
+        force,
+        false,
+    )?;
+    let user = export::current_user();
+    let next = {
+        let _lock = crate::dr::volume::lock_volume(&disk, &dir, false)?;
+        let next = crate::dr::authority::read(&disk, &dir)?
+            .failover(
+                point.seq,
+                &to.display().to_string(),
+                &user,
+                crate::command::status::now_ms(),
+                again,
+            )
+            .map_err(OpsError::Usage)?;
+        crate::dr::authority::write(&disk, &dir, &next)?;
+        next
+    };
+    audit(
+        data_dir,
+        "failover",
+        volume,
+        "ok",
+        serde_json::json!({
+            "term": next.term,
+            "seq": point.seq,
+            "to": to.display().to_string(),
+            "user": user,
+        }),
+    );
+    eprintln!(
+        "blkmirror: volume {volume} failed over: {} is now at {}; term {}, the DR site is \
+         primary, and the receiver refuses the old source's cycles from now on",
+        describe(&point),
+        to.display(),
+        next.term
+    );
+    Ok(())
+}
+
+/// `blkmirror reprotect VOLUME`: makes the source primary again, under a new term. What the
+/// DR site wrote since the failover stays where the failover put it; it is not replicated back.
+pub fn reprotect(data_dir: &Path, volume: &str) -> Result<(), OpsError> {
+    crate::dr::volume::PointReader::open(data_dir, volume)?;
+    let disk = crate::dr::storage::LocalDisk::shared();
+    let dir = Volume::dir_of(data_dir, volume);
+    let user = export::current_user();
+    let next = {
+        let _lock = crate::dr::volume::lock_volume(&disk, &dir, false)?;
+        let next = crate::dr::authority::read(&disk, &dir)?
+            .reprotect(&user, crate::command::status::now_ms())
+            .map_err(OpsError::Usage)?;
+        crate::dr::authority::write(&disk, &dir, &next)?;
+        next
+    };
+    audit(
+        data_dir,
+        "reprotect",
+        volume,
+        "ok",
+        serde_json::json!({ "term": next.term, "user": user }),
+    );
+    eprintln!(
+        "blkmirror: volume {volume}: term {}, the source is primary again; the receiver takes \
+         its cycles from its next connection. What the DR site wrote since the failover is not \
+         replicated back",
+        next.term
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 
 use crate::{
+    dr::authority,
     dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
     dr::storage::{Cursor, Disk, LocalDisk, LockGuard, OpenMode, StoredFile},
     dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint, StoredPointV2},
@@ -482,6 +483,15 @@ impl Volume {
         self.meta.points.iter().map(|p| p.seq).collect()
     }
 
+    /// Refuses the source when the DR site is primary (after a failover; see
+    /// [`crate::dr::authority`]).
+    fn check_authority(&self) -> Result<(), StoreError> {
+        match authority::read(&self.disk, &self.dir)?.refusal(&self.meta.volume) {
+            Some(refusal) => Err(StoreError::Refused(refusal)),
+            None => Ok(()),
+        }
+    }
+
     /// Takes the volume's lock exclusively: readers of points (restore, verify) hold it shared,
     /// so the image and the deltas do not change under them.
     fn lock_exclusive(&self) -> Result<LockGuard, StoreError> {
@@ -515,6 +525,7 @@ impl Volume {
     ) -> Result<(), StoreError> {
         // A new Begin abandons an open cycle (the agent restarted it, e.g. as a sync).
         self.abort();
+        self.check_authority()?;
         if seq != self.meta.committed_seq + 1 {
             return Err(StoreError::Sequence(format!(
                 "cycle {seq} offered, but the next cycle is {}",
@@ -646,6 +657,7 @@ impl Volume {
     /// Continues the open journaled cycle `seq` on a new connection (the agent's `Resume`):
     /// the journal keeps its frames. Returns the frames journaled so far.
     pub fn resume(&mut self, seq: u64) -> Result<u64, StoreError> {
+        self.check_authority()?;
         match self.cycle.as_ref() {
             Some(cycle) if cycle.seq == seq && cycle.writer.is_some() => Ok(cycle.frames),
             Some(cycle) => Err(StoreError::Sequence(format!(
@@ -984,8 +996,19 @@ impl Volume {
                     .open(&path, OpenMode::ReadWrite)
                     .and_then(|file| file.sync_all())
                     .map_err(StoreError::io("syncing", &path))?;
-                self.apply_journal(None)?;
-                Ok(Recovery::Replayed(seq))
+                match self.apply_journal(None) {
+                    Ok(()) => Ok(Recovery::Replayed(seq)),
+                    // Failed over before it was applied: discarded.
+                    Err(StoreError::Refused(refusal)) => {
+                        tracing::warn!(
+                            target: "blkmirror receiver",
+                            "volume {}: committed cycle {seq} discarded: {refusal}",
+                            self.meta.volume
+                        );
+                        Ok(Recovery::Discarded)
+                    }
+                    Err(error) => Err(error),
+                }
             }
             None => {
                 let file = self
@@ -1017,6 +1040,17 @@ impl Volume {
         let path = self.journal_path();
         let image_path = self.image_path();
         let _lock = self.lock_exclusive()?;
+        // A failover decided while this cycle was committing: the DR site is primary, and the
+        // source's cycle must not change the replica now. It is discarded (the agent was not
+        // told it committed).
+        if let Some(refusal) = authority::read(&self.disk, &self.dir)?.refusal(&self.meta.volume) {
+            let file = self
+                .disk
+                .open(&path, OpenMode::Truncate)
+                .map_err(StoreError::io("truncating", &path))?;
+            file.sync_all().map_err(StoreError::io("syncing", &path))?;
+            return Err(StoreError::Refused(refusal));
+        }
         // Which chunks the cycle touches, and its number: a first pass over the journal when
         // replaying.
         let Known {
