@@ -7,7 +7,8 @@ use anyhow::{Context as _, Result, bail};
 
 use crate::exec;
 
-/// Debian packages: LLVM 22 to build bpf-linker, test tools, the aarch64 cross toolchain.
+/// Debian packages: LLVM 22 to build bpf-linker, test tools (fio, file systems, qemu-utils,
+/// PostgreSQL), the aarch64 cross toolchain.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -24,6 +25,10 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-user-static",
     "rpm",
     "strace",
+    // `export`, `mount` and `drill` tests: qemu-img, qemu-io, qemu-storage-daemon (FUSE).
+    "qemu-utils",
+    // The PostgreSQL hook example's root test runs a real server.
+    "postgresql",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 here.
