@@ -748,6 +748,7 @@ mod tests {
                     last_point: last,
                     history: has_point,
                     open_cycle: None,
+                    term: 1,
                 }),
                 1,
             )

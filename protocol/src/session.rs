@@ -68,6 +68,8 @@ pub struct SourceRecord {
     /// The committed cycle when that sync started: only a step committed after it belongs to
     /// this sync and may be resumed from (`None`: unknown, so the sync starts over).
     pub sync_base_seq: Option<u64>,
+    /// The highest term a receiver has told us for this volume (0: none yet).
+    pub term: u64,
 }
 
 /// Why a session cannot go on.
@@ -330,9 +332,32 @@ impl SourceSession {
                 message: format!("receiver speaks protocol {}", welcome.protocol),
             });
         }
+        // Terms only go up: a receiver behind the highest term we have seen lost the record
+        // of a failover or a reprotect, and must not be written.
+        if welcome.term < self.record.term {
+            return Err(SessionError::Refused {
+                code: RefusalCode::Forbidden,
+                message: format!(
+                    "the receiver says this volume is at term {}, but it has been at term {}: \
+                     its authority record is stale (a data directory restored from an old \
+                     backup, or another receiver); not writing to it",
+                    welcome.term, self.record.term
+                ),
+            });
+        }
         let before = self.record.clone();
         let mut notes = Vec::new();
         let mut clear_inflight = false;
+        if welcome.term > self.record.term {
+            if self.record.term > 0 {
+                notes.push(format!(
+                    "the volume's term went from {} to {} (a failover and a reprotect at the DR \
+                     site)",
+                    self.record.term, welcome.term
+                ));
+            }
+            self.record.term = welcome.term;
+        }
         if welcome.new_volume && self.record.committed_seq > 0 {
             notes.push(format!(
                 "the receiver has a new, empty volume (we had committed cycle {}); a full \
@@ -595,6 +620,7 @@ mod tests {
             last_point,
             history,
             open_cycle: None,
+            term: 1,
         })
     }
 
@@ -617,6 +643,38 @@ mod tests {
         session.hello(hello()).unwrap();
         let welcomed = session.on_welcome(reply, generation).unwrap();
         (session, welcomed)
+    }
+
+    #[test]
+    fn the_agent_learns_the_term_and_refuses_a_receiver_behind_it() {
+        let record = SourceRecord {
+            committed_seq: 4,
+            ..SourceRecord::default()
+        };
+        let with_term = |term: u64| {
+            let ReceiverMessage::Welcome(mut w) = welcome(false, 4, None) else {
+                unreachable!()
+            };
+            w.term = term;
+            ReceiverMessage::Welcome(w)
+        };
+        let (session, welcomed) = connected(record.clone(), with_term(3), 1);
+        assert_eq!(session.record().term, 3);
+        assert!(welcomed.persist, "a new term is persisted");
+        // The same term again: nothing to note or persist.
+        let (_, again) = connected(session.record().clone(), with_term(3), 1);
+        assert!(!again.persist && again.notes.is_empty());
+        // A higher term is noted; a lower one is refused.
+        let (raised, noted) = connected(session.record().clone(), with_term(5), 1);
+        assert_eq!(raised.record().term, 5);
+        assert!(noted.notes.iter().any(|n| n.contains("from 3 to 5")));
+        let mut stale = SourceSession::new(raised.record().clone());
+        stale.hello(hello()).unwrap();
+        let refused = stale.on_welcome(with_term(2), 1);
+        assert!(
+            matches!(&refused, Err(SessionError::Refused { code: RefusalCode::Forbidden, message }) if message.contains("stale")),
+            "{refused:?}"
+        );
     }
 
     fn begin(seq: u64, direct: bool) -> Begin {
@@ -850,6 +908,7 @@ mod tests {
             last_point: None,
             history: false,
             open_cycle: None,
+            term: 1,
         });
         assert!(matches!(
             session.on_welcome(reply, 1),
@@ -931,6 +990,7 @@ mod tests {
             needs_full_sync: true,
             sync_generation: Some(1),
             sync_base_seq: Some(0),
+            term: 0,
         };
         let (mut session, welcomed) = connected(record, welcome(false, 2, Some(step.clone())), 2);
         assert_eq!(welcomed.sync_from, Some(0));

@@ -246,6 +246,10 @@ pub struct Welcome {
     /// A journaled cycle this agent began and did not finish before its connection broke: the
     /// receiver kept its journal, and the agent may continue it with `Resume`.
     pub open_cycle: Option<OpenCycleReport>,
+    /// The volume's term (1 at first; raised by each failover and reprotect at the DR site).
+    /// An agent that has seen a higher term refuses to write to this receiver: its authority
+    /// record is stale (restored from an old backup, or another receiver).
+    pub term: u64,
 }
 
 /// What the journal of an interrupted cycle holds (see [`Welcome::open_cycle`]).
@@ -654,6 +658,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     frames: 17,
                     journaled: vec![(0, 1 << 20), (4 << 20, 65536)],
                 }),
+                term: 2,
             })),
         ),
         (

@@ -743,6 +743,27 @@ fn after_a_failover_the_old_source_is_refused_until_reprotected() {
     workload.stop();
     let lines = agent.once_ok(&[]);
     assert!(last_point(&lines)["seq"].as_u64().expect("seq") > a);
+
+    // Terms on the agent's side: it has now seen term 4. A receiver whose authority record
+    // went back (a data directory restored from an old backup) is not written.
+    let authority = Path::new(&data).join("fs/authority.json");
+    let current = fs::read_to_string(&authority).expect("authority.json");
+    assert!(current.contains("\"term\": 4"), "{current}");
+    fs::write(
+        &authority,
+        r#"{"format":1,"term":1,"primary":"source","history":[]}"#,
+    )
+    .expect("a stale authority");
+    let (output, _) = agent.once(&[], Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("term 1, but it has been at term 4"),
+        "{stderr}"
+    );
+    fs::write(&authority, current).expect("authority back");
+    agent.once_ok(&[]);
+
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(
         audit.matches("\"event\":\"failover\"").count(),

@@ -619,6 +619,30 @@ fn continuous_agent_ships_only_changes_and_stops_cleanly_on_sigterm() {
     write_random(&dev.path, 0, 16 * MIB);
     let agent = site.setup(&dev.path, "raw");
     let mut child = agent.spawn(&["--interval", "300ms", "--compression", "off"]);
+    // The writes below are timed to span several cycles: start them once the initial sync
+    // has committed (on a loaded machine it can take seconds, and writes made during it are
+    // shipped by the sync, not by cycles).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while site
+        .receiver
+        .data_dir
+        .join("raw/volume.json")
+        .exists()
+        .then(|| site.receiver.meta("raw")["committed_seq"].as_u64())
+        .flatten()
+        .unwrap_or(0)
+        < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the initial sync never committed"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "the agent exited during its sync"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut written = 0;
     for i in 0..12 {
         std::thread::sleep(Duration::from_millis(250));

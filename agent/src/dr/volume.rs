@@ -631,6 +631,9 @@ impl Volume {
             last_point: self.last_point_for_agent(),
             history: self.has_history(),
             open_cycle: self.open_cycle_report(),
+            // A damaged authority file reads as term 1: an agent that knows better refuses,
+            // and `begin` reports the damage.
+            term: authority::read(&self.disk, &self.dir).map_or(1, |a| a.term),
         }
     }
 

@@ -266,6 +266,10 @@ pub(crate) struct AgentState {
     sync_base_seq: Option<u64>,
     /// Cut but not yet committed: `[offset, length, kind]`.
     inflight: Vec<[u64; 3]>,
+    /// The highest term a receiver has told for this volume (absent in files of earlier
+    /// releases: 0, none).
+    #[serde(default)]
+    term: u64,
 }
 
 impl AgentState {
@@ -276,6 +280,7 @@ impl AgentState {
             needs_full_sync: self.needs_full_sync,
             sync_generation: self.sync_generation,
             sync_base_seq: self.sync_base_seq,
+            term: self.term,
         }
     }
 
@@ -284,6 +289,7 @@ impl AgentState {
         self.needs_full_sync = record.needs_full_sync;
         self.sync_generation = record.sync_generation;
         self.sync_base_seq = record.sync_base_seq;
+        self.term = record.term;
     }
 }
 
