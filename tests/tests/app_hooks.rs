@@ -4,6 +4,7 @@
 
 use std::{
     fs,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -272,20 +273,23 @@ fn the_postgresql_example_hook_checkpoints_into_the_point_which_then_starts() {
     let server = Postgres::start(pgdata.clone(), sockets.join("source"), port);
     server.sql("CREATE TABLE t (id bigserial PRIMARY KEY, v text)");
     server.sql("INSERT INTO t (v) SELECT md5(g::text) FROM generate_series(1, 20000) g");
-    // A writer keeps inserting while the point is taken.
-    let writer = ChildGuard(
+    // A writer keeps inserting while the point is taken. It stops at its first failed insert
+    // (the server is gone), and runs in its own process group, which the guard kills whole:
+    // a loop left behind would spin for the rest of the test run.
+    let writer = GroupGuard(ChildGuard(
         Command::new("runuser")
             .args(["-u", "postgres", "--", "sh", "-c"])
             .arg(format!(
-                "while :; do psql -X -q -h {} -p {port} -d postgres -c \"INSERT INTO t (v) \
-                 SELECT md5(random()::text) FROM generate_series(1, 200)\"; done",
+                "while psql -X -q -h {} -p {port} -d postgres -c \"INSERT INTO t (v) \
+                 SELECT md5(random()::text) FROM generate_series(1, 200)\"; do :; done",
                 server.socket.display()
             ))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("writer"),
-    );
+    ));
     std::thread::sleep(Duration::from_secs(1));
     let before = lsn(&server.sql("SELECT pg_current_wal_lsn()"));
     let hook = format!(
@@ -345,6 +349,16 @@ fn the_postgresql_example_hook_checkpoints_into_the_point_which_then_starts() {
     eprintln!("the recovered point holds {rows} rows; checkpoint {checkpoint:#x} >= {before:#x}");
     drop(recovered);
     drop(server);
+}
+
+/// Kills a child's whole process group on drop (then the child, through its guard).
+struct GroupGuard(ChildGuard);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of the process group our child leads; no pointers.
+        unsafe { libc::kill(-(self.0.0.id() as i32), libc::SIGKILL) };
+    }
 }
 
 /// Removes a directory on drop.

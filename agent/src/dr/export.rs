@@ -44,7 +44,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -597,19 +597,42 @@ pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
 
 /// Accepts clients of `listener` for ever, a thread each (at most [`MAX_CLIENTS`] at once).
 pub(crate) fn serve_forever(listener: &Listener, disk: &Arc<ExportDisk>, name: &str) -> ! {
+    serve_until(listener, disk, name, &AtomicBool::new(false));
+    unreachable!("nothing stops the export");
+}
+
+/// Accepts clients of `listener` until `stop` is set (checked every 50 ms; the listener is
+/// made non-blocking for that), a thread each (at most [`MAX_CLIENTS`] at once). Clients
+/// already connected are served until they disconnect.
+pub(crate) fn serve_until(
+    listener: &Listener,
+    disk: &Arc<ExportDisk>,
+    name: &str,
+    stop: &AtomicBool,
+) {
     let clients = Arc::new(AtomicUsize::new(0));
-    loop {
+    let _ = match listener {
+        Listener::Tcp(listener) => listener.set_nonblocking(true),
+        Listener::Unix(listener, _) => listener.set_nonblocking(true),
+    };
+    while !stop.load(Ordering::SeqCst) {
         let client = match &listener {
-            Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| {
+            Listener::Tcp(listener) => listener.accept().and_then(|(stream, peer)| {
+                stream.set_nonblocking(false)?;
                 let _ = stream.set_nodelay(true);
-                (Client::Tcp(stream), peer.to_string())
+                Ok((Client::Tcp(stream), peer.to_string()))
             }),
-            Listener::Unix(listener, _) => listener
-                .accept()
-                .map(|(stream, _)| (Client::Unix(stream), "unix socket".to_owned())),
+            Listener::Unix(listener, _) => listener.accept().and_then(|(stream, _)| {
+                stream.set_nonblocking(false)?;
+                Ok((Client::Unix(stream), "unix socket".to_owned()))
+            }),
         };
         let (mut client, peer) = match client {
             Ok(client) => client,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
             Err(error) => {
                 eprintln!("blkmirror: export: accept: {error}");
                 std::thread::sleep(Duration::from_millis(100));

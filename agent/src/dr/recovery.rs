@@ -101,6 +101,9 @@ fn check_tools() -> Result<(), OpsError> {
 
 /// A point attached as a loop device (see the module docs); detached on drop.
 pub struct Attachment {
+    /// Stops the export's accept loop when the attachment goes (its clients end with the
+    /// daemon), so the view, its pin and its overlay go with the last client.
+    stop: Arc<std::sync::atomic::AtomicBool>,
     dir: PathBuf,
     daemon: Option<Child>,
     fuse_file: PathBuf,
@@ -125,6 +128,7 @@ impl Attachment {
                 source,
             })?;
         let mut attachment = Self {
+            stop: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             fuse_file: dir.join("point.raw"),
             dir,
             daemon: None,
@@ -138,8 +142,8 @@ impl Attachment {
     fn start(&mut self, name: &str) -> Result<(), OpsError> {
         let socket = self.dir.join("nbd.sock");
         let (listener, _) = export::bind(&ListenAddr::Unix(socket.clone()), name)?;
-        let (disk, export_name) = (self.disk.clone(), name.to_owned());
-        std::thread::spawn(move || export::serve_forever(&listener, &disk, &export_name));
+        let (disk, export_name, stop) = (self.disk.clone(), name.to_owned(), self.stop.clone());
+        std::thread::spawn(move || export::serve_until(&listener, &disk, &export_name, &stop));
         fs::write(&self.fuse_file, b"").map_err(|source| OpsError::Target {
             what: "creating",
             path: self.fuse_file.clone(),
@@ -207,6 +211,7 @@ impl Attachment {
 
 impl Drop for Attachment {
     fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(device) = self.loop_device.take() {
             let _ = Command::new("losetup").arg("-d").arg(&device).output();
         }
@@ -350,6 +355,7 @@ pub fn mount(
             target.display()
         )));
     }
+    check_tools()?;
     let disk = open_disk(data_dir, volume, at)?;
     let point = disk.view().point().clone();
     let attachment = Attachment::attach(disk, volume)?;
@@ -547,7 +553,9 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
         started: Instant::now(),
         steps: Vec::new(),
     };
-    // Usage errors (no such volume or point) are not drill results.
+    // Usage and environment errors (no such volume or point, not root, no qemu-utils) are
+    // not drill results: nothing is recorded.
+    check_tools()?;
     let disk = open_disk(&options.data_dir, &options.volume, &options.at)?;
     let point = disk.view().point().clone();
     eprintln!(
