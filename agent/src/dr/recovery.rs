@@ -49,7 +49,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
 /// The file a drill's result is kept in, in the volume's directory.
 pub const DRILL_RECORD: &str = "drill.json";
 /// The format of [`DrillRecord`].
-const DRILL_FORMAT: u32 = 1;
+pub const DRILL_FORMAT: u32 = 1;
 
 fn environment(message: impl Into<String>) -> OpsError {
     OpsError::Environment(message.into())
