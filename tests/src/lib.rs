@@ -339,6 +339,18 @@ pub fn track_once(
     (output, lines)
 }
 
+/// Runs `blkmirror ARGS`, asserting success; its standard output.
+pub fn run_ok(args: &[&str]) -> String {
+    let output = blkmirror().args(args).output().expect("running blkmirror");
+    assert!(
+        output.status.success(),
+        "blkmirror {args:?} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Parses JSON lines, panicking on anything else.
 pub fn parse_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()

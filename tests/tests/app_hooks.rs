@@ -13,21 +13,10 @@ use std::{
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
     mirror::{ChildGuard, Site, last_point},
-    parse_lines, require_root, sh,
+    parse_lines, require_root, run_ok, sh,
 };
 
 const MIB: u64 = 1 << 20;
-
-fn run_ok(args: &[&str]) -> String {
-    let output = blkmirror().args(args).output().expect("running blkmirror");
-    assert!(
-        output.status.success(),
-        "blkmirror {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 #[test]
 fn hooks_bracket_the_freeze_and_decide_whether_a_point_is_application_consistent() {

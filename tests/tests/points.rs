@@ -13,24 +13,13 @@ use std::{
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
     mirror::{ChildGuard, Site, digest, guard_running, last_point, write_random},
-    parse_lines, require_root, sh,
+    parse_lines, require_root, run_ok, sh,
 };
 
 const MIB: u64 = 1 << 20;
 
 fn run(args: &[&str]) -> Output {
     blkmirror().args(args).output().expect("running blkmirror")
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let output = run(args);
-    assert!(
-        output.status.success(),
-        "blkmirror {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Runs `blkmirror restore VOLUME --at AT --to TO --data-dir DATA`, expecting it to fail with

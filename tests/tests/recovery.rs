@@ -14,7 +14,7 @@ use std::{
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
     mirror::{ChildGuard, Site, digest, free_port, last_point, scrape_metrics},
-    parse_lines, require_root, sh,
+    parse_lines, require_root, run_ok, sh,
 };
 
 const MIB: u64 = 1 << 20;
@@ -402,17 +402,6 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(audit.matches("\"event\":\"export\"").count(), 2, "{audit}");
     run_ok(&["audit", "verify", "--data-dir", &data]);
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let output = blkmirror().args(args).output().expect("running blkmirror");
-    assert!(
-        output.status.success(),
-        "blkmirror {args:?} failed ({}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Whether anything is mounted at `target`.
