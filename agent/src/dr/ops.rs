@@ -146,6 +146,20 @@ pub struct PointLine {
     pub group_cut: Option<u64>,
 }
 
+/// A point as the operator commands name it: `point N (TIME, consistent|fuzzy)`.
+pub(crate) fn describe(point: &StoredPoint) -> String {
+    format!(
+        "point {} ({}, {})",
+        point.seq,
+        units::format_utc(point.time_unix_ms),
+        if point.consistent {
+            "consistent"
+        } else {
+            "fuzzy"
+        }
+    )
+}
+
 /// `blkmirror points`.
 pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError> {
     let reader = PointReader::open(data_dir, volume)?;
@@ -454,14 +468,8 @@ pub fn restore(
         }
     }
     eprintln!(
-        "blkmirror: restoring volume {volume} point {} ({}, {}) to {}",
-        point.seq,
-        units::format_utc(point.time_unix_ms),
-        if point.consistent {
-            "consistent"
-        } else {
-            "fuzzy"
-        },
+        "blkmirror: restoring volume {volume} {} to {}",
+        describe(&point),
         to.display()
     );
     let mut progress = Progress::new(format!("restore of {volume}"), size, json);

@@ -38,11 +38,9 @@ use serde::{Deserialize, Serialize};
 use crate::dr::{
     audit::{AuditLog, Event},
     export::{self, ExportDisk, ListenAddr, Overlay, PointView},
-    ops::{OpsError, PointSelector},
-    stored::StoredPoint,
+    ops::{OpsError, PointSelector, describe},
     volume::Volume,
 };
-use blkmirror_protocol::units;
 
 /// How long qemu-storage-daemon may take to show the FUSE file.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -286,19 +284,6 @@ fn open_disk(
             }
         })?;
     Ok(Arc::new(ExportDisk::new(view, Some(overlay))))
-}
-
-fn describe(point: &StoredPoint) -> String {
-    format!(
-        "point {} ({}, {})",
-        point.seq,
-        units::format_utc(point.time_unix_ms),
-        if point.consistent {
-            "consistent"
-        } else {
-            "fuzzy"
-        }
-    )
 }
 
 fn audit(
