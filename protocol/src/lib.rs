@@ -7,6 +7,8 @@
 //! root.
 //!
 //! * [`congestion`]: which losses on the link are congestion and which are random.
+//! * [`failback`]: the messages and the plan that make a returned source equal to the promoted
+//!   DR-site device, moving only what differs.
 //! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
 //! * [`frames`]: how the chunks a pass reads become data frames (skip, zero ranges, zstd).
 //! * [`pass`]: an incremental cycle and a sync pass as state machines: what to do next, and
@@ -20,6 +22,7 @@
 
 pub mod congestion;
 pub mod extent;
+pub mod failback;
 pub mod frames;
 pub mod pass;
 pub mod plan;

@@ -612,6 +612,7 @@ pub fn fuzz_decode(bytes: &[u8]) {
         if let Ok(frame) = decode::<DataFrame>(body) {
             let _ = check_data_frame(frame, 1, 1 << 30);
         }
+        crate::failback::fuzz_check(body);
     }
 }
 
@@ -914,7 +915,10 @@ mod tests {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/frame_decoder");
         std::fs::create_dir_all(&dir).expect("corpus dir");
-        for (name, bytes) in corpus_seeds() {
+        for (name, bytes) in corpus_seeds()
+            .into_iter()
+            .chain(crate::failback::corpus_seeds())
+        {
             std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("seed");
         }
     }

@@ -83,6 +83,10 @@ pub enum Command {
     /// Make the source primary again after a failover (a new term); the DR site's writes are
     /// not replicated back.
     Reprotect(ReprotectArgs),
+    /// Bring a failed-over volume back to its original source, moving only what differs:
+    /// `serve` at the DR site, `pull` on the source.
+    #[command(subcommand)]
+    Failback(FailbackCommand),
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -413,8 +417,13 @@ pub struct FailoverArgs {
     /// Fail over again while a failover is in force (promotes another point, new term).
     #[arg(long)]
     pub again: bool,
+    /// Do not track a block-device target (a failback then compares every chunk).
+    #[arg(long)]
+    pub no_track: bool,
     #[command(flatten)]
     pub data: DataDirArg,
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 /// `blkmirror reprotect`.
@@ -466,6 +475,71 @@ pub struct StatusArgs {
     /// Redraw every second, with progress bars for syncs.
     #[arg(long)]
     pub watch: bool,
+}
+
+/// `blkmirror failback ...`.
+#[derive(Debug, Subcommand)]
+pub enum FailbackCommand {
+    /// At the DR site: wait for the source, send what differs from the promoted device, then
+    /// make the source primary again (a new term). The device must not be mounted.
+    Serve(FailbackServeArgs),
+    /// On the original source (its agent stopped, the device not mounted): receive what
+    /// differs from the promoted device and record it for forward replication.
+    Pull(FailbackPullArgs),
+}
+
+/// `blkmirror failback serve`.
+#[derive(Debug, clap::Args)]
+pub struct FailbackServeArgs {
+    /// The volume.
+    pub volume: String,
+    /// The promoted device (the `--to` of the failover).
+    #[arg(long, value_name = "PATH")]
+    pub device: PathBuf,
+    /// Where to wait for the source (UDP).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// The receiver's identity directory (the source's agent pins its fingerprint).
+    #[arg(long, value_name = "DIR")]
+    pub identity: PathBuf,
+    /// The source agent's fingerprint.
+    #[arg(long = "allow", value_name = "FINGERPRINT", required = true, value_parser = parse_fingerprint)]
+    pub allow: Vec<Fingerprint>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub data: DataDirArg,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+/// `blkmirror failback pull`.
+#[derive(Debug, clap::Args)]
+pub struct FailbackPullArgs {
+    /// This host's device: the volume's original source.
+    #[arg(long, value_name = "DEV")]
+    pub device: PathBuf,
+    /// The volume.
+    #[arg(long, value_name = "NAME")]
+    pub volume: String,
+    /// The DR site's `failback serve` address (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    pub from: String,
+    /// The DR site receiver's fingerprint (as given to the agent).
+    #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
+    pub receiver_fingerprint: Fingerprint,
+    /// The agent's identity directory.
+    #[arg(long, value_name = "DIR")]
+    pub identity: PathBuf,
+    /// The agent's chunk size.
+    #[arg(long, value_name = "SIZE", default_value = "64KiB", value_parser = units::parse_size)]
+    pub chunk_size: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub state: StateArgs,
 }
 
 /// `blkmirror audit ...`.
@@ -611,6 +685,9 @@ pub fn run(cli: Cli) -> ExitCode {
                 &args.to,
                 args.force,
                 args.again,
+                (!args.no_track)
+                    .then(|| options(0, HookChoice::Auto, &args.state))
+                    .as_ref(),
             ));
         }
         Command::Reprotect(args) => {
@@ -635,6 +712,35 @@ pub fn run(cli: Cli) -> ExitCode {
         }
         Command::Status(args) => {
             return daemon::run_status(args.socket.as_deref(), args.json, args.watch);
+        }
+        Command::Failback(FailbackCommand::Serve(args)) => {
+            let options = crate::dr::failback::ServeOptions {
+                data_dir: args.data.data_dir.clone(),
+                volume: args.volume.clone(),
+                device: args.device.clone(),
+                listen: args.listen,
+                identity: args.identity.clone(),
+                allow: args.allow.clone(),
+                track: options(track::DEFAULT_CHUNK, HookChoice::Auto, &args.state),
+            };
+            return ops_result(
+                crate::dr::failback::serve(&options)
+                    .map(|report| print_failback(&report, args.json)),
+            );
+        }
+        Command::Failback(FailbackCommand::Pull(args)) => {
+            let options = crate::source::failback::PullOptions {
+                device: args.device.clone(),
+                volume: args.volume.clone(),
+                from: args.from.clone(),
+                receiver_fingerprint: args.receiver_fingerprint.clone(),
+                identity: args.identity.clone(),
+                track: options(args.chunk_size, HookChoice::Auto, &args.state),
+            };
+            return ops_result(
+                crate::source::failback::pull(&options)
+                    .map(|report| print_failback(&report, args.json)),
+            );
         }
         Command::Audit(AuditCommand::Verify { log, data, json }) => {
             let log = log.unwrap_or_else(|| data.data_dir.join("audit.log"));
@@ -863,6 +969,12 @@ impl Printer {
         {
             std::process::exit(0);
         }
+    }
+}
+
+fn print_failback(report: &crate::dr::failback::FailbackReport, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(report).expect("serializes"));
     }
 }
 

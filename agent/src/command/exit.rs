@@ -101,6 +101,10 @@ impl From<&OpsError> for ExitCode {
             OpsError::Corrupt(_) => Self::Corrupt,
             OpsError::Environment(_) => Self::Environment,
             OpsError::DrillFailed(_) => Self::DrillFailed,
+            OpsError::Track(error) => error.into(),
+            OpsError::Network(_) | OpsError::State(_) => Self::Failure,
+            OpsError::Refused(_) => Self::Refused,
+            OpsError::Identity(_) => Self::Environment,
         }
     }
 }

@@ -6,14 +6,16 @@
 //! primary, and from then on the receiver refuses every cycle of the old source for that
 //! volume, with a message that names the failover and what to run next. The old source is most
 //! likely to come back exactly when nobody is watching; it must never overwrite the replica
-//! the DR site now depends on. `blkmirror reprotect` is the explicit way back: the term goes
-//! up again and the source is primary (what the DR site wrote since the failover is not
-//! replicated back by it).
+//! the DR site now depends on. There are two explicit ways back, each raising the term again
+//! and making the source primary: `blkmirror failback` first moves what differs from the
+//! promoted device to the source (`dr::failback`), `blkmirror reprotect` does not (what the DR
+//! site wrote since the failover stays there).
 //!
 //! The file is changed only under the volume's exclusive lock, which the receiver also holds
 //! while it applies a cycle, and the receiver reads it under that lock before applying: a
 //! cycle is either applied before the failover decided, or discarded. Transitions are pure
-//! functions of the current authority ([`Authority::failover`], [`Authority::reprotect`]).
+//! functions of the current authority ([`Authority::failover`], [`Authority::reprotect`],
+//! [`Authority::failback`]).
 
 use std::path::Path;
 
@@ -44,7 +46,7 @@ pub enum Primary {
 pub struct TermChange {
     /// The term it began.
     pub term: u64,
-    /// `failover` or `reprotect`.
+    /// `failover`, `reprotect` or `failback`.
     pub action: String,
     /// The point promoted (failover).
     pub seq: Option<u64>,
@@ -95,8 +97,10 @@ impl Authority {
         Some(format!(
             "volume {volume} was failed over at {} by {} (term {}, point {} written to {}): \
              the DR site is primary and this source's writes since then are not replicated. \
-             Stop this agent. To protect the volume from this source again, discarding what \
-             the DR site wrote, run `blkmirror reprotect {volume}` at the DR site",
+             Stop this agent. To bring this source back as primary with what the DR site \
+             wrote, moving only what differs, run `blkmirror failback serve {volume}` at the DR \
+             site and `blkmirror failback pull` here; to protect it again discarding what the \
+             DR site wrote, run `blkmirror reprotect {volume}` at the DR site",
             units::format_utc(failover.time_unix_ms),
             failover.user,
             failover.term,
@@ -162,6 +166,36 @@ impl Authority {
             to: None,
             user: user.to_owned(),
         });
+        Ok(next)
+    }
+}
+
+impl Authority {
+    /// Ends a failback: the source, now equal to the promoted device, is primary again under
+    /// the next term. Refused when the term is no longer `planned_term` (another failover
+    /// happened while the data moved), so a failback never swaps roles on a stale plan.
+    pub fn failback(
+        &self,
+        planned_term: u64,
+        user: &str,
+        now_unix_ms: u64,
+    ) -> Result<Self, String> {
+        if self.term != planned_term || self.primary != Primary::DrSite {
+            return Err(format!(
+                "the volume's authority changed during the failback (planned at term \
+                 {planned_term}, now term {} with the {} primary): roles were not swapped; run \
+                 the failback again",
+                self.term,
+                match self.primary {
+                    Primary::Source => "source",
+                    Primary::DrSite => "DR site",
+                }
+            ));
+        }
+        let mut next = self.reprotect(user, now_unix_ms)?;
+        if let Some(change) = next.history.last_mut() {
+            change.action = "failback".into();
+        }
         Ok(next)
     }
 }
@@ -232,6 +266,14 @@ mod tests {
         let again = promoted.failover(40, "/x", "u", 2_000, true).unwrap();
         assert_eq!(again.term, 3);
         assert!(again.refusal("v").unwrap().contains("point 40"));
+        // A failback planned at an older term swaps nothing; at the current one it makes the
+        // source primary under the next term.
+        assert!(again.failback(again.term - 1, "u", 3_000).is_err());
+        let failed_back = again.failback(again.term, "u", 3_000).unwrap();
+        assert_eq!(failed_back.term, again.term + 1);
+        assert_eq!(failed_back.primary, Primary::Source);
+        assert_eq!(failed_back.history.last().unwrap().action, "failback");
+        assert!(failed_back.failback(failed_back.term, "u", 4_000).is_err());
         // Back to the source, under a new term; reprotecting twice is refused.
         let back = again.reprotect("u", 3_000).unwrap();
         assert_eq!((back.term, back.primary), (4, Primary::Source));

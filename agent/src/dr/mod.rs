@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod authority;
 pub mod export;
+pub mod failback;
 pub mod nbd;
 pub mod ops;
 pub mod points;

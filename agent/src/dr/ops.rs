@@ -49,6 +49,21 @@ pub enum OpsError {
     /// A drill found that the point does not recover (exit 8).
     #[error("{0}")]
     DrillFailed(String),
+    /// Tracking a device failed (exit code by cause, as for `track`).
+    #[error(transparent)]
+    Track(#[from] crate::tracker::track::TrackError),
+    /// The peer of a failback failed or went away (exit 1).
+    #[error("{0}")]
+    Network(String),
+    /// The agent's state file could not be read or written (exit 1).
+    #[error("{0}")]
+    State(String),
+    /// The other side refused (exit 6): another term, another volume, a protocol breach.
+    #[error("{0}")]
+    Refused(String),
+    /// The identity could not be loaded (exit 3).
+    #[error(transparent)]
+    Identity(#[from] crate::link::identity::IdentityError),
 }
 
 /// Which point `--at` names.

@@ -125,6 +125,19 @@ impl PointMap {
     pub fn target(&self) -> u64 {
         self.target
     }
+
+    /// The chunks whose content differs between the point and the image (each is held by a
+    /// delta on the way back), as sorted half-open ranges of chunk indices.
+    pub fn changed_chunks(&self) -> Vec<(u64, u64)> {
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &chunk in self.sources.keys() {
+            match ranges.last_mut() {
+                Some(last) if last.1 == chunk => last.1 += 1,
+                _ => ranges.push((chunk, chunk + 1)),
+            }
+        }
+        ranges
+    }
 }
 
 /// One chunk read through a [`PointMap`].

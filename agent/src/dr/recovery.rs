@@ -785,6 +785,7 @@ pub fn failover(
     to: &Path,
     force: bool,
     again: bool,
+    track: Option<&crate::tracker::track::TrackOptions>,
 ) -> Result<(), OpsError> {
     if *at == PointSelector::All {
         return Err(OpsError::Usage(
@@ -810,6 +811,23 @@ pub fn failover(
         force,
         false,
     )?;
+    // Track the promoted device from now on, so a failback moves only what differs. Before
+    // the term changes: a failover that cannot track changes nothing.
+    let is_device = std::fs::metadata(to).is_ok_and(|m| {
+        use std::os::unix::fs::FileTypeExt;
+        m.file_type().is_block_device()
+    });
+    let tracked = match track {
+        Some(track) if is_device => Some(crate::dr::failback::track_promoted(
+            data_dir,
+            volume,
+            to,
+            point.seq,
+            current.term + 1,
+            track,
+        )?),
+        _ => None,
+    };
     let user = export::current_user();
     let next = {
         let _lock = crate::dr::volume::lock_volume(&disk, &dir, false)?;
@@ -834,15 +852,26 @@ pub fn failover(
             "term": next.term,
             "seq": point.seq,
             "to": to.display().to_string(),
+            "tracked": tracked.is_some(),
             "user": user,
         }),
     );
     eprintln!(
         "blkmirror: volume {volume} failed over: {} is now at {}; term {}, the DR site is \
-         primary, and the receiver refuses the old source's cycles from now on",
+         primary, and the receiver refuses the old source's cycles from now on; {}",
         describe(&point),
         to.display(),
-        next.term
+        next.term,
+        match &tracked {
+            Some(promoted) => format!(
+                "{} is tracked (generation {:016x}), so a failback moves only what differs \
+                 ({} chunk(s) committed after this point count too)",
+                to.display(),
+                promoted.generation,
+                blkmirror_protocol::failback::covered(&promoted.after_point)
+            ),
+            None => "the target is not tracked, so a failback compares every chunk".to_owned(),
+        }
     );
     Ok(())
 }

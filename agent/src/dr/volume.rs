@@ -1312,6 +1312,22 @@ impl PointReader {
         Ok(self.store.delta_sizes()?.iter().map(|(_, len)| len).sum())
     }
 
+    /// The chunks that differ between retained point `seq` and the newest point, as sorted
+    /// half-open ranges of chunk indices (from the undo deltas; nothing is read but their
+    /// record heads).
+    pub fn changed_since(&self, seq: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        if !self.meta.points.iter().any(|p| p.seq == seq) || self.meta.unsettled {
+            return Err(StoreError::Sequence(format!(
+                "volume {} has no retained point {seq}",
+                self.meta.volume
+            )));
+        }
+        Ok(self
+            .store
+            .map_point(self.meta.committed_seq, seq)?
+            .changed_chunks())
+    }
+
     /// Reads point `seq` in device order, checking every chunk (see
     /// [`PointStore::read_point`]).
     pub fn read_point(

@@ -251,25 +251,25 @@ impl AgentError {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct AgentState {
-    format: u32,
-    volume: String,
-    source_id: String,
+    pub(crate) format: u32,
+    pub(crate) volume: String,
+    pub(crate) source_id: String,
     /// The last cycle the receiver committed, as far as we know.
     pub(crate) committed_seq: u64,
     /// The tracker history cannot be trusted: a full compare is due.
-    needs_full_sync: bool,
+    pub(crate) needs_full_sync: bool,
     /// A sync started in this tracker generation and has not completed.
-    sync_generation: Option<u64>,
+    pub(crate) sync_generation: Option<u64>,
     /// The committed cycle when that sync started (absent in files of earlier releases: such a
     /// sync starts over).
     #[serde(default)]
-    sync_base_seq: Option<u64>,
+    pub(crate) sync_base_seq: Option<u64>,
     /// Cut but not yet committed: `[offset, length, kind]`.
-    inflight: Vec<[u64; 3]>,
+    pub(crate) inflight: Vec<[u64; 3]>,
     /// The highest term a receiver has told for this volume (absent in files of earlier
     /// releases: 0, none).
     #[serde(default)]
-    term: u64,
+    pub(crate) term: u64,
 }
 
 impl AgentState {
@@ -1597,7 +1597,7 @@ pub(crate) fn load_state(path: &Path) -> Result<Option<AgentState>, AgentError> 
     Ok(Some(state))
 }
 
-fn store_state(path: &Path, state: &AgentState) -> Result<(), AgentError> {
+pub(crate) fn store_state(path: &Path, state: &AgentState) -> Result<(), AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|error| AgentError::State {
             path: dir.to_owned(),

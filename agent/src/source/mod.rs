@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod app_hooks;
+pub mod failback;
 pub mod freeze;
 pub mod group;
 pub mod read;

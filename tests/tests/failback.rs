@@ -1,0 +1,333 @@
+//! The whole DR lifecycle as root, on loop devices with ext4 and a writer: replicate A → B, a
+//! disaster while A keeps writing, failover at B (tracked) and writes there, A refused, then
+//! `failback serve` / `failback pull` moving only what differs, A equal to B byte for byte,
+//! and forward replication resuming without a full sync.
+
+use std::{
+    fs, io::Read as _, os::unix::fs::FileExt as _, path::Path, process::Stdio, time::Duration,
+};
+
+use blkmirror_tests::{
+    LoopDevice, Mount, blkmirror,
+    mirror::{ChildGuard, Site, Workload, digest, free_port, last_point},
+    require_root, run_ok, sh, signal,
+};
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+/// Files of a round: 20 files of 40-100 KiB, unlike any other round's.
+fn write_round(dir: &Path, round: u64) {
+    fs::create_dir_all(dir).expect("dir");
+    for file in 0..20u64 {
+        let len = 40_000 + file * 3_000 + round * 111;
+        let body: Vec<u8> = (0..len).map(|i| ((i * (round + 7)) ^ file) as u8).collect();
+        fs::write(dir.join(format!("f{file}")), body).expect("write");
+    }
+    sh("sync", &[]);
+}
+
+/// Chunks whose content differs between two devices of the same size.
+fn differing_chunks(a: &Path, b: &Path, size: u64) -> u64 {
+    let (a, b) = (
+        fs::File::open(a).expect("open a"),
+        fs::File::open(b).expect("open b"),
+    );
+    let (mut x, mut y) = (vec![0u8; CHUNK as usize], vec![0u8; CHUNK as usize]);
+    let mut differ = 0;
+    let mut offset = 0;
+    while offset < size {
+        a.read_exact_at(&mut x, offset).expect("read a");
+        b.read_exact_at(&mut y, offset).expect("read b");
+        differ += u64::from(x != y);
+        offset += CHUNK;
+    }
+    differ
+}
+
+/// Runs `failback serve` for B and `failback pull` for A; returns the pull's JSON report.
+/// With `refused_meanwhile`, checks that the old source's agent is refused while the serve
+/// waits.
+fn fail_back(
+    site: &Site,
+    agent: &blkmirror_tests::mirror::AgentSetup<'_>,
+    a: &Path,
+    b: &Path,
+    data: &str,
+    b_state: &str,
+    refused_meanwhile: bool,
+) -> serde_json::Value {
+    let pins = site.pins.path.to_str().expect("utf-8");
+    let port = free_port();
+    let serve_log = site.scratch.path.join("serve.log");
+    let mut serve = ChildGuard(
+        blkmirror()
+            .args(["failback", "serve", "fs", "--device"])
+            .arg(b)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--identity")
+            .arg(site.scratch.path.join("receiver-id"))
+            .args(["--allow", &site.agent.fingerprint, "--json"])
+            .args([
+                "--data-dir",
+                data,
+                "--pin-root",
+                pins,
+                "--state-dir",
+                b_state,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&serve_log).expect("log"))
+            .spawn()
+            .expect("failback serve"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    if refused_meanwhile {
+        // The old source's agent, started during the failback, is still refused: the roles
+        // swap only when the data has moved.
+        let (output, _) = agent.once(&[], Duration::from_secs(120));
+        assert_eq!(output.status.code(), Some(6));
+    }
+    let pull = blkmirror()
+        .args(["failback", "pull", "--device"])
+        .arg(a)
+        .args(["--volume", "fs", "--from", &format!("127.0.0.1:{port}")])
+        .args(["--receiver-fingerprint", &site.receiver.fingerprint])
+        .arg("--identity")
+        .arg(&site.agent.dir)
+        .args(["--json", "--pin-root", pins, "--state-dir"])
+        .arg(agent.state_dir)
+        .output()
+        .expect("failback pull");
+    let pull_err = String::from_utf8_lossy(&pull.stderr);
+    assert!(
+        pull.status.success(),
+        "pull failed: {pull_err}\nserve: {}",
+        fs::read_to_string(&serve_log).unwrap_or_default()
+    );
+    let status = serve.0.wait().expect("serve");
+    let serve_err = fs::read_to_string(&serve_log).unwrap_or_default();
+    assert!(status.success(), "serve failed: {serve_err}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&pull.stdout).expect("the pull's JSON report");
+    eprintln!("failback: {report}\n{pull_err}{serve_err}");
+    report
+}
+
+#[test]
+fn failback_moves_only_what_differs_and_forward_replication_resumes() {
+    require_root();
+    let site = Site::new("fs");
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let a = LoopDevice::new(&site.scratch.path, 256 * MIB);
+    let b = LoopDevice::new(&site.scratch.path, 256 * MIB);
+    let a_mount = Mount::mkfs_and_mount(&a.path, "ext4", &site.scratch.path);
+    let agent = site.setup(&a.path, "fs");
+    let pins = site.pins.path.to_str().expect("utf-8").to_owned();
+    let b_state = site.scratch.path.join("state-b");
+    let b_state = b_state.to_str().expect("utf-8");
+
+    // 1. Replicate A -> B under a writer.
+    let mut workload = Workload::start(&a_mount.target);
+    write_round(&a_mount.target.join("r0"), 0);
+    agent.once_ok(&[]);
+    let first = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+
+    // 2. Disaster: the continuous agent is killed while A writes, and A keeps writing after.
+    let mut running = ChildGuard(
+        blkmirror()
+            .args(agent.args(&["--interval", "1s"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent"),
+    );
+    write_round(&a_mount.target.join("r1"), 1);
+    // At least one cycle after `first` commits before the kill, so that the failover below
+    // promotes an older point than the newest.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while site.receiver.meta("fs")["committed_seq"].as_u64() <= Some(first)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    write_round(&a_mount.target.join("r1b"), 4);
+    signal(running.0.id(), libc::SIGKILL);
+    let _ = running.0.wait();
+    let mut agent_out = String::new();
+    if let Some(mut stdout) = running.0.stdout.take() {
+        let _ = stdout.read_to_string(&mut agent_out);
+    }
+    write_round(&a_mount.target.join("r2"), 2);
+    fs::remove_dir_all(a_mount.target.join("r0")).expect("rm r0");
+    workload.stop();
+    a_mount.unmount();
+    let head = site.receiver.meta("fs")["committed_seq"]
+        .as_u64()
+        .expect("committed_seq");
+    assert!(head > first, "no cycle after {first}: {agent_out}");
+
+    // 3. Failover at B of the older point onto a block device, tracked from the promotion on;
+    //    the application then runs at B.
+    let out = blkmirror()
+        .args([
+            "failover",
+            "fs",
+            "--at",
+            &format!("seq:{first}"),
+            "--to",
+            b.as_str(),
+        ])
+        .args([
+            "--data-dir",
+            &data,
+            "--pin-root",
+            &pins,
+            "--state-dir",
+            b_state,
+        ])
+        .output()
+        .expect("failover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "failover failed: {stderr}");
+    assert!(stderr.contains("is tracked"), "{stderr}");
+    {
+        let b_mount = site.scratch.path.join("b");
+        fs::create_dir_all(&b_mount).expect("mount point");
+        sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
+        let _unmount = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+        write_round(&b_mount.join("written-at-b"), 3);
+        fs::remove_dir_all(b_mount.join("r1")).ok();
+        fs::write(b_mount.join("marker"), b"B was primary").expect("marker");
+    }
+
+    // 4. A comes back and is refused, and the refusal names the failback.
+    let (output, _) = agent.once(&[], Duration::from_secs(120));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("failback pull"), "{stderr}");
+
+    // What truly differs (the test may read both devices; the failback may not).
+    let differ = differing_chunks(&a.path, &b.path, 256 * MIB);
+    let device_chunks = 256 * MIB / CHUNK;
+    assert!(
+        differ > 0 && differ < device_chunks / 2,
+        "{differ} chunks differ"
+    );
+
+    // 5. Failback: serve at B, pull at A.
+    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, true);
+
+    // 6. A equals B byte for byte, and the failback moved about what differs.
+    assert_eq!(digest(&a.path), digest(&b.path), "A differs from B");
+    let planned = report["planned_chunks"].as_u64().expect("planned");
+    let sent = report["sent_chunks"].as_u64().expect("sent");
+    let wire = report["wire_rx_bytes"].as_u64().expect("wire");
+    assert!(
+        !report["compare_all"].as_bool().expect("compare_all"),
+        "{report}"
+    );
+    assert_eq!(sent, differ, "{report}");
+    assert!(
+        planned < device_chunks / 2,
+        "planned {planned} of {device_chunks} chunks: not proportional to the changes"
+    );
+    assert!(
+        wire as f64 <= 1.5 * (differ * CHUNK) as f64 + MIB as f64,
+        "{wire} bytes on the wire for {differ} differing chunks"
+    );
+
+    // 7. Forward replication resumes from the receiver's newest point, incrementally.
+    let lines = agent.once_ok(&[]);
+    let point = last_point(&lines);
+    assert_eq!(point["kind"], "cycle", "{lines:?}");
+    assert!(point["seq"].as_u64().expect("seq") > head);
+    assert!(
+        point["read_bytes"].as_u64().expect("read") <= (planned + 64) * CHUNK,
+        "{point}"
+    );
+    let replica = site.scratch.path.join("replica.img");
+    run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        replica.to_str().expect("utf-8"),
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+    let authority =
+        fs::read_to_string(Path::new(&data).join("fs/authority.json")).expect("authority");
+    assert!(authority.contains("\"failback\""), "{authority}");
+    assert!(authority.contains("\"primary\": \"source\""), "{authority}");
+
+    // 8. A failover of the failed-back volume, untracked this time: the failback falls back
+    //    to comparing every chunk by hash, and still moves only what differs.
+    let out = blkmirror()
+        .args([
+            "failover",
+            "fs",
+            "--no-track",
+            "--to",
+            b.as_str(),
+            "--data-dir",
+            &data,
+        ])
+        .output()
+        .expect("failover");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "failover failed: {stderr}");
+    assert!(stderr.contains("compares every chunk"), "{stderr}");
+    {
+        let b_mount = site.scratch.path.join("b2");
+        fs::create_dir_all(&b_mount).expect("mount point");
+        sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
+        let _unmount = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+        write_round(&b_mount.join("second-failover"), 5);
+    }
+    let differ = differing_chunks(&a.path, &b.path, 256 * MIB);
+    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false);
+    assert!(
+        report["compare_all"].as_bool().expect("compare_all"),
+        "{report}"
+    );
+    assert_eq!(
+        report["planned_chunks"].as_u64(),
+        Some(device_chunks),
+        "{report}"
+    );
+    assert_eq!(report["sent_chunks"].as_u64(), Some(differ), "{report}");
+    assert_eq!(digest(&a.path), digest(&b.path), "A differs from B");
+    // After a gap the forward direction compares too (a verify sync), then cycles go on.
+    let lines = agent.once_ok(&[]);
+    assert!(
+        lines.iter().any(|line| line["event"] == "committed"
+            && line["read_bytes"].as_u64() == Some(256 * MIB)
+            && line["sent_bytes"].as_u64() < Some(8 * MIB)),
+        "no compare of the whole device that sent little: {lines:?}"
+    );
+    run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        replica.to_str().expect("utf-8"),
+        "--force",
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+
+    let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
+    assert_eq!(
+        audit.matches("\"event\":\"failback\"").count(),
+        2,
+        "{audit}"
+    );
+    run_ok(&["audit", "verify", "--data-dir", &data]);
+}
