@@ -413,11 +413,13 @@ fn is_mounted(target: &Path) -> bool {
         .any(|line| line.split(' ').nth(1) == Some(target.to_str().expect("utf-8")))
 }
 
-/// Loop devices over an attachment's FUSE file (`blkmirror-attach-*`): none may outlive it.
-fn attachment_loops() -> String {
+/// Loop devices over the FUSE file of an attachment made by process `pid`
+/// (`blkmirror-attach-PID-*`): none may outlive it. (Other tests drill at the same time.)
+fn attachment_loops(pid: u32) -> String {
+    let ours = format!("blkmirror-attach-{pid}-");
     sh("losetup", &["-a"])
         .lines()
-        .filter(|line| line.contains("blkmirror-attach"))
+        .filter(|line| line.contains(&ours))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -466,6 +468,7 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
         .spawn()
         .expect("drill");
     let mut drill = ChildGuard(drill);
+    let drill_pid = drill.0.id();
     std::thread::sleep(Duration::from_millis(1500));
     let b = last_point(&agent.once_ok(&[]))["seq"]
         .as_u64()
@@ -501,7 +504,11 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
     assert!((3000..120_000).contains(&recovery_ms), "{record}");
     eprintln!("drill of point {a}: recovered in {recovery_ms} ms ({stderr})");
     assert!(b > a, "the commit went on during the drill");
-    assert!(attachment_loops().is_empty(), "{}", attachment_loops());
+    assert!(
+        attachment_loops(drill_pid).is_empty(),
+        "{}",
+        attachment_loops(drill_pid)
+    );
 
     // The drill is recorded beside the volume and in the audit log.
     let kept: serde_json::Value = serde_json::from_str(
@@ -590,12 +597,17 @@ fn a_drill_proves_a_point_recovers_beside_a_commit_and_mount_serves_its_files() 
         fs::write(target.join("new-file"), b"x").is_err(),
         "the mount is read-only"
     );
+    let mount_pid = mounted.0.id();
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(mounted.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(mount_pid as i32, libc::SIGTERM) };
     let status = mounted.0.wait().expect("mount");
     assert!(status.success(), "mount exited with {status}");
     assert!(!is_mounted(&target), "still mounted after SIGTERM");
-    assert!(attachment_loops().is_empty(), "{}", attachment_loops());
+    assert!(
+        attachment_loops(mount_pid).is_empty(),
+        "{}",
+        attachment_loops(mount_pid)
+    );
 
     // Nothing of this wrote the replica: it is still the newest point (b), as replicated.
     assert_ne!(
@@ -765,4 +777,136 @@ fn after_a_failover_the_old_source_is_refused_until_reprotected() {
         "{audit}"
     );
     run_ok(&["audit", "verify", "--data-dir", &data]);
+}
+
+/// The boot kit `cargo xtask boot-kit` makes (a Debian kernel, an initramfs that mounts an
+/// ext4 root from the first virtio disk, a static busybox); `cargo xtask test` passes its
+/// directory in `BLKMIRROR_BOOT_KIT`.
+fn boot_kit() -> PathBuf {
+    let dir = std::env::var_os("BLKMIRROR_BOOT_KIT").map_or_else(
+        || PathBuf::from("/var/cache/blkmirror-vm/boot-kit"),
+        PathBuf::from,
+    );
+    assert!(
+        dir.join("vmlinuz").is_file() && dir.join("initrd.cpio").is_file(),
+        "no boot kit in {}: run `sudo cargo xtask boot-kit` first (`cargo xtask test` does)",
+        dir.display()
+    );
+    dir
+}
+
+#[test]
+fn a_boot_drill_boots_the_point_under_qemu_and_catches_a_corrupt_application() {
+    require_root();
+    let kit = boot_kit();
+    let site = Site::new("os");
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    // A tiny operating system on the protected disk: busybox and an init that checks the
+    // application's data and says so on the console.
+    let root = &mount.target;
+    for dir in ["bin", "sbin", "proc", "sys", "dev", "app"] {
+        fs::create_dir_all(root.join(dir)).expect("dir");
+    }
+    fs::copy(kit.join("busybox"), root.join("bin/busybox")).expect("busybox");
+    fs::write(
+        root.join("sbin/init"),
+        "#!/bin/busybox sh\n\
+         cd /app\n\
+         if /bin/busybox sha256sum -c data.sha256 >/dev/null 2>&1; then\n\
+         \x20 echo \"APP-HEALTHY generation $(/bin/busybox cat generation)\"\n\
+         else\n\
+         \x20 echo APP-CORRUPT\n\
+         fi\n\
+         /bin/busybox poweroff -f\n",
+    )
+    .expect("init");
+    sh(
+        "chmod",
+        &["755", root.join("sbin/init").to_str().expect("utf-8")],
+    );
+    let app = root.join("app");
+    let body: Vec<u8> = (0..1_000_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    fs::write(app.join("data"), &body).expect("data");
+    let out = std::process::Command::new("sha256sum")
+        .arg("data")
+        .current_dir(&app)
+        .output()
+        .expect("sha256sum");
+    fs::write(app.join("data.sha256"), &out.stdout).expect("sum");
+    fs::write(app.join("generation"), "1").expect("generation");
+    sh("sync", &[]);
+    let agent = site.setup(&dev.path, "os");
+    let good = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    // The application corrupts its data; the next point holds that.
+    fs::write(app.join("data"), b"garbage").expect("corrupt");
+    fs::write(app.join("generation"), "2").expect("generation");
+    sh("sync", &[]);
+    let bad = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let replica = site.receiver.image("os");
+    let replica_before = digest(&replica);
+
+    let drill = |seq: u64| {
+        blkmirror()
+            .args(["drill", "os", "--at", &format!("seq:{seq}"), "--boot"])
+            .arg(kit.join("vmlinuz"))
+            .arg("--boot-initrd")
+            .arg(kit.join("initrd.cpio"))
+            // This machine is itself a VM whose nested KVM cannot run the guest.
+            .args(["--boot-accel", "tcg", "--boot-healthy", "APP-HEALTHY"])
+            .args(["--boot-timeout", "3m", "--data-dir", &data, "--json"])
+            .output()
+            .expect("drill")
+    };
+    let out = drill(good);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the boot drill failed: {stderr}");
+    assert!(stderr.contains("drill: boot: ok"), "{stderr}");
+    let record: serde_json::Value = serde_json::from_slice(&out.stdout).expect("record");
+    let steps: Vec<&str> = record["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["step"].as_str().expect("name"))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "attach",
+            "filesystem",
+            "journal replay",
+            "fsck",
+            "mount",
+            "boot"
+        ],
+        "{record}"
+    );
+    eprintln!("boot drill: {stderr}");
+
+    // The corrupt point boots, and the drill fails on its console's word.
+    let out = drill(bad);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("APP-CORRUPT"), "{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_slice(&fs::read(Path::new(&data).join("os/drill.json")).expect("record"))
+            .expect("record");
+    assert_eq!(record["ok"], false);
+    assert!(
+        record["last_success_unix_ms"].as_u64().is_some(),
+        "{record}"
+    );
+
+    // The guest wrote into the overlay only.
+    assert_eq!(
+        digest(&replica),
+        replica_before,
+        "a boot drill wrote the replica"
+    );
+    drop(mount);
 }

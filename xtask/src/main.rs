@@ -83,6 +83,13 @@ enum Task {
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,
     },
+    /// Fetch a Debian kernel and build an initramfs that boots an ext4 root file system from a
+    /// virtio disk, plus a static busybox (for `drill --boot`'s root test; `test` does this).
+    BootKit {
+        /// Where to write vmlinuz, initrd.cpio and busybox.
+        #[arg(long, value_name = "DIR", default_value = BOOT_KIT_DIR)]
+        out: PathBuf,
+    },
     /// Build the .deb and .rpm packages (x86_64 and aarch64) into target/packages.
     Package {
         /// Which architectures.
@@ -139,6 +146,10 @@ fn main() -> Result<()> {
                 );
             }
             Ok(())
+        }
+        Task::BootKit { out } => {
+            setup::run()?;
+            vm::boot_kit(&out)
         }
         Task::Package { arch, debug } => {
             setup::run()?;
@@ -261,6 +272,10 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
+/// Where `test` puts the boot kit; the recovery root test reads it from
+/// `BLKMIRROR_BOOT_KIT`.
+const BOOT_KIT_DIR: &str = "/var/cache/blkmirror-vm/boot-kit";
+
 /// The agent's test-only feature, for the binary the root tests run.
 const TEST_HOOKS: &str = "blkmirror/test-hooks";
 
@@ -317,15 +332,21 @@ fn test(no_cross: bool) -> Result<()> {
         "--features",
         TEST_HOOKS,
     ]))?;
-    let (passed, failed) = exec_tests(cargo().args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "blkmirror-ebpf",
-        "--locked",
-        "--features",
-        TEST_HOOKS,
-    ]))?;
+    // `drill --boot`'s root test boots a Debian kernel under qemu.
+    vm::boot_kit(Path::new(BOOT_KIT_DIR))?;
+    let (passed, failed) = exec_tests(
+        cargo()
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "blkmirror-ebpf",
+                "--locked",
+                "--features",
+                TEST_HOOKS,
+            ])
+            .env("BLKMIRROR_BOOT_KIT", BOOT_KIT_DIR),
+    )?;
     exec(
         cargo()
             .args([

@@ -227,7 +227,9 @@ struct Kernel {
 
 fn fetch_kernel(apt: &[String], arch: Arch, prefix: &str) -> Result<Kernel> {
     let version = resolve_version(apt, arch, prefix)?;
-    let dir = PathBuf::from(format!("{CACHE}/kernels/{}-{version}", arch.debian()));
+    // `kernels-2`: the module set grew by ext4 and crc32c (the boot kit mounts a root file
+    // system); older caches lack them.
+    let dir = PathBuf::from(format!("{CACHE}/kernels-2/{}-{version}", arch.debian()));
     let ready = dir.join("ready");
     if !ready.exists() {
         eprintln!(
@@ -437,7 +439,15 @@ fn collect_modules(release_dir: &Path, out: &Path) -> Result<Vec<String>> {
         order.push(name.to_owned());
         Ok(())
     }
-    for wanted in ["virtio_pci", "virtio_blk"] {
+    // ext4 for the boot kit's root file system; crc32c is what ext4's metadata checksums
+    // ask the crypto API for (a missing module counts as built in).
+    for wanted in [
+        "virtio_pci",
+        "virtio_blk",
+        "crc32c_generic",
+        "crc32c_intel",
+        "ext4",
+    ] {
         visit(wanted, &files, out, &mut seen, &mut order)?;
     }
     Ok(order)
@@ -665,6 +675,75 @@ fi
 echo "BLKMIRROR-VM: END"
 poweroff -f
 "#;
+
+/// The boot kit's `/init`: loads the modules, mounts the `root=` device (default `/dev/vda`)
+/// and hands over to its `/sbin/init`, as a distribution's initramfs would.
+const BOOT_KIT_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mkdir -p /proc /sys /dev /newroot
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+for m in $(cat /modules.order); do insmod /modules/$m.ko 2>/dev/null; done
+root=$(sed -n 's/.*root=\([^ ]*\).*/\1/p' /proc/cmdline)
+[ -n "$root" ] || root=/dev/vda
+i=0
+while [ ! -b "$root" ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+if ! mount -t ext4 -o rw "$root" /newroot; then
+  echo "blkmirror-boot-kit: cannot mount $root"
+  poweroff -f
+fi
+umount /proc /sys
+mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+exec switch_root /newroot /sbin/init
+"#;
+
+/// `cargo xtask boot-kit`: a kernel, an initramfs that boots an ext4 root file system from
+/// the first virtio disk, and a static busybox to build such file systems with, for the root
+/// test of `blkmirror drill --boot` (Debian's 6.1 kernel of this machine's architecture).
+/// Writes `vmlinuz`, `initrd.cpio` and `busybox` into `out`.
+pub fn boot_kit(out: &Path) -> Result<()> {
+    crate::demo::require_root()?;
+    ensure_qemu()?;
+    let arch = if cfg!(target_arch = "aarch64") {
+        Arch::Aarch64
+    } else {
+        Arch::X86_64
+    };
+    let apt = kernel_apt()?;
+    let kernel = fetch_kernel(&apt, arch, "6.1")?;
+    let busybox = busybox(&apt, arch)?;
+    let mut cpio = Cpio::new();
+    for dir in ["bin", "dev", "proc", "sys", "newroot", "modules"] {
+        cpio.dir(dir);
+    }
+    cpio.file("bin/busybox", 0o755, &fs::read(&busybox)?);
+    let mut order = Vec::new();
+    for module in &kernel.modules {
+        let name = module
+            .file_stem()
+            .and_then(|n| n.to_str())
+            .context("module name")?
+            .to_owned();
+        cpio.file(&format!("modules/{name}.ko"), 0o644, &fs::read(module)?);
+        order.push(name);
+    }
+    cpio.file("modules.order", 0o644, order.join("\n").as_bytes());
+    cpio.file("init", 0o755, BOOT_KIT_INIT.as_bytes());
+    fs::create_dir_all(out)?;
+    fs::write(out.join("initrd.cpio"), cpio.finish())?;
+    fs::copy(&kernel.image, out.join("vmlinuz"))?;
+    fs::copy(&busybox, out.join("busybox"))?;
+    eprintln!(
+        "boot-kit: {} ({}) with {} module(s) in {}",
+        kernel.release,
+        arch.name(),
+        order.len(),
+        out.display()
+    );
+    Ok(())
+}
 
 /// The result of one guest.
 struct Outcome {

@@ -392,6 +392,29 @@ pub struct DrillArgs {
     /// How long the health check may run.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = units::parse_duration)]
     pub check_timeout: std::time::Duration,
+    /// Then boot the point under qemu with this kernel (the export as its first virtio disk,
+    /// writes into the overlay) and wait for `--boot-healthy` on its serial console.
+    #[arg(long, value_name = "KERNEL", conflicts_with = "due")]
+    pub boot: Option<PathBuf>,
+    /// The guest's initramfs.
+    #[arg(long, value_name = "FILE", requires = "boot")]
+    pub boot_initrd: Option<PathBuf>,
+    /// The guest's kernel command line (default: serial console, root=/dev/vda).
+    #[arg(long, value_name = "ARGS", requires = "boot")]
+    pub boot_append: Option<String>,
+    /// The text on the guest's console that means it is healthy (e.g. what a unit prints once
+    /// the application answers).
+    #[arg(long, value_name = "TEXT", default_value = "login:", requires = "boot")]
+    pub boot_healthy: String,
+    /// How long the boot may take.
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = units::parse_duration, requires = "boot")]
+    pub boot_timeout: std::time::Duration,
+    /// qemu's accelerator.
+    #[arg(long, value_enum, default_value_t = recovery::BootAccel::Auto, requires = "boot")]
+    pub boot_accel: recovery::BootAccel,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024, requires = "boot")]
+    pub boot_memory: u32,
     #[command(flatten)]
     pub data: DataDirArg,
     /// Print the drill's record as JSON.
@@ -674,6 +697,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 at: args.at,
                 check: args.check,
                 check_timeout: args.check_timeout,
+                boot: args.boot.map(|kernel| recovery::BootOptions {
+                    kernel,
+                    initrd: args.boot_initrd,
+                    append: args
+                        .boot_append
+                        .unwrap_or_else(|| recovery::BootOptions::default_append().to_owned()),
+                    healthy: args.boot_healthy,
+                    timeout: args.boot_timeout,
+                    accel: args.boot_accel,
+                    memory_mib: args.boot_memory,
+                }),
                 json: args.json,
             }));
         }

@@ -658,6 +658,13 @@ pub(crate) fn serve_until(
                     stats.errors
                 ),
                 Ok(_) => {}
+                // A client killed (a drill's guest once healthy, qemu-img interrupted) ends
+                // without NBD_CMD_DISC; its writes are in the overlay already.
+                Err(crate::dr::nbd::NbdError::Io(error))
+                    if error.kind() == std::io::ErrorKind::UnexpectedEof =>
+                {
+                    eprintln!("blkmirror: export: {peer} went away without a disconnect request")
+                }
                 Err(error) => eprintln!("blkmirror: export: {peer}: {error}"),
             }
             clients.fetch_sub(1, Ordering::SeqCst);

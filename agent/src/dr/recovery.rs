@@ -97,6 +97,195 @@ fn check_tools() -> Result<(), OpsError> {
     Ok(())
 }
 
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+}
+
+/// Which qemu accelerator a boot drill uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootAccel {
+    /// KVM when `/dev/kvm` can be opened, else software emulation.
+    #[default]
+    Auto,
+    /// KVM (hardware virtualization).
+    Kvm,
+    /// Software emulation (TCG): slower, and works inside VMs whose nested KVM does not.
+    Tcg,
+}
+
+/// How a drill boots the point (`drill --boot`).
+#[derive(Clone, Debug)]
+pub struct BootOptions {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// Its initramfs.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub append: String,
+    /// The text on the guest's serial console that means healthy.
+    pub healthy: String,
+    /// How long the boot may take to print it.
+    pub timeout: Duration,
+    /// The accelerator.
+    pub accel: BootAccel,
+    /// Guest memory in MiB.
+    pub memory_mib: u32,
+}
+
+impl BootOptions {
+    /// The kernel command line when none is given: the first virtio disk as root, the serial
+    /// console.
+    pub fn default_append() -> &'static str {
+        if cfg!(target_arch = "aarch64") {
+            "console=ttyAMA0 root=/dev/vda rw panic=-1"
+        } else {
+            "console=ttyS0 root=/dev/vda rw panic=-1"
+        }
+    }
+
+    fn qemu() -> (&'static str, &'static str, &'static str) {
+        if cfg!(target_arch = "aarch64") {
+            ("qemu-system-aarch64", "virt", "qemu-system-arm")
+        } else {
+            ("qemu-system-x86_64", "q35", "qemu-system-x86")
+        }
+    }
+
+    /// Usage and environment errors, before anything is recorded.
+    fn check(&self) -> Result<(), OpsError> {
+        let (binary, _, package) = Self::qemu();
+        if !on_path(binary) {
+            return Err(environment(format!(
+                "{binary} is not installed (package {package}); `drill --boot` needs it"
+            )));
+        }
+        for file in std::iter::once(&self.kernel).chain(&self.initrd) {
+            if !file.is_file() {
+                return Err(OpsError::Usage(format!("{} is not a file", file.display())));
+            }
+        }
+        if self.healthy.is_empty() {
+            return Err(OpsError::Usage("--boot-healthy must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Boots the export on `socket` under qemu and waits for the health text on its serial
+/// console. The guest writes into the attachment's overlay, never into the replica.
+fn boot_guest(socket: &Path, name: &str, boot: &BootOptions) -> Result<((), String), String> {
+    let (binary, machine, _) = BootOptions::qemu();
+    let kvm = match boot.accel {
+        BootAccel::Kvm => true,
+        BootAccel::Tcg => false,
+        BootAccel::Auto => fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_ok(),
+    };
+    let mut command = Command::new(binary);
+    command
+        .args(["-accel", if kvm { "kvm" } else { "tcg" }])
+        .args(["-cpu", if kvm { "host" } else { "max" }])
+        .args(["-M", machine, "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-m", &boot.memory_mib.to_string()])
+        .arg("-kernel")
+        .arg(&boot.kernel)
+        .args(["-append", &boot.append])
+        .arg("-drive")
+        .arg(format!(
+            "file=nbd+unix:///{name}?socket={},format=raw,if=none,id=point",
+            socket.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=point"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(initrd) = &boot.initrd {
+        command.arg("-initrd").arg(initrd);
+    }
+    let started = Instant::now();
+    let mut child = command
+        .spawn()
+        .map_err(|error| format!("{binary}: {error}"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    for stream in [
+        Box::new(stdout) as Box<dyn std::io::Read + Send>,
+        Box::new(stderr),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stream)
+                .split(b'\n')
+                .map_while(Result::ok)
+            {
+                if tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+    let deadline = started + boot.timeout;
+    let outcome = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if line.contains(&boot.healthy) {
+                    break Ok(());
+                }
+                last.push_back(line.trim().to_owned());
+                if last.len() > 12 {
+                    last.pop_front();
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                break Err(format!(
+                    "no {:?} on the guest's console within {}",
+                    boot.healthy,
+                    blkmirror_protocol::units::format_duration(boot.timeout)
+                ));
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                break Err(format!(
+                    "the guest stopped without printing {:?}",
+                    boot.healthy
+                ));
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let seconds = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(()) => Ok((
+            (),
+            format!(
+                "healthy after {seconds:.1} s ({}, {})",
+                if kvm { "kvm" } else { "software emulation" },
+                boot.kernel.display()
+            ),
+        )),
+        Err(message) => Err(format!(
+            "{message}; last console lines: {}",
+            last.iter()
+                .filter(|l| !l.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )),
+    }
+}
+
 /// A point attached as a loop device (see the module docs); detached on drop.
 pub struct Attachment {
     /// Stops the export's accept loop when the attachment goes (its clients end with the
@@ -204,6 +393,11 @@ impl Attachment {
     /// The private directory (for mount points).
     fn private_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The export's Unix socket (more clients may connect: they share the overlay).
+    fn socket(&self) -> PathBuf {
+        self.dir.join("nbd.sock")
     }
 }
 
@@ -431,6 +625,8 @@ pub struct DrillOptions {
     pub check: Option<String>,
     /// How long the check may take.
     pub check_timeout: Duration,
+    /// Boot the point under qemu after the file-system steps.
+    pub boot: Option<BootOptions>,
     /// Print the record as JSON.
     pub json: bool,
 }
@@ -541,6 +737,9 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
     // Usage and environment errors (no such volume or point, not root, no qemu-utils) are
     // not drill results: nothing is recorded.
     check_tools()?;
+    if let Some(boot) = &options.boot {
+        boot.check()?;
+    }
     let disk = open_disk(&options.data_dir, &options.volume, &options.at)?;
     let point = disk.view().point().clone();
     eprintln!(
@@ -625,33 +824,62 @@ fn run_drill(
     })?;
     let device = attachment.device_arg().to_owned();
     let fstype = drill.step("filesystem", || {
-        let out = run("blkid", &["-p", "-o", "value", "-s", "TYPE", &device])
-            .map_err(|_| "no file system found on the point".to_owned())?;
-        let fstype = out.trim().to_owned();
-        if fstype.is_empty() {
-            return Err("no file system found on the point".into());
+        let found = run("blkid", &["-p", "-o", "value", "-s", "TYPE", &device])
+            .map(|out| out.trim().to_owned())
+            .unwrap_or_default();
+        match (found.is_empty(), &options.boot) {
+            (false, _) => Ok((Some(found.clone()), found)),
+            // A whole disk with a partition table: the boot is the check.
+            (true, Some(_)) => Ok((
+                None,
+                "none on the whole disk (a partition table?); the boot checks it".to_owned(),
+            )),
+            (true, None) => Err("no file system found on the point".to_owned()),
         }
-        Ok((fstype.clone(), fstype))
     })?;
+    if let Some(fstype) = fstype {
+        check_file_system(drill, options, &attachment, &device, &fstype, seq)?;
+    }
+    if let Some(boot) = &options.boot {
+        drill.step("boot", || {
+            boot_guest(&attachment.socket(), &options.volume, boot)
+        })?;
+    }
+    // Recovered: the file system mounted and the application's check passed, or the guest
+    // booted to its health signal.
+    let healthy_ms = drill.started.elapsed().as_millis() as u64;
+    drop(attachment);
+    Ok(healthy_ms)
+}
+
+/// The file-system steps of a drill: journal replay, fsck, a read-only mount and the check.
+fn check_file_system(
+    drill: &mut Drill,
+    options: &DrillOptions,
+    attachment: &Attachment,
+    device: &str,
+    fstype: &str,
+    seq: u64,
+) -> Result<(), String> {
     let mount_point = attachment.private_dir().join("mnt");
     fs::create_dir_all(&mount_point).map_err(|e| e.to_string())?;
     drill.step("journal replay", || {
         // A read-write mount and unmount: what a recovered host would do at boot. Its writes
         // go to the overlay.
-        let mounted = Mounted::mount(&device, &mount_point, "rw")?;
+        let mounted = Mounted::mount(device, &mount_point, "rw")?;
         mounted.unmount()?;
         Ok(((), String::new()))
     })?;
     drill.step("fsck", || {
-        let (program, args): (&str, Vec<&str>) = match fstype.as_str() {
-            "ext2" | "ext3" | "ext4" => ("e2fsck", vec!["-fn", &device]),
-            "xfs" => ("xfs_repair", vec!["-n", &device]),
+        let (program, args): (&str, Vec<&str>) = match fstype {
+            "ext2" | "ext3" | "ext4" => ("e2fsck", vec!["-fn", device]),
+            "xfs" => ("xfs_repair", vec!["-n", device]),
             other => return Ok(((), format!("no read-only checker for {other}; skipped"))),
         };
         run(program, &args).map(|_| ((), format!("{program} clean")))
     })?;
     let mounted = drill.step("mount", || {
-        Mounted::mount(&device, &mount_point, "ro").map(|m| (m, "read-only".to_owned()))
+        Mounted::mount(device, &mount_point, "ro").map(|m| (m, "read-only".to_owned()))
     })?;
     if let Some(command) = &options.check {
         drill.step("check", || {
@@ -665,11 +893,7 @@ fn run_drill(
             .map(|()| ((), String::new()))
         })?;
     }
-    // Recovered: the file system is mounted and the application's check passed.
-    let healthy_ms = drill.started.elapsed().as_millis() as u64;
-    mounted.unmount()?;
-    drop(attachment);
-    Ok(healthy_ms)
+    mounted.unmount()
 }
 
 /// Whether a drill of a volume scheduled `every` is due at `now_unix_ms`: never drilled, or
@@ -708,6 +932,7 @@ pub fn run_due(
             at: schedule.at.clone(),
             check: schedule.check.clone(),
             check_timeout: schedule.check_timeout,
+            boot: None,
             json,
         });
         if let Err(error) = result {
