@@ -293,6 +293,10 @@ pub struct DataDirArg {
 pub struct PointsArgs {
     /// The volume.
     pub volume: String,
+    /// Ask the receiver daemon on this control socket instead of reading the data directory
+    /// (for operators who are not root; the daemon checks their role).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
     /// One JSON object per point (stable; see the README).
@@ -305,6 +309,10 @@ pub struct PointsArgs {
 pub struct RestoreArgs {
     /// The volume.
     pub volume: String,
+    /// Ask the receiver daemon on this control socket instead of reading the data directory
+    /// (for operators who are not root; the daemon checks their role).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// The point: `latest`, a cycle number (`seq:N`), or a UTC time (`2026-11-26T14:03:05Z`:
     /// the newest point cut at or before it).
     #[arg(long, value_name = "POINT", value_parser = ops::parse_selector)]
@@ -427,6 +435,10 @@ pub struct DrillArgs {
 pub struct FailoverArgs {
     /// The volume.
     pub volume: String,
+    /// Ask the receiver daemon on this control socket instead of reading the data directory
+    /// (for operators who are not root; the daemon checks their role).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// The point to promote: `latest`, `seq:N`, a UTC time, or `group:N`.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
@@ -454,6 +466,10 @@ pub struct FailoverArgs {
 pub struct ReprotectArgs {
     /// The volume.
     pub volume: String,
+    /// Ask the receiver daemon on this control socket instead of reading the data directory
+    /// (for operators who are not root; the daemon checks their role).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
 }
@@ -463,6 +479,10 @@ pub struct ReprotectArgs {
 pub struct VerifyArgs {
     /// The volume.
     pub volume: String,
+    /// Ask the receiver daemon on this control socket instead of reading the data directory
+    /// (for operators who are not root; the daemon checks their role).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Which point: `latest`, `all`, `seq:N` or a UTC time.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
@@ -649,7 +669,27 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Agent(args) => return run_agent(args),
         Command::Receiver(args) => return run_receiver(args),
         Command::Points(args) => {
+            if let Some(socket) = &args.control_socket {
+                return ops_result(crate::command::control::run_text(
+                    socket,
+                    &crate::command::control::ControlRequest::Points {
+                        volume: args.volume.clone(),
+                        json: args.json,
+                    },
+                ));
+            }
             return ops_result(ops::points(&args.data.data_dir, &args.volume, args.json));
+        }
+        Command::Restore(args) if args.control_socket.is_some() => {
+            return ops_result(crate::command::control::run_restore(
+                args.control_socket.as_deref().expect("checked"),
+                &crate::command::control::ControlRequest::Restore {
+                    volume: args.volume.clone(),
+                    at: selector_text(&args.at),
+                },
+                &args.to,
+                args.force,
+            ));
         }
         Command::Restore(args) => {
             return ops_result(ops::restore(
@@ -711,6 +751,19 @@ pub fn run(cli: Cli) -> ExitCode {
                 json: args.json,
             }));
         }
+        Command::Failover(args) if args.control_socket.is_some() => {
+            return ops_result(crate::command::control::run_restore(
+                args.control_socket.as_deref().expect("checked"),
+                &crate::command::control::ControlRequest::Failover {
+                    volume: args.volume.clone(),
+                    at: selector_text(&args.at),
+                    to: args.to.display().to_string(),
+                    again: args.again,
+                },
+                &args.to,
+                args.force,
+            ));
+        }
         Command::Failover(args) => {
             return ops_result(recovery::failover(
                 &args.data.data_dir,
@@ -725,7 +778,25 @@ pub fn run(cli: Cli) -> ExitCode {
             ));
         }
         Command::Reprotect(args) => {
+            if let Some(socket) = &args.control_socket {
+                return ops_result(crate::command::control::run_text(
+                    socket,
+                    &crate::command::control::ControlRequest::Reprotect {
+                        volume: args.volume.clone(),
+                    },
+                ));
+            }
             return ops_result(recovery::reprotect(&args.data.data_dir, &args.volume));
+        }
+        Command::Verify(args) if args.control_socket.is_some() => {
+            return ops_result(crate::command::control::run_text(
+                args.control_socket.as_deref().expect("checked"),
+                &crate::command::control::ControlRequest::Verify {
+                    volume: args.volume.clone(),
+                    at: selector_text(&args.at),
+                    json: args.json,
+                },
+            ));
         }
         Command::Verify(args) => {
             return ops_result(ops::verify(
@@ -1006,6 +1077,17 @@ impl Printer {
     }
 }
 
+/// A point selector as `--at` takes it (to send it to the receiver daemon).
+fn selector_text(selector: &PointSelector) -> String {
+    match selector {
+        PointSelector::Latest => "latest".into(),
+        PointSelector::All => "all".into(),
+        PointSelector::Seq(seq) => format!("seq:{seq}"),
+        PointSelector::GroupCut(cut) => format!("group:{cut}"),
+        PointSelector::AtOrBefore(ms) => units::format_utc(*ms),
+    }
+}
+
 fn print_failback(report: &crate::dr::failback::FailbackReport, json: bool) {
     if json {
         println!("{}", serde_json::to_string(report).expect("serializes"));
@@ -1143,6 +1225,7 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                 },
                 allow: args.allow,
                 drills: Vec::new(),
+                roles: Default::default(),
             }
         }
     };

@@ -239,6 +239,23 @@ pub struct ReceiverFile {
     /// Scheduled drills (`blkmirror drill --due` runs the ones due).
     #[serde(default)]
     pub drill: Vec<DrillSection>,
+    /// Operator roles on the control socket (see `command::roles`).
+    pub roles: Option<RolesSection>,
+}
+
+/// `[roles]` of `receiver.toml`: the Unix groups whose members hold each role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolesSection {
+    /// `status`, `points`.
+    #[serde(default)]
+    pub viewer: Vec<String>,
+    /// Also `restore`, `verify`.
+    #[serde(default)]
+    pub operator: Vec<String>,
+    /// Also `failover`, `reprotect`.
+    #[serde(default)]
+    pub admin: Vec<String>,
 }
 
 /// A `[[drill]]` section of `receiver.toml`.
@@ -297,6 +314,8 @@ pub struct ReceiverSettings {
     pub allow: Vec<String>,
     /// Scheduled drills.
     pub drills: Vec<DrillSchedule>,
+    /// Operator roles (empty: the control socket is root's only).
+    pub roles: crate::command::roles::RoleMap,
 }
 
 /// Collects problems with their keys.
@@ -660,6 +679,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
         allow.push(format!("{}={}", grant.fingerprint, grant.volumes.join(",")));
     }
     let drills = drill_schedules(&file.drill, &mut problems);
+    let roles = role_map(file.roles.as_ref(), &mut problems);
     match (listen, window, all, hourly, daily, locked) {
         (Some(listen), Some(window), Some(all), Some(hourly), Some(daily), Some(locked))
             if problems.0.is_empty() =>
@@ -684,12 +704,45 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                 },
                 allow,
                 drills,
+                roles,
             })
         }
         _ => Err(ConfigError {
             path: path.to_owned(),
             problems: problems.0,
         }),
+    }
+}
+
+/// Checks the `[roles]` section: each entry a plausible Unix group name.
+fn role_map(
+    section: Option<&RolesSection>,
+    problems: &mut Problems,
+) -> crate::command::roles::RoleMap {
+    let Some(section) = section else {
+        return crate::command::roles::RoleMap::default();
+    };
+    let mut check = |key: &str, groups: &[String]| {
+        for group in groups {
+            let valid = !group.is_empty()
+                && group.len() <= 32
+                && !group.starts_with('-')
+                && group
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !valid {
+                problems.0.push(format!(
+                    "roles.{key}: {:?} is not a Unix group name",
+                    group.chars().take(40).collect::<String>()
+                ));
+            }
+        }
+        groups.to_vec()
+    };
+    crate::command::roles::RoleMap {
+        viewer: check("viewer", &section.viewer),
+        operator: check("operator", &section.operator),
+        admin: check("admin", &section.admin),
     }
 }
 
@@ -1051,6 +1104,38 @@ volume = "db"
                 "missing {expected:?} in:\n{error}"
             );
         }
+    }
+
+    #[test]
+    fn roles_name_groups_and_bad_names_are_refused_with_their_key() {
+        let path = Path::new("receiver.toml");
+        let head =
+            format!("identity = \"/id\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\"]\n");
+        let settings = receiver_from_str(path, &head).unwrap();
+        assert!(settings.roles.is_empty());
+        let settings = receiver_from_str(
+            path,
+            &format!("{head}[roles]\nviewer = [\"dr-view\"]\nadmin = [\"wheel\", \"dr_admin\"]\n"),
+        )
+        .unwrap();
+        assert_eq!(settings.roles.viewer, ["dr-view"]);
+        assert!(settings.roles.operator.is_empty());
+        assert_eq!(settings.roles.admin, ["wheel", "dr_admin"]);
+        let error = receiver_from_str(
+            path,
+            &format!("{head}[roles]\noperator = [\"ops; rm -rf /\", \"\"]\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("roles.operator: \"ops; rm -rf /\" is not a Unix group name"),
+            "{error}"
+        );
+        assert!(error.contains("roles.operator: \"\" is not"), "{error}");
+        let error = receiver_from_str(path, &format!("{head}[roles]\nroot = [\"x\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown field"), "{error}");
     }
 
     #[test]

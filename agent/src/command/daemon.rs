@@ -58,7 +58,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
     let board = Arc::new(StatusBoard::new("agent"));
     let _guard = runtime.enter();
     if let Some(path) = &settings.control_socket
-        && let Err(error) = service::serve_control(path, board.clone(), shutdown.clone())
+        && let Err(error) = service::serve_control(path, board.clone(), shutdown.clone(), None)
     {
         return fail(ExitCode::Environment, error);
     }
@@ -283,11 +283,13 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
+    let roles = Arc::new(std::sync::Mutex::new(settings.roles.clone()));
     runtime.spawn(reload_on_hangup(
         config_path,
         settings.clone(),
         reload_tx,
         drills.clone(),
+        roles.clone(),
     ));
     runtime.spawn(refresh_drills(
         settings.data_dir.clone(),
@@ -296,7 +298,11 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     ));
     let result = runtime.block_on(async move {
         if let Some(path) = &settings.control_socket {
-            service::serve_control(path, board.clone(), shutdown.clone())?;
+            let actions = Arc::new(crate::command::control::Actions {
+                data_dir: settings.data_dir.clone(),
+                roles: roles.clone(),
+            });
+            service::serve_control(path, board.clone(), shutdown.clone(), Some(actions))?;
         }
         if let Some(addr) = settings.metrics_listen {
             service::serve_metrics(addr, board.clone(), shutdown.clone()).await?;
@@ -360,6 +366,7 @@ async fn reload_on_hangup(
     running: ReceiverSettings,
     reloads: tokio::sync::mpsc::Sender<receiver::Reload>,
     drills: Arc<std::sync::Mutex<Vec<crate::command::config::DrillSchedule>>>,
+    roles: Arc<std::sync::Mutex<crate::command::roles::RoleMap>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -389,6 +396,9 @@ async fn reload_on_hangup(
                 }
                 let grants = receiver::parse_grants(&settings.allow)?;
                 *drills.lock().expect("not poisoned") = settings.drills.clone();
+                // The socket's mode is set at start: roles added to a receiver started without
+                // any take effect at the next restart.
+                *roles.lock().expect("not poisoned") = settings.roles.clone();
                 Ok((grants, settings.retention))
             });
         if reloads.send(reload).await.is_err() {

@@ -3,8 +3,10 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod exit;
 pub mod logging;
+pub mod roles;
 pub mod service;
 pub mod status;

@@ -104,11 +104,13 @@ pub enum ServiceError {
     },
 }
 
-/// Binds the control socket at `path` (replacing a stale one) and serves snapshots.
+/// Binds the control socket at `path` (replacing a stale one) and serves snapshots, and, on a
+/// receiver with `actions`, the recovery requests of `command::control`, authorized by role.
 pub fn serve_control(
     path: &Path,
     board: Arc<StatusBoard>,
     mut shutdown: watch::Receiver<bool>,
+    actions: Option<Arc<crate::command::control::Actions>>,
 ) -> Result<tokio::task::JoinHandle<()>, ServiceError> {
     let control_err = |source| ServiceError::Control {
         path: path.to_owned(),
@@ -129,7 +131,17 @@ pub fn serve_control(
         _ => {}
     }
     let listener = UnixListener::bind(path).map_err(control_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(control_err)?;
+    // With operator roles, every local user may connect and the daemon decides by peer
+    // credentials; without, the socket stays root's.
+    let open = actions.as_ref().is_some_and(|a| a.open_to_all());
+    std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(if open { 0o666 } else { 0o600 }),
+    )
+    .map_err(control_err)?;
+    if open && let Some(dir) = path.parent() {
+        open_directory(dir);
+    }
     let path = path.to_owned();
     Ok(tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -144,8 +156,9 @@ pub fn serve_control(
                         continue;
                     };
                     let board = board.clone();
+                    let actions = actions.clone();
                     tokio::spawn(async move {
-                        let _ = answer(stream, &board).await;
+                        let _ = answer(stream, &board, actions).await;
                         drop(permit);
                     });
                 }
@@ -156,26 +169,91 @@ pub fn serve_control(
     }))
 }
 
-async fn answer(stream: UnixStream, board: &StatusBoard) -> io::Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    // Bounded: a request is one short word.
-    let mut reader = BufReader::new(read.take(256));
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+/// Makes the socket's directory reachable by every local user, when it is this process's own
+/// private directory (0700, ours); any other directory is left as it is.
+fn open_directory(dir: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if let Ok(meta) = std::fs::metadata(dir)
+        && meta.uid() == euid
+        && meta.mode() & 0o777 == 0o700
+    {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    }
+}
+
+/// Reads the request line: at most 4 KiB, byte by byte so that nothing after it is consumed
+/// (a failover's client speaks again later on the same stream).
+async fn request_line(stream: &mut UnixStream) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < crate::command::control::MAX_REQUEST {
+        if stream.read(&mut byte).await? == 0 || byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+async fn answer(
+    mut stream: UnixStream,
+    board: &StatusBoard,
+    actions: Option<Arc<crate::command::control::Actions>>,
+) -> io::Result<()> {
+    let line = tokio::time::timeout(Duration::from_secs(5), request_line(&mut stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no request"))??;
+    let peer = match &actions {
+        Some(actions) if actions.open_to_all() => {
+            let uid = stream.peer_cred()?.uid();
+            Some(
+                tokio::task::spawn_blocking(move || crate::command::roles::peer_identity(uid))
+                    .await
+                    .map_err(io::Error::other)?,
+            )
+        }
+        _ => None,
+    };
     let reply = match line.trim() {
         "status" => {
-            serde_json::to_string(&board.snapshot(status::now_ms())).expect("snapshot serializes")
+            let refusal = match (&actions, &peer) {
+                (Some(actions), Some(peer)) => actions.authorize_status(peer).err(),
+                _ => None,
+            };
+            match refusal {
+                Some(message) => serde_json::json!({ "error": format!("refused: {message}") })
+                    .to_string(),
+                None => serde_json::to_string(&board.snapshot(status::now_ms()))
+                    .expect("snapshot serializes"),
+            }
+        }
+        request if actions.is_some() && request.starts_with('{') => {
+            let actions = actions.expect("checked");
+            // Root only without roles: the socket's mode let nobody else in.
+            let peer = match peer {
+                Some(peer) => peer,
+                None => {
+                    let uid = stream.peer_cred()?.uid();
+                    crate::command::roles::peer_identity(uid)
+                }
+            };
+            let stream = stream.into_std()?;
+            stream.set_nonblocking(false)?;
+            let request = request.to_owned();
+            return tokio::task::spawn_blocking(move || actions.serve(stream, &peer, &request))
+                .await
+                .map_err(io::Error::other)?;
         }
         other => {
-            serde_json::json!({ "error": format!("unknown request {other:?}; send \"status\"") })
+            serde_json::json!({ "error": format!("unknown request {:?}; send \"status\"", other.chars().take(80).collect::<String>()) })
                 .to_string()
         }
     };
-    write.write_all(reply.as_bytes()).await?;
-    write.write_all(b"\n").await?;
-    write.shutdown().await
+    stream.write_all(reply.as_bytes()).await?;
+    stream.write_all(b"\n").await?;
+    stream.shutdown().await
 }
 
 /// Asks the daemon at `path` for its status.
@@ -338,7 +416,7 @@ mod tests {
         let board = Arc::new(StatusBoard::new("agent"));
         board.update("db", |s| s.backlog_bytes = 5);
         let (_tx, rx) = watch::channel(false);
-        let _server = serve_control(&path, board, rx).unwrap();
+        let _server = serve_control(&path, board, rx, None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Finding 15 of the hardening issue: the directory was created 0755.
@@ -367,7 +445,7 @@ mod tests {
         let path = dir.join("receiver.sock");
         let board = Arc::new(StatusBoard::new("receiver"));
         let (_tx, rx) = watch::channel(false);
-        let _server = serve_control(&path, board, rx).unwrap();
+        let _server = serve_control(&path, board, rx, None).unwrap();
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(UnixStream::connect(&path).await.unwrap());

@@ -269,6 +269,12 @@ impl PointView {
 pub(crate) fn current_user() -> String {
     // SAFETY: getuid has no preconditions and cannot fail.
     let uid = unsafe { libc::getuid() };
+    // Set by the receiver daemon for the commands it runs for a control-socket client.
+    if let Ok(name) = std::env::var("BLKMIRROR_OPERATOR")
+        && !name.is_empty()
+    {
+        return format!("{name} via the control socket");
+    }
     match std::env::var("SUDO_USER") {
         Ok(name) if !name.is_empty() => format!("{name} (uid {uid} via sudo)"),
         _ => format!("uid {uid}"),

@@ -303,6 +303,44 @@ impl Progress {
     }
 }
 
+/// A restore's target for a point that arrives from elsewhere (the receiver's control
+/// socket): the same rules as `restore` (a new file written aside and renamed when whole, or a
+/// block device not in use and large enough).
+pub struct RestoreTarget(Target);
+
+impl RestoreTarget {
+    /// Opens `path` for a point of `size` bytes.
+    pub fn open(path: &Path, size: u64, chunk_bytes: usize, force: bool) -> Result<Self, OpsError> {
+        Target::open(path, size, chunk_bytes, force).map(Self)
+    }
+
+    /// Writes a chunk (`None`: `len` zero bytes).
+    pub fn write(&self, offset: u64, data: Option<&[u8]>, len: usize) -> Result<(), OpsError> {
+        self.0
+            .write(offset, data, len)
+            .map_err(|source| OpsError::Target {
+                what: "writing",
+                path: self.0.path().to_owned(),
+                source,
+            })
+    }
+
+    /// Syncs it (and renames a file into place).
+    pub fn finish(self) -> Result<(), OpsError> {
+        let path = self.0.path().to_owned();
+        self.0.finish().map_err(|source| OpsError::Target {
+            what: "syncing",
+            path,
+            source,
+        })
+    }
+
+    /// Drops a partial file.
+    pub fn abandon(self) {
+        self.0.abandon();
+    }
+}
+
 /// Where a restore writes.
 enum Target {
     /// A block device, written in place (zero chunks written from `zeros`, one chunk long).

@@ -1054,39 +1054,21 @@ pub fn failover(
         _ => None,
     };
     let user = export::current_user();
-    let next = {
-        let _lock = crate::dr::volume::lock_volume(&disk, &dir, false)?;
-        let next = crate::dr::authority::read(&disk, &dir)?
-            .failover(
-                point.seq,
-                &to.display().to_string(),
-                &user,
-                crate::command::status::now_ms(),
-                again,
-            )
-            .map_err(OpsError::Usage)?;
-        crate::dr::authority::write(&disk, &dir, &next)?;
-        next
-    };
-    audit(
+    let term = raise_term_as(
         data_dir,
-        "failover",
         volume,
-        "ok",
-        serde_json::json!({
-            "term": next.term,
-            "seq": point.seq,
-            "to": to.display().to_string(),
-            "tracked": tracked.is_some(),
-            "user": user,
-        }),
-    );
+        &point,
+        &to.display().to_string(),
+        &user,
+        again,
+        tracked.is_some(),
+    )?;
     eprintln!(
         "blkmirror: volume {volume} failed over: {} is now at {}; term {}, the DR site is \
          primary, and the receiver refuses the old source's cycles from now on; {}",
         describe(&point),
         to.display(),
-        next.term,
+        term,
         match &tracked {
             Some(promoted) => format!(
                 "{} is tracked (generation {:016x}), so a failback moves only what differs \
@@ -1099,6 +1081,54 @@ pub fn failover(
         }
     );
     Ok(())
+}
+
+/// The second half of a failover, once the point is written at `to`: the next term, the DR
+/// site primary, durably and audited. Returns the new term.
+pub fn raise_term(
+    data_dir: &Path,
+    volume: &str,
+    point: &crate::dr::stored::StoredPoint,
+    to: &str,
+    user: &str,
+    again: bool,
+) -> Result<u64, OpsError> {
+    raise_term_as(data_dir, volume, point, to, user, again, false)
+}
+
+fn raise_term_as(
+    data_dir: &Path,
+    volume: &str,
+    point: &crate::dr::stored::StoredPoint,
+    to: &str,
+    user: &str,
+    again: bool,
+    tracked: bool,
+) -> Result<u64, OpsError> {
+    let disk = crate::dr::storage::LocalDisk::shared();
+    let dir = Volume::dir_of(data_dir, volume);
+    let next = {
+        let _lock = crate::dr::volume::lock_volume(&disk, &dir, false)?;
+        let next = crate::dr::authority::read(&disk, &dir)?
+            .failover(point.seq, to, user, crate::command::status::now_ms(), again)
+            .map_err(OpsError::Usage)?;
+        crate::dr::authority::write(&disk, &dir, &next)?;
+        next
+    };
+    audit(
+        data_dir,
+        "failover",
+        volume,
+        "ok",
+        serde_json::json!({
+            "term": next.term,
+            "seq": point.seq,
+            "to": to,
+            "tracked": tracked,
+            "user": user,
+        }),
+    );
+    Ok(next.term)
 }
 
 /// `blkmirror reprotect VOLUME`: makes the source primary again, under a new term. What the
