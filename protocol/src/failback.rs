@@ -21,10 +21,11 @@
 //!
 //! ```text
 //! A: Hello (volume, geometry, term seen, A's unreplicated chunks or "untracked")
-//! B: Plan (term, point, head, the chunk ranges) | Refused
+//! B: Plan (term, point, head, round, the chunk ranges) | Refused
 //! A: Hashes (A's hash of each planned chunk, in plan order, batches of at most 4096) ...
 //! B: Data | Zero for each planned chunk whose hash differs, in plan order ... then Sent
 //! A: Written (after its device is synced and its agent state records what to resend)
+//! B: (with a pre-copy: another Plan, round 2, for the final delta, and so on)
 //! B: Complete (the new term: the source is primary again) | Refused
 //! ```
 //!
@@ -37,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::wire::ChunkHash;
 
 /// The failback protocol version.
-pub const FAILBACK_PROTOCOL: u32 = 1;
+pub const FAILBACK_PROTOCOL: u32 = 2;
 
 /// The most chunk ranges one list may hold. A longer set is sent as "untracked" (A) or planned
 /// as the whole device (B): the hash compare still moves only what differs.
@@ -126,6 +127,8 @@ pub struct FailbackPlan {
     pub point_seq: u64,
     /// The receiver's newest committed cycle: A's agent resumes from it.
     pub head_seq: u64,
+    /// 1, then 2 for the final delta after a pre-copy.
+    pub round: u32,
     /// Every chunk is compared (a tracking gap on either side).
     pub compare_all: bool,
     /// The chunks to compare, sorted, disjoint, not touching.
@@ -476,6 +479,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
                 term: 2,
                 point_seq: 5,
                 head_seq: 7,
+                round: 1,
                 compare_all: false,
                 chunks: vec![(0, 3), (100, 140)],
             })),

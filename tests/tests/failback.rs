@@ -323,10 +323,131 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     ]);
     assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
 
+    // 9. A planned switchback with the application still running at B: `--live` pre-copies
+    //    while B is mounted and written, waits for the unmount, then sends the final delta.
+    let out = blkmirror()
+        .args(["failover", "fs", "--to", b.as_str()])
+        .args([
+            "--data-dir",
+            &data,
+            "--pin-root",
+            &pins,
+            "--state-dir",
+            b_state,
+        ])
+        .output()
+        .expect("failover");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b_mount = site.scratch.path.join("b3");
+    fs::create_dir_all(&b_mount).expect("mount point");
+    sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
+    let unmount_b = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+    write_round(&b_mount.join("before-pre-copy"), 6);
+    let mut b_writer = Workload::start(&b_mount);
+    let port = free_port();
+    let serve_log = site.scratch.path.join("serve-live.log");
+    let mut serve = ChildGuard(
+        blkmirror()
+            .args(["failback", "serve", "fs", "--live", "--device", b.as_str()])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--identity")
+            .arg(site.scratch.path.join("receiver-id"))
+            .args(["--allow", &site.agent.fingerprint, "--json"])
+            .args([
+                "--data-dir",
+                &data,
+                "--pin-root",
+                &pins,
+                "--state-dir",
+                b_state,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(&serve_log).expect("log"))
+            .spawn()
+            .expect("failback serve --live"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let pull_out = site.scratch.path.join("pull-live.out");
+    let pull_err = site.scratch.path.join("pull-live.err");
+    let mut pull = ChildGuard(
+        blkmirror()
+            .args(["failback", "pull", "--device", a.as_str(), "--volume", "fs"])
+            .args(["--from", &format!("127.0.0.1:{port}")])
+            .args(["--receiver-fingerprint", &site.receiver.fingerprint])
+            .arg("--identity")
+            .arg(&site.agent.dir)
+            .args(["--json", "--pin-root", &pins, "--state-dir"])
+            .arg(agent.state_dir)
+            .stdout(fs::File::create(&pull_out).expect("out"))
+            .stderr(fs::File::create(&pull_err).expect("err"))
+            .spawn()
+            .expect("failback pull"),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !fs::read_to_string(&serve_log)
+        .unwrap_or_default()
+        .contains("pre-copy done")
+    {
+        assert!(
+            std::time::Instant::now() < deadline && matches!(serve.0.try_wait(), Ok(None)),
+            "no pre-copy: {}",
+            fs::read_to_string(&serve_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The application stops at B: its last writes, then the unmount.
+    b_writer.stop();
+    write_round(&b_mount.join("after-pre-copy"), 7);
+    drop(unmount_b);
+    let pull_status = pull.0.wait().expect("pull");
+    let serve_status = serve.0.wait().expect("serve");
+    let serve_text = fs::read_to_string(&serve_log).unwrap_or_default();
+    let pull_text = fs::read_to_string(&pull_err).unwrap_or_default();
+    assert!(
+        pull_status.success(),
+        "pull: {pull_text}\nserve: {serve_text}"
+    );
+    assert!(serve_status.success(), "serve: {serve_text}");
+    assert!(serve_text.contains("round 2"), "{serve_text}");
+    eprintln!("live failback:\n{pull_text}{serve_text}");
+    assert_eq!(
+        digest(&a.path),
+        digest(&b.path),
+        "A differs from B after the final delta"
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(&pull_out).expect("report")).expect("JSON report");
+    assert!(
+        !report["compare_all"].as_bool().expect("compare_all"),
+        "{report}"
+    );
+    assert!(
+        report["planned_chunks"].as_u64().expect("planned") < device_chunks / 2,
+        "{report}"
+    );
+    let lines = agent.once_ok(&[]);
+    assert_eq!(last_point(&lines)["kind"], "cycle", "{lines:?}");
+    run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        replica.to_str().expect("utf-8"),
+        "--force",
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(
         audit.matches("\"event\":\"failback\"").count(),
-        2,
+        3,
         "{audit}"
     );
     run_ok(&["audit", "verify", "--data-dir", &data]);

@@ -548,6 +548,10 @@ pub struct FailbackServeArgs {
     /// The source agent's fingerprint.
     #[arg(long = "allow", value_name = "FINGERPRINT", required = true, value_parser = parse_fingerprint)]
     pub allow: Vec<Fingerprint>,
+    /// Start while the application still runs on the device (mounted): pre-copy what differs,
+    /// then wait for the device to be unmounted and send the final delta.
+    #[arg(long)]
+    pub live: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -827,6 +831,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 identity: args.identity.clone(),
                 allow: args.allow.clone(),
                 track: options(track::DEFAULT_CHUNK, HookChoice::Auto, &args.state),
+                live: args.live,
             };
             return ops_result(
                 crate::dr::failback::serve(&options)

@@ -273,6 +273,20 @@ pub struct DrillSection {
     pub check: Option<String>,
     /// How long it may run (`10m` by default).
     pub check_timeout: Option<String>,
+    /// Boot the point under qemu with this kernel (`drill --boot`).
+    pub boot: Option<PathBuf>,
+    /// `--boot-initrd`.
+    pub boot_initrd: Option<PathBuf>,
+    /// `--boot-append`.
+    pub boot_append: Option<String>,
+    /// `--boot-healthy` (`login:` by default).
+    pub boot_healthy: Option<String>,
+    /// `--boot-timeout` (`5m` by default).
+    pub boot_timeout: Option<String>,
+    /// `--boot-accel` (`auto`, `kvm`, `tcg`).
+    pub boot_accel: Option<String>,
+    /// `--boot-memory` in MiB (1024 by default).
+    pub boot_memory: Option<u32>,
 }
 
 /// A drill schedule, checked.
@@ -288,6 +302,8 @@ pub struct DrillSchedule {
     pub check: Option<String>,
     /// Its time limit.
     pub check_timeout: Duration,
+    /// A boot under qemu after the file-system steps.
+    pub boot: Option<crate::dr::recovery::BootOptions>,
 }
 
 /// The shortest drill schedule accepted.
@@ -800,17 +816,87 @@ fn drill_schedules(sections: &[DrillSection], problems: &mut Problems) -> Vec<Dr
             &key("check_timeout"),
             units::parse_duration(section.check_timeout.as_deref().unwrap_or("10m")),
         );
-        if let (Some(every), Some(at), Some(check_timeout)) = (every, at, check_timeout) {
+        let boot = drill_boot(section, &key, problems);
+        if let (Some(every), Some(at), Some(check_timeout), Some(boot)) =
+            (every, at, check_timeout, boot)
+        {
             out.push(DrillSchedule {
                 volume: section.volume.clone(),
                 every,
                 at,
                 check: section.check.clone(),
                 check_timeout,
+                boot,
             });
         }
     }
     out
+}
+
+/// The boot of a `[[drill]]` section: `Some(None)` without `boot`, `None` after a problem.
+fn drill_boot(
+    section: &DrillSection,
+    key: &dyn Fn(&str) -> String,
+    problems: &mut Problems,
+) -> Option<Option<crate::dr::recovery::BootOptions>> {
+    use crate::dr::recovery::{BootAccel, BootOptions};
+    let Some(kernel) = &section.boot else {
+        let stray = [
+            ("boot_initrd", section.boot_initrd.is_some()),
+            ("boot_append", section.boot_append.is_some()),
+            ("boot_healthy", section.boot_healthy.is_some()),
+            ("boot_timeout", section.boot_timeout.is_some()),
+            ("boot_accel", section.boot_accel.is_some()),
+            ("boot_memory", section.boot_memory.is_some()),
+        ];
+        let mut ok = true;
+        for (name, present) in stray {
+            if present {
+                problems.0.push(format!("{}: only with boot", key(name)));
+                ok = false;
+            }
+        }
+        return ok.then_some(None);
+    };
+    let timeout = problems.check(
+        &key("boot_timeout"),
+        units::parse_duration(section.boot_timeout.as_deref().unwrap_or("5m")),
+    );
+    let accel = problems.check(
+        &key("boot_accel"),
+        enum_value::<BootAccel>(section.boot_accel.as_deref().unwrap_or("auto")),
+    );
+    let healthy = section
+        .boot_healthy
+        .clone()
+        .unwrap_or_else(|| "login:".into());
+    if healthy.is_empty() {
+        problems.0.push(format!(
+            "{}: empty: the drill would pass at once",
+            key("boot_healthy")
+        ));
+        return None;
+    }
+    let memory_mib = section.boot_memory.unwrap_or(1024);
+    if !(128..=65536).contains(&memory_mib) {
+        problems.0.push(format!(
+            "{}: {memory_mib} MiB (128 to 65536)",
+            key("boot_memory")
+        ));
+        return None;
+    }
+    Some(Some(BootOptions {
+        kernel: kernel.clone(),
+        initrd: section.boot_initrd.clone(),
+        append: section
+            .boot_append
+            .clone()
+            .unwrap_or_else(|| BootOptions::default_append().to_owned()),
+        healthy,
+        timeout: timeout?,
+        accel: accel?,
+        memory_mib,
+    }))
 }
 
 /// Reads and checks an agent configuration file.
@@ -1139,6 +1225,44 @@ volume = "db"
     }
 
     #[test]
+    fn boot_drills_can_be_scheduled_and_their_keys_are_checked() {
+        let path = Path::new("receiver.toml");
+        let head =
+            format!("identity = \"/id\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\"]\n");
+        let settings = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[drill]]\nvolume = \"db\"\nevery = \"7d\"\nboot = \"/boot/vmlinuz\"\nboot_initrd = \"/boot/initrd\"\nboot_healthy = \"APP-UP\"\nboot_accel = \"tcg\"\nboot_timeout = \"2m\"\n"
+            ),
+        )
+        .unwrap();
+        let boot = settings.drills[0].boot.as_ref().expect("a boot drill");
+        assert_eq!(boot.kernel, Path::new("/boot/vmlinuz"));
+        assert_eq!(boot.initrd.as_deref(), Some(Path::new("/boot/initrd")));
+        assert_eq!(boot.healthy, "APP-UP");
+        assert_eq!(boot.accel, crate::dr::recovery::BootAccel::Tcg);
+        assert_eq!(boot.timeout, Duration::from_secs(120));
+        assert_eq!(boot.memory_mib, 1024);
+        let error = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[drill]]\nvolume = \"db\"\nevery = \"7d\"\nboot_healthy = \"x\"\n[[drill]]\nvolume = \"logs\"\nevery = \"1d\"\nboot = \"/k\"\nboot_accel = \"xen\"\nboot_memory = 4\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "drill[0].boot_healthy: only with boot",
+            "drill[1].boot_accel: \"xen\" is not one of auto, kvm, tcg",
+        ] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+    }
+
+    #[test]
     fn drill_schedules_are_checked() {
         let path = Path::new("receiver.toml");
         let head =
@@ -1159,6 +1283,7 @@ volume = "db"
                     at: PointSelector::Latest,
                     check: Some("test -d etc".into()),
                     check_timeout: Duration::from_secs(600),
+                    boot: None,
                 },
                 DrillSchedule {
                     volume: "logs".into(),
@@ -1166,6 +1291,7 @@ volume = "db"
                     at: PointSelector::Seq(4),
                     check: None,
                     check_timeout: Duration::from_secs(30),
+                    boot: None,
                 },
             ]
         );

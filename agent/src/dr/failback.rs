@@ -66,6 +66,10 @@ pub struct Promoted {
     /// The chunks that differ between the promoted point and the newest one: the source
     /// committed them after the point, so it holds them and the promoted device does not.
     pub after_point: Vec<ChunkRange>,
+    /// What earlier cuts of the promoted device's tracker held: recorded here before their
+    /// slots are released, so a failback that fails later still knows them.
+    #[serde(default)]
+    pub consumed: Vec<ChunkRange>,
 }
 
 /// Reads `promoted.json`, if a failover wrote one.
@@ -124,13 +128,19 @@ pub fn track_promoted(
         generation: tracker.generation(),
         chunk_bytes,
         after_point,
+        consumed: Vec::new(),
     };
-    let disk = LocalDisk::shared();
-    let path = Volume::dir_of(data_dir, volume_name).join(PROMOTED_FILE);
-    let text = serde_json::to_string_pretty(&promoted).expect("serializes");
-    disk.write_atomic(&path, text.as_bytes())
-        .map_err(volume::StoreError::io("writing", &path))?;
+    write_promoted(&Volume::dir_of(data_dir, volume_name), &promoted)?;
     Ok(promoted)
+}
+
+fn write_promoted(dir: &Path, promoted: &Promoted) -> Result<(), OpsError> {
+    let path = dir.join(PROMOTED_FILE);
+    let text = serde_json::to_string_pretty(promoted).expect("serializes");
+    LocalDisk::shared()
+        .write_atomic(&path, text.as_bytes())
+        .map_err(volume::StoreError::io("writing", &path))?;
+    Ok(())
 }
 
 /// `failback serve`'s inputs.
@@ -150,6 +160,9 @@ pub struct ServeOptions {
     pub allow: Vec<Fingerprint>,
     /// Where the promoted device's tracker is pinned.
     pub track: TrackOptions,
+    /// Pre-copy while the device is still in use, then wait for it to be free and send the
+    /// final delta (a planned switchback with the least downtime).
+    pub live: bool,
 }
 
 /// What a failback did (printed as JSON with `--json`).
@@ -181,33 +194,44 @@ fn say(message: impl std::fmt::Display) {
     eprintln!("blkmirror failback: {message}");
 }
 
-/// The promoted device's changes since the failover, or `None` when its tracking has a gap
-/// (with the reason said).
-fn promoted_changes(
-    promoted: Option<&Promoted>,
+/// The promoted device's tracker, adopted, with the record of what it has held.
+struct Changes {
+    tracker: Tracker,
+    promoted: Promoted,
+    dir: PathBuf,
+    chunks: u64,
+}
+
+/// Adopts the tracker the failover started on the promoted device, or says why there is none
+/// (a failback then compares every chunk).
+fn adopt_tracker(
+    promoted: Option<Promoted>,
+    dir: &Path,
     device: &Path,
+    size: u64,
     chunk_bytes: u64,
     track: &TrackOptions,
-) -> Result<(Option<Vec<ChunkRange>>, Option<Tracker>), OpsError> {
+) -> Result<Option<Changes>, OpsError> {
     let Some(promoted) = promoted else {
         say(
-            "no record of a tracked failover (a failover to a file, or by an older release): every chunk is compared",
+            "no record of a tracked failover (a failover to a file, with --no-track, or by an \
+             older release): every chunk is compared",
         );
-        return Ok((None, None));
+        return Ok(None);
     };
     if !is_block_device(device) {
         say(format!(
             "{} is not a block device: every chunk is compared",
             device.display()
         ));
-        return Ok((None, None));
+        return Ok(None);
     }
     let options = TrackOptions {
         chunk_bytes,
         ..track.clone()
     };
     crate::tracker::track::prepare_environment()?;
-    let (mut tracker, _) = Tracker::open(device, &options)?;
+    let (tracker, _) = Tracker::open(device, &options)?;
     let id = crate::tracker::device::stable_identity(tracker.device());
     if tracker.origin() != Origin::Adopted
         || tracker.generation() != promoted.generation
@@ -220,24 +244,43 @@ fn promoted_changes(
             tracker.generation(),
             promoted.generation
         ));
-        return Ok((None, Some(tracker)));
+        return Ok(None);
     }
-    // Two cuts read both epoch slots. Neither is released: if this failback fails, the next
-    // attempt finds the same changes again.
-    let mut changed = blkmirror_protocol::extent::DirtyBitmaps::new(tracker.geometry());
-    for _ in 0..2 {
-        let cut = tracker.cut()?;
-        if let Some(gap) = cut.needs_verify {
-            say(format!(
-                "the tracking of {} has a gap ({}): every chunk is compared",
-                device.display(),
-                gap.reason
-            ));
-            return Ok((None, Some(tracker)));
+    Ok(Some(Changes {
+        tracker,
+        promoted,
+        dir: dir.to_owned(),
+        chunks: plan::chunk_count(size, chunk_bytes),
+    }))
+}
+
+impl Changes {
+    /// Cuts both epoch slots and returns what they held (`None` after a counted loss). Each
+    /// cut is added to `promoted.json`'s `consumed` (durably) before its slot is released, so
+    /// a failback that fails later still knows every change since the failover.
+    fn collect(&mut self, device: &Path) -> Result<Option<Vec<ChunkRange>>, OpsError> {
+        let chunk_bytes = self.promoted.chunk_bytes;
+        let mut changed = blkmirror_protocol::extent::DirtyBitmaps::new(self.tracker.geometry());
+        for _ in 0..2 {
+            let cut = self.tracker.cut()?;
+            if let Some(gap) = cut.needs_verify {
+                say(format!(
+                    "the tracking of {} has a gap ({}): every chunk is compared",
+                    device.display(),
+                    gap.reason
+                ));
+                return Ok(None);
+            }
+            changed.union(&cut.bitmaps);
+            let mut consumed = std::mem::take(&mut self.promoted.consumed);
+            consumed.extend(chunk_ranges_of(&cut.bitmaps, chunk_bytes));
+            self.promoted.consumed = plan::normalize(consumed, self.chunks)
+                .map_err(|error| OpsError::Usage(error.to_string()))?;
+            write_promoted(&self.dir, &self.promoted)?;
+            self.tracker.release()?;
         }
-        changed.union(&cut.bitmaps);
+        Ok(Some(chunk_ranges_of(&changed, chunk_bytes)))
     }
-    Ok((Some(chunk_ranges_of(&changed, chunk_bytes)), Some(tracker)))
 }
 
 /// The chunks a dirty set names, as half-open chunk ranges.
@@ -261,11 +304,12 @@ fn is_block_device(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|meta| meta.file_type().is_block_device())
 }
 
-/// Opens a failback's device; a block device exclusively (refused while mounted).
-pub fn open_device(path: &Path, write: bool) -> Result<File, OpsError> {
+/// Opens a failback's device; a block device exclusively (refused while mounted) unless
+/// `shared` (the DR site's pre-copy, while its application still runs).
+pub fn open_device(path: &Path, write: bool, shared: bool) -> Result<File, OpsError> {
     let mut options = std::fs::OpenOptions::new();
     options.read(true).write(write);
-    if is_block_device(path) {
+    if is_block_device(path) && !shared {
         options.custom_flags(libc::O_EXCL);
     }
     options.open(path).map_err(|source| {
@@ -343,14 +387,28 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
         current_failover
     });
     let identity = crate::link::identity::Identity::load(&options.identity)?;
-    let device = open_device(&options.device, false)?;
+    let device = open_device(&options.device, false, options.live)?;
     let size = device_size(&device, &options.device)?;
-    let (changes, tracker) = promoted_changes(
-        promoted.as_ref(),
+    let after_point = promoted
+        .as_ref()
+        .map(|p| p.after_point.clone())
+        .unwrap_or_default();
+    let mut tracked = adopt_tracker(
+        promoted,
+        &dir,
         &options.device,
+        size,
         chunk_bytes,
         &options.track,
     )?;
+    // Everything the promoted device's tracker held since the failover (earlier attempts'
+    // cuts included).
+    let changes = match tracked.as_mut() {
+        Some(tracked) => tracked
+            .collect(&options.device)?
+            .map(|_| tracked.promoted.consumed.clone()),
+        None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -359,14 +417,15 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
     let context = Context {
         options,
         identity: &identity,
-        device: &device,
+        device,
         size,
         chunk_bytes,
         term: current.term,
         point_seq: failover.seq.unwrap_or(0),
         head_seq,
         changes,
-        after_point: promoted.map(|p| p.after_point).unwrap_or_default(),
+        after_point,
+        tracked,
     };
     let result = runtime.block_on(context.run());
     match &result {
@@ -386,17 +445,13 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
                 }),
             );
             // The DR site is no longer primary: stop tracking its copy.
-            if let Some(tracker) = tracker {
-                let pins = tracker.pin_dir().to_owned();
-                drop(tracker);
-                if let Err(error) = crate::tracker::track::untrack(&options.device, &options.track)
-                {
-                    say(format!(
-                        "warning: untracking {} ({}): {error}",
-                        options.device.display(),
-                        pins.display()
-                    ));
-                }
+            if is_block_device(&options.device)
+                && let Err(error) = crate::tracker::track::untrack(&options.device, &options.track)
+            {
+                say(format!(
+                    "warning: untracking {}: {error}",
+                    options.device.display()
+                ));
             }
             let _ = disk.remove_file(&dir.join(PROMOTED_FILE));
             say(format!(
@@ -424,14 +479,17 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
 struct Context<'a> {
     options: &'a ServeOptions,
     identity: &'a Identity,
-    device: &'a File,
+    device: File,
     size: u64,
     chunk_bytes: u64,
     term: u64,
     point_seq: u64,
     head_seq: u64,
+    /// The promoted device's changes since the failover (`None`: a gap).
     changes: Option<Vec<ChunkRange>>,
     after_point: Vec<ChunkRange>,
+    /// Its tracker, for the final delta after a pre-copy.
+    tracked: Option<Changes>,
 }
 
 fn network(what: &str) -> impl FnOnce(net::NetError) -> OpsError + '_ {
@@ -439,7 +497,7 @@ fn network(what: &str) -> impl FnOnce(net::NetError) -> OpsError + '_ {
 }
 
 impl Context<'_> {
-    async fn run(self) -> Result<FailbackReport, OpsError> {
+    async fn run(mut self) -> Result<FailbackReport, OpsError> {
         let admitted: BTreeSet<Fingerprint> = self.options.allow.iter().cloned().collect();
         let endpoint = net::server_endpoint(self.identity, admitted, self.options.listen, 32 << 20)
             .map_err(network("listening"))?;
@@ -496,7 +554,7 @@ impl Context<'_> {
     }
 
     async fn exchange(
-        &self,
+        &mut self,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<FailbackReport, OpsError> {
@@ -544,9 +602,98 @@ impl Context<'_> {
             unreplicated,
         })
         .map_err(protocol_error)?;
+        let mut planned = plan::covered(&ranges);
+        let (mut sent_chunks, mut sent_bytes) =
+            self.round(send, recv, 1, compare_all, ranges).await?;
+        if self.options.live {
+            // The pre-copy moved the bulk while the application ran. Now its final delta: once
+            // the device is free (the application stopped, the file system unmounted), what
+            // the tracker recorded since the first round.
+            say(format!(
+                "pre-copy done ({sent_chunks} chunk(s) sent); stop the application and unmount \
+                 {}: the final delta follows",
+                self.options.device.display()
+            ));
+            // Our descriptor goes first: the block device's page cache may hold blocks read
+            // before the file system wrote them (file data bypasses it), and the kernel drops
+            // that cache when the last opener closes, which is then the unmount.
+            let placeholder = File::open("/dev/null").map_err(|source| OpsError::Target {
+                what: "opening",
+                path: PathBuf::from("/dev/null"),
+                source,
+            })?;
+            drop(std::mem::replace(&mut self.device, placeholder));
+            self.device = wait_until_free(&self.options.device).await?;
+            // And whatever is still cached is dropped too (clean pages; advisory, so only a
+            // second line of defence).
+            // SAFETY: posix_fadvise on a descriptor this function owns; no memory is passed.
+            unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.device),
+                    0,
+                    0,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            let (final_all, final_ranges) = match self.tracked.as_mut() {
+                Some(tracked) => match tracked.collect(&self.options.device)? {
+                    Some(new) => (false, new),
+                    None => (true, vec![(0, chunks)]),
+                },
+                None => (true, vec![(0, chunks)]),
+            };
+            planned += plan::covered(&final_ranges);
+            let (more_chunks, more_bytes) =
+                self.round(send, recv, 2, final_all, final_ranges).await?;
+            sent_chunks += more_chunks;
+            sent_bytes += more_bytes;
+        }
+        // The source's device now equals this one, and its agent state says what to send
+        // forward: swap the roles, unless the authority moved meanwhile.
+        let disk = LocalDisk::shared();
+        let dir = Volume::dir_of(&self.options.data_dir, &self.options.volume);
+        let next = {
+            let _lock = volume::lock_volume(&disk, &dir, false)?;
+            let next = authority::read(&disk, &dir)?
+                .failback(
+                    self.term,
+                    &export::current_user(),
+                    crate::command::status::now_ms(),
+                )
+                .map_err(OpsError::Usage)?;
+            authority::write(&disk, &dir, &next)?;
+            next
+        };
+        debug_assert_eq!(next.primary, Primary::Source);
+        net::write_frame(send, &FailbackReply::Complete { term: next.term })
+            .await
+            .map_err(network("sending the new term"))?;
+        Ok(FailbackReport {
+            volume: self.options.volume.clone(),
+            term: next.term,
+            compare_all,
+            planned_chunks: planned,
+            sent_chunks,
+            sent_bytes,
+            device_chunks: chunks,
+            ..FailbackReport::default()
+        })
+    }
+
+    /// One round: the plan, the source's hashes, the chunks that differ, its `Written`.
+    async fn round(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        round: u32,
+        compare_all: bool,
+        ranges: Vec<ChunkRange>,
+    ) -> Result<(u64, u64), OpsError> {
+        let protocol_error = |error: plan::FailbackError| OpsError::Refused(error.to_string());
+        let chunks = plan::chunk_count(self.size, self.chunk_bytes);
         let planned = plan::covered(&ranges);
         say(format!(
-            "plan: {planned} of {chunks} chunk(s) to compare ({}){}",
+            "round {round}: {planned} of {chunks} chunk(s) to compare ({}){}",
             units::format_size(planned * self.chunk_bytes),
             if compare_all {
                 ", every chunk (a tracking gap)"
@@ -560,6 +707,7 @@ impl Context<'_> {
                 term: self.term,
                 point_seq: self.point_seq,
                 head_seq: self.head_seq,
+                round,
                 compare_all,
                 chunks: ranges.clone(),
             }),
@@ -615,7 +763,7 @@ impl Context<'_> {
             if progress.elapsed().as_secs() >= 5 {
                 progress = Instant::now();
                 say(format!(
-                    "compared {} of {planned} chunk(s), sent {sent_chunks}",
+                    "round {round}: compared {} of {planned} chunk(s), sent {sent_chunks}",
                     planned - walk.remaining()
                 ));
             }
@@ -641,36 +789,26 @@ impl Context<'_> {
                 )));
             }
         }
-        // The source's device now equals this one, and its agent state says what to send
-        // forward: swap the roles, unless the authority moved meanwhile.
-        let disk = LocalDisk::shared();
-        let dir = Volume::dir_of(&self.options.data_dir, &self.options.volume);
-        let next = {
-            let _lock = volume::lock_volume(&disk, &dir, false)?;
-            let next = authority::read(&disk, &dir)?
-                .failback(
-                    self.term,
-                    &export::current_user(),
-                    crate::command::status::now_ms(),
-                )
-                .map_err(OpsError::Usage)?;
-            authority::write(&disk, &dir, &next)?;
-            next
-        };
-        debug_assert_eq!(next.primary, Primary::Source);
-        net::write_frame(send, &FailbackReply::Complete { term: next.term })
-            .await
-            .map_err(network("sending the new term"))?;
-        Ok(FailbackReport {
-            volume: self.options.volume.clone(),
-            term: next.term,
-            compare_all,
-            planned_chunks: planned,
-            sent_chunks,
-            sent_bytes,
-            device_chunks: chunks,
-            ..FailbackReport::default()
-        })
+        Ok((sent_chunks, sent_bytes))
+    }
+}
+
+/// Waits until `path` can be opened exclusively (nothing mounts or holds it), saying once
+/// what it waits for.
+async fn wait_until_free(path: &Path) -> Result<File, OpsError> {
+    let mut said = false;
+    loop {
+        match open_device(path, false, false) {
+            Ok(file) => return Ok(file),
+            Err(OpsError::Usage(message)) => {
+                if !said {
+                    say(format!("waiting: {message}"));
+                    said = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(error) => return Err(error),
+        }
     }
 }
 

@@ -115,7 +115,7 @@ pub enum BootAccel {
 }
 
 /// How a drill boots the point (`drill --boot`).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BootOptions {
     /// The guest kernel.
     pub kernel: PathBuf,
@@ -932,7 +932,7 @@ pub fn run_due(
             at: schedule.at.clone(),
             check: schedule.check.clone(),
             check_timeout: schedule.check_timeout,
-            boot: None,
+            boot: schedule.boot.clone(),
             json,
         });
         if let Err(error) = result {
@@ -1220,6 +1220,7 @@ mod tests {
                 at: PointSelector::Latest,
                 check: None,
                 check_timeout: HOUR,
+                boot: None,
             },
             crate::command::config::DrillSchedule {
                 volume: "never".into(),
@@ -1227,6 +1228,7 @@ mod tests {
                 at: PointSelector::Latest,
                 check: None,
                 check_timeout: HOUR,
+                boot: None,
             },
         ];
         let summaries = drill_summaries(&tmp.0, &schedules, now);

@@ -158,7 +158,7 @@ pub fn pull(options: &PullOptions) -> Result<FailbackReport, OpsError> {
         }
     };
     let unreplicated = unreplicated(&mut tracker, &mut state, &state_path, chunk_bytes)?;
-    let device = open_device(&options.device, true)?;
+    let device = open_device(&options.device, true, false)?;
     let size = device_size(&device, &options.device)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -248,52 +248,77 @@ impl Pull<'_> {
         )
         .await
         .map_err(network("sending the hello"))?;
-        let plan = match read_reply(&mut recv).await? {
-            FailbackReply::Plan(plan) => plan,
-            other => return Err(unexpected("a plan", &other)),
-        };
         let chunks = plan::chunk_count(self.size, self.chunk_bytes);
-        let ranges = plan::normalize(plan.chunks.clone(), chunks)
-            .map_err(|error| OpsError::Refused(error.to_string()))?;
-        let planned = plan::covered(&ranges);
-        say(format!(
-            "volume {}: term {}, point {} promoted, receiver at cycle {}; {planned} of {chunks} \
-             chunk(s) to compare{}",
-            self.options.volume,
-            plan.term,
-            plan.point_seq,
-            plan.head_seq,
-            if plan.compare_all {
-                " (every chunk: a tracking gap)"
-            } else {
-                ""
+        let (mut planned, mut written_chunks, mut written_bytes) = (0u64, 0u64, 0u64);
+        let mut first: Option<plan::FailbackPlan> = None;
+        // One round, or, after a pre-copy at the DR site, more (the final delta), until the
+        // roles are swapped.
+        let term = loop {
+            let plan = match read_reply(&mut recv).await? {
+                FailbackReply::Plan(plan) => plan,
+                FailbackReply::Complete { term } => match &first {
+                    Some(first) if term > first.term => break term,
+                    _ => return Err(unexpected("a plan", &FailbackReply::Complete { term })),
+                },
+                other => return Err(unexpected("a plan", &other)),
+            };
+            if first
+                .as_ref()
+                .is_some_and(|first| first.term != plan.term || first.head_seq != plan.head_seq)
+            {
+                return Err(OpsError::Refused(
+                    "failback protocol: a later round names another term or cycle".into(),
+                ));
             }
-        ));
-        // Durable before the first write: the forward direction must send every planned chunk
-        // (or, after a gap, compare everything), from the receiver's newest cycle on.
-        self.record_forward(state, &plan, &ranges)?;
-        let hashes = self.send_hashes(&mut send, ranges.clone());
-        let data = self.receive_data(&mut recv, ranges);
-        let (hashed, written) = tokio::join!(hashes, data);
-        hashed?;
-        let (written_chunks, written_bytes) = written?;
-        self.device.sync_all().map_err(|source| OpsError::Target {
-            what: "syncing",
-            path: self.options.device.clone(),
-            source,
-        })?;
-        net::write_frame(
-            &mut send,
-            &FailbackRequest::Written {
-                chunks: written_chunks,
-            },
-        )
-        .await
-        .map_err(network("confirming the writes"))?;
-        let term = match read_reply(&mut recv).await? {
-            FailbackReply::Complete { term } if term > plan.term => term,
-            other => return Err(unexpected("the role swap", &other)),
+            let ranges = plan::normalize(plan.chunks.clone(), chunks)
+                .map_err(|error| OpsError::Refused(error.to_string()))?;
+            let round_planned = plan::covered(&ranges);
+            planned += round_planned;
+            say(format!(
+                "volume {}: term {}, point {} promoted, receiver at cycle {}; round {}: \
+                 {round_planned} of {chunks} chunk(s) to compare{}",
+                self.options.volume,
+                plan.term,
+                plan.point_seq,
+                plan.head_seq,
+                plan.round,
+                if plan.compare_all {
+                    " (every chunk: a tracking gap)"
+                } else {
+                    ""
+                }
+            ));
+            // Durable before the first write: the forward direction must send every planned
+            // chunk (or, after a gap, compare everything), from the receiver's newest cycle on.
+            self.record_forward(state, &plan, &ranges)?;
+            let hashes = self.send_hashes(&mut send, ranges.clone());
+            let data = self.receive_data(&mut recv, ranges);
+            let (hashed, written) = tokio::join!(hashes, data);
+            hashed?;
+            let (round_chunks, round_bytes) = written?;
+            written_chunks += round_chunks;
+            written_bytes += round_bytes;
+            self.device.sync_all().map_err(|source| OpsError::Target {
+                what: "syncing",
+                path: self.options.device.clone(),
+                source,
+            })?;
+            net::write_frame(
+                &mut send,
+                &FailbackRequest::Written {
+                    chunks: round_chunks,
+                },
+            )
+            .await
+            .map_err(network("confirming the writes"))?;
+            if plan.round > 1 {
+                say(format!("round {} written", plan.round));
+            } else {
+                say("written; waiting for the DR site to swap the roles (or for its final delta)");
+            }
+            first.get_or_insert(plan);
         };
+        let compare_all = first.as_ref().is_some_and(|p| p.compare_all);
         state.term = state.term.max(term);
         store_state(self.state_path, state).map_err(state_error)?;
         let _ = send.finish();
@@ -303,7 +328,7 @@ impl Pull<'_> {
         Ok(FailbackReport {
             volume: self.options.volume.clone(),
             term,
-            compare_all: plan.compare_all,
+            compare_all,
             planned_chunks: planned,
             sent_chunks: written_chunks,
             sent_bytes: written_bytes,
