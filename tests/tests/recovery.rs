@@ -910,3 +910,100 @@ fn a_boot_drill_boots_the_point_under_qemu_and_catches_a_corrupt_application() {
     );
     drop(mount);
 }
+
+#[test]
+fn the_receiver_daemon_serves_the_exports_of_its_configuration() {
+    require_root();
+    use blkmirror_tests::mirror::{AgentSetup, Id, Receiver, write_random};
+    let scratch = blkmirror_tests::Scratch::new();
+    let agent_id = Id::new(&scratch.path, "agent-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let socket = scratch.path.join("cfg.sock");
+    let config = scratch.path.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [[agent]]\nfingerprint = \"{}\"\nvolumes = [\"cfg\"]\n\
+             [[export]]\nvolume = \"cfg\"\nlisten = \"unix:{}\"\n",
+            receiver_id.dir.display(),
+            data.display(),
+            agent_id.fingerprint,
+            socket.display()
+        ),
+    )
+    .expect("config");
+    let receiver = Receiver::start_config(&config, &data, &receiver_id);
+    // No volume yet: the export waits for a reload.
+    assert!(!socket.exists());
+    assert!(
+        receiver.log().contains("export of volume cfg not started"),
+        "{}",
+        receiver.log()
+    );
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    write_random(&dev.path, 0, 64 * MIB);
+    let pins = blkmirror_tests::PinRoot::new();
+    let agent = AgentSetup {
+        device: &dev.path,
+        volume: "cfg",
+        receiver: &receiver,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &scratch.path.join("state"),
+        receiver_fingerprint: None,
+        via: None,
+    };
+    let first = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "no export: {}", receiver.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let uri = format!("nbd+unix:///cfg?socket={}", socket.display());
+    let restored = scratch.path.join("first.img");
+    run_ok(&[
+        "restore",
+        "cfg",
+        "--at",
+        &format!("seq:{first}"),
+        "--to",
+        restored.to_str().expect("utf-8"),
+        "--data-dir",
+        data.to_str().expect("utf-8"),
+    ]);
+    let compare = |file: &Path| {
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw", &uri])
+            .arg(file)
+            .output()
+            .expect("qemu-img")
+    };
+    let out = compare(&restored);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Replication goes on; the export keeps serving the point it started with, pinned.
+    write_random(&dev.path, 0, 4 * MIB);
+    let second = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    assert!(second > first);
+    let out = compare(&restored);
+    assert!(out.status.success(), "the export moved with the commit");
+    assert_eq!(pins_of(&data, "cfg"), 1, "the exported point is pinned");
+    let audit = fs::read_to_string(data.join("audit.log")).expect("audit log");
+    assert!(audit.contains("\"event\":\"export\""), "{audit}");
+}
+
+fn pins_of(data: &Path, volume: &str) -> usize {
+    fs::read_dir(data.join(volume).join("pins"))
+        .map(|dir| dir.count())
+        .unwrap_or(0)
+}

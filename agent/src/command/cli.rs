@@ -1231,6 +1231,7 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                 allow: args.allow,
                 drills: Vec::new(),
                 roles: Default::default(),
+                exports: Vec::new(),
             }
         }
     };

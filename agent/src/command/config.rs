@@ -241,6 +241,27 @@ pub struct ReceiverFile {
     pub drill: Vec<DrillSection>,
     /// Operator roles on the control socket (see `command::roles`).
     pub roles: Option<RolesSection>,
+    /// Points the daemon serves over NBD (as `blkmirror export` does).
+    #[serde(default)]
+    pub export: Vec<ExportSection>,
+}
+
+/// An `[[export]]` section of `receiver.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportSection {
+    /// The volume (also the NBD export name).
+    pub volume: String,
+    /// Which point (`latest` by default: the newest when the daemon starts or reloads).
+    pub at: Option<String>,
+    /// `unix:PATH` or `ADDR:PORT`.
+    pub listen: String,
+    /// A copy-on-write overlay in front.
+    #[serde(default)]
+    pub writable: bool,
+    /// Allow a TCP address other than loopback.
+    #[serde(default)]
+    pub allow_remote: bool,
 }
 
 /// `[roles]` of `receiver.toml`: the Unix groups whose members hold each role.
@@ -332,6 +353,8 @@ pub struct ReceiverSettings {
     pub drills: Vec<DrillSchedule>,
     /// Operator roles (empty: the control socket is root's only).
     pub roles: crate::command::roles::RoleMap,
+    /// Exports the daemon serves.
+    pub exports: Vec<crate::dr::export::ExportOptions>,
 }
 
 /// Collects problems with their keys.
@@ -696,6 +719,11 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
     }
     let drills = drill_schedules(&file.drill, &mut problems);
     let roles = role_map(file.roles.as_ref(), &mut problems);
+    let data_dir = file
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let exports = export_sections(&file.export, &data_dir, &mut problems);
     match (listen, window, all, hourly, daily, locked) {
         (Some(listen), Some(window), Some(all), Some(hourly), Some(daily), Some(locked))
             if problems.0.is_empty() =>
@@ -721,6 +749,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                 allow,
                 drills,
                 roles,
+                exports,
             })
         }
         _ => Err(ConfigError {
@@ -728,6 +757,69 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
             problems: problems.0,
         }),
     }
+}
+
+/// Checks the `[[export]]` sections.
+fn export_sections(
+    sections: &[ExportSection],
+    data_dir: &Path,
+    problems: &mut Problems,
+) -> Vec<crate::dr::export::ExportOptions> {
+    let mut out = Vec::new();
+    let mut listens = BTreeSet::new();
+    for (index, section) in sections.iter().enumerate() {
+        let key = |name: &str| format!("export[{index}].{name}");
+        let volume = problems.check(
+            &key("volume"),
+            wire::check_volume_name(&section.volume).map_err(|error| error.to_string()),
+        );
+        let at = problems.check(
+            &key("at"),
+            crate::dr::ops::parse_selector(section.at.as_deref().unwrap_or("latest")).and_then(
+                |at| {
+                    if at == PointSelector::All {
+                        Err("an export serves one point, not all".into())
+                    } else {
+                        Ok(at)
+                    }
+                },
+            ),
+        );
+        let listen = problems.check(
+            &key("listen"),
+            crate::dr::export::parse_listen(&section.listen).and_then(|listen| match &listen {
+                crate::dr::export::ListenAddr::Tcp(addr)
+                    if !addr.ip().is_loopback() && !section.allow_remote =>
+                {
+                    Err(format!(
+                        "{addr} is not a loopback address and NBD has no authentication: \
+                             use a Unix socket or loopback, or set allow_remote = true on a \
+                             trusted network"
+                    ))
+                }
+                _ => Ok(listen),
+            }),
+        );
+        if !listens.insert(section.listen.clone()) {
+            problems.0.push(format!(
+                "{}: {} is used by another export",
+                key("listen"),
+                section.listen
+            ));
+        }
+        if let (Some(()), Some(at), Some(listen)) = (volume, at, listen) {
+            out.push(crate::dr::export::ExportOptions {
+                data_dir: data_dir.to_owned(),
+                volume: section.volume.clone(),
+                at,
+                listen,
+                writable: section.writable,
+                overlay_dir: None,
+                allow_remote: section.allow_remote,
+            });
+        }
+    }
+    out
 }
 
 /// Checks the `[roles]` section: each entry a plausible Unix group name.
@@ -1254,6 +1346,44 @@ volume = "db"
         for expected in [
             "drill[0].boot_healthy: only with boot",
             "drill[1].boot_accel: \"xen\" is not one of auto, kvm, tcg",
+        ] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn exports_are_checked_and_a_remote_one_needs_allow_remote() {
+        let path = Path::new("receiver.toml");
+        let head = format!(
+            "identity = \"/id\"\ndata_dir = \"/d\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\"]\n"
+        );
+        let settings = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[export]]\nvolume = \"db\"\nlisten = \"unix:/run/db.sock\"\n[[export]]\nvolume = \"db\"\nat = \"seq:4\"\nlisten = \"10.0.0.1:10809\"\nallow_remote = true\nwritable = true\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(settings.exports.len(), 2);
+        assert_eq!(settings.exports[0].data_dir, Path::new("/d"));
+        assert_eq!(settings.exports[1].at, PointSelector::Seq(4));
+        assert!(settings.exports[1].writable);
+        let error = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[export]]\nvolume = \"../x\"\nat = \"all\"\nlisten = \"10.0.0.1:10809\"\n[[export]]\nvolume = \"db\"\nlisten = \"10.0.0.1:10809\"\nallow_remote = true\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "export[0].volume",
+            "export[0].at: an export serves one point",
+            "export[0].listen: 10.0.0.1:10809 is not a loopback address",
+            "export[1].listen: 10.0.0.1:10809 is used by another export",
         ] {
             assert!(
                 error.contains(expected),

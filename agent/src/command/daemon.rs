@@ -284,12 +284,14 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
     let roles = Arc::new(std::sync::Mutex::new(settings.roles.clone()));
+    let exports = Arc::new(std::sync::Mutex::new(start_exports(&settings.exports)));
     runtime.spawn(reload_on_hangup(
         config_path,
         settings.clone(),
         reload_tx,
         drills.clone(),
         roles.clone(),
+        exports.clone(),
     ));
     runtime.spawn(refresh_drills(
         settings.data_dir.clone(),
@@ -367,6 +369,7 @@ async fn reload_on_hangup(
     reloads: tokio::sync::mpsc::Sender<receiver::Reload>,
     drills: Arc<std::sync::Mutex<Vec<crate::command::config::DrillSchedule>>>,
     roles: Arc<std::sync::Mutex<crate::command::roles::RoleMap>>,
+    exports: Arc<std::sync::Mutex<Vec<crate::dr::export::DaemonExport>>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangups) = signal(SignalKind::hangup()) else {
@@ -399,12 +402,47 @@ async fn reload_on_hangup(
                 // The socket's mode is set at start: roles added to a receiver started without
                 // any take effect at the next restart.
                 *roles.lock().expect("not poisoned") = settings.roles.clone();
+                // Exports start again: `at = "latest"` picks the newest point now.
+                let mut running = exports.lock().expect("not poisoned");
+                running.clear();
+                *running = start_exports(&settings.exports);
                 Ok((grants, settings.retention))
             });
         if reloads.send(reload).await.is_err() {
             return;
         }
     }
+}
+
+/// Starts the `[[export]]`s; one that cannot start (no such volume or point yet, an address
+/// in use) is logged and left out until the next reload.
+fn start_exports(
+    exports: &[crate::dr::export::ExportOptions],
+) -> Vec<crate::dr::export::DaemonExport> {
+    exports
+        .iter()
+        .filter_map(
+            |options| match crate::dr::export::DaemonExport::start(options) {
+                Ok(export) => {
+                    tracing::info!(
+                        target: "blkmirror receiver",
+                        "serving volume {} at {}",
+                        options.volume,
+                        export.uri
+                    );
+                    Some(export)
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        target: "blkmirror receiver",
+                        "export of volume {} not started: {error} (tried again at the next reload)",
+                        options.volume
+                    );
+                    None
+                }
+            },
+        )
+        .collect()
 }
 
 /// Errors of the receiver process.

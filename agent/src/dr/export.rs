@@ -530,6 +530,61 @@ pub struct ExportOptions {
 /// `blkmirror export`: serves until the process is stopped. Prints the export's NBD URI on
 /// standard output as its first line, once clients can connect.
 pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
+    let (listener, disk, uri) = start(options)?;
+    println!("{uri}");
+    let _ = io::Write::flush(&mut io::stdout());
+    serve_forever(&listener, &disk, &options.volume)
+}
+
+/// An export the receiver daemon serves from `receiver.toml`'s `[[export]]` sections: its
+/// accept loop runs on a thread until [`DaemonExport::stop`] (or drop).
+pub struct DaemonExport {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Its NBD URI.
+    pub uri: String,
+}
+
+impl DaemonExport {
+    /// Opens the point, binds, audits, and serves on a thread.
+    pub fn start(options: &ExportOptions) -> Result<Self, OpsError> {
+        let (listener, disk, uri) = start(options)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (flag, name) = (stop.clone(), options.volume.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("export-{name}"))
+            .spawn(move || serve_until(&listener, &disk, &name, &flag))
+            .map_err(|source| OpsError::Target {
+                what: "starting a thread for",
+                path: PathBuf::from(&uri),
+                source,
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            uri,
+        })
+    }
+
+    /// Stops accepting clients and waits for the accept loop (connected clients finish on
+    /// their own threads; the point stays pinned until the last one goes).
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for DaemonExport {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Checks, opens the point (and overlay), binds and audits an export; returns its listener,
+/// disk and URI.
+fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
     if let ListenAddr::Tcp(addr) = &options.listen
         && !addr.ip().is_loopback()
         && !options.allow_remote
@@ -596,9 +651,7 @@ pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
         },
         started.elapsed().as_millis()
     );
-    println!("{uri}");
-    let _ = io::Write::flush(&mut io::stdout());
-    serve_forever(&listener, &disk, &options.volume)
+    Ok((listener, disk, uri))
 }
 
 /// Accepts clients of `listener` for ever, a thread each (at most [`MAX_CLIENTS`] at once).
