@@ -27,6 +27,26 @@ fn write_round(dir: &Path, round: u64) {
     sh("sync", &[]);
 }
 
+/// Restores the receiver's newest point to `replica` and checks that it is `device`.
+fn assert_replica_is(data: &str, replica: &Path, device: &Path) {
+    let _ = fs::remove_file(replica);
+    run_ok(&[
+        "restore",
+        "fs",
+        "--at",
+        "latest",
+        "--to",
+        replica.to_str().expect("utf-8"),
+        "--data-dir",
+        data,
+    ]);
+    assert_eq!(
+        digest(replica),
+        digest(device),
+        "the replica is not the source"
+    );
+}
+
 /// Chunks whose content differs between two devices of the same size.
 fn differing_chunks(a: &Path, b: &Path, size: u64) -> u64 {
     let (a, b) = (
@@ -46,6 +66,7 @@ fn differing_chunks(a: &Path, b: &Path, size: u64) -> u64 {
 }
 
 /// Runs `failback serve` for B and `failback pull` for A; returns the pull's JSON report.
+#[allow(clippy::too_many_arguments)]
 /// With `refused_meanwhile`, checks that the old source's agent is refused while the serve
 /// waits.
 fn fail_back(
@@ -56,6 +77,7 @@ fn fail_back(
     data: &str,
     b_state: &str,
     refused_meanwhile: bool,
+    link: Option<blkmirror_wan::LinkSpec>,
 ) -> serde_json::Value {
     let pins = site.pins.path.to_str().expect("utf-8");
     let port = free_port();
@@ -88,10 +110,24 @@ fn fail_back(
         let (output, _) = agent.once(&[], Duration::from_secs(120));
         assert_eq!(output.status.code(), Some(6));
     }
+    // Through the project's link emulator when a link is given (the field setting).
+    let relay = link.map(|spec| {
+        blkmirror_wan::Relay::start(
+            "127.0.0.1:0".parse().expect("address"),
+            format!("127.0.0.1:{port}").parse().expect("address"),
+            spec,
+            spec,
+            7,
+        )
+        .expect("starting the link emulator")
+    });
+    let from = relay
+        .as_ref()
+        .map_or_else(|| format!("127.0.0.1:{port}"), |r| r.address().to_string());
     let pull = blkmirror()
         .args(["failback", "pull", "--device"])
         .arg(a)
-        .args(["--volume", "fs", "--from", &format!("127.0.0.1:{port}")])
+        .args(["--volume", "fs", "--from", &from])
         .args(["--receiver-fingerprint", &site.receiver.fingerprint])
         .arg("--identity")
         .arg(&site.agent.dir)
@@ -217,8 +253,24 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         "{differ} chunks differ"
     );
 
-    // 5. Failback: serve at B, pull at A.
-    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, true);
+    // 5. Failback: serve at B, pull at A, over a distant lossy link (40 ms, 1% loss,
+    //    100 Mbit/s, through the link emulator).
+    let wan = blkmirror_wan::LinkSpec {
+        rate_bits: 100_000_000,
+        delay: Duration::from_millis(20),
+        loss: 0.01,
+        ..blkmirror_wan::LinkSpec::default()
+    };
+    let report = fail_back(
+        &site,
+        &agent,
+        &a.path,
+        &b.path,
+        &data,
+        b_state,
+        true,
+        Some(wan),
+    );
 
     // 6. A equals B byte for byte, and the failback moved about what differs.
     assert_eq!(digest(&a.path), digest(&b.path), "A differs from B");
@@ -249,17 +301,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         "{point}"
     );
     let replica = site.scratch.path.join("replica.img");
-    run_ok(&[
-        "restore",
-        "fs",
-        "--at",
-        "latest",
-        "--to",
-        replica.to_str().expect("utf-8"),
-        "--data-dir",
-        &data,
-    ]);
-    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+    assert_replica_is(&data, &replica, &a.path);
     let authority =
         fs::read_to_string(Path::new(&data).join("fs/authority.json")).expect("authority");
     assert!(authority.contains("\"failback\""), "{authority}");
@@ -290,7 +332,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         write_round(&b_mount.join("second-failover"), 5);
     }
     let differ = differing_chunks(&a.path, &b.path, 256 * MIB);
-    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false);
+    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false, None);
     assert!(
         report["compare_all"].as_bool().expect("compare_all"),
         "{report}"
@@ -310,18 +352,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
             && line["sent_bytes"].as_u64() < Some(8 * MIB)),
         "no compare of the whole device that sent little: {lines:?}"
     );
-    run_ok(&[
-        "restore",
-        "fs",
-        "--at",
-        "latest",
-        "--to",
-        replica.to_str().expect("utf-8"),
-        "--force",
-        "--data-dir",
-        &data,
-    ]);
-    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+    assert_replica_is(&data, &replica, &a.path);
 
     // 9. A planned switchback with the application still running at B: `--live` pre-copies
     //    while B is mounted and written, waits for the unmount, then sends the final delta.
@@ -431,18 +462,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     );
     let lines = agent.once_ok(&[]);
     assert_eq!(last_point(&lines)["kind"], "cycle", "{lines:?}");
-    run_ok(&[
-        "restore",
-        "fs",
-        "--at",
-        "latest",
-        "--to",
-        replica.to_str().expect("utf-8"),
-        "--force",
-        "--data-dir",
-        &data,
-    ]);
-    assert_eq!(digest(&replica), digest(&a.path), "the replica is not A");
+    assert_replica_is(&data, &replica, &a.path);
 
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(

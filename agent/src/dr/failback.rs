@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dr::audit::{AuditLog, Event};
 use crate::dr::authority::{self, Primary};
 use crate::dr::export;
 use crate::dr::ops::OpsError;
@@ -346,16 +345,29 @@ pub fn device_size(file: &File, path: &Path) -> Result<u64, OpsError> {
 }
 
 fn audit(data_dir: &Path, volume: &str, outcome: &str, detail: serde_json::Value) {
-    let record = AuditLog::in_dir(data_dir).append(Event {
-        event: "failback",
-        volume: Some(volume.to_owned()),
-        outcome: outcome.to_owned(),
-        detail,
-        ..Event::default()
-    });
-    if let Err(error) = record {
-        eprintln!("blkmirror: warning: audit log: {error}");
-    }
+    crate::dr::recovery::audit(data_dir, "failback", volume, outcome, detail);
+}
+
+/// Reads planned chunk `chunk` of a failback's device into `buffer`; returns its bytes (the
+/// last chunk of a device may be short).
+pub(crate) fn read_chunk<'b>(
+    device: &File,
+    path: &Path,
+    size: u64,
+    chunk_bytes: u64,
+    chunk: u64,
+    buffer: &'b mut [u8],
+) -> Result<&'b [u8], OpsError> {
+    let len = plan::chunk_len(size, chunk_bytes, chunk) as usize;
+    let data = &mut buffer[..len];
+    device
+        .read_exact_at(data, chunk * chunk_bytes)
+        .map_err(|source| OpsError::Target {
+            what: "reading",
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(data)
 }
 
 /// `blkmirror failback serve`: waits for the source, moves what differs, swaps the roles.
@@ -734,15 +746,15 @@ impl Context<'_> {
             plan::check_hash_batch(hashes.len(), walk.remaining()).map_err(protocol_error)?;
             for theirs in hashes {
                 let chunk = walk.next().expect("the batch was checked against the plan");
-                let len = plan::chunk_len(self.size, self.chunk_bytes, chunk) as usize;
-                let data = &mut buffer[..len];
-                self.device
-                    .read_exact_at(data, chunk * self.chunk_bytes)
-                    .map_err(|source| OpsError::Target {
-                        what: "reading",
-                        path: self.options.device.clone(),
-                        source,
-                    })?;
+                let data = read_chunk(
+                    &self.device,
+                    &self.options.device,
+                    self.size,
+                    self.chunk_bytes,
+                    chunk,
+                    &mut buffer,
+                )?;
+                let len = data.len();
                 if wire::chunk_hash(data) == theirs {
                     continue;
                 }

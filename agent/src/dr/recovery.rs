@@ -480,7 +480,9 @@ fn open_disk(
     Ok(Arc::new(ExportDisk::new(view, Some(overlay))))
 }
 
-fn audit(
+/// Appends one event to the data directory's audit log (a failure to is warned about: the
+/// action itself has happened).
+pub(crate) fn audit(
     data_dir: &Path,
     event: &'static str,
     volume: &str,

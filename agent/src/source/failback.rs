@@ -19,7 +19,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::dr::failback::{FailbackReport, chunk_ranges_of, device_size, open_device};
+use crate::dr::failback::{FailbackReport, chunk_ranges_of, device_size, open_device, read_chunk};
 use crate::dr::ops::OpsError;
 use crate::link::identity::{Fingerprint, Identity};
 use crate::link::net;
@@ -385,15 +385,14 @@ impl Pull<'_> {
         let mut buffer = vec![0u8; self.chunk_bytes as usize];
         let mut batch = Vec::with_capacity(MAX_HASH_BATCH);
         while let Some(chunk) = walk.next() {
-            let len = plan::chunk_len(self.size, self.chunk_bytes, chunk) as usize;
-            let data = &mut buffer[..len];
-            self.device
-                .read_exact_at(data, chunk * self.chunk_bytes)
-                .map_err(|source| OpsError::Target {
-                    what: "reading",
-                    path: self.options.device.clone(),
-                    source,
-                })?;
+            let data = read_chunk(
+                self.device,
+                &self.options.device,
+                self.size,
+                self.chunk_bytes,
+                chunk,
+                &mut buffer,
+            )?;
             batch.push(wire::chunk_hash(data));
             if batch.len() == MAX_HASH_BATCH || walk.remaining() == 0 {
                 net::write_frame(send, &FailbackRequest::Hashes(std::mem::take(&mut batch)))
