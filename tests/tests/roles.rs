@@ -257,6 +257,71 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
+    // An operator exports a point: the daemon serves it on a socket only they may use, for
+    // as long as their command runs. A viewer may not.
+    let out = run_as(
+        &viewer,
+        &bin,
+        &["export", "vol", "--control-socket", &socket_arg],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(
+        text(&out).contains("export needs the operator role"),
+        "{}",
+        text(&out)
+    );
+    let mut export = Command::new("runuser")
+        .args(["-u", &operator, "--"])
+        .arg(&bin)
+        .args([
+            "export",
+            "vol",
+            "--at",
+            &format!("seq:{seq}"),
+            "--control-socket",
+            &socket_arg,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("export");
+    let uri = {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        std::io::BufReader::new(export.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("uri");
+        line.trim().to_owned()
+    };
+    assert!(uri.starts_with("nbd+unix:///vol?socket="), "{uri:?}");
+    let export_socket = PathBuf::from(uri.split("socket=").nth(1).expect("path"));
+    let compare = |user: &str| {
+        Command::new("runuser")
+            .args([
+                "-u", user, "--", "qemu-img", "compare", "-f", "raw", "-F", "raw", &uri,
+            ])
+            .arg(&target)
+            .output()
+            .expect("qemu-img")
+    };
+    let out = compare(&operator);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = compare(&viewer);
+    assert!(
+        !out.status.success(),
+        "another user read the operator's export"
+    );
+    let _ = Command::new("kill").arg(export.id().to_string()).status();
+    let _ = export.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while export_socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the export outlived its client"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
     let promoted = public.join(&operator).join("promoted.img");
     let out = run_as(
         &operator,
@@ -359,6 +424,8 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     assert!(find(&viewer, "restore", true), "{audit}");
     assert!(find(&nobody, "points", true), "{audit}");
     assert!(find(&operator, "restore", false), "{audit}");
+    assert!(find(&operator, "export", false), "{audit}");
+    assert!(find(&viewer, "export", true), "{audit}");
     assert!(find(&operator, "failover", true), "{audit}");
     assert!(find(&admin, "failover", false), "{audit}");
     assert!(find(&admin, "reprotect", false), "{audit}");

@@ -341,8 +341,12 @@ pub struct ExportArgs {
     pub at: PointSelector,
     /// Where to serve: `127.0.0.1:PORT` (port 0 picks a free one) or `unix:PATH`. The NBD URI
     /// is printed on standard output once clients can connect.
-    #[arg(long, value_name = "ADDR", value_parser = export::parse_listen)]
-    pub listen: export::ListenAddr,
+    #[arg(long, value_name = "ADDR", value_parser = export::parse_listen, required_unless_present = "control_socket")]
+    pub listen: Option<export::ListenAddr>,
+    /// Ask the receiver daemon on this control socket to serve it instead (an operator who is
+    /// not root): on a Unix socket only you may use, until this command is stopped.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["listen", "overlay_dir", "allow_remote"])]
+    pub control_socket: Option<PathBuf>,
     /// Accept writes, into a copy-on-write overlay that is dropped when the export ends; the
     /// replica and its points are never written.
     #[arg(long)]
@@ -705,12 +709,22 @@ pub fn run(cli: Cli) -> ExitCode {
                 args.json,
             ));
         }
+        Command::Export(args) if args.control_socket.is_some() => {
+            return ops_result(crate::command::control::run_text(
+                args.control_socket.as_deref().expect("checked"),
+                &crate::command::control::ControlRequest::Export {
+                    volume: args.volume.clone(),
+                    at: selector_text(&args.at),
+                    writable: args.writable,
+                },
+            ));
+        }
         Command::Export(args) => {
             return ops_result(export::export(&export::ExportOptions {
                 data_dir: args.data.data_dir,
                 volume: args.volume,
                 at: args.at,
-                listen: args.listen,
+                listen: args.listen.expect("required without --control-socket"),
                 writable: args.writable,
                 overlay_dir: args.overlay_dir,
                 allow_remote: args.allow_remote,

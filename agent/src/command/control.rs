@@ -21,6 +21,8 @@
 //! * `Z`: an all-zero chunk: `u64` offset, `u64` length;
 //! * `X`: the end ([`Outcome`], JSON): the exit code and any error.
 //!
+//! `export` serves the point from the daemon on a Unix socket owned by the client (its URI comes
+//! back as text) for as long as the client stays connected.
 //! `points`, `verify` and `reprotect` run as a child process of the daemon (as the daemon's
 //! user, with an argument list the daemon builds from the checked request); `restore` and
 //! `failover` stream the point, checked chunk by chunk against its hashes, and the *client*
@@ -103,6 +105,16 @@ pub enum ControlRequest {
         /// The volume.
         volume: String,
     },
+    /// Serve a point over NBD, on a Unix socket owned by the client, until it disconnects.
+    Export {
+        /// The volume.
+        volume: String,
+        /// Which point.
+        at: String,
+        /// A copy-on-write overlay in front.
+        #[serde(default)]
+        writable: bool,
+    },
 }
 
 impl ControlRequest {
@@ -113,6 +125,7 @@ impl ControlRequest {
             ControlRequest::Restore { .. } => Action::Restore,
             ControlRequest::Failover { .. } => Action::Failover,
             ControlRequest::Reprotect { .. } => Action::Reprotect,
+            ControlRequest::Export { .. } => Action::Export,
         }
     }
 
@@ -122,6 +135,7 @@ impl ControlRequest {
             | ControlRequest::Verify { volume, .. }
             | ControlRequest::Restore { volume, .. }
             | ControlRequest::Failover { volume, .. }
+            | ControlRequest::Export { volume, .. }
             | ControlRequest::Reprotect { volume } => volume,
         }
     }
@@ -155,6 +169,8 @@ pub struct Actions {
     pub data_dir: PathBuf,
     /// The roles (replaced on reload).
     pub roles: Arc<Mutex<RoleMap>>,
+    /// Where exports for clients put their sockets (`exports/` beside the control socket).
+    pub exports_dir: PathBuf,
 }
 
 impl Actions {
@@ -206,6 +222,7 @@ impl Actions {
         // such as `--data-dir=/elsewhere` cannot become an option of the child.
         if let ControlRequest::Verify { at, .. }
         | ControlRequest::Restore { at, .. }
+        | ControlRequest::Export { at, .. }
         | ControlRequest::Failover { at, .. } = &request
             && let Err(message) = ops::parse_selector(at)
         {
@@ -258,6 +275,11 @@ impl Actions {
                 to,
                 again,
             } => self.failover(&mut out, stream, peer, volume, at, to, *again),
+            ControlRequest::Export {
+                volume,
+                at,
+                writable,
+            } => self.export(&mut out, stream, peer, volume, at, *writable),
         };
         let (code, error) = match result {
             Ok(Ok(())) => (ExitCode::Success, None),
@@ -386,6 +408,60 @@ impl Actions {
             ))),
             Err(error) => failed(error.into()),
         }
+    }
+
+    /// Serves the point on a Unix socket that only `peer` (and root) may connect to, and
+    /// prints its URI to the client; the export ends when the client's connection does.
+    fn export(
+        &self,
+        out: &mut io::BufWriter<UnixStream>,
+        stream: UnixStream,
+        peer: &Peer,
+        volume: &str,
+        at: &str,
+        writable: bool,
+    ) -> io::Result<Result<(), (ExitCode, String)>> {
+        use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+        let failed = |error: OpsError| Ok(Err((ExitCode::from(&error), error.to_string())));
+        let at = match ops::parse_selector(at) {
+            Ok(at) => at,
+            Err(message) => return failed(OpsError::Usage(message)),
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&self.exports_dir)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = self
+            .exports_dir
+            .join(format!("{volume}-{}-{nanos}.sock", peer.uid));
+        let options = crate::dr::export::ExportOptions {
+            data_dir: self.data_dir.clone(),
+            volume: volume.to_owned(),
+            at,
+            listen: crate::dr::export::ListenAddr::Unix(path.clone()),
+            writable,
+            overlay_dir: None,
+            allow_remote: false,
+        };
+        let export = match crate::dr::export::DaemonExport::start(&options) {
+            Ok(export) => export,
+            Err(error) => return failed(error),
+        };
+        // The socket is the client's alone (made under the daemon's umask, so nobody else
+        // could connect before this).
+        std::os::unix::fs::chown(&path, Some(peer.uid), None)?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        frame(out, b'O', format!("{}\n", export.uri).as_bytes())?;
+        out.flush()?;
+        // The client's connection is the export's lease.
+        stream.set_read_timeout(None)?;
+        let _ = io::copy(&mut (&stream).take(1 << 20), &mut io::sink());
+        drop(export);
+        let _ = std::fs::remove_file(&path);
+        Ok(Ok(()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -597,13 +673,16 @@ fn ended(outcome: Outcome) -> Result<(), OpsError> {
     }
 }
 
-/// `points`, `verify`, `reprotect` through the daemon: prints what it printed.
+/// `points`, `verify`, `reprotect` and `export` through the daemon: prints what it printed
+/// (an export's URI at once, then it holds the connection until this process is stopped).
 pub fn run_text(socket: &Path, request: &ControlRequest) -> Result<(), OpsError> {
     let mut stream = io::BufReader::new(connect(socket, request)?);
     loop {
         match read_frame(&mut stream)? {
             Frame::Out(text) => {
-                let _ = io::stdout().write_all(&text);
+                let mut stdout = io::stdout();
+                let _ = stdout.write_all(&text);
+                let _ = stdout.flush();
             }
             Frame::Err(text) => {
                 let _ = io::stderr().write_all(&text);

@@ -303,6 +303,10 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
             let actions = Arc::new(crate::command::control::Actions {
                 data_dir: settings.data_dir.clone(),
                 roles: roles.clone(),
+                exports_dir: path
+                    .parent()
+                    .unwrap_or_else(|| std::path::Path::new("/run/blkmirror"))
+                    .join("exports"),
             });
             service::serve_control(path, board.clone(), shutdown.clone(), Some(actions))?;
         }

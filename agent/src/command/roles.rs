@@ -6,7 +6,7 @@
 //! peer credentials (`SO_PEERCRED`), which the kernel fills in and a client cannot forge:
 //!
 //! * `viewer`: `status`, `points`;
-//! * `operator`: the viewer's, plus `restore` and `verify`;
+//! * `operator`: the viewer's, plus `restore`, `verify` and `export`;
 //! * `admin`: everything, including `failover` and `reprotect`.
 //!
 //! Root is admin. A user in no listed group has no role and is refused. Every request is
@@ -53,6 +53,9 @@ pub enum Action {
     Verify,
     /// Restore a point (streamed to the client, which writes its target).
     Restore,
+    /// Serve a point over NBD on a Unix socket only the client may use, while it stays
+    /// connected.
+    Export,
     /// Fail over (promote a point, raise the term).
     Failover,
     /// Make the source primary again.
@@ -64,7 +67,7 @@ impl Action {
     pub fn required(self) -> Role {
         match self {
             Action::Status | Action::Points => Role::Viewer,
-            Action::Verify | Action::Restore => Role::Operator,
+            Action::Verify | Action::Restore | Action::Export => Role::Operator,
             Action::Failover | Action::Reprotect => Role::Admin,
         }
     }
@@ -76,6 +79,7 @@ impl Action {
             Action::Points => "points",
             Action::Verify => "verify",
             Action::Restore => "restore",
+            Action::Export => "export",
             Action::Failover => "failover",
             Action::Reprotect => "reprotect",
         }
