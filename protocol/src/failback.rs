@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use crate::wire::ChunkHash;
 
 /// The failback protocol version.
-pub const FAILBACK_PROTOCOL: u32 = 2;
+pub const FAILBACK_PROTOCOL: u32 = 3;
 
 /// The most chunk ranges one list may hold. A longer set is sent as "untracked" (A) or planned
 /// as the whole device (B): the hash compare still moves only what differs.
@@ -93,8 +93,10 @@ pub enum FailbackReply {
     Data {
         /// Chunk index.
         chunk: u64,
-        /// Its bytes (the chunk's length).
+        /// Its bytes (the chunk's length), zstd-compressed when `zstd`.
         data: Vec<u8>,
+        /// Whether `data` is compressed (only when that saves an eighth or more).
+        zstd: bool,
     },
     /// A planned chunk that differs and is all zeros at B.
     Zero {
@@ -155,9 +157,36 @@ pub fn chunk_count(size: u64, chunk_bytes: u64) -> u64 {
     size.div_ceil(chunk_bytes)
 }
 
-/// The length of chunk `index` (the last one may be short).
+/// The length of chunk `index` (the last one may be short; 0 past the end).
 pub fn chunk_len(size: u64, chunk_bytes: u64, index: u64) -> u64 {
-    chunk_bytes.min(size.saturating_sub(index * chunk_bytes))
+    chunk_bytes.min(size.saturating_sub(index.saturating_mul(chunk_bytes)))
+}
+
+/// A chunk's bytes for a `Data` frame: zstd (level 1, cheap) when that saves at least an
+/// eighth, else as they are. Returns the payload and whether it is compressed.
+pub fn pack(data: &[u8]) -> (Vec<u8>, bool) {
+    match zstd::bulk::compress(data, 1) {
+        Ok(packed) if packed.len() <= data.len() - data.len() / 8 => (packed, true),
+        _ => (data.to_vec(), false),
+    }
+}
+
+/// A `Data` frame's bytes, decompressed without ever growing past `len` (the planned chunk's
+/// length), and checked to be exactly that long.
+pub fn unpack(data: Vec<u8>, zstd: bool, len: u64) -> Result<Vec<u8>, FailbackError> {
+    let data = if zstd {
+        zstd::bulk::decompress(&data, len as usize)
+            .map_err(|error| protocol(format!("a compressed chunk does not unpack: {error}")))?
+    } else {
+        data
+    };
+    if data.len() as u64 != len {
+        return Err(protocol(format!(
+            "a chunk carries {} bytes, not its {len}",
+            data.len()
+        )));
+    }
+    Ok(data)
 }
 
 /// Sorts and merges `ranges` (overlapping or touching ones become one) after checking each lies
@@ -438,8 +467,10 @@ pub fn fuzz_check(body: &[u8]) {
             FailbackReply::Plan(plan) => {
                 let _ = normalize(plan.chunks, chunks);
             }
-            FailbackReply::Data { chunk, data } => {
-                let _ = cursor.accept(chunk, Some(data.len()));
+            FailbackReply::Data { chunk, data, zstd } => {
+                if let Ok(data) = unpack(data, zstd, chunk_len(SIZE, CHUNK, chunk)) {
+                    let _ = cursor.accept(chunk, Some(data.len()));
+                }
                 let _ = cursor.accept(chunk.saturating_add(1), None);
             }
             FailbackReply::Zero { chunk } => {
@@ -489,6 +520,15 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
             encode(&FailbackReply::Data {
                 chunk: 2,
                 data: vec![9u8; 65_536],
+                zstd: false,
+            }),
+        ),
+        (
+            "failback-data-zstd",
+            encode(&FailbackReply::Data {
+                chunk: 2,
+                data: pack(&[9u8; 65_536]).0,
+                zstd: true,
             }),
         ),
         ("failback-zero", encode(&FailbackReply::Zero { chunk: 101 })),
@@ -610,6 +650,30 @@ mod tests {
         assert!(error.to_string().contains("volume other"), "{error}");
         let error = check_hello(&hello, "vol", 1 << 20, 4096).unwrap_err();
         assert!(error.to_string().contains("--chunk-size"), "{error}");
+    }
+
+    #[test]
+    fn chunks_pack_when_it_pays_and_unpack_only_to_their_length() {
+        let text: Vec<u8> = (0..65_536u32).map(|i| (i % 7) as u8).collect();
+        let (packed, zstd) = pack(&text);
+        assert!(zstd && packed.len() < text.len() / 8);
+        assert_eq!(unpack(packed.clone(), true, 65_536).unwrap(), text);
+        // A bomb cannot grow past the planned length, and a short chunk is refused.
+        assert!(unpack(packed.clone(), true, 4096).is_err());
+        assert!(unpack(vec![1; 10], false, 4096).is_err());
+        assert!(unpack(vec![1; 10], true, 4096).is_err());
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let random: Vec<u8> = (0..4096)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let (kept, zstd) = pack(&random);
+        assert!(!zstd && kept == random, "random bytes travel as they are");
+        assert_eq!(chunk_len(100, 64, u64::MAX), 0);
     }
 
     #[test]

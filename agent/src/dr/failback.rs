@@ -761,10 +761,8 @@ impl Context<'_> {
                 let reply = if wire::is_zero(data) {
                     FailbackReply::Zero { chunk }
                 } else {
-                    FailbackReply::Data {
-                        chunk,
-                        data: data.to_vec(),
-                    }
+                    let (data, zstd) = plan::pack(data);
+                    FailbackReply::Data { chunk, data, zstd }
                 };
                 net::write_frame(send, &reply)
                     .await

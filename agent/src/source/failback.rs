@@ -414,7 +414,13 @@ impl Pull<'_> {
         let mut progress = Instant::now();
         loop {
             let (offset, data) = match read_reply(recv).await? {
-                FailbackReply::Data { chunk, data } => {
+                FailbackReply::Data { chunk, data, zstd } => {
+                    let data = plan::unpack(
+                        data,
+                        zstd,
+                        plan::chunk_len(self.size, self.chunk_bytes, chunk),
+                    )
+                    .map_err(|error| OpsError::Refused(error.to_string()))?;
                     let (offset, _) = cursor
                         .accept(chunk, Some(data.len()))
                         .map_err(|error| OpsError::Refused(error.to_string()))?;
