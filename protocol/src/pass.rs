@@ -749,6 +749,7 @@ mod tests {
                     history: has_point,
                     open_cycle: None,
                     term: 1,
+                    failback_term: 0,
                 }),
                 1,
             )

@@ -348,6 +348,18 @@ impl SourceSession {
         let before = self.record.clone();
         let mut notes = Vec::new();
         let mut clear_inflight = false;
+        // A failback rewrote this device after the term this record knows: whatever recorded
+        // it (`failback pull`'s state) is not this record, so what differs from the replica is
+        // unknown here. Compare everything; the hash compare moves only what differs.
+        if welcome.failback_term > self.record.term {
+            notes.push(format!(
+                "a failback at term {} rewrote this device, and this agent state does not record \
+                 it (it was on the rewritten device, or the failback was cut off); verifying the \
+                 replica",
+                welcome.failback_term
+            ));
+            self.record.needs_full_sync = true;
+        }
         if welcome.term > self.record.term {
             if self.record.term > 0 {
                 notes.push(format!(
@@ -621,6 +633,7 @@ mod tests {
             history,
             open_cycle: None,
             term: 1,
+            failback_term: 0,
         })
     }
 
@@ -675,6 +688,40 @@ mod tests {
             matches!(&refused, Err(SessionError::Refused { code: RefusalCode::Forbidden, message }) if message.contains("stale")),
             "{refused:?}"
         );
+    }
+
+    #[test]
+    fn an_agent_state_that_missed_a_failback_verifies() {
+        let record = SourceRecord {
+            committed_seq: 4,
+            term: 2,
+            ..SourceRecord::default()
+        };
+        let with_terms = |term: u64, failback_term: u64| {
+            let ReceiverMessage::Welcome(mut w) = welcome(false, 6, None) else {
+                unreachable!()
+            };
+            w.term = term;
+            w.failback_term = failback_term;
+            ReceiverMessage::Welcome(w)
+        };
+        // The state predates the failback at term 3 (it came back with the rewritten disk).
+        let (session, welcomed) = connected(record.clone(), with_terms(3, 3), 1);
+        assert!(session.record().needs_full_sync);
+        assert!(
+            welcomed
+                .notes
+                .iter()
+                .any(|n| n.contains("failback at term 3"))
+        );
+        // `failback pull` recorded term 3: cycles go on incrementally.
+        let recorded = SourceRecord {
+            term: 3,
+            committed_seq: 6,
+            ..record
+        };
+        let (session, _) = connected(recorded, with_terms(3, 3), 1);
+        assert!(!session.record().needs_full_sync);
     }
 
     fn begin(seq: u64, direct: bool) -> Begin {
@@ -909,6 +956,7 @@ mod tests {
             history: false,
             open_cycle: None,
             term: 1,
+            failback_term: 0,
         });
         assert!(matches!(
             session.on_welcome(reply, 1),

@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -250,6 +250,11 @@ pub struct Welcome {
     /// An agent that has seen a higher term refuses to write to this receiver: its authority
     /// record is stale (restored from an old backup, or another receiver).
     pub term: u64,
+    /// The term the last failback began (0: none). An agent whose record is below it did not
+    /// write down that failback (its state file was on the device the failback overwrote, as
+    /// with a protected root disk, or its process died before): what changed on its device is
+    /// unknown to it, so it verifies.
+    pub failback_term: u64,
 }
 
 /// What the journal of an interrupted cycle holds (see [`Welcome::open_cycle`]).
@@ -660,6 +665,7 @@ pub fn corpus_seeds() -> Vec<(&'static str, Vec<u8>)> {
                     journaled: vec![(0, 1 << 20), (4 << 20, 65536)],
                 }),
                 term: 2,
+                failback_term: 0,
             })),
         ),
         (

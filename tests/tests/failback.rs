@@ -9,7 +9,7 @@ use std::{
 
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
-    mirror::{ChildGuard, Site, Workload, digest, free_port, last_point},
+    mirror::{ChildGuard, Site, Workload, digest, free_port, last_point, write_random},
     require_root, run_ok, sh, signal,
 };
 
@@ -464,10 +464,47 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     assert_eq!(last_point(&lines)["kind"], "cycle", "{lines:?}");
     assert_replica_is(&data, &replica, &a.path);
 
+    // 10. A protected root disk keeps the agent's state on the device the failback rewrites:
+    //     after it, the agent finds a state that does not record the failback. It must verify,
+    //     not trust that state.
+    let out = blkmirror()
+        .args(["failover", "fs", "--to", b.as_str()])
+        .args([
+            "--data-dir",
+            &data,
+            "--pin-root",
+            &pins,
+            "--state-dir",
+            b_state,
+        ])
+        .output()
+        .expect("failover");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    write_random(&b.path, 64 * MIB, MIB);
+    let state_file = agent.state_dir.join("agent-fs.json");
+    let before_failback = fs::read(&state_file).expect("agent state");
+    fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false, None);
+    fs::write(&state_file, before_failback).expect("an agent state from before the failback");
+    let (output, lines) = agent.once(&[], Duration::from_secs(300));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("rewrote this device"), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|line| line["read_bytes"].as_u64() == Some(256 * MIB)),
+        "no whole-device compare: {lines:?}"
+    );
+    assert_replica_is(&data, &replica, &a.path);
+
     let audit = fs::read_to_string(Path::new(&data).join("audit.log")).expect("audit log");
     assert_eq!(
         audit.matches("\"event\":\"failback\"").count(),
-        3,
+        4,
         "{audit}"
     );
     run_ok(&["audit", "verify", "--data-dir", &data]);

@@ -171,6 +171,15 @@ impl Authority {
 }
 
 impl Authority {
+    /// The term the last failback began (0: none).
+    pub fn last_failback_term(&self) -> u64 {
+        self.history
+            .iter()
+            .rev()
+            .find(|change| change.action == "failback")
+            .map_or(0, |change| change.term)
+    }
+
     /// Ends a failback: the source, now equal to the promoted device, is primary again under
     /// the next term. Refused when the term is no longer `planned_term` (another failover
     /// happened while the data moved), so a failback never swaps roles on a stale plan.

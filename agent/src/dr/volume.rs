@@ -634,6 +634,8 @@ impl Volume {
             // A damaged authority file reads as term 1: an agent that knows better refuses,
             // and `begin` reports the damage.
             term: authority::read(&self.disk, &self.dir).map_or(1, |a| a.term),
+            failback_term: authority::read(&self.disk, &self.dir)
+                .map_or(0, |a| a.last_failback_term()),
         }
     }
 
