@@ -348,6 +348,15 @@ fn audit(data_dir: &Path, volume: &str, outcome: &str, detail: serde_json::Value
     crate::dr::recovery::audit(data_dir, "failback", volume, outcome, detail);
 }
 
+/// The runtime a failback's side runs its one connection on.
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, OpsError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| OpsError::Environment(format!("starting the runtime: {error}")))
+}
+
 /// Reads planned chunk `chunk` of a failback's device into `buffer`; returns its bytes (the
 /// last chunk of a device may be short).
 pub(crate) fn read_chunk<'b>(
@@ -421,11 +430,7 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
             .map(|_| tracked.promoted.consumed.clone()),
         None => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|error| OpsError::Environment(format!("starting the runtime: {error}")))?;
+    let runtime = runtime()?;
     let context = Context {
         options,
         identity: &identity,

@@ -160,11 +160,7 @@ pub fn pull(options: &PullOptions) -> Result<FailbackReport, OpsError> {
     let unreplicated = unreplicated(&mut tracker, &mut state, &state_path, chunk_bytes)?;
     let device = open_device(&options.device, true, false)?;
     let size = device_size(&device, &options.device)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|error| OpsError::Environment(format!("starting the runtime: {error}")))?;
+    let runtime = crate::dr::failback::runtime()?;
     let pull = Pull {
         options,
         identity: &identity,
