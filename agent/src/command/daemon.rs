@@ -583,20 +583,23 @@ impl LiveBars {
 }
 
 /// A runtime whose SIGTERM/SIGINT set the returned flag.
+///
+/// The handlers are installed before this returns, so a signal sent right after the caller
+/// announces itself is caught rather than taking the default action.
 pub fn runtime_with_signals()
 -> std::io::Result<(tokio::runtime::Runtime, tokio::sync::watch::Receiver<bool>)> {
+    use tokio::signal::unix::{SignalKind, signal};
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let (mut term, mut int) = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    })?;
     let (tx, rx) = tokio::sync::watch::channel(false);
     runtime.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
-        };
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

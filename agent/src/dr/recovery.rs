@@ -501,25 +501,49 @@ pub(crate) fn audit(
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-fn wait_for_stop() {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime");
-    runtime.block_on(async {
+/// SIGINT and SIGTERM, caught from the moment this is made.
+///
+/// Made before anything is announced: a caller that reads the announcement and signals at
+/// once must find the handler installed, not the default action (which would leave the mount
+/// and its loop device behind).
+struct StopSignals {
+    runtime: tokio::runtime::Runtime,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Result<Self, OpsError> {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| OpsError::Environment(format!("a signal runtime: {error}")))?;
+        let (term, int) = runtime.block_on(async {
+            (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            )
+        });
+        let caught = |error: std::io::Error| {
+            OpsError::Environment(format!("catching SIGTERM and SIGINT: {error}"))
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    });
+        Ok(Self {
+            term: term.map_err(caught)?,
+            int: int.map_err(caught)?,
+            runtime,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM (one that came since [`StopSignals::install`] counts).
+    fn wait(mut self) {
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        });
+    }
 }
 
 /// `blkmirror mount VOLUME --at POINT DIR`: mounts the point read-only at `target` until
@@ -537,6 +561,7 @@ pub fn mount(
         )));
     }
     check_tools()?;
+    let stop = StopSignals::install()?;
     let disk = open_disk(data_dir, volume, at)?;
     let point = disk.view().point().clone();
     let attachment = Attachment::attach(disk, volume)?;
@@ -561,7 +586,7 @@ pub fn mount(
     );
     println!("{}", target.display());
     let _ = std::io::Write::flush(&mut std::io::stdout());
-    wait_for_stop();
+    stop.wait();
     let unmounted = mounted.unmount();
     drop(attachment);
     unmounted.map_err(environment)?;
