@@ -358,6 +358,10 @@ pub struct ExportArgs {
     /// Allow a TCP address that is not loopback (NBD has no authentication).
     #[arg(long)]
     pub allow_remote: bool,
+    /// Serve the export a `failover --to export` promoted, with the writes made on it (kept
+    /// in its overlay); writable while that failover is in force, read-only after.
+    #[arg(long, conflicts_with_all = ["control_socket", "writable", "overlay_dir", "at"])]
+    pub promoted: bool,
     #[command(flatten)]
     pub data: DataDirArg,
 }
@@ -446,11 +450,20 @@ pub struct FailoverArgs {
     /// The point to promote: `latest`, `seq:N`, a UTC time, or `group:N`.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
-    /// Where the application will run: a block device not in use, or a new file (an existing
-    /// one with `--force`).
+    /// Where the application will run: a block device not in use, a new file (an existing
+    /// one with `--force`), or `export`: the point served at once over NBD (`--listen`), its
+    /// writes kept in an overlay in the data directory (a file named `export` is `./export`).
     #[arg(long, value_name = "PATH")]
     pub to: PathBuf,
-    /// Replace an existing regular file.
+    /// With `--to export`: where to serve it, `127.0.0.1:PORT` or `unix:PATH`.
+    #[arg(long, value_name = "ADDR", value_parser = export::parse_listen)]
+    pub listen: Option<export::ListenAddr>,
+    /// With `--to export`: allow a TCP address that is not loopback (NBD has no
+    /// authentication).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Replace an existing regular file (or the writes of an earlier failover's export that
+    /// was never failed back).
     #[arg(long)]
     pub force: bool,
     /// Fail over again while a failover is in force (promotes another point, new term).
@@ -541,8 +554,17 @@ pub struct FailbackServeArgs {
     /// The volume.
     pub volume: String,
     /// The promoted device (the `--to` of the failover).
-    #[arg(long, value_name = "PATH")]
-    pub device: PathBuf,
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "export",
+        conflicts_with = "export"
+    )]
+    pub device: Option<PathBuf>,
+    /// The failover was `--to export`: send back what its overlay holds (stop the promoted
+    /// export first).
+    #[arg(long, conflicts_with = "live")]
+    pub export: bool,
     /// Where to wait for the source (UDP).
     #[arg(long, value_name = "ADDR")]
     pub listen: std::net::SocketAddr,
@@ -720,7 +742,7 @@ pub fn run(cli: Cli) -> ExitCode {
             ));
         }
         Command::Export(args) => {
-            return ops_result(export::export(&export::ExportOptions {
+            let options = export::ExportOptions {
                 data_dir: args.data.data_dir,
                 volume: args.volume,
                 at: args.at,
@@ -728,7 +750,12 @@ pub fn run(cli: Cli) -> ExitCode {
                 writable: args.writable,
                 overlay_dir: args.overlay_dir,
                 allow_remote: args.allow_remote,
-            }));
+            };
+            return ops_result(if args.promoted {
+                export::export_promoted(&options)
+            } else {
+                export::export(&options)
+            });
         }
         Command::Mount(args) => {
             return ops_result(recovery::mount(
@@ -768,6 +795,43 @@ pub fn run(cli: Cli) -> ExitCode {
                 }),
                 json: args.json,
             }));
+        }
+        Command::Failover(args) if args.to.as_os_str() == "export" => {
+            if args.control_socket.is_some() {
+                return fail(
+                    ExitCode::Usage,
+                    "failover --to export serves the export from this command, on the receiver \
+                     host: run it there as root, not through the control socket",
+                );
+            }
+            let Some(listen) = args.listen else {
+                return fail(
+                    ExitCode::Usage,
+                    "failover --to export needs --listen ADDR (127.0.0.1:PORT or unix:PATH): \
+                     where the application's NBD client connects",
+                );
+            };
+            return ops_result(recovery::failover_to_export(
+                &args.volume,
+                &args.at,
+                args.force,
+                args.again,
+                &export::ExportOptions {
+                    data_dir: args.data.data_dir,
+                    volume: args.volume.clone(),
+                    at: args.at.clone(),
+                    listen,
+                    writable: true,
+                    overlay_dir: None,
+                    allow_remote: args.allow_remote,
+                },
+            ));
+        }
+        Command::Failover(args) if args.listen.is_some() || args.allow_remote => {
+            return fail(
+                ExitCode::Usage,
+                "--listen and --allow-remote are for failover --to export",
+            );
         }
         Command::Failover(args) if args.control_socket.is_some() => {
             return ops_result(crate::command::control::run_restore(
@@ -840,7 +904,8 @@ pub fn run(cli: Cli) -> ExitCode {
             let options = crate::dr::failback::ServeOptions {
                 data_dir: args.data.data_dir.clone(),
                 volume: args.volume.clone(),
-                device: args.device.clone(),
+                device: args.device.clone().unwrap_or_default(),
+                export: args.export,
                 listen: args.listen,
                 identity: args.identity.clone(),
                 allow: args.allow.clone(),

@@ -293,14 +293,30 @@ fn read_meta_file(path: &Path) -> Result<(File, crate::dr::volume::VolumeMeta), 
     Ok((file, meta))
 }
 
-/// A copy-on-write overlay in front of a [`PointView`]: writes land in a sparse, unlinked file
-/// at chunk granularity; the view is never written.
+/// A copy-on-write overlay in front of a [`PointView`]: writes land in a sparse file at chunk
+/// granularity; the view is never written.
+///
+/// A `--writable` export's overlay is unlinked at once ([`Overlay::create`]). A failover to an
+/// export keeps its overlay ([`Overlay::open_kept`]): the file stays, and the map of the chunks
+/// it holds is written beside it at every flush (after the data is synced), so what a guest
+/// flushed survives the export's restart and is what a failback sends back.
 pub struct Overlay {
     file: File,
     /// One bit per chunk: copied into the overlay.
     present: Mutex<Vec<u64>>,
     chunk_bytes: u64,
+    size: u64,
+    /// Where the map is kept, for a kept overlay.
+    map: Option<PathBuf>,
+    /// A chunk was added since the map was last written.
+    map_dirty: AtomicBool,
 }
+
+/// The overlay file of a kept overlay, in its directory.
+pub const KEPT_OVERLAY_FILE: &str = "overlay";
+/// Its map.
+pub const KEPT_OVERLAY_MAP: &str = "overlay.map";
+const OVERLAY_MAP_MAGIC: &[u8; 8] = b"BLKMOVL1";
 
 impl Overlay {
     /// Makes the overlay file in `dir` (and unlinks it at once).
@@ -315,12 +331,71 @@ impl Overlay {
             .open(&path)?;
         fs::remove_file(&path)?;
         file.set_len(size)?;
-        let chunks = size.div_ceil(chunk_bytes);
-        Ok(Self {
+        Ok(Self::with_file(file, size, chunk_bytes, None, None))
+    }
+
+    fn with_file(
+        file: File,
+        size: u64,
+        chunk_bytes: u64,
+        map: Option<PathBuf>,
+        present: Option<Vec<u64>>,
+    ) -> Self {
+        let words = size.div_ceil(chunk_bytes).div_ceil(64) as usize;
+        Self {
             file,
-            present: Mutex::new(vec![0; chunks.div_ceil(64) as usize]),
+            present: Mutex::new(present.unwrap_or_else(|| vec![0; words])),
             chunk_bytes,
-        })
+            size,
+            map,
+            map_dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Opens the kept overlay in `dir`, or makes it there: the file `overlay` and its map
+    /// `overlay.map` (a missing map is an empty overlay; a damaged one is refused).
+    pub fn open_kept(dir: &Path, size: u64, chunk_bytes: u64) -> io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let path = dir.join(KEPT_OVERLAY_FILE);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)?;
+        let len = file.metadata()?.len();
+        if len == 0 {
+            file.set_len(size)?;
+        } else if len != size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{}: {len} bytes, the volume has {size}: not this volume's overlay",
+                    path.display()
+                ),
+            ));
+        }
+        let map_path = dir.join(KEPT_OVERLAY_MAP);
+        let present = match fs::read(&map_path) {
+            Ok(bytes) => Some(
+                decode_overlay_map(&bytes, size, chunk_bytes).map_err(|why| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {why}", map_path.display()),
+                    )
+                })?,
+            ),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => None,
+            Err(error) => return Err(error),
+        };
+        Ok(Self::with_file(
+            file,
+            size,
+            chunk_bytes,
+            Some(map_path),
+            present,
+        ))
     }
 
     fn has(present: &[u64], chunk: u64) -> bool {
@@ -336,18 +411,117 @@ impl Overlay {
             .sum::<u64>()
             * self.chunk_bytes
     }
+
+    /// The chunks written, as half-open chunk ranges (for a failback: what the DR site
+    /// changed since the failover).
+    pub fn written(&self) -> Vec<(u64, u64)> {
+        let present = self.present.lock().expect("not poisoned");
+        let chunks = self.size.div_ceil(self.chunk_bytes);
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for chunk in 0..chunks {
+            if !Self::has(&present, chunk) {
+                continue;
+            }
+            match ranges.last_mut() {
+                Some(last) if last.1 == chunk => last.1 = chunk + 1,
+                _ => ranges.push((chunk, chunk + 1)),
+            }
+        }
+        ranges
+    }
+
+    /// Makes the overlay durable: its data synced, then (a kept overlay) its map written, so
+    /// a chunk the map names is always whole in the file.
+    pub fn flush(&self) -> io::Result<()> {
+        let present = self.present.lock().expect("not poisoned");
+        self.file.sync_data()?;
+        if let Some(map) = &self.map
+            && self.map_dirty.swap(false, Ordering::SeqCst)
+        {
+            let bytes = encode_overlay_map(&present, self.size, self.chunk_bytes);
+            if let Err(error) = LocalDisk::shared().write_atomic(map, &bytes) {
+                self.map_dirty.store(true, Ordering::SeqCst);
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A kept overlay's map: magic, volume size, chunk size, word count, the bitmap words (all
+/// little-endian `u64`), then the BLAKE3 hash of everything before it.
+fn encode_overlay_map(present: &[u64], size: u64, chunk_bytes: u64) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(32 + present.len() * 8 + 32);
+    bytes.extend_from_slice(OVERLAY_MAP_MAGIC);
+    for value in [size, chunk_bytes, present.len() as u64] {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    for word in present {
+        bytes.extend_from_slice(&word.to_le_bytes());
+    }
+    let hash = wire::chunk_hash(&bytes);
+    bytes.extend_from_slice(&hash);
+    bytes
+}
+
+/// Checks and decodes a kept overlay's map for a volume of `size` bytes in `chunk_bytes`
+/// chunks. Pure: a damaged or planted map is refused with what is wrong.
+pub fn decode_overlay_map(bytes: &[u8], size: u64, chunk_bytes: u64) -> Result<Vec<u64>, String> {
+    let words = size.div_ceil(chunk_bytes).div_ceil(64);
+    let expected = 32 + words.saturating_mul(8) + 32;
+    if bytes.len() as u64 != expected {
+        return Err(format!(
+            "{} bytes, a map of this volume has {expected}",
+            bytes.len()
+        ));
+    }
+    let (body, hash) = bytes.split_at(bytes.len() - 32);
+    if wire::chunk_hash(body)[..] != hash[..] {
+        return Err("its checksum does not match (damaged)".into());
+    }
+    if &body[..8] != OVERLAY_MAP_MAGIC {
+        return Err("not an overlay map".into());
+    }
+    let field = |at: usize| u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+    if field(8) != size || field(16) != chunk_bytes || field(24) != words {
+        return Err(format!(
+            "made for {} bytes in {}-byte chunks, the volume has {size} in {chunk_bytes}",
+            field(8),
+            field(16)
+        ));
+    }
+    Ok(body[32..]
+        .chunks_exact(8)
+        .map(|word| u64::from_le_bytes(word.try_into().expect("8 bytes")))
+        .collect())
 }
 
 /// What an export serves: a view, with an overlay when writable.
 pub struct ExportDisk {
     view: PointView,
     overlay: Option<Overlay>,
+    writable: bool,
 }
 
 impl ExportDisk {
     /// A read-only export of `view`, or a writable one over `overlay`.
     pub fn new(view: PointView, overlay: Option<Overlay>) -> Self {
-        Self { view, overlay }
+        let writable = overlay.is_some();
+        Self {
+            view,
+            overlay,
+            writable,
+        }
+    }
+
+    /// An export of `view` with `overlay`'s writes, read-only (a promoted export after the
+    /// source became primary again: what the DR site wrote can be read, not added to).
+    pub fn read_only_over(view: PointView, overlay: Overlay) -> Self {
+        Self {
+            view,
+            overlay: Some(overlay),
+            writable: false,
+        }
     }
 
     /// The view.
@@ -367,7 +541,7 @@ impl Backend for ExportDisk {
     }
 
     fn writable(&self) -> bool {
-        self.overlay.is_some()
+        self.writable
     }
 
     fn preferred_block(&self) -> u32 {
@@ -405,6 +579,7 @@ impl Backend for ExportDisk {
         let overlay = self
             .overlay
             .as_ref()
+            .filter(|_| self.writable)
             .ok_or_else(|| io::Error::from(io::ErrorKind::PermissionDenied))?;
         let chunk_bytes = overlay.chunk_bytes;
         let mut present = overlay.present.lock().expect("not poisoned");
@@ -422,13 +597,14 @@ impl Backend for ExportDisk {
                 FileExt::write_all_at(&overlay.file, &copy[..len], start)?;
             }
             present[(chunk / 64) as usize] |= 1 << (chunk % 64);
+            overlay.map_dirty.store(true, Ordering::SeqCst);
         }
         FileExt::write_all_at(&overlay.file, data, offset)
     }
 
     fn flush(&self) -> io::Result<()> {
         match &self.overlay {
-            Some(overlay) => overlay.file.sync_data(),
+            Some(overlay) => overlay.flush(),
             None => Ok(()),
         }
     }
@@ -582,9 +758,8 @@ impl Drop for DaemonExport {
     }
 }
 
-/// Checks, opens the point (and overlay), binds and audits an export; returns its listener,
-/// disk and URI.
-fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
+/// Refuses a TCP address that is not loopback unless allowed (NBD has no authentication).
+fn check_listen(options: &ExportOptions) -> Result<(), OpsError> {
     if let ListenAddr::Tcp(addr) = &options.listen
         && !addr.ip().is_loopback()
         && !options.allow_remote
@@ -595,6 +770,13 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
              or --allow-remote on a trusted network"
         )));
     }
+    Ok(())
+}
+
+/// Checks, opens the point (and overlay), binds and audits an export; returns its listener,
+/// disk and URI.
+fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
+    check_listen(options)?;
     let started = Instant::now();
     let view = PointView::open(&options.data_dir, &options.volume, &options.at)?;
     let overlay = if options.writable {
@@ -614,8 +796,19 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
     } else {
         None
     };
-    let point = view.point().clone();
-    let disk = Arc::new(ExportDisk::new(view, overlay));
+    announce(options, ExportDisk::new(view, overlay), started, false)
+}
+
+/// Binds, audits and announces an export of `disk`.
+fn announce(
+    options: &ExportOptions,
+    disk: ExportDisk,
+    started: Instant,
+    promoted: bool,
+) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
+    let point = disk.view().point().clone();
+    let writable = disk.writable();
+    let disk = Arc::new(disk);
     let (listener, uri) = bind(&options.listen, &options.volume)?;
     let audit = AuditLog::in_dir(&options.data_dir);
     let record = audit.append(Event {
@@ -625,7 +818,8 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
         detail: serde_json::json!({
             "seq": point.seq,
             "point_time_unix_ms": point.time_unix_ms,
-            "writable": options.writable,
+            "writable": writable,
+            "promoted": promoted,
             "listen": uri,
             "user": current_user(),
         }),
@@ -644,14 +838,59 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
         } else {
             "fuzzy"
         },
-        if options.writable {
-            "writable (copy-on-write: the replica is not written)"
-        } else {
-            "read-only"
+        match (promoted, writable) {
+            (true, true) => format!(
+                "promoted, writable (the failover's overlay, {} written so far)",
+                units::format_size(disk.overlay().map_or(0, Overlay::bytes))
+            ),
+            (true, false) => "promoted, read-only (the failover is no longer in force)".into(),
+            (false, true) => "writable (copy-on-write: the replica is not written)".into(),
+            (false, false) => "read-only".into(),
         },
         started.elapsed().as_millis()
     );
     Ok((listener, disk, uri))
+}
+
+/// `blkmirror export VOLUME --promoted` (and the serving half of `failover --to export`):
+/// serves the export a failover promoted, its writes kept in its overlay, until SIGINT or
+/// SIGTERM; then flushes the overlay. `options.at` and `options.writable` are not used: the
+/// failover decided them.
+pub fn export_promoted(options: &ExportOptions) -> Result<(), OpsError> {
+    check_listen(options)?;
+    let stop_signals = crate::dr::recovery::StopSignals::install()?;
+    let started = Instant::now();
+    let opened = crate::dr::failback::open_promoted_export(&options.data_dir, &options.volume)?;
+    // The rest of `opened` (its lock) lives to the end of this function.
+    let (listener, disk, uri) = announce(options, opened.disk, started, true)?;
+    println!("{uri}");
+    let _ = io::Write::flush(&mut io::stdout());
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        stop_signals.wait();
+        flag.store(true, Ordering::SeqCst);
+    });
+    serve_until(&listener, &disk, &options.volume, &stop);
+    // Clients still connected lose what they did not flush, as with a disk pulled out.
+    let flushed = disk.overlay().map_or(Ok(()), Overlay::flush);
+    let written = disk.overlay().map_or(0, Overlay::bytes);
+    flushed.map_err(|source| OpsError::Target {
+        what: "flushing the overlay of",
+        path: Volume::dir_of(&options.data_dir, &options.volume)
+            .join(crate::dr::failback::PROMOTED_EXPORT_DIR),
+        source,
+    })?;
+    eprintln!(
+        "blkmirror: promoted export of volume {} stopped; its overlay keeps {} written at the DR \
+         site (`blkmirror export {} --promoted` serves it again, `blkmirror failback serve {} \
+         --export` sends it back)",
+        options.volume,
+        units::format_size(written),
+        options.volume,
+        options.volume
+    );
+    Ok(())
 }
 
 /// Accepts clients of `listener` for ever, a thread each (at most [`MAX_CLIENTS`] at once).
@@ -996,6 +1235,61 @@ mod tests {
         let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
         let read_only = ExportDisk::new(view, None);
         assert!(read_only.write_at(&[1], 0).is_err());
+    }
+
+    #[test]
+    fn a_kept_overlay_keeps_what_was_flushed_across_a_restart_and_names_its_chunks() {
+        let tmp = TempDir::new("export-kept-overlay");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        commit(&mut volume, &[(0, CHUNK as usize * 2, 1)]);
+        let kept = tmp.0.join("kept");
+        let open = || {
+            let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
+            let overlay = Overlay::open_kept(&kept, SIZE, CHUNK).unwrap();
+            ExportDisk::new(view, Some(overlay))
+        };
+        let disk = open();
+        disk.write_at(&[7; 100], CHUNK + 10).unwrap();
+        disk.write_at(&vec![6; CHUNK as usize * 2], 4 * CHUNK)
+            .unwrap();
+        disk.flush().unwrap();
+        // Written after the last flush: not in the map, so not kept (a disk pulled out).
+        disk.write_at(&[9; 10], 8 * CHUNK).unwrap();
+        assert_eq!(
+            disk.overlay().unwrap().written(),
+            vec![(1, 2), (4, 6), (8, 9)]
+        );
+        drop(disk);
+        let disk = open();
+        assert_eq!(disk.overlay().unwrap().written(), vec![(1, 2), (4, 6)]);
+        let mut buf = vec![0u8; 9 * CHUNK as usize];
+        disk.read_at(&mut buf, 0).unwrap();
+        let at = |chunk: u64, offset: u64| buf[(chunk * CHUNK + offset) as usize];
+        assert_eq!((at(1, 9), at(1, 10), at(1, 109), at(1, 110)), (1, 7, 7, 1));
+        assert_eq!((at(4, 0), at(5, CHUNK - 1)), (6, 6));
+        assert_eq!(at(8, 0), 0, "an unflushed write was kept");
+        // A damaged map, or one of another volume, is refused with what is wrong.
+        drop(disk);
+        let map = kept.join(KEPT_OVERLAY_MAP);
+        let mut bytes = fs::read(&map).unwrap();
+        bytes[40] ^= 1;
+        fs::write(&map, &bytes).unwrap();
+        let error = Overlay::open_kept(&kept, SIZE, CHUNK).err().unwrap();
+        assert!(error.to_string().contains("checksum"), "{error}");
+        bytes[40] ^= 1;
+        assert!(
+            decode_overlay_map(&bytes, SIZE * 8, CHUNK)
+                .unwrap_err()
+                .contains("bytes")
+        );
+        assert!(
+            decode_overlay_map(&bytes, SIZE * 2, CHUNK)
+                .unwrap_err()
+                .contains("made for")
+        );
+        assert!(decode_overlay_map(&bytes, SIZE, CHUNK).is_ok());
+        assert!(decode_overlay_map(&[], SIZE, CHUNK).is_err());
     }
 
     #[test]

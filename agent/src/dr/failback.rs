@@ -39,8 +39,11 @@ use blkmirror_protocol::wire;
 
 /// The file, in the volume's directory, that a failover to a tracked device writes.
 pub const PROMOTED_FILE: &str = "promoted.json";
-/// Its format.
-pub const PROMOTED_FORMAT: u32 = 1;
+/// Its format (2: `export`).
+pub const PROMOTED_FORMAT: u32 = 2;
+/// The directory, in the volume's, of a failover to an export: its kept overlay (the writes
+/// made at the DR site since the failover) and the lock its one user holds.
+pub const PROMOTED_EXPORT_DIR: &str = "promoted-export";
 
 /// What a failover promoted, for the failback that reverses it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +72,10 @@ pub struct Promoted {
     /// slots are released, so a failback that fails later still knows them.
     #[serde(default)]
     pub consumed: Vec<ChunkRange>,
+    /// The failover was to an export: the promoted copy is the point with the kept overlay in
+    /// [`PROMOTED_EXPORT_DIR`], whose map names the chunks written since (no tracker).
+    #[serde(default)]
+    pub export: bool,
 }
 
 /// Reads `promoted.json`, if a failover wrote one.
@@ -128,9 +135,165 @@ pub fn track_promoted(
         chunk_bytes,
         after_point,
         consumed: Vec::new(),
+        export: false,
     };
     write_promoted(&Volume::dir_of(data_dir, volume_name), &promoted)?;
     Ok(promoted)
+}
+
+/// Prepares a failover to an export: the kept overlay (empty) and `promoted.json`. Called by
+/// `failover --to export` before the term changes. An earlier failover's overlay holds writes
+/// nobody failed back: it is replaced only with `force`.
+pub fn promote_to_export(
+    data_dir: &Path,
+    volume_name: &str,
+    seq: u64,
+    next_term: u64,
+    force: bool,
+) -> Result<Promoted, OpsError> {
+    let reader = PointReader::open(data_dir, volume_name)?;
+    let after_point = reader.changed_since(seq)?;
+    let (head_seq, chunk_bytes, size) = (
+        reader.meta().committed_seq,
+        reader.meta().chunk_bytes,
+        reader.meta().size_bytes,
+    );
+    drop(reader);
+    let dir = Volume::dir_of(data_dir, volume_name);
+    let overlay_dir = dir.join(PROMOTED_EXPORT_DIR);
+    if overlay_dir.exists() {
+        if !force {
+            return Err(OpsError::Usage(format!(
+                "{} holds the writes made on an earlier failover's export, never failed back; \
+                 serve it with `blkmirror export {volume_name} --promoted` and copy what you \
+                 need, or pass --force to discard them",
+                overlay_dir.display()
+            )));
+        }
+        let _lock = lock_promoted_export(&overlay_dir, volume_name)?;
+        std::fs::remove_dir_all(&overlay_dir).map_err(|source| OpsError::Target {
+            what: "removing",
+            path: overlay_dir.clone(),
+            source,
+        })?;
+    }
+    export::Overlay::open_kept(&overlay_dir, size, chunk_bytes)
+        .and_then(|overlay| overlay.flush())
+        .map_err(|source| OpsError::Target {
+            what: "making the overlay in",
+            path: overlay_dir.clone(),
+            source,
+        })?;
+    let promoted = Promoted {
+        format: PROMOTED_FORMAT,
+        term: next_term,
+        seq,
+        head_seq,
+        device: overlay_dir,
+        device_id: "export".into(),
+        generation: 0,
+        chunk_bytes,
+        after_point,
+        consumed: Vec::new(),
+        export: true,
+    };
+    write_promoted(&dir, &promoted)?;
+    Ok(promoted)
+}
+
+/// A failover's export, opened by its one user (`export --promoted`, `failover --to export`
+/// or `failback serve --export`).
+pub struct PromotedExport {
+    /// The point with the kept overlay in front.
+    pub disk: export::ExportDisk,
+    /// What the failover recorded.
+    pub promoted: Promoted,
+    /// Writes are taken: the failover is the one in force. After a `reprotect` or a later
+    /// failover, the overlay is served read-only (the DR site must not write beside the
+    /// primary).
+    pub writable: bool,
+    _lock: File,
+}
+
+fn lock_promoted_export(dir: &Path, volume: &str) -> Result<File, OpsError> {
+    let path = dir.join("lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| OpsError::Target {
+            what: "opening",
+            path: path.clone(),
+            source,
+        })?;
+    match crate::tracker::sys::try_lock_exclusive(&lock) {
+        Ok(true) => Ok(lock),
+        Ok(false) => Err(OpsError::Usage(format!(
+            "the promoted export of volume {volume} is in use by another process (an `export \
+             --promoted`, a `failover --to export` or a `failback serve --export`): stop it first"
+        ))),
+        Err(source) => Err(OpsError::Target {
+            what: "locking",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Opens the export a failover promoted, exclusively.
+pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExport, OpsError> {
+    wire::check_volume_name(volume).map_err(|error| OpsError::Usage(error.to_string()))?;
+    let disk = LocalDisk::shared();
+    let dir = Volume::dir_of(data_dir, volume);
+    PointReader::open(data_dir, volume)?;
+    let current = authority::read(&disk, &dir)?;
+    let promoted = read_promoted(&disk, &dir)?
+        .filter(|promoted| promoted.export)
+        .ok_or_else(|| {
+            OpsError::Usage(format!(
+                "volume {volume} has no promoted export (`blkmirror failover {volume} --to \
+                 export` makes one)"
+            ))
+        })?;
+    let overlay_dir = dir.join(PROMOTED_EXPORT_DIR);
+    if !overlay_dir.is_dir() {
+        return Err(OpsError::Usage(format!(
+            "{} is gone: the promoted export's writes are lost",
+            overlay_dir.display()
+        )));
+    }
+    let lock = lock_promoted_export(&overlay_dir, volume)?;
+    let writable = current.failover_in_force().is_some() && promoted.term == current.term;
+    let view = export::PointView::open(
+        data_dir,
+        volume,
+        &crate::dr::ops::PointSelector::Seq(promoted.seq),
+    )
+    .map_err(|error| {
+        OpsError::Usage(format!(
+            "the promoted export of volume {volume} is point {} with its overlay, and that \
+             point cannot be read: {error}",
+            promoted.seq
+        ))
+    })?;
+    let overlay = export::Overlay::open_kept(&overlay_dir, view.size(), view.chunk_bytes())
+        .map_err(|source| OpsError::Target {
+            what: "opening the overlay in",
+            path: overlay_dir.clone(),
+            source,
+        })?;
+    let disk = if writable {
+        export::ExportDisk::new(view, Some(overlay))
+    } else {
+        export::ExportDisk::read_only_over(view, overlay)
+    };
+    Ok(PromotedExport {
+        disk,
+        promoted,
+        writable,
+        _lock: lock,
+    })
 }
 
 fn write_promoted(dir: &Path, promoted: &Promoted) -> Result<(), OpsError> {
@@ -149,8 +312,10 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     /// The volume.
     pub volume: String,
-    /// The promoted device (or file).
+    /// The promoted device (or file); with `export`, unused.
     pub device: PathBuf,
+    /// The failover was to an export: its point with the kept overlay is the promoted copy.
+    pub export: bool,
     /// Where to wait for the source.
     pub listen: SocketAddr,
     /// The receiver's identity: the source's agent already pins its fingerprint.
@@ -408,33 +573,78 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
         current_failover
     });
     let identity = crate::link::identity::Identity::load(&options.identity)?;
-    let device = open_device(&options.device, false, options.live)?;
-    let size = device_size(&device, &options.device)?;
     let after_point = promoted
         .as_ref()
         .map(|p| p.after_point.clone())
         .unwrap_or_default();
-    let mut tracked = adopt_tracker(
-        promoted,
-        &dir,
-        &options.device,
-        size,
-        chunk_bytes,
-        &options.track,
-    )?;
-    // Everything the promoted device's tracker held since the failover (earlier attempts'
-    // cuts included).
-    let changes = match tracked.as_mut() {
-        Some(tracked) => tracked
-            .collect(&options.device)?
-            .map(|_| tracked.promoted.consumed.clone()),
-        None => None,
+    let (copy, size, changes, tracked) = if options.export {
+        if options.live {
+            return Err(OpsError::Usage(
+                "--live is for a promoted device; stop the promoted export's clients and its \
+                 `export --promoted` first"
+                    .into(),
+            ));
+        }
+        let opened = open_promoted_export(&options.data_dir, &options.volume)?;
+        if !opened.writable {
+            return Err(OpsError::Usage(format!(
+                "the promoted export of volume {} is of an earlier failover (term {}), not the \
+                 one in force (term {})",
+                options.volume, opened.promoted.term, current.term
+            )));
+        }
+        let overlay = opened
+            .disk
+            .overlay()
+            .expect("a promoted export has its overlay");
+        let chunks = plan::chunk_count(opened.disk.view().size(), chunk_bytes);
+        // The overlay's map is exact: every chunk written since the failover, no gap.
+        let changes = plan::normalize(overlay.written(), chunks)
+            .map_err(|error| OpsError::Usage(error.to_string()))?;
+        say(format!(
+            "the promoted export holds {} written chunk(s) ({})",
+            plan::covered(&changes),
+            units::format_size(overlay.bytes())
+        ));
+        let size = opened.disk.view().size();
+        (
+            PromotedCopy::Export(Box::new(opened)),
+            size,
+            Some(changes),
+            None,
+        )
+    } else {
+        if promoted.as_ref().is_some_and(|p| p.export) {
+            return Err(OpsError::Usage(format!(
+                "volume {} was failed over to an export: fail back with --export, not --device",
+                options.volume
+            )));
+        }
+        let device = open_device(&options.device, false, options.live)?;
+        let size = device_size(&device, &options.device)?;
+        let mut tracked = adopt_tracker(
+            promoted,
+            &dir,
+            &options.device,
+            size,
+            chunk_bytes,
+            &options.track,
+        )?;
+        // Everything the promoted device's tracker held since the failover (earlier attempts'
+        // cuts included).
+        let changes = match tracked.as_mut() {
+            Some(tracked) => tracked
+                .collect(&options.device)?
+                .map(|_| tracked.promoted.consumed.clone()),
+            None => None,
+        };
+        (PromotedCopy::Device(device), size, changes, tracked)
     };
     let runtime = runtime()?;
     let context = Context {
         options,
         identity: &identity,
-        device,
+        copy,
         size,
         chunk_bytes,
         term: current.term,
@@ -453,7 +663,11 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
                 "ok",
                 serde_json::json!({
                     "term": report.term,
-                    "device": options.device.display().to_string(),
+                    "device": if options.export {
+                        "export".to_owned()
+                    } else {
+                        options.device.display().to_string()
+                    },
                     "planned_chunks": report.planned_chunks,
                     "sent_chunks": report.sent_chunks,
                     "sent_bytes": report.sent_bytes,
@@ -461,8 +675,17 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
                     "user": export::current_user(),
                 }),
             );
-            // The DR site is no longer primary: stop tracking its copy.
-            if is_block_device(&options.device)
+            // The DR site is no longer primary: stop tracking its copy, or drop its export's
+            // overlay (the source now holds what it held).
+            if options.export {
+                let overlay_dir = dir.join(PROMOTED_EXPORT_DIR);
+                if let Err(error) = std::fs::remove_dir_all(&overlay_dir) {
+                    say(format!(
+                        "warning: removing {}: {error}",
+                        overlay_dir.display()
+                    ));
+                }
+            } else if is_block_device(&options.device)
                 && let Err(error) = crate::tracker::track::untrack(&options.device, &options.track)
             {
                 say(format!(
@@ -480,7 +703,11 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
                 report.sent_chunks,
                 report.planned_chunks,
                 units::format_size(report.sent_bytes),
-                options.device.display()
+                if options.export {
+                    "the promoted export".to_owned()
+                } else {
+                    options.device.display().to_string()
+                }
             ));
         }
         Err(error) => audit(
@@ -493,10 +720,16 @@ pub fn serve(options: &ServeOptions) -> Result<FailbackReport, OpsError> {
     result
 }
 
+/// The DR site's copy a failback reads: the promoted device, or the promoted export.
+enum PromotedCopy {
+    Device(File),
+    Export(Box<PromotedExport>),
+}
+
 struct Context<'a> {
     options: &'a ServeOptions,
     identity: &'a Identity,
-    device: File,
+    copy: PromotedCopy,
     size: u64,
     chunk_bytes: u64,
     term: u64,
@@ -514,6 +747,34 @@ fn network(what: &str) -> impl FnOnce(net::NetError) -> OpsError + '_ {
 }
 
 impl Context<'_> {
+    /// Reads planned chunk `chunk` of the DR site's copy.
+    fn read_chunk<'b>(&self, chunk: u64, buffer: &'b mut [u8]) -> Result<&'b [u8], OpsError> {
+        match &self.copy {
+            PromotedCopy::Device(device) => read_chunk(
+                device,
+                &self.options.device,
+                self.size,
+                self.chunk_bytes,
+                chunk,
+                buffer,
+            ),
+            PromotedCopy::Export(export) => {
+                use crate::dr::nbd::Backend as _;
+                let len = plan::chunk_len(self.size, self.chunk_bytes, chunk) as usize;
+                let data = &mut buffer[..len];
+                export
+                    .disk
+                    .read_at(data, chunk * self.chunk_bytes)
+                    .map_err(|source| OpsError::Target {
+                        what: "reading the promoted export of",
+                        path: PathBuf::from(&self.options.volume),
+                        source,
+                    })?;
+                Ok(data)
+            }
+        }
+    }
+
     async fn run(mut self) -> Result<FailbackReport, OpsError> {
         let admitted: BTreeSet<Fingerprint> = self.options.allow.iter().cloned().collect();
         let endpoint = net::server_endpoint(self.identity, admitted, self.options.listen, 32 << 20)
@@ -639,19 +900,23 @@ impl Context<'_> {
                 path: PathBuf::from("/dev/null"),
                 source,
             })?;
-            drop(std::mem::replace(&mut self.device, placeholder));
-            self.device = wait_until_free(&self.options.device).await?;
+            drop(std::mem::replace(
+                &mut self.copy,
+                PromotedCopy::Device(placeholder),
+            ));
+            let device = wait_until_free(&self.options.device).await?;
             // And whatever is still cached is dropped too (clean pages; advisory, so only a
             // second line of defence).
             // SAFETY: posix_fadvise on a descriptor this function owns; no memory is passed.
             unsafe {
                 libc::posix_fadvise(
-                    std::os::fd::AsRawFd::as_raw_fd(&self.device),
+                    std::os::fd::AsRawFd::as_raw_fd(&device),
                     0,
                     0,
                     libc::POSIX_FADV_DONTNEED,
                 )
             };
+            self.copy = PromotedCopy::Device(device);
             let (final_all, final_ranges) = match self.tracked.as_mut() {
                 Some(tracked) => match tracked.collect(&self.options.device)? {
                     Some(new) => (false, new),
@@ -751,14 +1016,7 @@ impl Context<'_> {
             plan::check_hash_batch(hashes.len(), walk.remaining()).map_err(protocol_error)?;
             for theirs in hashes {
                 let chunk = walk.next().expect("the batch was checked against the plan");
-                let data = read_chunk(
-                    &self.device,
-                    &self.options.device,
-                    self.size,
-                    self.chunk_bytes,
-                    chunk,
-                    &mut buffer,
-                )?;
+                let data = self.read_chunk(chunk, &mut buffer)?;
                 let len = data.len();
                 if wire::chunk_hash(data) == theirs {
                     continue;

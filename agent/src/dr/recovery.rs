@@ -506,14 +506,14 @@ pub(crate) fn audit(
 /// Made before anything is announced: a caller that reads the announcement and signals at
 /// once must find the handler installed, not the default action (which would leave the mount
 /// and its loop device behind).
-struct StopSignals {
+pub(crate) struct StopSignals {
     runtime: tokio::runtime::Runtime,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
-    fn install() -> Result<Self, OpsError> {
+    pub(crate) fn install() -> Result<Self, OpsError> {
         use tokio::signal::unix::{SignalKind, signal};
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -536,7 +536,7 @@ impl StopSignals {
     }
 
     /// Waits for SIGINT or SIGTERM (one that came since [`StopSignals::install`] counts).
-    fn wait(mut self) {
+    pub(crate) fn wait(mut self) {
         self.runtime.block_on(async {
             tokio::select! {
                 _ = self.term.recv() => {}
@@ -1108,6 +1108,60 @@ pub fn failover(
         }
     );
     Ok(())
+}
+
+/// `blkmirror failover VOLUME --at POINT --to export --listen ADDR`: promotes the point into
+/// a writable export with no copy first. Its writes go to an overlay kept in the volume's
+/// directory (the receiver's replica is never written), and the export is served until SIGINT
+/// or SIGTERM; `export VOLUME --promoted` serves it again, and `failback serve --export` sends
+/// what differs back to the source.
+pub fn failover_to_export(
+    volume: &str,
+    at: &PointSelector,
+    force: bool,
+    again: bool,
+    serve: &export::ExportOptions,
+) -> Result<(), OpsError> {
+    if *at == PointSelector::All {
+        return Err(OpsError::Usage(
+            "a failover promotes one point, not --at all".into(),
+        ));
+    }
+    let data_dir = serve.data_dir.as_path();
+    let disk = crate::dr::storage::LocalDisk::shared();
+    let dir = Volume::dir_of(data_dir, volume);
+    let current = crate::dr::authority::read(&disk, &dir)?;
+    current.may_fail_over(again).map_err(OpsError::Usage)?;
+    let point = {
+        let reader = crate::dr::volume::PointReader::open(data_dir, volume)?;
+        crate::dr::ops::select(reader.points(), at)
+            .map_err(OpsError::Usage)?
+            .remove(0)
+    };
+    // The overlay and the record first: a failover that cannot make them changes nothing.
+    let promoted = crate::dr::failback::promote_to_export(
+        data_dir,
+        volume,
+        point.seq,
+        current.term + 1,
+        force,
+    )?;
+    let user = export::current_user();
+    let term = raise_term_as(data_dir, volume, &point, "export", &user, again, true)?;
+    eprintln!(
+        "blkmirror: volume {volume} failed over: {} is now a writable export; term {term}, the \
+         DR site is primary, and the receiver refuses the old source's cycles from now on; its \
+         writes are kept in {} ({} chunk(s) committed after this point count for a failback too)",
+        describe(&point),
+        promoted.device.display(),
+        blkmirror_protocol::failback::covered(&promoted.after_point)
+    );
+    export::export_promoted(serve).map_err(|error| {
+        OpsError::Usage(format!(
+            "volume {volume} is failed over to an export (term {term}), but serving it failed: \
+             {error}; serve it with `blkmirror export {volume} --promoted --listen ADDR`"
+        ))
+    })
 }
 
 /// The second half of a failover, once the point is written at `to`: the next term, the DR
