@@ -65,15 +65,15 @@ fn differing_chunks(a: &Path, b: &Path, size: u64) -> u64 {
     differ
 }
 
-/// Runs `failback serve` for B and `failback pull` for A; returns the pull's JSON report.
+/// Runs `failback serve` for B's copy (`copy`: `--device B` or `--export`) and `failback
+/// pull` for A; returns the pull's JSON report. With `refused_meanwhile`, checks that the old
+/// source's agent is refused while the serve waits.
 #[allow(clippy::too_many_arguments)]
-/// With `refused_meanwhile`, checks that the old source's agent is refused while the serve
-/// waits.
 fn fail_back(
     site: &Site,
     agent: &blkmirror_tests::mirror::AgentSetup<'_>,
     a: &Path,
-    b: &Path,
+    copy: &[&str],
     data: &str,
     b_state: &str,
     refused_meanwhile: bool,
@@ -84,8 +84,8 @@ fn fail_back(
     let serve_log = site.scratch.path.join("serve.log");
     let mut serve = ChildGuard(
         blkmirror()
-            .args(["failback", "serve", "fs", "--device"])
-            .arg(b)
+            .args(["failback", "serve", "fs"])
+            .args(copy)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--identity")
             .arg(site.scratch.path.join("receiver-id"))
@@ -265,7 +265,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         &site,
         &agent,
         &a.path,
-        &b.path,
+        &["--device", b.as_str()],
         &data,
         b_state,
         true,
@@ -332,7 +332,16 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         write_round(&b_mount.join("second-failover"), 5);
     }
     let differ = differing_chunks(&a.path, &b.path, 256 * MIB);
-    let report = fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false, None);
+    let report = fail_back(
+        &site,
+        &agent,
+        &a.path,
+        &["--device", b.as_str()],
+        &data,
+        b_state,
+        false,
+        None,
+    );
     assert!(
         report["compare_all"].as_bool().expect("compare_all"),
         "{report}"
@@ -487,7 +496,16 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     write_random(&b.path, 64 * MIB, MIB);
     let state_file = agent.state_dir.join("agent-fs.json");
     let before_failback = fs::read(&state_file).expect("agent state");
-    fail_back(&site, &agent, &a.path, &b.path, &data, b_state, false, None);
+    fail_back(
+        &site,
+        &agent,
+        &a.path,
+        &["--device", b.as_str()],
+        &data,
+        b_state,
+        false,
+        None,
+    );
     fs::write(&state_file, before_failback).expect("an agent state from before the failback");
     let (output, lines) = agent.once(&[], Duration::from_secs(300));
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -508,4 +526,202 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         "{audit}"
     );
     run_ok(&["audit", "verify", "--data-dir", &data]);
+}
+
+/// Starts `blkmirror ARGS` (an export that prints its NBD URI first) and returns it with the URI.
+fn start_export(args: &[&str], log: &Path) -> (ChildGuard, String) {
+    let mut child = ChildGuard(
+        blkmirror()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("export"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the URI line");
+    assert!(
+        line.starts_with("nbd"),
+        "no NBD URI: {line:?}; {}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
+    (child, line.trim().to_owned())
+}
+
+/// Stops an export with SIGTERM and checks that it exited cleanly; returns its log.
+fn stop_export(mut export: ChildGuard, log: &Path) -> String {
+    signal(export.0.id(), libc::SIGTERM);
+    let status = export.0.wait().expect("export");
+    let text = fs::read_to_string(log).unwrap_or_default();
+    assert!(status.success(), "the export exited with {status}: {text}");
+    text
+}
+
+/// `qemu-io` commands against an NBD URI (the real NBD client).
+fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut command = std::process::Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let out = command.arg(uri).output().expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "qemu-io {commands:?}: {text}");
+    text
+}
+
+#[test]
+fn a_failover_to_an_export_serves_at_once_keeps_its_writes_and_fails_back_only_them() {
+    require_root();
+    let site = Site::new("fs");
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+    let size = 128 * MIB;
+    let a = LoopDevice::new(&site.scratch.path, size);
+    let a_mount = Mount::mkfs_and_mount(&a.path, "ext4", &site.scratch.path);
+    let agent = site.setup(&a.path, "fs");
+    let b_state = site.scratch.path.join("state-b");
+    let b_state = b_state.to_str().expect("utf-8");
+
+    // A point, a later cycle, and writes on A that never leave it (the disaster).
+    write_round(&a_mount.target.join("r0"), 0);
+    agent.once_ok(&[]);
+    let first = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    write_round(&a_mount.target.join("r1"), 1);
+    agent.once_ok(&[]);
+    write_round(&a_mount.target.join("r2"), 2);
+    a_mount.unmount();
+
+    // Failover of the older point into an export: served at once, no copy.
+    let socket = site.scratch.path.join("promoted.sock");
+    let log = site.scratch.path.join("failover.log");
+    let listen = format!("unix:{}", socket.display());
+    let failover_args = [
+        "failover",
+        "fs",
+        "--at",
+        &format!("seq:{first}"),
+        "--to",
+        "export",
+        "--listen",
+        &listen,
+        "--data-dir",
+        &data,
+    ];
+    let started = std::time::Instant::now();
+    let (export, uri) = start_export(&failover_args, &log);
+    eprintln!("failover to an export: serving in {:?}", started.elapsed());
+    // The application writes at the DR site (through the real NBD client), and flushes.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0xab 1M 192k",
+            "write -P 0xcd 70M 64k",
+            "write -P 0xef 100M 4k",
+            "flush",
+        ],
+    );
+    let text = stop_export(export, &log);
+    assert!(text.contains("term 2"), "{text}");
+    assert!(text.contains("overlay keeps"), "{text}");
+    // The replica was not written: its newest point still reads back as committed.
+    run_ok(&["verify", "fs", "--data-dir", &data]);
+
+    // The old source is refused while the export is primary.
+    let (output, _) = agent.once(&[], Duration::from_secs(120));
+    assert_eq!(
+        output.status.code(),
+        Some(6),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Served again after the restart, the writes are there; a second server is refused.
+    let log2 = site.scratch.path.join("promoted.log");
+    let socket2 = site.scratch.path.join("promoted2.sock");
+    let listen2 = format!("unix:{}", socket2.display());
+    let promoted_args = [
+        "export",
+        "fs",
+        "--promoted",
+        "--listen",
+        &listen2,
+        "--data-dir",
+        &data,
+    ];
+    let (export, uri) = start_export(&promoted_args, &log2);
+    let read = qemu_io(&uri, &["read -P 0xab 1M 192k", "read -P 0xcd 70M 64k"]);
+    assert!(!read.contains("Pattern verification failed"), "{read}");
+    let busy = blkmirror()
+        .args(["export", "fs", "--promoted", "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", &data])
+        .output()
+        .expect("a second export");
+    let busy_err = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(busy.status.code(), Some(2), "{busy_err}");
+    assert!(busy_err.contains("in use"), "{busy_err}");
+    // The whole promoted copy, as the application sees it (the failback must make A this).
+    let expected = site.scratch.path.join("expected.img");
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw", &uri])
+        .arg(&expected)
+        .output()
+        .expect("qemu-img convert");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stop_export(export, &log2);
+    let differ = differing_chunks(&a.path, &expected, size);
+
+    // Failback from the export, over a distant lossy link: only what its overlay names, the
+    // chunks the source committed after the point, and A's unreplicated writes are compared.
+    let wan = blkmirror_wan::LinkSpec {
+        rate_bits: 100_000_000,
+        delay: Duration::from_millis(20),
+        loss: 0.01,
+        ..blkmirror_wan::LinkSpec::default()
+    };
+    let report = fail_back(
+        &site,
+        &agent,
+        &a.path,
+        &["--export"],
+        &data,
+        b_state,
+        false,
+        Some(wan),
+    );
+    assert_eq!(digest(&a.path), digest(&expected), "A is not the export");
+    assert!(!report["compare_all"].as_bool().expect("compare_all"));
+    assert_eq!(report["sent_chunks"].as_u64(), Some(differ), "{report}");
+    let planned = report["planned_chunks"].as_u64().expect("planned");
+    assert!(
+        planned <= differ * 3 / 2 + 8 && planned < size / CHUNK / 4,
+        "planned {planned} for {differ} differing chunks"
+    );
+    assert!(
+        !Path::new(&data).join("fs/promoted-export").exists(),
+        "the overlay outlived the failback"
+    );
+    // Forward replication resumes, and the replica is A.
+    agent.once_ok(&[]);
+    assert_replica_is(&data, &site.scratch.path.join("replica.img"), &a.path);
+    let gone = blkmirror()
+        .args(["export", "fs", "--promoted", "--listen", "127.0.0.1:0"])
+        .args(["--data-dir", &data])
+        .output()
+        .expect("export --promoted");
+    assert_eq!(gone.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no promoted export"));
 }
