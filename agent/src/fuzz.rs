@@ -18,9 +18,10 @@ use crate::{
 use blkmirror_protocol::wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo};
 
 /// The names of the fuzz targets beside `frame_decoder` (one corpus folder each).
-pub const TARGETS: [&str; 6] = [
+pub const TARGETS: [&str; 7] = [
     "journal_recovery",
     "volume_meta",
+    "overlay_map",
     "audit_log",
     "config",
     "receiver_session",
@@ -38,6 +39,23 @@ pub fn journal_recovery(bytes: &[u8]) {
 pub fn volume_meta(bytes: &[u8]) {
     if let Ok(text) = std::str::from_utf8(bytes) {
         let _ = volume::parse_meta(text);
+    }
+}
+
+/// A promoted export's overlay map (`VOLUME/promoted-export/overlay.map`) on arbitrary
+/// bytes: for the geometry the bytes claim (so the checksum and geometry checks are passed by
+/// the seeds) and for fixed ones.
+pub fn overlay_map(bytes: &[u8]) {
+    let field = |at: usize| {
+        bytes
+            .get(at..at + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    let claimed = (field(8), field(16).max(1));
+    for (size, chunk_bytes) in [claimed, (1 << 20, 65536), (0, 4096), (u64::MAX, 1)] {
+        if let Ok(words) = crate::dr::export::decode_overlay_map(bytes, size, chunk_bytes) {
+            assert_eq!(words.len() as u64, size.div_ceil(chunk_bytes).div_ceil(64));
+        }
     }
 }
 
@@ -280,6 +298,7 @@ mod tests {
         match target {
             "journal_recovery" => journal_recovery(bytes),
             "volume_meta" => volume_meta(bytes),
+            "overlay_map" => overlay_map(bytes),
             "audit_log" => audit_log(bytes),
             "config" => config(bytes),
             "receiver_session" => receiver_session(bytes),
@@ -306,6 +325,7 @@ mod tests {
         fn parsers_take_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             journal_recovery(&bytes);
             volume_meta(&bytes);
+            overlay_map(&bytes);
             audit_log(&bytes);
             config(&bytes);
             nbd_session(&bytes);
@@ -367,6 +387,12 @@ mod tests {
             "volume_meta",
             "volume",
             &std::fs::read(tmp.0.join("v/volume.json")).unwrap(),
+        );
+        // A kept overlay's map: 100 chunks of 64 KiB, chunks 0, 1, 3 and 70 written.
+        write(
+            "overlay_map",
+            "three-words",
+            &crate::dr::export::encode_overlay_map(&[0b1011, 1 << 6], 100 * 65536, 65536),
         );
         // An audit log of three entries, its head first.
         let log = AuditLog::in_dir(&tmp.0);

@@ -65,8 +65,8 @@ enum Task {
         /// How long to fuzz each target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Which target: frame_decoder, journal_recovery, volume_meta, audit_log, config,
-        /// receiver_session, or all.
+        /// Which target: frame_decoder, journal_recovery, volume_meta, overlay_map,
+        /// audit_log, config, receiver_session, nbd_session, or all.
         #[arg(long, default_value = "frame_decoder")]
         target: String,
         /// Only (re)write the seed frames into the corpus.
@@ -162,10 +162,11 @@ fn main() -> Result<()> {
     }
 }
 
-const FUZZ_TARGETS: [&str; 7] = [
+const FUZZ_TARGETS: [&str; 8] = [
     "frame_decoder",
     "journal_recovery",
     "volume_meta",
+    "overlay_map",
     "audit_log",
     "config",
     "receiver_session",

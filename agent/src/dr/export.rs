@@ -450,7 +450,7 @@ impl Overlay {
 
 /// A kept overlay's map: magic, volume size, chunk size, word count, the bitmap words (all
 /// little-endian `u64`), then the BLAKE3 hash of everything before it.
-fn encode_overlay_map(present: &[u64], size: u64, chunk_bytes: u64) -> Vec<u8> {
+pub(crate) fn encode_overlay_map(present: &[u64], size: u64, chunk_bytes: u64) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(32 + present.len() * 8 + 32);
     bytes.extend_from_slice(OVERLAY_MAP_MAGIC);
     for value in [size, chunk_bytes, present.len() as u64] {
@@ -467,6 +467,9 @@ fn encode_overlay_map(present: &[u64], size: u64, chunk_bytes: u64) -> Vec<u8> {
 /// Checks and decodes a kept overlay's map for a volume of `size` bytes in `chunk_bytes`
 /// chunks. Pure: a damaged or planted map is refused with what is wrong.
 pub fn decode_overlay_map(bytes: &[u8], size: u64, chunk_bytes: u64) -> Result<Vec<u64>, String> {
+    if chunk_bytes == 0 {
+        return Err("a chunk size of 0".into());
+    }
     let words = size.div_ceil(chunk_bytes).div_ceil(64);
     let expected = 32 + words.saturating_mul(8) + 32;
     if bytes.len() as u64 != expected {
