@@ -83,6 +83,10 @@ fn debs_hold_the_binary_units_and_conffiles_and_never_start_a_service() {
                 "-rw-r--r-- root/root",
                 "./lib/systemd/system/blkmirror-drills.timer",
             ),
+            (
+                "-rw-r--r-- root/root",
+                "./lib/systemd/system/blkmirror-drills.path",
+            ),
             ("-rw-r----- root/root", "./etc/blkmirror/agent.toml"),
             (
                 "-rwxr-xr-x root/root",
@@ -144,6 +148,7 @@ fn rpms_hold_the_binary_units_and_noreplace_configs() {
             "/usr/lib/systemd/system/blkmirror-receiver.service",
             "/usr/lib/systemd/system/blkmirror-drills.service",
             "/usr/lib/systemd/system/blkmirror-drills.timer",
+            "/usr/lib/systemd/system/blkmirror-drills.path",
             "/usr/share/blkmirror/hooks/mysql-post-thaw",
             "/etc/blkmirror/agent.toml",
             "/etc/blkmirror/receiver.toml",
@@ -243,6 +248,7 @@ fn the_deb_installs_verifies_and_purges_cleanly() {
             "/lib/systemd/system/blkmirror-receiver.service",
             "/lib/systemd/system/blkmirror-drills.service",
             "/lib/systemd/system/blkmirror-drills.timer",
+            "/lib/systemd/system/blkmirror-drills.path",
         ])
         .output()
         .expect("systemd-analyze");

@@ -11,8 +11,8 @@ use std::{
 
 use blkmirror_tests::{
     LoopDevice, PinRoot, Scratch, blkmirror_bin,
-    mirror::{AgentSetup, Id, Receiver, digest, last_point, write_random},
-    require_root, run_ok,
+    mirror::{AgentSetup, ChildGuard, Id, Receiver, digest, last_point, write_random},
+    require_root, run_ok, sh,
 };
 
 const MIB: u64 = 1 << 20;
@@ -142,7 +142,9 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     .expect("config");
     let receiver = Receiver::start_config(&config, &data, &receiver_id);
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);
-    write_random(&dev.path, 0, 64 * MIB);
+    // A file system, so that a drill of it can pass; random data after it.
+    sh("mkfs.ext4", &["-q", "-F", dev.as_str()]);
+    write_random(&dev.path, 48 * MIB, 4 * MIB);
     let pins = PinRoot::new();
     let agent = AgentSetup {
         device: &dev.path,
@@ -322,6 +324,93 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 
+    // An operator asks for a drill: the daemon (which has no capabilities) queues it, the
+    // drill runner (root; `blkmirror-drills.path` in production) runs it with the check
+    // receiver.toml gives, and the operator's command gets the result. A viewer may not, and
+    // nobody may name a check command for root to run.
+    let out = run_as(
+        &viewer,
+        &bin,
+        &["drill", "vol", "--control-socket", &socket_arg],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(
+        text(&out).contains("drill needs the operator role"),
+        "{}",
+        text(&out)
+    );
+    let out = run_as(
+        &operator,
+        &bin,
+        &[
+            "drill",
+            "vol",
+            "--check",
+            "id",
+            "--control-socket",
+            &socket_arg,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let request = data.join("drill-requests/vol.json");
+    let asked = Command::new("runuser")
+        .args(["-u", &operator, "--"])
+        .arg(&bin)
+        .args(["drill", "vol", "--control-socket", &socket_arg])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("drill request");
+    let mut asked = ChildGuard(asked);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !request.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon queued no request"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let queued = fs::read_to_string(&request).expect("request");
+    assert!(queued.contains(&operator), "{queued}");
+    run_ok(&[
+        "drill",
+        "--due",
+        "--config",
+        config.to_str().expect("utf-8"),
+    ]);
+    let out = {
+        use std::io::Read as _;
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let _ = asked
+            .0
+            .stdout
+            .take()
+            .expect("stdout")
+            .read_to_end(&mut stdout);
+        let _ = asked
+            .0
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_end(&mut stderr);
+        Output {
+            status: asked.0.wait().expect("wait"),
+            stdout,
+            stderr,
+        }
+    };
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("fsck: ok"), "{}", text(&out));
+    let record: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .expect("the record"),
+    )
+    .expect("the drill record");
+    assert_eq!(record["ok"], true, "{record}");
+    assert!(!request.exists(), "the request stayed queued");
+
     let promoted = public.join(&operator).join("promoted.img");
     let out = run_as(
         &operator,
@@ -427,6 +516,17 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     assert!(find(&operator, "export", false), "{audit}");
     assert!(find(&viewer, "export", true), "{audit}");
     assert!(find(&operator, "failover", true), "{audit}");
+    assert!(find(&operator, "drill", false), "{audit}");
+    assert!(find(&viewer, "drill", true), "{audit}");
+    // The drill itself names who asked for it.
+    assert!(
+        audit
+            .lines()
+            .any(|line| line.contains("\"event\":\"drill\"")
+                && line.contains(&format!("\"requested_by\":\"{operator} "))
+                && line.contains(", operator\"")),
+        "{audit}"
+    );
     assert!(find(&admin, "failover", false), "{audit}");
     assert!(find(&admin, "reprotect", false), "{audit}");
     // The failover itself names the admin, through the control socket.

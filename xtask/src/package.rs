@@ -182,6 +182,7 @@ fn stage_tree(stage: &Path, binary: &Path, arch: &Arch, release: bool, units: &s
         "blkmirror-receiver.service",
         "blkmirror-drills.service",
         "blkmirror-drills.timer",
+        "blkmirror-drills.path",
     ] {
         install(
             &root().join("packaging/systemd").join(unit),
@@ -284,6 +285,7 @@ cp -a {stage}/. %{{buildroot}}/
 %attr(0644,root,root) /usr/lib/systemd/system/blkmirror-receiver.service
 %attr(0644,root,root) /usr/lib/systemd/system/blkmirror-drills.service
 %attr(0644,root,root) /usr/lib/systemd/system/blkmirror-drills.timer
+%attr(0644,root,root) /usr/lib/systemd/system/blkmirror-drills.path
 %dir %attr(0750,root,root) /etc/blkmirror
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/agent.toml
 %config(noreplace) %attr(0640,root,root) /etc/blkmirror/receiver.toml

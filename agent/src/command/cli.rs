@@ -401,6 +401,11 @@ pub struct DrillArgs {
     /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
+    /// Ask the receiver daemon on this control socket (an operator who is not root): the
+    /// drill is queued for `blkmirror-drills.service` and runs with the check `receiver.toml`
+    /// gives the volume; this command waits for its result.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["due", "check", "boot"])]
+    pub control_socket: Option<PathBuf>,
     /// A health check, run by `sh -c` in the mounted point (also `$BLKMIRROR_DRILL_MOUNT`,
     /// with `$BLKMIRROR_DRILL_VOLUME` and `$BLKMIRROR_DRILL_POINT`); exit 0 is healthy.
     #[arg(long, value_name = "CMD")]
@@ -765,6 +770,15 @@ pub fn run(cli: Cli) -> ExitCode {
                 &args.dir,
             ));
         }
+        Command::Drill(args) if args.control_socket.is_some() => {
+            return ops_result(crate::command::control::run_text(
+                args.control_socket.as_deref().expect("checked"),
+                &crate::command::control::ControlRequest::Drill {
+                    volume: args.volume.clone().expect("required without --due"),
+                    at: selector_text(&args.at),
+                },
+            ));
+        }
         Command::Drill(args) => {
             let Some(volume) = args.volume else {
                 return match config::load_receiver(&args.config) {
@@ -794,6 +808,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     memory_mib: args.boot_memory,
                 }),
                 json: args.json,
+                requested_by: None,
             }));
         }
         Command::Failover(args) if args.to.as_os_str() == "export" => {

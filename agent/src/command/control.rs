@@ -23,6 +23,9 @@
 //!
 //! `export` serves the point from the daemon on a Unix socket owned by the client (its URI comes
 //! back as text) for as long as the client stays connected.
+//! `drill` is queued for the drill runner (`recovery::DRILL_REQUESTS`, run as root by
+//! `blkmirror-drills.path`) with the volume's configured check, and the client waits for the
+//! record.
 //! `points`, `verify` and `reprotect` run as a child process of the daemon (as the daemon's
 //! user, with an argument list the daemon builds from the checked request); `restore` and
 //! `failover` stream the point, checked chunk by chunk against its hashes, and the *client*
@@ -58,6 +61,13 @@ pub const MAX_REQUEST: usize = 4096;
 /// How long the daemon waits on a client that stopped reading or writing (a stalled restore
 /// holds the volume's lock shared, so the receiver's next commit of that volume waits).
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How often a queued drill's record is looked at.
+const DRILL_POLL: Duration = Duration::from_millis(500);
+/// When a queued drill nobody took is worth a word to the operator.
+const DRILL_UNTAKEN_WARNING: Duration = Duration::from_secs(30);
+/// How long a client waits for its drill (drills with a boot may take a while).
+const DRILL_WAIT: Duration = Duration::from_secs(6 * 3600);
 
 /// What a client asks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +115,13 @@ pub enum ControlRequest {
         /// The volume.
         volume: String,
     },
+    /// Queue a drill for the drill runner and wait for its record.
+    Drill {
+        /// The volume.
+        volume: String,
+        /// Which point.
+        at: String,
+    },
     /// Serve a point over NBD, on a Unix socket owned by the client, until it disconnects.
     Export {
         /// The volume.
@@ -126,6 +143,7 @@ impl ControlRequest {
             ControlRequest::Failover { .. } => Action::Failover,
             ControlRequest::Reprotect { .. } => Action::Reprotect,
             ControlRequest::Export { .. } => Action::Export,
+            ControlRequest::Drill { .. } => Action::Drill,
         }
     }
 
@@ -136,6 +154,7 @@ impl ControlRequest {
             | ControlRequest::Restore { volume, .. }
             | ControlRequest::Failover { volume, .. }
             | ControlRequest::Export { volume, .. }
+            | ControlRequest::Drill { volume, .. }
             | ControlRequest::Reprotect { volume } => volume,
         }
     }
@@ -223,6 +242,7 @@ impl Actions {
         if let ControlRequest::Verify { at, .. }
         | ControlRequest::Restore { at, .. }
         | ControlRequest::Export { at, .. }
+        | ControlRequest::Drill { at, .. }
         | ControlRequest::Failover { at, .. } = &request
             && let Err(message) = ops::parse_selector(at)
         {
@@ -280,6 +300,7 @@ impl Actions {
                 at,
                 writable,
             } => self.export(&mut out, stream, peer, volume, at, *writable),
+            ControlRequest::Drill { volume, at } => self.drill(&mut out, peer, role, volume, at),
         };
         let (code, error) = match result {
             Ok(Ok(())) => (ExitCode::Success, None),
@@ -298,6 +319,126 @@ impl Actions {
                 .as_str(),
         );
         finish(&mut out, code, error)
+    }
+
+    /// Queues a drill for the drill runner (`blkmirror-drills.path` starts `drill --due` when
+    /// the queue is not empty) and waits for the record of a drill that started after the
+    /// request. The check is the one `receiver.toml` gives the volume: a client cannot name a
+    /// command for root to run.
+    fn drill(
+        &self,
+        out: &mut impl Write,
+        peer: &Peer,
+        role: Role,
+        volume: &str,
+        at: &str,
+    ) -> io::Result<Result<(), (ExitCode, String)>> {
+        use crate::dr::recovery::{self, DrillRequest};
+        if let Err(error) = PointReader::open(&self.data_dir, volume) {
+            let error = OpsError::from(error);
+            return Ok(Err((ExitCode::from(&error), error.to_string())));
+        }
+        let request = DrillRequest {
+            volume: volume.to_owned(),
+            at: at.to_owned(),
+            user: format!("{}, {}", peer.name, role.name()),
+            requested_unix_ms: crate::command::status::now_ms(),
+        };
+        let queued = match recovery::queue_drill(&self.data_dir, &request) {
+            Ok(queued) => queued,
+            Err(error) => return Ok(Err((ExitCode::from(&error), error.to_string()))),
+        };
+        let path = recovery::drill_request_path(&self.data_dir, volume);
+        frame(
+            out,
+            b'E',
+            format!(
+                "blkmirror: drill of volume {volume} queued{}; waiting for the drill runner \
+                 (blkmirror-drills.service, started by blkmirror-drills.path)\n",
+                if queued == request {
+                    String::new()
+                } else {
+                    format!(" (joining the request of {})", queued.user)
+                }
+            )
+            .as_bytes(),
+        )?;
+        out.flush()?;
+        let started = std::time::Instant::now();
+        let mut warned = false;
+        loop {
+            std::thread::sleep(DRILL_POLL);
+            let record = recovery::read_drill_record(&self.data_dir, volume)
+                .filter(|record| record.time_unix_ms >= queued.requested_unix_ms);
+            let pending = path.exists();
+            match record {
+                Some(record) if !pending => {
+                    let mut text = String::new();
+                    for step in &record.steps {
+                        text.push_str(&format!(
+                            "blkmirror: drill: {}: {} in {} ms{}\n",
+                            step.step,
+                            if step.ok { "ok" } else { "FAILED" },
+                            step.ms,
+                            if step.detail.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({})", step.detail)
+                            }
+                        ));
+                    }
+                    frame(out, b'E', text.as_bytes())?;
+                    frame(
+                        out,
+                        b'O',
+                        format!("{}\n", serde_json::to_string(&record).expect("serializes"))
+                            .as_bytes(),
+                    )?;
+                    return Ok(if record.ok {
+                        Ok(())
+                    } else {
+                        Err((
+                            ExitCode::DrillFailed,
+                            format!(
+                                "the drill of point {} failed: {}",
+                                record.seq,
+                                record.failure.unwrap_or_default()
+                            ),
+                        ))
+                    });
+                }
+                None if !pending => {
+                    return Ok(Err((
+                        ExitCode::Failure,
+                        "the drill runner took the request but recorded no drill (see \
+                         `journalctl -u blkmirror-drills`)"
+                            .into(),
+                    )));
+                }
+                _ => {}
+            }
+            if pending && !warned && started.elapsed() >= DRILL_UNTAKEN_WARNING {
+                warned = true;
+                frame(
+                    out,
+                    b'E',
+                    b"blkmirror: no drill runner has taken the request yet: is \
+                      blkmirror-drills.path enabled (`systemctl enable --now \
+                      blkmirror-drills.path`)?\n",
+                )?;
+                out.flush()?;
+            }
+            if started.elapsed() >= DRILL_WAIT {
+                return Ok(Err((
+                    ExitCode::Failure,
+                    format!(
+                        "no drill result within {}; the request stays queued in {}",
+                        blkmirror_protocol::units::format_duration(DRILL_WAIT),
+                        path.display()
+                    ),
+                )));
+            }
+        }
     }
 
     /// Runs this binary with `args` on the data directory; its output goes to the client.

@@ -56,6 +56,9 @@ pub enum Action {
     /// Serve a point over NBD on a Unix socket only the client may use, while it stays
     /// connected.
     Export,
+    /// Ask for a drill (queued for the drill runner, which runs it with the volume's
+    /// configured check).
+    Drill,
     /// Fail over (promote a point, raise the term).
     Failover,
     /// Make the source primary again.
@@ -67,7 +70,7 @@ impl Action {
     pub fn required(self) -> Role {
         match self {
             Action::Status | Action::Points => Role::Viewer,
-            Action::Verify | Action::Restore | Action::Export => Role::Operator,
+            Action::Verify | Action::Restore | Action::Export | Action::Drill => Role::Operator,
             Action::Failover | Action::Reprotect => Role::Admin,
         }
     }
@@ -80,6 +83,7 @@ impl Action {
             Action::Verify => "verify",
             Action::Restore => "restore",
             Action::Export => "export",
+            Action::Drill => "drill",
             Action::Failover => "failover",
             Action::Reprotect => "reprotect",
         }

@@ -656,6 +656,8 @@ pub struct DrillOptions {
     pub boot: Option<BootOptions>,
     /// Print the record as JSON.
     pub json: bool,
+    /// Who asked for it through the control socket (a queued request), for the audit log.
+    pub requested_by: Option<String>,
 }
 
 struct Drill {
@@ -813,6 +815,7 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
             "recovery_ms": recovery_ms,
             "steps": record.steps,
             "user": export::current_user(),
+            "requested_by": options.requested_by,
         }),
     );
     if options.json {
@@ -937,8 +940,86 @@ pub fn is_overdue(record: Option<&DrillRecord>, every: Duration, now_unix_ms: u6
         .is_none_or(|success| now_unix_ms.saturating_sub(success) > every.as_millis() as u64)
 }
 
-/// `blkmirror drill --due`: runs every scheduled drill that is due, one after another; fails
-/// (exit 8) when any of them failed, after running the rest.
+/// The directory, in the data directory, where the receiver daemon queues the drills that
+/// operators ask for through the control socket (one file per volume); `drill --due`, started
+/// by `blkmirror-drills.path` when it is not empty, runs them.
+pub const DRILL_REQUESTS: &str = "drill-requests";
+/// A drill's health-check time limit when neither `--check-timeout` nor a schedule gives one.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(600);
+/// The largest request file read.
+const MAX_DRILL_REQUEST: u64 = 4096;
+
+/// A drill an operator asked for through the control socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillRequest {
+    /// The volume.
+    pub volume: String,
+    /// The point (`--at`), as the operator gave it (checked by the daemon).
+    pub at: String,
+    /// Who asked (their user name and role).
+    pub user: String,
+    /// When (Unix milliseconds): a drill record that started later answers it.
+    pub requested_unix_ms: u64,
+}
+
+/// Where volume `volume`'s queued request is.
+pub fn drill_request_path(data_dir: &Path, volume: &str) -> PathBuf {
+    data_dir.join(DRILL_REQUESTS).join(format!("{volume}.json"))
+}
+
+/// Queues `request` for the drill runner, unless one for the volume is queued already (then
+/// the caller waits for that one). Returns the request in the queue.
+pub fn queue_drill(data_dir: &Path, request: &DrillRequest) -> Result<DrillRequest, OpsError> {
+    let path = drill_request_path(data_dir, &request.volume);
+    if let Ok(Some(queued)) = read_drill_request(&path) {
+        return Ok(queued);
+    }
+    let dir = data_dir.join(DRILL_REQUESTS);
+    let target = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| OpsError::Target { what, path, source }
+    };
+    fs::create_dir_all(&dir).map_err(target("making", &dir))?;
+    let text = serde_json::to_vec(request).expect("serializes");
+    crate::dr::storage::LocalDisk::shared()
+        .write_atomic(&path, &text)
+        .map_err(target("writing", &path))?;
+    Ok(request.clone())
+}
+
+/// Reads a queued request: `Ok(None)` if there is none, `Err` with what is wrong with a bad one.
+pub fn read_drill_request(path: &Path) -> Result<Option<DrillRequest>, String> {
+    let file = match fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.to_string()),
+    };
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(&file, MAX_DRILL_REQUEST + 1),
+        &mut text,
+    )
+    .map_err(|error| error.to_string())?;
+    if text.len() as u64 > MAX_DRILL_REQUEST {
+        return Err(format!("larger than {MAX_DRILL_REQUEST} bytes"));
+    }
+    let request: DrillRequest = serde_json::from_str(&text).map_err(|error| error.to_string())?;
+    blkmirror_protocol::wire::check_volume_name(&request.volume)
+        .map_err(|error| error.to_string())?;
+    if path.file_stem().and_then(|stem| stem.to_str()) != Some(request.volume.as_str()) {
+        return Err(format!(
+            "names volume {:?}, not the one of its file",
+            request.volume
+        ));
+    }
+    crate::dr::ops::parse_selector(&request.at)?;
+    Ok(Some(request))
+}
+
+/// `blkmirror drill --due`: runs the drills operators asked for (queued by the receiver
+/// daemon), then those whose schedule is due, each with its schedule's check, timeout and
+/// boot. Fails if any drill failed.
 pub fn run_due(
     data_dir: &Path,
     schedules: &[crate::command::config::DrillSchedule],
@@ -947,6 +1028,54 @@ pub fn run_due(
     let now = crate::command::status::now_ms();
     let mut failed = Vec::new();
     let mut ran = 0;
+    let mut requested = 0;
+    let queue = data_dir.join(DRILL_REQUESTS);
+    let mut queued: Vec<PathBuf> = fs::read_dir(&queue)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    queued.sort();
+    for path in queued {
+        let request = read_drill_request(&path);
+        // Taken off the queue whatever happens: a request that cannot run must not start
+        // the runner again and again.
+        let _ = fs::remove_file(&path);
+        let request = match request {
+            Ok(Some(request)) => request,
+            Ok(None) => continue,
+            Err(why) => {
+                eprintln!("blkmirror: {}: dropped: {why}", path.display());
+                continue;
+            }
+        };
+        requested += 1;
+        let schedule = schedules.iter().find(|s| s.volume == request.volume);
+        eprintln!(
+            "blkmirror: drill of volume {} requested by {} at {}",
+            request.volume,
+            request.user,
+            blkmirror_protocol::units::format_utc(request.requested_unix_ms)
+        );
+        let result = drill(&DrillOptions {
+            data_dir: data_dir.to_owned(),
+            volume: request.volume.clone(),
+            at: crate::dr::ops::parse_selector(&request.at).map_err(OpsError::Usage)?,
+            check: schedule.and_then(|s| s.check.clone()),
+            check_timeout: schedule.map_or(DEFAULT_CHECK_TIMEOUT, |s| s.check_timeout),
+            boot: schedule.and_then(|s| s.boot.clone()),
+            json,
+            requested_by: Some(request.user.clone()),
+        });
+        if let Err(error) = result {
+            eprintln!("blkmirror: {error}");
+            failed.push(request.volume.clone());
+        }
+    }
     for schedule in schedules {
         let record = read_drill_record(data_dir, &schedule.volume);
         if !is_due(record.as_ref(), schedule.every, now) {
@@ -961,6 +1090,7 @@ pub fn run_due(
             check_timeout: schedule.check_timeout,
             boot: schedule.boot.clone(),
             json,
+            requested_by: None,
         });
         if let Err(error) = result {
             eprintln!("blkmirror: {error}");
@@ -968,7 +1098,8 @@ pub fn run_due(
         }
     }
     eprintln!(
-        "blkmirror: {} drill schedule(s), {ran} due and run, {} failed",
+        "blkmirror: {requested} requested drill(s) run; {} drill schedule(s), {ran} due and run; \
+         {} failed",
         schedules.len(),
         failed.len()
     );
@@ -1246,6 +1377,52 @@ pub fn reprotect(data_dir: &Path, volume: &str) -> Result<(), OpsError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drill_request_is_queued_once_and_a_bad_one_is_refused_with_what_is_wrong() {
+        let tmp = crate::testing::TempDir::new("drill-requests");
+        let request = DrillRequest {
+            volume: "v".into(),
+            at: "seq:3".into(),
+            user: "alice (uid 1000), operator".into(),
+            requested_unix_ms: 5,
+        };
+        assert_eq!(queue_drill(&tmp.0, &request).unwrap(), request);
+        // A second request joins the first.
+        let later = DrillRequest {
+            user: "bob".into(),
+            requested_unix_ms: 9,
+            ..request.clone()
+        };
+        assert_eq!(queue_drill(&tmp.0, &later).unwrap(), request);
+        let path = drill_request_path(&tmp.0, "v");
+        assert_eq!(read_drill_request(&path), Ok(Some(request.clone())));
+        assert_eq!(read_drill_request(&tmp.0.join("none.json")), Ok(None));
+        let planted = |name: &str, text: String| {
+            let path = tmp.0.join(DRILL_REQUESTS).join(name);
+            fs::write(&path, text).unwrap();
+            read_drill_request(&path).unwrap_err()
+        };
+        let json = |volume: &str, at: &str| {
+            serde_json::to_string(&DrillRequest {
+                volume: volume.into(),
+                at: at.into(),
+                ..request.clone()
+            })
+            .unwrap()
+        };
+        assert!(planted("w.json", json("v", "latest")).contains("not the one of its file"));
+        assert!(planted("x.json", json("x", "--check=id")).contains("point"));
+        assert!(planted("y.json", "x".repeat(5000)).contains("larger than"));
+        assert!(
+            planted(
+                "z.json",
+                json("z", "latest").replace('}', ",\"check\":\"id\"}")
+            )
+            .contains("unknown field")
+        );
+        assert!(planted("...json", json("..", "latest")).contains("volume"));
+    }
 
     fn record(time_unix_ms: u64, ok: bool, last_success_unix_ms: Option<u64>) -> DrillRecord {
         DrillRecord {
