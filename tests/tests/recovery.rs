@@ -1000,6 +1000,100 @@ fn the_receiver_daemon_serves_the_exports_of_its_configuration() {
     assert_eq!(pins_of(&data, "cfg"), 1, "the exported point is pinned");
     let audit = fs::read_to_string(data.join("audit.log")).expect("audit log");
     assert!(audit.contains("\"event\":\"export\""), "{audit}");
+
+    // A failover into an export; once its own server stops, the daemon serves the promoted
+    // export from its configuration, with the writes made on it, and holds it.
+    let qemu_io = |uri: &str, commands: &[&str]| {
+        let mut command = Command::new("qemu-io");
+        command.args(["-f", "raw"]);
+        for c in commands {
+            command.args(["-c", c]);
+        }
+        let out = command.arg(uri).output().expect("qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && !text.contains("verification failed"),
+            "qemu-io {commands:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let failover_socket = scratch.path.join("failover.sock");
+    let mut failover = ChildGuard(
+        blkmirror()
+            .args(["failover", "cfg", "--to", "export", "--listen"])
+            .arg(format!("unix:{}", failover_socket.display()))
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("failover"),
+    );
+    let mut uri = String::new();
+    BufReader::new(failover.0.stdout.take().expect("stdout"))
+        .read_line(&mut uri)
+        .expect("the URI");
+    qemu_io(uri.trim(), &["write -P 0x5a 0 64k", "flush"]);
+    blkmirror_tests::signal(failover.0.id(), libc::SIGTERM);
+    assert!(failover.0.wait().expect("failover").success());
+    let promoted_socket = scratch.path.join("promoted.sock");
+    let mut text = fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "[[export]]\nvolume = \"cfg\"\nlisten = \"unix:{}\"\npromoted = true\n",
+        promoted_socket.display()
+    ));
+    fs::write(&config, text).expect("config");
+    blkmirror_tests::signal(receiver.pid(), libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !promoted_socket.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no promoted export: {}",
+            receiver.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let promoted_uri = format!("nbd+unix:///cfg?socket={}", promoted_socket.display());
+    qemu_io(
+        &promoted_uri,
+        &["read -P 0x5a 0 64k", "write -P 0x6b 64k 64k", "flush"],
+    );
+    let busy = blkmirror()
+        .args([
+            "export",
+            "cfg",
+            "--promoted",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&data)
+        .output()
+        .expect("export --promoted");
+    let busy_err = String::from_utf8_lossy(&busy.stderr);
+    assert_eq!(busy.status.code(), Some(2), "{busy_err}");
+    assert!(busy_err.contains("in use"), "{busy_err}");
+    // Once the receiver stops, the promoted export is free again, with both writes.
+    drop(receiver);
+    let again_socket = scratch.path.join("again.sock");
+    let mut again = ChildGuard(
+        blkmirror()
+            .args(["export", "cfg", "--promoted", "--listen"])
+            .arg(format!("unix:{}", again_socket.display()))
+            .arg("--data-dir")
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("export --promoted"),
+    );
+    let mut uri = String::new();
+    BufReader::new(again.0.stdout.take().expect("stdout"))
+        .read_line(&mut uri)
+        .expect("the URI");
+    qemu_io(uri.trim(), &["read -P 0x5a 0 64k", "read -P 0x6b 64k 64k"]);
+    blkmirror_tests::signal(again.0.id(), libc::SIGTERM);
+    assert!(again.0.wait().expect("export").success());
 }
 
 fn pins_of(data: &Path, volume: &str) -> usize {

@@ -755,6 +755,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 writable: args.writable,
                 overlay_dir: args.overlay_dir,
                 allow_remote: args.allow_remote,
+                promoted: args.promoted,
             };
             return ops_result(if args.promoted {
                 export::export_promoted(&options)
@@ -839,6 +840,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     writable: true,
                     overlay_dir: None,
                     allow_remote: args.allow_remote,
+                    promoted: true,
                 },
             ));
         }

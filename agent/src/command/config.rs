@@ -262,6 +262,10 @@ pub struct ExportSection {
     /// Allow a TCP address other than loopback.
     #[serde(default)]
     pub allow_remote: bool,
+    /// Serve the export a `failover --to export` promoted, with its writes (the failover
+    /// decided the point and whether it is writable).
+    #[serde(default)]
+    pub promoted: bool,
 }
 
 /// `[roles]` of `receiver.toml`: the Unix groups whose members hold each role.
@@ -800,6 +804,13 @@ fn export_sections(
                 _ => Ok(listen),
             }),
         );
+        if section.promoted && (section.at.is_some() || section.writable) {
+            problems.0.push(format!(
+                "{}: a promoted export serves the point its failover promoted, writable while \
+                 that failover is in force: remove at and writable",
+                key("promoted")
+            ));
+        }
         if !listens.insert(section.listen.clone()) {
             problems.0.push(format!(
                 "{}: {} is used by another export",
@@ -816,6 +827,7 @@ fn export_sections(
                 writable: section.writable,
                 overlay_dir: None,
                 allow_remote: section.allow_remote,
+                promoted: section.promoted,
             });
         }
     }
@@ -1371,6 +1383,24 @@ volume = "db"
         assert_eq!(settings.exports[0].data_dir, Path::new("/d"));
         assert_eq!(settings.exports[1].at, PointSelector::Seq(4));
         assert!(settings.exports[1].writable);
+        assert!(!settings.exports[1].promoted);
+        let settings = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[export]]\nvolume = \"db\"\nlisten = \"unix:/run/p.sock\"\npromoted = true\n"
+            ),
+        )
+        .unwrap();
+        assert!(settings.exports[0].promoted);
+        let error = receiver_from_str(
+            path,
+            &format!(
+                "{head}[[export]]\nvolume = \"db\"\nlisten = \"unix:/run/p.sock\"\npromoted = true\nwritable = true\n"
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("export[0].promoted"), "{error}");
         let error = receiver_from_str(
             path,
             &format!(

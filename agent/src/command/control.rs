@@ -586,6 +586,7 @@ impl Actions {
             writable,
             overlay_dir: None,
             allow_remote: false,
+            promoted: false,
         };
         let export = match crate::dr::export::DaemonExport::start(&options) {
             Ok(export) => export,

@@ -310,6 +310,8 @@ pub struct Overlay {
     map: Option<PathBuf>,
     /// A chunk was added since the map was last written.
     map_dirty: AtomicBool,
+    /// A kept overlay's lock: one process serves it at a time.
+    _lock: Option<File>,
 }
 
 /// The overlay file of a kept overlay, in its directory.
@@ -349,13 +351,16 @@ impl Overlay {
             size,
             map,
             map_dirty: AtomicBool::new(false),
+            _lock: None,
         }
     }
 
     /// Opens the kept overlay in `dir`, or makes it there: the file `overlay` and its map
-    /// `overlay.map` (a missing map is an empty overlay; a damaged one is refused).
+    /// `overlay.map` (a missing map is an empty overlay; a damaged one is refused). It is
+    /// locked (`dir/lock`) for as long as this lives: another process gets `WouldBlock`.
     pub fn open_kept(dir: &Path, size: u64, chunk_bytes: u64) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
+        let lock = lock_kept(dir)?;
         let path = dir.join(KEPT_OVERLAY_FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -389,13 +394,10 @@ impl Overlay {
             Err(error) if error.kind() == io::ErrorKind::NotFound => None,
             Err(error) => return Err(error),
         };
-        Ok(Self::with_file(
-            file,
-            size,
-            chunk_bytes,
-            Some(map_path),
-            present,
-        ))
+        Ok(Self {
+            _lock: Some(lock),
+            ..Self::with_file(file, size, chunk_bytes, Some(map_path), present)
+        })
     }
 
     fn has(present: &[u64], chunk: u64) -> bool {
@@ -445,6 +447,26 @@ impl Overlay {
             }
         }
         Ok(())
+    }
+}
+
+/// Takes the lock of the kept overlay in `dir` (held until the file is closed).
+pub fn lock_kept(dir: &Path) -> io::Result<File> {
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(dir.join("lock"))?;
+    if crate::tracker::sys::try_lock_exclusive(&lock)? {
+        Ok(lock)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "in use by another process (an `export --promoted`, a `failover --to export`, a \
+             `failback serve --export`, or the receiver's `[[export]]` with promoted = true): \
+             stop it first",
+        ))
     }
 }
 
@@ -704,6 +726,9 @@ pub struct ExportOptions {
     pub overlay_dir: Option<PathBuf>,
     /// Allow a TCP address other than loopback.
     pub allow_remote: bool,
+    /// Serve the export a `failover --to export` promoted (`at`, `writable` and `overlay_dir`
+    /// are then the failover's, not these).
+    pub promoted: bool,
 }
 
 /// `blkmirror export`: serves until the process is stopped. Prints the export's NBD URI on
@@ -720,6 +745,7 @@ pub fn export(options: &ExportOptions) -> Result<(), OpsError> {
 pub struct DaemonExport {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    disk: Arc<ExportDisk>,
     /// Its NBD URI.
     pub uri: String,
 }
@@ -727,12 +753,16 @@ pub struct DaemonExport {
 impl DaemonExport {
     /// Opens the point, binds, audits, and serves on a thread.
     pub fn start(options: &ExportOptions) -> Result<Self, OpsError> {
-        let (listener, disk, uri) = start(options)?;
+        let (listener, disk, uri) = if options.promoted {
+            start_promoted(options)?
+        } else {
+            start(options)?
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let (flag, name) = (stop.clone(), options.volume.clone());
+        let (flag, name, served) = (stop.clone(), options.volume.clone(), disk.clone());
         let thread = std::thread::Builder::new()
             .name(format!("export-{name}"))
-            .spawn(move || serve_until(&listener, &disk, &name, &flag))
+            .spawn(move || serve_until(&listener, &served, &name, &flag))
             .map_err(|source| OpsError::Target {
                 what: "starting a thread for",
                 path: PathBuf::from(&uri),
@@ -741,6 +771,7 @@ impl DaemonExport {
         Ok(Self {
             stop,
             thread: Some(thread),
+            disk,
             uri,
         })
     }
@@ -751,6 +782,13 @@ impl DaemonExport {
         self.stop.store(true, Ordering::SeqCst);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+            // A promoted export's overlay keeps what was written up to now.
+            if let Some(Err(error)) = self.disk.overlay().map(Overlay::flush) {
+                eprintln!(
+                    "blkmirror: export {}: flushing its overlay: {error}",
+                    self.uri
+                );
+            }
         }
     }
 }
@@ -855,17 +893,23 @@ fn announce(
     Ok((listener, disk, uri))
 }
 
+/// Checks, opens the promoted export (locked while its overlay lives), binds and audits.
+fn start_promoted(
+    options: &ExportOptions,
+) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
+    check_listen(options)?;
+    let started = Instant::now();
+    let opened = crate::dr::failback::open_promoted_export(&options.data_dir, &options.volume)?;
+    announce(options, opened.disk, started, true)
+}
+
 /// `blkmirror export VOLUME --promoted` (and the serving half of `failover --to export`):
 /// serves the export a failover promoted, its writes kept in its overlay, until SIGINT or
 /// SIGTERM; then flushes the overlay. `options.at` and `options.writable` are not used: the
 /// failover decided them.
 pub fn export_promoted(options: &ExportOptions) -> Result<(), OpsError> {
-    check_listen(options)?;
     let stop_signals = crate::dr::recovery::StopSignals::install()?;
-    let started = Instant::now();
-    let opened = crate::dr::failback::open_promoted_export(&options.data_dir, &options.volume)?;
-    // The rest of `opened` (its lock) lives to the end of this function.
-    let (listener, disk, uri) = announce(options, opened.disk, started, true)?;
+    let (listener, disk, uri) = start_promoted(options)?;
     println!("{uri}");
     let _ = io::Write::flush(&mut io::stdout());
     let stop = Arc::new(AtomicBool::new(false));
@@ -1330,6 +1374,7 @@ mod tests {
             writable: false,
             overlay_dir: None,
             allow_remote: false,
+            promoted: false,
         });
         assert!(matches!(remote, Err(OpsError::Usage(m)) if m.contains("loopback")));
     }

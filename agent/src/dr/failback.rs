@@ -170,7 +170,19 @@ pub fn promote_to_export(
                 overlay_dir.display()
             )));
         }
-        let _lock = lock_promoted_export(&overlay_dir, volume_name)?;
+        let _lock = export::lock_kept(&overlay_dir).map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                OpsError::Usage(format!(
+                    "the promoted export of volume {volume_name} is {source}"
+                ))
+            } else {
+                OpsError::Target {
+                    what: "locking",
+                    path: overlay_dir.clone(),
+                    source,
+                }
+            }
+        })?;
         std::fs::remove_dir_all(&overlay_dir).map_err(|source| OpsError::Target {
             what: "removing",
             path: overlay_dir.clone(),
@@ -212,33 +224,6 @@ pub struct PromotedExport {
     /// failover, the overlay is served read-only (the DR site must not write beside the
     /// primary).
     pub writable: bool,
-    _lock: File,
-}
-
-fn lock_promoted_export(dir: &Path, volume: &str) -> Result<File, OpsError> {
-    let path = dir.join("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|source| OpsError::Target {
-            what: "opening",
-            path: path.clone(),
-            source,
-        })?;
-    match crate::tracker::sys::try_lock_exclusive(&lock) {
-        Ok(true) => Ok(lock),
-        Ok(false) => Err(OpsError::Usage(format!(
-            "the promoted export of volume {volume} is in use by another process (an `export \
-             --promoted`, a `failover --to export` or a `failback serve --export`): stop it first"
-        ))),
-        Err(source) => Err(OpsError::Target {
-            what: "locking",
-            path,
-            source,
-        }),
-    }
 }
 
 /// Opens the export a failover promoted, exclusively.
@@ -263,7 +248,6 @@ pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExp
             overlay_dir.display()
         )));
     }
-    let lock = lock_promoted_export(&overlay_dir, volume)?;
     let writable = current.failover_in_force().is_some() && promoted.term == current.term;
     let view = export::PointView::open(
         data_dir,
@@ -278,10 +262,18 @@ pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExp
         ))
     })?;
     let overlay = export::Overlay::open_kept(&overlay_dir, view.size(), view.chunk_bytes())
-        .map_err(|source| OpsError::Target {
-            what: "opening the overlay in",
-            path: overlay_dir.clone(),
-            source,
+        .map_err(|source| {
+            if source.kind() == io::ErrorKind::WouldBlock {
+                OpsError::Usage(format!(
+                    "the promoted export of volume {volume} is {source}"
+                ))
+            } else {
+                OpsError::Target {
+                    what: "opening the overlay in",
+                    path: overlay_dir.clone(),
+                    source,
+                }
+            }
         })?;
     let disk = if writable {
         export::ExportDisk::new(view, Some(overlay))
@@ -292,7 +284,6 @@ pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExp
         disk,
         promoted,
         writable,
-        _lock: lock,
     })
 }
 

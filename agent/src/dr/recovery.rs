@@ -1098,7 +1098,7 @@ pub fn run_due(
         }
     }
     eprintln!(
-        "blkmirror: {requested} requested drill(s) run; {} drill schedule(s), {ran} due and run; \
+        "blkmirror: {requested} requested drill(s) run; {} drill schedule(s), {ran} due and run, \
          {} failed",
         schedules.len(),
         failed.len()
