@@ -1177,6 +1177,58 @@ mod tests {
     }
 
     #[test]
+    fn a_promoted_export_pins_its_point_and_is_read_only_when_its_failover_is_not_in_force() {
+        let tmp = TempDir::new("export-promoted");
+        let data = tmp.0.join("data");
+        let mut volume = volume(&data);
+        volume.set_retention(RetentionPolicy {
+            all: Duration::ZERO,
+            hourly: Duration::ZERO,
+            daily: Duration::ZERO,
+            locked: Duration::ZERO,
+        });
+        let first = commit(&mut volume, &[(0, 4096, 1)]);
+        let promoted = crate::dr::failback::promote_to_export(&data, "v", first, 2, false).unwrap();
+        assert!(promoted.export);
+        // A second promotion would discard the first one's writes: only with --force.
+        assert!(matches!(
+            crate::dr::failback::promote_to_export(&data, "v", first, 2, false),
+            Err(OpsError::Usage(m)) if m.contains("--force")
+        ));
+        // The receiver commits on (as after a reprotect) and keeps the promoted point.
+        commit(&mut volume, &[(0, 4096, 2)]);
+        commit(&mut volume, &[(0, 4096, 3)]);
+        let seqs: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, vec![first, first + 2]);
+        // No failover is in force (the term never rose): it is served read-only, as the point.
+        let opened = crate::dr::failback::open_promoted_export(&data, "v").unwrap();
+        assert!(!opened.writable);
+        assert!(!opened.disk.writable());
+        assert!(opened.disk.write_at(&[9], 0).is_err());
+        assert_eq!(read_disk(&opened.disk, 0, 4096), vec![1; 4096]);
+        // One holder at a time.
+        assert!(matches!(
+            crate::dr::failback::open_promoted_export(&data, "v"),
+            Err(OpsError::Usage(m)) if m.contains("in use")
+        ));
+        drop(opened);
+        // Once its overlay is gone (a failback), the point is pruned like any other.
+        fs::remove_dir_all(
+            Volume::dir_of(&data, "v").join(crate::dr::failback::PROMOTED_EXPORT_DIR),
+        )
+        .unwrap();
+        commit(&mut volume, &[(0, 1, 4)]);
+        let seqs: Vec<u64> = volume.meta().points.iter().map(|p| p.seq).collect();
+        assert_eq!(seqs, vec![first + 3]);
+    }
+
+    fn read_disk(disk: &ExportDisk, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        disk.read_at(&mut buf, offset).unwrap();
+        buf
+    }
+
+    #[test]
     fn a_pin_left_by_a_dead_export_is_removed_and_does_not_hold_its_point() {
         let tmp = TempDir::new("export-stale-pin");
         let data = tmp.0.join("data");

@@ -1488,10 +1488,18 @@ fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError>
 pub const PINS_DIR: &str = "pins";
 
 /// The points pinned by live holders. A pin file whose holder is gone (no lock on it: the
-/// process died) is removed.
+/// process died) is removed. A failover's export pins its point for as long as its overlay is
+/// kept (until its failback, or a new failover with `--force`): after a `reprotect` the
+/// receiver commits again, and the overlay's writes are worthless without their point.
 fn pinned_points(disk: &Disk, dir: &Path) -> BTreeSet<u64> {
     let pins = dir.join(PINS_DIR);
     let mut pinned = BTreeSet::new();
+    if disk.exists(&dir.join(crate::dr::failback::PROMOTED_EXPORT_DIR))
+        && let Ok(Some(promoted)) = crate::dr::failback::read_promoted(disk, dir)
+        && promoted.export
+    {
+        pinned.insert(promoted.seq);
+    }
     if !disk.exists(&pins) {
         return pinned;
     }
