@@ -47,6 +47,16 @@ fn assert_replica_is(data: &str, replica: &Path, device: &Path) {
     );
 }
 
+/// A distant, lossy link for the link emulator: 40 ms RTT, 1% loss, 100 Mbit/s each way.
+fn distant_lossy_link() -> blkmirror_wan::LinkSpec {
+    blkmirror_wan::LinkSpec {
+        rate_bits: 100_000_000,
+        delay: Duration::from_millis(20),
+        loss: 0.01,
+        ..blkmirror_wan::LinkSpec::default()
+    }
+}
+
 /// Chunks whose content differs between two devices of the same size.
 fn differing_chunks(a: &Path, b: &Path, size: u64) -> u64 {
     let (a, b) = (
@@ -255,12 +265,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
 
     // 5. Failback: serve at B, pull at A, over a distant lossy link (40 ms, 1% loss,
     //    100 Mbit/s, through the link emulator).
-    let wan = blkmirror_wan::LinkSpec {
-        rate_bits: 100_000_000,
-        delay: Duration::from_millis(20),
-        loss: 0.01,
-        ..blkmirror_wan::LinkSpec::default()
-    };
+    let wan = distant_lossy_link();
     let report = fail_back(
         &site,
         &agent,
@@ -686,12 +691,7 @@ fn a_failover_to_an_export_serves_at_once_keeps_its_writes_and_fails_back_only_t
 
     // Failback from the export, over a distant lossy link: only what its overlay names, the
     // chunks the source committed after the point, and A's unreplicated writes are compared.
-    let wan = blkmirror_wan::LinkSpec {
-        rate_bits: 100_000_000,
-        delay: Duration::from_millis(20),
-        loss: 0.01,
-        ..blkmirror_wan::LinkSpec::default()
-    };
+    let wan = distant_lossy_link();
     let report = fail_back(
         &site,
         &agent,

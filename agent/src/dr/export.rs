@@ -1104,6 +1104,19 @@ mod tests {
         Volume::open_or_create(data, &hello).unwrap().0
     }
 
+    /// A volume whose retention keeps only the newest point (so nothing but a pin keeps
+    /// another).
+    fn volume_keeping_newest_only(data: &Path) -> Volume {
+        let mut volume = volume(data);
+        volume.set_retention(RetentionPolicy {
+            all: Duration::ZERO,
+            hourly: Duration::ZERO,
+            daily: Duration::ZERO,
+            locked: Duration::ZERO,
+        });
+        volume
+    }
+
     /// Commits the next cycle: each write fills `len` bytes at `offset` with `byte`.
     fn commit(volume: &mut Volume, writes: &[(u64, usize, u8)]) -> u64 {
         let seq = volume.meta().committed_seq + 1;
@@ -1136,14 +1149,8 @@ mod tests {
     fn a_view_keeps_its_point_while_the_receiver_commits_and_pins_it_against_retention() {
         let tmp = TempDir::new("export-view");
         let data = tmp.0.join("data");
-        let mut volume = volume(&data);
         // Only the newest point is kept, so without the pin no delta would be captured at all.
-        volume.set_retention(RetentionPolicy {
-            all: Duration::ZERO,
-            hourly: Duration::ZERO,
-            daily: Duration::ZERO,
-            locked: Duration::ZERO,
-        });
+        let mut volume = volume_keeping_newest_only(&data);
         let first = commit(&mut volume, &[(0, 4096, 1), (3 * CHUNK, 100, 3)]);
         let view = PointView::open(&data, "v", &PointSelector::Latest).unwrap();
         assert_eq!(view.point().seq, first);
@@ -1180,13 +1187,7 @@ mod tests {
     fn a_promoted_export_pins_its_point_and_is_read_only_when_its_failover_is_not_in_force() {
         let tmp = TempDir::new("export-promoted");
         let data = tmp.0.join("data");
-        let mut volume = volume(&data);
-        volume.set_retention(RetentionPolicy {
-            all: Duration::ZERO,
-            hourly: Duration::ZERO,
-            daily: Duration::ZERO,
-            locked: Duration::ZERO,
-        });
+        let mut volume = volume_keeping_newest_only(&data);
         let first = commit(&mut volume, &[(0, 4096, 1)]);
         let promoted = crate::dr::failback::promote_to_export(&data, "v", first, 2, false).unwrap();
         assert!(promoted.export);
@@ -1232,13 +1233,7 @@ mod tests {
     fn a_pin_left_by_a_dead_export_is_removed_and_does_not_hold_its_point() {
         let tmp = TempDir::new("export-stale-pin");
         let data = tmp.0.join("data");
-        let mut volume = volume(&data);
-        volume.set_retention(RetentionPolicy {
-            all: Duration::ZERO,
-            hourly: Duration::ZERO,
-            daily: Duration::ZERO,
-            locked: Duration::ZERO,
-        });
+        let mut volume = volume_keeping_newest_only(&data);
         let first = commit(&mut volume, &[(0, 10, 1)]);
         let pins = Volume::dir_of(&data, "v").join("pins");
         fs::create_dir_all(&pins).unwrap();

@@ -1170,22 +1170,7 @@ pub fn failover(
     again: bool,
     track: Option<&crate::tracker::track::TrackOptions>,
 ) -> Result<(), OpsError> {
-    if *at == PointSelector::All {
-        return Err(OpsError::Usage(
-            "a failover promotes one point, not --at all".into(),
-        ));
-    }
-    let disk = crate::dr::storage::LocalDisk::shared();
-    let dir = Volume::dir_of(data_dir, volume);
-    let current = crate::dr::authority::read(&disk, &dir)?;
-    // Refuse a second failover before writing anything.
-    current.may_fail_over(again).map_err(OpsError::Usage)?;
-    let point = {
-        let reader = crate::dr::volume::PointReader::open(data_dir, volume)?;
-        crate::dr::ops::select(reader.points(), at)
-            .map_err(OpsError::Usage)?
-            .remove(0)
-    };
+    let (current, point) = failover_point(data_dir, volume, at, again)?;
     crate::dr::ops::restore(
         data_dir,
         volume,
@@ -1241,6 +1226,35 @@ pub fn failover(
     Ok(())
 }
 
+/// A failover's checks before it writes anything: one point, and no failover in force
+/// unless `again`. Returns the authority as it is and the point to promote.
+fn failover_point(
+    data_dir: &Path,
+    volume: &str,
+    at: &PointSelector,
+    again: bool,
+) -> Result<
+    (
+        crate::dr::authority::Authority,
+        crate::dr::stored::StoredPoint,
+    ),
+    OpsError,
+> {
+    if *at == PointSelector::All {
+        return Err(OpsError::Usage(
+            "a failover promotes one point, not --at all".into(),
+        ));
+    }
+    let disk = crate::dr::storage::LocalDisk::shared();
+    let current = crate::dr::authority::read(&disk, &Volume::dir_of(data_dir, volume))?;
+    current.may_fail_over(again).map_err(OpsError::Usage)?;
+    let reader = crate::dr::volume::PointReader::open(data_dir, volume)?;
+    let point = crate::dr::ops::select(reader.points(), at)
+        .map_err(OpsError::Usage)?
+        .remove(0);
+    Ok((current, point))
+}
+
 /// `blkmirror failover VOLUME --at POINT --to export --listen ADDR`: promotes the point into
 /// a writable export with no copy first. Its writes go to an overlay kept in the volume's
 /// directory (the receiver's replica is never written), and the export is served until SIGINT
@@ -1253,22 +1267,8 @@ pub fn failover_to_export(
     again: bool,
     serve: &export::ExportOptions,
 ) -> Result<(), OpsError> {
-    if *at == PointSelector::All {
-        return Err(OpsError::Usage(
-            "a failover promotes one point, not --at all".into(),
-        ));
-    }
     let data_dir = serve.data_dir.as_path();
-    let disk = crate::dr::storage::LocalDisk::shared();
-    let dir = Volume::dir_of(data_dir, volume);
-    let current = crate::dr::authority::read(&disk, &dir)?;
-    current.may_fail_over(again).map_err(OpsError::Usage)?;
-    let point = {
-        let reader = crate::dr::volume::PointReader::open(data_dir, volume)?;
-        crate::dr::ops::select(reader.points(), at)
-            .map_err(OpsError::Usage)?
-            .remove(0)
-    };
+    let (current, point) = failover_point(data_dir, volume, at, again)?;
     // The overlay and the record first: a failover that cannot make them changes nothing.
     let promoted = crate::dr::failback::promote_to_export(
         data_dir,
