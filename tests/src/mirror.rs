@@ -670,3 +670,57 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free port")
 }
+
+/// Starts `blkmirror ARGS` (an export that prints its NBD URI first) and returns it with the URI.
+pub fn start_export(args: &[&str], log: &Path) -> (ChildGuard, String) {
+    let mut child = ChildGuard(
+        blkmirror()
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(fs::File::create(log).expect("log"))
+            .spawn()
+            .expect("export"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the URI line");
+    assert!(
+        line.starts_with("nbd"),
+        "no NBD URI: {line:?}; {}",
+        fs::read_to_string(log).unwrap_or_default()
+    );
+    (child, line.trim().to_owned())
+}
+
+/// Stops an export with SIGTERM and checks that it exited cleanly; returns its log.
+pub fn stop_export(mut export: ChildGuard, log: &Path) -> String {
+    crate::signal(export.0.id(), libc::SIGTERM);
+    let status = export.0.wait().expect("export");
+    let text = fs::read_to_string(log).unwrap_or_default();
+    assert!(status.success(), "the export exited with {status}: {text}");
+    text
+}
+
+/// `qemu-io` commands against an NBD URI (the real NBD client); panics when one fails.
+pub fn qemu_io(uri: &str, commands: &[&str]) -> String {
+    let mut command = std::process::Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.args(["-c", c]);
+    }
+    let out = command.arg(uri).output().expect("qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // qemu-io exits 0 after a failed pattern check: its output says so.
+    assert!(
+        out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+        "qemu-io {commands:?}: {text}"
+    );
+    text
+}

@@ -13,7 +13,10 @@ use std::{
 
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
-    mirror::{ChildGuard, Site, digest, free_port, last_point, scrape_metrics},
+    mirror::{
+        ChildGuard, Site, digest, free_port, last_point, qemu_io, scrape_metrics, start_export,
+        stop_export,
+    },
     parse_lines, require_root, run_ok, sh,
 };
 
@@ -100,24 +103,6 @@ fn same_as(export: &Export, file: &Path) -> bool {
             export.log()
         ),
     }
-}
-
-/// `qemu-io` commands against the export (`-c` each); panics on failure.
-fn qemu_io(export: &Export, commands: &[&str]) -> String {
-    let mut command = Command::new("qemu-io");
-    command.args(["-f", "raw"]);
-    for c in commands {
-        command.args(["-c", c]);
-    }
-    let output = command.arg(&export.uri).output().expect("qemu-io");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success() && !stdout.contains("failed"),
-        "qemu-io {commands:?}: {stdout}{}\nexport: {}",
-        String::from_utf8_lossy(&output.stderr),
-        export.log()
-    );
-    stdout
 }
 
 /// The export as a regular file through FUSE (`qemu-storage-daemon` with the NBD client and a
@@ -373,7 +358,7 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
         site.scratch.path.join("export-writable.log"),
     );
     let out = qemu_io(
-        &writable,
+        &writable.uri,
         &[
             "write -P 0x5a 1M 3M",
             "read -P 0x5a 1M 3M",
@@ -383,11 +368,14 @@ fn an_exported_point_equals_its_restore_mounts_and_holds_still_while_replication
     );
     assert!(out.contains("wrote"), "{out}");
     // A separate connection sees the writes (one overlay for every client).
-    qemu_io(&writable, &["read -P 0x5a 1M 3M", "read -P 0x33 100k 8k"]);
+    qemu_io(
+        &writable.uri,
+        &["read -P 0x5a 1M 3M", "read -P 0x33 100k 8k"],
+    );
     assert_eq!(digest(&replica), replica_before, "the replica was written");
     write_round(&mount.target, 4);
     agent.once_ok(&[]);
-    qemu_io(&writable, &["read -P 0x5a 1M 3M"]);
+    qemu_io(&writable.uri, &["read -P 0x5a 1M 3M"]);
     drop(writable);
     run_ok(&[
         "verify",
@@ -1003,39 +991,24 @@ fn the_receiver_daemon_serves_the_exports_of_its_configuration() {
 
     // A failover into an export; once its own server stops, the daemon serves the promoted
     // export from its configuration, with the writes made on it, and holds it.
-    let qemu_io = |uri: &str, commands: &[&str]| {
-        let mut command = Command::new("qemu-io");
-        command.args(["-f", "raw"]);
-        for c in commands {
-            command.args(["-c", c]);
-        }
-        let out = command.arg(uri).output().expect("qemu-io");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success() && !text.contains("verification failed"),
-            "qemu-io {commands:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    let failover_socket = scratch.path.join("failover.sock");
-    let mut failover = ChildGuard(
-        blkmirror()
-            .args(["failover", "cfg", "--to", "export", "--listen"])
-            .arg(format!("unix:{}", failover_socket.display()))
-            .arg("--data-dir")
-            .arg(&data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("failover"),
+    let data_arg = data.to_str().expect("utf-8");
+    let failover_listen = format!("unix:{}", scratch.path.join("failover.sock").display());
+    let failover_log = scratch.path.join("failover.log");
+    let (failover, uri) = start_export(
+        &[
+            "failover",
+            "cfg",
+            "--to",
+            "export",
+            "--listen",
+            &failover_listen,
+            "--data-dir",
+            data_arg,
+        ],
+        &failover_log,
     );
-    let mut uri = String::new();
-    BufReader::new(failover.0.stdout.take().expect("stdout"))
-        .read_line(&mut uri)
-        .expect("the URI");
-    qemu_io(uri.trim(), &["write -P 0x5a 0 64k", "flush"]);
-    blkmirror_tests::signal(failover.0.id(), libc::SIGTERM);
-    assert!(failover.0.wait().expect("failover").success());
+    qemu_io(&uri, &["write -P 0x5a 0 64k", "flush"]);
+    stop_export(failover, &failover_log);
     let promoted_socket = scratch.path.join("promoted.sock");
     let mut text = fs::read_to_string(&config).expect("config");
     text.push_str(&format!(
@@ -1075,25 +1048,22 @@ fn the_receiver_daemon_serves_the_exports_of_its_configuration() {
     assert!(busy_err.contains("in use"), "{busy_err}");
     // Once the receiver stops, the promoted export is free again, with both writes.
     drop(receiver);
-    let again_socket = scratch.path.join("again.sock");
-    let mut again = ChildGuard(
-        blkmirror()
-            .args(["export", "cfg", "--promoted", "--listen"])
-            .arg(format!("unix:{}", again_socket.display()))
-            .arg("--data-dir")
-            .arg(&data)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("export --promoted"),
+    let again_listen = format!("unix:{}", scratch.path.join("again.sock").display());
+    let again_log = scratch.path.join("again.log");
+    let (again, uri) = start_export(
+        &[
+            "export",
+            "cfg",
+            "--promoted",
+            "--listen",
+            &again_listen,
+            "--data-dir",
+            data_arg,
+        ],
+        &again_log,
     );
-    let mut uri = String::new();
-    BufReader::new(again.0.stdout.take().expect("stdout"))
-        .read_line(&mut uri)
-        .expect("the URI");
-    qemu_io(uri.trim(), &["read -P 0x5a 0 64k", "read -P 0x6b 64k 64k"]);
-    blkmirror_tests::signal(again.0.id(), libc::SIGTERM);
-    assert!(again.0.wait().expect("export").success());
+    qemu_io(&uri, &["read -P 0x5a 0 64k", "read -P 0x6b 64k 64k"]);
+    stop_export(again, &again_log);
 }
 
 fn pins_of(data: &Path, volume: &str) -> usize {
