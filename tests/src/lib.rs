@@ -545,3 +545,12 @@ pub fn signal(pid: u32, signal: i32) {
         libc::kill(pid as i32, signal);
     }
 }
+
+/// Removes a directory tree on drop (a test's scratch folder outside `Scratch`).
+pub struct RemoveDir(pub std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -549,10 +549,11 @@ impl Site {
     }
 }
 
-/// Unmounts (and so detaches the automatic loop device of) a log-replay mount on drop.
-pub struct ReplayMount(pub std::path::PathBuf);
+/// Unmounts a mount on drop (and so detaches its automatic loop device), then removes its
+/// directory if it is empty: every test's mount guard.
+pub struct UnmountOnDrop(pub std::path::PathBuf);
 
-impl Drop for ReplayMount {
+impl Drop for UnmountOnDrop {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
         let _ = std::fs::remove_dir(&self.0);
@@ -576,7 +577,7 @@ pub fn fsck_clean(image: &Path, fstype: &str, scratch: &Path, label: &str) {
         // copy once (its own loop device, auto-detached at unmount).
         let target = scratch.join(format!("replay-{label}"));
         std::fs::create_dir_all(&target).expect("mount point");
-        let replay = ReplayMount(target.clone());
+        let replay = UnmountOnDrop(target.clone());
         sh(
             "mount",
             &[

@@ -247,7 +247,7 @@ fn the_postgresql_example_hook_checkpoints_into_the_point_which_then_starts() {
     );
     // The socket directory must be reachable by user postgres (the scratch dir is root's).
     let sockets = PathBuf::from(format!("/tmp/blkmirror-pg-{}", std::process::id()));
-    let _remove_sockets = RemoveDir(sockets.clone());
+    let _remove_sockets = blkmirror_tests::RemoveDir(sockets.clone());
     Postgres::as_postgres(
         &Postgres::bin("initdb"),
         &[
@@ -312,7 +312,7 @@ fn the_postgresql_example_hook_checkpoints_into_the_point_which_then_starts() {
     let target = site.scratch.path.join("pg-point");
     fs::create_dir_all(&target).expect("mount point");
     sh("mount", &[copy.as_str(), target.to_str().expect("utf-8")]);
-    let _unmount = Unmount(target.clone());
+    let _unmount = blkmirror_tests::mirror::UnmountOnDrop(target.clone());
     let copy_data = target.join("pg");
     let control = Postgres::as_postgres(
         &Postgres::bin("pg_controldata"),
@@ -347,23 +347,5 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         // SAFETY: kill(2) of the process group our child leads; no pointers.
         unsafe { libc::kill(-(self.0.0.id() as i32), libc::SIGKILL) };
-    }
-}
-
-/// Removes a directory on drop.
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Unmounts on drop.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
     }
 }

@@ -246,7 +246,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         let b_mount = site.scratch.path.join("b");
         fs::create_dir_all(&b_mount).expect("mount point");
         sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
-        let _unmount = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+        let _unmount = blkmirror_tests::mirror::UnmountOnDrop(b_mount.clone());
         write_round(&b_mount.join("written-at-b"), 3);
         fs::remove_dir_all(b_mount.join("r1")).ok();
         fs::write(b_mount.join("marker"), b"B was primary").expect("marker");
@@ -336,7 +336,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
         let b_mount = site.scratch.path.join("b2");
         fs::create_dir_all(&b_mount).expect("mount point");
         sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
-        let _unmount = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+        let _unmount = blkmirror_tests::mirror::UnmountOnDrop(b_mount.clone());
         write_round(&b_mount.join("second-failover"), 5);
     }
     let differ = differing_chunks(&a.path, &b.path, 256 * MIB);
@@ -393,7 +393,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     let b_mount = site.scratch.path.join("b3");
     fs::create_dir_all(&b_mount).expect("mount point");
     sh("mount", &[b.as_str(), b_mount.to_str().expect("utf-8")]);
-    let unmount_b = blkmirror_tests::mirror::ReplayMount(b_mount.clone());
+    let unmount_b = blkmirror_tests::mirror::UnmountOnDrop(b_mount.clone());
     write_round(&b_mount.join("before-pre-copy"), 6);
     let mut b_writer = Workload::start(&b_mount);
     let port = free_port();

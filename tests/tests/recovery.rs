@@ -14,8 +14,8 @@ use std::{
 use blkmirror_tests::{
     LoopDevice, Mount, blkmirror,
     mirror::{
-        ChildGuard, Site, digest, free_port, last_point, qemu_io, scrape_metrics, start_export,
-        stop_export,
+        ChildGuard, Site, UnmountOnDrop, digest, free_port, last_point, qemu_io, scrape_metrics,
+        start_export, stop_export,
     },
     parse_lines, require_root, run_ok, sh,
 };
@@ -174,16 +174,6 @@ impl ReadOnlyLoop {
 impl Drop for ReadOnlyLoop {
     fn drop(&mut self) {
         let _ = Command::new("losetup").arg("-d").arg(&self.0).output();
-    }
-}
-
-/// A mount; unmounted on drop.
-struct UnmountOnDrop(PathBuf);
-
-impl Drop for UnmountOnDrop {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).output();
-        let _ = fs::remove_dir(&self.0);
     }
 }
 

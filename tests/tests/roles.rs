@@ -106,7 +106,7 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     let _ = fs::remove_dir_all(&public);
     fs::create_dir_all(&public).expect("public dir");
     fs::set_permissions(&public, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let _public_guard = RemoveDir(public.clone());
+    let _public_guard = blkmirror_tests::RemoveDir(public.clone());
     let bin = public.join("blkmirror");
     fs::copy(blkmirror_bin(), &bin).expect("copy binary");
     for user in [&viewer, &operator, &admin, &nobody] {
@@ -544,12 +544,4 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     ]);
     drop(receiver);
     drop(accounts);
-}
-
-struct RemoveDir(PathBuf);
-
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
