@@ -64,6 +64,34 @@ fn run_as(user: &str, bin: &Path, args: &[&str]) -> Output {
         .expect("runuser")
 }
 
+/// Starts `bin ARGS` as `user` (an export through the control socket) and returns it with
+/// the first line of its output (the export's URI).
+fn serve_as(user: &str, bin: &Path, args: &[&str]) -> (ChildGuard, String) {
+    use std::io::BufRead as _;
+    let mut child = ChildGuard(
+        Command::new("runuser")
+            .args(["-u", user, "--"])
+            .arg(bin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("runuser"),
+    );
+    let mut line = String::new();
+    std::io::BufReader::new(child.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the first line");
+    (child, line.trim().to_owned())
+}
+
+/// Stops what `serve_as` started: SIGTERM, which `runuser` passes on to the command (a SIGKILL
+/// would leave the command running, and its export with it).
+fn stop_as(mut child: ChildGuard) {
+    blkmirror_tests::signal(child.0.id(), libc::SIGTERM);
+    let _ = child.0.wait();
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",
@@ -272,29 +300,18 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
         "{}",
         text(&out)
     );
-    let mut export = Command::new("runuser")
-        .args(["-u", &operator, "--"])
-        .arg(&bin)
-        .args([
+    let (export, uri) = serve_as(
+        &operator,
+        &bin,
+        &[
             "export",
             "vol",
             "--at",
             &format!("seq:{seq}"),
             "--control-socket",
             &socket_arg,
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("export");
-    let uri = {
-        use std::io::BufRead as _;
-        let mut line = String::new();
-        std::io::BufReader::new(export.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("uri");
-        line.trim().to_owned()
-    };
+        ],
+    );
     assert!(uri.starts_with("nbd+unix:///vol?socket="), "{uri:?}");
     let export_socket = PathBuf::from(uri.split("socket=").nth(1).expect("path"));
     let compare = |user: &str| {
@@ -313,8 +330,7 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
         !out.status.success(),
         "another user read the operator's export"
     );
-    let _ = Command::new("kill").arg(export.id().to_string()).status();
-    let _ = export.wait();
+    stop_as(export);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while export_socket.exists() {
         assert!(
@@ -490,6 +506,77 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
         );
     }
 
+    // An admin fails over into an export through the daemon: it is served on a socket only
+    // the admin may use, for as long as the admin's command runs; its writes are kept, and
+    // serving it again is an admin's (an operator is refused).
+    let (failover, uri) = serve_as(
+        &admin,
+        &bin,
+        &[
+            "failover",
+            "vol",
+            "--to",
+            "export",
+            "--control-socket",
+            &socket_arg,
+        ],
+    );
+    assert!(uri.starts_with("nbd+unix:///vol?socket="), "{uri:?}");
+    let qemu_io_as = |user: &str, uri: &str, commands: &[&str]| {
+        let mut command = Command::new("runuser");
+        command.args(["-u", user, "--", "qemu-io", "-f", "raw"]);
+        for c in commands {
+            command.args(["-c", c]);
+        }
+        let out = command.arg(uri).output().expect("qemu-io");
+        (
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("failed"),
+            text(&out),
+        )
+    };
+    let (ok, said) = qemu_io_as(&admin, &uri, &["write -P 0x77 2M 64k", "flush"]);
+    assert!(ok, "{said}");
+    let (ok, _) = qemu_io_as(&operator, &uri, &["read 0 4k"]);
+    assert!(!ok, "another user used the admin's promoted export");
+    stop_as(failover);
+    let out = run_as(
+        &operator,
+        &bin,
+        &[
+            "export",
+            "vol",
+            "--promoted",
+            "--control-socket",
+            &socket_arg,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(
+        text(&out).contains("export --promoted needs the admin role"),
+        "{}",
+        text(&out)
+    );
+    let (again, uri) = serve_as(
+        &admin,
+        &bin,
+        &[
+            "export",
+            "vol",
+            "--promoted",
+            "--control-socket",
+            &socket_arg,
+        ],
+    );
+    let (ok, said) = qemu_io_as(&admin, &uri, &["read -P 0x77 2M 64k"]);
+    assert!(ok, "the promoted export lost its write: {said}");
+    stop_as(again);
+    let (refused, _) = agent.once(&[], std::time::Duration::from_secs(120));
+    assert_eq!(
+        refused.status.code(),
+        Some(6),
+        "the source after the failover"
+    );
+
     // Every request is in the audit log with its user, role and outcome, refusals included.
     let audit = fs::read_to_string(data.join("audit.log")).expect("audit log");
     let control: Vec<serde_json::Value> = audit
@@ -517,6 +604,8 @@ fn roles_decide_who_may_restore_and_fail_over_and_every_refusal_is_audited() {
     assert!(find(&viewer, "export", true), "{audit}");
     assert!(find(&operator, "failover", true), "{audit}");
     assert!(find(&operator, "drill", false), "{audit}");
+    assert!(find(&operator, "export --promoted", true), "{audit}");
+    assert!(find(&admin, "export --promoted", false), "{audit}");
     assert!(find(&viewer, "drill", true), "{audit}");
     // The drill itself names who asked for it.
     assert!(

@@ -360,7 +360,7 @@ pub struct ExportArgs {
     pub allow_remote: bool,
     /// Serve the export a `failover --to export` promoted, with the writes made on it (kept
     /// in its overlay); writable while that failover is in force, read-only after.
-    #[arg(long, conflicts_with_all = ["control_socket", "writable", "overlay_dir", "at"])]
+    #[arg(long, conflicts_with_all = ["writable", "overlay_dir", "at"])]
     pub promoted: bool,
     #[command(flatten)]
     pub data: DataDirArg,
@@ -743,6 +743,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     volume: args.volume.clone(),
                     at: selector_text(&args.at),
                     writable: args.writable,
+                    promoted: args.promoted,
                 },
             ));
         }
@@ -813,12 +814,24 @@ pub fn run(cli: Cli) -> ExitCode {
             }));
         }
         Command::Failover(args) if args.to.as_os_str() == "export" => {
-            if args.control_socket.is_some() {
-                return fail(
-                    ExitCode::Usage,
-                    "failover --to export serves the export from this command, on the receiver \
-                     host: run it there as root, not through the control socket",
-                );
+            if let Some(socket) = &args.control_socket {
+                if args.listen.is_some() || args.allow_remote {
+                    return fail(
+                        ExitCode::Usage,
+                        "with --control-socket the daemon serves the export on a Unix socket \
+                         only you may use (its URI is printed): drop --listen",
+                    );
+                }
+                return ops_result(crate::command::control::run_text(
+                    socket,
+                    &crate::command::control::ControlRequest::Failover {
+                        volume: args.volume.clone(),
+                        at: selector_text(&args.at),
+                        to: "export".into(),
+                        again: args.again,
+                        force: args.force,
+                    },
+                ));
             }
             let Some(listen) = args.listen else {
                 return fail(
@@ -858,6 +871,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     at: selector_text(&args.at),
                     to: args.to.display().to_string(),
                     again: args.again,
+                    force: false,
                 },
                 &args.to,
                 args.force,

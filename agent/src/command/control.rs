@@ -109,6 +109,10 @@ pub enum ControlRequest {
         /// A failover while one is in force.
         #[serde(default)]
         again: bool,
+        /// With `to = "export"`: discard an earlier failover's export that was never failed
+        /// back.
+        #[serde(default)]
+        force: bool,
     },
     /// Make the source primary again.
     Reprotect {
@@ -131,6 +135,9 @@ pub enum ControlRequest {
         /// A copy-on-write overlay in front.
         #[serde(default)]
         writable: bool,
+        /// The export a `failover --to export` promoted (its point and writes; an admin's).
+        #[serde(default)]
+        promoted: bool,
     },
 }
 
@@ -141,6 +148,7 @@ impl ControlRequest {
             ControlRequest::Verify { .. } => Action::Verify,
             ControlRequest::Restore { .. } => Action::Restore,
             ControlRequest::Failover { .. } => Action::Failover,
+            ControlRequest::Export { promoted: true, .. } => Action::ExportPromoted,
             ControlRequest::Reprotect { .. } => Action::Reprotect,
             ControlRequest::Export { .. } => Action::Export,
             ControlRequest::Drill { .. } => Action::Drill,
@@ -158,6 +166,14 @@ impl ControlRequest {
             | ControlRequest::Reprotect { volume } => volume,
         }
     }
+}
+
+/// What `export` serves a client.
+enum ExportKind<'a> {
+    /// A point, read-only or with a discarded overlay.
+    Point { at: &'a str, writable: bool },
+    /// A failover's export, with its kept overlay.
+    Promoted,
 }
 
 /// A restore stream's first frame.
@@ -294,12 +310,55 @@ impl Actions {
                 at,
                 to,
                 again,
+                force,
+            } if to == "export" => {
+                let promoted = ops::parse_selector(at)
+                    .map_err(OpsError::Usage)
+                    .and_then(|at| {
+                        crate::dr::recovery::promote_export(
+                            &self.data_dir,
+                            volume,
+                            &at,
+                            *force,
+                            *again,
+                            &format!("{} via the control socket", peer.name),
+                        )
+                    });
+                match promoted {
+                    Ok((_, message)) => {
+                        frame(&mut out, b'E', format!("blkmirror: {message}\n").as_bytes())?;
+                        self.export(&mut out, stream, peer, volume, ExportKind::Promoted)
+                    }
+                    Err(error) => Ok(Err((ExitCode::from(&error), error.to_string()))),
+                }
+            }
+            ControlRequest::Failover {
+                volume,
+                at,
+                to,
+                again,
+                ..
             } => self.failover(&mut out, stream, peer, volume, at, to, *again),
+            ControlRequest::Export {
+                volume,
+                promoted: true,
+                ..
+            } => self.export(&mut out, stream, peer, volume, ExportKind::Promoted),
             ControlRequest::Export {
                 volume,
                 at,
                 writable,
-            } => self.export(&mut out, stream, peer, volume, at, *writable),
+                ..
+            } => self.export(
+                &mut out,
+                stream,
+                peer,
+                volume,
+                ExportKind::Point {
+                    at,
+                    writable: *writable,
+                },
+            ),
             ControlRequest::Drill { volume, at } => self.drill(&mut out, peer, role, volume, at),
         };
         let (code, error) = match result {
@@ -559,14 +618,16 @@ impl Actions {
         stream: UnixStream,
         peer: &Peer,
         volume: &str,
-        at: &str,
-        writable: bool,
+        kind: ExportKind<'_>,
     ) -> io::Result<Result<(), (ExitCode, String)>> {
         use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
         let failed = |error: OpsError| Ok(Err((ExitCode::from(&error), error.to_string())));
-        let at = match ops::parse_selector(at) {
-            Ok(at) => at,
-            Err(message) => return failed(OpsError::Usage(message)),
+        let (at, writable, promoted) = match kind {
+            ExportKind::Point { at, writable } => match ops::parse_selector(at) {
+                Ok(at) => (at, writable, false),
+                Err(message) => return failed(OpsError::Usage(message)),
+            },
+            ExportKind::Promoted => (PointSelector::Latest, false, true),
         };
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -586,7 +647,7 @@ impl Actions {
             writable,
             overlay_dir: None,
             allow_remote: false,
-            promoted: false,
+            promoted,
         };
         let export = match crate::dr::export::DaemonExport::start(&options) {
             Ok(export) => export,

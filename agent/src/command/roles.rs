@@ -61,6 +61,8 @@ pub enum Action {
     Drill,
     /// Fail over (promote a point, raise the term).
     Failover,
+    /// Serve a failover's export, whose writes go back to the source at failback.
+    ExportPromoted,
     /// Make the source primary again.
     Reprotect,
 }
@@ -71,7 +73,7 @@ impl Action {
         match self {
             Action::Status | Action::Points => Role::Viewer,
             Action::Verify | Action::Restore | Action::Export | Action::Drill => Role::Operator,
-            Action::Failover | Action::Reprotect => Role::Admin,
+            Action::Failover | Action::Reprotect | Action::ExportPromoted => Role::Admin,
         }
     }
 
@@ -85,6 +87,7 @@ impl Action {
             Action::Export => "export",
             Action::Drill => "drill",
             Action::Failover => "failover",
+            Action::ExportPromoted => "export --promoted",
             Action::Reprotect => "reprotect",
         }
     }

@@ -1267,7 +1267,34 @@ pub fn failover_to_export(
     again: bool,
     serve: &export::ExportOptions,
 ) -> Result<(), OpsError> {
-    let data_dir = serve.data_dir.as_path();
+    let (term, message) = promote_export(
+        &serve.data_dir,
+        volume,
+        at,
+        force,
+        again,
+        &export::current_user(),
+    )?;
+    eprintln!("blkmirror: {message}");
+    export::export_promoted(serve).map_err(|error| {
+        OpsError::Usage(format!(
+            "volume {volume} is failed over to an export (term {term}), but serving it failed: \
+             {error}; serve it with `blkmirror export {volume} --promoted --listen ADDR`"
+        ))
+    })
+}
+
+/// The promotion of `failover --to export` (here or in the receiver daemon, for an admin on
+/// its control socket): the kept overlay and `promoted.json`, then the next term. Returns the
+/// term and what to tell the operator; serving the export is the caller's.
+pub fn promote_export(
+    data_dir: &Path,
+    volume: &str,
+    at: &PointSelector,
+    force: bool,
+    again: bool,
+    user: &str,
+) -> Result<(u64, String), OpsError> {
     let (current, point) = failover_point(data_dir, volume, at, again)?;
     // The overlay and the record first: a failover that cannot make them changes nothing.
     let promoted = crate::dr::failback::promote_to_export(
@@ -1277,22 +1304,19 @@ pub fn failover_to_export(
         current.term + 1,
         force,
     )?;
-    let user = export::current_user();
-    let term = raise_term_as(data_dir, volume, &point, "export", &user, again, true)?;
-    eprintln!(
-        "blkmirror: volume {volume} failed over: {} is now a writable export; term {term}, the \
-         DR site is primary, and the receiver refuses the old source's cycles from now on; its \
-         writes are kept in {} ({} chunk(s) committed after this point count for a failback too)",
-        describe(&point),
-        promoted.device.display(),
-        blkmirror_protocol::failback::covered(&promoted.after_point)
-    );
-    export::export_promoted(serve).map_err(|error| {
-        OpsError::Usage(format!(
-            "volume {volume} is failed over to an export (term {term}), but serving it failed: \
-             {error}; serve it with `blkmirror export {volume} --promoted --listen ADDR`"
-        ))
-    })
+    let term = raise_term_as(data_dir, volume, &point, "export", user, again, true)?;
+    Ok((
+        term,
+        format!(
+            "volume {volume} failed over: {} is now a writable export; term {term}, the DR site \
+             is primary, and the receiver refuses the old source's cycles from now on; its \
+             writes are kept in {} ({} chunk(s) committed after this point count for a \
+             failback too)",
+            describe(&point),
+            promoted.device.display(),
+            blkmirror_protocol::failback::covered(&promoted.after_point)
+        ),
+    ))
 }
 
 /// The second half of a failover, once the point is written at `to`: the next term, the DR
