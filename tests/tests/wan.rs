@@ -167,9 +167,24 @@ fn wait_for(
     }
 }
 
+/// The agent's resident memory (KiB), from `/proc`.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|line| line.starts_with("VmRSS:"))
+                .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A partition during continuous replication under writes: the agent shows `disconnected`,
 /// keeps tracking, and after the link returns it catches up from its tracked changes (no
-/// verify sync: no tracking loss, no sync pass) to a replica equal to the device.
+/// verify sync: no tracking loss, no sync pass) to a replica equal to the device. Its memory
+/// stays bounded meanwhile. The partition lasts `BLKMIRROR_PARTITION_SECONDS` (12 here;
+/// `cargo xtask soak partition` runs it for 10 minutes).
 #[test]
 fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify() {
     require_root();
@@ -188,15 +203,46 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
     // (The first tracking of a device counts as one loss: its earlier history is unknown.)
     let losses_before = synced["tracking_loss_total"].clone();
     // The link goes down (longer than the idle timeout) while the source keeps writing.
+    let partition = Duration::from_secs(
+        std::env::var("BLKMIRROR_PARTITION_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12),
+    );
+    let rss_before = rss_kib(running.0.id());
+    let mut rss_max = rss_before;
     relay.handle().blackout(true);
-    for round in 0..6u64 {
+    let cut = Instant::now();
+    let mut round = 0u64;
+    while cut.elapsed() < partition {
         write_random(&dev.path, (round * 7 % 60) * MIB, 2 * MIB);
         std::thread::sleep(Duration::from_secs(2));
+        rss_max = rss_max.max(rss_kib(running.0.id()));
+        if round % 30 == 29 {
+            let status = agent_status(&socket);
+            eprintln!(
+                "partition: {:?} in, agent RSS {rss_max} KiB (before: {rss_before}), state {}",
+                cut.elapsed(),
+                status
+                    .as_ref()
+                    .map_or("?".into(), |s| s["state"].to_string())
+            );
+        }
+        round += 1;
     }
     let down = wait_for(&socket, Duration::from_secs(20), "disconnected", |s| {
         s["state"] == "disconnected"
     });
     assert!(down["last_error"].is_string(), "{down}");
+    // Tracking a partition costs no memory that grows with it: the dirty set is a bitmap.
+    assert!(
+        rss_max < rss_before + 64 * 1024,
+        "the agent grew from {rss_before} KiB to {rss_max} KiB during a {partition:?} partition"
+    );
+    eprintln!(
+        "partition of {partition:?}: {round} writes of 2 MiB, agent RSS {rss_before} -> at most \
+         {rss_max} KiB"
+    );
     write_random(&dev.path, 33 * MIB, 3 * MIB);
     relay.handle().blackout(false);
     // Back: it catches up from the tracked changes, to a point cut after the last write.
@@ -204,6 +250,7 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
+    let back = Instant::now();
     let caught_up = wait_for(&socket, Duration::from_secs(90), "the catch-up", |s| {
         s["state"] == "continuous"
             && s["backlog_bytes"] == 0
@@ -211,6 +258,7 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
                 .as_u64()
                 .is_some_and(|t| t > writes_done_ms)
     });
+    eprintln!("caught up {:?} after the link returned", back.elapsed());
     // The agent's log, for the messages below.
     let _ = running.0.kill();
     let _ = running.0.wait();

@@ -99,6 +99,16 @@ enum Task {
         #[arg(long)]
         debug: bool,
     },
+    /// Long root tests too slow for `test` (root): `partition` runs the WAN partition test
+    /// with a partition of `--minutes` (the test suite's is 12 seconds).
+    Soak {
+        /// Which soak: `partition`.
+        #[arg(value_parser = ["partition"])]
+        which: String,
+        /// How long the link stays down.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+    },
     /// Benchmarks (each a ratio against a baseline measured in the same run).
     Bench {
         #[command(subcommand)]
@@ -111,6 +121,36 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup::run(),
         Task::Test { no_cross } => test(no_cross),
+        Task::Soak { which: _, minutes } => {
+            setup::run()?;
+            exec(cargo().args([
+                "build",
+                "-p",
+                "blkmirror",
+                "--features",
+                "test-hooks",
+                "--locked",
+            ]))?;
+            exec_tests(
+                cargo()
+                    .args([
+                        "test",
+                        "-p",
+                        "blkmirror-tests",
+                        "--features",
+                        "blkmirror/test-hooks",
+                        "--locked",
+                        "--test",
+                        "wan",
+                        "--",
+                        "--exact",
+                        "a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify",
+                        "--nocapture",
+                    ])
+                    .env("BLKMIRROR_PARTITION_SECONDS", (minutes * 60).to_string()),
+            )
+            .map(|_| ())
+        }
         Task::Demo => {
             setup::run()?;
             demo::run()
