@@ -170,19 +170,11 @@ pub fn promote_to_export(
                 overlay_dir.display()
             )));
         }
-        let _lock = export::lock_kept(&overlay_dir).map_err(|source| {
-            if source.kind() == io::ErrorKind::WouldBlock {
-                OpsError::Usage(format!(
-                    "the promoted export of volume {volume_name} is {source}"
-                ))
-            } else {
-                OpsError::Target {
-                    what: "locking",
-                    path: overlay_dir.clone(),
-                    source,
-                }
-            }
-        })?;
+        let _lock = export::lock_kept(&overlay_dir).map_err(kept_overlay_error(
+            volume_name,
+            "locking",
+            &overlay_dir,
+        ))?;
         std::fs::remove_dir_all(&overlay_dir).map_err(|source| OpsError::Target {
             what: "removing",
             path: overlay_dir.clone(),
@@ -226,6 +218,28 @@ pub struct PromotedExport {
     pub writable: bool,
 }
 
+/// How a failure to lock or open a kept overlay is told: another holder is a usage error that
+/// says who may hold it; anything else names the directory.
+fn kept_overlay_error<'a>(
+    volume: &'a str,
+    what: &'static str,
+    dir: &'a Path,
+) -> impl FnOnce(io::Error) -> OpsError + 'a {
+    move |source| {
+        if source.kind() == io::ErrorKind::WouldBlock {
+            OpsError::Usage(format!(
+                "the promoted export of volume {volume} is {source}"
+            ))
+        } else {
+            OpsError::Target {
+                what,
+                path: dir.to_owned(),
+                source,
+            }
+        }
+    }
+}
+
 /// Opens the export a failover promoted, exclusively.
 pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExport, OpsError> {
     wire::check_volume_name(volume).map_err(|error| OpsError::Usage(error.to_string()))?;
@@ -261,20 +275,10 @@ pub fn open_promoted_export(data_dir: &Path, volume: &str) -> Result<PromotedExp
             promoted.seq
         ))
     })?;
-    let overlay = export::Overlay::open_kept(&overlay_dir, view.size(), view.chunk_bytes())
-        .map_err(|source| {
-            if source.kind() == io::ErrorKind::WouldBlock {
-                OpsError::Usage(format!(
-                    "the promoted export of volume {volume} is {source}"
-                ))
-            } else {
-                OpsError::Target {
-                    what: "opening the overlay in",
-                    path: overlay_dir.clone(),
-                    source,
-                }
-            }
-        })?;
+    let overlay =
+        export::Overlay::open_kept(&overlay_dir, view.size(), view.chunk_bytes()).map_err(
+            kept_overlay_error(volume, "opening the overlay in", &overlay_dir),
+        )?;
     let disk = if writable {
         export::ExportDisk::new(view, Some(overlay))
     } else {
