@@ -166,6 +166,7 @@ fn fail_back(
 #[test]
 fn failback_moves_only_what_differs_and_forward_replication_resumes() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("fs");
     let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
     let a = LoopDevice::new(&site.scratch.path, 256 * MIB);
@@ -539,6 +540,7 @@ fn failback_moves_only_what_differs_and_forward_replication_resumes() {
 #[test]
 fn a_failover_to_an_export_serves_at_once_keeps_its_writes_and_fails_back_only_them() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("fs");
     let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
     let size = 128 * MIB;

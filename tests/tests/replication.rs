@@ -176,6 +176,7 @@ fn receiver_killed_at_any_instant_restarts_at_a_committed_point() {
 #[test]
 fn agent_killed_mid_cycle_resends_only_what_was_not_committed() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("raw");
     let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
     let agent = site.setup(&dev.path, "raw");
@@ -614,6 +615,7 @@ fn zstd_of_zeros(len: usize) -> Vec<u8> {
 #[test]
 fn continuous_agent_ships_only_changes_and_stops_cleanly_on_sigterm() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("raw");
     let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
     write_random(&dev.path, 0, 16 * MIB);
@@ -802,6 +804,7 @@ fn a_frozen_file_system_is_thawed_when_the_agent_dies_or_overruns_its_budget() {
 #[test]
 fn the_state_directory_on_the_protected_file_system_still_gets_consistent_points() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("root");
     let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
     let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);

@@ -60,6 +60,7 @@ fn direct_writes_report_exactly_their_chunks_with_the_raw_hook() {
 
 fn direct_writes_report_exactly_their_chunks(hooks: HookChoice) {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 256 * MIB);
@@ -125,6 +126,7 @@ fn direct_writes_report_exactly_their_chunks(hooks: HookChoice) {
 #[test]
 fn cli_reports_direct_writes_as_json() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let state = scratch.path.join("state");
@@ -179,6 +181,7 @@ impl TrackedFs {
 #[test]
 fn buffered_writes_and_ext4_file_extents_are_covered() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let mut fs = TrackedFs::new(&scratch, &pins, 256 * MIB, "ext4");
@@ -234,6 +237,7 @@ fn buffered_writes_and_ext4_file_extents_are_covered() {
 #[test]
 fn partition_writes_are_relative_and_other_partitions_ignored() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     // p1: sectors 2048..133119 (64 MiB), p2: after it.
@@ -286,6 +290,7 @@ fn discard_and_write_zeroes_have_their_kinds_with_the_raw_hook() {
 
 fn discard_and_write_zeroes_have_their_kinds(hooks: &str) {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let state = scratch.path.join("state");
@@ -579,6 +584,7 @@ fn no_write_is_lost_with(hooks: HookChoice, min_cuts: u64, byte_map: bool) {
 #[test]
 fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let state = scratch.path.join("state");
@@ -656,6 +662,7 @@ fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
 #[test]
 fn interrupted_cut_is_reported_again_by_the_next_process() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);
@@ -784,6 +791,7 @@ fn vanishing_device_stops_tracking_with_an_error() {
 #[test]
 fn xfs_metadata_and_data_writes_are_reported() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let mut fs = TrackedFs::new(&scratch, &pins, 512 * MIB, "xfs");
@@ -811,6 +819,7 @@ fn xfs_metadata_and_data_writes_are_reported() {
 #[test]
 fn writes_no_hook_saw_are_detected_from_disk_statistics() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);

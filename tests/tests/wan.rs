@@ -188,6 +188,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("wan");
     let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
     write_random(&dev.path, 0, 64 * MIB);
@@ -296,6 +297,7 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
 #[test]
 fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let setting = |name: &str, default: u64| {
         std::env::var(name)
             .ok()
@@ -377,6 +379,7 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
 #[test]
 fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
     require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("wan");
     let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
     let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
