@@ -1,0 +1,319 @@
+//! An S3-compatible object store shared by several receivers: the client, its conditional
+//! writes, and the volume lease built on them.
+//!
+//! This is the first part of the object-store backend (see ARCHITECTURE.md, "Object store"):
+//! what the rest stands on. A DR site that outgrows one machine keeps its points in a
+//! distributed store, and any receiver can serve any volume, so the store must decide two
+//! things that a local directory decided by `flock` and `rename`:
+//!
+//! * **Who writes a volume.** [`ObjectStoreClient::acquire_lease`] takes or renews the
+//!   volume's lease ([`crate::dr::lease`]) with a conditional write, so of two receivers that
+//!   race, the store accepts exactly one.
+//! * **What is committed.** [`ObjectStoreClient::put_if_absent`] creates an object only if
+//!   its name is free: a cycle's manifest, written last under a name no other commit can take,
+//!   is the commit.
+//!
+//! The client is `object_store` (Apache Arrow's), not a hand-written S3 client. Conditional
+//! writes are its `PutMode::Create` (`If-None-Match: *`) and `PutMode::Update` (`If-Match:
+//! ETAG`), which Ceph's RADOS gateway, MinIO and AWS S3 honour. Garage does not (its v1.2 S3
+//! API reads the conditions of a GET only), which is why the tests run against Ceph.
+
+use std::{sync::Arc, time::Duration};
+
+use object_store::{
+    ObjectStore, ObjectStoreExt as _, PutMode, PutOptions, PutPayload, UpdateVersion,
+    aws::{AmazonS3Builder, S3ConditionalPut},
+    path::Path as ObjectPath,
+};
+use thiserror::Error;
+
+use crate::dr::lease::{self, LeaseDecision, LeaseError, LeaseRecord, MAX_LEASE_BYTES};
+
+/// Where the store is and how to sign in to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The S3 endpoint, `https://HOST[:PORT]` (`http://` only with `allow_http`).
+    pub endpoint: String,
+    /// The bucket, created by the operator.
+    pub bucket: String,
+    /// The region the store expects in signatures (`us-east-1` for most self-hosted stores).
+    pub region: String,
+    /// The access key id.
+    pub access_key: String,
+    /// The secret key.
+    pub secret_key: String,
+    /// Whether plain HTTP is allowed (a store on the same host or a private network only).
+    pub allow_http: bool,
+}
+
+/// Errors of the object store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The configuration cannot make a client.
+    #[error("object store {endpoint}: {detail}")]
+    Config {
+        /// The endpoint.
+        endpoint: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A request failed (the store unreachable, refused credentials, a missing bucket).
+    #[error("object store: {what} {key}: {source}")]
+    Request {
+        /// What was being done.
+        what: &'static str,
+        /// The object's key.
+        key: String,
+        /// The client's error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// A lease object that is not a lease.
+    #[error("object store: the lease of volume {volume}: {source}")]
+    Lease {
+        /// The volume.
+        volume: String,
+        /// Why it was refused.
+        #[source]
+        source: LeaseError,
+    },
+}
+
+/// What [`ObjectStoreClient::put_if_absent`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Created {
+    /// The object was created.
+    Created,
+    /// The name was taken; nothing was written.
+    AlreadyExists,
+}
+
+/// What [`ObjectStoreClient::acquire_lease`] got.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// We hold the lease (taken, renewed or taken over), as recorded in the store.
+    Holding(LeaseRecord),
+    /// Another receiver holds it until `expires_ms`.
+    Held {
+        /// Who holds it.
+        holder: String,
+        /// Until when, in milliseconds since the Unix epoch.
+        expires_ms: u64,
+    },
+    /// Another receiver changed the lease between our read and our write, and the store
+    /// refused ours: read it again to see who won.
+    LostRace,
+}
+
+/// A client of one bucket.
+#[derive(Clone, Debug)]
+pub struct ObjectStoreClient {
+    store: Arc<dyn ObjectStore>,
+}
+
+/// The key of a volume's lease object.
+pub fn lease_key(volume: &str) -> String {
+    format!("volumes/{volume}/lease")
+}
+
+impl ObjectStoreClient {
+    /// A client for `config` (no request is made yet).
+    pub fn connect(config: &StoreConfig) -> Result<Self, StoreError> {
+        let config_error = |detail: String| StoreError::Config {
+            endpoint: config.endpoint.clone(),
+            detail,
+        };
+        if config.endpoint.starts_with("http://") && !config.allow_http {
+            return Err(config_error(
+                "plain HTTP sends the store's data and signatures unencrypted; use https:// or \
+                 allow_http = true for a store on a private network"
+                    .to_owned(),
+            ));
+        }
+        let store = AmazonS3Builder::new()
+            .with_endpoint(&config.endpoint)
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key)
+            .with_secret_access_key(&config.secret_key)
+            .with_allow_http(config.allow_http)
+            .with_virtual_hosted_style_request(false)
+            .with_conditional_put(S3ConditionalPut::ETagMatch)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 4,
+                retry_timeout: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .build()
+            .map_err(|e| config_error(e.to_string()))?;
+        Ok(Self {
+            store: Arc::new(store),
+        })
+    }
+
+    /// The object `key` and its ETag, or `None` if there is none. Objects larger than `limit`
+    /// bytes are refused.
+    pub async fn get(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Option<(Vec<u8>, Option<String>)>, StoreError> {
+        let request = |source| StoreError::Request {
+            what: "reading",
+            key: key.to_owned(),
+            source,
+        };
+        let result = match self.store.get(&ObjectPath::from(key)).await {
+            Ok(result) => result,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(error) => return Err(request(error)),
+        };
+        if result.meta.size > limit as u64 {
+            return Err(request(object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "the object is {} bytes, more than the {limit} expected",
+                    result.meta.size
+                )
+                .into(),
+            }));
+        }
+        let e_tag = result.meta.e_tag.clone();
+        let bytes = result.bytes().await.map_err(request)?;
+        Ok(Some((bytes.to_vec(), e_tag)))
+    }
+
+    /// Creates `key` with `content` only if no object has that name.
+    pub async fn put_if_absent(&self, key: &str, content: Vec<u8>) -> Result<Created, StoreError> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&ObjectPath::from(key), PutPayload::from(content), options)
+            .await
+        {
+            Ok(_) => Ok(Created::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(Created::AlreadyExists),
+            Err(source) => Err(StoreError::Request {
+                what: "creating",
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Replaces `key` with `content` only if it is still the version `e_tag`; `false` if it
+    /// changed (or vanished) since.
+    pub async fn replace_if_unchanged(
+        &self,
+        key: &str,
+        content: Vec<u8>,
+        e_tag: &str,
+    ) -> Result<bool, StoreError> {
+        // Ceph's gateway (16.2) compares `If-Match` on a PUT with the stored ETag without its
+        // quotes, so a quoted ETag (as GET returns it) never matches: send it bare. Only Ceph
+        // is tested so far; a store that wants the quoted form would refuse every renewal,
+        // which the lease reports as a lost race, never as a second holder.
+        let bare = e_tag.trim_matches('"');
+        let options = PutOptions {
+            mode: PutMode::Update(UpdateVersion {
+                e_tag: Some(bare.to_owned()),
+                version: None,
+            }),
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&ObjectPath::from(key), PutPayload::from(content), options)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::Precondition { .. })
+            | Err(object_store::Error::NotFound { .. })
+            | Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(source) => Err(StoreError::Request {
+                what: "replacing",
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Removes `key` (no error if it is already gone).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self.store.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(StoreError::Request {
+                what: "deleting",
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Takes, renews or takes over the lease of `volume` for `me`, at `now_ms` (milliseconds
+    /// since the Unix epoch), for `duration_ms`. One read and at most one conditional write.
+    pub async fn acquire_lease(
+        &self,
+        volume: &str,
+        me: &str,
+        now_ms: u64,
+        duration_ms: u64,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let key = lease_key(volume);
+        let current = match self.get(&key, MAX_LEASE_BYTES).await? {
+            None => None,
+            Some((bytes, e_tag)) => {
+                let record = LeaseRecord::decode(&bytes).map_err(|source| StoreError::Lease {
+                    volume: volume.to_owned(),
+                    source,
+                })?;
+                Some((record, e_tag))
+            }
+        };
+        let decision = lease::decide(
+            current.as_ref().map(|(record, _)| record),
+            me,
+            now_ms,
+            duration_ms,
+        );
+        let won = match &decision {
+            LeaseDecision::Held { holder, expires_ms } => {
+                return Ok(LeaseOutcome::Held {
+                    holder: holder.clone(),
+                    expires_ms: *expires_ms,
+                });
+            }
+            LeaseDecision::Create(record) => {
+                self.put_if_absent(&key, record.encode()).await? == Created::Created
+            }
+            LeaseDecision::Renew(record) | LeaseDecision::TakeOver(record) => {
+                // A store that gives no ETag cannot do compare-and-swap: refuse to guess.
+                let Some(e_tag) = current.as_ref().and_then(|(_, e_tag)| e_tag.as_deref()) else {
+                    return Err(StoreError::Config {
+                        endpoint: String::new(),
+                        detail: format!(
+                            "the store gave no ETag for {key}, so a lease cannot be replaced \
+                             safely"
+                        ),
+                    });
+                };
+                self.replace_if_unchanged(&key, record.encode(), e_tag)
+                    .await?
+            }
+        };
+        Ok(match decision {
+            LeaseDecision::Create(record)
+            | LeaseDecision::Renew(record)
+            | LeaseDecision::TakeOver(record)
+                if won =>
+            {
+                LeaseOutcome::Holding(record)
+            }
+            _ => LeaseOutcome::LostRace,
+        })
+    }
+}
