@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod ceph;
 pub mod mirror;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result, bail};
 use crate::exec;
 
 /// Debian packages: LLVM 22 to build bpf-linker, test tools (fio, file systems, qemu-utils,
-/// PostgreSQL), the aarch64 cross toolchain.
+/// PostgreSQL, Ceph), the aarch64 cross toolchain.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -29,6 +29,12 @@ const APT_PACKAGES: &[&str] = &[
     "qemu-utils",
     // The PostgreSQL hook example's root test runs a real server.
     "postgresql",
+    // The object-store root test starts a Ceph cluster (monitor, OSDs, RADOS gateway) and
+    // makes its bucket with s3cmd.
+    "ceph-mon",
+    "ceph-osd",
+    "radosgw",
+    "s3cmd",
 ];
 
 /// The bpf-linker release known to build against LLVM 22 here.
