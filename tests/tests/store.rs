@@ -35,6 +35,11 @@ fn config(cluster: &CephCluster) -> StoreConfig {
     }
 }
 
+/// Whether the outcome says `who` holds the lease (someone else asked).
+fn held_by(outcome: &LeaseOutcome, who: &str) -> bool {
+    matches!(outcome, LeaseOutcome::Held { holder, .. } if holder == who)
+}
+
 fn holding(outcome: &LeaseOutcome) -> Option<(String, u64)> {
     match outcome {
         LeaseOutcome::Holding(record) => Some((record.holder.clone(), record.token)),
@@ -107,10 +112,7 @@ fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_nod
                 .acquire_lease(&volume, "receiver-c", now_ms(), 30_000)
                 .await
                 .expect("a third receiver's attempt");
-            assert!(
-                matches!(&later, LeaseOutcome::Held { holder, .. } if holder == winner),
-                "round {round}: {later:?}"
-            );
+            assert!(held_by(&later, winner), "round {round}: {later:?}");
         }
         eprintln!("races won: receiver-a {}, receiver-b {}", wins[0], wins[1]);
 
@@ -130,10 +132,7 @@ fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_nod
             .acquire_lease(volume, "receiver-b", now_ms(), 2_000)
             .await
             .expect("try");
-        assert!(
-            matches!(&refused, LeaseOutcome::Held { holder, .. } if holder == "receiver-a"),
-            "{refused:?}"
-        );
+        assert!(held_by(&refused, "receiver-a"), "{refused:?}");
 
         // Receiver a dies holding it (it renews no more): once the lease ends, b takes it over
         // with a raised token, and a, back, cannot renew it.
@@ -147,10 +146,7 @@ fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_nod
             .acquire_lease(volume, "receiver-a", now_ms(), 30_000)
             .await
             .expect("a back");
-        assert!(
-            matches!(&back, LeaseOutcome::Held { holder, .. } if holder == "receiver-b"),
-            "{back:?}"
-        );
+        assert!(held_by(&back, "receiver-b"), "{back:?}");
     });
 
     // A store node dies: with three replicas and two required, the store goes on.
