@@ -317,6 +317,37 @@ pub enum RefusalCode {
     Forbidden,
 }
 
+/// The QUIC application close code of a connection the receiver ended for a reason other than
+/// a refusal (a revoked grant, no client certificate, a newer connection for the volume): the
+/// agent reconnects.
+pub const CLOSE_ADMISSION: u32 = 0x40;
+
+impl RefusalCode {
+    const ALL: [RefusalCode; 8] = [
+        RefusalCode::Protocol,
+        RefusalCode::NotGranted,
+        RefusalCode::SourceMismatch,
+        RefusalCode::BadFrame,
+        RefusalCode::DiskFull,
+        RefusalCode::Storage,
+        RefusalCode::Sequence,
+        RefusalCode::Forbidden,
+    ];
+
+    /// The QUIC application close code that carries this refusal when the receiver ends the
+    /// connection over it (a refusal met on a data stream has no control frame to ride in).
+    /// 0 is a clean close, so codes start at 1.
+    pub fn close_code(self) -> u32 {
+        self as u32 + 1
+    }
+
+    /// The refusal a close code carries, if it carries one.
+    pub fn from_close_code(code: u64) -> Option<Self> {
+        let index = usize::try_from(code.checked_sub(1)?).ok()?;
+        Self::ALL.get(index).copied()
+    }
+}
+
 /// A frame or message that breaks the protocol.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
@@ -731,6 +762,19 @@ mod tests {
             source_id: "loop:/tmp/x".into(),
             size_bytes: 1 << 30,
             chunk_bytes: 65536,
+        }
+    }
+
+    #[test]
+    fn every_refusal_survives_a_close_code_and_other_codes_carry_none() {
+        for code in RefusalCode::ALL {
+            assert_eq!(
+                RefusalCode::from_close_code(code.close_code().into()),
+                Some(code)
+            );
+        }
+        for other in [0, u64::from(CLOSE_ADMISSION), 9, u64::MAX] {
+            assert_eq!(RefusalCode::from_close_code(other), None, "{other}");
         }
     }
 

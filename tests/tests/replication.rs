@@ -334,6 +334,21 @@ fn a_device_other_than_the_replicas_source_is_refused() {
 
 #[test]
 fn full_receiver_refuses_the_cycle_and_keeps_its_point() {
+    // An incremental cycle is what this asserts: a hook missed under another test's attach
+    // would turn it into a verify sync (the case below).
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    full_receiver_refuses(false);
+}
+
+#[test]
+fn full_receiver_refuses_a_verify_sync_and_keeps_its_point() {
+    full_receiver_refuses(true);
+}
+
+/// A receiver on a 200 MiB file system is sent 120 MiB of changes, by an incremental cycle or
+/// (tracking lost first) by a verify sync: `--once` must exit 1 naming the full disk, and the
+/// replica must stay at its point.
+fn full_receiver_refuses(lose_tracking: bool) {
     require_root();
     let scratch = Scratch::new();
     let small = LoopDevice::new(&scratch.path, 200 * MIB);
@@ -361,6 +376,15 @@ fn full_receiver_refuses_the_cycle_and_keeps_its_point() {
     };
     setup.once_ok(&["--compression", "off"]);
     let image = digest(&receiver.image("vol"));
+    if lose_tracking {
+        let mut untrack = blkmirror_tests::blkmirror();
+        untrack.arg("untrack").arg(&dev.path);
+        untrack.args(blkmirror_tests::state_args(
+            &pins,
+            &scratch.path.join("state"),
+        ));
+        assert!(untrack.status().expect("untrack").success());
+    }
     write_random(&dev.path, 64 * MIB, 120 * MIB);
     let (output, _) = setup.once(&["--compression", "off"], Duration::from_secs(120));
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -214,7 +214,7 @@ impl Refusal {
     }
 
     fn close_code(&self) -> quinn::VarInt {
-        quinn::VarInt::from_u32(self.code as u32 + 1)
+        quinn::VarInt::from_u32(self.code.close_code())
     }
 }
 
@@ -472,7 +472,10 @@ fn apply_reload(
             None => context.admitted(holder),
         };
         if !keep {
-            connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
+            connection.close(
+                quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
+                b"grant revoked",
+            );
             revoked.push(volume.clone().unwrap_or_else(|| holder.to_string()));
         }
     }
@@ -518,7 +521,10 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
         }
     };
     let Some(fingerprint) = net::peer_fingerprint(&connection) else {
-        connection.close(quinn::VarInt::from_u32(1), b"no client certificate");
+        connection.close(
+            quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
+            b"no client certificate",
+        );
         return;
     };
     context.sessions.lock().expect("sessions").insert(
@@ -534,7 +540,10 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
             .lock()
             .expect("sessions")
             .remove(&connection.stable_id());
-        connection.close(quinn::VarInt::from_u32(1), b"grant revoked");
+        connection.close(
+            quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
+            b"grant revoked",
+        );
         return;
     }
     let mut session = Session {
@@ -683,7 +692,7 @@ impl Session {
                     }
                     Some((holder, old)) if *holder == self.fingerprint => {
                         old.close(
-                            quinn::VarInt::from_u32(1),
+                            quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
                             b"superseded by a new connection",
                         );
                     }

@@ -364,12 +364,32 @@ impl Link {
 
     fn closed_error(&self) -> AgentError {
         match self.connection.close_reason() {
-            Some(quinn::ConnectionError::ApplicationClosed(close)) => {
-                AgentError::Closed(String::from_utf8_lossy(&close.reason).into_owned())
-            }
-            Some(error) => AgentError::Net(NetError::Connection(error)),
+            Some(error) => refusal_in_close(AgentError::Net(NetError::Connection(error))),
             None => AgentError::Closed("control stream ended".into()),
         }
+    }
+}
+
+/// The receiver's verdict in an error that looks like a lost connection. A refusal met on a
+/// data stream (a full disk in the middle of a verify sync, a bad frame) has no control frame
+/// to ride in: the receiver closes the connection with the refusal's code, and whichever
+/// stream of ours notices first reports only that the connection went. Read as a refusal, it
+/// is handled as one (`--once` stops on a full disk instead of retrying forever).
+fn refusal_in_close(error: AgentError) -> AgentError {
+    let close = match &error {
+        AgentError::Net(NetError::Connection(quinn::ConnectionError::ApplicationClosed(close)))
+        | AgentError::Net(NetError::Write(quinn::WriteError::ConnectionLost(
+            quinn::ConnectionError::ApplicationClosed(close),
+        ))) => close,
+        _ => return error,
+    };
+    let reason = String::from_utf8_lossy(&close.reason).into_owned();
+    match RefusalCode::from_close_code(close.error_code.into_inner()) {
+        Some(code) => AgentError::Refused {
+            code,
+            message: reason,
+        },
+        None => AgentError::Closed(reason),
     }
 }
 
@@ -545,7 +565,7 @@ impl Agent {
             let outcome = match self.connect(&endpoint, &client_config).await {
                 Ok(link) => {
                     attempt = 0;
-                    self.session(link).await
+                    self.session(link).await.map_err(refusal_in_close)
                 }
                 Err(error) => Err(error),
             };
