@@ -427,3 +427,148 @@ fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
         "resumed",
     );
 }
+
+/// An agent killed in the middle of a large incremental cycle (a crash, an OOM kill, a restart
+/// by a package upgrade) resumes the cycle after its restart instead of sending it again: its
+/// state file names the open cycle and every cut taken since, and the receiver kept the
+/// cycle's journal. Writes made while the agent was down, into the part already journaled, are
+/// sent again (the journal applies in order, so the later version wins), and the replica ends
+/// equal to the device.
+#[test]
+fn an_agent_killed_in_the_middle_of_a_cycle_resumes_it_after_its_restart() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let changed = 96 * MIB;
+    let written_while_down = 4 * MIB;
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, changed + 32 * MIB);
+    write_random(&dev.path, 0, changed + 32 * MIB);
+    let relay = relay_to(&site, link(200, 20, 0.0), 16);
+    let agent = via(&site, &dev, &relay);
+    agent.once_ok(&["--compression", "off"]);
+    write_random(&dev.path, 16 * MIB, changed);
+    kill_when_crossed(&agent, &relay, &["--compression", "off"], changed / 2);
+    // The start of the change, journaled by now, changes again while no agent runs.
+    write_random(&dev.path, 16 * MIB, written_while_down);
+    let (output, lines) = agent.once(&["--compression", "off"], Duration::from_secs(180));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "agent --once failed: {stderr}");
+    assert!(
+        stderr.contains("resuming cycle"),
+        "the restarted agent should have resumed the cycle: {stderr}\nreceiver: {}",
+        site.receiver.log()
+    );
+    let cycle = committed(&lines)
+        .into_iter()
+        .find(|line| line["kind"] == "cycle")
+        .unwrap_or_else(|| panic!("no cycle committed: {lines:?}"));
+    let resumed = cycle["resumed_bytes"].as_u64().expect("resumed_bytes");
+    let sent_after = cycle["read_bytes"].as_u64().expect("read_bytes");
+    assert!(
+        resumed > changed / 4,
+        "only {} MiB were kept: {stderr}",
+        resumed / MIB
+    );
+    assert!(
+        resumed + sent_after <= changed + written_while_down + changed / 20,
+        "kept {} MiB and sent {} MiB again for a {} MiB change",
+        resumed / MIB,
+        sent_after / MIB,
+        changed / MIB
+    );
+    eprintln!(
+        "restarted: kept {resumed} bytes, sent {sent_after} bytes after the restart, for a \
+         change of {changed} bytes and {written_while_down} written while down"
+    );
+    assert_same(&dev.path, &site.receiver.image("wan"));
+}
+
+/// Starts `agent --once` with `extra`, and kills it (SIGKILL: no chance to close anything)
+/// once `bytes` more than now have crossed `relay` towards the receiver.
+fn kill_when_crossed(agent: &AgentSetup<'_>, relay: &Relay, extra: &[&str], bytes: u64) {
+    let up = &relay.handle().up.delivered_bytes;
+    let before = up.load(Ordering::Relaxed);
+    let mut args = agent.args(extra);
+    args.push("--once".into());
+    let mut first = ChildGuard(
+        blkmirror()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawning the agent"),
+    );
+    let started = Instant::now();
+    while up.load(Ordering::Relaxed) < before + bytes {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the cycle never got going"
+        );
+        assert!(
+            first.0.try_wait().expect("agent").is_none(),
+            "the agent ended before {} MiB of the cycle crossed",
+            bytes / MIB
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    blkmirror_tests::signal(first.0.id(), libc::SIGKILL);
+    first.0.wait().expect("the killed agent");
+}
+
+/// The field setting of a restart: a busy ext4 file system whose agent state lives on it, the
+/// agent killed in the middle of a large cycle and started again while the application keeps
+/// writing. The restarted agent resumes the cycle, still freezes, and commits a crash-
+/// consistent point that passes `e2fsck`.
+#[test]
+fn a_restarted_agent_of_a_busy_file_system_with_its_state_on_it_resumes_consistently() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let _thaw = ThawOnDrop(&mount.target);
+    let state = mount.target.join("var/lib/blkmirror");
+    std::fs::create_dir_all(&state).expect("state directory");
+    let relay = relay_to(&site, link(200, 20, 0.0), 17);
+    let agent = AgentSetup {
+        state_dir: &state,
+        ..via(&site, &dev, &relay)
+    };
+    agent.once_ok(&[]);
+    let changed = 96 * MIB;
+    let status = std::process::Command::new("dd")
+        .arg("if=/dev/urandom")
+        .arg(format!("of={}", mount.target.join("big").display()))
+        .args(["bs=1M", "count=96", "conv=fsync", "status=none"])
+        .status()
+        .expect("dd");
+    assert!(status.success());
+    let mut workload = Workload::start(&mount.target);
+    kill_when_crossed(&agent, &relay, &["--freeze-budget", "2s"], changed / 2);
+    assert!(
+        !blkmirror_tests::mirror::is_frozen(&mount.target),
+        "the agent was killed before its freeze, yet the file system is frozen"
+    );
+    let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
+    let files = workload.stop();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "agent --once failed: {stderr}");
+    assert!(files > 0, "the workload wrote nothing");
+    assert!(
+        stderr.contains("resuming cycle"),
+        "the restarted agent should have resumed the cycle: {stderr}"
+    );
+    let point = last_point(&lines);
+    assert_eq!(point["kind"], "cycle", "{point}");
+    assert_eq!(point["consistent"], true, "{point}\n{stderr}");
+    assert!(
+        point["resumed_bytes"].as_u64().expect("resumed_bytes") > changed / 4,
+        "{point}"
+    );
+    fsck_clean(
+        &site.receiver.image("wan"),
+        "ext4",
+        &site.scratch.path,
+        "restarted",
+    );
+}

@@ -24,7 +24,7 @@
 //!     streams, so they arrive in any order until a `Flush` or `Commit` (which the receiver
 //!     holds until they have); a connection can drop before any message, losing what is on
 //!     its way; a journaled cycle it interrupts is kept by the receiver and resumed by the
-//!     agent (when its process began it) with `Resume`;
+//!     agent (when it began it, before a crash of its process too) with `Resume`;
 //!   * the receiver's disk ([`disk`]): a power cut loses or tears any write not yet synced
 //!     and keeps only a prefix of the directory changes not yet synced;
 //!   * process deaths: at message boundaries, and, through the disk's fuse, in the middle of
@@ -261,13 +261,15 @@ struct World {
     /// The volume the receiver kept when a connection broke in the middle of a journaled
     /// cycle, for the agent to resume.
     kept: Option<Volume>,
-    /// The agent's memory of the journaled cycle it began: its number and every chunk cut
-    /// since its first cut (lost when the agent process dies).
+    /// The journaled cycle the agent began: its number and every chunk cut since its first
+    /// cut (in its state file: lost only with the tracker's history, when the host reboots).
     agent_open_cycle: Option<(u64, BTreeSet<u64>)>,
     /// When a cycle was resumed: the chunk versions its journal held then, less the chunks cut
     /// again since the cycle began. Sending one of them again (unless it was read after a cut)
     /// breaks the resume invariant.
     journaled_at_resume: BTreeMap<u64, u64>,
+    /// The agent process died while `agent_open_cycle` was open (counted when it resumes).
+    open_cycle_outlived_agent: bool,
     /// What the image must hold: the last commit plus a direct step's writes.
     model: Vec<u8>,
     /// A journaled cycle's writes, until its commit.
@@ -286,6 +288,9 @@ struct World {
 /// Resumed cycles that went on to commit, over every seed run in this process: the test
 /// checks that the resume path is exercised at all.
 static RESUMED_COMMITS: AtomicU64 = AtomicU64::new(0);
+
+/// Of those, the cycles the agent resumed after its process had died in the middle of them.
+static RESUMED_AFTER_AGENT_CRASH: AtomicU64 = AtomicU64::new(0);
 
 /// The simulated chunks `chunks` as the agent's dirty bitmaps (written).
 fn bitmaps(chunks: &BTreeSet<u64>) -> DirtyBitmaps {
@@ -356,6 +361,7 @@ impl World {
             kept: None,
             agent_open_cycle: None,
             journaled_at_resume: BTreeMap::new(),
+            open_cycle_outlived_agent: false,
             model: vec![0; CHUNKS as usize],
             pending: BTreeMap::new(),
             points: BTreeMap::new(),
@@ -444,7 +450,10 @@ impl World {
         if self.rng.chance(10) {
             self.note("agent crash");
             self.fault_count += 1;
-            self.agent_open_cycle = None;
+            // The open cycle survives: the agent writes it to its state file at the cycle's
+            // `Begin` and with every cut (as `persist` does here), and a restarted agent of
+            // the same tracker generation resumes it.
+            self.open_cycle_outlived_agent |= self.agent_open_cycle.is_some();
             self.end_session(true);
             return Err(Cut::AgentCrash);
         }
@@ -991,7 +1000,7 @@ impl World {
         }
         self.expect_consistent = None;
         let seq = session.next_seq();
-        // As the agent does: continue the cycle the receiver kept, if this agent process began
+        // As the agent does: continue the cycle the receiver kept, if this agent began
         // it; otherwise begin it afresh.
         let resumption = session
             .take_resumable()
@@ -1043,6 +1052,7 @@ impl World {
                 })?;
                 self.ask(session, control, begin)?;
                 self.agent_open_cycle = Some((seq, BTreeSet::new()));
+                self.open_cycle_outlived_agent = false;
                 (cycle, self.inflight.iter().copied().collect())
             }
         };
@@ -1132,7 +1142,11 @@ impl World {
                     self.journaled_at_resume.clear();
                     if resumed {
                         RESUMED_COMMITS.fetch_add(1, Ordering::Relaxed);
+                        if self.open_cycle_outlived_agent {
+                            RESUMED_AFTER_AGENT_CRASH.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
+                    self.open_cycle_outlived_agent = false;
                     self.persist(session);
                     return Ok(());
                 }
@@ -1477,8 +1491,10 @@ mod tests {
         let (first, count) = seeds();
         match run_seeds(first, count, None) {
             Ok(ran) => eprintln!(
-                "simulated {ran} seeds from {first}: no violation; {} resumed cycles committed",
-                RESUMED_COMMITS.load(Ordering::Relaxed)
+                "simulated {ran} seeds from {first}: no violation; {} resumed cycles committed \
+                 ({} of them resumed by a restarted agent)",
+                RESUMED_COMMITS.load(Ordering::Relaxed),
+                RESUMED_AFTER_AGENT_CRASH.load(Ordering::Relaxed)
             ),
             Err(violation) => panic!("{violation}"),
         }
@@ -1486,6 +1502,7 @@ mod tests {
         // resumed (a few per hundred seeds).
         if count >= 200 {
             assert!(RESUMED_COMMITS.load(Ordering::Relaxed) > 0);
+            assert!(RESUMED_AFTER_AGENT_CRASH.load(Ordering::Relaxed) > 0);
         }
     }
 

@@ -52,7 +52,7 @@ use blkmirror_protocol::pass::{
 };
 use blkmirror_protocol::session::{Answer, SessionError, SourceRecord, SourceSession};
 use blkmirror_protocol::{
-    extent::{ChangeKind, DirtyBitmaps, Extent},
+    extent::{ChangeKind, DirtyBitmaps, Extent, Geometry},
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     units, wire,
     wire::{
@@ -270,6 +270,62 @@ pub(crate) struct AgentState {
     /// releases: 0, none).
     #[serde(default)]
     pub(crate) term: u64,
+    /// The journaled cycle this agent began and has not seen committed: what a restarted
+    /// agent needs to resume it instead of sending it again (absent when none is open, and in
+    /// files of earlier releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) open_cycle: Option<OpenCycleRecord>,
+}
+
+/// The durable form of [`OpenCycle`].
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OpenCycleRecord {
+    pub(crate) seq: u64,
+    /// The tracker generation the cycle began under: a resume is only sound if every write
+    /// since then was tracked.
+    pub(crate) generation: u64,
+    /// Every cut taken since the cycle began: `[offset, length, kind]`.
+    pub(crate) redirtied: Vec<[u64; 3]>,
+}
+
+/// The journaled cycle this agent began and has not seen committed, with every cut taken
+/// since its first one: what a resume of it must send again (see
+/// `protocol::pass::Resumption`). Written to the state file with the in-flight set, so a
+/// restarted agent resumes it too.
+struct OpenCycle {
+    seq: u64,
+    generation: u64,
+    redirtied: DirtyBitmaps,
+}
+
+impl OpenCycle {
+    fn record(&self) -> OpenCycleRecord {
+        OpenCycleRecord {
+            seq: self.seq,
+            generation: self.generation,
+            redirtied: extent_records(&self.redirtied),
+        }
+    }
+}
+
+fn extent_records(set: &DirtyBitmaps) -> Vec<[u64; 3]> {
+    set.extents()
+        .iter()
+        .map(|e| [e.offset, e.length, e.kind.index()])
+        .collect()
+}
+
+fn bitmaps_of(geometry: Geometry, records: &[[u64; 3]]) -> DirtyBitmaps {
+    let mut set = DirtyBitmaps::new(geometry);
+    for &[offset, length, kind] in records {
+        set.add_extent(&Extent {
+            offset,
+            length,
+            kind: ChangeKind::from_index(kind),
+        });
+    }
+    set
 }
 
 impl AgentState {
@@ -410,11 +466,9 @@ pub struct Agent {
     shutdown: watch::Receiver<bool>,
     /// The replication session's decisions (pure; this driver executes them).
     session: SourceSession,
-    /// The journaled cycle this process began and has not seen committed, with every cut
-    /// taken since its first one: what a resume of it must send again (see
-    /// `protocol::pass::Resumption`). Kept in memory only: a restarted agent begins the cycle
-    /// afresh.
-    open_cycle: Option<(u64, DirtyBitmaps)>,
+    /// The journaled cycle this agent began and has not seen committed (also in the state
+    /// file).
+    open_cycle: Option<OpenCycle>,
     /// How `pre_freeze` went before the last freeze attempt (`None`: no hook, or no attempt):
     /// the committed point is application-consistent when it was `Some(true)` and the point
     /// is frozen.
@@ -481,6 +535,22 @@ impl Agent {
                 .status
                 .update(&config.volume, |s| s.tracking_loss_total += 1);
         }
+        // A cycle the last process began: resumable only if the tracker has seen every write
+        // since (the same generation, and no loss found at open).
+        let open_cycle = state
+            .open_cycle
+            .take()
+            .filter(|open| {
+                open.generation == tracker.generation()
+                    && open_verify.is_none()
+                    && !state.needs_full_sync
+            })
+            .map(|open| OpenCycle {
+                seq: open.seq,
+                generation: open.generation,
+                redirtied: bitmaps_of(tracker.geometry(), &open.redirtied),
+            });
+        state.open_cycle = open_cycle.as_ref().map(OpenCycle::record);
         store_state(&state_path, &state)?;
         let piece = (chunk as usize).max(1 << 20);
         let mut reader = BlockReader::open(
@@ -528,7 +598,7 @@ impl Agent {
             size,
             chunk,
             read_rate: DEFAULT_READ_RATE,
-            open_cycle: None,
+            open_cycle,
             last_pre_freeze: None,
             compression,
             rate,
@@ -546,6 +616,7 @@ impl Agent {
     /// Writes the state file: the session's record and the in-flight set.
     fn persist(&mut self) -> Result<(), AgentError> {
         self.state.set_record(self.session.record());
+        self.state.open_cycle = self.open_cycle.as_ref().map(OpenCycle::record);
         store_state(&self.state_path, &self.state)
     }
 
@@ -766,16 +837,12 @@ impl Agent {
             return Err(AgentError::NeedsVerify(verify.reason));
         }
         if !cut.extents.is_empty() {
-            if let Some((_, redirtied)) = self.open_cycle.as_mut() {
-                redirtied.union(&cut.bitmaps);
+            if let Some(open) = self.open_cycle.as_mut() {
+                open.redirtied.union(&cut.bitmaps);
             }
             let mut set = self.inflight_bitmaps();
             set.union(&cut.bitmaps);
-            self.state.inflight = set
-                .extents()
-                .iter()
-                .map(|e| [e.offset, e.length, e.kind.index()])
-                .collect();
+            self.state.inflight = extent_records(&set);
         }
         let backlog: u64 = self.state.inflight.iter().map(|e| e[1]).sum();
         self.config
@@ -797,15 +864,7 @@ impl Agent {
     }
 
     fn inflight_bitmaps(&self) -> DirtyBitmaps {
-        let mut set = DirtyBitmaps::new(self.tracker.geometry());
-        for &[offset, length, kind] in &self.state.inflight {
-            set.add_extent(&Extent {
-                offset,
-                length,
-                kind: ChangeKind::from_index(kind),
-            });
-        }
-        set
+        bitmaps_of(self.tracker.geometry(), &self.state.inflight)
     }
 
     async fn begin(
@@ -852,14 +911,15 @@ impl Agent {
         let started = Instant::now();
         let seq = self.session.next_seq();
         // The receiver kept this cycle's journal when the last connection broke: continue it
-        // if this process began it (it knows what was cut since), else begin it afresh.
+        // if this agent began it (this process, or the one before it: the state file says what
+        // was cut since), else begin it afresh.
         let resumption = self
             .session
             .take_resumable()
             .filter(|open| {
                 self.open_cycle
                     .as_ref()
-                    .is_some_and(|(s, _)| *s == open.seq)
+                    .is_some_and(|mine| mine.seq == open.seq)
             })
             .map(|open| Resumption::new(&open, self.chunk, self.size));
         if resumption.is_none() {
@@ -870,8 +930,8 @@ impl Agent {
         let (_, epoch) = tokio::task::block_in_place(|| self.take_cut())?;
         let inflight = self.inflight_bitmaps();
         let mut plan = match (&resumption, &self.open_cycle) {
-            (Some(resumption), Some((_, redirtied))) => {
-                let remaining = resumption.plan(&inflight, redirtied);
+            (Some(resumption), Some(open)) => {
+                let remaining = resumption.plan(&inflight, &open.redirtied);
                 say(format!(
                     "resuming cycle {seq}: the receiver kept {} frames ({}); {} of {} chunks \
                      in flight are still to send",
@@ -890,7 +950,14 @@ impl Agent {
         } else {
             self.begin(link, seq, plan.data_estimate(), false, 0)
                 .await?;
-            self.open_cycle = Some((seq, DirtyBitmaps::new(self.tracker.geometry())));
+            self.open_cycle = Some(OpenCycle {
+                seq,
+                generation: self.tracker.generation(),
+                redirtied: DirtyBitmaps::new(self.tracker.geometry()),
+            });
+            // Durable before the first frame: an agent killed in the middle of the cycle
+            // resumes it after its restart.
+            tokio::task::block_in_place(|| self.persist())?;
         }
         let freezes = self.mount.is_some() || self.config.group.is_some();
         let (cycle, mut action) = Cycle::start(
@@ -1156,8 +1223,11 @@ impl Agent {
 
     /// A whole-device pass from `from`, committed in steps.
     async fn full_sync(&mut self, link: &mut Link, from: u64) -> Result<(), AgentError> {
-        // A sync's `Begin` abandons whatever cycle the receiver kept open.
-        self.open_cycle = None;
+        // A sync's `Begin` abandons whatever cycle the receiver kept open; a restarted agent
+        // must not take a journaled sync step for that cycle.
+        if self.open_cycle.take().is_some() {
+            tokio::task::block_in_place(|| self.persist())?;
+        }
         if self.session.sync_needs_fresh_cut(from) {
             // Everything written after this cut is tracked; everything before it is read below.
             tokio::task::block_in_place(|| -> Result<(), AgentError> {
