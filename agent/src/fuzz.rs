@@ -18,7 +18,7 @@ use crate::{
 use blkmirror_protocol::wire::{self, CheckedData, DataFrame, Hello, PROTOCOL_VERSION, PointInfo};
 
 /// The names of the fuzz targets beside `frame_decoder` (one corpus folder each).
-pub const TARGETS: [&str; 7] = [
+pub const TARGETS: [&str; 8] = [
     "journal_recovery",
     "volume_meta",
     "overlay_map",
@@ -26,6 +26,7 @@ pub const TARGETS: [&str; 7] = [
     "config",
     "receiver_session",
     "nbd_session",
+    "store_layout",
 ];
 
 /// The journal recovery parser on arbitrary bytes (a torn or corrupted journal).
@@ -55,6 +56,26 @@ pub fn overlay_map(bytes: &[u8]) {
     for (size, chunk_bytes) in [claimed, (1 << 20, 65536), (0, 4096), (u64::MAX, 1)] {
         if let Ok(words) = crate::dr::export::decode_overlay_map(bytes, size, chunk_bytes) {
             assert_eq!(words.len() as u64, size.div_ceil(chunk_bytes).div_ceil(64));
+        }
+    }
+}
+
+/// The object store's decoders (`dr::layout`) on arbitrary bytes: a manifest, a pack index, and
+/// a whole pack. What decodes must encode back to the same bytes (nothing is accepted that the
+/// writer could not have written), and a decoded index must lie inside its pack.
+pub fn store_layout(bytes: &[u8]) {
+    use crate::dr::layout;
+    if let Ok(manifest) = layout::decode_manifest(bytes) {
+        assert_eq!(layout::encode_manifest(&manifest), bytes);
+    }
+    if let Ok(index) = layout::decode_index(bytes, None) {
+        assert_eq!(layout::encode_index(&index), bytes);
+    }
+    if let Ok(index) = layout::index_of_pack(bytes) {
+        for entry in &index {
+            let start = entry.offset as usize;
+            let stored = &bytes[start..start + entry.stored_len as usize];
+            let _ = layout::chunk_from_stored(stored, entry);
         }
     }
 }
@@ -303,6 +324,7 @@ mod tests {
             "config" => config(bytes),
             "receiver_session" => receiver_session(bytes),
             "nbd_session" => nbd_session(bytes),
+            "store_layout" => store_layout(bytes),
             other => panic!("unknown target {other}"),
         }
     }
@@ -329,6 +351,7 @@ mod tests {
             audit_log(&bytes);
             config(&bytes);
             nbd_session(&bytes);
+            store_layout(&bytes);
         }
 
         #[test]
@@ -409,6 +432,36 @@ mod tests {
         let mut seed = std::fs::read(tmp.0.join("audit.head")).unwrap();
         seed.extend(std::fs::read(tmp.0.join("audit.log")).unwrap());
         write("audit_log", "three-entries", &seed);
+        // A pack of two chunks (one compressible), its index, and a full and a delta manifest.
+        {
+            use crate::dr::layout::{self, ChunkMap, PackBuilder};
+            let mut pack = PackBuilder::new(1 << 20);
+            let text = pack.add(&b"blkmirror ".repeat(410), Some(3)).unwrap();
+            let other = pack.add(&[7u8; 4096], None).unwrap();
+            let pack = pack.finish();
+            write("store_layout", "pack", &pack.bytes);
+            write("store_layout", "index", &layout::encode_index(&pack.index));
+            let point = |seq| PointInfo {
+                seq,
+                complete: true,
+                ..PointInfo::default()
+            };
+            let changes = [(0, Some(text)), (3, Some(other))].into_iter().collect();
+            let (full, map) =
+                ChunkMap::default().next_manifest("vol", point(1), 1 << 20, 65536, &changes);
+            write(
+                "store_layout",
+                "manifest-full",
+                &layout::encode_manifest(&full),
+            );
+            let changes = [(0, None), (5, Some(text))].into_iter().collect();
+            let (delta, _) = map.next_manifest("vol", point(2), 1 << 20, 65536, &changes);
+            write(
+                "store_layout",
+                "manifest-delta",
+                &layout::encode_manifest(&delta),
+            );
+        }
         // The shipped example configurations.
         let packaging = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
         for name in ["agent", "receiver"] {

@@ -66,7 +66,7 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
         /// Which target: frame_decoder, journal_recovery, volume_meta, overlay_map,
-        /// audit_log, config, receiver_session, nbd_session, or all.
+        /// audit_log, config, receiver_session, nbd_session, store_layout, or all.
         #[arg(long, default_value = "frame_decoder")]
         target: String,
         /// Only (re)write the seed frames into the corpus.
@@ -202,7 +202,7 @@ fn main() -> Result<()> {
     }
 }
 
-const FUZZ_TARGETS: [&str; 8] = [
+const FUZZ_TARGETS: [&str; 9] = [
     "frame_decoder",
     "journal_recovery",
     "volume_meta",
@@ -211,6 +211,7 @@ const FUZZ_TARGETS: [&str; 8] = [
     "config",
     "receiver_session",
     "nbd_session",
+    "store_layout",
 ];
 
 /// `cargo xtask fuzz`.

@@ -1,0 +1,1156 @@
+//! The object store's data layout: content-addressed chunks packed into pack objects, and
+//! points in time as manifests of chunk references. Pure: it encodes, decodes, plans and
+//! checks; [`super::objstore`] moves the bytes.
+//!
+//! # Concepts
+//!
+//! * **Chunk id.** The BLAKE3 hash of a chunk's content (one chunk of the replica, 64 KiB by
+//!   default). Equal content has one id, so a chunk shared by two points, two volumes or two
+//!   hosts (a fleet of similar OS disks) is stored once. A chunk of zeros is never stored:
+//!   references say "zero".
+//! * **Pack** (`packs/ID`). Many chunks in one object of tens of MiB (one PUT per many chunks;
+//!   object stores charge and slow down per request), each stored raw or zstd-compressed,
+//!   followed by the pack's index and a trailer. `ID` is the BLAKE3 hash of the whole object:
+//!   a pack written twice (a retried upload) is the same object.
+//! * **Index** (`index/ID`). The pack's table of chunk id → where, how long, which codec. The
+//!   same bytes end the pack, so a lost index object can be rebuilt from its pack; the copy
+//!   alone lets a receiver learn what the store holds without reading packs. Checksummed.
+//! * **Manifest** (`volumes/VOLUME/manifests/SEQ`). One point of one volume: its geometry,
+//!   the point's record, and chunk references (chunk number → chunk id or zero; an absent
+//!   chunk is zero). A manifest is *full* (every non-zero chunk) or a *delta* against the
+//!   previous point's manifest (only the chunks that changed, a chunk that became zero as an
+//!   explicit zero), so a point costs what it changed. Every [`FULL_EVERY`]th point is full,
+//!   which bounds the chain a read walks. Checksummed.
+//! * **Commit.** A cycle's packs and indexes are written first and its manifest last, with a
+//!   conditional create (`put_if_absent`): the manifest's existence *is* the commit, and two
+//!   writers cannot both commit the same point. A writer killed before the manifest leaves
+//!   only unreferenced packs, which garbage collection removes.
+//! * **Garbage collection** ([`gc_plan`]). Retention deletes manifests; a pack none of whose
+//!   chunks a remaining manifest references is deleted, and a pack that is mostly dead is
+//!   repacked. Packs younger than a grace period are left alone: a commit in progress may be
+//!   about to reference them (its packs are written before its manifest).
+//!
+//! Every decoder bounds what it reads and checks it, since the store may be shared, damaged,
+//! or written by a buggy or hostile peer.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use blkmirror_protocol::wire::{self, PointInfo};
+
+/// A chunk's content hash.
+pub type ChunkId = [u8; 32];
+
+/// A pack's hash (of the whole object).
+pub type PackId = [u8; 32];
+
+/// A full manifest after this many deltas: a read walks at most this many manifests.
+pub const FULL_EVERY: u64 = 32;
+
+/// The most chunks one pack holds (an index stays under 1 MiB).
+pub const MAX_PACK_CHUNKS: usize = 16_384;
+
+/// The largest chunk a pack holds.
+pub const MAX_CHUNK_BYTES: u32 = 16 << 20;
+
+/// The most references one manifest holds: a 64 TiB volume in 64 KiB chunks is 2^30 chunks,
+/// which a single object cannot sensibly carry; volumes past 2^28 chunks need a layered
+/// manifest (not built).
+pub const MAX_MANIFEST_ENTRIES: u64 = 1 << 28;
+
+/// The largest point record in a manifest.
+const MAX_POINT_BYTES: u32 = 4096;
+
+const PACK_MAGIC: &[u8; 4] = b"BMPK";
+const INDEX_MAGIC: &[u8; 4] = b"BMIX";
+const MANIFEST_MAGIC: &[u8; 4] = b"BMMF";
+const VERSION: u8 = 1;
+const INDEX_ENTRY_BYTES: usize = 32 + 8 + 4 + 4 + 1;
+const TRAILER_BYTES: usize = 4 + 4;
+
+/// What is wrong with an object of the layout.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// The object is not what its name says, or is damaged.
+    #[error("{what}: {detail}")]
+    Malformed {
+        /// Which kind of object.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A chunk's content does not hash to its id.
+    #[error("chunk {} does not match its content (the pack is damaged)", hex(.0))]
+    ChunkMismatch(ChunkId),
+    /// A delta manifest does not follow the point it is applied to.
+    #[error("manifest {seq} is a delta against {base}, but the chain is at {at}")]
+    BrokenChain {
+        /// The manifest.
+        seq: u64,
+        /// Its base.
+        base: u64,
+        /// Where the chain is.
+        at: u64,
+    },
+    /// A pack would exceed its bounds.
+    #[error("{0}")]
+    PackFull(String),
+}
+
+fn malformed(what: &'static str, detail: impl Into<String>) -> LayoutError {
+    LayoutError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8; 32]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The id of a chunk's content.
+pub fn chunk_id(content: &[u8]) -> ChunkId {
+    *blake3::hash(content).as_bytes()
+}
+
+/// The object key of a pack.
+pub fn pack_key(id: &PackId) -> String {
+    format!("packs/{}", hex(id))
+}
+
+/// The object key of a pack's index.
+pub fn index_key(id: &PackId) -> String {
+    format!("index/{}", hex(id))
+}
+
+/// The object key of a volume's manifest for point `seq` (zero-padded: keys list in order).
+pub fn manifest_key(volume: &str, seq: u64) -> String {
+    format!("volumes/{volume}/manifests/{seq:020}")
+}
+
+/// How a chunk is stored in a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// As is.
+    Raw,
+    /// zstd.
+    Zstd,
+}
+
+/// Where a chunk is in its pack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// The chunk.
+    pub id: ChunkId,
+    /// Offset in the pack object.
+    pub offset: u64,
+    /// Bytes in the pack.
+    pub stored_len: u32,
+    /// Bytes of content.
+    pub raw_len: u32,
+    /// How it is stored.
+    pub codec: Codec,
+}
+
+/// A pack being filled.
+pub struct PackBuilder {
+    bytes: Vec<u8>,
+    entries: Vec<IndexEntry>,
+    ids: HashSet<ChunkId>,
+    target_bytes: usize,
+    raw_bytes: u64,
+}
+
+/// A finished pack: the object's bytes and its index.
+pub struct Pack {
+    /// The pack's id (the hash of `bytes`).
+    pub id: PackId,
+    /// The object.
+    pub bytes: Vec<u8>,
+    /// Its index (also encoded at the end of `bytes`).
+    pub index: Vec<IndexEntry>,
+    /// Content bytes it holds (before compression).
+    pub raw_bytes: u64,
+}
+
+impl PackBuilder {
+    /// An empty pack that asks to be finished past `target_bytes`.
+    pub fn new(target_bytes: usize) -> Self {
+        let mut bytes = Vec::with_capacity(target_bytes.min(64 << 20) + 4096);
+        bytes.extend_from_slice(PACK_MAGIC);
+        bytes.push(VERSION);
+        Self {
+            bytes,
+            entries: Vec::new(),
+            ids: HashSet::new(),
+            target_bytes,
+            raw_bytes: 0,
+        }
+    }
+
+    /// Whether the pack holds this chunk already.
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.ids.contains(id)
+    }
+
+    /// Chunks in the pack.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the pack holds no chunk.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the pack is as large as it should get.
+    pub fn is_full(&self) -> bool {
+        self.bytes.len() >= self.target_bytes || self.entries.len() >= MAX_PACK_CHUNKS
+    }
+
+    /// Adds a chunk (once: a chunk already in the pack is skipped), zstd-compressed at `level`
+    /// when that saves an eighth. Returns its id.
+    pub fn add(&mut self, content: &[u8], level: Option<i32>) -> Result<ChunkId, LayoutError> {
+        let id = chunk_id(content);
+        if self.ids.contains(&id) {
+            return Ok(id);
+        }
+        let raw_len = u32::try_from(content.len())
+            .ok()
+            .filter(|&n| n <= MAX_CHUNK_BYTES)
+            .ok_or_else(|| {
+                LayoutError::PackFull(format!(
+                    "a chunk of {} bytes is larger than {MAX_CHUNK_BYTES}",
+                    content.len()
+                ))
+            })?;
+        if self.entries.len() >= MAX_PACK_CHUNKS {
+            return Err(LayoutError::PackFull(format!(
+                "a pack holds at most {MAX_PACK_CHUNKS} chunks"
+            )));
+        }
+        let compressed = level
+            .and_then(|level| zstd::bulk::compress(content, level).ok())
+            .filter(|packed| packed.len() < content.len() - content.len() / 8);
+        let (stored, codec) = match &compressed {
+            Some(packed) => (packed.as_slice(), Codec::Zstd),
+            None => (content, Codec::Raw),
+        };
+        self.entries.push(IndexEntry {
+            id,
+            offset: self.bytes.len() as u64,
+            stored_len: stored.len() as u32,
+            raw_len,
+            codec,
+        });
+        self.bytes.extend_from_slice(stored);
+        self.ids.insert(id);
+        self.raw_bytes += u64::from(raw_len);
+        Ok(id)
+    }
+
+    /// The finished object: the chunks, then the index, then the index's length and the magic.
+    pub fn finish(mut self) -> Pack {
+        let index = encode_index(&self.entries);
+        self.bytes.extend_from_slice(&index);
+        self.bytes
+            .extend_from_slice(&(index.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(PACK_MAGIC);
+        Pack {
+            id: *blake3::hash(&self.bytes).as_bytes(),
+            bytes: self.bytes,
+            index: self.entries,
+            raw_bytes: self.raw_bytes,
+        }
+    }
+}
+
+/// The encoded index of a pack (checksummed).
+pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + entries.len() * INDEX_ENTRY_BYTES + 32);
+    out.extend_from_slice(INDEX_MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for entry in entries {
+        out.extend_from_slice(&entry.id);
+        out.extend_from_slice(&entry.offset.to_le_bytes());
+        out.extend_from_slice(&entry.stored_len.to_le_bytes());
+        out.extend_from_slice(&entry.raw_len.to_le_bytes());
+        out.push(match entry.codec {
+            Codec::Raw => 0,
+            Codec::Zstd => 1,
+        });
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// A little reader over untrusted bytes.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+    what: &'static str,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(bytes: &'a [u8], what: &'static str) -> Self {
+        Self { bytes, at: 0, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], LayoutError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&end| end <= self.bytes.len())
+            .ok_or_else(|| malformed(self.what, format!("ends early, at byte {}", self.at)))?;
+        let slice = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+
+    fn u8(&mut self) -> Result<u8, LayoutError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, LayoutError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2")))
+    }
+
+    fn u32(&mut self) -> Result<u32, LayoutError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4")))
+    }
+
+    fn u64(&mut self) -> Result<u64, LayoutError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
+    }
+
+    fn hash(&mut self) -> Result<[u8; 32], LayoutError> {
+        Ok(self.take(32)?.try_into().expect("32"))
+    }
+
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+}
+
+/// Checks the magic, version and trailing checksum of `bytes`; returns a cursor after the
+/// header over the body (the checksum excluded).
+fn checked_body<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 4],
+    what: &'static str,
+) -> Result<Cursor<'a>, LayoutError> {
+    if bytes.len() < 5 + 32 {
+        return Err(malformed(
+            what,
+            format!("{} bytes is too short", bytes.len()),
+        ));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(malformed(what, "checksum mismatch (damaged or truncated)"));
+    }
+    let mut cursor = Cursor::new(body, what);
+    if cursor.take(4)? != magic {
+        return Err(malformed(what, "wrong magic"));
+    }
+    let version = cursor.u8()?;
+    if version != VERSION {
+        return Err(malformed(
+            what,
+            format!("format {version} (this build reads {VERSION})"),
+        ));
+    }
+    Ok(cursor)
+}
+
+/// Decodes a pack index, checking that every entry lies inside a pack of `pack_len` bytes
+/// (before the index itself) and that no chunk is listed twice.
+pub fn decode_index(bytes: &[u8], pack_len: Option<u64>) -> Result<Vec<IndexEntry>, LayoutError> {
+    const WHAT: &str = "pack index";
+    let mut cursor = checked_body(bytes, INDEX_MAGIC, WHAT)?;
+    let count = cursor.u32()? as usize;
+    if count > MAX_PACK_CHUNKS || cursor.remaining() != count * INDEX_ENTRY_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!("{count} entries do not fit its {} bytes", bytes.len()),
+        ));
+    }
+    let data_end = pack_len.map(|len| len.saturating_sub((bytes.len() + TRAILER_BYTES) as u64));
+    let mut entries = Vec::with_capacity(count);
+    let mut seen = HashSet::with_capacity(count);
+    for _ in 0..count {
+        let id = cursor.hash()?;
+        let offset = cursor.u64()?;
+        let stored_len = cursor.u32()?;
+        let raw_len = cursor.u32()?;
+        let codec = match cursor.u8()? {
+            0 => Codec::Raw,
+            1 => Codec::Zstd,
+            other => return Err(malformed(WHAT, format!("unknown codec {other}"))),
+        };
+        if raw_len > MAX_CHUNK_BYTES
+            || stored_len > MAX_CHUNK_BYTES
+            || (codec == Codec::Raw && stored_len != raw_len)
+        {
+            return Err(malformed(
+                WHAT,
+                format!("chunk {}: lengths {stored_len}/{raw_len}", hex(&id)),
+            ));
+        }
+        let end = offset.checked_add(u64::from(stored_len));
+        if offset < 5 || end.is_none() || data_end.is_some_and(|limit| end > Some(limit)) {
+            return Err(malformed(
+                WHAT,
+                format!(
+                    "chunk {} at {offset}+{stored_len} is outside its pack",
+                    hex(&id)
+                ),
+            ));
+        }
+        if !seen.insert(id) {
+            return Err(malformed(WHAT, format!("chunk {} listed twice", hex(&id))));
+        }
+        entries.push(IndexEntry {
+            id,
+            offset,
+            stored_len,
+            raw_len,
+            codec,
+        });
+    }
+    Ok(entries)
+}
+
+/// The index at the end of a whole pack object (to rebuild a lost index object), checked
+/// against the pack.
+pub fn index_of_pack(pack: &[u8]) -> Result<Vec<IndexEntry>, LayoutError> {
+    const WHAT: &str = "pack";
+    if pack.len() < 5 + TRAILER_BYTES || &pack[..4] != PACK_MAGIC || pack[4] != VERSION {
+        return Err(malformed(WHAT, "not a pack of this format"));
+    }
+    let trailer = &pack[pack.len() - TRAILER_BYTES..];
+    if &trailer[4..] != PACK_MAGIC {
+        return Err(malformed(WHAT, "no trailer (truncated)"));
+    }
+    let index_len = u32::from_le_bytes(trailer[..4].try_into().expect("4")) as usize;
+    let index_start = (pack.len() - TRAILER_BYTES)
+        .checked_sub(index_len)
+        .filter(|&start| start >= 5)
+        .ok_or_else(|| malformed(WHAT, format!("an index of {index_len} bytes does not fit")))?;
+    decode_index(
+        &pack[index_start..pack.len() - TRAILER_BYTES],
+        Some(pack.len() as u64),
+    )
+}
+
+/// A chunk's content from its stored bytes (`stored`: the `stored_len` bytes at the entry's
+/// offset, as a ranged read returns them), decompressed and checked against its id.
+pub fn chunk_from_stored(stored: &[u8], entry: &IndexEntry) -> Result<Vec<u8>, LayoutError> {
+    if stored.len() != entry.stored_len as usize {
+        return Err(malformed(
+            "chunk",
+            format!(
+                "{} bytes read for {} stored",
+                stored.len(),
+                entry.stored_len
+            ),
+        ));
+    }
+    let content = match entry.codec {
+        Codec::Raw => stored.to_vec(),
+        Codec::Zstd => zstd::bulk::decompress(stored, entry.raw_len as usize)
+            .map_err(|error| malformed("chunk", format!("does not decompress: {error}")))?,
+    };
+    if content.len() != entry.raw_len as usize || chunk_id(&content) != entry.id {
+        return Err(LayoutError::ChunkMismatch(entry.id));
+    }
+    Ok(content)
+}
+
+/// A chunk reference in a manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkRef {
+    /// All zeros.
+    Zero,
+    /// Stored content.
+    Chunk(ChunkId),
+}
+
+/// One point of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The volume.
+    pub volume: String,
+    /// The point (the cycle that committed it).
+    pub seq: u64,
+    /// `None`: full; `Some(base)`: a delta against point `base`'s manifest.
+    pub base: Option<u64>,
+    /// The volume's size.
+    pub size_bytes: u64,
+    /// Its chunk size.
+    pub chunk_bytes: u64,
+    /// How many deltas lead here from the last full manifest (0 for a full one).
+    pub chain: u64,
+    /// The point's record.
+    pub point: PointInfo,
+    /// References, by chunk number. Full: every non-zero chunk (no `Zero`). Delta: the chunks
+    /// that changed.
+    pub entries: BTreeMap<u64, ChunkRef>,
+}
+
+impl Manifest {
+    /// The number of chunks of the volume.
+    pub fn chunks(&self) -> u64 {
+        self.size_bytes.div_ceil(self.chunk_bytes.max(1))
+    }
+}
+
+/// Encodes a manifest (checksummed).
+pub fn encode_manifest(manifest: &Manifest) -> Vec<u8> {
+    let point = serde_json::to_vec(&manifest.point).expect("a point serializes");
+    let mut out = Vec::with_capacity(64 + point.len() + manifest.entries.len() * 41);
+    out.extend_from_slice(MANIFEST_MAGIC);
+    out.push(VERSION);
+    out.extend_from_slice(&(manifest.volume.len() as u16).to_le_bytes());
+    out.extend_from_slice(manifest.volume.as_bytes());
+    out.extend_from_slice(&manifest.seq.to_le_bytes());
+    out.push(u8::from(manifest.base.is_some()));
+    out.extend_from_slice(&manifest.base.unwrap_or(0).to_le_bytes());
+    out.extend_from_slice(&manifest.chain.to_le_bytes());
+    out.extend_from_slice(&manifest.size_bytes.to_le_bytes());
+    out.extend_from_slice(&manifest.chunk_bytes.to_le_bytes());
+    out.extend_from_slice(&(point.len() as u32).to_le_bytes());
+    out.extend_from_slice(&point);
+    out.extend_from_slice(&(manifest.entries.len() as u64).to_le_bytes());
+    for (&chunk, reference) in &manifest.entries {
+        out.extend_from_slice(&chunk.to_le_bytes());
+        match reference {
+            ChunkRef::Zero => out.push(0),
+            ChunkRef::Chunk(id) => {
+                out.push(1);
+                out.extend_from_slice(id);
+            }
+        }
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Decodes a manifest, checking it against its own geometry: references in order, inside the
+/// volume, a full manifest without zero references, a chain within [`FULL_EVERY`].
+pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, LayoutError> {
+    const WHAT: &str = "manifest";
+    let mut cursor = checked_body(bytes, MANIFEST_MAGIC, WHAT)?;
+    let name_len = cursor.u16()? as usize;
+    let volume = std::str::from_utf8(cursor.take(name_len)?)
+        .map_err(|_| malformed(WHAT, "volume name is not UTF-8"))?
+        .to_owned();
+    wire::check_volume_name(&volume).map_err(|error| malformed(WHAT, error.to_string()))?;
+    let seq = cursor.u64()?;
+    let is_delta = match cursor.u8()? {
+        0 => false,
+        1 => true,
+        other => return Err(malformed(WHAT, format!("kind {other}"))),
+    };
+    let base_seq = cursor.u64()?;
+    let chain = cursor.u64()?;
+    let size_bytes = cursor.u64()?;
+    let chunk_bytes = cursor.u64()?;
+    if !chunk_bytes.is_power_of_two() || !(512..=u64::from(MAX_CHUNK_BYTES)).contains(&chunk_bytes)
+    {
+        return Err(malformed(WHAT, format!("chunk size {chunk_bytes}")));
+    }
+    let chunks = size_bytes.div_ceil(chunk_bytes);
+    if chunks > MAX_MANIFEST_ENTRIES {
+        return Err(malformed(
+            WHAT,
+            format!("{chunks} chunks (at most {MAX_MANIFEST_ENTRIES})"),
+        ));
+    }
+    let base = if is_delta {
+        if base_seq >= seq || chain == 0 || chain >= FULL_EVERY {
+            return Err(malformed(
+                WHAT,
+                format!("delta {seq} against {base_seq} at chain length {chain}"),
+            ));
+        }
+        Some(base_seq)
+    } else {
+        if base_seq != 0 || chain != 0 {
+            return Err(malformed(WHAT, "a full manifest with a base"));
+        }
+        None
+    };
+    let point_len = cursor.u32()?;
+    if point_len > MAX_POINT_BYTES {
+        return Err(malformed(
+            WHAT,
+            format!("point record of {point_len} bytes"),
+        ));
+    }
+    let point_bytes = cursor.take(point_len as usize)?;
+    let point: PointInfo = serde_json::from_slice(point_bytes)
+        .map_err(|error| malformed(WHAT, format!("point record: {error}")))?;
+    // Only what the writer writes: one spelling per manifest.
+    if serde_json::to_vec(&point).ok().as_deref() != Some(point_bytes) {
+        return Err(malformed(WHAT, "point record not in canonical form"));
+    }
+    if point.seq != seq {
+        return Err(malformed(
+            WHAT,
+            format!("manifest {seq} holds point {}", point.seq),
+        ));
+    }
+    let count = cursor.u64()?;
+    // Each entry takes at least 9 bytes: a count the bytes cannot hold is refused before any
+    // allocation.
+    if count > chunks || count > (cursor.remaining() / 9) as u64 {
+        return Err(malformed(
+            WHAT,
+            format!("{count} references for {chunks} chunks"),
+        ));
+    }
+    let mut entries = BTreeMap::new();
+    let mut last = None;
+    for _ in 0..count {
+        let chunk = cursor.u64()?;
+        if chunk >= chunks || last.is_some_and(|last| chunk <= last) {
+            return Err(malformed(
+                WHAT,
+                format!("reference to chunk {chunk} out of order or outside {chunks} chunks"),
+            ));
+        }
+        last = Some(chunk);
+        let reference = match cursor.u8()? {
+            0 if is_delta => ChunkRef::Zero,
+            0 => return Err(malformed(WHAT, "a full manifest lists a zero chunk")),
+            1 => ChunkRef::Chunk(cursor.hash()?),
+            other => return Err(malformed(WHAT, format!("reference kind {other}"))),
+        };
+        entries.insert(chunk, reference);
+    }
+    if cursor.remaining() != 0 {
+        return Err(malformed(
+            WHAT,
+            format!("{} bytes after the references", cursor.remaining()),
+        ));
+    }
+    Ok(Manifest {
+        volume,
+        seq,
+        base,
+        size_bytes,
+        chunk_bytes,
+        chain,
+        point,
+        entries,
+    })
+}
+
+/// What a point holds: chunk number → chunk id, for every non-zero chunk.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChunkMap {
+    /// The point the map is at (0: none yet).
+    pub seq: u64,
+    /// How many deltas since the last full manifest.
+    pub chain: u64,
+    /// The non-zero chunks.
+    pub chunks: BTreeMap<u64, ChunkId>,
+}
+
+impl ChunkMap {
+    /// Moves the map to `manifest`'s point: a full manifest replaces it, a delta must follow
+    /// the map's point.
+    pub fn apply(&mut self, manifest: &Manifest) -> Result<(), LayoutError> {
+        match manifest.base {
+            None => {
+                self.chunks = manifest
+                    .entries
+                    .iter()
+                    .filter_map(|(&chunk, reference)| match reference {
+                        ChunkRef::Chunk(id) => Some((chunk, *id)),
+                        ChunkRef::Zero => None,
+                    })
+                    .collect();
+            }
+            Some(base) if base == self.seq => {
+                for (&chunk, reference) in &manifest.entries {
+                    match reference {
+                        ChunkRef::Chunk(id) => {
+                            self.chunks.insert(chunk, *id);
+                        }
+                        ChunkRef::Zero => {
+                            self.chunks.remove(&chunk);
+                        }
+                    }
+                }
+            }
+            Some(base) => {
+                return Err(LayoutError::BrokenChain {
+                    seq: manifest.seq,
+                    base,
+                    at: self.seq,
+                });
+            }
+        }
+        self.seq = manifest.seq;
+        self.chain = manifest.chain;
+        Ok(())
+    }
+
+    /// The manifest of the point that follows this map after `changes` (chunk number → new
+    /// content id, `None` for zeros): a delta against this map's point, or a full manifest
+    /// when there is none yet or the chain has reached [`FULL_EVERY`]. Returns the manifest
+    /// and the map at the new point.
+    pub fn next_manifest(
+        &self,
+        volume: &str,
+        point: PointInfo,
+        size_bytes: u64,
+        chunk_bytes: u64,
+        changes: &BTreeMap<u64, Option<ChunkId>>,
+    ) -> (Manifest, ChunkMap) {
+        let mut next = self.chunks.clone();
+        let mut delta = BTreeMap::new();
+        for (&chunk, change) in changes {
+            let before = next.get(&chunk).copied();
+            if before == *change {
+                continue;
+            }
+            match change {
+                Some(id) => {
+                    next.insert(chunk, *id);
+                    delta.insert(chunk, ChunkRef::Chunk(*id));
+                }
+                None => {
+                    next.remove(&chunk);
+                    delta.insert(chunk, ChunkRef::Zero);
+                }
+            }
+        }
+        let full = self.seq == 0 || self.chain + 1 >= FULL_EVERY;
+        let seq = point.seq;
+        let (base, chain, entries) = if full {
+            let entries = next
+                .iter()
+                .map(|(&chunk, id)| (chunk, ChunkRef::Chunk(*id)))
+                .collect();
+            (None, 0, entries)
+        } else {
+            (Some(self.seq), self.chain + 1, delta)
+        };
+        let manifest = Manifest {
+            volume: volume.to_owned(),
+            seq,
+            base,
+            size_bytes,
+            chunk_bytes,
+            chain,
+            point,
+            entries,
+        };
+        let map = ChunkMap {
+            seq,
+            chain,
+            chunks: next,
+        };
+        (manifest, map)
+    }
+}
+
+/// How well content is shared: references against distinct chunks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Dedup {
+    /// Non-zero chunk references across the points counted.
+    pub referenced: u64,
+    /// Distinct chunks among them (what is stored).
+    pub distinct: u64,
+}
+
+impl Dedup {
+    /// Counts the references of `maps` (the newest point of each volume, say).
+    pub fn of<'a>(maps: impl IntoIterator<Item = &'a ChunkMap>) -> Self {
+        let mut distinct = HashSet::new();
+        let mut referenced = 0;
+        for map in maps {
+            referenced += map.chunks.len() as u64;
+            distinct.extend(map.chunks.values().copied());
+        }
+        Self {
+            referenced,
+            distinct: distinct.len() as u64,
+        }
+    }
+
+    /// References per stored chunk (1.0: nothing shared).
+    pub fn ratio(&self) -> f64 {
+        if self.distinct == 0 {
+            1.0
+        } else {
+            self.referenced as f64 / self.distinct as f64
+        }
+    }
+}
+
+/// A pack as garbage collection sees it.
+pub struct PackInfo {
+    /// Its index.
+    pub index: Vec<IndexEntry>,
+    /// When it was written (Unix milliseconds, the store's clock).
+    pub written_unix_ms: u64,
+}
+
+/// What a garbage collection does.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct GcPlan {
+    /// Packs no live chunk is in: delete them (and their indexes).
+    pub delete: Vec<PackId>,
+    /// Packs mostly dead: copy their live chunks into new packs, then delete them.
+    pub repack: Vec<PackId>,
+    /// Packs left alone for now because they are younger than the grace period.
+    pub young: usize,
+}
+
+/// Plans a mark-and-sweep: `live` is every chunk the remaining manifests reference (mark);
+/// a pack with no live chunk is deleted, one whose live bytes are below `repack_below` of its
+/// stored bytes is repacked (sweep). A pack younger than `grace_ms` is never touched: a commit
+/// writes its packs before its manifest, so until the manifest lands its chunks look dead.
+/// The grace must exceed the longest a commit can take between its first pack and its
+/// manifest (the writer's lease bounds that).
+pub fn gc_plan(
+    packs: &BTreeMap<PackId, PackInfo>,
+    live: &HashSet<ChunkId>,
+    now_unix_ms: u64,
+    grace_ms: u64,
+    repack_below: f64,
+) -> GcPlan {
+    let mut plan = GcPlan::default();
+    for (id, pack) in packs {
+        if now_unix_ms.saturating_sub(pack.written_unix_ms) < grace_ms {
+            plan.young += 1;
+            continue;
+        }
+        let (mut live_bytes, mut all_bytes) = (0u64, 0u64);
+        for entry in &pack.index {
+            all_bytes += u64::from(entry.stored_len);
+            if live.contains(&entry.id) {
+                live_bytes += u64::from(entry.stored_len);
+            }
+        }
+        if live_bytes == 0 {
+            plan.delete.push(*id);
+        } else if (live_bytes as f64) < repack_below * all_bytes as f64 {
+            plan.repack.push(*id);
+        }
+    }
+    plan
+}
+
+/// Where each chunk is: the union of pack indexes (a chunk in two packs, after a repack or
+/// a race of two writers, is found in either).
+#[derive(Debug, Default)]
+pub struct ChunkLocations {
+    by_chunk: HashMap<ChunkId, (PackId, IndexEntry)>,
+}
+
+impl ChunkLocations {
+    /// Adds a pack's index.
+    pub fn add(&mut self, pack: PackId, index: &[IndexEntry]) {
+        for entry in index {
+            self.by_chunk
+                .entry(entry.id)
+                .or_insert_with(|| (pack, entry.clone()));
+        }
+    }
+
+    /// Where a chunk is.
+    pub fn get(&self, id: &ChunkId) -> Option<&(PackId, IndexEntry)> {
+        self.by_chunk.get(id)
+    }
+
+    /// Whether the store holds a chunk (dedup: it need not be stored again).
+    pub fn contains(&self, id: &ChunkId) -> bool {
+        self.by_chunk.contains_key(id)
+    }
+
+    /// Chunks known.
+    pub fn len(&self) -> usize {
+        self.by_chunk.len()
+    }
+
+    /// Whether no chunk is known.
+    pub fn is_empty(&self) -> bool {
+        self.by_chunk.is_empty()
+    }
+
+    /// The chunks of `map` the store does not hold (a point cannot be committed while any is
+    /// missing).
+    pub fn missing(&self, map: &ChunkMap) -> BTreeSet<u64> {
+        map.chunks
+            .iter()
+            .filter(|(_, id)| !self.contains(id))
+            .map(|(&chunk, _)| chunk)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(seq: u64) -> PointInfo {
+        PointInfo {
+            seq,
+            generation: 1,
+            epoch: seq,
+            time_unix_ms: 1_000 * seq,
+            bytes: 0,
+            consistent: true,
+            freeze_ms: 1,
+            complete: true,
+            synced_to: 0,
+            group_cut: None,
+            received_unix_ms: 0,
+            app_consistent: false,
+        }
+    }
+
+    fn content(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| seed.wrapping_mul(31) ^ (i as u8))
+            .collect()
+    }
+
+    #[test]
+    fn a_pack_stores_each_chunk_once_and_reads_back_checked() {
+        let mut builder = PackBuilder::new(1 << 20);
+        let text = b"blkmirror ".repeat(6554)[..65536].to_vec();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let random: Vec<u8> = (0..65536)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 32) as u8
+            })
+            .collect();
+        let a = builder.add(&text, Some(3)).unwrap();
+        let b = builder.add(&random, Some(3)).unwrap();
+        assert_eq!(builder.add(&text, Some(3)).unwrap(), a);
+        assert_eq!(builder.len(), 2);
+        let pack = builder.finish();
+        assert_eq!(pack.id, *blake3::hash(&pack.bytes).as_bytes());
+        assert_eq!(pack.index[0].codec, Codec::Zstd);
+        assert!(pack.index[0].stored_len < 65536 / 8);
+        assert_eq!(pack.index[1].codec, Codec::Raw);
+        // The index at the pack's end equals the separate one.
+        let index = index_of_pack(&pack.bytes).unwrap();
+        assert_eq!(index, pack.index);
+        assert_eq!(
+            decode_index(&encode_index(&index), Some(pack.bytes.len() as u64)).unwrap(),
+            index
+        );
+        for (entry, expected) in index.iter().zip([&text, &random]) {
+            let start = entry.offset as usize;
+            let stored = &pack.bytes[start..start + entry.stored_len as usize];
+            assert_eq!(&chunk_from_stored(stored, entry).unwrap(), expected);
+        }
+        assert_eq!((index[0].id, index[1].id), (a, b));
+        // A flipped bit in a stored chunk is caught by its id.
+        let entry = &index[1];
+        let mut stored =
+            pack.bytes[entry.offset as usize..(entry.offset + 65536) as usize].to_vec();
+        stored[100] ^= 1;
+        assert_eq!(
+            chunk_from_stored(&stored, entry),
+            Err(LayoutError::ChunkMismatch(entry.id))
+        );
+    }
+
+    #[test]
+    fn damaged_or_lying_indexes_are_refused() {
+        let mut builder = PackBuilder::new(1 << 20);
+        builder.add(&content(1, 4096), None).unwrap();
+        let pack = builder.finish();
+        let index = encode_index(&pack.index);
+        // Truncated, or one bit flipped: the checksum.
+        assert!(decode_index(&index[..index.len() - 1], None).is_err());
+        let mut flipped = index.clone();
+        flipped[12] ^= 0x40;
+        assert!(decode_index(&flipped, None).is_err());
+        // Well checksummed, but pointing past its pack.
+        let mut lying = pack.index.clone();
+        lying[0].offset = 1 << 40;
+        let lying = encode_index(&lying);
+        let error = decode_index(&lying, Some(pack.bytes.len() as u64)).unwrap_err();
+        assert!(error.to_string().contains("outside its pack"), "{error}");
+        // A chunk listed twice.
+        let twice = encode_index(&[pack.index[0].clone(), pack.index[0].clone()]);
+        assert!(
+            decode_index(&twice, None)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
+        // A truncated pack has no trailer.
+        assert!(index_of_pack(&pack.bytes[..pack.bytes.len() - 3]).is_err());
+    }
+
+    #[test]
+    fn manifests_are_deltas_with_a_full_one_every_so_often_and_read_back_the_same() {
+        let chunk_bytes = 65536;
+        let size = 64 * chunk_bytes;
+        let mut map = ChunkMap::default();
+        let mut chain: Vec<Manifest> = Vec::new();
+        let mut expected: BTreeMap<u64, ChunkId> = BTreeMap::new();
+        for seq in 1..=(FULL_EVERY + 5) {
+            let mut changes = BTreeMap::new();
+            for chunk in [seq % 64, (seq * 7) % 64] {
+                let change = (seq % 5 != 0).then(|| chunk_id(&content(seq as u8, 512)));
+                changes.insert(chunk, change);
+            }
+            let (manifest, next) =
+                map.next_manifest("vol", point(seq), size, chunk_bytes, &changes);
+            for (&chunk, change) in &changes {
+                match change {
+                    Some(id) => expected.insert(chunk, *id),
+                    None => expected.remove(&chunk),
+                };
+            }
+            assert_eq!(next.chunks, expected, "point {seq}");
+            if seq == 1 || seq == FULL_EVERY + 1 {
+                assert_eq!(manifest.base, None, "point {seq} should be full");
+            } else {
+                assert_eq!(manifest.base, Some(seq - 1));
+                assert!(manifest.entries.len() <= 2, "a delta holds what changed");
+            }
+            let decoded = decode_manifest(&encode_manifest(&manifest)).unwrap();
+            assert_eq!(decoded, manifest);
+            chain.push(decoded);
+            map = next;
+        }
+        // Reading the newest point walks back to the last full manifest only.
+        let full = chain.iter().rposition(|m| m.base.is_none()).unwrap();
+        let mut read = ChunkMap::default();
+        for manifest in &chain[full..] {
+            read.apply(manifest).unwrap();
+        }
+        assert_eq!(read.chunks, expected);
+        // A delta applied out of order is refused.
+        let mut wrong = ChunkMap::default();
+        wrong.apply(&chain[0]).unwrap();
+        assert!(matches!(
+            wrong.apply(&chain[2]),
+            Err(LayoutError::BrokenChain { .. })
+        ));
+    }
+
+    #[test]
+    fn damaged_or_inconsistent_manifests_are_refused() {
+        let mut changes = BTreeMap::new();
+        changes.insert(3, Some(chunk_id(b"x")));
+        let (full, map) =
+            ChunkMap::default().next_manifest("vol", point(1), 1 << 20, 65536, &changes);
+        changes.insert(4, None);
+        changes.insert(3, Some(chunk_id(b"y")));
+        let (delta, _) = map.next_manifest("vol", point(2), 1 << 20, 65536, &changes);
+        for manifest in [&full, &delta] {
+            let bytes = encode_manifest(manifest);
+            for cut in [0, 1, 10, bytes.len() / 2, bytes.len() - 1] {
+                assert!(decode_manifest(&bytes[..cut]).is_err(), "cut at {cut}");
+            }
+        }
+        let refused = |manifest: &Manifest, words: &str| {
+            let error = decode_manifest(&encode_manifest(manifest)).unwrap_err();
+            assert!(error.to_string().contains(words), "{error}");
+        };
+        let mut outside = full.clone();
+        outside.entries.insert(16, ChunkRef::Chunk([1; 32]));
+        refused(&outside, "outside 16 chunks");
+        let mut zero_in_full = full.clone();
+        zero_in_full.entries.insert(5, ChunkRef::Zero);
+        refused(&zero_in_full, "zero chunk");
+        let mut other_point = full.clone();
+        other_point.point.seq = 9;
+        refused(&other_point, "holds point 9");
+        let mut bad_name = full.clone();
+        bad_name.volume = "../etc".into();
+        assert!(decode_manifest(&encode_manifest(&bad_name)).is_err());
+        let mut long_chain = delta.clone();
+        long_chain.chain = FULL_EVERY;
+        refused(&long_chain, "chain length");
+        let mut odd_chunk = full;
+        odd_chunk.chunk_bytes = 1000;
+        refused(&odd_chunk, "chunk size 1000");
+    }
+
+    #[test]
+    fn dedup_counts_shared_chunks_once() {
+        let shared = chunk_id(b"the same OS files");
+        let mut one = ChunkMap::default();
+        let mut two = ChunkMap::default();
+        for chunk in 0..10 {
+            one.chunks.insert(chunk, shared);
+            two.chunks.insert(chunk, shared);
+        }
+        two.chunks.insert(10, chunk_id(b"a host's own data"));
+        let dedup = Dedup::of([&one, &two]);
+        assert_eq!(dedup.referenced, 21);
+        assert_eq!(dedup.distinct, 2);
+        assert!((dedup.ratio() - 10.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn gc_deletes_dead_packs_repacks_sparse_ones_and_spares_young_ones() {
+        let entry = |id: u8, stored_len: u32| IndexEntry {
+            id: [id; 32],
+            offset: 5,
+            stored_len,
+            raw_len: stored_len,
+            codec: Codec::Raw,
+        };
+        let mut packs = BTreeMap::new();
+        let old = 1_000;
+        packs.insert(
+            [1; 32],
+            PackInfo {
+                index: vec![entry(1, 100), entry(2, 100)],
+                written_unix_ms: old,
+            },
+        );
+        packs.insert(
+            [2; 32],
+            PackInfo {
+                index: vec![entry(3, 10), entry(4, 990)],
+                written_unix_ms: old,
+            },
+        );
+        packs.insert(
+            [3; 32],
+            PackInfo {
+                index: vec![entry(5, 100)],
+                written_unix_ms: old,
+            },
+        );
+        // A commit in progress: its pack is written, its manifest not yet.
+        packs.insert(
+            [4; 32],
+            PackInfo {
+                index: vec![entry(6, 100)],
+                written_unix_ms: 99_000,
+            },
+        );
+        let live: HashSet<ChunkId> = [[1; 32], [3; 32], [5; 32]].into_iter().collect();
+        let plan = gc_plan(&packs, &live, 100_000, 60_000, 0.5);
+        assert_eq!(plan.delete, Vec::<PackId>::new());
+        assert_eq!(plan.repack, vec![[2; 32]]);
+        assert_eq!(plan.young, 1);
+        let live: HashSet<ChunkId> = [[1; 32]].into_iter().collect();
+        let plan = gc_plan(&packs, &live, 100_000, 60_000, 0.5);
+        assert_eq!(plan.delete, vec![[2; 32], [3; 32]]);
+        assert_eq!(plan.repack, Vec::<PackId>::new());
+    }
+}
