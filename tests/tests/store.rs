@@ -5,13 +5,21 @@
 //! What the receivers will build on is proven here: a name taken by a conditional create is
 //! never overwritten (a commit's manifest), and a volume's lease has exactly one holder when
 //! receivers race for it, when its holder stops renewing (a receiver killed), and while a
-//! store node is down.
+//! store node is down. Points committed as packs and manifests (`dr::objpoints`) store a chunk
+//! that two volumes share once, cost a delta what it changed, are committed by exactly one of
+//! two racing writers, and read back equal through another client, with a node down too.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
+use blkmirror::dr::layout::{ChunkMap, Dedup};
+use blkmirror::dr::objpoints::{self, CommitReport, PackSettings, PointStoreError, PointToCommit};
 use blkmirror::dr::objstore::{
     Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError, lease_key,
 };
+use blkmirror_protocol::wire::PointInfo;
 use blkmirror_tests::{
     ceph::{ACCESS_KEY, CephCluster, SECRET_KEY},
     require_root,
@@ -48,7 +56,7 @@ fn holding(outcome: &LeaseOutcome) -> Option<(String, u64)> {
 }
 
 #[test]
-fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_node_down() {
+fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a_node_down() {
     require_root();
     let mut cluster = CephCluster::start();
     eprintln!(
@@ -149,9 +157,16 @@ fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_nod
         assert!(held_by(&back, "receiver-b"), "{back:?}");
     });
 
+    // Points on the store: two hosts whose disks are mostly the same (an OS image).
+    let mut hosts = Hosts::new();
+    runtime.block_on(hosts.commit_first_points(&a, &b));
+    runtime.block_on(hosts.commit_a_delta_and_race_for_the_next(&a, &b));
+    runtime.block_on(hosts.read_every_point_back(&b));
+
     // A store node dies: with three replicas and two required, the store goes on.
     cluster.kill_osd(0);
     runtime.block_on(async {
+        hosts.commit_with_a_node_down(&b).await;
         let renewed = b
             .acquire_lease("v1", "receiver-b", now_ms(), 30_000)
             .await
@@ -188,4 +203,232 @@ fn conditional_writes_give_each_volume_one_writer_through_races_deaths_and_a_nod
         matches!(refused, Err(StoreError::Request { .. })),
         "{refused:?}"
     );
+}
+
+const CHUNK: u64 = 65536;
+const CHUNKS: u64 = 64;
+
+/// Content that does not compress, different for each `seed`.
+fn chunk_content(seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..CHUNK)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+fn point(seq: u64) -> PointInfo {
+    PointInfo {
+        seq,
+        complete: true,
+        consistent: true,
+        time_unix_ms: now_ms(),
+        ..PointInfo::default()
+    }
+}
+
+/// Two volumes on the store, and what each of their points must read back as.
+struct Hosts {
+    /// (volume, seq) → the image.
+    expected: BTreeMap<(&'static str, u64), Vec<u8>>,
+    maps: BTreeMap<&'static str, ChunkMap>,
+    settings: PackSettings,
+}
+
+impl Hosts {
+    fn new() -> Self {
+        Self {
+            expected: BTreeMap::new(),
+            maps: BTreeMap::new(),
+            // Small packs, so a point spans several.
+            settings: PackSettings {
+                target_bytes: 1 << 20,
+                level: Some(3),
+            },
+        }
+    }
+
+    async fn commit(
+        &mut self,
+        client: &ObjectStoreClient,
+        volume: &'static str,
+        seq: u64,
+        changes: &BTreeMap<u64, Vec<u8>>,
+    ) -> Result<CommitReport, PointStoreError> {
+        let mut locations = objpoints::load_locations(client).await?;
+        let base = self.maps.get(volume).cloned().unwrap_or_default();
+        let (report, map) = objpoints::commit_point(
+            client,
+            &mut locations,
+            &base,
+            PointToCommit {
+                volume,
+                size_bytes: CHUNK * CHUNKS,
+                chunk_bytes: CHUNK,
+                point: point(seq),
+                changes,
+            },
+            self.settings,
+        )
+        .await?;
+        let mut image = self
+            .expected
+            .range((volume, 0)..(volume, seq))
+            .next_back()
+            .map_or_else(
+                || vec![0; (CHUNK * CHUNKS) as usize],
+                |(_, image)| image.clone(),
+            );
+        for (&chunk, content) in changes {
+            let start = (chunk * CHUNK) as usize;
+            image[start..start + CHUNK as usize].copy_from_slice(content);
+        }
+        self.expected.insert((volume, seq), image);
+        self.maps.insert(volume, map);
+        Ok(report)
+    }
+
+    /// Point 1 of each: 48 chunks the two share, 8 of each host's own, 8 of zeros. The
+    /// second host uploads only its own chunks.
+    async fn commit_first_points(&mut self, a: &ObjectStoreClient, b: &ObjectStoreClient) {
+        for (volume, client, own) in [("host-a", a, 1000), ("host-b", b, 2000)] {
+            let changes: BTreeMap<u64, Vec<u8>> = (0..CHUNKS)
+                .map(|chunk| {
+                    let content = match chunk {
+                        0..48 => chunk_content(chunk),
+                        48..56 => chunk_content(own + chunk),
+                        _ => vec![0; CHUNK as usize],
+                    };
+                    (chunk, content)
+                })
+                .collect();
+            let report = self
+                .commit(client, volume, 1, &changes)
+                .await
+                .expect("first point");
+            eprintln!("{volume} point 1: {report:?}");
+            assert!(!report.delta, "a first point is a full manifest");
+            // The first host stores 56 chunks of 64 KiB in 1 MiB packs; the second only its
+            // own 8, since the store holds the 48 shared ones already.
+            let (dedup, packs) = if volume == "host-a" { (0, 4) } else { (48, 1) };
+            assert_eq!(report.deduplicated_chunks, dedup, "{report:?}");
+            assert_eq!(report.packs, packs, "{report:?}");
+        }
+        let dedup = Dedup::of(self.maps.values());
+        eprintln!(
+            "dedup across the two hosts: {} chunk references, {} stored, ratio {:.2}",
+            dedup.referenced,
+            dedup.distinct,
+            dedup.ratio()
+        );
+        assert_eq!((dedup.referenced, dedup.distinct), (112, 64));
+    }
+
+    /// Point 2 of host-a is a delta of what changed (3 chunks, one of them now zeros); two
+    /// writers then race for point 3 and exactly one commits it.
+    async fn commit_a_delta_and_race_for_the_next(
+        &mut self,
+        a: &ObjectStoreClient,
+        b: &ObjectStoreClient,
+    ) {
+        let changes: BTreeMap<u64, Vec<u8>> = [
+            (3, chunk_content(5003)),
+            (50, chunk_content(5050)),
+            (7, vec![0; CHUNK as usize]),
+        ]
+        .into_iter()
+        .collect();
+        let report = self
+            .commit(a, "host-a", 2, &changes)
+            .await
+            .expect("point 2");
+        eprintln!("host-a point 2: {report:?}");
+        assert!(report.delta, "{report:?}");
+        assert!(report.manifest_bytes < 1024, "{report:?}");
+        assert!(report.uploaded_bytes < 3 * CHUNK, "{report:?}");
+
+        let base = self.maps["host-a"].clone();
+        let race = |client: ObjectStoreClient, seed: u64| {
+            let base = base.clone();
+            let settings = self.settings;
+            async move {
+                let changes: BTreeMap<u64, Vec<u8>> =
+                    [(9, chunk_content(seed))].into_iter().collect();
+                let mut locations = objpoints::load_locations(&client).await?;
+                objpoints::commit_point(
+                    &client,
+                    &mut locations,
+                    &base,
+                    PointToCommit {
+                        volume: "host-a",
+                        size_bytes: CHUNK * CHUNKS,
+                        chunk_bytes: CHUNK,
+                        point: point(3),
+                        changes: &changes,
+                    },
+                    settings,
+                )
+                .await
+                .map(|(_, map)| (map, changes))
+            }
+        };
+        let (one, two) = tokio::join!(race(a.clone(), 7001), race(b.clone(), 7002));
+        let conflicts = [&one, &two]
+            .iter()
+            .filter(|outcome| matches!(outcome, Err(PointStoreError::Conflict { seq: 3, .. })))
+            .count();
+        assert_eq!(conflicts, 1, "one writer must lose: {one:?} / {two:?}");
+        let (_, changes) = [one, two]
+            .into_iter()
+            .find_map(Result::ok)
+            .expect("one writer must win");
+        // The winner's point is the one recorded: commit it into the expectation.
+        let mut image = self.expected[&("host-a", 2)].clone();
+        image[(9 * CHUNK) as usize..(10 * CHUNK) as usize].copy_from_slice(&changes[&9]);
+        self.expected.insert(("host-a", 3), image);
+        let (map, _) = objpoints::read_point(a, "host-a", 3)
+            .await
+            .expect("point 3");
+        self.maps.insert("host-a", map);
+    }
+
+    /// Every point, read by another receiver through the manifests and ranged reads, equals
+    /// what was committed.
+    async fn read_every_point_back(&self, reader: &ObjectStoreClient) {
+        let locations = objpoints::load_locations(reader).await.expect("indexes");
+        assert_eq!(
+            objpoints::list_points(reader, "host-a")
+                .await
+                .expect("list"),
+            vec![1, 2, 3]
+        );
+        for ((volume, seq), expected) in &self.expected {
+            let (map, manifest) = objpoints::read_point(reader, volume, *seq)
+                .await
+                .expect("read point");
+            assert_eq!(manifest.point.seq, *seq);
+            let image = objpoints::read_image(reader, &locations, &map, CHUNK * CHUNKS, CHUNK)
+                .await
+                .expect("read image");
+            assert!(
+                image == *expected,
+                "{volume} point {seq} does not read back as committed"
+            );
+        }
+    }
+
+    /// With a store node down, a point still commits and reads back.
+    async fn commit_with_a_node_down(&mut self, b: &ObjectStoreClient) {
+        let changes: BTreeMap<u64, Vec<u8>> = [(20, chunk_content(9020))].into_iter().collect();
+        let report = self
+            .commit(b, "host-b", 2, &changes)
+            .await
+            .expect("a point with a node down");
+        assert!(report.delta);
+        self.read_every_point_back(b).await;
+    }
 }

@@ -68,6 +68,13 @@ pub enum StoreError {
         #[source]
         source: object_store::Error,
     },
+    /// The store answered a read without an ETag, so the object cannot be replaced safely
+    /// (compare-and-swap needs it).
+    #[error("object store: no ETag for {key}, so it cannot be replaced safely")]
+    NoETag {
+        /// The object's key.
+        key: String,
+    },
     /// A lease object that is not a lease.
     #[error("object store: the lease of volume {volume}: {source}")]
     Lease {
@@ -183,6 +190,50 @@ impl ObjectStoreClient {
         Ok(Some((bytes.to_vec(), e_tag)))
     }
 
+    /// `len` bytes of `key` from `offset` (a ranged GET: one chunk of a pack).
+    pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
+        let end = offset.checked_add(len).ok_or_else(|| StoreError::Request {
+            what: "reading",
+            key: key.to_owned(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: format!("range {offset}+{len} overflows").into(),
+            },
+        })?;
+        let bytes = self
+            .store
+            .get_range(&ObjectPath::from(key), offset..end)
+            .await
+            .map_err(|source| StoreError::Request {
+                what: "reading a range of",
+                key: key.to_owned(),
+                source,
+            })?;
+        Ok(bytes.to_vec())
+    }
+
+    /// The objects directly under `prefix` (a folder such as `packs`): key, size, and when
+    /// it was last written (milliseconds since the Unix epoch).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&ObjectPath::from(prefix)))
+            .await
+            .map_err(|source| StoreError::Request {
+                what: "listing",
+                key: prefix.to_owned(),
+                source,
+            })?;
+        Ok(listed
+            .objects
+            .into_iter()
+            .map(|meta| {
+                let written = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                (meta.location.to_string(), meta.size, written)
+            })
+            .collect())
+    }
+
     /// Creates `key` with `content` only if no object has that name.
     pub async fn put_if_absent(&self, key: &str, content: Vec<u8>) -> Result<Created, StoreError> {
         let options = PutOptions {
@@ -293,13 +344,7 @@ impl ObjectStoreClient {
             LeaseDecision::Renew(record) | LeaseDecision::TakeOver(record) => {
                 // A store that gives no ETag cannot do compare-and-swap: refuse to guess.
                 let Some(e_tag) = current.as_ref().and_then(|(_, e_tag)| e_tag.as_deref()) else {
-                    return Err(StoreError::Config {
-                        endpoint: String::new(),
-                        detail: format!(
-                            "the store gave no ETag for {key}, so a lease cannot be replaced \
-                             safely"
-                        ),
-                    });
+                    return Err(StoreError::NoETag { key });
                 };
                 self.replace_if_unchanged(&key, record.encode(), e_tag)
                     .await?
