@@ -15,7 +15,9 @@ use std::{
 };
 
 use blkmirror::dr::layout::{ChunkMap, Dedup};
-use blkmirror::dr::objpoints::{self, CommitReport, PackSettings, PointStoreError, PointToCommit};
+use blkmirror::dr::objpoints::{
+    self, CommitReport, GcReport, PackSettings, PointStoreError, PointToCommit, StoreView,
+};
 use blkmirror::dr::objstore::{
     Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError, lease_key,
 };
@@ -84,7 +86,7 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
 
     runtime.block_on(async {
         // A name taken by a conditional create is never overwritten.
-        let key = "volumes/v0/manifests/00000001";
+        let key = "claims/first";
         assert_eq!(
             a.put_if_absent(key, b"first".to_vec())
                 .await
@@ -167,13 +169,14 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
     cluster.kill_osd(0);
     runtime.block_on(async {
         hosts.commit_with_a_node_down(&b).await;
+        hosts.collect_garbage_while_committing(&a, &b).await;
         let renewed = b
             .acquire_lease("v1", "receiver-b", now_ms(), 30_000)
             .await
             .expect("renew with a node down");
         assert_eq!(holding(&renewed), Some(("receiver-b".to_owned(), 2)));
         assert_eq!(
-            a.put_if_absent("volumes/v0/manifests/00000002", b"next".to_vec())
+            a.put_if_absent("claims/second", b"next".to_vec())
                 .await
                 .expect("create with a node down"),
             Created::Created
@@ -248,6 +251,7 @@ impl Hosts {
             settings: PackSettings {
                 target_bytes: 1 << 20,
                 level: Some(3),
+                max_view_age: Duration::from_secs(60),
             },
         }
     }
@@ -259,11 +263,24 @@ impl Hosts {
         seq: u64,
         changes: &BTreeMap<u64, Vec<u8>>,
     ) -> Result<CommitReport, PointStoreError> {
-        let mut locations = objpoints::load_locations(client).await?;
+        let mut view = objpoints::load_view(client).await?;
+        self.commit_in_view(client, &mut view, volume, seq, changes)
+            .await
+    }
+
+    /// Commits with what the store held at `view` (read earlier, perhaps).
+    async fn commit_in_view(
+        &mut self,
+        client: &ObjectStoreClient,
+        view: &mut StoreView,
+        volume: &'static str,
+        seq: u64,
+        changes: &BTreeMap<u64, Vec<u8>>,
+    ) -> Result<CommitReport, PointStoreError> {
         let base = self.maps.get(volume).cloned().unwrap_or_default();
         let (report, map) = objpoints::commit_point(
             client,
-            &mut locations,
+            view,
             &base,
             PointToCommit {
                 volume,
@@ -358,10 +375,10 @@ impl Hosts {
             async move {
                 let changes: BTreeMap<u64, Vec<u8>> =
                     [(9, chunk_content(seed))].into_iter().collect();
-                let mut locations = objpoints::load_locations(&client).await?;
+                let mut view = objpoints::load_view(&client).await?;
                 objpoints::commit_point(
                     &client,
-                    &mut locations,
+                    &mut view,
                     &base,
                     PointToCommit {
                         volume: "host-a",
@@ -399,19 +416,26 @@ impl Hosts {
     /// Every point, read by another receiver through the manifests and ranged reads, equals
     /// what was committed.
     async fn read_every_point_back(&self, reader: &ObjectStoreClient) {
-        let locations = objpoints::load_locations(reader).await.expect("indexes");
-        assert_eq!(
-            objpoints::list_points(reader, "host-a")
-                .await
-                .expect("list"),
-            vec![1, 2, 3]
-        );
+        let view = objpoints::load_view(reader).await.expect("indexes");
+        for volume in ["host-a", "host-b"] {
+            let committed: Vec<u64> = self
+                .expected
+                .keys()
+                .filter(|(v, _)| *v == volume)
+                .map(|(_, seq)| *seq)
+                .collect();
+            assert_eq!(
+                objpoints::list_points(reader, volume).await.expect("list"),
+                committed,
+                "{volume}"
+            );
+        }
         for ((volume, seq), expected) in &self.expected {
             let (map, manifest) = objpoints::read_point(reader, volume, *seq)
                 .await
                 .expect("read point");
             assert_eq!(manifest.point.seq, *seq);
-            let image = objpoints::read_image(reader, &locations, &map, CHUNK * CHUNKS, CHUNK)
+            let image = objpoints::read_image(reader, &view.locations, &map, CHUNK * CHUNKS, CHUNK)
                 .await
                 .expect("read image");
             assert!(
@@ -430,5 +454,72 @@ impl Hosts {
             .expect("a point with a node down");
         assert!(report.delta);
         self.read_every_point_back(b).await;
+    }
+
+    /// Garbage collection racing commits. host-b is removed (its manifests deleted), which
+    /// leaves two packs of its own unreferenced; with the pack of the writer that lost the
+    /// race for point 3, the collection condemns three. Meanwhile a
+    /// commit of host-a that read the indexes *before* the condemnation references one of
+    /// host-b's chunks (dedup into a condemned pack), and one that reads them after stores
+    /// its chunk anew. The next collection, after the grace, revives the pack the first commit
+    /// needs and deletes the other two; every point of host-a still reads back.
+    async fn collect_garbage_while_committing(
+        &mut self,
+        a: &ObjectStoreClient,
+        b: &ObjectStoreClient,
+    ) {
+        const GRACE_MS: u64 = 3_000;
+        // Every pack is older than the grace before the first collection.
+        tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
+        let mut stale_view = objpoints::load_view(a).await.expect("view");
+        for seq in objpoints::list_points(b, "host-b").await.expect("list") {
+            b.delete(&blkmirror::dr::layout::manifest_key("host-b", seq))
+                .await
+                .expect("delete a manifest");
+        }
+        self.expected.retain(|(volume, _), _| *volume == "host-a");
+        self.maps.remove("host-b");
+        let first = objpoints::collect_garbage(b, now_ms(), GRACE_MS, 0.2)
+            .await
+            .expect("first collection");
+        eprintln!("first collection: {first:?}");
+        assert_eq!(
+            (first.condemned, first.deleted, first.revived),
+            (3, 0, 0),
+            "host-b's own pack, its delta's pack, the lost race's pack: {first:?}"
+        );
+        // host-b's own chunk 48, deduplicated from a view read before the condemnation.
+        let changes: BTreeMap<u64, Vec<u8>> = [(10, chunk_content(2048))].into_iter().collect();
+        let report = self
+            .commit_in_view(a, &mut stale_view, "host-a", 4, &changes)
+            .await
+            .expect("a commit from a view older than the condemnation");
+        assert_eq!(report.deduplicated_chunks, 1, "{report:?}");
+        // host-b's chunk 49, from a fresh view: the condemned pack is not deduplicated into.
+        let changes: BTreeMap<u64, Vec<u8>> = [(11, chunk_content(2049))].into_iter().collect();
+        let report = self
+            .commit(a, "host-a", 5, &changes)
+            .await
+            .expect("a commit after the condemnation");
+        assert_eq!(
+            (report.deduplicated_chunks, report.packs),
+            (0, 1),
+            "{report:?}"
+        );
+        let early: GcReport = objpoints::collect_garbage(a, now_ms(), GRACE_MS, 0.2)
+            .await
+            .expect("a collection within the grace");
+        assert_eq!((early.deleted, early.revived), (0, 1), "{early:?}");
+        tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
+        let packs_before = a.list("packs").await.expect("list").len();
+        let second = objpoints::collect_garbage(a, now_ms(), GRACE_MS, 0.2)
+            .await
+            .expect("second collection");
+        // (It may also condemn the pack of point 5, whose one live chunk the revived pack
+        // holds too: one copy is kept.)
+        eprintln!("second collection: {second:?}");
+        assert_eq!((second.deleted, second.revived), (2, 0), "{second:?}");
+        assert_eq!(a.list("packs").await.expect("list").len(), packs_before - 2);
+        self.read_every_point_back(a).await;
     }
 }

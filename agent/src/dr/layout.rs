@@ -801,25 +801,42 @@ pub struct PackInfo {
     pub index: Vec<IndexEntry>,
     /// When it was written (Unix milliseconds, the store's clock).
     pub written_unix_ms: u64,
+    /// When a collection condemned it (its `condemned/ID` marker), if one did.
+    pub condemned_unix_ms: Option<u64>,
 }
 
 /// What a garbage collection does.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct GcPlan {
-    /// Packs no live chunk is in: delete them (and their indexes).
+    /// Packs no live chunk needs: mark them condemned (a later collection deletes them).
+    pub condemn: Vec<PackId>,
+    /// Condemned packs still not needed a grace period later: delete them and their indexes.
     pub delete: Vec<PackId>,
-    /// Packs mostly dead: copy their live chunks into new packs, then delete them.
+    /// Condemned packs that a commit made needed again: lift the condemnation.
+    pub revive: Vec<PackId>,
+    /// Packs mostly dead: copy their live chunks into a new pack; the old one is then not
+    /// needed and is condemned by the next collection.
     pub repack: Vec<PackId>,
     /// Packs left alone for now because they are younger than the grace period.
     pub young: usize,
 }
 
-/// Plans a mark-and-sweep: `live` is every chunk the remaining manifests reference (mark);
-/// a pack with no live chunk is deleted, one whose live bytes are below `repack_below` of its
-/// stored bytes is repacked (sweep). A pack younger than `grace_ms` is never touched: a commit
-/// writes its packs before its manifest, so until the manifest lands its chunks look dead.
-/// The grace must exceed the longest a commit can take between its first pack and its
-/// manifest (the writer's lease bounds that).
+/// Plans a mark-and-sweep in two phases, safe against commits that run at the same time.
+///
+/// `live` is every chunk a remaining point reads (mark). Each live chunk is kept by one pack:
+/// the first (by id) holding it that is not condemned, else the first condemned one. A pack
+/// is *needed* when it keeps a live chunk; copies elsewhere (a repack, two writers that stored
+/// the same chunk) are not.
+///
+/// * A pack younger than `grace_ms` is not touched: a commit writes its packs before its
+///   manifest, so until the manifest lands its chunks look dead.
+/// * An older pack not needed is *condemned*, not deleted. A commit already under way may have
+///   found one of its chunks in it (dedup) and be about to reference it: commits do not dedup
+///   against condemned packs from then on, and a commit must land within the grace of the
+///   moment it read the pack indexes (`objpoints` enforces it).
+/// * A condemned pack is deleted when a later collection, at least `grace_ms` after the
+///   condemnation, still finds it not needed; if a commit made it needed, it is revived.
+/// * A needed pack whose live bytes are under `repack_below` of its stored bytes is repacked.
 pub fn gc_plan(
     packs: &BTreeMap<PackId, PackInfo>,
     live: &HashSet<ChunkId>,
@@ -827,21 +844,47 @@ pub fn gc_plan(
     grace_ms: u64,
     repack_below: f64,
 ) -> GcPlan {
+    // The pack that keeps each live chunk: the first (by id) that holds it outside the
+    // condemned packs, else the first condemned one (which is then revived). Every other
+    // copy is not needed.
+    let mut keeper: HashMap<ChunkId, (bool, PackId)> = HashMap::new();
+    for (id, pack) in packs {
+        let condemned = pack.condemned_unix_ms.is_some();
+        for entry in pack.index.iter().filter(|e| live.contains(&e.id)) {
+            keeper
+                .entry(entry.id)
+                .and_modify(|kept| {
+                    if kept.0 && !condemned {
+                        *kept = (false, *id);
+                    }
+                })
+                .or_insert((condemned, *id));
+        }
+    }
     let mut plan = GcPlan::default();
     for (id, pack) in packs {
-        if now_unix_ms.saturating_sub(pack.written_unix_ms) < grace_ms {
-            plan.young += 1;
-            continue;
-        }
-        let (mut live_bytes, mut all_bytes) = (0u64, 0u64);
+        let (mut live_bytes, mut all_bytes, mut needed) = (0u64, 0u64, false);
         for entry in &pack.index {
             all_bytes += u64::from(entry.stored_len);
             if live.contains(&entry.id) {
                 live_bytes += u64::from(entry.stored_len);
+                needed |= keeper.get(&entry.id).is_some_and(|(_, kept)| kept == id);
             }
         }
-        if live_bytes == 0 {
-            plan.delete.push(*id);
+        if let Some(condemned) = pack.condemned_unix_ms {
+            if needed {
+                plan.revive.push(*id);
+            } else if now_unix_ms.saturating_sub(condemned) >= grace_ms {
+                plan.delete.push(*id);
+            }
+            continue;
+        }
+        if now_unix_ms.saturating_sub(pack.written_unix_ms) < grace_ms {
+            plan.young += 1;
+            continue;
+        }
+        if !needed {
+            plan.condemn.push(*id);
         } else if (live_bytes as f64) < repack_below * all_bytes as f64 {
             plan.repack.push(*id);
         }
@@ -850,30 +893,39 @@ pub fn gc_plan(
 }
 
 /// Where each chunk is: the union of pack indexes (a chunk in two packs, after a repack or
-/// a race of two writers, is found in either).
+/// a race of two writers, is found in either; a pack not condemned is preferred).
 #[derive(Debug, Default)]
 pub struct ChunkLocations {
-    by_chunk: HashMap<ChunkId, (PackId, IndexEntry)>,
+    by_chunk: HashMap<ChunkId, (PackId, IndexEntry, bool)>,
 }
 
 impl ChunkLocations {
-    /// Adds a pack's index.
-    pub fn add(&mut self, pack: PackId, index: &[IndexEntry]) {
+    /// Adds a pack's index; `condemned`: a collection has marked the pack for deletion.
+    pub fn add(&mut self, pack: PackId, index: &[IndexEntry], condemned: bool) {
         for entry in index {
-            self.by_chunk
-                .entry(entry.id)
-                .or_insert_with(|| (pack, entry.clone()));
+            match self.by_chunk.get(&entry.id) {
+                Some((_, _, false)) => {}
+                Some((_, _, true)) if condemned => {}
+                _ => {
+                    self.by_chunk
+                        .insert(entry.id, (pack, entry.clone(), condemned));
+                }
+            }
         }
     }
 
-    /// Where a chunk is.
-    pub fn get(&self, id: &ChunkId) -> Option<&(PackId, IndexEntry)> {
-        self.by_chunk.get(id)
+    /// Where a chunk can be read (from a condemned pack too: a point that a commit made
+    /// reference it is still readable until the next collection revives the pack).
+    pub fn get(&self, id: &ChunkId) -> Option<(&PackId, &IndexEntry)> {
+        self.by_chunk.get(id).map(|(pack, entry, _)| (pack, entry))
     }
 
-    /// Whether the store holds a chunk (dedup: it need not be stored again).
+    /// Whether a new point may reference this chunk without storing it again: the store
+    /// holds it in a pack that is not condemned.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.by_chunk.contains_key(id)
+        self.by_chunk
+            .get(id)
+            .is_some_and(|(_, _, condemned)| !condemned)
     }
 
     /// Chunks known.
@@ -886,12 +938,12 @@ impl ChunkLocations {
         self.by_chunk.is_empty()
     }
 
-    /// The chunks of `map` the store does not hold (a point cannot be committed while any is
-    /// missing).
+    /// The chunks of `map` the store does not hold readable (a point cannot be committed
+    /// while any is missing).
     pub fn missing(&self, map: &ChunkMap) -> BTreeSet<u64> {
         map.chunks
             .iter()
-            .filter(|(_, id)| !self.contains(id))
+            .filter(|(_, id)| !self.by_chunk.contains_key(*id))
             .map(|(&chunk, _)| chunk)
             .collect()
     }
@@ -1104,7 +1156,7 @@ mod tests {
     }
 
     #[test]
-    fn gc_deletes_dead_packs_repacks_sparse_ones_and_spares_young_ones() {
+    fn gc_condemns_then_deletes_revives_what_a_commit_needs_and_spares_young_packs() {
         let entry = |id: u8, stored_len: u32| IndexEntry {
             id: [id; 32],
             offset: 5,
@@ -1112,45 +1164,68 @@ mod tests {
             raw_len: stored_len,
             codec: Codec::Raw,
         };
+        let pack = |entries: Vec<IndexEntry>, written: u64, condemned: Option<u64>| PackInfo {
+            index: entries,
+            written_unix_ms: written,
+            condemned_unix_ms: condemned,
+        };
         let mut packs = BTreeMap::new();
         let old = 1_000;
-        packs.insert(
-            [1; 32],
-            PackInfo {
-                index: vec![entry(1, 100), entry(2, 100)],
-                written_unix_ms: old,
-            },
-        );
-        packs.insert(
-            [2; 32],
-            PackInfo {
-                index: vec![entry(3, 10), entry(4, 990)],
-                written_unix_ms: old,
-            },
-        );
-        packs.insert(
-            [3; 32],
-            PackInfo {
-                index: vec![entry(5, 100)],
-                written_unix_ms: old,
-            },
-        );
+        packs.insert([1; 32], pack(vec![entry(1, 100), entry(2, 100)], old, None));
+        packs.insert([2; 32], pack(vec![entry(3, 10), entry(4, 990)], old, None));
+        packs.insert([3; 32], pack(vec![entry(5, 100)], old, None));
         // A commit in progress: its pack is written, its manifest not yet.
-        packs.insert(
-            [4; 32],
-            PackInfo {
-                index: vec![entry(6, 100)],
-                written_unix_ms: 99_000,
-            },
-        );
+        packs.insert([4; 32], pack(vec![entry(6, 100)], 99_000, None));
         let live: HashSet<ChunkId> = [[1; 32], [3; 32], [5; 32]].into_iter().collect();
         let plan = gc_plan(&packs, &live, 100_000, 60_000, 0.5);
-        assert_eq!(plan.delete, Vec::<PackId>::new());
+        assert_eq!(plan.condemn, Vec::<PackId>::new());
         assert_eq!(plan.repack, vec![[2; 32]]);
         assert_eq!(plan.young, 1);
+        // Points deleted: packs 2 and 3 hold nothing live. They are condemned, not deleted.
         let live: HashSet<ChunkId> = [[1; 32]].into_iter().collect();
         let plan = gc_plan(&packs, &live, 100_000, 60_000, 0.5);
+        assert_eq!(plan.condemn, vec![[2; 32], [3; 32]]);
+        assert_eq!(plan.delete, Vec::<PackId>::new());
+        // Meanwhile a commit that had read the indexes before referenced chunk 5 (dedup into
+        // pack 3): the next collection revives pack 3 and deletes pack 2 once the grace is over.
+        for id in [[2; 32], [3; 32]] {
+            packs.get_mut(&id).unwrap().condemned_unix_ms = Some(100_000);
+        }
+        let live: HashSet<ChunkId> = [[1; 32], [5; 32]].into_iter().collect();
+        let early = gc_plan(&packs, &live, 130_000, 60_000, 0.5);
+        assert_eq!(early.revive, vec![[3; 32]]);
+        assert_eq!(early.delete, Vec::<PackId>::new(), "within the grace");
+        let late = gc_plan(&packs, &live, 160_000, 60_000, 0.5);
+        assert_eq!(late.revive, vec![[3; 32]]);
+        assert_eq!(late.delete, vec![[2; 32]]);
+        // A condemned pack whose live chunk another (uncondemned) pack holds is not needed:
+        // after a repack, the old pack goes.
+        packs.insert([5; 32], pack(vec![entry(5, 100)], old, None));
+        let plan = gc_plan(&packs, &live, 160_000, 60_000, 0.5);
         assert_eq!(plan.delete, vec![[2; 32], [3; 32]]);
-        assert_eq!(plan.repack, Vec::<PackId>::new());
+        assert_eq!(plan.revive, Vec::<PackId>::new());
+    }
+
+    #[test]
+    fn a_new_point_never_dedups_into_a_condemned_pack_but_can_read_from_one() {
+        let entry = IndexEntry {
+            id: [9; 32],
+            offset: 5,
+            stored_len: 10,
+            raw_len: 10,
+            codec: Codec::Raw,
+        };
+        let mut locations = ChunkLocations::default();
+        locations.add([1; 32], std::slice::from_ref(&entry), true);
+        assert!(!locations.contains(&[9; 32]));
+        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| *p), Some([1; 32]));
+        let mut map = ChunkMap::default();
+        map.chunks.insert(0, [9; 32]);
+        assert!(locations.missing(&map).is_empty());
+        // The same chunk in a live pack is preferred, whichever index comes first.
+        locations.add([2; 32], std::slice::from_ref(&entry), false);
+        locations.add([3; 32], std::slice::from_ref(&entry), true);
+        assert!(locations.contains(&[9; 32]));
+        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| *p), Some([2; 32]));
     }
 }

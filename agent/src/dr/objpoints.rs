@@ -10,13 +10,25 @@
 //! manifests back to the last full one and applies them forward; chunks are fetched by ranged
 //! reads of their packs and checked against their ids.
 //!
+//!
+//! Garbage collection ([`collect_garbage`]) runs [`layout::gc_plan`] in two phases: a pack no
+//! remaining point needs is first *condemned* (a `condemned/ID` marker); commits stop deduping
+//! into it; a later collection, a grace period on, deletes it if still not needed, or revives
+//! it if a commit that had read the indexes before the condemnation referenced it. What makes
+//! that safe: a commit must create its manifest within [`PackSettings::max_view_age`] of
+//! reading the indexes ([`StoreView`]), and the grace is longer.
+//!
 //! Not built yet: the receiver's commit path on this (today's receivers still commit to their
-//! data directory), the garbage collector's driver, encryption.
+//! data directory), repacking (planned, not driven), deleting single points (retention on the
+//! store), encryption.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::{Duration, Instant},
+};
 
 use crate::dr::layout::{
-    self, ChunkId, ChunkLocations, ChunkMap, LayoutError, Manifest, PackBuilder, PackId,
+    self, ChunkId, ChunkLocations, ChunkMap, LayoutError, Manifest, PackBuilder, PackId, PackInfo,
 };
 use crate::dr::objstore::{Created, ObjectStoreClient, StoreError};
 use blkmirror_protocol::wire::PointInfo;
@@ -57,6 +69,22 @@ pub enum PointStoreError {
     /// An object the layout needs is not in the store.
     #[error("object store: {0} is missing")]
     Missing(String),
+    /// The commit took too long after reading the pack indexes: a collection may have
+    /// deleted a pack it deduplicated into, so it does not commit.
+    #[error(
+        "point {seq} of volume {volume}: {elapsed:?} since the pack indexes were read, more \
+         than the {limit:?} a commit may take; not committed (read them again and retry)"
+    )]
+    StaleView {
+        /// The volume.
+        volume: String,
+        /// The point.
+        seq: u64,
+        /// How long it had been.
+        elapsed: Duration,
+        /// The limit.
+        limit: Duration,
+    },
 }
 
 fn layout_error(key: &str) -> impl FnOnce(LayoutError) -> PointStoreError + '_ {
@@ -90,6 +118,9 @@ pub struct PackSettings {
     pub target_bytes: usize,
     /// zstd level for chunks that compress (None: stored raw).
     pub level: Option<i32>,
+    /// The longest a commit may take from reading the pack indexes to creating its manifest.
+    /// Garbage collection's grace must be longer.
+    pub max_view_age: Duration,
 }
 
 impl Default for PackSettings {
@@ -97,8 +128,18 @@ impl Default for PackSettings {
         Self {
             target_bytes: 32 << 20,
             level: Some(3),
+            max_view_age: Duration::from_secs(600),
         }
     }
+}
+
+/// What the store holds, as read at one instant: where each chunk is, and which packs a
+/// collection has condemned.
+pub struct StoreView {
+    /// Where each chunk is.
+    pub locations: ChunkLocations,
+    /// When the indexes were read.
+    pub read_at: Instant,
 }
 
 /// The geometry and point of a commit.
@@ -133,20 +174,22 @@ async fn upload_pack(
     client
         .put_if_absent(&layout::index_key(&pack.id), index)
         .await?;
-    locations.add(pack.id, &pack.index);
+    locations.add(pack.id, &pack.index, false);
     Ok(())
 }
 
 /// Commits `commit` on top of `base` (the volume's newest point, or an empty map for its
-/// first): uploads what the store lacks, then creates the manifest. `locations` is every pack
-/// index known (updated with the new packs). Returns the report and the map at the new point.
+/// first): uploads what the store lacks, then creates the manifest. `view` is what the store
+/// held (updated with the new packs); it must not be older than `settings.max_view_age` when
+/// the manifest is created. Returns the report and the map at the new point.
 pub async fn commit_point(
     client: &ObjectStoreClient,
-    locations: &mut ChunkLocations,
+    view: &mut StoreView,
     base: &ChunkMap,
     commit: PointToCommit<'_>,
     settings: PackSettings,
 ) -> Result<(CommitReport, ChunkMap), PointStoreError> {
+    let locations = &mut view.locations;
     let mut report = CommitReport {
         changed_chunks: commit.changes.len() as u64,
         ..CommitReport::default()
@@ -191,6 +234,15 @@ pub async fn commit_point(
             commit.volume,
             missing.len()
         )));
+    }
+    let elapsed = view.read_at.elapsed();
+    if elapsed > settings.max_view_age {
+        return Err(PointStoreError::StaleView {
+            volume: commit.volume.to_owned(),
+            seq,
+            elapsed,
+            limit: settings.max_view_age,
+        });
     }
     report.delta = manifest.base.is_some();
     let bytes = layout::encode_manifest(&manifest);
@@ -276,7 +328,11 @@ pub async fn list_points(
         .list(&prefix)
         .await?
         .into_iter()
-        .filter_map(|(key, _, _)| key.rsplit('/').next()?.parse().ok())
+        .filter_map(|(key, _, _)| {
+            // Only the names the writer gives (20 digits); anything else is not a point.
+            let seq: u64 = key.rsplit('/').next()?.parse().ok()?;
+            (key == layout::manifest_key(volume, seq)).then_some(seq)
+        })
         .collect();
     seqs.sort_unstable();
     Ok(seqs)
@@ -293,30 +349,180 @@ fn parse_id(hex: &str) -> Option<PackId> {
     Some(id)
 }
 
-/// Every pack index in the store, each checked against its pack's size.
-pub async fn load_locations(client: &ObjectStoreClient) -> Result<ChunkLocations, PointStoreError> {
-    let pack_sizes: BTreeMap<PackId, u64> = client
+/// The pack objects in the store: id → (size, when written, in Unix milliseconds).
+async fn list_packs(
+    client: &ObjectStoreClient,
+) -> Result<BTreeMap<PackId, (u64, u64)>, PointStoreError> {
+    Ok(client
         .list("packs")
         .await?
         .into_iter()
-        .filter_map(|(key, size, _)| Some((parse_id(key.rsplit('/').next()?)?, size)))
-        .collect();
-    let mut locations = ChunkLocations::default();
+        .filter_map(|(key, size, written)| {
+            Some((parse_id(key.rsplit('/').next()?)?, (size, written)))
+        })
+        .collect())
+}
+
+/// The condemnation markers: pack id → when it was condemned (Unix milliseconds).
+async fn list_condemned(
+    client: &ObjectStoreClient,
+) -> Result<BTreeMap<PackId, u64>, PointStoreError> {
+    let mut condemned = BTreeMap::new();
+    for (key, _, _) in client.list("condemned").await? {
+        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
+            continue;
+        };
+        let Some((bytes, _)) = client.get(&key, 64).await? else {
+            continue;
+        };
+        let at = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .ok_or_else(|| PointStoreError::Layout {
+                key: key.clone(),
+                source: LayoutError::Malformed {
+                    what: "condemnation marker",
+                    detail: "not a time in milliseconds".to_owned(),
+                },
+            })?;
+        condemned.insert(id, at);
+    }
+    Ok(condemned)
+}
+
+/// Every pack index in the store, each checked against its pack's size, and the packs
+/// condemned.
+async fn read_indexes(
+    client: &ObjectStoreClient,
+) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
+    let packs = list_packs(client).await?;
+    let condemned = list_condemned(client).await?;
+    let mut indexes = BTreeMap::new();
     for (key, _, _) in client.list("index").await? {
         let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
             continue;
         };
-        // An index whose pack is gone (garbage collected, or never finished) locates nothing.
-        let Some(&pack_len) = pack_sizes.get(&id) else {
+        // An index whose pack is gone (collected, or never finished) locates nothing.
+        let Some(&(pack_len, written)) = packs.get(&id) else {
             continue;
         };
         let Some((bytes, _)) = client.get(&key, MAX_INDEX_BYTES).await? else {
             continue;
         };
         let index = layout::decode_index(&bytes, Some(pack_len)).map_err(layout_error(&key))?;
-        locations.add(id, &index);
+        indexes.insert(
+            id,
+            PackInfo {
+                index,
+                written_unix_ms: written,
+                condemned_unix_ms: condemned.get(&id).copied(),
+            },
+        );
     }
-    Ok(locations)
+    Ok(indexes)
+}
+
+/// What the store holds now: a commit deduplicates against it, a read finds chunks in it.
+pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointStoreError> {
+    let read_at = Instant::now();
+    let mut locations = ChunkLocations::default();
+    for (id, pack) in read_indexes(client).await? {
+        locations.add(id, &pack.index, pack.condemned_unix_ms.is_some());
+    }
+    Ok(StoreView { locations, read_at })
+}
+
+/// The volumes with points in the store.
+pub async fn list_volumes(client: &ObjectStoreClient) -> Result<Vec<String>, PointStoreError> {
+    Ok(client
+        .list_folders("volumes")
+        .await?
+        .into_iter()
+        .filter_map(|folder| {
+            let name = folder.trim_end_matches('/').rsplit('/').next()?.to_owned();
+            blkmirror_protocol::wire::check_volume_name(&name)
+                .is_ok()
+                .then_some(name)
+        })
+        .collect())
+}
+
+/// Every chunk a point in the store reads (the mark of a collection). Each volume's manifests
+/// are read once, in order.
+pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>, PointStoreError> {
+    let mut live = HashSet::new();
+    for volume in list_volumes(client).await? {
+        let mut map = ChunkMap::default();
+        for seq in list_points(client, &volume).await? {
+            let manifest = read_manifest(client, &volume, seq).await?;
+            let follows = manifest.base.is_none_or(|base| base == map.seq);
+            if follows {
+                map.apply(&manifest)
+                    .map_err(layout_error(&layout::manifest_key(&volume, seq)))?;
+            } else {
+                map = read_point(client, &volume, seq).await?.0;
+            }
+            live.extend(map.chunks.values().copied());
+        }
+    }
+    Ok(live)
+}
+
+/// What a collection did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    /// Packs in the store.
+    pub packs: usize,
+    /// Chunks live.
+    pub live_chunks: usize,
+    /// Packs condemned now.
+    pub condemned: usize,
+    /// Condemned packs deleted.
+    pub deleted: usize,
+    /// Condemned packs revived (a commit needed them).
+    pub revived: usize,
+    /// Packs that should be repacked (not driven yet).
+    pub to_repack: usize,
+    /// Packs too young to judge.
+    pub young: usize,
+}
+
+/// One collection at `now_unix_ms` (the time is read before anything else is: every manifest
+/// read after it is seen). `grace_ms` must exceed the writers' `max_view_age` and the clock
+/// difference between this host and the store.
+pub async fn collect_garbage(
+    client: &ObjectStoreClient,
+    now_unix_ms: u64,
+    grace_ms: u64,
+    repack_below: f64,
+) -> Result<GcReport, PointStoreError> {
+    let packs = read_indexes(client).await?;
+    let live = live_chunks(client).await?;
+    let plan = layout::gc_plan(&packs, &live, now_unix_ms, grace_ms, repack_below);
+    let condemned_key = |id: &PackId| format!("condemned/{}", layout::hex(id));
+    for id in &plan.condemn {
+        client
+            .put_if_absent(&condemned_key(id), now_unix_ms.to_string().into_bytes())
+            .await?;
+    }
+    for id in &plan.revive {
+        client.delete(&condemned_key(id)).await?;
+    }
+    for id in &plan.delete {
+        // The pack first: an index or a marker without its pack is ignored by readers.
+        client.delete(&layout::pack_key(id)).await?;
+        client.delete(&layout::index_key(id)).await?;
+        client.delete(&condemned_key(id)).await?;
+    }
+    Ok(GcReport {
+        packs: packs.len(),
+        live_chunks: live.len(),
+        condemned: plan.condemn.len(),
+        deleted: plan.delete.len(),
+        revived: plan.revive.len(),
+        to_repack: plan.repack.len(),
+        young: plan.young,
+    })
 }
 
 /// One chunk's content, by a ranged read of its pack, checked against its id.

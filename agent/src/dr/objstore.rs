@@ -234,6 +234,24 @@ impl ObjectStoreClient {
             .collect())
     }
 
+    /// The folders directly under `prefix` (`volumes` → `volumes/host-a`, ...).
+    pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let listed = self
+            .store
+            .list_with_delimiter(Some(&ObjectPath::from(prefix)))
+            .await
+            .map_err(|source| StoreError::Request {
+                what: "listing",
+                key: prefix.to_owned(),
+                source,
+            })?;
+        Ok(listed
+            .common_prefixes
+            .into_iter()
+            .map(|path| path.to_string())
+            .collect())
+    }
+
     /// Creates `key` with `content` only if no object has that name.
     pub async fn put_if_absent(&self, key: &str, content: Vec<u8>) -> Result<Created, StoreError> {
         let options = PutOptions {
