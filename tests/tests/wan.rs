@@ -372,6 +372,54 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
     assert_same(&dev.path, &site.receiver.image("wan"));
 }
 
+/// A busy ext4 file system whose agent state lives on it (as `/var/lib/blkmirror` on a
+/// protected root disk), replicated once through a 200 Mbit/s, 20 ms link, then given
+/// [`BusyExt4::CHANGED`] of new file data for one cycle. Fields drop in order: the relay,
+/// the mount, the device, the site.
+struct BusyExt4 {
+    relay: Relay,
+    mount: Mount,
+    dev: LoopDevice,
+    state: std::path::PathBuf,
+    site: Site,
+}
+
+impl BusyExt4 {
+    const CHANGED: u64 = 96 * MIB;
+
+    fn new(seed: u64) -> Self {
+        let site = Site::new("wan");
+        let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
+        let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+        let state = mount.target.join("var/lib/blkmirror");
+        std::fs::create_dir_all(&state).expect("state directory");
+        let relay = relay_to(&site, link(200, 20, 0.0), seed);
+        let busy = Self {
+            relay,
+            mount,
+            dev,
+            state,
+            site,
+        };
+        busy.agent().once_ok(&[]);
+        let status = std::process::Command::new("dd")
+            .arg("if=/dev/urandom")
+            .arg(format!("of={}", busy.mount.target.join("big").display()))
+            .args(["bs=1M", "count=96", "conv=fsync", "status=none"])
+            .status()
+            .expect("dd");
+        assert!(status.success());
+        busy
+    }
+
+    fn agent(&self) -> AgentSetup<'_> {
+        AgentSetup {
+            state_dir: &self.state,
+            ..via(&self.site, &self.dev, &self.relay)
+        }
+    }
+}
+
 /// The field setting of a resume: a busy ext4 file system whose agent state lives on it (as
 /// `/var/lib/blkmirror` on a protected root disk), a blackout in the middle of a large cycle,
 /// and writes going on throughout. The resumed cycle still freezes and commits a crash-
@@ -380,29 +428,12 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
 fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
     require_root();
     let _quiet = blkmirror_tests::QuietHooks::take();
-    let site = Site::new("wan");
-    let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
-    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
-    let _thaw = ThawOnDrop(&mount.target);
-    let state = mount.target.join("var/lib/blkmirror");
-    std::fs::create_dir_all(&state).expect("state directory");
-    let relay = relay_to(&site, link(200, 20, 0.0), 15);
-    let agent = AgentSetup {
-        state_dir: &state,
-        ..via(&site, &dev, &relay)
-    };
-    agent.once_ok(&[]);
-    // 96 MiB of new file data for one cycle, and an application that keeps writing.
-    let changed = 96 * MIB;
-    let status = std::process::Command::new("dd")
-        .arg("if=/dev/urandom")
-        .arg(format!("of={}", mount.target.join("big").display()))
-        .args(["bs=1M", "count=96", "conv=fsync", "status=none"])
-        .status()
-        .expect("dd");
-    assert!(status.success());
-    let mut workload = Workload::start(&mount.target);
-    let cutter = blackout_after(&relay, changed / 2, Duration::from_secs(60), "the cycle");
+    let busy = BusyExt4::new(15);
+    let _thaw = ThawOnDrop(&busy.mount.target);
+    let (agent, relay, changed) = (busy.agent(), &busy.relay, BusyExt4::CHANGED);
+    // The new file data for one cycle, and an application that keeps writing.
+    let mut workload = Workload::start(&busy.mount.target);
+    let cutter = blackout_after(relay, changed / 2, Duration::from_secs(60), "the cycle");
     let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
     cutter.join().expect("the link cutter");
     let files = workload.stop();
@@ -421,9 +452,9 @@ fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
         "{point}"
     );
     fsck_clean(
-        &site.receiver.image("wan"),
+        &busy.site.receiver.image("wan"),
         "ext4",
-        &site.scratch.path,
+        &busy.site.scratch.path,
         "resumed",
     );
 }
@@ -523,30 +554,13 @@ fn kill_when_crossed(agent: &AgentSetup<'_>, relay: &Relay, extra: &[&str], byte
 fn a_restarted_agent_of_a_busy_file_system_with_its_state_on_it_resumes_consistently() {
     require_root();
     let _quiet = blkmirror_tests::QuietHooks::take();
-    let site = Site::new("wan");
-    let dev = LoopDevice::new(&site.scratch.path, 192 * MIB);
-    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
-    let _thaw = ThawOnDrop(&mount.target);
-    let state = mount.target.join("var/lib/blkmirror");
-    std::fs::create_dir_all(&state).expect("state directory");
-    let relay = relay_to(&site, link(200, 20, 0.0), 17);
-    let agent = AgentSetup {
-        state_dir: &state,
-        ..via(&site, &dev, &relay)
-    };
-    agent.once_ok(&[]);
-    let changed = 96 * MIB;
-    let status = std::process::Command::new("dd")
-        .arg("if=/dev/urandom")
-        .arg(format!("of={}", mount.target.join("big").display()))
-        .args(["bs=1M", "count=96", "conv=fsync", "status=none"])
-        .status()
-        .expect("dd");
-    assert!(status.success());
-    let mut workload = Workload::start(&mount.target);
-    kill_when_crossed(&agent, &relay, &["--freeze-budget", "2s"], changed / 2);
+    let busy = BusyExt4::new(17);
+    let _thaw = ThawOnDrop(&busy.mount.target);
+    let (agent, changed) = (busy.agent(), BusyExt4::CHANGED);
+    let mut workload = Workload::start(&busy.mount.target);
+    kill_when_crossed(&agent, &busy.relay, &["--freeze-budget", "2s"], changed / 2);
     assert!(
-        !blkmirror_tests::mirror::is_frozen(&mount.target),
+        !blkmirror_tests::mirror::is_frozen(&busy.mount.target),
         "the agent was killed before its freeze, yet the file system is frozen"
     );
     let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
@@ -566,9 +580,9 @@ fn a_restarted_agent_of_a_busy_file_system_with_its_state_on_it_resumes_consiste
         "{point}"
     );
     fsck_clean(
-        &site.receiver.image("wan"),
+        &busy.site.receiver.image("wan"),
         "ext4",
-        &site.scratch.path,
+        &busy.site.scratch.path,
         "restarted",
     );
 }

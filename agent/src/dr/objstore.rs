@@ -212,19 +212,23 @@ impl ObjectStoreClient {
         Ok(bytes.to_vec())
     }
 
-    /// The objects directly under `prefix` (a folder such as `packs`): key, size, and when
-    /// it was last written (milliseconds since the Unix epoch).
-    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, StoreError> {
-        let listed = self
-            .store
+    async fn listing(&self, prefix: &str) -> Result<object_store::ListResult, StoreError> {
+        self.store
             .list_with_delimiter(Some(&ObjectPath::from(prefix)))
             .await
             .map_err(|source| StoreError::Request {
                 what: "listing",
                 key: prefix.to_owned(),
                 source,
-            })?;
-        Ok(listed
+            })
+    }
+
+    /// The objects directly under `prefix` (a folder such as `packs`): key, size, and when
+    /// it was last written (milliseconds since the Unix epoch).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        Ok(self
+            .listing(prefix)
+            .await?
             .objects
             .into_iter()
             .map(|meta| {
@@ -236,16 +240,9 @@ impl ObjectStoreClient {
 
     /// The folders directly under `prefix` (`volumes` → `volumes/host-a`, ...).
     pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let listed = self
-            .store
-            .list_with_delimiter(Some(&ObjectPath::from(prefix)))
-            .await
-            .map_err(|source| StoreError::Request {
-                what: "listing",
-                key: prefix.to_owned(),
-                source,
-            })?;
-        Ok(listed
+        Ok(self
+            .listing(prefix)
+            .await?
             .common_prefixes
             .into_iter()
             .map(|path| path.to_string())
