@@ -412,6 +412,38 @@ impl BusyExt4 {
         busy
     }
 
+    /// Checks the `agent --once` that ran while `files` were written: it succeeded, resumed
+    /// the cycle (keeping more than a quarter of the change), and committed a crash-consistent
+    /// point whose image passes `e2fsck` (`label` names it).
+    fn assert_resumed_consistently(
+        &self,
+        output: &std::process::Output,
+        lines: &[serde_json::Value],
+        files: u64,
+        label: &str,
+    ) {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "agent --once failed: {stderr}");
+        assert!(files > 0, "the workload wrote nothing");
+        assert!(
+            stderr.contains("resuming cycle"),
+            "the agent should have resumed the cycle ({label}): {stderr}"
+        );
+        let point = last_point(lines);
+        assert_eq!(point["kind"], "cycle", "{point}");
+        assert_eq!(point["consistent"], true, "{point}\n{stderr}");
+        assert!(
+            point["resumed_bytes"].as_u64().expect("resumed_bytes") > Self::CHANGED / 4,
+            "{point}"
+        );
+        fsck_clean(
+            &self.site.receiver.image("wan"),
+            "ext4",
+            &self.site.scratch.path,
+            label,
+        );
+    }
+
     fn agent(&self) -> AgentSetup<'_> {
         AgentSetup {
             state_dir: &self.state,
@@ -437,26 +469,7 @@ fn a_resumed_cycle_of_a_busy_file_system_with_its_state_on_it_is_consistent() {
     let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
     cutter.join().expect("the link cutter");
     let files = workload.stop();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "agent --once failed: {stderr}");
-    assert!(files > 0, "the workload wrote nothing");
-    assert!(
-        stderr.contains("resuming cycle"),
-        "the agent should have resumed the cycle: {stderr}"
-    );
-    let point = last_point(&lines);
-    assert_eq!(point["kind"], "cycle", "{point}");
-    assert_eq!(point["consistent"], true, "{point}\n{stderr}");
-    assert!(
-        point["resumed_bytes"].as_u64().expect("resumed_bytes") > changed / 4,
-        "{point}"
-    );
-    fsck_clean(
-        &busy.site.receiver.image("wan"),
-        "ext4",
-        &busy.site.scratch.path,
-        "resumed",
-    );
+    busy.assert_resumed_consistently(&output, &lines, files, "resumed");
 }
 
 /// An agent killed in the middle of a large incremental cycle (a crash, an OOM kill, a restart
@@ -565,24 +578,5 @@ fn a_restarted_agent_of_a_busy_file_system_with_its_state_on_it_resumes_consiste
     );
     let (output, lines) = agent.once(&["--freeze-budget", "2s"], Duration::from_secs(180));
     let files = workload.stop();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "agent --once failed: {stderr}");
-    assert!(files > 0, "the workload wrote nothing");
-    assert!(
-        stderr.contains("resuming cycle"),
-        "the restarted agent should have resumed the cycle: {stderr}"
-    );
-    let point = last_point(&lines);
-    assert_eq!(point["kind"], "cycle", "{point}");
-    assert_eq!(point["consistent"], true, "{point}\n{stderr}");
-    assert!(
-        point["resumed_bytes"].as_u64().expect("resumed_bytes") > changed / 4,
-        "{point}"
-    );
-    fsck_clean(
-        &busy.site.receiver.image("wan"),
-        "ext4",
-        &busy.site.scratch.path,
-        "restarted",
-    );
+    busy.assert_resumed_consistently(&output, &lines, files, "restarted");
 }
