@@ -272,11 +272,51 @@ pub struct QuietHooks {
 
 impl QuietHooks {
     /// Takes the exclusive hold; call it first, before the test's [`PinRoot`].
+    ///
+    /// Holding the lock is not enough on its own: the kernel detaches a link whose last bpffs
+    /// pin was removed later, from a work queue, so the programs of a test that just ended can
+    /// still be attached. This waits (up to a minute) until no tracker program is attached
+    /// anywhere on the machine.
     pub fn take() -> Self {
         let guard = HOOK_CHURN.write().unwrap_or_else(|e| e.into_inner());
         QUIET_HERE.with(|here| here.set(true));
+        let started = Instant::now();
+        loop {
+            let attached = attached_tracker_links();
+            if attached == 0 {
+                if started.elapsed() > Duration::from_millis(100) {
+                    eprintln!(
+                        "QuietHooks: waited {:?} for the tracker links of other tests to detach",
+                        started.elapsed()
+                    );
+                }
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                eprintln!(
+                    "QuietHooks: {attached} tracker link(s) of other processes still attached \
+                     after 60 s; going on (the test may see a verify sync)"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Self { _guard: guard }
     }
+}
+
+/// How many BPF links on this machine attach a tracker program (the kernel names them after
+/// the first 15 bytes of `block_rq_complete…`).
+pub fn attached_tracker_links() -> usize {
+    let trackers: std::collections::HashSet<u32> = aya::programs::loaded_programs()
+        .flatten()
+        .filter(|program| program.name().starts_with(b"block_rq_compl"))
+        .map(|program| program.id())
+        .collect();
+    aya::programs::loaded_links()
+        .flatten()
+        .filter(|link| trackers.contains(&link.program_id()))
+        .count()
 }
 
 impl Drop for QuietHooks {

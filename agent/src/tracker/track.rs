@@ -29,7 +29,7 @@ use std::{
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::atomic::Ordering,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::{
@@ -286,6 +286,9 @@ struct Pins {
     prog_raw: Option<ProgramFd>,
     /// The dirty map holds a byte per chunk (kernels without BPF atomic OR).
     byte_map: bool,
+    /// The programs count their invocations (`STAT_*_ENTERS` / `STAT_*_EXITS`), so
+    /// [`Tracker::quiesce`] can wait for them instead of for an RCU grace period.
+    invocation_counts: bool,
 }
 
 /// A cut whose slot has not been cleared yet.
@@ -520,10 +523,79 @@ impl Tracker {
         let epoch = state[field::EPOCH].load(Ordering::SeqCst);
         let released = state[field::RELEASED].load(Ordering::SeqCst);
         if released + 1 < epoch {
-            sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
+            self.quiesce()?;
             self.carry = Some(self.read_slot(epoch - 1)?);
         }
         Ok(())
+    }
+
+    /// Waits until every program invocation that may have read the epoch before now has
+    /// returned: from then on, the slot of the old epoch is only read here, and every request
+    /// the disk counted before the call has run the hooks that the kernel ran for it.
+    ///
+    /// With invocation counts (x86), this reads each CPU's enter counts and waits for the exit
+    /// counts to reach them (microseconds: an invocation is a few hundred instructions). Otherwise,
+    /// and if the counts do not settle within a second, it waits for an RCU grace period,
+    /// which on Linux 6.18 makes the kernel skip the tracing programs of some concurrent
+    /// completions (the disk-statistics cross-check then asks for a verify).
+    fn quiesce(&self) -> Result<(), TrackError> {
+        if self.pins.invocation_counts && self.wait_for_invocations()? {
+            return Ok(());
+        }
+        sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))
+    }
+
+    /// `true` once every invocation that began before the call has returned; `false` if they
+    /// did not within a second.
+    fn wait_for_invocations(&self) -> Result<bool, TrackError> {
+        // Orders the caller's epoch store before the reads of the enter counts (the programs'
+        // increments are fully ordered before their epoch loads).
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let per_cpu = |index: u32| -> Result<Vec<u64>, TrackError> {
+            Ok(self.pins.stats.get(&index, 0)?.iter().copied().collect())
+        };
+        let pairs = [
+            (
+                blkmirror_common::STAT_CLASSIC_ENTERS,
+                blkmirror_common::STAT_CLASSIC_EXITS,
+            ),
+            (
+                blkmirror_common::STAT_RAW_ENTERS,
+                blkmirror_common::STAT_RAW_EXITS,
+            ),
+        ];
+        let mut waiting = Vec::new();
+        for (enters, exits) in pairs {
+            waiting.push((per_cpu(enters)?, exits));
+        }
+        let started = Instant::now();
+        let mut rounds = 0u32;
+        loop {
+            let mut settled = true;
+            for (entered, exits) in &waiting {
+                let exited = per_cpu(*exits)?;
+                if entered
+                    .iter()
+                    .zip(&exited)
+                    .any(|(entered, exited)| exited < entered)
+                {
+                    settled = false;
+                    break;
+                }
+            }
+            if settled {
+                return Ok(true);
+            }
+            if started.elapsed() > Duration::from_secs(1) {
+                return Ok(false);
+            }
+            rounds += 1;
+            if rounds < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
     }
 
     /// The device.
@@ -660,8 +732,8 @@ impl Tracker {
         let state = self.pins.state.words();
         let epoch = state[field::EPOCH].load(Ordering::SeqCst);
         state[field::EPOCH].store(epoch + 1, Ordering::SeqCst);
-        // After this grace period no program invocation can still be using the old epoch.
-        sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
+        // After this no program invocation can still be using the old epoch.
+        self.quiesce()?;
         let mut bitmaps = self.read_slot(epoch)?;
         if let Some(carry) = self.carry.take() {
             bitmaps.union(&carry);
@@ -946,6 +1018,13 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
     };
     let big = big_map(PIN_BIG)?;
     let stats_map = MapData::from_pin(dir.join(PIN_STATS)).map_err(|e| broken(PIN_STATS)(&e))?;
+    // Pins made by a version whose programs count no invocations have fewer entries.
+    // (Only x86 makes the programs' atomic add a full barrier: see `STAT_CLASSIC_ENTERS`.)
+    let invocation_counts = cfg!(target_arch = "x86_64")
+        && !byte_map
+        && stats_map
+            .info()
+            .is_ok_and(|info| info.max_entries() as usize >= blkmirror_common::STATS);
     let stats =
         PerCpuArray::try_from(Map::PerCpuArray(stats_map)).map_err(|e| broken(PIN_STATS)(&e))?;
     let big_raw = big_map(PIN_BIG_RAW)?;
@@ -979,6 +1058,7 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
         prog: prog_classic,
         prog_raw,
         byte_map,
+        invocation_counts,
     })
 }
 
