@@ -782,9 +782,9 @@ impl Tracker {
         if unseen > unseen_acked {
             reasons.push(format!(
                 "the disk completed {} write request(s) that no hook saw (the kernel did not run \
-                 the tracker for them; Linux 6.18 does that to the completions of the moment when \
-                 a program or trace event, such as another tracked device's, is attached to or \
-                 detached from block_rq_complete)",
+                 the tracker for them; Linux 6.18 does that to some completions while an RCU \
+                 grace period runs, or while a program or trace event, such as another tracked \
+                 device's, is attached to or detached from block_rq_complete)",
                 unseen - unseen_acked
             ));
         }
