@@ -185,11 +185,15 @@ fn boot_guest(socket: &Path, name: &str, boot: &BootOptions) -> Result<((), Stri
             .open("/dev/kvm")
             .is_ok(),
     };
+    // One vCPU under software emulation: with two on a busy host, one vCPU thread starves,
+    // the guest's RCU stalls, and the guest hung past the 3-minute timeout (seen in a CI run
+    // whose first drill of the same kernel booted in 5.6 s).
+    let vcpus = if kvm { "2" } else { "1" };
     let mut command = Command::new(binary);
     command
         .args(["-accel", if kvm { "kvm" } else { "tcg" }])
         .args(["-cpu", if kvm { "host" } else { "max" }])
-        .args(["-M", machine, "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-M", machine, "-smp", vcpus, "-nographic", "-no-reboot"])
         .args(["-m", &boot.memory_mib.to_string()])
         .arg("-kernel")
         .arg(&boot.kernel)
