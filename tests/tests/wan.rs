@@ -348,26 +348,9 @@ fn a_blackout_in_the_middle_of_a_cycle_resumes_it_without_sending_it_again() {
             stderr.contains("resuming cycle"),
             "the agent should have resumed the cycle: {stderr}"
         );
-        let cycle = committed(&lines)
-            .into_iter()
-            .find(|line| line["kind"] == "cycle")
-            .unwrap_or_else(|| panic!("no cycle committed: {lines:?}"));
-        let resumed = cycle["resumed_bytes"].as_u64().expect("resumed_bytes");
-        let sent_after = cycle["read_bytes"].as_u64().expect("read_bytes");
         // About half had been journaled; what the resumed cycle read and sent is the rest, and
         // together they are the change, give or take what a cut chunk adds.
-        assert!(
-            resumed > changed / 4,
-            "only {} MiB were kept: {stderr}",
-            resumed / MIB
-        );
-        assert!(
-            resumed + sent_after <= changed + changed / 20,
-            "kept {} MiB and sent {} MiB again for a {} MiB change",
-            resumed / MIB,
-            sent_after / MIB,
-            changed / MIB
-        );
+        let (resumed, sent_after) = kept_and_resent(&lines, &stderr, changed, 0);
         // On the wire, the whole cycle (both connections) carried the change plus the transport's
         // overhead and the frames the blackout caught on their way: nowhere near twice.
         let wire = relay.handle().up.delivered_bytes.load(Ordering::Relaxed) - before;
@@ -533,24 +516,7 @@ fn an_agent_killed_in_the_middle_of_a_cycle_resumes_it_after_its_restart() {
             "the restarted agent should have resumed the cycle: {stderr}\nreceiver: {}",
             site.receiver.log()
         );
-        let cycle = committed(&lines)
-            .into_iter()
-            .find(|line| line["kind"] == "cycle")
-            .unwrap_or_else(|| panic!("no cycle committed: {lines:?}"));
-        let resumed = cycle["resumed_bytes"].as_u64().expect("resumed_bytes");
-        let sent_after = cycle["read_bytes"].as_u64().expect("read_bytes");
-        assert!(
-            resumed > changed / 4,
-            "only {} MiB were kept: {stderr}",
-            resumed / MIB
-        );
-        assert!(
-            resumed + sent_after <= changed + written_while_down + changed / 20,
-            "kept {} MiB and sent {} MiB again for a {} MiB change",
-            resumed / MIB,
-            sent_after / MIB,
-            changed / MIB
-        );
+        let (resumed, sent_after) = kept_and_resent(&lines, &stderr, changed, written_while_down);
         eprintln!(
             "restarted: kept {resumed} bytes, sent {sent_after} bytes after the restart, for a \
              change of {changed} bytes and {written_while_down} written while down"
@@ -562,6 +528,36 @@ fn an_agent_killed_in_the_middle_of_a_cycle_resumes_it_after_its_restart() {
 
 /// Starts `agent --once` with `extra`, and kills it (SIGKILL: no chance to close anything)
 /// once `bytes` more than now have crossed `relay` towards the receiver.
+/// The committed cycle's resumed bytes (kept by the receiver) and read bytes (sent after the
+/// interruption), checked: more than a quarter of `changed` was kept, and together they are
+/// at most the change, plus `rewritten` meanwhile, plus a twentieth for cut chunks.
+fn kept_and_resent(
+    lines: &[serde_json::Value],
+    stderr: &str,
+    changed: u64,
+    rewritten: u64,
+) -> (u64, u64) {
+    let cycle = committed(lines)
+        .into_iter()
+        .find(|line| line["kind"] == "cycle")
+        .unwrap_or_else(|| panic!("no cycle committed: {lines:?}"));
+    let resumed = cycle["resumed_bytes"].as_u64().expect("resumed_bytes");
+    let sent_after = cycle["read_bytes"].as_u64().expect("read_bytes");
+    assert!(
+        resumed > changed / 4,
+        "only {} MiB were kept: {stderr}",
+        resumed / MIB
+    );
+    assert!(
+        resumed + sent_after <= changed + rewritten + changed / 20,
+        "kept {} MiB and sent {} MiB again for a {} MiB change",
+        resumed / MIB,
+        sent_after / MIB,
+        changed / MIB
+    );
+    (resumed, sent_after)
+}
+
 /// Returns what the killed agent had printed on stderr.
 fn kill_when_crossed(agent: &AgentSetup<'_>, relay: &Relay, extra: &[&str], bytes: u64) -> String {
     let up = &relay.handle().up.delivered_bytes;

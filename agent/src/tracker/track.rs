@@ -642,6 +642,15 @@ impl Tracker {
             );
         }
         hooks.extend(self.notes.iter().cloned());
+        hooks.push(if self.pins.invocation_counts {
+            "epoch switch: waits for the programs' per-CPU invocation counts (no RCU grace \
+             period, which makes Linux 6.18 skip tracing programs)"
+                .to_owned()
+        } else {
+            "epoch switch: waits for an RCU grace period (membarrier), during which Linux 6.18 \
+             may skip tracing programs; the cross-check catches that"
+                .to_owned()
+        });
         if self.cross_checks_disk_stats() {
             hooks.push(
                 "completeness cross-check: the hooks' request counts against the disk's own \
