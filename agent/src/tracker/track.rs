@@ -41,7 +41,8 @@ use aya::{
     },
 };
 use blkmirror_common::{
-    BigList, HOOK_CLASSIC, HOOK_RAW, KINDS, SLOTS, STATE_MAGIC, TrackState, bitmap_base,
+    BigList, HOOK_CLASSIC, HOOK_RAW, KINDS, SLOTS, STAT_CLASSIC_ENTERS, STAT_CLASSIC_EXITS,
+    STAT_RAW_ENTERS, STAT_RAW_EXITS, STATE_MAGIC, TrackState, bitmap_base,
 };
 use serde::{Deserialize, Serialize};
 
@@ -554,36 +555,28 @@ impl Tracker {
         let per_cpu = |index: u32| -> Result<Vec<u64>, TrackError> {
             Ok(self.pins.stats.get(&index, 0)?.iter().copied().collect())
         };
-        let pairs = [
-            (
-                blkmirror_common::STAT_CLASSIC_ENTERS,
-                blkmirror_common::STAT_CLASSIC_EXITS,
-            ),
-            (
-                blkmirror_common::STAT_RAW_ENTERS,
-                blkmirror_common::STAT_RAW_EXITS,
-            ),
+        let entered = [
+            (per_cpu(STAT_CLASSIC_ENTERS)?, STAT_CLASSIC_EXITS),
+            (per_cpu(STAT_RAW_ENTERS)?, STAT_RAW_EXITS),
         ];
-        let mut waiting = Vec::new();
-        for (enters, exits) in pairs {
-            waiting.push((per_cpu(enters)?, exits));
-        }
-        let started = Instant::now();
-        let mut rounds = 0u32;
-        loop {
-            let mut settled = true;
-            for (entered, exits) in &waiting {
+        // Whether every CPU's exit count has reached the enter count read above.
+        let all_returned = || -> Result<bool, TrackError> {
+            for (entered, exits) in &entered {
                 let exited = per_cpu(*exits)?;
                 if entered
                     .iter()
                     .zip(&exited)
                     .any(|(entered, exited)| exited < entered)
                 {
-                    settled = false;
-                    break;
+                    return Ok(false);
                 }
             }
-            if settled {
+            Ok(true)
+        };
+        let started = Instant::now();
+        let mut rounds = 0u32;
+        loop {
+            if all_returned()? {
                 return Ok(true);
             }
             if started.elapsed() > Duration::from_secs(1) {
