@@ -25,6 +25,24 @@ pub fn hold_restore() {
     hold("BLKMIRROR_TEST_RESTORE_HOLD_MS");
 }
 
+/// Holds a committed cycle before it is published to the object store, for as long as the
+/// file `BLKMIRROR_TEST_PUBLISH_HOLD_FILE` names exists (at most two minutes): the test stops
+/// the store meanwhile.
+#[inline]
+pub fn hold_publish() {
+    #[cfg(feature = "test-hooks")]
+    if let Some(path) = std::env::var_os("BLKMIRROR_TEST_PUBLISH_HOLD_FILE") {
+        let path = std::path::PathBuf::from(path);
+        if path.exists() {
+            tracing::warn!(target: "blkmirror", "test hook: holding the publish while {} exists", path.display());
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+            while path.exists() && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 #[cfg(feature = "test-hooks")]
 fn hold(variable: &str) {
     if let Some(ms) = std::env::var(variable).ok().and_then(|ms| ms.parse().ok()) {

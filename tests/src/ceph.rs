@@ -33,8 +33,12 @@ pub struct CephCluster {
     pub conf: PathBuf,
     /// The OSD daemons, by id (`None` once killed by [`Self::kill_osd`]).
     osds: Vec<Option<ChildGuard>>,
-    /// The monitor and the gateway.
+    /// The monitor.
     others: Vec<ChildGuard>,
+    /// The RADOS gateway (`None` while stopped by [`Self::stop_gateway`]).
+    gateway: Option<ChildGuard>,
+    /// Its port.
+    rgw_port: u16,
     /// How long [`Self::start`] took.
     pub started_in: Duration,
     scratch: Scratch,
@@ -212,7 +216,7 @@ rgw_dns_name = 127.0.0.1
                 &path("mon.keyring"),
             ],
         );
-        let mut others = vec![spawn(
+        let others = vec![spawn(
             "ceph-mon",
             &["-c", &c, "-i", "a", "-f"],
             &dir.join("log/mon.a.out"),
@@ -222,6 +226,8 @@ rgw_dns_name = 127.0.0.1
             conf: conf.clone(),
             osds: Vec::new(),
             others: Vec::new(),
+            gateway: None,
+            rgw_port: 0,
             started_in: Duration::ZERO,
             scratch,
         };
@@ -285,15 +291,9 @@ rgw_dns_name = 127.0.0.1
             "-o",
             &path("rgw.keyring"),
         ]);
-        others.push(spawn(
-            "radosgw",
-            &["-c", &c, "-n", "client.rgw.a", "-f"],
-            &dir.join("log/rgw.a.out"),
-        ));
         cluster.others = others;
-        wait_until("the gateway listens", Duration::from_secs(60), || {
-            TcpStream::connect(("127.0.0.1", rgw_port)).is_ok()
-        });
+        cluster.rgw_port = rgw_port;
+        cluster.start_gateway();
         tool(
             "radosgw-admin",
             &[
@@ -363,6 +363,37 @@ rgw_dns_name = 127.0.0.1
             .collect()
     }
 
+    /// Starts the RADOS gateway (again) and waits until it listens: the store reachable.
+    pub fn start_gateway(&mut self) {
+        if self.gateway.is_some() {
+            return;
+        }
+        let conf = self.conf.to_str().expect("utf-8 path").to_owned();
+        let log = self.dir().join("log/rgw.a.out");
+        let log = if log.exists() {
+            self.dir().join("log/rgw.a.restarted.out")
+        } else {
+            log
+        };
+        self.gateway = Some(spawn(
+            "radosgw",
+            &["-c", &conf, "-n", "client.rgw.a", "-f"],
+            &log,
+        ));
+        let port = self.rgw_port;
+        wait_until("the gateway listens", Duration::from_secs(60), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    /// Kills the RADOS gateway (SIGKILL): the store unreachable, its data intact.
+    pub fn stop_gateway(&mut self) {
+        if let Some(mut gateway) = self.gateway.take() {
+            let _ = gateway.0.kill();
+            let _ = gateway.0.wait();
+        }
+    }
+
     /// Kills OSD `id` (SIGKILL), as a store node dying.
     pub fn kill_osd(&mut self, id: usize) {
         if let Some(mut osd) = self.osds.get_mut(id).and_then(Option::take) {
@@ -400,6 +431,7 @@ rgw_dns_name = 127.0.0.1
 impl Drop for CephCluster {
     fn drop(&mut self) {
         // Every daemon dies at once (SIGKILL; ChildGuard reaps it): the cluster is thrown away.
+        drop(self.gateway.take());
         while let Some(child) = self.others.pop() {
             drop(child);
         }

@@ -105,6 +105,18 @@ impl Receiver {
         Self::spawn(args, data_dir, &id.fingerprint)
     }
 
+    /// Like [`Self::start_config`], with extra environment variables (test hooks).
+    pub fn start_config_env(config: &Path, data_dir: &Path, id: &Id, env: &[(&str, &str)]) -> Self {
+        let args = vec![
+            "receiver".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+        ];
+        let mut program = blkmirror();
+        program.envs(env.iter().copied());
+        Self::spawn_program(program, args, data_dir, &id.fingerprint)
+    }
+
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

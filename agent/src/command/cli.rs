@@ -297,6 +297,10 @@ pub struct PointsArgs {
     /// (for operators who are not root; the daemon checks their role).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+    /// List the points published to the object store of this receiver.toml's `[store]`
+    /// instead (no receiver or data directory needed).
+    #[arg(long, value_name = "FILE", conflicts_with = "control_socket")]
+    pub from_store: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
     /// One JSON object per point (stable; see the README).
@@ -324,6 +328,10 @@ pub struct RestoreArgs {
     /// Replace an existing regular file.
     #[arg(long)]
     pub force: bool,
+    /// Read the point from the object store of this receiver.toml's `[store]` instead (no
+    /// receiver or data directory needed: a DR site whose receiver is gone).
+    #[arg(long, value_name = "FILE", conflicts_with = "control_socket")]
+    pub from_store: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
     /// JSON progress and result.
@@ -713,7 +721,32 @@ pub fn run(cli: Cli) -> ExitCode {
                     },
                 ));
             }
+            if let Some(file) = &args.from_store {
+                let store = match store_of(file) {
+                    Ok(store) => store,
+                    Err(code) => return code,
+                };
+                return ops_result(crate::dr::fromstore::points(
+                    &store,
+                    &args.volume,
+                    args.json,
+                ));
+            }
             return ops_result(ops::points(&args.data.data_dir, &args.volume, args.json));
+        }
+        Command::Restore(args) if args.from_store.is_some() => {
+            let store = match store_of(args.from_store.as_deref().expect("checked")) {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
+            return ops_result(crate::dr::fromstore::restore(
+                &store,
+                &args.volume,
+                &args.at,
+                &args.to,
+                args.force,
+                args.json,
+            ));
         }
         Command::Restore(args) if args.control_socket.is_some() => {
             return ops_result(crate::command::control::run_restore(
@@ -1311,6 +1344,22 @@ fn run_agent(args: AgentArgs) -> ExitCode {
     daemon::run_agents(settings)
 }
 
+/// The `[store]` of a receiver.toml, for `--from-store`.
+fn store_of(file: &std::path::Path) -> Result<crate::dr::objstore::StoreConfig, ExitCode> {
+    match config::load_receiver(file) {
+        Ok(settings) => settings.store.ok_or_else(|| {
+            fail(
+                ExitCode::Config,
+                format!(
+                    "{}: no [store] section: no object store to read",
+                    file.display()
+                ),
+            )
+        }),
+        Err(error) => Err(fail(ExitCode::Config, error)),
+    }
+}
+
 fn run_receiver(args: ReceiverArgs) -> ExitCode {
     let settings = match &args.config {
         Some(path) => match config::load_receiver(path) {
@@ -1342,6 +1391,9 @@ fn run_receiver(args: ReceiverArgs) -> ExitCode {
                 drills: Vec::new(),
                 roles: Default::default(),
                 exports: Vec::new(),
+                // The object store is configured in receiver.toml only (credentials in a
+                // file, never on a command line).
+                store: None,
             }
         }
     };

@@ -15,6 +15,8 @@ use std::{
     time::Duration,
 };
 
+use std::os::unix::fs::PermissionsExt as _;
+
 use clap::ValueEnum;
 use serde::Deserialize;
 
@@ -244,6 +246,35 @@ pub struct ReceiverFile {
     /// Points the daemon serves over NBD (as `blkmirror export` does).
     #[serde(default)]
     pub export: Vec<ExportSection>,
+    /// The object store committed points are published to.
+    pub store: Option<StoreSection>,
+}
+
+/// `[store]` of `receiver.toml`: an S3-compatible object store (see `dr::publish`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// `https://HOST[:PORT]`.
+    pub endpoint: String,
+    /// The bucket (the operator creates it).
+    pub bucket: String,
+    /// The region in signatures (`us-east-1` by default).
+    pub region: Option<String>,
+    /// A TOML file with `access_key` and `secret_key`, readable by root only.
+    pub credentials: PathBuf,
+    /// Allow an `http://` endpoint (the same host or a private network only).
+    #[serde(default)]
+    pub allow_http: bool,
+    /// Encryption at rest: not built yet, refused with a message.
+    pub encryption_key: Option<PathBuf>,
+}
+
+/// The credentials file of `[store]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreCredentials {
+    access_key: String,
+    secret_key: String,
 }
 
 /// An `[[export]]` section of `receiver.toml`.
@@ -359,6 +390,8 @@ pub struct ReceiverSettings {
     pub roles: crate::command::roles::RoleMap,
     /// Exports the daemon serves.
     pub exports: Vec<crate::dr::export::ExportOptions>,
+    /// The object store points are published to.
+    pub store: Option<crate::dr::objstore::StoreConfig>,
 }
 
 /// Collects problems with their keys.
@@ -728,6 +761,10 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
     let exports = export_sections(&file.export, &data_dir, &mut problems);
+    let store = file
+        .store
+        .as_ref()
+        .and_then(|section| store_section(section, &mut problems));
     match (listen, window, all, hourly, daily, locked) {
         (Some(listen), Some(window), Some(all), Some(hourly), Some(daily), Some(locked))
             if problems.0.is_empty() =>
@@ -754,6 +791,7 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
                 drills,
                 roles,
                 exports,
+                store,
             })
         }
         _ => Err(ConfigError {
@@ -761,6 +799,89 @@ pub fn receiver_from_str(path: &Path, text: &str) -> Result<ReceiverSettings, Co
             problems: problems.0,
         }),
     }
+}
+
+/// Checks `[store]` and reads its credentials.
+fn store_section(
+    section: &StoreSection,
+    problems: &mut Problems,
+) -> Option<crate::dr::objstore::StoreConfig> {
+    let before = problems.0.len();
+    let endpoint = section.endpoint.trim_end_matches('/');
+    if endpoint.starts_with("http://") {
+        if !section.allow_http {
+            problems.0.push(format!(
+                "store.endpoint: {endpoint} is plain HTTP: credentials and points would cross \
+                 the network unprotected; use https://, or set allow_http = true for a store on \
+                 this host or a private network"
+            ));
+        }
+    } else if !endpoint.starts_with("https://") {
+        problems.0.push(format!(
+            "store.endpoint: {endpoint:?} is not a URL (expected https://HOST[:PORT])"
+        ));
+    }
+    // S3's bucket naming rules, which every compatible store accepts.
+    let bucket_ok = (3..=63).contains(&section.bucket.len())
+        && section
+            .bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && section
+            .bucket
+            .starts_with(|c: char| c.is_ascii_alphanumeric());
+    if !bucket_ok {
+        problems.0.push(format!(
+            "store.bucket: {:?} is not a bucket name (3 to 63 lower-case letters, digits, \
+             dots and dashes)",
+            section.bucket
+        ));
+    }
+    if section.encryption_key.is_some() {
+        problems.0.push(
+            "store.encryption_key: encryption at rest is not built yet; remove the key to \
+             publish in the clear, or keep the points in the data directory only"
+                .into(),
+        );
+    }
+    let path = &section.credentials;
+    let credentials = match std::fs::metadata(path) {
+        Err(error) => Err(format!("{}: {error}", path.display())),
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(format!(
+            "{} can be read by others (mode {:o}); it holds the store's secret key: chmod 600 \
+             it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        )),
+        Ok(meta) if meta.len() > 64 << 10 => Err(format!(
+            "{} is {} bytes, larger than a credentials file can be",
+            path.display(),
+            meta.len()
+        )),
+        Ok(_) => std::fs::read_to_string(path)
+            .map_err(|error| format!("{}: {error}", path.display()))
+            .and_then(|text| {
+                toml::from_str::<StoreCredentials>(&text).map_err(|error| {
+                    format!(
+                        "{}: expected access_key = \"...\" and secret_key = \"...\": {}",
+                        path.display(),
+                        error.message()
+                    )
+                })
+            }),
+    };
+    let credentials = problems.check("store.credentials", credentials)?;
+    (problems.0.len() == before).then(|| crate::dr::objstore::StoreConfig {
+        endpoint: endpoint.to_owned(),
+        bucket: section.bucket.clone(),
+        region: section
+            .region
+            .clone()
+            .unwrap_or_else(|| "us-east-1".to_owned()),
+        access_key: credentials.access_key,
+        secret_key: credentials.secret_key,
+        allow_http: section.allow_http,
+    })
 }
 
 /// Checks the `[[export]]` sections.
@@ -1063,8 +1184,18 @@ pub fn check_file(path: &Path, kind: Option<ConfigKind>) -> Result<String, Confi
         }
         ConfigKind::Receiver => {
             let settings = receiver_from_str(path, &text)?;
+            let store = match &settings.store {
+                None => String::new(),
+                Some(store) => {
+                    let reached = check_store_reachable(store).map_err(|problem| ConfigError {
+                        path: path.to_owned(),
+                        problems: vec![format!("store: {problem}")],
+                    })?;
+                    format!("; {reached}")
+                }
+            };
             format!(
-                "{}: valid receiver configuration: listening on {}, {} agent(s), data in {}",
+                "{}: valid receiver configuration: listening on {}, {} agent(s), data in {}{store}",
                 path.display(),
                 settings.listen,
                 settings.allow.len(),
@@ -1072,6 +1203,43 @@ pub fn check_file(path: &Path, kind: Option<ConfigKind>) -> Result<String, Confi
             )
         }
     })
+}
+
+/// How long `config check` waits for the object store.
+const STORE_CHECK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Reaches the store of `[store]`: lists the volumes with points in its bucket (which needs
+/// the endpoint, the credentials and the bucket all to be right).
+fn check_store_reachable(store: &crate::dr::objstore::StoreConfig) -> Result<String, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| format!("starting a runtime: {error}"))?;
+    let started = std::time::Instant::now();
+    let volumes = runtime.block_on(async {
+        let client = crate::dr::objstore::ObjectStoreClient::connect(store)
+            .map_err(|error| error.to_string())?;
+        tokio::time::timeout(
+            STORE_CHECK_TIMEOUT,
+            crate::dr::objpoints::list_volumes(&client),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "{} did not answer within {} s",
+                store.endpoint,
+                STORE_CHECK_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|error| format!("bucket {} at {}: {error}", store.bucket, store.endpoint))
+    })?;
+    Ok(format!(
+        "object store {} bucket {} reachable in {} ms, {} volume(s) with points there",
+        store.endpoint,
+        store.bucket,
+        started.elapsed().as_millis(),
+        volumes.len()
+    ))
 }
 
 /// The receiver's default data directory.
@@ -1294,6 +1462,84 @@ volume = "db"
                 "missing {expected:?} in:\n{error}"
             );
         }
+    }
+
+    #[test]
+    fn the_store_section_is_checked_and_its_secret_must_be_roots_alone() {
+        let dir =
+            std::env::temp_dir().join(format!("blkmirror-store-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let credentials = dir.join("credentials.toml");
+        std::fs::write(&credentials, "access_key = \"AK\"\nsecret_key = \"SK\"\n").unwrap();
+        let path = Path::new("receiver.toml");
+        let head =
+            format!("identity = \"/id\"\n[[agent]]\nfingerprint = \"{FP}\"\nvolumes = [\"db\"]\n");
+        let with_store = |store: &str| {
+            receiver_from_str(
+                path,
+                &format!(
+                    "{head}[store]\ncredentials = \"{}\"\n{store}",
+                    credentials.display()
+                ),
+            )
+        };
+        std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let settings =
+            with_store("endpoint = \"https://s3.dr.example:9000/\"\nbucket = \"dr-site\"\n")
+                .unwrap();
+        let store = settings.store.expect("a store");
+        assert_eq!(store.endpoint, "https://s3.dr.example:9000");
+        assert_eq!(store.region, "us-east-1");
+        assert_eq!(
+            (store.access_key.as_str(), store.secret_key.as_str()),
+            ("AK", "SK")
+        );
+        assert!(!store.allow_http);
+        // Plain HTTP only when asked for; a bucket name S3 would refuse; no encryption yet.
+        let error = with_store(
+            "endpoint = \"http://10.0.0.5:7480\"\nbucket = \"DR_site\"\nencryption_key = \"/k\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "store.endpoint: http://10.0.0.5:7480 is plain HTTP",
+            "store.bucket: \"DR_site\"",
+            "store.encryption_key: encryption at rest is not built yet",
+        ] {
+            assert!(
+                error.contains(expected),
+                "missing {expected:?} in:\n{error}"
+            );
+        }
+        assert!(
+            with_store(
+                "endpoint = \"http://127.0.0.1:7480\"\nbucket = \"dr\"\nallow_http = true\n"
+            )
+            .is_err(),
+            "a 2-letter bucket"
+        );
+        assert!(
+            with_store(
+                "endpoint = \"http://127.0.0.1:7480\"\nbucket = \"dr-site\"\nallow_http = true\n"
+            )
+            .is_ok()
+        );
+        // A secret others can read, or a file that is not credentials.
+        std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let error = with_store("endpoint = \"https://s3\"\nbucket = \"dr-site\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("store.credentials:") && error.contains("chmod 600"),
+            "{error}"
+        );
+        std::fs::set_permissions(&credentials, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&credentials, "user = \"x\"\n").unwrap();
+        let error = with_store("endpoint = \"https://s3\"\nbucket = \"dr-site\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected access_key"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

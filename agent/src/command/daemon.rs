@@ -272,6 +272,28 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     let board = Arc::new(StatusBoard::new("receiver"));
     known_volumes(&settings, &board);
     let fingerprint = identity.fingerprint();
+    let publisher = match &settings.store {
+        None => None,
+        Some(store) => {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_else(|_| "unknown-host".to_owned());
+            let holder = format!("{host}/{}", &fingerprint.to_string()[..16]);
+            match crate::dr::publish::Publisher::new(store, holder) {
+                Ok(publisher) => {
+                    tracing::info!(
+                        target: "blkmirror receiver",
+                        "publishing committed points to object store {} bucket {}",
+                        store.endpoint,
+                        store.bucket
+                    );
+                    board.set_store(publisher.health());
+                    Some(Arc::new(publisher))
+                }
+                Err(error) => return fail(ExitCode::Usage, error),
+            }
+        }
+    };
     let config = ReceiverConfig {
         listen: settings.listen,
         data_dir: settings.data_dir.clone(),
@@ -280,6 +302,7 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         window: settings.window,
         retention: settings.retention,
         status: board.clone(),
+        publisher,
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
@@ -394,11 +417,12 @@ async fn reload_on_hangup(
                     || settings.identity != running.identity
                     || settings.data_dir != running.data_dir
                     || settings.window != running.window
+                    || settings.store != running.store
                 {
                     tracing::warn!(
                         target: "blkmirror receiver",
-                        "listen, identity, data_dir and window changes take effect at the next \
-                         restart"
+                        "listen, identity, data_dir, window and [store] changes take effect at \
+                         the next restart"
                     );
                 }
                 let grants = receiver::parse_grants(&settings.allow)?;

@@ -102,7 +102,7 @@ impl From<&OpsError> for ExitCode {
             OpsError::Environment(_) => Self::Environment,
             OpsError::DrillFailed(_) => Self::DrillFailed,
             OpsError::Track(error) => error.into(),
-            OpsError::Network(_) | OpsError::State(_) => Self::Failure,
+            OpsError::Network(_) | OpsError::State(_) | OpsError::ObjectStore(_) => Self::Failure,
             OpsError::Refused(_) => Self::Refused,
             OpsError::Identity(_) => Self::Environment,
         }

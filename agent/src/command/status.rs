@@ -200,6 +200,9 @@ pub struct Snapshot {
     pub time_unix_ms: u64,
     /// Per volume.
     pub volumes: Vec<VolumeStatus>,
+    /// The object store a receiver publishes its points to (a receiver with `[store]` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::dr::publish::StoreHealth>,
 }
 
 /// Current time in Unix milliseconds.
@@ -217,6 +220,7 @@ const STALL_INTERVALS: u64 = 3;
 pub struct StatusBoard {
     role: &'static str,
     volumes: Mutex<BTreeMap<String, VolumeStatus>>,
+    store: Mutex<Option<crate::dr::publish::StoreHealth>>,
 }
 
 /// A rate smoothed over samples: the first sample as it is, then half the old value and half
@@ -235,7 +239,13 @@ impl StatusBoard {
         Self {
             role,
             volumes: Mutex::new(BTreeMap::new()),
+            store: Mutex::new(None),
         }
+    }
+
+    /// Records the object store's health (a receiver with `[store]`).
+    pub fn set_store(&self, health: crate::dr::publish::StoreHealth) {
+        *self.store.lock().expect("status lock") = Some(health);
     }
 
     /// Changes one volume's status (creating it).
@@ -364,6 +374,7 @@ impl StatusBoard {
             pid: std::process::id(),
             time_unix_ms: now_unix_ms,
             volumes,
+            store: self.store.lock().expect("status lock").clone(),
         }
     }
 }
@@ -415,6 +426,27 @@ pub fn render(snapshot: &Snapshot) -> String {
         snapshot.pid,
         snapshot.volumes.len()
     );
+    if let Some(store) = &snapshot.store {
+        let _ = writeln!(
+            out,
+            "\n  object store {}: {}, {} point(s) published ({} uploaded, {} of {} chunks \
+             already there), last publish {} ms",
+            store.store,
+            if store.reachable {
+                "reachable"
+            } else {
+                "FAILING"
+            },
+            store.published,
+            units::format_size(store.uploaded_bytes),
+            store.deduplicated_chunks,
+            store.changed_chunks,
+            store.last_publish_ms
+        );
+        if let Some(error) = &store.last_error {
+            let _ = writeln!(out, "    last error   {error}");
+        }
+    }
     for s in &snapshot.volumes {
         let _ = writeln!(out, "\n  {} ({})", s.volume, s.source);
         let _ = writeln!(out, "    state        {}", state_name(s.state));
@@ -710,6 +742,47 @@ impl Collector for SnapshotCollector {
                     .encode_histogram::<NoLabelSet>(sum, count, &[(f64::MAX, count)], None)?;
             }
         }
+        if let Some(store) = &self.0.store {
+            let gauges: [(&str, &str, f64); 2] = [
+                (
+                    "blkmirror_store_reachable",
+                    "(receiver) 1 when the last request to the object store succeeded.",
+                    if store.reachable { 1.0 } else { 0.0 },
+                ),
+                (
+                    "blkmirror_store_publish_seconds",
+                    "(receiver) How long the last publish of a point to the object store took.",
+                    store.last_publish_ms as f64 / 1000.0,
+                ),
+            ];
+            for (name, help, value) in gauges {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&value)?;
+            }
+            let counters: [(&str, &str, u64); 3] = [
+                (
+                    "blkmirror_store_published_points",
+                    "(receiver) Points published to the object store since the receiver started.",
+                    store.published,
+                ),
+                (
+                    "blkmirror_store_uploaded_bytes",
+                    "(receiver) Bytes of packs and indexes uploaded to the object store.",
+                    store.uploaded_bytes,
+                ),
+                (
+                    "blkmirror_store_deduplicated_chunks",
+                    "(receiver) Changed chunks the object store held already (not uploaded).",
+                    store.deduplicated_chunks,
+                ),
+            ];
+            for (name, help, value) in counters {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+            }
+        }
         encoder
             .encode_descriptor(
                 "blkmirror_build",
@@ -781,6 +854,48 @@ mod tests {
         let db = board.snapshot(30_000).volumes[0].clone();
         assert!(!db.falling_behind);
         assert_eq!(db.catch_up_eta_s, Some(27));
+    }
+
+    #[test]
+    fn the_object_stores_health_is_shown_and_exported_only_when_there_is_one() {
+        let board = StatusBoard::new("receiver");
+        board.update("db", |_| {});
+        let without = board.snapshot(0);
+        assert!(!prometheus(&without).contains("blkmirror_store_"));
+        assert!(!render(&without).contains("object store"));
+        board.set_store(crate::dr::publish::StoreHealth {
+            store: "https://s3.example bucket dr".into(),
+            reachable: false,
+            last_error: Some("object store: reading volumes/db/lease: refused".into()),
+            last_publish_ms: 1500,
+            published: 7,
+            uploaded_bytes: 3 << 20,
+            deduplicated_chunks: 5,
+            changed_chunks: 40,
+        });
+        let snap = board.snapshot(0);
+        let text = render(&snap);
+        assert!(
+            text.contains(
+                "object store https://s3.example bucket dr: FAILING, 7 point(s) published"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("reading volumes/db/lease: refused"), "{text}");
+        let metrics = prometheus(&snap);
+        for expected in [
+            "blkmirror_store_reachable 0",
+            "blkmirror_store_publish_seconds 1.5",
+            "blkmirror_store_published_points_total 7",
+            "blkmirror_store_deduplicated_chunks_total 5",
+        ] {
+            assert!(
+                metrics.contains(expected),
+                "missing {expected:?} in:\n{metrics}"
+            );
+        }
+        let json: Snapshot = serde_json::from_str(&serde_json::to_string(&snap).unwrap()).unwrap();
+        assert_eq!(json.store.map(|s| s.published), Some(7));
     }
 
     #[test]

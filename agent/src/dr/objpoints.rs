@@ -189,56 +189,122 @@ pub async fn commit_point(
     commit: PointToCommit<'_>,
     settings: PackSettings,
 ) -> Result<(CommitReport, ChunkMap), PointStoreError> {
+    let mut upload = Upload::default();
+    upload_changes(client, view, commit.changes, settings, &mut upload).await?;
+    create_manifest(
+        client,
+        view,
+        base,
+        ManifestToCreate {
+            volume: commit.volume,
+            size_bytes: commit.size_bytes,
+            chunk_bytes: commit.chunk_bytes,
+            point: commit.point,
+        },
+        upload,
+        settings,
+    )
+    .await
+}
+
+/// The chunks of a commit uploaded so far: a commit too large for memory uploads its changes
+/// in batches ([`upload_changes`] once per batch), then creates its manifest
+/// ([`create_manifest`]).
+#[derive(Debug, Default)]
+pub struct Upload {
+    /// Chunk number → its content's id (`None`: all zeros).
+    references: BTreeMap<u64, Option<ChunkId>>,
+    /// What was done.
+    report: CommitReport,
+}
+
+/// The point a manifest records.
+pub struct ManifestToCreate<'a> {
+    /// The volume.
+    pub volume: &'a str,
+    /// Its size.
+    pub size_bytes: u64,
+    /// Its chunk size.
+    pub chunk_bytes: u64,
+    /// The point's record (`point.seq` is the point).
+    pub point: PointInfo,
+}
+
+/// Uploads one batch of a commit's changes (chunk number → new content): packs what the store
+/// lacks (dedup against `view` and the batch itself) and records every chunk's reference in
+/// `upload`. Nothing is committed until [`create_manifest`].
+pub async fn upload_changes(
+    client: &ObjectStoreClient,
+    view: &mut StoreView,
+    changes: &BTreeMap<u64, Vec<u8>>,
+    settings: PackSettings,
+    upload: &mut Upload,
+) -> Result<(), PointStoreError> {
     let locations = &mut view.locations;
-    let mut report = CommitReport {
-        changed_chunks: commit.changes.len() as u64,
-        ..CommitReport::default()
-    };
-    let mut references: BTreeMap<u64, Option<ChunkId>> = BTreeMap::new();
+    let report = &mut upload.report;
+    report.changed_chunks += changes.len() as u64;
     let mut builder = PackBuilder::new(settings.target_bytes);
-    for (&chunk, content) in commit.changes {
+    for (&chunk, content) in changes {
         if content.iter().all(|&b| b == 0) {
-            references.insert(chunk, None);
+            upload.references.insert(chunk, None);
             continue;
         }
         let id = layout::chunk_id(content);
-        references.insert(chunk, Some(id));
+        upload.references.insert(chunk, Some(id));
         if locations.contains(&id) || builder.contains(&id) {
             report.deduplicated_chunks += 1;
             continue;
         }
         builder
             .add(content, settings.level)
-            .map_err(layout_error(commit.volume))?;
+            .map_err(layout_error("a pack being built"))?;
         if builder.is_full() {
             let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
-            upload_pack(client, full, locations, &mut report).await?;
+            upload_pack(client, full, locations, report).await?;
         }
     }
     if !builder.is_empty() {
-        upload_pack(client, builder, locations, &mut report).await?;
+        upload_pack(client, builder, locations, report).await?;
     }
-    let seq = commit.point.seq;
+    Ok(())
+}
+
+/// Creates the manifest of the point `upload` carries, on top of `base`: the commit. Refused
+/// if a chunk it references is not in the store, or if `view` has grown older than
+/// `settings.max_view_age`. Returns the report and the map at the new point.
+pub async fn create_manifest(
+    client: &ObjectStoreClient,
+    view: &StoreView,
+    base: &ChunkMap,
+    point: ManifestToCreate<'_>,
+    upload: Upload,
+    settings: PackSettings,
+) -> Result<(CommitReport, ChunkMap), PointStoreError> {
+    let Upload {
+        references,
+        mut report,
+    } = upload;
+    let seq = point.point.seq;
     let (manifest, map) = base.next_manifest(
-        commit.volume,
-        commit.point,
-        commit.size_bytes,
-        commit.chunk_bytes,
+        point.volume,
+        point.point,
+        point.size_bytes,
+        point.chunk_bytes,
         &references,
     );
     // Never a manifest whose chunks the store lacks.
-    let missing = locations.missing(&map);
+    let missing = view.locations.missing(&map);
     if let Some(chunk) = missing.first() {
         return Err(PointStoreError::Missing(format!(
             "chunk {chunk} of point {seq} of volume {} ({} chunks in all)",
-            commit.volume,
+            point.volume,
             missing.len()
         )));
     }
     let elapsed = view.read_at.elapsed();
     if elapsed > settings.max_view_age {
         return Err(PointStoreError::StaleView {
-            volume: commit.volume.to_owned(),
+            volume: point.volume.to_owned(),
             seq,
             elapsed,
             limit: settings.max_view_age,
@@ -248,12 +314,12 @@ pub async fn commit_point(
     let bytes = layout::encode_manifest(&manifest);
     report.manifest_bytes = bytes.len() as u64;
     match client
-        .put_if_absent(&layout::manifest_key(commit.volume, seq), bytes)
+        .put_if_absent(&layout::manifest_key(point.volume, seq), bytes)
         .await?
     {
         Created::Created => Ok((report, map)),
         Created::AlreadyExists => Err(PointStoreError::Conflict {
-            volume: commit.volume.to_owned(),
+            volume: point.volume.to_owned(),
             seq,
         }),
     }
@@ -559,9 +625,200 @@ pub async fn read_image(
     Ok(image)
 }
 
+/// The most bytes one ranged read of a point fetches: adjacent chunks of one pack are read
+/// together up to this size.
+const MAX_READ_RUN: u64 = 4 << 20;
+
+/// One ranged read of a pack: adjacent stored chunks, by chunk number.
+struct ReadRun {
+    pack: PackId,
+    offset: u64,
+    len: u64,
+    chunks: Vec<(u64, layout::IndexEntry)>,
+}
+
+/// Plans the ranged reads of `map`: chunks in chunk order, merged into one read while they
+/// lie back to back in one pack (as a commit writes them), up to [`MAX_READ_RUN`] bytes.
+fn plan_reads(locations: &ChunkLocations, map: &ChunkMap) -> Result<Vec<ReadRun>, PointStoreError> {
+    let mut runs: Vec<ReadRun> = Vec::new();
+    for (&chunk, id) in &map.chunks {
+        let (pack, entry) = locations
+            .get(id)
+            .ok_or_else(|| PointStoreError::Missing(format!("chunk {}", layout::hex(id))))?;
+        let stored = u64::from(entry.stored_len);
+        match runs.last_mut() {
+            Some(run)
+                if run.pack == *pack
+                    && run.offset + run.len == entry.offset
+                    && run.len + stored <= MAX_READ_RUN =>
+            {
+                run.len += stored;
+                run.chunks.push((chunk, entry.clone()));
+            }
+            _ => runs.push(ReadRun {
+                pack: *pack,
+                offset: entry.offset,
+                len: stored,
+                chunks: vec![(chunk, entry.clone())],
+            }),
+        }
+    }
+    Ok(runs)
+}
+
+/// How a point read from the store went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadReport {
+    /// Chunks read (and checked against their ids).
+    pub chunks: u64,
+    /// Chunks that are all zeros (not read).
+    pub zero_chunks: u64,
+    /// Ranged reads made.
+    pub requests: u64,
+    /// Bytes fetched from the store.
+    pub fetched_bytes: u64,
+}
+
+/// Reads the point `map` describes and hands every chunk to `sink` (its byte offset and its
+/// content; `None` for a chunk of zeros, handed first), with up to `parallel` ranged reads in
+/// flight. Chunks arrive in no particular order; each is checked against its id.
+pub async fn read_point_into(
+    client: &ObjectStoreClient,
+    locations: &ChunkLocations,
+    map: &ChunkMap,
+    manifest: &Manifest,
+    parallel: usize,
+    mut sink: impl FnMut(u64, Option<&[u8]>) -> Result<(), PointStoreError>,
+) -> Result<ReadReport, PointStoreError> {
+    let mut report = ReadReport::default();
+    for chunk in 0..manifest.chunks() {
+        if !map.chunks.contains_key(&chunk) {
+            sink(chunk * manifest.chunk_bytes, None)?;
+            report.zero_chunks += 1;
+        }
+    }
+    let mut runs = plan_reads(locations, map)?.into_iter();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < parallel.max(1) {
+            let Some(run) = runs.next() else { break };
+            let client = client.clone();
+            in_flight.spawn(async move {
+                let bytes = client
+                    .get_range(&layout::pack_key(&run.pack), run.offset, run.len)
+                    .await;
+                (run, bytes)
+            });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let (run, bytes) = done.expect("a ranged read task");
+        let bytes = bytes?;
+        let key = layout::pack_key(&run.pack);
+        if bytes.len() as u64 != run.len {
+            return Err(PointStoreError::Layout {
+                key,
+                source: LayoutError::Malformed {
+                    what: "pack",
+                    detail: format!(
+                        "{} bytes read at offset {} for {} asked",
+                        bytes.len(),
+                        run.offset,
+                        run.len
+                    ),
+                },
+            });
+        }
+        report.requests += 1;
+        report.fetched_bytes += run.len;
+        for (chunk, entry) in &run.chunks {
+            let start = (entry.offset - run.offset) as usize;
+            let stored = &bytes[start..start + entry.stored_len as usize];
+            let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
+            sink(chunk * manifest.chunk_bytes, Some(&content))?;
+            report.chunks += 1;
+        }
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(seed: u8, offset: u64, stored_len: u32) -> layout::IndexEntry {
+        layout::IndexEntry {
+            id: [seed; 32],
+            offset,
+            stored_len,
+            raw_len: stored_len,
+            codec: layout::Codec::Raw,
+        }
+    }
+
+    #[test]
+    fn a_point_is_read_in_runs_of_adjacent_chunks_of_one_pack_up_to_the_run_limit() {
+        let (p, q) = ([1u8; 32], [2u8; 32]);
+        let mut locations = ChunkLocations::default();
+        // Pack p: chunks 1..=3 back to back, then a gap, then one more; pack q: one chunk
+        // that two places of the volume share (dedup), and one large one.
+        let big = MAX_READ_RUN as u32 - 100;
+        locations.add(
+            p,
+            &[
+                entry(1, 0, 100),
+                entry(2, 100, 100),
+                entry(3, 200, 100),
+                entry(4, 1000, 100),
+            ],
+            false,
+        );
+        locations.add(q, &[entry(5, 0, 200), entry(6, 200, big)], false);
+        let mut map = ChunkMap::default();
+        for (chunk, seed) in [
+            (0, 1),
+            (1, 2),
+            (2, 3),
+            (3, 4),
+            (4, 5),
+            (5, 6),
+            (6, 5),
+            (7, 1),
+        ] {
+            map.chunks.insert(chunk, [seed; 32]);
+        }
+        let runs = plan_reads(&locations, &map).unwrap();
+        let shape: Vec<(PackId, u64, u64, Vec<u64>)> = runs
+            .iter()
+            .map(|r| {
+                (
+                    r.pack,
+                    r.offset,
+                    r.len,
+                    r.chunks.iter().map(|c| c.0).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (p, 0, 300, vec![0, 1, 2]),
+                (p, 1000, 100, vec![3]),
+                // 200 + big would pass the limit: two reads.
+                (q, 0, 200, vec![4]),
+                (q, 200, u64::from(big), vec![5]),
+                (q, 0, 200, vec![6]),
+                (p, 0, 100, vec![7]),
+            ]
+        );
+        // A chunk no pack holds is reported, not skipped.
+        map.chunks.insert(8, [9; 32]);
+        assert!(matches!(
+            plan_reads(&locations, &map),
+            Err(PointStoreError::Missing(_))
+        ));
+    }
 
     #[test]
     fn pack_ids_parse_from_their_keys_only_when_well_formed() {

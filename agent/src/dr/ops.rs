@@ -64,6 +64,9 @@ pub enum OpsError {
     /// The identity could not be loaded (exit 3).
     #[error(transparent)]
     Identity(#[from] crate::link::identity::IdentityError),
+    /// The object store failed, or a point in it is damaged (exit 1).
+    #[error(transparent)]
+    ObjectStore(#[from] crate::dr::objpoints::PointStoreError),
 }
 
 /// Which point `--at` names.
@@ -251,7 +254,7 @@ pub fn points(data_dir: &Path, volume: &str, json: bool) -> Result<(), OpsError>
 }
 
 /// Progress on stderr, at most once a second.
-struct Progress {
+pub(crate) struct Progress {
     what: String,
     total: u64,
     started: Instant,
@@ -260,7 +263,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(what: String, total: u64, json: bool) -> Self {
+    pub(crate) fn new(what: String, total: u64, json: bool) -> Self {
         let now = Instant::now();
         Self {
             what,
@@ -271,7 +274,7 @@ impl Progress {
         }
     }
 
-    fn update(&mut self, done: u64) {
+    pub(crate) fn update(&mut self, done: u64) {
         if self.last.elapsed().as_secs_f64() < 1.0 {
             return;
         }

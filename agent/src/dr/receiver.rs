@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::{
     command::status::{KeptCycle, PointSummary, StatusBoard, VolumeState},
     dr::audit::{AuditLog, Event},
+    dr::publish::{PublishError, Publisher},
     dr::volume::{Recovery, StoreError, Volume},
     link::identity::{Fingerprint, Identity},
     link::net::{self, NetError},
@@ -70,6 +71,8 @@ pub struct ReceiverConfig {
     pub retention: RetentionPolicy,
     /// Where status is reported.
     pub status: Arc<StatusBoard>,
+    /// Where committed points are published (`[store]`; `None`: the data directory only).
+    pub publisher: Option<Arc<Publisher>>,
 }
 
 fn log(message: impl std::fmt::Display) {
@@ -149,6 +152,8 @@ struct Context {
     retention: std::sync::RwLock<RetentionPolicy>,
     audit: AuditLog,
     status: Arc<StatusBoard>,
+    /// Where committed points are published before they are acknowledged.
+    publisher: Option<Arc<Publisher>>,
     /// Volumes with a live session, and the connection that holds each.
     busy: Mutex<HashMap<String, (Fingerprint, quinn::Connection)>>,
     /// Volumes whose connection broke in the middle of a journaled cycle, with the agent that
@@ -235,6 +240,24 @@ impl From<NetError> for Refusal {
                 }
             }
             other => Refusal::new(RefusalCode::Sequence, other.to_string()),
+        }
+    }
+}
+
+impl From<PublishError> for Refusal {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::Local(error) => error.into(),
+            // A committed point not on the store yet is not acknowledged: the agent retries,
+            // and is welcomed with it once the store has it.
+            PublishError::Store(error) => Refusal::new(
+                RefusalCode::Storage,
+                format!(
+                    "the receiver's object store failed (committed cycles wait on the receiver \
+                     until they are published; retry): {error}"
+                ),
+            ),
+            other => Refusal::new(RefusalCode::Storage, other.to_string()),
         }
     }
 }
@@ -365,6 +388,7 @@ pub async fn serve(
         retention: std::sync::RwLock::new(config.retention),
         audit,
         status: config.status,
+        publisher: config.publisher,
         busy: Mutex::new(HashMap::new()),
         suspended: Mutex::new(HashMap::new()),
         sessions: Mutex::new(HashMap::new()),
@@ -714,6 +738,57 @@ impl Session {
         }
     }
 
+    /// Publishes `volume`'s newest point to the object store, if there is one: logged,
+    /// audited and reported in status. A failure refuses the agent (it retries).
+    async fn publish(&self, name: &str, volume: &Arc<Mutex<Volume>>) -> Result<(), Refusal> {
+        let Some(publisher) = &self.context.publisher else {
+            return Ok(());
+        };
+        let result = publisher.publish(volume).await;
+        self.context.status.set_store(publisher.health());
+        match &result {
+            Ok(None) => {}
+            Ok(Some(report)) => {
+                log(format!(
+                    "volume {name}: point {} published to the object store in {} ms: {} \
+                     chunk(s) changed{}, {} already in the store, {} byte(s) uploaded in {} \
+                     pack(s)",
+                    report.seq,
+                    report.elapsed_ms,
+                    report.commit.changed_chunks,
+                    report.against.map_or_else(
+                        || " (every chunk)".to_owned(),
+                        |seq| format!(" since point {seq}")
+                    ),
+                    report.commit.deduplicated_chunks,
+                    report.commit.uploaded_bytes,
+                    report.commit.packs
+                ));
+                self.context.record(Event {
+                    event: "publish",
+                    agent: Some(self.fingerprint.to_string()),
+                    volume: Some(name.to_owned()),
+                    outcome: "ok".into(),
+                    detail: serde_json::json!({
+                        "seq": report.seq,
+                        "against": report.against,
+                        "changed_chunks": report.commit.changed_chunks,
+                        "deduplicated_chunks": report.commit.deduplicated_chunks,
+                        "uploaded_bytes": report.commit.uploaded_bytes,
+                        "elapsed_ms": report.elapsed_ms,
+                    }),
+                });
+            }
+            Err(error) => {
+                warn(format!("volume {name}: not published: {error}"));
+                self.context.status.update(name, |s| {
+                    s.last_error = Some(format!("object store: {error}"));
+                });
+            }
+        }
+        result.map(|_| ()).map_err(Refusal::from)
+    }
+
     async fn control(
         &mut self,
         send: &mut quinn::SendStream,
@@ -798,6 +873,12 @@ impl Session {
                 RefusalCode::NotGranted,
                 format!("volume {} is not granted to this agent", hello.volume),
             ));
+        }
+        // The store must hold the committed point before the agent is told of it: one a
+        // refused publish left behind goes first.
+        if let Err(refusal) = self.publish(&hello.volume, &volume).await {
+            self.context.release(&hello.volume, &self.connection);
+            return Err(refusal);
         }
         let (welcome, size) = {
             let volume = volume.lock().expect("volume lock");
@@ -897,10 +978,11 @@ impl Session {
                     }
                     AgentMessage::Commit { frames, point } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
-                        let volume = volume.clone();
+                        let committing = volume.clone();
                         let context = self.context.clone();
                         let agent = self.fingerprint.to_string();
                         let seq = tokio::task::spawn_blocking(move || {
+                            let volume = committing;
                             let mut volume = volume.lock().expect("volume lock");
                             commit_and_record(
                                 &mut volume,
@@ -912,6 +994,12 @@ impl Session {
                         })
                         .await
                         .expect("commit task")?;
+                        if self.context.publisher.is_some() {
+                            tokio::task::spawn_blocking(crate::test_hooks::hold_publish)
+                                .await
+                                .expect("test hook");
+                        }
+                        self.publish(&hello.volume, &volume).await?;
                         net::write_frame(send, &ReceiverMessage::Committed { seq }).await?;
                     }
                 }

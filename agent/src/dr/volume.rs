@@ -1197,6 +1197,24 @@ impl Volume {
             .map_err(StoreError::io("zeroing a range of", &self.image_path()))
     }
 
+    /// The content of chunk `chunk` of the image (the last chunk may be short), as the
+    /// object store is given it.
+    pub fn read_chunk(&self, chunk: u64) -> Result<Vec<u8>, StoreError> {
+        let chunk_bytes = self.meta.chunk_bytes;
+        let offset = chunk * chunk_bytes;
+        if offset >= self.meta.size_bytes {
+            return Err(StoreError::Sequence(format!(
+                "chunk {chunk} is past the end of volume {}",
+                self.meta.volume
+            )));
+        }
+        let mut buffer = vec![0u8; chunk_bytes.min(self.meta.size_bytes - offset) as usize];
+        self.image
+            .read_exact_at(&mut buffer, offset)
+            .map_err(StoreError::io("reading", &self.image_path()))?;
+        Ok(buffer)
+    }
+
     /// BLAKE3 hashes of `count` chunks of the image starting at `first_chunk`.
     pub fn hashes(&self, first_chunk: u64, count: u32) -> Result<Vec<ChunkHash>, StoreError> {
         let chunk = self.meta.chunk_bytes;

@@ -1,0 +1,240 @@
+//! `points` and `restore` read from the object store (`--from-store receiver.toml`): what
+//! receivers published there ([`crate::dr::publish`]), without a receiver or its data
+//! directory. This is how a DR site recovers a volume whose receiver is gone.
+//!
+//! A restore reads the point's manifests back to the last full one, the pack indexes, then
+//! the chunks by ranged reads of their packs, many at once and adjacent chunks together
+//! ([`objpoints::read_point_into`]); every chunk is checked against its id (its BLAKE3 hash)
+//! before it is written.
+
+use std::{path::Path, time::Instant};
+
+use blkmirror_protocol::units;
+
+use crate::dr::{
+    layout::LayoutError,
+    objpoints::{self, PointStoreError},
+    objstore::{ObjectStoreClient, StoreConfig},
+    ops::{OpsError, PointSelector, Progress, RestoreTarget},
+};
+
+/// Ranged reads in flight during a restore.
+pub const RESTORE_PARALLEL_READS: usize = 16;
+
+fn runtime() -> Result<tokio::runtime::Runtime, OpsError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|error| OpsError::Environment(format!("starting a runtime: {error}")))
+}
+
+/// A damaged chunk is corruption (exit 7), not a failure of the store.
+fn classify(error: PointStoreError) -> OpsError {
+    match error {
+        PointStoreError::Layout {
+            key,
+            source: source @ LayoutError::ChunkMismatch(_),
+        } => OpsError::Corrupt(format!("object store: {key}: {source}")),
+        other => OpsError::ObjectStore(other),
+    }
+}
+
+/// The points of `volume` in the store, oldest first, with their manifests' records.
+async fn manifests(
+    client: &ObjectStoreClient,
+    volume: &str,
+) -> Result<Vec<crate::dr::layout::Manifest>, OpsError> {
+    let seqs = objpoints::list_points(client, volume)
+        .await
+        .map_err(classify)?;
+    let mut manifests = Vec::with_capacity(seqs.len());
+    for seq in seqs {
+        manifests.push(
+            objpoints::read_manifest(client, volume, seq)
+                .await
+                .map_err(classify)?,
+        );
+    }
+    Ok(manifests)
+}
+
+/// `blkmirror points VOLUME --from-store FILE`.
+pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsError> {
+    blkmirror_protocol::wire::check_volume_name(volume)
+        .map_err(|error| OpsError::Usage(error.to_string()))?;
+    let runtime = runtime()?;
+    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    let manifests = runtime.block_on(manifests(&client, volume))?;
+    if manifests.is_empty() {
+        return Err(OpsError::Usage(format!(
+            "volume {volume} has no point in object store {} bucket {}",
+            store.endpoint, store.bucket
+        )));
+    }
+    for manifest in &manifests {
+        let point = &manifest.point;
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "seq": manifest.seq,
+                    "time": units::format_utc(point.time_unix_ms),
+                    "time_unix_ms": point.time_unix_ms,
+                    "consistent": point.consistent,
+                    "bytes": point.bytes,
+                    "size_bytes": manifest.size_bytes,
+                    "manifest": if manifest.base.is_some() { "delta" } else { "full" },
+                    "changed_chunks": manifest.entries.len(),
+                })
+            );
+        } else {
+            println!(
+                "{:>8}  {}  {}  {} ({} chunk(s) in its {} manifest)",
+                manifest.seq,
+                units::format_utc(point.time_unix_ms),
+                if point.consistent {
+                    "consistent "
+                } else {
+                    "crash-consistent"
+                },
+                units::format_size(point.bytes),
+                manifest.entries.len(),
+                if manifest.base.is_some() {
+                    "delta"
+                } else {
+                    "full"
+                },
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The point `selector` names among the store's, by sequence number.
+fn select(manifests: &[crate::dr::layout::Manifest], selector: &PointSelector) -> Option<u64> {
+    match selector {
+        PointSelector::Latest => manifests.last().map(|m| m.seq),
+        PointSelector::Seq(seq) => manifests.iter().find(|m| m.seq == *seq).map(|m| m.seq),
+        PointSelector::AtOrBefore(time) => manifests
+            .iter()
+            .rev()
+            .find(|m| m.point.time_unix_ms <= *time)
+            .map(|m| m.seq),
+        PointSelector::GroupCut(cut) => manifests
+            .iter()
+            .rev()
+            .find(|m| m.point.group_cut == Some(*cut))
+            .map(|m| m.seq),
+        PointSelector::All => None,
+    }
+}
+
+/// `blkmirror restore VOLUME --from-store FILE --at POINT --to PATH`.
+pub fn restore(
+    store: &StoreConfig,
+    volume: &str,
+    selector: &PointSelector,
+    to: &Path,
+    force: bool,
+    json: bool,
+) -> Result<(), OpsError> {
+    if *selector == PointSelector::All {
+        return Err(OpsError::Usage(
+            "restore needs one point, not --at all".into(),
+        ));
+    }
+    blkmirror_protocol::wire::check_volume_name(volume)
+        .map_err(|error| OpsError::Usage(error.to_string()))?;
+    let runtime = runtime()?;
+    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    runtime.block_on(async {
+        let manifests = manifests(&client, volume).await?;
+        let seq = select(&manifests, selector).ok_or_else(|| {
+            OpsError::Usage(format!(
+                "no point of volume {volume} in object store {} bucket {} matches ({} point(s) \
+                 there; see `blkmirror points {volume} --from-store ...`)",
+                store.endpoint,
+                store.bucket,
+                manifests.len()
+            ))
+        })?;
+        let started = Instant::now();
+        let (map, manifest) = objpoints::read_point(&client, volume, seq)
+            .await
+            .map_err(classify)?;
+        let view = objpoints::load_view(&client).await.map_err(classify)?;
+        let size = manifest.size_bytes;
+        let chunk = manifest.chunk_bytes as usize;
+        let target = RestoreTarget::open(to, size, chunk, force)?;
+        eprintln!(
+            "blkmirror: restoring volume {volume} point {seq} ({}) from object store {} to {}",
+            units::format_utc(manifest.point.time_unix_ms),
+            store.endpoint,
+            to.display()
+        );
+        let mut progress = Progress::new(format!("restore of {volume}"), size, json);
+        let mut done = 0u64;
+        let mut write_error = None;
+        let read = objpoints::read_point_into(
+            &client,
+            &view.locations,
+            &map,
+            &manifest,
+            RESTORE_PARALLEL_READS,
+            |offset, data| {
+                let len = chunk.min((size - offset) as usize);
+                if let Err(error) = target.write(offset, data, len) {
+                    let message = error.to_string();
+                    write_error = Some(error);
+                    return Err(PointStoreError::Missing(format!(
+                        "a place to write the point ({message})"
+                    )));
+                }
+                done += len as u64;
+                progress.update(done);
+                Ok(())
+            },
+        )
+        .await;
+        let report = match (read, write_error) {
+            (Ok(report), None) => report,
+            (_, Some(error)) => {
+                target.abandon();
+                return Err(error);
+            }
+            (Err(error), None) => {
+                target.abandon();
+                return Err(classify(error));
+            }
+        };
+        target.finish()?;
+        let elapsed = started.elapsed().as_secs_f64();
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "event": "restored", "volume": volume, "seq": seq,
+                    "time": units::format_utc(manifest.point.time_unix_ms),
+                    "consistent": manifest.point.consistent, "to": to.display().to_string(),
+                    "bytes": size, "duration_ms": (elapsed * 1000.0) as u64,
+                    "from": "object-store", "requests": report.requests,
+                    "fetched_bytes": report.fetched_bytes, "chunks": report.chunks,
+                    "zero_chunks": report.zero_chunks,
+                })
+            );
+        } else {
+            println!(
+                "restored volume {volume} point {seq} ({}) from the object store to {}: {} in \
+                 {elapsed:.1}s ({} fetched in {} ranged reads), every chunk checked against its \
+                 id",
+                units::format_utc(manifest.point.time_unix_ms),
+                to.display(),
+                units::format_size(size),
+                units::format_size(report.fetched_bytes),
+                report.requests
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,395 @@
+//! Receivers that publish their points to a real distributed object store: the Ceph cluster
+//! of `store.rs` (three OSDs, three replicas, a RADOS gateway), a real agent on a loop device
+//! with the real eBPF tracker, and `blkmirror receiver --config` with a `[store]` section.
+//!
+//! What it proves: every point the agent is told is committed is on the store; the store
+//! alone restores each point byte for byte, with no receiver and no data directory; a store
+//! that goes away refuses the cycle without losing it, and the agent finishes once the store
+//! is back; a second receiver on the same store may not write a volume the first one holds.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use blkmirror_tests::{
+    LoopDevice, PinRoot, Scratch, blkmirror,
+    ceph::{ACCESS_KEY, CephCluster, SECRET_KEY},
+    mirror::{AgentSetup, ChildGuard, Id, Receiver, assert_same, write_random},
+    parse_lines, require_root,
+};
+
+const MIB: u64 = 1 << 20;
+const VOLUME: &str = "vol";
+const BUCKET: &str = "dr-site";
+
+fn run(args: &[&str]) -> Output {
+    blkmirror().args(args).output().expect("running blkmirror")
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let output = run(args);
+    assert!(
+        output.status.success(),
+        "blkmirror {args:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Writes a receiver.toml with a `[store]` section and returns its path.
+fn receiver_config(
+    dir: &Path,
+    name: &str,
+    id: &Id,
+    agent: &Id,
+    cluster: &CephCluster,
+    credentials: &Path,
+) -> (PathBuf, PathBuf) {
+    let data = dir.join(format!("{name}-data"));
+    let config = dir.join(format!("{name}.toml"));
+    fs::write(
+        &config,
+        format!(
+            "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             control_socket = \"{}\"\n\
+             [[agent]]\nfingerprint = \"{}\"\nvolumes = [\"{VOLUME}\"]\n\
+             [store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\ncredentials = \"{}\"\n\
+             allow_http = true\n",
+            id.dir.display(),
+            data.display(),
+            dir.join(format!("{name}.sock")).display(),
+            agent.fingerprint,
+            cluster.endpoint,
+            credentials.display()
+        ),
+    )
+    .expect("receiver.toml");
+    (config, data)
+}
+
+/// The points in the store, as `points --from-store --json` lists them.
+fn store_points(config: &Path) -> Vec<serde_json::Value> {
+    parse_lines(&run_ok(&[
+        "points",
+        VOLUME,
+        "--from-store",
+        config.to_str().expect("utf-8"),
+        "--json",
+    ]))
+}
+
+fn restore_from_store(config: &Path, at: &str, to: &Path) -> serde_json::Value {
+    let lines = parse_lines(&run_ok(&[
+        "restore",
+        VOLUME,
+        "--from-store",
+        config.to_str().expect("utf-8"),
+        "--at",
+        at,
+        "--to",
+        to.to_str().expect("utf-8"),
+        "--json",
+    ]));
+    lines
+        .into_iter()
+        .find(|line| line["event"] == "restored")
+        .expect("a restored line")
+}
+
+fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + deadline;
+    while !done() {
+        assert!(Instant::now() < until, "{what} within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `agent --once` in the background, its standard error in `log`.
+fn spawn_once(agent: &AgentSetup, log: &Path) -> ChildGuard {
+    let mut args = agent.args(&[]);
+    args.push("--once".to_owned());
+    let child: Child = blkmirror()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(log).expect("agent log"))
+        .spawn()
+        .expect("spawning the agent");
+    ChildGuard(child)
+}
+
+/// Waits for an agent of [`spawn_once`] to finish, asserts it succeeded, and returns what it
+/// said.
+fn wait_ok(mut child: ChildGuard, log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().expect("agent status") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not finish once the store was back: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let said = fs::read_to_string(log).unwrap_or_default();
+    assert!(status.success(), "agent: {status}: {said}");
+    said
+}
+
+fn committed_seq(data: &Path) -> u64 {
+    fs::read_to_string(data.join(VOLUME).join("volume.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|meta| meta["committed_seq"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
+    require_root();
+    let mut cluster = CephCluster::start();
+    eprintln!("Ceph started in {:.1} s", cluster.started_in.as_secs_f64());
+    cluster.create_bucket(BUCKET);
+    let scratch = Scratch::new();
+    let dir = &scratch.path;
+    let agent_id = Id::new(dir, "agent-id");
+    let a_id = Id::new(dir, "receiver-a-id");
+    let b_id = Id::new(dir, "receiver-b-id");
+
+    // The credentials file must be root's alone; config check says so, then reaches the store.
+    let credentials = dir.join("store-credentials.toml");
+    fs::write(
+        &credentials,
+        format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"{SECRET_KEY}\"\n"),
+    )
+    .expect("credentials");
+    fs::set_permissions(&credentials, fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (config_a, data_a) = receiver_config(dir, "a", &a_id, &agent_id, &cluster, &credentials);
+    let check = run(&["config", "check", config_a.to_str().expect("utf-8")]);
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "a readable secret was accepted");
+    assert!(said.contains("chmod 600"), "{said}");
+    fs::set_permissions(&credentials, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let checked = run_ok(&["config", "check", config_a.to_str().expect("utf-8")]);
+    assert!(
+        checked.contains(&format!("bucket {BUCKET} reachable")),
+        "{checked}"
+    );
+    // A wrong secret is found by the check, not by the first cycle.
+    let wrong = dir.join("wrong-credentials.toml");
+    fs::write(
+        &wrong,
+        format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"not-the-secret\"\n"),
+    )
+    .expect("credentials");
+    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (config_wrong, _) = receiver_config(dir, "wrong", &a_id, &agent_id, &cluster, &wrong);
+    let check = run(&["config", "check", config_wrong.to_str().expect("utf-8")]);
+    assert!(!check.status.success(), "a wrong secret passed the check");
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(said.contains(&format!("bucket {BUCKET}")), "{said}");
+
+    let mut receiver_a = Receiver::start_config(&config_a, &data_a, &a_id);
+    let device = LoopDevice::new(dir, 32 * MIB);
+    // The last quarter stays zeros: chunks the store records without storing.
+    write_random(&device.path, 0, 24 * MIB);
+    let pins = PinRoot::new();
+    let agent_state = dir.join("agent-state");
+    let agent = AgentSetup {
+        device: &device.path,
+        volume: VOLUME,
+        receiver: &receiver_a,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &agent_state,
+        receiver_fingerprint: None,
+        via: None,
+    };
+    agent.once_ok(&[]);
+    let first_seq = committed_seq(&data_a);
+    let first_copy = dir.join("first.img");
+    fs::write(
+        &first_copy,
+        fs::read(&device.path).expect("reading the device"),
+    )
+    .expect("copying the device");
+    let points = store_points(&config_a);
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert_eq!(points[0]["seq"].as_u64(), Some(first_seq), "{points:?}");
+    assert_eq!(points[0]["manifest"], "full", "{points:?}");
+    assert!(
+        receiver_a.log().contains("published to the object store"),
+        "{}",
+        receiver_a.log()
+    );
+
+    // A cycle costs the store what it changed: a delta of the changed chunks.
+    write_random(&device.path, 4 * MIB, MIB);
+    write_random(&device.path, 28 * MIB, MIB / 4);
+    agent.once_ok(&[]);
+    let second_seq = committed_seq(&data_a);
+    let points = store_points(&config_a);
+    assert_eq!(points.len(), 2, "{points:?}");
+    let delta = &points[1];
+    assert_eq!(delta["seq"].as_u64(), Some(second_seq), "{points:?}");
+    assert_eq!(delta["manifest"], "delta", "{points:?}");
+    let changed = delta["changed_chunks"].as_u64().unwrap_or(0);
+    assert!(
+        (1..=48).contains(&changed),
+        "1.25 MiB changed, {changed} chunks in the delta"
+    );
+
+    // The store alone restores both points, byte for byte.
+    let latest = dir.join("latest.img");
+    let restored = restore_from_store(&config_a, "latest", &latest);
+    assert_eq!(restored["seq"].as_u64(), Some(second_seq), "{restored}");
+    assert_same(&device.path, &latest);
+    let first = dir.join("first-from-store.img");
+    restore_from_store(&config_a, &format!("seq:{first_seq}"), &first);
+    assert_same(&first_copy, &first);
+
+    // The store is unreachable when an agent comes: it is refused before it sends anything,
+    // retries, and finishes once the store is back.
+    cluster.stop_gateway();
+    write_random(&device.path, 8 * MIB, 2 * MIB);
+    let agent_log = dir.join("agent-store-down.log");
+    let child = spawn_once(&agent, &agent_log);
+    wait_for(
+        "the receiver refusing for want of its store",
+        Duration::from_secs(120),
+        || receiver_a.log().contains(": not published: "),
+    );
+    assert_eq!(committed_seq(&data_a), second_seq, "a cycle was taken");
+    cluster.start_gateway();
+    let said = wait_ok(child, &agent_log);
+    assert!(
+        said.contains("the receiver's object store failed"),
+        "{said}"
+    );
+    let third_seq = committed_seq(&data_a);
+    assert!(third_seq > second_seq, "no cycle after the outage");
+
+    // The store goes away after a cycle is committed on the receiver and before it is
+    // published: the cycle is not acknowledged; the agent retries, and once the store is back
+    // the receiver publishes it first and welcomes the agent with it.
+    receiver_a.kill();
+    let hold = dir.join("hold-publish");
+    let mut receiver_a = Receiver::start_config_env(
+        &config_a,
+        &data_a,
+        &a_id,
+        &[(
+            "BLKMIRROR_TEST_PUBLISH_HOLD_FILE",
+            hold.to_str().expect("utf-8"),
+        )],
+    );
+    let agent = AgentSetup {
+        device: &device.path,
+        volume: VOLUME,
+        receiver: &receiver_a,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &agent_state,
+        receiver_fingerprint: None,
+        via: None,
+    };
+    fs::write(&hold, b"").expect("hold file");
+    write_random(&device.path, 12 * MIB, 2 * MIB);
+    let agent_log = dir.join("agent-store-gone.log");
+    let child = spawn_once(&agent, &agent_log);
+    wait_for(
+        "a committed cycle held before its publish",
+        Duration::from_secs(120),
+        || receiver_a.log().contains("holding the publish"),
+    );
+    let held_seq = committed_seq(&data_a);
+    assert!(held_seq > third_seq, "the held cycle is not committed");
+    cluster.stop_gateway();
+    fs::remove_file(&hold).expect("releasing the hold");
+    wait_for(
+        "the publish of the committed cycle failing",
+        Duration::from_secs(120),
+        || receiver_a.log().contains(": not published: "),
+    );
+    cluster.start_gateway();
+    let said = wait_ok(child, &agent_log);
+    assert!(
+        said.contains("the receiver's object store failed"),
+        "{said}"
+    );
+    let final_seq = committed_seq(&data_a);
+    assert!(final_seq >= held_seq, "the held cycle was lost");
+    let points = store_points(&config_a);
+    assert!(
+        points.iter().any(|p| p["seq"].as_u64() == Some(held_seq)),
+        "the held cycle is not on the store: {points:?}"
+    );
+    assert_eq!(
+        points.last().and_then(|p| p["seq"].as_u64()),
+        Some(final_seq),
+        "{points:?}"
+    );
+    let after_outage = dir.join("after-outage.img");
+    restore_from_store(&config_a, "latest", &after_outage);
+    assert_same(&device.path, &after_outage);
+    let status = parse_lines(&run_ok(&[
+        "status",
+        "--json",
+        "--socket",
+        dir.join("a.sock").to_str().expect("utf-8"),
+    ]));
+    let store = &status[0]["store"];
+    assert_eq!(store["reachable"], true, "{status:?}");
+    assert!(store["published"].as_u64() >= Some(1), "{status:?}");
+
+    // A second receiver on the same store may not write the volume receiver A holds: its
+    // agent is refused before it syncs anything, and the store's points stay A's.
+    let (config_b, data_b) = receiver_config(dir, "b", &b_id, &agent_id, &cluster, &credentials);
+    let receiver_b = Receiver::start_config(&config_b, &data_b, &b_id);
+    let other_device = LoopDevice::new(dir, 8 * MIB);
+    write_random(&other_device.path, 0, 8 * MIB);
+    let other_pins = PinRoot::new();
+    let other_state = dir.join("other-agent-state");
+    let other = AgentSetup {
+        device: &other_device.path,
+        volume: VOLUME,
+        receiver: &receiver_b,
+        id: &agent_id,
+        pins: &other_pins,
+        state_dir: &other_state,
+        receiver_fingerprint: None,
+        via: None,
+    };
+    let other_log = dir.join("agent-b.log");
+    let other_child = spawn_once(&other, &other_log);
+    wait_for(
+        "receiver B refusing the volume",
+        Duration::from_secs(60),
+        || {
+            let log = receiver_b.log();
+            // A's lease, or (had it run out meanwhile) A's newer points.
+            log.contains("is written to the object store by receiver")
+                || log.contains("newer than this receiver's point 0")
+        },
+    );
+    drop(other_child);
+    for (name, log) in [("A", receiver_a.log()), ("B", receiver_b.log())] {
+        for line in log.lines().filter(|l| l.contains("object store")) {
+            eprintln!("receiver {name}: {line}");
+        }
+    }
+    assert_eq!(committed_seq(&data_b), 0, "receiver B took a cycle");
+    assert_eq!(
+        store_points(&config_a),
+        points,
+        "the store's points changed"
+    );
+    receiver_a.kill();
+}
