@@ -107,9 +107,13 @@ impl Client {
     async fn connect(receiver: &Receiver, id: &Id) -> Option<Self> {
         let identity = Identity::load(&id.dir).expect("identity");
         let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
-        let (endpoint, config) =
-            net::client_endpoint(&identity, &fingerprint, 8 * MIB, net::Congestion::default())
-                .expect("endpoint");
+        let (endpoint, config) = net::client_endpoint(
+            &identity,
+            &fingerprint.clone().into(),
+            8 * MIB,
+            net::Congestion::default(),
+        )
+        .expect("endpoint");
         let connection = endpoint
             .connect_with(config, receiver.addr.parse().expect("addr"), "blkmirror")
             .ok()?
@@ -656,9 +660,13 @@ fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
             runtime.block_on(async {
                 let identity = Identity::load(&stranger_dir).expect("identity");
                 let fingerprint = Fingerprint::parse(&fingerprint).expect("fingerprint");
-                let (endpoint, config) =
-                    net::client_endpoint(&identity, &fingerprint, MIB, net::Congestion::default())
-                        .expect("endpoint");
+                let (endpoint, config) = net::client_endpoint(
+                    &identity,
+                    &fingerprint.clone().into(),
+                    MIB,
+                    net::Congestion::default(),
+                )
+                .expect("endpoint");
                 let connecting = endpoint
                     .connect_with(config, addr.parse().expect("addr"), "blkmirror")
                     .expect("connect");

@@ -406,9 +406,13 @@ async fn hostile_session(
 ) -> String {
     let identity = Identity::load(&id.dir).expect("identity");
     let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
-    let (endpoint, config) =
-        net::client_endpoint(&identity, &fingerprint, 8 * MIB, net::Congestion::default())
-            .expect("endpoint");
+    let (endpoint, config) = net::client_endpoint(
+        &identity,
+        &fingerprint.clone().into(),
+        8 * MIB,
+        net::Congestion::default(),
+    )
+    .expect("endpoint");
     let connection = endpoint
         .connect_with(config, receiver.addr.parse().expect("addr"), "blkmirror")
         .expect("connect")

@@ -42,6 +42,7 @@ fn config(cluster: &CephCluster) -> StoreConfig {
         access_key: ACCESS_KEY.to_owned(),
         secret_key: SECRET_KEY.to_owned(),
         allow_http: true,
+        lease: blkmirror::dr::objstore::DEFAULT_LEASE,
     }
 }
 

@@ -60,7 +60,7 @@ fn receiver_config(
              control_socket = \"{}\"\n\
              [[agent]]\nfingerprint = \"{}\"\nvolumes = [\"{VOLUME}\"]\n\
              [store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\ncredentials = \"{}\"\n\
-             allow_http = true\n",
+             allow_http = true\nlease = \"10s\"\n",
             id.dir.display(),
             data.display(),
             dir.join(format!("{name}.sock")).display(),
@@ -162,6 +162,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let agent_id = Id::new(dir, "agent-id");
     let a_id = Id::new(dir, "receiver-a-id");
     let b_id = Id::new(dir, "receiver-b-id");
+    let c_id = Id::new(dir, "receiver-c-id");
 
     // The credentials file must be root's alone; config check says so, then reaches the store.
     let credentials = dir.join("store-credentials.toml");
@@ -349,10 +350,61 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     assert_eq!(store["reachable"], true, "{status:?}");
     assert!(store["published"].as_u64() >= Some(1), "{status:?}");
 
-    // A second receiver on the same store may not write the volume receiver A holds: its
-    // agent is refused before it syncs anything, and the store's points stay A's.
+    // Receiver A dies. Its agent, given both receivers, is refused by B while A's lease
+    // lasts, then B takes the lease, fetches the volume's newest point from the store, and the
+    // agent carries on from it with an ordinary cycle: no full sync.
     let (config_b, data_b) = receiver_config(dir, "b", &b_id, &agent_id, &cluster, &credentials);
     let receiver_b = Receiver::start_config(&config_b, &data_b, &b_id);
+    let before_failover = committed_seq(&data_a);
+    receiver_a.kill();
+    write_random(&device.path, 16 * MIB, MIB);
+    let both = format!("{},{}", receiver_a.addr, receiver_b.addr);
+    let both_pins = format!("{},{}", a_id.fingerprint, b_id.fingerprint);
+    let failover = AgentSetup {
+        device: &device.path,
+        volume: VOLUME,
+        receiver: &receiver_a,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &agent_state,
+        receiver_fingerprint: Some(&both_pins),
+        via: Some(both),
+    };
+    let (output, lines) = failover.once(&[], Duration::from_secs(240));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "agent: {}: {said}", output.status);
+    let b_log = receiver_b.log();
+    assert!(
+        b_log.contains(&format!(
+            "fetched point {before_failover} from the object store"
+        )),
+        "{b_log}"
+    );
+    let b_seq = committed_seq(&data_b);
+    assert!(b_seq > before_failover, "B committed nothing: {b_log}");
+    let kinds: Vec<&str> = lines
+        .iter()
+        .filter(|line| line["event"] == "committed")
+        .filter_map(|line| line["kind"].as_str())
+        .collect();
+    assert!(
+        kinds == ["cycle"] || said.contains(blkmirror_tests::KERNEL_SKIPPED),
+        "after the fail-over: {kinds:?}: {said}"
+    );
+    let points = store_points(&config_b);
+    assert_eq!(
+        points.last().and_then(|p| p["seq"].as_u64()),
+        Some(b_seq),
+        "{points:?}"
+    );
+    let after_failover = dir.join("after-failover.img");
+    restore_from_store(&config_b, "latest", &after_failover);
+    assert_same(&device.path, &after_failover);
+
+    // Another device under the same volume name, through a third receiver: refused while B's
+    // lease lasts, and once it has run out, by the store's record of the volume's source.
+    let (config_c, data_c) = receiver_config(dir, "c", &c_id, &agent_id, &cluster, &credentials);
+    let receiver_c = Receiver::start_config(&config_c, &data_c, &c_id);
     let other_device = LoopDevice::new(dir, 8 * MIB);
     write_random(&other_device.path, 0, 8 * MIB);
     let other_pins = PinRoot::new();
@@ -360,36 +412,29 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let other = AgentSetup {
         device: &other_device.path,
         volume: VOLUME,
-        receiver: &receiver_b,
+        receiver: &receiver_c,
         id: &agent_id,
         pins: &other_pins,
         state_dir: &other_state,
         receiver_fingerprint: None,
         via: None,
     };
-    let other_log = dir.join("agent-b.log");
-    let other_child = spawn_once(&other, &other_log);
-    wait_for(
-        "receiver B refusing the volume",
-        Duration::from_secs(60),
-        || {
-            let log = receiver_b.log();
-            // A's lease, or (had it run out meanwhile) A's newer points.
-            log.contains("is written to the object store by receiver")
-                || log.contains("newer than this receiver's point 0")
-        },
+    let (output, _) = other.once(&[], Duration::from_secs(120));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "another source was accepted: {said}"
     );
-    drop(other_child);
-    for (name, log) in [("A", receiver_a.log()), ("B", receiver_b.log())] {
+    assert!(said.contains("in the object store was made from"), "{said}");
+    for (name, log) in [("B", receiver_b.log()), ("C", receiver_c.log())] {
         for line in log.lines().filter(|l| l.contains("object store")) {
             eprintln!("receiver {name}: {line}");
         }
     }
-    assert_eq!(committed_seq(&data_b), 0, "receiver B took a cycle");
+    assert_eq!(committed_seq(&data_c), 0, "receiver C took a cycle");
     assert_eq!(
-        store_points(&config_a),
+        store_points(&config_b),
         points,
         "the store's points changed"
     );
-    receiver_a.kill();
 }

@@ -150,12 +150,14 @@ pub struct AgentArgs {
     /// The volume name at the receiver (1-64 of A-Z a-z 0-9 . _ -).
     #[arg(long, value_name = "NAME", required_unless_present = "config")]
     pub volume: Option<String>,
-    /// The receiver, HOST:PORT.
-    #[arg(long, value_name = "HOST:PORT", required_unless_present = "config")]
+    /// The receiver, HOST:PORT; or several, comma-separated, that share an object store (the
+    /// agent moves to the next one when one fails).
+    #[arg(long, value_name = "HOST:PORT[,...]", value_parser = parse_receiver_list, required_unless_present = "config")]
     pub receiver: Option<String>,
-    /// SHA-256 fingerprint of the receiver's certificate (printed by its `blkmirror keygen`).
-    #[arg(long, value_name = "FP", value_parser = parse_fingerprint, required_unless_present = "config")]
-    pub receiver_fingerprint: Option<Fingerprint>,
+    /// SHA-256 fingerprint of the receiver's certificate (printed by its `blkmirror keygen`);
+    /// with several receivers, theirs, comma-separated.
+    #[arg(long, value_name = "FP[,...]", value_parser = crate::link::identity::ReceiverPins::parse, required_unless_present = "config")]
+    pub receiver_fingerprint: Option<crate::link::identity::ReceiverPins>,
     /// This agent's identity directory (from `blkmirror keygen`).
     #[arg(long, value_name = "DIR", required_unless_present = "config")]
     pub identity: Option<PathBuf>,
@@ -652,6 +654,10 @@ pub struct ThawGuardArgs {
     /// Thaw after this many milliseconds.
     #[arg(long)]
     pub after_ms: u64,
+}
+
+fn parse_receiver_list(text: &str) -> Result<String, String> {
+    crate::link::identity::parse_receivers(text).map(|receivers| receivers.join(","))
 }
 
 fn parse_fingerprint(text: &str) -> Result<Fingerprint, String> {

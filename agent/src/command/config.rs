@@ -173,8 +173,8 @@ pub struct AgentSettings {
     pub identity: PathBuf,
     /// Receiver address.
     pub receiver: String,
-    /// Receiver fingerprint.
-    pub receiver_fingerprint: Fingerprint,
+    /// Receiver fingerprints.
+    pub receiver_fingerprint: crate::link::identity::ReceiverPins,
     /// Tracking state directory.
     pub state_dir: PathBuf,
     /// Pin root.
@@ -267,6 +267,9 @@ pub struct StoreSection {
     pub allow_http: bool,
     /// Encryption at rest: not built yet, refused with a message.
     pub encryption_key: Option<PathBuf>,
+    /// How long a receiver's hold on a volume lasts without renewal (`60s` by default): how
+    /// soon another receiver can take over a volume whose receiver died.
+    pub lease: Option<String>,
 }
 
 /// The credentials file of `[store]`.
@@ -455,19 +458,12 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
     let mut problems = Problems::default();
     let fingerprint = problems.check(
         "receiver.fingerprint",
-        Fingerprint::parse(&file.receiver.fingerprint).map_err(|e| e.to_string()),
+        crate::link::identity::ReceiverPins::parse(&file.receiver.fingerprint),
     );
-    if file
-        .receiver
-        .address
-        .rsplit_once(':')
-        .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
-    {
-        problems.0.push(format!(
-            "receiver.address: {:?} is not HOST:PORT",
-            file.receiver.address
-        ));
-    }
+    problems.check(
+        "receiver.address",
+        crate::link::identity::parse_receivers(&file.receiver.address),
+    );
     let metrics_listen = file
         .metrics_listen
         .as_deref()
@@ -870,7 +866,21 @@ fn store_section(
                 })
             }),
     };
+    let lease = match &section.lease {
+        None => Some(crate::dr::objstore::DEFAULT_LEASE),
+        Some(text) => problems.check(
+            "store.lease",
+            units::parse_duration(text).and_then(|lease| {
+                if (Duration::from_secs(5)..=Duration::from_secs(600)).contains(&lease) {
+                    Ok(lease)
+                } else {
+                    Err(format!("{text} is outside 5s to 10m"))
+                }
+            }),
+        ),
+    };
     let credentials = problems.check("store.credentials", credentials)?;
+    let lease = lease?;
     (problems.0.len() == before).then(|| crate::dr::objstore::StoreConfig {
         endpoint: endpoint.to_owned(),
         bucket: section.bucket.clone(),
@@ -881,6 +891,7 @@ fn store_section(
         access_key: credentials.access_key,
         secret_key: credentials.secret_key,
         allow_http: section.allow_http,
+        lease,
     })
 }
 

@@ -44,7 +44,12 @@ pub struct StoreConfig {
     pub secret_key: String,
     /// Whether plain HTTP is allowed (a store on the same host or a private network only).
     pub allow_http: bool,
+    /// How long a receiver's lease on a volume lasts without renewal.
+    pub lease: Duration,
 }
+
+/// The lease of `[store]` by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
 
 /// Errors of the object store.
 #[derive(Debug, Error)]

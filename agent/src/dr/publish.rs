@@ -18,17 +18,22 @@
 //! read (an acknowledgement lost on the wire). Nothing is lost, and no point is reported that
 //! the store does not hold.
 //!
-//! # One writer
+//! # One writer, any receiver
 //!
 //! Before it publishes, the receiver takes or renews the volume's lease in the store
-//! ([`crate::dr::lease`]). A volume whose lease another receiver holds is refused, and so is a
-//! volume whose newest point in the store is newer than this receiver's: another receiver has
-//! served it since, and fetching a volume from the store into a receiver is not built yet.
-//! The manifest's conditional create decides any race that remains: two writers of one point
+//! ([`crate::dr::lease`]); a volume whose lease another receiver holds is refused. The store
+//! records each volume's source (`volumes/VOLUME/source`: the device's identity and geometry),
+//! and a receiver refuses a volume of the same name from another source. When the store holds
+//! a newer point of the volume than this receiver does (another receiver served it since, or
+//! this receiver never had it), the receiver **fetches** that point into its data directory
+//! ([`Volume::begin_adopting`]) before it welcomes the agent, which then carries on from it as
+//! it would with the receiver that committed it. That is what lets an agent move to another
+//! receiver when its receiver dies: the data directory is a cache of the store. The
+//! manifest's conditional create decides any race that remains: two writers of one point
 //! cannot both commit it.
 //!
-//! Not built yet: retention on the store (every published point is kept), serving a volume
-//! from the store alone, agents given several receivers, and the fencing token in manifests.
+//! Not built yet: retention on the store (every published point is kept), and the fencing
+//! token in manifests. A receiver publishes one point at a time (the pack view is shared).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -49,6 +54,9 @@ use crate::dr::{
 /// Bytes of changed chunks read from the image and uploaded at a time.
 const BATCH_BYTES: u64 = 64 << 20;
 
+/// Ranged reads in flight while a receiver fetches a point from the store.
+const FETCH_PARALLEL_READS: usize = 16;
+
 /// Errors of publishing to the store.
 #[derive(Debug, Error)]
 pub enum PublishError {
@@ -68,19 +76,40 @@ pub enum PublishError {
         /// Seconds left on its lease.
         remaining_s: u64,
     },
-    /// The store is ahead of this receiver's copy.
+    /// This receiver's copy and the store's are different histories.
     #[error(
-        "volume {volume}: the object store holds point {store_seq}, newer than this \
-         receiver's point {local_seq}; another receiver has served this volume since, and \
-         fetching a volume from the store into a receiver is not built yet"
+        "volume {volume}: the object store's point {store_seq} is not this receiver's point \
+         {local_seq} (another receiver committed a point of that number); refusing to publish \
+         over it"
     )]
-    StoreAhead {
+    Diverged {
         /// The volume.
         volume: String,
         /// The store's newest point.
         store_seq: u64,
         /// This receiver's.
         local_seq: u64,
+    },
+    /// The volume in the store was made from another source, or with another geometry.
+    #[error(
+        "volume {volume} in the object store was made from {stored}, not {offered}; refusing \
+         to mix them"
+    )]
+    SourceMismatch {
+        /// The volume.
+        volume: String,
+        /// What the store records.
+        stored: String,
+        /// What this receiver has.
+        offered: String,
+    },
+    /// The store's record of a volume's source is damaged.
+    #[error("object store: {key}: not a source record: {detail}")]
+    BadSourceRecord {
+        /// The object.
+        key: String,
+        /// What is wrong.
+        detail: String,
     },
     /// The local copy failed.
     #[error(transparent)]
@@ -101,8 +130,10 @@ pub struct PublishReport {
     /// The store's point it is a change against (`None`: the volume's first there, or one
     /// this receiver could not relate to its own, so every chunk was sent).
     pub against: Option<u64>,
-    /// What the commit did.
+    /// What the commit did (nothing when the point was fetched).
     pub commit: CommitReport,
+    /// The point was the store's, fetched into this receiver (it was behind the store).
+    pub fetched: Option<objpoints::ReadReport>,
     /// How long it took, in milliseconds.
     pub elapsed_ms: u64,
 }
@@ -130,19 +161,34 @@ pub struct StoreHealth {
 
 /// The store's newest point of a volume as this receiver last published or read it.
 struct Published {
-    seq: u64,
-    time_unix_ms: u64,
     map: ChunkMap,
+    point: PointInfo,
 }
 
 /// What this receiver has of a volume.
 enum Local {
-    /// No point at all (a volume new here).
-    NoPoint,
-    /// A point that is not one to publish (an unfinished sync: the image is no point in time).
-    NotPublishable,
-    /// The newest committed point, complete.
+    /// Its newest committed point, complete: one to publish.
     Point(PointInfo),
+    /// No point to publish (none at all, or an unfinished sync, which is no point in time),
+    /// with its committed cycle (0: none).
+    Nothing(u64),
+}
+
+/// The store's record of where a volume comes from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceRecord {
+    format: u32,
+    source_id: String,
+    size_bytes: u64,
+    chunk_bytes: u64,
+}
+
+/// The largest source record read.
+const MAX_SOURCE_BYTES: usize = 4096;
+
+fn source_key(volume: &str) -> String {
+    format!("volumes/{volume}/source")
 }
 
 /// Publishes receivers' points to one store.
@@ -153,8 +199,13 @@ pub struct Publisher {
     lease_for: Duration,
     /// What the store holds, shared by the volumes (reloaded when old).
     view: tokio::sync::Mutex<Option<StoreView>>,
-    /// Per volume: the store's newest point.
-    volumes: tokio::sync::Mutex<HashMap<String, Published>>,
+    /// Per volume: the store's newest point (taken out while a publish runs; a volume has one
+    /// session at a time).
+    volumes: Mutex<HashMap<String, Published>>,
+    /// Serializes this receiver's lease requests.
+    lease_requests: tokio::sync::Mutex<()>,
+    /// Volumes whose source record matched this receiver's.
+    sources: Mutex<HashMap<String, SourceRecord>>,
     health: Mutex<StoreHealth>,
 }
 
@@ -171,9 +222,11 @@ impl Publisher {
             client: ObjectStoreClient::connect(config)?,
             holder,
             settings: PackSettings::default(),
-            lease_for: Duration::from_secs(60),
+            lease_for: config.lease,
             view: tokio::sync::Mutex::new(None),
-            volumes: tokio::sync::Mutex::new(HashMap::new()),
+            volumes: Mutex::new(HashMap::new()),
+            sources: Mutex::new(HashMap::new()),
+            lease_requests: tokio::sync::Mutex::new(()),
             health: Mutex::new(StoreHealth {
                 store: format!("{} bucket {}", config.endpoint, config.bucket),
                 ..StoreHealth::default()
@@ -186,8 +239,9 @@ impl Publisher {
         self.health.lock().expect("health lock").clone()
     }
 
-    /// Publishes `volume`'s newest complete point if the store lacks it. Returns what was
-    /// published (`None`: the store was up to date, or the volume has no complete point).
+    /// Brings the store and this receiver's copy of `volume` together: publishes the newest
+    /// complete point if the store lacks it, or fetches the store's if it is newer. Returns
+    /// what was done (`None`: both hold the same point, or there is nothing to publish).
     pub async fn publish(
         &self,
         volume: &Arc<Mutex<Volume>>,
@@ -199,7 +253,7 @@ impl Publisher {
             Ok(report) => {
                 health.reachable = true;
                 health.last_error = None;
-                if let Some(report) = report {
+                if let Some(report) = report.as_ref().filter(|r| r.fetched.is_none()) {
                     health.last_publish_ms = report.elapsed_ms;
                     health.published += 1;
                     health.uploaded_bytes += report.commit.uploaded_bytes;
@@ -216,12 +270,16 @@ impl Publisher {
     }
 
     async fn hold_lease(&self, volume: &str) -> Result<(), PublishError> {
-        let now = now_ms();
-        match self
-            .client
-            .acquire_lease(volume, &self.holder, now, self.lease_for.as_millis() as u64)
-            .await?
-        {
+        // One lease request at a time: a renewal racing a publish's would make one of the two
+        // conditional writes fail as if another receiver had taken the lease.
+        let _serial = self.lease_requests.lock().await;
+        let mut outcome = self.acquire(volume).await?;
+        if outcome.1 == LeaseOutcome::LostRace {
+            // Read again: the write that beat ours may have been a renewal of our own.
+            outcome = self.acquire(volume).await?;
+        }
+        let (now, outcome) = outcome;
+        match outcome {
             LeaseOutcome::Holding(_) => Ok(()),
             LeaseOutcome::Held { holder, expires_ms } => Err(PublishError::LeaseHeld {
                 volume: volume.to_owned(),
@@ -236,7 +294,69 @@ impl Publisher {
         }
     }
 
-    /// The store's newest point of `volume` (from the cache, or read).
+    async fn acquire(&self, volume: &str) -> Result<(u64, LeaseOutcome), PublishError> {
+        let now = now_ms();
+        let outcome = self
+            .client
+            .acquire_lease(volume, &self.holder, now, self.lease_for.as_millis() as u64)
+            .await?;
+        Ok((now, outcome))
+    }
+
+    /// Renews the lease of `volume` every third of its life, for as long as the session that
+    /// serves the volume runs (the caller aborts it at the session's end): a receiver that
+    /// waits for its agent's next cycle keeps the volume, and one that died loses it a lease
+    /// later.
+    pub async fn keep_lease(&self, volume: &str) {
+        loop {
+            tokio::time::sleep(self.lease_for / 3).await;
+            if let Err(error) = self.hold_lease(volume).await {
+                tracing::warn!(
+                    target: "blkmirror receiver",
+                    "volume {volume}: renewing its lease in the object store: {error}"
+                );
+            }
+        }
+    }
+
+    /// Checks the store's record of the volume's source against ours, writing it first if
+    /// there is none (the first receiver to publish the volume names its source).
+    async fn check_source(&self, name: &str, ours: SourceRecord) -> Result<(), PublishError> {
+        if self.sources.lock().expect("sources lock").get(name) == Some(&ours) {
+            return Ok(());
+        }
+        let key = source_key(name);
+        let encoded = serde_json::to_vec(&ours).expect("a source record serializes");
+        self.client.put_if_absent(&key, encoded).await?;
+        let Some((bytes, _)) = self.client.get(&key, MAX_SOURCE_BYTES).await? else {
+            return Err(PointStoreError::Missing(key).into());
+        };
+        let stored: SourceRecord =
+            serde_json::from_slice(&bytes).map_err(|error| PublishError::BadSourceRecord {
+                key: key.clone(),
+                detail: error.to_string(),
+            })?;
+        if stored != ours {
+            let describe = |r: &SourceRecord| {
+                format!(
+                    "{:?} ({} bytes, {} byte chunks)",
+                    r.source_id, r.size_bytes, r.chunk_bytes
+                )
+            };
+            return Err(PublishError::SourceMismatch {
+                volume: name.to_owned(),
+                stored: describe(&stored),
+                offered: describe(&ours),
+            });
+        }
+        self.sources
+            .lock()
+            .expect("sources lock")
+            .insert(name.to_owned(), ours);
+        Ok(())
+    }
+
+    /// The store's newest point of `volume`.
     async fn newest(&self, volume: &str) -> Result<Option<Published>, PublishError> {
         let seqs = objpoints::list_points(&self.client, volume).await?;
         let Some(&seq) = seqs.last() else {
@@ -244,10 +364,23 @@ impl Publisher {
         };
         let (map, manifest) = objpoints::read_point(&self.client, volume, seq).await?;
         Ok(Some(Published {
-            seq,
-            time_unix_ms: manifest.point.time_unix_ms,
             map,
+            point: manifest.point,
         }))
+    }
+
+    /// The pack view, read again when half its allowed age has passed.
+    async fn fresh_view(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<StoreView>>, PublishError> {
+        let mut slot = self.view.lock().await;
+        let stale = slot
+            .as_ref()
+            .is_none_or(|view| view.read_at.elapsed() > self.settings.max_view_age / 2);
+        if stale {
+            *slot = Some(objpoints::load_view(&self.client).await?);
+        }
+        Ok(slot)
     }
 
     async fn publish_inner(
@@ -255,95 +388,180 @@ impl Publisher {
         volume: &Arc<Mutex<Volume>>,
         started: Instant,
     ) -> Result<Option<PublishReport>, PublishError> {
-        let (name, local, size_bytes, chunk_bytes) = {
+        let (name, local, source) = {
             let volume = volume.lock().expect("volume lock");
             let meta = volume.meta();
             let local = match &meta.last_point {
-                None => Local::NoPoint,
-                Some(point) if !meta.unsettled && point.seq == meta.committed_seq => {
-                    let point = point.to_wire();
-                    if point.complete {
-                        Local::Point(point)
-                    } else {
-                        Local::NotPublishable
-                    }
+                Some(point)
+                    if !meta.unsettled && point.seq == meta.committed_seq && point.complete =>
+                {
+                    Local::Point(point.to_wire())
                 }
-                Some(_) => Local::NotPublishable,
+                _ => Local::Nothing(meta.committed_seq),
             };
-            (
-                meta.volume.clone(),
-                local,
-                meta.size_bytes,
-                meta.chunk_bytes,
-            )
+            let source = SourceRecord {
+                format: 1,
+                source_id: meta.source_id.clone(),
+                size_bytes: meta.size_bytes,
+                chunk_bytes: meta.chunk_bytes,
+            };
+            (meta.volume.clone(), local, source)
         };
         // The lease first, even with nothing to publish: an agent is refused before it syncs
         // to a receiver that may not write the volume.
         self.hold_lease(&name).await?;
-        let mut volumes = self.volumes.lock().await;
-        let base = match volumes.remove(&name) {
+        self.check_source(&name, source).await?;
+        let cached = self.volumes.lock().expect("volumes lock").remove(&name);
+        let base = match cached {
             Some(cached) => Some(cached),
             None => self.newest(&name).await?,
         };
-        let point = match (local, &base) {
-            (Local::Point(point), _) => point,
-            (Local::NoPoint, Some(newest)) => {
-                return Err(PublishError::StoreAhead {
-                    volume: name,
-                    store_seq: newest.seq,
-                    local_seq: 0,
-                });
+        let local_seq = match &local {
+            Local::Point(point) => point.seq,
+            Local::Nothing(seq) => *seq,
+        };
+        let report = match (local, base) {
+            (_, Some(newest)) if newest.point.seq > local_seq => {
+                let fetched = self.adopt(volume, &name, &newest).await?;
+                let seq = newest.point.seq;
+                self.remember(&name, newest);
+                Some(PublishReport {
+                    seq,
+                    against: None,
+                    commit: CommitReport::default(),
+                    fetched: Some(fetched),
+                    elapsed_ms: started.elapsed().as_millis() as u64,
+                })
             }
-            (Local::NoPoint | Local::NotPublishable, _) => {
-                if let Some(base) = base {
-                    volumes.insert(name, base);
+            (Local::Point(point), Some(newest)) if newest.point.seq == point.seq => {
+                if newest.point.time_unix_ms != point.time_unix_ms {
+                    return Err(PublishError::Diverged {
+                        volume: name,
+                        store_seq: newest.point.seq,
+                        local_seq: point.seq,
+                    });
                 }
-                return Ok(None);
+                self.remember(&name, newest);
+                None
+            }
+            (Local::Point(point), base) => {
+                let (report, published) = self.upload(volume, &name, point, base, started).await?;
+                self.remember(&name, published);
+                Some(report)
+            }
+            (Local::Nothing(_), base) => {
+                if let Some(base) = base {
+                    self.remember(&name, base);
+                }
+                None
             }
         };
-        if let Some(newest) = &base {
-            if newest.seq == point.seq && newest.time_unix_ms == point.time_unix_ms {
-                volumes.insert(name, base.expect("the store's newest point"));
-                return Ok(None);
-            }
-            if newest.seq >= point.seq {
-                return Err(PublishError::StoreAhead {
-                    volume: name.clone(),
-                    store_seq: newest.seq,
-                    local_seq: point.seq,
-                });
-            }
+        Ok(report)
+    }
+
+    fn remember(&self, name: &str, published: Published) {
+        self.volumes
+            .lock()
+            .expect("volumes lock")
+            .insert(name.to_owned(), published);
+    }
+
+    /// Fetches the store's point `newest` into this receiver's copy of the volume.
+    async fn adopt(
+        &self,
+        volume: &Arc<Mutex<Volume>>,
+        name: &str,
+        newest: &Published,
+    ) -> Result<objpoints::ReadReport, PublishError> {
+        let manifest = objpoints::read_manifest(&self.client, name, newest.point.seq).await?;
+        let view = self.fresh_view().await?;
+        let view = view.as_ref().expect("a view was loaded");
+        {
+            let volume = volume.clone();
+            tokio::task::spawn_blocking(move || {
+                volume.lock().expect("volume lock").begin_adopting()
+            })
+            .await
+            .expect("adopt task")?;
         }
+        let mut write_error = None;
+        let fetched = objpoints::read_point_into(
+            &self.client,
+            &view.locations,
+            &newest.map,
+            &manifest,
+            FETCH_PARALLEL_READS,
+            |offset, data| {
+                // Zeros are already there: the image was emptied.
+                let Some(data) = data else { return Ok(()) };
+                if let Err(error) = volume
+                    .lock()
+                    .expect("volume lock")
+                    .write_adopted(offset, data)
+                {
+                    let message = error.to_string();
+                    write_error = Some(error);
+                    return Err(PointStoreError::Missing(format!(
+                        "room for the point ({message})"
+                    )));
+                }
+                Ok(())
+            },
+        )
+        .await;
+        if let Some(error) = write_error {
+            return Err(error.into());
+        }
+        let fetched = fetched?;
+        let point = newest.point.clone();
+        let adopting = volume.clone();
+        tokio::task::spawn_blocking(move || {
+            adopting
+                .lock()
+                .expect("volume lock")
+                .finish_adopting(&point)
+        })
+        .await
+        .expect("adopt task")?;
+        Ok(fetched)
+    }
+
+    /// Uploads what differs between the store's point `base` and ours, then creates the
+    /// manifest of `point`.
+    async fn upload(
+        &self,
+        volume: &Arc<Mutex<Volume>>,
+        name: &str,
+        point: PointInfo,
+        base: Option<Published>,
+        started: Instant,
+    ) -> Result<(PublishReport, Published), PublishError> {
         // The chunks that differ between the store's point and ours: the local deltas lead
-        // back to it if this receiver published it and still keeps it; otherwise every chunk.
-        let chunk_count = size_bytes.div_ceil(chunk_bytes.max(1));
-        let (ranges, against) = {
+        // back to it if this receiver holds it still; otherwise every chunk.
+        let (ranges, against, size_bytes, chunk_bytes) = {
             let volume = volume.lock().expect("volume lock");
+            let meta = volume.meta();
             let related = base.as_ref().and_then(|base| {
-                let kept = volume.meta().points.iter().find(|p| p.seq == base.seq)?;
-                if kept.time_unix_ms != base.time_unix_ms {
+                let kept = meta.points.iter().find(|p| p.seq == base.point.seq)?;
+                if kept.time_unix_ms != base.point.time_unix_ms {
                     return None;
                 }
-                let map = volume.store().map_point(point.seq, base.seq).ok()?;
-                Some((map.changed_chunks(), base.seq))
+                let map = volume.store().map_point(point.seq, base.point.seq).ok()?;
+                Some((map.changed_chunks(), base.point.seq))
             });
-            match related {
+            let chunk_count = meta.size_bytes.div_ceil(meta.chunk_bytes.max(1));
+            let (ranges, against) = match related {
                 Some((ranges, seq)) => (ranges, Some(seq)),
                 None => (vec![(0, chunk_count)], None),
-            }
+            };
+            (ranges, against, meta.size_bytes, meta.chunk_bytes)
         };
-        let base_map = match (&base, against) {
-            (Some(base), Some(_)) => base.map.clone(),
+        let base_map = match (base, against) {
+            (Some(base), Some(_)) => base.map,
             _ => ChunkMap::default(),
         };
-        let mut view_slot = self.view.lock().await;
-        let stale = view_slot
-            .as_ref()
-            .is_none_or(|view| view.read_at.elapsed() > self.settings.max_view_age / 2);
-        if stale {
-            *view_slot = Some(objpoints::load_view(&self.client).await?);
-        }
-        let view = view_slot.as_mut().expect("a view was loaded");
+        let mut view = self.fresh_view().await?;
+        let view = view.as_mut().expect("a view was loaded");
         let mut upload = objpoints::Upload::default();
         let per_batch = (BATCH_BYTES / chunk_bytes.max(1)).max(1);
         let mut chunks = ranges.into_iter().flat_map(|(first, end)| first..end);
@@ -368,40 +586,35 @@ impl Publisher {
             objpoints::upload_changes(&self.client, view, &changes, self.settings, &mut upload)
                 .await?;
             if lease_renewed.elapsed() > self.lease_for / 3 {
-                self.hold_lease(&name).await?;
+                self.hold_lease(name).await?;
                 lease_renewed = Instant::now();
             }
         }
-        self.hold_lease(&name).await?;
+        self.hold_lease(name).await?;
         let seq = point.seq;
-        let time_unix_ms = point.time_unix_ms;
         let (commit, map) = objpoints::create_manifest(
             &self.client,
             view,
             &base_map,
             ManifestToCreate {
-                volume: &name,
+                volume: name,
                 size_bytes,
                 chunk_bytes,
-                point,
+                point: point.clone(),
             },
             upload,
             self.settings,
         )
         .await?;
-        volumes.insert(
-            name,
-            Published {
+        Ok((
+            PublishReport {
                 seq,
-                time_unix_ms,
-                map,
+                against,
+                commit,
+                fetched: None,
+                elapsed_ms: started.elapsed().as_millis() as u64,
             },
-        );
-        Ok(Some(PublishReport {
-            seq,
-            against,
-            commit,
-            elapsed_ms: started.elapsed().as_millis() as u64,
-        }))
+            Published { map, point },
+        ))
     }
 }

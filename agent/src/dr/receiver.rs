@@ -248,6 +248,13 @@ impl From<PublishError> for Refusal {
     fn from(error: PublishError) -> Self {
         match error {
             PublishError::Local(error) => error.into(),
+            error @ PublishError::SourceMismatch { .. } => {
+                Refusal::new(RefusalCode::SourceMismatch, error.to_string())
+            }
+            // Two histories of one volume: an operator must look, retrying will not help.
+            error @ PublishError::Diverged { .. } => {
+                Refusal::new(RefusalCode::Forbidden, error.to_string())
+            }
             // A committed point not on the store yet is not acknowledged: the agent retries,
             // and is welcomed with it once the store has it.
             PublishError::Store(error) => Refusal::new(
@@ -738,16 +745,41 @@ impl Session {
         }
     }
 
-    /// Publishes `volume`'s newest point to the object store, if there is one: logged,
-    /// audited and reported in status. A failure refuses the agent (it retries).
-    async fn publish(&self, name: &str, volume: &Arc<Mutex<Volume>>) -> Result<(), Refusal> {
+    /// Brings `volume` and the object store together, if there is one: publishes its newest
+    /// point, or fetches the store's when that is newer (returns true then). Logged, audited
+    /// and reported in status. A failure refuses the agent (it retries).
+    async fn publish(&self, name: &str, volume: &Arc<Mutex<Volume>>) -> Result<bool, Refusal> {
         let Some(publisher) = &self.context.publisher else {
-            return Ok(());
+            return Ok(false);
         };
         let result = publisher.publish(volume).await;
         self.context.status.set_store(publisher.health());
         match &result {
             Ok(None) => {}
+            Ok(Some(report)) if report.fetched.is_some() => {
+                let fetched = report.fetched.unwrap_or_default();
+                log(format!(
+                    "volume {name}: fetched point {} from the object store in {} ms: {} \
+                     chunk(s), {} byte(s) in {} ranged read(s); this receiver now serves it",
+                    report.seq,
+                    report.elapsed_ms,
+                    fetched.chunks,
+                    fetched.fetched_bytes,
+                    fetched.requests
+                ));
+                self.context.record(Event {
+                    event: "fetch",
+                    agent: Some(self.fingerprint.to_string()),
+                    volume: Some(name.to_owned()),
+                    outcome: "ok".into(),
+                    detail: serde_json::json!({
+                        "seq": report.seq,
+                        "chunks": fetched.chunks,
+                        "fetched_bytes": fetched.fetched_bytes,
+                        "elapsed_ms": report.elapsed_ms,
+                    }),
+                });
+            }
             Ok(Some(report)) => {
                 log(format!(
                     "volume {name}: point {} published to the object store in {} ms: {} \
@@ -786,7 +818,9 @@ impl Session {
                 });
             }
         }
-        result.map(|_| ()).map_err(Refusal::from)
+        result
+            .map(|report| report.is_some_and(|r| r.fetched.is_some()))
+            .map_err(Refusal::from)
     }
 
     async fn control(
@@ -876,10 +910,15 @@ impl Session {
         }
         // The store must hold the committed point before the agent is told of it: one a
         // refused publish left behind goes first.
-        if let Err(refusal) = self.publish(&hello.volume, &volume).await {
-            self.context.release(&hello.volume, &self.connection);
-            return Err(refusal);
-        }
+        // A receiver that fetched the volume from the store has its point: not a new volume
+        // for the agent, which carries on from that point.
+        let new_volume = match self.publish(&hello.volume, &volume).await {
+            Ok(fetched) => new_volume && !fetched,
+            Err(refusal) => {
+                self.context.release(&hello.volume, &self.connection);
+                return Err(refusal);
+            }
+        };
         let (welcome, size) = {
             let volume = volume.lock().expect("volume lock");
             (volume.welcome(new_volume), volume.meta().size_bytes)
@@ -908,6 +947,10 @@ impl Session {
         });
         net::write_frame(send, &ReceiverMessage::Welcome(welcome)).await?;
 
+        let lease_keeper = self.context.publisher.clone().map(|publisher| {
+            let name = hello.volume.clone();
+            tokio::spawn(async move { publisher.keep_lease(&name).await })
+        });
         let (journaled_tx, mut journaled) = watch::channel(0u64);
         let journaled_tx = Arc::new(journaled_tx);
         let data = tokio::spawn(accept_data(
@@ -1008,6 +1051,9 @@ impl Session {
         }
         .await;
         data.abort();
+        if let Some(keeper) = lease_keeper {
+            keeper.abort();
+        }
         result
     }
 }

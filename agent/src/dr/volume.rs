@@ -1197,6 +1197,81 @@ impl Volume {
             .map_err(StoreError::io("zeroing a range of", &self.image_path()))
     }
 
+    /// Starts replacing this volume's content with a point fetched from elsewhere (the object
+    /// store, where another receiver published it): drops an open cycle, the undo deltas and
+    /// the points, marks the image as no point in time (durably, before it changes), and
+    /// empties it. The chunks then go in with [`Self::write_adopted`], and
+    /// [`Self::finish_adopting`] records the point. A crash in between leaves a volume with no
+    /// point, which is fetched again.
+    pub fn begin_adopting(&mut self) -> Result<(), StoreError> {
+        if self.cycle.is_some() {
+            self.abort();
+        }
+        let mut meta = self.meta.clone();
+        meta.committed_seq = 0;
+        meta.last_point = None;
+        meta.last_complete = None;
+        meta.recent.clear();
+        meta.points.clear();
+        meta.unsettled = true;
+        meta.unsettled_from = 0;
+        write_meta(&self.disk, &self.dir, &meta)?;
+        self.meta = meta;
+        self.store.clear()?;
+        let path = self.image_path();
+        self.image
+            .set_len(0)
+            .and_then(|()| self.image.set_len(self.meta.size_bytes))
+            .map_err(StoreError::io("emptying", &path))
+    }
+
+    /// Writes fetched content at `offset` of the image (between [`Self::begin_adopting`] and
+    /// [`Self::finish_adopting`]).
+    pub fn write_adopted(&self, offset: u64, data: &[u8]) -> Result<(), StoreError> {
+        if !self.meta.unsettled || offset.saturating_add(data.len() as u64) > self.meta.size_bytes {
+            return Err(StoreError::Sequence(format!(
+                "volume {}: {} bytes at {offset} do not belong to a point being adopted",
+                self.meta.volume,
+                data.len()
+            )));
+        }
+        let path = self.image_path();
+        let mut done = 0;
+        while done < data.len() {
+            let n = self
+                .image
+                .write_at(&data[done..], offset + done as u64)
+                .map_err(StoreError::io("writing", &path))?;
+            if n == 0 {
+                return Err(StoreError::io("writing", &path)(
+                    io::ErrorKind::WriteZero.into(),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Records the adopted point once its content is in the image: syncs the image, hashes
+    /// every chunk, and makes `point` the volume's one point.
+    pub fn finish_adopting(&mut self, point: &PointInfo) -> Result<(), StoreError> {
+        let path = self.image_path();
+        self.image
+            .sync_all()
+            .map_err(StoreError::io("syncing", &path))?;
+        self.store.rehash_all(&*self.image)?;
+        let stored = StoredPoint::received(point, point.received_unix_ms);
+        let mut meta = self.meta.clone();
+        meta.unsettled = false;
+        meta.unsettled_from = 0;
+        meta.hashes_stale = false;
+        meta.points = vec![stored.clone()];
+        record_point(&mut meta, stored);
+        write_meta(&self.disk, &self.dir, &meta)?;
+        self.meta = meta;
+        Ok(())
+    }
+
     /// The content of chunk `chunk` of the image (the last chunk may be short), as the
     /// object store is given it.
     pub fn read_chunk(&self, chunk: u64) -> Result<Vec<u8>, StoreError> {

@@ -106,6 +106,78 @@ impl std::fmt::Display for Fingerprint {
     }
 }
 
+/// The receivers an agent accepts: the fingerprints of one receiver, or of the several
+/// receivers of a DR site that share an object store. Written comma-separated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiverPins(Vec<Fingerprint>);
+
+/// The most receivers an agent is given.
+pub const MAX_RECEIVERS: usize = 16;
+
+impl ReceiverPins {
+    /// Parses `FP[,FP...]`: at least one, at most [`MAX_RECEIVERS`], duplicates dropped.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut pins: Vec<Fingerprint> = Vec::new();
+        for part in text.split(',') {
+            let fingerprint = Fingerprint::parse(part).map_err(|error| error.to_string())?;
+            if !pins.contains(&fingerprint) {
+                pins.push(fingerprint);
+            }
+        }
+        if pins.len() > MAX_RECEIVERS {
+            return Err(format!(
+                "{} receiver fingerprints; at most {MAX_RECEIVERS}",
+                pins.len()
+            ));
+        }
+        Ok(Self(pins))
+    }
+
+    /// The fingerprints.
+    pub fn fingerprints(&self) -> &[Fingerprint] {
+        &self.0
+    }
+}
+
+impl From<Fingerprint> for ReceiverPins {
+    fn from(fingerprint: Fingerprint) -> Self {
+        Self(vec![fingerprint])
+    }
+}
+
+impl std::fmt::Display for ReceiverPins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, fingerprint) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{fingerprint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses a receiver list, `HOST:PORT[,HOST:PORT...]`: at least one, at most
+/// [`MAX_RECEIVERS`].
+pub fn parse_receivers(text: &str) -> Result<Vec<String>, String> {
+    let receivers: Vec<String> = text.split(',').map(|s| s.trim().to_owned()).collect();
+    for receiver in &receivers {
+        if receiver
+            .rsplit_once(':')
+            .is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err())
+        {
+            return Err(format!("{receiver:?} is not HOST:PORT"));
+        }
+    }
+    if receivers.len() > MAX_RECEIVERS {
+        return Err(format!(
+            "{} receivers; at most {MAX_RECEIVERS}",
+            receivers.len()
+        ));
+    }
+    Ok(receivers)
+}
+
 /// A loaded identity: certificate and key.
 pub struct Identity {
     /// The certificate (DER).
@@ -299,11 +371,11 @@ impl ClientCertVerifier for PinnedClients {
 /// TLS 1.3 client configuration for an agent: presents `identity`, admits only `receiver`.
 pub fn client_config(
     identity: &Identity,
-    receiver: &Fingerprint,
+    receivers: &ReceiverPins,
 ) -> Result<rustls::ClientConfig, IdentityError> {
     let provider = provider();
     let verifier = PinnedServer {
-        admitted: BTreeSet::from([receiver.clone()]),
+        admitted: receivers.fingerprints().iter().cloned().collect(),
         algorithms: provider.signature_verification_algorithms,
     };
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
@@ -351,6 +423,29 @@ mod tests {
     }
 
     #[test]
+    fn receiver_lists_are_bounded_checked_and_deduplicated() {
+        let (a, b) = ("a".repeat(64), "B".repeat(64));
+        let pins = ReceiverPins::parse(&format!("{a}, {b},{a}")).unwrap();
+        assert_eq!(pins.fingerprints().len(), 2);
+        assert_eq!(pins.to_string(), format!("{a},{}", "b".repeat(64)));
+        assert!(ReceiverPins::parse(&format!("{a},")).is_err());
+        assert!(ReceiverPins::parse("").is_err());
+        let many: Vec<String> = (0..17).map(|i| format!("{i:064x}")).collect();
+        assert!(
+            ReceiverPins::parse(&many.join(","))
+                .unwrap_err()
+                .contains("at most 16")
+        );
+        assert_eq!(
+            parse_receivers("dr-a:7443, [::1]:7443").unwrap(),
+            vec!["dr-a:7443".to_owned(), "[::1]:7443".to_owned()]
+        );
+        for bad in ["dr-a", "dr-a:7443,", ":7443", "dr-a:port"] {
+            assert!(parse_receivers(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn keygen_writes_a_private_key_and_refuses_to_overwrite() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = std::env::temp_dir().join(format!("blkmirror-keygen-{}", std::process::id()));
@@ -367,7 +462,7 @@ mod tests {
             generate(&dir, "test"),
             Err(IdentityError::Exists(_))
         ));
-        client_config(&identity, &fingerprint).unwrap();
+        client_config(&identity, &fingerprint.clone().into()).unwrap();
         server_config(&identity, BTreeSet::from([fingerprint])).unwrap();
         fs::remove_dir_all(&dir).unwrap();
     }

@@ -341,7 +341,7 @@ fn get_socket_int(socket: &std::net::UdpSocket, option: libc::c_int) -> std::io:
 /// An agent's endpoint: presents `identity`, admits only the receiver `receiver`.
 pub fn client_endpoint(
     identity: &Identity,
-    receiver: &Fingerprint,
+    receiver: &identity::ReceiverPins,
     window: u64,
     congestion: Congestion,
 ) -> Result<(Endpoint, quinn::ClientConfig), NetError> {
@@ -513,7 +513,8 @@ pub async fn loopback_throughput(
         }
         total
     });
-    let (client, config) = client_endpoint(&client_id, &server_fp, window, congestion)?;
+    let (client, config) =
+        client_endpoint(&client_id, &server_fp.clone().into(), window, congestion)?;
     let connection = client
         .connect_with(config, addr, "blkmirror")
         .map_err(|error| NetError::Connect {
@@ -635,7 +636,7 @@ mod tests {
         let connection = client.block_on(async {
             let (endpoint, config) = client_endpoint(
                 &peers.client,
-                &peers.server_fp,
+                &peers.server_fp.clone().into(),
                 32 << 20,
                 Congestion::default(),
             )

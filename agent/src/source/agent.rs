@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     command::status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
-    link::identity::{Fingerprint, Identity},
+    link::identity::{Fingerprint, Identity, ReceiverPins},
     link::net::{self, NetError},
     source::app_hooks::{AppHooks, HookContext},
     source::freeze::{self, FreezeError, Frozen},
@@ -100,10 +100,11 @@ pub struct AgentConfig {
     pub device: PathBuf,
     /// The volume name at the receiver.
     pub volume: String,
-    /// `HOST:PORT` of the receiver.
+    /// `HOST:PORT` of the receiver, or several, comma-separated (receivers sharing an object
+    /// store: the agent moves to the next when one fails).
     pub receiver: String,
-    /// The receiver's certificate fingerprint.
-    pub receiver_fingerprint: Fingerprint,
+    /// The receivers' certificate fingerprints (any of them is accepted from any receiver).
+    pub receiver_fingerprint: ReceiverPins,
     /// Our identity.
     pub identity: Identity,
     /// Time from one cycle's start to the next one's (back to back when a cycle takes longer).
@@ -173,8 +174,8 @@ pub enum AgentError {
         receiver: String,
         /// Our fingerprint.
         agent: Fingerprint,
-        /// The receiver fingerprint we pin.
-        pinned: Fingerprint,
+        /// The receiver fingerprints we pin.
+        pinned: ReceiverPins,
         /// What quinn said.
         detail: String,
     },
@@ -628,12 +629,20 @@ impl Agent {
             self.config.window,
             self.config.congestion,
         )?;
+        // Receivers that share an object store can each serve the volume: a failure moves the
+        // agent to the next one (the one holding the volume's lease takes it; another refuses
+        // until that lease runs out, then fetches the volume from the store).
+        let receivers: Vec<String> = self.config.receiver.split(',').map(str::to_owned).collect();
+        let mut current = 0;
         let mut attempt = 0;
         loop {
             if self.stopping() {
                 return Ok(());
             }
-            let outcome = match self.connect(&endpoint, &client_config).await {
+            let outcome = match self
+                .connect(&endpoint, &client_config, &receivers[current])
+                .await
+            {
                 Ok(link) => {
                     attempt = 0;
                     self.session(link).await.map_err(refusal_in_close)
@@ -666,9 +675,19 @@ impl Agent {
                     });
                 }
                 Err(error) if error.retryable() => {
-                    let delay = plan::reconnect_delay(attempt);
+                    // Back off once per round of the receivers.
+                    let delay = plan::reconnect_delay(attempt / receivers.len() as u32);
                     attempt += 1;
-                    warn(format!("{error}; retrying in {}s", delay.as_secs()));
+                    if receivers.len() > 1 {
+                        current = (current + 1) % receivers.len();
+                        warn(format!(
+                            "{error}; trying receiver {} in {}s",
+                            receivers[current],
+                            delay.as_secs()
+                        ));
+                    } else {
+                        warn(format!("{error}; retrying in {}s", delay.as_secs()));
+                    }
                     self.config.status.update(&self.config.volume, |s| {
                         s.state = VolumeState::Disconnected;
                         s.last_error = Some(error.to_string());
@@ -689,11 +708,11 @@ impl Agent {
         &self,
         endpoint: &quinn::Endpoint,
         client_config: &quinn::ClientConfig,
+        receiver: &str,
     ) -> Result<Link, AgentError> {
-        let receiver = &self.config.receiver;
         let connect_error = |message: String| {
             AgentError::Net(NetError::Connect {
-                addr: receiver.clone(),
+                addr: receiver.to_owned(),
                 message,
             })
         };

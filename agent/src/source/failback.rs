@@ -203,7 +203,7 @@ impl Pull<'_> {
     ) -> Result<FailbackReport, OpsError> {
         let (endpoint, client_config) = net::client_endpoint(
             self.identity,
-            &self.options.receiver_fingerprint,
+            &self.options.receiver_fingerprint.clone().into(),
             32 << 20,
             net::Congestion::default(),
         )
