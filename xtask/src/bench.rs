@@ -94,6 +94,16 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// A restore from the object store (`restore --from-store`) against the store's own bulk
+    /// read of the same packs, on a Ceph cluster the benchmark starts (release build).
+    Store {
+        /// Volume size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+        /// Alternating rounds (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -125,6 +135,34 @@ pub fn run(which: Which) -> Result<()> {
         Which::Rpo(cases) => crate::bench_rpo::rpo(&cases),
         Which::Compression(cases) => crate::bench_compression::compression(&cases),
         Which::Export { size_mib, rounds } => crate::bench_export::export(size_mib, rounds),
+        Which::Store { size_mib, rounds } => {
+            crate::exec(crate::cargo().args([
+                "build",
+                "--locked",
+                "--release",
+                "-p",
+                "blkmirror",
+            ]))?;
+            crate::exec(
+                crate::cargo()
+                    .args([
+                        "test",
+                        "--locked",
+                        "--release",
+                        "-p",
+                        "blkmirror-tests",
+                        "--test",
+                        "store_receivers",
+                        "--",
+                        "--ignored",
+                        "--exact",
+                        "bench_restore_from_the_store_against_its_bulk_read",
+                        "--nocapture",
+                    ])
+                    .env("BLKMIRROR_BENCH_STORE_MIB", size_mib.to_string())
+                    .env("BLKMIRROR_BENCH_STORE_ROUNDS", rounds.to_string()),
+            )
+        }
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",
