@@ -518,6 +518,10 @@ pub struct VerifyArgs {
     /// Which point: `latest`, `all`, `seq:N` or a UTC time.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
+    /// Verify the points published to the object store of this receiver.toml's `[store]`
+    /// instead: every chunk they reference is read once and checked against its id.
+    #[arg(long, value_name = "FILE", conflicts_with = "control_socket")]
+    pub from_store: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
     /// JSON lines.
@@ -948,6 +952,18 @@ pub fn run(cli: Cli) -> ExitCode {
                     at: selector_text(&args.at),
                     json: args.json,
                 },
+            ));
+        }
+        Command::Verify(args) if args.from_store.is_some() => {
+            let store = match store_of(args.from_store.as_deref().expect("checked")) {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
+            return ops_result(crate::dr::fromstore::verify(
+                &store,
+                &args.volume,
+                &args.at,
+                args.json,
             ));
         }
         Command::Verify(args) => {

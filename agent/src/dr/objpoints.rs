@@ -456,23 +456,45 @@ async fn list_condemned(
     Ok(condemned)
 }
 
+/// Index reads in flight while a view of the store is loaded.
+const PARALLEL_INDEX_READS: usize = 16;
+
 /// Every pack index in the store, each checked against its pack's size, and the packs
-/// condemned.
+/// condemned. The three listings run at once, and the indexes are read many at a time: a
+/// store's view is loaded before every restore, where a round trip per pack would dominate.
 async fn read_indexes(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
-    let packs = list_packs(client).await?;
-    let condemned = list_condemned(client).await?;
-    let mut indexes = BTreeMap::new();
-    for (key, _, _) in client.list("index").await? {
-        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
-            continue;
-        };
+    let (packs, condemned, listed) = tokio::join!(
+        list_packs(client),
+        list_condemned(client),
+        client.list("index")
+    );
+    let (packs, condemned, listed) = (packs?, condemned?, listed?);
+    let mut wanted = listed.into_iter().filter_map(|(key, _, _)| {
+        let id = key.rsplit('/').next().and_then(parse_id)?;
         // An index whose pack is gone (collected, or never finished) locates nothing.
-        let Some(&(pack_len, written)) = packs.get(&id) else {
-            continue;
+        let &(pack_len, written) = packs.get(&id)?;
+        Some((key, id, pack_len, written))
+    });
+    let mut indexes = BTreeMap::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < PARALLEL_INDEX_READS {
+            let Some((key, id, pack_len, written)) = wanted.next() else {
+                break;
+            };
+            let client = client.clone();
+            in_flight.spawn(async move {
+                let bytes = client.get(&key, MAX_INDEX_BYTES).await;
+                (key, id, pack_len, written, bytes)
+            });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
         };
-        let Some((bytes, _)) = client.get(&key, MAX_INDEX_BYTES).await? else {
+        let (key, id, pack_len, written, bytes) = done.expect("an index read task");
+        let Some((bytes, _)) = bytes? else {
             continue;
         };
         let index = layout::decode_index(&bytes, Some(pack_len)).map_err(layout_error(&key))?;
@@ -627,7 +649,7 @@ pub async fn read_image(
 
 /// The most bytes one ranged read of a point fetches: adjacent chunks of one pack are read
 /// together up to this size.
-const MAX_READ_RUN: u64 = 4 << 20;
+const MAX_READ_RUN: u64 = 16 << 20;
 
 /// One ranged read of a pack: adjacent stored chunks, by chunk number.
 struct ReadRun {
@@ -697,49 +719,107 @@ pub async fn read_point_into(
             report.zero_chunks += 1;
         }
     }
-    let mut runs = plan_reads(locations, map)?.into_iter();
+    let runs = plan_reads(locations, map)?;
+    fetch_runs(client, runs, parallel, &mut report, |chunk, content| {
+        sink(chunk * manifest.chunk_bytes, Some(content))
+    })
+    .await?;
+    Ok(report)
+}
+
+/// Makes the ranged reads `runs`, up to `parallel` at a time, and hands each chunk (its
+/// number in the runs, its content checked against its id) to `sink`. Each read's chunks are
+/// decompressed and hashed in its own task, so that work spreads over the runtime's threads
+/// while other reads are in flight.
+async fn fetch_runs(
+    client: &ObjectStoreClient,
+    runs: Vec<ReadRun>,
+    parallel: usize,
+    report: &mut ReadReport,
+    mut sink: impl FnMut(u64, &[u8]) -> Result<(), PointStoreError>,
+) -> Result<(), PointStoreError> {
+    let mut runs = runs.into_iter();
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
         while in_flight.len() < parallel.max(1) {
             let Some(run) = runs.next() else { break };
             let client = client.clone();
-            in_flight.spawn(async move {
-                let bytes = client
-                    .get_range(&layout::pack_key(&run.pack), run.offset, run.len)
-                    .await;
-                (run, bytes)
-            });
+            in_flight.spawn(async move { fetch_run(&client, run).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
         };
-        let (run, bytes) = done.expect("a ranged read task");
-        let bytes = bytes?;
-        let key = layout::pack_key(&run.pack);
-        if bytes.len() as u64 != run.len {
-            return Err(PointStoreError::Layout {
-                key,
-                source: LayoutError::Malformed {
-                    what: "pack",
-                    detail: format!(
-                        "{} bytes read at offset {} for {} asked",
-                        bytes.len(),
-                        run.offset,
-                        run.len
-                    ),
-                },
-            });
-        }
+        let (fetched, chunks) = done.expect("a ranged read task")?;
         report.requests += 1;
-        report.fetched_bytes += run.len;
-        for (chunk, entry) in &run.chunks {
-            let start = (entry.offset - run.offset) as usize;
-            let stored = &bytes[start..start + entry.stored_len as usize];
-            let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
-            sink(chunk * manifest.chunk_bytes, Some(&content))?;
+        report.fetched_bytes += fetched;
+        for (chunk, content) in chunks {
+            sink(chunk, &content)?;
             report.chunks += 1;
         }
     }
+    Ok(())
+}
+
+/// One ranged read: its bytes fetched, and its chunks, each checked against its id.
+async fn fetch_run(
+    client: &ObjectStoreClient,
+    run: ReadRun,
+) -> Result<(u64, Vec<(u64, Vec<u8>)>), PointStoreError> {
+    let key = layout::pack_key(&run.pack);
+    let bytes = client.get_range(&key, run.offset, run.len).await?;
+    if bytes.len() as u64 != run.len {
+        return Err(PointStoreError::Layout {
+            key,
+            source: LayoutError::Malformed {
+                what: "pack",
+                detail: format!(
+                    "{} bytes read at offset {} for {} asked",
+                    bytes.len(),
+                    run.offset,
+                    run.len
+                ),
+            },
+        });
+    }
+    let mut chunks = Vec::with_capacity(run.chunks.len());
+    for (chunk, entry) in &run.chunks {
+        let start = (entry.offset - run.offset) as usize;
+        let stored = &bytes[start..start + entry.stored_len as usize];
+        let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
+        chunks.push((*chunk, content));
+    }
+    Ok((run.len, chunks))
+}
+
+/// Reads every chunk of `ids` once and checks it against its id (a verify of every point
+/// that references them: a chunk shared by many points is read once). Chunks are read in the
+/// order they lie in their packs, adjacent ones together. Stops at the first damaged chunk.
+pub async fn verify_chunks(
+    client: &ObjectStoreClient,
+    locations: &ChunkLocations,
+    ids: &HashSet<ChunkId>,
+    parallel: usize,
+) -> Result<ReadReport, PointStoreError> {
+    let mut placed = Vec::with_capacity(ids.len());
+    for id in ids {
+        let (pack, entry) = locations
+            .get(id)
+            .ok_or_else(|| PointStoreError::Missing(format!("chunk {}", layout::hex(id))))?;
+        placed.push((*pack, entry.offset, *id));
+    }
+    placed.sort_unstable();
+    // Numbered in pack order, the chunks plan into runs as a point's do.
+    let map = ChunkMap {
+        chunks: placed
+            .into_iter()
+            .enumerate()
+            .map(|(number, (_, _, id))| (number as u64, id))
+            .collect(),
+        ..ChunkMap::default()
+    };
+    let mut report = ReadReport::default();
+    let runs = plan_reads(locations, &map)?;
+    fetch_runs(client, runs, parallel, &mut report, |_, _| Ok(())).await?;
     Ok(report)
 }
 
