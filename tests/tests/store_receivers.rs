@@ -277,6 +277,10 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let third_seq = committed_seq(&data_a);
     assert!(third_seq > second_seq, "no cycle after the outage");
 
+    // A store node dies: everything from here on runs on the other two OSDs (pools keep
+    // three replicas, and take writes with two).
+    cluster.kill_osd(2);
+
     // The store goes away after a cycle is committed on the receiver and before it is
     // published: the cycle is not acknowledged; the agent retries, and once the store is back
     // the receiver publishes it first and welcomes the agent with it.
@@ -434,6 +438,116 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         points,
         "the store's points changed"
     );
+
+    // Every point verifies from the store alone. Then one byte of a pack is damaged, in a
+    // chunk the newest point reads: verify and restore find it (exit 7), and the restore
+    // leaves no file behind.
+    let config_b_path = config_b.to_str().expect("utf-8");
+    let verified = parse_lines(&run_ok(&[
+        "verify",
+        VOLUME,
+        "--from-store",
+        config_b_path,
+        "--at",
+        "all",
+        "--json",
+    ]));
+    assert_eq!(
+        verified[0]["points"].as_array().map(Vec::len),
+        Some(points.len()),
+        "{verified:?}"
+    );
+    damage_a_chunk_of_the_newest_point(&cluster);
+    let verify = run(&[
+        "verify",
+        VOLUME,
+        "--from-store",
+        config_b_path,
+        "--at",
+        "all",
+    ]);
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert_eq!(
+        verify.status.code(),
+        Some(7),
+        "verify of a damaged pack: {said}"
+    );
+    let damaged = dir.join("damaged.img");
+    let restore = run(&[
+        "restore",
+        VOLUME,
+        "--from-store",
+        config_b_path,
+        "--at",
+        "latest",
+        "--to",
+        damaged.to_str().expect("utf-8"),
+    ]);
+    let said = String::from_utf8_lossy(&restore.stderr);
+    assert_eq!(
+        restore.status.code(),
+        Some(7),
+        "restore of a damaged pack: {said}"
+    );
+    assert!(
+        !damaged.exists(),
+        "a damaged restore left {}",
+        damaged.display()
+    );
+    assert!(
+        !dir.join("damaged.img.blkmirror-partial").exists(),
+        "a damaged restore left its partial file"
+    );
+}
+
+/// Flips one byte of the stored chunk the newest point of the volume reads at offset 0, in
+/// its pack on the store (a conditional replace, as a disk's bit rot would not be).
+fn damage_a_chunk_of_the_newest_point(cluster: &CephCluster) {
+    use blkmirror::dr::{
+        layout, objpoints,
+        objstore::{DEFAULT_LEASE, ObjectStoreClient, StoreConfig},
+    };
+    let client = ObjectStoreClient::connect(&StoreConfig {
+        endpoint: cluster.endpoint.clone(),
+        bucket: BUCKET.to_owned(),
+        region: "us-east-1".to_owned(),
+        access_key: ACCESS_KEY.to_owned(),
+        secret_key: SECRET_KEY.to_owned(),
+        allow_http: true,
+        lease: DEFAULT_LEASE,
+    })
+    .expect("client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let newest = *objpoints::list_points(&client, VOLUME)
+            .await
+            .expect("points")
+            .last()
+            .expect("a point");
+        let (map, _) = objpoints::read_point(&client, VOLUME, newest)
+            .await
+            .expect("the newest point");
+        let view = objpoints::load_view(&client).await.expect("view");
+        let id = map.chunks.get(&0).expect("chunk 0 holds data");
+        let (pack, entry) = view.locations.get(id).expect("chunk 0's pack");
+        let key = layout::pack_key(pack);
+        let (mut bytes, e_tag) = client
+            .get(&key, 1 << 30)
+            .await
+            .expect("pack")
+            .expect("the pack exists");
+        bytes[entry.offset as usize + 10] ^= 0xff;
+        assert!(
+            client
+                .replace_if_unchanged(&key, bytes, &e_tag.expect("an ETag"))
+                .await
+                .expect("replace"),
+            "the pack changed meanwhile"
+        );
+    });
 }
 
 /// Random content, fast: xorshift64 words.
