@@ -7,7 +7,11 @@
 //! ([`objpoints::read_point_into`]); every chunk is checked against its id (its BLAKE3 hash)
 //! before it is written.
 
-use std::{path::Path, time::Instant};
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use blkmirror_protocol::units;
 
@@ -176,30 +180,45 @@ pub fn restore(
             to.display()
         );
         let setup_ms = started.elapsed().as_millis() as u64;
-        let mut progress = Progress::new(format!("restore of {volume}"), size, json);
-        let mut done = 0u64;
-        let mut write_error = None;
+        // The read tasks write their chunks themselves (positional writes), so the writing
+        // spreads over the runtime's threads with the hashing.
+        let target = Arc::new(target);
+        let progress = Arc::new(Mutex::new((
+            Progress::new(format!("restore of {volume}"), size, json),
+            0u64,
+        )));
+        let write_error = Arc::new(Mutex::new(None));
+        let sink: objpoints::ChunkSink = {
+            let (target, progress, write_error) =
+                (target.clone(), progress.clone(), write_error.clone());
+            Arc::new(move |offset, data| {
+                let len = chunk.min((size - offset) as usize);
+                if let Err(error) = target.write(offset, data, len) {
+                    let message = error.to_string();
+                    *write_error.lock().expect("error lock") = Some(error);
+                    return Err(PointStoreError::Missing(format!(
+                        "a place to write the point ({message})"
+                    )));
+                }
+                let mut progress = progress.lock().expect("progress lock");
+                progress.1 += len as u64;
+                let done = progress.1;
+                progress.0.update(done);
+                Ok(())
+            })
+        };
         let read = objpoints::read_point_into(
             &client,
             &view.locations,
             &map,
             &manifest,
             RESTORE_PARALLEL_READS,
-            |offset, data| {
-                let len = chunk.min((size - offset) as usize);
-                if let Err(error) = target.write(offset, data, len) {
-                    let message = error.to_string();
-                    write_error = Some(error);
-                    return Err(PointStoreError::Missing(format!(
-                        "a place to write the point ({message})"
-                    )));
-                }
-                done += len as u64;
-                progress.update(done);
-                Ok(())
-            },
+            sink,
         )
         .await;
+        // Every read task has ended: the target is ours alone again.
+        let target = Arc::into_inner(target).expect("no read task is left");
+        let write_error = write_error.lock().expect("error lock").take();
         let report = match (read, write_error) {
             (Ok(report), None) => report,
             (_, Some(error)) => {

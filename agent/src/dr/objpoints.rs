@@ -24,6 +24,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -701,16 +702,21 @@ pub struct ReadReport {
     pub fetched_bytes: u64,
 }
 
-/// Reads the point `map` describes and hands every chunk to `sink` (its byte offset and its
-/// content; `None` for a chunk of zeros, handed first), with up to `parallel` ranged reads in
-/// flight. Chunks arrive in no particular order; each is checked against its id.
+/// Where the chunks of a point read from the store go: each chunk's byte offset and content
+/// (`None`: zeros). Called from the read tasks, several at once.
+pub type ChunkSink = Arc<dyn Fn(u64, Option<&[u8]>) -> Result<(), PointStoreError> + Send + Sync>;
+
+/// Reads the point `map` describes and hands every chunk to `sink` (the chunks of zeros
+/// first), with up to `parallel` ranged reads in flight. Chunks arrive in no particular order;
+/// each is checked against its id. When this returns, no read task is left running (so the
+/// sink is the caller's alone again).
 pub async fn read_point_into(
     client: &ObjectStoreClient,
     locations: &ChunkLocations,
     map: &ChunkMap,
     manifest: &Manifest,
     parallel: usize,
-    mut sink: impl FnMut(u64, Option<&[u8]>) -> Result<(), PointStoreError>,
+    sink: ChunkSink,
 ) -> Result<ReadReport, PointStoreError> {
     let mut report = ReadReport::default();
     for chunk in 0..manifest.chunks() {
@@ -720,23 +726,30 @@ pub async fn read_point_into(
         }
     }
     let runs = plan_reads(locations, map)?;
-    fetch_runs(client, runs, parallel, &mut report, |chunk, content| {
-        sink(chunk * manifest.chunk_bytes, Some(content))
-    })
-    .await?;
+    let chunk_bytes = manifest.chunk_bytes;
+    let on_chunk: RunSink =
+        Arc::new(move |chunk, content| sink(chunk * chunk_bytes, Some(content)));
+    fetch_runs(client, runs, parallel, &mut report, on_chunk).await?;
     Ok(report)
 }
 
+/// What [`fetch_runs`] hands each chunk to: its number in the runs and its content.
+type RunSinkFn = dyn Fn(u64, &[u8]) -> Result<(), PointStoreError> + Send + Sync;
+
+/// [`RunSinkFn`], shared by the read tasks.
+type RunSink = Arc<RunSinkFn>;
+
 /// Makes the ranged reads `runs`, up to `parallel` at a time, and hands each chunk (its
 /// number in the runs, its content checked against its id) to `sink`. Each read's chunks are
-/// decompressed and hashed in its own task, so that work spreads over the runtime's threads
-/// while other reads are in flight.
+/// decompressed, hashed and handed over in its own task, so that work spreads over the
+/// runtime's threads while other reads are in flight. On an error the other reads are
+/// cancelled and waited for.
 async fn fetch_runs(
     client: &ObjectStoreClient,
     runs: Vec<ReadRun>,
     parallel: usize,
     report: &mut ReadReport,
-    mut sink: impl FnMut(u64, &[u8]) -> Result<(), PointStoreError>,
+    sink: RunSink,
 ) -> Result<(), PointStoreError> {
     let mut runs = runs.into_iter();
     let mut in_flight = tokio::task::JoinSet::new();
@@ -744,27 +757,34 @@ async fn fetch_runs(
         while in_flight.len() < parallel.max(1) {
             let Some(run) = runs.next() else { break };
             let client = client.clone();
-            in_flight.spawn(async move { fetch_run(&client, run).await });
+            let sink = sink.clone();
+            in_flight.spawn(async move { fetch_run(&client, run, &*sink).await });
         }
         let Some(done) = in_flight.join_next().await else {
             break;
         };
-        let (fetched, chunks) = done.expect("a ranged read task")?;
-        report.requests += 1;
-        report.fetched_bytes += fetched;
-        for (chunk, content) in chunks {
-            sink(chunk, &content)?;
-            report.chunks += 1;
+        match done.expect("a ranged read task") {
+            Ok((fetched, chunks)) => {
+                report.requests += 1;
+                report.fetched_bytes += fetched;
+                report.chunks += chunks;
+            }
+            Err(error) => {
+                in_flight.shutdown().await;
+                return Err(error);
+            }
         }
     }
     Ok(())
 }
 
-/// One ranged read: its bytes fetched, and its chunks, each checked against its id.
+/// One ranged read: its bytes fetched, and its chunks, each checked against its id and handed
+/// to `sink`. Returns the bytes fetched and the chunks handed over.
 async fn fetch_run(
     client: &ObjectStoreClient,
     run: ReadRun,
-) -> Result<(u64, Vec<(u64, Vec<u8>)>), PointStoreError> {
+    sink: &RunSinkFn,
+) -> Result<(u64, u64), PointStoreError> {
     let key = layout::pack_key(&run.pack);
     let bytes = client.get_range(&key, run.offset, run.len).await?;
     if bytes.len() as u64 != run.len {
@@ -781,14 +801,13 @@ async fn fetch_run(
             },
         });
     }
-    let mut chunks = Vec::with_capacity(run.chunks.len());
     for (chunk, entry) in &run.chunks {
         let start = (entry.offset - run.offset) as usize;
         let stored = &bytes[start..start + entry.stored_len as usize];
         let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
-        chunks.push((*chunk, content));
+        sink(*chunk, &content)?;
     }
-    Ok((run.len, chunks))
+    Ok((run.len, run.chunks.len() as u64))
 }
 
 /// Reads every chunk of `ids` once and checks it against its id (a verify of every point
@@ -819,7 +838,7 @@ pub async fn verify_chunks(
     };
     let mut report = ReadReport::default();
     let runs = plan_reads(locations, &map)?;
-    fetch_runs(client, runs, parallel, &mut report, |_, _| Ok(())).await?;
+    fetch_runs(client, runs, parallel, &mut report, Arc::new(|_, _| Ok(()))).await?;
     Ok(report)
 }
 

@@ -484,14 +484,10 @@ impl Publisher {
             .await
             .expect("adopt task")?;
         }
-        let mut write_error = None;
-        let fetched = objpoints::read_point_into(
-            &self.client,
-            &view.locations,
-            &newest.map,
-            &manifest,
-            FETCH_PARALLEL_READS,
-            |offset, data| {
+        let write_error = Arc::new(Mutex::new(None));
+        let sink: objpoints::ChunkSink = {
+            let (volume, write_error) = (volume.clone(), write_error.clone());
+            Arc::new(move |offset, data| {
                 // Zeros are already there: the image was emptied.
                 let Some(data) = data else { return Ok(()) };
                 if let Err(error) = volume
@@ -500,16 +496,24 @@ impl Publisher {
                     .write_adopted(offset, data)
                 {
                     let message = error.to_string();
-                    write_error = Some(error);
+                    *write_error.lock().expect("error lock") = Some(error);
                     return Err(PointStoreError::Missing(format!(
                         "room for the point ({message})"
                     )));
                 }
                 Ok(())
-            },
+            })
+        };
+        let fetched = objpoints::read_point_into(
+            &self.client,
+            &view.locations,
+            &newest.map,
+            &manifest,
+            FETCH_PARALLEL_READS,
+            sink,
         )
         .await;
-        if let Some(error) = write_error {
+        if let Some(error) = write_error.lock().expect("error lock").take() {
             return Err(error.into());
         }
         let fetched = fetched?;
