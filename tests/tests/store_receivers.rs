@@ -110,6 +110,26 @@ fn wait_for(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// An agent of `device` as volume [`VOLUME`] to `receiver`.
+fn setup<'a>(
+    device: &'a Path,
+    receiver: &'a Receiver,
+    id: &'a Id,
+    pins: &'a PinRoot,
+    state_dir: &'a Path,
+) -> AgentSetup<'a> {
+    AgentSetup {
+        device,
+        volume: VOLUME,
+        receiver,
+        id,
+        pins,
+        state_dir,
+        receiver_fingerprint: None,
+        via: None,
+    }
+}
+
 /// `agent --once` in the background, its standard error in `log`.
 fn spawn_once(agent: &AgentSetup, log: &Path) -> ChildGuard {
     let mut args = agent.args(&[]);
@@ -203,16 +223,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     write_random(&device.path, 0, 24 * MIB);
     let pins = PinRoot::new();
     let agent_state = dir.join("agent-state");
-    let agent = AgentSetup {
-        device: &device.path,
-        volume: VOLUME,
-        receiver: &receiver_a,
-        id: &agent_id,
-        pins: &pins,
-        state_dir: &agent_state,
-        receiver_fingerprint: None,
-        via: None,
-    };
+    let agent = setup(&device.path, &receiver_a, &agent_id, &pins, &agent_state);
     agent.once_ok(&[]);
     let first_seq = committed_seq(&data_a);
     let first_copy = dir.join("first.img");
@@ -295,16 +306,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
             hold.to_str().expect("utf-8"),
         )],
     );
-    let agent = AgentSetup {
-        device: &device.path,
-        volume: VOLUME,
-        receiver: &receiver_a,
-        id: &agent_id,
-        pins: &pins,
-        state_dir: &agent_state,
-        receiver_fingerprint: None,
-        via: None,
-    };
+    let agent = setup(&device.path, &receiver_a, &agent_id, &pins, &agent_state);
     fs::write(&hold, b"").expect("hold file");
     write_random(&device.path, 12 * MIB, 2 * MIB);
     let agent_log = dir.join("agent-store-gone.log");
@@ -365,14 +367,9 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let both = format!("{},{}", receiver_a.addr, receiver_b.addr);
     let both_pins = format!("{},{}", a_id.fingerprint, b_id.fingerprint);
     let failover = AgentSetup {
-        device: &device.path,
-        volume: VOLUME,
-        receiver: &receiver_a,
-        id: &agent_id,
-        pins: &pins,
-        state_dir: &agent_state,
         receiver_fingerprint: Some(&both_pins),
         via: Some(both),
+        ..setup(&device.path, &receiver_a, &agent_id, &pins, &agent_state)
     };
     let (output, lines) = failover.once(&[], Duration::from_secs(240));
     let said = String::from_utf8_lossy(&output.stderr);
@@ -413,16 +410,13 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     write_random(&other_device.path, 0, 8 * MIB);
     let other_pins = PinRoot::new();
     let other_state = dir.join("other-agent-state");
-    let other = AgentSetup {
-        device: &other_device.path,
-        volume: VOLUME,
-        receiver: &receiver_c,
-        id: &agent_id,
-        pins: &other_pins,
-        state_dir: &other_state,
-        receiver_fingerprint: None,
-        via: None,
-    };
+    let other = setup(
+        &other_device.path,
+        &receiver_c,
+        &agent_id,
+        &other_pins,
+        &other_state,
+    );
     let (output, _) = other.once(&[], Duration::from_secs(120));
     let said = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(6), "another source: {said}");

@@ -25,12 +25,20 @@ use crate::dr::{
 /// Ranged reads in flight during a restore.
 pub const RESTORE_PARALLEL_READS: usize = 16;
 
-fn runtime() -> Result<tokio::runtime::Runtime, OpsError> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Checks the volume's name, and makes a runtime and a client of the store.
+fn open(
+    store: &StoreConfig,
+    volume: &str,
+) -> Result<(tokio::runtime::Runtime, ObjectStoreClient), OpsError> {
+    blkmirror_protocol::wire::check_volume_name(volume)
+        .map_err(|error| OpsError::Usage(error.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|error| OpsError::Environment(format!("starting a runtime: {error}")))
+        .map_err(|error| OpsError::Environment(format!("starting a runtime: {error}")))?;
+    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    Ok((runtime, client))
 }
 
 /// A damaged chunk is corruption (exit 7), not a failure of the store.
@@ -65,10 +73,7 @@ async fn manifests(
 
 /// `blkmirror points VOLUME --from-store FILE`.
 pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsError> {
-    blkmirror_protocol::wire::check_volume_name(volume)
-        .map_err(|error| OpsError::Usage(error.to_string()))?;
-    let runtime = runtime()?;
-    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    let (runtime, client) = open(store, volume)?;
     let manifests = runtime.block_on(manifests(&client, volume))?;
     if manifests.is_empty() {
         return Err(OpsError::Usage(format!(
@@ -148,10 +153,7 @@ pub fn restore(
             "restore needs one point, not --at all".into(),
         ));
     }
-    blkmirror_protocol::wire::check_volume_name(volume)
-        .map_err(|error| OpsError::Usage(error.to_string()))?;
-    let runtime = runtime()?;
-    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    let (runtime, client) = open(store, volume)?;
     runtime.block_on(async {
         let manifests = manifests(&client, volume).await?;
         let seq = select(&manifests, selector).ok_or_else(|| {
@@ -272,10 +274,7 @@ pub fn verify(
     selector: &PointSelector,
     json: bool,
 ) -> Result<(), OpsError> {
-    blkmirror_protocol::wire::check_volume_name(volume)
-        .map_err(|error| OpsError::Usage(error.to_string()))?;
-    let runtime = runtime()?;
-    let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    let (runtime, client) = open(store, volume)?;
     runtime.block_on(async {
         let manifests = manifests(&client, volume).await?;
         let seqs: Vec<u64> = if *selector == PointSelector::All {

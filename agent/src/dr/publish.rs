@@ -174,6 +174,45 @@ enum Local {
     Nothing(u64),
 }
 
+impl Local {
+    /// The committed cycle (0: none).
+    fn seq(&self) -> u64 {
+        match self {
+            Local::Point(point) => point.seq,
+            Local::Nothing(seq) => *seq,
+        }
+    }
+}
+
+/// What a receiver does with a volume before it welcomes the agent and after every commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The store's newest point is newer: fetch it.
+    Fetch,
+    /// Ours is newer, and complete: publish it.
+    Publish,
+    /// Both hold the same point, or there is nothing to publish.
+    Nothing,
+    /// The store's point of our number is another point: two histories.
+    Diverged,
+}
+
+/// Decides the [`Step`] from our copy and the store's newest point (pure).
+fn decide(local: &Local, store: Option<&PointInfo>) -> Step {
+    match (local, store) {
+        (local, Some(store)) if store.seq > local.seq() => Step::Fetch,
+        (Local::Point(point), Some(store)) if store.seq == point.seq => {
+            if store.time_unix_ms == point.time_unix_ms {
+                Step::Nothing
+            } else {
+                Step::Diverged
+            }
+        }
+        (Local::Point(_), _) => Step::Publish,
+        (Local::Nothing(_), _) => Step::Nothing,
+    }
+}
+
 /// The store's record of where a volume comes from.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -416,12 +455,9 @@ impl Publisher {
             Some(cached) => Some(cached),
             None => self.newest(&name).await?,
         };
-        let local_seq = match &local {
-            Local::Point(point) => point.seq,
-            Local::Nothing(seq) => *seq,
-        };
-        let report = match (local, base) {
-            (_, Some(newest)) if newest.point.seq > local_seq => {
+        let step = decide(&local, base.as_ref().map(|b| &b.point));
+        let report = match (step, local, base) {
+            (Step::Fetch, _, Some(newest)) => {
                 let fetched = self.adopt(volume, &name, &newest).await?;
                 let seq = newest.point.seq;
                 self.remember(&name, newest);
@@ -433,23 +469,19 @@ impl Publisher {
                     elapsed_ms: started.elapsed().as_millis() as u64,
                 })
             }
-            (Local::Point(point), Some(newest)) if newest.point.seq == point.seq => {
-                if newest.point.time_unix_ms != point.time_unix_ms {
-                    return Err(PublishError::Diverged {
-                        volume: name,
-                        store_seq: newest.point.seq,
-                        local_seq: point.seq,
-                    });
-                }
-                self.remember(&name, newest);
-                None
+            (Step::Diverged, local, Some(newest)) => {
+                return Err(PublishError::Diverged {
+                    volume: name,
+                    store_seq: newest.point.seq,
+                    local_seq: local.seq(),
+                });
             }
-            (Local::Point(point), base) => {
+            (Step::Publish, Local::Point(point), base) => {
                 let (report, published) = self.upload(volume, &name, point, base, started).await?;
                 self.remember(&name, published);
                 Some(report)
             }
-            (Local::Nothing(_), base) => {
+            (_, _, base) => {
                 if let Some(base) = base {
                     self.remember(&name, base);
                 }
@@ -620,5 +652,46 @@ impl Publisher {
             },
             Published { map, point },
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(seq: u64, time_unix_ms: u64) -> PointInfo {
+        PointInfo {
+            seq,
+            time_unix_ms,
+            complete: true,
+            ..PointInfo::default()
+        }
+    }
+
+    #[test]
+    fn a_receiver_fetches_what_is_newer_publishes_what_is_its_own_and_refuses_two_histories() {
+        let ours = Local::Point(point(5, 500));
+        // The store is behind, empty, or has our very point.
+        assert_eq!(decide(&ours, Some(&point(4, 400))), Step::Publish);
+        assert_eq!(decide(&ours, None), Step::Publish);
+        assert_eq!(decide(&ours, Some(&point(5, 500))), Step::Nothing);
+        // Another receiver served the volume since: fetch, whatever we have.
+        assert_eq!(decide(&ours, Some(&point(6, 600))), Step::Fetch);
+        assert_eq!(
+            decide(&Local::Nothing(0), Some(&point(1, 100))),
+            Step::Fetch
+        );
+        assert_eq!(
+            decide(&Local::Nothing(3), Some(&point(6, 600))),
+            Step::Fetch
+        );
+        // Point 5 in the store is not ours.
+        assert_eq!(decide(&ours, Some(&point(5, 501))), Step::Diverged);
+        // A sync in progress here publishes nothing, and fetches nothing older.
+        assert_eq!(
+            decide(&Local::Nothing(7), Some(&point(5, 500))),
+            Step::Nothing
+        );
+        assert_eq!(decide(&Local::Nothing(0), None), Step::Nothing);
     }
 }
