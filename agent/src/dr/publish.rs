@@ -163,6 +163,8 @@ pub struct StoreHealth {
 struct Published {
     map: ChunkMap,
     point: PointInfo,
+    /// The lease's token when it was learnt.
+    token: u64,
 }
 
 /// What this receiver has of a volume.
@@ -308,7 +310,9 @@ impl Publisher {
         result
     }
 
-    async fn hold_lease(&self, volume: &str) -> Result<(), PublishError> {
+    /// Takes or renews the lease of `volume`; returns its fencing token (the same for as long
+    /// as this receiver has held it without a break).
+    async fn hold_lease(&self, volume: &str) -> Result<u64, PublishError> {
         // One lease request at a time: a renewal racing a publish's would make one of the two
         // conditional writes fail as if another receiver had taken the lease.
         let _serial = self.lease_requests.lock().await;
@@ -319,7 +323,7 @@ impl Publisher {
         }
         let (now, outcome) = outcome;
         match outcome {
-            LeaseOutcome::Holding(_) => Ok(()),
+            LeaseOutcome::Holding(record) => Ok(record.token),
             LeaseOutcome::Held { holder, expires_ms } => Err(PublishError::LeaseHeld {
                 volume: volume.to_owned(),
                 holder,
@@ -330,6 +334,25 @@ impl Publisher {
                 holder: "another receiver (it changed the lease as this one took it)".into(),
                 remaining_s: self.lease_for.as_secs(),
             }),
+        }
+    }
+
+    /// Renews the lease of `volume`, which must still be the one of `token`: a lease lost
+    /// and taken again in the middle of a publish means another receiver may have written
+    /// meanwhile, so the publish stops.
+    async fn hold_again(&self, volume: &str, token: u64) -> Result<(), PublishError> {
+        let now = self.hold_lease(volume).await?;
+        if now == token {
+            Ok(())
+        } else {
+            Err(PublishError::LeaseHeld {
+                volume: volume.to_owned(),
+                holder: format!(
+                    "another receiver in the meantime (this receiver's lease went from token \
+                     {token} to {now})"
+                ),
+                remaining_s: 0,
+            })
         }
     }
 
@@ -395,17 +418,14 @@ impl Publisher {
         Ok(())
     }
 
-    /// The store's newest point of `volume`.
-    async fn newest(&self, volume: &str) -> Result<Option<Published>, PublishError> {
+    /// The store's newest point of `volume`: its map and its record.
+    async fn newest(&self, volume: &str) -> Result<Option<(ChunkMap, PointInfo)>, PublishError> {
         let seqs = objpoints::list_points(&self.client, volume).await?;
         let Some(&seq) = seqs.last() else {
             return Ok(None);
         };
         let (map, manifest) = objpoints::read_point(&self.client, volume, seq).await?;
-        Ok(Some(Published {
-            map,
-            point: manifest.point,
-        }))
+        Ok(Some((map, manifest.point)))
     }
 
     /// The pack view, read again when half its allowed age has passed.
@@ -448,12 +468,22 @@ impl Publisher {
         };
         // The lease first, even with nothing to publish: an agent is refused before it syncs
         // to a receiver that may not write the volume.
-        self.hold_lease(&name).await?;
+        let token = self.hold_lease(&name).await?;
         self.check_source(&name, source).await?;
-        let cached = self.volumes.lock().expect("volumes lock").remove(&name);
+        // What this receiver remembers of the store is true only if nobody else held the
+        // volume since: a lease taken anew (another token) means read the store again.
+        let cached = self
+            .volumes
+            .lock()
+            .expect("volumes lock")
+            .remove(&name)
+            .filter(|cached| cached.token == token);
         let base = match cached {
             Some(cached) => Some(cached),
-            None => self.newest(&name).await?,
+            None => self
+                .newest(&name)
+                .await?
+                .map(|(map, point)| Published { map, point, token }),
         };
         let step = decide(&local, base.as_ref().map(|b| &b.point));
         let report = match (step, local, base) {
@@ -477,7 +507,9 @@ impl Publisher {
                 });
             }
             (Step::Publish, Local::Point(point), base) => {
-                let (report, published) = self.upload(volume, &name, point, base, started).await?;
+                let (report, published) = self
+                    .upload(volume, &name, point, base, token, started)
+                    .await?;
                 self.remember(&name, published);
                 Some(report)
             }
@@ -570,6 +602,7 @@ impl Publisher {
         name: &str,
         point: PointInfo,
         base: Option<Published>,
+        token: u64,
         started: Instant,
     ) -> Result<(PublishReport, Published), PublishError> {
         // The chunks that differ between the store's point and ours: the local deltas lead
@@ -622,11 +655,11 @@ impl Publisher {
             objpoints::upload_changes(&self.client, view, &changes, self.settings, &mut upload)
                 .await?;
             if lease_renewed.elapsed() > self.lease_for / 3 {
-                self.hold_lease(name).await?;
+                self.hold_again(name, token).await?;
                 lease_renewed = Instant::now();
             }
         }
-        self.hold_lease(name).await?;
+        self.hold_again(name, token).await?;
         let seq = point.seq;
         let (commit, map) = objpoints::create_manifest(
             &self.client,
@@ -650,7 +683,7 @@ impl Publisher {
                 fetched: None,
                 elapsed_ms: started.elapsed().as_millis() as u64,
             },
-            Published { map, point },
+            Published { map, point, token },
         ))
     }
 }
