@@ -16,10 +16,11 @@ use std::{
 use blkmirror_protocol::units;
 
 use crate::dr::{
-    layout::LayoutError,
+    layout::{ChunkMap, LayoutError},
     objpoints::{self, PointStoreError},
     objstore::{ObjectStoreClient, StoreConfig},
-    ops::{OpsError, PointSelector, Progress, RestoreTarget},
+    ops::{self, OpsError, PointSelector, Progress, RestoreTarget},
+    stored::StoredPoint,
 };
 
 /// Ranged reads in flight during a restore.
@@ -120,23 +121,48 @@ pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsEr
     Ok(())
 }
 
-/// The point `selector` names among the store's, by sequence number.
-fn select(manifests: &[crate::dr::layout::Manifest], selector: &PointSelector) -> Option<u64> {
-    match selector {
-        PointSelector::Latest => manifests.last().map(|m| m.seq),
-        PointSelector::Seq(seq) => manifests.iter().find(|m| m.seq == *seq).map(|m| m.seq),
-        PointSelector::AtOrBefore(time) => manifests
+/// The points of the store `selector` names (one, or every one for `all`), oldest first, by
+/// the rules of the data directory's `--at` ([`ops::select`]). Only a selector by time or by
+/// group cut reads the manifests (for their records); `latest` and `seq:N` need the listing
+/// alone, where a full manifest of a large volume is many megabytes.
+async fn choose(
+    client: &ObjectStoreClient,
+    store: &StoreConfig,
+    volume: &str,
+    selector: &PointSelector,
+) -> Result<Vec<u64>, OpsError> {
+    let points: Vec<StoredPoint> = match selector {
+        PointSelector::Latest | PointSelector::Seq(_) | PointSelector::All => {
+            objpoints::list_points(client, volume)
+                .await
+                .map_err(classify)?
+                .into_iter()
+                .map(|seq| StoredPoint {
+                    seq,
+                    ..StoredPoint::default()
+                })
+                .collect()
+        }
+        PointSelector::AtOrBefore(_) | PointSelector::GroupCut(_) => manifests(client, volume)
+            .await?
             .iter()
-            .rev()
-            .find(|m| m.point.time_unix_ms <= *time)
-            .map(|m| m.seq),
-        PointSelector::GroupCut(cut) => manifests
-            .iter()
-            .rev()
-            .find(|m| m.point.group_cut == Some(*cut))
-            .map(|m| m.seq),
-        PointSelector::All => None,
+            .map(|m| StoredPoint::received(&m.point, m.point.received_unix_ms))
+            .collect(),
+    };
+    let chosen = ops::select(&points, selector).map_err(|problem| {
+        OpsError::Usage(format!(
+            "volume {volume} in object store {} bucket {}: {problem} (see `blkmirror points \
+             {volume} --from-store ...`)",
+            store.endpoint, store.bucket
+        ))
+    })?;
+    if chosen.is_empty() {
+        return Err(OpsError::Usage(format!(
+            "volume {volume} has no point in object store {} bucket {}",
+            store.endpoint, store.bucket
+        )));
     }
+    Ok(chosen.into_iter().map(|p| p.seq).collect())
 }
 
 /// `blkmirror restore VOLUME --from-store FILE --at POINT --to PATH`.
@@ -155,16 +181,7 @@ pub fn restore(
     }
     let (runtime, client) = open(store, volume)?;
     runtime.block_on(async {
-        let manifests = manifests(&client, volume).await?;
-        let seq = select(&manifests, selector).ok_or_else(|| {
-            OpsError::Usage(format!(
-                "no point of volume {volume} in object store {} bucket {} matches ({} point(s) \
-                 there; see `blkmirror points {volume} --from-store ...`)",
-                store.endpoint,
-                store.bucket,
-                manifests.len()
-            ))
-        })?;
+        let seq = choose(&client, store, volume, selector).await?[0];
         let started = Instant::now();
         let (point, view) = tokio::join!(
             objpoints::read_point(&client, volume, seq),
@@ -213,7 +230,7 @@ pub fn restore(
             &client,
             &view.locations,
             &map,
-            &manifest,
+            (manifest.size_bytes, manifest.chunk_bytes),
             RESTORE_PARALLEL_READS,
             sink,
         )
@@ -276,30 +293,20 @@ pub fn verify(
 ) -> Result<(), OpsError> {
     let (runtime, client) = open(store, volume)?;
     runtime.block_on(async {
-        let manifests = manifests(&client, volume).await?;
-        let seqs: Vec<u64> = if *selector == PointSelector::All {
-            manifests.iter().map(|m| m.seq).collect()
-        } else {
-            select(&manifests, selector).into_iter().collect()
-        };
-        if seqs.is_empty() {
-            return Err(OpsError::Usage(format!(
-                "no point of volume {volume} in object store {} bucket {} matches ({} point(s) \
-                 there)",
-                store.endpoint,
-                store.bucket,
-                manifests.len()
-            )));
-        }
+        let seqs = choose(&client, store, volume, selector).await?;
         let started = Instant::now();
+        // Oldest first, each manifest applied to the map of the point before it: `--at all`
+        // reads every manifest once (a point alone is read through its chain).
         let mut ids = std::collections::HashSet::new();
+        let mut map = ChunkMap::default();
         for &seq in &seqs {
-            // Each point's manifests chain back to a full one: reading them is what checks
-            // that the chain is whole.
-            let (map, _) = objpoints::read_point(&client, volume, seq)
+            let manifest = objpoints::read_manifest(&client, volume, seq)
                 .await
                 .map_err(classify)?;
-            ids.extend(map.chunks.into_values());
+            objpoints::advance(&client, volume, &mut map, &manifest)
+                .await
+                .map_err(classify)?;
+            ids.extend(map.chunks.values().copied());
         }
         let view = objpoints::load_view(&client).await.map_err(classify)?;
         let report =

@@ -536,6 +536,24 @@ pub async fn list_volumes(client: &ObjectStoreClient) -> Result<Vec<String>, Poi
         .collect())
 }
 
+/// Moves `map` to `manifest`'s point of `volume`: applies the manifest if it is full or a
+/// delta against the map's point (walking a volume's points in order reads each manifest
+/// once), or reads the point through its own chain otherwise.
+pub async fn advance(
+    client: &ObjectStoreClient,
+    volume: &str,
+    map: &mut ChunkMap,
+    manifest: &Manifest,
+) -> Result<(), PointStoreError> {
+    if manifest.base.is_none_or(|base| base == map.seq) {
+        map.apply(manifest)
+            .map_err(layout_error(&layout::manifest_key(volume, manifest.seq)))
+    } else {
+        *map = read_point(client, volume, manifest.seq).await?.0;
+        Ok(())
+    }
+}
+
 /// Every chunk a point in the store reads (the mark of a collection). Each volume's manifests
 /// are read once, in order.
 pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>, PointStoreError> {
@@ -544,13 +562,7 @@ pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>,
         let mut map = ChunkMap::default();
         for seq in list_points(client, &volume).await? {
             let manifest = read_manifest(client, &volume, seq).await?;
-            let follows = manifest.base.is_none_or(|base| base == map.seq);
-            if follows {
-                map.apply(&manifest)
-                    .map_err(layout_error(&layout::manifest_key(&volume, seq)))?;
-            } else {
-                map = read_point(client, &volume, seq).await?.0;
-            }
+            advance(client, &volume, &mut map, &manifest).await?;
             live.extend(map.chunks.values().copied());
         }
     }
@@ -706,27 +718,26 @@ pub struct ReadReport {
 /// (`None`: zeros). Called from the read tasks, several at once.
 pub type ChunkSink = Arc<dyn Fn(u64, Option<&[u8]>) -> Result<(), PointStoreError> + Send + Sync>;
 
-/// Reads the point `map` describes and hands every chunk to `sink` (the chunks of zeros
-/// first), with up to `parallel` ranged reads in flight. Chunks arrive in no particular order;
+/// Reads the point `map` describes, of a volume of `size_bytes` in chunks of `chunk_bytes`,
+/// and hands every chunk to `sink` (the chunks of zeros first), with up to `parallel` ranged reads in flight. Chunks arrive in no particular order;
 /// each is checked against its id. When this returns, no read task is left running (so the
 /// sink is the caller's alone again).
 pub async fn read_point_into(
     client: &ObjectStoreClient,
     locations: &ChunkLocations,
     map: &ChunkMap,
-    manifest: &Manifest,
+    (size_bytes, chunk_bytes): (u64, u64),
     parallel: usize,
     sink: ChunkSink,
 ) -> Result<ReadReport, PointStoreError> {
     let mut report = ReadReport::default();
-    for chunk in 0..manifest.chunks() {
+    for chunk in 0..size_bytes.div_ceil(chunk_bytes.max(1)) {
         if !map.chunks.contains_key(&chunk) {
-            sink(chunk * manifest.chunk_bytes, None)?;
+            sink(chunk * chunk_bytes, None)?;
             report.zero_chunks += 1;
         }
     }
     let runs = plan_reads(locations, map)?;
-    let chunk_bytes = manifest.chunk_bytes;
     let on_chunk: RunSink =
         Arc::new(move |chunk, content| sink(chunk * chunk_bytes, Some(content)));
     fetch_runs(client, runs, parallel, &mut report, on_chunk).await?;

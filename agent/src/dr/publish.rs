@@ -488,7 +488,7 @@ impl Publisher {
         let step = decide(&local, base.as_ref().map(|b| &b.point));
         let report = match (step, local, base) {
             (Step::Fetch, _, Some(newest)) => {
-                let fetched = self.adopt(volume, &name, &newest).await?;
+                let fetched = self.adopt(volume, &newest).await?;
                 let seq = newest.point.seq;
                 self.remember(&name, newest);
                 Some(PublishReport {
@@ -534,10 +534,14 @@ impl Publisher {
     async fn adopt(
         &self,
         volume: &Arc<Mutex<Volume>>,
-        name: &str,
         newest: &Published,
     ) -> Result<objpoints::ReadReport, PublishError> {
-        let manifest = objpoints::read_manifest(&self.client, name, newest.point.seq).await?;
+        // The geometry is this volume's: the source record, checked before, says the store's
+        // is the same (and `write_adopted` refuses anything past the end).
+        let geometry = {
+            let volume = volume.lock().expect("volume lock");
+            (volume.meta().size_bytes, volume.meta().chunk_bytes)
+        };
         let view = self.fresh_view().await?;
         let view = view.as_ref().expect("a view was loaded");
         {
@@ -572,7 +576,7 @@ impl Publisher {
             &self.client,
             &view.locations,
             &newest.map,
-            &manifest,
+            geometry,
             FETCH_PARALLEL_READS,
             sink,
         )
