@@ -422,6 +422,31 @@ rgw_dns_name = 127.0.0.1
         );
     }
 
+    /// A client configuration of `bucket` with the cluster's S3 user.
+    pub fn store_config(&self, bucket: &str) -> blkmirror::dr::objstore::StoreConfig {
+        blkmirror::dr::objstore::StoreConfig {
+            endpoint: self.endpoint.clone(),
+            bucket: bucket.to_owned(),
+            region: "us-east-1".to_owned(),
+            access_key: ACCESS_KEY.to_owned(),
+            secret_key: SECRET_KEY.to_owned(),
+            allow_http: true,
+            lease: blkmirror::dr::objstore::DEFAULT_LEASE,
+        }
+    }
+
+    /// Writes a `[store]` credentials file of the cluster's S3 user (with `secret`) at `path`,
+    /// with `mode`.
+    pub fn write_credentials(&self, path: &Path, secret: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(
+            path,
+            format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"{secret}\"\n"),
+        )
+        .expect("credentials");
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
     /// The scratch directory (logs under `log/`).
     pub fn dir(&self) -> &Path {
         &self.scratch.path

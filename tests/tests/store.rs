@@ -22,10 +22,7 @@ use blkmirror::dr::objstore::{
     Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError, lease_key,
 };
 use blkmirror_protocol::wire::PointInfo;
-use blkmirror_tests::{
-    ceph::{ACCESS_KEY, CephCluster, SECRET_KEY},
-    require_root,
-};
+use blkmirror_tests::{ceph::CephCluster, require_root};
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -35,15 +32,7 @@ fn now_ms() -> u64 {
 }
 
 fn config(cluster: &CephCluster) -> StoreConfig {
-    StoreConfig {
-        endpoint: cluster.endpoint.clone(),
-        bucket: "blkmirror".to_owned(),
-        region: "us-east-1".to_owned(),
-        access_key: ACCESS_KEY.to_owned(),
-        secret_key: SECRET_KEY.to_owned(),
-        allow_http: true,
-        lease: blkmirror::dr::objstore::DEFAULT_LEASE,
-    }
+    cluster.store_config("blkmirror")
 }
 
 /// Whether the outcome says `who` holds the lease (someone else asked).

@@ -17,7 +17,7 @@ use std::{
 
 use blkmirror_tests::{
     LoopDevice, PinRoot, Scratch, blkmirror,
-    ceph::{ACCESS_KEY, CephCluster, SECRET_KEY},
+    ceph::{CephCluster, SECRET_KEY},
     mirror::{AgentSetup, ChildGuard, Id, Receiver, assert_same, write_random},
     parse_lines, require_root,
 };
@@ -186,12 +186,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
 
     // The credentials file must be root's alone; config check says so, then reaches the store.
     let credentials = dir.join("store-credentials.toml");
-    fs::write(
-        &credentials,
-        format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"{SECRET_KEY}\"\n"),
-    )
-    .expect("credentials");
-    fs::set_permissions(&credentials, fs::Permissions::from_mode(0o644)).expect("chmod");
+    cluster.write_credentials(&credentials, SECRET_KEY, 0o644);
     let (config_a, data_a) = receiver_config(dir, "a", &a_id, &agent_id, &cluster, &credentials);
     let check = run(&["config", "check", config_a.to_str().expect("utf-8")]);
     let said = String::from_utf8_lossy(&check.stderr);
@@ -205,12 +200,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     );
     // A wrong secret is found by the check, not by the first cycle.
     let wrong = dir.join("wrong-credentials.toml");
-    fs::write(
-        &wrong,
-        format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"not-the-secret\"\n"),
-    )
-    .expect("credentials");
-    fs::set_permissions(&wrong, fs::Permissions::from_mode(0o600)).expect("chmod");
+    cluster.write_credentials(&wrong, "not-the-secret", 0o600);
     let (config_wrong, _) = receiver_config(dir, "wrong", &a_id, &agent_id, &cluster, &wrong);
     let check = run(&["config", "check", config_wrong.to_str().expect("utf-8")]);
     assert!(!check.status.success(), "a wrong secret passed the check");
@@ -497,20 +487,8 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
 /// Flips one byte of the stored chunk the newest point of the volume reads at offset 0, in
 /// its pack on the store (a conditional replace, as a disk's bit rot would not be).
 fn damage_a_chunk_of_the_newest_point(cluster: &CephCluster) {
-    use blkmirror::dr::{
-        layout, objpoints,
-        objstore::{DEFAULT_LEASE, ObjectStoreClient, StoreConfig},
-    };
-    let client = ObjectStoreClient::connect(&StoreConfig {
-        endpoint: cluster.endpoint.clone(),
-        bucket: BUCKET.to_owned(),
-        region: "us-east-1".to_owned(),
-        access_key: ACCESS_KEY.to_owned(),
-        secret_key: SECRET_KEY.to_owned(),
-        allow_http: true,
-        lease: DEFAULT_LEASE,
-    })
-    .expect("client");
+    use blkmirror::dr::{layout, objpoints, objstore::ObjectStoreClient};
+    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -571,7 +549,7 @@ fn bench_restore_from_the_store_against_its_bulk_read() {
     use blkmirror::dr::{
         layout::ChunkMap,
         objpoints::{self, ManifestToCreate, PackSettings, Upload},
-        objstore::{DEFAULT_LEASE, ObjectStoreClient, StoreConfig},
+        objstore::ObjectStoreClient,
     };
     use std::collections::BTreeMap;
     require_root();
@@ -586,15 +564,7 @@ fn bench_restore_from_the_store_against_its_bulk_read() {
     let cluster = CephCluster::start();
     cluster.create_bucket(BUCKET);
     let scratch = Scratch::new();
-    let store = StoreConfig {
-        endpoint: cluster.endpoint.clone(),
-        bucket: BUCKET.to_owned(),
-        region: "us-east-1".to_owned(),
-        access_key: ACCESS_KEY.to_owned(),
-        secret_key: SECRET_KEY.to_owned(),
-        allow_http: true,
-        lease: DEFAULT_LEASE,
-    };
+    let store = cluster.store_config(BUCKET);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -656,12 +626,7 @@ fn bench_restore_from_the_store_against_its_bulk_read() {
         committed.elapsed().as_secs_f64()
     );
     let credentials = scratch.path.join("credentials.toml");
-    fs::write(
-        &credentials,
-        format!("access_key = \"{ACCESS_KEY}\"\nsecret_key = \"{SECRET_KEY}\"\n"),
-    )
-    .expect("credentials");
-    fs::set_permissions(&credentials, fs::Permissions::from_mode(0o600)).expect("chmod");
+    cluster.write_credentials(&credentials, SECRET_KEY, 0o600);
     let id = Id::new(&scratch.path, "receiver-id");
     let (config, _) = receiver_config(&scratch.path, "r", &id, &id, &cluster, &credentials);
     let target = PathBuf::from(format!(
