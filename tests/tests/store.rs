@@ -14,9 +14,10 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use blkmirror::dr::layout::{ChunkMap, Dedup};
+use blkmirror::dr::layout::{self, ChunkMap, Dedup};
 use blkmirror::dr::objpoints::{
-    self, CommitReport, GcReport, PackSettings, PointStoreError, PointToCommit, StoreView,
+    self, CommitReport, GcReport, GcSettings, PackSettings, PointStoreError, PointToCommit,
+    StoreView,
 };
 use blkmirror::dr::objstore::{
     Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError, lease_key,
@@ -160,6 +161,7 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
     runtime.block_on(async {
         hosts.commit_with_a_node_down(&b).await;
         hosts.collect_garbage_while_committing(&a, &b).await;
+        hosts.prune_then_repack_while_committing(&a, &b).await;
         let renewed = b
             .acquire_lease("v1", "receiver-b", now_ms(), 30_000)
             .await
@@ -196,6 +198,21 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
         matches!(refused, Err(StoreError::Request { .. })),
         "{refused:?}"
     );
+}
+
+/// A collection as the tests run it: a short grace (the tests' commits are quick), packs
+/// under a fifth live repacked.
+fn gc_settings(grace_ms: u64) -> GcSettings {
+    GcSettings {
+        grace_ms,
+        repack_below: 0.2,
+        pack: PackSettings {
+            target_bytes: 1 << 20,
+            level: Some(3),
+            max_view_age: Duration::from_secs(60),
+        },
+        dry_run: false,
+    }
 }
 
 const CHUNK: u64 = 65536;
@@ -469,7 +486,7 @@ impl Hosts {
         }
         self.expected.retain(|(volume, _), _| *volume == "host-a");
         self.maps.remove("host-b");
-        let first = objpoints::collect_garbage(b, now_ms(), GRACE_MS, 0.2)
+        let first = objpoints::collect_garbage(b, now_ms(), &gc_settings(GRACE_MS))
             .await
             .expect("first collection");
         eprintln!("first collection: {first:?}");
@@ -496,13 +513,13 @@ impl Hosts {
             (0, 1),
             "{report:?}"
         );
-        let early: GcReport = objpoints::collect_garbage(a, now_ms(), GRACE_MS, 0.2)
+        let early: GcReport = objpoints::collect_garbage(a, now_ms(), &gc_settings(GRACE_MS))
             .await
             .expect("a collection within the grace");
         assert_eq!((early.deleted, early.revived), (0, 1), "{early:?}");
         tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
         let packs_before = a.list("packs").await.expect("list").len();
-        let second = objpoints::collect_garbage(a, now_ms(), GRACE_MS, 0.2)
+        let second = objpoints::collect_garbage(a, now_ms(), &gc_settings(GRACE_MS))
             .await
             .expect("second collection");
         // (It may also condemn the pack of point 5, whose one live chunk the revived pack
@@ -510,6 +527,131 @@ impl Hosts {
         eprintln!("second collection: {second:?}");
         assert_eq!((second.deleted, second.revived), (2, 0), "{second:?}");
         assert_eq!(a.list("packs").await.expect("list").len(), packs_before - 2);
+        self.read_every_point_back(a).await;
+    }
+
+    /// Retention on the store, then a collection that repacks, with a commit racing it.
+    ///
+    /// host-a gets points 6 to 15: point 6 writes chunks 0 to 15 (one pack), each later one
+    /// rewrites chunks 0 to 13 (a pack each). Retention keeps 10 and 15 of them: 6 to 9 and
+    /// 11 to 14 go, so 10 and 15 are rewritten to lead past them (while another client reads
+    /// every point). The collection then condemns the packs of the dropped points and repacks
+    /// point 6's (two chunks of sixteen live). A commit whose view predates the collection
+    /// deduplicates into that pack a chunk only it held: the next collection revives it,
+    /// deletes the rest, and every point left reads back.
+    async fn prune_then_repack_while_committing(
+        &mut self,
+        a: &ObjectStoreClient,
+        b: &ObjectStoreClient,
+    ) {
+        const GRACE_MS: u64 = 3_000;
+        let seed = |seq: u64, chunk: u64| 100_000 + seq * 100 + chunk;
+        for seq in 6..=15u64 {
+            let chunks = if seq == 6 { 0..16 } else { 0..14 };
+            let changes: BTreeMap<u64, Vec<u8>> = chunks
+                .map(|chunk| (chunk, chunk_content(seed(seq, chunk))))
+                .collect();
+            self.commit(a, "host-a", seq, &changes)
+                .await
+                .expect("a point to prune later");
+        }
+        let bytes_before: u64 = a
+            .list("packs")
+            .await
+            .expect("list")
+            .iter()
+            .map(|o| o.1)
+            .sum();
+        // The listing reads heads only, and they say what the manifests say.
+        let listed = objpoints::list_point_heads(b, "host-a")
+            .await
+            .expect("heads");
+        assert_eq!(
+            listed.iter().map(|p| p.head.seq).collect::<Vec<_>>(),
+            objpoints::list_points(b, "host-a").await.expect("list")
+        );
+        for point in &listed {
+            let manifest = objpoints::read_manifest(b, "host-a", point.head.seq)
+                .await
+                .expect("manifest");
+            assert_eq!(
+                (point.head.base, point.head.chain, &point.head.point),
+                (manifest.base, manifest.chain, &manifest.point)
+            );
+        }
+        let seqs: Vec<u64> = listed.iter().map(|p| p.head.seq).collect();
+        let keep: std::collections::BTreeSet<u64> = seqs
+            .iter()
+            .copied()
+            .filter(|&seq| seq <= 5 || seq == 10 || seq == 15)
+            .collect();
+        let runs = layout::prune_runs(&seqs, &keep);
+        assert_eq!(runs.len(), 2, "{runs:?}");
+        // Prune while b reads every point that stays, over and over.
+        let pruning = async {
+            let mut report = objpoints::PruneReport::default();
+            for run in &runs {
+                objpoints::prune_run(a, "host-a", run, &mut report)
+                    .await
+                    .expect("prune");
+            }
+            report
+        };
+        let reading = async {
+            let mut reads = 0;
+            for _ in 0..3 {
+                for &seq in &keep {
+                    objpoints::read_point(b, "host-a", seq)
+                        .await
+                        .expect("a kept point reads while others are pruned");
+                    reads += 1;
+                }
+            }
+            reads
+        };
+        let (pruned, reads) = tokio::join!(pruning, reading);
+        eprintln!("pruned: {pruned:?}, {reads} reads of kept points meanwhile");
+        assert_eq!((pruned.dropped, pruned.rewritten), (8, 2), "{pruned:?}");
+        self.expected
+            .retain(|(volume, seq), _| *volume != "host-a" || keep.contains(seq));
+        self.read_every_point_back(b).await;
+
+        tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
+        let mut stale_view = objpoints::load_view(a).await.expect("view");
+        let first = objpoints::collect_garbage(b, now_ms(), &gc_settings(GRACE_MS))
+            .await
+            .expect("collection after retention");
+        eprintln!("after retention: {first:?}");
+        assert!(first.condemned >= 8 && first.repacked >= 1, "{first:?}");
+        assert_eq!(first.repack_written, 1, "{first:?}");
+        // Chunk 0 of point 6, which only the repacked pack holds, deduplicated from the old
+        // view into chunk 30 of point 16.
+        let changes: BTreeMap<u64, Vec<u8>> =
+            [(30, chunk_content(seed(6, 0)))].into_iter().collect();
+        let report = self
+            .commit_in_view(a, &mut stale_view, "host-a", 16, &changes)
+            .await
+            .expect("a commit from a view older than the repack");
+        assert_eq!(report.deduplicated_chunks, 1, "{report:?}");
+        tokio::time::sleep(Duration::from_millis(GRACE_MS)).await;
+        let second = objpoints::collect_garbage(a, now_ms(), &gc_settings(GRACE_MS))
+            .await
+            .expect("second collection");
+        eprintln!("then: {second:?}");
+        assert!(second.revived >= 1 && second.deleted >= 7, "{second:?}");
+        let bytes_after: u64 = a
+            .list("packs")
+            .await
+            .expect("list")
+            .iter()
+            .map(|o| o.1)
+            .sum();
+        eprintln!("pack bytes {bytes_before} before retention, {bytes_after} after");
+        // Seven points' packs of fourteen incompressible chunks are gone.
+        assert!(
+            bytes_after + 7 * 14 * CHUNK <= bytes_before + CHUNK,
+            "{bytes_before} -> {bytes_after}"
+        );
         self.read_every_point_back(a).await;
     }
 }

@@ -491,7 +491,9 @@ pub struct Manifest {
     pub size_bytes: u64,
     /// Its chunk size.
     pub chunk_bytes: u64,
-    /// How many deltas lead here from the last full manifest (0 for a full one).
+    /// At most this many deltas lead here from the last full manifest (0 for a full one).
+    /// Exact as written; retention ([`splice`]) may later shorten the chain under a point
+    /// without rewriting the points after it, so along a chain it only has to decrease.
     pub chain: u64,
     /// The point's record.
     pub point: PointInfo,
@@ -539,11 +541,49 @@ pub fn encode_manifest(manifest: &Manifest) -> Vec<u8> {
     out
 }
 
-/// Decodes a manifest, checking it against its own geometry: references in order, inside the
-/// volume, a full manifest without zero references, a chain within [`FULL_EVERY`].
-pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, LayoutError> {
+/// The head of a manifest: everything but its references.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestHead {
+    /// The volume.
+    pub volume: String,
+    /// The point.
+    pub seq: u64,
+    /// `None`: full; `Some(base)`: a delta against point `base`.
+    pub base: Option<u64>,
+    /// At most this many deltas lead here from the last full manifest.
+    pub chain: u64,
+    /// The volume's size.
+    pub size_bytes: u64,
+    /// Its chunk size.
+    pub chunk_bytes: u64,
+    /// The point's record.
+    pub point: PointInfo,
+}
+
+/// The most bytes a manifest's head takes (a ranged read of this many holds it).
+pub const MAX_MANIFEST_HEAD_BYTES: u64 =
+    5 + 2 + wire::MAX_VOLUME_NAME as u64 + 8 + 1 + 8 + 8 + 8 + 8 + 4 + MAX_POINT_BYTES as u64;
+
+/// Decodes the head of a manifest from its first bytes (at least the head; more is ignored).
+/// The checksum covers the whole object and is not checked here: a listing of points reads
+/// heads; anything that restores or deletes reads the whole manifest.
+pub fn decode_manifest_head(prefix: &[u8]) -> Result<ManifestHead, LayoutError> {
+    let mut cursor = Cursor::new(prefix, "manifest");
+    if cursor.take(4)? != MANIFEST_MAGIC {
+        return Err(malformed("manifest", "wrong magic"));
+    }
+    let version = cursor.u8()?;
+    if version != VERSION {
+        return Err(malformed(
+            "manifest",
+            format!("format {version} (this build reads {VERSION})"),
+        ));
+    }
+    manifest_head(&mut cursor)
+}
+
+fn manifest_head(cursor: &mut Cursor<'_>) -> Result<ManifestHead, LayoutError> {
     const WHAT: &str = "manifest";
-    let mut cursor = checked_body(bytes, MANIFEST_MAGIC, WHAT)?;
     let name_len = cursor.u16()? as usize;
     let volume = std::str::from_utf8(cursor.take(name_len)?)
         .map_err(|_| malformed(WHAT, "volume name is not UTF-8"))?
@@ -604,6 +644,33 @@ pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, LayoutError> {
             format!("manifest {seq} holds point {}", point.seq),
         ));
     }
+    Ok(ManifestHead {
+        volume,
+        seq,
+        base,
+        chain,
+        size_bytes,
+        chunk_bytes,
+        point,
+    })
+}
+
+/// Decodes a manifest, checking it against its own geometry: references in order, inside the
+/// volume, a full manifest without zero references, a chain within [`FULL_EVERY`].
+pub fn decode_manifest(bytes: &[u8]) -> Result<Manifest, LayoutError> {
+    const WHAT: &str = "manifest";
+    let mut cursor = checked_body(bytes, MANIFEST_MAGIC, WHAT)?;
+    let ManifestHead {
+        volume,
+        seq,
+        base,
+        chain,
+        size_bytes,
+        chunk_bytes,
+        point,
+    } = manifest_head(&mut cursor)?;
+    let is_delta = base.is_some();
+    let chunks = size_bytes.div_ceil(chunk_bytes);
     let count = cursor.u64()?;
     // Each entry takes at least 9 bytes: a count the bytes cannot hold is refused before any
     // allocation.
@@ -759,6 +826,96 @@ impl ChunkMap {
         };
         (manifest, map)
     }
+}
+
+/// Retention on the store removes points in runs: consecutive points to drop, and the kept
+/// point after them, whose manifest is rewritten so that it no longer leads through them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneRun {
+    /// The points to drop, oldest first.
+    pub dropped: Vec<u64>,
+    /// The kept point after them.
+    pub next: u64,
+}
+
+/// The runs that remove every point of `points` (a volume's, oldest first) not in `keep`.
+/// Points after the last kept one are never dropped: the newest point stays.
+pub fn prune_runs(points: &[u64], keep: &BTreeSet<u64>) -> Vec<PruneRun> {
+    let mut runs = Vec::new();
+    let mut dropped = Vec::new();
+    for &seq in points {
+        if keep.contains(&seq) {
+            if !dropped.is_empty() {
+                runs.push(PruneRun {
+                    dropped: std::mem::take(&mut dropped),
+                    next: seq,
+                });
+            }
+        } else {
+            dropped.push(seq);
+        }
+    }
+    runs
+}
+
+/// The manifest that replaces `next` once the points of `dropped` (consecutive, oldest first,
+/// `next`'s base the last of them) are gone: the same point, leading to the point before the
+/// run. `None` if `next` is full and needs no change.
+///
+/// * If a full manifest is among the dropped, the new one is full (the dropped full and the
+///   deltas after it, applied).
+/// * Otherwise it is a delta against the first dropped point's base, with the dropped deltas'
+///   references merged under its own (later ones win). Its chain length stays: an upper bound
+///   still, and the points after it are left as they are.
+pub fn splice(dropped: &[Manifest], next: &Manifest) -> Result<Option<Manifest>, LayoutError> {
+    const WHAT: &str = "manifest";
+    if next.base.is_none() {
+        return Ok(None);
+    }
+    let Some(last) = dropped.last() else {
+        return Err(malformed(
+            WHAT,
+            format!("point {} spliced over nothing", next.seq),
+        ));
+    };
+    if next.base != Some(last.seq) {
+        return Err(LayoutError::BrokenChain {
+            seq: next.seq,
+            base: next.base.unwrap_or(0),
+            at: last.seq,
+        });
+    }
+    for pair in dropped.windows(2) {
+        if pair[1].base.is_some_and(|base| base != pair[0].seq) {
+            return Err(LayoutError::BrokenChain {
+                seq: pair[1].seq,
+                base: pair[1].base.unwrap_or(0),
+                at: pair[0].seq,
+            });
+        }
+    }
+    let mut spliced = next.clone();
+    if let Some(full) = dropped.iter().rposition(|m| m.base.is_none()) {
+        let mut map = ChunkMap::default();
+        for manifest in dropped[full..].iter().chain([next]) {
+            map.apply(manifest)?;
+        }
+        spliced.base = None;
+        spliced.chain = 0;
+        spliced.entries = map
+            .chunks
+            .iter()
+            .map(|(&chunk, id)| (chunk, ChunkRef::Chunk(*id)))
+            .collect();
+    } else {
+        let mut entries = BTreeMap::new();
+        for manifest in dropped.iter().chain([next]) {
+            entries.extend(manifest.entries.iter().map(|(&c, r)| (c, *r)));
+        }
+        spliced.base = dropped[0].base;
+        spliced.entries = entries;
+    }
+    Ok(Some(spliced))
 }
 
 /// How well content is shared: references against distinct chunks.
@@ -1227,5 +1384,125 @@ mod tests {
         locations.add([3; 32], std::slice::from_ref(&entry), true);
         assert!(locations.contains(&[9; 32]));
         assert_eq!(locations.get(&[9; 32]).map(|(p, _)| *p), Some([2; 32]));
+    }
+
+    /// A volume's manifests in memory, read as `objpoints::read_point` reads the store.
+    fn read_in_memory(manifests: &BTreeMap<u64, Manifest>, seq: u64) -> ChunkMap {
+        let mut chain = vec![&manifests[&seq]];
+        while let Some(base) = chain.last().unwrap().base {
+            let manifest = &manifests[&base];
+            assert!(
+                manifest.chain < chain.last().unwrap().chain,
+                "chain decreases"
+            );
+            chain.push(manifest);
+        }
+        assert!(chain.len() as u64 <= FULL_EVERY);
+        let mut map = ChunkMap::default();
+        for manifest in chain.iter().rev() {
+            map.apply(manifest).unwrap();
+        }
+        map
+    }
+
+    #[test]
+    fn retention_splices_points_out_and_every_kept_point_reads_the_same() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for round in 0..40 {
+            // 80 points of a 64-chunk volume (two full manifests on the way).
+            let mut manifests = BTreeMap::new();
+            let mut maps = BTreeMap::new();
+            let mut map = ChunkMap::default();
+            for seq in 1..=80u64 {
+                let changes: BTreeMap<u64, Option<ChunkId>> = (0..random(6))
+                    .map(|_| {
+                        let chunk = random(64);
+                        let id = (random(4) > 0).then(|| chunk_id(&random(1000).to_le_bytes()));
+                        (chunk, id)
+                    })
+                    .collect();
+                let (manifest, next) = map.next_manifest("v", point(seq), 64 << 12, 4096, &changes);
+                manifests.insert(seq, manifest);
+                maps.insert(seq, next.chunks.clone());
+                map = next;
+            }
+            // Prune twice, as retention does over time: a sparse keep, then a sparser one.
+            let mut keep: BTreeSet<u64> = (1..=80).filter(|_| random(3) == 0).collect();
+            keep.insert(80);
+            for pass in 0..2 {
+                if pass == 1 {
+                    keep.retain(|_| random(2) == 0);
+                    keep.insert(80);
+                }
+                let seqs: Vec<u64> = manifests.keys().copied().collect();
+                for run in prune_runs(&seqs, &keep) {
+                    let dropped: Vec<Manifest> = run
+                        .dropped
+                        .iter()
+                        .map(|seq| manifests[seq].clone())
+                        .collect();
+                    if let Some(spliced) = splice(&dropped, &manifests[&run.next]).unwrap() {
+                        let encoded = encode_manifest(&spliced);
+                        assert_eq!(decode_manifest(&encoded).unwrap(), spliced);
+                        manifests.insert(run.next, spliced);
+                    }
+                    for seq in &run.dropped {
+                        manifests.remove(seq);
+                    }
+                }
+                let left: BTreeSet<u64> = manifests.keys().copied().collect();
+                assert_eq!(left, keep, "round {round} pass {pass}");
+                for &seq in &keep {
+                    assert_eq!(
+                        read_in_memory(&manifests, seq).chunks,
+                        maps[&seq],
+                        "round {round} pass {pass} point {seq}"
+                    );
+                }
+                // The oldest point left is full: nothing leads out of the store.
+                assert_eq!(manifests.values().next().unwrap().base, None);
+            }
+        }
+        // Nothing to drop, or nothing kept after: no run.
+        assert!(prune_runs(&[1, 2, 3], &BTreeSet::from([1, 2, 3])).is_empty());
+        assert!(prune_runs(&[1, 2, 3], &BTreeSet::new()).is_empty());
+        assert_eq!(
+            prune_runs(&[1, 2, 3, 4, 5], &BTreeSet::from([1, 4, 5])),
+            vec![PruneRun {
+                dropped: vec![2, 3],
+                next: 4
+            }]
+        );
+    }
+
+    #[test]
+    fn a_manifest_head_reads_from_its_first_bytes() {
+        let mut map = ChunkMap::default();
+        let changes = BTreeMap::from([(3, Some(chunk_id(b"x")))]);
+        let (manifest, next) = map.next_manifest("vol-a", point(7), 1 << 20, 4096, &changes);
+        map = next;
+        let bytes = encode_manifest(&manifest);
+        let head_bytes = &bytes[..(MAX_MANIFEST_HEAD_BYTES as usize).min(bytes.len())];
+        let head = decode_manifest_head(head_bytes).unwrap();
+        assert_eq!(
+            (head.volume.as_str(), head.seq, head.base),
+            ("vol-a", 7, None)
+        );
+        assert_eq!(head.point, manifest.point);
+        // A delta's head, from a prefix cut anywhere after the point record.
+        let changes = BTreeMap::from([(5, Some(chunk_id(b"y")))]);
+        let (delta, _) = map.next_manifest("vol-a", point(9), 1 << 20, 4096, &changes);
+        let delta = encode_manifest(&delta);
+        let head = decode_manifest_head(&delta[..delta.len() - 40]).unwrap();
+        assert_eq!((head.seq, head.base, head.chain), (9, Some(7), 1));
+        // Cut inside the point record, or not a manifest.
+        assert!(decode_manifest_head(&bytes[..60]).is_err());
+        assert!(decode_manifest_head(b"BMPK\x01").is_err());
     }
 }

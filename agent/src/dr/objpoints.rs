@@ -18,9 +18,14 @@
 //! that safe: a commit must create its manifest within [`PackSettings::max_view_age`] of
 //! reading the indexes ([`StoreView`]), and the grace is longer.
 //!
-//! Not built yet: the receiver's commit path on this (today's receivers still commit to their
-//! data directory), repacking (planned, not driven), deleting single points (retention on the
-//! store), encryption.
+//! A repack copies the live chunks of a sparse pack into a new pack and condemns the old one
+//! at once: from then on the copy keeps those chunks, and the old pack goes the way of any
+//! condemned pack.
+//!
+//! Retention deletes points ([`prune_run`]): the kept point after a run of dropped ones is
+//! rewritten to lead past them ([`layout::splice`]), then they are deleted, newest first.
+//!
+//! Not built yet: encryption.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -352,27 +357,67 @@ pub async fn read_manifest(
 
 /// What point `seq` of `volume` holds: its manifest and the ones back to the last full
 /// manifest (at most [`layout::FULL_EVERY`]), applied in order.
+///
+/// Retention may splice points out of the chain while this reads it (it rewrites the kept
+/// point, then deletes the dropped ones): a base that vanished midway means the walk read an
+/// old version, so it starts again.
 pub async fn read_point(
     client: &ObjectStoreClient,
     volume: &str,
     seq: u64,
 ) -> Result<(ChunkMap, Manifest), PointStoreError> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match read_chain(client, volume, seq).await {
+            Err(ChainRead::BaseVanished(key)) if attempts < 3 => {
+                tracing::debug!("{key} vanished while its point was read (retention); again");
+            }
+            Err(ChainRead::BaseVanished(key)) => return Err(PointStoreError::Missing(key)),
+            Err(ChainRead::Failed(error)) => return Err(error),
+            Ok(read) => return Ok(read),
+        }
+    }
+}
+
+enum ChainRead {
+    BaseVanished(String),
+    Failed(PointStoreError),
+}
+
+impl From<PointStoreError> for ChainRead {
+    fn from(error: PointStoreError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+async fn read_chain(
+    client: &ObjectStoreClient,
+    volume: &str,
+    seq: u64,
+) -> Result<(ChunkMap, Manifest), ChainRead> {
     let newest = read_manifest(client, volume, seq).await?;
     let mut chain = vec![newest];
     while let Some(base) = chain.last().and_then(|m| m.base) {
-        let manifest = read_manifest(client, volume, base).await?;
-        let expected = chain.last().map_or(0, |m| m.chain - 1);
-        if manifest.chain != expected {
+        let manifest = match read_manifest(client, volume, base).await {
+            Err(PointStoreError::Missing(key)) => return Err(ChainRead::BaseVanished(key)),
+            other => other?,
+        };
+        // The chain length only decreases along the walk (retention may have shortened
+        // it under a point), which bounds the walk to `FULL_EVERY` manifests.
+        let successor = chain.last().map_or(0, |m| m.chain);
+        if manifest.chain >= successor {
             return Err(PointStoreError::Layout {
                 key: layout::manifest_key(volume, base),
                 source: LayoutError::Malformed {
                     what: "manifest",
                     detail: format!(
-                        "at chain length {}, where its successor says {expected}",
+                        "at chain length {}, not below its successor's {successor}",
                         manifest.chain
                     ),
                 },
-            });
+            }
+            .into());
         }
         chain.push(manifest);
     }
@@ -385,20 +430,137 @@ pub async fn read_point(
     Ok((map, newest))
 }
 
+/// What a listing of a volume's points knows of each, from the head of its manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedPoint {
+    /// The manifest's head.
+    pub head: layout::ManifestHead,
+    /// The manifest's size in bytes.
+    pub manifest_bytes: u64,
+}
+
+/// Heads read in flight while points are listed.
+const PARALLEL_HEAD_READS: usize = 16;
+
+/// The points of `volume` with their records, oldest first: a ranged read of each manifest's
+/// head, many at a time (a full manifest of a large volume is megabytes; its head is not).
+/// A manifest that vanished between the listing and its read (retention) is left out.
+pub async fn list_point_heads(
+    client: &ObjectStoreClient,
+    volume: &str,
+) -> Result<Vec<ListedPoint>, PointStoreError> {
+    let listed = list_manifests(client, volume).await?;
+    let mut points = Vec::with_capacity(listed.len());
+    let mut wanted = listed.into_iter();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < PARALLEL_HEAD_READS {
+            let Some((seq, size)) = wanted.next() else {
+                break;
+            };
+            let client = client.clone();
+            let key = layout::manifest_key(volume, seq);
+            in_flight.spawn(async move {
+                let len = size.min(layout::MAX_MANIFEST_HEAD_BYTES);
+                let bytes = client.get_range(&key, 0, len).await;
+                (key, seq, size, bytes)
+            });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let (key, seq, size, bytes) = done.expect("a manifest head read task");
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            // Gone since the listing: pruned.
+            Err(error) if error.is_not_found() => continue,
+            Err(error) => return Err(error.into()),
+        };
+        let head = layout::decode_manifest_head(&bytes).map_err(layout_error(&key))?;
+        if head.volume != volume || head.seq != seq {
+            return Err(PointStoreError::Layout {
+                key,
+                source: LayoutError::Malformed {
+                    what: "manifest",
+                    detail: format!("holds point {} of volume {}", head.seq, head.volume),
+                },
+            });
+        }
+        points.push(ListedPoint {
+            head,
+            manifest_bytes: size,
+        });
+    }
+    points.sort_by_key(|p| p.head.seq);
+    Ok(points)
+}
+
+/// What retention did to one volume in the store.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PruneReport {
+    /// Points deleted.
+    pub dropped: u64,
+    /// Manifests rewritten to lead past them.
+    pub rewritten: u64,
+}
+
+/// Removes one run of points from `volume` ([`layout::prune_runs`]): rewrites the kept point
+/// after it so that it no longer leads through the run, then deletes the run's manifests,
+/// newest first. Every instant leaves every remaining point readable: the rewritten manifest
+/// holds the same point, and no remaining manifest leads to one deleted. The caller holds the
+/// volume's lease (one writer of its manifests); the packs the dropped points alone used are
+/// left to garbage collection.
+pub async fn prune_run(
+    client: &ObjectStoreClient,
+    volume: &str,
+    run: &layout::PruneRun,
+    report: &mut PruneReport,
+) -> Result<(), PointStoreError> {
+    let next = read_manifest(client, volume, run.next).await?;
+    if next.base.is_some() {
+        let mut dropped = Vec::with_capacity(run.dropped.len());
+        for &seq in &run.dropped {
+            dropped.push(read_manifest(client, volume, seq).await?);
+        }
+        let key = layout::manifest_key(volume, run.next);
+        if let Some(spliced) = layout::splice(&dropped, &next).map_err(layout_error(&key))? {
+            client.put(&key, layout::encode_manifest(&spliced)).await?;
+            report.rewritten += 1;
+        }
+    }
+    for &seq in run.dropped.iter().rev() {
+        client.delete(&layout::manifest_key(volume, seq)).await?;
+        report.dropped += 1;
+    }
+    Ok(())
+}
+
 /// The points of `volume` in the store, oldest first.
 pub async fn list_points(
     client: &ObjectStoreClient,
     volume: &str,
 ) -> Result<Vec<u64>, PointStoreError> {
+    Ok(list_manifests(client, volume)
+        .await?
+        .into_iter()
+        .map(|(seq, _)| seq)
+        .collect())
+}
+
+/// The manifests of `volume`: point and size, oldest first.
+async fn list_manifests(
+    client: &ObjectStoreClient,
+    volume: &str,
+) -> Result<Vec<(u64, u64)>, PointStoreError> {
     let prefix = format!("volumes/{volume}/manifests");
-    let mut seqs: Vec<u64> = client
+    let mut seqs: Vec<(u64, u64)> = client
         .list(&prefix)
         .await?
         .into_iter()
-        .filter_map(|(key, _, _)| {
+        .filter_map(|(key, size, _)| {
             // Only the names the writer gives (20 digits); anything else is not a point.
             let seq: u64 = key.rsplit('/').next()?.parse().ok()?;
-            (key == layout::manifest_key(volume, seq)).then_some(seq)
+            (key == layout::manifest_key(volume, seq)).then_some((seq, size))
         })
         .collect();
     seqs.sort_unstable();
@@ -561,7 +723,11 @@ pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>,
     for volume in list_volumes(client).await? {
         let mut map = ChunkMap::default();
         for seq in list_points(client, &volume).await? {
-            let manifest = read_manifest(client, &volume, seq).await?;
+            // A point pruned since the listing holds nothing the points left need.
+            let manifest = match read_manifest(client, &volume, seq).await {
+                Err(PointStoreError::Missing(_)) => continue,
+                other => other?,
+            };
             advance(client, &volume, &mut map, &manifest).await?;
             live.extend(map.chunks.values().copied());
         }
@@ -574,40 +740,110 @@ pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>,
 pub struct GcReport {
     /// Packs in the store.
     pub packs: usize,
+    /// Bytes of packs in the store, before the collection.
+    pub pack_bytes: u64,
     /// Chunks live.
     pub live_chunks: usize,
-    /// Packs condemned now.
+    /// Packs condemned now (not needed, or repacked).
     pub condemned: usize,
     /// Condemned packs deleted.
     pub deleted: usize,
+    /// Bytes of the packs deleted.
+    pub deleted_bytes: u64,
     /// Condemned packs revived (a commit needed them).
     pub revived: usize,
-    /// Packs that should be repacked (not driven yet).
-    pub to_repack: usize,
+    /// Sparse packs whose live chunks were copied into new packs (then condemned).
+    pub repacked: usize,
+    /// Packs the repack wrote.
+    pub repack_written: u64,
+    /// Bytes the repack wrote.
+    pub repack_bytes: u64,
     /// Packs too young to judge.
     pub young: usize,
 }
 
+/// How a collection runs.
+#[derive(Debug, Clone, Copy)]
+pub struct GcSettings {
+    /// How long a pack is left alone after it is written, and a condemned pack before it is
+    /// deleted. Must exceed the writers' [`PackSettings::max_view_age`] and the clock
+    /// difference between this host and the store.
+    pub grace_ms: u64,
+    /// A needed pack whose live bytes are under this share of its bytes is repacked.
+    pub repack_below: f64,
+    /// How repacked chunks are packed.
+    pub pack: PackSettings,
+    /// Plan only: report what would be done, change nothing.
+    pub dry_run: bool,
+}
+
+/// The largest pack read whole (by a repack): a pack closes past its target size, and a
+/// chunk is at most [`layout::MAX_CHUNK_BYTES`].
+const MAX_PACK_BYTES: usize = 256 << 20;
+
+/// The store-wide lease a collection takes, so that receivers scheduled to collect do not
+/// all do it at once (two collections at once are safe, only wasteful).
+pub const GC_LEASE_KEY: &str = "gc/lease";
+
+fn condemned_key(id: &PackId) -> String {
+    format!("condemned/{}", layout::hex(id))
+}
+
 /// One collection at `now_unix_ms` (the time is read before anything else is: every manifest
-/// read after it is seen). `grace_ms` must exceed the writers' `max_view_age` and the clock
-/// difference between this host and the store.
+/// read after it is seen).
+///
+/// Order: condemnations and revivals; then repacks, which copy the live chunks of sparse
+/// packs into new packs and then condemn the old ones (a commit that had deduplicated into
+/// an old pack makes it needed again, and the next collection revives it); deletions last.
 pub async fn collect_garbage(
     client: &ObjectStoreClient,
     now_unix_ms: u64,
-    grace_ms: u64,
-    repack_below: f64,
+    settings: &GcSettings,
 ) -> Result<GcReport, PointStoreError> {
+    let listed = list_packs(client).await?;
     let packs = read_indexes(client).await?;
     let live = live_chunks(client).await?;
-    let plan = layout::gc_plan(&packs, &live, now_unix_ms, grace_ms, repack_below);
-    let condemned_key = |id: &PackId| format!("condemned/{}", layout::hex(id));
+    let plan = layout::gc_plan(
+        &packs,
+        &live,
+        now_unix_ms,
+        settings.grace_ms,
+        settings.repack_below,
+    );
+    let mut report = GcReport {
+        packs: packs.len(),
+        pack_bytes: listed.values().map(|(size, _)| size).sum(),
+        live_chunks: live.len(),
+        condemned: plan.condemn.len() + plan.repack.len(),
+        deleted: plan.delete.len(),
+        deleted_bytes: plan
+            .delete
+            .iter()
+            .filter_map(|id| listed.get(id))
+            .map(|(size, _)| size)
+            .sum(),
+        revived: plan.revive.len(),
+        repacked: plan.repack.len(),
+        young: plan.young,
+        ..GcReport::default()
+    };
+    if settings.dry_run {
+        return Ok(report);
+    }
+    let marker = || now_unix_ms.to_string().into_bytes();
     for id in &plan.condemn {
-        client
-            .put_if_absent(&condemned_key(id), now_unix_ms.to_string().into_bytes())
-            .await?;
+        client.put_if_absent(&condemned_key(id), marker()).await?;
     }
     for id in &plan.revive {
         client.delete(&condemned_key(id)).await?;
+    }
+    if !plan.repack.is_empty() {
+        let written = repack(client, &packs, &plan.repack, &live, settings.pack).await?;
+        report.repack_written = written.packs;
+        report.repack_bytes = written.uploaded_bytes;
+        for id in &plan.repack {
+            client.put_if_absent(&condemned_key(id), marker()).await?;
+        }
     }
     for id in &plan.delete {
         // The pack first: an index or a marker without its pack is ignored by readers.
@@ -615,15 +851,58 @@ pub async fn collect_garbage(
         client.delete(&layout::index_key(id)).await?;
         client.delete(&condemned_key(id)).await?;
     }
-    Ok(GcReport {
-        packs: packs.len(),
-        live_chunks: live.len(),
-        condemned: plan.condemn.len(),
-        deleted: plan.delete.len(),
-        revived: plan.revive.len(),
-        to_repack: plan.repack.len(),
-        young: plan.young,
-    })
+    Ok(report)
+}
+
+/// Copies the live chunks of `sparse` that no other pack keeps into new packs (each read
+/// back whole and checked against its id).
+async fn repack(
+    client: &ObjectStoreClient,
+    packs: &BTreeMap<PackId, PackInfo>,
+    sparse: &[PackId],
+    live: &HashSet<ChunkId>,
+    settings: PackSettings,
+) -> Result<CommitReport, PointStoreError> {
+    let leaving: HashSet<&PackId> = sparse.iter().collect();
+    let elsewhere: HashSet<ChunkId> = packs
+        .iter()
+        .filter(|(id, pack)| !leaving.contains(id) && pack.condemned_unix_ms.is_none())
+        .flat_map(|(_, pack)| pack.index.iter().map(|entry| entry.id))
+        .collect();
+    let mut written = CommitReport::default();
+    let mut locations = ChunkLocations::default();
+    let mut builder = PackBuilder::new(settings.target_bytes);
+    for id in sparse {
+        let key = layout::pack_key(id);
+        let Some((bytes, _)) = client.get(&key, MAX_PACK_BYTES).await? else {
+            return Err(PointStoreError::Missing(key));
+        };
+        for entry in &packs[id].index {
+            if !live.contains(&entry.id) || elsewhere.contains(&entry.id) {
+                continue;
+            }
+            if builder.contains(&entry.id) || locations.contains(&entry.id) {
+                continue;
+            }
+            // The index was checked against the pack's size when it was read.
+            let start = entry.offset as usize;
+            let stored = bytes
+                .get(start..start + entry.stored_len as usize)
+                .ok_or_else(|| PointStoreError::Missing(format!("{key}: bytes of a chunk")))?;
+            let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
+            builder
+                .add(&content, settings.level)
+                .map_err(layout_error("a repacked pack"))?;
+            if builder.is_full() {
+                let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
+                upload_pack(client, full, &mut locations, &mut written).await?;
+            }
+        }
+    }
+    if !builder.is_empty() {
+        upload_pack(client, builder, &mut locations, &mut written).await?;
+    }
+    Ok(written)
 }
 
 /// One chunk's content, by a ranged read of its pack, checked against its id.

@@ -91,6 +91,19 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// Whether the store said the object is not there.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            Self::Request {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+}
+
 /// What [`ObjectStoreClient::put_if_absent`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Created {
@@ -313,6 +326,20 @@ impl ObjectStoreClient {
         }
     }
 
+    /// Writes `key`, replacing what is there (only for objects one writer owns: a manifest
+    /// rewritten by retention under its volume's lease).
+    pub async fn put(&self, key: &str, content: Vec<u8>) -> Result<(), StoreError> {
+        self.store
+            .put(&ObjectPath::from(key), PutPayload::from(content))
+            .await
+            .map(|_| ())
+            .map_err(|source| StoreError::Request {
+                what: "writing",
+                key: key.to_owned(),
+                source,
+            })
+    }
+
     /// Removes `key` (no error if it is already gone).
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self.store.delete(&ObjectPath::from(key)).await {
@@ -334,7 +361,22 @@ impl ObjectStoreClient {
         now_ms: u64,
         duration_ms: u64,
     ) -> Result<LeaseOutcome, StoreError> {
-        let key = lease_key(volume);
+        self.acquire_lease_at(&lease_key(volume), volume, me, now_ms, duration_ms)
+            .await
+    }
+
+    /// As [`Self::acquire_lease`], for the lease object `key` (`what` names it in errors):
+    /// the store-wide lease of garbage collection is one.
+    pub async fn acquire_lease_at(
+        &self,
+        key: &str,
+        what: &str,
+        me: &str,
+        now_ms: u64,
+        duration_ms: u64,
+    ) -> Result<LeaseOutcome, StoreError> {
+        let key = key.to_owned();
+        let volume = what;
         let current = match self.get(&key, MAX_LEASE_BYTES).await? {
             None => None,
             Some((bytes, e_tag)) => {
