@@ -432,6 +432,8 @@ rgw_dns_name = 127.0.0.1
             secret_key: SECRET_KEY.to_owned(),
             allow_http: true,
             lease: blkmirror::dr::objstore::DEFAULT_LEASE,
+            gc_every: None,
+            gc_grace: blkmirror::dr::objstore::DEFAULT_GC_GRACE,
         }
     }
 

@@ -42,7 +42,40 @@ fn run_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// Writes a receiver.toml with a `[store]` section and returns its path.
+/// Receiver B keeps only its newest point (retention `all` of one second, no hourly or daily
+/// points), in its data directory and in the store, and collects the store's garbage every
+/// two seconds with the default grace of an hour (which condemns nothing this young).
+const B_RETENTION_AND_GC: &str = "gc_every = \"2s\"\n\
+    [retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
+
+/// `blkmirror store gc --config CONFIG --json`, again while a receiver's collection holds the
+/// store-wide turn.
+fn store_gc(config: &Path) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let output = run(&[
+            "store",
+            "gc",
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--json",
+        ]);
+        let said = String::from_utf8_lossy(&output.stderr);
+        if output.status.success() {
+            return parse_lines(&String::from_utf8_lossy(&output.stdout))
+                .pop()
+                .expect("a report");
+        }
+        assert!(
+            said.contains("another collection holds") && Instant::now() < deadline,
+            "store gc: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Writes a receiver.toml with a `[store]` section (and `extra` after it) and returns its
+/// path.
 fn receiver_config(
     dir: &Path,
     name: &str,
@@ -50,6 +83,7 @@ fn receiver_config(
     agent: &Id,
     cluster: &CephCluster,
     credentials: &Path,
+    extra: &str,
 ) -> (PathBuf, PathBuf) {
     let data = dir.join(format!("{name}-data"));
     let config = dir.join(format!("{name}.toml"));
@@ -60,7 +94,7 @@ fn receiver_config(
              control_socket = \"{}\"\n\
              [[agent]]\nfingerprint = \"{}\"\nvolumes = [\"{VOLUME}\"]\n\
              [store]\nendpoint = \"{}\"\nbucket = \"{BUCKET}\"\ncredentials = \"{}\"\n\
-             allow_http = true\nlease = \"10s\"\n",
+             allow_http = true\nlease = \"10s\"\n{extra}",
             id.dir.display(),
             data.display(),
             dir.join(format!("{name}.sock")).display(),
@@ -187,7 +221,8 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     // The credentials file must be root's alone; config check says so, then reaches the store.
     let credentials = dir.join("store-credentials.toml");
     cluster.write_credentials(&credentials, SECRET_KEY, 0o644);
-    let (config_a, data_a) = receiver_config(dir, "a", &a_id, &agent_id, &cluster, &credentials);
+    let (config_a, data_a) =
+        receiver_config(dir, "a", &a_id, &agent_id, &cluster, &credentials, "");
     let check = run(&["config", "check", config_a.to_str().expect("utf-8")]);
     let said = String::from_utf8_lossy(&check.stderr);
     assert!(!check.status.success(), "a readable secret was accepted");
@@ -201,7 +236,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     // A wrong secret is found by the check, not by the first cycle.
     let wrong = dir.join("wrong-credentials.toml");
     cluster.write_credentials(&wrong, "not-the-secret", 0o600);
-    let (config_wrong, _) = receiver_config(dir, "wrong", &a_id, &agent_id, &cluster, &wrong);
+    let (config_wrong, _) = receiver_config(dir, "wrong", &a_id, &agent_id, &cluster, &wrong, "");
     let check = run(&["config", "check", config_wrong.to_str().expect("utf-8")]);
     assert!(!check.status.success(), "a wrong secret passed the check");
     let said = String::from_utf8_lossy(&check.stderr);
@@ -242,10 +277,11 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let delta = &points[1];
     assert_eq!(delta["seq"].as_u64(), Some(second_seq), "{points:?}");
     assert_eq!(delta["manifest"], "delta", "{points:?}");
-    let changed = delta["changed_chunks"].as_u64().unwrap_or(0);
+    // At most 48 references of 41 bytes, and the head.
+    let manifest_bytes = delta["manifest_bytes"].as_u64().unwrap_or(0);
     assert!(
-        (1..=48).contains(&changed),
-        "1.25 MiB changed, {changed} chunks in the delta"
+        (41..=48 * 41 + 1024).contains(&manifest_bytes),
+        "1.25 MiB changed, a delta manifest of {manifest_bytes} bytes"
     );
 
     // The store alone restores both points, byte for byte.
@@ -349,7 +385,15 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     // Receiver A dies. Its agent, given both receivers, is refused by B while A's lease
     // lasts, then B takes the lease, fetches the volume's newest point from the store, and the
     // agent carries on from it with an ordinary cycle: no full sync.
-    let (config_b, data_b) = receiver_config(dir, "b", &b_id, &agent_id, &cluster, &credentials);
+    let (config_b, data_b) = receiver_config(
+        dir,
+        "b",
+        &b_id,
+        &agent_id,
+        &cluster,
+        &credentials,
+        B_RETENTION_AND_GC,
+    );
     let receiver_b = Receiver::start_config(&config_b, &data_b, &b_id);
     let before_failover = committed_seq(&data_a);
     receiver_a.kill();
@@ -394,7 +438,8 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
 
     // Another device under the same volume name, through a third receiver: refused while B's
     // lease lasts, and once it has run out, by the store's record of the volume's source.
-    let (config_c, data_c) = receiver_config(dir, "c", &c_id, &agent_id, &cluster, &credentials);
+    let (config_c, data_c) =
+        receiver_config(dir, "c", &c_id, &agent_id, &cluster, &credentials, "");
     let receiver_c = Receiver::start_config(&config_c, &data_c, &c_id);
     let other_device = LoopDevice::new(dir, 8 * MIB);
     write_random(&other_device.path, 0, 8 * MIB);
@@ -421,6 +466,95 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         store_points(&config_b),
         points,
         "the store's points changed"
+    );
+
+    // Retention on the store: B keeps its newest point only, so its first publish dropped
+    // every older point from the store (A's default retention had kept them all).
+    assert_eq!(points.len(), 1, "{points:?}");
+    assert!(
+        b_log.contains("older point(s) from the object store"),
+        "{b_log}"
+    );
+    // Another cycle overwrites most of what the first point wrote; its publish drops the
+    // point before it.
+    write_random(&device.path, 0, 16 * MIB);
+    let (output, _) = failover.once(&[], Duration::from_secs(120));
+    assert!(
+        output.status.success(),
+        "agent: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let b_seq = committed_seq(&data_b);
+    let points = store_points(&config_b);
+    assert_eq!(
+        points.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
+        [Some(b_seq)],
+        "{points:?}"
+    );
+    // B collects on its own (with an hour's grace: nothing is old enough to condemn yet).
+    let b_socket = dir.join("b.sock");
+    wait_for(
+        "receiver B's first collection",
+        Duration::from_secs(30),
+        || {
+            let status = parse_lines(&run_ok(&[
+                "status",
+                "--json",
+                "--socket",
+                b_socket.to_str().expect("utf-8"),
+            ]));
+            status[0]["store"]["last_gc"].is_object()
+        },
+    );
+    // By hand, with a grace of a second: the first collection repacks the first point's pack
+    // (more than half its chunks were overwritten by the points since, all dropped) and
+    // condemns what only dropped points used; the second deletes them.
+    let (gc_config, _) = receiver_config(
+        dir,
+        "gc",
+        &c_id,
+        &agent_id,
+        &cluster,
+        &credentials,
+        "gc_grace = \"1s\"\n",
+    );
+    let first = store_gc(&gc_config);
+    eprintln!("store gc: {first}");
+    assert!(first["repacked"].as_u64() >= Some(1), "{first}");
+    std::thread::sleep(Duration::from_millis(1_500));
+    let second = store_gc(&gc_config);
+    eprintln!("store gc again: {second}");
+    assert!(second["deleted"].as_u64() >= Some(1), "{second}");
+    let dry = parse_lines(&run_ok(&[
+        "store",
+        "gc",
+        "--config",
+        gc_config.to_str().expect("utf-8"),
+        "--dry-run",
+        "--json",
+    ]));
+    let (before, after) = (
+        first["pack_bytes"].as_u64().unwrap_or(0),
+        dry[0]["pack_bytes"].as_u64().unwrap_or(u64::MAX),
+    );
+    eprintln!("packs: {before} bytes before the collections, {after} after");
+    assert!(after + 10 * MIB <= before, "{before} -> {after}");
+    let after_gc = dir.join("after-gc.img");
+    restore_from_store(&config_b, "latest", &after_gc);
+    assert_same(&device.path, &after_gc);
+    let usage = parse_lines(&run_ok(&[
+        "store",
+        "usage",
+        "--config",
+        gc_config.to_str().expect("utf-8"),
+        "--json",
+    ]));
+    eprintln!("store usage: {}", usage[0]);
+    assert_eq!(usage[0]["volumes"][0]["newest"].as_u64(), Some(b_seq));
+    assert!(
+        usage[0]["dedup_ratio"].as_f64() >= Some(1.0),
+        "{}",
+        usage[0]
     );
 
     // Every point verifies from the store alone. Then one byte of a pack is damaged, in a
@@ -628,7 +762,7 @@ fn bench_restore_from_the_store_against_its_bulk_read() {
     let credentials = scratch.path.join("credentials.toml");
     cluster.write_credentials(&credentials, SECRET_KEY, 0o600);
     let id = Id::new(&scratch.path, "receiver-id");
-    let (config, _) = receiver_config(&scratch.path, "r", &id, &id, &cluster, &credentials);
+    let (config, _) = receiver_config(&scratch.path, "r", &id, &id, &cluster, &credentials, "");
     let target = PathBuf::from(format!(
         "/dev/shm/blkmirror-bench-{}.img",
         std::process::id()

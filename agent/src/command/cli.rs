@@ -90,6 +90,9 @@ pub enum Command {
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The object store of a receiver.toml's `[store]`: garbage collection, usage.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -527,6 +530,34 @@ pub struct VerifyArgs {
     /// JSON lines.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `blkmirror store ...`.
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Collect the store's garbage once: condemn packs no point needs, delete those condemned
+    /// a grace period ago (`gc_grace`), repack sparse ones. Receivers also do it every
+    /// `gc_every`; one collection runs at a time.
+    Gc {
+        /// The receiver.toml whose `[store]` to collect.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Plan only: print what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the store holds: volumes, points, packs, and the dedup ratio across volumes.
+    Usage {
+        /// The receiver.toml whose `[store]` to read.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `blkmirror config ...`.
@@ -973,6 +1004,24 @@ pub fn run(cli: Cli) -> ExitCode {
                 &args.at,
                 args.json,
             ));
+        }
+        Command::Store(StoreCommand::Gc {
+            config,
+            dry_run,
+            json,
+        }) => {
+            let store = match store_of(&config) {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
+            return ops_result(crate::dr::fromstore::collect(&store, dry_run, json));
+        }
+        Command::Store(StoreCommand::Usage { config, json }) => {
+            let store = match store_of(&config) {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
+            return ops_result(crate::dr::fromstore::usage(&store, json));
         }
         Command::Config(ConfigCommand::Check { file, kind }) => {
             return match config::check_file(&file, kind) {

@@ -270,6 +270,13 @@ pub struct StoreSection {
     /// How long a receiver's hold on a volume lasts without renewal (`60s` by default): how
     /// soon another receiver can take over a volume whose receiver died.
     pub lease: Option<String>,
+    /// How often this receiver collects the store's garbage (`6h` by default, `off`: never;
+    /// `blkmirror store gc` runs one by hand). Receivers take turns through a store-wide
+    /// lease.
+    pub gc_every: Option<String>,
+    /// How long a collection leaves a new or condemned pack alone (`1h` by default, at least
+    /// `15m`: longer than a publish may take).
+    pub gc_grace: Option<String>,
 }
 
 /// The credentials file of `[store]`.
@@ -879,8 +886,39 @@ fn store_section(
             }),
         ),
     };
+    let gc_every = match section.gc_every.as_deref() {
+        None => Some(Some(crate::dr::objstore::DEFAULT_GC_EVERY)),
+        Some("off") => Some(None),
+        Some(text) => problems.check(
+            "store.gc_every",
+            units::parse_duration(text).and_then(|every| {
+                if every >= Duration::from_secs(60) || cfg!(feature = "test-hooks") {
+                    Ok(Some(every))
+                } else {
+                    Err(format!("{text} is under a minute (or \"off\")"))
+                }
+            }),
+        ),
+    };
+    let gc_grace = match &section.gc_grace {
+        None => Some(crate::dr::objstore::DEFAULT_GC_GRACE),
+        Some(text) => problems.check(
+            "store.gc_grace",
+            units::parse_duration(text).and_then(|grace| {
+                if grace >= crate::dr::objstore::MIN_GC_GRACE || cfg!(feature = "test-hooks") {
+                    Ok(grace)
+                } else {
+                    Err(format!(
+                        "{text} is under 15m: a publish that read the store's indexes may take \
+                         10 minutes to commit, and a shorter grace could delete a pack it uses"
+                    ))
+                }
+            }),
+        ),
+    };
     let credentials = problems.check("store.credentials", credentials)?;
     let lease = lease?;
+    let (gc_every, gc_grace) = (gc_every?, gc_grace?);
     (problems.0.len() == before).then(|| crate::dr::objstore::StoreConfig {
         endpoint: endpoint.to_owned(),
         bucket: section.bucket.clone(),
@@ -892,6 +930,8 @@ fn store_section(
         secret_key: credentials.secret_key,
         allow_http: section.allow_http,
         lease,
+        gc_every,
+        gc_grace,
     })
 }
 
@@ -1550,6 +1590,36 @@ volume = "db"
             .unwrap_err()
             .to_string();
         assert!(error.contains("expected access_key"), "{error}");
+        std::fs::write(&credentials, "access_key = \"AK\"\nsecret_key = \"SK\"\n").unwrap();
+        // Garbage collection: every 6 h with an hour's grace by default, or off; a grace a
+        // publish could outlast is refused (builds with test hooks allow short ones).
+        let store = |keys: &str| {
+            with_store(&format!(
+                "endpoint = \"https://s3\"\nbucket = \"dr-site\"\n{keys}"
+            ))
+        };
+        let settings = store("").unwrap().store.expect("a store");
+        assert_eq!(
+            (settings.gc_every, settings.gc_grace),
+            (
+                Some(Duration::from_secs(6 * 3600)),
+                Duration::from_secs(3600)
+            )
+        );
+        let settings = store("gc_every = \"off\"\ngc_grace = \"2h\"\n")
+            .unwrap()
+            .store
+            .expect("a store");
+        assert_eq!(
+            (settings.gc_every, settings.gc_grace),
+            (None, Duration::from_secs(7200))
+        );
+        let error = store("gc_every = \"sometimes\"\n").unwrap_err().to_string();
+        assert!(error.contains("store.gc_every:"), "{error}");
+        if !cfg!(feature = "test-hooks") {
+            let error = store("gc_grace = \"5m\"\n").unwrap_err().to_string();
+            assert!(error.contains("store.gc_grace: 5m is under 15m"), "{error}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

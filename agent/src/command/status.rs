@@ -446,6 +446,35 @@ pub fn render(snapshot: &Snapshot) -> String {
         if let Some(error) = &store.last_error {
             let _ = writeln!(out, "    last error   {error}");
         }
+        if store.pruned_points > 0 {
+            let _ = writeln!(
+                out,
+                "    retention    {} point(s) dropped from the store",
+                store.pruned_points
+            );
+        }
+        match &store.last_gc {
+            Some(gc) if gc.error.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "    collection   FAILED at {}: {}",
+                    units::format_utc(gc.at_unix_ms),
+                    gc.error.as_deref().unwrap_or_default()
+                );
+            }
+            Some(gc) => {
+                let _ = writeln!(
+                    out,
+                    "    collection   at {}: {} pack(s) deleted ({} freed of {}), {} repacked",
+                    units::format_utc(gc.at_unix_ms),
+                    gc.deleted_packs,
+                    units::format_size(gc.deleted_bytes),
+                    units::format_size(gc.pack_bytes),
+                    gc.repacked_packs
+                );
+            }
+            None => {}
+        }
     }
     for s in &snapshot.volumes {
         let _ = writeln!(out, "\n  {} ({})", s.volume, s.source);
@@ -760,7 +789,18 @@ impl Collector for SnapshotCollector {
                     .encode_descriptor(name, help, None, MetricType::Gauge)?
                     .encode_gauge(&value)?;
             }
-            let counters: [(&str, &str, u64); 3] = [
+            let counters: [(&str, &str, u64); 5] = [
+                (
+                    "blkmirror_store_pruned_points",
+                    "(receiver) Points retention deleted from the object store.",
+                    store.pruned_points,
+                ),
+                (
+                    "blkmirror_store_gc_deleted_bytes",
+                    "(receiver) Bytes of packs deleted by the garbage collections this \
+                     receiver ran.",
+                    store.gc_deleted_bytes,
+                ),
                 (
                     "blkmirror_store_published_points",
                     "(receiver) Points published to the object store since the receiver started.",
@@ -872,6 +912,16 @@ mod tests {
             uploaded_bytes: 3 << 20,
             deduplicated_chunks: 5,
             changed_chunks: 40,
+            pruned_points: 3,
+            last_gc: Some(crate::dr::publish::GcHealth {
+                at_unix_ms: 1_700_000_000_000,
+                deleted_packs: 2,
+                deleted_bytes: 64 << 20,
+                repacked_packs: 1,
+                pack_bytes: 1 << 30,
+                error: None,
+            }),
+            gc_deleted_bytes: 64 << 20,
         });
         let snap = board.snapshot(0);
         let text = render(&snap);
@@ -882,8 +932,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("reading volumes/db/lease: refused"), "{text}");
+        assert!(text.contains("retention    3 point(s) dropped"), "{text}");
+        assert!(
+            text.contains("2 pack(s) deleted (64 MiB freed of 1 GiB), 1 repacked"),
+            "{text}"
+        );
         let metrics = prometheus(&snap);
         for expected in [
+            "blkmirror_store_pruned_points_total 3",
+            "blkmirror_store_gc_deleted_bytes_total 67108864",
             "blkmirror_store_reachable 0",
             "blkmirror_store_publish_seconds 1.5",
             "blkmirror_store_published_points_total 7",

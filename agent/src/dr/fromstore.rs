@@ -53,55 +53,192 @@ fn classify(error: PointStoreError) -> OpsError {
     }
 }
 
-/// The points of `volume` in the store, oldest first, with their manifests' records.
-async fn manifests(
-    client: &ObjectStoreClient,
-    volume: &str,
-) -> Result<Vec<crate::dr::layout::Manifest>, OpsError> {
-    let seqs = objpoints::list_points(client, volume)
-        .await
-        .map_err(classify)?;
-    let mut manifests = Vec::with_capacity(seqs.len());
-    for seq in seqs {
-        manifests.push(
-            objpoints::read_manifest(client, volume, seq)
-                .await
-                .map_err(classify)?,
-        );
-    }
-    Ok(manifests)
+fn runtime_and_client(
+    store: &StoreConfig,
+) -> Result<(tokio::runtime::Runtime, ObjectStoreClient), OpsError> {
+    open(store, "store")
 }
 
-/// `blkmirror points VOLUME --from-store FILE`.
+/// `blkmirror store gc --config FILE`: one garbage collection, if no receiver is running one
+/// (the store-wide collection lease), with the `[store]` grace; `dry_run` plans only.
+pub fn collect(store: &StoreConfig, dry_run: bool, json: bool) -> Result<(), OpsError> {
+    let (runtime, client) = runtime_and_client(store)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    let holder = format!("{host}/blkmirror-store-gc/{}", std::process::id());
+    let started = Instant::now();
+    if !json {
+        eprintln!(
+            "blkmirror: collecting the garbage of object store {} bucket {} (grace {}){}",
+            store.endpoint,
+            store.bucket,
+            units::format_duration(store.gc_grace),
+            if dry_run { ", planning only" } else { "" }
+        );
+    }
+    let report = runtime
+        .block_on(crate::dr::publish::collect_once(
+            &client,
+            &holder,
+            store.gc_grace,
+            dry_run,
+        ))
+        .map_err(|error| match error {
+            crate::dr::publish::PublishError::Store(error) => classify(error),
+            other => OpsError::Refused(other.to_string()),
+        })?
+        .ok_or_else(|| {
+            OpsError::Refused(format!(
+                "object store {} bucket {}: another collection holds the store-wide turn \
+                 ({}); try again later",
+                store.endpoint,
+                store.bucket,
+                objpoints::GC_LEASE_KEY
+            ))
+        })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "dry_run": dry_run,
+                "packs": report.packs,
+                "pack_bytes": report.pack_bytes,
+                "live_chunks": report.live_chunks,
+                "condemned": report.condemned,
+                "deleted": report.deleted,
+                "deleted_bytes": report.deleted_bytes,
+                "revived": report.revived,
+                "repacked": report.repacked,
+                "repack_written": report.repack_written,
+                "repack_bytes": report.repack_bytes,
+                "young": report.young,
+                "elapsed_ms": started.elapsed().as_millis() as u64,
+            })
+        );
+    } else {
+        println!(
+            "{}{} in {:.1} s",
+            if dry_run { "would do: " } else { "" },
+            crate::dr::publish::describe_gc(&report),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// `blkmirror store usage --config FILE`: per volume, its points and the chunks of its newest
+/// point; across volumes, how much the newest points share (the dedup ratio) and what the
+/// packs take.
+pub fn usage(store: &StoreConfig, json: bool) -> Result<(), OpsError> {
+    let (runtime, client) = runtime_and_client(store)?;
+    let (volumes, pack_bytes, packs) = runtime
+        .block_on(async {
+            let mut volumes = Vec::new();
+            for volume in objpoints::list_volumes(&client).await? {
+                let seqs = objpoints::list_points(&client, &volume).await?;
+                let Some(&newest) = seqs.last() else {
+                    continue;
+                };
+                let (map, manifest) = objpoints::read_point(&client, &volume, newest).await?;
+                volumes.push((volume, seqs.len(), manifest, map));
+            }
+            let packs = client.list("packs").await.map_err(PointStoreError::Store)?;
+            let bytes: u64 = packs.iter().map(|(_, size, _)| size).sum();
+            Ok::<_, PointStoreError>((volumes, bytes, packs.len()))
+        })
+        .map_err(classify)?;
+    let dedup = crate::dr::layout::Dedup::of(volumes.iter().map(|(_, _, _, map)| map));
+    let chunk_bytes = volumes.first().map_or(0, |(_, _, m, _)| m.chunk_bytes);
+    if json {
+        let list: Vec<_> = volumes
+            .iter()
+            .map(|(volume, points, manifest, map)| {
+                serde_json::json!({
+                    "volume": volume,
+                    "points": points,
+                    "newest": manifest.seq,
+                    "size_bytes": manifest.size_bytes,
+                    "chunk_bytes": manifest.chunk_bytes,
+                    "chunks": map.chunks.len(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "volumes": list,
+                "packs": packs,
+                "pack_bytes": pack_bytes,
+                "referenced_chunks": dedup.referenced,
+                "distinct_chunks": dedup.distinct,
+                "dedup_ratio": dedup.ratio(),
+            })
+        );
+        return Ok(());
+    }
+    for (volume, points, manifest, map) in &volumes {
+        println!(
+            "{volume}: {points} point(s), newest {} of {}, {} non-zero chunk(s)",
+            manifest.seq,
+            units::format_size(manifest.size_bytes),
+            map.chunks.len()
+        );
+    }
+    println!(
+        "{} volume(s): their newest points reference {} chunk(s), {} distinct (dedup ratio \
+         {:.2}); {} pack(s) take {}{}",
+        volumes.len(),
+        dedup.referenced,
+        dedup.distinct,
+        dedup.ratio(),
+        packs,
+        units::format_size(pack_bytes),
+        if chunk_bytes > 0 {
+            format!(
+                " (the newest points alone would take {} undeduplicated)",
+                units::format_size(dedup.referenced * chunk_bytes)
+            )
+        } else {
+            String::new()
+        }
+    );
+    Ok(())
+}
+
+/// `blkmirror points VOLUME --from-store FILE`: the heads of the manifests only.
 pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsError> {
     let (runtime, client) = open(store, volume)?;
-    let manifests = runtime.block_on(manifests(&client, volume))?;
-    if manifests.is_empty() {
+    let listed = runtime
+        .block_on(objpoints::list_point_heads(&client, volume))
+        .map_err(classify)?;
+    if listed.is_empty() {
         return Err(OpsError::Usage(format!(
             "volume {volume} has no point in object store {} bucket {}",
             store.endpoint, store.bucket
         )));
     }
-    for manifest in &manifests {
-        let point = &manifest.point;
+    for listed in &listed {
+        let (head, point) = (&listed.head, &listed.head.point);
+        let kind = if head.base.is_some() { "delta" } else { "full" };
         if json {
             println!(
                 "{}",
                 serde_json::json!({
-                    "seq": manifest.seq,
+                    "seq": head.seq,
                     "time": units::format_utc(point.time_unix_ms),
                     "time_unix_ms": point.time_unix_ms,
                     "consistent": point.consistent,
                     "bytes": point.bytes,
-                    "size_bytes": manifest.size_bytes,
-                    "manifest": if manifest.base.is_some() { "delta" } else { "full" },
-                    "changed_chunks": manifest.entries.len(),
+                    "size_bytes": head.size_bytes,
+                    "manifest": kind,
+                    "manifest_bytes": listed.manifest_bytes,
                 })
             );
         } else {
             println!(
-                "{:>8}  {}  {}  {} ({} chunk(s) in its {} manifest)",
-                manifest.seq,
+                "{:>8}  {}  {}  {} ({} manifest of {})",
+                head.seq,
                 units::format_utc(point.time_unix_ms),
                 if point.consistent {
                     "consistent "
@@ -109,12 +246,8 @@ pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsEr
                     "crash-consistent"
                 },
                 units::format_size(point.bytes),
-                manifest.entries.len(),
-                if manifest.base.is_some() {
-                    "delta"
-                } else {
-                    "full"
-                },
+                kind,
+                units::format_size(listed.manifest_bytes),
             );
         }
     }
@@ -123,8 +256,8 @@ pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsEr
 
 /// The points of the store `selector` names (one, or every one for `all`), oldest first, by
 /// the rules of the data directory's `--at` ([`ops::select`]). Only a selector by time or by
-/// group cut reads the manifests (for their records); `latest` and `seq:N` need the listing
-/// alone, where a full manifest of a large volume is many megabytes.
+/// group cut reads the manifests' heads (for their records); `latest` and `seq:N` need the
+/// listing alone.
 async fn choose(
     client: &ObjectStoreClient,
     store: &StoreConfig,
@@ -143,11 +276,14 @@ async fn choose(
                 })
                 .collect()
         }
-        PointSelector::AtOrBefore(_) | PointSelector::GroupCut(_) => manifests(client, volume)
-            .await?
-            .iter()
-            .map(|m| StoredPoint::received(&m.point, m.point.received_unix_ms))
-            .collect(),
+        PointSelector::AtOrBefore(_) | PointSelector::GroupCut(_) => {
+            objpoints::list_point_heads(client, volume)
+                .await
+                .map_err(classify)?
+                .iter()
+                .map(|p| StoredPoint::received(&p.head.point, p.head.point.received_unix_ms))
+                .collect()
+        }
     };
     let chosen = ops::select(&points, selector).map_err(|problem| {
         OpsError::Usage(format!(

@@ -46,10 +46,25 @@ pub struct StoreConfig {
     pub allow_http: bool,
     /// How long a receiver's lease on a volume lasts without renewal.
     pub lease: Duration,
+    /// How often a receiver collects garbage (`None`: never, by hand only).
+    pub gc_every: Option<Duration>,
+    /// A collection's grace: how long a new or condemned pack is left alone.
+    pub gc_grace: Duration,
 }
 
 /// The lease of `[store]` by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(60);
+
+/// How often receivers collect garbage by default.
+pub const DEFAULT_GC_EVERY: Duration = Duration::from_secs(6 * 3600);
+
+/// A collection's grace by default.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+/// The shortest grace allowed: longer than a publish may take from reading the store's
+/// indexes to creating its manifest (`objpoints::PackSettings::max_view_age`, 10 minutes),
+/// with room for clocks that differ.
+pub const MIN_GC_GRACE: Duration = Duration::from_secs(15 * 60);
 
 /// Errors of the object store.
 #[derive(Debug, Error)]

@@ -32,8 +32,17 @@
 //! manifest's conditional create decides any race that remains: two writers of one point
 //! cannot both commit it.
 //!
-//! Not built yet: retention on the store (every published point is kept), and the fencing
-//! token in manifests. A receiver publishes one point at a time (the pack view is shared).
+//! # Retention and garbage collection
+//!
+//! After each publish, the receiver applies the volume's retention policy (the one its data
+//! directory applies, aged by the receiver's clock, pinned points kept) to the volume's points
+//! in the store, under the volume's lease: the points it drops are spliced out of the chain
+//! ([`objpoints::prune_run`]). Their chunks are freed by garbage collection, which a receiver
+//! runs every `gc_every` if it gets the store-wide collection lease, or an operator runs with
+//! `blkmirror store gc`.
+//!
+//! Not built yet: the fencing token in manifests. A receiver publishes one point at a time
+//! (the pack view is shared).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -41,11 +50,11 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use blkmirror_protocol::wire::PointInfo;
+use blkmirror_protocol::{retention::PointAge, units, wire::PointInfo};
 use thiserror::Error;
 
 use crate::dr::{
-    layout::ChunkMap,
+    layout::{self, ChunkMap},
     objpoints::{self, CommitReport, ManifestToCreate, PackSettings, PointStoreError, StoreView},
     objstore::{LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError as ObjectStoreError},
     volume::{StoreError, Volume},
@@ -136,6 +145,11 @@ pub struct PublishReport {
     pub fetched: Option<objpoints::ReadReport>,
     /// How long it took, in milliseconds.
     pub elapsed_ms: u64,
+    /// What retention then removed from the store.
+    pub pruned: objpoints::PruneReport,
+    /// Why retention on the store failed, if it did (the point is published all the same;
+    /// the next publish tries again).
+    pub prune_error: Option<String>,
 }
 
 /// The store's health as this receiver sees it, for `status` and the metrics.
@@ -157,6 +171,33 @@ pub struct StoreHealth {
     pub deduplicated_chunks: u64,
     /// Chunks published since the receiver started.
     pub changed_chunks: u64,
+    /// Points deleted from the store by retention since the receiver started.
+    #[serde(default)]
+    pub pruned_points: u64,
+    /// The last garbage collection this receiver ran: when (Unix milliseconds) and what it
+    /// did, or why it failed.
+    #[serde(default)]
+    pub last_gc: Option<GcHealth>,
+    /// Bytes of packs deleted by the collections this receiver ran.
+    #[serde(default)]
+    pub gc_deleted_bytes: u64,
+}
+
+/// A garbage collection as `status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GcHealth {
+    /// When it ended (Unix milliseconds).
+    pub at_unix_ms: u64,
+    /// Packs deleted.
+    pub deleted_packs: u64,
+    /// Bytes freed.
+    pub deleted_bytes: u64,
+    /// Packs repacked.
+    pub repacked_packs: u64,
+    /// Bytes of packs in the store before it.
+    pub pack_bytes: u64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 /// The store's newest point of a volume as this receiver last published or read it.
@@ -232,6 +273,10 @@ fn source_key(volume: &str) -> String {
     format!("volumes/{volume}/source")
 }
 
+/// A volume's points in the store → when each was received (Unix milliseconds), as learnt
+/// under the lease token kept with them.
+type StorePointAges = (u64, BTreeMap<u64, u64>);
+
 /// Publishes receivers' points to one store.
 pub struct Publisher {
     client: ObjectStoreClient,
@@ -247,6 +292,12 @@ pub struct Publisher {
     lease_requests: tokio::sync::Mutex<()>,
     /// Volumes whose source record matched this receiver's.
     sources: Mutex<HashMap<String, SourceRecord>>,
+    /// Per volume: the store's points and when each was received (for retention), as learnt
+    /// under the lease token kept with them.
+    ages: Mutex<HashMap<String, StorePointAges>>,
+    /// Garbage collection: how often and with what grace.
+    gc_every: Option<Duration>,
+    gc_grace: Duration,
     health: Mutex<StoreHealth>,
 }
 
@@ -262,11 +313,20 @@ impl Publisher {
         Ok(Self {
             client: ObjectStoreClient::connect(config)?,
             holder,
-            settings: PackSettings::default(),
+            settings: PackSettings {
+                // A commit must land well within a collection's grace of reading the indexes.
+                max_view_age: PackSettings::default()
+                    .max_view_age
+                    .min(config.gc_grace / 2),
+                ..PackSettings::default()
+            },
             lease_for: config.lease,
             view: tokio::sync::Mutex::new(None),
             volumes: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
+            ages: Mutex::new(HashMap::new()),
+            gc_every: config.gc_every,
+            gc_grace: config.gc_grace,
             lease_requests: tokio::sync::Mutex::new(()),
             health: Mutex::new(StoreHealth {
                 store: format!("{} bucket {}", config.endpoint, config.bucket),
@@ -295,6 +355,7 @@ impl Publisher {
                 health.reachable = true;
                 health.last_error = None;
                 if let Some(report) = report.as_ref().filter(|r| r.fetched.is_none()) {
+                    health.pruned_points += report.pruned.dropped;
                     health.last_publish_ms = report.elapsed_ms;
                     health.published += 1;
                     health.uploaded_bytes += report.commit.uploaded_bytes;
@@ -497,6 +558,8 @@ impl Publisher {
                     commit: CommitReport::default(),
                     fetched: Some(fetched),
                     elapsed_ms: started.elapsed().as_millis() as u64,
+                    pruned: objpoints::PruneReport::default(),
+                    prune_error: None,
                 })
             }
             (Step::Diverged, local, Some(newest)) => {
@@ -507,10 +570,20 @@ impl Publisher {
                 });
             }
             (Step::Publish, Local::Point(point), base) => {
-                let (report, published) = self
+                let (mut report, published) = self
                     .upload(volume, &name, point, base, token, started)
                     .await?;
+                let point = published.point.clone();
                 self.remember(&name, published);
+                // Retention is housekeeping: the point is published whatever it does.
+                match self.prune(volume, &name, token, &point).await {
+                    Ok(pruned) => report.pruned = pruned,
+                    Err(error) => {
+                        self.ages.lock().expect("ages lock").remove(&name);
+                        report.prune_error = Some(error.to_string());
+                    }
+                }
+                report.elapsed_ms = started.elapsed().as_millis() as u64;
                 Some(report)
             }
             (_, _, base) => {
@@ -521,6 +594,92 @@ impl Publisher {
             }
         };
         Ok(report)
+    }
+
+    /// Applies the volume's retention to its points in the store, just published `newest`
+    /// under lease `token`: the points it drops are spliced out ([`objpoints::prune_run`]),
+    /// the lease checked before each run. The store's points and their ages are listed once
+    /// (manifest heads) and then remembered under the token.
+    async fn prune(
+        &self,
+        volume: &Arc<Mutex<Volume>>,
+        name: &str,
+        token: u64,
+        newest: &PointInfo,
+    ) -> Result<objpoints::PruneReport, PublishError> {
+        let cached = self
+            .ages
+            .lock()
+            .expect("ages lock")
+            .remove(name)
+            .filter(|(cached, _)| *cached == token);
+        let mut ages = match cached {
+            Some((_, ages)) => ages,
+            None => objpoints::list_point_heads(&self.client, name)
+                .await?
+                .into_iter()
+                .map(|p| (p.head.seq, p.head.point.received_unix_ms))
+                .collect(),
+        };
+        ages.insert(newest.seq, newest.received_unix_ms);
+        let points: Vec<PointAge> = ages
+            .iter()
+            .map(|(&seq, &time_unix_ms)| PointAge { seq, time_unix_ms })
+            .collect();
+        let keep = volume.lock().expect("volume lock").retention_keeps(&points);
+        let seqs: Vec<u64> = ages.keys().copied().collect();
+        let mut report = objpoints::PruneReport::default();
+        for run in layout::prune_runs(&seqs, &keep) {
+            self.hold_again(name, token).await?;
+            objpoints::prune_run(&self.client, name, &run, &mut report).await?;
+            for seq in &run.dropped {
+                ages.remove(seq);
+            }
+        }
+        self.ages
+            .lock()
+            .expect("ages lock")
+            .insert(name.to_owned(), (token, ages));
+        Ok(report)
+    }
+
+    /// How often this receiver collects garbage (`None`: never).
+    pub fn gc_every(&self) -> Option<Duration> {
+        self.gc_every
+    }
+
+    /// One collection, if this receiver gets the store-wide collection lease (`None`: another
+    /// holds it).
+    pub async fn collect_garbage(
+        &self,
+        dry_run: bool,
+    ) -> Result<Option<objpoints::GcReport>, PublishError> {
+        let result = collect_once(&self.client, &self.holder, self.gc_grace, dry_run).await;
+        if !dry_run {
+            let mut health = self.health.lock().expect("health lock");
+            match &result {
+                Ok(Some(report)) => {
+                    health.gc_deleted_bytes += report.deleted_bytes;
+                    health.last_gc = Some(GcHealth {
+                        at_unix_ms: now_ms(),
+                        deleted_packs: report.deleted as u64,
+                        deleted_bytes: report.deleted_bytes,
+                        repacked_packs: report.repacked as u64,
+                        pack_bytes: report.pack_bytes,
+                        error: None,
+                    })
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    health.last_gc = Some(GcHealth {
+                        at_unix_ms: now_ms(),
+                        error: Some(error.to_string()),
+                        ..GcHealth::default()
+                    })
+                }
+            }
+        }
+        result
     }
 
     fn remember(&self, name: &str, published: Published) {
@@ -686,10 +845,86 @@ impl Publisher {
                 commit,
                 fetched: None,
                 elapsed_ms: started.elapsed().as_millis() as u64,
+                pruned: objpoints::PruneReport::default(),
+                prune_error: None,
             },
             Published { map, point, token },
         ))
     }
+}
+
+/// How long a collection's turn lasts (the store-wide lease): a collection that takes longer
+/// may meet another, which is safe, only wasteful.
+const GC_TURN: Duration = Duration::from_secs(30 * 60);
+
+/// One collection by `holder`, if it gets the store-wide collection lease (`None`: another
+/// holder has it), with `grace`.
+pub async fn collect_once(
+    client: &ObjectStoreClient,
+    holder: &str,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<Option<objpoints::GcReport>, PublishError> {
+    if !dry_run {
+        let outcome = client
+            .acquire_lease_at(
+                objpoints::GC_LEASE_KEY,
+                "garbage collection",
+                holder,
+                now_ms(),
+                GC_TURN.as_millis() as u64,
+            )
+            .await?;
+        if !matches!(outcome, LeaseOutcome::Holding(_)) {
+            return Ok(None);
+        }
+    }
+    let settings = objpoints::GcSettings {
+        grace_ms: grace.as_millis() as u64,
+        repack_below: REPACK_BELOW,
+        pack: PackSettings::default(),
+        dry_run,
+    };
+    let report = objpoints::collect_garbage(client, now_ms(), &settings).await;
+    if !dry_run {
+        // The turn ends with the collection (a lease renewed for no time), whatever it did.
+        let released = client
+            .acquire_lease_at(
+                objpoints::GC_LEASE_KEY,
+                "garbage collection",
+                holder,
+                now_ms(),
+                0,
+            )
+            .await;
+        if let Err(error) = released {
+            tracing::warn!("ending this collection's turn in the object store: {error}");
+        }
+    }
+    Ok(Some(report?))
+}
+
+/// A pack with less than this share of its bytes live is repacked.
+const REPACK_BELOW: f64 = 0.5;
+
+/// A collection's report in a line.
+pub fn describe_gc(report: &objpoints::GcReport) -> String {
+    format!(
+        "{} pack(s) of {} in the store, {} live chunk(s); {} pack(s) condemned, {} deleted \
+         ({} freed), {} revived, {} repacked into {} new pack(s) ({} written), {} too young \
+         to judge",
+        report.packs,
+        units::format_size(report.pack_bytes),
+        report.live_chunks,
+        report.condemned,
+        report.deleted,
+        units::format_size(report.deleted_bytes),
+        report.revived,
+        report.repacked,
+        report.repack_written,
+        units::format_size(report.repack_bytes),
+        report.young
+    )
 }
 
 #[cfg(test)]

@@ -381,6 +381,62 @@ fn abandon_stale_cycles(suspended: &Suspended, keep_for: Duration, now: Instant)
         .collect()
 }
 
+/// Aborts a task when dropped (the receiver's background work ends with `serve`).
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Collects the object store's garbage every `gc_every` of `[store]`, when this receiver
+/// gets the store-wide turn: logged, audited (`gc`), and shown in `status`.
+async fn collect_garbage_periodically(context: Arc<Context>, publisher: Arc<Publisher>) {
+    let Some(every) = publisher.gc_every() else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let result = publisher.collect_garbage(false).await;
+        context.status.set_store(publisher.health());
+        let (outcome, detail) = match &result {
+            Ok(None) => {
+                log("object store garbage collection: another receiver has the turn; skipped");
+                continue;
+            }
+            Ok(Some(report)) => {
+                log(format!(
+                    "object store garbage collection: {}",
+                    crate::dr::publish::describe_gc(report)
+                ));
+                (
+                    "ok".to_owned(),
+                    serde_json::json!({
+                        "packs": report.packs,
+                        "deleted": report.deleted,
+                        "deleted_bytes": report.deleted_bytes,
+                        "repacked": report.repacked,
+                        "revived": report.revived,
+                    }),
+                )
+            }
+            Err(error) => {
+                warn(format!("object store garbage collection failed: {error}"));
+                (format!("failed: {error}"), serde_json::Value::Null)
+            }
+        };
+        context.record(Event {
+            event: "gc",
+            outcome,
+            detail,
+            ..Event::default()
+        });
+    }
+}
+
 /// Serves until `shutdown`; applies the configuration reloads that arrive on `reloads`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -411,6 +467,11 @@ pub async fn serve(
         }),
         ..Event::default()
     });
+    let collector = context
+        .publisher
+        .clone()
+        .map(|publisher| tokio::spawn(collect_garbage_periodically(context.clone(), publisher)));
+    let _collector = AbortOnDrop(collector);
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -781,6 +842,19 @@ impl Session {
                 });
             }
             Ok(Some(report)) => {
+                if report.pruned.dropped > 0 {
+                    log(format!(
+                        "volume {name}: retention dropped {} older point(s) from the object \
+                         store ({} manifest(s) rewritten to lead past them)",
+                        report.pruned.dropped, report.pruned.rewritten
+                    ));
+                }
+                if let Some(error) = &report.prune_error {
+                    warn(format!(
+                        "volume {name}: retention on the object store failed (the next \
+                         publish tries again): {error}"
+                    ));
+                }
                 log(format!(
                     "volume {name}: point {} published to the object store in {} ms: {} \
                      chunk(s) changed{}, {} already in the store, {} byte(s) uploaded in {} \
@@ -808,6 +882,7 @@ impl Session {
                         "deduplicated_chunks": report.commit.deduplicated_chunks,
                         "uploaded_bytes": report.commit.uploaded_bytes,
                         "elapsed_ms": report.elapsed_ms,
+                        "pruned": report.pruned.dropped,
                     }),
                 });
             }

@@ -464,6 +464,13 @@ impl Volume {
         &self.meta
     }
 
+    /// Which of `points` (this volume's, held elsewhere: the object store's) this volume's
+    /// retention keeps now, with the points pinned here kept too.
+    pub fn retention_keeps(&self, points: &[PointAge]) -> BTreeSet<u64> {
+        let pinned = pinned_points(&self.disk, &self.dir);
+        retention::select(points, (self.clock)(), &self.retention, &pinned)
+    }
+
     /// Sets the retention policy applied at every commit.
     pub fn set_retention(&mut self, policy: RetentionPolicy) {
         self.retention = policy;
