@@ -75,9 +75,15 @@ pub fn store_layout(bytes: &[u8]) {
         for entry in &index {
             let start = entry.offset as usize;
             let stored = &bytes[start..start + entry.stored_len as usize];
-            let _ = layout::chunk_from_stored(stored, entry);
+            let _ = layout::chunk_from_stored(stored, entry, &layout::Sealing::plain());
+            let _ = layout::chunk_from_stored(stored, entry, &fuzz_sealing());
         }
     }
+}
+
+/// An encrypted store's sealing, for the decoders (a fixed key).
+fn fuzz_sealing() -> crate::dr::layout::Sealing {
+    crate::dr::layout::Sealing::encrypted(&[7; 32])
 }
 
 /// A disk in memory for the NBD target: 1 MiB, writable.
@@ -436,10 +442,18 @@ mod tests {
         {
             use crate::dr::layout::{self, ChunkMap, PackBuilder};
             let mut pack = PackBuilder::new(1 << 20);
-            let text = pack.add(&b"blkmirror ".repeat(410), Some(3)).unwrap();
-            let other = pack.add(&[7u8; 4096], None).unwrap();
+            let plain = layout::Sealing::plain();
+            let text = pack
+                .add(&b"blkmirror ".repeat(410), Some(3), &plain)
+                .unwrap();
+            let other = pack.add(&[7u8; 4096], None, &plain).unwrap();
             let pack = pack.finish();
             write("store_layout", "pack", &pack.bytes);
+            let mut sealed = PackBuilder::new(1 << 20);
+            sealed
+                .add(&b"blkmirror ".repeat(410), Some(3), &fuzz_sealing())
+                .unwrap();
+            write("store_layout", "pack-sealed", &sealed.finish().bytes);
             write("store_layout", "index", &layout::encode_index(&pack.index));
             let point = |seq| PointInfo {
                 seq,

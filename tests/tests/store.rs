@@ -181,6 +181,10 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
         assert!(String::from_utf8_lossy(&lease).contains("receiver-b"));
     });
 
+    // Encryption at rest, in a bucket of its own.
+    cluster.create_bucket("sealed");
+    runtime.block_on(encrypted_points_dedup_and_show_nothing(&cluster));
+
     // Plain HTTP needs saying so; a wrong secret is refused by the store with its reason.
     let insecure = StoreConfig {
         allow_http: false,
@@ -198,6 +202,62 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
         matches!(refused, Err(StoreError::Request { .. })),
         "{refused:?}"
     );
+}
+
+/// Two hosts' points in an encrypted bucket: they deduplicate as in the clear (the ids are
+/// keyed, and the same key gives the same ids), no pack holds a chunk's plaintext, and a
+/// client with another key, with none, or a key on a bucket written in the clear is refused
+/// with its reason; a chunk read with another key anyway is refused as damaged.
+async fn encrypted_points_dedup_and_show_nothing(cluster: &CephCluster) {
+    let client = |bucket: &str, key: Option<u8>| {
+        ObjectStoreClient::connect(&StoreConfig {
+            encryption_key: key.map(|k| [k; 32]),
+            ..cluster.store_config(bucket)
+        })
+        .expect("a client")
+    };
+    let (a, b) = (client("sealed", Some(1)), client("sealed", Some(1)));
+    assert!(
+        objpoints::check_sealing(&a, true)
+            .await
+            .expect("the first writer records the store's encryption")
+    );
+    let mut hosts = Hosts::new();
+    hosts.commit_first_points(&a, &b).await;
+    hosts.read_every_point_back(&b).await;
+    let samples: Vec<Vec<u8>> = [0u64, 1, 47, 1048, 2055]
+        .iter()
+        .map(|&seed| chunk_content(seed)[..64].to_vec())
+        .collect();
+    let packs = a.list("packs").await.expect("list");
+    assert_eq!(packs.len(), 5, "{packs:?}");
+    for (key, _, _) in &packs {
+        let (bytes, _) = a.get(key, 64 << 20).await.expect("read").expect("present");
+        for sample in &samples {
+            assert!(
+                !bytes.windows(sample.len()).any(|w| w == sample.as_slice()),
+                "{key} holds a chunk's plaintext"
+            );
+        }
+    }
+    let refusal = |result: Result<bool, PointStoreError>| match result {
+        Err(PointStoreError::Sealing(reason)) => reason,
+        other => panic!("not refused: {other:?}"),
+    };
+    let wrong = client("sealed", Some(2));
+    let reason = refusal(objpoints::check_sealing(&wrong, false).await);
+    assert!(reason.contains("not the key"), "{reason}");
+    let reason = refusal(objpoints::check_sealing(&client("sealed", None), true).await);
+    assert!(reason.contains("has no encryption_key"), "{reason}");
+    let reason = refusal(objpoints::check_sealing(&client("blkmirror", Some(1)), true).await);
+    assert!(reason.contains("written in the clear"), "{reason}");
+    // Past the check, another key's reader gets an error, never other bytes.
+    let view = objpoints::load_view(&wrong).await.expect("indexes");
+    let (map, _) = objpoints::read_point(&wrong, "host-a", 1)
+        .await
+        .expect("manifests are readable");
+    let read = objpoints::read_image(&wrong, &view.locations, &map, CHUNK * CHUNKS, CHUNK).await;
+    assert!(read.is_err(), "another key read the image");
 }
 
 /// A collection as the tests run it: a short grace (the tests' commits are quick), packs

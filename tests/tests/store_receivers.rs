@@ -616,6 +616,87 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         !dir.join("damaged.img.blkmirror-partial").exists(),
         "a damaged restore left its partial file"
     );
+
+    // Encryption at rest: receiver D publishes into a bucket of its own with a key from
+    // `store keygen`. `config check` says so, the store restores the device with the key,
+    // and without it (or with another) the store is refused with the reason.
+    cluster.create_bucket("sealed");
+    let key = dir.join("store.key");
+    run_ok(&["store", "keygen", "--out", key.to_str().expect("utf-8")]);
+    assert_eq!(
+        fs::metadata(&key).expect("the key").permissions().mode() & 0o777,
+        0o600
+    );
+    let again = run(&["store", "keygen", "--out", key.to_str().expect("utf-8")]);
+    assert!(!again.status.success(), "a key file was overwritten");
+    let sealed_config = |name: &str, id: &Id, key_line: &str| {
+        let (config, data) = receiver_config(dir, name, id, &agent_id, &cluster, &credentials, "");
+        let text = fs::read_to_string(&config).expect("receiver.toml");
+        let text = text.replace(
+            &format!("bucket = \"{BUCKET}\""),
+            &format!("bucket = \"sealed\"\n{key_line}"),
+        );
+        fs::write(&config, text).expect("receiver.toml");
+        (config, data)
+    };
+    let d_id = Id::new(dir, "receiver-d-id");
+    let (config_d, data_d) = sealed_config(
+        "d",
+        &d_id,
+        &format!("encryption_key = \"{}\"", key.display()),
+    );
+    let checked = run_ok(&["config", "check", config_d.to_str().expect("utf-8")]);
+    assert!(
+        checked.contains("the first publish makes it an encrypted store"),
+        "{checked}"
+    );
+    let receiver_d = Receiver::start_config(&config_d, &data_d, &d_id);
+    let sealed_device = LoopDevice::new(dir, 8 * MIB);
+    write_random(&sealed_device.path, 0, 6 * MIB);
+    let sealed_pins = PinRoot::new();
+    let sealed_state = dir.join("sealed-agent-state");
+    setup(
+        &sealed_device.path,
+        &receiver_d,
+        &agent_id,
+        &sealed_pins,
+        &sealed_state,
+    )
+    .once_ok(&[]);
+    let checked = run_ok(&["config", "check", config_d.to_str().expect("utf-8")]);
+    assert!(
+        checked.contains("chunks encrypted with this key"),
+        "{checked}"
+    );
+    let sealed_copy = dir.join("sealed.img");
+    restore_from_store(&config_d, "latest", &sealed_copy);
+    assert_same(&sealed_device.path, &sealed_copy);
+    let (no_key, _) = sealed_config("nokey", &d_id, "");
+    let other_key = dir.join("other.key");
+    run_ok(&[
+        "store",
+        "keygen",
+        "--out",
+        other_key.to_str().expect("utf-8"),
+    ]);
+    let (wrong_key, _) = sealed_config(
+        "wrongkey",
+        &d_id,
+        &format!("encryption_key = \"{}\"", other_key.display()),
+    );
+    for (config, reason) in [
+        (&no_key, "has no encryption_key"),
+        (&wrong_key, "is not the key of the store's chunks"),
+    ] {
+        let listed = run(&[
+            "points",
+            VOLUME,
+            "--from-store",
+            config.to_str().expect("utf-8"),
+        ]);
+        let said = String::from_utf8_lossy(&listed.stderr);
+        assert!(!listed.status.success() && said.contains(reason), "{said}");
+    }
 }
 
 /// Flips one byte of the stored chunk the newest point of the volume reads at offset 0, in

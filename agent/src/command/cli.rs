@@ -549,6 +549,14 @@ pub enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new key for encryption at rest (`[store] encryption_key`): 256 random bits as
+    /// 64 hex digits, mode 0600. Every receiver of the store needs the same file; without it
+    /// the store's points cannot be read, so keep a copy apart from the DR site.
+    Keygen {
+        /// Where to write it (refused if it exists).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// What the store holds: volumes, points, packs, and the dedup ratio across volumes.
     Usage {
         /// The receiver.toml whose `[store]` to read.
@@ -1016,6 +1024,21 @@ pub fn run(cli: Cli) -> ExitCode {
             };
             return ops_result(crate::dr::fromstore::collect(&store, dry_run, json));
         }
+        Command::Store(StoreCommand::Keygen { out }) => {
+            return match write_store_key(&out) {
+                Ok(()) => {
+                    eprintln!(
+                        "blkmirror: store key written to {} (mode 0600); set [store] \
+                         encryption_key = \"{}\" on every receiver of the store, before its \
+                         first point, and keep a copy apart from the DR site",
+                        out.display(),
+                        out.display()
+                    );
+                    ExitCode::Success
+                }
+                Err(error) => fail(ExitCode::Usage, error),
+            };
+        }
         Command::Store(StoreCommand::Usage { config, json }) => {
             let store = match store_of(&config) {
                 Ok(store) => store,
@@ -1416,6 +1439,25 @@ fn run_agent(args: AgentArgs) -> ExitCode {
 }
 
 /// The `[store]` of a receiver.toml, for `--from-store`.
+/// Writes a new store key to `out`: 64 hex digits, created with mode 0600, never over a file.
+fn write_store_key(out: &std::path::Path) -> Result<(), String> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut key = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .map_err(|_| "the system's random source failed".to_owned())?;
+    let text: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|error| format!("{}: {error}", out.display()))?;
+    file.write_all(format!("{text}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|error| format!("writing {}: {error}", out.display()))
+}
+
 fn store_of(file: &std::path::Path) -> Result<crate::dr::objstore::StoreConfig, ExitCode> {
     match config::load_receiver(file) {
         Ok(settings) => settings.store.ok_or_else(|| {

@@ -265,7 +265,8 @@ pub struct StoreSection {
     /// Allow an `http://` endpoint (the same host or a private network only).
     #[serde(default)]
     pub allow_http: bool,
-    /// Encryption at rest: not built yet, refused with a message.
+    /// Encryption at rest: a file of 64 hex digits, mode 0600, that every receiver of the
+    /// store shares (`blkmirror store keygen`).
     pub encryption_key: Option<PathBuf>,
     /// How long a receiver's hold on a volume lasts without renewal (`60s` by default): how
     /// soon another receiver can take over a volume whose receiver died.
@@ -840,13 +841,12 @@ fn store_section(
             section.bucket
         ));
     }
-    if section.encryption_key.is_some() {
-        problems.0.push(
-            "store.encryption_key: encryption at rest is not built yet; remove the key to \
-             publish in the clear, or keep the points in the data directory only"
-                .into(),
-        );
-    }
+    let encryption_key = match &section.encryption_key {
+        None => Some(None),
+        Some(path) => problems
+            .check("store.encryption_key", read_store_key(path))
+            .map(Some),
+    };
     let path = &section.credentials;
     let credentials = match std::fs::metadata(path) {
         Err(error) => Err(format!("{}: {error}", path.display())),
@@ -918,7 +918,7 @@ fn store_section(
     };
     let credentials = problems.check("store.credentials", credentials)?;
     let lease = lease?;
-    let (gc_every, gc_grace) = (gc_every?, gc_grace?);
+    let (gc_every, gc_grace, encryption_key) = (gc_every?, gc_grace?, encryption_key?);
     (problems.0.len() == before).then(|| crate::dr::objstore::StoreConfig {
         endpoint: endpoint.to_owned(),
         bucket: section.bucket.clone(),
@@ -932,7 +932,49 @@ fn store_section(
         lease,
         gc_every,
         gc_grace,
+        encryption_key,
     })
+}
+
+/// Reads the store's encryption key: 64 hex digits (256 bits), in a file only its owner can
+/// read (`blkmirror store keygen` writes one).
+pub fn read_store_key(path: &Path) -> Result<[u8; 32], String> {
+    let meta = std::fs::metadata(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} can be read by others (mode {:o}); it is the key to every point in the store: \
+             chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    if meta.len() > 1024 {
+        return Err(format!(
+            "{} is {} bytes; a key file holds 64 hex digits",
+            path.display(),
+            meta.len()
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    let digits = text.trim();
+    let mut key = [0u8; 32];
+    let valid = digits.len() == 64
+        && digits.is_ascii()
+        && key.iter_mut().enumerate().all(|(i, byte)| {
+            u8::from_str_radix(&digits[2 * i..2 * i + 2], 16)
+                .map(|value| *byte = value)
+                .is_ok()
+        });
+    if !valid {
+        return Err(format!(
+            "{}: expected 64 hex digits (256 bits; `blkmirror store keygen --out {}` writes \
+             one)",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(key)
 }
 
 /// Checks the `[[export]]` sections.
@@ -1267,29 +1309,48 @@ fn check_store_reachable(store: &crate::dr::objstore::StoreConfig) -> Result<Str
         .build()
         .map_err(|error| format!("starting a runtime: {error}"))?;
     let started = std::time::Instant::now();
-    let volumes = runtime.block_on(async {
+    let (volumes, elapsed, encrypted) = runtime.block_on(async {
         let client = crate::dr::objstore::ObjectStoreClient::connect(store)
             .map_err(|error| error.to_string())?;
-        tokio::time::timeout(
-            STORE_CHECK_TIMEOUT,
-            crate::dr::objpoints::list_volumes(&client),
-        )
-        .await
-        .map_err(|_| {
+        let in_bucket = |error: crate::dr::objpoints::PointStoreError| {
+            format!("bucket {} at {}: {error}", store.bucket, store.endpoint)
+        };
+        let timed_out = |_| {
             format!(
                 "{} did not answer within {} s",
                 store.endpoint,
                 STORE_CHECK_TIMEOUT.as_secs()
             )
-        })?
-        .map_err(|error| format!("bucket {} at {}: {error}", store.bucket, store.endpoint))
+        };
+        let volumes = tokio::time::timeout(
+            STORE_CHECK_TIMEOUT,
+            crate::dr::objpoints::list_volumes(&client),
+        )
+        .await
+        .map_err(timed_out)?
+        .map_err(in_bucket)?;
+        let elapsed = started.elapsed();
+        // The key (or its absence) against the store's record of its chunks' encryption.
+        let encrypted = tokio::time::timeout(
+            STORE_CHECK_TIMEOUT,
+            crate::dr::objpoints::check_sealing(&client, false),
+        )
+        .await
+        .map_err(timed_out)?
+        .map_err(in_bucket)?;
+        Ok::<_, String>((volumes, elapsed, encrypted))
     })?;
     Ok(format!(
-        "object store {} bucket {} reachable in {} ms, {} volume(s) with points there",
+        "object store {} bucket {} reachable in {} ms, {} volume(s) with points there, {}",
         store.endpoint,
         store.bucket,
-        started.elapsed().as_millis(),
-        volumes.len()
+        elapsed.as_millis(),
+        volumes.len(),
+        match (encrypted, store.encryption_key.is_some()) {
+            (true, _) => "chunks encrypted with this key",
+            (false, true) => "no chunk yet: the first publish makes it an encrypted store",
+            (false, false) => "chunks in the clear",
+        }
     ))
 }
 
@@ -1546,7 +1607,7 @@ volume = "db"
             ("AK", "SK")
         );
         assert!(!store.allow_http);
-        // Plain HTTP only when asked for; a bucket name S3 would refuse; no encryption yet.
+        // Plain HTTP only when asked for; a bucket name S3 would refuse; a key file missing.
         let error = with_store(
             "endpoint = \"http://10.0.0.5:7480\"\nbucket = \"DR_site\"\nencryption_key = \"/k\"\n",
         )
@@ -1555,7 +1616,7 @@ volume = "db"
         for expected in [
             "store.endpoint: http://10.0.0.5:7480 is plain HTTP",
             "store.bucket: \"DR_site\"",
-            "store.encryption_key: encryption at rest is not built yet",
+            "store.encryption_key: /k: No such file",
         ] {
             assert!(
                 error.contains(expected),
@@ -1614,6 +1675,25 @@ volume = "db"
             (settings.gc_every, settings.gc_grace),
             (None, Duration::from_secs(7200))
         );
+        // The encryption key: 64 hex digits in a file root alone reads.
+        let key = dir.join("store.key");
+        std::fs::write(&key, format!("{}\n", "0f".repeat(32))).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with_key = format!("encryption_key = \"{}\"\n", key.display());
+        let settings = store(&with_key).unwrap().store.expect("a store");
+        assert_eq!(settings.encryption_key, Some([0x0f; 32]));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let error = store(&with_key).unwrap_err().to_string();
+        assert!(
+            error.contains("store.encryption_key:") && error.contains("chmod 600"),
+            "{error}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for bad in ["0f".repeat(31), "zz".repeat(32), "é".repeat(32)] {
+            std::fs::write(&key, &bad).unwrap();
+            let error = store(&with_key).unwrap_err().to_string();
+            assert!(error.contains("expected 64 hex digits"), "{bad:?}: {error}");
+        }
         let error = store("gc_every = \"sometimes\"\n").unwrap_err().to_string();
         assert!(error.contains("store.gc_every:"), "{error}");
         if !cfg!(feature = "test-hooks") {

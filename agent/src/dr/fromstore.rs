@@ -39,6 +39,9 @@ fn open(
         .build()
         .map_err(|error| OpsError::Environment(format!("starting a runtime: {error}")))?;
     let client = ObjectStoreClient::connect(store).map_err(PointStoreError::Store)?;
+    runtime
+        .block_on(objpoints::check_sealing(&client, false))
+        .map_err(classify)?;
     Ok((runtime, client))
 }
 

@@ -66,6 +66,8 @@ const MANIFEST_MAGIC: &[u8; 4] = b"BMMF";
 const VERSION: u8 = 1;
 const INDEX_ENTRY_BYTES: usize = 32 + 8 + 4 + 4 + 1;
 const TRAILER_BYTES: usize = 4 + 4;
+/// In an index entry's codec byte: the stored bytes are sealed.
+const SEALED_FLAG: u8 = 2;
 
 /// What is wrong with an object of the layout.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -108,9 +110,124 @@ pub fn hex(bytes: &[u8; 32]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The id of a chunk's content.
+/// The id of a chunk's content in a store without encryption.
 pub fn chunk_id(content: &[u8]) -> ChunkId {
     *blake3::hash(content).as_bytes()
+}
+
+/// The bytes AES-256-GCM adds to each stored chunk (its tag).
+pub const SEAL_TAG_BYTES: usize = 16;
+
+/// How a store names and stores chunks: without encryption, a chunk's id is the BLAKE3 hash
+/// of its content and its stored bytes are the content (compressed or not); with encryption
+/// at rest, the id is a BLAKE3 hash keyed by a key derived from the store's key, and the
+/// stored bytes are sealed with AES-256-GCM under another.
+///
+/// Why a keyed id: the store sees ids, and a plain hash would let it confirm a guess of a
+/// chunk's content (a known file's block). Why a nonce derived from the id (the first 96 bits
+/// of a third keyed hash): equal ids are equal contents, so a nonce repeats only with the same
+/// plaintext, which then seals to the same bytes, and no random source or counter has to be
+/// shared between receivers. The id is the associated data, so a chunk's sealed bytes moved
+/// under another id do not open.
+#[derive(Clone, Default)]
+pub struct Sealing {
+    keys: Option<std::sync::Arc<SealKeys>>,
+}
+
+struct SealKeys {
+    id: [u8; 32],
+    nonce: [u8; 32],
+    check: [u8; 32],
+    aead: ring::aead::LessSafeKey,
+}
+
+impl std::fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys.
+        f.write_str(if self.keys.is_some() {
+            "Sealing(encrypted)"
+        } else {
+            "Sealing(plain)"
+        })
+    }
+}
+
+impl Sealing {
+    /// No encryption.
+    pub fn plain() -> Self {
+        Self::default()
+    }
+
+    /// Encryption under the store key `key` (256 random bits the receivers share).
+    pub fn encrypted(key: &[u8; 32]) -> Self {
+        let derive = |context: &str| blake3::derive_key(context, key);
+        let aead_key = derive("blkmirror 2026-12 object store chunk sealing");
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &aead_key)
+            .expect("a 256-bit AES key");
+        Self {
+            keys: Some(std::sync::Arc::new(SealKeys {
+                id: derive("blkmirror 2026-12 object store chunk id"),
+                nonce: derive("blkmirror 2026-12 object store chunk nonce"),
+                check: derive("blkmirror 2026-12 object store key check"),
+                aead: ring::aead::LessSafeKey::new(unbound),
+            })),
+        }
+    }
+
+    /// Whether chunks are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.keys.is_some()
+    }
+
+    /// A value that tells whether two receivers hold the same key, and reveals nothing of
+    /// it (a hash under a key derived for that alone); `None` without encryption.
+    pub fn key_check(&self) -> Option<String> {
+        self.keys.as_ref().map(|keys| hex(&keys.check))
+    }
+
+    /// The id of a chunk's content.
+    pub fn chunk_id(&self, content: &[u8]) -> ChunkId {
+        match &self.keys {
+            None => chunk_id(content),
+            Some(keys) => *blake3::keyed_hash(&keys.id, content).as_bytes(),
+        }
+    }
+
+    fn nonce(keys: &SealKeys, id: &ChunkId) -> ring::aead::Nonce {
+        let hash = blake3::keyed_hash(&keys.nonce, id);
+        let bytes: [u8; 12] = hash.as_bytes()[..12].try_into().expect("12 bytes");
+        ring::aead::Nonce::assume_unique_for_key(bytes)
+    }
+
+    /// The stored form of chunk `id`'s bytes (content, compressed or not).
+    fn seal(&self, id: &ChunkId, mut bytes: Vec<u8>) -> Vec<u8> {
+        if let Some(keys) = &self.keys {
+            keys.aead
+                .seal_in_place_append_tag(
+                    Self::nonce(keys, id),
+                    ring::aead::Aad::from(id),
+                    &mut bytes,
+                )
+                .expect("a chunk within AES-GCM's limits");
+        }
+        bytes
+    }
+
+    /// The bytes that chunk `id`'s stored form seals; a damaged, moved or foreign (another
+    /// key's) chunk is refused as not matching its id.
+    fn open(&self, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, LayoutError> {
+        let Some(keys) = &self.keys else {
+            return Ok(stored.to_vec());
+        };
+        let mut bytes = stored.to_vec();
+        let opened = keys
+            .aead
+            .open_in_place(Self::nonce(keys, id), ring::aead::Aad::from(id), &mut bytes)
+            .map_err(|_| LayoutError::ChunkMismatch(*id))?;
+        let len = opened.len();
+        bytes.truncate(len);
+        Ok(bytes)
+    }
 }
 
 /// The object key of a pack.
@@ -150,6 +267,8 @@ pub struct IndexEntry {
     pub raw_len: u32,
     /// How it is stored.
     pub codec: Codec,
+    /// Whether its stored bytes are sealed ([`Sealing`]: `stored_len` counts the tag).
+    pub sealed: bool,
 }
 
 /// A pack being filled.
@@ -209,9 +328,14 @@ impl PackBuilder {
     }
 
     /// Adds a chunk (once: a chunk already in the pack is skipped), zstd-compressed at `level`
-    /// when that saves an eighth. Returns its id.
-    pub fn add(&mut self, content: &[u8], level: Option<i32>) -> Result<ChunkId, LayoutError> {
-        let id = chunk_id(content);
+    /// when that saves an eighth, then sealed by `sealing`. Returns its id.
+    pub fn add(
+        &mut self,
+        content: &[u8],
+        level: Option<i32>,
+        sealing: &Sealing,
+    ) -> Result<ChunkId, LayoutError> {
+        let id = sealing.chunk_id(content);
         if self.ids.contains(&id) {
             return Ok(id);
         }
@@ -232,18 +356,20 @@ impl PackBuilder {
         let compressed = level
             .and_then(|level| zstd::bulk::compress(content, level).ok())
             .filter(|packed| packed.len() < content.len() - content.len() / 8);
-        let (stored, codec) = match &compressed {
-            Some(packed) => (packed.as_slice(), Codec::Zstd),
-            None => (content, Codec::Raw),
+        let (stored, codec) = match compressed {
+            Some(packed) => (packed, Codec::Zstd),
+            None => (content.to_vec(), Codec::Raw),
         };
+        let stored = sealing.seal(&id, stored);
         self.entries.push(IndexEntry {
+            sealed: sealing.is_encrypted(),
             id,
             offset: self.bytes.len() as u64,
             stored_len: stored.len() as u32,
             raw_len,
             codec,
         });
-        self.bytes.extend_from_slice(stored);
+        self.bytes.extend_from_slice(&stored);
         self.ids.insert(id);
         self.raw_bytes += u64::from(raw_len);
         Ok(id)
@@ -276,10 +402,11 @@ pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
         out.extend_from_slice(&entry.offset.to_le_bytes());
         out.extend_from_slice(&entry.stored_len.to_le_bytes());
         out.extend_from_slice(&entry.raw_len.to_le_bytes());
-        out.push(match entry.codec {
+        let codec = match entry.codec {
             Codec::Raw => 0,
             Codec::Zstd => 1,
-        });
+        };
+        out.push(codec | if entry.sealed { SEALED_FLAG } else { 0 });
     }
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
@@ -385,14 +512,18 @@ pub fn decode_index(bytes: &[u8], pack_len: Option<u64>) -> Result<Vec<IndexEntr
         let offset = cursor.u64()?;
         let stored_len = cursor.u32()?;
         let raw_len = cursor.u32()?;
-        let codec = match cursor.u8()? {
+        let byte = cursor.u8()?;
+        let sealed = byte & SEALED_FLAG != 0;
+        let codec = match byte & !SEALED_FLAG {
             0 => Codec::Raw,
             1 => Codec::Zstd,
-            other => return Err(malformed(WHAT, format!("unknown codec {other}"))),
+            _ => return Err(malformed(WHAT, format!("unknown codec {byte}"))),
         };
+        let tag = if sealed { SEAL_TAG_BYTES as u32 } else { 0 };
         if raw_len > MAX_CHUNK_BYTES
-            || stored_len > MAX_CHUNK_BYTES
-            || (codec == Codec::Raw && stored_len != raw_len)
+            || stored_len > MAX_CHUNK_BYTES + tag
+            || stored_len < tag
+            || (codec == Codec::Raw && stored_len != raw_len + tag)
         {
             return Err(malformed(
                 WHAT,
@@ -413,6 +544,7 @@ pub fn decode_index(bytes: &[u8], pack_len: Option<u64>) -> Result<Vec<IndexEntr
             return Err(malformed(WHAT, format!("chunk {} listed twice", hex(&id))));
         }
         entries.push(IndexEntry {
+            sealed,
             id,
             offset,
             stored_len,
@@ -446,8 +578,13 @@ pub fn index_of_pack(pack: &[u8]) -> Result<Vec<IndexEntry>, LayoutError> {
 }
 
 /// A chunk's content from its stored bytes (`stored`: the `stored_len` bytes at the entry's
-/// offset, as a ranged read returns them), decompressed and checked against its id.
-pub fn chunk_from_stored(stored: &[u8], entry: &IndexEntry) -> Result<Vec<u8>, LayoutError> {
+/// offset, as a ranged read returns them), opened by `sealing`, decompressed and checked
+/// against its id.
+pub fn chunk_from_stored(
+    stored: &[u8],
+    entry: &IndexEntry,
+    sealing: &Sealing,
+) -> Result<Vec<u8>, LayoutError> {
     if stored.len() != entry.stored_len as usize {
         return Err(malformed(
             "chunk",
@@ -458,12 +595,23 @@ pub fn chunk_from_stored(stored: &[u8], entry: &IndexEntry) -> Result<Vec<u8>, L
             ),
         ));
     }
+    if entry.sealed != sealing.is_encrypted() {
+        return Err(malformed(
+            "chunk",
+            if entry.sealed {
+                "encrypted, and no key was given (the store's encryption_key)"
+            } else {
+                "stored in the clear where the store is encrypted"
+            },
+        ));
+    }
+    let opened = sealing.open(&entry.id, stored)?;
     let content = match entry.codec {
-        Codec::Raw => stored.to_vec(),
-        Codec::Zstd => zstd::bulk::decompress(stored, entry.raw_len as usize)
+        Codec::Raw => opened,
+        Codec::Zstd => zstd::bulk::decompress(&opened, entry.raw_len as usize)
             .map_err(|error| malformed("chunk", format!("does not decompress: {error}")))?,
     };
-    if content.len() != entry.raw_len as usize || chunk_id(&content) != entry.id {
+    if content.len() != entry.raw_len as usize || sealing.chunk_id(&content) != entry.id {
         return Err(LayoutError::ChunkMismatch(entry.id));
     }
     Ok(content)
@@ -1146,9 +1294,9 @@ mod tests {
                 (state >> 32) as u8
             })
             .collect();
-        let a = builder.add(&text, Some(3)).unwrap();
-        let b = builder.add(&random, Some(3)).unwrap();
-        assert_eq!(builder.add(&text, Some(3)).unwrap(), a);
+        let a = builder.add(&text, Some(3), &Sealing::plain()).unwrap();
+        let b = builder.add(&random, Some(3), &Sealing::plain()).unwrap();
+        assert_eq!(builder.add(&text, Some(3), &Sealing::plain()).unwrap(), a);
         assert_eq!(builder.len(), 2);
         let pack = builder.finish();
         assert_eq!(pack.id, *blake3::hash(&pack.bytes).as_bytes());
@@ -1165,7 +1313,10 @@ mod tests {
         for (entry, expected) in index.iter().zip([&text, &random]) {
             let start = entry.offset as usize;
             let stored = &pack.bytes[start..start + entry.stored_len as usize];
-            assert_eq!(&chunk_from_stored(stored, entry).unwrap(), expected);
+            assert_eq!(
+                &chunk_from_stored(stored, entry, &Sealing::plain()).unwrap(),
+                expected
+            );
         }
         assert_eq!((index[0].id, index[1].id), (a, b));
         // A flipped bit in a stored chunk is caught by its id.
@@ -1174,7 +1325,7 @@ mod tests {
             pack.bytes[entry.offset as usize..(entry.offset + 65536) as usize].to_vec();
         stored[100] ^= 1;
         assert_eq!(
-            chunk_from_stored(&stored, entry),
+            chunk_from_stored(&stored, entry, &Sealing::plain()),
             Err(LayoutError::ChunkMismatch(entry.id))
         );
     }
@@ -1182,7 +1333,9 @@ mod tests {
     #[test]
     fn damaged_or_lying_indexes_are_refused() {
         let mut builder = PackBuilder::new(1 << 20);
-        builder.add(&content(1, 4096), None).unwrap();
+        builder
+            .add(&content(1, 4096), None, &Sealing::plain())
+            .unwrap();
         let pack = builder.finish();
         let index = encode_index(&pack.index);
         // Truncated, or one bit flipped: the checksum.
@@ -1315,6 +1468,7 @@ mod tests {
     #[test]
     fn gc_condemns_then_deletes_revives_what_a_commit_needs_and_spares_young_packs() {
         let entry = |id: u8, stored_len: u32| IndexEntry {
+            sealed: false,
             id: [id; 32],
             offset: 5,
             stored_len,
@@ -1366,6 +1520,7 @@ mod tests {
     #[test]
     fn a_new_point_never_dedups_into_a_condemned_pack_but_can_read_from_one() {
         let entry = IndexEntry {
+            sealed: false,
             id: [9; 32],
             offset: 5,
             stored_len: 10,
@@ -1504,5 +1659,71 @@ mod tests {
         // Cut inside the point record, or not a manifest.
         assert!(decode_manifest_head(&bytes[..60]).is_err());
         assert!(decode_manifest_head(b"BMPK\x01").is_err());
+    }
+
+    #[test]
+    fn an_encrypted_pack_hides_its_chunks_and_opens_only_with_its_key() {
+        let key = Sealing::encrypted(&[42; 32]);
+        let other = Sealing::encrypted(&[43; 32]);
+        let text = b"the quick brown fox ".repeat(3277)[..65536].to_vec();
+        let mut builder = PackBuilder::new(1 << 20);
+        let id = builder.add(&text, Some(3), &key).unwrap();
+        let again = builder.add(&content(5, 4096), None, &key).unwrap();
+        // Keyed ids: not the plain hash, not another key's, the same for the same content.
+        assert_ne!(id, chunk_id(&text));
+        assert_ne!(id, other.chunk_id(&text));
+        assert_eq!(id, key.chunk_id(&text));
+        let pack = builder.finish();
+        assert!(
+            !pack.bytes.windows(20).any(|w| w == b"the quick brown fox "),
+            "plaintext in the pack"
+        );
+        let index = index_of_pack(&pack.bytes).unwrap();
+        // Compressed, then sealed: the tag is the only growth.
+        assert_eq!(index[0].codec, Codec::Zstd);
+        assert!((index[0].stored_len as usize) < 65536 / 8);
+        assert_eq!(index[1].stored_len as usize, 4096 + SEAL_TAG_BYTES);
+        let stored = |entry: &IndexEntry| {
+            pack.bytes[entry.offset as usize..(entry.offset + u64::from(entry.stored_len)) as usize]
+                .to_vec()
+        };
+        assert_eq!(
+            chunk_from_stored(&stored(&index[0]), &index[0], &key).unwrap(),
+            text
+        );
+        // Another key, no key, one flipped bit, or sealed bytes moved under another id.
+        for sealing in [&other, &Sealing::plain()] {
+            assert!(chunk_from_stored(&stored(&index[0]), &index[0], sealing).is_err());
+        }
+        let mut flipped = stored(&index[1]);
+        flipped[9] ^= 1;
+        assert_eq!(
+            chunk_from_stored(&flipped, &index[1], &key),
+            Err(LayoutError::ChunkMismatch(again))
+        );
+        let moved = IndexEntry {
+            stored_len: index[1].stored_len,
+            raw_len: index[1].raw_len,
+            codec: index[1].codec,
+            ..index[0].clone()
+        };
+        assert_eq!(
+            chunk_from_stored(&stored(&index[1]), &moved, &key),
+            Err(LayoutError::ChunkMismatch(id))
+        );
+        // Sealing is deterministic (two receivers storing one chunk store the same bytes),
+        // and the key check tells keys apart without showing them.
+        let mut twice = PackBuilder::new(1 << 20);
+        twice.add(&text, Some(3), &key).unwrap();
+        let twice = twice.finish();
+        let entry = &twice.index[0];
+        assert_eq!(
+            twice.bytes[entry.offset as usize..][..entry.stored_len as usize],
+            stored(&index[0])
+        );
+        assert_eq!(key.key_check(), Sealing::encrypted(&[42; 32]).key_check());
+        assert_ne!(key.key_check(), other.key_check());
+        assert_eq!(Sealing::plain().key_check(), None);
+        assert!(!format!("{key:?}").contains("42"));
     }
 }

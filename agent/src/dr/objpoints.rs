@@ -43,6 +43,87 @@ use blkmirror_protocol::wire::PointInfo;
 /// is larger; such volumes are not supported yet).
 const MAX_MANIFEST_BYTES: usize = 256 << 20;
 
+/// The store's record of how its chunks are named and sealed.
+pub const STORE_RECORD_KEY: &str = "store.json";
+
+/// `store.json`: whether the store's chunks are encrypted, and a check of the key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoreRecord {
+    format: u32,
+    encrypted: bool,
+    key_check: Option<String>,
+}
+
+/// Checks that `client` names and seals chunks as the store does (the same key, or no key on
+/// both sides), from the store's record. A writer (`create`) writes the record if there is
+/// none, by conditional create; a store that holds packs already and no record was written in
+/// the clear, before records, and cannot start being encrypted. Returns whether the store is
+/// encrypted.
+pub async fn check_sealing(
+    client: &ObjectStoreClient,
+    create: bool,
+) -> Result<bool, PointStoreError> {
+    let ours = StoreRecord {
+        format: 1,
+        encrypted: client.sealing().is_encrypted(),
+        key_check: client.sealing().key_check(),
+    };
+    let mut stored = read_store_record(client).await?;
+    if stored.is_none() {
+        let has_packs = !client.list("packs").await?.is_empty();
+        if has_packs && ours.encrypted {
+            return Err(PointStoreError::Sealing(
+                "the store holds chunks written in the clear (before it had a record of its \
+                 encryption); [store] encryption_key cannot apply to it: use a new bucket for \
+                 encrypted points"
+                    .to_owned(),
+            ));
+        }
+        if !create || has_packs {
+            return Ok(false);
+        }
+        let encoded = serde_json::to_vec(&ours).expect("a store record serializes");
+        client.put_if_absent(STORE_RECORD_KEY, encoded).await?;
+        stored = read_store_record(client).await?;
+    }
+    let Some(stored) = stored else {
+        return Err(PointStoreError::Missing(STORE_RECORD_KEY.to_owned()));
+    };
+    match (stored.encrypted, ours.encrypted) {
+        (true, false) => Err(PointStoreError::Sealing(
+            "the store's chunks are encrypted, and [store] has no encryption_key".to_owned(),
+        )),
+        (false, true) => Err(PointStoreError::Sealing(
+            "the store's chunks are in the clear, and [store] has an encryption_key: remove \
+             it, or use a new bucket for encrypted points"
+                .to_owned(),
+        )),
+        (true, true) if stored.key_check != ours.key_check => Err(PointStoreError::Sealing(
+            "[store] encryption_key is not the key of the store's chunks (its check differs)"
+                .to_owned(),
+        )),
+        (encrypted, _) => Ok(encrypted),
+    }
+}
+
+async fn read_store_record(
+    client: &ObjectStoreClient,
+) -> Result<Option<StoreRecord>, PointStoreError> {
+    let Some((bytes, _)) = client.get(STORE_RECORD_KEY, 4096).await? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|error| PointStoreError::Layout {
+            key: STORE_RECORD_KEY.to_owned(),
+            source: LayoutError::Malformed {
+                what: "store record",
+                detail: error.to_string(),
+            },
+        })
+}
+
 /// The largest pack index read.
 const MAX_INDEX_BYTES: usize = 1 << 20;
 
@@ -75,6 +156,9 @@ pub enum PointStoreError {
     /// An object the layout needs is not in the store.
     #[error("object store: {0} is missing")]
     Missing(String),
+    /// This client's encryption (or its absence) is not the store's.
+    #[error("object store: {0}")]
+    Sealing(String),
     /// The commit took too long after reading the pack indexes: a collection may have
     /// deleted a pack it deduplicated into, so it does not commit.
     #[error(
@@ -255,14 +339,14 @@ pub async fn upload_changes(
             upload.references.insert(chunk, None);
             continue;
         }
-        let id = layout::chunk_id(content);
+        let id = client.sealing().chunk_id(content);
         upload.references.insert(chunk, Some(id));
         if locations.contains(&id) || builder.contains(&id) {
             report.deduplicated_chunks += 1;
             continue;
         }
         builder
-            .add(content, settings.level)
+            .add(content, settings.level, client.sealing())
             .map_err(layout_error("a pack being built"))?;
         if builder.is_full() {
             let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
@@ -889,9 +973,10 @@ async fn repack(
             let stored = bytes
                 .get(start..start + entry.stored_len as usize)
                 .ok_or_else(|| PointStoreError::Missing(format!("{key}: bytes of a chunk")))?;
-            let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
+            let content = layout::chunk_from_stored(stored, entry, client.sealing())
+                .map_err(layout_error(&key))?;
             builder
-                .add(&content, settings.level)
+                .add(&content, settings.level, client.sealing())
                 .map_err(layout_error("a repacked pack"))?;
             if builder.is_full() {
                 let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
@@ -918,7 +1003,7 @@ pub async fn read_chunk(
     let stored = client
         .get_range(&key, entry.offset, u64::from(entry.stored_len))
         .await?;
-    layout::chunk_from_stored(&stored, entry).map_err(layout_error(&key))
+    layout::chunk_from_stored(&stored, entry, client.sealing()).map_err(layout_error(&key))
 }
 
 /// The whole image of a point, in memory (small volumes and tests; a restore streams).
@@ -1094,7 +1179,8 @@ async fn fetch_run(
     for (chunk, entry) in &run.chunks {
         let start = (entry.offset - run.offset) as usize;
         let stored = &bytes[start..start + entry.stored_len as usize];
-        let content = layout::chunk_from_stored(stored, entry).map_err(layout_error(&key))?;
+        let content = layout::chunk_from_stored(stored, entry, client.sealing())
+            .map_err(layout_error(&key))?;
         sink(*chunk, &content)?;
     }
     Ok((run.len, run.chunks.len() as u64))
@@ -1138,6 +1224,7 @@ mod tests {
 
     fn entry(seed: u8, offset: u64, stored_len: u32) -> layout::IndexEntry {
         layout::IndexEntry {
+            sealed: false,
             id: [seed; 32],
             offset,
             stored_len,

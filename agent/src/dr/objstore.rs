@@ -50,6 +50,8 @@ pub struct StoreConfig {
     pub gc_every: Option<Duration>,
     /// A collection's grace: how long a new or condemned pack is left alone.
     pub gc_grace: Duration,
+    /// The key of encryption at rest (`None`: chunks are stored in the clear).
+    pub encryption_key: Option<[u8; 32]>,
 }
 
 /// The lease of `[store]` by default.
@@ -149,6 +151,7 @@ pub enum LeaseOutcome {
 #[derive(Clone, Debug)]
 pub struct ObjectStoreClient {
     store: Arc<dyn ObjectStore>,
+    sealing: crate::dr::layout::Sealing,
 }
 
 /// The key of a volume's lease object.
@@ -188,7 +191,16 @@ impl ObjectStoreClient {
             .map_err(|e| config_error(e.to_string()))?;
         Ok(Self {
             store: Arc::new(store),
+            sealing: match &config.encryption_key {
+                Some(key) => crate::dr::layout::Sealing::encrypted(key),
+                None => crate::dr::layout::Sealing::plain(),
+            },
         })
+    }
+
+    /// How this client names and seals chunks (the `[store]` encryption key, if any).
+    pub fn sealing(&self) -> &crate::dr::layout::Sealing {
+        &self.sealing
     }
 
     /// The object `key` and its ETag, or `None` if there is none. Objects larger than `limit`

@@ -292,6 +292,8 @@ pub struct Publisher {
     lease_requests: tokio::sync::Mutex<()>,
     /// Volumes whose source record matched this receiver's.
     sources: Mutex<HashMap<String, SourceRecord>>,
+    /// Whether the store's record of its encryption matched this receiver's key.
+    sealing_checked: std::sync::atomic::AtomicBool,
     /// Per volume: the store's points and when each was received (for retention), as learnt
     /// under the lease token kept with them.
     ages: Mutex<HashMap<String, StorePointAges>>,
@@ -324,6 +326,7 @@ impl Publisher {
             view: tokio::sync::Mutex::new(None),
             volumes: Mutex::new(HashMap::new()),
             sources: Mutex::new(HashMap::new()),
+            sealing_checked: std::sync::atomic::AtomicBool::new(false),
             ages: Mutex::new(HashMap::new()),
             gc_every: config.gc_every,
             gc_grace: config.gc_grace,
@@ -530,6 +533,14 @@ impl Publisher {
         // The lease first, even with nothing to publish: an agent is refused before it syncs
         // to a receiver that may not write the volume.
         let token = self.hold_lease(&name).await?;
+        if !self
+            .sealing_checked
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            objpoints::check_sealing(&self.client, true).await?;
+            self.sealing_checked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.check_source(&name, source).await?;
         // What this receiver remembers of the store is true only if nobody else held the
         // volume since: a lease taken anew (another token) means read the store again.
@@ -865,6 +876,7 @@ pub async fn collect_once(
     grace: Duration,
     dry_run: bool,
 ) -> Result<Option<objpoints::GcReport>, PublishError> {
+    objpoints::check_sealing(client, false).await?;
     if !dry_run {
         let outcome = client
             .acquire_lease_at(
