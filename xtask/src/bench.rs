@@ -104,6 +104,24 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// Simulated agents (the real protocol over QUIC, devices in memory) replicating at once
+    /// to three receivers on one Ceph cluster, one receiver killed midway: every cycle must
+    /// commit and every volume's newest point equal its device; reports commits per second
+    /// and the commit latency's tail (release build).
+    Load {
+        /// Simulated agents (volumes).
+        #[arg(long, default_value_t = 200)]
+        agents: u32,
+        /// Cycles each commits.
+        #[arg(long, default_value_t = 5)]
+        cycles: u32,
+        /// Volume size in MiB.
+        #[arg(long, default_value_t = 16)]
+        size_mib: u64,
+        /// Seconds between an agent's cycles.
+        #[arg(long, default_value_t = 5)]
+        interval_s: u64,
+    },
 }
 
 pub fn run(which: Which) -> Result<()> {
@@ -161,6 +179,41 @@ pub fn run(which: Which) -> Result<()> {
                     ])
                     .env("BLKMIRROR_BENCH_STORE_MIB", size_mib.to_string())
                     .env("BLKMIRROR_BENCH_STORE_ROUNDS", rounds.to_string()),
+            )
+        }
+        Which::Load {
+            agents,
+            cycles,
+            size_mib,
+            interval_s,
+        } => {
+            crate::exec(crate::cargo().args([
+                "build",
+                "--locked",
+                "--release",
+                "-p",
+                "blkmirror",
+            ]))?;
+            crate::exec(
+                crate::cargo()
+                    .args([
+                        "test",
+                        "--locked",
+                        "--release",
+                        "-p",
+                        "blkmirror-tests",
+                        "--test",
+                        "store_load",
+                        "--",
+                        "--ignored",
+                        "--exact",
+                        "bench_load_of_simulated_agents",
+                        "--nocapture",
+                    ])
+                    .env("BLKMIRROR_LOAD_AGENTS", agents.to_string())
+                    .env("BLKMIRROR_LOAD_CYCLES", cycles.to_string())
+                    .env("BLKMIRROR_LOAD_MIB", size_mib.to_string())
+                    .env("BLKMIRROR_LOAD_INTERVAL_S", interval_s.to_string()),
             )
         }
         Which::Relay { seconds } => crate::exec(crate::cargo().args([

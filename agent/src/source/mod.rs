@@ -6,4 +6,5 @@ pub mod app_hooks;
 pub mod failback;
 pub mod freeze;
 pub mod group;
+pub mod loadgen;
 pub mod read;
