@@ -252,7 +252,7 @@ async fn upload_pack(
     builder: PackBuilder,
     locations: &mut ChunkLocations,
     report: &mut CommitReport,
-) -> Result<(), PointStoreError> {
+) -> Result<(PackId, Vec<layout::IndexEntry>), PointStoreError> {
     let pack = builder.finish();
     let index = layout::encode_index(&pack.index);
     report.packs += 1;
@@ -265,7 +265,7 @@ async fn upload_pack(
         .put_if_absent(&layout::index_key(&pack.id), index)
         .await?;
     locations.add(pack.id, &pack.index, false);
-    Ok(())
+    Ok((pack.id, pack.index))
 }
 
 /// Commits `commit` on top of `base` (the volume's newest point, or an empty map for its
@@ -306,6 +306,89 @@ pub struct Upload {
     references: BTreeMap<u64, Option<ChunkId>>,
     /// What was done.
     report: CommitReport,
+    /// When the oldest view this upload deduplicated against was read: the manifest must be
+    /// created within `max_view_age` of it.
+    view_read_at: Option<Instant>,
+}
+
+impl Upload {
+    fn saw(&mut self, view: &StoreView) {
+        self.view_read_at = Some(
+            self.view_read_at
+                .map_or(view.read_at, |seen| seen.min(view.read_at)),
+        );
+    }
+}
+
+/// Chunks a batch must store (deduplicated against the view and within the batch), in the
+/// order of the batch.
+pub struct ToStore(Vec<Vec<u8>>);
+
+/// The packs a batch stored: add them to the view ([`StoreView::add_packs`]).
+pub struct Stored(Vec<(PackId, Vec<layout::IndexEntry>)>);
+
+impl StoreView {
+    /// Makes `stored` packs known to later commits.
+    pub fn add_packs(&mut self, stored: &Stored) {
+        for (id, index) in &stored.0 {
+            self.locations.add(*id, index, false);
+        }
+    }
+}
+
+/// The first half of a batch ([`upload_changes`] in two steps, so that a view shared by
+/// concurrent commits is locked only while it is looked up, not while packs upload): records
+/// every chunk's reference in `upload` and returns the chunks the store lacks.
+pub fn plan_batch(
+    sealing: &layout::Sealing,
+    view: &StoreView,
+    changes: &BTreeMap<u64, Vec<u8>>,
+    upload: &mut Upload,
+) -> ToStore {
+    upload.saw(view);
+    upload.report.changed_chunks += changes.len() as u64;
+    let mut planned = HashSet::new();
+    let mut to_store = Vec::new();
+    for (&chunk, content) in changes {
+        if content.iter().all(|&b| b == 0) {
+            upload.references.insert(chunk, None);
+            continue;
+        }
+        let id = sealing.chunk_id(content);
+        upload.references.insert(chunk, Some(id));
+        if view.locations.contains(&id) || !planned.insert(id) {
+            upload.report.deduplicated_chunks += 1;
+            continue;
+        }
+        to_store.push(content.clone());
+    }
+    ToStore(to_store)
+}
+
+/// The second half of a batch: packs and uploads the chunks [`plan_batch`] returned (two
+/// concurrent commits may both store a chunk; a collection keeps one copy).
+pub async fn store_batch(
+    client: &ObjectStoreClient,
+    to_store: ToStore,
+    settings: PackSettings,
+    upload: &mut Upload,
+) -> Result<Stored, PointStoreError> {
+    let mut locations = ChunkLocations::default();
+    let mut stored = Vec::new();
+    let mut builder = PackBuilder::new(settings.target_bytes);
+    for content in &to_store.0 {
+        builder
+            .add(content, settings.level, client.sealing())
+            .map_err(layout_error("a pack being built"))?;
+        if builder.is_full() {
+            let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
+            stored.push(upload_pack(client, full, &mut locations, &mut upload.report).await?);
+        }
+    }
+    if !builder.is_empty() {
+        stored.push(upload_pack(client, builder, &mut locations, &mut upload.report).await?);
+    }
+    Ok(Stored(stored))
 }
 
 /// The point a manifest records.
@@ -330,6 +413,7 @@ pub async fn upload_changes(
     settings: PackSettings,
     upload: &mut Upload,
 ) -> Result<(), PointStoreError> {
+    upload.saw(view);
     let locations = &mut view.locations;
     let report = &mut upload.report;
     report.changed_chunks += changes.len() as u64;
@@ -373,6 +457,7 @@ pub async fn create_manifest(
     let Upload {
         references,
         mut report,
+        view_read_at,
     } = upload;
     let seq = point.point.seq;
     let (manifest, map) = base.next_manifest(
@@ -391,7 +476,7 @@ pub async fn create_manifest(
             missing.len()
         )));
     }
-    let elapsed = view.read_at.elapsed();
+    let elapsed = view_read_at.unwrap_or(view.read_at).elapsed();
     if elapsed > settings.max_view_age {
         return Err(PointStoreError::StaleView {
             volume: point.volume.to_owned(),

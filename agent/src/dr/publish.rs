@@ -288,8 +288,9 @@ pub struct Publisher {
     /// Per volume: the store's newest point (taken out while a publish runs; a volume has one
     /// session at a time).
     volumes: Mutex<HashMap<String, Published>>,
-    /// Serializes this receiver's lease requests.
-    lease_requests: tokio::sync::Mutex<()>,
+    /// Serializes this receiver's lease requests per volume (a renewal racing a publish's
+    /// would make one of two conditional writes fail as if another receiver held the lease).
+    lease_requests: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Volumes whose source record matched this receiver's.
     sources: Mutex<HashMap<String, SourceRecord>>,
     /// Whether the store's record of its encryption matched this receiver's key.
@@ -330,7 +331,7 @@ impl Publisher {
             ages: Mutex::new(HashMap::new()),
             gc_every: config.gc_every,
             gc_grace: config.gc_grace,
-            lease_requests: tokio::sync::Mutex::new(()),
+            lease_requests: Mutex::new(HashMap::new()),
             health: Mutex::new(StoreHealth {
                 store: format!("{} bucket {}", config.endpoint, config.bucket),
                 ..StoreHealth::default()
@@ -379,7 +380,14 @@ impl Publisher {
     async fn hold_lease(&self, volume: &str) -> Result<u64, PublishError> {
         // One lease request at a time: a renewal racing a publish's would make one of the two
         // conditional writes fail as if another receiver had taken the lease.
-        let _serial = self.lease_requests.lock().await;
+        let serial = self
+            .lease_requests
+            .lock()
+            .expect("lease requests lock")
+            .entry(volume.to_owned())
+            .or_default()
+            .clone();
+        let _serial = serial.lock().await;
         let mut outcome = self.acquire(volume).await?;
         if outcome.1 == LeaseOutcome::LostRace {
             // Read again: the write that beat ours may have been a renewal of our own.
@@ -803,8 +811,6 @@ impl Publisher {
             (Some(base), Some(_)) => base.map,
             _ => ChunkMap::default(),
         };
-        let mut view = self.fresh_view().await?;
-        let view = view.as_mut().expect("a view was loaded");
         let mut upload = objpoints::Upload::default();
         let per_batch = (BATCH_BYTES / chunk_bytes.max(1)).max(1);
         let mut chunks = ranges.into_iter().flat_map(|(first, end)| first..end);
@@ -826,8 +832,18 @@ impl Publisher {
                 .await
                 .expect("read task")?
             };
-            objpoints::upload_changes(&self.client, view, &changes, self.settings, &mut upload)
-                .await?;
+            // The shared view is locked to look chunks up and to add the new packs, not while
+            // they upload: the receiver's volumes publish side by side.
+            let to_store = {
+                let view = self.fresh_view().await?;
+                let view = view.as_ref().expect("a view was loaded");
+                objpoints::plan_batch(self.client.sealing(), view, &changes, &mut upload)
+            };
+            let stored =
+                objpoints::store_batch(&self.client, to_store, self.settings, &mut upload).await?;
+            if let Some(view) = self.view.lock().await.as_mut() {
+                view.add_packs(&stored);
+            }
             if lease_renewed.elapsed() > self.lease_for / 3 {
                 self.hold_again(name, token).await?;
                 lease_renewed = Instant::now();
@@ -835,9 +851,10 @@ impl Publisher {
         }
         self.hold_again(name, token).await?;
         let seq = point.seq;
+        let view = self.fresh_view().await?;
         let (commit, map) = objpoints::create_manifest(
             &self.client,
-            view,
+            view.as_ref().expect("a view was loaded"),
             &base_map,
             ManifestToCreate {
                 volume: name,
@@ -849,6 +866,7 @@ impl Publisher {
             self.settings,
         )
         .await?;
+        drop(view);
         Ok((
             PublishReport {
                 seq,
