@@ -137,7 +137,7 @@ fn run_load(load: &Load) -> String {
                 // Spread the initial syncs over the first seconds.
                 tokio::time::sleep(Duration::from_millis(20 * i as u64)).await;
                 let report =
-                    loadgen::run(&endpoint, &client_config, &agent, Duration::from_secs(120))
+                    loadgen::run(&endpoint, &client_config, &agent, Duration::from_secs(300))
                         .await
                         .map_err(|error| format!("{}: {error}", agent.volume));
                 (i, report)

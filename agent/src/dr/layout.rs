@@ -1219,6 +1219,18 @@ impl ChunkLocations {
         }
     }
 
+    /// Where the chunks of `map` are (those known here): a small copy for a long read, so
+    /// that the whole set need not stay locked.
+    pub fn subset(&self, map: &ChunkMap) -> ChunkLocations {
+        ChunkLocations {
+            by_chunk: map
+                .chunks
+                .values()
+                .filter_map(|id| Some((*id, self.by_chunk.get(id)?.clone())))
+                .collect(),
+        }
+    }
+
     /// Where a chunk can be read (from a condemned pack too: a point that a commit made
     /// reference it is still readable until the next collection revives the pack).
     pub fn get(&self, id: &ChunkId) -> Option<(&PackId, &IndexEntry)> {

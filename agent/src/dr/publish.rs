@@ -514,6 +514,22 @@ impl Publisher {
         Ok(slot)
     }
 
+    /// The pack view, read again if it lacks a chunk of `map` (another receiver stored it
+    /// since this one read the indexes: the point was published elsewhere).
+    async fn view_covering(
+        &self,
+        map: &ChunkMap,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<StoreView>>, PublishError> {
+        let mut slot = self.fresh_view().await?;
+        let lacking = slot
+            .as_ref()
+            .is_some_and(|view| !view.locations.missing(map).is_empty());
+        if lacking {
+            *slot = Some(objpoints::load_view(&self.client).await?);
+        }
+        Ok(slot)
+    }
+
     async fn publish_inner(
         &self,
         volume: &Arc<Mutex<Volume>>,
@@ -720,8 +736,15 @@ impl Publisher {
             let volume = volume.lock().expect("volume lock");
             (volume.meta().size_bytes, volume.meta().chunk_bytes)
         };
-        let view = self.fresh_view().await?;
-        let view = view.as_ref().expect("a view was loaded");
+        // Where the point's chunks are, copied out of the shared view: the fetch may be long,
+        // and the receiver's other volumes publish meanwhile.
+        let locations = self
+            .view_covering(&newest.map)
+            .await?
+            .as_ref()
+            .expect("a view was loaded")
+            .locations
+            .subset(&newest.map);
         {
             let volume = volume.clone();
             tokio::task::spawn_blocking(move || {
@@ -752,7 +775,7 @@ impl Publisher {
         };
         let fetched = objpoints::read_point_into(
             &self.client,
-            &view.locations,
+            &locations,
             &newest.map,
             geometry,
             FETCH_PARALLEL_READS,
@@ -851,7 +874,9 @@ impl Publisher {
         }
         self.hold_again(name, token).await?;
         let seq = point.seq;
-        let view = self.fresh_view().await?;
+        // The new point references the base's chunks too, which another receiver may have
+        // stored after this one read the indexes.
+        let view = self.view_covering(&base_map).await?;
         let (commit, map) = objpoints::create_manifest(
             &self.client,
             view.as_ref().expect("a view was loaded"),

@@ -223,9 +223,12 @@ pub async fn run(
                 runner.report.committed_seq = runner.session.record().committed_seq;
                 return Ok(runner.report);
             }
-            Err(error) if error.retryable() && last_progress.elapsed() < patience => {
+            Err(error) if error.retryable() => {
                 if runner.report.commits.len() > before {
                     last_progress = Instant::now();
+                }
+                if last_progress.elapsed() > patience {
+                    return Err(error);
                 }
                 runner.report.reconnects += 1;
                 attempt += 1;
