@@ -41,8 +41,15 @@
 //! runs every `gc_every` if it gets the store-wide collection lease, or an operator runs with
 //! `blkmirror store gc`.
 //!
-//! Not built yet: the fencing token in manifests. A receiver publishes one point at a time
-//! (the pack view is shared).
+//! # Concurrency
+//!
+//! A receiver's volumes publish side by side. The pack view (every chunk's location) is
+//! shared: it is locked to look a batch's chunks up and to add the packs a batch stored, not
+//! while packs upload; two volumes storing one new chunk at once both store it (a collection
+//! keeps one copy). A point whose chunks the view lacks (another receiver stored them since
+//! the view was read) reads the view again before it is fetched or committed on.
+//!
+//! Not built yet: the fencing token in manifests.
 
 use std::{
     collections::{BTreeMap, HashMap},
