@@ -124,6 +124,31 @@ pub enum Which {
     },
 }
 
+/// Builds the release binary, then runs the ignored test `name` of `file` (a benchmark that
+/// needs the tests' harness, such as a Ceph cluster) in release, with `env`.
+fn release_bench_test(file: &str, name: &str, env: &[(&str, String)]) -> Result<()> {
+    crate::exec(crate::cargo().args(["build", "--locked", "--release", "-p", "blkmirror"]))?;
+    let mut test = crate::cargo();
+    test.args([
+        "test",
+        "--locked",
+        "--release",
+        "-p",
+        "blkmirror-tests",
+        "--test",
+        file,
+        "--",
+        "--ignored",
+        "--exact",
+        name,
+        "--nocapture",
+    ]);
+    for (key, value) in env {
+        test.env(key, value);
+    }
+    crate::exec(&mut test)
+}
+
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::Tracking {
@@ -153,69 +178,29 @@ pub fn run(which: Which) -> Result<()> {
         Which::Rpo(cases) => crate::bench_rpo::rpo(&cases),
         Which::Compression(cases) => crate::bench_compression::compression(&cases),
         Which::Export { size_mib, rounds } => crate::bench_export::export(size_mib, rounds),
-        Which::Store { size_mib, rounds } => {
-            crate::exec(crate::cargo().args([
-                "build",
-                "--locked",
-                "--release",
-                "-p",
-                "blkmirror",
-            ]))?;
-            crate::exec(
-                crate::cargo()
-                    .args([
-                        "test",
-                        "--locked",
-                        "--release",
-                        "-p",
-                        "blkmirror-tests",
-                        "--test",
-                        "store_receivers",
-                        "--",
-                        "--ignored",
-                        "--exact",
-                        "bench_restore_from_the_store_against_its_bulk_read",
-                        "--nocapture",
-                    ])
-                    .env("BLKMIRROR_BENCH_STORE_MIB", size_mib.to_string())
-                    .env("BLKMIRROR_BENCH_STORE_ROUNDS", rounds.to_string()),
-            )
-        }
+        Which::Store { size_mib, rounds } => release_bench_test(
+            "store_receivers",
+            "bench_restore_from_the_store_against_its_bulk_read",
+            &[
+                ("BLKMIRROR_BENCH_STORE_MIB", size_mib.to_string()),
+                ("BLKMIRROR_BENCH_STORE_ROUNDS", rounds.to_string()),
+            ],
+        ),
         Which::Load {
             agents,
             cycles,
             size_mib,
             interval_s,
-        } => {
-            crate::exec(crate::cargo().args([
-                "build",
-                "--locked",
-                "--release",
-                "-p",
-                "blkmirror",
-            ]))?;
-            crate::exec(
-                crate::cargo()
-                    .args([
-                        "test",
-                        "--locked",
-                        "--release",
-                        "-p",
-                        "blkmirror-tests",
-                        "--test",
-                        "store_load",
-                        "--",
-                        "--ignored",
-                        "--exact",
-                        "bench_load_of_simulated_agents",
-                        "--nocapture",
-                    ])
-                    .env("BLKMIRROR_LOAD_AGENTS", agents.to_string())
-                    .env("BLKMIRROR_LOAD_CYCLES", cycles.to_string())
-                    .env("BLKMIRROR_LOAD_MIB", size_mib.to_string())
-                    .env("BLKMIRROR_LOAD_INTERVAL_S", interval_s.to_string()),
-            )
-        }
+        } => release_bench_test(
+            "store_load",
+            "bench_load_of_simulated_agents",
+            &[
+                ("BLKMIRROR_LOAD_AGENTS", agents.to_string()),
+                ("BLKMIRROR_LOAD_CYCLES", cycles.to_string()),
+                ("BLKMIRROR_LOAD_MIB", size_mib.to_string()),
+                ("BLKMIRROR_LOAD_INTERVAL_S", interval_s.to_string()),
+            ],
+        ),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
             "run",
             "--locked",
