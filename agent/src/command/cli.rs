@@ -90,7 +90,7 @@ pub enum Command {
     /// The receiver's audit log.
     #[command(subcommand)]
     Audit(AuditCommand),
-    /// The object store of a receiver.toml's `[store]`: garbage collection, usage.
+    /// The object store of a receiver.toml's `[store]`: garbage collection, usage, its encryption key.
     #[command(subcommand)]
     Store(StoreCommand),
     /// Configuration files.
