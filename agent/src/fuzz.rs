@@ -71,6 +71,13 @@ pub fn store_layout(bytes: &[u8]) {
     if let Ok(index) = layout::decode_index(bytes, None) {
         assert_eq!(layout::encode_index(&index), bytes);
     }
+    // The store's shared grants record: what decodes encodes back to a record that decodes
+    // the same.
+    if let Ok(record) = crate::dr::grantstore::GrantsRecord::decode(bytes) {
+        let again = crate::dr::grantstore::GrantsRecord::decode(&record.encode())
+            .expect("an encoded record decodes");
+        assert_eq!(again, record);
+    }
     if let Ok(index) = layout::index_of_pack(bytes) {
         for entry in &index {
             let start = entry.offset as usize;
@@ -149,6 +156,14 @@ pub fn audit_log(bytes: &[u8]) {
     let (head, body) = text.split_once('\n').unwrap_or((text, ""));
     let _ = log.verify_text(body, Some(head));
     let _ = log.verify_text(text, None);
+    // The same text as a block of the store's shared chain, and as a receiver's log compared
+    // with a chain.
+    let mut chain = crate::dr::auditchain::ChainVerifier::default();
+    if chain.add(1, bytes).is_ok() {
+        let report = chain.report();
+        assert_eq!(report.blocks, 1);
+        let _ = crate::dr::auditchain::compare_local(&report, body);
+    }
 }
 
 /// Both configuration parsers on arbitrary text.
@@ -438,6 +453,34 @@ mod tests {
         let mut seed = std::fs::read(tmp.0.join("audit.head")).unwrap();
         seed.extend(std::fs::read(tmp.0.join("audit.log")).unwrap());
         write("audit_log", "three-entries", &seed);
+        // The same log as block 1 of a store's shared chain.
+        {
+            use crate::dr::auditchain::{BlockHeader, CHAIN_FORMAT, encode_block};
+            let text = std::fs::read_to_string(tmp.0.join("audit.log")).unwrap();
+            let first = text.lines().next().unwrap();
+            let chain = &first[first.rfind("\"hash\":\"").unwrap() + 8..first.len() - 2];
+            let header = BlockHeader {
+                format: CHAIN_FORMAT,
+                block: 1,
+                prev_block: crate::dr::audit::GENESIS.to_owned(),
+                receiver: "dr-1/0123456789abcdef".into(),
+                chain: chain.to_owned(),
+                first_seq: 1,
+                entries: 3,
+            };
+            let block = encode_block(&header, &text);
+            assert!(crate::dr::auditchain::decode_block(1, &block).is_ok());
+            write("audit_log", "chain-block", &block);
+        }
+        // A grants record of the store.
+        let grants =
+            crate::dr::receiver::parse_grants(&[format!("{}=db,logs", "ab".repeat(32))]).unwrap();
+        write(
+            "store_layout",
+            "grants",
+            &crate::dr::grantstore::GrantsRecord::of(&grants, 3, "ops@dr-1", 1_700_000_000_000)
+                .encode(),
+        );
         // A pack of two chunks (one compressible), its index, and a full and a delta manifest.
         {
             use crate::dr::layout::{self, ChunkMap, PackBuilder};

@@ -557,6 +557,34 @@ pub enum StoreCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// The grants that every receiver of the store enforces: shows them and how they differ
+    /// from this file's `[[agent]]` list; `--publish` replaces them with that list (every
+    /// receiver applies it within 5 s, closing the sessions whose grant was withdrawn).
+    Grants {
+        /// A receiver.toml with the `[store]` and, for `--publish`, the `[[agent]]` list.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Write this file's `[[agent]]` list to the store as the new version.
+        #[arg(long)]
+        publish: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the audit chain that the receivers of the store share: every block follows the
+    /// one before it and every receiver's entries continue its own log's hash chain (exit 7
+    /// if not). With `--log`, also check that a receiver's own log agrees with its copy.
+    Audit {
+        /// The receiver.toml whose `[store]` to read.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// A receiver's audit log to compare with the store's copy of it.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// What the store holds: volumes, points, packs, and the dedup ratio across volumes.
     Usage {
         /// The receiver.toml whose `[store]` to read.
@@ -1038,6 +1066,36 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
                 Err(error) => fail(ExitCode::Usage, error),
             };
+        }
+        Command::Store(StoreCommand::Grants {
+            config: file,
+            publish,
+            json,
+        }) => {
+            let settings = match config::load_receiver(&file) {
+                Ok(settings) => settings,
+                Err(error) => return fail(ExitCode::Config, error),
+            };
+            let Some(store) = settings.store else {
+                return fail(
+                    ExitCode::Config,
+                    format!("{}: no [store] section: no object store", file.display()),
+                );
+            };
+            let own = match crate::dr::receiver::parse_grants(&settings.allow) {
+                Ok(grants) => grants,
+                Err(error) => return fail(ExitCode::Config, error),
+            };
+            return ops_result(crate::dr::fromstore::grants(
+                &store, &file, &own, publish, json,
+            ));
+        }
+        Command::Store(StoreCommand::Audit { config, log, json }) => {
+            let store = match store_of(&config) {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
+            return ops_result(crate::dr::fromstore::audit(&store, log.as_deref(), json));
         }
         Command::Store(StoreCommand::Usage { config, json }) => {
             let store = match store_of(&config) {

@@ -294,6 +294,11 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
             }
         }
     };
+    // With a store, the store's grants are the ones in force (`dr::grantstore`).
+    let (grants, grants_version) = match &publisher {
+        None => (grants, None),
+        Some(publisher) => runtime.block_on(store_grants(publisher, grants)),
+    };
     let config = ReceiverConfig {
         listen: settings.listen,
         data_dir: settings.data_dir.clone(),
@@ -303,6 +308,7 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         retention: settings.retention,
         status: board.clone(),
         publisher,
+        grants_version,
     };
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
@@ -360,6 +366,55 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         Ok(()) => ExitCode::Success,
         Err(DaemonError::Service(error)) => fail(ExitCode::Environment, error),
         Err(error) => fail(ExitCode::Failure, error),
+    }
+}
+
+/// The grants to enforce at start with a store: the store's (seeded with `own` if it has
+/// none), or `own` while the store cannot be read (the receiver keeps trying).
+async fn store_grants(
+    publisher: &crate::dr::publish::Publisher,
+    own: receiver::Grants,
+) -> (receiver::Grants, Option<u64>) {
+    let seeded = tokio::time::timeout(
+        Duration::from_secs(30),
+        crate::dr::grantstore::seed(
+            publisher.client(),
+            &own,
+            publisher.holder(),
+            status::now_ms(),
+        ),
+    )
+    .await
+    .map_err(|_| "no answer within 30 s".to_owned())
+    .and_then(|result| result.map_err(|error| error.to_string()))
+    .and_then(|record| Ok((record.grants().map_err(|e| e.to_string())?, record)));
+    match seeded {
+        Ok((grants, record)) => {
+            if grants != own {
+                tracing::warn!(
+                    target: "blkmirror receiver",
+                    "the store's grants ({}) differ from this receiver's [[agent]] list, and \
+                     are the ones in force; `blkmirror store grants --config FILE` shows both",
+                    record.summary()
+                );
+            } else {
+                tracing::info!(
+                    target: "blkmirror receiver",
+                    "the store's grants are in force: {}",
+                    record.summary()
+                );
+            }
+            publisher.set_grants_version(record.version);
+            (grants, Some(record.version))
+        }
+        Err(error) => {
+            tracing::warn!(
+                target: "blkmirror receiver",
+                "the store's grants could not be read ({error}); this receiver's [[agent]] \
+                 list is in force until they can"
+            );
+            (own, None)
+        }
     }
 }
 

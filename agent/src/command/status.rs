@@ -475,6 +475,21 @@ pub fn render(snapshot: &Snapshot) -> String {
             }
             None => {}
         }
+        let grants = match store.grants_version {
+            Some(version) => format!("store's, version {version}"),
+            None => "this receiver's [[agent]] list (the store's not read yet)".to_owned(),
+        };
+        let _ = writeln!(out, "    grants       {grants}");
+        let _ = writeln!(
+            out,
+            "    audit chain  {} entr{} copied{}",
+            store.audit_shipped,
+            if store.audit_shipped == 1 { "y" } else { "ies" },
+            match &store.audit_error {
+                Some(error) => format!(", FAILING: {error}"),
+                None => String::new(),
+            }
+        );
     }
     for s in &snapshot.volumes {
         let _ = writeln!(out, "\n  {} ({})", s.volume, s.source);
@@ -789,7 +804,13 @@ impl Collector for SnapshotCollector {
                     .encode_descriptor(name, help, None, MetricType::Gauge)?
                     .encode_gauge(&value)?;
             }
-            let counters: [(&str, &str, u64); 5] = [
+            let counters: [(&str, &str, u64); 6] = [
+                (
+                    "blkmirror_store_audit_shipped_entries",
+                    "(receiver) Entries of this receiver's audit log copied to the store's \
+                     shared audit chain.",
+                    store.audit_shipped,
+                ),
                 (
                     "blkmirror_store_pruned_points",
                     "(receiver) Points retention deleted from the object store.",
@@ -922,6 +943,9 @@ mod tests {
                 error: None,
             }),
             gc_deleted_bytes: 64 << 20,
+            grants_version: Some(4),
+            audit_shipped: 12,
+            audit_error: Some("object store: creating audit/blocks/9: refused".into()),
         });
         let snap = board.snapshot(0);
         let text = render(&snap);
@@ -933,6 +957,11 @@ mod tests {
         );
         assert!(text.contains("reading volumes/db/lease: refused"), "{text}");
         assert!(text.contains("retention    3 point(s) dropped"), "{text}");
+        assert!(text.contains("grants       store's, version 4"), "{text}");
+        assert!(
+            text.contains("audit chain  12 entries copied, FAILING: object store: creating"),
+            "{text}"
+        );
         assert!(
             text.contains("2 pack(s) deleted (64 MiB freed of 1 GiB), 1 repacked"),
             "{text}"
@@ -940,6 +969,7 @@ mod tests {
         let metrics = prometheus(&snap);
         for expected in [
             "blkmirror_store_pruned_points_total 3",
+            "blkmirror_store_audit_shipped_entries_total 12",
             "blkmirror_store_gc_deleted_bytes_total 67108864",
             "blkmirror_store_reachable 0",
             "blkmirror_store_publish_seconds 1.5",

@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use crate::{durable, tracker::sys};
 
 /// The hash before the first entry.
-const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// An audit line longer than this is corrupt.
-const MAX_LINE: usize = 64 * 1024;
+pub(crate) const MAX_LINE: usize = 64 * 1024;
 
 /// Audit log errors.
 #[derive(Debug, thiserror::Error)]
@@ -132,13 +132,13 @@ fn format_1() -> u32 {
     1
 }
 
-fn entry_hash(body: &str) -> String {
+pub(crate) fn entry_hash(body: &str) -> String {
     blake3::hash(body.as_bytes()).to_hex().to_string()
 }
 
 /// Splits a line into the entry's text (with `hash` removed, closing brace restored) and the
 /// hash it claims.
-fn split_line(line: &str) -> Option<(String, &str)> {
+pub(crate) fn split_line(line: &str) -> Option<(String, &str)> {
     const MARK: &str = ",\"hash\":\"";
     let at = line.rfind(MARK)?;
     let hash = line[at + MARK.len()..].strip_suffix("\"}")?;

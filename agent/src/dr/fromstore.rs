@@ -62,6 +62,213 @@ fn runtime_and_client(
     open(store, "store")
 }
 
+/// Who runs this command, for the records it writes: `user@host`.
+fn operator() -> String {
+    let user = std::env::var("SUDO_USER")
+        .or_else(|_| std::env::var("USER"))
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned());
+    format!("{user}@{host}")
+}
+
+/// `blkmirror store grants --config FILE [--publish]`: the store's grants, compared with
+/// `own` (the file's `[[agent]]` list); `publish` writes `own` as the next version.
+pub fn grants(
+    store: &StoreConfig,
+    file: &Path,
+    own: &crate::dr::receiver::Grants,
+    publish: bool,
+    json: bool,
+) -> Result<(), OpsError> {
+    use crate::dr::grantstore;
+    let (runtime, client) = runtime_and_client(store)?;
+    let failed = |error: grantstore::GrantsError| match error {
+        grantstore::GrantsError::Store(error) => classify(PointStoreError::Store(error)),
+        other => OpsError::Refused(other.to_string()),
+    };
+    let record = if publish {
+        let record = runtime
+            .block_on(grantstore::publish(
+                &client,
+                own,
+                &operator(),
+                crate::command::status::now_ms(),
+            ))
+            .map_err(failed)?;
+        if !json {
+            eprintln!(
+                "blkmirror: published the [[agent]] list of {} to object store {} bucket {}: {}; \
+                 every receiver applies it within {} s",
+                file.display(),
+                store.endpoint,
+                store.bucket,
+                record.summary(),
+                grantstore::GRANTS_POLL.as_secs()
+            );
+        }
+        Some(record)
+    } else {
+        runtime
+            .block_on(grantstore::read(&client))
+            .map_err(failed)?
+            .map(|(record, _)| record)
+    };
+    let stored = match &record {
+        Some(record) => Some(record.grants().map_err(failed)?),
+        None => None,
+    };
+    let differences = stored
+        .as_ref()
+        .map(|stored| grant_differences(stored, own))
+        .unwrap_or_default();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "store": record,
+                "file": file.display().to_string(),
+                "file_matches": stored.as_ref() == Some(own),
+                "differences": differences,
+            })
+        );
+        return Ok(());
+    }
+    let Some(record) = record else {
+        println!(
+            "object store {} bucket {} holds no grants yet: the first receiver to start seeds \
+             them with its [[agent]] list (or run this with --publish)",
+            store.endpoint, store.bucket
+        );
+        return Ok(());
+    };
+    println!(
+        "grants in object store {} bucket {}: {}",
+        store.endpoint,
+        store.bucket,
+        record.summary()
+    );
+    for agent in &record.agents {
+        println!("  {}  {}", agent.fingerprint, agent.volumes.join(","));
+    }
+    if differences.is_empty() {
+        println!("{} lists the same grants", file.display());
+    } else {
+        println!("{} differs (its list is not in force):", file.display());
+        for line in &differences {
+            println!("  {line}");
+        }
+    }
+    Ok(())
+}
+
+/// How `own` differs from `stored`, a line per agent: `+FP vol` only in `own`, `-FP vol` only
+/// in `stored`.
+fn grant_differences(
+    stored: &crate::dr::receiver::Grants,
+    own: &crate::dr::receiver::Grants,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let empty = std::collections::BTreeSet::new();
+    let agents: std::collections::BTreeSet<_> = stored.keys().chain(own.keys()).collect();
+    for agent in agents {
+        let (theirs, ours) = (
+            stored.get(agent).unwrap_or(&empty),
+            own.get(agent).unwrap_or(&empty),
+        );
+        let added: Vec<_> = ours.difference(theirs).cloned().collect();
+        let removed: Vec<_> = theirs.difference(ours).cloned().collect();
+        if !added.is_empty() {
+            lines.push(format!("+{agent} {}", added.join(",")));
+        }
+        if !removed.is_empty() {
+            lines.push(format!("-{agent} {}", removed.join(",")));
+        }
+    }
+    lines
+}
+
+/// `blkmirror store audit --config FILE [--log FILE]`: checks the shared audit chain, and a
+/// receiver's own log against its copy.
+pub fn audit(store: &StoreConfig, log: Option<&Path>, json: bool) -> Result<(), OpsError> {
+    use crate::dr::auditchain::{self, ChainError};
+    let (runtime, client) = runtime_and_client(store)?;
+    let started = Instant::now();
+    let mut last_said = Instant::now();
+    let report = runtime
+        .block_on(auditchain::verify_chain(&client, 16, |number, total| {
+            if !json && last_said.elapsed().as_secs() >= 2 {
+                last_said = Instant::now();
+                eprintln!("blkmirror: audit chain: {number} of {total} blocks checked");
+            }
+        }))
+        .map_err(|error| match error {
+            ChainError::Store(error) => classify(PointStoreError::Store(error)),
+            other => OpsError::Corrupt(other.to_string()),
+        })?;
+    let local = match log {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| OpsError::Target {
+                what: "reading",
+                path: path.to_owned(),
+                source,
+            })?;
+            Some(
+                auditchain::compare_local(&report, &text)
+                    .map_err(|error| OpsError::Corrupt(format!("{}: {error}", path.display())))?,
+            )
+        }
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "chain": report, "local": local, "ok": true })
+        );
+        return Ok(());
+    }
+    println!(
+        "audit chain of object store {} bucket {}: intact, {} block(s), {} entries, head {} \
+         (checked in {:.1} s)",
+        store.endpoint,
+        store.bucket,
+        report.blocks,
+        report.entries,
+        report.head,
+        started.elapsed().as_secs_f64()
+    );
+    for log in &report.logs {
+        println!(
+            "  {}  log {}  entries 1..{}  last at {}",
+            log.receiver,
+            &log.chain[..12],
+            log.last_seq,
+            units::format_utc(log.last_unix_ms)
+        );
+    }
+    let events: Vec<String> = report
+        .events
+        .iter()
+        .map(|(event, count)| format!("{event} {count}"))
+        .collect();
+    println!("  events: {}", events.join(", "));
+    if let (Some(path), Some(local)) = (log, local) {
+        println!(
+            "{}: {} entries, {} of them in the store, the same as there{}",
+            path.display(),
+            local.local_entries,
+            local.in_store,
+            if local.in_store < local.local_entries {
+                " (the rest are still to be copied)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
 /// `blkmirror store gc --config FILE`: one garbage collection, if no receiver is running one
 /// (the store-wide collection lease), with the `[store]` grace; `dry_run` plans only.
 pub fn collect(store: &StoreConfig, dry_run: bool, json: bool) -> Result<(), OpsError> {

@@ -2,10 +2,12 @@
 //! atomic apply, points in time, the audit log, and the operator commands that read them.
 
 pub mod audit;
+pub mod auditchain;
 pub mod authority;
 pub mod export;
 pub mod failback;
 pub mod fromstore;
+pub mod grantstore;
 pub mod layout;
 pub mod lease;
 pub mod nbd;

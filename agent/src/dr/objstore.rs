@@ -198,6 +198,16 @@ impl ObjectStoreClient {
         })
     }
 
+    /// A client of an in-process store (unit tests of the code that drives the store; the
+    /// root tests run the same code against Ceph).
+    #[cfg(test)]
+    pub fn in_memory() -> Self {
+        Self {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            sealing: crate::dr::layout::Sealing::plain(),
+        }
+    }
+
     /// How this client names and seals chunks (the `[store]` encryption key, if any).
     pub fn sealing(&self) -> &crate::dr::layout::Sealing {
         &self.sealing

@@ -188,6 +188,16 @@ pub struct StoreHealth {
     /// Bytes of packs deleted by the collections this receiver ran.
     #[serde(default)]
     pub gc_deleted_bytes: u64,
+    /// The version of the store's grants this receiver enforces (`None`: its own
+    /// `[[agent]]` list, the store's not read yet).
+    #[serde(default)]
+    pub grants_version: Option<u64>,
+    /// Entries of this receiver's audit log copied to the store's shared chain.
+    #[serde(default)]
+    pub audit_shipped: u64,
+    /// Why the last copy to the shared audit chain failed, if it did.
+    #[serde(default)]
+    pub audit_error: Option<String>,
 }
 
 /// A garbage collection as `status` shows it.
@@ -309,6 +319,8 @@ pub struct Publisher {
     gc_every: Option<Duration>,
     gc_grace: Duration,
     health: Mutex<StoreHealth>,
+    /// Copies this receiver's audit log to the shared chain (opened at the first round).
+    audit_shipper: tokio::sync::Mutex<Option<crate::dr::auditchain::Shipper>>,
 }
 
 fn now_ms() -> u64 {
@@ -343,7 +355,62 @@ impl Publisher {
                 store: format!("{} bucket {}", config.endpoint, config.bucket),
                 ..StoreHealth::default()
             }),
+            audit_shipper: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// The client of the store.
+    pub fn client(&self) -> &ObjectStoreClient {
+        &self.client
+    }
+
+    /// This receiver's id in leases and the shared audit chain.
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    /// Copies the entries of the audit log in `data_dir` that the store's shared chain lacks;
+    /// returns how many. The outcome is also kept for `status`.
+    pub async fn ship_audit(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> Result<u64, crate::dr::auditchain::ChainError> {
+        let mut shipper = self.audit_shipper.lock().await;
+        let result = async {
+            if shipper.is_none() {
+                *shipper = Some(crate::dr::auditchain::Shipper::open(
+                    self.client.clone(),
+                    self.holder.clone(),
+                    data_dir,
+                )?);
+            }
+            let shipper = shipper.as_mut().expect("opened");
+            let shipped = shipper.ship().await;
+            Ok::<_, crate::dr::auditchain::ChainError>((shipped, shipper.shipped_entries()))
+        }
+        .await;
+        let mut health = self.health.lock().expect("health lock");
+        match result {
+            Ok((Ok(count), total)) => {
+                health.audit_shipped = total;
+                health.audit_error = None;
+                Ok(count)
+            }
+            Ok((Err(error), total)) => {
+                health.audit_shipped = total;
+                health.audit_error = Some(error.to_string());
+                Err(error)
+            }
+            Err(error) => {
+                health.audit_error = Some(error.to_string());
+                Err(error)
+            }
+        }
+    }
+
+    /// Records which version of the store's grants this receiver enforces.
+    pub fn set_grants_version(&self, version: u64) {
+        self.health.lock().expect("health lock").grants_version = Some(version);
     }
 
     /// The store's health.

@@ -14,11 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::sync::atomic::Ordering;
+
 use tokio::sync::watch;
 
 use crate::{
     command::status::{KeptCycle, PointSummary, StatusBoard, VolumeState},
     dr::audit::{AuditLog, Event},
+    dr::grantstore,
     dr::publish::{PublishError, Publisher},
     dr::volume::{Recovery, StoreError, Volume},
     link::identity::{Fingerprint, Identity},
@@ -73,7 +76,13 @@ pub struct ReceiverConfig {
     pub status: Arc<StatusBoard>,
     /// Where committed points are published (`[store]`; `None`: the data directory only).
     pub publisher: Option<Arc<Publisher>>,
+    /// The version of the store's grants that `grants` are (`None`: this receiver's own
+    /// list, enforced until the store's can be read).
+    pub grants_version: Option<u64>,
 }
+
+/// How often the receiver copies its audit log to the store's shared chain.
+const AUDIT_SHIP_EVERY: Duration = Duration::from_secs(5);
 
 fn log(message: impl std::fmt::Display) {
     tracing::info!(target: "blkmirror receiver", "{message}");
@@ -146,8 +155,10 @@ type ListedSession = (Fingerprint, Option<String>, quinn::Connection);
 
 struct Context {
     data_dir: PathBuf,
-    /// Replaced on a configuration reload.
+    /// Replaced on a configuration reload, or (with a store) when the store's change.
     grants: std::sync::RwLock<Grants>,
+    /// The version of the store's grants in force (0: this receiver's own list).
+    grants_version: std::sync::atomic::AtomicU64,
     /// Replaced on a configuration reload (applies to volumes opened afterwards).
     retention: std::sync::RwLock<RetentionPolicy>,
     audit: AuditLog,
@@ -448,6 +459,7 @@ pub async fn serve(
     let context = Arc::new(Context {
         data_dir: config.data_dir,
         grants: std::sync::RwLock::new(config.grants),
+        grants_version: std::sync::atomic::AtomicU64::new(config.grants_version.unwrap_or(0)),
         retention: std::sync::RwLock::new(config.retention),
         audit,
         status: config.status,
@@ -472,6 +484,21 @@ pub async fn serve(
         .clone()
         .map(|publisher| tokio::spawn(collect_garbage_periodically(context.clone(), publisher)));
     let _collector = AbortOnDrop(collector);
+    let shipper = context
+        .publisher
+        .clone()
+        .map(|publisher| tokio::spawn(ship_audit_periodically(context.clone(), publisher)));
+    let _shipper = AbortOnDrop(shipper);
+    let (grant_changes_tx, mut grant_changes) = tokio::sync::mpsc::channel(2);
+    let follower = context.publisher.clone().map(|publisher| {
+        tokio::spawn(follow_store_grants(
+            publisher,
+            context.grants.read().expect("grants").clone(),
+            context.grants_version.load(Ordering::SeqCst),
+            grant_changes_tx,
+        ))
+    });
+    let _follower = AbortOnDrop(follower);
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -497,12 +524,188 @@ pub async fn serve(
             Some(reload) = reloads.recv() => {
                 apply_reload(&endpoint, &config.identity, config.window, &context, reload);
             }
+            Some(record) = grant_changes.recv() => {
+                apply_store_grants(&endpoint, &config.identity, config.window, &context, record);
+            }
             _ = shutdown.changed() => break,
         }
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"receiver shutting down");
     endpoint.wait_idle().await;
+    if let Some(publisher) = &context.publisher {
+        // What happened up to the stop belongs in the shared chain now, not at the next start
+        // (which may never come on this machine).
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            publisher.ship_audit(&context.data_dir),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => warn(format!(
+                "the audit log's last entries were not copied to the store (they will be at \
+                 the next start): {error}"
+            )),
+            Err(_) => warn(
+                "the audit log's last entries were not copied to the store within 10 s (they \
+                 will be at the next start)",
+            ),
+        }
+    }
     Ok(())
+}
+
+/// Copies the audit log to the store's shared chain every [`AUDIT_SHIP_EVERY`].
+async fn ship_audit_periodically(context: Arc<Context>, publisher: Arc<Publisher>) {
+    let mut failing = false;
+    loop {
+        let result = publisher.ship_audit(&context.data_dir).await;
+        context.status.set_store(publisher.health());
+        match result {
+            Ok(_) if failing => {
+                failing = false;
+                log("the audit log is copied to the store's shared chain again");
+            }
+            Ok(_) => {}
+            // Said once per outage, not every round: the status keeps the error.
+            Err(error) if !failing => {
+                failing = true;
+                warn(format!(
+                    "copying the audit log to the store's shared chain failed (retried every \
+                     {}s): {error}",
+                    AUDIT_SHIP_EVERY.as_secs()
+                ));
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(AUDIT_SHIP_EVERY).await;
+    }
+}
+
+/// Reads the store's grants every [`grantstore::GRANTS_POLL`] and hands each new version on.
+/// A store without grants (unreachable when this receiver started, or emptied by hand) is
+/// seeded with `own`, this receiver's list.
+async fn follow_store_grants(
+    publisher: Arc<Publisher>,
+    own: Grants,
+    mut version: u64,
+    changes: tokio::sync::mpsc::Sender<grantstore::GrantsRecord>,
+) {
+    let mut failing = false;
+    loop {
+        let read = grantstore::seed(
+            publisher.client(),
+            &own,
+            publisher.holder(),
+            crate::command::status::now_ms(),
+        )
+        .await;
+        match read {
+            Ok(record) => {
+                failing = false;
+                if record.version != version {
+                    version = record.version;
+                    if changes.send(record).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                if !failing {
+                    warn(format!(
+                        "reading the store's grants failed; the version in force stays: {error}"
+                    ));
+                }
+                failing = true;
+            }
+        }
+        tokio::time::sleep(grantstore::GRANTS_POLL).await;
+    }
+}
+
+/// Puts a new version of the store's grants in force.
+fn apply_store_grants(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    window: u64,
+    context: &Context,
+    record: grantstore::GrantsRecord,
+) {
+    let grants = match record.grants() {
+        Ok(grants) => grants,
+        Err(error) => {
+            // `read` checked it; kept for a record that a later build reads differently.
+            warn(format!("the store's grants were not applied: {error}"));
+            return;
+        }
+    };
+    match swap_grants(endpoint, identity, window, context, grants) {
+        Ok(closed) => {
+            context
+                .grants_version
+                .store(record.version, Ordering::SeqCst);
+            if let Some(publisher) = &context.publisher {
+                publisher.set_grants_version(record.version);
+                context.status.set_store(publisher.health());
+            }
+            let detail = serde_json::json!({
+                "version": record.version,
+                "by": record.by,
+                "agents": record.agents.len(),
+                "closed_sessions": closed,
+            });
+            log(format!(
+                "the store's grants changed, now in force: {} (closed sessions: {closed:?})",
+                record.summary()
+            ));
+            context.record(Event {
+                event: "grants-change",
+                outcome: "ok".into(),
+                detail,
+                ..Event::default()
+            });
+        }
+        Err(message) => context.record(Event {
+            event: "grants-change",
+            outcome: message,
+            detail: serde_json::json!({ "version": record.version }),
+            ..Event::default()
+        }),
+    }
+}
+
+/// Puts `grants` in force: new handshakes admit exactly their agents, and the sessions whose
+/// agent lost its grant are closed (returned: their volumes, or agents before they named
+/// one).
+fn swap_grants(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    window: u64,
+    context: &Context,
+    grants: Grants,
+) -> Result<Vec<String>, String> {
+    let admitted = grants.keys().cloned().collect();
+    let server_config =
+        net::server_config(identity, admitted, window).map_err(|error| error.to_string())?;
+    endpoint.set_server_config(Some(server_config));
+    // The new grants first, then the sweep: a session checks its grant after registering, so
+    // either it sees the new grants or the sweep sees it.
+    *context.grants.write().expect("grants") = grants;
+    let mut revoked = Vec::new();
+    for (holder, volume, connection) in context.sessions.lock().expect("sessions").values() {
+        let keep = match volume {
+            Some(volume) => context.granted(holder, volume),
+            None => context.admitted(holder),
+        };
+        if !keep {
+            connection.close(
+                quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
+                b"grant revoked",
+            );
+            revoked.push(volume.clone().unwrap_or_else(|| holder.to_string()));
+        }
+    }
+    Ok(revoked)
 }
 
 /// Swaps in new grants and retention: new handshakes admit exactly the new agents, and a
@@ -540,41 +743,39 @@ fn apply_reload(
             return;
         }
     };
-    let admitted = grants.keys().cloned().collect();
-    let server_config = match net::server_config(identity, admitted, window) {
-        Ok(config) => config,
-        Err(error) => {
-            context.record(Event {
-                event: "config-reload",
-                outcome: error.to_string(),
-                ..Event::default()
-            });
-            return;
+    let store_version = context.grants_version.load(Ordering::SeqCst);
+    let mut grants_note = serde_json::Value::Null;
+    let revoked = if store_version != 0 {
+        // With a store, its grants are the ones in force; this file's list is not applied.
+        if grants != *context.grants.read().expect("grants") {
+            let note = format!(
+                "the [[agent]] list differs from the store's grants (version {store_version}), \
+                 which stay in force; publish it with `blkmirror store grants --publish \
+                 --config FILE` to change them on every receiver"
+            );
+            warn(format!("configuration reload: {note}"));
+            grants_note = note.into();
+        }
+        Vec::new()
+    } else {
+        match swap_grants(endpoint, identity, window, context, grants) {
+            Ok(revoked) => revoked,
+            Err(message) => {
+                context.record(Event {
+                    event: "config-reload",
+                    outcome: message,
+                    ..Event::default()
+                });
+                return;
+            }
         }
     };
-    endpoint.set_server_config(Some(server_config));
-    // The new grants first, then the sweep: a session checks its grant after registering, so
-    // either it sees the new grants or the sweep sees it.
-    *context.grants.write().expect("grants") = grants;
     *context.retention.write().expect("retention") = retention;
-    let mut revoked = Vec::new();
-    for (holder, volume, connection) in context.sessions.lock().expect("sessions").values() {
-        let keep = match volume {
-            Some(volume) => context.granted(holder, volume),
-            None => context.admitted(holder),
-        };
-        if !keep {
-            connection.close(
-                quinn::VarInt::from_u32(wire::CLOSE_ADMISSION),
-                b"grant revoked",
-            );
-            revoked.push(volume.clone().unwrap_or_else(|| holder.to_string()));
-        }
-    }
     let detail = serde_json::json!({
         "agents": context.grants.read().expect("grants").len(),
         "retention": retention_json(&retention),
         "closed_sessions": revoked,
+        "grants": grants_note,
     });
     log(format!("configuration reloaded: {detail}"));
     context.record(Event {

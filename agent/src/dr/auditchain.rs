@@ -1,0 +1,1040 @@
+//! The audit chain that the receivers of one object store share (`audit/blocks/…`).
+//!
+//! # Why
+//!
+//! Every receiver keeps its own audit log ([`crate::dr::audit`]): a hash chain in its data
+//! directory, written before anything it records is acknowledged. When several receivers
+//! serve one store, any of them may have taken any volume's cycles, so an auditor asking "who
+//! wrote volume `db`, and was anything refused?" would have to collect every receiver's log,
+//! including the logs of receivers that are gone. The receivers therefore copy their logs into
+//! the store, into one chain that all of them extend and one command checks.
+//!
+//! # Layout
+//!
+//! The chain is a sequence of **blocks**, objects `audit/blocks/NNNNNNNNNNNNNNNNNNNN` (the
+//! block number, 20 digits, from 1). A block is a header line and then entries copied
+//! byte for byte from one receiver's log. The header names:
+//! - the block's number and the BLAKE3 hash of the whole block before it;
+//! - the receiver, and its log's *chain id* (the hash of the log's first entry: a receiver
+//!   whose data directory was rebuilt starts a new chain under the same name);
+//! - the first entry's sequence number and how many entries follow.
+//!
+//! Two chains are checked together ([`ChainVerifier`]):
+//! - the blocks link to each other, which orders every receiver's entries into one sequence;
+//! - within that sequence, each receiver's entries continue its own log's hash chain
+//!   (sequence numbers and `prev` hashes), so a block cannot drop, reorder or alter an entry
+//!   without breaking it, and the store's copy can be compared with the receiver's own log.
+//!
+//! # Appending
+//!
+//! The store decides races: a block is created with "create only if absent" at the number
+//! after the head. Of two receivers that append at once, one is refused; it reads the
+//! winner's block, takes it as the new head and tries the next number. `audit/head` holds a
+//! recent block number as a hint, so that a receiver finds the head without listing the
+//! chain; the hint may lag (receivers probe forward from it), never lead.
+//!
+//! # Nothing lost
+//!
+//! The local log stays the first record: an entry is durable there before the action it
+//! records is acknowledged, and a [`Shipper`] copies it to the store every few seconds. The
+//! shipper keeps how far it has shipped in `DATA_DIR/audit.shipped` (byte offset, sequence
+//! number, hash), and the block it is creating before it sends it: after a crash it looks for
+//! that block, so an entry is neither skipped nor shipped twice. A receiver that was down
+//! ships its backlog when it starts. Entries that were never shipped because the receiver's
+//! disk was lost with it are the one gap, and the chain shows its last shipped entry.
+//!
+//! # What it proves
+//!
+//! Whoever holds the store's credentials can rewrite the whole chain consistently. The
+//! anchors outside their reach are the receivers' journals (each prints the head of its local
+//! log at every entry) and the local logs themselves, which `blkmirror store audit --log`
+//! compares with their copies in the store.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Read as _, Seek as _, SeekFrom},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dr::audit::{self, Entry, GENESIS};
+use crate::dr::objstore::{Created, ObjectStoreClient, StoreError};
+
+/// The folder of the chain's blocks.
+pub const BLOCKS: &str = "audit/blocks";
+/// The object that holds a recent block number.
+pub const HEAD_HINT: &str = "audit/head";
+/// The format of the blocks this build writes; a newer one is refused, never reinterpreted.
+pub const CHAIN_FORMAT: u32 = 1;
+/// The largest block: a backlog is shipped in blocks of at most this size.
+pub const MAX_BLOCK_BYTES: usize = 4 << 20;
+/// The largest header line.
+const MAX_HEADER_BYTES: usize = 4096;
+/// How many times an append follows blocks that others created first before it gives up for
+/// this round.
+const MAX_APPEND_ATTEMPTS: usize = 64;
+/// The shipper's record, in the receiver's data directory.
+pub const SHIPPED_FILE: &str = "audit.shipped";
+
+/// The key of block `number`.
+pub fn block_key(number: u64) -> String {
+    format!("{BLOCKS}/{number:020}")
+}
+
+/// The block number of a key under [`BLOCKS`], if it is one.
+pub fn block_number(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(BLOCKS)?.strip_prefix('/')?;
+    (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// Errors of the shared chain.
+#[derive(Debug, thiserror::Error)]
+pub enum ChainError {
+    /// A request to the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A block is malformed or does not continue the chain.
+    #[error("audit chain: block {block}: {message}")]
+    Broken {
+        /// The block.
+        block: u64,
+        /// What is wrong.
+        message: String,
+    },
+    /// The receiver's own log or its shipping record.
+    #[error("{path}: {message}")]
+    Local {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Others kept appending first.
+    #[error(
+        "the audit chain moved on {MAX_APPEND_ATTEMPTS} times while this receiver appended; \
+         it tries again at its next round"
+    )]
+    Contended,
+}
+
+/// A block's first line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockHeader {
+    /// [`CHAIN_FORMAT`].
+    pub format: u32,
+    /// Its number (1, 2, ...; also in its key).
+    pub block: u64,
+    /// The BLAKE3 hash of the whole block before it ([`GENESIS`] for block 1).
+    pub prev_block: String,
+    /// The receiver whose log the entries are from.
+    pub receiver: String,
+    /// That log's chain id: the hash of its first entry.
+    pub chain: String,
+    /// The first entry's sequence number in that log.
+    pub first_seq: u64,
+    /// How many entries follow.
+    pub entries: u64,
+}
+
+/// A decoded block: its header and its entries, each with its hash.
+#[derive(Clone, Debug)]
+pub struct Block {
+    /// The header.
+    pub header: BlockHeader,
+    /// The entries and their hashes, in log order.
+    pub entries: Vec<(Entry, String)>,
+}
+
+/// The hash that the next block's `prev_block` names.
+pub fn block_hash(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex().to_string()
+}
+
+/// A block's bytes: the header line, then `lines` (whole log lines, each ending in `\n`).
+pub fn encode_block(header: &BlockHeader, lines: &str) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(header).expect("a header serializes");
+    bytes.push(b'\n');
+    bytes.extend_from_slice(lines.as_bytes());
+    bytes
+}
+
+fn is_hash(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Checks log lines (each without its newline) that start at sequence number `first_seq`:
+/// every line carries its hash, parses, is numbered in order and names the line before it.
+/// Pure; shared by the shipper (its own log) and the verifier (a block).
+fn check_lines<'a>(
+    first_seq: u64,
+    lines: impl Iterator<Item = &'a str>,
+) -> Result<Vec<(Entry, String)>, String> {
+    let mut entries: Vec<(Entry, String)> = Vec::new();
+    for (index, line) in lines.enumerate() {
+        let seq = first_seq + index as u64;
+        if line.len() > audit::MAX_LINE {
+            return Err(format!("entry {seq}: longer than any audit entry"));
+        }
+        let (body, hash) = audit::split_line(line)
+            .ok_or_else(|| format!("entry {seq}: no trailing \"hash\" field"))?;
+        if audit::entry_hash(&body) != hash {
+            return Err(format!("entry {seq}: does not match its hash (edited)"));
+        }
+        let entry: Entry = serde_json::from_str(&body)
+            .map_err(|error| format!("entry {seq}: not an audit entry: {error}"))?;
+        if entry.format > audit::AUDIT_FORMAT {
+            return Err(format!(
+                "entry {seq}: format {} is newer than this build reads ({})",
+                entry.format,
+                audit::AUDIT_FORMAT
+            ));
+        }
+        if entry.seq != seq {
+            return Err(format!(
+                "entry {seq}: numbered {} (an entry was removed or inserted)",
+                entry.seq
+            ));
+        }
+        if let Some((_, prev)) = entries.last()
+            && entry.prev != *prev
+        {
+            return Err(format!(
+                "entry {seq}: does not follow the entry before it (an entry was removed or \
+                 inserted)"
+            ));
+        }
+        entries.push((entry, hash.to_owned()));
+    }
+    Ok(entries)
+}
+
+/// Decodes block `number` and checks it on its own (the links to the blocks before it are the
+/// [`ChainVerifier`]'s). Pure; the fuzz target drives it with arbitrary input.
+pub fn decode_block(number: u64, bytes: &[u8]) -> Result<Block, ChainError> {
+    let broken = |message: String| ChainError::Broken {
+        block: number,
+        message,
+    };
+    if bytes.len() > MAX_BLOCK_BYTES {
+        return Err(broken(format!(
+            "{} bytes, more than the {MAX_BLOCK_BYTES} a block can be",
+            bytes.len()
+        )));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|_| broken("not UTF-8 text".into()))?;
+    let text = text
+        .strip_suffix('\n')
+        .ok_or_else(|| broken("does not end with a newline (cut short)".into()))?;
+    let mut lines = text.split('\n');
+    let header_line = lines.next().unwrap_or_default();
+    if header_line.len() > MAX_HEADER_BYTES {
+        return Err(broken("the header line is too long".into()));
+    }
+    let header: BlockHeader = serde_json::from_str(header_line)
+        .map_err(|error| broken(format!("the header is not a block header: {error}")))?;
+    if header.format > CHAIN_FORMAT {
+        return Err(broken(format!(
+            "format {} is newer than this build reads ({CHAIN_FORMAT})",
+            header.format
+        )));
+    }
+    if header.block != number {
+        return Err(broken(format!(
+            "its header numbers it {} (moved)",
+            header.block
+        )));
+    }
+    if !is_hash(&header.prev_block) || !is_hash(&header.chain) {
+        return Err(broken("the header's hashes are malformed".into()));
+    }
+    if header.first_seq == 0 || header.receiver.is_empty() || header.receiver.len() > 256 {
+        return Err(broken(
+            "the header's receiver or first entry is malformed".into(),
+        ));
+    }
+    let entries = check_lines(header.first_seq, lines).map_err(broken)?;
+    if entries.len() as u64 != header.entries || entries.is_empty() {
+        return Err(broken(format!(
+            "holds {} entries, its header says {}",
+            entries.len(),
+            header.entries
+        )));
+    }
+    if header.first_seq == 1 && (entries[0].0.prev != GENESIS || entries[0].1 != header.chain) {
+        return Err(broken(
+            "its first entry starts a log but is not that log's first entry".into(),
+        ));
+    }
+    Ok(Block { header, entries })
+}
+
+/// One receiver's log as the chain holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReceiverLog {
+    /// The receiver.
+    pub receiver: String,
+    /// Its log's chain id.
+    pub chain: String,
+    /// Entries in the store (1 to `last_seq`).
+    pub last_seq: u64,
+    /// The last one's hash.
+    pub last_hash: String,
+    /// When the last one was written (Unix milliseconds).
+    pub last_unix_ms: u64,
+}
+
+/// What a checked chain holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ChainReport {
+    /// Blocks.
+    pub blocks: u64,
+    /// Entries, all receivers together.
+    pub entries: u64,
+    /// The hash of the last block (anchor it to see later that nothing was cut off the end).
+    pub head: String,
+    /// Per receiver log.
+    pub logs: Vec<ReceiverLog>,
+    /// Entries per event kind.
+    pub events: BTreeMap<String, u64>,
+}
+
+/// Checks blocks 1, 2, ... in order. Pure.
+#[derive(Debug)]
+pub struct ChainVerifier {
+    next_block: u64,
+    prev_block: String,
+    logs: BTreeMap<(String, String), ReceiverLog>,
+    entries: u64,
+    events: BTreeMap<String, u64>,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self {
+            next_block: 1,
+            prev_block: GENESIS.to_owned(),
+            logs: BTreeMap::new(),
+            entries: 0,
+            events: BTreeMap::new(),
+        }
+    }
+}
+
+impl ChainVerifier {
+    /// Checks block `number` (`bytes`) and that it continues the blocks before it.
+    pub fn add(&mut self, number: u64, bytes: &[u8]) -> Result<(), ChainError> {
+        let broken = |message: String| ChainError::Broken {
+            block: number,
+            message,
+        };
+        if number != self.next_block {
+            return Err(ChainError::Broken {
+                block: self.next_block,
+                message: format!(
+                    "missing: the chain goes from block {} to block {number}",
+                    self.next_block - 1
+                ),
+            });
+        }
+        let block = decode_block(number, bytes)?;
+        let header = &block.header;
+        if header.prev_block != self.prev_block {
+            return Err(broken(
+                "does not follow the block before it (a block was replaced or removed)".into(),
+            ));
+        }
+        let key = (header.receiver.clone(), header.chain.clone());
+        let (first, _) = &block.entries[0];
+        match self.logs.get(&key) {
+            Some(log) if header.first_seq != log.last_seq + 1 || first.prev != log.last_hash => {
+                return Err(broken(format!(
+                    "receiver {}'s entries go from {} to {}: entries are missing or repeated",
+                    header.receiver, log.last_seq, header.first_seq
+                )));
+            }
+            Some(_) => {}
+            None if header.first_seq != 1 => {
+                return Err(broken(format!(
+                    "receiver {}'s log starts at its entry {}; the entries before it are missing",
+                    header.receiver, header.first_seq
+                )));
+            }
+            None => {}
+        }
+        let (last, last_hash) = block.entries.last().expect("a block has entries");
+        for (entry, _) in &block.entries {
+            *self.events.entry(entry.event.clone()).or_default() += 1;
+        }
+        self.entries += header.entries;
+        self.logs.insert(
+            key,
+            ReceiverLog {
+                receiver: header.receiver.clone(),
+                chain: header.chain.clone(),
+                last_seq: last.seq,
+                last_hash: last_hash.clone(),
+                last_unix_ms: last.time_unix_ms,
+            },
+        );
+        self.prev_block = block_hash(bytes);
+        self.next_block += 1;
+        Ok(())
+    }
+
+    /// What the blocks checked so far hold.
+    pub fn report(&self) -> ChainReport {
+        ChainReport {
+            blocks: self.next_block - 1,
+            entries: self.entries,
+            head: self.prev_block.clone(),
+            logs: self.logs.values().cloned().collect(),
+            events: self.events.clone(),
+        }
+    }
+}
+
+/// How a receiver's own log compares with its copy in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LocalComparison {
+    /// The log's chain id.
+    pub chain: String,
+    /// Entries in the local log.
+    pub local_entries: u64,
+    /// Of those, in the store (the rest are still to be shipped).
+    pub in_store: u64,
+}
+
+/// Compares a receiver's local log (`text`) with the chain's copy of it: the store's last
+/// entry of that log must be the local entry of the same number. Pure.
+pub fn compare_local(report: &ChainReport, text: &str) -> Result<LocalComparison, String> {
+    let whole = match text.rfind('\n') {
+        Some(at) => &text[..at],
+        None => "",
+    };
+    let entries =
+        check_lines(1, whole.lines()).map_err(|error| format!("the local log: {error}"))?;
+    let Some((first, first_hash)) = entries.first() else {
+        return Ok(LocalComparison {
+            chain: String::new(),
+            local_entries: 0,
+            in_store: 0,
+        });
+    };
+    if first.prev != GENESIS {
+        return Err("the local log's first entry does not start a log".into());
+    }
+    let Some(stored) = report.logs.iter().find(|log| log.chain == *first_hash) else {
+        return Ok(LocalComparison {
+            chain: first_hash.clone(),
+            local_entries: entries.len() as u64,
+            in_store: 0,
+        });
+    };
+    match entries.get(stored.last_seq as usize - 1) {
+        Some((_, hash)) if *hash == stored.last_hash => Ok(LocalComparison {
+            chain: first_hash.clone(),
+            local_entries: entries.len() as u64,
+            in_store: stored.last_seq,
+        }),
+        Some(_) => Err(format!(
+            "entry {} differs between the local log and the store's copy of it ({})",
+            stored.last_seq, stored.receiver
+        )),
+        None => Err(format!(
+            "the store holds {} entries of this log ({}), the local log only {}: entries \
+             were cut off the local log",
+            stored.last_seq,
+            stored.receiver,
+            entries.len()
+        )),
+    }
+}
+
+/// The shipper's record (`DATA_DIR/audit.shipped`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Shipped {
+    format: u32,
+    /// The log's chain id (empty before the first shipment).
+    chain: String,
+    /// The next entry to ship.
+    next_seq: u64,
+    /// Where it starts in the log.
+    offset: u64,
+    /// The hash of the last entry shipped ([`GENESIS`] before the first).
+    last_hash: String,
+    /// The block being created, if a crash may have cut its creation short.
+    pending: Option<Pending>,
+}
+
+impl Default for Shipped {
+    fn default() -> Self {
+        Self {
+            format: CHAIN_FORMAT,
+            chain: String::new(),
+            next_seq: 1,
+            offset: 0,
+            last_hash: GENESIS.to_owned(),
+            pending: None,
+        }
+    }
+}
+
+/// A block being created, and where the shipper stands once it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Pending {
+    block: u64,
+    chain: String,
+    first_seq: u64,
+    entries: u64,
+    end_offset: u64,
+    last_hash: String,
+}
+
+/// Log lines read for shipping.
+struct Unshipped {
+    /// The lines, each ending in `\n`.
+    text: String,
+    /// Where they end in the log.
+    end_offset: u64,
+    entries: Vec<(Entry, String)>,
+}
+
+/// Copies one receiver's log into the shared chain.
+#[derive(Debug)]
+pub struct Shipper {
+    client: ObjectStoreClient,
+    receiver: String,
+    log: PathBuf,
+    record: PathBuf,
+    shipped: Shipped,
+    /// The chain's head as last seen: block number and hash.
+    head: Option<(u64, String)>,
+}
+
+impl Shipper {
+    /// The shipper of the log in `data_dir`, as receiver `receiver`.
+    pub fn open(
+        client: ObjectStoreClient,
+        receiver: String,
+        data_dir: &Path,
+    ) -> Result<Self, ChainError> {
+        let record = data_dir.join(SHIPPED_FILE);
+        let local = |message: String| ChainError::Local {
+            path: record.clone(),
+            message,
+        };
+        let shipped = match fs::read(&record) {
+            Ok(bytes) if bytes.len() > 64 * 1024 => return Err(local("too large".into())),
+            Ok(bytes) => serde_json::from_slice::<Shipped>(&bytes)
+                .map_err(|error| local(format!("not a shipping record: {error}")))?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Shipped::default(),
+            Err(error) => return Err(local(error.to_string())),
+        };
+        if shipped.format > CHAIN_FORMAT {
+            return Err(local(format!(
+                "format {} is newer than this build reads",
+                shipped.format
+            )));
+        }
+        Ok(Self {
+            client,
+            receiver,
+            log: audit::AuditLog::in_dir(data_dir).path().to_owned(),
+            record,
+            shipped,
+            head: None,
+        })
+    }
+
+    /// Entries of the log in the store.
+    pub fn shipped_entries(&self) -> u64 {
+        self.shipped.next_seq - 1
+    }
+
+    /// Ships every complete entry of the log not yet in the store; returns how many.
+    pub async fn ship(&mut self) -> Result<u64, ChainError> {
+        self.settle_pending().await?;
+        let mut total = 0;
+        while let Some(unshipped) = self.read_unshipped()? {
+            total += self.append(unshipped).await?;
+        }
+        Ok(total)
+    }
+
+    fn save(&self) -> Result<(), ChainError> {
+        let bytes = serde_json::to_vec(&self.shipped).expect("a record serializes");
+        crate::durable::write_atomic(&self.record, &bytes).map_err(|error| ChainError::Local {
+            path: self.record.clone(),
+            message: format!("writing: {error}"),
+        })
+    }
+
+    /// After a crash or a failed request in the middle of creating a block: if the block is
+    /// there and is ours, its entries are shipped.
+    async fn settle_pending(&mut self) -> Result<(), ChainError> {
+        let Some(pending) = self.shipped.pending.clone() else {
+            return Ok(());
+        };
+        if let Some(bytes) = self.fetch(pending.block).await?
+            && let Ok(block) = decode_block(pending.block, &bytes)
+            && self.is_ours(&block.header, &pending)
+        {
+            self.advance(&pending);
+        }
+        self.shipped.pending = None;
+        self.head = None;
+        self.save()
+    }
+
+    fn is_ours(&self, header: &BlockHeader, pending: &Pending) -> bool {
+        header.receiver == self.receiver
+            && header.chain == pending.chain
+            && header.first_seq == pending.first_seq
+            && header.entries == pending.entries
+    }
+
+    fn advance(&mut self, pending: &Pending) {
+        self.shipped.chain = pending.chain.clone();
+        self.shipped.next_seq = pending.first_seq + pending.entries;
+        self.shipped.offset = pending.end_offset;
+        self.shipped.last_hash = pending.last_hash.clone();
+    }
+
+    /// The complete entries after what was shipped, at most a block's worth.
+    fn read_unshipped(&self) -> Result<Option<Unshipped>, ChainError> {
+        let local = |message: String| ChainError::Local {
+            path: self.log.clone(),
+            message,
+        };
+        let mut file = match fs::File::open(&self.log) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(local(error.to_string())),
+        };
+        let len = file
+            .metadata()
+            .map_err(|error| local(error.to_string()))?
+            .len();
+        if len < self.shipped.offset {
+            return Err(local(format!(
+                "the log is {len} bytes, shorter than the {} already shipped: it was cut or \
+                 replaced (the store keeps the shipped entries)",
+                self.shipped.offset
+            )));
+        }
+        let room = (MAX_BLOCK_BYTES - MAX_HEADER_BYTES) as u64;
+        let mut buffer = Vec::new();
+        file.seek(SeekFrom::Start(self.shipped.offset))
+            .and_then(|_| file.take(room).read_to_end(&mut buffer))
+            .map_err(|error| local(error.to_string()))?;
+        let Some(end) = buffer.iter().rposition(|&b| b == b'\n') else {
+            return Ok(None);
+        };
+        buffer.truncate(end + 1);
+        let text = String::from_utf8(buffer).map_err(|_| local("not UTF-8 text".into()))?;
+        let entries = check_lines(self.shipped.next_seq, text.lines()).map_err(|error| {
+            local(format!(
+                "{error}; the log no longer continues what was shipped to the store, which \
+                 keeps the shipped entries (run `blkmirror audit verify`)"
+            ))
+        })?;
+        if entries[0].0.prev != self.shipped.last_hash {
+            return Err(local(format!(
+                "entry {} does not follow the last entry shipped to the store (the log was \
+                 edited or replaced; the store keeps the shipped entries)",
+                self.shipped.next_seq
+            )));
+        }
+        Ok(Some(Unshipped {
+            end_offset: self.shipped.offset + text.len() as u64,
+            text,
+            entries,
+        }))
+    }
+
+    /// Appends one block of `unshipped` at the chain's head; returns its entry count.
+    async fn append(&mut self, unshipped: Unshipped) -> Result<u64, ChainError> {
+        let (_, last_hash) = unshipped.entries.last().expect("read entries");
+        let pending = Pending {
+            block: 0,
+            chain: if self.shipped.next_seq == 1 {
+                unshipped.entries[0].1.clone()
+            } else {
+                self.shipped.chain.clone()
+            },
+            first_seq: self.shipped.next_seq,
+            entries: unshipped.entries.len() as u64,
+            end_offset: unshipped.end_offset,
+            last_hash: last_hash.clone(),
+        };
+        let (mut number, mut prev) = self.head().await?;
+        for _ in 0..MAX_APPEND_ATTEMPTS {
+            let header = BlockHeader {
+                format: CHAIN_FORMAT,
+                block: number + 1,
+                prev_block: prev.clone(),
+                receiver: self.receiver.clone(),
+                chain: pending.chain.clone(),
+                first_seq: pending.first_seq,
+                entries: pending.entries,
+            };
+            let bytes = encode_block(&header, &unshipped.text);
+            let attempt = Pending {
+                block: number + 1,
+                ..pending.clone()
+            };
+            self.shipped.pending = Some(attempt.clone());
+            self.save()?;
+            let created = match self
+                .client
+                .put_if_absent(&block_key(number + 1), bytes.clone())
+                .await
+            {
+                Ok(Created::Created) => true,
+                Ok(Created::AlreadyExists) => false,
+                Err(error) => {
+                    // The block may have been created all the same: the next round's
+                    // settling looks.
+                    self.head = None;
+                    return Err(error.into());
+                }
+            };
+            let taken = if created {
+                None
+            } else {
+                let Some(theirs) = self.fetch(number + 1).await? else {
+                    // Created and deleted in between: only a hand at the store does that.
+                    return Err(ChainError::Broken {
+                        block: number + 1,
+                        message: "refused as existing, then not found".into(),
+                    });
+                };
+                // A retried request whose first try had created it.
+                (theirs != bytes).then_some(theirs)
+            };
+            match taken {
+                None => {
+                    self.advance(&attempt);
+                    self.shipped.pending = None;
+                    self.save()?;
+                    self.head = Some((number + 1, block_hash(&bytes)));
+                    if let Err(error) = self
+                        .client
+                        .put(HEAD_HINT, (number + 1).to_string().into_bytes())
+                        .await
+                    {
+                        tracing::warn!(
+                            target: "blkmirror receiver",
+                            "audit chain: the head hint was not written (receivers will probe \
+                             further for the head): {error}"
+                        );
+                    }
+                    return Ok(pending.entries);
+                }
+                Some(theirs) => {
+                    (number, prev) = (number + 1, block_hash(&theirs));
+                    self.head = Some((number, prev.clone()));
+                }
+            }
+        }
+        self.shipped.pending = None;
+        self.save()?;
+        Err(ChainError::Contended)
+    }
+
+    async fn fetch(&self, number: u64) -> Result<Option<Vec<u8>>, ChainError> {
+        Ok(self
+            .client
+            .get(&block_key(number), MAX_BLOCK_BYTES)
+            .await?
+            .map(|(bytes, _)| bytes))
+    }
+
+    /// The chain's last block: from the hint (or a listing without one), probing forward.
+    async fn head(&mut self) -> Result<(u64, String), ChainError> {
+        if let Some(head) = &self.head {
+            return Ok(head.clone());
+        }
+        let hint = match self.client.get(HEAD_HINT, 64).await? {
+            Some((bytes, _)) => std::str::from_utf8(&bytes)
+                .ok()
+                .and_then(|text| text.trim().parse::<u64>().ok()),
+            None => None,
+        };
+        let mut number = match hint {
+            Some(number) => number,
+            None => last_listed(&self.client).await?,
+        };
+        let mut hash = GENESIS.to_owned();
+        if number > 0 {
+            match self.fetch(number).await? {
+                Some(bytes) => hash = block_hash(&bytes),
+                None => {
+                    // A hint past the chain: never written so, but a hint is only a hint.
+                    number = last_listed(&self.client).await?;
+                    if number > 0 {
+                        let bytes = self.fetch(number).await?.unwrap_or_default();
+                        hash = block_hash(&bytes);
+                    }
+                }
+            }
+        }
+        while let Some(bytes) = self.fetch(number + 1).await? {
+            number += 1;
+            hash = block_hash(&bytes);
+        }
+        self.head = Some((number, hash.clone()));
+        Ok((number, hash))
+    }
+}
+
+/// The highest block number listed (0 for none).
+async fn last_listed(client: &ObjectStoreClient) -> Result<u64, ChainError> {
+    Ok(client
+        .list(BLOCKS)
+        .await?
+        .iter()
+        .filter_map(|(key, _, _)| block_number(key))
+        .max()
+        .unwrap_or(0))
+}
+
+/// Reads and checks the whole chain, `parallel` blocks at a time; `progress` is told each
+/// block checked.
+pub async fn verify_chain(
+    client: &ObjectStoreClient,
+    parallel: usize,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<ChainReport, ChainError> {
+    let mut numbers: Vec<u64> = client
+        .list(BLOCKS)
+        .await?
+        .iter()
+        .filter_map(|(key, _, _)| block_number(key))
+        .collect();
+    numbers.sort_unstable();
+    let total = numbers.len() as u64;
+    let mut verifier = ChainVerifier::default();
+    for window in numbers.chunks(parallel.max(1)) {
+        let mut in_flight = tokio::task::JoinSet::new();
+        for &number in window {
+            let client = client.clone();
+            in_flight.spawn(async move {
+                let bytes = client.get(&block_key(number), MAX_BLOCK_BYTES).await;
+                (number, bytes.map(|found| found.map(|(bytes, _)| bytes)))
+            });
+        }
+        let mut fetched = Vec::with_capacity(window.len());
+        while let Some(joined) = in_flight.join_next().await {
+            let (number, bytes) = joined.expect("a block read does not panic");
+            fetched.push((number, bytes?));
+        }
+        fetched.sort_unstable_by_key(|(number, _)| *number);
+        for (number, bytes) in fetched {
+            let bytes = bytes.ok_or_else(|| ChainError::Broken {
+                block: number,
+                message: "listed, then not found (deleted while being read)".into(),
+            })?;
+            verifier.add(number, &bytes)?;
+            progress(number, total);
+        }
+    }
+    Ok(verifier.report())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dr::audit::{AuditLog, Event};
+
+    fn event(name: &'static str) -> Event {
+        Event {
+            event: name,
+            volume: Some("db".into()),
+            outcome: "ok".into(),
+            ..Event::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn receivers_racing_make_one_chain_and_each_log_is_shipped_once_in_order() {
+        let client = ObjectStoreClient::in_memory();
+        let dirs: Vec<_> = (0..3)
+            .map(|n| crate::testing::TempDir::new(&format!("auditchain-{n}")))
+            .collect();
+        let mut shippers: Vec<_> = dirs
+            .iter()
+            .enumerate()
+            .map(|(n, dir)| Shipper::open(client.clone(), format!("rx-{n}"), &dir.0).unwrap())
+            .collect();
+        for round in 0..5 {
+            for dir in &dirs {
+                for _ in 0..=round {
+                    AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+                }
+            }
+            // Each shipper's cached head is stale by the others' blocks of the round before:
+            // its first try is refused, and it follows their blocks to the head.
+            for shipper in &mut shippers {
+                assert_eq!(shipper.ship().await.unwrap(), round as u64 + 1);
+            }
+        }
+        let report = verify_chain(&client, 4, |_, _| {}).await.unwrap();
+        assert_eq!(report.blocks, 15);
+        assert_eq!(report.entries, 45);
+        assert_eq!(report.logs.len(), 3);
+        for (dir, log) in dirs.iter().zip(&report.logs) {
+            assert_eq!(log.last_seq, 15);
+            let text = fs::read_to_string(dir.0.join("audit.log")).unwrap();
+            let compared = compare_local(&report, &text).unwrap();
+            assert_eq!((compared.local_entries, compared.in_store), (15, 15));
+        }
+        // Nothing new: nothing shipped, no block added.
+        assert_eq!(shippers[0].ship().await.unwrap(), 0);
+        assert_eq!(
+            verify_chain(&client, 4, |_, _| {}).await.unwrap().blocks,
+            15
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_after_creating_a_block_neither_loses_nor_repeats_entries() {
+        let client = ObjectStoreClient::in_memory();
+        let dir = crate::testing::TempDir::new("auditchain-crash");
+        let log = AuditLog::in_dir(&dir.0);
+        for _ in 0..3 {
+            log.append(event("commit")).unwrap();
+        }
+        let mut shipper = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
+        assert_eq!(shipper.ship().await.unwrap(), 3);
+        let record = dir.0.join(SHIPPED_FILE);
+        let before = fs::read(&record).unwrap();
+        log.append(event("restore")).unwrap();
+        assert_eq!(shipper.ship().await.unwrap(), 1);
+        // A crash between the block's creation and the record's update: the record still
+        // says "creating block 2".
+        let mut stale: Shipped = serde_json::from_slice(&before).unwrap();
+        let after: Shipped = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+        stale.pending = Some(Pending {
+            block: 2,
+            chain: after.chain.clone(),
+            first_seq: 4,
+            entries: 1,
+            end_offset: after.offset,
+            last_hash: after.last_hash.clone(),
+        });
+        fs::write(&record, serde_json::to_vec(&stale).unwrap()).unwrap();
+        log.append(event("verify")).unwrap();
+        let mut restarted = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
+        assert_eq!(restarted.ship().await.unwrap(), 1, "only entry 5 is new");
+        let report = verify_chain(&client, 2, |_, _| {}).await.unwrap();
+        assert_eq!((report.blocks, report.entries), (3, 5));
+        assert_eq!(report.events["verify"], 1);
+    }
+
+    #[tokio::test]
+    async fn tampering_in_the_store_or_the_local_log_is_found() {
+        let client = ObjectStoreClient::in_memory();
+        let dir = crate::testing::TempDir::new("auditchain-tamper");
+        let log = AuditLog::in_dir(&dir.0);
+        let mut shipper = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
+        for _ in 0..3 {
+            log.append(event("commit")).unwrap();
+            shipper.ship().await.unwrap();
+        }
+        let original = client
+            .get(&block_key(2), MAX_BLOCK_BYTES)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
+        let text = String::from_utf8(original.clone()).unwrap();
+
+        // An entry edited (its hash no longer matches).
+        let edited = text.replace("\"outcome\":\"ok\"", "\"outcome\":\"no\"");
+        client
+            .put(&block_key(2), edited.into_bytes())
+            .await
+            .unwrap();
+        let error = verify_chain(&client, 2, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("block 2") && error.contains("edited"),
+            "{error}"
+        );
+
+        // A block removed: block 3 no longer follows.
+        client.delete(&block_key(2)).await.unwrap();
+        let error = verify_chain(&client, 2, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing"), "{error}");
+
+        // A block replaced by a consistent block of other entries: block 3 does not follow.
+        let forged_dir = crate::testing::TempDir::new("auditchain-forged");
+        let forged = AuditLog::in_dir(&forged_dir.0);
+        forged.append(event("commit")).unwrap();
+        forged.append(event("commit")).unwrap();
+        let forged_text = fs::read_to_string(forged.path()).unwrap();
+        let first = client
+            .get(&block_key(1), MAX_BLOCK_BYTES)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
+        let first_block_hash = block_hash(&first);
+        let header: BlockHeader = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        let second_line = forged_text.lines().nth(1).unwrap().to_owned() + "\n";
+        let forged_block = encode_block(
+            &BlockHeader {
+                prev_block: first_block_hash,
+                ..header
+            },
+            &second_line,
+        );
+        client.put(&block_key(2), forged_block).await.unwrap();
+        let error = verify_chain(&client, 2, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("block 2") || error.contains("block 3"),
+            "{error}"
+        );
+
+        // Restored: it verifies, and the local log agrees with it.
+        client.put(&block_key(2), original).await.unwrap();
+        let report = verify_chain(&client, 2, |_, _| {}).await.unwrap();
+        let local = fs::read_to_string(log.path()).unwrap();
+        assert_eq!(compare_local(&report, &local).unwrap().in_store, 3);
+
+        // The local log edited after shipping: the shipper refuses to go on, and the
+        // comparison names the difference.
+        log.append(event("commit")).unwrap();
+        let rewritten = local.replacen("\"commit\"", "\"comm1t\"", 1);
+        let tail = fs::read_to_string(log.path()).unwrap()[local.len()..].to_owned();
+        fs::write(log.path(), rewritten + &tail).unwrap();
+        let _ = shipper.ship().await.unwrap();
+        let error = compare_local(&report, &fs::read_to_string(log.path()).unwrap()).unwrap_err();
+        assert!(error.contains("edited"), "{error}");
+    }
+
+    #[test]
+    fn block_keys_round_trip_and_odd_keys_are_not_blocks() {
+        assert_eq!(block_number(&block_key(42)), Some(42));
+        assert_eq!(block_number("audit/blocks/42"), None);
+        assert_eq!(block_number("audit/head"), None);
+        assert!(decode_block(1, b"").is_err());
+        assert!(decode_block(1, b"{}\n").is_err());
+    }
+}
