@@ -468,6 +468,90 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         "the store's points changed"
     );
 
+    // The grants live in the store: A seeded them with its [[agent]] list, and every
+    // receiver enforces the store's. A file that grants the volume to another agent is
+    // published; B and C both apply it, and B refuses the agent. Publishing B's own list
+    // puts the grant back.
+    let other_agent = Id::new(dir, "other-agent-id");
+    let grants_file = dir.join("grants.toml");
+    fs::write(
+        &grants_file,
+        fs::read_to_string(&config_b)
+            .expect("receiver.toml")
+            .replace(&agent_id.fingerprint, &other_agent.fingerprint),
+    )
+    .expect("grants.toml");
+    let grants_path = grants_file.to_str().expect("utf-8");
+    let shown = parse_lines(&run_ok(&[
+        "store",
+        "grants",
+        "--config",
+        grants_path,
+        "--json",
+    ]));
+    assert_eq!(shown[0]["store"]["version"].as_u64(), Some(1), "{shown:?}");
+    assert_eq!(shown[0]["file_matches"], false, "{shown:?}");
+    assert_eq!(
+        shown[0]["differences"].as_array().map(Vec::len),
+        Some(2),
+        "{shown:?}"
+    );
+    let published = parse_lines(&run_ok(&[
+        "store",
+        "grants",
+        "--config",
+        grants_path,
+        "--publish",
+        "--json",
+    ]));
+    assert_eq!(published[0]["store"]["version"].as_u64(), Some(2));
+    let grants_version = |name: &str| {
+        let status = parse_lines(&run_ok(&[
+            "status",
+            "--json",
+            "--socket",
+            dir.join(format!("{name}.sock")).to_str().expect("utf-8"),
+        ]));
+        status[0]["store"]["grants_version"].as_u64()
+    };
+    for name in ["b", "c"] {
+        wait_for(
+            &format!("receiver {name} applying the store's grants version 2"),
+            Duration::from_secs(30),
+            || grants_version(name) == Some(2),
+        );
+    }
+    let only_b = setup(&device.path, &receiver_b, &agent_id, &pins, &agent_state);
+    let (output, _) = only_b.once(&[], Duration::from_secs(120));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        !output.status.success(),
+        "a revoked agent was served: {said}"
+    );
+    assert!(said.contains("does not admit this agent"), "{said}");
+    assert!(
+        receiver_b.log().contains("the store's grants changed"),
+        "{}",
+        receiver_b.log()
+    );
+    let published = parse_lines(&run_ok(&[
+        "store",
+        "grants",
+        "--config",
+        config_b.to_str().expect("utf-8"),
+        "--publish",
+        "--json",
+    ]));
+    assert_eq!(published[0]["store"]["version"].as_u64(), Some(3));
+    assert_eq!(published[0]["file_matches"], true);
+    for name in ["b", "c"] {
+        wait_for(
+            &format!("receiver {name} applying the store's grants version 3"),
+            Duration::from_secs(30),
+            || grants_version(name) == Some(3),
+        );
+    }
+
     // Retention on the store: B keeps its newest point only, so its first publish dropped
     // every older point from the store (A's default retention had kept them all).
     assert_eq!(points.len(), 1, "{points:?}");
@@ -556,6 +640,77 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         "{}",
         usage[0]
     );
+
+    // One audit chain in the store holds the logs of A, B and C, with both grants changes as
+    // each receiver applied them; each receiver's own log agrees with its copy there. An
+    // entry edited in the store is found (exit 7).
+    let store_audit = |log: &Path| {
+        let output = run(&[
+            "store",
+            "audit",
+            "--config",
+            config_b.to_str().expect("utf-8"),
+            "--log",
+            log.to_str().expect("utf-8"),
+            "--json",
+        ]);
+        assert!(
+            output.status.success(),
+            "store audit: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        parse_lines(&String::from_utf8_lossy(&output.stdout))
+            .pop()
+            .expect("a report")
+    };
+    wait_for(
+        "the grants changes of B and C in the audit chain",
+        Duration::from_secs(30),
+        || {
+            store_audit(&data_b.join("audit.log"))["chain"]["events"]["grants-change"].as_u64()
+                >= Some(4)
+        },
+    );
+    let mut receivers_in_chain = Vec::new();
+    for data in [&data_a, &data_b, &data_c] {
+        let report = store_audit(&data.join("audit.log"));
+        let local = &report["local"];
+        assert!(local["in_store"].as_u64() >= Some(2), "{report}");
+        assert!(local["in_store"].as_u64() <= local["local_entries"].as_u64());
+        receivers_in_chain.push(local["chain"].as_str().expect("a chain id").to_owned());
+    }
+    let report = store_audit(&data_b.join("audit.log"));
+    eprintln!("audit chain: {}", report["chain"]);
+    let logs = report["chain"]["logs"].as_array().expect("logs");
+    for chain in &receivers_in_chain {
+        assert!(
+            logs.iter().any(|log| log["chain"] == chain.as_str()),
+            "{chain} is not in {logs:?}"
+        );
+    }
+    assert!(
+        report["chain"]["events"]["commit"].as_u64() >= Some(3),
+        "{report}"
+    );
+    tamper_with_the_first_audit_block(&cluster, |text| {
+        text.replacen("\"receiver-start\"", "\"receiver-stopp\"", 1)
+    });
+    let audit = run(&[
+        "store",
+        "audit",
+        "--config",
+        config_b.to_str().expect("utf-8"),
+    ]);
+    let said = String::from_utf8_lossy(&audit.stderr);
+    assert_eq!(audit.status.code(), Some(7), "an edited chain: {said}");
+    assert!(
+        said.contains("block 1") && said.contains("edited"),
+        "{said}"
+    );
+    tamper_with_the_first_audit_block(&cluster, |text| {
+        text.replacen("\"receiver-stopp\"", "\"receiver-start\"", 1)
+    });
+    store_audit(&data_b.join("audit.log"));
 
     // Every point verifies from the store alone. Then one byte of a pack is damaged, in a
     // chunk the newest point reads: verify and restore find it (exit 7), and the restore
@@ -697,6 +852,31 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         let said = String::from_utf8_lossy(&listed.stderr);
         assert!(!listed.status.success() && said.contains(reason), "{said}");
     }
+}
+
+/// Rewrites block 1 of the store's audit chain with `edit`.
+fn tamper_with_the_first_audit_block(cluster: &CephCluster, edit: impl Fn(&str) -> String) {
+    use blkmirror::dr::{auditchain, objstore::ObjectStoreClient};
+    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let key = auditchain::block_key(1);
+        let (bytes, _) = client
+            .get(&key, auditchain::MAX_BLOCK_BYTES)
+            .await
+            .expect("block 1")
+            .expect("block 1 exists");
+        let text = String::from_utf8(bytes).expect("text");
+        let edited = edit(&text);
+        assert_ne!(edited, text, "nothing to edit");
+        client
+            .put(&key, edited.into_bytes())
+            .await
+            .expect("rewriting block 1");
+    });
 }
 
 /// Flips one byte of the stored chunk the newest point of the volume reads at offset 0, in
