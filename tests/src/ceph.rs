@@ -440,6 +440,44 @@ rgw_dns_name = 127.0.0.1
 
     /// Writes a `[store]` credentials file of the cluster's S3 user (with `secret`) at `path`,
     /// with `mode`.
+    /// Flips one byte of the stored chunk that the newest point of `volume` in `bucket` reads
+    /// at offset 0, in its pack (a conditional replace, as a disk's bit rot would not be).
+    pub fn damage_first_chunk_of_newest_point(&self, bucket: &str, volume: &str) {
+        use blkmirror::dr::{layout, objpoints, objstore::ObjectStoreClient};
+        let client = ObjectStoreClient::connect(&self.store_config(bucket)).expect("client");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let newest = *objpoints::list_points(&client, volume)
+                .await
+                .expect("points")
+                .last()
+                .expect("a point");
+            let (map, _) = objpoints::read_point(&client, volume, newest)
+                .await
+                .expect("the newest point");
+            let view = objpoints::load_view(&client).await.expect("view");
+            let id = map.chunks.get(&0).expect("chunk 0 holds data");
+            let (pack, entry) = view.locations.get(id).expect("chunk 0's pack");
+            let key = layout::pack_key(pack);
+            let (mut bytes, e_tag) = client
+                .get(&key, 1 << 30)
+                .await
+                .expect("pack")
+                .expect("the pack exists");
+            bytes[entry.offset as usize + 10] ^= 0xff;
+            assert!(
+                client
+                    .replace_if_unchanged(&key, bytes, &e_tag.expect("an ETag"))
+                    .await
+                    .expect("replace"),
+                "the pack changed meanwhile"
+            );
+        });
+    }
+
     pub fn write_credentials(&self, path: &Path, secret: &str, mode: u32) {
         use std::os::unix::fs::PermissionsExt as _;
         fs::write(

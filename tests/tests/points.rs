@@ -11,8 +11,11 @@ use std::{
 };
 
 use blkmirror_tests::{
-    LoopDevice, Mount, blkmirror,
-    mirror::{ChildGuard, Site, digest, guard_running, last_point, write_random},
+    LoopDevice, Mount, PinRoot, Scratch, blkmirror,
+    ceph::{CephCluster, SECRET_KEY},
+    mirror::{
+        AgentSetup, ChildGuard, Id, Receiver, Site, digest, guard_running, last_point, write_random,
+    },
     parse_lines, require_root, run_ok, sh,
 };
 
@@ -72,8 +75,12 @@ fn e2fsck_clean(image: &Path) {
 
 /// Runs `agent --once` with the freeze held for a while and copies the device while it is
 /// frozen: the copy is the source exactly as the point's final cut saw it.
-fn cycle_with_copy(site: &Site, device: &Path, mount: &Path, copy: &Path) -> serde_json::Value {
-    let agent = site.setup(device, "fs");
+fn cycle_with_copy(
+    agent: &AgentSetup,
+    device: &Path,
+    mount: &Path,
+    copy: &Path,
+) -> serde_json::Value {
     let mut args = agent.args(&["--once", "--freeze-budget", "30s"]);
     args.retain(|a| a != "--json");
     args.push("--json".into());
@@ -124,18 +131,16 @@ fn cycle_with_copy(site: &Site, device: &Path, mount: &Path, copy: &Path) -> ser
     point
 }
 
-#[test]
-fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
-    require_root();
-    let site = Site::new("fs");
-    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
-    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
-    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
-
-    // Four points, each with different files; a copy of the source at each cut.
+/// Four points of the ext4 file system mounted at `mount`, each with different files; with
+/// each, a copy of the source at its cut (in `scratch`).
+fn four_points(
+    agent: &AgentSetup,
+    mount: &Path,
+    scratch: &Path,
+) -> Vec<(serde_json::Value, PathBuf)> {
     let mut points = Vec::new();
     for round in 0..4u64 {
-        let dir = mount.target.join(format!("round-{round}"));
+        let dir = mount.join(format!("round-{round}"));
         fs::create_dir_all(&dir).expect("dir");
         for file in 0..20u64 {
             let body: Vec<u8> = (0..(8192 + file * 4096 + round * 777))
@@ -144,12 +149,39 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
             fs::write(dir.join(format!("f{file}")), body).expect("write");
         }
         if round > 0 {
-            fs::remove_dir_all(mount.target.join(format!("round-{}", round - 1))).expect("rm");
+            fs::remove_dir_all(mount.join(format!("round-{}", round - 1))).expect("rm");
         }
-        let copy = site.scratch.path.join(format!("source-at-{round}.img"));
-        let point = cycle_with_copy(&site, &dev.path, &mount.target, &copy);
+        let copy = scratch.join(format!("source-at-{round}.img"));
+        let point = cycle_with_copy(agent, agent.device, mount, &copy);
         points.push((point, copy));
     }
+    points
+}
+
+/// `--at TIME` to the millisecond of a listed point (`points --json` gives the time to the
+/// second and the milliseconds apart).
+fn time_of(listed: &serde_json::Value) -> String {
+    let ms = listed["time_unix_ms"].as_u64().expect("ms");
+    format!(
+        "{}.{:03}Z",
+        listed["time"].as_str().expect("time").trim_end_matches('Z'),
+        ms % 1000
+    )
+}
+
+#[test]
+fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
+    require_root();
+    let site = Site::new("fs");
+    let dev = LoopDevice::new(&site.scratch.path, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", &site.scratch.path);
+    let data = site.receiver.data_dir.to_str().expect("utf-8").to_owned();
+
+    let points = four_points(
+        &site.setup(&dev.path, "fs"),
+        &mount.target,
+        &site.scratch.path,
+    );
 
     // `points` lists all four, newest last, each consistent.
     let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
@@ -195,15 +227,7 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
 
     // By time (to the millisecond): the newest point at or before the second point's cut is
     // the second point.
-    let second_ms = listed[1]["time_unix_ms"].as_u64().expect("ms");
-    let time = format!(
-        "{}.{:03}Z",
-        listed[1]["time"]
-            .as_str()
-            .expect("time")
-            .trim_end_matches('Z'),
-        second_ms % 1000
-    );
+    let time = time_of(&listed[1]);
     let by_time = site.scratch.path.join("by-time.img");
     let restored = parse_lines(&run_ok(&[
         "restore",
@@ -363,6 +387,227 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
     let broken = run(&["audit", "verify", "--data-dir", &data]);
     assert_eq!(broken.status.code(), Some(7));
     assert!(String::from_utf8_lossy(&broken.stderr).contains("edited"));
+    drop(mount);
+}
+
+/// The same four ext4 points on the object-store backend: a receiver with a `[store]`
+/// publishes them to a real Ceph cluster (three OSDs, three replicas), and with the receiver
+/// gone, `points`, `restore` (each point to a file, by time, to a device) and `verify` with
+/// `--from-store` give what the data directory gives; a damaged chunk in the store is found by
+/// `verify` and refused by `restore`, which leaves a device untouched and no file behind.
+#[test]
+fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
+    require_root();
+    let cluster = CephCluster::start();
+    cluster.create_bucket("points");
+    let scratch = Scratch::new();
+    let dir = &scratch.path;
+    let agent_id = Id::new(dir, "agent-id");
+    let receiver_id = Id::new(dir, "receiver-id");
+    let credentials = dir.join("store-credentials.toml");
+    cluster.write_credentials(&credentials, SECRET_KEY, 0o600);
+    let data = dir.join("data");
+    let config = dir.join("receiver.toml");
+    fs::write(
+        &config,
+        format!(
+            "identity = \"{}\"\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n\
+             [[agent]]\nfingerprint = \"{}\"\nvolumes = [\"fs\"]\n\
+             [store]\nendpoint = \"{}\"\nbucket = \"points\"\ncredentials = \"{}\"\n\
+             allow_http = true\n",
+            receiver_id.dir.display(),
+            data.display(),
+            agent_id.fingerprint,
+            cluster.endpoint,
+            credentials.display()
+        ),
+    )
+    .expect("receiver.toml");
+    let mut receiver = Receiver::start_config(&config, &data, &receiver_id);
+    let dev = LoopDevice::new(dir, 128 * MIB);
+    let mount = Mount::mkfs_and_mount(&dev.path, "ext4", dir);
+    let pins = PinRoot::new();
+    let state = dir.join("state");
+    let agent = AgentSetup {
+        device: &dev.path,
+        volume: "fs",
+        receiver: &receiver,
+        id: &agent_id,
+        pins: &pins,
+        state_dir: &state,
+        receiver_fingerprint: None,
+        via: None,
+    };
+    let points = four_points(&agent, &mount.target, dir);
+    // From here on, the store alone.
+    receiver.kill();
+    let store = config.to_str().expect("utf-8");
+
+    let listed = parse_lines(&run_ok(&["points", "fs", "--from-store", store, "--json"]));
+    let seqs: Vec<u64> = listed
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("seq"))
+        .collect();
+    let expected: Vec<u64> = points
+        .iter()
+        .map(|(p, _)| p["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, expected, "{listed:?}");
+    assert!(listed.iter().all(|p| p["consistent"] == true), "{listed:?}");
+    assert_eq!(listed[0]["manifest"], "full", "{listed:?}");
+    assert!(
+        listed[1..].iter().all(|p| p["manifest"] == "delta"),
+        "{listed:?}"
+    );
+    let human = run_ok(&["points", "fs", "--from-store", store]);
+    assert!(
+        human.contains("consistent") && human.contains("delta manifest"),
+        "{human}"
+    );
+
+    for (index, (point, copy)) in points.iter().enumerate() {
+        let seq = point["seq"].as_u64().expect("seq");
+        let restored = dir.join(format!("restored-{index}.img"));
+        let out = run_ok(&[
+            "restore",
+            "fs",
+            "--from-store",
+            store,
+            "--at",
+            &format!("seq:{seq}"),
+            "--to",
+            restored.to_str().expect("utf-8"),
+        ]);
+        assert!(out.contains("from the object store"), "{out}");
+        assert_eq!(
+            digest(&restored),
+            digest(copy),
+            "point {seq} from the store differs from the source at its cut"
+        );
+        e2fsck_clean(&restored);
+        fs::remove_file(&restored).expect("rm");
+    }
+
+    let by_time = dir.join("by-time.img");
+    let restored = parse_lines(&run_ok(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        &time_of(&listed[1]),
+        "--to",
+        by_time.to_str().expect("utf-8"),
+        "--json",
+    ]));
+    let restored = restored
+        .iter()
+        .find(|line| line["event"] == "restored")
+        .expect("a restored line");
+    assert_eq!(restored["seq"], points[1].0["seq"], "{restored}");
+    assert_eq!(digest(&by_time), digest(&points[1].1));
+
+    // The same refusals as from the data directory.
+    let refused = |at: &str, to: &str, says: &str| {
+        let out = run(&[
+            "restore",
+            "fs",
+            "--from-store",
+            store,
+            "--at",
+            at,
+            "--to",
+            to,
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(says), "no {says:?} in: {stderr}");
+    };
+    refused("latest", dev.as_str(), "in use");
+    refused("latest", by_time.to_str().expect("utf-8"), "--force");
+    refused("2001-01-01T00:00:00Z", "/tmp/never", "oldest");
+
+    // To a device, whole.
+    let target_dev = LoopDevice::new(dir, 128 * MIB);
+    run_ok(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "latest",
+        "--to",
+        target_dev.as_str(),
+    ]);
+    assert_eq!(digest(&target_dev.path), digest(&points[3].1));
+
+    let verified = parse_lines(&run_ok(&[
+        "verify",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "all",
+        "--json",
+    ]));
+    assert_eq!(
+        verified[0]["points"].as_array().map(Vec::len),
+        Some(4),
+        "{verified:?}"
+    );
+
+    // One damaged chunk of the newest point: verify finds it; a restore to a device checks
+    // the point first and leaves the device as it was; a restore to a file leaves none.
+    cluster.damage_first_chunk_of_newest_point("points", "fs");
+    let verify = run(&["verify", "fs", "--from-store", store, "--at", "latest"]);
+    let said = String::from_utf8_lossy(&verify.stderr);
+    assert_eq!(verify.status.code(), Some(7), "{said}");
+    write_random(&target_dev.path, 0, 4 * MIB);
+    let before = digest(&target_dev.path);
+    let restore = run(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "latest",
+        "--to",
+        target_dev.as_str(),
+    ]);
+    let said = String::from_utf8_lossy(&restore.stderr);
+    assert_eq!(restore.status.code(), Some(7), "{said}");
+    assert!(said.contains("was not written"), "{said}");
+    assert_eq!(
+        digest(&target_dev.path),
+        before,
+        "a refused restore wrote to the device"
+    );
+    let file = dir.join("damaged.img");
+    let restore = run(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "latest",
+        "--to",
+        file.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(restore.status.code(), Some(7));
+    assert!(!file.exists(), "a damaged restore left its target behind");
+    // The older points do not read the damaged chunk (the newest point wrote it anew).
+    let older = dir.join("older.img");
+    run_ok(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        &format!("seq:{}", seqs[0]),
+        "--to",
+        older.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(digest(&older), digest(&points[0].1));
     drop(mount);
 }
 

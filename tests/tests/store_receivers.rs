@@ -730,7 +730,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         Some(points.len()),
         "{verified:?}"
     );
-    damage_a_chunk_of_the_newest_point(&cluster);
+    cluster.damage_first_chunk_of_newest_point(BUCKET, VOLUME);
     let verify = run(&[
         "verify",
         VOLUME,
@@ -876,44 +876,6 @@ fn tamper_with_the_first_audit_block(cluster: &CephCluster, edit: impl Fn(&str) 
             .put(&key, edited.into_bytes())
             .await
             .expect("rewriting block 1");
-    });
-}
-
-/// Flips one byte of the stored chunk the newest point of the volume reads at offset 0, in
-/// its pack on the store (a conditional replace, as a disk's bit rot would not be).
-fn damage_a_chunk_of_the_newest_point(cluster: &CephCluster) {
-    use blkmirror::dr::{layout, objpoints, objstore::ObjectStoreClient};
-    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
-        let newest = *objpoints::list_points(&client, VOLUME)
-            .await
-            .expect("points")
-            .last()
-            .expect("a point");
-        let (map, _) = objpoints::read_point(&client, VOLUME, newest)
-            .await
-            .expect("the newest point");
-        let view = objpoints::load_view(&client).await.expect("view");
-        let id = map.chunks.get(&0).expect("chunk 0 holds data");
-        let (pack, entry) = view.locations.get(id).expect("chunk 0's pack");
-        let key = layout::pack_key(pack);
-        let (mut bytes, e_tag) = client
-            .get(&key, 1 << 30)
-            .await
-            .expect("pack")
-            .expect("the pack exists");
-        bytes[entry.offset as usize + 10] ^= 0xff;
-        assert!(
-            client
-                .replace_if_unchanged(&key, bytes, &e_tag.expect("an ETag"))
-                .await
-                .expect("replace"),
-            "the pack changed meanwhile"
-        );
     });
 }
 

@@ -538,6 +538,28 @@ pub fn restore(
         let size = manifest.size_bytes;
         let chunk = manifest.chunk_bytes as usize;
         let target = RestoreTarget::open(to, size, chunk, force)?;
+        if target.is_device() {
+            // A device is written in place: check every chunk of the point first, so a damaged
+            // store leaves the device as it was.
+            eprintln!(
+                "blkmirror: checking point {seq} of volume {volume} in the object store before \
+                 writing to {}",
+                to.display()
+            );
+            let ids = map.chunks.values().copied().collect();
+            if let Err(error) =
+                objpoints::verify_chunks(&client, &view.locations, &ids, RESTORE_PARALLEL_READS)
+                    .await
+            {
+                return Err(match classify(error) {
+                    OpsError::Corrupt(message) => OpsError::Corrupt(format!(
+                        "point {seq} of volume {volume}: {message}; {} was not written",
+                        to.display()
+                    )),
+                    other => other,
+                });
+            }
+        }
         eprintln!(
             "blkmirror: restoring volume {volume} point {seq} ({}) from object store {} to {}",
             units::format_utc(manifest.point.time_unix_ms),

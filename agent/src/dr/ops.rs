@@ -342,6 +342,12 @@ impl RestoreTarget {
     pub fn abandon(self) {
         self.0.abandon();
     }
+
+    /// Whether it is a block device, written in place (so a point must be checked whole
+    /// before the first write: nothing can be renamed into place).
+    pub fn is_device(&self) -> bool {
+        matches!(self.0, Target::Device { .. })
+    }
 }
 
 /// Where a restore writes.
