@@ -609,6 +609,122 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
     ]);
     assert_eq!(digest(&older), digest(&points[0].1));
     drop(mount);
+    retention_in_the_store_spares_the_chunks_of_a_running_restore(&cluster, dir, &agent_id);
+}
+
+/// A receiver that keeps only the newest point, in its data directory and in the store: a
+/// restore from the store of point B, held after it read B's manifest, goes on while cycle C
+/// drops B from the store, and still writes B exactly (the dropped manifest's chunks stay
+/// until a collection a grace period later).
+fn retention_in_the_store_spares_the_chunks_of_a_running_restore(
+    cluster: &CephCluster,
+    dir: &Path,
+    agent_id: &Id,
+) {
+    cluster.create_bucket("newest");
+    let receiver_id = Id::new(dir, "newest-receiver-id");
+    let data = dir.join("newest-data");
+    let config = dir.join("newest.toml");
+    let text = fs::read_to_string(dir.join("receiver.toml"))
+        .expect("receiver.toml")
+        .replace("bucket = \"points\"", "bucket = \"newest\"")
+        .replace("volumes = [\"fs\"]", "volumes = [\"raw\"]")
+        .replace(
+            &dir.join("data").display().to_string(),
+            &data.display().to_string(),
+        )
+        .replace(
+            &dir.join("receiver-id").display().to_string(),
+            &receiver_id.dir.display().to_string(),
+        )
+        + "[retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
+    fs::write(&config, text).expect("newest.toml");
+    let store = config.to_str().expect("utf-8");
+    let receiver = Receiver::start_config(&config, &data, &receiver_id);
+    let dev = LoopDevice::new(dir, 64 * MIB);
+    let pins = PinRoot::new();
+    let state = dir.join("newest-state");
+    let agent = AgentSetup {
+        device: &dev.path,
+        volume: "raw",
+        receiver: &receiver,
+        id: agent_id,
+        pins: &pins,
+        state_dir: &state,
+        receiver_fingerprint: None,
+        via: None,
+    };
+    write_random(&dev.path, 0, 8 * MIB);
+    agent.once_ok(&[]);
+    write_random(&dev.path, 8 * MIB, 4 * MIB);
+    std::thread::sleep(Duration::from_millis(1_100));
+    let b = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let listed = parse_lines(&run_ok(&["points", "raw", "--from-store", store, "--json"]));
+    assert_eq!(
+        listed.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
+        [Some(b)],
+        "{listed:?}"
+    );
+    let source_at_b = dir.join("newest-source-at-b.img");
+    copy_device(&dev.path, &source_at_b);
+    let target = dir.join("newest-restore-b.img");
+    let log = dir.join("newest-restore.log");
+    let mut restore = ChildGuard(
+        blkmirror()
+            .args([
+                "restore",
+                "raw",
+                "--from-store",
+                store,
+                "--at",
+                &format!("seq:{b}"),
+                "--to",
+                target.to_str().expect("utf-8"),
+            ])
+            .env("BLKMIRROR_TEST_RESTORE_HOLD_MS", "8000")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("restore"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("restoring volume raw")
+    {
+        assert!(Instant::now() < deadline, "the restore never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Cycle C while the restore holds: B leaves the store.
+    write_random(&dev.path, 0, 8 * MIB);
+    std::thread::sleep(Duration::from_millis(1_100));
+    let c = last_point(&agent.once_ok(&[]))["seq"]
+        .as_u64()
+        .expect("seq");
+    let listed = parse_lines(&run_ok(&["points", "raw", "--from-store", store, "--json"]));
+    assert_eq!(
+        listed.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
+        [Some(c)],
+        "B was not dropped from the store: {listed:?}"
+    );
+    assert!(
+        restore.0.try_wait().expect("wait").is_none(),
+        "the restore ended before C dropped B: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let status = restore.0.wait().expect("restore");
+    assert!(
+        status.success(),
+        "the restore of B failed once B was dropped: {}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        digest(&target),
+        digest(&source_at_b),
+        "the restore of B is not B"
+    );
 }
 
 /// A FIFO a restore writes into; its reader is started on demand.

@@ -566,6 +566,8 @@ pub fn restore(
             store.endpoint,
             to.display()
         );
+        // Test builds only: the root test lets retention drop this point from the store here.
+        tokio::task::block_in_place(crate::test_hooks::hold_restore);
         let setup_ms = started.elapsed().as_millis() as u64;
         // The read tasks write their chunks themselves (positional writes), so the writing
         // spreads over the runtime's threads with the hashing.
