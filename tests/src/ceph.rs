@@ -478,6 +478,20 @@ rgw_dns_name = 127.0.0.1
         });
     }
 
+    /// The object `key` of `bucket`, if there is one.
+    pub fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let client =
+            blkmirror::dr::objstore::ObjectStoreClient::connect(&self.store_config(bucket))
+                .expect("client");
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(client.get(key, 1 << 30))
+            .expect("reading the object")
+            .map(|(bytes, _)| bytes)
+    }
+
     pub fn write_credentials(&self, path: &Path, secret: &str, mode: u32) {
         use std::os::unix::fs::PermissionsExt as _;
         fs::write(

@@ -14,7 +14,8 @@ use blkmirror_tests::{
     LoopDevice, Mount, PinRoot, Scratch, blkmirror,
     ceph::{CephCluster, SECRET_KEY},
     mirror::{
-        AgentSetup, ChildGuard, Id, Receiver, Site, digest, guard_running, last_point, write_random,
+        AgentSetup, ChildGuard, Id, Receiver, Site, digest, guard_running, last_point, qemu_io,
+        start_export, write_random,
     },
     parse_lines, require_root, run_ok, sh,
 };
@@ -555,6 +556,104 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
         Some(4),
         "{verified:?}"
     );
+
+    // An export from the store, with no receiver: `qemu-img compare` (the real NBD client)
+    // finds it equal to the source at its cut. Writable over an overlay: a write reads back
+    // through NBD, and the point in the store is not changed by it.
+    let log = dir.join("export-from-store.log");
+    let (export, uri) = start_export(
+        &[
+            "export",
+            "fs",
+            "--from-store",
+            store,
+            "--at",
+            &format!("seq:{}", seqs[1]),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &log,
+    );
+    let compare = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw", &uri])
+        .arg(&points[1].1)
+        .output()
+        .expect("qemu-img");
+    assert_eq!(
+        compare.status.code(),
+        Some(0),
+        "the export from the store differs from point {}: {}{}",
+        seqs[1],
+        String::from_utf8_lossy(&compare.stdout),
+        String::from_utf8_lossy(&compare.stderr)
+    );
+    drop(export);
+    let refused = run(&[
+        "export",
+        "fs",
+        "--from-store",
+        store,
+        "--writable",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("--overlay-dir"), "{said}");
+    let log = dir.join("writable-export-from-store.log");
+    let (export, uri) = start_export(
+        &[
+            "export",
+            "fs",
+            "--from-store",
+            store,
+            "--writable",
+            "--overlay-dir",
+            dir.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &log,
+    );
+    qemu_io(&uri, &["write -P 0x5a 1M 100k", "read -P 0x5a 1M 100k"]);
+    drop(export);
+
+    // A drill from the store: attach, file system check, mount, health check; the record is
+    // kept in the store.
+    let drilled = parse_lines(&run_ok(&[
+        "drill",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "latest",
+        "--check",
+        "test -f round-3/f19 && ! test -e round-2",
+        "--json",
+    ]));
+    assert_eq!(drilled[0]["ok"], true, "{drilled:?}");
+    assert_eq!(drilled[0]["seq"].as_u64(), Some(seqs[3]), "{drilled:?}");
+    let kept = cluster
+        .get_object("points", "volumes/fs/drill.json")
+        .expect("the drill record in the store");
+    let kept: serde_json::Value = serde_json::from_slice(&kept).expect("a drill record");
+    assert_eq!(kept["seq"].as_u64(), Some(seqs[3]), "{kept}");
+    assert_eq!(kept["ok"], true, "{kept}");
+
+    // The store's restore is still the point (the writable export wrote its overlay only).
+    let again = dir.join("again.img");
+    run_ok(&[
+        "restore",
+        "fs",
+        "--from-store",
+        store,
+        "--at",
+        "latest",
+        "--to",
+        again.to_str().expect("utf-8"),
+    ]);
+    assert_eq!(digest(&again), digest(&points[3].1));
+    fs::remove_file(&again).expect("rm");
 
     // One damaged chunk of the newest point: verify finds it; a restore to a device checks
     // the point first and leaves the device as it was; a restore to a file leaves none.

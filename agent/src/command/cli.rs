@@ -375,6 +375,10 @@ pub struct ExportArgs {
     /// in its overlay); writable while that failover is in force, read-only after.
     #[arg(long, conflicts_with_all = ["writable", "overlay_dir", "at"])]
     pub promoted: bool,
+    /// Serve the point from the object store of this receiver.toml's `[store]`, with no
+    /// receiver and no data directory (`--writable` then needs `--overlay-dir`).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["promoted", "control_socket"])]
+    pub from_store: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
 }
@@ -389,6 +393,10 @@ pub struct MountArgs {
     /// The point: `latest`, a cycle number (`seq:N`), a UTC time, or `group:N`.
     #[arg(long, value_name = "POINT", default_value = "latest", value_parser = ops::parse_selector)]
     pub at: PointSelector,
+    /// Mount the point in the object store of this receiver.toml's `[store]`, with no
+    /// receiver and no data directory.
+    #[arg(long, value_name = "FILE")]
+    pub from_store: Option<PathBuf>,
     #[command(flatten)]
     pub data: DataDirArg,
 }
@@ -419,6 +427,10 @@ pub struct DrillArgs {
     /// gives the volume; this command waits for its result.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["due", "check", "boot"])]
     pub control_socket: Option<PathBuf>,
+    /// Drill the point in the object store of this receiver.toml's `[store]`, with no receiver
+    /// and no data directory; the record is kept in the store.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["due", "control_socket"])]
+    pub from_store: Option<PathBuf>,
     /// A health check, run by `sh -c` in the mounted point (also `$BLKMIRROR_DRILL_MOUNT`,
     /// with `$BLKMIRROR_DRILL_VOLUME` and `$BLKMIRROR_DRILL_POINT`); exit 0 is healthy.
     #[arg(long, value_name = "CMD")]
@@ -858,6 +870,10 @@ pub fn run(cli: Cli) -> ExitCode {
             ));
         }
         Command::Export(args) => {
+            let store = match args.from_store.as_deref().map(store_of).transpose() {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
             let options = export::ExportOptions {
                 data_dir: args.data.data_dir,
                 volume: args.volume,
@@ -867,6 +883,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 overlay_dir: args.overlay_dir,
                 allow_remote: args.allow_remote,
                 promoted: args.promoted,
+                store,
             };
             return ops_result(if args.promoted {
                 export::export_promoted(&options)
@@ -875,11 +892,16 @@ pub fn run(cli: Cli) -> ExitCode {
             });
         }
         Command::Mount(args) => {
+            let store = match args.from_store.as_deref().map(store_of).transpose() {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
             return ops_result(recovery::mount(
                 &args.data.data_dir,
                 &args.volume,
                 &args.at,
                 &args.dir,
+                store.as_ref(),
             ));
         }
         Command::Drill(args) if args.control_socket.is_some() => {
@@ -902,7 +924,12 @@ pub fn run(cli: Cli) -> ExitCode {
                     Err(error) => fail(ExitCode::Config, error),
                 };
             };
+            let store = match args.from_store.as_deref().map(store_of).transpose() {
+                Ok(store) => store,
+                Err(code) => return code,
+            };
             return ops_result(recovery::drill(&recovery::DrillOptions {
+                store,
                 data_dir: args.data.data_dir,
                 volume,
                 at: args.at,
@@ -964,6 +991,7 @@ pub fn run(cli: Cli) -> ExitCode {
                     overlay_dir: None,
                     allow_remote: args.allow_remote,
                     promoted: true,
+                    store: None,
                 },
             ));
         }

@@ -1042,6 +1042,7 @@ fn export_sections(
                 overlay_dir: None,
                 allow_remote: section.allow_remote,
                 promoted: section.promoted,
+                store: None,
             });
         }
     }

@@ -648,6 +648,7 @@ impl Actions {
             overlay_dir: None,
             allow_remote: false,
             promoted,
+            store: None,
         };
         let export = match crate::dr::export::DaemonExport::start(&options) {
             Ok(export) => export,

@@ -69,6 +69,37 @@ fn store_err(error: impl Into<StoreError>) -> io::Error {
     io::Error::other(error.into().to_string())
 }
 
+/// What an export reads its point from: the receiver's data directory ([`PointView`]) or the
+/// object store ([`crate::dr::storeview::StorePointView`]).
+pub trait PointSource: Send + Sync {
+    /// The point served.
+    fn point(&self) -> &StoredPoint;
+    /// The volume's size.
+    fn size(&self) -> u64;
+    /// The volume's chunk size.
+    fn chunk_bytes(&self) -> u64;
+    /// Reads `buf.len()` bytes of the point at `offset`, checking every chunk it touches.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+impl PointSource for PointView {
+    fn point(&self) -> &StoredPoint {
+        PointView::point(self)
+    }
+
+    fn size(&self) -> u64 {
+        PointView::size(self)
+    }
+
+    fn chunk_bytes(&self) -> u64 {
+        PointView::chunk_bytes(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        PointView::read_at(self, buf, offset)
+    }
+}
+
 /// One retained point of a volume, readable while the receiver goes on committing.
 pub struct PointView {
     volume: String,
@@ -523,17 +554,17 @@ pub fn decode_overlay_map(bytes: &[u8], size: u64, chunk_bytes: u64) -> Result<V
 
 /// What an export serves: a view, with an overlay when writable.
 pub struct ExportDisk {
-    view: PointView,
+    view: Box<dyn PointSource>,
     overlay: Option<Overlay>,
     writable: bool,
 }
 
 impl ExportDisk {
     /// A read-only export of `view`, or a writable one over `overlay`.
-    pub fn new(view: PointView, overlay: Option<Overlay>) -> Self {
+    pub fn new(view: impl PointSource + 'static, overlay: Option<Overlay>) -> Self {
         let writable = overlay.is_some();
         Self {
-            view,
+            view: Box::new(view),
             overlay,
             writable,
         }
@@ -543,15 +574,15 @@ impl ExportDisk {
     /// source became primary again: what the DR site wrote can be read, not added to).
     pub fn read_only_over(view: PointView, overlay: Overlay) -> Self {
         Self {
-            view,
+            view: Box::new(view),
             overlay: Some(overlay),
             writable: false,
         }
     }
 
     /// The view.
-    pub fn view(&self) -> &PointView {
-        &self.view
+    pub fn view(&self) -> &dyn PointSource {
+        self.view.as_ref()
     }
 
     /// The overlay, when writable.
@@ -562,7 +593,7 @@ impl ExportDisk {
 
 impl Backend for ExportDisk {
     fn size(&self) -> u64 {
-        self.view.size
+        self.view.size()
     }
 
     fn writable(&self) -> bool {
@@ -570,7 +601,7 @@ impl Backend for ExportDisk {
     }
 
     fn preferred_block(&self) -> u32 {
-        self.view.chunk_bytes as u32
+        self.view.chunk_bytes() as u32
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -615,7 +646,7 @@ impl Backend for ExportDisk {
                 continue;
             }
             let start = chunk * chunk_bytes;
-            let len = chunk_bytes.min(self.view.size - start) as usize;
+            let len = chunk_bytes.min(self.view.size() - start) as usize;
             // A chunk the write covers whole needs no copy of the point's.
             if !(offset <= start && start + len as u64 <= end) {
                 self.view.read_at(&mut copy[..len], start)?;
@@ -729,6 +760,9 @@ pub struct ExportOptions {
     /// Serve the export a `failover --to export` promoted (`at`, `writable` and `overlay_dir`
     /// are then the failover's, not these).
     pub promoted: bool,
+    /// Serve the point from this object store instead of the data directory (which then only
+    /// takes the audit entry, if it exists).
+    pub store: Option<crate::dr::objstore::StoreConfig>,
 }
 
 /// `blkmirror export`: serves until the process is stopped. Prints the export's NBD URI on
@@ -819,6 +853,30 @@ fn check_listen(options: &ExportOptions) -> Result<(), OpsError> {
 fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String), OpsError> {
     check_listen(options)?;
     let started = Instant::now();
+    if let Some(store) = &options.store {
+        let view = crate::dr::storeview::StorePointView::open(store, &options.volume, &options.at)?;
+        let overlay = if options.writable {
+            let dir = options.overlay_dir.clone().ok_or_else(|| {
+                OpsError::Usage(
+                    "--writable with --from-store needs --overlay-dir DIR: where the \
+                     copy-on-write overlay goes (there is no volume directory)"
+                        .into(),
+                )
+            })?;
+            Some(
+                Overlay::create(&dir, view.size(), view.chunk_bytes()).map_err(|source| {
+                    OpsError::Target {
+                        what: "creating the overlay in",
+                        path: dir.clone(),
+                        source,
+                    }
+                })?,
+            )
+        } else {
+            None
+        };
+        return announce(options, ExportDisk::new(view, overlay), started, false);
+    }
     let view = PointView::open(&options.data_dir, &options.volume, &options.at)?;
     let overlay = if options.writable {
         let dir = options
@@ -851,8 +909,12 @@ fn announce(
     let writable = disk.writable();
     let disk = Arc::new(disk);
     let (listener, uri) = bind(&options.listen, &options.volume)?;
+    // From the store, the data directory may not exist (a DR machine without a receiver).
     let audit = AuditLog::in_dir(&options.data_dir);
-    let record = audit.append(Event {
+    let record = if options.store.is_some() && !options.data_dir.is_dir() {
+        Ok(String::new())
+    } else {
+        audit.append(Event {
         event: "export",
         volume: Some(options.volume.clone()),
         outcome: "ok".into(),
@@ -863,9 +925,11 @@ fn announce(
             "promoted": promoted,
             "listen": uri,
             "user": current_user(),
+            "from_store": options.store.as_ref().map(|store| format!("{} bucket {}", store.endpoint, store.bucket)),
         }),
         ..Default::default()
-    });
+    })
+    };
     if let Err(error) = record {
         eprintln!("blkmirror: warning: audit log: {error}");
     }
@@ -1422,6 +1486,7 @@ mod tests {
             overlay_dir: None,
             allow_remote: false,
             promoted: false,
+            store: None,
         });
         assert!(matches!(remote, Err(OpsError::Usage(m)) if m.contains("loopback")));
     }

@@ -27,7 +27,7 @@ use crate::dr::{
 pub const RESTORE_PARALLEL_READS: usize = 16;
 
 /// Checks the volume's name, and makes a runtime and a client of the store.
-fn open(
+pub(crate) fn open(
     store: &StoreConfig,
     volume: &str,
 ) -> Result<(tokio::runtime::Runtime, ObjectStoreClient), OpsError> {
@@ -46,7 +46,7 @@ fn open(
 }
 
 /// A damaged chunk is corruption (exit 7), not a failure of the store.
-fn classify(error: PointStoreError) -> OpsError {
+pub(crate) fn classify(error: PointStoreError) -> OpsError {
     match error {
         PointStoreError::Layout {
             key,
@@ -468,7 +468,7 @@ pub fn points(store: &StoreConfig, volume: &str, json: bool) -> Result<(), OpsEr
 /// the rules of the data directory's `--at` ([`ops::select`]). Only a selector by time or by
 /// group cut reads the manifests' heads (for their records); `latest` and `seq:N` need the
 /// listing alone.
-async fn choose(
+pub(crate) async fn choose(
     client: &ObjectStoreClient,
     store: &StoreConfig,
     volume: &str,

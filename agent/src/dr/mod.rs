@@ -20,4 +20,5 @@ pub mod receiver;
 pub mod recovery;
 pub mod storage;
 pub mod stored;
+pub mod storeview;
 pub mod volume;

@@ -470,7 +470,25 @@ fn open_disk(
     data_dir: &Path,
     volume: &str,
     at: &PointSelector,
+    store: Option<&crate::dr::objstore::StoreConfig>,
 ) -> Result<Arc<ExportDisk>, OpsError> {
+    if let Some(store) = store {
+        // From the store there is no volume directory: the overlay (unlinked at once) goes in
+        // the temporary directory.
+        let view = crate::dr::storeview::StorePointView::open(store, volume, at)?;
+        let overlay_dir = std::env::temp_dir();
+        let overlay = Overlay::create(
+            &overlay_dir,
+            export::PointSource::size(&view),
+            export::PointSource::chunk_bytes(&view),
+        )
+        .map_err(|source| OpsError::Target {
+            what: "creating the overlay in",
+            path: overlay_dir,
+            source,
+        })?;
+        return Ok(Arc::new(ExportDisk::new(view, Some(overlay))));
+    }
     let view = PointView::open(data_dir, volume, at)?;
     let overlay_dir = Volume::dir_of(data_dir, volume);
     let overlay =
@@ -557,6 +575,7 @@ pub fn mount(
     volume: &str,
     at: &PointSelector,
     target: &Path,
+    store: Option<&crate::dr::objstore::StoreConfig>,
 ) -> Result<(), OpsError> {
     if !target.is_dir() {
         return Err(OpsError::Usage(format!(
@@ -566,23 +585,25 @@ pub fn mount(
     }
     check_tools()?;
     let stop = StopSignals::install()?;
-    let disk = open_disk(data_dir, volume, at)?;
+    let disk = open_disk(data_dir, volume, at, store)?;
     let point = disk.view().point().clone();
     let attachment = Attachment::attach(disk, volume)?;
     // The loop device is writable (over the overlay): a dirty journal is replayed into the
     // overlay, and the mount is read-only.
     let mounted = Mounted::mount(attachment.device_arg(), target, "ro").map_err(environment)?;
-    audit(
-        data_dir,
-        "mount",
-        volume,
-        "ok",
-        serde_json::json!({
-            "seq": point.seq,
-            "target": target.display().to_string(),
-            "user": export::current_user(),
-        }),
-    );
+    if store.is_none() || data_dir.is_dir() {
+        audit(
+            data_dir,
+            "mount",
+            volume,
+            "ok",
+            serde_json::json!({
+                "seq": point.seq,
+                "target": target.display().to_string(),
+                "user": export::current_user(),
+            }),
+        );
+    }
     eprintln!(
         "blkmirror: volume {volume} {} mounted read-only at {} (SIGINT or SIGTERM unmounts)",
         describe(&point),
@@ -662,6 +683,42 @@ pub struct DrillOptions {
     pub json: bool,
     /// Who asked for it through the control socket (a queued request), for the audit log.
     pub requested_by: Option<String>,
+    /// Drill the point in this object store instead of the data directory; the record is then
+    /// kept in the store (`volumes/VOLUME/drill.json`), where every receiver's site sees it.
+    pub store: Option<crate::dr::objstore::StoreConfig>,
+}
+
+/// The key of a volume's drill record in the object store.
+pub fn store_drill_key(volume: &str) -> String {
+    format!("volumes/{volume}/{DRILL_RECORD}")
+}
+
+/// The drill record of `volume` in the store, if any (a damaged one counts as none).
+fn read_store_drill_record(
+    store: &crate::dr::objstore::StoreConfig,
+    volume: &str,
+) -> Result<Option<DrillRecord>, OpsError> {
+    let (runtime, client) = crate::dr::fromstore::open(store, volume)?;
+    let found = runtime
+        .block_on(client.get(&store_drill_key(volume), 1 << 20))
+        .map_err(|error| {
+            crate::dr::fromstore::classify(crate::dr::objpoints::PointStoreError::Store(error))
+        })?;
+    Ok(found.and_then(|(bytes, _)| serde_json::from_slice(&bytes).ok()))
+}
+
+/// Keeps `record` as the volume's drill record in the store.
+fn write_store_drill_record(
+    store: &crate::dr::objstore::StoreConfig,
+    record: &DrillRecord,
+) -> Result<(), OpsError> {
+    let (runtime, client) = crate::dr::fromstore::open(store, &record.volume)?;
+    let text = serde_json::to_vec_pretty(record).expect("serializes");
+    runtime
+        .block_on(client.put(&store_drill_key(&record.volume), text))
+        .map_err(|error| {
+            crate::dr::fromstore::classify(crate::dr::objpoints::PointStoreError::Store(error))
+        })
 }
 
 struct Drill {
@@ -773,7 +830,12 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
     if let Some(boot) = &options.boot {
         boot.check()?;
     }
-    let disk = open_disk(&options.data_dir, &options.volume, &options.at)?;
+    let disk = open_disk(
+        &options.data_dir,
+        &options.volume,
+        &options.at,
+        options.store.as_ref(),
+    )?;
     let point = disk.view().point().clone();
     eprintln!(
         "blkmirror: drill of volume {} {}",
@@ -786,7 +848,10 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
         Err(_) => drill.started.elapsed().as_millis() as u64,
     };
     let result = result.map(|_| ());
-    let previous = read_drill_record(&options.data_dir, &options.volume);
+    let previous = match &options.store {
+        Some(store) => read_store_drill_record(store, &options.volume)?,
+        None => read_drill_record(&options.data_dir, &options.volume),
+    };
     let record = DrillRecord {
         format: DRILL_FORMAT,
         volume: options.volume.clone(),
@@ -802,26 +867,36 @@ pub fn drill(options: &DrillOptions) -> Result<(), OpsError> {
             previous.and_then(|p| p.last_success_unix_ms)
         },
     };
-    let path = Volume::dir_of(&options.data_dir, &options.volume).join(DRILL_RECORD);
-    let text = serde_json::to_string_pretty(&record).expect("serializes");
-    crate::durable::write_atomic(&path, text.as_bytes()).map_err(|source| OpsError::Target {
-        what: "writing",
-        path: path.clone(),
-        source,
-    })?;
-    audit(
-        &options.data_dir,
-        "drill",
-        &options.volume,
-        result.as_ref().err().map_or("ok", String::as_str),
-        serde_json::json!({
-            "seq": point.seq,
-            "recovery_ms": recovery_ms,
-            "steps": record.steps,
-            "user": export::current_user(),
-            "requested_by": options.requested_by,
-        }),
-    );
+    if let Some(store) = &options.store {
+        write_store_drill_record(store, &record)?;
+    } else {
+        let path = Volume::dir_of(&options.data_dir, &options.volume).join(DRILL_RECORD);
+        let text = serde_json::to_string_pretty(&record).expect("serializes");
+        crate::durable::write_atomic(&path, text.as_bytes()).map_err(|source| {
+            OpsError::Target {
+                what: "writing",
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    // From the store, the data directory may not exist (a DR machine without a receiver).
+    if options.store.is_none() || options.data_dir.is_dir() {
+        audit(
+            &options.data_dir,
+            "drill",
+            &options.volume,
+            result.as_ref().err().map_or("ok", String::as_str),
+            serde_json::json!({
+                "seq": point.seq,
+                "recovery_ms": recovery_ms,
+                "steps": record.steps,
+                "user": export::current_user(),
+                "requested_by": options.requested_by,
+                "from_store": options.store.as_ref().map(|store| format!("{} bucket {}", store.endpoint, store.bucket)),
+            }),
+        );
+    }
     if options.json {
         println!("{}", serde_json::to_string(&record).expect("serializes"));
     }
@@ -1074,6 +1149,7 @@ pub fn run_due(
             boot: schedule.and_then(|s| s.boot.clone()),
             json,
             requested_by: Some(request.user.clone()),
+            store: None,
         });
         if let Err(error) = result {
             eprintln!("blkmirror: {error}");
@@ -1095,6 +1171,7 @@ pub fn run_due(
             boot: schedule.boot.clone(),
             json,
             requested_by: None,
+            store: None,
         });
         if let Err(error) = result {
             eprintln!("blkmirror: {error}");
