@@ -28,7 +28,7 @@
 //! Not built yet: encryption.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -228,8 +228,11 @@ impl Default for PackSettings {
 pub struct StoreView {
     /// Where each chunk is.
     pub locations: ChunkLocations,
-    /// When the indexes were read.
+    /// When the indexes were read (or a [`refresh_view`] found that nothing known had
+    /// changed and read the new ones).
     pub read_at: Instant,
+    /// The packs whose indexes are in `locations`, and whether each was condemned.
+    packs: HashMap<PackId, bool>,
 }
 
 /// The geometry and point of a commit.
@@ -332,6 +335,7 @@ impl StoreView {
     pub fn add_packs(&mut self, stored: &Stored) {
         for (id, index) in &stored.0 {
             self.locations.add(*id, index, false);
+            self.packs.insert(*id, false);
         }
     }
 }
@@ -797,18 +801,37 @@ const PARALLEL_INDEX_READS: usize = 16;
 async fn read_indexes(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
+    Ok(read_new_indexes(client, &HashMap::new()).await?.0)
+}
+
+/// Like [`read_indexes`], but reads only the indexes of packs not in `known`; also returns
+/// every pack the listings show with an index, and whether each is condemned.
+async fn read_new_indexes(
+    client: &ObjectStoreClient,
+    known: &HashMap<PackId, bool>,
+) -> Result<(BTreeMap<PackId, PackInfo>, HashMap<PackId, bool>), PointStoreError> {
     let (packs, condemned, listed) = tokio::join!(
         list_packs(client),
         list_condemned(client),
         client.list("index")
     );
     let (packs, condemned, listed) = (packs?, condemned?, listed?);
-    let mut wanted = listed.into_iter().filter_map(|(key, _, _)| {
-        let id = key.rsplit('/').next().and_then(parse_id)?;
+    let mut listing = HashMap::new();
+    let mut wanted = Vec::new();
+    for (key, _, _) in listed {
+        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
+            continue;
+        };
         // An index whose pack is gone (collected, or never finished) locates nothing.
-        let &(pack_len, written) = packs.get(&id)?;
-        Some((key, id, pack_len, written))
-    });
+        let Some(&(pack_len, written)) = packs.get(&id) else {
+            continue;
+        };
+        listing.insert(id, condemned.contains_key(&id));
+        if !known.contains_key(&id) {
+            wanted.push((key, id, pack_len, written));
+        }
+    }
+    let mut wanted = wanted.into_iter();
     let mut indexes = BTreeMap::new();
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
@@ -839,17 +862,63 @@ async fn read_indexes(
             },
         );
     }
-    Ok(indexes)
+    Ok((indexes, listing))
 }
 
 /// What the store holds now: a commit deduplicates against it, a read finds chunks in it.
 pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointStoreError> {
     let read_at = Instant::now();
     let mut locations = ChunkLocations::default();
+    let mut packs = HashMap::new();
     for (id, pack) in read_indexes(client).await? {
-        locations.add(id, &pack.index, pack.condemned_unix_ms.is_some());
+        let condemned = pack.condemned_unix_ms.is_some();
+        locations.add(id, &pack.index, condemned);
+        packs.insert(id, condemned);
     }
-    Ok(StoreView { locations, read_at })
+    Ok(StoreView {
+        locations,
+        read_at,
+        packs,
+    })
+}
+
+/// How [`refresh_view`] brought a view up to date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refreshed {
+    /// Only packs were added since: their indexes were read (how many).
+    Added(usize),
+    /// A known pack was deleted, condemned or revived: every index was read again.
+    Reloaded,
+}
+
+/// Brings `view` up to what the store holds now, reading as little as it can: the three
+/// listings, then only the indexes of packs added since. Why that is the same as a reload:
+/// the listings show that every pack the view knows is still there in the same state, so the
+/// places it knows are still right, and the new indexes add the rest. Anything else (a
+/// collection deleted, condemned or revived a pack) reloads the view whole: a chunk whose
+/// place went may be in another pack the view prefers less, which only a reload finds.
+pub async fn refresh_view(
+    client: &ObjectStoreClient,
+    view: &mut StoreView,
+) -> Result<Refreshed, PointStoreError> {
+    let read_at = Instant::now();
+    let (new, listing) = read_new_indexes(client, &view.packs).await?;
+    let unchanged = view
+        .packs
+        .iter()
+        .all(|(id, condemned)| listing.get(id) == Some(condemned));
+    if !unchanged {
+        *view = load_view(client).await?;
+        return Ok(Refreshed::Reloaded);
+    }
+    let added = new.len();
+    for (id, pack) in new {
+        let condemned = pack.condemned_unix_ms.is_some();
+        view.locations.add(id, &pack.index, condemned);
+        view.packs.insert(id, condemned);
+    }
+    view.read_at = read_at;
+    Ok(Refreshed::Added(added))
 }
 
 /// The volumes with points in the store.
@@ -1306,6 +1375,53 @@ pub async fn verify_chunks(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 200-agent load found each fail-over fetch reading every pack index again: a
+    /// refresh reads only what was added, and still reloads whole when a collection changed
+    /// what the view knows.
+    #[tokio::test]
+    async fn a_refresh_reads_only_new_indexes_and_reloads_when_a_known_pack_changed() {
+        let client = ObjectStoreClient::in_memory();
+        let mut stale = load_view(&client).await.unwrap();
+        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(0));
+        let content = vec![7u8; 4096];
+        let id = client.sealing().chunk_id(&content);
+        let mut view = load_view(&client).await.unwrap();
+        commit_point(
+            &client,
+            &mut view,
+            &ChunkMap::default(),
+            PointToCommit {
+                volume: "a",
+                size_bytes: 1 << 20,
+                chunk_bytes: 4096,
+                point: PointInfo {
+                    seq: 1,
+                    complete: true,
+                    ..PointInfo::default()
+                },
+                changes: &BTreeMap::from([(0, content)]),
+            },
+            PackSettings::default(),
+        )
+        .await
+        .unwrap();
+        assert!(!stale.locations.contains(&id));
+        let before = stale.read_at;
+        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(1));
+        assert!(stale.locations.contains(&id));
+        assert!(stale.read_at > before);
+        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(0));
+        // A collection condemns the pack: the view reloads, and no longer dedups into it.
+        let (pack, _) = stale.locations.get(&id).unwrap();
+        client
+            .put(&condemned_key(pack), b"1700000000000".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Reloaded);
+        assert!(!stale.locations.contains(&id));
+        assert!(stale.locations.get(&id).is_some(), "still readable");
+    }
 
     fn entry(seed: u8, offset: u64, stored_len: u32) -> layout::IndexEntry {
         layout::IndexEntry {

@@ -583,9 +583,21 @@ impl Publisher {
             .as_ref()
             .is_none_or(|view| view.read_at.elapsed() > self.settings.max_view_age / 2);
         if stale {
-            *slot = Some(objpoints::load_view(&self.client).await?);
+            self.refresh(&mut slot).await?;
         }
         Ok(slot)
+    }
+
+    /// Brings the shared view up to the store: only the indexes added since, unless a
+    /// collection changed what the view knows ([`objpoints::refresh_view`]).
+    async fn refresh(&self, slot: &mut Option<StoreView>) -> Result<(), PublishError> {
+        match slot {
+            Some(view) => {
+                objpoints::refresh_view(&self.client, view).await?;
+            }
+            None => *slot = Some(objpoints::load_view(&self.client).await?),
+        }
+        Ok(())
     }
 
     /// The pack view, read again if it lacks a chunk of `map` (another receiver stored it
@@ -599,7 +611,7 @@ impl Publisher {
             .as_ref()
             .is_some_and(|view| !view.locations.missing(map).is_empty());
         if lacking {
-            *slot = Some(objpoints::load_view(&self.client).await?);
+            self.refresh(&mut slot).await?;
         }
         Ok(slot)
     }
