@@ -516,16 +516,27 @@ pub async fn read_manifest(
         .await?
         .ok_or_else(|| PointStoreError::Missing(key.clone()))?;
     let manifest = layout::decode_manifest(&bytes).map_err(layout_error(&key))?;
-    if manifest.volume != volume || manifest.seq != seq {
-        return Err(PointStoreError::Layout {
-            key,
-            source: LayoutError::Malformed {
-                what: "manifest",
-                detail: format!("holds point {} of volume {}", manifest.seq, manifest.volume),
-            },
-        });
-    }
+    check_manifest_names(key, (&manifest.volume, manifest.seq), (volume, seq))?;
     Ok(manifest)
+}
+
+/// A manifest under another point's name (`key` names `wanted`, the manifest holds `held`)
+/// was moved or copied there: refused, never read as the point its name says.
+fn check_manifest_names(
+    key: String,
+    held: (&str, u64),
+    wanted: (&str, u64),
+) -> Result<(), PointStoreError> {
+    if held == wanted {
+        return Ok(());
+    }
+    Err(PointStoreError::Layout {
+        key,
+        source: LayoutError::Malformed {
+            what: "manifest",
+            detail: format!("holds point {} of volume {}", held.1, held.0),
+        },
+    })
 }
 
 /// What point `seq` of `volume` holds: its manifest and the ones back to the last full
@@ -650,15 +661,7 @@ pub async fn list_point_heads(
             Err(error) => return Err(error.into()),
         };
         let head = layout::decode_manifest_head(&bytes).map_err(layout_error(&key))?;
-        if head.volume != volume || head.seq != seq {
-            return Err(PointStoreError::Layout {
-                key,
-                source: LayoutError::Malformed {
-                    what: "manifest",
-                    detail: format!("holds point {} of volume {}", head.seq, head.volume),
-                },
-            });
-        }
+        check_manifest_names(key, (&head.volume, head.seq), (volume, seq))?;
         points.push(ListedPoint {
             head,
             manifest_bytes: size,
@@ -1383,7 +1386,10 @@ mod tests {
     async fn a_refresh_reads_only_new_indexes_and_reloads_when_a_known_pack_changed() {
         let client = ObjectStoreClient::in_memory();
         let mut stale = load_view(&client).await.unwrap();
-        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(0));
+        assert_eq!(
+            refresh_view(&client, &mut stale).await.unwrap(),
+            Refreshed::Added(0)
+        );
         let content = vec![7u8; 4096];
         let id = client.sealing().chunk_id(&content);
         let mut view = load_view(&client).await.unwrap();
@@ -1408,17 +1414,26 @@ mod tests {
         .unwrap();
         assert!(!stale.locations.contains(&id));
         let before = stale.read_at;
-        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(1));
+        assert_eq!(
+            refresh_view(&client, &mut stale).await.unwrap(),
+            Refreshed::Added(1)
+        );
         assert!(stale.locations.contains(&id));
         assert!(stale.read_at > before);
-        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Added(0));
+        assert_eq!(
+            refresh_view(&client, &mut stale).await.unwrap(),
+            Refreshed::Added(0)
+        );
         // A collection condemns the pack: the view reloads, and no longer dedups into it.
         let (pack, _) = stale.locations.get(&id).unwrap();
         client
             .put(&condemned_key(pack), b"1700000000000".to_vec())
             .await
             .unwrap();
-        assert_eq!(refresh_view(&client, &mut stale).await.unwrap(), Refreshed::Reloaded);
+        assert_eq!(
+            refresh_view(&client, &mut stale).await.unwrap(),
+            Refreshed::Reloaded
+        );
         assert!(!stale.locations.contains(&id));
         assert!(stale.locations.get(&id).is_some(), "still readable");
     }

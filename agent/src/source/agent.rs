@@ -1323,20 +1323,10 @@ impl Agent {
                         WindowCompare::ZeroReplica => Compare::ZeroReplica,
                         WindowCompare::AskHashes { first_chunk, count } => {
                             let message = self.session.hash_request(first_chunk, count)?;
-                            match self.session.on_reply(link.request(&message).await?)? {
-                                Answer::Hashes {
-                                    first_chunk,
-                                    hashes,
-                                } => Compare::Hashes {
-                                    first_chunk,
-                                    hashes,
-                                },
-                                other => {
-                                    return Err(AgentError::Protocol(format!(
-                                        "expected {count} hashes, got {other:?}"
-                                    )));
-                                }
-                            }
+                            hashes_compare(
+                                self.session.on_reply(link.request(&message).await?)?,
+                                count,
+                            )?
                         }
                     };
                     let plan = PassPlan {
@@ -1718,4 +1708,21 @@ pub(crate) fn store_state(path: &Path, state: &AgentState) -> Result<(), AgentEr
         path: path.to_owned(),
         message: error.to_string(),
     })
+}
+
+/// A sync window's comparison from the receiver's answer to its hash request (the agent's and
+/// the load generator's sessions ask the same way).
+pub(crate) fn hashes_compare(answer: Answer, count: u32) -> Result<Compare, AgentError> {
+    match answer {
+        Answer::Hashes {
+            first_chunk,
+            hashes,
+        } => Ok(Compare::Hashes {
+            first_chunk,
+            hashes,
+        }),
+        other => Err(AgentError::Protocol(format!(
+            "expected {count} hashes, got {other:?}"
+        ))),
+    }
 }

@@ -330,20 +330,10 @@ impl Runner<'_> {
                         WindowCompare::AskHashes { first_chunk, count } => {
                             let message = self.session.hash_request(first_chunk, count)?;
                             let reply = control.request(&message).await?;
-                            match self.session.on_reply(reply)? {
-                                Answer::Hashes {
-                                    first_chunk,
-                                    hashes,
-                                } => Compare::Hashes {
-                                    first_chunk,
-                                    hashes,
-                                },
-                                other => {
-                                    return Err(AgentError::Closed(format!(
-                                        "hashes asked, {other:?} answered"
-                                    )));
-                                }
-                            }
+                            crate::source::agent::hashes_compare(
+                                self.session.on_reply(reply)?,
+                                count,
+                            )?
                         }
                     };
                     let chunks = (start / self.agent.chunk)..end.div_ceil(self.agent.chunk);
