@@ -500,6 +500,8 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
         "--to",
         by_time.to_str().expect("utf-8"),
         "--json",
+        "--data-dir",
+        data.to_str().expect("utf-8"),
     ]));
     let restored = restored
         .iter()
@@ -507,6 +509,14 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
         .expect("a restored line");
     assert_eq!(restored["seq"], points[1].0["seq"], "{restored}");
     assert_eq!(digest(&by_time), digest(&points[1].1));
+    // Run on a receiver's machine, it is in that receiver's audit log (whose shipper carries
+    // it to the store's shared chain).
+    let log = fs::read_to_string(data.join("audit.log")).expect("the audit log");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"event\":\"restore\"") && l.contains("from_store")),
+        "no restore from the store in the audit log:\n{log}"
+    );
 
     // The same refusals as from the data directory.
     let refused = |at: &str, to: &str, says: &str| {

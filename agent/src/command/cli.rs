@@ -828,14 +828,26 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(store) => store,
                 Err(code) => return code,
             };
-            return ops_result(crate::dr::fromstore::restore(
+            let result = crate::dr::fromstore::restore(
                 &store,
                 &args.volume,
                 &args.at,
                 &args.to,
                 args.force,
                 args.json,
-            ));
+            );
+            audit_from_store(
+                &args.data.data_dir,
+                "restore",
+                &args.volume,
+                &store,
+                &result,
+                serde_json::json!({
+                    "at": selector_text(&args.at),
+                    "to": args.to.display().to_string(),
+                }),
+            );
+            return ops_result(result);
         }
         Command::Restore(args) if args.control_socket.is_some() => {
             return ops_result(crate::command::control::run_restore(
@@ -1054,12 +1066,16 @@ pub fn run(cli: Cli) -> ExitCode {
                 Ok(store) => store,
                 Err(code) => return code,
             };
-            return ops_result(crate::dr::fromstore::verify(
-                &store,
+            let result = crate::dr::fromstore::verify(&store, &args.volume, &args.at, args.json);
+            audit_from_store(
+                &args.data.data_dir,
+                "verify",
                 &args.volume,
-                &args.at,
-                args.json,
-            ));
+                &store,
+                &result,
+                serde_json::json!({ "at": selector_text(&args.at) }),
+            );
+            return ops_result(result);
         }
         Command::Verify(args) => {
             return ops_result(ops::verify(
@@ -1542,6 +1558,28 @@ fn write_store_key(out: &std::path::Path) -> Result<(), String> {
     file.write_all(format!("{text}\n").as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|error| format!("writing {}: {error}", out.display()))
+}
+
+/// Records a command that read the object store in the data directory's audit log, when this
+/// machine has one (a receiver's: its shared audit chain then carries the entry to the store).
+fn audit_from_store(
+    data_dir: &std::path::Path,
+    event: &'static str,
+    volume: &str,
+    store: &crate::dr::objstore::StoreConfig,
+    result: &Result<(), ops::OpsError>,
+    mut detail: serde_json::Value,
+) {
+    if !data_dir.join("audit.log").exists() {
+        return;
+    }
+    detail["from_store"] = format!("{} bucket {}", store.endpoint, store.bucket).into();
+    detail["user"] = crate::dr::export::current_user().into();
+    let outcome = match result {
+        Ok(()) => "ok".to_owned(),
+        Err(error) => error.to_string(),
+    };
+    recovery::audit(data_dir, event, volume, &outcome, detail);
 }
 
 fn store_of(file: &std::path::Path) -> Result<crate::dr::objstore::StoreConfig, ExitCode> {
