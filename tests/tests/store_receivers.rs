@@ -712,6 +712,73 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     });
     store_audit(&data_b.join("audit.log"));
 
+    // A failover at B (term 2) reaches the store: E, a receiver new to the volume, takes
+    // the term from there and refuses the old source with the failover's message (no split
+    // brain across receivers). A reprotect at B (term 3) lets the source back in, through E.
+    let store_term = || {
+        cluster
+            .get_object(BUCKET, &format!("volumes/{VOLUME}/authority.json"))
+            .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+            .and_then(|record| record["term"].as_u64())
+    };
+    let data_b_path = data_b.to_str().expect("utf-8");
+    let promoted = dir.join("promoted.img");
+    let out = run(&[
+        "failover",
+        VOLUME,
+        "--to",
+        promoted.to_str().expect("utf-8"),
+        "--data-dir",
+        data_b_path,
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "failover: {said}");
+    assert!(said.contains("term 2"), "{said}");
+    wait_for(
+        "B recording term 2 in the store",
+        Duration::from_secs(30),
+        || store_term() == Some(2),
+    );
+    let e_id = Id::new(dir, "receiver-e-id");
+    let (config_e, data_e) =
+        receiver_config(dir, "e", &e_id, &agent_id, &cluster, &credentials, "");
+    let receiver_e = Receiver::start_config(&config_e, &data_e, &e_id);
+    // B's lease on the volume runs out first (10 s after its last session).
+    std::thread::sleep(Duration::from_secs(11));
+    let only_e = setup(&device.path, &receiver_e, &agent_id, &pins, &agent_state);
+    let (output, _) = only_e.once(&[], Duration::from_secs(120));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "E took the old source: {said}");
+    assert!(said.contains("was failed over"), "{said}");
+    let e_term = fs::read_to_string(data_e.join(VOLUME).join("authority.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|record| record["term"].as_u64());
+    assert_eq!(e_term, Some(2), "E did not take the store's term");
+    run_ok(&["reprotect", VOLUME, "--data-dir", data_b_path]);
+    wait_for(
+        "B recording term 3 in the store",
+        Duration::from_secs(30),
+        || store_term() == Some(3),
+    );
+    write_random(&device.path, 20 * MIB, MIB);
+    let (output, _) = only_e.once(&[], Duration::from_secs(240));
+    assert!(
+        output.status.success(),
+        "after the reprotect: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let e_seq = committed_seq(&data_e);
+    let points = store_points(&config_b);
+    assert_eq!(
+        points.last().and_then(|p| p["seq"].as_u64()),
+        Some(e_seq),
+        "{points:?}"
+    );
+    let after_reprotect = dir.join("after-reprotect.img");
+    restore_from_store(&config_b, "latest", &after_reprotect);
+    assert_same(&device.path, &after_reprotect);
+
     // Every point verifies from the store alone. Then one byte of a pack is damaged, in a
     // chunk the newest point reads: verify and restore find it (exit 7), and the restore
     // leaves no file behind.

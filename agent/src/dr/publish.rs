@@ -61,9 +61,12 @@ use blkmirror_protocol::{retention::PointAge, units, wire::PointInfo};
 use thiserror::Error;
 
 use crate::dr::{
+    authority::Authority,
     layout::{self, ChunkMap},
     objpoints::{self, CommitReport, ManifestToCreate, PackSettings, PointStoreError, StoreView},
-    objstore::{LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError as ObjectStoreError},
+    objstore::{
+        Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError as ObjectStoreError,
+    },
     volume::{StoreError, Volume},
 };
 
@@ -127,9 +130,22 @@ pub enum PublishError {
         /// What is wrong.
         detail: String,
     },
+    /// The store's record of a volume's authority is damaged.
+    #[error("object store: {key}: not an authority record: {detail}")]
+    BadAuthorityRecord {
+        /// The object.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// The local copy failed.
     #[error(transparent)]
     Local(#[from] StoreError),
+}
+
+/// The key of a volume's authority (term and primary side) in the store.
+pub fn authority_key(volume: &str) -> String {
+    format!("volumes/{volume}/{}", crate::dr::authority::AUTHORITY_FILE)
 }
 
 impl From<ObjectStoreError> for PublishError {
@@ -574,6 +590,105 @@ impl Publisher {
         Ok(Some((map, manifest.point)))
     }
 
+    /// The store's authority record of `name` and its ETag, if it has one.
+    async fn stored_authority(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Authority, String)>, PublishError> {
+        let key = authority_key(name);
+        let Some((bytes, e_tag)) = self.client.get(&key, 1 << 20).await? else {
+            return Ok(None);
+        };
+        let bad = |detail: String| PublishError::BadAuthorityRecord {
+            key: key.clone(),
+            detail,
+        };
+        let authority: Authority =
+            serde_json::from_slice(&bytes).map_err(|error| bad(error.to_string()))?;
+        if authority.format > crate::dr::authority::AUTHORITY_FORMAT {
+            return Err(bad(format!(
+                "format {} is newer than this build reads",
+                authority.format
+            )));
+        }
+        Ok(Some((authority, e_tag.unwrap_or_default())))
+    }
+
+    /// Brings the volume's authority and the store's together before anything is accepted
+    /// or published: a failover, reprotect or failback recorded by another receiver (a higher
+    /// term in the store) is taken here, and refuses the source if the DR site is primary;
+    /// one recorded here (a higher term here) goes to the store. Why: the term lived in one
+    /// receiver's data directory, so a source refused there after a failover was still taken
+    /// by the other receivers of the store (a split brain).
+    async fn sync_authority(
+        &self,
+        volume: &Arc<Mutex<Volume>>,
+        name: &str,
+    ) -> Result<(), PublishError> {
+        let local = volume.lock().expect("volume lock").authority()?;
+        match self.stored_authority(name).await? {
+            Some((theirs, _)) if theirs.term > local.term => {
+                if volume
+                    .lock()
+                    .expect("volume lock")
+                    .adopt_authority(&theirs)?
+                {
+                    tracing::warn!(
+                        target: "blkmirror receiver",
+                        "volume {name}: took term {} from the object store (was {}): {}",
+                        theirs.term,
+                        local.term,
+                        if theirs.failover_in_force().is_some() {
+                            "the DR site is primary"
+                        } else {
+                            "the source is primary"
+                        }
+                    );
+                }
+                if let Some(refusal) = theirs.refusal(name) {
+                    return Err(PublishError::Local(StoreError::Refused(refusal)));
+                }
+            }
+            stored => self.push_authority_over(name, &local, stored).await?,
+        }
+        Ok(())
+    }
+
+    /// Records `local` in the store if its term is higher than the store's (a failover,
+    /// reprotect or failback run on this receiver's data directory).
+    pub async fn push_authority(&self, name: &str, local: &Authority) -> Result<(), PublishError> {
+        let stored = self.stored_authority(name).await?;
+        self.push_authority_over(name, local, stored).await
+    }
+
+    async fn push_authority_over(
+        &self,
+        name: &str,
+        local: &Authority,
+        stored: Option<(Authority, String)>,
+    ) -> Result<(), PublishError> {
+        let text = serde_json::to_vec_pretty(local).expect("serializes");
+        let key = authority_key(name);
+        let written = match stored {
+            // Term 1 with the source primary is every volume's start: nothing to record.
+            None if local.term <= 1 => return Ok(()),
+            None => self.client.put_if_absent(&key, text).await? == Created::Created,
+            Some((theirs, e_tag)) if theirs.term < local.term => {
+                self.client.replace_if_unchanged(&key, text, &e_tag).await?
+            }
+            Some(_) => return Ok(()),
+        };
+        if written {
+            tracing::info!(
+                target: "blkmirror receiver",
+                "volume {name}: term {} recorded in the object store for every receiver",
+                local.term
+            );
+        }
+        // A lost race: another receiver changed it meanwhile; the next sync compares again.
+        Ok(())
+    }
+
     /// The pack view, read again when half its allowed age has passed.
     async fn fresh_view(
         &self,
@@ -652,6 +767,7 @@ impl Publisher {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         self.check_source(&name, source).await?;
+        self.sync_authority(volume, &name).await?;
         // What this receiver remembers of the store is true only if nobody else held the
         // volume since: a lease taken anew (another token) means read the store again.
         let cached = self

@@ -555,10 +555,14 @@ pub async fn serve(
     Ok(())
 }
 
-/// Copies the audit log to the store's shared chain every [`AUDIT_SHIP_EVERY`].
+/// Every [`AUDIT_SHIP_EVERY`]: copies the audit log to the store's shared chain, and records
+/// in the store the terms that a failover, reprotect or failback raised in this receiver's
+/// data directory (so that the other receivers refuse the old source too).
 async fn ship_audit_periodically(context: Arc<Context>, publisher: Arc<Publisher>) {
     let mut failing = false;
+    let mut recorded_terms: HashMap<String, u64> = HashMap::new();
     loop {
+        push_raised_terms(&context, &publisher, &mut recorded_terms).await;
         let result = publisher.ship_audit(&context.data_dir).await;
         context.status.set_store(publisher.health());
         match result {
@@ -579,6 +583,43 @@ async fn ship_audit_periodically(context: Arc<Context>, publisher: Arc<Publisher
             Err(_) => {}
         }
         tokio::time::sleep(AUDIT_SHIP_EVERY).await;
+    }
+}
+
+/// Records in the store each volume's term that is higher here than last recorded
+/// ([`Publisher::push_authority`] writes only over a lower term in the store).
+async fn push_raised_terms(
+    context: &Context,
+    publisher: &Publisher,
+    recorded: &mut HashMap<String, u64>,
+) {
+    let Ok(entries) = std::fs::read_dir(&context.data_dir) else {
+        return;
+    };
+    let disk = crate::dr::storage::LocalDisk::shared();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.join(crate::dr::authority::AUTHORITY_FILE).exists() {
+            continue;
+        }
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        let Ok(local) = crate::dr::authority::read(&disk, &dir) else {
+            continue;
+        };
+        if recorded.get(&name).is_some_and(|&term| term >= local.term) {
+            continue;
+        }
+        match publisher.push_authority(&name, &local).await {
+            Ok(()) => {
+                recorded.insert(name, local.term);
+            }
+            Err(error) => warn(format!(
+                "volume {name}: recording term {} in the object store failed (retried): {error}",
+                local.term
+            )),
+        }
     }
 }
 

@@ -490,6 +490,23 @@ impl Volume {
         self.meta.points.iter().map(|p| p.seq).collect()
     }
 
+    /// The volume's authority: its term and which side is primary.
+    pub fn authority(&self) -> Result<authority::Authority, StoreError> {
+        authority::read(&self.disk, &self.dir)
+    }
+
+    /// Takes `newer` as the volume's authority if its term is higher than the one here (a
+    /// failover, reprotect or failback that another receiver of the object store recorded
+    /// there); returns whether it did.
+    pub fn adopt_authority(&self, newer: &authority::Authority) -> Result<bool, StoreError> {
+        let _lock = self.lock_exclusive()?;
+        if newer.term <= authority::read(&self.disk, &self.dir)?.term {
+            return Ok(false);
+        }
+        authority::write(&self.disk, &self.dir, newer)?;
+        Ok(true)
+    }
+
     /// Refuses the source when the DR site is primary (after a failover; see
     /// [`crate::dr::authority`]).
     fn check_authority(&self) -> Result<(), StoreError> {
