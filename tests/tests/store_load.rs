@@ -173,26 +173,49 @@ fn run_load(load: &Load) -> String {
     // agent's last committed cycle.
     let store = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("a client");
     let checked = runtime.block_on(async {
-        let view = objpoints::load_view(&store).await.expect("the indexes");
-        for (report, agent) in reports.iter().zip(&agents) {
-            let seqs = objpoints::list_points(&store, &agent.volume)
-                .await
-                .expect("points");
-            assert_eq!(seqs.last(), Some(&report.committed_seq), "{}", agent.volume);
-            let (map, _) = objpoints::read_point(&store, &agent.volume, report.committed_seq)
-                .await
-                .expect("the newest point");
-            let image =
-                objpoints::read_image(&store, &view.locations, &map, agent.size, agent.chunk)
-                    .await
-                    .expect("its image");
-            assert!(
-                image == report.device.image(),
-                "{}: the store's newest point is not the device",
-                agent.volume
-            );
+        let view = std::sync::Arc::new(objpoints::load_view(&store).await.expect("the indexes"));
+        // Volumes checked 16 at a time (one after another, the check of 200 volumes took
+        // longer than their load).
+        let mut in_flight = tokio::task::JoinSet::new();
+        let mut pending = reports.iter().zip(&agents);
+        let mut checked = 0;
+        loop {
+            while in_flight.len() < 16 {
+                let Some((report, agent)) = pending.next() else {
+                    break;
+                };
+                let (store, view) = (store.clone(), view.clone());
+                let (volume, seq, size, chunk) = (
+                    agent.volume.clone(),
+                    report.committed_seq,
+                    agent.size,
+                    agent.chunk,
+                );
+                let expected = report.device.image();
+                in_flight.spawn(async move {
+                    let seqs = objpoints::list_points(&store, &volume)
+                        .await
+                        .expect("points");
+                    assert_eq!(seqs.last(), Some(&seq), "{volume}");
+                    let (map, _) = objpoints::read_point(&store, &volume, seq)
+                        .await
+                        .expect("the newest point");
+                    let image = objpoints::read_image(&store, &view.locations, &map, size, chunk)
+                        .await
+                        .expect("its image");
+                    assert!(
+                        image == expected,
+                        "{volume}: the store's newest point is not the device"
+                    );
+                });
+            }
+            let Some(done) = in_flight.join_next().await else {
+                break;
+            };
+            done.expect("a volume's check");
+            checked += 1;
         }
-        reports.len()
+        checked
     });
     let commits: Vec<Duration> = reports.iter().flat_map(|r| r.commits.clone()).collect();
     let (p50, p95, p99, max) = loadgen::percentiles(&commits);
