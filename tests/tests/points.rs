@@ -159,6 +159,25 @@ fn four_points(
     points
 }
 
+/// Checks that `points --json` listed exactly the cycles' `points`, oldest first, each
+/// consistent; returns their numbers.
+fn assert_lists_the_points(
+    listed: &[serde_json::Value],
+    points: &[(serde_json::Value, PathBuf)],
+) -> Vec<u64> {
+    let seqs: Vec<u64> = listed
+        .iter()
+        .map(|p| p["seq"].as_u64().expect("seq"))
+        .collect();
+    let expected: Vec<u64> = points
+        .iter()
+        .map(|(p, _)| p["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, expected, "{listed:?}");
+    assert!(listed.iter().all(|p| p["consistent"] == true), "{listed:?}");
+    seqs
+}
+
 /// `--at TIME` to the millisecond of a listed point (`points --json` gives the time to the
 /// second and the milliseconds apart).
 fn time_of(listed: &serde_json::Value) -> String {
@@ -186,16 +205,7 @@ fn older_points_of_an_ext4_volume_restore_exactly_and_pass_e2fsck() {
 
     // `points` lists all four, newest last, each consistent.
     let listed = parse_lines(&run_ok(&["points", "fs", "--data-dir", &data, "--json"]));
-    let seqs: Vec<u64> = listed
-        .iter()
-        .map(|p| p["seq"].as_u64().expect("seq"))
-        .collect();
-    let expected: Vec<u64> = points
-        .iter()
-        .map(|(p, _)| p["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(seqs, expected, "{listed:?}");
-    assert!(listed.iter().all(|p| p["consistent"] == true), "{listed:?}");
+    assert_lists_the_points(&listed, &points);
     let human = run_ok(&["points", "fs", "--data-dir", &data]);
     assert!(
         human.contains("consistent") && human.contains("4 point(s)"),
@@ -445,16 +455,7 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
     let store = config.to_str().expect("utf-8");
 
     let listed = parse_lines(&run_ok(&["points", "fs", "--from-store", store, "--json"]));
-    let seqs: Vec<u64> = listed
-        .iter()
-        .map(|p| p["seq"].as_u64().expect("seq"))
-        .collect();
-    let expected: Vec<u64> = points
-        .iter()
-        .map(|(p, _)| p["seq"].as_u64().expect("seq"))
-        .collect();
-    assert_eq!(seqs, expected, "{listed:?}");
-    assert!(listed.iter().all(|p| p["consistent"] == true), "{listed:?}");
+    let seqs = assert_lists_the_points(&listed, &points);
     assert_eq!(listed[0]["manifest"], "full", "{listed:?}");
     assert!(
         listed[1..].iter().all(|p| p["manifest"] == "delta"),

@@ -863,15 +863,7 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
                         .into(),
                 )
             })?;
-            Some(
-                Overlay::create(&dir, view.size(), view.chunk_bytes()).map_err(|source| {
-                    OpsError::Target {
-                        what: "creating the overlay in",
-                        path: dir.clone(),
-                        source,
-                    }
-                })?,
-            )
+            Some(overlay_for(&view, &dir)?)
         } else {
             None
         };
@@ -883,19 +875,20 @@ fn start(options: &ExportOptions) -> Result<(Listener, Arc<ExportDisk>, String),
             .overlay_dir
             .clone()
             .unwrap_or_else(|| Volume::dir_of(&options.data_dir, &options.volume));
-        Some(
-            Overlay::create(&dir, view.size(), view.chunk_bytes()).map_err(|source| {
-                OpsError::Target {
-                    what: "creating the overlay in",
-                    path: dir.clone(),
-                    source,
-                }
-            })?,
-        )
+        Some(overlay_for(&view, &dir)?)
     } else {
         None
     };
     announce(options, ExportDisk::new(view, overlay), started, false)
+}
+
+/// A new copy-on-write overlay in `dir` for the point `view` reads.
+pub(crate) fn overlay_for(view: &dyn PointSource, dir: &Path) -> Result<Overlay, OpsError> {
+    Overlay::create(dir, view.size(), view.chunk_bytes()).map_err(|source| OpsError::Target {
+        what: "creating the overlay in",
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// Binds, audits and announces an export of `disk`.

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dr::{
     audit::{AuditLog, Event},
-    export::{self, ExportDisk, ListenAddr, Overlay, PointView},
+    export::{self, ExportDisk, ListenAddr, PointView},
     ops::{OpsError, PointSelector, describe},
     volume::Volume,
 };
@@ -476,29 +476,11 @@ fn open_disk(
         // From the store there is no volume directory: the overlay (unlinked at once) goes in
         // the temporary directory.
         let view = crate::dr::storeview::StorePointView::open(store, volume, at)?;
-        let overlay_dir = std::env::temp_dir();
-        let overlay = Overlay::create(
-            &overlay_dir,
-            export::PointSource::size(&view),
-            export::PointSource::chunk_bytes(&view),
-        )
-        .map_err(|source| OpsError::Target {
-            what: "creating the overlay in",
-            path: overlay_dir,
-            source,
-        })?;
+        let overlay = export::overlay_for(&view, &std::env::temp_dir())?;
         return Ok(Arc::new(ExportDisk::new(view, Some(overlay))));
     }
     let view = PointView::open(data_dir, volume, at)?;
-    let overlay_dir = Volume::dir_of(data_dir, volume);
-    let overlay =
-        Overlay::create(&overlay_dir, view.size(), view.chunk_bytes()).map_err(|source| {
-            OpsError::Target {
-                what: "creating the overlay in",
-                path: overlay_dir,
-                source,
-            }
-        })?;
+    let overlay = export::overlay_for(&view, &Volume::dir_of(data_dir, volume))?;
     Ok(Arc::new(ExportDisk::new(view, Some(overlay))))
 }
 
