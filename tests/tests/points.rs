@@ -651,6 +651,48 @@ fn older_points_of_an_ext4_volume_restore_exactly_from_the_object_store_too() {
     assert_eq!(kept["seq"].as_u64(), Some(seqs[3]), "{kept}");
     assert_eq!(kept["ok"], true, "{kept}");
 
+    // Mounted from the store: the first point's files, read-only, until SIGTERM.
+    let target = dir.join("first-point-mnt");
+    fs::create_dir_all(&target).expect("mount point");
+    let mut mounted = ChildGuard(
+        blkmirror()
+            .args(["mount", "fs"])
+            .arg(&target)
+            .args(["--from-store", store, "--at", &format!("seq:{}", seqs[0])])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mount"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(mounted.0.stdout.take().expect("stdout")),
+        &mut line,
+    )
+    .expect("the mount's line");
+    assert_eq!(line.trim(), target.to_str().expect("utf-8"));
+    let first_file: Vec<u8> = (0..8192u64).map(|i| (i * 3) as u8).collect();
+    assert_eq!(
+        fs::read(target.join("round-0/f0")).expect("a file of the first point"),
+        first_file
+    );
+    assert!(
+        !target.join("round-1").exists(),
+        "the first point has no later files"
+    );
+    assert!(
+        fs::write(target.join("new-file"), b"x").is_err(),
+        "the mount is read-only"
+    );
+    blkmirror_tests::signal(mounted.0.id(), libc::SIGTERM);
+    let status = mounted.0.wait().expect("mount");
+    assert!(status.success(), "mount --from-store exited with {status}");
+    let mounts = fs::read_to_string("/proc/mounts").expect("/proc/mounts");
+    assert!(
+        !mounts.contains(target.to_str().expect("utf-8")),
+        "still mounted after SIGTERM"
+    );
+
     // The store's restore is still the point (the writable export wrote its overlay only).
     let again = dir.join("again.img");
     run_ok(&[
