@@ -11,7 +11,7 @@
 //! 2. `qemu-storage-daemon` with its NBD client and a FUSE export: the point as a regular file;
 //! 3. a loop device over that file.
 //!
-//! The export is always copy-on-write here ([`Overlay`]): mounting a crash-consistent file
+//! The export is always copy-on-write here ([`export::Overlay`]): mounting a crash-consistent file
 //! system replays its journal, and those writes go to the overlay, never to the replica.
 //! Everything is undone when the attachment is dropped, in reverse order.
 //!
