@@ -808,17 +808,23 @@ fn retention_in_the_store_spares_the_chunks_of_a_running_restore(
     };
     write_random(&dev.path, 0, 8 * MIB);
     agent.once_ok(&[]);
+    // One cycle a second after the last (past the one-second retention), then the store
+    // holds its point only; returns the point.
+    let cycle_leaving_only_its_point = |what: &str| {
+        std::thread::sleep(Duration::from_millis(1_100));
+        let seq = last_point(&agent.once_ok(&[]))["seq"]
+            .as_u64()
+            .expect("seq");
+        let listed = parse_lines(&run_ok(&["points", "raw", "--from-store", store, "--json"]));
+        assert_eq!(
+            listed.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
+            [Some(seq)],
+            "{what}: {listed:?}"
+        );
+        seq
+    };
     write_random(&dev.path, 8 * MIB, 4 * MIB);
-    std::thread::sleep(Duration::from_millis(1_100));
-    let b = last_point(&agent.once_ok(&[]))["seq"]
-        .as_u64()
-        .expect("seq");
-    let listed = parse_lines(&run_ok(&["points", "raw", "--from-store", store, "--json"]));
-    assert_eq!(
-        listed.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
-        [Some(b)],
-        "{listed:?}"
-    );
+    let b = cycle_leaving_only_its_point("only B is kept");
     let source_at_b = dir.join("newest-source-at-b.img");
     copy_device(&dev.path, &source_at_b);
     let target = dir.join("newest-restore-b.img");
@@ -851,16 +857,7 @@ fn retention_in_the_store_spares_the_chunks_of_a_running_restore(
     }
     // Cycle C while the restore holds: B leaves the store.
     write_random(&dev.path, 0, 8 * MIB);
-    std::thread::sleep(Duration::from_millis(1_100));
-    let c = last_point(&agent.once_ok(&[]))["seq"]
-        .as_u64()
-        .expect("seq");
-    let listed = parse_lines(&run_ok(&["points", "raw", "--from-store", store, "--json"]));
-    assert_eq!(
-        listed.iter().map(|p| p["seq"].as_u64()).collect::<Vec<_>>(),
-        [Some(c)],
-        "B was not dropped from the store: {listed:?}"
-    );
+    cycle_leaving_only_its_point("B was not dropped from the store");
     assert!(
         restore.0.try_wait().expect("wait").is_none(),
         "the restore ended before C dropped B: {}",
