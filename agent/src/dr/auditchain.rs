@@ -38,8 +38,11 @@
 //! The local log stays the first record: an entry is durable there before the action it
 //! records is acknowledged, and a [`Shipper`] copies it to the store every few seconds. The
 //! shipper keeps how far it has shipped in `DATA_DIR/audit.shipped` (byte offset, sequence
-//! number, hash), and the block it is creating before it sends it: after a crash it looks for
-//! that block, so an entry is neither skipped nor shipped twice. A receiver that was down
+//! number, hash), and the block it is creating before it sends it. After a crash or a failed
+//! request it settles that block before anything else: it creates it again with the same
+//! bytes if it is absent (a request the store had not yet applied could still land later),
+//! and takes it as shipped if the bytes there are its own. So an entry is neither skipped nor
+//! shipped twice. A receiver that was down
 //! ships its backlog when it starts. Entries that were never shipped because the receiver's
 //! disk was lost with it are the one gap, and the chain shows its last shipped entry.
 //!
@@ -490,11 +493,28 @@ impl Default for Shipped {
 #[serde(deny_unknown_fields)]
 struct Pending {
     block: u64,
+    /// The hash of the block before it (the block is rebuilt from it and the log).
+    prev_block: String,
     chain: String,
     first_seq: u64,
     entries: u64,
     end_offset: u64,
     last_hash: String,
+}
+
+impl Pending {
+    /// The header of the block.
+    fn header(&self, receiver: &str) -> BlockHeader {
+        BlockHeader {
+            format: CHAIN_FORMAT,
+            block: self.block,
+            prev_block: self.prev_block.clone(),
+            receiver: receiver.to_owned(),
+            chain: self.chain.clone(),
+            first_seq: self.first_seq,
+            entries: self.entries,
+        }
+    }
 }
 
 /// Log lines read for shipping.
@@ -576,28 +596,74 @@ impl Shipper {
         })
     }
 
-    /// After a crash or a failed request in the middle of creating a block: if the block is
-    /// there and is ours, its entries are shipped.
+    /// After a crash or a failed request in the middle of creating a block: settles whether
+    /// the block is ours.
+    ///
+    /// A request the shipper stopped waiting for (a timeout, a dropped connection, a store
+    /// slowed by a failed node) may still be applied by the store later. Finding the block
+    /// absent therefore proves nothing: the request could land after the shipper had shipped
+    /// the same entries again elsewhere, and they would be in the chain twice. So the block is
+    /// created now, with the very same bytes, if it is not there yet. Once it exists, by
+    /// either request or by another receiver, no late request can change it.
     async fn settle_pending(&mut self) -> Result<(), ChainError> {
         let Some(pending) = self.shipped.pending.clone() else {
             return Ok(());
         };
-        if let Some(bytes) = self.fetch(pending.block).await?
-            && let Ok(block) = decode_block(pending.block, &bytes)
-            && self.is_ours(&block.header, &pending)
-        {
+        let bytes = self.rebuild_block(&pending)?;
+        let key = block_key(pending.block);
+        let ours = match self.client.put_if_absent(&key, bytes.clone()).await? {
+            Created::Created => true,
+            Created::AlreadyExists => match self.fetch(pending.block).await? {
+                Some(theirs) => theirs == bytes,
+                None => {
+                    return Err(ChainError::Broken {
+                        block: pending.block,
+                        message: "refused as existing, then not found".into(),
+                    });
+                }
+            },
+        };
+        if ours {
             self.advance(&pending);
+            self.head = Some((pending.block, block_hash(&bytes)));
+        } else {
+            self.head = None;
         }
         self.shipped.pending = None;
-        self.head = None;
         self.save()
     }
 
-    fn is_ours(&self, header: &BlockHeader, pending: &Pending) -> bool {
-        header.receiver == self.receiver
-            && header.chain == pending.chain
-            && header.first_seq == pending.first_seq
-            && header.entries == pending.entries
+    /// The bytes of the block `pending` describes, from the log: the same bytes as were sent.
+    fn rebuild_block(&self, pending: &Pending) -> Result<Vec<u8>, ChainError> {
+        let local = |message: String| ChainError::Local {
+            path: self.log.clone(),
+            message,
+        };
+        let length = pending
+            .end_offset
+            .checked_sub(self.shipped.offset)
+            .filter(|&length| length <= MAX_BLOCK_BYTES as u64)
+            .ok_or_else(|| local("the shipping record's block does not fit the log".into()))?;
+        let mut text = vec![0; length as usize];
+        fs::File::open(&self.log)
+            .and_then(|mut file| {
+                file.seek(SeekFrom::Start(self.shipped.offset))?;
+                file.read_exact(&mut text)
+            })
+            .map_err(|error| local(format!("reading the block being shipped: {error}")))?;
+        let text = String::from_utf8(text).map_err(|_| local("not UTF-8 text".into()))?;
+        let entries = check_lines(pending.first_seq, text.lines())
+            .map_err(|error| local(format!("the block being shipped: {error}")))?;
+        if entries.len() as u64 != pending.entries
+            || entries.last().map(|(_, hash)| hash) != Some(&pending.last_hash)
+        {
+            return Err(local(
+                "the log no longer holds the block being shipped (it was edited or replaced; \
+                 the store keeps the shipped entries)"
+                    .into(),
+            ));
+        }
+        Ok(encode_block(&pending.header(&self.receiver), &text))
     }
 
     fn advance(&mut self, pending: &Pending) {
@@ -664,6 +730,7 @@ impl Shipper {
         let (_, last_hash) = unshipped.entries.last().expect("read entries");
         let pending = Pending {
             block: 0,
+            prev_block: String::new(),
             chain: if self.shipped.next_seq == 1 {
                 unshipped.entries[0].1.clone()
             } else {
@@ -676,20 +743,12 @@ impl Shipper {
         };
         let (mut number, mut prev) = self.head().await?;
         for _ in 0..MAX_APPEND_ATTEMPTS {
-            let header = BlockHeader {
-                format: CHAIN_FORMAT,
-                block: number + 1,
-                prev_block: prev.clone(),
-                receiver: self.receiver.clone(),
-                chain: pending.chain.clone(),
-                first_seq: pending.first_seq,
-                entries: pending.entries,
-            };
-            let bytes = encode_block(&header, &unshipped.text);
             let attempt = Pending {
                 block: number + 1,
+                prev_block: prev.clone(),
                 ..pending.clone()
             };
+            let bytes = encode_block(&attempt.header(&self.receiver), &unshipped.text);
             self.shipped.pending = Some(attempt.clone());
             self.save()?;
             let created = match self
@@ -700,8 +759,8 @@ impl Shipper {
                 Ok(Created::Created) => true,
                 Ok(Created::AlreadyExists) => false,
                 Err(error) => {
-                    // The block may have been created all the same: the next round's
-                    // settling looks.
+                    // The block may have been created all the same, or may still be: the
+                    // next round's settling decides.
                     self.head = None;
                     return Err(error.into());
                 }
@@ -922,8 +981,15 @@ mod tests {
         // says "creating block 2".
         let mut stale: Shipped = serde_json::from_slice(&before).unwrap();
         let after: Shipped = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
+        let first_block = client
+            .get(&block_key(1), MAX_BLOCK_BYTES)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
         stale.pending = Some(Pending {
             block: 2,
+            prev_block: block_hash(&first_block),
             chain: after.chain.clone(),
             first_seq: 4,
             entries: 1,
@@ -937,6 +1003,91 @@ mod tests {
         let report = verify_chain(&client, 2, |_, _| {}).await.unwrap();
         assert_eq!((report.blocks, report.entries), (3, 5));
         assert_eq!(report.events["verify"], 1);
+    }
+
+    #[tokio::test]
+    async fn a_block_whose_creation_failed_is_settled_so_a_late_request_cannot_repeat_it() {
+        let client = ObjectStoreClient::in_memory();
+        let dir = crate::testing::TempDir::new("auditchain-late");
+        let log = AuditLog::in_dir(&dir.0);
+        log.append(event("commit")).unwrap();
+        let mut shipper = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
+        assert_eq!(shipper.ship().await.unwrap(), 1);
+        let head = client
+            .get(&block_key(1), MAX_BLOCK_BYTES)
+            .await
+            .unwrap()
+            .unwrap()
+            .0;
+        // Entries 2 and 3 were sent as block 2 and the request failed (a timeout): the
+        // record names the block, and the store has not (yet) applied it.
+        log.append(event("commit")).unwrap();
+        log.append(event("restore")).unwrap();
+        let text = fs::read_to_string(log.path()).unwrap();
+        let unshipped = shipper.read_unshipped().unwrap().unwrap();
+        assert_eq!(unshipped.entries.len(), 2);
+        let sent = Pending {
+            block: 2,
+            prev_block: block_hash(&head),
+            chain: shipper.shipped.chain.clone(),
+            first_seq: 2,
+            entries: 2,
+            end_offset: text.len() as u64,
+            last_hash: unshipped.entries[1].1.clone(),
+        };
+        let sent_bytes = encode_block(&sent.header("rx"), &unshipped.text);
+        shipper.shipped.pending = Some(sent);
+        shipper.save().unwrap();
+
+        // Settling (here after a restart) creates the block itself, with the same bytes.
+        log.append(event("verify")).unwrap();
+        let mut restarted = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
+        assert_eq!(restarted.ship().await.unwrap(), 1, "only entry 4 is new");
+        assert_eq!(restarted.shipped_entries(), 4);
+        // The failed request lands late: the block is there already, so it changes nothing.
+        assert_eq!(
+            client
+                .put_if_absent(&block_key(2), sent_bytes.clone())
+                .await
+                .unwrap(),
+            Created::AlreadyExists
+        );
+        let in_store = client.get(&block_key(2), MAX_BLOCK_BYTES).await.unwrap();
+        assert_eq!(in_store.unwrap().0, sent_bytes);
+        let report = verify_chain(&client, 2, |_, _| {}).await.unwrap();
+        assert_eq!((report.blocks, report.entries), (3, 4));
+        assert_eq!(report.events["restore"], 1);
+
+        // Another receiver took the block number first: the entries go after its block.
+        log.append(event("commit")).unwrap();
+        let unshipped = restarted.read_unshipped().unwrap().unwrap();
+        let other = crate::testing::TempDir::new("auditchain-late-other");
+        AuditLog::in_dir(&other.0).append(event("commit")).unwrap();
+        let mut other_shipper = Shipper::open(client.clone(), "rx-2".into(), &other.0).unwrap();
+        let end_offset = fs::metadata(log.path()).unwrap().len();
+        restarted.shipped.pending = Some(Pending {
+            block: 4,
+            prev_block: block_hash(
+                &client
+                    .get(&block_key(3), MAX_BLOCK_BYTES)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .0,
+            ),
+            chain: restarted.shipped.chain.clone(),
+            first_seq: 5,
+            entries: 1,
+            end_offset,
+            last_hash: unshipped.entries[0].1.clone(),
+        });
+        restarted.save().unwrap();
+        assert_eq!(other_shipper.ship().await.unwrap(), 1);
+        assert_eq!(restarted.ship().await.unwrap(), 1);
+        let report = verify_chain(&client, 2, |_, _| {}).await.unwrap();
+        assert_eq!((report.blocks, report.entries), (5, 6));
+        let compared = compare_local(&report, &fs::read_to_string(log.path()).unwrap()).unwrap();
+        assert_eq!((compared.local_entries, compared.in_store), (5, 5));
     }
 
     #[tokio::test]
