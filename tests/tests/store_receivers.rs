@@ -575,6 +575,9 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         [Some(b_seq)],
         "{points:?}"
     );
+    // The dropped point's name stays taken on Ceph too: a receiver that lost the lease while
+    // paused cannot create it when it resumes.
+    assert_dropped_point_is_fenced(&cluster, "vol", b_seq - 1);
     // B collects on its own (with an hour's grace: nothing is old enough to condemn yet).
     let b_socket = dir.join("b.sock");
     wait_for(
@@ -919,6 +922,31 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         let said = String::from_utf8_lossy(&listed.stderr);
         assert!(!listed.status.success() && said.contains(reason), "{said}");
     }
+}
+
+/// Point `seq` of `volume` was dropped by retention: its manifest is a tombstone, and a late
+/// conditional create of it (by a writer deposed while paused) is refused.
+fn assert_dropped_point_is_fenced(cluster: &CephCluster, volume: &str, seq: u64) {
+    use blkmirror::dr::{layout, objstore::Created, objstore::ObjectStoreClient};
+    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let key = layout::manifest_key(volume, seq);
+        let (bytes, _) = client
+            .get(&key, 4096)
+            .await
+            .expect("reading the dropped point's manifest")
+            .expect("a tombstone where the dropped point was");
+        assert_eq!(bytes, layout::TOMBSTONE, "point {seq} of {volume}");
+        let late = client
+            .put_if_absent(&key, b"a deposed writer's manifest".to_vec())
+            .await
+            .expect("the late create");
+        assert_eq!(late, Created::AlreadyExists, "point {seq} of {volume}");
+    });
 }
 
 /// Rewrites block 1 of the store's audit chain with `edit`.

@@ -323,6 +323,7 @@ pub fn collect(store: &StoreConfig, dry_run: bool, json: bool) -> Result<(), Ops
                 "repack_written": report.repack_written,
                 "repack_bytes": report.repack_bytes,
                 "young": report.young,
+                "tombstones_swept": report.tombstones_swept,
                 "elapsed_ms": started.elapsed().as_millis() as u64,
             })
         );

@@ -25,7 +25,13 @@
 //!   conditional create (`put_if_absent`): the manifest's existence *is* the commit, and two
 //!   writers cannot both commit the same point. A writer killed before the manifest leaves
 //!   only unreferenced packs, which garbage collection removes.
-//! * **Garbage collection** ([`gc_plan`]). Retention deletes manifests; a pack none of whose
+//! * **Tombstone.** Retention does not delete a dropped point's manifest: it replaces it with
+//!   [`TOMBSTONE`], so that the point's name is never free again. A writer whose lease ran
+//!   out while it was paused (or whose request the store applied late) then cannot create a
+//!   manifest under a name that retention emptied, where it would lead to points that are
+//!   gone: its conditional create is refused. Tombstones are not points; a collection deletes
+//!   them after [`TOMBSTONE_KEEP_MS`], far past any lease and any request's lifetime.
+//! * **Garbage collection** ([`gc_plan`]). Retention drops manifests; a pack none of whose
 //!   chunks a remaining manifest references is deleted, and a pack that is mostly dead is
 //!   repacked. Packs younger than a grace period are left alone: a commit in progress may be
 //!   about to reference them (its packs are written before its manifest).
@@ -56,6 +62,13 @@ pub const MAX_CHUNK_BYTES: u32 = 16 << 20;
 /// which a single object cannot sensibly carry; volumes past 2^28 chunks need a layered
 /// manifest (not built).
 pub const MAX_MANIFEST_ENTRIES: u64 = 1 << 28;
+
+/// What a dropped point's manifest becomes (see the module docs): shorter than any manifest.
+pub const TOMBSTONE: &[u8] = b"BMTS\x01dropped by retention\n";
+
+/// How long a tombstone stays: a day, against leases of seconds and requests that S3-style
+/// stores refuse once their signature is 15 minutes old.
+pub const TOMBSTONE_KEEP_MS: u64 = 24 * 3600 * 1000;
 
 /// The largest point record in a manifest.
 const MAX_POINT_BYTES: u32 = 4096;

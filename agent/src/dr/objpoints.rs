@@ -510,14 +510,25 @@ pub async fn read_manifest(
     volume: &str,
     seq: u64,
 ) -> Result<Manifest, PointStoreError> {
+    Ok(read_manifest_tagged(client, volume, seq).await?.0)
+}
+
+/// Reads the manifest of point `seq` of `volume`, with its entity tag (for a conditional
+/// rewrite). A tombstone is a missing point.
+async fn read_manifest_tagged(
+    client: &ObjectStoreClient,
+    volume: &str,
+    seq: u64,
+) -> Result<(Manifest, Option<String>), PointStoreError> {
     let key = layout::manifest_key(volume, seq);
-    let (bytes, _) = client
+    let (bytes, e_tag) = client
         .get(&key, MAX_MANIFEST_BYTES)
         .await?
+        .filter(|(bytes, _)| bytes != layout::TOMBSTONE)
         .ok_or_else(|| PointStoreError::Missing(key.clone()))?;
     let manifest = layout::decode_manifest(&bytes).map_err(layout_error(&key))?;
     check_manifest_names(key, (&manifest.volume, manifest.seq), (volume, seq))?;
-    Ok(manifest)
+    Ok((manifest, e_tag))
 }
 
 /// A manifest under another point's name (`key` names `wanted`, the manifest holds `held`)
@@ -655,8 +666,9 @@ pub async fn list_point_heads(
         };
         let (key, seq, size, bytes) = done.expect("a manifest head read task");
         let bytes = match bytes {
+            // Dropped since the listing.
+            Ok(bytes) if bytes == layout::TOMBSTONE => continue,
             Ok(bytes) => bytes,
-            // Gone since the listing: pruned.
             Err(error) if error.is_not_found() => continue,
             Err(error) => return Err(error.into()),
         };
@@ -681,18 +693,20 @@ pub struct PruneReport {
 }
 
 /// Removes one run of points from `volume` ([`layout::prune_runs`]): rewrites the kept point
-/// after it so that it no longer leads through the run, then deletes the run's manifests,
-/// newest first. Every instant leaves every remaining point readable: the rewritten manifest
-/// holds the same point, and no remaining manifest leads to one deleted. The caller holds the
-/// volume's lease (one writer of its manifests); the packs the dropped points alone used are
-/// left to garbage collection.
+/// after it so that it no longer leads through the run, then replaces the run's manifests
+/// with tombstones, newest first. Every instant leaves every remaining point readable: the
+/// rewritten manifest holds the same point, and no remaining manifest leads to one dropped.
+/// The caller holds the volume's lease (one writer of its manifests); the rewrite is
+/// conditional all the same, so that a writer that lost the lease while paused cannot undo
+/// what the next one did ([`PointStoreError::Conflict`]). The packs the dropped points alone
+/// used are left to garbage collection.
 pub async fn prune_run(
     client: &ObjectStoreClient,
     volume: &str,
     run: &layout::PruneRun,
     report: &mut PruneReport,
 ) -> Result<(), PointStoreError> {
-    let next = read_manifest(client, volume, run.next).await?;
+    let (next, e_tag) = read_manifest_tagged(client, volume, run.next).await?;
     if next.base.is_some() {
         let mut dropped = Vec::with_capacity(run.dropped.len());
         for &seq in &run.dropped {
@@ -700,15 +714,64 @@ pub async fn prune_run(
         }
         let key = layout::manifest_key(volume, run.next);
         if let Some(spliced) = layout::splice(&dropped, &next).map_err(layout_error(&key))? {
-            client.put(&key, layout::encode_manifest(&spliced)).await?;
+            let replaced = match &e_tag {
+                Some(e_tag) => {
+                    client
+                        .replace_if_unchanged(&key, layout::encode_manifest(&spliced), e_tag)
+                        .await?
+                }
+                None => false,
+            };
+            if !replaced {
+                return Err(PointStoreError::Conflict {
+                    volume: volume.to_owned(),
+                    seq: run.next,
+                });
+            }
             report.rewritten += 1;
         }
     }
     for &seq in run.dropped.iter().rev() {
-        client.delete(&layout::manifest_key(volume, seq)).await?;
+        client
+            .put(
+                &layout::manifest_key(volume, seq),
+                layout::TOMBSTONE.to_vec(),
+            )
+            .await?;
         report.dropped += 1;
     }
     Ok(())
+}
+
+/// Deletes the tombstones of `volume` written more than [`layout::TOMBSTONE_KEEP_MS`] before
+/// `now_ms` (Unix milliseconds); returns how many.
+pub async fn sweep_tombstones(
+    client: &ObjectStoreClient,
+    volume: &str,
+    now_ms: u64,
+) -> Result<u64, PointStoreError> {
+    let mut swept = 0;
+    for (key, size, modified_ms) in client.list(&manifests_prefix(volume)).await? {
+        if size != layout::TOMBSTONE.len() as u64
+            || now_ms.saturating_sub(modified_ms) < layout::TOMBSTONE_KEEP_MS
+        {
+            continue;
+        }
+        // Only a tombstone is deleted, never a manifest that happens to be as short.
+        let is_tombstone = client
+            .get(&key, layout::TOMBSTONE.len())
+            .await?
+            .is_some_and(|(bytes, _)| bytes == layout::TOMBSTONE);
+        if is_tombstone {
+            client.delete(&key).await?;
+            swept += 1;
+        }
+    }
+    Ok(swept)
+}
+
+fn manifests_prefix(volume: &str) -> String {
+    format!("volumes/{volume}/manifests")
 }
 
 /// The points of `volume` in the store, oldest first.
@@ -728,12 +791,15 @@ async fn list_manifests(
     client: &ObjectStoreClient,
     volume: &str,
 ) -> Result<Vec<(u64, u64)>, PointStoreError> {
-    let prefix = format!("volumes/{volume}/manifests");
     let mut seqs: Vec<(u64, u64)> = client
-        .list(&prefix)
+        .list(&manifests_prefix(volume))
         .await?
         .into_iter()
         .filter_map(|(key, size, _)| {
+            // A tombstone's size: a dropped point (no manifest is that short).
+            if size == layout::TOMBSTONE.len() as u64 {
+                return None;
+            }
             // Only the names the writer gives (20 digits); anything else is not a point.
             let seq: u64 = key.rsplit('/').next()?.parse().ok()?;
             (key == layout::manifest_key(volume, seq)).then_some((seq, size))
@@ -1001,6 +1067,8 @@ pub struct GcReport {
     pub repack_bytes: u64,
     /// Packs too young to judge.
     pub young: usize,
+    /// Tombstones of dropped points deleted (older than [`layout::TOMBSTONE_KEEP_MS`]).
+    pub tombstones_swept: u64,
 }
 
 /// How a collection runs.
@@ -1091,6 +1159,9 @@ pub async fn collect_garbage(
         client.delete(&layout::pack_key(id)).await?;
         client.delete(&layout::index_key(id)).await?;
         client.delete(&condemned_key(id)).await?;
+    }
+    for volume in list_volumes(client).await? {
+        report.tombstones_swept += sweep_tombstones(client, &volume, now_unix_ms).await?;
     }
     Ok(report)
 }
@@ -1436,6 +1507,123 @@ mod tests {
         );
         assert!(!stale.locations.contains(&id));
         assert!(stale.locations.get(&id).is_some(), "still readable");
+    }
+
+    /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
+    async fn commit_fill(
+        client: &ObjectStoreClient,
+        base: &ChunkMap,
+        seq: u64,
+        fill: u8,
+    ) -> Result<ChunkMap, PointStoreError> {
+        let mut view = load_view(client).await.unwrap();
+        commit_point(
+            client,
+            &mut view,
+            base,
+            PointToCommit {
+                volume: "v",
+                size_bytes: 1 << 20,
+                chunk_bytes: 4096,
+                point: PointInfo {
+                    seq,
+                    complete: true,
+                    ..PointInfo::default()
+                },
+                changes: &BTreeMap::from([(0, vec![fill; 4096])]),
+            },
+            PackSettings::default(),
+        )
+        .await
+        .map(|(_, map)| map)
+    }
+
+    /// The fence against a writer that lost the volume's lease while paused (or whose request
+    /// the store applied late): retention leaves tombstones, so the deposed writer cannot
+    /// create a point under an emptied name, and its retention's rewrite is conditional.
+    #[tokio::test]
+    async fn a_deposed_writer_can_neither_recreate_a_dropped_point_nor_undo_a_prune() {
+        let client = ObjectStoreClient::in_memory();
+        let mut map = ChunkMap::default();
+        for seq in 1..=4 {
+            map = commit_fill(&client, &map, seq, seq as u8).await.unwrap();
+        }
+        // The deposed writer read points 1..=3 to prune 2 (next: 3), then paused.
+        let deposed_run = layout::PruneRun {
+            dropped: vec![2],
+            next: 3,
+        };
+        let (stale_next, stale_tag) = read_manifest_tagged(&client, "v", 3).await.unwrap();
+        // The new writer drops 2 and 3 (next: 4).
+        let mut report = PruneReport::default();
+        prune_run(
+            &client,
+            "v",
+            &layout::PruneRun {
+                dropped: vec![2, 3],
+                next: 4,
+            },
+            &mut report,
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.dropped, report.rewritten), (2, 1));
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 4]);
+        let heads = list_point_heads(&client, "v").await.unwrap();
+        assert_eq!(heads.iter().map(|p| p.head.seq).collect::<Vec<_>>(), [1, 4]);
+        assert!(matches!(
+            read_manifest(&client, "v", 3).await,
+            Err(PointStoreError::Missing(_))
+        ));
+
+        // The deposed writer resumes: its commit of a new point 3 on top of point 2 (gone)
+        // is refused, since the name is taken by the tombstone.
+        let mut old_map = read_point(&client, "v", 1).await.unwrap().0;
+        old_map.seq = 2;
+        let late = commit_fill(&client, &old_map, 3, 0xee).await;
+        assert!(
+            matches!(late, Err(PointStoreError::Conflict { seq: 3, .. })),
+            "{late:?}"
+        );
+        // Its prune: the rewrite of point 3 is refused (the tombstone is not the manifest
+        // it read), and point 3 stays dropped.
+        let late = prune_run(&client, "v", &deposed_run, &mut PruneReport::default()).await;
+        assert!(matches!(late, Err(PointStoreError::Missing(_))), "{late:?}");
+        let spliced = layout::encode_manifest(&stale_next);
+        let replaced = client
+            .replace_if_unchanged(
+                &layout::manifest_key("v", 3),
+                spliced,
+                stale_tag.as_deref().unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(!replaced, "a rewrite under a stale tag went through");
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 4]);
+        // Every remaining point reads, and the newest is the new writer's.
+        let (newest, _) = read_point(&client, "v", 4).await.unwrap();
+        assert_eq!(newest.chunks, map.chunks);
+        read_point(&client, "v", 1).await.unwrap();
+
+        // Tombstones go once they are older than the keep time, never before.
+        assert_eq!(sweep_tombstones(&client, "v", now_ms()).await.unwrap(), 0);
+        let later = now_ms() + layout::TOMBSTONE_KEEP_MS + 1000;
+        assert_eq!(sweep_tombstones(&client, "v", later).await.unwrap(), 2);
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 4]);
+        assert!(
+            client
+                .get(&layout::manifest_key("v", 2), 1024)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    fn now_ms() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
     }
 
     fn entry(seed: u8, offset: u64, stored_len: u32) -> layout::IndexEntry {

@@ -49,7 +49,16 @@
 //! keeps one copy). A point whose chunks the view lacks (another receiver stored them since
 //! the view was read) reads the view again before it is fetched or committed on.
 //!
-//! Not built yet: the fencing token in manifests.
+//! # A writer that lost its lease
+//!
+//! A receiver paused past its lease (a stop, a swap storm, a request the store applies late)
+//! may resume and write after another receiver took the volume over. The store fences it
+//! without a token check: a point's name is never free twice (retention leaves a tombstone,
+//! [`layout::TOMBSTONE`]), so the late manifest's conditional create is refused whenever the
+//! new writer has committed or dropped that point; and retention's rewrite of a manifest is
+//! conditional on the copy it read. What stays open: two writers' retention runs that
+//! interleave over adjacent points inside one pause could splice a manifest from a copy that
+//! the other had just rewritten.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -1074,11 +1083,14 @@ impl Publisher {
                 lease_renewed = Instant::now();
             }
         }
-        self.hold_again(name, token).await?;
         let seq = point.seq;
         // The new point references the base's chunks too, which another receiver may have
         // stored after this one read the indexes.
         let view = self.view_covering(&base_map).await?;
+        // Renewed last thing before the manifest, which reading the view may have delayed.
+        // Past this, a writer paused beyond its lease is fenced by the store itself: the
+        // manifest's name is either free or taken for good (a point or a tombstone).
+        self.hold_again(name, token).await?;
         let (commit, map) = objpoints::create_manifest(
             &self.client,
             view.as_ref().expect("a view was loaded"),
@@ -1169,7 +1181,7 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
     format!(
         "{} pack(s) of {} in the store, {} live chunk(s); {} pack(s) condemned, {} deleted \
          ({} freed), {} revived, {} repacked into {} new pack(s) ({} written), {} too young \
-         to judge",
+         to judge, {} tombstone(s) of dropped points deleted",
         report.packs,
         units::format_size(report.pack_bytes),
         report.live_chunks,
@@ -1180,7 +1192,8 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
         report.repacked,
         report.repack_written,
         units::format_size(report.repack_bytes),
-        report.young
+        report.young,
+        report.tombstones_swept
     )
 }
 
