@@ -551,6 +551,26 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
             || grants_version(name) == Some(3),
         );
     }
+    // The record deleted by hand: a receiver puts back the version in force (3, B's list),
+    // not an older list it started with.
+    delete_store_object(&cluster, blkmirror::dr::grantstore::GRANTS_KEY);
+    wait_for(
+        "a receiver putting the grants in force back into the store",
+        Duration::from_secs(30),
+        || {
+            let shown = run(&[
+                "store",
+                "grants",
+                "--config",
+                config_b.to_str().expect("utf-8"),
+                "--json",
+            ]);
+            shown.status.success() && {
+                let shown = parse_lines(&String::from_utf8_lossy(&shown.stdout));
+                shown[0]["store"]["version"].as_u64() == Some(3) && shown[0]["file_matches"] == true
+            }
+        },
+    );
 
     // Retention on the store: B keeps its newest point only, so its first publish dropped
     // every older point from the store (A's default retention had kept them all).
@@ -922,6 +942,19 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         let said = String::from_utf8_lossy(&listed.stderr);
         assert!(!listed.status.success() && said.contains(reason), "{said}");
     }
+}
+
+/// Deletes object `key` from the test's bucket, as an operator with the store's credentials
+/// could.
+fn delete_store_object(cluster: &CephCluster, key: &str) {
+    let client = blkmirror::dr::objstore::ObjectStoreClient::connect(&cluster.store_config(BUCKET))
+        .expect("client");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(client.delete(key))
+        .expect("deleting from the store");
 }
 
 /// Point `seq` of `volume` was dropped by retention: its manifest is a tombstone, and a late

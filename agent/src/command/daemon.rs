@@ -380,6 +380,7 @@ async fn store_grants(
         crate::dr::grantstore::seed(
             publisher.client(),
             &own,
+            1,
             publisher.holder(),
             status::now_ms(),
         ),

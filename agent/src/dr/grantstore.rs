@@ -199,17 +199,21 @@ pub async fn read(
     }
 }
 
-/// The store's grants; if it has none yet, `grants` become version 1.
+/// The store's grants; if it has none, `grants` become version `version`: 1 for a new store,
+/// or the version in force on a receiver that finds the record gone (so that an emptied store
+/// gets back the grants in force, not the list a receiver started with, which may re-admit
+/// agents revoked since).
 pub async fn seed(
     client: &ObjectStoreClient,
     grants: &Grants,
+    version: u64,
     by: &str,
     now_unix_ms: u64,
 ) -> Result<GrantsRecord, GrantsError> {
     if let Some((record, _)) = read(client).await? {
         return Ok(record);
     }
-    let record = GrantsRecord::of(grants, 1, by, now_unix_ms);
+    let record = GrantsRecord::of(grants, version.max(1), by, now_unix_ms);
     match client.put_if_absent(GRANTS_KEY, record.encode()).await? {
         Created::Created => Ok(record),
         // Another receiver seeded it first: theirs holds.
@@ -266,13 +270,13 @@ mod tests {
         let client = ObjectStoreClient::in_memory();
         let first = grants(&[&format!("{A}=db,logs")]);
         let other = grants(&[&format!("{B}=web")]);
-        let seeded = seed(&client, &first, "rx-1", 1).await.unwrap();
+        let seeded = seed(&client, &first, 1, "rx-1", 1).await.unwrap();
         assert_eq!(
             (seeded.version, seeded.grants().unwrap()),
             (1, first.clone())
         );
         // A second receiver with another list does not replace it.
-        let second = seed(&client, &other, "rx-2", 2).await.unwrap();
+        let second = seed(&client, &other, 1, "rx-2", 2).await.unwrap();
         assert_eq!(second, seeded);
         // A publish does, one version up; a later publish goes on from there.
         let published = publish(&client, &other, "ops@host", 3).await.unwrap();
@@ -280,6 +284,12 @@ mod tests {
         let (stored, _) = read(&client).await.unwrap().unwrap();
         assert_eq!(stored.grants().unwrap(), other);
         assert_eq!(publish(&client, &first, "ops", 4).await.unwrap().version, 3);
+        // The record deleted by hand: a receiver puts back the version in force (3, `first`),
+        // not its start list, and a publish goes on from there.
+        client.delete(GRANTS_KEY).await.unwrap();
+        let restored = seed(&client, &first, 3, "rx-2", 5).await.unwrap();
+        assert_eq!((restored.version, restored.grants().unwrap()), (3, first));
+        assert_eq!(publish(&client, &other, "ops", 6).await.unwrap().version, 4);
     }
 
     #[test]

@@ -624,19 +624,22 @@ async fn push_raised_terms(
 }
 
 /// Reads the store's grants every [`grantstore::GRANTS_POLL`] and hands each new version on.
-/// A store without grants (unreachable when this receiver started, or emptied by hand) is
-/// seeded with `own`, this receiver's list.
+/// A store without grants is seeded with the grants in force (`in_force` at `version`): this
+/// receiver's own list at version 1 if the store was unreachable when it started, or else the
+/// last version it applied, if the record was deleted by hand.
 async fn follow_store_grants(
     publisher: Arc<Publisher>,
-    own: Grants,
+    mut in_force: Grants,
     mut version: u64,
     changes: tokio::sync::mpsc::Sender<grantstore::GrantsRecord>,
 ) {
     let mut failing = false;
     loop {
+        // A store that lost the record gets back the version in force here.
         let read = grantstore::seed(
             publisher.client(),
-            &own,
+            &in_force,
+            version,
             publisher.holder(),
             crate::command::status::now_ms(),
         )
@@ -646,6 +649,9 @@ async fn follow_store_grants(
                 failing = false;
                 if record.version != version {
                     version = record.version;
+                    if let Ok(grants) = record.grants() {
+                        in_force = grants;
+                    }
                     if changes.send(record).await.is_err() {
                         return;
                     }
