@@ -438,27 +438,20 @@ rgw_dns_name = 127.0.0.1
         }
     }
 
-    /// Writes a `[store]` credentials file of the cluster's S3 user (with `secret`) at `path`,
-    /// with `mode`.
     /// Flips one byte of the stored chunk that the newest point of `volume` in `bucket` reads
     /// at offset 0, in its pack (a conditional replace, as a disk's bit rot would not be).
     pub fn damage_first_chunk_of_newest_point(&self, bucket: &str, volume: &str) {
-        use blkmirror::dr::{layout, objpoints, objstore::ObjectStoreClient};
-        let client = ObjectStoreClient::connect(&self.store_config(bucket)).expect("client");
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(async {
-            let newest = *objpoints::list_points(&client, volume)
+        use blkmirror::dr::{layout, objpoints};
+        self.with_bucket(bucket, async |client| {
+            let newest = *objpoints::list_points(client, volume)
                 .await
                 .expect("points")
                 .last()
                 .expect("a point");
-            let (map, _) = objpoints::read_point(&client, volume, newest)
+            let (map, _) = objpoints::read_point(client, volume, newest)
                 .await
                 .expect("the newest point");
-            let view = objpoints::load_view(&client).await.expect("view");
+            let view = objpoints::load_view(client).await.expect("view");
             let id = map.chunks.get(&0).expect("chunk 0 holds data");
             let (pack, entry) = view.locations.get(id).expect("chunk 0's pack");
             let key = layout::pack_key(pack);
@@ -478,8 +471,13 @@ rgw_dns_name = 127.0.0.1
         });
     }
 
-    /// The object `key` of `bucket`, if there is one.
-    pub fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+    /// Runs `work` with a client of `bucket`, on a runtime of its own (for tests that are
+    /// not async themselves), as an operator with the store's credentials could.
+    pub fn with_bucket<T>(
+        &self,
+        bucket: &str,
+        work: impl AsyncFnOnce(&blkmirror::dr::objstore::ObjectStoreClient) -> T,
+    ) -> T {
         let client =
             blkmirror::dr::objstore::ObjectStoreClient::connect(&self.store_config(bucket))
                 .expect("client");
@@ -487,11 +485,22 @@ rgw_dns_name = 127.0.0.1
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(client.get(key, 1 << 30))
-            .expect("reading the object")
-            .map(|(bytes, _)| bytes)
+            .block_on(work(&client))
     }
 
+    /// The object `key` of `bucket`, if there is one.
+    pub fn get_object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        self.with_bucket(bucket, async |client| {
+            client
+                .get(key, 1 << 30)
+                .await
+                .expect("reading the object")
+                .map(|(bytes, _)| bytes)
+        })
+    }
+
+    /// Writes a `[store]` credentials file of the cluster's S3 user (with `secret`) at `path`,
+    /// with `mode`.
     pub fn write_credentials(&self, path: &Path, secret: &str, mode: u32) {
         use std::os::unix::fs::PermissionsExt as _;
         fs::write(

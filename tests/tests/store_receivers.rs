@@ -947,26 +947,16 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
 /// Deletes object `key` from the test's bucket, as an operator with the store's credentials
 /// could.
 fn delete_store_object(cluster: &CephCluster, key: &str) {
-    let client = blkmirror::dr::objstore::ObjectStoreClient::connect(&cluster.store_config(BUCKET))
-        .expect("client");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(client.delete(key))
-        .expect("deleting from the store");
+    cluster.with_bucket(BUCKET, async |client| {
+        client.delete(key).await.expect("deleting from the store")
+    });
 }
 
 /// Point `seq` of `volume` was dropped by retention: its manifest is a tombstone, and a late
 /// conditional create of it (by a writer deposed while paused) is refused.
 fn assert_dropped_point_is_fenced(cluster: &CephCluster, volume: &str, seq: u64) {
-    use blkmirror::dr::{layout, objstore::Created, objstore::ObjectStoreClient};
-    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    use blkmirror::dr::{layout, objstore::Created};
+    cluster.with_bucket(BUCKET, async |client| {
         let key = layout::manifest_key(volume, seq);
         let (bytes, _) = client
             .get(&key, 4096)
@@ -984,13 +974,8 @@ fn assert_dropped_point_is_fenced(cluster: &CephCluster, volume: &str, seq: u64)
 
 /// Rewrites block 1 of the store's audit chain with `edit`.
 fn tamper_with_the_first_audit_block(cluster: &CephCluster, edit: impl Fn(&str) -> String) {
-    use blkmirror::dr::{auditchain, objstore::ObjectStoreClient};
-    let client = ObjectStoreClient::connect(&cluster.store_config(BUCKET)).expect("client");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    runtime.block_on(async {
+    use blkmirror::dr::auditchain;
+    cluster.with_bucket(BUCKET, async |client| {
         let key = auditchain::block_key(1);
         let (bytes, _) = client
             .get(&key, auditchain::MAX_BLOCK_BYTES)

@@ -913,6 +913,14 @@ mod tests {
     use super::*;
     use crate::dr::audit::{AuditLog, Event};
 
+    async fn block_bytes(client: &ObjectStoreClient, number: u64) -> Vec<u8> {
+        let bytes = client
+            .get(&block_key(number), MAX_BLOCK_BYTES)
+            .await
+            .unwrap();
+        bytes.expect("the block exists").0
+    }
+
     fn event(name: &'static str) -> Event {
         Event {
             event: name,
@@ -981,12 +989,7 @@ mod tests {
         // says "creating block 2".
         let mut stale: Shipped = serde_json::from_slice(&before).unwrap();
         let after: Shipped = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
-        let first_block = client
-            .get(&block_key(1), MAX_BLOCK_BYTES)
-            .await
-            .unwrap()
-            .unwrap()
-            .0;
+        let first_block = block_bytes(&client, 1).await;
         stale.pending = Some(Pending {
             block: 2,
             prev_block: block_hash(&first_block),
@@ -1013,12 +1016,7 @@ mod tests {
         log.append(event("commit")).unwrap();
         let mut shipper = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
         assert_eq!(shipper.ship().await.unwrap(), 1);
-        let head = client
-            .get(&block_key(1), MAX_BLOCK_BYTES)
-            .await
-            .unwrap()
-            .unwrap()
-            .0;
+        let head = block_bytes(&client, 1).await;
         // Entries 2 and 3 were sent as block 2 and the request failed (a timeout): the
         // record names the block, and the store has not (yet) applied it.
         log.append(event("commit")).unwrap();
@@ -1067,14 +1065,7 @@ mod tests {
         let end_offset = fs::metadata(log.path()).unwrap().len();
         restarted.shipped.pending = Some(Pending {
             block: 4,
-            prev_block: block_hash(
-                &client
-                    .get(&block_key(3), MAX_BLOCK_BYTES)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .0,
-            ),
+            prev_block: block_hash(&block_bytes(&client, 3).await),
             chain: restarted.shipped.chain.clone(),
             first_seq: 5,
             entries: 1,
@@ -1100,12 +1091,7 @@ mod tests {
             log.append(event("commit")).unwrap();
             shipper.ship().await.unwrap();
         }
-        let original = client
-            .get(&block_key(2), MAX_BLOCK_BYTES)
-            .await
-            .unwrap()
-            .unwrap()
-            .0;
+        let original = block_bytes(&client, 2).await;
         let text = String::from_utf8(original.clone()).unwrap();
 
         // An entry edited (its hash no longer matches).
@@ -1137,12 +1123,7 @@ mod tests {
         forged.append(event("commit")).unwrap();
         forged.append(event("commit")).unwrap();
         let forged_text = fs::read_to_string(forged.path()).unwrap();
-        let first = client
-            .get(&block_key(1), MAX_BLOCK_BYTES)
-            .await
-            .unwrap()
-            .unwrap()
-            .0;
+        let first = block_bytes(&client, 1).await;
         let first_block_hash = block_hash(&first);
         let header: BlockHeader = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         let second_line = forged_text.lines().nth(1).unwrap().to_owned() + "\n";
