@@ -164,6 +164,14 @@ pub fn audit_log(bytes: &[u8]) {
         assert_eq!(report.blocks, 1);
         let _ = crate::dr::auditchain::compare_local(&report, body);
     }
+    // The same text as the report of a `store audit --checkpoint` file: a verifier resumed
+    // from it takes the next block or refuses it.
+    if let Ok(report) = serde_json::from_str::<crate::dr::auditchain::ChainReport>(text)
+        && let Ok(mut resumed) = crate::dr::auditchain::ChainVerifier::resume(&report)
+    {
+        let _ = resumed.add(report.blocks.saturating_add(1), bytes);
+        let _ = resumed.add(report.blocks.saturating_add(1), body.as_bytes());
+    }
 }
 
 /// Both configuration parsers on arbitrary text.
@@ -471,6 +479,11 @@ mod tests {
             let block = encode_block(&header, &text);
             assert!(crate::dr::auditchain::decode_block(1, &block).is_ok());
             write("audit_log", "chain-block", &block);
+            // The report of a check of that chain, as a `store audit --checkpoint` keeps it.
+            let mut verifier = crate::dr::auditchain::ChainVerifier::default();
+            verifier.add(1, &block).unwrap();
+            let report = serde_json::to_vec_pretty(&verifier.report()).unwrap();
+            write("audit_log", "chain-checkpoint", &report);
         }
         // A grants record of the store.
         let grants =

@@ -667,16 +667,16 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     // One audit chain in the store holds the logs of A, B and C, with both grants changes as
     // each receiver applied them; each receiver's own log agrees with its copy there. An
     // entry edited in the store is found (exit 7).
-    let store_audit = |log: &Path| {
-        let output = run(&[
+    let store_audit_with = |more: &[&str]| {
+        let mut args = vec![
             "store",
             "audit",
             "--config",
             config_b.to_str().expect("utf-8"),
-            "--log",
-            log.to_str().expect("utf-8"),
             "--json",
-        ]);
+        ];
+        args.extend_from_slice(more);
+        let output = run(&args);
         assert!(
             output.status.success(),
             "store audit: {}",
@@ -686,6 +686,7 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
             .pop()
             .expect("a report")
     };
+    let store_audit = |log: &Path| store_audit_with(&["--log", log.to_str().expect("utf-8")]);
     wait_for(
         "the grants changes of B and C in the audit chain",
         Duration::from_secs(30),
@@ -734,6 +735,12 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         text.replacen("\"receiver-stopp\"", "\"receiver-start\"", 1)
     });
     store_audit(&data_b.join("audit.log"));
+    // A checkpoint of the whole chain, for a later check that reads only what came after.
+    let checkpoint = dir.join("audit.checkpoint");
+    let checkpoint_arg = ["--checkpoint", checkpoint.to_str().expect("utf-8")];
+    let first_check = store_audit_with(&checkpoint_arg);
+    assert_eq!(first_check["from_block"].as_u64(), Some(1), "{first_check}");
+    let checkpoint_blocks = first_check["chain"]["blocks"].as_u64().expect("blocks");
 
     // A failover at B (term 2) reaches the store: E, a receiver new to the volume, takes
     // the term from there and refuses the old source with the failover's message (no split
@@ -801,6 +808,28 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let after_reprotect = dir.join("after-reprotect.img");
     restore_from_store(&config_b, "latest", &after_reprotect);
     assert_same(&device.path, &after_reprotect);
+
+    // The check from the checkpoint reads only the blocks since (the failover, the reprotect,
+    // E's start and cycles) and comes to the same result as a whole check.
+    let whole = store_audit_with(&[]);
+    let from_checkpoint = store_audit_with(&checkpoint_arg);
+    assert_eq!(
+        from_checkpoint["from_block"].as_u64(),
+        Some(checkpoint_blocks + 1),
+        "{from_checkpoint}"
+    );
+    assert!(
+        from_checkpoint["chain"]["blocks"].as_u64() > Some(checkpoint_blocks),
+        "{from_checkpoint}"
+    );
+    assert!(
+        from_checkpoint["chain"]["blocks"].as_u64() >= whole["chain"]["blocks"].as_u64(),
+        "{from_checkpoint} {whole}"
+    );
+    assert!(
+        from_checkpoint["chain"]["events"]["failover"].as_u64() >= Some(1),
+        "{from_checkpoint}"
+    );
 
     // Every point verifies from the store alone. Then one byte of a pack is damaged, in a
     // chunk the newest point reads: verify and restore find it (exit 7), and the restore

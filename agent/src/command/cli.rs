@@ -593,6 +593,12 @@ pub enum StoreCommand {
         /// A receiver's audit log to compare with the store's copy of it.
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
+        /// Go on from the check saved in FILE and save this one there (created if absent):
+        /// only the blocks added since are read, and the checkpoint's last block must be
+        /// unchanged. Kept out of the store's credentials' reach, FILE is an anchor that a
+        /// rewritten chain no longer leads on from.
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<PathBuf>,
         /// As JSON.
         #[arg(long)]
         json: bool,
@@ -1134,12 +1140,22 @@ pub fn run(cli: Cli) -> ExitCode {
                 &store, &file, &own, publish, json,
             ));
         }
-        Command::Store(StoreCommand::Audit { config, log, json }) => {
+        Command::Store(StoreCommand::Audit {
+            config,
+            log,
+            checkpoint,
+            json,
+        }) => {
             let store = match store_of(&config) {
                 Ok(store) => store,
                 Err(code) => return code,
             };
-            return ops_result(crate::dr::fromstore::audit(&store, log.as_deref(), json));
+            return ops_result(crate::dr::fromstore::audit(
+                &store,
+                log.as_deref(),
+                checkpoint.as_deref(),
+                json,
+            ));
         }
         Command::Store(StoreCommand::Usage { config, json }) => {
             let store = match store_of(&config) {

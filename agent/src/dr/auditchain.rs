@@ -277,7 +277,8 @@ pub fn decode_block(number: u64, bytes: &[u8]) -> Result<Block, ChainError> {
 }
 
 /// One receiver's log as the chain holds it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReceiverLog {
     /// The receiver.
     pub receiver: String,
@@ -291,8 +292,11 @@ pub struct ReceiverLog {
     pub last_unix_ms: u64,
 }
 
-/// What a checked chain holds.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// What a checked chain holds. It is also the whole state of the check: saved, it is a
+/// checkpoint from which a later check reads only the blocks added since
+/// ([`verify_chain_from`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ChainReport {
     /// Blocks.
     pub blocks: u64,
@@ -329,6 +333,38 @@ impl Default for ChainVerifier {
 }
 
 impl ChainVerifier {
+    /// A verifier that goes on from a report of the blocks checked before (a checkpoint).
+    pub fn resume(report: &ChainReport) -> Result<Self, String> {
+        if report.blocks == 0 {
+            if report.head != GENESIS || !report.logs.is_empty() || report.entries != 0 {
+                return Err("a checkpoint of no block holds entries".into());
+            }
+        } else if !is_hash(&report.head) {
+            return Err(format!("head {:?} is not a block hash", report.head));
+        }
+        let mut logs = BTreeMap::new();
+        for log in &report.logs {
+            if !is_hash(&log.chain) || !is_hash(&log.last_hash) || log.last_seq == 0 {
+                return Err(format!("receiver {}'s log is malformed", log.receiver));
+            }
+            let key = (log.receiver.clone(), log.chain.clone());
+            if logs.insert(key, log.clone()).is_some() {
+                return Err(format!("receiver {}'s log is listed twice", log.receiver));
+            }
+        }
+        let next_block = report
+            .blocks
+            .checked_add(1)
+            .ok_or("its block count is out of range")?;
+        Ok(Self {
+            next_block,
+            prev_block: report.head.clone(),
+            logs,
+            entries: report.entries,
+            events: report.events.clone(),
+        })
+    }
+
     /// Checks block `number` (`bytes`) and that it continues the blocks before it.
     pub fn add(&mut self, number: u64, bytes: &[u8]) -> Result<(), ChainError> {
         let broken = |message: String| ChainError::Broken {
@@ -866,21 +902,59 @@ async fn last_listed(client: &ObjectStoreClient) -> Result<u64, ChainError> {
 }
 
 /// Reads and checks the whole chain, `parallel` blocks at a time; `progress` is told each
-/// block checked.
+/// block checked and the last block listed.
 pub async fn verify_chain(
     client: &ObjectStoreClient,
     parallel: usize,
+    progress: impl FnMut(u64, u64),
+) -> Result<ChainReport, ChainError> {
+    verify_chain_from(client, None, parallel, progress).await
+}
+
+/// Checks the chain from a checkpoint (the report of an earlier check), or whole without
+/// one: only the blocks after the checkpoint are read, and the checkpoint's last block must
+/// be the one it checked. A checkpoint kept where the store's credentials do not reach is an
+/// anchor: a chain rewritten behind it, however consistently, no longer leads on from it.
+pub async fn verify_chain_from(
+    client: &ObjectStoreClient,
+    from: Option<&ChainReport>,
+    parallel: usize,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<ChainReport, ChainError> {
-    let mut numbers: Vec<u64> = client
-        .list(BLOCKS)
-        .await?
+    let mut verifier = match from {
+        None => ChainVerifier::default(),
+        Some(report) => ChainVerifier::resume(report).map_err(|message| ChainError::Broken {
+            block: report.blocks,
+            message: format!("the checkpoint: {message}"),
+        })?,
+    };
+    let after = verifier.next_block - 1;
+    let listed = if after == 0 {
+        client.list(BLOCKS).await?
+    } else {
+        let bytes = client
+            .get(&block_key(after), MAX_BLOCK_BYTES)
+            .await?
+            .ok_or_else(|| ChainError::Broken {
+                block: after,
+                message: "missing, though the checkpoint ends at it".into(),
+            })?
+            .0;
+        if block_hash(&bytes) != verifier.prev_block {
+            return Err(ChainError::Broken {
+                block: after,
+                message: "not the block the checkpoint checked (rewritten since)".into(),
+            });
+        }
+        client.list_after(BLOCKS, &block_key(after)).await?
+    };
+    let mut numbers: Vec<u64> = listed
         .iter()
         .filter_map(|(key, _, _)| block_number(key))
+        .filter(|&number| number > after)
         .collect();
     numbers.sort_unstable();
-    let total = numbers.len() as u64;
-    let mut verifier = ChainVerifier::default();
+    let total = numbers.last().copied().unwrap_or(after);
     for window in numbers.chunks(parallel.max(1)) {
         let mut in_flight = tokio::task::JoinSet::new();
         for &number in window {
@@ -1079,6 +1153,102 @@ mod tests {
         assert_eq!((report.blocks, report.entries), (5, 6));
         let compared = compare_local(&report, &fs::read_to_string(log.path()).unwrap()).unwrap();
         assert_eq!((compared.local_entries, compared.in_store), (5, 5));
+    }
+
+    #[tokio::test]
+    async fn a_check_from_a_checkpoint_reads_only_new_blocks_and_finds_a_rewritten_chain() {
+        let client = ObjectStoreClient::in_memory();
+        let dirs: Vec<_> = (0..2)
+            .map(|n| crate::testing::TempDir::new(&format!("auditchain-checkpoint-{n}")))
+            .collect();
+        let ship_round = async |client: &ObjectStoreClient, receivers: &[&str]| {
+            for (dir, receiver) in dirs.iter().zip(receivers) {
+                AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+                let mut shipper =
+                    Shipper::open(client.clone(), receiver.to_string(), &dir.0).unwrap();
+                shipper.ship().await.unwrap();
+            }
+        };
+        for _ in 0..3 {
+            ship_round(&client, &["rx-0", "rx-1"]).await;
+        }
+        let checkpoint = verify_chain(&client, 4, |_, _| {}).await.unwrap();
+        assert_eq!((checkpoint.blocks, checkpoint.entries), (6, 6));
+        // Nothing new: the checkpoint's own block is read, nothing else.
+        let again = verify_chain_from(&client, Some(&checkpoint), 4, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(again, checkpoint);
+        for _ in 0..2 {
+            ship_round(&client, &["rx-0", "rx-1"]).await;
+        }
+        let mut checked = Vec::new();
+        let later = verify_chain_from(&client, Some(&checkpoint), 4, |number, last| {
+            checked.push((number, last))
+        })
+        .await
+        .unwrap();
+        assert_eq!(checked, [(7, 10), (8, 10), (9, 10), (10, 10)]);
+        // The same result as a whole check: each log's continuity went on from the
+        // checkpoint.
+        assert_eq!(later, verify_chain(&client, 4, |_, _| {}).await.unwrap());
+        assert_eq!(
+            later.logs.iter().map(|l| l.last_seq).collect::<Vec<_>>(),
+            [5, 5]
+        );
+
+        // A block that repeats entries after the checkpoint is found from it too.
+        let repeated = block_bytes(&client, 9).await;
+        let text = String::from_utf8(repeated).unwrap();
+        let (header_line, lines) = text.split_once('\n').unwrap();
+        let mut header: BlockHeader = serde_json::from_str(header_line).unwrap();
+        header.block = 11;
+        header.prev_block = block_hash(&block_bytes(&client, 10).await);
+        client
+            .put(&block_key(11), encode_block(&header, lines))
+            .await
+            .unwrap();
+        let error = verify_chain_from(&client, Some(&later), 4, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("missing or repeated"), "{error}");
+        client.delete(&block_key(11)).await.unwrap();
+
+        // The whole chain replaced by a consistent one of other entries: a whole check
+        // passes, a check from the checkpoint does not.
+        for number in 1..=10 {
+            client.delete(&block_key(number)).await.unwrap();
+        }
+        let forged: Vec<_> = (0..2)
+            .map(|n| crate::testing::TempDir::new(&format!("auditchain-forged-chain-{n}")))
+            .collect();
+        for round in 0..5 {
+            for (n, dir) in forged.iter().enumerate() {
+                AuditLog::in_dir(&dir.0).append(event("restore")).unwrap();
+                let mut shipper = Shipper::open(client.clone(), format!("rx-{n}"), &dir.0).unwrap();
+                assert_eq!(shipper.ship().await.unwrap(), 1, "round {round}");
+            }
+        }
+        let whole = verify_chain(&client, 4, |_, _| {}).await.unwrap();
+        assert_eq!((whole.blocks, whole.entries), (10, 10));
+        let error = verify_chain_from(&client, Some(&later), 4, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("block 10") && error.contains("rewritten"),
+            "{error}"
+        );
+
+        // A malformed checkpoint is refused before anything is read.
+        let mut malformed = later.clone();
+        malformed.head = "not a hash".into();
+        let error = verify_chain_from(&client, Some(&malformed), 4, |_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("the checkpoint"), "{error}");
     }
 
     #[tokio::test]

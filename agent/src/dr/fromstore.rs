@@ -189,24 +189,109 @@ fn grant_differences(
     lines
 }
 
-/// `blkmirror store audit --config FILE [--log FILE]`: checks the shared audit chain, and a
-/// receiver's own log against its copy.
-pub fn audit(store: &StoreConfig, log: Option<&Path>, json: bool) -> Result<(), OpsError> {
+/// The format of a `store audit --checkpoint` file.
+const CHECKPOINT_FORMAT: u32 = 1;
+
+/// A `store audit --checkpoint` file: the report of the last check.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditCheckpoint {
+    format: u32,
+    endpoint: String,
+    bucket: String,
+    chain: crate::dr::auditchain::ChainReport,
+}
+
+/// The checkpoint at `path`, if the file exists (a first check starts without one).
+fn read_checkpoint(
+    path: &Path,
+    store: &StoreConfig,
+) -> Result<Option<crate::dr::auditchain::ChainReport>, OpsError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(OpsError::Target {
+                what: "reading",
+                path: path.to_owned(),
+                source,
+            });
+        }
+    };
+    let refused = |what: String| OpsError::Usage(format!("{}: {what}", path.display()));
+    if bytes.len() > 64 << 20 {
+        return Err(refused("larger than any audit checkpoint".into()));
+    }
+    let checkpoint: AuditCheckpoint = serde_json::from_slice(&bytes)
+        .map_err(|error| refused(format!("not an audit checkpoint: {error}")))?;
+    if checkpoint.format != CHECKPOINT_FORMAT {
+        return Err(refused(format!(
+            "checkpoint format {} (this build reads {CHECKPOINT_FORMAT})",
+            checkpoint.format
+        )));
+    }
+    if (checkpoint.endpoint.as_str(), checkpoint.bucket.as_str())
+        != (store.endpoint.as_str(), store.bucket.as_str())
+    {
+        return Err(refused(format!(
+            "a checkpoint of bucket {} at {}, not of bucket {} at {}",
+            checkpoint.bucket, checkpoint.endpoint, store.bucket, store.endpoint
+        )));
+    }
+    Ok(Some(checkpoint.chain))
+}
+
+/// `blkmirror store audit --config FILE [--log FILE] [--checkpoint FILE]`: checks the shared
+/// audit chain (from a checkpoint: only what was added since), and a receiver's own log
+/// against its copy.
+pub fn audit(
+    store: &StoreConfig,
+    log: Option<&Path>,
+    checkpoint: Option<&Path>,
+    json: bool,
+) -> Result<(), OpsError> {
     use crate::dr::auditchain::{self, ChainError};
+    let from = match checkpoint {
+        Some(path) => read_checkpoint(path, store)?,
+        None => None,
+    };
     let (runtime, client) = runtime_and_client(store)?;
     let started = Instant::now();
     let mut last_said = Instant::now();
     let report = runtime
-        .block_on(auditchain::verify_chain(&client, 16, |number, total| {
-            if !json && last_said.elapsed().as_secs() >= 2 {
-                last_said = Instant::now();
-                eprintln!("blkmirror: audit chain: {number} of {total} blocks checked");
-            }
-        }))
+        .block_on(auditchain::verify_chain_from(
+            &client,
+            from.as_ref(),
+            16,
+            |number, last| {
+                if !json && last_said.elapsed().as_secs() >= 2 {
+                    last_said = Instant::now();
+                    eprintln!("blkmirror: audit chain: block {number} of {last} checked");
+                }
+            },
+        ))
         .map_err(|error| match error {
             ChainError::Store(error) => classify(PointStoreError::Store(error)),
-            other => OpsError::Corrupt(other.to_string()),
+            other => OpsError::Corrupt(match checkpoint {
+                Some(path) => format!("{other} (checked from {})", path.display()),
+                None => other.to_string(),
+            }),
         })?;
+    let from_block = from.as_ref().map_or(0, |from| from.blocks) + 1;
+    if let Some(path) = checkpoint {
+        let saved = AuditCheckpoint {
+            format: CHECKPOINT_FORMAT,
+            endpoint: store.endpoint.clone(),
+            bucket: store.bucket.clone(),
+            chain: report.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&saved).expect("a checkpoint serializes");
+        crate::durable::write_atomic(path, &bytes).map_err(|source| OpsError::Target {
+            what: "writing the checkpoint",
+            path: path.to_owned(),
+            source,
+        })?;
+    }
     let local = match log {
         None => None,
         Some(path) => {
@@ -224,18 +309,31 @@ pub fn audit(store: &StoreConfig, log: Option<&Path>, json: bool) -> Result<(), 
     if json {
         println!(
             "{}",
-            serde_json::json!({ "chain": report, "local": local, "ok": true })
+            serde_json::json!({
+                "chain": report,
+                "from_block": from_block,
+                "local": local,
+                "ok": true
+            })
         );
         return Ok(());
     }
     println!(
         "audit chain of object store {} bucket {}: intact, {} block(s), {} entries, head {} \
-         (checked in {:.1} s)",
+         ({} in {:.1} s)",
         store.endpoint,
         store.bucket,
         report.blocks,
         report.entries,
         report.head,
+        match (checkpoint, from.is_some()) {
+            (Some(path), true) => format!(
+                "blocks {from_block}..{} checked on from checkpoint {}",
+                report.blocks,
+                path.display()
+            ),
+            _ => "checked whole".to_owned(),
+        },
         started.elapsed().as_secs_f64()
     );
     for log in &report.logs {

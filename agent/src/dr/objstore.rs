@@ -293,6 +293,33 @@ impl ObjectStoreClient {
             .collect())
     }
 
+    /// The objects under `prefix` whose keys sort after `after` (a full key), as [`Self::list`]
+    /// gives them: for a long series of numbered objects, read from where a reader stopped.
+    pub async fn list_after(
+        &self,
+        prefix: &str,
+        after: &str,
+    ) -> Result<Vec<(String, u64, u64)>, StoreError> {
+        use futures_util::TryStreamExt as _;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .store
+            .list_with_offset(Some(&ObjectPath::from(prefix)), &ObjectPath::from(after))
+            .try_collect()
+            .await
+            .map_err(|source| StoreError::Request {
+                what: "listing",
+                key: prefix.to_owned(),
+                source,
+            })?;
+        Ok(listed
+            .into_iter()
+            .map(|meta| {
+                let written = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                (meta.location.to_string(), meta.size, written)
+            })
+            .collect())
+    }
+
     /// The folders directly under `prefix` (`volumes` → `volumes/host-a`, ...).
     pub async fn list_folders(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         Ok(self
