@@ -529,7 +529,9 @@ impl Default for Shipped {
 #[serde(deny_unknown_fields)]
 struct Pending {
     block: u64,
-    /// The hash of the block before it (the block is rebuilt from it and the log).
+    /// The hash of the block before it (the block is rebuilt from it and the log); empty in
+    /// a record written before it was kept, when it is read from the store.
+    #[serde(default)]
     prev_block: String,
     chain: String,
     first_seq: u64,
@@ -642,9 +644,22 @@ impl Shipper {
     /// created now, with the very same bytes, if it is not there yet. Once it exists, by
     /// either request or by another receiver, no late request can change it.
     async fn settle_pending(&mut self) -> Result<(), ChainError> {
-        let Some(pending) = self.shipped.pending.clone() else {
+        let Some(mut pending) = self.shipped.pending.clone() else {
             return Ok(());
         };
+        if pending.prev_block.is_empty() {
+            // Blocks never change: the one before still hashes as it did.
+            pending.prev_block =
+                match pending.block.checked_sub(1) {
+                    None | Some(0) => GENESIS.to_owned(),
+                    Some(before) => block_hash(&self.fetch(before).await?.ok_or_else(|| {
+                        ChainError::Broken {
+                            block: before,
+                            message: "missing, though a block was being created after it".into(),
+                        }
+                    })?),
+                };
+        }
         let bytes = self.rebuild_block(&pending)?;
         let key = block_key(pending.block);
         let ours = match self.client.put_if_absent(&key, bytes.clone()).await? {
@@ -1063,17 +1078,23 @@ mod tests {
         // says "creating block 2".
         let mut stale: Shipped = serde_json::from_slice(&before).unwrap();
         let after: Shipped = serde_json::from_slice(&fs::read(&record).unwrap()).unwrap();
-        let first_block = block_bytes(&client, 1).await;
         stale.pending = Some(Pending {
             block: 2,
-            prev_block: block_hash(&first_block),
+            prev_block: String::new(),
             chain: after.chain.clone(),
             first_seq: 4,
             entries: 1,
             end_offset: after.offset,
             last_hash: after.last_hash.clone(),
         });
-        fs::write(&record, serde_json::to_vec(&stale).unwrap()).unwrap();
+        // Written as a build before `prev_block` was kept wrote it: the shipper reads the
+        // hash from block 1.
+        let mut written = serde_json::to_value(&stale).unwrap();
+        written["pending"]
+            .as_object_mut()
+            .unwrap()
+            .remove("prev_block");
+        fs::write(&record, serde_json::to_vec(&written).unwrap()).unwrap();
         log.append(event("verify")).unwrap();
         let mut restarted = Shipper::open(client.clone(), "rx".into(), &dir.0).unwrap();
         assert_eq!(restarted.ship().await.unwrap(), 1, "only entry 5 is new");

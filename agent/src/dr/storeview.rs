@@ -175,7 +175,9 @@ impl PointSource for StorePointView {
             let fetched = self.runtime.block_on(async {
                 let mut all = Vec::with_capacity(window.len());
                 // Fetched together: a read spanning several chunks waits for one round trip.
-                let results = futures_join(window.iter().map(|&chunk| self.fetch(chunk))).await;
+                let results =
+                    futures_util::future::join_all(window.iter().map(|&chunk| self.fetch(chunk)))
+                        .await;
                 for (chunk, result) in window.iter().zip(results) {
                     all.push((*chunk, result));
                 }
@@ -202,32 +204,4 @@ impl PointSource for StorePointView {
         }
         Ok(())
     }
-}
-
-/// Awaits every future of `futures`, in order (a small `join_all`: the futures borrow the
-/// view, so they run on this task rather than spawned).
-async fn futures_join<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
-    let mut outputs: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
-    std::future::poll_fn(|context| {
-        let mut waiting = false;
-        for (future, output) in pending.iter_mut().zip(outputs.iter_mut()) {
-            if output.is_none() {
-                match future.as_mut().poll(context) {
-                    std::task::Poll::Ready(value) => *output = Some(value),
-                    std::task::Poll::Pending => waiting = true,
-                }
-            }
-        }
-        if waiting {
-            std::task::Poll::Pending
-        } else {
-            std::task::Poll::Ready(())
-        }
-    })
-    .await;
-    outputs
-        .into_iter()
-        .map(|output| output.expect("every future finished"))
-        .collect()
 }
