@@ -121,6 +121,42 @@ fn idle_cycles_ms(command: &mut Command, seconds: u64) -> Result<Vec<u64>> {
     Ok(durations)
 }
 
+/// CPU seconds from `/proc/PID/stat`: the process's own (user + system) and, separately,
+/// that of its children it has waited for.
+fn cpu_seconds(pid: &str) -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is field 3, so utime
+    // (14), stime (15), cutime (16) and cstime (17) are at 11..=14 here.
+    let fields: Vec<f64> = stat
+        .rsplit_once(") ")
+        .context("a stat line")?
+        .1
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|field| field.parse().unwrap_or(0.0))
+        .collect();
+    if fields.len() != 4 {
+        bail!("/proc/{pid}/stat: too short");
+    }
+    let ticks = clock_ticks();
+    Ok((
+        (fields[0] + fields[1]) / ticks,
+        (fields[2] + fields[3]) / ticks,
+    ))
+}
+
+/// Clock ticks per second of `/proc`'s times.
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
 fn sum(lines: &[serde_json::Value], key: &str) -> u64 {
     lines.iter().filter_map(|l| l[key].as_u64()).sum()
 }
@@ -146,7 +182,7 @@ pub fn replication(
 
     let agent_fp = keygen(&binary, &dir.join("agent-id"))?;
     let receiver_fp = keygen(&binary, &dir.join("receiver-id"))?;
-    let addr = start_receiver(
+    let (addr, receiver_pid) = crate::demo::start_receiver_with_pid(
         &mut cleanup,
         &binary,
         &dir,
@@ -155,6 +191,7 @@ pub fn replication(
         "bench",
         &[],
     )?;
+    let receiver_pid = receiver_pid.to_string();
     let agent = || {
         let mut command = Command::new(&binary);
         command
@@ -205,8 +242,14 @@ pub fn replication(
     );
 
     eprintln!("bench: initial sync");
+    let (_, children_before) = cpu_seconds("self")?;
+    let (receiver_before, _) = cpu_seconds(&receiver_pid)?;
     let (sync, sync_s) = agent_once(&mut agent())?;
     let sync_rate = size as f64 / sync_s;
+    // The agent is the only child waited for during the sync.
+    let agent_cpu_per_gb = (cpu_seconds("self")?.1 - children_before) / (size as f64 / 1e9);
+    let receiver_cpu_per_gb =
+        (cpu_seconds(&receiver_pid)?.0 - receiver_before) / (size as f64 / 1e9);
 
     let chunks = size / 65536;
     let changed_chunks = (chunks * change_permille / 1000).max(1);
@@ -287,6 +330,14 @@ pub fn replication(
         cycle_read / changed as f64
     );
     println!("| a cycle with nothing changed, connection up, ms (goal: 50) | | {idle_ms:.0} | |");
+    println!(
+        "| initial sync, agent CPU seconds per GB, uncompressed (goal: 1) | | \
+         {agent_cpu_per_gb:.2} | |"
+    );
+    println!(
+        "| initial sync, receiver CPU seconds per GB, uncompressed (goal: 1) | | \
+         {receiver_cpu_per_gb:.2} | |"
+    );
     println!();
     println!(
         "Idle cycles (ms): {idle:?}. Initial sync sent {} MiB; the cycles sent {:?} bytes.",

@@ -209,6 +209,28 @@ pub fn start_receiver(
     volume: &str,
     extra: &[&str],
 ) -> Result<String> {
+    start_receiver_with_pid(
+        cleanup,
+        binary,
+        dir,
+        data_dir,
+        agent_fingerprint,
+        volume,
+        extra,
+    )
+    .map(|(addr, _)| addr)
+}
+
+/// [`start_receiver`], also returning the receiver's process id (to read its CPU time).
+pub fn start_receiver_with_pid(
+    cleanup: &mut Cleanup,
+    binary: &Path,
+    dir: &Path,
+    data_dir: &Path,
+    agent_fingerprint: &str,
+    volume: &str,
+    extra: &[&str],
+) -> Result<(String, u32)> {
     use std::io::BufRead as _;
     let mut child = Command::new(binary)
         .args(["receiver", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -240,7 +262,7 @@ pub fn start_receiver(
         .to_owned();
     // Keep draining its log so it never blocks on a full pipe.
     thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    Ok(addr)
+    Ok((addr, pid))
 }
 
 pub fn run() -> Result<()> {
