@@ -271,11 +271,7 @@ impl ObjectStoreClient {
         self.store
             .list_with_delimiter(Some(&ObjectPath::from(prefix)))
             .await
-            .map_err(|source| StoreError::Request {
-                what: "listing",
-                key: prefix.to_owned(),
-                source,
-            })
+            .map_err(listing_error(prefix))
     }
 
     /// The objects directly under `prefix` (a folder such as `packs`): key, size, and when
@@ -286,10 +282,7 @@ impl ObjectStoreClient {
             .await?
             .objects
             .into_iter()
-            .map(|meta| {
-                let written = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
-                (meta.location.to_string(), meta.size, written)
-            })
+            .map(listed_object)
             .collect())
     }
 
@@ -306,18 +299,8 @@ impl ObjectStoreClient {
             .list_with_offset(Some(&ObjectPath::from(prefix)), &ObjectPath::from(after))
             .try_collect()
             .await
-            .map_err(|source| StoreError::Request {
-                what: "listing",
-                key: prefix.to_owned(),
-                source,
-            })?;
-        Ok(listed
-            .into_iter()
-            .map(|meta| {
-                let written = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
-                (meta.location.to_string(), meta.size, written)
-            })
-            .collect())
+            .map_err(listing_error(prefix))?;
+        Ok(listed.into_iter().map(listed_object).collect())
     }
 
     /// The folders directly under `prefix` (`volumes` → `volumes/host-a`, ...).
@@ -486,5 +469,21 @@ impl ObjectStoreClient {
             }
             _ => LeaseOutcome::LostRace,
         })
+    }
+}
+
+/// A listed object as [`ObjectStoreClient::list`] gives it: key, size, and when it was last
+/// written (milliseconds since the Unix epoch).
+fn listed_object(meta: object_store::ObjectMeta) -> (String, u64, u64) {
+    let written = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+    (meta.location.to_string(), meta.size, written)
+}
+
+/// The error of a failed listing of `prefix`.
+fn listing_error(prefix: &str) -> impl FnOnce(object_store::Error) -> StoreError + '_ {
+    move |source| StoreError::Request {
+        what: "listing",
+        key: prefix.to_owned(),
+        source,
     }
 }
