@@ -29,10 +29,17 @@ pub const TARGETS: [&str; 8] = [
     "store_layout",
 ];
 
-/// The journal recovery parser on arbitrary bytes (a torn or corrupted journal).
+/// The journal recovery parsers on arbitrary bytes (a torn or corrupted journal): the commit
+/// scan, and the scan a restarted receiver keeps an open cycle by, whose finding must stay
+/// within the bytes and the volume.
 pub fn journal_recovery(bytes: &[u8]) {
     for committed in [0, 1, u64::MAX] {
         let _ = volume::scan_records(bytes, committed);
+        if let Some(open) = volume::scan_open_cycle(bytes, committed, 1 << 20) {
+            assert!(open.whole_bytes <= bytes.len() as u64);
+            assert!(open.frames > 0 || open.journaled.ranges().next().is_none());
+            assert!(open.journaled.ranges().all(|(_, end)| end <= 1 << 20));
+        }
     }
 }
 
@@ -402,7 +409,8 @@ mod tests {
             std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("seed");
         };
         let tmp = crate::testing::TempDir::new("seeds");
-        // A journal holding a Begin and a Write (an open cycle), and a volume.json.
+        // A journal holding a Begin, its agent and a Write (an open cycle a restarted receiver
+        // keeps), and a volume.json.
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &session_hello()).unwrap();
         volume.begin(1, 0, false, 0).unwrap();
         volume
@@ -411,7 +419,9 @@ mod tests {
                 ..PointInfo::default()
             })
             .unwrap();
-        volume.begin(2, 0, false, 0).unwrap();
+        volume
+            .begin_held(2, 0, false, 0, Some(&"ab".repeat(32)))
+            .unwrap();
         volume
             .journal(CheckedData::Write {
                 offset: 4096,

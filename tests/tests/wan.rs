@@ -625,3 +625,164 @@ fn a_restarted_agent_of_a_busy_file_system_with_its_state_on_it_resumes_consiste
             .then_some(())
     });
 }
+
+/// A receiver killed in the middle of a large incremental cycle (a crash, an OOM kill, a
+/// restart by a package upgrade) keeps the cycle's journal for its agent: the restarted
+/// receiver cuts off the torn tail, and the agent, still running, reconnects and resumes the
+/// cycle instead of sending it again. The link carries little more than the change, and the
+/// replica ends equal to the device.
+#[test]
+fn a_receiver_killed_in_the_middle_of_a_cycle_keeps_it_for_the_agent_to_resume() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let changed = 96 * MIB;
+    blkmirror_tests::retry_if_the_kernel_skipped("receiver restart resume", |_| {
+        let mut site = Site::new("wan");
+        let dev = LoopDevice::new(&site.scratch.path, changed + 32 * MIB);
+        write_random(&dev.path, 0, changed + 32 * MIB);
+        let relay = relay_to(&site, link(200, 20, 0.0), 18);
+        let mut args = {
+            let agent = via(&site, &dev, &relay);
+            agent.once_ok(&["--compression", "off"]);
+            agent.args(&["--compression", "off"])
+        };
+        args.push("--once".into());
+        write_random(&dev.path, 16 * MIB, changed);
+        let up = &relay.handle().up.delivered_bytes;
+        let before = up.load(Ordering::Relaxed);
+        // Restarted once about half of the change has crossed.
+        let (output, lines) =
+            run_while(&args, &site.scratch.path, Duration::from_secs(180), || {
+                wait_until_crossed(up, before + changed / 2);
+                site.receiver.restart();
+            });
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "agent --once failed: {stderr}\nreceiver: {}",
+            site.receiver.log()
+        );
+        if stderr.contains(blkmirror_tests::KERNEL_SKIPPED) {
+            assert_same(&dev.path, &site.receiver.image("wan"));
+            return None;
+        }
+        let log = site.receiver.log();
+        assert!(
+            log.contains("kept uncommitted cycle"),
+            "the restarted receiver should have kept the cycle: {log}"
+        );
+        assert!(
+            stderr.contains("resuming cycle"),
+            "the agent should have resumed the cycle: {stderr}\nreceiver: {log}"
+        );
+        let (resumed, sent_after) = kept_and_resent(&lines, &stderr, changed, 0);
+        let wire = up.load(Ordering::Relaxed) - before;
+        assert!(
+            wire < changed + changed / 5,
+            "{} MiB crossed the link for a {} MiB change",
+            wire / MIB,
+            changed / MIB
+        );
+        eprintln!(
+            "receiver restarted: kept {resumed} bytes, sent {sent_after} bytes after the restart, \
+             {wire} bytes on the wire for a change of {changed} bytes ({:.3}x)",
+            wire as f64 / changed as f64
+        );
+        assert_same(&dev.path, &site.receiver.image("wan"));
+        Some(())
+    });
+}
+
+/// The field setting of a receiver restart: a busy ext4 file system whose agent state lives
+/// on it, the receiver killed and started again in the middle of a large cycle while the
+/// application keeps writing. The agent resumes the kept cycle, still freezes, and commits a
+/// crash-consistent point that passes `e2fsck`.
+#[test]
+fn a_receiver_restarted_in_a_busy_file_systems_cycle_is_resumed_consistently() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    blkmirror_tests::retry_if_the_kernel_skipped("busy receiver restart", |attempt| {
+        let mut busy = BusyExt4::new(19 + u64::from(attempt));
+        let _thaw = ThawOnDrop(&busy.mount.target);
+        let mut args = busy.agent().args(&["--freeze-budget", "2s"]);
+        args.push("--once".into());
+        let mut workload = Workload::start(&busy.mount.target);
+        let up = &busy.relay.handle().up.delivered_bytes;
+        let before = up.load(Ordering::Relaxed);
+        let receiver = &mut busy.site.receiver;
+        let (output, lines) = run_while(
+            &args,
+            &busy.site.scratch.path,
+            Duration::from_secs(180),
+            || {
+                wait_until_crossed(up, before + BusyExt4::CHANGED / 2);
+                receiver.restart();
+            },
+        );
+        let files = workload.stop();
+        let consistent =
+            busy.assert_resumed_consistently(&output, &lines, files, "receiver restarted");
+        if consistent {
+            let log = busy.site.receiver.log();
+            assert!(log.contains("kept uncommitted cycle"), "{log}");
+        }
+        consistent.then_some(())
+    });
+}
+
+/// Waits until the relay's `delivered` count reaches `bytes` (at most a minute: the cycle
+/// must get going).
+fn wait_until_crossed(delivered: &std::sync::atomic::AtomicU64, bytes: u64) {
+    let started = Instant::now();
+    while delivered.load(Ordering::Relaxed) < bytes {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the cycle never got going"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `blkmirror ARGS` (an `agent --once`) while `meanwhile` runs on this thread, and
+/// returns its output and JSON lines; killed if it outlasts `timeout`. Its output goes to
+/// files in `scratch` (a pipe nobody reads while `meanwhile` runs could fill and stall it).
+fn run_while(
+    args: &[String],
+    scratch: &std::path::Path,
+    timeout: Duration,
+    meanwhile: impl FnOnce(),
+) -> (std::process::Output, Vec<serde_json::Value>) {
+    let (out_path, err_path) = (scratch.join("agent.out"), scratch.join("agent.err"));
+    let mut agent = ChildGuard(
+        blkmirror()
+            .args(args)
+            .stdout(std::fs::File::create(&out_path).expect("agent stdout"))
+            .stderr(std::fs::File::create(&err_path).expect("agent stderr"))
+            .spawn()
+            .expect("spawning the agent"),
+    );
+    meanwhile();
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = agent.0.try_wait().expect("agent") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agent --once did not finish within {timeout:?}: {}",
+            std::fs::read_to_string(&err_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = std::fs::read(&out_path).unwrap_or_default();
+    let stderr = std::fs::read(&err_path).unwrap_or_default();
+    let lines = blkmirror_tests::parse_lines(&String::from_utf8_lossy(&stdout));
+    (
+        std::process::Output {
+            status,
+            stdout,
+            stderr,
+        },
+        lines,
+    )
+}

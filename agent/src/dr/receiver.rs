@@ -308,6 +308,10 @@ pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
             Ok(Recovery::Replayed(seq)) => log(format!(
                 "volume {name}: finished applying committed cycle {seq}"
             )),
+            Ok(Recovery::Kept { seq, frames }) => log(format!(
+                "volume {name}: kept uncommitted cycle {seq} ({frames} journaled frames) for its \
+                 agent to resume"
+            )),
             Err(error) => {
                 tracing::error!(
                     target: "blkmirror receiver",
@@ -390,6 +394,37 @@ fn abandon_stale_cycles(suspended: &Suspended, keep_for: Duration, now: Instant)
             name
         })
         .collect()
+}
+
+/// The cycles a restarted receiver keeps for their agents (see [`Recovery::Kept`]): each
+/// volume of `data_dir` whose journal holds an uncommitted cycle that names its agent, opened,
+/// with that agent. A journal whose agent is no valid fingerprint is abandoned.
+fn interrupted_cycles(data_dir: &Path) -> Vec<(String, Fingerprint, Volume)> {
+    let Ok(entries) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let journal = entry.path().join("journal");
+        let has_journal = std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0);
+        if wire::check_volume_name(&name).is_err() || !has_journal {
+            continue;
+        }
+        let Ok((mut volume, Recovery::Kept { .. })) = Volume::open(data_dir, &name) else {
+            continue;
+        };
+        match volume.open_cycle_holder().map(Fingerprint::parse) {
+            Some(Ok(holder)) => kept.push((name, holder, volume)),
+            _ => {
+                log(format!(
+                    "volume {name}: the interrupted cycle names no valid agent; abandoned it"
+                ));
+                volume.abort();
+            }
+        }
+    }
+    kept
 }
 
 /// Aborts a task when dropped (the receiver's background work ends with `serve`).
@@ -499,6 +534,25 @@ pub async fn serve(
         ))
     });
     let _follower = AbortOnDrop(follower);
+    // Cycles interrupted by the last process's end wait for their agents as if their
+    // connections had just broken.
+    for (name, holder, volume) in interrupted_cycles(&context.data_dir) {
+        if let Some(report) = volume.open_cycle_report() {
+            context.status.update(&name, |s| {
+                s.kept_cycle = Some(KeptCycle {
+                    seq: report.seq,
+                    frames: report.frames,
+                    journaled_bytes: report.journaled.iter().map(|r| r.1).sum(),
+                    since_unix_ms: crate::command::status::now_ms(),
+                });
+            });
+        }
+        context
+            .suspended
+            .lock()
+            .expect("suspended")
+            .insert(name, (holder, Arc::new(Mutex::new(volume)), Instant::now()));
+    }
     let mut sweep = tokio::time::interval(Duration::from_secs(60));
     loop {
         tokio::select! {
@@ -927,6 +981,13 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
                 let report = locked.open_cycle_report().filter(|_| keep);
                 if report.is_none() {
                     locked.abort();
+                } else if let Err(error) = locked.write_out_journal() {
+                    // Kept all the same: the frames are in memory, and only a restart of
+                    // this process would lose them (the agent then sends them again).
+                    tracing::warn!(
+                        target: "blkmirror receiver",
+                        "volume {name}: the kept cycle's journal was not written out: {error}"
+                    );
                 }
                 report
             }
@@ -1315,12 +1376,14 @@ impl Session {
                     }
                     AgentMessage::Begin(begin) => {
                         let volume = volume.clone();
+                        let holder = self.fingerprint.to_string();
                         tokio::task::spawn_blocking(move || {
-                            volume.lock().expect("volume lock").begin(
+                            volume.lock().expect("volume lock").begin_held(
                                 begin.seq,
                                 begin.bytes_estimate,
                                 begin.direct,
                                 begin.from,
+                                Some(&holder),
                             )
                         })
                         .await
@@ -1340,6 +1403,14 @@ impl Session {
                     }
                     AgentMessage::Flush { frames } => {
                         wait_frames(&self.connection, &mut journaled, &volume, frames).await?;
+                        // What has arrived is in the journal file, not only in its buffer: a
+                        // receiver restarted before the commit keeps it for the agent.
+                        let writing = volume.clone();
+                        tokio::task::spawn_blocking(move || {
+                            writing.lock().expect("volume lock").write_out_journal()
+                        })
+                        .await
+                        .expect("journal task")?;
                         net::write_frame(send, &ReceiverMessage::Flushed { frames }).await?;
                     }
                     AgentMessage::Commit { frames, point } => {
@@ -1663,6 +1734,57 @@ mod tests {
                 .open_cycle_report()
                 .is_some()
         );
+    }
+
+    #[test]
+    fn a_restarted_receiver_holds_each_interrupted_cycle_for_the_agent_its_journal_names() {
+        let tmp = TempDir::new("interrupted");
+        let agent = "cd".repeat(32);
+        for (name, holder) in [
+            ("named", Some(agent.as_str())),
+            ("forged", Some("not-a-fingerprint")),
+            ("anonymous", None),
+            ("idle", Some(agent.as_str())),
+        ] {
+            let hello = Hello {
+                protocol: wire::PROTOCOL_VERSION,
+                volume: name.into(),
+                source_id: "loop:/tmp/interrupted".into(),
+                size_bytes: 1 << 20,
+                chunk_bytes: 65536,
+            };
+            let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
+            volume.begin_held(1, 0, false, 0, holder).unwrap();
+            if name != "idle" {
+                volume
+                    .journal(wire::CheckedData::Zero {
+                        offset: 0,
+                        length: 65536,
+                    })
+                    .unwrap();
+            }
+            volume.write_out_journal().unwrap();
+        }
+        let recovered = recover_all(&tmp.0).unwrap();
+        let kept = |name: &str| {
+            recovered
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, r)| *r.as_ref().unwrap())
+        };
+        assert_eq!(kept("named"), Some(Recovery::Kept { seq: 1, frames: 1 }));
+        assert_eq!(kept("forged"), Some(Recovery::Kept { seq: 1, frames: 1 }));
+        assert_eq!(kept("anonymous"), Some(Recovery::Discarded));
+        assert_eq!(kept("idle"), Some(Recovery::Discarded));
+        // Only the cycle whose agent is a fingerprint waits; the other is abandoned.
+        let waiting = interrupted_cycles(&tmp.0);
+        assert_eq!(waiting.len(), 1);
+        let (name, holder, volume) = &waiting[0];
+        assert_eq!(name, "named");
+        assert_eq!(holder.as_str(), agent);
+        assert_eq!(volume.open_cycle_report().unwrap().frames, 1);
+        let forged = std::fs::metadata(tmp.0.join("forged/journal")).unwrap();
+        assert_eq!(forged.len(), 0, "the forged holder's journal is emptied");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! | file | format marker | current |
 //! |---|---|---|
 //! | `VOLUME/volume.json` | `"format"` field | [`META_FORMAT`] (2) |
-//! | `VOLUME/journal` | a leading `Format` record (none: format 1) | [`JOURNAL_FORMAT`] (3) |
+//! | `VOLUME/journal` | a leading `Format` record (none: format 1) | [`JOURNAL_FORMAT`] (4) |
 //! | `VOLUME/hashes` | the format of `volume.json` (32 bytes per chunk) | 2 |
 //! | `VOLUME/points/undo-*` | magic `BMUNDO01` | 1 |
 //! | `audit.log` | `"format"` in each entry (none: format 1) | [`crate::dr::audit::AUDIT_FORMAT`] (1) |
@@ -31,10 +31,13 @@ use blkmirror_protocol::wire::PointInfo;
 
 /// Version of `volume.json` this build writes. It also reads 1, and upgrades it.
 pub const META_FORMAT: u32 = 2;
-/// Version of the journal this build writes. It also reads 1 (no `Format` record) and 2.
+/// Version of the journal this build writes. It also reads 1 (no `Format` record), 2 and 3.
 /// Format 3 commits with a record that holds [`StoredPoint`] (with `app_consistent`); formats
-/// 1 and 2 hold [`StoredPointV2`].
-pub const JOURNAL_FORMAT: u32 = 3;
+/// 1 and 2 hold [`StoredPointV2`]. Format 4 may name the cycle's agent in a `Holder` record
+/// after `Begin` (a receiver restarted in the middle of the cycle keeps it for that agent);
+/// a release that reads only 3 would take that record for a torn one and drop a committed
+/// cycle, so it must refuse the journal instead.
+pub const JOURNAL_FORMAT: u32 = 4;
 
 /// A committed point as journals of formats 1 and 2 hold it: [`StoredPoint`] before
 /// `app_consistent` (postcard is positional, so the old layout keeps its own type).

@@ -23,7 +23,7 @@
 //! 4. The agent is told `Committed` only after step 3 is durable.
 
 use std::{
-    io::{self, BufReader, BufWriter, Write as _},
+    io::{self, BufReader, BufWriter, Seek as _, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -160,7 +160,7 @@ pub struct VolumeMeta {
 }
 
 /// One journal record.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Record {
     Begin {
         seq: u64,
@@ -186,6 +186,11 @@ enum Record {
     /// The commit record of format 3 (the point with `app_consistent`).
     CommitV3 {
         point: StoredPoint,
+    },
+    /// Format 4: right after `Begin`, the agent that began the cycle (its certificate's
+    /// fingerprint). Only the cycle's own agent may continue it after a receiver restart.
+    Holder {
+        agent: String,
     },
 }
 
@@ -216,6 +221,9 @@ struct OpenCycle {
     /// The byte ranges (not chunks: the set is unit-free) that the journaled frames cover,
     /// reported to an agent that reconnects to continue the cycle.
     journaled_bytes: ChunkRanges,
+    /// The agent that began the cycle, as the journal records it (none for a direct step, and
+    /// for a cycle begun without one: such a journal is not kept over a restart).
+    holder: Option<String>,
 }
 
 /// What a cycle changes, by chunk. Kept as merged ranges, so a frame naming a whole volume
@@ -292,6 +300,10 @@ pub enum Recovery {
     Discarded,
     /// A committed cycle was applied (again).
     Replayed(u64),
+    /// An uncommitted cycle was kept open for the agent that began it to continue (its
+    /// journal names that agent): cycle `seq`, with `frames` whole data frames. A torn record
+    /// at the journal's end was cut off, and what is kept is durable.
+    Kept { seq: u64, frames: u64 },
 }
 
 /// The receiver's clock, in Unix milliseconds (the simulator sets its own).
@@ -547,6 +559,20 @@ impl Volume {
         direct: bool,
         from: u64,
     ) -> Result<(), StoreError> {
+        self.begin_held(seq, bytes_estimate, direct, from, None)
+    }
+
+    /// [`Self::begin`] for the agent `holder` (its fingerprint): a journaled cycle records it,
+    /// so a restarted receiver keeps the cycle open for that agent to resume (see
+    /// [`Recovery::Kept`]).
+    pub fn begin_held(
+        &mut self,
+        seq: u64,
+        bytes_estimate: u64,
+        direct: bool,
+        from: u64,
+        holder: Option<&str>,
+    ) -> Result<(), StoreError> {
         // A new Begin abandons an open cycle (the agent restarted it, e.g. as a sync).
         self.abort();
         self.check_authority()?;
@@ -613,6 +639,10 @@ impl Volume {
                 .disk
                 .open(&path, OpenMode::Truncate)
                 .map_err(StoreError::io("opening", &path))?;
+            // Emptied for good before the cycle's first record: a receiver restarted after a
+            // power cut keeps what the journal holds (`Recovery::Kept`), and must not find an
+            // older cycle's records between this one's.
+            file.sync_all().map_err(StoreError::io("syncing", &path))?;
             // The commit syncs the journal's content, not its name: a journal created here
             // must have a durable directory entry before any commit applies it to the image,
             // or a power cut could keep the image writes and lose the journal that explains
@@ -631,8 +661,18 @@ impl Volume {
                 &path,
             )?;
             append(&mut writer, &Record::Begin { seq }, &path)?;
+            if let Some(agent) = holder {
+                append(
+                    &mut writer,
+                    &Record::Holder {
+                        agent: agent.to_owned(),
+                    },
+                    &path,
+                )?;
+            }
             Some(writer)
         };
+        let holder = holder.filter(|_| writer.is_some()).map(str::to_owned);
         self.cycle = Some(OpenCycle {
             seq,
             frames: 0,
@@ -641,6 +681,7 @@ impl Volume {
             writer,
             touched: Touched::default(),
             journaled_bytes: ChunkRanges::default(),
+            holder,
         });
         Ok(())
     }
@@ -761,7 +802,8 @@ impl Volume {
                 Record::Begin { .. }
                 | Record::Commit { .. }
                 | Record::CommitV3 { .. }
-                | Record::Format { .. } => {}
+                | Record::Format { .. }
+                | Record::Holder { .. } => {}
             },
         }
         self.check_space(seq, bytes, checked)
@@ -1040,6 +1082,9 @@ impl Volume {
                 }
             }
             None => {
+                if let Some((seq, frames)) = self.keep_open_cycle()? {
+                    return Ok(Recovery::Kept { seq, frames });
+                }
                 let file = self
                     .disk
                     .open(&path, OpenMode::Truncate)
@@ -1048,6 +1093,86 @@ impl Volume {
                 Ok(Recovery::Discarded)
             }
         }
+    }
+
+    /// An uncommitted journal that names its agent and holds whole data frames is kept open
+    /// (the receiver died in the middle of a cycle): a torn or corrupt tail is cut off, the
+    /// rest is made durable, and the cycle is open again as if its connection had just broken.
+    /// Returns the cycle and its frames; `None` when the journal is not to be kept.
+    fn keep_open_cycle(&mut self) -> Result<Option<(u64, u64)>, StoreError> {
+        let path = self.journal_path();
+        let file = self
+            .disk
+            .open(&path, OpenMode::Read)
+            .map_err(StoreError::io("opening", &path))?;
+        let found = scan_open_cycle(
+            BufReader::with_capacity(4 << 20, Cursor::new(file)),
+            self.meta.committed_seq,
+            self.meta.size_bytes,
+        );
+        let Some(found) = found.filter(|found| found.frames > 0) else {
+            return Ok(None);
+        };
+        let file = self
+            .disk
+            .open(&path, OpenMode::ReadWrite)
+            .map_err(StoreError::io("opening", &path))?;
+        file.set_len(found.whole_bytes)
+            .and_then(|()| file.sync_all())
+            .map_err(StoreError::io("truncating", &path))?;
+        let mut cursor = Cursor::new(file);
+        cursor
+            .seek(io::SeekFrom::Start(found.whole_bytes))
+            .map_err(StoreError::io("seeking", &path))?;
+        let mut touched = Touched::default();
+        for (start, end) in found.written.ranges() {
+            touched.add_write(self.store.chunks_of(start, end - start));
+        }
+        for (start, end) in found.zeroed {
+            touched.add_zero(
+                self.meta.chunk_bytes,
+                self.meta.size_bytes,
+                start,
+                end - start,
+            );
+        }
+        let (seq, frames) = (found.seq, found.frames);
+        self.cycle = Some(OpenCycle {
+            seq,
+            frames,
+            bytes: found.bytes,
+            checked: found.bytes,
+            writer: Some(BufWriter::with_capacity(4 << 20, cursor)),
+            touched,
+            journaled_bytes: found.journaled,
+            holder: Some(found.holder),
+        });
+        Ok(Some((seq, frames)))
+    }
+
+    /// The receiver process dies with the volume open: what the journal buffers is lost, as
+    /// it would be (a drop writes it out).
+    #[cfg(test)]
+    pub(crate) fn die(mut self) {
+        if let Some(writer) = self.cycle.as_mut().and_then(|c| c.writer.take()) {
+            drop(writer.into_parts());
+        }
+    }
+
+    /// The agent that began the open journaled cycle, if the journal names it.
+    pub fn open_cycle_holder(&self) -> Option<&str> {
+        self.cycle.as_ref()?.holder.as_deref()
+    }
+
+    /// Writes what the open cycle's journal buffers out to the file (not synced): a receiver
+    /// process that dies afterwards keeps those frames for the agent to resume (a power cut
+    /// may still take them; what is kept at a restart is re-read from the file).
+    pub fn write_out_journal(&mut self) -> Result<(), StoreError> {
+        let path = self.journal_path();
+        if let Some(writer) = self.cycle.as_mut().and_then(|c| c.writer.as_mut()) {
+            writer.flush().map_err(StoreError::io("writing", &path))?;
+        }
+        Ok(())
     }
 
     /// Reads the journal; returns the commit record if the journal is whole and committed.
@@ -1130,7 +1255,7 @@ impl Volume {
         let mut committed = None;
         while let Some(record) = read_record(&mut reader)? {
             match record {
-                Record::Begin { .. } | Record::Format { .. } => {}
+                Record::Begin { .. } | Record::Format { .. } | Record::Holder { .. } => {}
                 Record::Write { offset, data } => self
                     .image
                     .write_all_at(&data, offset)
@@ -1197,7 +1322,7 @@ impl Volume {
         let (chunk_bytes, size) = (self.meta.chunk_bytes, self.meta.size_bytes);
         while let Some(record) = read_record(&mut reader)? {
             match record {
-                Record::Begin { .. } | Record::Format { .. } => {}
+                Record::Begin { .. } | Record::Format { .. } | Record::Holder { .. } => {}
                 Record::Write { offset, data } => {
                     touched.add_write(self.store.chunks_of(offset, data.len() as u64));
                 }
@@ -1503,6 +1628,8 @@ pub fn scan_records(
 ) -> Result<Option<StoredPoint>, StoreError> {
     let mut expect_begin = true;
     let mut first = true;
+    // A `Holder` record is only right after `Begin`.
+    let mut holder_allowed = false;
     loop {
         let record = match read_record(&mut reader) {
             Ok(Some(record)) => record,
@@ -1523,14 +1650,83 @@ pub fn scan_records(
                     && (seq == committed_seq.saturating_add(1) || seq == committed_seq) =>
             {
                 expect_begin = false;
+                holder_allowed = true;
             }
-            Record::Write { .. } | Record::Zero { .. } if !expect_begin => {}
+            Record::Holder { .. } if std::mem::replace(&mut holder_allowed, false) => {}
+            Record::Write { .. } | Record::Zero { .. } if !expect_begin => {
+                holder_allowed = false;
+            }
             commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) if !expect_begin => {
                 return Ok(commit.committed());
             }
             _ => return Ok(None),
         }
     }
+}
+
+/// An uncommitted journal's cycle, as [`scan_open_cycle`] finds it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct OpenJournal {
+    pub seq: u64,
+    /// The agent that began the cycle.
+    pub holder: String,
+    /// Whole data frames, and the bytes of the journal up to the end of the last whole record.
+    pub frames: u64,
+    pub whole_bytes: u64,
+    /// Data bytes journaled, counted as [`Volume::journal`] counts them.
+    pub bytes: u64,
+    /// The byte ranges the frames cover: all of them, those written, and those zeroed (in
+    /// journal order, as the zeroing of touched chunks depends on each range).
+    pub journaled: ChunkRanges,
+    pub written: ChunkRanges,
+    pub zeroed: Vec<(u64, u64)>,
+}
+
+/// Reads an uncommitted journal of cycle `committed_seq + 1` from `reader`, up to its first
+/// torn or corrupt record, for a restarted receiver to keep it open. `None` unless it begins
+/// that cycle and names its agent (`Holder`, format 4), or when it is committed (replayed
+/// instead), in a newer format, or holds a frame outside a volume of `size` bytes. Pure apart
+/// from the reading; the fuzz target drives it with arbitrary bytes.
+pub fn scan_open_cycle(
+    mut reader: impl io::Read,
+    committed_seq: u64,
+    size: u64,
+) -> Option<OpenJournal> {
+    let mut found = OpenJournal::default();
+    let mut at = 0u64;
+    let mut expect = 0u8; // 0: Format, 1: Begin, 2: Holder, 3: frames
+    while let Ok(Some((record, len))) = read_sized_record(&mut reader) {
+        match (expect, record) {
+            (0, Record::Format { version }) if (4..=JOURNAL_FORMAT).contains(&version) => {}
+            (1, Record::Begin { seq }) if Some(seq) == committed_seq.checked_add(1) => {
+                found.seq = seq;
+            }
+            (2, Record::Holder { agent }) => found.holder = agent,
+            (3, Record::Write { offset, data }) => {
+                let end = offset
+                    .checked_add(data.len() as u64)
+                    .filter(|&end| end <= size)?;
+                found.bytes += data.len() as u64;
+                found.journaled.insert(offset, end);
+                found.written.insert(offset, end);
+                found.frames += 1;
+            }
+            (3, Record::Zero { offset, length }) => {
+                let end = offset.checked_add(length).filter(|&end| end <= size)?;
+                found.bytes += ZERO_RECORD_BYTES;
+                found.journaled.insert(offset, end);
+                found.zeroed.push((offset, end));
+                found.frames += 1;
+            }
+            // A commit record: the journal is for replay, not for keeping.
+            (3, Record::Commit { .. } | Record::CommitV3 { .. }) => return None,
+            _ => return None,
+        }
+        expect = (expect + 1).min(3);
+        at += len;
+        found.whole_bytes = at;
+    }
+    (expect == 3).then_some(found)
 }
 
 /// Records a committed point in the metadata.
@@ -1556,18 +1752,37 @@ fn record_checksum(body: &[u8]) -> [u8; 8] {
 }
 
 fn append(writer: &mut BufWriter<Cursor>, record: &Record, path: &Path) -> Result<(), StoreError> {
-    let body = postcard::to_stdvec(record).expect("serializing to a Vec cannot fail");
-    let mut head = [0u8; 12];
-    head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
-    head[4..].copy_from_slice(&record_checksum(&body));
+    let (head, body) = encode_record(record);
     writer
         .write_all(&head)
         .and_then(|()| writer.write_all(&body))
         .map_err(StoreError::io("writing", path))
 }
 
+/// A record's journal encoding: its head (length, checksum) and its body.
+fn encode_record(record: &Record) -> ([u8; 12], Vec<u8>) {
+    let body = postcard::to_stdvec(record).expect("serializing to a Vec cannot fail");
+    let mut head = [0u8; 12];
+    head[..4].copy_from_slice(&(body.len() as u32).to_le_bytes());
+    head[4..].copy_from_slice(&record_checksum(&body));
+    (head, body)
+}
+
+/// Appends `record`'s journal encoding to `bytes` (the tests' journals).
+#[cfg(test)]
+fn append_bytes(bytes: &mut Vec<u8>, record: &Record) {
+    let (head, body) = encode_record(record);
+    bytes.extend_from_slice(&head);
+    bytes.extend_from_slice(&body);
+}
+
 /// Reads one record; `Ok(None)` at a clean end of file.
 fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError> {
+    read_sized_record(reader).map(|record| record.map(|(record, _)| record))
+}
+
+/// [`read_record`], with the bytes the record takes in the journal.
+fn read_sized_record(reader: &mut impl io::Read) -> Result<Option<(Record, u64)>, StoreError> {
     let corrupt = |message: &str| StoreError::Meta {
         path: PathBuf::from("journal"),
         message: message.to_owned(),
@@ -1594,7 +1809,7 @@ fn read_record(reader: &mut impl io::Read) -> Result<Option<Record>, StoreError>
         return Err(corrupt("record checksum mismatch"));
     }
     postcard::from_bytes(&body)
-        .map(Some)
+        .map(|record| Some((record, head.len() as u64 + u64::from(len))))
         .map_err(|error| corrupt(&error.to_string()))
 }
 
@@ -1846,6 +2061,183 @@ mod tests {
         volume.journal(write(0, 9, 512)).unwrap();
         volume.begin(2, 0, false, 0).unwrap();
         assert_eq!(volume.open_cycle_report(), None);
+    }
+
+    /// The agent of the tests' kept cycles.
+    const HOLDER: &str = "aa11bb22";
+
+    #[test]
+    fn a_restarted_receiver_keeps_an_interrupted_cycle_for_its_agent_to_resume() {
+        let tmp = TempDir::new("kept");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin_held(1, 8192, false, 0, Some(HOLDER)).unwrap();
+        volume.journal(write(4096, 1, 4096)).unwrap();
+        volume.journal(write(0, 2, 4096)).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 16384,
+                length: 512,
+            })
+            .unwrap();
+        volume.write_out_journal().unwrap();
+        // A frame still in the journal's buffer when the process dies is lost with it.
+        volume.journal(write(65536, 4, 4096)).unwrap();
+        let before = volume.open_cycle_report().unwrap();
+        assert_eq!(before.frames, 4);
+        let path = volume.journal_path();
+        volume.die();
+        // The death tore a record: half of a frame made it to the file.
+        let whole = fs::metadata(&path).unwrap().len();
+        let mut torn = Vec::new();
+        append_bytes(
+            &mut torn,
+            &Record::Write {
+                offset: 0,
+                data: vec![8; 4096],
+            },
+        );
+        let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(&torn[..torn.len() / 2]).unwrap();
+        drop(file);
+
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Kept { seq: 1, frames: 3 });
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            whole,
+            "the torn tail is cut off"
+        );
+        assert_eq!(volume.open_cycle_holder(), Some(HOLDER));
+        let report = volume.open_cycle_report().unwrap();
+        assert_eq!((report.seq, report.frames), (1, 3));
+        assert_eq!(report.journaled, vec![(0, 8192), (16384, 512)]);
+        // Opened again (the receiver's start-up, then the agent's connection): the same.
+        drop(volume);
+        let (mut volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Kept { seq: 1, frames: 3 });
+        // The agent resumes and sends what the report did not hold; the journal applies in
+        // order, and the zeroed range is zeroed.
+        assert_eq!(volume.resume(1).unwrap(), 3);
+        volume.journal(write(65536, 4, 4096)).unwrap();
+        volume.journal(write(0, 3, 512)).unwrap();
+        volume
+            .commit(PointInfo {
+                complete: true,
+                ..PointInfo::default()
+            })
+            .unwrap();
+        assert_eq!(volume.meta().committed_seq, 1);
+        let data = image(&tmp.0);
+        assert_eq!(data[..512], [3; 512]);
+        assert_eq!(data[512..4096], [2; 3584]);
+        assert_eq!(data[4096..8192], [1; 4096]);
+        assert_eq!(data[65536..69632], [4; 4096]);
+        // The point's hashes cover what the reopened cycle touched before the restart too.
+        let stored = volume.hashes(0, 2).unwrap();
+        let mut chunk = data[..65536].to_vec();
+        assert_eq!(stored[0], *blake3::hash(&chunk).as_bytes());
+        chunk.copy_from_slice(&data[65536..131072]);
+        assert_eq!(stored[1], *blake3::hash(&chunk).as_bytes());
+    }
+
+    #[test]
+    fn a_journal_that_names_no_agent_or_holds_no_frame_is_not_kept() {
+        let tmp = TempDir::new("unkept");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        // Begun without an agent (as by a build before format 4): discarded.
+        volume.begin(1, 0, false, 0).unwrap();
+        volume.journal(write(0, 9, 4096)).unwrap();
+        volume.write_out_journal().unwrap();
+        drop(volume);
+        let (mut volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Discarded);
+        // Begun by an agent, but nothing journaled: nothing to resume.
+        volume.begin_held(1, 0, false, 0, Some(HOLDER)).unwrap();
+        volume.write_out_journal().unwrap();
+        drop(volume);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Discarded);
+        assert_eq!(volume.open_cycle_report(), None);
+        assert_eq!(image(&tmp.0)[..4096], [0; 4096]);
+    }
+
+    #[test]
+    fn the_scan_of_an_open_journal_takes_only_its_own_cycle() {
+        let record = |records: &[Record]| {
+            let mut bytes = Vec::new();
+            for record in records {
+                append_bytes(&mut bytes, record);
+            }
+            bytes
+        };
+        let format = Record::Format { version: 4 };
+        let begin = Record::Begin { seq: 6 };
+        let holder = Record::Holder {
+            agent: HOLDER.into(),
+        };
+        let frame = Record::Write {
+            offset: 512,
+            data: vec![1; 512],
+        };
+        let open = record(&[format.clone(), begin.clone(), holder.clone(), frame.clone()]);
+        let found = scan_open_cycle(&open[..], 5, 1 << 20).unwrap();
+        assert_eq!(
+            (found.seq, found.frames, found.whole_bytes),
+            (6, 1, open.len() as u64)
+        );
+        assert_eq!(found.holder, HOLDER);
+        // Another cycle than the next; a commit record (replayed instead); no agent; a frame
+        // past the volume's end; an older format: none is kept.
+        assert_eq!(scan_open_cycle(&open[..], 6, 1 << 20), None);
+        let committed = record(&[
+            format.clone(),
+            begin.clone(),
+            holder.clone(),
+            frame.clone(),
+            Record::CommitV3 {
+                point: StoredPoint {
+                    seq: 6,
+                    ..StoredPoint::default()
+                },
+            },
+        ]);
+        assert_eq!(scan_open_cycle(&committed[..], 5, 1 << 20), None);
+        let anonymous = record(&[format.clone(), begin.clone(), frame.clone()]);
+        assert_eq!(scan_open_cycle(&anonymous[..], 5, 1 << 20), None);
+        assert_eq!(scan_open_cycle(&open[..], 5, 768), None);
+        let older = record(&[Record::Format { version: 3 }, begin, holder, frame]);
+        assert_eq!(scan_open_cycle(&older[..], 5, 1 << 20), None);
+        // A Holder record anywhere but right after Begin makes a journal unreadable.
+        assert!(scan_records(&open[..], 5).unwrap().is_none());
+        let late = record(&[
+            format,
+            Record::Begin { seq: 6 },
+            Record::Write {
+                offset: 0,
+                data: vec![2; 512],
+            },
+            Record::Holder {
+                agent: HOLDER.into(),
+            },
+            Record::CommitV3 {
+                point: StoredPoint {
+                    seq: 6,
+                    ..StoredPoint::default()
+                },
+            },
+        ]);
+        assert!(scan_records(&late[..], 5).unwrap().is_none());
+        let mut proper = open.clone();
+        append_bytes(
+            &mut proper,
+            &Record::CommitV3 {
+                point: StoredPoint {
+                    seq: 6,
+                    ..StoredPoint::default()
+                },
+            },
+        );
+        assert_eq!(scan_records(&proper[..], 5).unwrap().unwrap().seq, 6);
     }
 
     #[test]

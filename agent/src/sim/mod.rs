@@ -94,7 +94,7 @@ use crate::{
         audit::AuditLog,
         receiver::commit_and_record,
         storage::Disk,
-        volume::{PointReader, StoreError, Volume},
+        volume::{PointReader, Recovery, StoreError, Volume},
     },
 };
 use disk::{Chooser, SimDisk};
@@ -126,6 +126,8 @@ const SIZE: u64 = CHUNK * CHUNKS;
 /// Chunks per hash request (and per direct sync step).
 const WINDOW_CHUNKS: u64 = 8;
 const VOLUME: &str = "sim";
+/// The agent's name in the journal (the receiver records its certificate's fingerprint).
+const SIM_AGENT: &str = "sim-agent";
 
 /// Where the simulated receiver keeps its volumes (on the simulated disk).
 const DATA_DIR: &str = "/sim/data";
@@ -270,10 +272,15 @@ struct World {
     journaled_at_resume: BTreeMap<u64, u64>,
     /// The agent process died while `agent_open_cycle` was open (counted when it resumes).
     open_cycle_outlived_agent: bool,
+    /// The receiver process died and kept the open cycle's journal (counted when it resumes).
+    open_cycle_outlived_receiver: bool,
     /// What the image must hold: the last commit plus a direct step's writes.
     model: Vec<u8>,
     /// A journaled cycle's writes, until its commit.
     pending: BTreeMap<u64, u8>,
+    /// The same frames in journal order, with their versions: a receiver restarted in the
+    /// middle of the cycle keeps the first of them (as many as its journal holds whole).
+    journal_order: Vec<(u64, u8, u64)>,
     /// Content of every complete point committed.
     points: BTreeMap<u64, Vec<u8>>,
     faults: bool,
@@ -291,6 +298,9 @@ static RESUMED_COMMITS: AtomicU64 = AtomicU64::new(0);
 
 /// Of those, the cycles the agent resumed after its process had died in the middle of them.
 static RESUMED_AFTER_AGENT_CRASH: AtomicU64 = AtomicU64::new(0);
+
+/// Of those, the cycles resumed from a journal that a restarted receiver kept.
+static RESUMED_AFTER_RECEIVER_CRASH: AtomicU64 = AtomicU64::new(0);
 
 /// The simulated chunks `chunks` as the agent's dirty bitmaps (written).
 fn bitmaps(chunks: &BTreeSet<u64>) -> DirtyBitmaps {
@@ -362,8 +372,10 @@ impl World {
             agent_open_cycle: None,
             journaled_at_resume: BTreeMap::new(),
             open_cycle_outlived_agent: false,
+            open_cycle_outlived_receiver: false,
             model: vec![0; CHUNKS as usize],
             pending: BTreeMap::new(),
+            journal_order: Vec::new(),
             points: BTreeMap::new(),
             faults: true,
             resent_of: vec![0; CHUNKS as usize],
@@ -486,8 +498,12 @@ impl World {
     fn receiver_dies(&mut self) -> Cut {
         self.fault_count += 1;
         // The process is gone: no abort, nothing more reaches the disk.
-        self.volume = None;
-        self.kept = None;
+        if let Some(volume) = self.volume.take() {
+            volume.die();
+        }
+        if let Some(volume) = self.kept.take() {
+            volume.die();
+        }
         for _ in 0..8 {
             let power_cut = self.rng.chance(400);
             let lost = self.disk.restart(power_cut, &mut self.rng);
@@ -532,12 +548,12 @@ impl World {
             self.committing = None;
             self.pending.clear();
             self.pending_version.clear();
+            self.journal_order.clear();
             return Ok(());
         }
         let (volume, recovery) =
             Volume::open_on(&self.storage, self.clock_fn(), &self.data_dir, VOLUME)?;
         let meta = volume.meta().clone();
-        drop(volume);
         if let Some(seq) = self.committing.take()
             && meta.committed_seq == seq
         {
@@ -545,6 +561,28 @@ impl World {
         }
         self.pending.clear();
         self.pending_version.clear();
+        if let Recovery::Kept { seq, frames } = recovery {
+            // The journal keeps its first `frames` frames, for the agent to resume: the model's
+            // open cycle is those.
+            if frames > self.journal_order.len() as u64 {
+                self.broken.get_or_insert_with(|| {
+                    format!(
+                        "the restarted receiver kept {frames} frames of cycle {seq}, but only {} \
+                         were journaled",
+                        self.journal_order.len()
+                    )
+                });
+            }
+            self.journal_order.truncate(frames as usize);
+            for &(chunk, fill, version) in &self.journal_order {
+                self.pending.insert(chunk, fill);
+                self.pending_version.insert(chunk, version);
+            }
+            self.kept = Some(volume);
+            self.open_cycle_outlived_receiver = true;
+        } else {
+            self.journal_order.clear();
+        }
         if meta.unsettled {
             // The image is at no point in time until the sync completes: what a direct step
             // wrote before the crash may or may not be there.
@@ -559,6 +597,7 @@ impl World {
 
     /// A commit of cycle `seq` happened: the model takes its writes.
     fn settle_commit(&mut self, seq: u64, listed: bool) {
+        self.journal_order.clear();
         for (chunk, fill) in std::mem::take(&mut self.pending) {
             self.model[chunk as usize] = fill;
         }
@@ -613,7 +652,7 @@ impl World {
                 let opened = match self.kept.take() {
                     Some(kept) => {
                         self.note("receiver hands over the kept volume");
-                        Ok((kept, false, crate::dr::volume::Recovery::Clean))
+                        Ok((kept, false, Recovery::Clean))
                     }
                     None => Volume::open_or_create_on(
                         &self.storage,
@@ -651,8 +690,15 @@ impl World {
                 let volume = self.volume.as_mut().expect("admitted");
                 self.pending.clear();
                 self.pending_version.clear();
+                self.journal_order.clear();
                 self.journaled_at_resume.clear();
-                let begun = volume.begin(begin.seq, begin.bytes_estimate, begin.direct, begin.from);
+                let begun = volume.begin_held(
+                    begin.seq,
+                    begin.bytes_estimate,
+                    begin.direct,
+                    begin.from,
+                    Some(SIM_AGENT),
+                );
                 if self.disk.dead() {
                     return Err(self.receiver_dies());
                 }
@@ -672,7 +718,15 @@ impl World {
                 }
             }
             ControlStep::Serve(AgentMessage::Flush { frames }) => {
-                ReceiverMessage::Flushed { frames }
+                // As the receiver does: what arrived is written out of the journal's buffer.
+                let written = self.volume.as_mut().expect("admitted").write_out_journal();
+                if self.disk.dead() {
+                    return Err(self.receiver_dies());
+                }
+                match written {
+                    Ok(()) => ReceiverMessage::Flushed { frames },
+                    Err(error) => store_refusal(error),
+                }
             }
             ControlStep::Serve(AgentMessage::Hello(_)) => ReceiverMessage::Refused {
                 code: RefusalCode::Sequence,
@@ -703,6 +757,7 @@ impl World {
                     Err(error) => {
                         self.pending.clear();
                         self.pending_version.clear();
+                        self.journal_order.clear();
                         store_refusal(error)
                     }
                 }
@@ -822,6 +877,7 @@ impl World {
             self.model[chunk as usize] = fill;
         } else {
             self.pending.insert(chunk, fill);
+            self.journal_order.push((chunk, fill, version));
         }
         self.pending_version.insert(chunk, version);
         Ok(())
@@ -1053,6 +1109,7 @@ impl World {
                 self.ask(session, control, begin)?;
                 self.agent_open_cycle = Some((seq, BTreeSet::new()));
                 self.open_cycle_outlived_agent = false;
+                self.open_cycle_outlived_receiver = false;
                 (cycle, self.inflight.iter().copied().collect())
             }
         };
@@ -1145,8 +1202,12 @@ impl World {
                         if self.open_cycle_outlived_agent {
                             RESUMED_AFTER_AGENT_CRASH.fetch_add(1, Ordering::Relaxed);
                         }
+                        if self.open_cycle_outlived_receiver {
+                            RESUMED_AFTER_RECEIVER_CRASH.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     self.open_cycle_outlived_agent = false;
+                    self.open_cycle_outlived_receiver = false;
                     self.persist(session);
                     return Ok(());
                 }
@@ -1162,6 +1223,8 @@ impl World {
         if let Some(mut volume) = self.volume.take() {
             if keep && volume.open_cycle_report().is_some() {
                 self.note("receiver keeps the open cycle");
+                // As the receiver does; a failure there only costs frames at a restart.
+                let _ = volume.write_out_journal();
                 self.kept = Some(volume);
             } else {
                 volume.abort();
@@ -1173,6 +1236,7 @@ impl World {
         if self.kept.is_none() {
             self.pending.clear();
             self.pending_version.clear();
+            self.journal_order.clear();
         }
         self.expect_consistent = None;
         // What was still on its way is lost with the connection.
@@ -1492,17 +1556,20 @@ mod tests {
         match run_seeds(first, count, None) {
             Ok(ran) => eprintln!(
                 "simulated {ran} seeds from {first}: no violation; {} resumed cycles committed \
-                 ({} of them resumed by a restarted agent)",
+                 ({} of them resumed by a restarted agent, {} from a journal a restarted \
+                 receiver kept)",
                 RESUMED_COMMITS.load(Ordering::Relaxed),
-                RESUMED_AFTER_AGENT_CRASH.load(Ordering::Relaxed)
+                RESUMED_AFTER_AGENT_CRASH.load(Ordering::Relaxed),
+                RESUMED_AFTER_RECEIVER_CRASH.load(Ordering::Relaxed)
             ),
             Err(violation) => panic!("{violation}"),
         }
         // The default run covers interrupted cycles that the receiver kept and the agent
-        // resumed (a few per hundred seeds).
+        // resumed (a few per hundred seeds), also over restarts of either process.
         if count >= 200 {
             assert!(RESUMED_COMMITS.load(Ordering::Relaxed) > 0);
             assert!(RESUMED_AFTER_AGENT_CRASH.load(Ordering::Relaxed) > 0);
+            assert!(RESUMED_AFTER_RECEIVER_CRASH.load(Ordering::Relaxed) > 0);
         }
     }
 
