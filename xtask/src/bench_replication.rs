@@ -123,7 +123,7 @@ fn idle_cycles_ms(command: &mut Command, seconds: u64) -> Result<Vec<u64>> {
 
 /// CPU seconds from `/proc/PID/stat`: the process's own (user + system) and, separately,
 /// that of its children it has waited for.
-fn cpu_seconds(pid: &str) -> Result<(f64, f64)> {
+pub fn cpu_seconds(pid: &str) -> Result<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces): state is field 3, so utime

@@ -22,10 +22,11 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use crate::{
+    bench_replication::cpu_seconds,
     bench_wan::{RelayProcess, join, release_relay},
     demo::{
         Cleanup, keygen, release_binary, remove_pin_root, require_root, scratch_loop_with,
-        scratch_space, start_receiver,
+        scratch_space, start_receiver_with_pid,
     },
 };
 
@@ -83,7 +84,31 @@ struct CaseResult {
     ship_rate: u64,
     falling_behind: bool,
     fio_bytes: u64,
+    /// CPU seconds of the agent and of the receiver over the sampled window, its length, the
+    /// cycles committed in it and the seconds they took.
+    agent_cpu_s: f64,
+    receiver_cpu_s: f64,
+    window_s: f64,
+    cycles: u64,
+    cycle_s: f64,
 }
+
+impl CaseResult {
+    /// Milliseconds of agent CPU per cycle.
+    fn agent_cpu_ms_per_cycle(&self) -> f64 {
+        self.agent_cpu_s * 1e3 / self.cycles.max(1) as f64
+    }
+
+    /// Milliseconds a cycle took, on average.
+    fn cycle_ms(&self) -> f64 {
+        self.cycle_s * 1e3 / self.cycles.max(1) as f64
+    }
+}
+
+/// About a second between samples, but not exactly: sampled every second, a 1 s cycle is
+/// always seen at the same phase (every sample the same lag). 37 ms more walks the phase
+/// through a 1 s or 2 s cycle within the samples of a case.
+const SAMPLE_PERIOD: Duration = Duration::from_millis(1037);
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -109,7 +134,7 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
         let cell = dir.join(format!("interval-{interval}"));
         std::fs::create_dir_all(&cell)?;
         let mut cell_cleanup = Cleanup::new();
-        let receiver = start_receiver(
+        let (receiver, receiver_pid) = start_receiver_with_pid(
             &mut cell_cleanup,
             &binary,
             &dir,
@@ -183,6 +208,11 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
             thread::sleep(Duration::from_secs(1));
             let mut lags = Vec::new();
             let mut last = serde_json::Value::Null;
+            let agent_pid = agent.0.id().to_string();
+            let receiver_pid = receiver_pid.to_string();
+            let first = status(&binary, &socket).unwrap_or_default();
+            let (agent_cpu, _) = cpu_seconds(&agent_pid)?;
+            let (receiver_cpu, _) = cpu_seconds(&receiver_pid)?;
             let sampling = Instant::now();
             while sampling.elapsed() < Duration::from_secs(seconds) {
                 let tick = Instant::now();
@@ -192,8 +222,14 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
                     }
                     last = volume;
                 }
-                thread::sleep(Duration::from_secs(1).saturating_sub(tick.elapsed()));
+                thread::sleep(SAMPLE_PERIOD.saturating_sub(tick.elapsed()));
             }
+            let window_s = sampling.elapsed().as_secs_f64();
+            let agent_cpu_s = cpu_seconds(&agent_pid)?.0 - agent_cpu;
+            let receiver_cpu_s = cpu_seconds(&receiver_pid)?.0 - receiver_cpu;
+            let counted = |name: &str| {
+                last[name].as_f64().unwrap_or(0.0) - first[name].as_f64().unwrap_or(0.0)
+            };
             let fio_out = fio.wait_with_output().context("fio")?;
             let fio_bytes = serde_json::from_slice::<serde_json::Value>(&fio_out.stdout)
                 .ok()
@@ -211,10 +247,16 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
                 ship_rate: last["ship_rate_bytes_per_s"].as_u64().unwrap_or(0),
                 falling_behind: last["falling_behind"].as_bool().unwrap_or(false),
                 fio_bytes,
+                agent_cpu_s,
+                receiver_cpu_s,
+                window_s,
+                cycles: counted("cycles_total").max(0.0) as u64,
+                cycle_s: counted("cycle_seconds_sum").max(0.0),
             };
             eprintln!(
                 "bench: lag p50 {:.1}s p99 {:.1}s max {:.1}s ({} samples); changes {:.1} MB/s, \
-                 shipped at {:.1} MB/s{}",
+                 shipped at {:.1} MB/s{}; {} cycles of {:.0} ms, agent CPU {:.0} ms a cycle, \
+                 {:.0}% of a core (receiver {:.0}%)",
                 result.p50,
                 result.p99,
                 result.max,
@@ -225,7 +267,12 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
                     ", falling behind"
                 } else {
                     ""
-                }
+                },
+                result.cycles,
+                result.cycle_ms(),
+                result.agent_cpu_ms_per_cycle(),
+                result.agent_cpu_s * 100.0 / result.window_s,
+                result.receiver_cpu_s * 100.0 / result.window_s,
             );
             results.push(result);
             // Let the agent catch up before the next case.
@@ -251,14 +298,14 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
         "blkmirror RPO bench: a continuous agent (--compression off) replicating a {} MiB loop \
          device through wan-relay at {} Mbit/s and {} ms while fio writes random 64 KiB blocks \
          (direct, iodepth 4) at a fixed share of the link rate; lag_seconds (age of the newest \
-         committed point) sampled every second from `blkmirror status --json`.",
+         committed point) sampled about every second (1.037 s) from `blkmirror status --json`.",
         cases.size_mib, cases.rate_mbit, cases.rtt_ms
     );
     println!();
     println!(
-        "| interval | writes, % of link | lag p50 | lag p99 | lag max | goal (p99 <= 2 x interval + 2 s) | changes / shipped, MB/s | falling behind | samples |"
+        "| interval | writes, % of link | lag p50 | lag p99 | lag max | goal (p99 <= 2 x interval + 2 s) | changes / shipped, MB/s | falling behind | samples | cycles, mean ms | agent CPU ms / cycle | agent / receiver CPU, % of a core |"
     );
-    println!("|---:|---:|---:|---:|---:|---|---:|---|---:|");
+    println!("|---:|---:|---:|---:|---:|---|---:|---|---:|---:|---:|---:|");
     for r in &results {
         let goal = 2.0 * r.interval_s as f64 + 2.0;
         let verdict = if r.write_pct >= 80 {
@@ -269,7 +316,7 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
             format!("NOT met ({goal:.0} s)")
         };
         println!(
-            "| {} s | {}% ({:.1} MB/s written) | {:.1} s | {:.1} s | {:.1} s | {verdict} | {:.1} / {:.1} | {} | {} |",
+            "| {} s | {}% ({:.1} MB/s written) | {:.1} s | {:.1} s | {:.1} s | {verdict} | {:.1} / {:.1} | {} | {} | {}, {:.0} | {:.0} | {:.0}% / {:.0}% |",
             r.interval_s,
             r.write_pct,
             r.fio_bytes as f64 / 1e6 / cases.seconds.unwrap_or((r.interval_s * 5).max(60)) as f64,
@@ -279,7 +326,12 @@ pub fn rpo(cases: &RpoCases) -> Result<()> {
             r.change_rate as f64 / 1e6,
             r.ship_rate as f64 / 1e6,
             if r.falling_behind { "yes" } else { "no" },
-            r.samples
+            r.samples,
+            r.cycles,
+            r.cycle_ms(),
+            r.agent_cpu_ms_per_cycle(),
+            r.agent_cpu_s * 100.0 / r.window_s,
+            r.receiver_cpu_s * 100.0 / r.window_s,
         );
     }
     println!();
