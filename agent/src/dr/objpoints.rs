@@ -750,20 +750,38 @@ pub async fn sweep_tombstones(
     volume: &str,
     now_ms: u64,
 ) -> Result<u64, PointStoreError> {
+    let listing = client.list(&manifests_prefix(volume)).await?;
+    delete_tombstones(client, &old_tombstones(&listing, now_ms)).await
+}
+
+/// The keys in a listing of manifests that may be tombstones older than
+/// [`layout::TOMBSTONE_KEEP_MS`] at `now_ms` (by size and age: [`delete_tombstones`] reads
+/// each before it deletes it).
+fn old_tombstones(listing: &[(String, u64, u64)], now_ms: u64) -> Vec<String> {
+    listing
+        .iter()
+        .filter(|(_, size, modified_ms)| {
+            *size == layout::TOMBSTONE.len() as u64
+                && now_ms.saturating_sub(*modified_ms) >= layout::TOMBSTONE_KEEP_MS
+        })
+        .map(|(key, _, _)| key.clone())
+        .collect()
+}
+
+/// Deletes those of `keys` that hold a tombstone; returns how many.
+async fn delete_tombstones(
+    client: &ObjectStoreClient,
+    keys: &[String],
+) -> Result<u64, PointStoreError> {
     let mut swept = 0;
-    for (key, size, modified_ms) in client.list(&manifests_prefix(volume)).await? {
-        if size != layout::TOMBSTONE.len() as u64
-            || now_ms.saturating_sub(modified_ms) < layout::TOMBSTONE_KEEP_MS
-        {
-            continue;
-        }
+    for key in keys {
         // Only a tombstone is deleted, never a manifest that happens to be as short.
         let is_tombstone = client
-            .get(&key, layout::TOMBSTONE.len())
+            .get(key, layout::TOMBSTONE.len())
             .await?
             .is_some_and(|(bytes, _)| bytes == layout::TOMBSTONE);
         if is_tombstone {
-            client.delete(&key).await?;
+            client.delete(key).await?;
             swept += 1;
         }
     }
@@ -791,11 +809,18 @@ async fn list_manifests(
     client: &ObjectStoreClient,
     volume: &str,
 ) -> Result<Vec<(u64, u64)>, PointStoreError> {
-    let mut seqs: Vec<(u64, u64)> = client
-        .list(&manifests_prefix(volume))
-        .await?
-        .into_iter()
+    Ok(manifests_listed(
+        volume,
+        &client.list(&manifests_prefix(volume)).await?,
+    ))
+}
+
+/// The points (number, manifest size) in a listing of `volume`'s manifests, oldest first.
+fn manifests_listed(volume: &str, listing: &[(String, u64, u64)]) -> Vec<(u64, u64)> {
+    let mut seqs: Vec<(u64, u64)> = listing
+        .iter()
         .filter_map(|(key, size, _)| {
+            let (key, size) = (key.as_str(), *size);
             // A tombstone's size: a dropped point (no manifest is that short).
             if size == layout::TOMBSTONE.len() as u64 {
                 return None;
@@ -806,7 +831,7 @@ async fn list_manifests(
         })
         .collect();
     seqs.sort_unstable();
-    Ok(seqs)
+    seqs
 }
 
 fn parse_id(hex: &str) -> Option<PackId> {
@@ -1026,10 +1051,22 @@ pub async fn advance(
 /// Every chunk a point in the store reads (the mark of a collection). Each volume's manifests
 /// are read once, in order.
 pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>, PointStoreError> {
+    Ok(mark(client, 0).await?.0)
+}
+
+/// The mark phase of a collection at `now_ms`: the live chunks, and from the same listings
+/// of each volume's manifests, the tombstones old enough to sweep (one listing per volume).
+async fn mark(
+    client: &ObjectStoreClient,
+    now_ms: u64,
+) -> Result<(HashSet<ChunkId>, Vec<String>), PointStoreError> {
     let mut live = HashSet::new();
+    let mut tombstones = Vec::new();
     for volume in list_volumes(client).await? {
+        let listing = client.list(&manifests_prefix(&volume)).await?;
+        tombstones.extend(old_tombstones(&listing, now_ms));
         let mut map = ChunkMap::default();
-        for seq in list_points(client, &volume).await? {
+        for (seq, _) in manifests_listed(&volume, &listing) {
             // A point pruned since the listing holds nothing the points left need.
             let manifest = match read_manifest(client, &volume, seq).await {
                 Err(PointStoreError::Missing(_)) => continue,
@@ -1039,7 +1076,7 @@ pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>,
             live.extend(map.chunks.values().copied());
         }
     }
-    Ok(live)
+    Ok((live, tombstones))
 }
 
 /// What a collection did.
@@ -1111,7 +1148,7 @@ pub async fn collect_garbage(
 ) -> Result<GcReport, PointStoreError> {
     let listed = list_packs(client).await?;
     let packs = read_indexes(client).await?;
-    let live = live_chunks(client).await?;
+    let (live, tombstones) = mark(client, now_unix_ms).await?;
     let plan = layout::gc_plan(
         &packs,
         &live,
@@ -1160,9 +1197,8 @@ pub async fn collect_garbage(
         client.delete(&layout::index_key(id)).await?;
         client.delete(&condemned_key(id)).await?;
     }
-    for volume in list_volumes(client).await? {
-        report.tombstones_swept += sweep_tombstones(client, &volume, now_unix_ms).await?;
-    }
+    // Tombstones found by the mark's listings: a day old by then, and still a day old now.
+    report.tombstones_swept = delete_tombstones(client, &tombstones).await?;
     Ok(report)
 }
 
@@ -1605,10 +1641,21 @@ mod tests {
         assert_eq!(newest.chunks, map.chunks);
         read_point(&client, "v", 1).await.unwrap();
 
-        // Tombstones go once they are older than the keep time, never before.
+        // Tombstones go once they are older than the keep time, never before; a collection
+        // finds them in its mark's listings.
         assert_eq!(sweep_tombstones(&client, "v", now_ms()).await.unwrap(), 0);
         let later = now_ms() + layout::TOMBSTONE_KEEP_MS + 1000;
-        assert_eq!(sweep_tombstones(&client, "v", later).await.unwrap(), 2);
+        let settings = GcSettings {
+            grace_ms: layout::TOMBSTONE_KEEP_MS * 2,
+            repack_below: 0.0,
+            pack: PackSettings::default(),
+            dry_run: false,
+        };
+        let collected = collect_garbage(&client, now_ms(), &settings).await.unwrap();
+        assert_eq!(collected.tombstones_swept, 0);
+        let collected = collect_garbage(&client, later, &settings).await.unwrap();
+        assert_eq!(collected.tombstones_swept, 2, "{collected:?}");
+        assert_eq!(sweep_tombstones(&client, "v", later).await.unwrap(), 0);
         assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 4]);
         assert!(
             client
