@@ -1113,6 +1113,10 @@ impl Volume {
         let Some(found) = found.filter(|found| found.frames > 0) else {
             return Ok(None);
         };
+        // Failed over meanwhile: the source's cycle can never commit here.
+        if self.check_authority().is_err() {
+            return Ok(None);
+        }
         let file = self
             .disk
             .open(&path, OpenMode::ReadWrite)
@@ -2141,7 +2145,7 @@ mod tests {
     }
 
     #[test]
-    fn a_journal_that_names_no_agent_or_holds_no_frame_is_not_kept() {
+    fn a_journal_that_names_no_agent_holds_no_frame_or_was_failed_over_is_not_kept() {
         let tmp = TempDir::new("unkept");
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
         // Begun without an agent (as by a build before format 4): discarded.
@@ -2155,6 +2159,22 @@ mod tests {
         volume.begin_held(1, 0, false, 0, Some(HOLDER)).unwrap();
         volume.write_out_journal().unwrap();
         drop(volume);
+        let (mut volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(recovery, Recovery::Discarded);
+        assert_eq!(volume.open_cycle_report(), None);
+        // Begun by an agent with a frame, but the DR site failed over meanwhile: the cycle
+        // can never commit, so it is not kept.
+        volume.begin_held(1, 0, false, 0, Some(HOLDER)).unwrap();
+        volume.journal(write(0, 9, 4096)).unwrap();
+        volume.write_out_journal().unwrap();
+        volume.die();
+        let dir = Volume::dir_of(&tmp.0, "v");
+        let disk = LocalDisk::shared();
+        let promoted = authority::read(&disk, &dir)
+            .unwrap()
+            .failover(1, "/f", "u", 5, false)
+            .unwrap();
+        authority::write(&disk, &dir, &promoted).unwrap();
         let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
         assert_eq!(recovery, Recovery::Discarded);
         assert_eq!(volume.open_cycle_report(), None);
