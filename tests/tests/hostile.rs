@@ -623,6 +623,94 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
     );
 }
 
+/// A restarted receiver keeps an interrupted cycle for the agent that began it only: another
+/// agent granted the same volume (a compromised host that holds the volume's grant, or a
+/// second source misconfigured onto it) is not told of it, cannot resume it, and its
+/// connection abandons it. Nothing of it reaches a point.
+#[test]
+fn a_cycle_kept_over_a_receiver_restart_is_resumed_by_its_own_agent_only() {
+    require_root();
+    let scratch = Scratch::new();
+    let honest = Id::new(&scratch.path, "honest-id");
+    let hostile = Id::new(&scratch.path, "hostile-id");
+    let receiver_id = Id::new(&scratch.path, "receiver-id");
+    let data = scratch.path.join("data");
+    let mut receiver = Receiver::start(
+        &data,
+        &receiver_id,
+        &[
+            format!("{}={VOLUME}", honest.fingerprint),
+            format!("{}={VOLUME}", hostile.fingerprint),
+        ],
+        0,
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut model = vec![0u8; SIZE as usize];
+    let committed = runtime.block_on(honest_cycle(&receiver, &honest, &[(0, 1, MIB)], &mut model));
+    let point = model.clone();
+    // The honest agent journals two frames of the next cycle (a Flush makes them reach the
+    // journal file), then the receiver is killed.
+    let seq = committed + 1;
+    runtime.block_on(async {
+        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
+        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        client.begin_journaled(seq).await;
+        let frames: Vec<DataFrame> = [(2 * MIB, 7u8), (4 * MIB, 8)]
+            .into_iter()
+            .map(|(offset, byte)| DataFrame::Write {
+                seq,
+                offset,
+                codec: Codec::Raw,
+                raw_len: CHUNK as u32,
+                data: vec![byte; CHUNK as usize],
+            })
+            .collect();
+        client.data(&frames).await;
+        let flushed = client.request(&AgentMessage::Flush { frames: 2 }).await;
+        assert!(
+            matches!(flushed, Some(ReceiverMessage::Flushed { frames: 2 })),
+            "{flushed:?}"
+        );
+        drop(client);
+    });
+    receiver.restart();
+    assert!(
+        receiver.log().contains(&format!(
+            "kept uncommitted cycle {seq} (2 journaled frames)"
+        )),
+        "{}",
+        receiver.log()
+    );
+    runtime.block_on(async {
+        // Its own agent is told of the kept cycle...
+        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let open = welcome
+            .open_cycle
+            .expect("the kept cycle is reported to its agent");
+        assert_eq!((open.seq, open.frames), (seq, 2));
+        drop(client);
+        // ... the other is not, cannot resume it, and abandons it by connecting.
+        let mut client = Client::connect(&receiver, &hostile).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        assert!(welcome.open_cycle.is_none(), "{:?}", welcome.open_cycle);
+        let resumed = client.request(&AgentMessage::Resume { seq }).await;
+        assert_refused(&resumed, RefusalCode::Sequence);
+        drop(client);
+        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
+        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        assert!(welcome.open_cycle.is_none(), "{:?}", welcome.open_cycle);
+        assert_eq!(welcome.committed_seq, committed);
+        client.close().await;
+    });
+    assert!(restore(&data, &scratch.path, committed) == point);
+    assert_eq!(
+        fs::metadata(data.join(VOLUME).join("journal")).map_or(0, |m| m.len()),
+        0,
+        "the abandoned journal is emptied"
+    );
+}
+
 /// Finding 7 of the hardening issue: every failed handshake appended an audit entry (3
 /// fsyncs), with no address validation, so anyone could grow the log at will.
 #[test]
