@@ -270,12 +270,15 @@ pub fn replication(
         }
         let (lines, seconds) = agent_once(&mut agent())?;
         let read = sum(&lines, "read_bytes");
+        let commit_s = sum(&lines, "commit_ms") as f64 / 1e3;
+        let cycle_ms = sum(&lines, "duration_ms") as f64 / 1e3;
         eprintln!(
-            "bench: round {round}: {} MiB changed, cycle read {} MiB in {seconds:.2}s",
+            "bench: round {round}: {} MiB changed, cycle read {} MiB in {seconds:.2}s (the \
+             cycle itself {cycle_ms:.3}s, of which the receiver's commit {commit_s:.3}s)",
             (changed_chunks * 65536) >> 20,
             read >> 20
         );
-        cycles.push((read, sum(&lines, "sent_bytes"), seconds));
+        cycles.push((read, sum(&lines, "sent_bytes"), seconds, cycle_ms, commit_s));
     }
     let changed = changed_chunks * 65536;
     let median = |mut v: Vec<f64>| {
@@ -284,6 +287,8 @@ pub fn replication(
     };
     let cycle_s = median(cycles.iter().map(|c| c.2).collect());
     let cycle_read = median(cycles.iter().map(|c| c.0 as f64).collect());
+    let cycle_only_s = median(cycles.iter().map(|c| c.3).collect());
+    let commit_s = median(cycles.iter().map(|c| c.4).collect());
 
     eprintln!("bench: a continuous agent with nothing to ship, cycles 1 s apart");
     let mut continuous = agent();
@@ -324,6 +329,11 @@ pub fn replication(
          | {cycle_s:.2} | {:.3} |",
         cycle_s / read_s
     );
+    println!(
+        "| of which the cycle itself (no start-up, connection, tracker attach), s | | \
+         {cycle_only_s:.3} | |"
+    );
+    println!("| of which the receiver's commit (journal, apply, fsyncs), s | | {commit_s:.3} | |");
     println!(
         "| incremental cycle, bytes read (baseline: bytes changed) | {changed} | {cycle_read:.0} | \
          {:.2} |",

@@ -474,6 +474,9 @@ pub struct Agent {
     /// the committed point is application-consistent when it was `Some(true)` and the point
     /// is frozen.
     last_pre_freeze: Option<bool>,
+    /// How long the receiver took to commit the last point (from the `Commit` sent to its
+    /// answer): the share of a cycle that is the receiver's journal, apply and fsyncs.
+    last_commit: Duration,
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -601,6 +604,7 @@ impl Agent {
             read_rate: DEFAULT_READ_RATE,
             open_cycle,
             last_pre_freeze: None,
+            last_commit: Duration::ZERO,
             compression,
             rate,
             started,
@@ -919,7 +923,9 @@ impl Agent {
         let message = self.session.commit(frames, point)?;
         // A commit clears the in-flight set, and a complete point ends the sync, in the same
         // write of the state file: a crash cannot leave a finished sync looking unfinished.
+        let asked = Instant::now();
         self.session.on_reply(link.request(&message).await?)?;
+        self.last_commit = asked.elapsed();
         self.state.inflight.clear();
         self.open_cycle = None;
         self.persist()
@@ -1430,6 +1436,7 @@ impl Agent {
                     "complete": point.complete,
                     "synced_to": point.synced_to,
                     "duration_ms": took.as_millis() as u64,
+                    "commit_ms": self.last_commit.as_millis() as u64,
                 })
             );
         } else {
