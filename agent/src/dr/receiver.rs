@@ -396,6 +396,16 @@ fn abandon_stale_cycles(suspended: &Suspended, keep_for: Duration, now: Instant)
         .collect()
 }
 
+/// What `status` shows of a cycle kept for its agent, from now on.
+fn kept_cycle_status(report: &wire::OpenCycleReport) -> KeptCycle {
+    KeptCycle {
+        seq: report.seq,
+        frames: report.frames,
+        journaled_bytes: report.journaled.iter().map(|r| r.1).sum(),
+        since_unix_ms: crate::command::status::now_ms(),
+    }
+}
+
 /// The cycles a restarted receiver keeps for their agents (see [`Recovery::Kept`]): each
 /// volume of `data_dir` whose journal holds an uncommitted cycle that names its agent, opened,
 /// with that agent. A journal whose agent is no valid fingerprint is abandoned.
@@ -538,14 +548,9 @@ pub async fn serve(
     // connections had just broken.
     for (name, holder, volume) in interrupted_cycles(&context.data_dir) {
         if let Some(report) = volume.open_cycle_report() {
-            context.status.update(&name, |s| {
-                s.kept_cycle = Some(KeptCycle {
-                    seq: report.seq,
-                    frames: report.frames,
-                    journaled_bytes: report.journaled.iter().map(|r| r.1).sum(),
-                    since_unix_ms: crate::command::status::now_ms(),
-                });
-            });
+            context
+                .status
+                .update(&name, |s| s.kept_cycle = Some(kept_cycle_status(&report)));
         }
         context
             .suspended
@@ -994,14 +999,9 @@ async fn connection(incoming: quinn::Incoming, context: Arc<Context>) {
             Err(_) => None,
         };
         if let Some(report) = kept {
-            context.status.update(&name, |s| {
-                s.kept_cycle = Some(KeptCycle {
-                    seq: report.seq,
-                    frames: report.frames,
-                    journaled_bytes: report.journaled.iter().map(|r| r.1).sum(),
-                    since_unix_ms: crate::command::status::now_ms(),
-                });
-            });
+            context
+                .status
+                .update(&name, |s| s.kept_cycle = Some(kept_cycle_status(&report)));
             log(format!(
                 "volume {name}: connection lost in cycle {}; keeping its {} journaled frames for \
                  the agent to resume",
