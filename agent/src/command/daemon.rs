@@ -342,13 +342,15 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         if let Some(addr) = settings.metrics_listen {
             service::serve_metrics(addr, board.clone(), shutdown.clone()).await?;
         }
-        let endpoint = receiver::bind(&config)?;
-        let addr = endpoint
-            .local_addr()
-            .map_err(|source| crate::link::net::NetError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let bound = receiver::bind(&config)?;
+        let addr =
+            bound
+                .endpoint
+                .local_addr()
+                .map_err(|source| crate::link::net::NetError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         tracing::info!(
             target: "blkmirror receiver",
             "listening on {addr} (fingerprint {fingerprint}), data in {}, {} agent(s) admitted",
@@ -357,7 +359,7 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
         );
         service::notify(NotifyState::Ready);
         let watchdog = service::spawn_watchdog(board.clone(), || true, shutdown.clone());
-        let served = receiver::serve(endpoint, config, shutdown, reload_rx).await;
+        let served = receiver::serve(bound, config, shutdown, reload_rx).await;
         watchdog.abort();
         served.map_err(DaemonError::from)
     });

@@ -92,27 +92,42 @@ fn warn(message: impl std::fmt::Display) {
     tracing::warn!(target: "blkmirror receiver", "{message}");
 }
 
-/// Recovers every volume under `data_dir`: applies committed journals, drops uncommitted ones.
-/// A volume that cannot be opened (corrupt metadata, unreadable files) is reported with its
-/// error and left alone: one broken volume must not keep the others from being served.
-#[allow(clippy::type_complexity)]
-pub fn recover_all(
-    data_dir: &Path,
-) -> Result<Vec<(String, Result<Recovery, StoreError>)>, ReceiverError> {
+/// What [`recover_all`] found: each volume and its recovery, and the volumes whose
+/// interrupted cycle was kept ([`Recovery::Kept`]), still open with it.
+pub struct Recovered {
+    pub volumes: Vec<(String, Result<Recovery, StoreError>)>,
+    pub kept: Vec<(String, Volume)>,
+}
+
+/// Recovers every volume under `data_dir`: applies committed journals, keeps an interrupted
+/// cycle for its agent, drops other uncommitted ones. A volume that cannot be opened (corrupt
+/// metadata, unreadable files) is reported with its error and left alone: one broken volume
+/// must not keep the others from being served.
+pub fn recover_all(data_dir: &Path) -> Result<Recovered, ReceiverError> {
     let entries = std::fs::read_dir(data_dir).map_err(|error| ReceiverError::DataDir {
         path: data_dir.to_owned(),
         message: error.to_string(),
     })?;
-    let mut recovered = Vec::new();
+    let mut recovered = Recovered {
+        volumes: Vec::new(),
+        kept: Vec::new(),
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if wire::check_volume_name(&name).is_err() || !entry.path().join("volume.json").exists() {
             continue;
         }
-        let recovery = Volume::open(data_dir, &name).map(|(_, recovery)| recovery);
-        recovered.push((name, recovery));
+        // Only a volume with a kept cycle stays open (the others are opened by their
+        // agents' connections): a data directory of many volumes holds no file open for each.
+        let recovery = Volume::open(data_dir, &name).map(|(volume, recovery)| {
+            if matches!(recovery, Recovery::Kept { .. }) {
+                recovered.kept.push((name.clone(), volume));
+            }
+            recovery
+        });
+        recovered.volumes.push((name, recovery));
     }
-    recovered.sort_by(|a, b| a.0.cmp(&b.0));
+    recovered.volumes.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(recovered)
 }
 
@@ -293,13 +308,21 @@ impl From<StoreError> for Refusal {
     }
 }
 
-/// Binds the endpoint and recovers all volumes; returns the endpoint to pass to [`serve`].
-pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
+/// A bound receiver: its endpoint, and the cycles its recovery kept for their agents; what
+/// [`serve`] takes.
+pub struct Bound {
+    pub endpoint: quinn::Endpoint,
+    interrupted: Vec<(String, Fingerprint, Volume)>,
+}
+
+/// Binds the endpoint and recovers all volumes.
+pub fn bind(config: &ReceiverConfig) -> Result<Bound, ReceiverError> {
     std::fs::create_dir_all(&config.data_dir).map_err(|error| ReceiverError::DataDir {
         path: config.data_dir.clone(),
         message: error.to_string(),
     })?;
-    for (name, recovery) in recover_all(&config.data_dir)? {
+    let recovered = recover_all(&config.data_dir)?;
+    for (name, recovery) in recovered.volumes {
         match recovery {
             Ok(Recovery::Clean) => {}
             Ok(Recovery::Discarded) => log(format!(
@@ -336,12 +359,10 @@ pub fn bind(config: &ReceiverConfig) -> Result<quinn::Endpoint, ReceiverError> {
         }
     }
     let admitted = config.grants.keys().cloned().collect();
-    Ok(net::server_endpoint(
-        &config.identity,
-        admitted,
-        config.listen,
-        config.window,
-    )?)
+    Ok(Bound {
+        endpoint: net::server_endpoint(&config.identity, admitted, config.listen, config.window)?,
+        interrupted: interrupted_cycles(recovered.kept),
+    })
 }
 
 /// Serves connections on `endpoint` until `shutdown` turns true.
@@ -407,34 +428,23 @@ fn kept_cycle_status(report: &wire::OpenCycleReport) -> KeptCycle {
 }
 
 /// The cycles a restarted receiver keeps for their agents (see [`Recovery::Kept`]): each
-/// volume of `data_dir` whose journal holds an uncommitted cycle that names its agent, opened,
-/// with that agent. A journal whose agent is no valid fingerprint is abandoned.
-fn interrupted_cycles(data_dir: &Path) -> Vec<(String, Fingerprint, Volume)> {
-    let Ok(entries) = std::fs::read_dir(data_dir) else {
-        return Vec::new();
-    };
-    let mut kept = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let journal = entry.path().join("journal");
-        let has_journal = std::fs::metadata(&journal).is_ok_and(|m| m.len() > 0);
-        if wire::check_volume_name(&name).is_err() || !has_journal {
-            continue;
-        }
-        let Ok((mut volume, Recovery::Kept { .. })) = Volume::open(data_dir, &name) else {
-            continue;
-        };
-        match volume.open_cycle_holder().map(Fingerprint::parse) {
-            Some(Ok(holder)) => kept.push((name, holder, volume)),
-            _ => {
-                log(format!(
-                    "volume {name}: the interrupted cycle names no valid agent; abandoned it"
-                ));
-                volume.abort();
-            }
-        }
-    }
-    kept
+/// volume whose recovery kept an interrupted cycle, with the agent its journal names. A
+/// journal whose agent is no valid fingerprint is abandoned.
+fn interrupted_cycles(kept: Vec<(String, Volume)>) -> Vec<(String, Fingerprint, Volume)> {
+    kept.into_iter()
+        .filter_map(
+            |(name, mut volume)| match volume.open_cycle_holder().map(Fingerprint::parse) {
+                Some(Ok(holder)) => Some((name, holder, volume)),
+                _ => {
+                    log(format!(
+                        "volume {name}: the interrupted cycle names no valid agent; abandoned it"
+                    ));
+                    volume.abort();
+                    None
+                }
+            },
+        )
+        .collect()
 }
 
 /// Aborts a task when dropped (the receiver's background work ends with `serve`).
@@ -495,7 +505,7 @@ async fn collect_garbage_periodically(context: Arc<Context>, publisher: Arc<Publ
 
 /// Serves until `shutdown`; applies the configuration reloads that arrive on `reloads`.
 pub async fn serve(
-    endpoint: quinn::Endpoint,
+    bound: Bound,
     config: ReceiverConfig,
     mut shutdown: watch::Receiver<bool>,
     mut reloads: tokio::sync::mpsc::Receiver<Reload>,
@@ -546,7 +556,11 @@ pub async fn serve(
     let _follower = AbortOnDrop(follower);
     // Cycles interrupted by the last process's end wait for their agents as if their
     // connections had just broken.
-    for (name, holder, volume) in interrupted_cycles(&context.data_dir) {
+    let Bound {
+        endpoint,
+        interrupted,
+    } = bound;
+    for (name, holder, volume) in interrupted {
         if let Some(report) = volume.open_cycle_report() {
             context
                 .status
@@ -1666,7 +1680,7 @@ mod tests {
             "{\"format\": 1, \"chunk_bytes\": 0",
         )
         .unwrap();
-        let recovered = recover_all(&tmp.0).unwrap();
+        let recovered = recover_all(&tmp.0).unwrap().volumes;
         assert_eq!(recovered.len(), 2);
         assert_eq!(recovered[0].0, "bad");
         assert!(recovered[0].1.is_err());
@@ -1680,7 +1694,7 @@ mod tests {
                 .replace("\"volume\": \"good\"", "\"volume\": \"bad\""),
         )
         .unwrap();
-        let error = recover_all(&tmp.0).unwrap()[0]
+        let error = recover_all(&tmp.0).unwrap().volumes[0]
             .1
             .as_ref()
             .unwrap_err()
@@ -1768,6 +1782,7 @@ mod tests {
         let recovered = recover_all(&tmp.0).unwrap();
         let kept = |name: &str| {
             recovered
+                .volumes
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, r)| *r.as_ref().unwrap())
@@ -1776,8 +1791,12 @@ mod tests {
         assert_eq!(kept("forged"), Some(Recovery::Kept { seq: 1, frames: 1 }));
         assert_eq!(kept("anonymous"), Some(Recovery::Discarded));
         assert_eq!(kept("idle"), Some(Recovery::Discarded));
-        // Only the cycle whose agent is a fingerprint waits; the other is abandoned.
-        let waiting = interrupted_cycles(&tmp.0);
+        // Both stay open from the recovery; only the cycle whose agent is a fingerprint waits,
+        // the other is abandoned.
+        let mut open: Vec<&str> = recovered.kept.iter().map(|(n, _)| n.as_str()).collect();
+        open.sort_unstable();
+        assert_eq!(open, ["forged", "named"]);
+        let waiting = interrupted_cycles(recovered.kept);
         assert_eq!(waiting.len(), 1);
         let (name, holder, volume) = &waiting[0];
         assert_eq!(name, "named");

@@ -1679,8 +1679,9 @@ pub struct OpenJournal {
     pub whole_bytes: u64,
     /// Data bytes journaled, counted as [`Volume::journal`] counts them.
     pub bytes: u64,
-    /// The byte ranges the frames cover: all of them, those written, and those zeroed (in
-    /// journal order, as the zeroing of touched chunks depends on each range).
+    /// The byte ranges the frames cover: all of them, those written, and those zeroed (each
+    /// zero range as journaled, not merged: two that each cover part of a chunk leave it
+    /// rewritten, not zeroed, as they did when they were journaled).
     pub journaled: ChunkRanges,
     pub written: ChunkRanges,
     pub zeroed: Vec<(u64, u64)>,
