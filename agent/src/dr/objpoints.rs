@@ -1048,14 +1048,9 @@ pub async fn advance(
     }
 }
 
-/// Every chunk a point in the store reads (the mark of a collection). Each volume's manifests
-/// are read once, in order.
-pub async fn live_chunks(client: &ObjectStoreClient) -> Result<HashSet<ChunkId>, PointStoreError> {
-    Ok(mark(client, 0).await?.0)
-}
-
-/// The mark phase of a collection at `now_ms`: the live chunks, and from the same listings
-/// of each volume's manifests, the tombstones old enough to sweep (one listing per volume).
+/// The mark phase of a collection at `now_ms`: every chunk a point in the store reads (each
+/// volume's manifests are read once, in order), and from the same listings of each volume's
+/// manifests, the tombstones old enough to sweep (one listing per volume).
 async fn mark(
     client: &ObjectStoreClient,
     now_ms: u64,

@@ -546,9 +546,7 @@ impl World {
     fn recover(&mut self) -> Result<(), StoreError> {
         if !self.storage.exists(&self.volume_json()) {
             self.committing = None;
-            self.pending.clear();
-            self.pending_version.clear();
-            self.journal_order.clear();
+            self.forget_open_cycle();
             return Ok(());
         }
         let (volume, recovery) =
@@ -559,8 +557,6 @@ impl World {
         {
             self.settle_commit(seq, meta.points.last().is_some_and(|p| p.seq == seq));
         }
-        self.pending.clear();
-        self.pending_version.clear();
         if let Recovery::Kept { seq, frames } = recovery {
             // The journal keeps its first `frames` frames, for the agent to resume: the model's
             // open cycle is those.
@@ -574,6 +570,8 @@ impl World {
                 });
             }
             self.journal_order.truncate(frames as usize);
+            self.pending.clear();
+            self.pending_version.clear();
             for &(chunk, fill, version) in &self.journal_order {
                 self.pending.insert(chunk, fill);
                 self.pending_version.insert(chunk, version);
@@ -581,7 +579,7 @@ impl World {
             self.kept = Some(volume);
             self.open_cycle_outlived_receiver = true;
         } else {
-            self.journal_order.clear();
+            self.forget_open_cycle();
         }
         if meta.unsettled {
             // The image is at no point in time until the sync completes: what a direct step
@@ -593,6 +591,14 @@ impl World {
             meta.committed_seq
         ));
         Ok(())
+    }
+
+    /// The open cycle's journal is gone (aborted, refused, or never kept): the model forgets
+    /// what it had journaled.
+    fn forget_open_cycle(&mut self) {
+        self.pending.clear();
+        self.pending_version.clear();
+        self.journal_order.clear();
     }
 
     /// A commit of cycle `seq` happened: the model takes its writes.
@@ -687,11 +693,9 @@ impl World {
                 }
             }
             ControlStep::Serve(AgentMessage::Begin(begin)) => {
-                let volume = self.volume.as_mut().expect("admitted");
-                self.pending.clear();
-                self.pending_version.clear();
-                self.journal_order.clear();
+                self.forget_open_cycle();
                 self.journaled_at_resume.clear();
+                let volume = self.volume.as_mut().expect("admitted");
                 let begun = volume.begin_held(
                     begin.seq,
                     begin.bytes_estimate,
@@ -755,9 +759,7 @@ impl World {
                         ReceiverMessage::Committed { seq }
                     }
                     Err(error) => {
-                        self.pending.clear();
-                        self.pending_version.clear();
-                        self.journal_order.clear();
+                        self.forget_open_cycle();
                         store_refusal(error)
                     }
                 }
@@ -1234,9 +1236,7 @@ impl World {
             self.receiver_dies();
         }
         if self.kept.is_none() {
-            self.pending.clear();
-            self.pending_version.clear();
-            self.journal_order.clear();
+            self.forget_open_cycle();
         }
         self.expect_consistent = None;
         // What was still on its way is lost with the connection.
