@@ -16,7 +16,7 @@ use std::{
 };
 
 use blkmirror_protocol::units;
-use blkmirror_wan::{self as wan, Echo, GilbertElliott, LinkSpec, Relay};
+use blkmirror_wan::{self as wan, Echo, GilbertElliott, LinkSpec, Relay, Sender};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -210,33 +210,42 @@ fn check(seconds: f64) -> Result<bool, String> {
         "wan-relay check: paced UDP streams of 1200-byte datagrams on 127.0.0.1, {seconds} s each"
     );
 
-    // The ceiling: a direct stream, then the same through a relay without impairments.
-    let sink = UdpSocket::bind("127.0.0.1:0").map_err(io)?;
-    let direct =
-        wan::stream(sink.local_addr().map_err(io)?, &sink, 0, seconds, 1200).map_err(io)?;
-    let relay = Relay::start(
-        "127.0.0.1:0".parse().expect("address"),
-        sink.local_addr().map_err(io)?,
-        LinkSpec::default(),
-        LinkSpec::default(),
-        1,
-    )
-    .map_err(io)?;
-    let relayed = wan::stream(relay.address(), &sink, 0, seconds, 1200).map_err(io)?;
-    drop(relay);
-    println!(
-        "{:<44} {:>10.2} Gbit/s  direct     {:>8.2} Gbit/s  ratio {:.3} {}",
-        "ceiling (no impairment, sender flat out)",
-        relayed.rate_bits / 1e9,
-        direct.rate_bits / 1e9,
-        relayed.rate_bits / direct.rate_bits,
-        if relayed.rate_bits >= 2e9 {
-            "ok (>= 2 Gbit/s)"
-        } else {
-            "BELOW 2 Gbit/s"
+    // The ceiling: a direct stream, then the same through a relay without impairments; for a
+    // sender that sends as quinn does (GSO runs) and for one that sends datagram by datagram.
+    // The goal (2 Gbit/s) is for the first: that is what the relay carries in the tests.
+    for how in [Sender::Gso, Sender::Single] {
+        let sink = UdpSocket::bind("127.0.0.1:0").map_err(io)?;
+        let direct = wan::stream(sink.local_addr().map_err(io)?, &sink, 0, seconds, 1200, how)
+            .map_err(io)?;
+        let relay = Relay::start(
+            "127.0.0.1:0".parse().expect("address"),
+            sink.local_addr().map_err(io)?,
+            LinkSpec::default(),
+            LinkSpec::default(),
+            1,
+        )
+        .map_err(io)?;
+        let relayed = wan::stream(relay.address(), &sink, 0, seconds, 1200, how).map_err(io)?;
+        drop(relay);
+        let verdict = match (how, relayed.rate_bits >= 2e9) {
+            (Sender::Gso, true) => "ok (>= 2 Gbit/s)",
+            (Sender::Gso, false) => "BELOW 2 Gbit/s",
+            (Sender::Single, _) => "(no goal)",
+        };
+        println!(
+            "{:<44} {:>10.2} Gbit/s  direct     {:>8.2} Gbit/s  ratio {:.3} {verdict}",
+            match how {
+                Sender::Gso => "ceiling, GSO sender (as quinn), no impairment",
+                Sender::Single => "ceiling, one datagram per send",
+            },
+            relayed.rate_bits / 1e9,
+            direct.rate_bits / 1e9,
+            relayed.rate_bits / direct.rate_bits,
+        );
+        if how == Sender::Gso {
+            ok &= relayed.rate_bits >= 2e9;
         }
-    );
-    ok &= relayed.rate_bits >= 2e9;
+    }
 
     // Rate caps, offered at 1.5x.
     for (mbit, rtt_ms) in [(100.0, 40u64), (1000.0, 20)] {
@@ -254,8 +263,15 @@ fn check(seconds: f64) -> Result<bool, String> {
             1,
         )
         .map_err(io)?;
-        let measured = wan::stream(relay.address(), &sink, (mbit * 1.5e6) as u64, seconds, 1200)
-            .map_err(io)?;
+        let measured = wan::stream(
+            relay.address(),
+            &sink,
+            (mbit * 1.5e6) as u64,
+            seconds,
+            1200,
+            Sender::Gso,
+        )
+        .map_err(io)?;
         ok &= line(
             &format!("rate cap {mbit} Mbit/s, {rtt_ms} ms, offered 1.5x"),
             measured.rate_bits / 1e6,
@@ -307,8 +323,15 @@ fn check(seconds: f64) -> Result<bool, String> {
             7,
         )
         .map_err(io)?;
-        let measured =
-            wan::stream(relay.address(), &sink, 80_000_000, seconds, 1200).map_err(io)?;
+        let measured = wan::stream(
+            relay.address(),
+            &sink,
+            80_000_000,
+            seconds,
+            1200,
+            Sender::Gso,
+        )
+        .map_err(io)?;
         // About 25000 datagrams: at 0.1% that is 25 losses, so the tolerance is wide.
         ok &= line(
             &format!("loss {loss_pct}% at 80 of 100 Mbit/s"),
