@@ -7,6 +7,9 @@
 //! root.
 //!
 //! * [`congestion`]: which losses on the link are congestion and which are random.
+//! * [`cubic`]: the agent's congestion window: Cubic whose slow start ends on a rising round
+//!   trip (after HyStart++) with the window the path delivers, instead of overflowing the
+//!   router's queue.
 //! * [`failback`]: the messages and the plan that make a returned source equal to the promoted
 //!   DR-site device, moving only what differs.
 //! * [`extent`]: dirty bitmaps as the kernel side writes them, turned into merged extents.
@@ -21,6 +24,7 @@
 //! * [`session`]: the agent's replication session as a state machine without IO.
 
 pub mod congestion;
+pub mod cubic;
 pub mod extent;
 pub mod failback;
 pub mod frames;

@@ -44,7 +44,7 @@ pub struct WanMatrix {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "cubic,newreno,bbr,filtered-cubic"
+        default_value = "cubic,newreno,bbr,filtered-quinn-cubic,filtered-cubic"
     )]
     pub congestion: Vec<String>,
     /// The initial sync's length at the link rate, which sizes the device.

@@ -12,6 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::link::identity::{self, Fingerprint, Identity, IdentityError};
 use blkmirror_protocol::{
     congestion::LossFilter,
+    cubic::Cubic,
     wire::{self, WireError},
 };
 
@@ -44,12 +45,122 @@ pub enum Congestion {
     /// quinn's BBR (experimental there): model-based, so random loss does not slow it, but
     /// it sends at about twice the bottleneck rate and loses half at a tail-drop queue.
     Bbr,
-    /// Cubic behind [`LossFilter`]: only losses that look like congestion (more than 3% of
-    /// the bytes over two round trips) reach it, so random loss does not throttle it.
-    /// `cargo xtask bench wan` measures the four; see the README.
+    /// blkmirror's own Cubic ([`blkmirror_protocol::cubic`]) behind [`LossFilter`]: only
+    /// losses that look like congestion (more than 3% of the bytes over two round trips)
+    /// reach it, so random loss does not throttle it, and slow start ends when the round trip
+    /// shows a standing queue, before the router's queue overflows. `cargo xtask bench wan`
+    /// measures the controllers; see the README.
     #[default]
     #[value(name = "filtered-cubic")]
     FilteredCubic,
+    /// quinn's Cubic behind [`LossFilter`]: slow start ends only at the first loss (the
+    /// default of the releases before 2026-12-06, kept for comparison).
+    #[value(name = "filtered-quinn-cubic")]
+    FilteredQuinnCubic,
+}
+
+/// The initial window of quinn's controllers: 14720 bytes within 2 and 10 datagrams (RFC 9002),
+/// which blkmirror's Cubic starts from too.
+fn initial_window(mtu: u16) -> u64 {
+    14720u64.clamp(2 * u64::from(mtu), 10 * u64::from(mtu))
+}
+
+/// Builds [`OwnCubic`] controllers.
+#[derive(Debug)]
+struct OwnCubicFactory;
+
+impl congestion::ControllerFactory for OwnCubicFactory {
+    fn build(
+        self: Arc<Self>,
+        now: std::time::Instant,
+        current_mtu: u16,
+    ) -> Box<dyn congestion::Controller> {
+        Box::new(OwnCubic {
+            cubic: Cubic::new(u64::from(current_mtu), initial_window(current_mtu), true),
+            filter: LossFilter::new(),
+            epoch: now,
+            rtt: Duration::from_millis(100),
+        })
+    }
+}
+
+/// The adapter between blkmirror's pure Cubic and [`LossFilter`] and quinn's controller
+/// interface: instants become durations since the connection began.
+#[derive(Clone)]
+struct OwnCubic {
+    cubic: Cubic,
+    filter: LossFilter,
+    epoch: std::time::Instant,
+    /// The latest smoothed round trip.
+    rtt: Duration,
+}
+
+impl OwnCubic {
+    fn since(&self, at: std::time::Instant) -> Duration {
+        at.saturating_duration_since(self.epoch)
+    }
+}
+
+impl congestion::Controller for OwnCubic {
+    fn on_ack(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        bytes: u64,
+        app_limited: bool,
+        rtt: &quinn_proto::RttEstimator,
+    ) {
+        self.rtt = rtt.get();
+        let (now, sent) = (self.since(now), self.since(sent));
+        self.filter.on_ack(now, bytes, self.rtt);
+        self.cubic.on_ack(now, sent, bytes, app_limited, self.rtt);
+    }
+
+    fn on_congestion_event(
+        &mut self,
+        now: std::time::Instant,
+        sent: std::time::Instant,
+        is_persistent_congestion: bool,
+        lost_bytes: u64,
+    ) {
+        let (now, sent) = (self.since(now), self.since(sent));
+        // No bytes lost: an ECN congestion mark, which is never random.
+        let congestion = lost_bytes == 0
+            || self
+                .filter
+                .on_loss(now, lost_bytes, self.rtt, is_persistent_congestion);
+        if congestion {
+            self.cubic
+                .on_congestion_event(now, sent, is_persistent_congestion);
+        }
+    }
+
+    fn on_mtu_update(&mut self, new_mtu: u16) {
+        self.cubic.on_mtu_update(u64::from(new_mtu));
+    }
+
+    fn window(&self) -> u64 {
+        self.cubic.window()
+    }
+
+    fn metrics(&self) -> congestion::ControllerMetrics {
+        let mut metrics = congestion::ControllerMetrics::default();
+        metrics.congestion_window = self.cubic.window();
+        metrics.ssthresh = self.cubic.ssthresh();
+        metrics
+    }
+
+    fn clone_box(&self) -> Box<dyn congestion::Controller> {
+        Box::new(self.clone())
+    }
+
+    fn initial_window(&self) -> u64 {
+        self.cubic.initial_window()
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
 }
 
 /// A loss-based controller behind a [`LossFilter`]: the adapter between the pure filter and
@@ -248,7 +359,10 @@ pub fn transport_config(window: u64, congestion: Congestion) -> TransportConfig 
         Congestion::Bbr => {
             transport.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
         }
-        Congestion::FilteredCubic => transport.congestion_controller_factory(Arc::new(
+        Congestion::FilteredCubic => {
+            transport.congestion_controller_factory(Arc::new(OwnCubicFactory))
+        }
+        Congestion::FilteredQuinnCubic => transport.congestion_controller_factory(Arc::new(
             FilteredFactory(Arc::new(congestion::CubicConfig::default())),
         )),
     };
