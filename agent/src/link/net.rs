@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::link::identity::{self, Fingerprint, Identity, IdentityError};
 use blkmirror_protocol::{
     congestion::LossFilter,
-    cubic::Cubic,
+    cubic::FilteredCubic,
     wire::{self, WireError},
 };
 
@@ -76,23 +76,18 @@ impl congestion::ControllerFactory for OwnCubicFactory {
         current_mtu: u16,
     ) -> Box<dyn congestion::Controller> {
         Box::new(OwnCubic {
-            cubic: Cubic::new(u64::from(current_mtu), initial_window(current_mtu), true),
-            filter: LossFilter::new(),
+            controller: FilteredCubic::new(u64::from(current_mtu), initial_window(current_mtu)),
             epoch: now,
-            rtt: Duration::from_millis(100),
         })
     }
 }
 
-/// The adapter between blkmirror's pure Cubic and [`LossFilter`] and quinn's controller
-/// interface: instants become durations since the connection began.
+/// The adapter between blkmirror's pure [`FilteredCubic`] and quinn's controller interface:
+/// instants become durations since the connection began.
 #[derive(Clone)]
 struct OwnCubic {
-    cubic: Cubic,
-    filter: LossFilter,
+    controller: FilteredCubic,
     epoch: std::time::Instant,
-    /// The latest smoothed round trip.
-    rtt: Duration,
 }
 
 impl OwnCubic {
@@ -110,10 +105,9 @@ impl congestion::Controller for OwnCubic {
         app_limited: bool,
         rtt: &quinn_proto::RttEstimator,
     ) {
-        self.rtt = rtt.get();
         let (now, sent) = (self.since(now), self.since(sent));
-        self.filter.on_ack(now, bytes, self.rtt);
-        self.cubic.on_ack(now, sent, bytes, app_limited, self.rtt);
+        self.controller
+            .on_ack(now, sent, bytes, app_limited, rtt.get());
     }
 
     fn on_congestion_event(
@@ -124,29 +118,22 @@ impl congestion::Controller for OwnCubic {
         lost_bytes: u64,
     ) {
         let (now, sent) = (self.since(now), self.since(sent));
-        // No bytes lost: an ECN congestion mark, which is never random.
-        let congestion = lost_bytes == 0
-            || self
-                .filter
-                .on_loss(now, lost_bytes, self.rtt, is_persistent_congestion);
-        if congestion {
-            self.cubic
-                .on_congestion_event(now, sent, is_persistent_congestion);
-        }
+        self.controller
+            .on_loss(now, sent, lost_bytes, is_persistent_congestion);
     }
 
     fn on_mtu_update(&mut self, new_mtu: u16) {
-        self.cubic.on_mtu_update(u64::from(new_mtu));
+        self.controller.cubic.on_mtu_update(u64::from(new_mtu));
     }
 
     fn window(&self) -> u64 {
-        self.cubic.window()
+        self.controller.cubic.window()
     }
 
     fn metrics(&self) -> congestion::ControllerMetrics {
         let mut metrics = congestion::ControllerMetrics::default();
-        metrics.congestion_window = self.cubic.window();
-        metrics.ssthresh = self.cubic.ssthresh();
+        metrics.congestion_window = self.controller.cubic.window();
+        metrics.ssthresh = self.controller.cubic.ssthresh();
         metrics
     }
 
@@ -155,7 +142,7 @@ impl congestion::Controller for OwnCubic {
     }
 
     fn initial_window(&self) -> u64 {
-        self.cubic.initial_window()
+        self.controller.cubic.initial_window()
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
