@@ -5,6 +5,8 @@
 //!   reads the device, and what bdsync / blocksync-fast must do on *every* run;
 //! * raw QUIC throughput on 127.0.0.1 with the same TLS and flow-control settings
 //!   (`blkmirror bench-transport`): the ceiling of the transport on this machine;
+//! * TCP on 127.0.0.1 with the same rustls TLS (`blkmirror bench-transport --tcp`), the
+//!   baseline of raw QUIC itself;
 //! * the bytes actually changed: an incremental cycle should read about that much.
 //!
 //! Agent and receiver run on this machine over QUIC on 127.0.0.1, so the receiver's journal,
@@ -222,23 +224,34 @@ pub fn replication(
         read_rate / 1e6
     );
 
-    let transport = Command::new(&binary)
-        .args(["bench-transport", "--bytes", &size.to_string()])
-        .output()
-        .context("blkmirror bench-transport")?;
-    if !transport.status.success() {
-        bail!(
-            "bench-transport failed: {}",
-            String::from_utf8_lossy(&transport.stderr)
-        );
-    }
-    let quic_rate: f64 = String::from_utf8_lossy(&transport.stdout)
-        .trim()
-        .parse()
-        .context("bench-transport output")?;
+    let transport_rate = |tcp: bool| -> Result<f64> {
+        let mut command = Command::new(&binary);
+        command.args(["bench-transport", "--bytes", &size.to_string()]);
+        if tcp {
+            command.arg("--tcp");
+        }
+        let output = command.output().context("blkmirror bench-transport")?;
+        if !output.status.success() {
+            bail!(
+                "bench-transport{} failed: {}",
+                if tcp { " --tcp" } else { "" },
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .context("bench-transport output")
+    };
+    let quic_rate = transport_rate(false)?;
     eprintln!(
         "bench: raw QUIC on 127.0.0.1 (same TLS and windows): {:.0} MB/s",
         quic_rate / 1e6
+    );
+    let tcp_rate = transport_rate(true)?;
+    eprintln!(
+        "bench: TCP on 127.0.0.1 with the same TLS (rustls): {:.0} MB/s",
+        tcp_rate / 1e6
     );
 
     eprintln!("bench: initial sync");
@@ -323,6 +336,13 @@ pub fn replication(
         quic_rate / 1e6,
         sync_rate / 1e6,
         sync_rate / quic_rate
+    );
+    println!(
+        "| raw QUIC, MB/s (baseline: TCP with the same rustls TLS, 127.0.0.1; goal 0.8) | {:.0} \
+         | {:.0} | {:.2} |",
+        tcp_rate / 1e6,
+        quic_rate / 1e6,
+        quic_rate / tcp_rate
     );
     println!(
         "| incremental cycle, s (baseline: reading the whole device, as bdsync must) | {read_s:.2} \

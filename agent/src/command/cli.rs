@@ -107,7 +107,8 @@ pub enum Command {
         /// The scratch disk.
         device: PathBuf,
     },
-    /// (benchmark baseline) Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS settings.
+    /// (benchmark baseline) Raw QUIC throughput on 127.0.0.1 with blkmirror's TLS settings, or
+    /// TCP with the same TLS (`--tcp`).
     #[command(hide = true)]
     BenchTransport(BenchTransportArgs),
 }
@@ -127,6 +128,9 @@ pub struct BenchTransportArgs {
     /// Congestion controller of the sender.
     #[arg(long, value_enum, default_value_t = Congestion::default())]
     pub congestion: Congestion,
+    /// Measure TCP with the same TLS instead (one connection), the baseline for raw QUIC.
+    #[arg(long)]
+    pub tcp: bool,
 }
 
 /// `blkmirror keygen`.
@@ -1221,6 +1225,15 @@ pub fn run(cli: Cli) -> ExitCode {
                     println!("BLKMIRROR-VM: FAIL track: {reason}");
                     ExitCode::Failure
                 }
+            };
+        }
+        Command::BenchTransport(args) if args.tcp => {
+            return match crate::link::net::loopback_tls_tcp_throughput(args.bytes) {
+                Ok(rate) => {
+                    println!("{}", rate as u64);
+                    ExitCode::Success
+                }
+                Err(error) => fail(ExitCode::Failure, error),
             };
         }
         Command::BenchTransport(args) => {

@@ -578,13 +578,7 @@ pub async fn loopback_throughput(
     window: u64,
     congestion: Congestion,
 ) -> Result<f64, NetError> {
-    let dir = std::env::temp_dir().join(format!("blkmirror-transport-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let server_fp = identity::generate(&dir.join("server"), "server")?;
-    let client_fp = identity::generate(&dir.join("client"), "client")?;
-    let server_id = Identity::load(&dir.join("server"))?;
-    let client_id = Identity::load(&dir.join("client"))?;
-    let _ = std::fs::remove_dir_all(&dir);
+    let (server_id, server_fp, client_id, client_fp) = throwaway_peers()?;
     let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
     let server = server_endpoint(&server_id, BTreeSet::from([client_fp]), listen, window)?;
     let addr = server.local_addr().map_err(|source| NetError::Bind {
@@ -650,9 +644,96 @@ pub async fn loopback_throughput(
     Ok(received as f64 / seconds)
 }
 
+/// A server and a client identity for the transport benchmarks, made in a temporary directory
+/// that is removed at once: (server, its fingerprint, client, its fingerprint).
+fn throwaway_peers() -> Result<(Identity, Fingerprint, Identity, Fingerprint), NetError> {
+    let dir = std::env::temp_dir().join(format!("blkmirror-transport-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let made = (|| {
+        let server_fp = identity::generate(&dir.join("server"), "server")?;
+        let client_fp = identity::generate(&dir.join("client"), "client")?;
+        let server_id = Identity::load(&dir.join("server"))?;
+        let client_id = Identity::load(&dir.join("client"))?;
+        Ok::<_, IdentityError>((server_id, server_fp, client_id, client_fp))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(made?)
+}
+
+/// The baseline for raw QUIC: `bytes` over one TCP connection on 127.0.0.1 with the same
+/// TLS 1.3 configuration (rustls, pinned identities, the same cipher suites), a thread on each
+/// side, 1 MiB writes. Returns bytes per second, timed from the end of the handshake to the
+/// last byte read, as [`loopback_throughput`] is.
+pub fn loopback_tls_tcp_throughput(bytes: u64) -> Result<f64, NetError> {
+    use std::io::{Read as _, Write as _};
+    let (server_id, server_fp, client_id, client_fp) = throwaway_peers()?;
+    let listen: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let bind = |source| NetError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(listen).map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
+    let server_tls = Arc::new(identity::server_config(
+        &server_id,
+        BTreeSet::from([client_fp]),
+    )?);
+    let tls_error = |error: rustls::Error| NetError::Read(format!("TLS over TCP: {error}"));
+    let io_error = |error: std::io::Error| NetError::Read(format!("TCP: {error}"));
+    let sink = std::thread::spawn(move || -> Result<(u64, std::time::Instant), NetError> {
+        let (socket, _) = listener.accept().map_err(io_error)?;
+        let connection = rustls::ServerConnection::new(server_tls).map_err(tls_error)?;
+        let mut stream = rustls::StreamOwned::new(connection, socket);
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => total += read as u64,
+                // The client closed the socket after its close_notify.
+                Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(error) => return Err(io_error(error)),
+            }
+        }
+        Ok((total, std::time::Instant::now()))
+    });
+    let client_tls = Arc::new(identity::client_config(&client_id, &server_fp.into())?);
+    let name = rustls::pki_types::ServerName::try_from("blkmirror").expect("a valid name");
+    let mut connection = rustls::ClientConnection::new(client_tls, name).map_err(tls_error)?;
+    let mut socket = std::net::TcpStream::connect(addr).map_err(io_error)?;
+    socket.set_nodelay(true).map_err(io_error)?;
+    while connection.is_handshaking() {
+        connection.complete_io(&mut socket).map_err(io_error)?;
+    }
+    let started = std::time::Instant::now();
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    let block = vec![0x5au8; 1 << 20];
+    let mut sent = 0;
+    while sent < bytes {
+        stream.write_all(&block).map_err(io_error)?;
+        sent += block.len() as u64;
+    }
+    stream.conn.send_close_notify();
+    stream.flush().map_err(io_error)?;
+    let _ = stream.sock.shutdown(std::net::Shutdown::Write);
+    let (received, ended) = sink.join().expect("TCP sink thread")?;
+    if received < sent {
+        return Err(NetError::Read(format!(
+            "TCP: {received} of {sent} bytes arrived"
+        )));
+    }
+    Ok(received as f64 / ended.duration_since(started).as_secs_f64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tcp_baseline_carries_its_bytes_over_tls() {
+        let rate = loopback_tls_tcp_throughput(32 << 20).expect("a TLS transfer over TCP");
+        assert!(rate > 1e6, "{rate} bytes/s");
+    }
 
     struct Peers {
         dir: std::path::PathBuf,
