@@ -202,6 +202,20 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
         let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
             s["lag_seconds"].is_number() && s["state"] == "continuous"
         });
+        // The status shows the path as quinn measures it: the relay's 40 ms round trip (plus
+        // at most its queue of one BDP and the hosts' time), a window, datagrams sent.
+        let path = &synced["link"];
+        let rtt_ms = path["rtt_ms"]
+            .as_f64()
+            .expect("the link's round trip in the status");
+        assert!(
+            (39.0..200.0).contains(&rtt_ms),
+            "round trip {rtt_ms} ms through a 40 ms link"
+        );
+        let sent = path["sent_packets"].as_u64().expect("datagrams sent");
+        assert!(sent > 64 * MIB / 1500, "{sent} datagrams for a 64 MiB sync");
+        assert!(path["lost_packets"].as_u64().expect("datagrams lost") < sent / 10);
+        assert!(path["congestion_window_bytes"].as_u64().expect("a window") > 0);
         // (The first tracking of a device counts as one loss: its earlier history is unknown.)
         let losses_before = synced["tracking_loss_total"].clone();
         // The link goes down (longer than the idle timeout) while the source keeps writing.

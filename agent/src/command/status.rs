@@ -124,6 +124,22 @@ pub struct SyncProgress {
     pub eta_s: Option<u64>,
 }
 
+/// (agent) The QUIC path to the receiver, as quinn measures it: what an operator of a WAN
+/// link checks first when cycles run slow.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkStats {
+    /// The smoothed round trip, milliseconds.
+    pub rtt_ms: f64,
+    /// The congestion window, bytes: at most this much is in flight.
+    pub congestion_window_bytes: u64,
+    /// Datagrams sent and declared lost on the current connection.
+    pub sent_packets: u64,
+    /// Of which lost (random loss and queue overflow alike).
+    pub lost_packets: u64,
+    /// Times the congestion controller cut its window on this connection.
+    pub congestion_events: u64,
+}
+
 /// One volume's status.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct VolumeStatus {
@@ -155,6 +171,9 @@ pub struct VolumeStatus {
     /// When the last cut was taken (for the change rate).
     #[serde(skip)]
     pub last_cut_unix_ms: Option<u64>,
+    /// (agent) The path to the receiver, as of the last committed pass.
+    #[serde(default)]
+    pub link: Option<LinkStats>,
     /// (receiver) A cycle whose connection broke, kept for its agent to resume.
     #[serde(default)]
     pub kept_cycle: Option<KeptCycle>,
@@ -285,6 +304,11 @@ impl StatusBoard {
             s.ship_rate_bytes_per_s =
                 smoothed(s.ship_rate_bytes_per_s, device_bytes as f64 / cycle_seconds);
         });
+    }
+
+    /// (agent) Records what quinn measures of the path to the receiver.
+    pub fn link(&self, volume: &str, link: LinkStats) {
+        self.update(volume, |s| s.link = Some(link));
     }
 
     /// Records a committed cycle.
@@ -521,6 +545,18 @@ pub fn render(snapshot: &Snapshot) -> String {
             "    rate         {}/s",
             units::format_size(s.rate_bytes_per_s)
         );
+        if let Some(link) = &s.link {
+            let _ = writeln!(
+                out,
+                "    link         round trip {:.0} ms, window {}, {:.2}% of {} datagrams lost, \
+                 {} congestion cuts",
+                link.rtt_ms,
+                units::format_size(link.congestion_window_bytes),
+                link.lost_packets as f64 * 100.0 / link.sent_packets.max(1) as f64,
+                link.sent_packets,
+                link.congestion_events
+            );
+        }
         if s.change_rate_bytes_per_s > 0 || s.ship_rate_bytes_per_s > 0 {
             let _ = writeln!(
                 out,
@@ -652,7 +688,17 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 10] = [
+        let gauges: [Series<Option<f64>>; 12] = [
+            (
+                "blkmirror_link_round_trip_seconds",
+                "(agent) The smoothed round trip to the receiver.",
+                |s| s.link.as_ref().map(|l| l.rtt_ms / 1000.0),
+            ),
+            (
+                "blkmirror_link_congestion_window_bytes",
+                "(agent) The congestion window towards the receiver.",
+                |s| s.link.as_ref().map(|l| l.congestion_window_bytes as f64),
+            ),
             (
                 "blkmirror_drill_last_success_timestamp_seconds",
                 "(receiver) When the last successful drill of the volume started (Unix seconds).",
@@ -743,7 +789,17 @@ impl Collector for SnapshotCollector {
             }
         }
         // Counters: the encoder appends `_total` to the name.
-        let counters: [Series<u64>; 2] = [
+        let counters: [Series<u64>; 4] = [
+            (
+                "blkmirror_link_sent_packets",
+                "(agent) Datagrams sent on the current connection to the receiver.",
+                |s| s.link.as_ref().map_or(0, |l| l.sent_packets),
+            ),
+            (
+                "blkmirror_link_lost_packets",
+                "(agent) Of which declared lost.",
+                |s| s.link.as_ref().map_or(0, |l| l.lost_packets),
+            ),
             (
                 "blkmirror_sent_bytes",
                 "Bytes sent to (agent) or received from (receiver) the peer, on the wire.",
@@ -1035,6 +1091,40 @@ mod tests {
         assert!(!metrics.contains("blkmirror_drill_recovery_seconds{volume=\"logs\"}"));
         assert!(metrics.contains("blkmirror_drill_overdue{volume=\"logs\"} 1"));
         assert!(metrics.contains("blkmirror_drill_overdue{volume=\"db\"} 0"));
+    }
+
+    #[test]
+    fn the_agent_s_link_is_shown_and_exported() {
+        let board = StatusBoard::new("agent");
+        board.update("db", |_| {});
+        board.link(
+            "db",
+            LinkStats {
+                rtt_ms: 81.4,
+                congestion_window_bytes: 2 << 20,
+                sent_packets: 80_000,
+                lost_packets: 800,
+                congestion_events: 2,
+            },
+        );
+        let snap = board.snapshot(1_000_000);
+        let text = render(&snap);
+        assert!(
+            text.contains(
+                "link         round trip 81 ms, window 2 MiB, 1.00% of 80000 datagrams lost, 2 \
+                 congestion cuts"
+            ),
+            "{text}"
+        );
+        let metrics = prometheus(&snap);
+        for line in [
+            "blkmirror_link_round_trip_seconds{volume=\"db\"} 0.0814",
+            "blkmirror_link_congestion_window_bytes{volume=\"db\"} 2097152.0",
+            "blkmirror_link_sent_packets_total{volume=\"db\"} 80000",
+            "blkmirror_link_lost_packets_total{volume=\"db\"} 800",
+        ] {
+            assert!(metrics.contains(line), "{line} in {metrics}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    command::status::{PointSummary, StatusBoard, SyncProgress, VolumeState},
+    command::status::{LinkStats, PointSummary, StatusBoard, SyncProgress, VolumeState},
     link::identity::{Fingerprint, Identity, ReceiverPins},
     link::net::{self, NetError},
     source::app_hooks::{AppHooks, HookContext},
@@ -1040,6 +1040,7 @@ impl Agent {
                     point.app_consistent = point.consistent && self.last_pre_freeze == Some(true);
                     self.commit(link, frames, point.clone()).await?;
                     self.report("cycle", &point, &totals, started.elapsed());
+                    self.link_stats(link);
                     return Ok(());
                 }
             };
@@ -1352,6 +1353,7 @@ impl Agent {
                     self.commit(link, frames, point.clone()).await?;
                     totals.add(step.2);
                     self.report("sync-step", &point, &step.2, step.1.elapsed());
+                    self.link_stats(link);
                 }
                 SyncAction::Done => break,
             }
@@ -1397,6 +1399,21 @@ impl Agent {
             );
         }
         say(line);
+    }
+
+    /// Puts what quinn measures of the path into the status.
+    fn link_stats(&self, link: &Link) {
+        let path = link.connection.stats().path;
+        self.config.status.link(
+            &self.config.volume,
+            LinkStats {
+                rtt_ms: path.rtt.as_secs_f64() * 1000.0,
+                congestion_window_bytes: path.cwnd,
+                sent_packets: path.sent_packets,
+                lost_packets: path.lost_packets,
+                congestion_events: path.congestion_events,
+            },
+        );
     }
 
     fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
