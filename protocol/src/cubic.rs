@@ -237,7 +237,7 @@ impl Cubic {
         app_limited: bool,
         rtt: Duration,
     ) {
-        if app_limited || self.recovery_start.is_some_and(|start| sent <= start) {
+        if app_limited || self.answered(sent) {
             return;
         }
         if self.in_slow_start() {
