@@ -26,6 +26,12 @@ const MIB: u64 = 1 << 20;
 
 fn mirror_filesystem(fstype: &str, size: u64) {
     require_root();
+    // The replica is compared with the device after incremental cycles only, so no other test
+    // of this binary may attach or detach a tracker meanwhile: on Linux 6.18 that makes the
+    // kernel skip this tracker for a completion, and a completion in several parts can mask
+    // the skip from the statistics cross-check (ARCHITECTURE.md). Seen once in a CI
+    // rehearsal on 2026-12-06: the ext4 replica differed at 19 MiB after the unmount's cycle.
+    let _quiet = blkmirror_tests::QuietHooks::take();
     let site = Site::new("fs");
     let dev = LoopDevice::new(&site.scratch.path, size);
     let mount = Mount::mkfs_and_mount(&dev.path, fstype, &site.scratch.path);
