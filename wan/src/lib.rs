@@ -473,9 +473,7 @@ impl RecvBatch {
 
     /// How many datagrams message `index` holds.
     fn datagram_count(&self, index: usize) -> usize {
-        self.lens[index]
-            .div_ceil(self.segment_sizes[index].max(1))
-            .max(1)
+        self.datagrams(index).count()
     }
 }
 
