@@ -99,8 +99,33 @@ pub const STAT_CLASSIC_EXITS: u32 = 5;
 pub const STAT_RAW_ENTERS: u32 = 6;
 /// Index in `STATS`: invocations of the raw program that returned.
 pub const STAT_RAW_EXITS: u32 = 7;
+/// Index in `STATS`: sectors of the whole disk's write-like completions seen by the classic
+/// hook, counted per completion part as the block layer counts the disk's write and discard
+/// sectors (`nr_bytes >> 9`, right after the tracepoint). Unlike request counts, this sum
+/// cannot run ahead of the disk's: a request completed in several parts, or an empty
+/// pre-flush write (which the block layer leaves out of its request count), adds the same to
+/// both sides. So "the disk's sectors ahead of the hooks'" proves a skipped completion that no
+/// other completion can hide.
+pub const STAT_CLASSIC_WRITE_SECTORS: u32 = 8;
+/// Index in `STATS`: the same sectors seen by the raw hook.
+pub const STAT_RAW_WRITE_SECTORS: u32 = 9;
+/// Index in `STATS`, written only by userspace (in CPU 0's element; the programs never touch
+/// it): the disk's completed write and discard sectors when the hooks had been attached, the
+/// baseline of the sector cross-check, or `u64::MAX` when the disk keeps no statistics.
+pub const STAT_DISK_SECTORS_BASE: u32 = 10;
+/// Index in `STATS`, written only by userspace (CPU 0's element): the sectors the disk
+/// completed beyond the hooks' count that were already reported (an `i64` stored as `u64`).
+pub const STAT_UNSEEN_SECTORS_ACKED: u32 = 11;
+/// Index in `STATS`, written only by userspace (CPU 0's element): the CLOCK_MONOTONIC time,
+/// in microseconds, at which the last released cut read the disk's statistics (0: unknown). A
+/// skip the cross-check finds later happened after it, so the tracker reads its completion log
+/// from there, also in a process that adopted the pins.
+pub const STAT_RELEASED_CUT_US: u32 = 12;
 /// Entries in the `STATS` array.
-pub const STATS: usize = 8;
+pub const STATS: usize = 13;
+/// Entries in the `STATS` array of pins made before the sector counters: their programs count
+/// invocations but no sectors, and the agent keeps using them with the request cross-check.
+pub const STATS_BEFORE_SECTORS: usize = 8;
 
 /// Flag in the `FLAGS` global: the device is zoned, so an `N` request may be a zone append
 /// (data), and is recorded as a write rather than as zeroes.

@@ -133,6 +133,15 @@ fn count_stat(index: u32) {
     }
 }
 
+/// Adds `value` to this CPU's element `index` of `STATS`.
+#[inline(always)]
+fn add_stat(index: u32, value: u64) {
+    if let Some(counter) = STATS.get_ptr_mut(index) {
+        // SAFETY: as in `count_stat`.
+        unsafe { *counter += value };
+    }
+}
+
 #[inline(always)]
 fn global(value: &'static u64) -> u64 {
     // SAFETY: reading a plain static; volatile so the compiler keeps the load from .rodata,
@@ -221,6 +230,12 @@ fn try_block_rq_complete<const BYTES: bool>(ctx: &TracePointContext) -> Result<(
         _ => return Ok(()),
     };
     count_stat(blkmirror_common::STAT_CLASSIC_WRITE_REQS);
+    // The record's `nr_sector` is `nr_bytes >> 9`, what the block layer adds to the disk's
+    // write or discard sectors right after the tracepoint.
+    add_stat(
+        blkmirror_common::STAT_CLASSIC_WRITE_SECTORS,
+        u64::from(nr_sector),
+    );
     record::<BYTES>(
         sector,
         u64::from(nr_sector),
@@ -281,6 +296,13 @@ fn try_block_rq_complete_raw<const BYTES: bool>(ctx: &RawTracePointContext) -> R
         return Ok(());
     }
     count_stat(blkmirror_common::STAT_RAW_WRITE_REQS);
+    // The sectors the block layer adds to the disk's statistics for this completion, right
+    // after the tracepoint: `nr_bytes >> 9` into the write group (odd operations: writes,
+    // secure erase, write-zeroes, zone append) or the discard group. Passthrough requests
+    // are not in the statistics.
+    if (op & 1 == 1 && op != global(&OP_DRV_OUT)) || op == global(&OP_DISCARD) {
+        add_stat(blkmirror_common::STAT_RAW_WRITE_SECTORS, nr_bytes >> 9);
+    }
     if nr_bytes == 0 {
         return Ok(());
     }

@@ -197,14 +197,56 @@ impl LoopDevice {
     /// Detaches the device now (if it is still ours).
     pub fn detach(&self) {
         if self.is_ours() {
+            self.remove_completion_logs();
             sh("losetup", &["-d", self.as_str()]);
         }
     }
+
+    /// Removes the trackers' completion logs (tracefs instances `blkmirror-MAJ-MIN`) of the
+    /// device and its partitions: like pins, they outlive the tracker process.
+    fn remove_completion_logs(&self) {
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let sys = PathBuf::from(format!("/sys/block/{name}"));
+        let mut nodes = vec![sys.join("dev")];
+        if let Ok(entries) = fs::read_dir(&sys) {
+            nodes.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_name().to_string_lossy().starts_with(&name))
+                    .map(|e| e.path().join("dev")),
+            );
+        }
+        for node in nodes {
+            let Ok(dev) = fs::read_to_string(&node) else {
+                continue;
+            };
+            let Some((major, minor)) = dev.trim().split_once(':') else {
+                continue;
+            };
+            let instance = completion_log_dir(major, minor);
+            if instance.exists() {
+                let _ = fs::write(instance.join("events/block/block_rq_complete/enable"), "0");
+                let _ = fs::remove_dir(&instance);
+            }
+        }
+    }
+}
+
+/// The tracefs instance a tracker of device `major:minor` logs its completions in.
+pub fn completion_log_dir(major: &str, minor: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "/sys/kernel/tracing/instances/blkmirror-{major}-{minor}"
+    ))
 }
 
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         if self.is_ours() {
+            self.remove_completion_logs();
             let _ = Command::new("losetup").arg("-d").arg(&self.path).output();
         }
         let _ = fs::remove_file(&self.backing);
@@ -296,11 +338,16 @@ impl QuietHooks {
     }
 }
 
-/// What the agent says when the disk completed a write that the kernel never showed to the
-/// tracker (Linux 6.18 skips tracing programs during RCU grace periods and probe changes; see
-/// ARCHITECTURE.md). The agent then verifies the replica, which is right, but a test of an
-/// incremental path (a resumed cycle, no verify) did not test that path.
-pub const KERNEL_SKIPPED: &str = "write request(s) that no hook saw";
+/// What the agent says when the kernel did not show the tracker a completion (Linux 6.18 skips
+/// tracing programs during RCU grace periods and probe changes; see ARCHITECTURE.md) and the
+/// completion log could not give it back (it no longer reached back far enough). The agent
+/// then verifies the replica, which is right, but a test of an incremental path (a resumed
+/// cycle, no verify) did not test that path.
+pub const KERNEL_SKIPPED: &str = "the completion log cannot fill the gap";
+
+/// What the agent says when the kernel skipped the tracker but the completion log still held
+/// the completions: the cycle goes on incrementally, with them added.
+pub const KERNEL_SKIPPED_RECOVERED: &str = "the completion log still held every completion";
 
 /// Runs `attempt` (given its number, from 1) until it returns `Some`, at most 3 times. An
 /// attempt returns `None` only when the agent reported [`KERNEL_SKIPPED`], after checking

@@ -98,9 +98,31 @@ pub fn scratch_loop_with(
     let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     let detach = device.clone();
     cleanup.push(format!("detach {device}"), move || {
+        remove_completion_log(&detach);
         let _ = Command::new("losetup").args(["-d", &detach]).status();
     });
     Ok(device)
+}
+
+/// Removes the tracker's completion log (the tracefs instance `blkmirror-MAJ-MIN`) of a device,
+/// which, like the pins, outlives the tracker process.
+fn remove_completion_log(device: &str) {
+    let name = Path::new(device)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let Ok(dev) = fs::read_to_string(format!("/sys/block/{name}/dev")) else {
+        return;
+    };
+    let instance = format!(
+        "/sys/kernel/tracing/instances/blkmirror-{}",
+        dev.trim().replace(':', "-")
+    );
+    let _ = fs::write(
+        format!("{instance}/events/block/block_rq_complete/enable"),
+        "0",
+    );
+    let _ = fs::remove_dir(&instance);
 }
 
 /// Removes a private pin root and everything pinned below it (which detaches the programs).

@@ -89,8 +89,14 @@ if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null || true
 fi
 if [ "$1" = purge ]; then
-    # Tracking state: the pinned eBPF programs and maps, and the agent's generation records.
+    # Tracking state: the pinned eBPF programs and maps, the completion logs (tracefs
+    # instances), and the agent's generation records.
     rm -rf /sys/fs/bpf/blkmirror
+    for log in /sys/kernel/tracing/instances/blkmirror-*; do
+        [ -d "$log" ] || continue
+        echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
+        rmdir "$log" 2>/dev/null || true
+    done
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
     rm -rf /etc/blkmirror
     if [ -d /var/lib/blkmirror/receiver ]; then
@@ -313,6 +319,11 @@ if [ "$1" -ge 1 ] && [ -d /run/systemd/system ]; then
 fi
 if [ "$1" -eq 0 ]; then
     rm -rf /sys/fs/bpf/blkmirror
+    for log in /sys/kernel/tracing/instances/blkmirror-*; do
+        [ -d "$log" ] || continue
+        echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
+        rmdir "$log" 2>/dev/null || true
+    done
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
 fi
 "#,

@@ -841,12 +841,12 @@ fn judge(text: &str) -> (bool, String, String) {
             ),
             hooks,
         )
-    } else if passes < 3 {
-        (false, format!("only {passes} of 3 checks passed"), hooks)
+    } else if passes < 4 {
+        (false, format!("only {passes} of 4 checks passed"), hooks)
     } else {
         (
             true,
-            "tracker exact, discard kind, mirror equal".into(),
+            "tracker exact, discard kind, sectors cross-checked, mirror equal".into(),
             hooks,
         )
     }

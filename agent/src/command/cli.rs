@@ -1326,6 +1326,9 @@ fn run_track(args: &TrackArgs) -> Result<(), TrackError> {
         next += args.interval;
         tracker.device().check_unchanged()?;
         let cut = tracker.cut()?;
+        if let Some(recovered) = &cut.recovered {
+            eprintln!("blkmirror: epoch {}: {recovered}", cut.epoch);
+        }
         if let Some(needs_verify) = &cut.needs_verify {
             out.needs_verify(cut.epoch, needs_verify, None);
         }

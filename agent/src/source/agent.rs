@@ -855,6 +855,9 @@ impl Agent {
     /// disk), and a write to it would block until the thaw.
     fn cut_into_inflight(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
         let cut = self.tracker.cut()?;
+        if let Some(recovered) = &cut.recovered {
+            warn(format_args!("{}: {recovered}", self.config.volume));
+        }
         if let Some(verify) = cut.needs_verify {
             self.session.tracking_lost();
             return Err(AgentError::NeedsVerify(verify.reason));

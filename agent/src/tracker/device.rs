@@ -119,27 +119,41 @@ impl BlockDevice {
     }
 }
 
-/// Completed write-like requests of a whole disk (write I/Os + discard I/Os from its `stat`
-/// file), or `None` if the disk does not keep I/O statistics.
-pub fn completed_write_requests(disk_major: u32, disk_minor: u32) -> Option<u64> {
+/// A whole disk's completed write-like I/O, from its `stat` file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskWrites {
+    /// Write I/Os plus discard I/Os (fields 5 and 12): requests, counted once each when they
+    /// end, without the empty pre-flush writes of a flush sequence.
+    pub requests: u64,
+    /// Write sectors plus discard sectors (fields 7 and 14), in 512-byte units, added per
+    /// completion part.
+    pub sectors: u64,
+}
+
+/// The completed write-like I/O of a whole disk, or `None` if the disk does not keep I/O
+/// statistics.
+pub fn completed_writes(disk_major: u32, disk_minor: u32) -> Option<DiskWrites> {
     let dir = format!("/sys/dev/block/{disk_major}:{disk_minor}");
     if fs::read_to_string(format!("{dir}/queue/iostats")).is_ok_and(|v| v.trim() == "0") {
         return None;
     }
     let text = fs::read_to_string(format!("{dir}/stat")).ok()?;
-    parse_write_requests(&text)
+    parse_writes(&text)
 }
 
-/// Field 5 (write I/Os) plus field 12 (discard I/Os) of a block `stat` file.
-fn parse_write_requests(text: &str) -> Option<u64> {
+/// Fields 5 and 12 (write and discard I/Os) and 7 and 14 (write and discard sectors) of a
+/// block `stat` file. Kernels before 4.18 have no discard fields: they count as zero.
+fn parse_writes(text: &str) -> Option<DiskWrites> {
     let fields: Vec<u64> = text
         .split_whitespace()
         .map(str::parse)
         .collect::<Result<_, _>>()
         .ok()?;
-    let writes = *fields.get(4)?;
-    let discards = fields.get(11).copied().unwrap_or(0);
-    Some(writes + discards)
+    let field = |index: usize| fields.get(index).copied().unwrap_or(0);
+    Some(DiskWrites {
+        requests: fields.get(4)?.checked_add(field(11))?,
+        sectors: fields.get(6)?.checked_add(field(13))?,
+    })
 }
 
 /// A name for the device that survives reboots and renumbering (`/dev/sdb` can become
@@ -290,11 +304,24 @@ mod tests {
     #[test]
     fn stat_file_parsing() {
         let stat = "  100  2  800  10  37  1  296  20  0  30  40  5  0  64  1  9  2\n";
-        assert_eq!(parse_write_requests(stat), Some(42));
+        assert_eq!(
+            parse_writes(stat),
+            Some(DiskWrites {
+                requests: 42,
+                sectors: 360
+            })
+        );
         // Kernels before 4.18 have no discard fields.
-        assert_eq!(parse_write_requests("1 2 3 4 7 6 7 8 9 10 11"), Some(7));
-        assert_eq!(parse_write_requests("1 2 x"), None);
-        assert_eq!(parse_write_requests(""), None);
+        assert_eq!(
+            parse_writes("1 2 3 4 7 6 70 8 9 10 11"),
+            Some(DiskWrites {
+                requests: 7,
+                sectors: 70
+            })
+        );
+        assert_eq!(parse_writes("1 2 3 4 7 6"), None);
+        assert_eq!(parse_writes("1 2 x"), None);
+        assert_eq!(parse_writes(""), None);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! layout of tracked devices, and the host facts it depends on (BTF, sysfs, kernel interfaces).
 
 pub mod btf;
+pub mod completion_log;
 pub mod device;
 pub mod environment;
 pub mod layout;

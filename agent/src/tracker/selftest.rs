@@ -60,6 +60,12 @@ pub fn run(device: &Path, options: &TrackOptions) -> Result<(), String> {
         .iter()
         .flat_map(|e| e.offset / CHUNK..(e.offset + e.length).div_ceil(CHUNK))
         .collect();
+    if let Some(needs_verify) = &cut.needs_verify {
+        return Err(format!(
+            "the tracker asked for a verify after writes it saw: {}",
+            needs_verify.reason
+        ));
+    }
     if reported != expected {
         return Err(format!(
             "writes: expected chunks {expected:?}, the tracker reported {reported:?}"
@@ -84,6 +90,29 @@ pub fn run(device: &Path, options: &TrackOptions) -> Result<(), String> {
         ));
     }
     println!("BLKMIRROR-VM: PASS discard: reported as kind discard");
+    if let Some(needs_verify) = cut.needs_verify {
+        return Err(format!(
+            "the tracker asked for a verify after writes and a discard it saw: {}",
+            needs_verify.reason
+        ));
+    }
+    match tracker.cross_check_counts().map_err(|e| e.to_string())? {
+        None => println!("BLKMIRROR-VM: note: the disk keeps no I/O statistics: no cross-check"),
+        Some(counts) => match counts.sectors {
+            Some((disk, hooks)) if disk == hooks => println!(
+                "BLKMIRROR-VM: PASS cross-check: the hooks counted the disk's {disk} write and \
+                 discard sectors exactly (requests: disk {}, hooks {})",
+                counts.disk_requests, counts.hook_requests
+            ),
+            Some((disk, hooks)) => {
+                return Err(format!(
+                    "cross-check: the disk completed {disk} write and discard sectors, the \
+                     hooks counted {hooks}"
+                ));
+            }
+            None => return Err("the new programs count no sectors".to_owned()),
+        },
+    }
     Ok(())
 }
 

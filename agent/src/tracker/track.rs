@@ -47,6 +47,7 @@ use blkmirror_common::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    tracker::completion_log::{self, CompletionLog},
     tracker::device::{self, BlockDevice, DeviceError},
     tracker::environment::{self, EnvError},
     tracker::layout::{LayoutError, RequestLayout, RqCompleteLayout},
@@ -228,6 +229,9 @@ pub struct Cut {
     pub extents: Vec<Extent>,
     /// Set when the kernel could not record everything during this epoch.
     pub needs_verify: Option<NeedsVerify>,
+    /// Set when the kernel skipped the tracker for some completions but the completion log
+    /// still held them: what happened and what was added (the cut is complete).
+    pub recovered: Option<String>,
 }
 
 /// The format of the generation records this build writes.
@@ -290,6 +294,9 @@ struct Pins {
     /// The programs count their invocations (`STAT_*_ENTERS` / `STAT_*_EXITS`), so
     /// [`Tracker::quiesce`] can wait for them instead of for an RCU grace period.
     invocation_counts: bool,
+    /// The programs count the sectors of write-like completions (`STAT_*_WRITE_SECTORS`), so
+    /// the cross-check compares sectors, which nothing can mask, besides requests.
+    sector_counts: bool,
 }
 
 /// A cut whose slot has not been cleared yet.
@@ -301,6 +308,9 @@ struct Pending {
     raw_misses: u64,
     recent_misses: u64,
     unseen: i64,
+    unseen_sectors: i64,
+    /// When the cut read the disk's statistics (CLOCK_MONOTONIC, microseconds).
+    stat_read_us: u64,
 }
 
 /// How the tracker came to be: adopted pins or a new generation.
@@ -324,6 +334,8 @@ pub struct Tracker {
     notes: Vec<String>,
     carry: Option<DirtyBitmaps>,
     pending: Option<Pending>,
+    /// The tracefs instance that logs the disk's completions, when it could be set up.
+    completion_log: Option<CompletionLog>,
     _lock: fs::File,
 }
 
@@ -403,6 +415,31 @@ impl Tracker {
         if let (HookChoice::Both | HookChoice::Auto, Err(why)) = (options.hooks, &request_layout) {
             notes.push(format!("not {HOOK_RAW_NAME}: {why}"));
         }
+
+        // The completion log goes first: enabling its trace event is a probe change on the
+        // tracepoint, which can make the kernel skip programs attached at that moment.
+        let log_dir =
+            CompletionLog::dir(Path::new(environment::TRACEFS), device.major, device.minor);
+        let completion_log =
+            match CompletionLog::open_or_create(&log_dir, u64::from(device.kernel_dev())) {
+                Ok((log, _)) => {
+                    notes.push(format!(
+                        "completion log: tracefs instance {} ({} KiB per CPU) gives back the \
+                     completions the kernel skipped the hooks for, while it still holds them",
+                        log_dir.display(),
+                        completion_log::BUFFER_KB
+                    ));
+                    Some(log)
+                }
+                Err(e) => {
+                    notes.push(format!(
+                        "no completion log ({}: {e}): a completion the kernel skips the hooks for \
+                     costs a verify sync",
+                        log_dir.display()
+                    ));
+                    None
+                }
+            };
 
         let mut replaced: Option<String> = None;
         let mut adopted = match open_pins(&pin_dir, &device, &geometry) {
@@ -511,6 +548,7 @@ impl Tracker {
             notes,
             carry: None,
             pending: None,
+            completion_log,
             _lock: lock,
         };
         tracker.collect_unreleased()?;
@@ -644,10 +682,18 @@ impl Tracker {
              may skip tracing programs; the cross-check catches that"
                 .to_owned()
         });
-        if self.cross_checks_disk_stats() {
+        if self.cross_checks_disk_stats() && self.pins.sector_counts {
             hooks.push(
-                "completeness cross-check: the hooks' request counts against the disk's own \
-                 I/O statistics"
+                "completeness cross-check: the hooks' request and sector counts against the \
+                 disk's own I/O statistics"
+                    .to_owned(),
+            );
+        } else if self.cross_checks_disk_stats() {
+            hooks.push(
+                "completeness cross-check: request counts only (pins of an older version, \
+                 whose programs count no sectors: a request completed in parts, or a flush \
+                 sequence, can hide a skipped one; `blkmirror untrack` and a new start, at \
+                 the cost of one verify sync, count sectors too)"
                     .to_owned(),
             );
         } else {
@@ -691,6 +737,46 @@ impl Tracker {
             .max(self.stat_sum(blkmirror_common::STAT_RAW_WRITE_REQS)?))
     }
 
+    /// Sectors of the whole disk's write-like completions seen by the hooks: the larger sum of
+    /// the two (0 with pins whose programs count no sectors).
+    pub fn write_sectors_seen(&self) -> Result<u64, TrackError> {
+        if !self.pins.sector_counts {
+            return Ok(0);
+        }
+        Ok(self
+            .stat_sum(blkmirror_common::STAT_CLASSIC_WRITE_SECTORS)?
+            .max(self.stat_sum(blkmirror_common::STAT_RAW_WRITE_SECTORS)?))
+    }
+
+    /// The cross-check's counts now: the disk's completed write-like requests and sectors
+    /// since the hooks were attached, and what the hooks counted of them (`None` when the disk
+    /// keeps no statistics). Sectors are `None` with pins whose programs count none.
+    pub fn cross_check_counts(&self) -> Result<Option<CrossCheckCounts>, TrackError> {
+        let state = self.pins.state.words();
+        let base = state[field::DISK_STAT_BASE].load(Ordering::SeqCst);
+        let Some(disk) = device::completed_writes(self.device.disk_major, self.device.disk_minor)
+        else {
+            return Ok(None);
+        };
+        if base == NO_DISK_STATS {
+            return Ok(None);
+        }
+        let sectors = if self.pins.sector_counts {
+            let sector_base = self.stat_sum(blkmirror_common::STAT_DISK_SECTORS_BASE)?;
+            Some((
+                disk.sectors.wrapping_sub(sector_base),
+                self.write_sectors_seen()?,
+            ))
+        } else {
+            None
+        };
+        Ok(Some(CrossCheckCounts {
+            disk_requests: disk.requests.wrapping_sub(base),
+            hook_requests: self.write_requests_seen()?,
+            sectors,
+        }))
+    }
+
     /// Whether the disk keeps I/O statistics, so that unseen requests can be detected.
     pub fn cross_checks_disk_stats(&self) -> bool {
         self.pins.state.words()[field::DISK_STAT_BASE].load(Ordering::SeqCst) != NO_DISK_STATS
@@ -699,6 +785,11 @@ impl Tracker {
     /// Bitmask of the attached hooks (`HOOK_CLASSIC`, `HOOK_RAW`).
     pub fn hook_mask(&self) -> u64 {
         self.pins.state.words()[field::HOOKS].load(Ordering::SeqCst)
+    }
+
+    /// The completion log's tracefs instance, when there is one.
+    pub fn completion_log_dir(&self) -> Option<&Path> {
+        self.completion_log.as_ref().map(CompletionLog::path)
     }
 
     /// Whether the pins were adopted or created.
@@ -729,8 +820,9 @@ impl Tracker {
         self.pending = None;
         // Read before the grace period: every request counted here had its tracepoint (and
         // our programs, if the kernel ran them) before it was counted.
+        let stat_read_us = completion_log::monotonic_us();
         let disk_completed =
-            device::completed_write_requests(self.device.disk_major, self.device.disk_minor);
+            device::completed_writes(self.device.disk_major, self.device.disk_minor);
         let state = self.pins.state.words();
         let epoch = state[field::EPOCH].load(Ordering::SeqCst);
         state[field::EPOCH].store(epoch + 1, Ordering::SeqCst);
@@ -755,7 +847,8 @@ impl Tracker {
             state[field::RECENT_MISSES].load(Ordering::SeqCst),
         );
         let mut reasons = Vec::new();
-        if overflow > overflow_acked {
+        let overflowed = overflow > overflow_acked;
+        if overflowed {
             reasons.push(format!(
                 "{} requests could not be recorded in the kernel (very large requests in one \
                  epoch, or passthrough writes to unknown places)",
@@ -777,18 +870,49 @@ impl Tracker {
         ) {
             (Some(now), base) if base != NO_DISK_STATS => {
                 let seen = self.write_requests_seen()?;
-                unseen_requests(now, base, seen)
+                unseen_since_base(now.requests, base, seen)
             }
             _ => unseen_acked,
         };
-        if unseen > unseen_acked {
+        let (unseen_sectors, unseen_sectors_acked) = if self.pins.sector_counts {
+            let acked = self.stat_sum(blkmirror_common::STAT_UNSEEN_SECTORS_ACKED)? as i64;
+            let base = self.stat_sum(blkmirror_common::STAT_DISK_SECTORS_BASE)?;
+            match disk_completed {
+                Some(now) if base != NO_DISK_STATS => {
+                    let seen = self.write_sectors_seen()?;
+                    (unseen_since_base(now.sectors, base, seen), acked)
+                }
+                _ => (acked, acked),
+            }
+        } else {
+            (0, 0)
+        };
+        let new_unseen = (unseen - unseen_acked).max(0);
+        let new_unseen_sectors = (unseen_sectors - unseen_sectors_acked).max(0);
+        if new_unseen > 0 || new_unseen_sectors > 0 {
             reasons.push(format!(
-                "the disk completed {} write request(s) that no hook saw (the kernel did not run \
-                 the tracker for them; Linux 6.18 does that to some completions while an RCU \
-                 grace period runs, or while a program or trace event, such as another tracked \
-                 device's, is attached to or detached from block_rq_complete)",
-                unseen - unseen_acked
+                "the disk completed write request(s) that no hook saw ({new_unseen} request(s) \
+                 and {new_unseen_sectors} sector(s) more than the hooks counted: the kernel did \
+                 not run the tracker for them; Linux 6.18 does that to some completions while an \
+                 RCU grace period runs, or while a program or trace event, such as another \
+                 tracked device's, is attached to or detached from block_rq_complete)"
             ));
+        }
+        // Skips (not overflows: a passthrough write has no range) may still be in the log.
+        let mut recovered = None;
+        if !reasons.is_empty() && !overflowed {
+            match self.recover_from_log(&mut bitmaps) {
+                Ok(added) => {
+                    recovered = Some(format!(
+                        "{}; the completion log still held every completion since the last \
+                         released cut: {added} logged completion(s) added to this cut \
+                         instead of a verify sync",
+                        reasons.join("; ")
+                    ));
+                    reasons.clear();
+                }
+                Err(why) => reasons.push(format!("the completion log cannot fill the gap: {why}")),
+            }
         }
         self.pending = Some(Pending {
             epoch,
@@ -797,6 +921,8 @@ impl Tracker {
             raw_misses,
             recent_misses,
             unseen: unseen.max(unseen_acked),
+            unseen_sectors: unseen_sectors.max(unseen_sectors_acked),
+            stat_read_us,
         });
         let extents = bitmaps.extents();
         Ok(Cut {
@@ -806,7 +932,42 @@ impl Tracker {
             needs_verify: (!reasons.is_empty()).then(|| NeedsVerify {
                 reason: reasons.join("; "),
             }),
+            recovered,
         })
+    }
+
+    /// Marks every write-like completion the completion log holds since the last released cut
+    /// read the disk's statistics (a skip found now happened after that) as written in
+    /// `bitmaps`. Returns how many were logged, or why the log cannot be trusted to hold them.
+    fn recover_from_log(&self, bitmaps: &mut DirtyBitmaps) -> Result<usize, String> {
+        let log = self
+            .completion_log
+            .as_ref()
+            .ok_or("there is no completion log")?;
+        if !self.pins.sector_counts {
+            return Err("pins of an older version keep no time of the last released cut".into());
+        }
+        let since = self
+            .stat_sum(blkmirror_common::STAT_RELEASED_CUT_US)
+            .map_err(|e| e.to_string())?;
+        if since == 0 {
+            return Err("the time of the last released cut is unknown".into());
+        }
+        let logged = log.since(since)?;
+        let (start, tracked) = (self.device.start_sector, self.device.nr_sectors);
+        for completion in &logged {
+            let end = completion.sector.saturating_add(completion.nr_sectors);
+            if end <= start || completion.sector >= start + tracked {
+                continue;
+            }
+            let first = completion.sector.max(start);
+            bitmaps.apply_request(
+                first - start,
+                end.min(start + tracked) - first,
+                ChangeKind::Write,
+            );
+        }
+        Ok(logged.len())
     }
 
     /// Clears the slot of the last cut: its content has been consumed.
@@ -839,6 +1000,18 @@ impl Tracker {
         state[field::RAW_MISSES_ACKED].store(pending.raw_misses, Ordering::SeqCst);
         state[field::RECENT_MISSES].store(pending.recent_misses, Ordering::SeqCst);
         state[field::UNSEEN_ACKED].store(pending.unseen as u64, Ordering::SeqCst);
+        if self.pins.sector_counts {
+            set_userspace_stat(
+                &mut self.pins.stats,
+                blkmirror_common::STAT_UNSEEN_SECTORS_ACKED,
+                pending.unseen_sectors as u64,
+            )?;
+            set_userspace_stat(
+                &mut self.pins.stats,
+                blkmirror_common::STAT_RELEASED_CUT_US,
+                pending.stat_read_us,
+            )?;
+        }
         state[field::RELEASED].store(pending.epoch, Ordering::SeqCst);
         Ok(())
     }
@@ -920,10 +1093,27 @@ pub fn skipped_by_every_hook(hooks: u64, classic: u64, raw: u64, recent: u64) ->
 /// [`TrackState::disk_stat_base`] when the disk keeps no I/O statistics.
 const NO_DISK_STATS: u64 = u64::MAX;
 
-/// Requests the disk completed beyond what the hooks saw: `(now - base) - seen`. Negative when
-/// requests are between their tracepoint and the statistics update (or completed in several
-/// parts); it grows only when the kernel did not run the hooks for a request.
-pub fn unseen_requests(disk_now: u64, disk_base: u64, seen: u64) -> i64 {
+/// The cross-check's counts at one moment ([`Tracker::cross_check_counts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrossCheckCounts {
+    /// Write and discard requests the disk completed since the hooks were attached.
+    pub disk_requests: u64,
+    /// Write-like completions the hooks saw (the larger count of the two hooks). More than
+    /// the disk's when requests complete in parts, or for empty pre-flush writes, which the
+    /// block layer leaves out of its request count.
+    pub hook_requests: u64,
+    /// The disk's write and discard sectors since the hooks were attached, and the hooks'
+    /// (the larger sum of the two hooks); `None` with older pins.
+    pub sectors: Option<(u64, u64)>,
+}
+
+/// What the disk completed beyond what the hooks saw: `(now - base) - seen`, for requests or
+/// for sectors. Negative when completions are between their tracepoint and the statistics
+/// update (and, for requests, when some completed in several parts, or were empty pre-flush
+/// writes, which the block layer does not count): so the request count can hide a later
+/// skip, while the sector count, which both sides add up per completion part, cannot. It
+/// grows only when the kernel did not run the hooks for a completion.
+pub fn unseen_since_base(disk_now: u64, disk_base: u64, seen: u64) -> i64 {
     let completed = i128::from(disk_now) - i128::from(disk_base);
     let unseen = completed - i128::from(seen);
     i64::try_from(unseen).unwrap_or(if unseen > 0 { i64::MAX } else { i64::MIN })
@@ -948,6 +1138,8 @@ pub fn untrack(path: &Path, options: &TrackOptions) -> Result<bool, TrackError> 
         return Ok(false);
     }
     remove_pins(&dir)?;
+    let log_dir = CompletionLog::dir(Path::new(environment::TRACEFS), device.major, device.minor);
+    CompletionLog::remove(&log_dir).map_err(io_err(format!("removing {}", log_dir.display())))?;
     Ok(true)
 }
 
@@ -1022,11 +1214,13 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
     let stats_map = MapData::from_pin(dir.join(PIN_STATS)).map_err(|e| broken(PIN_STATS)(&e))?;
     // Pins made by a version whose programs count no invocations have fewer entries.
     // (Only x86 makes the programs' atomic add a full barrier: see `STAT_CLASSIC_ENTERS`.)
+    let stats_entries = stats_map
+        .info()
+        .map_or(0, |info| info.max_entries() as usize);
     let invocation_counts = cfg!(target_arch = "x86_64")
         && !byte_map
-        && stats_map
-            .info()
-            .is_ok_and(|info| info.max_entries() as usize >= blkmirror_common::STATS);
+        && stats_entries >= blkmirror_common::STATS_BEFORE_SECTORS;
+    let sector_counts = stats_entries >= blkmirror_common::STATS;
     let stats =
         PerCpuArray::try_from(Map::PerCpuArray(stats_map)).map_err(|e| broken(PIN_STATS)(&e))?;
     let big_raw = big_map(PIN_BIG_RAW)?;
@@ -1061,6 +1255,7 @@ fn open_pins(dir: &Path, device: &BlockDevice, geometry: &Geometry) -> Result<Pi
         prog_raw,
         byte_map,
         invocation_counts,
+        sector_counts,
     })
 }
 
@@ -1355,10 +1550,52 @@ fn try_create_pins(
     // The baseline of the cross-check: after a grace period every request still to be counted
     // by the disk will have run the attached hooks.
     sys::membarrier_global().map_err(io_err("membarrier(MEMBARRIER_CMD_GLOBAL)"))?;
-    let base = device::completed_write_requests(device.disk_major, device.disk_minor)
-        .unwrap_or(NO_DISK_STATS);
-    words[field::DISK_STAT_BASE].store(base, Ordering::SeqCst);
+    let base_read_us = completion_log::monotonic_us();
+    let base = device::completed_writes(device.disk_major, device.disk_minor);
+    let mut stats: PerCpuArray<_, u64> = ebpf
+        .map_mut("STATS")
+        .ok_or_else(|| missing_in_object("the eBPF object lacks map", "STATS"))
+        .and_then(|map| {
+            PerCpuArray::try_from(map).map_err(|e| TrackError::Pins {
+                what: "opening the statistics map at",
+                path: dir.join(PIN_STATS),
+                detail: e.to_string(),
+            })
+        })?;
+    set_userspace_stat(
+        &mut stats,
+        blkmirror_common::STAT_DISK_SECTORS_BASE,
+        base.map_or(NO_DISK_STATS, |counts| counts.sectors),
+    )?;
+    set_userspace_stat(&mut stats, blkmirror_common::STAT_UNSEEN_SECTORS_ACKED, 0)?;
+    set_userspace_stat(
+        &mut stats,
+        blkmirror_common::STAT_RELEASED_CUT_US,
+        base_read_us,
+    )?;
+    words[field::DISK_STAT_BASE].store(
+        base.map_or(NO_DISK_STATS, |counts| counts.requests),
+        Ordering::SeqCst,
+    );
     words[field::UNSEEN_ACKED].store(0, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Stores `value` in a `STATS` entry that only userspace writes (CPU 0's element; the others
+/// zero, so the sum over CPUs is the value).
+fn set_userspace_stat<T: std::borrow::BorrowMut<MapData>>(
+    stats: &mut PerCpuArray<T, u64>,
+    index: u32,
+    value: u64,
+) -> Result<(), TrackError> {
+    let cpus = aya::util::nr_cpus().map_err(|(what, source)| TrackError::Io {
+        what: what.to_owned(),
+        source,
+    })?;
+    let mut values = vec![0; cpus];
+    values[0] = value;
+    let values = PerCpuValues::try_from(values).map_err(io_err("building per-CPU values"))?;
+    stats.set(index, values, 0)?;
     Ok(())
 }
 
@@ -1520,14 +1757,14 @@ mod tests {
     }
 
     #[test]
-    fn unseen_requests_grow_only_with_requests_no_hook_saw() {
+    fn unseen_counts_grow_only_with_completions_no_hook_saw() {
         // 100 completed since the baseline, 100 seen: nothing unseen.
-        assert_eq!(unseen_requests(1100, 1000, 100), 0);
+        assert_eq!(unseen_since_base(1100, 1000, 100), 0);
         // Requests between their tracepoint and the statistics update: negative, harmless.
-        assert_eq!(unseen_requests(1090, 1000, 100), -10);
+        assert_eq!(unseen_since_base(1090, 1000, 100), -10);
         // Two requests the kernel never showed to the hooks.
-        assert_eq!(unseen_requests(1102, 1000, 100), 2);
-        assert_eq!(unseen_requests(0, u64::MAX - 1, 0), i64::MIN);
+        assert_eq!(unseen_since_base(1102, 1000, 100), 2);
+        assert_eq!(unseen_since_base(0, u64::MAX - 1, 0), i64::MIN);
     }
 
     #[test]

@@ -1,0 +1,353 @@
+//! The completion log: a tracefs instance that keeps the tracked disk's recent write-like
+//! completions in an overwriting ring buffer, read only when the kernel skipped the tracker.
+//!
+//! On Linux 6.18 the kernel skips the tracing programs of some completions (during an RCU grace
+//! period, or while any probe is attached to or detached from `block_rq_complete`), and counts
+//! no miss. The statistics cross-check sees that a skip happened, but not where. The trace event
+//! of the same tracepoint, enabled in a tracefs instance of our own, records those completions
+//! (measured: ftrace saw every completion the programs missed). So when the cross-check fires,
+//! the tracker reads back the logged completions since shortly before the previous cut and
+//! marks them dirty: one skipped request then costs a read of its chunks, not a verify sync
+//! that reads the whole device.
+//!
+//! The buffer overwrites its oldest events, so it only reaches back so far. The read is trusted
+//! only when, on every CPU, nothing newer than the start of the window was overwritten (the
+//! buffer never overran, or its oldest event is older than the window); otherwise the tracker
+//! falls back to the verify sync, as before. Reading does not pause the writers (the kernel's
+//! default `nopause-on-trace`), and the buffer is checked after the read.
+//!
+//! Costs: `BUFFER_KB` of kernel memory per CPU for each tracked device, and the trace event on
+//! every completion of the disk (the filter drops other disks and reads). Enabling the event is
+//! itself a probe change on the tracepoint, which can make the kernel skip the programs already
+//! attached (other tracked devices' included) at that moment: the instance is made once, before
+//! the device's hooks are attached, and kept, like the pins, until `untrack`.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+/// Kernel ring buffer per CPU: room for about 35,000 completions per CPU (an event takes about
+/// 60 bytes).
+pub const BUFFER_KB: u64 = 2048;
+
+/// How far before the previous cut's statistics read the window starts: a completion's
+/// tracepoint runs microseconds before the block layer counts it, so a second is ample.
+const WINDOW_MARGIN_US: u64 = 1_000_000;
+
+/// One logged completion: absolute sectors on the whole disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoggedCompletion {
+    /// CLOCK_MONOTONIC time of the event, in microseconds.
+    pub at_us: u64,
+    /// First sector.
+    pub sector: u64,
+    /// Number of sectors.
+    pub nr_sectors: u64,
+}
+
+/// A tracefs instance recording one disk's write-like completions.
+#[derive(Debug)]
+pub struct CompletionLog {
+    dir: PathBuf,
+}
+
+impl CompletionLog {
+    /// The instance's directory for a tracked device (its own major:minor, so that trackers of
+    /// two partitions of one disk each have one).
+    pub fn dir(tracefs: &Path, major: u32, minor: u32) -> PathBuf {
+        tracefs.join(format!("instances/blkmirror-{major}-{minor}"))
+    }
+
+    /// Opens the instance at `dir`, making and enabling it when it is missing or not set up as
+    /// this tracker needs. `disk_dev` is the whole disk's kernel `dev_t` (as the event's `dev`
+    /// field holds it). Returns the log and whether anything was changed (then the kernel may
+    /// have skipped attached programs meanwhile).
+    pub fn open_or_create(dir: &Path, disk_dev: u64) -> io::Result<(Self, bool)> {
+        let filter = event_filter(disk_dev);
+        let event = dir.join("events/block/block_rq_complete");
+        if !dir.exists() {
+            fs::create_dir(dir)?;
+        }
+        let mut changed = false;
+        let mut ensure = |path: PathBuf, wanted: &str, check: &dyn Fn(&str) -> bool| {
+            let now = fs::read_to_string(&path)?;
+            if !check(now.trim()) {
+                fs::write(&path, wanted)?;
+                changed = true;
+            }
+            io::Result::Ok(())
+        };
+        ensure(dir.join("buffer_size_kb"), &BUFFER_KB.to_string(), &|now| {
+            now.split_whitespace().next() == Some(&BUFFER_KB.to_string())
+        })?;
+        // `trace_clock` lists every clock, the current one in brackets.
+        ensure(dir.join("trace_clock"), "mono", &|now| {
+            now.split_whitespace().any(|clock| clock == "[mono]")
+        })?;
+        ensure(dir.join("options/overwrite"), "1", &|now| now == "1")?;
+        ensure(event.join("filter"), &filter, &|now| now == filter)?;
+        ensure(event.join("enable"), "1", &|now| now == "1")?;
+        ensure(dir.join("tracing_on"), "1", &|now| now == "1")?;
+        Ok((
+            Self {
+                dir: dir.to_owned(),
+            },
+            changed,
+        ))
+    }
+
+    /// The instance's directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Removes the instance of a device, if there is one (the kernel frees its buffer).
+    pub fn remove(dir: &Path) -> io::Result<bool> {
+        if !dir.exists() {
+            return Ok(false);
+        }
+        // Disable first: a tracefs instance with an enabled event cannot be removed on some
+        // kernels.
+        let _ = fs::write(dir.join("events/block/block_rq_complete/enable"), "0");
+        fs::remove_dir(dir)?;
+        Ok(true)
+    }
+
+    /// The logged completions from shortly before `previous_cut_us` (CLOCK_MONOTONIC,
+    /// microseconds) on, or why the log cannot be trusted to hold all of them.
+    pub fn since(&self, previous_cut_us: u64) -> Result<Vec<LoggedCompletion>, String> {
+        let from_us = previous_cut_us.saturating_sub(WINDOW_MARGIN_US);
+        let text = fs::read_to_string(self.dir.join("trace"))
+            .map_err(|e| format!("reading {}: {e}", self.dir.join("trace").display()))?;
+        let logged = parse_trace(&text, from_us)?;
+        // After the read: if each CPU's buffer still reaches back before the window, nothing
+        // in the window was overwritten before or during the read.
+        let per_cpu = self.dir.join("per_cpu");
+        let cpus =
+            fs::read_dir(&per_cpu).map_err(|e| format!("reading {}: {e}", per_cpu.display()))?;
+        for cpu in cpus {
+            let cpu = cpu.map_err(|e| format!("reading {}: {e}", per_cpu.display()))?;
+            let stats_path = cpu.path().join("stats");
+            let stats = fs::read_to_string(&stats_path)
+                .map_err(|e| format!("reading {}: {e}", stats_path.display()))?;
+            let coverage = parse_cpu_stats(&stats)
+                .ok_or_else(|| format!("unexpected content in {}", stats_path.display()))?;
+            if !coverage.reaches_back_to(from_us) {
+                return Err(format!(
+                    "the log of {} was overwritten after {} s (kernel ring buffer of {BUFFER_KB} \
+                     KiB per CPU full)",
+                    cpu.file_name().to_string_lossy(),
+                    coverage.oldest_us as f64 / 1e6
+                ));
+            }
+        }
+        Ok(logged)
+    }
+}
+
+/// The event filter: the disk's completions that change data (writes `W`, discards `D`,
+/// write-zeroes and the like `N`; reads carry none of these letters).
+fn event_filter(disk_dev: u64) -> String {
+    format!(
+        "dev == {disk_dev} && nr_sector > 0 && (rwbs ~ \"*W*\" || rwbs ~ \"*D*\" || rwbs ~ \"*N*\")"
+    )
+}
+
+/// What one CPU's buffer still holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CpuCoverage {
+    /// Events overwritten since the buffer was made.
+    overrun: u64,
+    /// Time of the oldest event still held, in microseconds.
+    oldest_us: u64,
+}
+
+impl CpuCoverage {
+    fn reaches_back_to(&self, from_us: u64) -> bool {
+        self.overrun == 0 || self.oldest_us <= from_us
+    }
+}
+
+/// Parses a `per_cpu/cpuN/stats` file (`overrun: 3`, `oldest event ts: 48753.660486`).
+fn parse_cpu_stats(text: &str) -> Option<CpuCoverage> {
+    let mut overrun = None;
+    let mut oldest_us = None;
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("overrun:") {
+            overrun = value.trim().parse().ok();
+        } else if let Some(value) = line.strip_prefix("oldest event ts:") {
+            oldest_us = parse_seconds_us(value.trim());
+        }
+    }
+    Some(CpuCoverage {
+        overrun: overrun?,
+        oldest_us: oldest_us?,
+    })
+}
+
+/// `48753.660486` (seconds, microseconds) as microseconds.
+fn parse_seconds_us(text: &str) -> Option<u64> {
+    let (seconds, fraction) = text.split_once('.')?;
+    let seconds: u64 = seconds.parse().ok()?;
+    if fraction.is_empty() || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let micros: u64 = format!("{fraction:0<6}")[..6].parse().ok()?;
+    seconds.checked_mul(1_000_000)?.checked_add(micros)
+}
+
+/// The completions at or after `from_us` in the text of a `trace` file. A line the parser does
+/// not understand, or a lost-events marker, makes the whole read untrustworthy.
+fn parse_trace(text: &str, from_us: u64) -> Result<Vec<LoggedCompletion>, String> {
+    const EVENT: &str = ": block_rq_complete: ";
+    let mut logged = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if line.contains("LOST") && line.contains("EVENTS") {
+            return Err(format!(
+                "the kernel lost events while the log was read: {line}"
+            ));
+        }
+        let bad = || format!("unexpected line in the completion log: {line:?}");
+        let (head, body) = line.split_once(EVENT).ok_or_else(bad)?;
+        let at_us = head
+            .split_whitespace()
+            .next_back()
+            .and_then(parse_seconds_us)
+            .ok_or_else(bad)?;
+        if at_us < from_us {
+            continue;
+        }
+        // `7,0 WS () 2048 + 8 [0]` (newer kernels add an I/O priority before the error).
+        let tokens: Vec<&str> = body.split_whitespace().collect();
+        let plus = tokens.iter().position(|t| *t == "+").ok_or_else(bad)?;
+        let sector = plus
+            .checked_sub(1)
+            .and_then(|i| tokens[i].parse().ok())
+            .ok_or_else(bad)?;
+        let nr_sectors = tokens
+            .get(plus + 1)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(bad)?;
+        logged.push(LoggedCompletion {
+            at_us,
+            sector,
+            nr_sectors,
+        });
+    }
+    Ok(logged)
+}
+
+/// CLOCK_MONOTONIC now, in microseconds (the clock of the log's `mono` trace clock).
+pub fn monotonic_us() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TRACE: &str = "\
+# tracer: nop
+#
+#                                _-----=> irqs-off/BH-disabled
+#           TASK-PID     CPU#  |||||  TIMESTAMP  FUNCTION
+#              | |         |   |||||     |         |
+     ksoftirqd/1-24      [001] ..s.. 48753.660486: block_rq_complete: 7,0 WS () 130680 + 128 be,0,4 [0]
+          <idle>-0       [000] d.h1. 48754.000001: block_rq_complete: 7,0 DS () 2048 + 2048 be,0,4 [0]
+     kworker/0:1-9       [000] ..... 48755.5: block_rq_complete: 7,0 N () 4096 + 16 [0]
+";
+
+    #[test]
+    fn trace_lines_give_their_time_and_sectors_and_older_ones_are_left_out() {
+        let all = parse_trace(TRACE, 0).expect("parse");
+        assert_eq!(
+            all,
+            vec![
+                LoggedCompletion {
+                    at_us: 48_753_660_486,
+                    sector: 130_680,
+                    nr_sectors: 128
+                },
+                LoggedCompletion {
+                    at_us: 48_754_000_001,
+                    sector: 2048,
+                    nr_sectors: 2048
+                },
+                LoggedCompletion {
+                    at_us: 48_755_500_000,
+                    sector: 4096,
+                    nr_sectors: 16
+                },
+            ]
+        );
+        let recent = parse_trace(TRACE, 48_754_000_001).expect("parse");
+        assert_eq!(recent.len(), 2);
+        assert_eq!(recent[0].sector, 2048);
+    }
+
+    #[test]
+    fn a_lost_events_marker_or_a_line_not_understood_refuses_the_whole_log() {
+        let lost = format!("{TRACE}CPU:1 [LOST 12 EVENTS]\n");
+        assert!(parse_trace(&lost, 0).unwrap_err().contains("lost events"));
+        let garbled =
+            format!("{TRACE}  x-1 [000] ..... 48756.000000: block_rq_complete: 7,0 W ()\n");
+        assert!(
+            parse_trace(&garbled, 0)
+                .unwrap_err()
+                .contains("unexpected line")
+        );
+        let no_time = "  x-1 [000] ..... 48756: block_rq_complete: 7,0 W () 8 + 8 [0]\n";
+        assert!(parse_trace(no_time, 0).is_err());
+    }
+
+    #[test]
+    fn a_cpu_buffer_is_trusted_only_if_it_never_overran_or_still_reaches_back() {
+        let stats = "entries: 10\noverrun: 0\ncommit overrun: 0\nbytes: 640\n\
+                     oldest event ts:  5.000000\nnow ts:  9.000000\ndropped events: 0\n";
+        let coverage = parse_cpu_stats(stats).expect("parse");
+        assert_eq!(
+            coverage,
+            CpuCoverage {
+                overrun: 0,
+                oldest_us: 5_000_000
+            }
+        );
+        assert!(coverage.reaches_back_to(7_000_000));
+        let overran = CpuCoverage {
+            overrun: 4,
+            ..coverage
+        };
+        assert!(overran.reaches_back_to(5_000_000));
+        assert!(overran.reaches_back_to(6_000_000));
+        assert!(!overran.reaches_back_to(4_999_999));
+        assert_eq!(parse_cpu_stats("entries: 1\n"), None);
+    }
+
+    #[test]
+    fn seconds_with_microseconds_parse_exactly() {
+        assert_eq!(parse_seconds_us("0.000000"), Some(0));
+        assert_eq!(parse_seconds_us("48753.660486"), Some(48_753_660_486));
+        assert_eq!(parse_seconds_us("1.5"), Some(1_500_000));
+        assert_eq!(parse_seconds_us("1.1234567"), Some(1_123_456));
+        assert_eq!(parse_seconds_us("1."), None);
+        assert_eq!(parse_seconds_us("x.1"), None);
+        assert_eq!(parse_seconds_us("12"), None);
+    }
+
+    #[test]
+    fn the_filter_names_the_disk_and_the_data_changing_operations() {
+        let filter = event_filter(7 << 20);
+        assert!(filter.starts_with("dev == 7340032 && nr_sector > 0"));
+        assert!(filter.contains("rwbs ~ \"*W*\""));
+    }
+}
