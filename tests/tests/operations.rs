@@ -203,6 +203,7 @@ fn two_devices_from_a_config_file_with_status_and_metrics() {
         "blkmirror_cycle_duration_seconds_count{volume=\"two\"}",
         "blkmirror_freeze_duration_seconds_sum{volume=\"one\"}",
         "blkmirror_tracking_loss_total{volume=\"one\"}",
+        "blkmirror_tracking_skips_recovered_total{volume=\"one\"}",
         "blkmirror_build_info{version=",
     ] {
         assert!(text.contains(needle), "no {needle} in\n{text}");

@@ -164,6 +164,12 @@ fn the_units_capabilities_and_syscall_filters_allow_what_agent_and_receiver_do()
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // The unit leaves tracefs writable, so the completion log can be made there.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("completion log: tracefs instance"),
+            "the sandboxed agent has no completion log: {stderr}"
+        );
         let lines = blkmirror_tests::parse_lines(&String::from_utf8_lossy(&out.stdout));
         let point = blkmirror_tests::mirror::last_point(&lines);
         assert_eq!(

@@ -308,6 +308,96 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
     });
 }
 
+/// The kernel skips the tracker for completions under a running agent (made certain here: the
+/// test removes the hooks' link pins, which detaches the programs, so from then on no write is
+/// seen by a hook). The cross-check finds each gap, the completion log gives the writes back,
+/// and the agent goes on with incremental cycles: no verify sync, and the replica, through a
+/// distant link, ends equal to the device.
+#[test]
+fn writes_the_kernel_hid_from_the_tracker_are_replicated_from_the_completion_log() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let site = Site::new("wan");
+    let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
+    write_random(&dev.path, 0, 64 * MIB);
+    let relay = relay_to(&site, link(200, 20, 0.0), 17);
+    let socket = site.scratch.path.join("agent.sock");
+    let agent = via(&site, &dev, &relay);
+    let socket_arg = socket.to_str().expect("utf-8");
+    let mut running =
+        ChildGuard(agent.spawn(&["--interval", "1s", "--control-socket", socket_arg]));
+    let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
+        s["lag_seconds"].is_number() && s["state"] == "continuous"
+    });
+    let losses_before = synced["tracking_loss_total"].clone();
+    assert_eq!(synced["tracking_skips_recovered_total"], 0, "{synced}");
+
+    for entry in std::fs::read_dir(&site.pins.path).expect("the pin root") {
+        let dir = entry.expect("a pin directory").path();
+        for link in ["link", "link_raw"] {
+            let _ = std::fs::remove_file(dir.join(link));
+        }
+    }
+    // The kernel releases the links from a work queue: wait until a write is surely unseen.
+    std::thread::sleep(Duration::from_secs(2));
+    for round in 0..4u64 {
+        write_random(&dev.path, (round * 13 % 60) * MIB, 2 * MIB);
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let writes_done_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let caught_up = wait_for(
+        &socket,
+        Duration::from_secs(60),
+        "the writes' cycles",
+        |s| {
+            s["backlog_bytes"] == 0
+                && s["last_point"]["time_unix_ms"]
+                    .as_u64()
+                    .is_some_and(|t| t > writes_done_ms + 1000)
+        },
+    );
+    let _ = running.0.kill();
+    let _ = running.0.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(
+        &mut running
+            .0
+            .stderr
+            .take()
+            .expect("the agent's stderr is piped"),
+        &mut log,
+    )
+    .expect("agent log");
+    let recovered = caught_up["tracking_skips_recovered_total"]
+        .as_u64()
+        .expect("recovered skips in the status");
+    assert!(
+        recovered >= 1,
+        "no skip was recovered: {caught_up}\nagent log:\n{log}"
+    );
+    eprintln!(
+        "{recovered} cut(s) filled from the completion log; the last: {}",
+        log.lines()
+            .filter(|line| line.contains(blkmirror_tests::KERNEL_SKIPPED_RECOVERED))
+            .last()
+            .unwrap_or_default()
+    );
+    assert_eq!(
+        caught_up["tracking_loss_total"], losses_before,
+        "{caught_up}\nagent log:\n{log}"
+    );
+    assert!(
+        log.contains(blkmirror_tests::KERNEL_SKIPPED_RECOVERED)
+            && !log.contains("starting a verify sync"),
+        "agent log:\n{log}"
+    );
+    drop(running);
+    assert_same(&dev.path, &site.receiver.image("wan"));
+}
+
 /// A blackout in the middle of a large incremental cycle: the receiver keeps the cycle's
 /// journal, and the reconnected agent resumes the cycle instead of sending it again. What was
 /// journaled before the cut is not sent again, the link carries little more than the change,

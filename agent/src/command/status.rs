@@ -200,6 +200,10 @@ pub struct VolumeStatus {
     pub tracking_generation: Option<String>,
     /// Times tracking history was lost (each one forces a verify sync).
     pub tracking_loss_total: u64,
+    /// Cuts in which the kernel had skipped the tracker and the completion log gave the
+    /// skipped completions back (no verify sync).
+    #[serde(default)]
+    pub tracking_skips_recovered_total: u64,
     /// The last error, if the volume is not healthy.
     pub last_error: Option<String>,
     /// Seconds between cycles.
@@ -606,9 +610,11 @@ pub fn render(snapshot: &Snapshot) -> String {
         }
         let _ = writeln!(
             out,
-            "    tracking     generation {}, {} loss event(s)",
+            "    tracking     generation {}, {} loss event(s), {} kernel skip(s) recovered from \
+             the completion log",
             s.tracking_generation.as_deref().unwrap_or("-"),
-            s.tracking_loss_total
+            s.tracking_loss_total,
+            s.tracking_skips_recovered_total
         );
         let _ = writeln!(
             out,
@@ -789,7 +795,7 @@ impl Collector for SnapshotCollector {
             }
         }
         // Counters: the encoder appends `_total` to the name.
-        let counters: [Series<u64>; 4] = [
+        let counters: [Series<u64>; 5] = [
             (
                 "blkmirror_link_sent_packets",
                 "(agent) Datagrams sent on the current connection to the receiver.",
@@ -809,6 +815,12 @@ impl Collector for SnapshotCollector {
                 "blkmirror_tracking_loss",
                 "Times tracking history was lost, each forcing a verify sync.",
                 |s| s.tracking_loss_total,
+            ),
+            (
+                "blkmirror_tracking_skips_recovered",
+                "Cuts in which the kernel had skipped the tracker and the completion log gave \
+                 the skipped completions back, without a verify sync.",
+                |s| s.tracking_skips_recovered_total,
             ),
         ];
         for (name, help, value) in counters {

@@ -857,6 +857,9 @@ impl Agent {
         let cut = self.tracker.cut()?;
         if let Some(recovered) = &cut.recovered {
             warn(format_args!("{}: {recovered}", self.config.volume));
+            self.config.status.update(&self.config.volume, |s| {
+                s.tracking_skips_recovered_total += 1;
+            });
         }
         if let Some(verify) = cut.needs_verify {
             self.session.tracking_lost();
