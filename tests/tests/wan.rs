@@ -381,8 +381,7 @@ fn writes_the_kernel_hid_from_the_tracker_are_replicated_from_the_completion_log
     eprintln!(
         "{recovered} cut(s) filled from the completion log; the last: {}",
         log.lines()
-            .filter(|line| line.contains(blkmirror_tests::KERNEL_SKIPPED_RECOVERED))
-            .last()
+            .rfind(|line| line.contains(blkmirror_tests::KERNEL_SKIPPED_RECOVERED))
             .unwrap_or_default()
     );
     assert_eq!(
