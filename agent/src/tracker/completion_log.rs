@@ -16,7 +16,8 @@
 //! falls back to the verify sync, as before. Reading does not pause the writers (the kernel's
 //! default `nopause-on-trace`), and the buffer is checked after the read.
 //!
-//! Costs: `BUFFER_KB` of kernel memory per CPU for each tracked device, and the trace event on
+//! Costs: [`buffer_kb_per_cpu`] of kernel memory per CPU for each tracked device (2 MiB per
+//! CPU up to 8 CPUs, 16 MiB in all beyond), and the trace event on
 //! every completion of the disk (the filter drops other disks and reads). Enabling the event is
 //! itself a probe change on the tracepoint, which can make the kernel skip the programs already
 //! attached (other tracked devices' included) at that moment: the instance is made once, before
@@ -27,9 +28,16 @@ use std::{
     path::{Path, PathBuf},
 };
 
-/// Kernel ring buffer per CPU: room for about 35,000 completions per CPU (an event takes about
-/// 60 bytes).
-pub const BUFFER_KB: u64 = 2048;
+/// Kernel ring buffer of one device's log, over all CPUs: room for about 280,000 completions
+/// (an event takes about 60 bytes).
+pub const BUFFER_KB_TOTAL: u64 = 16 * 1024;
+
+/// The ring buffer per CPU for `cpus` possible CPUs: [`BUFFER_KB_TOTAL`] shared out, between
+/// 256 KiB and 2 MiB each (completions land on the CPUs that complete the disk's requests,
+/// often a few, so a CPU's share is not cut below what a busy one needs).
+pub fn buffer_kb_per_cpu(cpus: usize) -> u64 {
+    (BUFFER_KB_TOTAL / cpus.max(1) as u64).clamp(256, 2048)
+}
 
 /// How far before the previous cut's statistics read the window starts: a completion's
 /// tracepoint runs microseconds before the block layer counts it, so a second is ample.
@@ -63,8 +71,9 @@ impl CompletionLog {
     /// this tracker needs. `disk_dev` is the whole disk's kernel `dev_t` (as the event's `dev`
     /// field holds it). Returns the log and whether anything was changed (then the kernel may
     /// have skipped attached programs meanwhile).
-    pub fn open_or_create(dir: &Path, disk_dev: u64) -> io::Result<(Self, bool)> {
+    pub fn open_or_create(dir: &Path, disk_dev: u64, buffer_kb: u64) -> io::Result<(Self, bool)> {
         let filter = event_filter(disk_dev);
+        let buffer_kb = buffer_kb.to_string();
         let event = dir.join("events/block/block_rq_complete");
         if !dir.exists() {
             fs::create_dir(dir)?;
@@ -78,8 +87,8 @@ impl CompletionLog {
             }
             io::Result::Ok(())
         };
-        ensure(dir.join("buffer_size_kb"), &BUFFER_KB.to_string(), &|now| {
-            now.split_whitespace().next() == Some(&BUFFER_KB.to_string())
+        ensure(dir.join("buffer_size_kb"), &buffer_kb, &|now| {
+            now.split_whitespace().next() == Some(buffer_kb.as_str())
         })?;
         // `trace_clock` lists every clock, the current one in brackets.
         ensure(dir.join("trace_clock"), "mono", &|now| {
@@ -135,8 +144,7 @@ impl CompletionLog {
                 .ok_or_else(|| format!("unexpected content in {}", stats_path.display()))?;
             if !coverage.reaches_back_to(from_us) {
                 return Err(format!(
-                    "the log of {} was overwritten after {} s (kernel ring buffer of {BUFFER_KB} \
-                     KiB per CPU full)",
+                    "the log of {} was overwritten after {} s (its kernel ring buffer was full)",
                     cpu.file_name().to_string_lossy(),
                     coverage.oldest_us as f64 / 1e6
                 ));
@@ -342,6 +350,16 @@ mod tests {
         assert_eq!(parse_seconds_us("1."), None);
         assert_eq!(parse_seconds_us("x.1"), None);
         assert_eq!(parse_seconds_us("12"), None);
+    }
+
+    #[test]
+    fn the_buffer_is_2_mib_per_cpu_up_to_8_cpus_then_16_mib_shared_down_to_256_kib() {
+        assert_eq!(buffer_kb_per_cpu(0), 2048);
+        assert_eq!(buffer_kb_per_cpu(2), 2048);
+        assert_eq!(buffer_kb_per_cpu(8), 2048);
+        assert_eq!(buffer_kb_per_cpu(16), 1024);
+        assert_eq!(buffer_kb_per_cpu(64), 256);
+        assert_eq!(buffer_kb_per_cpu(512), 256);
     }
 
     #[test]

@@ -420,26 +420,26 @@ impl Tracker {
         // tracepoint, which can make the kernel skip programs attached at that moment.
         let log_dir =
             CompletionLog::dir(Path::new(environment::TRACEFS), device.major, device.minor);
-        let completion_log =
-            match CompletionLog::open_or_create(&log_dir, u64::from(device.kernel_dev())) {
-                Ok((log, _)) => {
-                    notes.push(format!(
-                        "completion log: tracefs instance {} ({} KiB per CPU) gives back the \
-                     completions the kernel skipped the hooks for, while it still holds them",
-                        log_dir.display(),
-                        completion_log::BUFFER_KB
-                    ));
-                    Some(log)
-                }
-                Err(e) => {
-                    notes.push(format!(
-                        "no completion log ({}: {e}): a completion the kernel skips the hooks for \
+        let buffer_kb = completion_log::buffer_kb_per_cpu(aya::util::nr_cpus().unwrap_or(1));
+        let disk_dev = u64::from(device.kernel_dev());
+        let completion_log = match CompletionLog::open_or_create(&log_dir, disk_dev, buffer_kb) {
+            Ok((log, _)) => {
+                notes.push(format!(
+                    "completion log: tracefs instance {} ({buffer_kb} KiB per CPU) gives back \
+                     the completions the kernel skipped the hooks for, while it still holds them",
+                    log_dir.display(),
+                ));
+                Some(log)
+            }
+            Err(e) => {
+                notes.push(format!(
+                    "no completion log ({}: {e}): a completion the kernel skips the hooks for \
                      costs a verify sync",
-                        log_dir.display()
-                    ));
-                    None
-                }
-            };
+                    log_dir.display()
+                ));
+                None
+            }
+        };
 
         let mut replaced: Option<String> = None;
         let mut adopted = match open_pins(&pin_dir, &device, &geometry) {
