@@ -124,7 +124,8 @@ pub const STAT_RELEASED_CUT_US: u32 = 12;
 /// Entries in the `STATS` array.
 pub const STATS: usize = 13;
 /// Entries in the `STATS` array of pins made before the sector counters: their programs count
-/// invocations but no sectors, and the agent keeps using them with the request cross-check.
+/// invocations but no sectors. The agent replaces such pins (a new tracking generation), since
+/// their request count can hide a skipped completion.
 pub const STATS_BEFORE_SECTORS: usize = 8;
 
 /// Flag in the `FLAGS` global: the device is zoned, so an `N` request may be a zone append

@@ -601,6 +601,51 @@ fn no_write_is_lost_with(hooks: HookChoice, min_cuts: u64, byte_map: bool) {
     }
 }
 
+/// Pins of an earlier version, whose programs count no sectors (their `stats` map has 8
+/// entries), are not adopted: their request-only cross-check can miss a skipped completion, so
+/// a new generation starts and says why.
+#[test]
+fn pins_whose_programs_count_no_sectors_are_replaced() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    let opts = options(&pins, &scratch, CHUNK);
+    let (tracker, _) = Tracker::open(&dev.path, &opts).expect("open");
+    let stats = tracker.pin_dir().join("stats");
+    drop(tracker);
+    // The earlier version's statistics map, in place of this one's.
+    std::fs::remove_file(&stats).expect("remove the stats pin");
+    sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            stats.to_str().expect("utf-8"),
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "8",
+            "entries",
+            "8",
+            "name",
+            "STATS",
+        ],
+    );
+    let (tracker, needs_verify) = Tracker::open(&dev.path, &opts).expect("reopen");
+    let reason = needs_verify.expect("a new generation").reason;
+    assert!(reason.contains("count no sectors"), "{reason}");
+    assert_eq!(tracker.origin(), blkmirror::tracker::track::Origin::Created);
+    let counts = tracker
+        .cross_check_counts()
+        .expect("counts")
+        .expect("loop devices keep statistics");
+    assert!(counts.sectors.is_some(), "{counts:?}");
+}
+
 #[test]
 fn restart_reports_writes_made_while_down_and_lost_pins_need_verify() {
     require_root();

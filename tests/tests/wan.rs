@@ -136,6 +136,23 @@ fn a_blackout_longer_than_the_idle_timeout_mid_sync_reconnects_and_ends_equal() 
     assert_same(&dev.path, &site.receiver.image("wan"));
 }
 
+/// Kills a continuous agent and returns what it wrote to stderr (its log).
+fn kill_and_read_log(running: &mut ChildGuard) -> String {
+    let _ = running.0.kill();
+    let _ = running.0.wait();
+    let mut log = String::new();
+    std::io::Read::read_to_string(
+        &mut running
+            .0
+            .stderr
+            .take()
+            .expect("the agent's stderr is piped"),
+        &mut log,
+    )
+    .expect("agent log");
+    log
+}
+
 fn agent_status(socket: &std::path::Path) -> Option<serde_json::Value> {
     let out = blkmirror()
         .args(["status", "--json", "--socket"])
@@ -276,18 +293,7 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
         });
         eprintln!("caught up {:?} after the link returned", back.elapsed());
         // The agent's log, for the messages below.
-        let _ = running.0.kill();
-        let _ = running.0.wait();
-        let mut log = String::new();
-        std::io::Read::read_to_string(
-            &mut running
-                .0
-                .stderr
-                .take()
-                .expect("the agent's stderr is piped"),
-            &mut log,
-        )
-        .expect("agent log");
+        let log = kill_and_read_log(&mut running);
         if log.contains(blkmirror_tests::KERNEL_SKIPPED) {
             drop(running);
             assert_same(&dev.path, &site.receiver.image("wan"));
@@ -359,18 +365,7 @@ fn writes_the_kernel_hid_from_the_tracker_are_replicated_from_the_completion_log
                     .is_some_and(|t| t > writes_done_ms + 1000)
         },
     );
-    let _ = running.0.kill();
-    let _ = running.0.wait();
-    let mut log = String::new();
-    std::io::Read::read_to_string(
-        &mut running
-            .0
-            .stderr
-            .take()
-            .expect("the agent's stderr is piped"),
-        &mut log,
-    )
-    .expect("agent log");
+    let log = kill_and_read_log(&mut running);
     let recovered = caught_up["tracking_skips_recovered_total"]
         .as_u64()
         .expect("recovered skips in the status");

@@ -452,7 +452,18 @@ impl Tracker {
                     HookChoice::Both => pinned == wanted || pinned == HOOK_CLASSIC,
                     HookChoice::Classic | HookChoice::Raw => pinned == wanted,
                 };
-                if acceptable {
+                if acceptable && !pins.sector_counts {
+                    // Their programs count requests only, which a flush sequence or a request
+                    // completed in parts puts ahead of the disk's count: a skip can hide
+                    // behind that. A verify sync now is the price of a check that cannot.
+                    replaced = Some(
+                        "the pinned tracker is of an earlier version whose programs count no \
+                         sectors, so its cross-check can miss a completion the kernel skipped: \
+                         a new tracking generation starts"
+                            .to_owned(),
+                    );
+                    None
+                } else if acceptable {
                     Some(pins)
                 } else {
                     replaced = Some(format!(
@@ -689,13 +700,7 @@ impl Tracker {
                     .to_owned(),
             );
         } else if self.cross_checks_disk_stats() {
-            hooks.push(
-                "completeness cross-check: request counts only (pins of an older version, \
-                 whose programs count no sectors: a request completed in parts, or a flush \
-                 sequence, can hide a skipped one; `blkmirror untrack` and a new start, at \
-                 the cost of one verify sync, count sectors too)"
-                    .to_owned(),
-            );
+            hooks.push("completeness cross-check: request counts only".to_owned());
         } else {
             hooks.push(
                 "no completeness cross-check: the disk keeps no I/O statistics (queue/iostats)"
