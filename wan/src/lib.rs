@@ -1337,7 +1337,14 @@ mod tests {
             assert_eq!(&buffer[..len], &buffers[usize::from(i)][..], "datagram {i}");
         }
         assert_eq!(relay.handle().up.offered.load(Ordering::Relaxed), 40);
-        assert_eq!(relay.handle().up.delivered.load(Ordering::Relaxed), 40);
+        // The relay counts a batch as delivered once its send returns, which can be after the
+        // sink has read it (a CI run read 0 here): wait for the count, briefly.
+        let delivered = &relay.handle().up.delivered;
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while delivered.load(Ordering::Relaxed) < 40 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(delivered.load(Ordering::Relaxed), 40);
         drop(relay);
 
         let lossy = LinkSpec {
