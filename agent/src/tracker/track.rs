@@ -990,10 +990,7 @@ impl Tracker {
                 word.store(0, Ordering::Relaxed);
             }
         }
-        let cpus = aya::util::nr_cpus().map_err(|(what, source)| TrackError::Io {
-            what: what.to_owned(),
-            source,
-        })?;
+        let cpus = possible_cpus()?;
         for big in [&mut self.pins.big, &mut self.pins.big_raw] {
             let empty = PerCpuValues::try_from(vec![BigList::default(); cpus])
                 .map_err(io_err("building per-CPU values"))?;
@@ -1008,11 +1005,13 @@ impl Tracker {
         if self.pins.sector_counts {
             set_userspace_stat(
                 &mut self.pins.stats,
+                cpus,
                 blkmirror_common::STAT_UNSEEN_SECTORS_ACKED,
                 pending.unseen_sectors as u64,
             )?;
             set_userspace_stat(
                 &mut self.pins.stats,
+                cpus,
                 blkmirror_common::STAT_RELEASED_CUT_US,
                 pending.stat_read_us,
             )?;
@@ -1567,14 +1566,22 @@ fn try_create_pins(
                 detail: e.to_string(),
             })
         })?;
+    let cpus = possible_cpus()?;
     set_userspace_stat(
         &mut stats,
+        cpus,
         blkmirror_common::STAT_DISK_SECTORS_BASE,
         base.map_or(NO_DISK_STATS, |counts| counts.sectors),
     )?;
-    set_userspace_stat(&mut stats, blkmirror_common::STAT_UNSEEN_SECTORS_ACKED, 0)?;
     set_userspace_stat(
         &mut stats,
+        cpus,
+        blkmirror_common::STAT_UNSEEN_SECTORS_ACKED,
+        0,
+    )?;
+    set_userspace_stat(
+        &mut stats,
+        cpus,
         blkmirror_common::STAT_RELEASED_CUT_US,
         base_read_us,
     )?;
@@ -1590,18 +1597,23 @@ fn try_create_pins(
 /// zero, so the sum over CPUs is the value).
 fn set_userspace_stat<T: std::borrow::BorrowMut<MapData>>(
     stats: &mut PerCpuArray<T, u64>,
+    cpus: usize,
     index: u32,
     value: u64,
 ) -> Result<(), TrackError> {
-    let cpus = aya::util::nr_cpus().map_err(|(what, source)| TrackError::Io {
-        what: what.to_owned(),
-        source,
-    })?;
     let mut values = vec![0; cpus];
     values[0] = value;
     let values = PerCpuValues::try_from(values).map_err(io_err("building per-CPU values"))?;
     stats.set(index, values, 0)?;
     Ok(())
+}
+
+/// The possible CPUs: the length of a per-CPU map value.
+fn possible_cpus() -> Result<usize, TrackError> {
+    aya::util::nr_cpus().map_err(|(what, source)| TrackError::Io {
+        what: what.to_owned(),
+        source,
+    })
 }
 
 fn pin_link_and_prog(link: FdLink, dir: &Path, name: &str) -> Result<(), TrackError> {
