@@ -434,6 +434,7 @@ rgw_dns_name = 127.0.0.1
             lease: blkmirror::dr::objstore::DEFAULT_LEASE,
             gc_every: None,
             gc_grace: blkmirror::dr::objstore::DEFAULT_GC_GRACE,
+            takeover_settle: blkmirror::dr::objstore::DEFAULT_TAKEOVER_SETTLE,
             encryption_key: None,
         }
     }

@@ -789,7 +789,10 @@ fn retention_in_the_store_spares_the_chunks_of_a_running_restore(
             &dir.join("receiver-id").display().to_string(),
             &receiver_id.dir.display().to_string(),
         )
-        + "[retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
+        // Retention from the first publish: this receiver is the volume's first holder, so
+        // there is nothing of a previous one to settle (the `[store]` section is the last).
+        + "takeover_settle = \"0s\"\n\
+           [retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
     fs::write(&config, text).expect("newest.toml");
     let store = config.to_str().expect("utf-8");
     let receiver = Receiver::start_config(&config, &data, &receiver_id);

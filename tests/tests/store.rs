@@ -650,8 +650,10 @@ impl Hosts {
         // Prune while b reads every point that stays, over and over.
         let pruning = async {
             let mut report = objpoints::PruneReport::default();
+            // The only writer: no lease to lose, so no deadline that could pass.
+            let deadline = std::time::Instant::now() + Duration::from_secs(3600);
             for run in &runs {
-                objpoints::prune_run(a, "host-a", run, &mut report)
+                objpoints::prune_run(a, "host-a", run, deadline, &mut report)
                     .await
                     .expect("prune");
             }

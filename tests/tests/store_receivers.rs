@@ -44,8 +44,15 @@ fn run_ok(args: &[&str]) -> String {
 
 /// Receiver B keeps only its newest point (retention `all` of one second, no hourly or daily
 /// points), in its data directory and in the store, and collects the store's garbage every
-/// two seconds with the default grace of an hour (which condemns nothing this young).
-const B_RETENTION_AND_GC: &str = "gc_every = \"2s\"\n\
+/// two seconds with the default grace of an hour (which condemns nothing this young). Its
+/// retention runs from its first publish after it takes a volume over (no settle time; E's
+/// shows the settle).
+const B_RETENTION_AND_GC: &str = "gc_every = \"2s\"\ntakeover_settle = \"0s\"\n\
+    [retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
+
+/// Receiver E keeps only its newest point too, but its retention waits an hour after it takes
+/// a volume's lease: what the previous holder sent may still land.
+const E_RETENTION_SETTLING: &str = "takeover_settle = \"1h\"\n\
     [retention]\nall = \"1s\"\nhourly = \"0s\"\ndaily = \"0s\"\n";
 
 /// `blkmirror store gc --config CONFIG --json`, again while a receiver's collection holds the
@@ -770,8 +777,16 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         || store_term() == Some(2),
     );
     let e_id = Id::new(dir, "receiver-e-id");
-    let (config_e, data_e) =
-        receiver_config(dir, "e", &e_id, &agent_id, &cluster, &credentials, "");
+    let (config_e, data_e) = receiver_config(
+        dir,
+        "e",
+        &e_id,
+        &agent_id,
+        &cluster,
+        &credentials,
+        E_RETENTION_SETTLING,
+    );
+    let points_before_e = store_points(&config_b).len();
     let receiver_e = Receiver::start_config(&config_e, &data_e, &e_id);
     // B's lease on the volume runs out first (10 s after its last session).
     std::thread::sleep(Duration::from_secs(11));
@@ -804,6 +819,14 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         points.last().and_then(|p| p["seq"].as_u64()),
         Some(e_seq),
         "{points:?}"
+    );
+    // E's retention would keep its newest point only, but E took the lease within its
+    // settle time: it dropped nothing, and said why.
+    assert_eq!(points.len(), points_before_e + 1, "{points:?}");
+    let e_log = receiver_e.log();
+    assert!(
+        e_log.contains("retention on the object store waits"),
+        "{e_log}"
     );
     let after_reprotect = dir.join("after-reprotect.img");
     restore_from_store(&config_b, "latest", &after_reprotect);

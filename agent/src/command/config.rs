@@ -278,6 +278,10 @@ pub struct StoreSection {
     /// How long a collection leaves a new or condemned pack alone (`1h` by default, at least
     /// `15m`: longer than a publish may take).
     pub gc_grace: Option<String>,
+    /// How long a receiver holds a volume's lease (taken over, or taken at its start) before
+    /// its retention rewrites the volume's points in the store (`5m` by default, at least
+    /// `2m`): time for what the previous holder sent before its lease ended to land.
+    pub takeover_settle: Option<String>,
 }
 
 /// The credentials file of `[store]`.
@@ -916,9 +920,30 @@ fn store_section(
             }),
         ),
     };
+    let takeover_settle = match &section.takeover_settle {
+        None => Some(crate::dr::objstore::DEFAULT_TAKEOVER_SETTLE),
+        Some(text) => problems.check(
+            "store.takeover_settle",
+            units::parse_duration(text).and_then(|settle| {
+                let floor = crate::dr::objstore::MIN_TAKEOVER_SETTLE;
+                if settle > Duration::from_secs(3600) {
+                    Err(format!("{text} is over 1h"))
+                } else if settle >= floor || cfg!(feature = "test-hooks") {
+                    Ok(settle)
+                } else {
+                    Err(format!(
+                        "{text} is under 2m: the store's client retries a request for up to a \
+                         minute, so what a receiver sent just before losing its lease may land \
+                         that late, and retention must not run beside it"
+                    ))
+                }
+            }),
+        ),
+    };
     let credentials = problems.check("store.credentials", credentials)?;
     let lease = lease?;
     let (gc_every, gc_grace, encryption_key) = (gc_every?, gc_grace?, encryption_key?);
+    let takeover_settle = takeover_settle?;
     (problems.0.len() == before).then(|| crate::dr::objstore::StoreConfig {
         endpoint: endpoint.to_owned(),
         bucket: section.bucket.clone(),
@@ -932,6 +957,7 @@ fn store_section(
         lease,
         gc_every,
         gc_grace,
+        takeover_settle,
         encryption_key,
     })
 }
@@ -1700,7 +1726,27 @@ volume = "db"
         if !cfg!(feature = "test-hooks") {
             let error = store("gc_grace = \"5m\"\n").unwrap_err().to_string();
             assert!(error.contains("store.gc_grace: 5m is under 15m"), "{error}");
+            let error = store("takeover_settle = \"30s\"\n")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains("store.takeover_settle: 30s is under 2m"),
+                "{error}"
+            );
         }
+        // Retention's settle after a take-over: 5 minutes by default, at most an hour.
+        let settings = store("").unwrap().store.expect("a store");
+        assert_eq!(settings.takeover_settle, Duration::from_secs(300));
+        let settings = store("takeover_settle = \"10m\"\n")
+            .unwrap()
+            .store
+            .expect("a store");
+        assert_eq!(settings.takeover_settle, Duration::from_secs(600));
+        let error = store("takeover_settle = \"2h\"\n").unwrap_err().to_string();
+        assert!(
+            error.contains("store.takeover_settle: 2h is over 1h"),
+            "{error}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -15,6 +15,14 @@
 //! a lease carries its token, so a writer that was paused past its lease's end (and does not
 //! know it lost it) is refused by what checks the token, rather than trusted on its clock.
 //!
+//! A token fences what its holder *commits* (a point's name is taken once). Retention is
+//! fenced by time instead, since it rewrites objects a token cannot guard:
+//! - a holder sends retention's writes only before its [`write_deadline`], half a lease after
+//!   it last asked for the lease, so a holder paused past its lease stops before it writes;
+//! - a new holder runs retention only once it has held its token for the store's settle time
+//!   ([`Tenures`]), by which the previous holder's last writes (sent before its deadline, with
+//!   the client's retries) have landed.
+//!
 //! This module is pure: it decides from the lease it is given and the time it is told, and
 //! does no IO. [`crate::dr::objstore`] reads and writes the object.
 
@@ -145,6 +153,46 @@ pub fn renew_at(renewed_ms: u64, duration_ms: u64) -> u64 {
     renewed_ms.saturating_add(duration_ms / 3)
 }
 
+/// Until when the holder of a lease that it asked for at `asked` (before its request, on a
+/// monotonic clock) for `duration` may send writes that no token fences: half the lease.
+/// The other half is room for clocks that differ: another receiver takes the lease over by
+/// its own clock, once the expiry this holder wrote (its clock at the request, plus
+/// `duration`) has passed.
+pub fn write_deadline(
+    asked: std::time::Instant,
+    duration: std::time::Duration,
+) -> std::time::Instant {
+    asked + duration / 2
+}
+
+/// How long this process has held each volume's lease under its present token: a token
+/// first seen starts a tenure, a renewal under it keeps it, and a token taken anew (another
+/// receiver held the volume in between) starts another.
+#[derive(Debug, Default)]
+pub struct Tenures {
+    held_since: std::collections::HashMap<String, (u64, std::time::Instant)>,
+}
+
+impl Tenures {
+    /// Notes that `volume`'s lease is held under `token` at `now`; returns how long it has
+    /// been held under that token.
+    pub fn held_for(
+        &mut self,
+        volume: &str,
+        token: u64,
+        now: std::time::Instant,
+    ) -> std::time::Duration {
+        let since = match self.held_since.get(volume) {
+            Some(&(held, since)) if held == token => since,
+            _ => {
+                self.held_since.insert(volume.to_owned(), (token, now));
+                now
+            }
+        };
+        now.saturating_duration_since(since)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,5 +286,32 @@ mod tests {
     fn renewal_comes_at_a_third_of_the_lease() {
         assert_eq!(renew_at(1_000, 30_000), 11_000);
         assert_eq!(renew_at(u64::MAX, 30_000), u64::MAX);
+    }
+
+    #[test]
+    fn a_tenure_lasts_while_the_token_does_and_restarts_with_another() {
+        let start = std::time::Instant::now();
+        let at = |s: u64| start + std::time::Duration::from_secs(s);
+        let mut tenures = Tenures::default();
+        assert_eq!(tenures.held_for("a", 3, at(10)).as_secs(), 0);
+        // Renewals under the same token: the tenure goes on; another volume has its own.
+        assert_eq!(tenures.held_for("a", 3, at(40)).as_secs(), 30);
+        assert_eq!(tenures.held_for("b", 3, at(40)).as_secs(), 0);
+        assert_eq!(tenures.held_for("a", 3, at(400)).as_secs(), 390);
+        // The lease was lost and taken again: another token, a new tenure.
+        assert_eq!(tenures.held_for("a", 5, at(401)).as_secs(), 0);
+        assert_eq!(tenures.held_for("a", 5, at(460)).as_secs(), 59);
+        // A clock read out of order never gives a negative tenure.
+        assert_eq!(tenures.held_for("a", 5, at(300)).as_secs(), 0);
+    }
+
+    #[test]
+    fn writes_that_no_token_fences_end_half_a_lease_after_it_was_asked_for() {
+        let asked = std::time::Instant::now();
+        let lease = std::time::Duration::from_secs(60);
+        assert_eq!(
+            write_deadline(asked, lease) - asked,
+            std::time::Duration::from_secs(30)
+        );
     }
 }

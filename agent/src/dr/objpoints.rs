@@ -24,8 +24,9 @@
 //!
 //! Retention deletes points ([`prune_run`]): the kept point after a run of dropped ones is
 //! rewritten to lead past them ([`layout::splice`]), then they are deleted, newest first.
-//!
-//! Not built yet: encryption.
+//! Every write of a run is sent before the writer's lease deadline or not at all
+//! ([`PointStoreError::LeaseDeadline`]); with the settle time a new lease holder waits before
+//! its own retention (`crate::dr::publish`), that keeps two writers' runs from interleaving.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -174,6 +175,19 @@ pub enum PointStoreError {
         elapsed: Duration,
         /// The limit.
         limit: Duration,
+    },
+    /// Retention reached the deadline its lease allows for writes before it sent one: another
+    /// receiver may hold the volume by now, so it writes nothing more.
+    #[error(
+        "volume {volume}: retention stopped before its write of point {seq}: this receiver's \
+         lease was last confirmed too long ago (paused or slow), so another receiver may hold \
+         the volume; every point is still readable, and the next publish retries"
+    )]
+    LeaseDeadline {
+        /// The volume.
+        volume: String,
+        /// The point whose manifest it was about to write.
+        seq: u64,
     },
 }
 
@@ -696,24 +710,50 @@ pub struct PruneReport {
 /// after it so that it no longer leads through the run, then replaces the run's manifests
 /// with tombstones, newest first. Every instant leaves every remaining point readable: the
 /// rewritten manifest holds the same point, and no remaining manifest leads to one dropped.
-/// The caller holds the volume's lease (one writer of its manifests); the rewrite is
-/// conditional all the same, so that a writer that lost the lease while paused cannot undo
-/// what the next one did ([`PointStoreError::Conflict`]). The packs the dropped points alone
-/// used are left to garbage collection.
+///
+/// The caller holds the volume's lease (one writer of its manifests) and passes `deadline`,
+/// the instant past which its lease may be another's: each write is sent before it, or the
+/// run stops there with [`PointStoreError::LeaseDeadline`] and every point still readable.
+/// Why: a writer paused after its reads (it lost the lease meanwhile) must not splice a
+/// manifest from copies the next writer has rewritten since. Object stores check no fencing
+/// token, and conditions hold on one object only: the rewrite is conditional on the kept
+/// point's copy ([`PointStoreError::Conflict`]), but nothing in the store would refuse it for
+/// a change to the *dropped* points' copies, such as the next writer's run over the points
+/// just before (it drops the base the splice leads to). The next writer, in turn, waits a
+/// settle time after it takes the lease before its own retention, so that what this one
+/// sent before its deadline has landed. The packs the dropped points alone used are left to
+/// garbage collection.
 pub async fn prune_run(
     client: &ObjectStoreClient,
     volume: &str,
     run: &layout::PruneRun,
+    deadline: Instant,
     report: &mut PruneReport,
 ) -> Result<(), PointStoreError> {
+    let before_deadline = |seq: u64| {
+        if Instant::now() < deadline {
+            Ok(())
+        } else {
+            Err(PointStoreError::LeaseDeadline {
+                volume: volume.to_owned(),
+                seq,
+            })
+        }
+    };
     let (next, e_tag) = read_manifest_tagged(client, volume, run.next).await?;
-    if next.base.is_some() {
+    let first_dropped = run.dropped.first().copied().unwrap_or(run.next);
+    // A manifest that leads to a point before the run already leads past it: a run that was
+    // cut short after its rewrite (its deadline, a failed tombstone, a crash) is taken up again
+    // at its tombstones. Whatever else must be the one the splice checks.
+    let leads_past = next.base.is_none_or(|base| base < first_dropped);
+    if !leads_past {
         let mut dropped = Vec::with_capacity(run.dropped.len());
         for &seq in &run.dropped {
             dropped.push(read_manifest(client, volume, seq).await?);
         }
         let key = layout::manifest_key(volume, run.next);
         if let Some(spliced) = layout::splice(&dropped, &next).map_err(layout_error(&key))? {
+            before_deadline(run.next)?;
             let replaced = match &e_tag {
                 Some(e_tag) => {
                     client
@@ -732,6 +772,7 @@ pub async fn prune_run(
         }
     }
     for &seq in run.dropped.iter().rev() {
+        before_deadline(seq)?;
         client
             .put(
                 &layout::manifest_key(volume, seq),
@@ -1594,6 +1635,7 @@ mod tests {
                 dropped: vec![2, 3],
                 next: 4,
             },
+            far_deadline(),
             &mut report,
         )
         .await
@@ -1618,7 +1660,14 @@ mod tests {
         );
         // Its prune: the rewrite of point 3 is refused (the tombstone is not the manifest
         // it read), and point 3 stays dropped.
-        let late = prune_run(&client, "v", &deposed_run, &mut PruneReport::default()).await;
+        let late = prune_run(
+            &client,
+            "v",
+            &deposed_run,
+            far_deadline(),
+            &mut PruneReport::default(),
+        )
+        .await;
         assert!(matches!(late, Err(PointStoreError::Missing(_))), "{late:?}");
         let spliced = layout::encode_manifest(&stale_next);
         let replaced = client
@@ -1659,6 +1708,172 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    /// A deadline no test reaches: a writer that holds its lease throughout.
+    fn far_deadline() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    /// Whether every listed point of `v` reads.
+    async fn every_point_reads(client: &ObjectStoreClient) -> Result<(), PointStoreError> {
+        for seq in list_points(client, "v").await? {
+            read_point(client, "v", seq).await?;
+        }
+        Ok(())
+    }
+
+    /// What point `seq` of `v` holds at chunk 0.
+    async fn chunk_zero(client: &ObjectStoreClient, seq: u64) -> ChunkId {
+        read_point(client, "v", seq).await.unwrap().0.chunks[&0]
+    }
+
+    /// The open case of the fence by names, and what closes it. Two writers' retention runs
+    /// over adjacent points: the deposed one splices point 4 past 3 (onto 2), the new one
+    /// splices 3 past 2 (onto 1) and drops 2. Each conditional write sees its own object
+    /// unchanged, so the store lets both through, and point 4 then leads to a dropped
+    /// point. Only time keeps them apart: the deposed writer sends nothing past its deadline.
+    #[tokio::test]
+    async fn adjacent_retention_runs_of_two_writers_are_kept_apart_by_the_write_deadline() {
+        let client = ObjectStoreClient::in_memory();
+        let mut map = ChunkMap::default();
+        for seq in 1..=5 {
+            map = commit_fill(&client, &map, seq, seq as u8).await.unwrap();
+        }
+        let fours = chunk_zero(&client, 4).await;
+        // Without a deadline: the deposed writer read 4 (its kept point) and 3, and paused.
+        let (next, tag) = read_manifest_tagged(&client, "v", 4).await.unwrap();
+        let dropped = read_manifest(&client, "v", 3).await.unwrap();
+        let stale_splice = layout::splice(&[dropped], &next).unwrap().unwrap();
+        assert_eq!(stale_splice.base, Some(2));
+        // The new writer drops 2 (next: 3).
+        let mut report = PruneReport::default();
+        let run = layout::PruneRun {
+            dropped: vec![2],
+            next: 3,
+        };
+        prune_run(&client, "v", &run, far_deadline(), &mut report)
+            .await
+            .unwrap();
+        assert_eq!((report.dropped, report.rewritten), (1, 1));
+        every_point_reads(&client).await.unwrap();
+        // The deposed writer resumes: its rewrite of 4 is conditional on 4 only, which nobody
+        // changed, so the store takes it, and point 4 leads to point 2, dropped.
+        let key = layout::manifest_key("v", 4);
+        let e_tag = tag.unwrap();
+        let stored_before = client.get(&key, MAX_MANIFEST_BYTES).await.unwrap().unwrap();
+        assert!(
+            client
+                .replace_if_unchanged(&key, layout::encode_manifest(&stale_splice), &e_tag)
+                .await
+                .unwrap(),
+            "the store refused the stale splice: the hazard this test shows is gone"
+        );
+        let broken = read_point(&client, "v", 4).await;
+        assert!(
+            matches!(&broken, Err(PointStoreError::Missing(key)) if key.ends_with("02")),
+            "{broken:?}"
+        );
+        // (Put back what the new writer had left, to run the same race through prune_run.)
+        client.put(&key, stored_before.0).await.unwrap();
+        assert_eq!(chunk_zero(&client, 4).await, fours);
+
+        // Through prune_run, the deposed writer's deadline passed while it was paused: it
+        // reads, and then writes nothing, neither the rewrite nor a tombstone.
+        let passed = Instant::now();
+        let deposed_run = layout::PruneRun {
+            dropped: vec![3],
+            next: 4,
+        };
+        let mut report = PruneReport::default();
+        let late = prune_run(&client, "v", &deposed_run, passed, &mut report).await;
+        assert!(
+            matches!(late, Err(PointStoreError::LeaseDeadline { seq: 4, .. })),
+            "{late:?}"
+        );
+        assert_eq!(report, PruneReport::default());
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 3, 4, 5]);
+        every_point_reads(&client).await.unwrap();
+        assert_eq!(chunk_zero(&client, 4).await, fours);
+        let (newest, _) = read_point(&client, "v", 5).await.unwrap();
+        assert_eq!(newest.chunks, map.chunks);
+    }
+
+    /// A run cut short after its rewrite (a deadline, a failed tombstone, a crash) is taken up
+    /// again at its tombstones: the kept point already leads past the run.
+    #[tokio::test]
+    async fn a_run_cut_short_after_its_rewrite_is_finished_by_the_next() {
+        let client = ObjectStoreClient::in_memory();
+        let mut map = ChunkMap::default();
+        for seq in 1..=4 {
+            map = commit_fill(&client, &map, seq, seq as u8).await.unwrap();
+        }
+        // The rewrite of 4 past 2 and 3, and the tombstone of 3; then the run stopped.
+        let (next, tag) = read_manifest_tagged(&client, "v", 4).await.unwrap();
+        let dropped = [
+            read_manifest(&client, "v", 2).await.unwrap(),
+            read_manifest(&client, "v", 3).await.unwrap(),
+        ];
+        let spliced = layout::splice(&dropped, &next).unwrap().unwrap();
+        assert!(
+            client
+                .replace_if_unchanged(
+                    &layout::manifest_key("v", 4),
+                    layout::encode_manifest(&spliced),
+                    &tag.unwrap()
+                )
+                .await
+                .unwrap()
+        );
+        client
+            .put(&layout::manifest_key("v", 3), layout::TOMBSTONE.to_vec())
+            .await
+            .unwrap();
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 2, 4]);
+        // The next retention plans the run that is left, 2 (next: 4), and finishes it.
+        let seqs = list_points(&client, "v").await.unwrap();
+        let runs = layout::prune_runs(&seqs, &std::collections::BTreeSet::from([1, 4]));
+        assert_eq!(runs.len(), 1);
+        // Past the deadline, not even a tombstone is written.
+        let mut report = PruneReport::default();
+        let late = prune_run(&client, "v", &runs[0], Instant::now(), &mut report).await;
+        assert!(
+            matches!(late, Err(PointStoreError::LeaseDeadline { seq: 2, .. })),
+            "{late:?}"
+        );
+        assert_eq!(report, PruneReport::default());
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 2, 4]);
+        prune_run(&client, "v", &runs[0], far_deadline(), &mut report)
+            .await
+            .unwrap();
+        assert_eq!((report.dropped, report.rewritten), (1, 0));
+        assert_eq!(list_points(&client, "v").await.unwrap(), vec![1, 4]);
+        let (newest, _) = read_point(&client, "v", 4).await.unwrap();
+        assert_eq!(newest.chunks, map.chunks);
+        // A kept point that leads into the middle of what it should lead past is refused.
+        let mut client_map = ChunkMap::default();
+        let other = ObjectStoreClient::in_memory();
+        for seq in 1..=4 {
+            client_map = commit_fill(&other, &client_map, seq, seq as u8)
+                .await
+                .unwrap();
+        }
+        let odd = prune_run(
+            &other,
+            "v",
+            &layout::PruneRun {
+                dropped: vec![1, 2],
+                next: 4,
+            },
+            far_deadline(),
+            &mut PruneReport::default(),
+        )
+        .await;
+        assert!(
+            matches!(odd, Err(PointStoreError::Layout { .. })),
+            "{odd:?}"
+        );
+        assert_eq!(list_points(&other, "v").await.unwrap(), vec![1, 2, 3, 4]);
     }
 
     fn now_ms() -> u64 {

@@ -50,6 +50,9 @@ pub struct StoreConfig {
     pub gc_every: Option<Duration>,
     /// A collection's grace: how long a new or condemned pack is left alone.
     pub gc_grace: Duration,
+    /// How long a receiver holds a volume's lease before its retention rewrites the volume's
+    /// points (`crate::dr::publish`, "A writer that lost its lease").
+    pub takeover_settle: Duration,
     /// The key of encryption at rest (`None`: chunks are stored in the clear).
     pub encryption_key: Option<[u8; 32]>,
 }
@@ -67,6 +70,14 @@ pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 /// indexes to creating its manifest (`objpoints::PackSettings::max_view_age`, 10 minutes),
 /// with room for clocks that differ.
 pub const MIN_GC_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// How long a new lease holder waits before retention, by default.
+pub const DEFAULT_TAKEOVER_SETTLE: Duration = Duration::from_secs(5 * 60);
+
+/// The shortest settle allowed: the client below retries a request for up to 30 seconds, each
+/// attempt may take as long, and room is left for a store that applies a request late and for
+/// clocks that differ.
+pub const MIN_TAKEOVER_SETTLE: Duration = Duration::from_secs(2 * 60);
 
 /// Errors of the object store.
 #[derive(Debug, Error)]

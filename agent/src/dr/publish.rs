@@ -56,9 +56,21 @@
 //! without a token check: a point's name is never free twice (retention leaves a tombstone,
 //! [`layout::TOMBSTONE`]), so the late manifest's conditional create is refused whenever the
 //! new writer has committed or dropped that point; and retention's rewrite of a manifest is
-//! conditional on the copy it read. What stays open: two writers' retention runs that
-//! interleave over adjacent points inside one pause could splice a manifest from a copy that
-//! the other had just rewritten.
+//! conditional on the copy it read.
+//!
+//! That condition covers one object, and a splice depends on others: two writers' runs over
+//! adjacent points (the deposed one splices 4 onto 2, the new one splices 3 onto 1 and drops
+//! 2) each find their own object unchanged, and point 4 would lead to a dropped point. So
+//! retention is also fenced by time ([`lease::write_deadline`], [`lease::Tenures`]):
+//! - every retention write is sent within half a lease of the lease request before its run
+//!   (another receiver takes the lease over only after a whole lease, by its own clock);
+//! - a receiver runs no retention on a volume until it has held the lease under its token for
+//!   `takeover_settle` (≥ 2 min), by which what the previous holder sent before its deadline,
+//!   retried by the client for up to a minute, has landed or failed.
+//!
+//! What is left is the assumption every lease without a store-side fencing token makes: a
+//! pause between the deadline check and the request leaving, or a store that applies a
+//! request later than the settle time (the collection's grace assumes the same of commits).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -72,6 +84,7 @@ use thiserror::Error;
 use crate::dr::{
     authority::Authority,
     layout::{self, ChunkMap},
+    lease,
     objpoints::{self, CommitReport, ManifestToCreate, PackSettings, PointStoreError, StoreView},
     objstore::{
         Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError as ObjectStoreError,
@@ -182,6 +195,18 @@ pub struct PublishReport {
     /// Why retention on the store failed, if it did (the point is published all the same;
     /// the next publish tries again).
     pub prune_error: Option<String>,
+    /// How much longer retention waits: this receiver took the volume's lease less than the
+    /// store's settle time ago (`store.takeover_settle`), so it did not run.
+    pub prune_waits: Option<Duration>,
+}
+
+/// A volume's lease as its holder knows it after asking for it.
+#[derive(Debug, Clone, Copy)]
+struct HeldLease {
+    /// The fencing token.
+    token: u64,
+    /// Until when writes no token fences may be sent ([`lease::write_deadline`]).
+    write_deadline: Instant,
 }
 
 /// The store's health as this receiver sees it, for `status` and the metrics.
@@ -343,6 +368,10 @@ pub struct Publisher {
     /// Garbage collection: how often and with what grace.
     gc_every: Option<Duration>,
     gc_grace: Duration,
+    /// How long each volume's lease has been held under its token, and how long it must be
+    /// before retention rewrites the volume's points.
+    tenures: Mutex<lease::Tenures>,
+    takeover_settle: Duration,
     health: Mutex<StoreHealth>,
     /// Copies this receiver's audit log to the shared chain (opened at the first round).
     audit_shipper: tokio::sync::Mutex<Option<crate::dr::auditchain::Shipper>>,
@@ -375,6 +404,8 @@ impl Publisher {
             ages: Mutex::new(HashMap::new()),
             gc_every: config.gc_every,
             gc_grace: config.gc_grace,
+            tenures: Mutex::new(lease::Tenures::default()),
+            takeover_settle: config.takeover_settle,
             lease_requests: Mutex::new(HashMap::new()),
             health: Mutex::new(StoreHealth {
                 store: format!("{} bucket {}", config.endpoint, config.bucket),
@@ -475,8 +506,9 @@ impl Publisher {
     }
 
     /// Takes or renews the lease of `volume`; returns its fencing token (the same for as long
-    /// as this receiver has held it without a break).
-    async fn hold_lease(&self, volume: &str) -> Result<u64, PublishError> {
+    /// as this receiver has held it without a break) and the deadline of writes no token
+    /// fences ([`lease::write_deadline`]).
+    async fn hold_lease(&self, volume: &str) -> Result<HeldLease, PublishError> {
         // One lease request at a time: a renewal racing a publish's would make one of the two
         // conditional writes fail as if another receiver had taken the lease.
         let serial = self
@@ -488,13 +520,23 @@ impl Publisher {
             .clone();
         let _serial = serial.lock().await;
         let mut outcome = self.acquire(volume).await?;
-        if outcome.1 == LeaseOutcome::LostRace {
+        if outcome.2 == LeaseOutcome::LostRace {
             // Read again: the write that beat ours may have been a renewal of our own.
             outcome = self.acquire(volume).await?;
         }
-        let (now, outcome) = outcome;
+        let (now, asked, outcome) = outcome;
         match outcome {
-            LeaseOutcome::Holding(record) => Ok(record.token),
+            LeaseOutcome::Holding(record) => {
+                self.tenures.lock().expect("tenures lock").held_for(
+                    volume,
+                    record.token,
+                    Instant::now(),
+                );
+                Ok(HeldLease {
+                    token: record.token,
+                    write_deadline: lease::write_deadline(asked, self.lease_for),
+                })
+            }
             LeaseOutcome::Held { holder, expires_ms } => Err(PublishError::LeaseHeld {
                 volume: volume.to_owned(),
                 holder,
@@ -510,30 +552,34 @@ impl Publisher {
 
     /// Renews the lease of `volume`, which must still be the one of `token`: a lease lost
     /// and taken again in the middle of a publish means another receiver may have written
-    /// meanwhile, so the publish stops.
-    async fn hold_again(&self, volume: &str, token: u64) -> Result<(), PublishError> {
+    /// meanwhile, so the publish stops. Returns the deadline of writes no token fences.
+    async fn hold_again(&self, volume: &str, token: u64) -> Result<Instant, PublishError> {
         let now = self.hold_lease(volume).await?;
-        if now == token {
-            Ok(())
+        if now.token == token {
+            Ok(now.write_deadline)
         } else {
             Err(PublishError::LeaseHeld {
                 volume: volume.to_owned(),
                 holder: format!(
                     "another receiver in the meantime (this receiver's lease went from token \
-                     {token} to {now})"
+                     {token} to {})",
+                    now.token
                 ),
                 remaining_s: 0,
             })
         }
     }
 
-    async fn acquire(&self, volume: &str) -> Result<(u64, LeaseOutcome), PublishError> {
+    /// One lease request: the wall-clock time it wrote, the monotonic instant before it, and
+    /// what came of it.
+    async fn acquire(&self, volume: &str) -> Result<(u64, Instant, LeaseOutcome), PublishError> {
+        let asked = Instant::now();
         let now = now_ms();
         let outcome = self
             .client
             .acquire_lease(volume, &self.holder, now, self.lease_for.as_millis() as u64)
             .await?;
-        Ok((now, outcome))
+        Ok((now, asked, outcome))
     }
 
     /// Renews the lease of `volume` every third of its life, for as long as the session that
@@ -766,7 +812,7 @@ impl Publisher {
         };
         // The lease first, even with nothing to publish: an agent is refused before it syncs
         // to a receiver that may not write the volume.
-        let token = self.hold_lease(&name).await?;
+        let token = self.hold_lease(&name).await?.token;
         if !self
             .sealing_checked
             .load(std::sync::atomic::Ordering::Relaxed)
@@ -806,6 +852,7 @@ impl Publisher {
                     elapsed_ms: started.elapsed().as_millis() as u64,
                     pruned: objpoints::PruneReport::default(),
                     prune_error: None,
+                    prune_waits: None,
                 })
             }
             (Step::Diverged, local, Some(newest)) => {
@@ -821,12 +868,25 @@ impl Publisher {
                     .await?;
                 let point = published.point.clone();
                 self.remember(&name, published);
-                // Retention is housekeeping: the point is published whatever it does.
-                match self.prune(volume, &name, token, &point).await {
-                    Ok(pruned) => report.pruned = pruned,
-                    Err(error) => {
-                        self.ages.lock().expect("ages lock").remove(&name);
-                        report.prune_error = Some(error.to_string());
+                // Retention is housekeeping: the point is published whatever it does. It waits
+                // for the settle time after the lease was taken: what the previous holder
+                // sent before its lease ended may still land (the module's docs).
+                let held_for = self.tenures.lock().expect("tenures lock").held_for(
+                    &name,
+                    token,
+                    Instant::now(),
+                );
+                report.prune_waits = self
+                    .takeover_settle
+                    .checked_sub(held_for)
+                    .filter(|waits| !waits.is_zero());
+                if report.prune_waits.is_none() {
+                    match self.prune(volume, &name, token, &point).await {
+                        Ok(pruned) => report.pruned = pruned,
+                        Err(error) => {
+                            self.ages.lock().expect("ages lock").remove(&name);
+                            report.prune_error = Some(error.to_string());
+                        }
                     }
                 }
                 report.elapsed_ms = started.elapsed().as_millis() as u64;
@@ -876,8 +936,8 @@ impl Publisher {
         let seqs: Vec<u64> = ages.keys().copied().collect();
         let mut report = objpoints::PruneReport::default();
         for run in layout::prune_runs(&seqs, &keep) {
-            self.hold_again(name, token).await?;
-            objpoints::prune_run(&self.client, name, &run, &mut report).await?;
+            let deadline = self.hold_again(name, token).await?;
+            objpoints::prune_run(&self.client, name, &run, deadline, &mut report).await?;
             for seq in &run.dropped {
                 ages.remove(seq);
             }
@@ -1115,6 +1175,7 @@ impl Publisher {
                 elapsed_ms: started.elapsed().as_millis() as u64,
                 pruned: objpoints::PruneReport::default(),
                 prune_error: None,
+                prune_waits: None,
             },
             Published { map, point, token },
         ))

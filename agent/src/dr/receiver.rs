@@ -1172,6 +1172,15 @@ impl Session {
                         report.pruned.dropped, report.pruned.rewritten
                     ));
                 }
+                if let Some(waits) = report.prune_waits {
+                    log(format!(
+                        "volume {name}: retention on the object store waits {} s more: this \
+                         receiver took the volume's lease recently, and what the previous \
+                         holder sent before its lease ended may still land \
+                         (store.takeover_settle)",
+                        waits.as_secs().max(1)
+                    ));
+                }
                 if let Some(error) = &report.prune_error {
                     warn(format!(
                         "volume {name}: retention on the object store failed (the next \
