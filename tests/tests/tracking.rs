@@ -28,6 +28,7 @@ fn options(pins: &PinRoot, scratch: &Scratch, chunk_bytes: u64) -> TrackOptions 
         state_dir: scratch.path.join("state"),
         hooks: HookChoice::Auto,
         byte_map: false,
+        completion_log_kib_per_cpu: None,
     }
 }
 
@@ -1067,4 +1068,119 @@ fn writes_no_hook_saw_are_detected_from_disk_statistics() {
         "{reason}"
     );
     assert!(cut.recovered.is_none());
+}
+
+/// The completion log's reach, as the agent reports it at each cut: unlimited while its ring
+/// buffer has never overwritten a completion, then how far back its busiest CPU still holds
+/// them. And a log resized under adopted pins holds nothing from before: a skip whose window
+/// began earlier costs a verify sync, never a recovery from a log that lost the window.
+#[test]
+fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_holds_nothing_older() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    let small = TrackOptions {
+        completion_log_kib_per_cpu: Some(256),
+        ..options(&pins, &scratch, CHUNK)
+    };
+    let opened = Instant::now();
+    let (mut tracker, _) = Tracker::open(&dev.path, &small).expect("open");
+    let log = tracker
+        .completion_log_dir()
+        .expect("this machine has tracefs instances")
+        .to_owned();
+    let buffer_kb = || -> u64 {
+        std::fs::read_to_string(log.join("buffer_size_kb"))
+            .expect("buffer size")
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    // The kernel rounds up to whole pages of events.
+    assert!((256..270).contains(&buffer_kb()), "{}", buffer_kb());
+    drain(&mut tracker);
+    assert_eq!(tracker.completion_log_reach(), Ok(None), "a new log");
+    // About 60 bytes an event: 12,000 single 4 KiB direct writes overrun 256 KiB per CPU.
+    let file = open_direct(&dev.path);
+    let buf = AlignedBuf::new(4096);
+    for i in 0..12_000u64 {
+        file.write_all_at(buf.as_slice(), (i % 16_000) * 4096)
+            .expect("direct write");
+    }
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
+    if let Some(verify) = &cut.needs_verify {
+        // Other tests attach and detach trackers meanwhile, which can make the kernel skip
+        // this one's; a log this small cannot fill that gap.
+        assert!(
+            verify.reason.contains(blkmirror_tests::KERNEL_SKIPPED),
+            "{}",
+            verify.reason
+        );
+        eprintln!(
+            "a kernel skip the small log could not fill: {}",
+            verify.reason
+        );
+    }
+    let reach = tracker
+        .completion_log_reach()
+        .expect("reach")
+        .expect("12,000 completions overran a 256 KiB buffer");
+    eprintln!(
+        "a 256 KiB-per-CPU log reaches back {reach:?} after 12,000 writes in {:?}",
+        opened.elapsed()
+    );
+    assert!(reach < opened.elapsed(), "{reach:?}");
+
+    // The agent restarts with a larger log: the pins are adopted, and the resize emptied the
+    // buffer.
+    drop(tracker);
+    let larger = TrackOptions {
+        completion_log_kib_per_cpu: Some(512),
+        ..small
+    };
+    let (mut tracker, needs_verify) = Tracker::open(&dev.path, &larger).expect("reopen");
+    assert!(needs_verify.is_none(), "{needs_verify:?}");
+    assert!((512..530).contains(&buffer_kb()), "{}", buffer_kb());
+    let reach = tracker
+        .completion_log_reach()
+        .expect("reach")
+        .expect("a log resized under adopted pins reaches back to its resize only");
+    assert!(reach < Duration::from_secs(30), "{reach:?}");
+    // A skip now (the hooks' links removed), before the first cut after the restart: its
+    // window began at the last cut released before the restart, which the resized log does
+    // not hold. (Detaching completes asynchronously: write until the hooks miss one.)
+    for link in ["link", "link_raw"] {
+        let path = tracker.pin_dir().join(link);
+        if path.exists() {
+            std::fs::remove_file(path).expect("remove link pin");
+        }
+    }
+    let missed = |tracker: &Tracker| {
+        let counts = tracker
+            .cross_check_counts()
+            .expect("counts")
+            .expect("stats");
+        let (disk, hooks) = counts.sectors.expect("sectors");
+        disk > hooks
+    };
+    let mut i = 0;
+    while !missed(&tracker) {
+        assert!(
+            i < 50,
+            "the hooks still saw writes 5 s after their links were removed"
+        );
+        write_direct(&dev.path, (20 + i) * MIB, 4096, 2);
+        std::thread::sleep(Duration::from_millis(100));
+        i += 1;
+    }
+    let cut = tracker.cut().expect("cut");
+    assert!(cut.recovered.is_none(), "{:?}", cut.recovered);
+    let reason = cut.needs_verify.expect("a verify sync").reason;
+    assert!(
+        reason.contains(blkmirror_tests::KERNEL_SKIPPED) && reason.contains("made or resized"),
+        "{reason}"
+    );
 }

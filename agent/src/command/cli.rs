@@ -230,6 +230,11 @@ pub struct AgentArgs {
     /// Device bytes per committed step of an initial or verify sync.
     #[arg(long, value_name = "SIZE", default_value = "4GiB", value_parser = units::parse_size)]
     pub sync_step: u64,
+    /// The completion log's kernel ring buffer per CPU ("auto": 2 MiB up to 8 CPUs, 16 MiB
+    /// shared beyond), which bounds how far back a skipped completion is found without a
+    /// verify sync (`status` shows the reach).
+    #[arg(long, value_name = "SIZE|auto", default_value = "auto", value_parser = crate::command::config::parse_completion_log_arg)]
+    pub completion_log: crate::command::config::CompletionLogArg,
     /// Print one JSON object per line (committed points, sync progress).
     #[arg(long)]
     pub json: bool,
@@ -1280,6 +1285,7 @@ fn options(chunk_bytes: u64, hooks: HookChoice, state: &StateArgs) -> TrackOptio
         state_dir: state.state_dir.clone(),
         hooks,
         byte_map: false,
+        completion_log_kib_per_cpu: None,
     }
 }
 
@@ -1564,6 +1570,7 @@ fn run_agent(args: AgentArgs) -> ExitCode {
                     window: args.window,
                     congestion: args.congestion,
                     sync_step: args.sync_step,
+                    completion_log_kib: args.completion_log.0,
                     consistency_group: None,
                 }],
             }

@@ -90,6 +90,8 @@ pub struct DeviceSection {
     pub congestion: Option<String>,
     /// `--sync-step`.
     pub sync_step: Option<String>,
+    /// `--completion-log`.
+    pub completion_log: Option<String>,
     /// Devices of one consistency group are frozen and cut together.
     pub consistency_group: Option<String>,
     /// `--pre-freeze`.
@@ -160,6 +162,8 @@ pub struct DeviceSettings {
     pub congestion: Congestion,
     /// Sync step.
     pub sync_step: u64,
+    /// The completion log's ring buffer per CPU, in KiB (`None`: sized by the CPU count).
+    pub completion_log_kib: Option<u64>,
     /// The consistency group.
     pub consistency_group: Option<String>,
     /// Application hooks around each freeze.
@@ -551,6 +555,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
         let congestion = setting!(congestion, "filtered-cubic", enum_value);
         let sync_step = setting!(sync_step, "4GiB", units::parse_size);
         let hook_timeout = setting!(hook_timeout, "60s", parse_interval);
+        let completion_log = setting!(completion_log, "auto", parse_completion_log);
         for (name, command) in [
             ("pre_freeze", &section.pre_freeze),
             ("post_thaw", &section.post_thaw),
@@ -595,6 +600,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             Some(congestion),
             Some(sync_step),
             Some(hook_timeout),
+            Some(completion_log_kib),
         ) = (
             interval,
             max_rate,
@@ -608,6 +614,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
             congestion,
             sync_step,
             hook_timeout,
+            completion_log,
         ) {
             devices.push(DeviceSettings {
                 device: section.path.clone(),
@@ -625,6 +632,7 @@ pub fn agent_from_str(path: &Path, text: &str) -> Result<AgentSettings, ConfigEr
                 window,
                 congestion,
                 sync_step,
+                completion_log_kib,
                 consistency_group: section.consistency_group.clone(),
                 app_hooks: AppHooks {
                     pre_freeze: section.pre_freeze.clone(),
@@ -1384,6 +1392,33 @@ fn check_store_reachable(store: &crate::dr::objstore::StoreConfig) -> Result<Str
 /// The receiver's default data directory.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/blkmirror/receiver";
 
+/// A `completion_log` setting: `auto`, or a ring buffer size per CPU (256 KiB to 256 MiB),
+/// as KiB.
+pub fn parse_completion_log(text: &str) -> Result<Option<u64>, String> {
+    Ok(parse_completion_log_arg(text)?.0)
+}
+
+/// `--completion-log` (a type of its own: for clap, an `Option` field means a flag that may be
+/// left out).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompletionLogArg(pub Option<u64>);
+
+/// Parses `--completion-log` as [`parse_completion_log`] does.
+pub fn parse_completion_log_arg(text: &str) -> Result<CompletionLogArg, String> {
+    if text == "auto" {
+        return Ok(CompletionLogArg(None));
+    }
+    let kib = units::parse_size(text)?.div_ceil(1024);
+    let range = crate::tracker::completion_log::SETTING_KB_PER_CPU;
+    if range.contains(&kib) {
+        Ok(CompletionLogArg(Some(kib)))
+    } else {
+        Err(format!(
+            "{text} is not \"auto\" or a size per CPU from 256KiB to 256MiB"
+        ))
+    }
+}
+
 /// A rate as operators write it (`50MiB` or `50MiB/s`), at least 64 KiB/s.
 pub fn parse_rate(text: &str) -> Result<u64, String> {
     let rate = units::parse_size(text.strip_suffix("/s").unwrap_or(text))?;
@@ -1456,6 +1491,7 @@ freeze_budget = "1s"
 window = "16MiB"
 congestion = "bbr"
 sync_step = "1GiB"
+completion_log = "8MiB"
 [[device]]
 path = "/dev/vdc"
 volume = "logs"
@@ -1474,7 +1510,9 @@ volume = "logs"
         assert_eq!(db.window, 16 << 20);
         assert_eq!(db.congestion, Congestion::Bbr);
         assert_eq!(db.sync_step, 1 << 30);
+        assert_eq!(db.completion_log_kib, Some(8 << 10));
         let logs = &settings.devices[1];
+        assert_eq!(logs.completion_log_kib, None);
         assert_eq!(logs.congestion, Congestion::FilteredCubic);
         assert_eq!(logs.interval, Duration::from_secs(60));
         assert_eq!(logs.chunk_size, 64 << 10);
@@ -1501,6 +1539,7 @@ chunk_size = "3000"
 hooks = "magic"
 congestion = "vegas"
 streams = 99
+completion_log = "64KiB"
 consistency_group = "app"
 [[device]]
 path = "/dev/vdb"
@@ -1517,6 +1556,7 @@ volume = "db"
             "device[0].hooks: \"magic\" is not one of",
             "device[0].congestion: \"vegas\" is not one of cubic, newreno, bbr, filtered-cubic",
             "device[0].streams",
+            "device[0].completion_log: 64KiB is not \"auto\" or a size per CPU from 256KiB",
             "device[1].volume: volume \"db\" is named twice",
             "device[1].path",
         ] {

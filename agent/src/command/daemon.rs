@@ -122,6 +122,7 @@ pub fn run_agents(settings: AgentSettings) -> ExitCode {
                 pin_root: settings.pin_root.clone(),
                 state_dir: settings.state_dir.clone(),
                 hooks: device.hooks,
+                completion_log_kib_per_cpu: device.completion_log_kib,
                 ..TrackOptions::default()
             },
             streams: usize::from(device.streams),

@@ -204,6 +204,11 @@ pub struct VolumeStatus {
     /// skipped completions back (no verify sync).
     #[serde(default)]
     pub tracking_skips_recovered_total: u64,
+    /// How far back the completion log held every completion at the last cut, in seconds
+    /// (`None`: it never overwrote one, or there is none). A kernel skip older than this costs
+    /// a verify sync.
+    #[serde(default)]
+    pub completion_log_reach_s: Option<f64>,
     /// The last error, if the volume is not healthy.
     pub last_error: Option<String>,
     /// Seconds between cycles.
@@ -616,6 +621,13 @@ pub fn render(snapshot: &Snapshot) -> String {
             s.tracking_loss_total,
             s.tracking_skips_recovered_total
         );
+        if let Some(reach) = s.completion_log_reach_s {
+            let _ = writeln!(
+                out,
+                "    compl. log   holds the last {reach:.0} s of completions (cuts are {} s apart)",
+                s.interval_s
+            );
+        }
         let _ = writeln!(
             out,
             "    totals       {} cycle(s), {} on the wire",
@@ -694,7 +706,7 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 12] = [
+        let gauges: [Series<Option<f64>>; 13] = [
             (
                 "blkmirror_link_round_trip_seconds",
                 "(agent) The smoothed round trip to the receiver.",
@@ -766,6 +778,13 @@ impl Collector for SnapshotCollector {
                 "blkmirror_lag_seconds",
                 "Age of the newest committed complete point.",
                 |s| s.lag_seconds,
+            ),
+            (
+                "blkmirror_completion_log_reach_seconds",
+                "(agent) How far back the completion log held every completion at the last cut \
+                 (absent: it never overwrote one). A kernel skip older than this costs a verify \
+                 sync.",
+                |s| s.completion_log_reach_s,
             ),
             (
                 "blkmirror_backlog_bytes",
@@ -1204,7 +1223,16 @@ mod tests {
         let board = StatusBoard::new("agent");
         board.committed("db", point(2, 1_000, true), true, 4096, 2.0);
         board.update("we\"ird", |s| s.backlog_bytes = 7);
+        board.update("db", |s| s.completion_log_reach_s = Some(42.5));
         let text = prometheus(&board.snapshot(3_000));
+        assert!(
+            text.contains("blkmirror_completion_log_reach_seconds{volume=\"db\"} 42.5"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("blkmirror_completion_log_reach_seconds{volume=\"we"),
+            "{text}"
+        );
         assert!(
             text.contains("blkmirror_lag_seconds{volume=\"db\"} 2"),
             "{text}"

@@ -477,6 +477,20 @@ pub struct Agent {
     /// How long the receiver took to commit the last point (from the `Commit` sent to its
     /// answer): the share of a cycle that is the receiver's journal, apply and fsyncs.
     last_commit: Duration,
+    /// Whether the completion log reached back less than a cut needs at the last cut (warned
+    /// once until it reaches far enough again).
+    log_reach_short: bool,
+}
+
+/// Room beyond the interval that the completion log should reach back at a cut: the window
+/// starts a second before the previous cut's statistics read, and a cycle's own time adds to
+/// the gap between cuts.
+const LOG_REACH_MARGIN: Duration = Duration::from_secs(5);
+
+/// Whether a completion log reaching back `reach` (`None`: to its start) is too short for
+/// cuts `interval` apart.
+fn log_reach_is_short(reach: Option<Duration>, interval: Duration) -> bool {
+    reach.is_some_and(|reach| reach < interval + LOG_REACH_MARGIN)
 }
 
 fn say(message: impl std::fmt::Display) {
@@ -605,6 +619,7 @@ impl Agent {
             open_cycle,
             last_pre_freeze: None,
             last_commit: Duration::ZERO,
+            log_reach_short: false,
             compression,
             rate,
             started,
@@ -840,6 +855,34 @@ impl Agent {
         }
     }
 
+    /// Reports how far back the completion log reaches (status, metric), and warns when it
+    /// became too short for the interval: a kernel skip would then cost a verify sync.
+    fn note_log_reach(&mut self) {
+        let reach = match self.tracker.completion_log_reach() {
+            Ok(reach) => reach,
+            Err(why) => {
+                tracing::debug!(target: "blkmirror agent", "completion log reach: {why}");
+                None
+            }
+        };
+        self.config.status.update(&self.config.volume, |s| {
+            s.completion_log_reach_s = reach.map(|r| r.as_secs_f64());
+        });
+        let short = log_reach_is_short(reach, self.config.interval);
+        if short && !self.log_reach_short {
+            warn(format_args!(
+                "{}: the completion log holds only the last {:.1} s of this disk's completions, \
+                 less than the {} s between cuts and a margin: a completion the kernel skips \
+                 the tracker for would cost a verify sync. Raise the device's \
+                 `completion_log` (a size per CPU), or shorten the interval",
+                self.config.volume,
+                reach.unwrap_or_default().as_secs_f64(),
+                self.config.interval.as_secs()
+            ));
+        }
+        self.log_reach_short = short;
+    }
+
     /// Cuts the tracker and moves the cut into the durable in-flight set. Returns the cut's
     /// extents (and the epoch).
     fn take_cut(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
@@ -855,6 +898,7 @@ impl Agent {
     /// disk), and a write to it would block until the thaw.
     fn cut_into_inflight(&mut self) -> Result<(Vec<Extent>, u64), AgentError> {
         let cut = self.tracker.cut()?;
+        self.note_log_reach();
         if let Some(recovered) = &cut.recovered {
             warn(format_args!("{}: {recovered}", self.config.volume));
             self.config.status.update(&self.config.volume, |s| {
@@ -1754,5 +1798,22 @@ pub(crate) fn hashes_compare(answer: Answer, count: u32) -> Result<Compare, Agen
         other => Err(AgentError::Protocol(format!(
             "expected {count} hashes, got {other:?}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_is_short_when_it_does_not_reach_an_interval_and_the_margin_back() {
+        let minute = Duration::from_secs(60);
+        assert!(!log_reach_is_short(None, minute));
+        assert!(!log_reach_is_short(Some(Duration::from_secs(65)), minute));
+        assert!(log_reach_is_short(Some(Duration::from_secs(64)), minute));
+        assert!(log_reach_is_short(
+            Some(Duration::ZERO),
+            Duration::from_secs(1)
+        ));
     }
 }

@@ -16,8 +16,17 @@
 //! falls back to the verify sync, as before. Reading does not pause the writers (the kernel's
 //! default `nopause-on-trace`), and the buffer is checked after the read.
 //!
-//! Costs: [`buffer_kb_per_cpu`] of kernel memory per CPU for each tracked device (2 MiB per
-//! CPU up to 8 CPUs, 16 MiB in all beyond), and the trace event on
+//! How far back it reaches depends on the disk's completion rate: [`CompletionLog::reach_us`]
+//! says it from the buffers' statistics at every cut, and the agent reports it (`status`, the
+//! metric `blkmirror_completion_log_reach_seconds`) and warns when it is shorter than what a
+//! cut needs. The buffer size is a device setting (`completion_log`).
+//!
+//! A log made or changed (its buffer resized) after the tracking it serves began (adopted
+//! pins) holds nothing from before: it is trusted only for windows that start after that
+//! ([`CompletionLog::since`]), and its reach counts from then.
+//!
+//! Costs: [`buffer_kb_per_cpu`] of kernel memory per CPU for each tracked device by default
+//! (2 MiB per CPU up to 8 CPUs, 16 MiB in all beyond), and the trace event on
 //! every completion of the disk (the filter drops other disks and reads). Enabling the event is
 //! itself a probe change on the tracepoint, which can make the kernel skip the programs already
 //! attached (other tracked devices' included) at that moment: the instance is made once, before
@@ -54,10 +63,16 @@ pub struct LoggedCompletion {
     pub nr_sectors: u64,
 }
 
+/// The smallest and largest ring buffer per CPU that the `completion_log` setting takes.
+pub const SETTING_KB_PER_CPU: std::ops::RangeInclusive<u64> = 256..=256 * 1024;
+
 /// A tracefs instance recording one disk's write-like completions.
 #[derive(Debug)]
 pub struct CompletionLog {
     dir: PathBuf,
+    /// When this process made or changed the instance (CLOCK_MONOTONIC, microseconds; 0: it
+    /// found it as it needs it): nothing from before is in it.
+    holds_from_us: u64,
 }
 
 impl CompletionLog {
@@ -73,6 +88,7 @@ impl CompletionLog {
     /// have skipped attached programs meanwhile).
     pub fn open_or_create(dir: &Path, disk_dev: u64, buffer_kb: u64) -> io::Result<(Self, bool)> {
         let filter = event_filter(disk_dev);
+        let wanted_kb = buffer_kb;
         let buffer_kb = buffer_kb.to_string();
         let event = dir.join("events/block/block_rq_complete");
         if !dir.exists() {
@@ -88,7 +104,10 @@ impl CompletionLog {
             io::Result::Ok(())
         };
         ensure(dir.join("buffer_size_kb"), &buffer_kb, &|now| {
-            now.split_whitespace().next() == Some(buffer_kb.as_str())
+            now.split_whitespace()
+                .next()
+                .and_then(|kb| kb.parse().ok())
+                .is_some_and(|kb| buffer_is_as_asked(kb, wanted_kb))
         })?;
         // `trace_clock` lists every clock, the current one in brackets.
         ensure(dir.join("trace_clock"), "mono", &|now| {
@@ -101,9 +120,16 @@ impl CompletionLog {
         Ok((
             Self {
                 dir: dir.to_owned(),
+                holds_from_us: if changed { monotonic_us() } else { 0 },
             },
             changed,
         ))
+    }
+
+    /// Says that the tracking this log serves began after the log was made or changed (new
+    /// pins), so that nothing before it is missing.
+    pub fn serves_tracking_from_its_start(&mut self) {
+        self.holds_from_us = 0;
     }
 
     /// The instance's directory.
@@ -127,6 +153,13 @@ impl CompletionLog {
     /// microseconds) on, or why the log cannot be trusted to hold all of them.
     pub fn since(&self, previous_cut_us: u64) -> Result<Vec<LoggedCompletion>, String> {
         let from_us = previous_cut_us.saturating_sub(WINDOW_MARGIN_US);
+        if from_us < self.holds_from_us {
+            return Err(format!(
+                "the log was made or resized at {} s, after the window began at {} s",
+                self.holds_from_us as f64 / 1e6,
+                from_us as f64 / 1e6
+            ));
+        }
         let text = fs::read_to_string(self.dir.join("trace"))
             .map_err(|e| format!("reading {}: {e}", self.dir.join("trace").display()))?;
         let logged = parse_trace(&text, from_us)?;
@@ -152,6 +185,47 @@ impl CompletionLog {
         }
         Ok(logged)
     }
+}
+
+impl CompletionLog {
+    /// How far back from `now_us` (CLOCK_MONOTONIC, microseconds) the log holds every
+    /// completion: `None` if nothing was ever overwritten since it was made, as found.
+    pub fn reach_us(&self, now_us: u64) -> Result<Option<u64>, String> {
+        let per_cpu = self.dir.join("per_cpu");
+        let cpus =
+            fs::read_dir(&per_cpu).map_err(|e| format!("reading {}: {e}", per_cpu.display()))?;
+        let mut coverages = Vec::new();
+        for cpu in cpus {
+            let cpu = cpu.map_err(|e| format!("reading {}: {e}", per_cpu.display()))?;
+            let stats_path = cpu.path().join("stats");
+            let stats = fs::read_to_string(&stats_path)
+                .map_err(|e| format!("reading {}: {e}", stats_path.display()))?;
+            coverages.push(
+                parse_cpu_stats(&stats)
+                    .ok_or_else(|| format!("unexpected content in {}", stats_path.display()))?,
+            );
+        }
+        Ok(reach_of(&coverages, self.holds_from_us, now_us))
+    }
+}
+
+/// The reach of a log whose CPUs' buffers hold `coverages` and that holds nothing from
+/// before `holds_from_us` (0: no such limit): the shortest of them, `None` if none limits it.
+fn reach_of(coverages: &[CpuCoverage], holds_from_us: u64, now_us: u64) -> Option<u64> {
+    coverages
+        .iter()
+        .filter(|coverage| coverage.overrun > 0)
+        .map(|coverage| coverage.oldest_us)
+        .chain((holds_from_us > 0).then_some(holds_from_us))
+        .map(|from_us| now_us.saturating_sub(from_us))
+        .min()
+}
+
+/// Whether a buffer that reads back as `kb` is the `wanted_kb` one asked for: the kernel
+/// rounds a size up to whole pages of events (256 reads back as 258, 2048 as 2051). Writing
+/// the size again would resize the buffer, and a resize may drop what it holds.
+fn buffer_is_as_asked(kb: u64, wanted_kb: u64) -> bool {
+    (wanted_kb..=wanted_kb + wanted_kb / 64 + 8).contains(&kb)
 }
 
 /// The event filter: the disk's completions that change data (writes `W`, discards `D`,
@@ -389,6 +463,58 @@ mod tests {
         assert!(overran.reaches_back_to(6_000_000));
         assert!(!overran.reaches_back_to(4_999_999));
         assert_eq!(parse_cpu_stats("entries: 1\n"), None);
+    }
+
+    #[test]
+    fn the_reach_is_the_shortest_of_the_cpus_that_overran_and_of_the_log_s_own_age() {
+        let cpu = |overrun, oldest_s: u64| CpuCoverage {
+            overrun,
+            oldest_us: oldest_s * 1_000_000,
+        };
+        let now = 100_000_000;
+        // Never overran, found as it was: it holds everything since it was made.
+        assert_eq!(reach_of(&[cpu(0, 1), cpu(0, 50)], 0, now), None);
+        assert_eq!(reach_of(&[], 0, now), None);
+        // A busy CPU overwrote: its oldest event bounds the reach; idle ones do not.
+        assert_eq!(reach_of(&[cpu(0, 1), cpu(7, 70)], 0, now), Some(30_000_000));
+        assert_eq!(
+            reach_of(&[cpu(3, 90), cpu(7, 70)], 0, now),
+            Some(10_000_000)
+        );
+        // Made or resized at 95 s: it holds nothing from before, overran or not.
+        assert_eq!(reach_of(&[cpu(0, 1)], 95_000_000, now), Some(5_000_000));
+        assert_eq!(reach_of(&[cpu(2, 98)], 95_000_000, now), Some(2_000_000));
+    }
+
+    #[test]
+    fn a_log_made_after_the_window_began_is_not_trusted_for_it() {
+        let log = CompletionLog {
+            dir: PathBuf::from("/nonexistent/blkmirror-log"),
+            holds_from_us: 50_000_000,
+        };
+        // The window starts a second before the previous cut: 49 s, before the log.
+        let error = log.since(50_000_000).unwrap_err();
+        assert!(error.contains("made or resized at 50 s"), "{error}");
+        // A window after it gets as far as reading the (here missing) trace.
+        let error = log.since(52_000_000).unwrap_err();
+        assert!(error.contains("reading /nonexistent"), "{error}");
+    }
+
+    #[test]
+    fn a_buffer_rounded_up_to_whole_pages_is_the_one_asked_for() {
+        // As Linux 6.18 reads them back.
+        for (asked, read) in [
+            (256, 258),
+            (512, 513),
+            (2048, 2051),
+            (3000, 3000),
+            (4096, 4099),
+        ] {
+            assert!(buffer_is_as_asked(read, asked), "{asked} read as {read}");
+        }
+        assert!(!buffer_is_as_asked(255, 256));
+        assert!(!buffer_is_as_asked(512, 256));
+        assert!(!buffer_is_as_asked(2051, 4096));
     }
 
     #[test]

@@ -124,5 +124,6 @@ pub fn guest_options() -> TrackOptions {
         state_dir: "/tmp/blkmirror-vm-state".into(),
         hooks: HookChoice::Auto,
         byte_map: false,
+        completion_log_kib_per_cpu: None,
     }
 }

@@ -181,6 +181,9 @@ pub struct TrackOptions {
     /// kernel has atomics, when a new generation is created. For tests: it runs that mode on
     /// any kernel.
     pub byte_map: bool,
+    /// The completion log's ring buffer per CPU, in KiB (`None`:
+    /// [`completion_log::buffer_kb_per_cpu`]).
+    pub completion_log_kib_per_cpu: Option<u64>,
 }
 
 impl Default for TrackOptions {
@@ -191,6 +194,7 @@ impl Default for TrackOptions {
             state_dir: DEFAULT_STATE_DIR.into(),
             hooks: HookChoice::Both,
             byte_map: false,
+            completion_log_kib_per_cpu: None,
         }
     }
 }
@@ -420,9 +424,12 @@ impl Tracker {
         // tracepoint, which can make the kernel skip programs attached at that moment.
         let log_dir =
             CompletionLog::dir(Path::new(environment::TRACEFS), device.major, device.minor);
-        let buffer_kb = completion_log::buffer_kb_per_cpu(aya::util::nr_cpus().unwrap_or(1));
+        let buffer_kb = options.completion_log_kib_per_cpu.unwrap_or_else(|| {
+            completion_log::buffer_kb_per_cpu(aya::util::nr_cpus().unwrap_or(1))
+        });
         let disk_dev = u64::from(device.kernel_dev());
-        let completion_log = match CompletionLog::open_or_create(&log_dir, disk_dev, buffer_kb) {
+        let mut completion_log = match CompletionLog::open_or_create(&log_dir, disk_dev, buffer_kb)
+        {
             Ok((log, _)) => {
                 notes.push(format!(
                     "completion log: tracefs instance {} ({buffer_kb} KiB per CPU) gives back \
@@ -486,6 +493,10 @@ impl Tracker {
         let origin = if adopted.is_some() {
             Origin::Adopted
         } else {
+            // New tracking starts after the log was made: it misses nothing of it.
+            if let Some(log) = completion_log.as_mut() {
+                log.serves_tracking_from_its_start();
+            }
             Origin::Created
         };
         let pins = match adopted.take() {
@@ -795,6 +806,19 @@ impl Tracker {
     /// The completion log's tracefs instance, when there is one.
     pub fn completion_log_dir(&self) -> Option<&Path> {
         self.completion_log.as_ref().map(CompletionLog::path)
+    }
+
+    /// How far back the completion log holds every completion now: `Ok(None)` if it never
+    /// overwrote one (a skip is recovered however long ago the previous cut was), `Err` if
+    /// there is no log or its statistics cannot be read (a skip costs a verify sync).
+    pub fn completion_log_reach(&self) -> Result<Option<std::time::Duration>, String> {
+        let log = self
+            .completion_log
+            .as_ref()
+            .ok_or("there is no completion log")?;
+        Ok(log
+            .reach_us(completion_log::monotonic_us())?
+            .map(std::time::Duration::from_micros))
     }
 
     /// Whether the pins were adopted or created.
