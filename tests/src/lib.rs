@@ -224,23 +224,22 @@ impl LoopDevice {
             let Ok(dev) = fs::read_to_string(&node) else {
                 continue;
             };
-            let Some((major, minor)) = dev.trim().split_once(':') else {
+            let Some((major, minor)) = dev
+                .trim()
+                .split_once(':')
+                .and_then(|(major, minor)| Some((major.parse().ok()?, minor.parse().ok()?)))
+            else {
                 continue;
             };
-            let instance = completion_log_dir(major, minor);
-            if instance.exists() {
-                let _ = fs::write(instance.join("events/block/block_rq_complete/enable"), "0");
-                let _ = fs::remove_dir(&instance);
-            }
+            // The agent's own removal: the tracefs path and the disable-first order in one place.
+            use blkmirror::tracker::completion_log::CompletionLog;
+            let _ = CompletionLog::remove(&CompletionLog::dir(
+                Path::new(blkmirror::tracker::environment::TRACEFS),
+                major,
+                minor,
+            ));
         }
     }
-}
-
-/// The tracefs instance a tracker of device `major:minor` logs its completions in.
-pub fn completion_log_dir(major: &str, minor: &str) -> PathBuf {
-    PathBuf::from(format!(
-        "/sys/kernel/tracing/instances/blkmirror-{major}-{minor}"
-    ))
 }
 
 impl Drop for LoopDevice {
