@@ -97,6 +97,7 @@ if [ "$1" = purge ]; then
         echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
         rmdir "$log" 2>/dev/null || true
     done
+    rm -f /run/blkmirror/blkmirror-*.read
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
     rm -rf /etc/blkmirror
     if [ -d /var/lib/blkmirror/receiver ]; then
@@ -324,6 +325,7 @@ if [ "$1" -eq 0 ]; then
         echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
         rmdir "$log" 2>/dev/null || true
     done
+    rm -f /run/blkmirror/blkmirror-*.read
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
 fi
 "#,

@@ -968,11 +968,10 @@ impl Tracker {
     /// Marks every write-like completion the completion log holds since the last released cut
     /// read the disk's statistics (a skip found now happened after that) as written in
     /// `bitmaps`. Returns how many were logged, or why the log cannot be trusted to hold them.
-    fn recover_from_log(&self, bitmaps: &mut DirtyBitmaps) -> Result<usize, String> {
-        let log = self
-            .completion_log
-            .as_ref()
-            .ok_or("there is no completion log")?;
+    fn recover_from_log(&mut self, bitmaps: &mut DirtyBitmaps) -> Result<usize, String> {
+        if self.completion_log.is_none() {
+            return Err("there is no completion log".into());
+        }
         if !self.pins.sector_counts {
             return Err("pins of an older version keep no time of the last released cut".into());
         }
@@ -982,6 +981,7 @@ impl Tracker {
         if since == 0 {
             return Err("the time of the last released cut is unknown".into());
         }
+        let log = self.completion_log.as_mut().expect("checked above");
         let logged = log.since(since)?;
         let (start, tracked) = (self.device.start_sector, self.device.nr_sectors);
         for completion in &logged {
