@@ -339,7 +339,7 @@ pub struct Tracker {
     carry: Option<DirtyBitmaps>,
     pending: Option<Pending>,
     /// The tracefs instance that logs the disk's completions, when it could be set up.
-    completion_log: Option<CompletionLog>,
+    completion_log: Option<completion_log::Drainer>,
     _lock: fs::File,
 }
 
@@ -570,9 +570,19 @@ impl Tracker {
             notes,
             carry: None,
             pending: None,
-            completion_log,
+            completion_log: completion_log.map(|log| completion_log::Drainer::start(log, 0)),
             _lock: lock,
         };
+        if let Some(drainer) = &tracker.completion_log {
+            let released = if tracker.pins.sector_counts {
+                tracker
+                    .stat_sum(blkmirror_common::STAT_RELEASED_CUT_US)
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            drainer.released(released);
+        }
         tracker.collect_unreleased()?;
         Ok((tracker, needs_verify))
     }
@@ -805,7 +815,9 @@ impl Tracker {
 
     /// The completion log's tracefs instance, when there is one.
     pub fn completion_log_dir(&self) -> Option<&Path> {
-        self.completion_log.as_ref().map(CompletionLog::path)
+        self.completion_log
+            .as_ref()
+            .map(completion_log::Drainer::path)
     }
 
     /// How far back the completion log holds every completion now: `Ok(None)` if it never
@@ -981,7 +993,7 @@ impl Tracker {
         if since == 0 {
             return Err("the time of the last released cut is unknown".into());
         }
-        let log = self.completion_log.as_mut().expect("checked above");
+        let log = self.completion_log.as_ref().expect("checked above");
         let logged = log.since(since)?;
         let (start, tracked) = (self.device.start_sector, self.device.nr_sectors);
         for completion in &logged {
@@ -1039,6 +1051,9 @@ impl Tracker {
                 blkmirror_common::STAT_RELEASED_CUT_US,
                 pending.stat_read_us,
             )?;
+            if let Some(drainer) = &self.completion_log {
+                drainer.released(pending.stat_read_us);
+            }
         }
         state[field::RELEASED].store(pending.epoch, Ordering::SeqCst);
         Ok(())
