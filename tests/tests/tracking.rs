@@ -29,7 +29,19 @@ fn options(pins: &PinRoot, scratch: &Scratch, chunk_bytes: u64) -> TrackOptions 
         hooks: HookChoice::Auto,
         byte_map: false,
         completion_log_kib_per_cpu: None,
+        completion_log_drain_every: blkmirror::tracker::completion_log::DRAIN_EVERY,
     }
+}
+
+/// How many more sectors the disk completed than the hooks counted since they were attached
+/// (cumulative: a skip already reported stays in it).
+fn unseen_sectors(tracker: &Tracker) -> u64 {
+    let counts = tracker
+        .cross_check_counts()
+        .expect("counts")
+        .expect("loop devices keep statistics");
+    let (disk, hooks) = counts.sectors.expect("these programs count sectors");
+    disk.saturating_sub(hooks)
 }
 
 /// Cuts until the tracker reports nothing new: drains what earlier IO (mkfs, set-up) left.
@@ -1006,22 +1018,51 @@ fn writes_no_hook_saw_are_detected_from_disk_statistics() {
         }
     }
     // Detaching completes asynchronously (the kernel releases the links after a grace
-    // period): write until the hooks no longer see writes. Every write the hooks did not see
-    // must come back in the same cut: from the completion log, which still holds it.
-    let mut unseen = None;
+    // period): write until the hooks miss one. Every write the hooks did not see must come
+    // back in the next cut: from the completion log, which still holds it after its drainer
+    // has read the kernel's buffer out (it is empty at the cut).
+    let unseen_before = unseen_sectors(&tracker);
+    let mut offset = None;
     for i in 0..50u64 {
-        let offset = (20 + i) * MIB;
-        write_direct(&dev.path, offset, 4096, 2);
-        let cut = tracker.cut().expect("cut");
-        tracker.release().expect("release");
-        if cut.recovered.is_some() || cut.needs_verify.is_some() {
-            unseen = Some((cut, offset));
+        let at = (20 + i) * MIB;
+        write_direct(&dev.path, at, 4096, 2);
+        if unseen_sectors(&tracker) > unseen_before {
+            offset = Some(at);
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (cut, offset) =
-        unseen.expect("the hooks still saw writes 5 s after their links were removed");
+    let offset = offset.expect("the hooks still saw writes 5 s after their links were removed");
+    let log = tracker
+        .completion_log_dir()
+        .expect("this machine has tracefs instances")
+        .to_owned();
+    let kernel_entries = || -> u64 {
+        std::fs::read_dir(log.join("per_cpu"))
+            .expect("per-CPU buffers")
+            .map(|cpu| {
+                let stats = std::fs::read_to_string(cpu.expect("a CPU").path().join("stats"))
+                    .expect("CPU buffer statistics");
+                stats
+                    .lines()
+                    .find_map(|line| line.strip_prefix("entries: "))
+                    .expect("an entries line")
+                    .trim()
+                    .parse::<u64>()
+                    .expect("a number")
+            })
+            .sum()
+    };
+    let waited = Instant::now();
+    while kernel_entries() > 0 {
+        assert!(
+            waited.elapsed() < 10 * blkmirror::tracker::completion_log::DRAIN_EVERY,
+            "the drainer did not read the kernel's buffer out"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cut = tracker.cut().expect("cut");
+    tracker.release().expect("release");
     assert!(cut.needs_verify.is_none(), "{:?}", cut.needs_verify);
     let recovered = cut.recovered.expect("recovered");
     eprintln!("recovered: {recovered}");
@@ -1049,10 +1090,6 @@ fn writes_no_hook_saw_are_detected_from_disk_statistics() {
     assert!(cut.recovered.is_none(), "{:?}", cut.recovered);
 
     // Without the log (gone here; overwritten on a busy disk), the gap costs a verify sync.
-    let log = tracker
-        .completion_log_dir()
-        .expect("this machine has tracefs instances")
-        .to_owned();
     std::fs::write(log.join("events/block/block_rq_complete/enable"), "0").expect("disable");
     std::fs::remove_dir(&log).expect("remove the completion log");
     write_direct(&dev.path, 60 * MIB, 4096, 3);
@@ -1081,8 +1118,10 @@ fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_hol
     let scratch = Scratch::new();
     let pins = PinRoot::new();
     let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+    // Not read out meanwhile: this measures what the kernel's buffer alone holds.
     let small = TrackOptions {
         completion_log_kib_per_cpu: Some(256),
+        completion_log_drain_every: Duration::from_secs(3600),
         ..options(&pins, &scratch, CHUNK)
     };
     let opened = Instant::now();
@@ -1160,14 +1199,6 @@ fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_hol
     }
     // The counts are cumulative: a skip the first cut already reported (other tests'
     // attaching can cause one) stays in them, so wait for the gap to grow.
-    let unseen_sectors = |tracker: &Tracker| {
-        let counts = tracker
-            .cross_check_counts()
-            .expect("counts")
-            .expect("stats");
-        let (disk, hooks) = counts.sectors.expect("sectors");
-        disk.saturating_sub(hooks)
-    };
     let unseen_before = unseen_sectors(&tracker);
     let mut i = 0;
     while unseen_sectors(&tracker) <= unseen_before {

@@ -1286,6 +1286,7 @@ fn options(chunk_bytes: u64, hooks: HookChoice, state: &StateArgs) -> TrackOptio
         hooks,
         byte_map: false,
         completion_log_kib_per_cpu: None,
+        completion_log_drain_every: crate::tracker::completion_log::DRAIN_EVERY,
     }
 }
 

@@ -56,9 +56,10 @@ use std::{
 /// long of the disk's completions, however far apart the cuts are.
 pub const DRAIN_EVERY: Duration = Duration::from_secs(1);
 
-/// The most completions kept read out (24 bytes each): past it, the oldest window is given up
-/// (a skip in it costs a verify sync) rather than memory.
-const MAX_HELD: usize = 4 << 20;
+/// The most completions kept read out (24 bytes each, 24 MiB in all): past it, the oldest half
+/// is given up (a skip whose window reaches back into it costs a verify sync) rather than
+/// memory. At 5,000 writes a second that is about 200 s of reach.
+const MAX_HELD: usize = 1 << 20;
 
 /// Kernel ring buffer of one device's log, over all CPUs: room for about 280,000 completions
 /// (an event takes about 60 bytes).
@@ -226,11 +227,8 @@ impl CompletionLog {
     /// of the next window; 0: not known yet).
     pub fn drain(&mut self, keep_from_us: u64) -> Result<(), String> {
         self.read_out()?;
-        self.held
-            .retain(|completion| completion.at_us >= keep_from_us);
-        if self.held.len() > MAX_HELD {
-            self.held.clear();
-            self.holds_from_us = self.holds_from_us.max(monotonic_us());
+        if let Some(holds_from) = trim_held(&mut self.held, keep_from_us, MAX_HELD) {
+            self.holds_from_us = self.holds_from_us.max(holds_from);
         }
         Ok(())
     }
@@ -331,7 +329,7 @@ impl CompletionLog {
 
 /// A completion log read out every [`DRAIN_EVERY`] on a thread of its own (stopped when this
 /// is dropped), so that its reach is not bounded by the kernel's buffer but by `MAX_HELD`
-/// (4 Mi completions). Without it, a busy disk overwrote the buffer between two cuts far
+/// (1 Mi completions). Without it, a busy disk overwrote the buffer between two cuts far
 /// apart (5,000 writes a second: 2 MiB per CPU held about 14 s, and cuts 30 s apart verified
 /// at every skip).
 #[derive(Debug)]
@@ -346,9 +344,9 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    /// Starts draining `log`, whose last released cut read the statistics at
+    /// Starts draining `log` every `every`; its last released cut read the statistics at
     /// `released_cut_us` (0: none yet).
-    pub fn start(log: CompletionLog, released_cut_us: u64) -> Self {
+    pub fn start(log: CompletionLog, released_cut_us: u64, every: Duration) -> Self {
         let dir = log.path().to_owned();
         let log = Arc::new(Mutex::new(log));
         let released = Arc::new(AtomicU64::new(released_cut_us));
@@ -361,7 +359,7 @@ impl Drainer {
                 .spawn(move || {
                     loop {
                         // Woken early by the drop.
-                        std::thread::park_timeout(DRAIN_EVERY);
+                        std::thread::park_timeout(every);
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
@@ -421,6 +419,23 @@ impl Drop for Drainer {
             let _ = thread.join();
         }
     }
+}
+
+/// Forgets the completions in `held` older than `keep_from_us`, and, when more than `max`
+/// are left, the oldest of them down to half of `max`. Returns the time from which `held`
+/// still holds every completion it was given, when the second trim dropped any.
+fn trim_held(held: &mut Vec<LoggedCompletion>, keep_from_us: u64, max: usize) -> Option<u64> {
+    held.retain(|completion| completion.at_us >= keep_from_us);
+    if held.len() <= max {
+        return None;
+    }
+    // Read out CPU by CPU, merged by the kernel: nearly sorted already.
+    held.sort_by_key(|completion| completion.at_us);
+    let dropped = held.len() - max / 2;
+    let last_dropped_us = held[dropped - 1].at_us;
+    held.drain(..dropped);
+    // Others of the same microsecond may be gone with it.
+    Some(last_dropped_us + 1)
 }
 
 /// The reach of a log whose CPUs' buffers hold `coverages` and that holds nothing from
@@ -591,6 +606,25 @@ mod tests {
           <idle>-0       [000] d.h1. 48754.000001: block_rq_complete: 7,0 DS () 2048 + 2048 be,0,4 [0]
      kworker/0:1-9       [000] ..... 48755.5: block_rq_complete: 7,0 N () 4096 + 16 [0]
 ";
+
+    #[test]
+    fn held_completions_are_trimmed_to_the_window_and_then_to_half_the_bound() {
+        let at = |at_us| LoggedCompletion {
+            at_us,
+            sector: at_us * 8,
+            nr_sectors: 8,
+        };
+        let mut held: Vec<_> = [5, 1, 2, 3, 3, 4, 6].into_iter().map(at).collect();
+        assert_eq!(trim_held(&mut held, 2, 10), None, "within the bound");
+        assert_eq!(held.len(), 6, "{held:?}");
+        // Six over a bound of four: the oldest go down to two, and a completion of the same
+        // microsecond as the last dropped one cannot be vouched for.
+        assert_eq!(trim_held(&mut held, 0, 4), Some(5));
+        assert_eq!(held, vec![at(5), at(6)]);
+        let mut tied: Vec<_> = [7, 7, 7, 8, 9].into_iter().map(at).collect();
+        assert_eq!(trim_held(&mut tied, 0, 4), Some(8));
+        assert_eq!(tied, vec![at(8), at(9)]);
+    }
 
     #[test]
     fn trace_lines_give_their_time_and_sectors() {

@@ -125,5 +125,6 @@ pub fn guest_options() -> TrackOptions {
         hooks: HookChoice::Auto,
         byte_map: false,
         completion_log_kib_per_cpu: None,
+        completion_log_drain_every: crate::tracker::completion_log::DRAIN_EVERY,
     }
 }

@@ -184,6 +184,9 @@ pub struct TrackOptions {
     /// The completion log's ring buffer per CPU, in KiB (`None`:
     /// [`completion_log::buffer_kb_per_cpu`]).
     pub completion_log_kib_per_cpu: Option<u64>,
+    /// How often the completion log is read out ([`completion_log::DRAIN_EVERY`] by default;
+    /// tests take longer to see what the kernel's buffer alone holds).
+    pub completion_log_drain_every: std::time::Duration,
 }
 
 impl Default for TrackOptions {
@@ -195,6 +198,7 @@ impl Default for TrackOptions {
             hooks: HookChoice::Both,
             byte_map: false,
             completion_log_kib_per_cpu: None,
+            completion_log_drain_every: completion_log::DRAIN_EVERY,
         }
     }
 }
@@ -570,7 +574,9 @@ impl Tracker {
             notes,
             carry: None,
             pending: None,
-            completion_log: completion_log.map(|log| completion_log::Drainer::start(log, 0)),
+            completion_log: completion_log.map(|log| {
+                completion_log::Drainer::start(log, 0, options.completion_log_drain_every)
+            }),
             _lock: lock,
         };
         if let Some(drainer) = &tracker.completion_log {
