@@ -61,6 +61,12 @@ pub const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// memory. At 5,000 writes a second that is about 200 s of reach.
 const MAX_HELD: usize = 1 << 20;
 
+/// The longest one read of the log may take: the cut reads it under the file system freeze
+/// when the kernel skipped the tracker, and a disk completing faster than the log is parsed
+/// would otherwise keep the reader going. A drain cut short takes up the rest at the next; a
+/// cut's read cut short costs a verify sync.
+const READ_FOR_AT_MOST: Duration = Duration::from_secs(1);
+
 /// Kernel ring buffer of one device's log, over all CPUs: room for about 280,000 completions
 /// (an event takes about 60 bytes).
 pub const BUFFER_KB_TOTAL: u64 = 16 * 1024;
@@ -208,8 +214,11 @@ impl CompletionLog {
     /// the time of the read goes to a record in `/run` for a process that comes after.
     pub fn since(&mut self, previous_cut_us: u64) -> Result<Vec<LoggedCompletion>, String> {
         let from_us = previous_cut_us.saturating_sub(WINDOW_MARGIN_US);
-        if from_us >= self.holds_from_us {
-            self.read_out()?;
+        if from_us >= self.holds_from_us && !self.read_out()? {
+            return Err(format!(
+                "the log could not be read out within {READ_FOR_AT_MOST:?} (the disk completes \
+                 requests faster than they are read)"
+            ));
         }
         self.held.retain(|completion| completion.at_us >= from_us);
         if from_us < self.holds_from_us {
@@ -226,6 +235,7 @@ impl CompletionLog {
     /// Reads the kernel's buffer out and forgets what is older than `keep_from_us` (the start
     /// of the next window; 0: not known yet).
     pub fn drain(&mut self, keep_from_us: u64) -> Result<(), String> {
+        // Cut short, the rest stays in the kernel's buffer for the next drain.
         self.read_out()?;
         if let Some(holds_from) = trim_held(&mut self.held, keep_from_us, MAX_HELD) {
             self.holds_from_us = self.holds_from_us.max(holds_from);
@@ -233,8 +243,11 @@ impl CompletionLog {
         Ok(())
     }
 
-    /// Reads every completion the kernel's buffer holds into [`Self::held`].
-    fn read_out(&mut self) -> Result<(), String> {
+    /// Reads every completion the kernel's buffer holds into [`Self::held`], for at most
+    /// [`READ_FOR_AT_MOST`]. Returns whether it read the buffer empty; if not, what it did not
+    /// read is newer than what it did (the pipe gives each CPU's events in order), and stays
+    /// in the kernel's buffer.
+    fn read_out(&mut self) -> Result<bool, String> {
         use std::io::Read as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let record = Self::read_record(&self.dir);
@@ -254,7 +267,13 @@ impl CompletionLog {
             .map_err(|e| format!("opening {}: {e}", path.display()))?;
         let mut bytes = Vec::new();
         let mut chunk = vec![0u8; 1 << 16];
+        let started = std::time::Instant::now();
+        let mut emptied = true;
         loop {
+            if started.elapsed() > READ_FOR_AT_MOST {
+                emptied = false;
+                break;
+            }
             match pipe.read(&mut chunk) {
                 Ok(0) => break,
                 Ok(n) => bytes.extend_from_slice(&chunk[..n]),
@@ -284,7 +303,7 @@ impl CompletionLog {
             .into_iter()
             .map(|(cpu, coverage)| (cpu, coverage.overrun))
             .collect();
-        Ok(())
+        Ok(emptied)
     }
 
     /// Each CPU's buffer statistics, by its directory name (`cpu0`).
