@@ -136,6 +136,23 @@ fn a_blackout_longer_than_the_idle_timeout_mid_sync_reconnects_and_ends_equal() 
     assert_same(&dev.path, &site.receiver.image("wan"));
 }
 
+/// Starts a continuous agent (`--interval 1s`, with a control socket) of `dev` through
+/// `relay` and waits for its initial sync: its socket, the running agent and its status then.
+fn start_continuous(
+    site: &Site,
+    dev: &LoopDevice,
+    relay: &Relay,
+) -> (std::path::PathBuf, ChildGuard, serde_json::Value) {
+    let socket = site.scratch.path.join("agent.sock");
+    let agent = via(site, dev, relay);
+    let socket_arg = socket.to_str().expect("utf-8");
+    let running = ChildGuard(agent.spawn(&["--interval", "1s", "--control-socket", socket_arg]));
+    let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
+        s["lag_seconds"].is_number() && s["state"] == "continuous"
+    });
+    (socket, running, synced)
+}
+
 /// Kills a continuous agent and returns what it wrote to stderr (its log).
 fn kill_and_read_log(running: &mut ChildGuard) -> String {
     let _ = running.0.kill();
@@ -211,14 +228,7 @@ fn a_partition_under_writes_is_shown_disconnected_and_caught_up_without_a_verify
         let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
         write_random(&dev.path, 0, 64 * MIB);
         let relay = relay_to(&site, link(100, 40, 0.001), 13);
-        let socket = site.scratch.path.join("agent.sock");
-        let agent = via(&site, &dev, &relay);
-        let socket_arg = socket.to_str().expect("utf-8");
-        let mut running =
-            ChildGuard(agent.spawn(&["--interval", "1s", "--control-socket", socket_arg]));
-        let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
-            s["lag_seconds"].is_number() && s["state"] == "continuous"
-        });
+        let (socket, mut running, synced) = start_continuous(&site, &dev, &relay);
         // The status shows the path as quinn measures it: the relay's 40 ms round trip (plus
         // at most its queue of one BDP and the hosts' time), a window, datagrams sent.
         let path = &synced["link"];
@@ -327,14 +337,7 @@ fn writes_the_kernel_hid_from_the_tracker_are_replicated_from_the_completion_log
     let dev = LoopDevice::new(&site.scratch.path, 64 * MIB);
     write_random(&dev.path, 0, 64 * MIB);
     let relay = relay_to(&site, link(200, 20, 0.0), 17);
-    let socket = site.scratch.path.join("agent.sock");
-    let agent = via(&site, &dev, &relay);
-    let socket_arg = socket.to_str().expect("utf-8");
-    let mut running =
-        ChildGuard(agent.spawn(&["--interval", "1s", "--control-socket", socket_arg]));
-    let synced = wait_for(&socket, Duration::from_secs(60), "the initial sync", |s| {
-        s["lag_seconds"].is_number() && s["state"] == "continuous"
-    });
+    let (socket, mut running, synced) = start_continuous(&site, &dev, &relay);
     let losses_before = synced["tracking_loss_total"].clone();
     assert_eq!(synced["tracking_skips_recovered_total"], 0, "{synced}");
 

@@ -83,15 +83,11 @@ fi
 exit 0
 "#;
 
-const POSTRM: &str = r#"#!/bin/sh
-set -e
-if [ -d /run/systemd/system ]; then
-    systemctl daemon-reload >/dev/null || true
-fi
-if [ "$1" = purge ]; then
-    # Tracking state: the pinned eBPF programs and maps, the completion logs (tracefs
-    # instances), and the agent's generation records.
-    rm -rf /sys/fs/bpf/blkmirror
+/// What a purge (deb) or an erase (rpm) removes of the tracking state: the pinned eBPF
+/// programs and maps, the completion logs (tracefs instances; the agent's
+/// `CompletionLog::remove` in shell, since the binary is gone by then) with the records of
+/// their reads, and the agent's generation records.
+const PURGE_TRACKING: &str = r#"    rm -rf /sys/fs/bpf/blkmirror
     for log in /sys/kernel/tracing/instances/blkmirror-*; do
         [ -d "$log" ] || continue
         echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
@@ -99,13 +95,27 @@ if [ "$1" = purge ]; then
     done
     rm -f /run/blkmirror/blkmirror-*.read
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
-    rm -rf /etc/blkmirror
+"#;
+
+/// The deb's `postrm`.
+fn postrm() -> String {
+    format!(
+        r#"#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload >/dev/null || true
+fi
+if [ "$1" = purge ]; then
+{purge}    rm -rf /etc/blkmirror
     if [ -d /var/lib/blkmirror/receiver ]; then
         echo "blkmirror: receiver data kept in /var/lib/blkmirror/receiver (remove it by hand)"
     fi
 fi
 exit 0
-"#;
+"#,
+        purge = PURGE_TRACKING
+    )
+}
 
 /// Where the packages go.
 pub fn out_dir() -> PathBuf {
@@ -230,7 +240,12 @@ fn deb(stage: &Path, arch: &Arch, out: &Path) -> Result<PathBuf> {
         control.join("conffiles"),
         "/etc/blkmirror/agent.toml\n/etc/blkmirror/receiver.toml\n",
     )?;
-    for (name, text) in [("postinst", POSTINST), ("prerm", PRERM), ("postrm", POSTRM)] {
+    let postrm = postrm();
+    for (name, text) in [
+        ("postinst", POSTINST),
+        ("prerm", PRERM),
+        ("postrm", postrm.as_str()),
+    ] {
         let path = control.join(name);
         fs::write(&path, text)?;
         fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
@@ -319,17 +334,10 @@ if [ "$1" -ge 1 ] && [ -d /run/systemd/system ]; then
     systemctl try-restart blkmirror-agent.service blkmirror-receiver.service >/dev/null 2>&1 || :
 fi
 if [ "$1" -eq 0 ]; then
-    rm -rf /sys/fs/bpf/blkmirror
-    for log in /sys/kernel/tracing/instances/blkmirror-*; do
-        [ -d "$log" ] || continue
-        echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
-        rmdir "$log" 2>/dev/null || true
-    done
-    rm -f /run/blkmirror/blkmirror-*.read
-    rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
-fi
+{purge}fi
 "#,
             version = version(),
+            purge = PURGE_TRACKING,
         ),
     )?;
     exec(
