@@ -84,10 +84,71 @@ fn wait_until(what: &str, deadline: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Where the OSDs keep their objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OsdStore {
+    /// BlueStore on a 2 GiB file each, on the scratch file system (as a real cluster keeps
+    /// them on disks).
+    #[default]
+    Disk,
+    /// MemStore, in the OSDs' memory (up to 4 GiB each): a store that is not bound by this
+    /// machine's one disk, to measure what the receivers themselves sustain. Its objects do
+    /// not survive an OSD's restart.
+    Memory,
+}
+
+impl OsdStore {
+    /// `disk` or `memory` (as the benches' variables name it).
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "disk" => Some(Self::Disk),
+            "memory" => Some(Self::Memory),
+            _ => None,
+        }
+    }
+
+    /// The OSDs' part of `ceph.conf`.
+    fn conf(self) -> &'static str {
+        match self {
+            Self::Disk => {
+                "osd_objectstore = bluestore
+bluestore_block_create = true
+bluestore_block_size = 2147483648
+osd_memory_target = 939524096
+bluestore_cache_autotune = false
+bluestore_cache_size = 134217728"
+            }
+            Self::Memory => {
+                "osd_objectstore = memstore
+memstore_device_bytes = 4294967296"
+            }
+        }
+    }
+}
+
 impl CephCluster {
-    /// Makes and starts a cluster; panics (with the daemons' logs named) if it does not come up
-    /// within two minutes.
+    /// The process ids of its running OSDs and gateway, named (`osd.0`, `radosgw`).
+    pub fn daemon_pids(&self) -> Vec<(String, u32)> {
+        let mut pids: Vec<(String, u32)> = self
+            .osds
+            .iter()
+            .enumerate()
+            .filter_map(|(id, osd)| Some((format!("osd.{id}"), osd.as_ref()?.0.id())))
+            .collect();
+        if let Some(gateway) = &self.gateway {
+            pids.push(("radosgw".into(), gateway.0.id()));
+        }
+        pids
+    }
+
+    /// Makes and starts a cluster with BlueStore OSDs; panics (with the daemons' logs named)
+    /// if it does not come up within two minutes.
     pub fn start() -> Self {
+        Self::start_on(OsdStore::Disk)
+    }
+
+    /// [`Self::start`] with the OSDs' objects kept as `store` says.
+    pub fn start_on(store: OsdStore) -> Self {
         let begun = Instant::now();
         let scratch = Scratch::new();
         let dir = scratch.path.clone();
@@ -98,6 +159,7 @@ impl CephCluster {
         let mon_port = free_port();
         let rgw_port = free_port();
         let fsid = uuid();
+        let osd_store = store.conf();
         let conf = dir.join("ceph.conf");
         fs::write(
             &conf,
@@ -131,12 +193,7 @@ keyring = {d}/mon.keyring
 [osd]
 osd_data = {d}/osd/ceph-$id
 keyring = {d}/osd/ceph-$id/keyring
-osd_objectstore = bluestore
-bluestore_block_create = true
-bluestore_block_size = 2147483648
-osd_memory_target = 939524096
-bluestore_cache_autotune = false
-bluestore_cache_size = 134217728
+{osd_store}
 [client.rgw.a]
 keyring = {d}/rgw.keyring
 rgw_frontends = beast endpoint=127.0.0.1:{rgw_port}

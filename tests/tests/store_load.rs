@@ -23,7 +23,7 @@ use blkmirror::link::{
 use blkmirror::source::loadgen::{self, SimulatedAgent, SimulatedReport};
 use blkmirror_tests::{
     Scratch,
-    ceph::{CephCluster, SECRET_KEY},
+    ceph::{CephCluster, OsdStore, SECRET_KEY},
     mirror::{Id, Receiver},
     require_root,
 };
@@ -37,6 +37,8 @@ struct Load {
     cycles: u32,
     size: u64,
     interval: Duration,
+    /// Where the Ceph OSDs keep their objects.
+    osd_store: OsdStore,
 }
 
 fn receiver_config(
@@ -74,7 +76,7 @@ fn receiver_config(
 
 fn run_load(load: &Load) -> String {
     require_root();
-    let cluster = CephCluster::start();
+    let cluster = CephCluster::start_on(load.osd_store);
     cluster.create_bucket(BUCKET);
     let scratch = Scratch::new();
     let dir = &scratch.path;
@@ -125,6 +127,18 @@ fn run_load(load: &Load) -> String {
             seed: 0x5eed_0000 + i as u64,
         })
         .collect();
+    // CPU time at the start, of every process in the run (this one drives the agents).
+    let load_pid = std::process::id();
+    let cpu_of = |pid: u32| blkmirror_tests::cpu_time(pid).unwrap_or_default();
+    let receiver_pids: Vec<u32> = receivers.iter().map(|(r, _)| r.pid()).collect();
+    let cpu_before: Vec<Duration> = receiver_pids.iter().map(|&pid| cpu_of(pid)).collect();
+    let store_before: Vec<(String, u32, Duration)> = cluster
+        .daemon_pids()
+        .into_iter()
+        .map(|(name, pid)| (name, pid, cpu_of(pid)))
+        .collect();
+    let load_before = cpu_of(load_pid);
+    let mut killed_cpu = Duration::ZERO;
     let started = Instant::now();
     let mut receivers = receivers;
     let results: Vec<Result<SimulatedReport, String>> = runtime.block_on(async {
@@ -147,6 +161,7 @@ fn run_load(load: &Load) -> String {
         // have run out.
         tokio::time::sleep(load.interval * 2 + Duration::from_millis(20 * load.agents as u64))
             .await;
+        killed_cpu = cpu_of(receiver_pids[0]).saturating_sub(cpu_before[0]);
         receivers[0].0.kill();
         let killed_at = started.elapsed();
         eprintln!("receiver a killed at {:.1} s", killed_at.as_secs_f64());
@@ -158,6 +173,17 @@ fn run_load(load: &Load) -> String {
         results.into_iter().map(|(_, r)| r).collect()
     });
     let elapsed = started.elapsed();
+    let receivers_cpu = killed_cpu
+        + receiver_pids[1..]
+            .iter()
+            .zip(&cpu_before[1..])
+            .map(|(&pid, &before)| cpu_of(pid).saturating_sub(before))
+            .sum::<Duration>();
+    let store_cpu: Vec<(String, Duration)> = store_before
+        .iter()
+        .map(|(name, pid, before)| (name.clone(), cpu_of(*pid).saturating_sub(*before)))
+        .collect();
+    let load_cpu = cpu_of(load_pid).saturating_sub(load_before);
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "agents failed: {failed:?}");
     let reports: Vec<&SimulatedReport> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
@@ -253,6 +279,38 @@ fn run_load(load: &Load) -> String {
         sync_p50.as_secs_f64() * 1e3,
         sync_p99.as_secs_f64() * 1e3,
     );
+    // Where the CPU went: with every process on this machine's cores, the receivers' cost
+    // per commit and per MB is what a capacity model can scale.
+    let osds_cpu: Duration = store_cpu
+        .iter()
+        .filter(|(name, _)| name.starts_with("osd."))
+        .map(|(_, cpu)| *cpu)
+        .sum();
+    let gateway_cpu: Duration = store_cpu
+        .iter()
+        .filter(|(name, _)| name == "radosgw")
+        .map(|(_, cpu)| *cpu)
+        .sum();
+    let mb = data as f64 / 1e6;
+    let _ = writeln!(
+        out,
+        "CPU during the load: receivers {:.1} s ({:.0} ms per commit, {:.0} ms per MB of chunk \
+         data), OSDs {:.1} s, gateway {:.1} s, load generator (the agents) {:.1} s, over \
+         {:.1} s of wall time on {} CPUs; OSDs keep objects on {:?}",
+        receivers_cpu.as_secs_f64(),
+        receivers_cpu.as_secs_f64() * 1e3 / commits.len().max(1) as f64,
+        receivers_cpu.as_secs_f64() * 1e3 / mb.max(1e-9),
+        osds_cpu.as_secs_f64(),
+        gateway_cpu.as_secs_f64(),
+        load_cpu.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        load.osd_store,
+    );
+    assert!(
+        receivers_cpu > Duration::ZERO && gateway_cpu > Duration::ZERO,
+        "no CPU time read for the receivers or the gateway"
+    );
     assert!(moved > 0, "no agent moved off the killed receiver");
     eprint!("{out}");
     out
@@ -265,6 +323,7 @@ fn simulated_agents_on_three_receivers_all_commit_and_lose_nothing() {
         cycles: 4,
         size: 16 * MIB,
         interval: Duration::from_secs(1),
+        osd_store: OsdStore::Disk,
     });
 }
 
@@ -283,5 +342,10 @@ fn bench_load_of_simulated_agents() {
         cycles: var("BLKMIRROR_LOAD_CYCLES", 5) as u32,
         size: var("BLKMIRROR_LOAD_MIB", 16) * MIB,
         interval: Duration::from_secs(var("BLKMIRROR_LOAD_INTERVAL_S", 5)),
+        osd_store: std::env::var("BLKMIRROR_LOAD_OSD_STORE").map_or(OsdStore::Disk, |text| {
+            OsdStore::parse(&text).unwrap_or_else(|| {
+                panic!("BLKMIRROR_LOAD_OSD_STORE={text}: expected disk or memory")
+            })
+        }),
     });
 }

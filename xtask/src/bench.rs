@@ -121,6 +121,10 @@ pub enum Which {
         /// Seconds between an agent's cycles.
         #[arg(long, default_value_t = 5)]
         interval_s: u64,
+        /// Where the Ceph OSDs keep their objects: `disk` (BlueStore on this machine's disk)
+        /// or `memory` (MemStore: a store not bound by the disk, to measure the receivers).
+        #[arg(long, default_value = "disk", value_parser = ["disk", "memory"])]
+        osd_store: String,
     },
 }
 
@@ -191,6 +195,7 @@ pub fn run(which: Which) -> Result<()> {
             cycles,
             size_mib,
             interval_s,
+            osd_store,
         } => release_bench_test(
             "store_load",
             "bench_load_of_simulated_agents",
@@ -199,6 +204,7 @@ pub fn run(which: Which) -> Result<()> {
                 ("BLKMIRROR_LOAD_CYCLES", cycles.to_string()),
                 ("BLKMIRROR_LOAD_MIB", size_mib.to_string()),
                 ("BLKMIRROR_LOAD_INTERVAL_S", interval_s.to_string()),
+                ("BLKMIRROR_LOAD_OSD_STORE", osd_store),
             ],
         ),
         Which::Relay { seconds } => crate::exec(crate::cargo().args([
