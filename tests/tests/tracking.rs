@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeSet,
     os::unix::fs::FileExt as _,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -42,6 +43,30 @@ fn unseen_sectors(tracker: &Tracker) -> u64 {
         .expect("loop devices keep statistics");
     let (disk, hooks) = counts.sectors.expect("these programs count sectors");
     disk.saturating_sub(hooks)
+}
+
+/// Removes the hooks' links and writes 4 KiB at a time from `first` on, a MiB apart, until
+/// the disk's statistics show a write the hooks missed (detaching completes asynchronously,
+/// after a grace period). Returns that write's offset.
+fn write_until_the_hooks_miss_one(tracker: &Tracker, device: &Path, first: u64) -> u64 {
+    for link in ["link", "link_raw"] {
+        let path = tracker.pin_dir().join(link);
+        if path.exists() {
+            std::fs::remove_file(path).expect("remove link pin");
+        }
+    }
+    // The counts are cumulative: a skip already reported (other tests' attaching can cause
+    // one) stays in them, so wait for the gap to grow.
+    let unseen_before = unseen_sectors(tracker);
+    for i in 0..50u64 {
+        let at = first + i * MIB;
+        write_direct(device, at, 4096, 2);
+        if unseen_sectors(tracker) > unseen_before {
+            return at;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("the hooks still saw writes 5 s after their links were removed");
 }
 
 /// Cuts until the tracker reports nothing new: drains what earlier IO (mkfs, set-up) left.
@@ -1011,28 +1036,10 @@ fn writes_no_hook_saw_are_detected_from_disk_statistics() {
          so this test no longer shows a skip the request count misses ({after:?})"
     );
 
-    for link in ["link", "link_raw"] {
-        let path = tracker.pin_dir().join(link);
-        if path.exists() {
-            std::fs::remove_file(path).expect("remove link pin");
-        }
-    }
-    // Detaching completes asynchronously (the kernel releases the links after a grace
-    // period): write until the hooks miss one. Every write the hooks did not see must come
-    // back in the next cut: from the completion log, which still holds it after its drainer
-    // has read the kernel's buffer out (it is empty at the cut).
-    let unseen_before = unseen_sectors(&tracker);
-    let mut offset = None;
-    for i in 0..50u64 {
-        let at = (20 + i) * MIB;
-        write_direct(&dev.path, at, 4096, 2);
-        if unseen_sectors(&tracker) > unseen_before {
-            offset = Some(at);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let offset = offset.expect("the hooks still saw writes 5 s after their links were removed");
+    // Every write the hooks did not see must come back in the next cut: from the completion
+    // log, which still holds it after its drainer has read the kernel's buffer out (it is
+    // empty at the cut).
+    let offset = write_until_the_hooks_miss_one(&tracker, &dev.path, 20 * MIB);
     let log = tracker
         .completion_log_dir()
         .expect("this machine has tracefs instances")
@@ -1188,28 +1195,9 @@ fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_hol
         .expect("reach")
         .expect("a log resized under adopted pins reaches back to its resize only");
     assert!(reach < Duration::from_secs(30), "{reach:?}");
-    // A skip now (the hooks' links removed), before the first cut after the restart: its
-    // window began at the last cut released before the restart, which the resized log does
-    // not hold. (Detaching completes asynchronously: write until the hooks miss one.)
-    for link in ["link", "link_raw"] {
-        let path = tracker.pin_dir().join(link);
-        if path.exists() {
-            std::fs::remove_file(path).expect("remove link pin");
-        }
-    }
-    // The counts are cumulative: a skip the first cut already reported (other tests'
-    // attaching can cause one) stays in them, so wait for the gap to grow.
-    let unseen_before = unseen_sectors(&tracker);
-    let mut i = 0;
-    while unseen_sectors(&tracker) <= unseen_before {
-        assert!(
-            i < 50,
-            "the hooks still saw writes 5 s after their links were removed"
-        );
-        write_direct(&dev.path, (20 + i) * MIB, 4096, 2);
-        std::thread::sleep(Duration::from_millis(100));
-        i += 1;
-    }
+    // A skip now, before the first cut after the restart: its window began at the last cut
+    // released before the restart, which the resized log does not hold.
+    write_until_the_hooks_miss_one(&tracker, &dev.path, 20 * MIB);
     let cut = tracker.cut().expect("cut");
     assert!(cut.recovered.is_none(), "{:?}", cut.recovered);
     let reason = cut.needs_verify.expect("a verify sync").reason;
@@ -1218,4 +1206,78 @@ fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_hol
             && reason.contains("may be missing from the log"),
         "{reason}"
     );
+}
+
+/// An agent that stops cleanly (an upgrade, a restart) hands what its drainer read out of the
+/// completion log over to the next process, so that a kernel skip in the next process's first
+/// cycle is still recovered. Before, the next process could not trust a window whose
+/// completions an earlier process had taken out of the kernel, and verified. A hand-over
+/// that is not exactly as written is not taken.
+#[test]
+fn a_restarted_tracker_takes_over_what_its_predecessor_read_out_of_the_completion_log() {
+    require_root();
+    let _quiet = blkmirror_tests::QuietHooks::take();
+    let scratch = Scratch::new();
+    let pins = PinRoot::new();
+    let opts = options(&pins, &scratch, CHUNK);
+    // A tracker of a device of its own that stops and starts again (its hand-over torn first,
+    // when `tamper`); returns the first cut after the restart, after a write the hooks missed,
+    // and that write's offset.
+    let restart = |tamper: bool| {
+        let dev = LoopDevice::new(&scratch.path, 64 * MIB);
+        let (mut tracker, _) = Tracker::open(&dev.path, &opts).expect("open");
+        let log = tracker
+            .completion_log_dir()
+            .expect("this machine has tracefs instances")
+            .to_owned();
+        let handed_over = Path::new(blkmirror::tracker::track::LOCK_DIR).join(format!(
+            "{}.held",
+            log.file_name().expect("a name").to_string_lossy()
+        ));
+        drain(&mut tracker);
+        // Written after the last released cut and read out by the drainer before the stop:
+        // the kernel's buffer no longer has it, the hand-over does.
+        write_direct(&dev.path, 3 * MIB, 4096, 1);
+        std::thread::sleep(3 * blkmirror::tracker::completion_log::DRAIN_EVERY);
+        drop(tracker);
+        let text = std::fs::read_to_string(&handed_over).expect("a hand-over");
+        assert!(text.lines().count() > 1, "nothing handed over: {text:?}");
+        if tamper {
+            let lines: Vec<&str> = text.lines().collect();
+            std::fs::write(&handed_over, lines[..lines.len() - 1].join("\n")).expect("tamper");
+        }
+        let (mut tracker, needs_verify) = Tracker::open(&dev.path, &opts).expect("reopen");
+        assert!(needs_verify.is_none(), "{needs_verify:?}");
+        assert!(!handed_over.exists(), "a hand-over is taken once");
+        let offset = write_until_the_hooks_miss_one(&tracker, &dev.path, 20 * MIB);
+        let cut = tracker.cut().expect("cut");
+        tracker.release().expect("release");
+        (cut, offset)
+    };
+
+    let (cut, offset) = restart(false);
+    assert!(cut.needs_verify.is_none(), "{:?}", cut.needs_verify);
+    let recovered = cut.recovered.expect("recovered from the handed-over log");
+    assert!(
+        recovered.contains(blkmirror_tests::KERNEL_SKIPPED_RECOVERED),
+        "{recovered}"
+    );
+    // (The hooks saw the write at 3 MiB; what shows the hand-over taken is that the window
+    // is trusted at all.)
+    for at in [3 * MIB, offset] {
+        assert!(
+            cut.extents
+                .iter()
+                .any(|e| e.offset <= at && at + 4096 <= e.offset + e.length),
+            "the write at {at} is not in the cut: {:?}",
+            cut.extents
+        );
+    }
+
+    // A hand-over that was tampered with (a line lost) is not taken: the skip costs a verify
+    // sync.
+    let (cut, _) = restart(true);
+    assert!(cut.recovered.is_none(), "{:?}", cut.recovered);
+    let reason = cut.needs_verify.expect("a verify sync").reason;
+    assert!(reason.contains("may be missing from the log"), "{reason}");
 }

@@ -93,7 +93,7 @@ const PURGE_TRACKING: &str = r#"    rm -rf /sys/fs/bpf/blkmirror
         echo 0 > "$log/events/block/block_rq_complete/enable" 2>/dev/null || true
         rmdir "$log" 2>/dev/null || true
     done
-    rm -f /run/blkmirror/blkmirror-*.read
+    rm -f /run/blkmirror/blkmirror-*.read /run/blkmirror/blkmirror-*.held*
     rm -f /var/lib/blkmirror/agent-*.json /var/lib/blkmirror/track-*.json
 "#;
 

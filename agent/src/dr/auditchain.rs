@@ -467,7 +467,20 @@ pub fn compare_local(report: &ChainReport, text: &str) -> Result<LocalComparison
     if first.prev != GENESIS {
         return Err("the local log's first entry does not start a log".into());
     }
-    let Some(stored) = report.logs.iter().find(|log| log.chain == *first_hash) else {
+    // Two logs can start with the same entry (receivers started in the same second with the
+    // same first event): the same chain id. The local log is the one whose stored copy it
+    // continues, if any.
+    let candidates: Vec<_> = report
+        .logs
+        .iter()
+        .filter(|log| log.chain == *first_hash)
+        .collect();
+    let matching = candidates.iter().find(|stored| {
+        entries
+            .get(stored.last_seq as usize - 1)
+            .is_some_and(|(_, hash)| *hash == stored.last_hash)
+    });
+    let Some(stored) = matching.or(candidates.first()) else {
         return Ok(LocalComparison {
             chain: first_hash.clone(),
             local_entries: entries.len() as u64,

@@ -22,7 +22,8 @@
 //! can be missing that way; otherwise the tracker falls back to the verify sync, as before.
 //! What was read out and a later window may still ask for stays in memory, and the time of
 //! the read goes to `/run/blkmirror/INSTANCE.read`, so that a later process does not trust a
-//! window whose completions an earlier one took.
+//! window whose completions an earlier one took, unless that one stopped cleanly and handed
+//! them over ([`CompletionLog::hand_over`], `/run/blkmirror/INSTANCE.held`).
 //!
 //! How far back it reaches depends on the disk's completion rate: [`CompletionLog::reach_us`]
 //! says it from the buffers' statistics at every cut (what each CPU overwrote since the last
@@ -109,6 +110,8 @@ pub struct CompletionLog {
     held: Vec<LoggedCompletion>,
     /// Each CPU's `overrun` count after the last read (what it overwrote since is new).
     overrun_at_read: Vec<(String, u64)>,
+    /// When this process last read the log out (as its record in `/run` says; 0: never).
+    last_read_us: u64,
 }
 
 impl CompletionLog {
@@ -132,7 +135,7 @@ impl CompletionLog {
         }
         let mut changed = false;
         let mut ensure = |path: PathBuf, wanted: &str, check: &dyn Fn(&str) -> bool| {
-            let now = fs::read_to_string(&path)?;
+            let now = read_control_file(&path)?;
             if !check(now.trim()) {
                 fs::write(&path, wanted)?;
                 changed = true;
@@ -154,20 +157,55 @@ impl CompletionLog {
         ensure(event.join("enable"), "1", &|now| now == "1")?;
         ensure(dir.join("tracing_on"), "1", &|now| now == "1")?;
         let opened_us = monotonic_us();
-        // What an earlier process read out of the buffer is gone from it.
-        let read_out_until = match fs::read_to_string(Self::read_record(dir)) {
-            Ok(text) => text.trim().parse().unwrap_or(opened_us).min(opened_us),
-            Err(_) => 0,
+        // What an earlier process read out of the buffer is gone from it, unless it handed
+        // what it read over (`Self::hand_over`) until the very read the record names.
+        let record = fs::read_to_string(Self::read_record(dir)).ok();
+        let read_out_until = match &record {
+            Some(text) => text.trim().parse().unwrap_or(opened_us).min(opened_us),
+            None => 0,
+        };
+        let handed = fs::read_to_string(Self::held_record(dir)).ok();
+        // Taken once: a later process must not take it again after this one read further.
+        let _ = fs::remove_file(Self::held_record(dir));
+        let handed = handed
+            .and_then(|text| parse_handed_over(&text))
+            .filter(|handed| {
+                !changed
+                    && record.as_deref().map(str::trim) == Some(&handed.read_until_us.to_string())
+            });
+        let (holds_from_us, held) = match handed {
+            _ if changed => (opened_us, Vec::new()),
+            Some(handed) => (handed.holds_from_us, handed.held),
+            None => (read_out_until, Vec::new()),
         };
         Ok((
             Self {
                 dir: dir.to_owned(),
-                holds_from_us: if changed { opened_us } else { read_out_until },
-                held: Vec::new(),
+                holds_from_us,
+                held,
                 overrun_at_read: Vec::new(),
+                last_read_us: 0,
             },
             changed,
         ))
+    }
+
+    /// Reads the log out one last time and leaves what a later window may ask for (from
+    /// `keep_from_us` on) to the next process of this device, in `/run`: a clean stop (an
+    /// upgrade, a restart) then does not cost the window it falls in, which the next process
+    /// could not trust otherwise (this one took its completions out of the kernel).
+    pub fn hand_over(&mut self, keep_from_us: u64) -> Result<(), String> {
+        self.drain(keep_from_us)?;
+        let text = handed_over_text(&HandedOver {
+            read_until_us: self.last_read_us,
+            holds_from_us: self.holds_from_us,
+            held: std::mem::take(&mut self.held),
+        });
+        let path = Self::held_record(&self.dir);
+        let partial = path.with_extension("held.partial");
+        fs::write(&partial, text)
+            .and_then(|()| fs::rename(&partial, &path))
+            .map_err(|e| format!("writing {}: {e}", path.display()))
     }
 
     /// Says that the tracking this log serves began after the log was made or changed (new
@@ -188,9 +226,16 @@ impl CompletionLog {
         Path::new(crate::tracker::track::LOCK_DIR).join(format!("{name}.read"))
     }
 
+    /// Where a process that stops cleanly leaves what it read out, for the next one
+    /// ([`Self::hand_over`]).
+    fn held_record(dir: &Path) -> PathBuf {
+        Self::read_record(dir).with_extension("held")
+    }
+
     /// Removes the instance of a device, if there is one (the kernel frees its buffer).
     pub fn remove(dir: &Path) -> io::Result<bool> {
         let _ = fs::remove_file(Self::read_record(dir));
+        let _ = fs::remove_file(Self::held_record(dir));
         if !dir.exists() {
             return Ok(false);
         }
@@ -284,6 +329,7 @@ impl CompletionLog {
         }
         let read_until = monotonic_us();
         let _ = fs::write(&record, read_until.to_string());
+        self.last_read_us = read_until;
         let text = String::from_utf8_lossy(&bytes);
         let drained = match parse_trace(&text) {
             Ok(drained) => drained,
@@ -437,7 +483,98 @@ impl Drop for Drainer {
             thread.thread().unpark();
             let _ = thread.join();
         }
+        let keep_from = self
+            .released_cut_us
+            .load(Ordering::Relaxed)
+            .saturating_sub(WINDOW_MARGIN_US);
+        if let Ok(mut log) = self.log.lock()
+            && let Err(why) = log.hand_over(keep_from)
+        {
+            tracing::warn!(
+                "completion log {}: not handed over to the next process (a kernel skip in \
+                 its first cycle costs a verify sync): {why}",
+                self.dir.display()
+            );
+        }
     }
+}
+
+/// Reads a tracefs control file in one read. Some answer only a read at offset 0 (the event
+/// filter: a second read gets nothing), so `fs::read_to_string`, whose first read takes 32
+/// bytes, got the filter cut after 32 bytes: every reopen found it changed and wrote it
+/// again, a probe change on the tracepoint (which can make the kernel skip the attached
+/// programs), and the log was then not trusted before the reopen.
+fn read_control_file(path: &Path) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut buffer = vec![0u8; 64 << 10];
+    let read = fs::File::open(path)?.read(&mut buffer)?;
+    buffer.truncate(read);
+    String::from_utf8(buffer).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+/// The first word of a hand-over file.
+const HANDED_OVER_MAGIC: &str = "blkmirror-completions-1";
+
+/// What a process that stopped left to the next ([`CompletionLog::hand_over`]).
+#[derive(Debug, PartialEq, Eq)]
+struct HandedOver {
+    /// The read it ends with (as the read record names it).
+    read_until_us: u64,
+    /// It holds every completion from this time on.
+    holds_from_us: u64,
+    held: Vec<LoggedCompletion>,
+}
+
+/// The text of a hand-over file: a header line (the magic word, the read it ends with, the
+/// time it holds from, how many completions follow), then a line per completion.
+fn handed_over_text(handed: &HandedOver) -> String {
+    use std::fmt::Write as _;
+    let mut text = format!(
+        "{HANDED_OVER_MAGIC} {} {} {}\n",
+        handed.read_until_us,
+        handed.holds_from_us,
+        handed.held.len()
+    );
+    for completion in &handed.held {
+        let _ = writeln!(
+            text,
+            "{} {} {}",
+            completion.at_us, completion.sector, completion.nr_sectors
+        );
+    }
+    text
+}
+
+/// Parses a hand-over file: `None` (nothing taken over) for anything not exactly as
+/// [`CompletionLog::hand_over`] writes it, or longer than the bound on what is held.
+fn parse_handed_over(text: &str) -> Option<HandedOver> {
+    let mut lines = text.lines();
+    let mut header = lines.next()?.split(' ');
+    if header.next()? != HANDED_OVER_MAGIC {
+        return None;
+    }
+    let mut number = || header.next()?.parse::<u64>().ok();
+    let (read_until_us, holds_from_us, count) = (number()?, number()?, number()?);
+    if count > MAX_HELD as u64 {
+        return None;
+    }
+    let held = lines
+        .map(|line| {
+            let mut fields = line.split(' ').map(|field| field.parse::<u64>().ok());
+            let completion = LoggedCompletion {
+                at_us: fields.next()??,
+                sector: fields.next()??,
+                nr_sectors: fields.next()??,
+            };
+            fields.next().is_none().then_some(completion)
+        })
+        .take(MAX_HELD + 1)
+        .collect::<Option<Vec<_>>>()?;
+    (held.len() as u64 == count).then_some(HandedOver {
+        read_until_us,
+        holds_from_us,
+        held,
+    })
 }
 
 /// Forgets the completions in `held` older than `keep_from_us`, and, when more than `max`
@@ -627,6 +764,47 @@ mod tests {
 ";
 
     #[test]
+    fn a_hand_over_reads_back_as_written_and_anything_else_is_not_taken() {
+        let handed = HandedOver {
+            read_until_us: 9_000_000,
+            holds_from_us: 4_000_001,
+            held: vec![
+                LoggedCompletion {
+                    at_us: 5_000_000,
+                    sector: 2048,
+                    nr_sectors: 8,
+                },
+                LoggedCompletion {
+                    at_us: 8_999_999,
+                    sector: u64::MAX - 8,
+                    nr_sectors: 8,
+                },
+            ],
+        };
+        let text = handed_over_text(&handed);
+        assert_eq!(parse_handed_over(&text), Some(handed));
+        let empty = handed_over_text(&HandedOver {
+            read_until_us: 1,
+            holds_from_us: 0,
+            held: Vec::new(),
+        });
+        assert!(parse_handed_over(&empty).is_some_and(|h| h.held.is_empty()));
+        // A line lost, one too many, a torn or foreign file, a count past the bound.
+        let lines: Vec<&str> = text.lines().collect();
+        for bad in [
+            lines[..2].join("\n"),
+            format!("{text}1 2 3\n"),
+            text.replace(" 8\n", " 8 9\n"),
+            text.replace("2048", "2048x"),
+            text.replace(HANDED_OVER_MAGIC, "blkmirror-completions-2"),
+            format!("{HANDED_OVER_MAGIC} 1 0 {}\n", MAX_HELD + 1),
+            String::new(),
+        ] {
+            assert_eq!(parse_handed_over(&bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn held_completions_are_trimmed_to_the_window_and_then_to_half_the_bound() {
         let at = |at_us| LoggedCompletion {
             at_us,
@@ -757,6 +935,7 @@ mod tests {
                 nr_sectors: 8,
             }],
             overrun_at_read: Vec::new(),
+            last_read_us: 0,
         };
         // The window starts a second before the previous cut: 49 s, before the log.
         let error = log.since(50_000_000).unwrap_err();
