@@ -179,10 +179,15 @@ fn run_load(load: &Load) -> String {
             .zip(&cpu_before[1..])
             .map(|(&pid, &before)| cpu_of(pid).saturating_sub(before))
             .sum::<Duration>();
-    let store_cpu: Vec<(String, Duration)> = store_before
-        .iter()
-        .map(|(name, pid, before)| (name.clone(), cpu_of(*pid).saturating_sub(*before)))
-        .collect();
+    // The store's daemons whose names start with `prefix`: their CPU time during the load.
+    let store_cpu = |prefix: &str| -> Duration {
+        store_before
+            .iter()
+            .filter(|(name, _, _)| name.starts_with(prefix))
+            .map(|(_, pid, before)| cpu_of(*pid).saturating_sub(*before))
+            .sum()
+    };
+    let (osds_cpu, gateway_cpu) = (store_cpu("osd."), store_cpu("radosgw"));
     let load_cpu = cpu_of(load_pid).saturating_sub(load_before);
     let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(failed.is_empty(), "agents failed: {failed:?}");
@@ -281,16 +286,6 @@ fn run_load(load: &Load) -> String {
     );
     // Where the CPU went: with every process on this machine's cores, the receivers' cost
     // per commit and per MB is what a capacity model can scale.
-    let osds_cpu: Duration = store_cpu
-        .iter()
-        .filter(|(name, _)| name.starts_with("osd."))
-        .map(|(_, cpu)| *cpu)
-        .sum();
-    let gateway_cpu: Duration = store_cpu
-        .iter()
-        .filter(|(name, _)| name == "radosgw")
-        .map(|(_, cpu)| *cpu)
-        .sum();
     let mb = data as f64 / 1e6;
     let _ = writeln!(
         out,

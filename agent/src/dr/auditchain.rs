@@ -467,8 +467,8 @@ pub fn compare_local(report: &ChainReport, text: &str) -> Result<LocalComparison
     if first.prev != GENESIS {
         return Err("the local log's first entry does not start a log".into());
     }
-    // Two logs can start with the same entry (receivers started in the same second with the
-    // same first event): the same chain id. The local log is the one whose stored copy it
+    // Two logs can start with the same entry (receivers started in the same millisecond
+    // with the same first event): the same chain id. The local log is the one whose stored copy it
     // continues, if any.
     let candidates: Vec<_> = report
         .logs

@@ -83,6 +83,11 @@ pub fn buffer_kb_per_cpu(cpus: usize) -> u64 {
 /// tracepoint runs microseconds before the block layer counts it, so a second is ample.
 const WINDOW_MARGIN_US: u64 = 1_000_000;
 
+/// Where the window of the cut after one that read the disk's statistics at `cut_us` starts.
+fn window_start(cut_us: u64) -> u64 {
+    cut_us.saturating_sub(WINDOW_MARGIN_US)
+}
+
 /// One logged completion: absolute sectors on the whole disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoggedCompletion {
@@ -170,8 +175,7 @@ impl CompletionLog {
         let handed = handed
             .and_then(|text| parse_handed_over(&text))
             .filter(|handed| {
-                !changed
-                    && record.as_deref().map(str::trim) == Some(&handed.read_until_us.to_string())
+                record.as_deref().map(str::trim) == Some(&handed.read_until_us.to_string())
             });
         let (holds_from_us, held) = match handed {
             _ if changed => (opened_us, Vec::new()),
@@ -258,7 +262,7 @@ impl CompletionLog {
     /// starts a second before the next cut's statistics read, after this one's) stays here;
     /// the time of the read goes to a record in `/run` for a process that comes after.
     pub fn since(&mut self, previous_cut_us: u64) -> Result<Vec<LoggedCompletion>, String> {
-        let from_us = previous_cut_us.saturating_sub(WINDOW_MARGIN_US);
+        let from_us = window_start(previous_cut_us);
         if from_us >= self.holds_from_us && !self.read_out()? {
             return Err(format!(
                 "the log could not be read out within {READ_FOR_AT_MOST:?} (the disk completes \
@@ -409,12 +413,12 @@ pub struct Drainer {
 }
 
 impl Drainer {
-    /// Starts draining `log` every `every`; its last released cut read the statistics at
-    /// `released_cut_us` (0: none yet).
-    pub fn start(log: CompletionLog, released_cut_us: u64, every: Duration) -> Self {
+    /// Starts draining `log` every `every` (the first drain after `every`: [`Self::released`]
+    /// names the window before it).
+    pub fn start(log: CompletionLog, every: Duration) -> Self {
         let dir = log.path().to_owned();
         let log = Arc::new(Mutex::new(log));
-        let released = Arc::new(AtomicU64::new(released_cut_us));
+        let released = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (log, released, stop) = (log.clone(), released.clone(), stop.clone());
@@ -428,9 +432,7 @@ impl Drainer {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
-                        let keep_from = released
-                            .load(Ordering::Relaxed)
-                            .saturating_sub(WINDOW_MARGIN_US);
+                        let keep_from = window_start(released.load(Ordering::Relaxed));
                         let drained = log.lock().expect("completion log lock").drain(keep_from);
                         if let Err(why) = drained {
                             tracing::debug!("completion log {}: {why}", dir.display());
@@ -483,10 +485,7 @@ impl Drop for Drainer {
             thread.thread().unpark();
             let _ = thread.join();
         }
-        let keep_from = self
-            .released_cut_us
-            .load(Ordering::Relaxed)
-            .saturating_sub(WINDOW_MARGIN_US);
+        let keep_from = window_start(self.released_cut_us.load(Ordering::Relaxed));
         if let Ok(mut log) = self.log.lock()
             && let Err(why) = log.hand_over(keep_from)
         {

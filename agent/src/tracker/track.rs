@@ -574,9 +574,8 @@ impl Tracker {
             notes,
             carry: None,
             pending: None,
-            completion_log: completion_log.map(|log| {
-                completion_log::Drainer::start(log, 0, options.completion_log_drain_every)
-            }),
+            completion_log: completion_log
+                .map(|log| completion_log::Drainer::start(log, options.completion_log_drain_every)),
             _lock: lock,
         };
         if let Some(drainer) = &tracker.completion_log {
