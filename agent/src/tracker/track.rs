@@ -1203,14 +1203,25 @@ fn lock_device(device: &BlockDevice) -> Result<fs::File, TrackError> {
         .write(true)
         .open(&lock)
         .map_err(io_err(format!("opening {}", lock.display())))?;
-    if !sys::try_lock_exclusive(&file).map_err(io_err(format!("locking {}", lock.display())))? {
-        return Err(TrackError::Busy {
-            device: device.path.clone(),
-            lock,
-        });
+    // A lock held by another tracker stays held, so a short wait costs a refused second tracker
+    // nothing. It is there for the lock a process's own child holds for a moment: a thread that
+    // spawns a program forks a copy of every open file, the lock's too, and closes it only at the
+    // exec, so a lock just released could be seen as busy.
+    let give_up = Instant::now() + LOCK_PATIENCE;
+    while !sys::try_lock_exclusive(&file).map_err(io_err(format!("locking {}", lock.display())))? {
+        if Instant::now() >= give_up {
+            return Err(TrackError::Busy {
+                device: device.path.clone(),
+                lock,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
     Ok(file)
 }
+
+/// How long taking a device's lock waits for a holder to let go before calling the device busy.
+const LOCK_PATIENCE: Duration = Duration::from_millis(500);
 
 enum PinsState {
     Absent,
