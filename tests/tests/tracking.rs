@@ -1239,6 +1239,11 @@ fn a_restarted_tracker_takes_over_what_its_predecessor_read_out_of_the_completio
         // the kernel's buffer no longer has it, the hand-over does.
         write_direct(&dev.path, 3 * MIB, 4096, 1);
         std::thread::sleep(3 * blkmirror::tracker::completion_log::DRAIN_EVERY);
+        // What was read out is held in memory, and shown (status, metric).
+        let held = tracker
+            .completion_log_held_bytes()
+            .expect("a completion log");
+        assert!(held >= 24, "the drainer holds {held} bytes");
         drop(tracker);
         let text = std::fs::read_to_string(&handed_over).expect("a hand-over");
         assert!(text.lines().count() > 1, "nothing handed over: {text:?}");
@@ -1249,6 +1254,10 @@ fn a_restarted_tracker_takes_over_what_its_predecessor_read_out_of_the_completio
         let (mut tracker, needs_verify) = Tracker::open(&dev.path, &opts).expect("reopen");
         assert!(needs_verify.is_none(), "{needs_verify:?}");
         assert!(!handed_over.exists(), "a hand-over is taken once");
+        let taken = tracker
+            .completion_log_held_bytes()
+            .expect("a completion log");
+        assert_eq!(taken > 0, !tamper, "{taken} bytes held after the reopen");
         let offset = write_until_the_hooks_miss_one(&tracker, &dev.path, 20 * MIB);
         let cut = tracker.cut().expect("cut");
         tracker.release().expect("release");

@@ -209,6 +209,11 @@ pub struct VolumeStatus {
     /// a verify sync.
     #[serde(default)]
     pub completion_log_reach_s: Option<f64>,
+    /// The memory the agent holds of completions read out of the completion log and still
+    /// inside a window a cut may ask for, in bytes (at most 24 MiB per device; `None`: there
+    /// is no completion log).
+    #[serde(default)]
+    pub completion_log_held_bytes: Option<u64>,
     /// The last error, if the volume is not healthy.
     pub last_error: Option<String>,
     /// Seconds between cycles.
@@ -628,6 +633,13 @@ pub fn render(snapshot: &Snapshot) -> String {
                 s.interval_s
             );
         }
+        if let Some(held) = s.completion_log_held_bytes {
+            let _ = writeln!(
+                out,
+                "    compl. log   {} of completions read out and held in memory",
+                units::format_size(held)
+            );
+        }
         let _ = writeln!(
             out,
             "    totals       {} cycle(s), {} on the wire",
@@ -706,7 +718,7 @@ type Series<T> = (&'static str, &'static str, fn(&VolumeStatus) -> T);
 impl Collector for SnapshotCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let volumes = &self.0.volumes;
-        let gauges: [Series<Option<f64>>; 13] = [
+        let gauges: [Series<Option<f64>>; 14] = [
             (
                 "blkmirror_link_round_trip_seconds",
                 "(agent) The smoothed round trip to the receiver.",
@@ -785,6 +797,12 @@ impl Collector for SnapshotCollector {
                  (absent: it never overwrote one). A kernel skip older than this costs a verify \
                  sync.",
                 |s| s.completion_log_reach_s,
+            ),
+            (
+                "blkmirror_completion_log_held_bytes",
+                "(agent) Memory holding completions read out of the completion log that a cut \
+                 may still ask for (at most 24 MiB per device).",
+                |s| s.completion_log_held_bytes.map(|b| b as f64),
             ),
             (
                 "blkmirror_backlog_bytes",
@@ -1223,7 +1241,10 @@ mod tests {
         let board = StatusBoard::new("agent");
         board.committed("db", point(2, 1_000, true), true, 4096, 2.0);
         board.update("we\"ird", |s| s.backlog_bytes = 7);
-        board.update("db", |s| s.completion_log_reach_s = Some(42.5));
+        board.update("db", |s| {
+            s.completion_log_reach_s = Some(42.5);
+            s.completion_log_held_bytes = Some(24 * 1000);
+        });
         let text = prometheus(&board.snapshot(3_000));
         assert!(
             text.contains("blkmirror_completion_log_reach_seconds{volume=\"db\"} 42.5"),
@@ -1231,6 +1252,10 @@ mod tests {
         );
         assert!(
             !text.contains("blkmirror_completion_log_reach_seconds{volume=\"we"),
+            "{text}"
+        );
+        assert!(
+            text.contains("blkmirror_completion_log_held_bytes{volume=\"db\"} 24000"),
             "{text}"
         );
         assert!(

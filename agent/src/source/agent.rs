@@ -865,8 +865,10 @@ impl Agent {
                 None
             }
         };
+        let held = self.tracker.completion_log_held_bytes();
         self.config.status.update(&self.config.volume, |s| {
             s.completion_log_reach_s = reach.map(|r| r.as_secs_f64());
+            s.completion_log_held_bytes = held;
         });
         let short = log_reach_is_short(reach, self.config.interval);
         if short && !self.log_reach_short {

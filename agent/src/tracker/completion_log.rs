@@ -62,6 +62,9 @@ pub const DRAIN_EVERY: Duration = Duration::from_secs(1);
 /// memory. At 5,000 writes a second that is about 200 s of reach.
 const MAX_HELD: usize = 1 << 20;
 
+/// The most memory the completions held read out take, in bytes.
+pub const MAX_HELD_BYTES: u64 = (MAX_HELD * std::mem::size_of::<LoggedCompletion>()) as u64;
+
 /// The longest one read of the log may take: the cut reads it under the file system freeze
 /// when the kernel skipped the tracker, and a disk completing faster than the log is parsed
 /// would otherwise keep the reader going. A drain cut short takes up the rest at the next; a
@@ -374,6 +377,11 @@ impl CompletionLog {
         Ok(stats)
     }
 
+    /// The memory the completions read out and still held take (what `status` shows).
+    pub fn held_bytes(&self) -> u64 {
+        (self.held.len() * std::mem::size_of::<LoggedCompletion>()) as u64
+    }
+
     /// How far back from `now_us` (CLOCK_MONOTONIC, microseconds) the log holds every
     /// completion: `None` if nothing was overwritten since it was last read (or made).
     pub fn reach_us(&self, now_us: u64) -> Result<Option<u64>, String> {
@@ -475,6 +483,11 @@ impl Drainer {
             .lock()
             .expect("completion log lock")
             .reach_us(now_us)
+    }
+
+    /// [`CompletionLog::held_bytes`].
+    pub fn held_bytes(&self) -> u64 {
+        self.log.lock().expect("completion log lock").held_bytes()
     }
 }
 

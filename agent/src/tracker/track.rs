@@ -838,6 +838,15 @@ impl Tracker {
             .map(std::time::Duration::from_micros))
     }
 
+    /// The memory the completion log's drainer holds (completions read out of the kernel and
+    /// still inside a window a cut may ask for), at most [`completion_log::MAX_HELD_BYTES`];
+    /// `None` without a completion log.
+    pub fn completion_log_held_bytes(&self) -> Option<u64> {
+        self.completion_log
+            .as_ref()
+            .map(completion_log::Drainer::held_bytes)
+    }
+
     /// Whether the pins were adopted or created.
     pub fn origin(&self) -> Origin {
         self.origin
