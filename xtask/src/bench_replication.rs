@@ -224,7 +224,10 @@ pub fn replication(
         read_rate / 1e6
     );
 
-    let transport_rate = |tcp: bool| -> Result<f64> {
+    // Returns the rate and the CPU seconds per GB of both ends (one process, a child of this
+    // one): the transport's own cost, the floor under the agent's and the receiver's.
+    let transport_rate = |tcp: bool| -> Result<(f64, f64)> {
+        let (_, children_before) = cpu_seconds("self")?;
         let mut command = Command::new(&binary);
         command.args(["bench-transport", "--bytes", &size.to_string()]);
         if tcp {
@@ -238,17 +241,19 @@ pub fn replication(
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        String::from_utf8_lossy(&output.stdout)
+        let rate: f64 = String::from_utf8_lossy(&output.stdout)
             .trim()
             .parse()
-            .context("bench-transport output")
+            .context("bench-transport output")?;
+        let cpu = cpu_seconds("self")?.1 - children_before;
+        Ok((rate, cpu / (size as f64 / 1e9)))
     };
-    let quic_rate = transport_rate(false)?;
+    let (quic_rate, quic_cpu_per_gb) = transport_rate(false)?;
     eprintln!(
         "bench: raw QUIC on 127.0.0.1 (same TLS and windows): {:.0} MB/s",
         quic_rate / 1e6
     );
-    let tcp_rate = transport_rate(true)?;
+    let (tcp_rate, tcp_cpu_per_gb) = transport_rate(true)?;
     eprintln!(
         "bench: TCP on 127.0.0.1 with the same TLS (rustls): {:.0} MB/s",
         tcp_rate / 1e6
@@ -367,6 +372,17 @@ pub fn replication(
     println!(
         "| initial sync, receiver CPU seconds per GB, uncompressed (goal: 1) | | \
          {receiver_cpu_per_gb:.2} | |"
+    );
+    println!(
+        "| initial sync, CPU seconds per GB, agent and receiver together (baseline: raw QUIC, \
+         both ends) | {quic_cpu_per_gb:.2} | {:.2} | {:.2} |",
+        agent_cpu_per_gb + receiver_cpu_per_gb,
+        (agent_cpu_per_gb + receiver_cpu_per_gb) / quic_cpu_per_gb
+    );
+    println!(
+        "| raw QUIC, CPU seconds per GB, both ends (baseline: TCP with the same TLS, both ends) | \
+         {tcp_cpu_per_gb:.2} | {quic_cpu_per_gb:.2} | {:.2} |",
+        quic_cpu_per_gb / tcp_cpu_per_gb
     );
     println!();
     println!(
