@@ -608,6 +608,11 @@ pub enum StoreCommand {
         /// rewritten chain no longer leads on from.
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<PathBuf>,
+        /// First copy each full run of 1024 old blocks into one segment object, which checks
+        /// then read instead of the blocks (the receivers do it at their garbage collection
+        /// turn; the blocks stay).
+        #[arg(long)]
+        write_segments: bool,
         /// As JSON.
         #[arg(long)]
         json: bool,
@@ -1153,6 +1158,7 @@ pub fn run(cli: Cli) -> ExitCode {
             config,
             log,
             checkpoint,
+            write_segments,
             json,
         }) => {
             let store = match store_of(&config) {
@@ -1163,6 +1169,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 &store,
                 log.as_deref(),
                 checkpoint.as_deref(),
+                write_segments,
                 json,
             ));
         }

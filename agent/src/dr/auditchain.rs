@@ -33,6 +33,18 @@
 //! recent block number as a hint, so that a receiver finds the head without listing the
 //! chain; the hint may lag (receivers probe forward from it), never lead.
 //!
+//! # Segments
+//!
+//! A chain grows by up to one block per receiver every few seconds, so a check of a year's
+//! chain would read millions of objects one by one. [`write_segments`] copies each full run of
+//! [`SEGMENT_BLOCKS`] old blocks, byte for byte, into one object
+//! `audit/segments/FIRST-LAST`, and a check reads a segment instead of its blocks. The
+//! blocks stay: they remain the chain, a segment is only a faster way to read them, so no
+//! receiver ever has to know about segments to append (nothing is deleted, nothing can be
+//! appended twice at a number). A segment is checked like the blocks it holds, by the same
+//! links; one that does not decode, or holds other numbers than its name says, is skipped for
+//! its blocks.
+//!
 //! # Nothing lost
 //!
 //! The local log stays the first record: an entry is durable there before the action it
@@ -80,6 +92,164 @@ const MAX_HEADER_BYTES: usize = 4096;
 const MAX_APPEND_ATTEMPTS: usize = 64;
 /// The shipper's record, in the receiver's data directory.
 pub const SHIPPED_FILE: &str = "audit.shipped";
+/// The folder of segments (copies of runs of old blocks, one object each).
+pub const SEGMENTS: &str = "audit/segments";
+/// How many blocks a segment holds: only full runs are copied, so the newest blocks stay
+/// blocks only until a run is full.
+pub const SEGMENT_BLOCKS: u64 = 1024;
+/// The first line of a segment.
+const SEGMENT_MAGIC: &str = "blkmirror-audit-segment 1";
+
+/// The key of the segment of blocks `first..=last`.
+pub fn segment_key(first: u64, last: u64) -> String {
+    format!("{SEGMENTS}/{first:020}-{last:020}")
+}
+
+/// The blocks a key under [`SEGMENTS`] names, if it is a segment's.
+pub fn segment_range(key: &str) -> Option<(u64, u64)> {
+    let name = key.strip_prefix(SEGMENTS)?.strip_prefix('/')?;
+    let (first, last) = name.split_once('-')?;
+    let number = |digits: &str| {
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| digits.parse::<u64>().ok())
+            .flatten()
+    };
+    let (first, last) = (number(first)?, number(last)?);
+    (first >= 1 && first <= last).then_some((first, last))
+}
+
+/// A segment's bytes: a first line, then each block as a line `NUMBER LENGTH` and its bytes.
+pub fn encode_segment(blocks: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut out = format!("{SEGMENT_MAGIC}\n").into_bytes();
+    for (number, bytes) in blocks {
+        out.extend_from_slice(format!("{number} {}\n", bytes.len()).as_bytes());
+        out.extend_from_slice(bytes);
+    }
+    out
+}
+
+/// The blocks of the segment of `first..=last`: every number once, in order, each block at
+/// most [`MAX_BLOCK_BYTES`]; anything else is refused with what was wrong.
+pub fn decode_segment(first: u64, last: u64, bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, String> {
+    let mut rest = bytes
+        .strip_prefix(format!("{SEGMENT_MAGIC}\n").as_bytes())
+        .ok_or("not a segment (its first line)")?;
+    let mut blocks = Vec::new();
+    for expected in first..=last {
+        let end = rest
+            .iter()
+            .take(64)
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| format!("block {expected}: no heading line"))?;
+        let line = std::str::from_utf8(&rest[..end])
+            .map_err(|_| format!("block {expected}: a heading line that is not text"))?;
+        let (number, length) = line
+            .split_once(' ')
+            .and_then(|(n, l)| Some((n.parse::<u64>().ok()?, l.parse::<usize>().ok()?)))
+            .ok_or_else(|| format!("block {expected}: a malformed heading line {line:?}"))?;
+        if number != expected {
+            return Err(format!("block {number} where block {expected} belongs"));
+        }
+        if length > MAX_BLOCK_BYTES || length > rest.len() - end - 1 {
+            return Err(format!(
+                "block {expected}: a length of {length} bytes that does not fit"
+            ));
+        }
+        let body = &rest[end + 1..end + 1 + length];
+        blocks.push((number, body.to_vec()));
+        rest = &rest[end + 1 + length..];
+    }
+    if !rest.is_empty() {
+        return Err(format!("{} bytes after block {last}", rest.len()));
+    }
+    Ok(blocks)
+}
+
+/// The largest segment: [`SEGMENT_BLOCKS`] blocks of the largest size would not fit one
+/// request; a run whose blocks are larger together is left as blocks.
+const MAX_SEGMENT_BYTES: usize = 256 << 20;
+
+/// Copies each full run of [`SEGMENT_BLOCKS`] blocks that no segment holds yet into a segment,
+/// reading `parallel` blocks at a time. Returns how many segments were written. Safe to run
+/// from several receivers at once (each segment is created only if absent, and two copies
+/// of immutable blocks are the same bytes) and while receivers append.
+pub async fn write_segments(
+    client: &ObjectStoreClient,
+    parallel: usize,
+) -> Result<u64, ChainError> {
+    write_segments_of(client, parallel, SEGMENT_BLOCKS).await
+}
+
+/// [`write_segments`] with runs of `run` blocks (a check reads segments of any length).
+async fn write_segments_of(
+    client: &ObjectStoreClient,
+    parallel: usize,
+    run: u64,
+) -> Result<u64, ChainError> {
+    let segments: Vec<(u64, u64)> = client
+        .list(SEGMENTS)
+        .await?
+        .iter()
+        .filter_map(|(key, _, _)| segment_range(key))
+        .collect();
+    let mut blocks: Vec<u64> = client
+        .list(BLOCKS)
+        .await?
+        .iter()
+        .filter_map(|(key, _, _)| block_number(key))
+        .collect();
+    blocks.sort_unstable();
+    let mut written = 0;
+    let mut first = 1;
+    loop {
+        let last = first + run - 1;
+        // Only a run of blocks all present: blocks never change once created, so a full run
+        // is final (numbers are unique and sorted: the run is there if its last block is
+        // `run - 1` places after its first).
+        let present = blocks
+            .binary_search(&last)
+            .is_ok_and(|at| at + 1 >= run as usize && blocks[at + 1 - run as usize] == first);
+        if !present {
+            break;
+        }
+        if !segments.contains(&(first, last)) {
+            let numbers: Vec<u64> = (first..=last).collect();
+            let mut copied = Vec::with_capacity(numbers.len());
+            let mut bytes_in_run = 0;
+            for window in numbers.chunks(parallel.max(1)) {
+                let mut in_flight = tokio::task::JoinSet::new();
+                for &number in window {
+                    let client = client.clone();
+                    in_flight.spawn(async move {
+                        let bytes = client.get(&block_key(number), MAX_BLOCK_BYTES).await;
+                        (number, bytes.map(|found| found.map(|(bytes, _)| bytes)))
+                    });
+                }
+                while let Some(joined) = in_flight.join_next().await {
+                    let (number, bytes) = joined.expect("a block read does not panic");
+                    let bytes = bytes?.ok_or_else(|| ChainError::Broken {
+                        block: number,
+                        message: "listed, then not found (deleted while being read)".into(),
+                    })?;
+                    bytes_in_run += bytes.len();
+                    copied.push((number, bytes));
+                }
+            }
+            if bytes_in_run > MAX_SEGMENT_BYTES {
+                // Read as blocks by a check, like the newest ones.
+                first = last + 1;
+                continue;
+            }
+            copied.sort_unstable_by_key(|(number, _)| *number);
+            client
+                .put_if_absent(&segment_key(first, last), encode_segment(&copied))
+                .await?;
+            written += 1;
+        }
+        first = last + 1;
+    }
+    Ok(written)
+}
 
 /// The key of block `number`.
 pub fn block_key(number: u64) -> String {
@@ -983,31 +1153,101 @@ pub async fn verify_chain_from(
         .collect();
     numbers.sort_unstable();
     let total = numbers.last().copied().unwrap_or(after);
-    for window in numbers.chunks(parallel.max(1)) {
-        let mut in_flight = tokio::task::JoinSet::new();
-        for &number in window {
-            let client = client.clone();
-            in_flight.spawn(async move {
-                let bytes = client.get(&block_key(number), MAX_BLOCK_BYTES).await;
-                (number, bytes.map(|found| found.map(|(bytes, _)| bytes)))
-            });
+    // Segments wholly after the checkpoint whose blocks are all listed: each is read in one
+    // request instead of its blocks.
+    let mut segments: Vec<(u64, u64)> = client
+        .list(SEGMENTS)
+        .await?
+        .iter()
+        .filter_map(|(key, _, _)| segment_range(key))
+        .filter(|&(first, last)| {
+            first > after
+                && numbers
+                    .binary_search(&first)
+                    .is_ok_and(|at| numbers.get(at + (last - first) as usize) == Some(&last))
+        })
+        .collect();
+    segments.sort_unstable();
+    let mut reads = Vec::new();
+    let mut segments = segments.into_iter().peekable();
+    let mut at = 0;
+    while at < numbers.len() {
+        let number = numbers[at];
+        while segments.next_if(|&(first, _)| first < number).is_some() {}
+        match segments.next_if(|&(first, _)| first == number) {
+            Some((first, last)) => {
+                reads.push(ChainRead::Segment(first, last));
+                at += (last - first + 1) as usize;
+            }
+            None => {
+                reads.push(ChainRead::Block(number));
+                at += 1;
+            }
         }
-        let mut fetched = Vec::with_capacity(window.len());
+    }
+    for window in reads.chunks(parallel.max(1)) {
+        let mut in_flight = tokio::task::JoinSet::new();
+        for &read in window {
+            let client = client.clone();
+            in_flight.spawn(async move { read.fetch(&client).await });
+        }
+        let mut fetched = Vec::new();
         while let Some(joined) = in_flight.join_next().await {
-            let (number, bytes) = joined.expect("a block read does not panic");
-            fetched.push((number, bytes?));
+            fetched.extend(joined.expect("a chain read does not panic")?);
         }
         fetched.sort_unstable_by_key(|(number, _)| *number);
         for (number, bytes) in fetched {
-            let bytes = bytes.ok_or_else(|| ChainError::Broken {
-                block: number,
-                message: "listed, then not found (deleted while being read)".into(),
-            })?;
             verifier.add(number, &bytes)?;
             progress(number, total);
         }
     }
     Ok(verifier.report())
+}
+
+/// One read of a check: a block, or a segment of blocks.
+#[derive(Clone, Copy, Debug)]
+enum ChainRead {
+    Block(u64),
+    Segment(u64, u64),
+}
+
+impl ChainRead {
+    /// The blocks it reads, with their numbers. A segment that is gone or does not decode is
+    /// read as its blocks: the blocks are the chain, a segment only a faster way to read them.
+    async fn fetch(self, client: &ObjectStoreClient) -> Result<Vec<(u64, Vec<u8>)>, ChainError> {
+        let block = |number: u64| async move {
+            let bytes = client.get(&block_key(number), MAX_BLOCK_BYTES).await?;
+            let (bytes, _) = bytes.ok_or_else(|| ChainError::Broken {
+                block: number,
+                message: "listed, then not found (deleted while being read)".into(),
+            })?;
+            Ok::<_, ChainError>((number, bytes))
+        };
+        match self {
+            Self::Block(number) => Ok(vec![block(number).await?]),
+            Self::Segment(first, last) => {
+                let key = segment_key(first, last);
+                let decoded = match client.get(&key, MAX_SEGMENT_BYTES).await? {
+                    Some((bytes, _)) => decode_segment(first, last, &bytes),
+                    None => Err("listed, then not found".into()),
+                };
+                match decoded {
+                    Ok(blocks) => Ok(blocks),
+                    Err(why) => {
+                        tracing::warn!(
+                            target: "blkmirror store",
+                            "audit chain: segment {key}: {why}; reading its blocks instead"
+                        );
+                        let mut blocks = Vec::new();
+                        for number in first..=last {
+                            blocks.push(block(number).await?);
+                        }
+                        Ok(blocks)
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1363,6 +1603,122 @@ mod tests {
         let _ = shipper.ship().await.unwrap();
         let error = compare_local(&report, &fs::read_to_string(log.path()).unwrap()).unwrap_err();
         assert!(error.contains("edited"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_check_reads_segments_for_their_blocks_and_a_bad_segment_for_its_blocks() {
+        let client = ObjectStoreClient::in_memory();
+        let dir = crate::testing::TempDir::new("auditchain-segments");
+        let mut shipper = Shipper::open(client.clone(), "rx-0".into(), &dir.0).unwrap();
+        let mut at_six = None;
+        for block in 1..=11 {
+            AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+            assert_eq!(shipper.ship().await.unwrap(), 1);
+            if block == 6 {
+                at_six = Some(verify_chain(&client, 4, |_, _| {}).await.unwrap());
+            }
+        }
+
+        // Full runs of 4 only: 1-4 and 5-8; 9-11 stay blocks only. Written once.
+        assert_eq!(write_segments_of(&client, 3, 4).await.unwrap(), 2);
+        assert_eq!(write_segments_of(&client, 3, 4).await.unwrap(), 0);
+        let mut keys: Vec<String> = client
+            .list(SEGMENTS)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(key, _, _)| key)
+            .collect();
+        keys.sort();
+        assert_eq!(keys, [segment_key(1, 4), segment_key(5, 8)]);
+        // The blocks stay, and the chain goes on at its head.
+        assert!(!block_bytes(&client, 2).await.is_empty());
+        AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+        assert_eq!(shipper.ship().await.unwrap(), 1);
+        let mut checked = Vec::new();
+        let whole = verify_chain(&client, 4, |number, _| checked.push(number))
+            .await
+            .unwrap();
+        assert_eq!(checked, (1..=12).collect::<Vec<_>>());
+        assert_eq!((whole.blocks, whole.entries), (12, 12));
+
+        // What a check reads is the segment: a block changed under it goes unread (both are
+        // in the same credentials' reach; the anchors are the local logs and checkpoints).
+        let original = block_bytes(&client, 2).await;
+        client
+            .put(&block_key(2), b"not a block".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(verify_chain(&client, 4, |_, _| {}).await.unwrap(), whole);
+        client.put(&block_key(2), original).await.unwrap();
+
+        // A segment is checked like its blocks: an entry changed in it breaks the chain.
+        let key = segment_key(5, 8);
+        let (segment, _) = client.get(&key, MAX_SEGMENT_BYTES).await.unwrap().unwrap();
+        let changed = String::from_utf8(segment.clone())
+            .unwrap()
+            .replacen("\"commit\"", "\"comm1t\"", 1)
+            .into_bytes();
+        assert_ne!(changed, segment);
+        client.put(&key, changed).await.unwrap();
+        let error = verify_chain(&client, 4, |_, _| {}).await.unwrap_err();
+        assert!(matches!(error, ChainError::Broken { .. }), "{error}");
+
+        // One that does not decode is read as its blocks.
+        client
+            .put(&key, b"blkmirror-audit-segment 1\n5 3\nabc".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(verify_chain(&client, 4, |_, _| {}).await.unwrap(), whole);
+        client.put(&key, segment).await.unwrap();
+
+        // From a checkpoint inside a segment (at block 6), the rest of that segment is read
+        // as blocks, then the rest of the chain, to the same result as a whole check.
+        let mut from_six = Vec::new();
+        let later = verify_chain_from(&client, at_six.as_ref(), 4, |n, _| from_six.push(n))
+            .await
+            .unwrap();
+        assert_eq!(from_six, (7..=12).collect::<Vec<_>>());
+        assert_eq!(later, whole);
+    }
+
+    #[test]
+    fn segments_decode_only_as_written() {
+        let blocks = vec![
+            (7, b"seven\n".to_vec()),
+            (8, Vec::new()),
+            (9, b"9".to_vec()),
+        ];
+        let bytes = encode_segment(&blocks);
+        assert_eq!(decode_segment(7, 9, &bytes).unwrap(), blocks);
+        assert!(
+            decode_segment(7, 8, &bytes)
+                .unwrap_err()
+                .contains("after block 8")
+        );
+        assert!(
+            decode_segment(6, 9, &bytes)
+                .unwrap_err()
+                .contains("where block 6")
+        );
+        assert!(
+            decode_segment(7, 10, &bytes)
+                .unwrap_err()
+                .contains("block 10")
+        );
+        assert!(decode_segment(7, 9, &bytes[1..]).is_err());
+        let mut long = bytes.clone();
+        long.truncate(bytes.len() - 1);
+        assert!(
+            decode_segment(7, 9, &long)
+                .unwrap_err()
+                .contains("does not fit")
+        );
+        assert_eq!(segment_range(&segment_key(7, 9)), Some((7, 9)));
+        assert_eq!(segment_range(&segment_key(9, 7)), None);
+        assert_eq!(segment_range(&segment_key(0, 7)), None);
+        assert_eq!(segment_range("audit/segments/7-9"), None);
+        assert_eq!(segment_range(&block_key(7)), None);
     }
 
     #[test]

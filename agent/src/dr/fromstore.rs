@@ -241,13 +241,15 @@ fn read_checkpoint(
     Ok(Some(checkpoint.chain))
 }
 
-/// `blkmirror store audit --config FILE [--log FILE] [--checkpoint FILE]`: checks the shared
-/// audit chain (from a checkpoint: only what was added since), and a receiver's own log
-/// against its copy.
+/// `blkmirror store audit --config FILE [--log FILE] [--checkpoint FILE] [--write-segments]`:
+/// checks the shared audit chain (from a checkpoint: only what was added since), and a
+/// receiver's own log against its copy; first copies full runs of old blocks into segments
+/// if asked.
 pub fn audit(
     store: &StoreConfig,
     log: Option<&Path>,
     checkpoint: Option<&Path>,
+    write_segments: bool,
     json: bool,
 ) -> Result<(), OpsError> {
     use crate::dr::auditchain::{self, ChainError};
@@ -256,6 +258,21 @@ pub fn audit(
         None => None,
     };
     let (runtime, client) = runtime_and_client(store)?;
+    let chain_error = |error: ChainError| match error {
+        ChainError::Store(error) => classify(PointStoreError::Store(error)),
+        other => OpsError::Corrupt(other.to_string()),
+    };
+    if write_segments {
+        let written = runtime
+            .block_on(auditchain::write_segments(&client, 16))
+            .map_err(chain_error)?;
+        if !json {
+            eprintln!(
+                "blkmirror: audit chain: {written} new segment(s) of {} blocks",
+                auditchain::SEGMENT_BLOCKS
+            );
+        }
+    }
     let started = Instant::now();
     let mut last_said = Instant::now();
     let report = runtime

@@ -478,6 +478,18 @@ async fn collect_garbage_periodically(context: Arc<Context>, publisher: Arc<Publ
                     "object store garbage collection: {}",
                     crate::dr::publish::describe_gc(report)
                 ));
+                // The receiver whose turn it was also copies the audit chain's full runs of
+                // old blocks into segments, so that a check reads one object per run.
+                match crate::dr::auditchain::write_segments(publisher.client(), 16).await {
+                    Ok(0) => {}
+                    Ok(written) => log(format!(
+                        "audit chain: {written} segment(s) of {} blocks written",
+                        crate::dr::auditchain::SEGMENT_BLOCKS
+                    )),
+                    Err(error) => warn(format!(
+                        "audit chain: writing segments failed (a check reads the blocks one                          by one meanwhile): {error}"
+                    )),
+                }
                 (
                     "ok".to_owned(),
                     serde_json::json!({
