@@ -179,6 +179,14 @@ pub fn audit_log(bytes: &[u8]) {
         let _ = resumed.add(report.blocks.saturating_add(1), bytes);
         let _ = resumed.add(report.blocks.saturating_add(1), body.as_bytes());
     }
+    // The same bytes as a segment of blocks: what decodes holds each number of its name once,
+    // in order, and no more bytes than the segment.
+    for (first, last) in [(1, 1), (1, 3), (5, 9)] {
+        if let Ok(blocks) = crate::dr::auditchain::decode_segment(first, last, bytes) {
+            assert!(blocks.iter().map(|(n, _)| *n).eq(first..=last));
+            assert!(blocks.iter().map(|(_, b)| b.len()).sum::<usize>() <= bytes.len());
+        }
+    }
 }
 
 /// Both configuration parsers on arbitrary text.
