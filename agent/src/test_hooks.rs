@@ -50,3 +50,19 @@ fn hold(variable: &str) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }
+
+/// The audit chain's segment length: `BLKMIRROR_TEST_SEGMENT_BLOCKS` instead of `blocks`, so
+/// that a root test writes segments of a chain of a few blocks on the real store.
+#[inline]
+pub fn segment_blocks(blocks: u64) -> u64 {
+    #[cfg(feature = "test-hooks")]
+    if let Some(run) = std::env::var("BLKMIRROR_TEST_SEGMENT_BLOCKS")
+        .ok()
+        .and_then(|run| run.parse::<u64>().ok())
+        .filter(|&run| run > 0)
+    {
+        tracing::warn!(target: "blkmirror", "test hook: audit segments of {run} blocks");
+        return run;
+    }
+    blocks
+}

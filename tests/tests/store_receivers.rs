@@ -741,7 +741,45 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     tamper_with_the_first_audit_block(&cluster, |text| {
         text.replacen("\"receiver-stopp\"", "\"receiver-start\"", 1)
     });
-    store_audit(&data_b.join("audit.log"));
+    let before_segments = store_audit(&data_b.join("audit.log"));
+    // Segments on the real store (runs of 2 blocks here, by a test hook; 1,024 otherwise): a
+    // check reads them instead of their blocks, so an edit of block 1 under its segment goes
+    // unread, and the chain checks as before.
+    let segmented = blkmirror()
+        .env("BLKMIRROR_TEST_SEGMENT_BLOCKS", "2")
+        .args(["store", "audit", "--write-segments", "--config"])
+        .arg(&config_b)
+        .output()
+        .expect("store audit --write-segments");
+    let said = String::from_utf8_lossy(&segmented.stderr);
+    assert!(segmented.status.success(), "{said}");
+    assert!(
+        !said.contains("audit chain: 0 new segment"),
+        "no segment written: {said}"
+    );
+    let segments = cluster.with_bucket(BUCKET, async |client| {
+        client
+            .list(blkmirror::dr::auditchain::SEGMENTS)
+            .await
+            .expect("listing segments")
+            .len()
+    });
+    let blocks_then = before_segments["chain"]["blocks"].as_u64().expect("blocks");
+    assert!(
+        segments as u64 >= blocks_then / 2,
+        "{segments} segments, {blocks_then} blocks"
+    );
+    tamper_with_the_first_audit_block(&cluster, |text| {
+        text.replacen("\"receiver-start\"", "\"receiver-stopp\"", 1)
+    });
+    let through_segments = store_audit(&data_b.join("audit.log"));
+    assert!(
+        through_segments["chain"]["blocks"].as_u64() >= Some(blocks_then),
+        "{through_segments}"
+    );
+    tamper_with_the_first_audit_block(&cluster, |text| {
+        text.replacen("\"receiver-stopp\"", "\"receiver-start\"", 1)
+    });
     // A checkpoint of the whole chain, for a later check that reads only what came after.
     let checkpoint = dir.join("audit.checkpoint");
     let checkpoint_arg = ["--checkpoint", checkpoint.to_str().expect("utf-8")];

@@ -177,7 +177,8 @@ pub async fn write_segments(
     client: &ObjectStoreClient,
     parallel: usize,
 ) -> Result<u64, ChainError> {
-    write_segments_of(client, parallel, SEGMENT_BLOCKS).await
+    let run = crate::test_hooks::segment_blocks(SEGMENT_BLOCKS);
+    write_segments_of(client, parallel, run).await
 }
 
 /// [`write_segments`] with runs of `run` blocks (a check reads segments of any length).

@@ -267,10 +267,7 @@ pub fn audit(
             .block_on(auditchain::write_segments(&client, 16))
             .map_err(chain_error)?;
         if !json {
-            eprintln!(
-                "blkmirror: audit chain: {written} new segment(s) of {} blocks",
-                auditchain::SEGMENT_BLOCKS
-            );
+            eprintln!("blkmirror: audit chain: {written} new segment(s) written");
         }
     }
     let started = Instant::now();
