@@ -1163,9 +1163,13 @@ pub async fn verify_chain_from(
         .filter_map(|(key, _, _)| segment_range(key))
         .filter(|&(first, last)| {
             first > after
-                && numbers
-                    .binary_search(&first)
-                    .is_ok_and(|at| numbers.get(at + (last - first) as usize) == Some(&last))
+                && numbers.binary_search(&first).is_ok_and(|at| {
+                    usize::try_from(last - first)
+                        .ok()
+                        .and_then(|span| at.checked_add(span))
+                        .and_then(|end| numbers.get(end))
+                        == Some(&last)
+                })
         })
         .collect();
     segments.sort_unstable();
@@ -1672,6 +1676,16 @@ mod tests {
             .unwrap();
         assert_eq!(verify_chain(&client, 4, |_, _| {}).await.unwrap(), whole);
         client.put(&key, segment).await.unwrap();
+
+        // A segment whose name claims more than the listed blocks is not read.
+        client
+            .put(
+                &format!("{SEGMENTS}/{:020}-{:020}", 9, u64::MAX),
+                b"x".to_vec(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(verify_chain(&client, 4, |_, _| {}).await.unwrap(), whole);
 
         // From a checkpoint inside a segment (at block 6), the rest of that segment is read
         // as blocks, then the rest of the chain, to the same result as a whole check.
