@@ -487,7 +487,8 @@ async fn collect_garbage_periodically(context: Arc<Context>, publisher: Arc<Publ
                         crate::dr::auditchain::SEGMENT_BLOCKS
                     )),
                     Err(error) => warn(format!(
-                        "audit chain: writing segments failed (a check reads the blocks one                          by one meanwhile): {error}"
+                        "audit chain: writing segments failed (a check reads the blocks one \
+                         by one meanwhile): {error}"
                     )),
                 }
                 (
