@@ -1084,9 +1084,7 @@ fn writes_no_hook_saw_are_detected_from_disk_statistics() {
         "the hooks' request count was {requests_ahead} ahead of the disk's: {recovered}"
     );
     assert!(
-        cut.extents
-            .iter()
-            .any(|e| e.offset <= offset && offset + 4096 <= e.offset + e.length),
+        covers(&cut.extents, offset, 4096),
         "the write at {offset} the hooks did not see is not in the cut: {:?}",
         cut.extents
     );
@@ -1208,6 +1206,13 @@ fn the_completion_log_reports_its_reach_and_a_log_resized_under_adopted_pins_hol
     );
 }
 
+/// Whether one extent of a cut holds the `len` bytes at `at` whole.
+fn covers(extents: &[blkmirror_protocol::extent::Extent], at: u64, len: u64) -> bool {
+    extents
+        .iter()
+        .any(|e| e.offset <= at && at + len <= e.offset + e.length)
+}
+
 /// An agent that stops cleanly (an upgrade, a restart) hands what its drainer read out of the
 /// completion log over to the next process, so that a kernel skip in the next process's first
 /// cycle is still recovered. Before, the next process could not trust a window whose
@@ -1275,9 +1280,7 @@ fn a_restarted_tracker_takes_over_what_its_predecessor_read_out_of_the_completio
     // is trusted at all.)
     for at in [3 * MIB, offset] {
         assert!(
-            cut.extents
-                .iter()
-                .any(|e| e.offset <= at && at + 4096 <= e.offset + e.length),
+            covers(&cut.extents, at, 4096),
             "the write at {at} is not in the cut: {:?}",
             cut.extents
         );

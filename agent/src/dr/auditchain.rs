@@ -214,34 +214,17 @@ async fn write_segments_of(
             break;
         }
         if !segments.contains(&(first, last)) {
-            let numbers: Vec<u64> = (first..=last).collect();
-            let mut copied = Vec::with_capacity(numbers.len());
-            let mut bytes_in_run = 0;
-            for window in numbers.chunks(parallel.max(1)) {
-                let mut in_flight = tokio::task::JoinSet::new();
-                for &number in window {
-                    let client = client.clone();
-                    in_flight.spawn(async move {
-                        let bytes = client.get(&block_key(number), MAX_BLOCK_BYTES).await;
-                        (number, bytes.map(|found| found.map(|(bytes, _)| bytes)))
-                    });
-                }
-                while let Some(joined) = in_flight.join_next().await {
-                    let (number, bytes) = joined.expect("a block read does not panic");
-                    let bytes = bytes?.ok_or_else(|| ChainError::Broken {
-                        block: number,
-                        message: "listed, then not found (deleted while being read)".into(),
-                    })?;
-                    bytes_in_run += bytes.len();
-                    copied.push((number, bytes));
-                }
+            let reads: Vec<ChainRead> = (first..=last).map(ChainRead::Block).collect();
+            let mut copied = Vec::with_capacity(reads.len());
+            for window in reads.chunks(parallel.max(1)) {
+                copied.extend(fetch_reads(client, window).await?);
             }
+            let bytes_in_run: usize = copied.iter().map(|(_, bytes)| bytes.len()).sum();
             if bytes_in_run > MAX_SEGMENT_BYTES {
                 // Read as blocks by a check, like the newest ones.
                 first = last + 1;
                 continue;
             }
-            copied.sort_unstable_by_key(|(number, _)| *number);
             client
                 .put_if_absent(&segment_key(first, last), encode_segment(&copied))
                 .await?;
@@ -1191,22 +1174,30 @@ pub async fn verify_chain_from(
         }
     }
     for window in reads.chunks(parallel.max(1)) {
-        let mut in_flight = tokio::task::JoinSet::new();
-        for &read in window {
-            let client = client.clone();
-            in_flight.spawn(async move { read.fetch(&client).await });
-        }
-        let mut fetched = Vec::new();
-        while let Some(joined) = in_flight.join_next().await {
-            fetched.extend(joined.expect("a chain read does not panic")?);
-        }
-        fetched.sort_unstable_by_key(|(number, _)| *number);
-        for (number, bytes) in fetched {
+        for (number, bytes) in fetch_reads(client, window).await? {
             verifier.add(number, &bytes)?;
             progress(number, total);
         }
     }
     Ok(verifier.report())
+}
+
+/// Runs `reads` at once; returns their blocks in block order.
+async fn fetch_reads(
+    client: &ObjectStoreClient,
+    reads: &[ChainRead],
+) -> Result<Vec<(u64, Vec<u8>)>, ChainError> {
+    let mut in_flight = tokio::task::JoinSet::new();
+    for &read in reads {
+        let client = client.clone();
+        in_flight.spawn(async move { read.fetch(&client).await });
+    }
+    let mut fetched = Vec::new();
+    while let Some(joined) = in_flight.join_next().await {
+        fetched.extend(joined.expect("a chain read does not panic")?);
+    }
+    fetched.sort_unstable_by_key(|(number, _)| *number);
+    Ok(fetched)
 }
 
 /// One read of a check: a block, or a segment of blocks.
