@@ -4,7 +4,7 @@
 
 use crate::{
     plan::CompressionPolicy,
-    wire::{self, ChunkHash, Codec, DataFrame},
+    wire::{self, ChunkHash, Codec, DataFrameRef},
 };
 
 /// The longest run of chunks one write frame carries (within [`wire::MAX_WRITE_BYTES`]).
@@ -91,11 +91,11 @@ impl<'a> FrameBuilder<'a> {
         &mut self,
         offset: u64,
         length: u64,
-        emit: &mut dyn FnMut(DataFrame) -> Result<(), E>,
+        emit: &mut dyn FnMut(DataFrameRef<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         self.stats.frames += 1;
         self.stats.zero_bytes += length;
-        emit(DataFrame::Zero {
+        emit(DataFrameRef::Zero {
             seq: self.seq,
             offset,
             length,
@@ -131,7 +131,7 @@ impl<'a> FrameBuilder<'a> {
         &mut self,
         offset: u64,
         data: &[u8],
-        emit: &mut dyn FnMut(DataFrame) -> Result<(), E>,
+        emit: &mut dyn FnMut(DataFrameRef<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         self.stats.read_bytes += data.len() as u64;
         let chunk = self.chunk as usize;
@@ -189,7 +189,7 @@ impl<'a> FrameBuilder<'a> {
         &mut self,
         at: u64,
         bytes: &[u8],
-        emit: &mut dyn FnMut(DataFrame) -> Result<(), E>,
+        emit: &mut dyn FnMut(DataFrameRef<'_>) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut packed = None;
         if let Some(policy) = self.compression.as_deref_mut()
@@ -199,13 +199,13 @@ impl<'a> FrameBuilder<'a> {
                 .ok()
                 .filter(|packed| policy.record(bytes.len(), packed.len()));
         }
-        let (codec, payload) = match packed {
-            Some(packed) => (Codec::Zstd, packed),
-            None => (Codec::Raw, bytes.to_vec()),
+        let (codec, payload) = match &packed {
+            Some(packed) => (Codec::Zstd, packed.as_slice()),
+            None => (Codec::Raw, bytes),
         };
         self.stats.frames += 1;
         self.stats.data_bytes += bytes.len() as u64;
-        emit(DataFrame::Write {
+        emit(DataFrameRef::Write {
             seq: self.seq,
             offset: at,
             codec,
@@ -218,6 +218,7 @@ impl<'a> FrameBuilder<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::DataFrame;
 
     const CHUNK: u64 = 4096;
 
@@ -226,7 +227,7 @@ mod tests {
         let mut builder = FrameBuilder::new(7, CHUNK, compare, None);
         builder
             .piece::<()>(CHUNK, data, &mut |frame| {
-                frames.push(frame);
+                frames.push(frame.to_owned());
                 Ok(())
             })
             .unwrap();
@@ -335,7 +336,7 @@ mod tests {
         let mut frames = Vec::new();
         builder
             .piece::<()>(0, &data, &mut |frame| {
-                frames.push(frame);
+                frames.push(frame.to_owned());
                 Ok(())
             })
             .unwrap();

@@ -147,6 +147,66 @@ pub enum DataFrame {
     },
 }
 
+/// A [`DataFrame`] whose payload is borrowed, for the sender: it encodes to exactly the bytes
+/// of the owned frame (same variants in the same order), so a payload read from the device is
+/// copied once, into the encoded frame, and not first into a frame of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum DataFrameRef<'a> {
+    /// [`DataFrame::Write`].
+    Write {
+        /// The cycle this frame belongs to.
+        seq: u64,
+        /// Byte offset in the volume.
+        offset: u64,
+        /// How `data` is encoded.
+        codec: Codec,
+        /// Length of the decoded data.
+        raw_len: u32,
+        /// The encoded data.
+        #[serde(with = "serde_bytes")]
+        data: &'a [u8],
+    },
+    /// [`DataFrame::Zero`].
+    Zero {
+        /// The cycle this frame belongs to.
+        seq: u64,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        length: u64,
+    },
+}
+
+impl DataFrameRef<'_> {
+    /// The owned frame.
+    pub fn to_owned(&self) -> DataFrame {
+        match *self {
+            Self::Write {
+                seq,
+                offset,
+                codec,
+                raw_len,
+                data,
+            } => DataFrame::Write {
+                seq,
+                offset,
+                codec,
+                raw_len,
+                data: data.to_vec(),
+            },
+            Self::Zero {
+                seq,
+                offset,
+                length,
+            } => DataFrame::Zero {
+                seq,
+                offset,
+                length,
+            },
+        }
+    }
+}
+
 /// Encoding of a write's payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Codec {
@@ -403,13 +463,38 @@ pub enum WireError {
     Hello(String),
 }
 
-/// Encodes `message` as one frame (length prefix included).
+/// Encodes `message` as one frame (length prefix included), in one allocation of the right
+/// size: a data frame's payload is copied once, into the frame.
 pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
-    let body = postcard::to_stdvec(message).expect("serializing to a Vec cannot fail");
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
+    let len =
+        postcard::experimental::serialized_size(message).expect("serializing to a Vec cannot fail");
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&(len as u32).to_le_bytes());
+    let frame = postcard::serialize_with_flavor(message, FrameFlavor(frame))
+        .expect("serializing to a Vec cannot fail");
+    debug_assert_eq!(frame.len(), 4 + len);
     frame
+}
+
+/// postcard's output appended to a frame that already holds its length prefix.
+struct FrameFlavor(Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for FrameFlavor {
+    type Output = Vec<u8>;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.0.push(byte);
+        Ok(())
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<Vec<u8>> {
+        Ok(self.0)
+    }
 }
 
 /// Checks a length prefix before anything is read or allocated.
@@ -811,6 +896,30 @@ mod tests {
                 .collect(),
         );
         assert!(many.check(u64::MAX).is_err());
+    }
+
+    proptest! {
+        /// The sender's borrowed frames are the receiver's frames, byte for byte.
+        #[test]
+        fn a_borrowed_frame_encodes_as_the_owned_one(
+            seq: u64,
+            offset: u64,
+            length: u64,
+            raw_len: u32,
+            zstd: bool,
+            data in proptest::collection::vec(any::<u8>(), 0..3000),
+        ) {
+            let codec = if zstd { Codec::Zstd } else { Codec::Raw };
+            let frames = [
+                DataFrameRef::Write { seq, offset, codec, raw_len, data: &data },
+                DataFrameRef::Zero { seq, offset, length },
+            ];
+            for frame in frames {
+                let encoded = encode(&frame);
+                prop_assert_eq!(&encoded, &encode(&frame.to_owned()));
+                prop_assert_eq!(decode::<DataFrame>(&encoded[4..]).unwrap(), frame.to_owned());
+            }
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //! count.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::{self, BufReader, BufWriter, Read as _, Write as _},
     path::{Path, PathBuf},
 };
@@ -43,6 +43,8 @@ pub const RECORD_HEAD_BYTES: u64 = 48;
 const FLAG_ZERO: u32 = 1;
 const TRAILER: u64 = u64::MAX;
 const HASH_BYTES: u64 = 32;
+/// The most hash bytes written to `hashes` at once (a run of consecutive chunks).
+const HASH_RUN_BYTES: usize = 1 << 20;
 
 /// Errors of the points store.
 #[derive(Debug, thiserror::Error)]
@@ -287,6 +289,67 @@ pub fn stored_hash(data: &[u8]) -> [u8; 32] {
         [0; 32]
     } else {
         *blake3::hash(data).as_bytes()
+    }
+}
+
+/// The hashes of chunks computed from the data as it was written, so that a commit need not
+/// read those chunks back from the image to hash them.
+///
+/// A chunk is known only while its last change was one write that covered it whole: a write
+/// that covers part of it, a zero range over it, or a write that failed makes it unknown
+/// again, and the commit reads it back as before. The agent sends each chunk of a sync step
+/// once, so in practice every chunk is known; a hostile agent's overlapping frames only cost
+/// reads. At most [`KnownHashes::MAX_CHUNKS`] are kept; chunks past that are read back.
+#[derive(Debug, Default)]
+pub struct KnownHashes {
+    hashes: HashMap<u64, [u8; 32]>,
+}
+
+impl KnownHashes {
+    /// The most chunks remembered (about 48 MiB of memory).
+    pub const MAX_CHUNKS: usize = 1 << 20;
+
+    /// `data` was written at `offset` of the image that `store` describes.
+    pub fn written(&mut self, store: &PointStore, offset: u64, data: &[u8]) {
+        let end = offset + data.len() as u64;
+        for chunk in store.chunks_of(offset, data.len() as u64) {
+            let start = chunk * store.chunk_bytes;
+            let stop = start + store.chunk_len(chunk);
+            if start < offset || stop > end {
+                self.hashes.remove(&chunk);
+                continue;
+            }
+            let bytes = &data[(start - offset) as usize..(stop - offset) as usize];
+            if self.hashes.len() < Self::MAX_CHUNKS || self.hashes.contains_key(&chunk) {
+                self.hashes.insert(chunk, stored_hash(bytes));
+            }
+        }
+    }
+
+    /// Chunks `chunks` changed in a way whose result is not known here.
+    pub fn forget(&mut self, chunks: std::ops::Range<u64>) {
+        if chunks.end - chunks.start > self.hashes.len() as u64 {
+            self.hashes.retain(|chunk, _| !chunks.contains(chunk));
+        } else {
+            for chunk in chunks {
+                self.hashes.remove(&chunk);
+            }
+        }
+    }
+
+    /// The hash of `chunk`'s content, if known.
+    pub fn get(&self, chunk: u64) -> Option<&[u8; 32]> {
+        self.hashes.get(&chunk)
+    }
+
+    /// How many chunks are known.
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    /// Whether no chunk is known.
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
     }
 }
 
@@ -763,6 +826,18 @@ impl PointStore {
         zeroed: &ChunkRanges,
         chunks: impl IntoIterator<Item = u64>,
     ) -> Result<(), PointsError> {
+        self.update_hashes_known(image, zeroed, chunks, &KnownHashes::default())
+    }
+
+    /// [`update_hashes`](Self::update_hashes), reading back only the chunks whose hash `known`
+    /// does not hold. The hashes of consecutive chunks are written together.
+    pub fn update_hashes_known(
+        &self,
+        image: &dyn StoredFile,
+        zeroed: &ChunkRanges,
+        chunks: impl IntoIterator<Item = u64>,
+        known: &KnownHashes,
+    ) -> Result<(), PointsError> {
         let path = &self.hashes_path;
         let file = self
             .disk
@@ -774,14 +849,37 @@ impl PointStore {
             file.zero_range(first * HASH_BYTES, (end - first) * HASH_BYTES)
                 .map_err(io_err("zeroing a range of", path))?;
         }
-        let mut buffer = vec![0u8; self.chunk_bytes as usize];
+        let mut buffer = Vec::new();
+        // A run of consecutive chunks' hashes: its first chunk, and the hashes.
+        let mut run: (u64, Vec<u8>) = (0, Vec::new());
+        let flush = |run: &mut (u64, Vec<u8>)| {
+            let result = file.write_all_at(&run.1, run.0 * HASH_BYTES);
+            run.1.clear();
+            result.map_err(io_err("writing", path))
+        };
         for chunk in chunks {
-            let len = self.chunk_len(chunk) as usize;
-            image
-                .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
-                .map_err(io_err("reading the image for", path))?;
-            file.write_all_at(&stored_hash(&buffer[..len]), chunk * HASH_BYTES)
-                .map_err(io_err("writing", path))?;
+            let hash = match known.get(chunk) {
+                Some(hash) => *hash,
+                None => {
+                    let len = self.chunk_len(chunk) as usize;
+                    buffer.resize(len, 0);
+                    image
+                        .read_exact_at(&mut buffer, chunk * self.chunk_bytes)
+                        .map_err(io_err("reading the image for", path))?;
+                    stored_hash(&buffer)
+                }
+            };
+            let next = run.0 + (run.1.len() as u64) / HASH_BYTES;
+            if !run.1.is_empty() && (chunk != next || run.1.len() >= HASH_RUN_BYTES) {
+                flush(&mut run)?;
+            }
+            if run.1.is_empty() {
+                run.0 = chunk;
+            }
+            run.1.extend_from_slice(&hash);
+        }
+        if !run.1.is_empty() {
+            flush(&mut run)?;
         }
         file.sync_all().map_err(io_err("syncing", path))
     }
@@ -1143,5 +1241,85 @@ mod tests {
             .read_point(&sim.image, 3, 2, true, |_, _| Ok(()))
             .unwrap_err();
         assert!(error.to_string().contains("truncated"), "{error}");
+    }
+
+    /// The hashes a commit writes from what it saw written are the hashes it would read back:
+    /// under overlapping writes, partial writes, zero ranges and the short last chunk.
+    #[test]
+    fn known_hashes_give_the_hashes_a_read_back_gives() {
+        for seed in 1..=40u64 {
+            let sim = Sim::new("known");
+            let mut known = KnownHashes::default();
+            let mut touched = ChunkRanges::default();
+            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut next = |bound: u64| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state % bound
+            };
+            for _ in 0..12 {
+                // Sector-aligned ranges, chunk-aligned half of the time.
+                let sectors = SIZE / 512;
+                let first = next(sectors);
+                let first = if next(2) == 0 {
+                    first / (CHUNK / 512) * (CHUNK / 512)
+                } else {
+                    first
+                };
+                let len = (1 + next(3 * CHUNK / 512)).min(sectors - first) * 512;
+                let offset = first * 512;
+                let chunks = sim.store.chunks_of(offset, len);
+                touched.insert(chunks.start, chunks.end);
+                if next(4) == 0 {
+                    sim.image.zero_range(offset, len).unwrap();
+                    known.forget(chunks);
+                } else {
+                    // Zeros now and then: a zero chunk's stored hash is the zero hash.
+                    let byte = next(3) as u8;
+                    let data = vec![byte; len as usize];
+                    sim.image.write_all_at(&data, offset).unwrap();
+                    known.written(&sim.store, offset, &data);
+                }
+            }
+            let read_back = |known: &KnownHashes| {
+                sim.store
+                    .update_hashes_known(
+                        &sim.image,
+                        &ChunkRanges::default(),
+                        touched.chunks(),
+                        known,
+                    )
+                    .unwrap();
+                fs::read(&sim.store.hashes_path).unwrap()
+            };
+            let expected = read_back(&KnownHashes::default());
+            assert_eq!(read_back(&known), expected, "seed {seed}");
+            assert!(known.len() as u64 <= touched.count(), "seed {seed}");
+        }
+    }
+
+    /// A chunk is known only from a write that covers it whole, until something else touches it.
+    #[test]
+    fn a_chunk_is_known_only_after_a_whole_write() {
+        let sim = Sim::new("known-rules");
+        let mut known = KnownHashes::default();
+        // Chunks 1 and 2 whole, chunk 3 in part.
+        known.written(&sim.store, CHUNK, &vec![7u8; (2 * CHUNK + 512) as usize]);
+        assert!(known.get(0).is_none());
+        assert_eq!(known.get(1), Some(&stored_hash(&[7u8; CHUNK as usize])));
+        assert!(known.get(2).is_some());
+        assert!(known.get(3).is_none());
+        // A partial write after a whole one makes the chunk unknown.
+        known.written(&sim.store, 2 * CHUNK + 512, &[1u8; 512]);
+        assert!(known.get(2).is_none());
+        assert!(known.get(1).is_some());
+        // A zero range does too, even one wider than what is known.
+        known.forget(0..SIZE.div_ceil(CHUNK));
+        assert!(known.is_empty());
+        // The last chunk is short (1 KiB): a write to the end of the volume covers it whole.
+        let last = SIZE / CHUNK;
+        known.written(&sim.store, last * CHUNK, &[5u8; 1024]);
+        assert_eq!(known.get(last), Some(&stored_hash(&[5u8; 1024])));
     }
 }

@@ -55,6 +55,12 @@ pub trait StoredFile: Send + Sync + fmt::Debug {
     /// The parts of `[offset, offset + length)` that hold data (not holes), as
     /// `(offset, length)`; an implementation without holes reports the whole range.
     fn data_segments(&self, offset: u64, length: u64) -> io::Result<Vec<(u64, u64)>>;
+    /// Starts writing the file's data back without waiting: a hint that lets a later
+    /// [`sync_all`](Self::sync_all) find less to do. It promises nothing about durability, so
+    /// an implementation may do nothing.
+    fn start_writeback(&self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Fills `buf` from `offset`, or fails with `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -182,6 +188,10 @@ impl StoredFile for File {
 
     fn data_segments(&self, offset: u64, length: u64) -> io::Result<Vec<(u64, u64)>> {
         sys::data_segments(self, offset, length)
+    }
+
+    fn start_writeback(&self) -> io::Result<()> {
+        sys::start_writeback(self)
     }
 }
 

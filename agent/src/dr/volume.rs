@@ -34,7 +34,7 @@ use std::collections::BTreeSet;
 
 use crate::{
     dr::authority,
-    dr::points::{ChunkRanges, Delta, PointStore, PointsError, RECORD_HEAD_BYTES},
+    dr::points::{ChunkRanges, Delta, KnownHashes, PointStore, PointsError, RECORD_HEAD_BYTES},
     dr::storage::{Cursor, Disk, LocalDisk, LockGuard, OpenMode, StoredFile},
     dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint, StoredPointV2},
 };
@@ -51,6 +51,10 @@ const MAX_RECORD: u32 = wire::MAX_FRAME_BYTES + 4096;
 const SPACE_MARGIN: u64 = 16 << 20;
 /// Free space is checked again after this many journaled bytes.
 const SPACE_CHECK_EVERY: u64 = 8 << 20;
+/// How many bytes a cycle journals (or a direct step writes) between write-back hints: the
+/// data starts for the disk while the cycle is still arriving, so the commit's sync waits for
+/// the last few MiB instead of all of it.
+const WRITEBACK_EVERY: u64 = 32 << 20;
 /// What a zero record costs in the journal, for the space accounting (an upper bound).
 const ZERO_RECORD_BYTES: u64 = 40;
 
@@ -213,6 +217,11 @@ struct OpenCycle {
     bytes: u64,
     /// `bytes` at the last free-space check.
     checked: u64,
+    /// `bytes` at the last write-back hint.
+    written_back: u64,
+    /// For a direct step: the hashes of the chunks written so far, so its commit need not read
+    /// them back.
+    known: KnownHashes,
     /// The journal; `None` for a direct sync step, whose frames go straight to the image.
     writer: Option<BufWriter<Cursor>>,
     /// The chunks the cycle touches (for a direct step: their hashes are recorded at its
@@ -678,6 +687,8 @@ impl Volume {
             frames: 0,
             bytes: 0,
             checked: 0,
+            written_back: 0,
+            known: KnownHashes::default(),
             writer,
             touched: Touched::default(),
             journaled_bytes: ChunkRanges::default(),
@@ -793,18 +804,35 @@ impl Volume {
             Some(writer) => append(writer, &record, &path)?,
             None => match record {
                 Record::Write { offset, data } => {
-                    let image_path = self.image_path();
-                    self.image
-                        .write_all_at(&data, offset)
-                        .map_err(StoreError::io("writing", &image_path))?;
+                    let written = self.image.write_all_at(&data, offset);
+                    match written {
+                        Ok(()) => cycle.known.written(&self.store, offset, &data),
+                        Err(_) => cycle
+                            .known
+                            .forget(self.store.chunks_of(offset, data.len() as u64)),
+                    }
+                    written.map_err(StoreError::io("writing", &self.image_path()))?;
                 }
-                Record::Zero { offset, length } => self.zero(offset, length)?,
+                Record::Zero { offset, length } => {
+                    cycle.known.forget(self.store.chunks_of(offset, length));
+                    self.zero(offset, length)?;
+                }
                 Record::Begin { .. }
                 | Record::Commit { .. }
                 | Record::CommitV3 { .. }
                 | Record::Format { .. }
                 | Record::Holder { .. } => {}
             },
+        }
+        if let Some(cycle) = self.cycle.as_mut()
+            && bytes - cycle.written_back >= WRITEBACK_EVERY
+        {
+            cycle.written_back = bytes;
+            // Only a hint: a write that failed is reported by the commit's sync.
+            let _ = match cycle.writer.as_ref() {
+                Some(writer) => writer.get_ref().file().start_writeback(),
+                None => self.image.start_writeback(),
+            };
         }
         self.check_space(seq, bytes, checked)
     }
@@ -852,7 +880,7 @@ impl Volume {
         if reintroduced(Bug::StaleHashesAfterAbort) {
             return;
         }
-        if let Err(error) = self.settle_direct_writes(&cycle.touched) {
+        if let Err(error) = self.settle_direct_writes(&cycle.touched, &cycle.known) {
             tracing::warn!(
                 target: "blkmirror receiver",
                 "volume {}: hashes of an interrupted sync step not updated ({error}); the image \
@@ -906,10 +934,11 @@ impl Volume {
             seq,
             touched,
             writer,
+            known,
             ..
         } = cycle;
         let Some(mut writer) = writer else {
-            return self.commit_direct(point, &touched);
+            return self.commit_direct(point, &touched, &known);
         };
         let durable = append(&mut writer, &Record::CommitV3 { point }, &path).and_then(|()| {
             let file = writer
@@ -932,21 +961,28 @@ impl Volume {
     }
 
     /// Syncs what a direct step wrote into the image and records the hashes of those chunks.
-    fn settle_direct_writes(&self, touched: &Touched) -> Result<(), StoreError> {
+    fn settle_direct_writes(
+        &self,
+        touched: &Touched,
+        known: &KnownHashes,
+    ) -> Result<(), StoreError> {
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &self.image_path()))?;
-        self.update_hashes(touched)
+        self.update_hashes(touched, known)
     }
 
-    /// Records the hashes of the chunks `touched` names, as the image holds them now.
-    fn update_hashes(&self, touched: &Touched) -> Result<(), StoreError> {
-        Ok(self
-            .store
-            .update_hashes(&*self.image, &touched.zeroed, touched.rewritten.chunks())?)
+    /// Records the hashes of the chunks `touched` names, as the image holds them now: from
+    /// `known` where it has them, read back from the image where not.
+    fn update_hashes(&self, touched: &Touched, known: &KnownHashes) -> Result<(), StoreError> {
+        Ok(self.store.update_hashes_known(
+            &*self.image,
+            &touched.zeroed,
+            touched.rewritten.chunks(),
+            known,
+        )?)
     }
 
-    /// Whether this commit keeps an undo delta (history on, and a point to lead back to).
     /// Whether a commit keeps the old content as an undo delta: when retention keeps history,
     /// or an export holds a point (it reads the point through the deltas).
     fn captures(&self, pinned: &BTreeSet<u64>) -> bool {
@@ -1017,8 +1053,9 @@ impl Volume {
         &mut self,
         mut point: StoredPoint,
         touched: &Touched,
+        known: &KnownHashes,
     ) -> Result<(), StoreError> {
-        self.settle_direct_writes(touched)?;
+        self.settle_direct_writes(touched, known)?;
         point.complete = false;
         point.consistent = false;
         let mut meta = self.meta.clone();
@@ -1146,6 +1183,8 @@ impl Volume {
             frames,
             bytes: found.bytes,
             checked: found.bytes,
+            written_back: found.bytes,
+            known: KnownHashes::default(),
             writer: Some(BufWriter::with_capacity(4 << 20, cursor)),
             touched,
             journaled_bytes: found.journaled,
@@ -1257,14 +1296,22 @@ impl Volume {
             .map_err(StoreError::io("opening", &path))?;
         let mut reader = BufReader::with_capacity(4 << 20, Cursor::new(file));
         let mut committed = None;
+        // Every record is applied in order, so what the last write to a chunk held is what
+        // the image holds after the apply: those chunks need no read back to be hashed.
+        let mut written = KnownHashes::default();
         while let Some(record) = read_record(&mut reader)? {
             match record {
                 Record::Begin { .. } | Record::Format { .. } | Record::Holder { .. } => {}
-                Record::Write { offset, data } => self
-                    .image
-                    .write_all_at(&data, offset)
-                    .map_err(StoreError::io("writing", &image_path))?,
-                Record::Zero { offset, length } => self.zero(offset, length)?,
+                Record::Write { offset, data } => {
+                    self.image
+                        .write_all_at(&data, offset)
+                        .map_err(StoreError::io("writing", &image_path))?;
+                    written.written(&self.store, offset, &data);
+                }
+                Record::Zero { offset, length } => {
+                    written.forget(self.store.chunks_of(offset, length));
+                    self.zero(offset, length)?;
+                }
                 commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) => {
                     committed = commit.committed();
                     break;
@@ -1285,7 +1332,7 @@ impl Volume {
             self.store.rehash_all(&*self.image)?;
             meta.hashes_stale = false;
         } else {
-            self.update_hashes(&touched)?;
+            self.update_hashes(&touched, &written)?;
         }
         if point.complete && !meta.unsettled && meta.points.last().map(|p| p.seq) != Some(point.seq)
         {

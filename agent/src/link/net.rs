@@ -541,13 +541,13 @@ pub async fn write_frame<T: Serialize>(
     send: &mut quinn::SendStream,
     message: &T,
 ) -> Result<(), NetError> {
-    send.write_all(&wire::encode(message)).await?;
-    Ok(())
+    write_encoded(send, wire::encode(message)).await
 }
 
-/// Writes an already encoded frame.
-pub async fn write_encoded(send: &mut quinn::SendStream, frame: &[u8]) -> Result<(), NetError> {
-    send.write_all(frame).await?;
+/// Writes an already encoded frame. The stream takes the buffer as it is: a data frame of
+/// 1 MiB is not copied again on its way to the packets.
+pub async fn write_encoded(send: &mut quinn::SendStream, frame: Vec<u8>) -> Result<(), NetError> {
+    send.write_chunk(bytes::Bytes::from(frame)).await?;
     Ok(())
 }
 
@@ -562,10 +562,20 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(error) => return Err(NetError::Read(error.to_string())),
     }
     let len = wire::check_frame_len(u32::from_le_bytes(head))?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|error| NetError::Read(error.to_string()))?;
+    // Gathered from the stream's own buffers, without zeroing a buffer first.
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(NetError::Read(format!(
+                    "the stream ended inside a frame, after {} of its {len} bytes",
+                    body.len()
+                )));
+            }
+            Err(error) => return Err(NetError::Read(error.to_string())),
+        }
+    }
     Ok(Some(wire::decode(&body)?))
 }
 

@@ -56,7 +56,7 @@ use blkmirror_protocol::{
     plan::{self, CompressionPolicy, PassPlan, Progress, RateLimit},
     units, wire,
     wire::{
-        AgentMessage, Begin, DataFrame, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage,
+        AgentMessage, Begin, DataFrameRef, Hello, PROTOCOL_VERSION, PointInfo, ReceiverMessage,
         RefusalCode,
     },
 };
@@ -1602,8 +1602,8 @@ impl Agent {
                             tokio::time::sleep(wait).await;
                         }
                     }
-                    net::write_encoded(&mut stream, &frame).await?;
                     sent += frame.len() as u64;
+                    net::write_encoded(&mut stream, frame).await?;
                 }
                 let _ = stream.finish();
                 Ok(sent)
@@ -1627,7 +1627,7 @@ impl Agent {
         // Time spent waiting for the data streams to take a frame: the link's share of the
         // pass, which (with the time spent compressing) sets the compression level.
         let blocked = std::cell::Cell::new(Duration::ZERO);
-        let mut emit = |frame: DataFrame| {
+        let mut emit = |frame: DataFrameRef<'_>| {
             let started = Instant::now();
             let sent = sink(wire::encode(&frame));
             blocked.set(blocked.get() + started.elapsed());

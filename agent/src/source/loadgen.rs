@@ -25,8 +25,8 @@ use blkmirror_protocol::{
     pass::{SyncAction, SyncPass, WindowCompare},
     session::{Answer, SourceRecord, SourceSession},
     wire::{
-        self, AgentMessage, Begin, DataFrame, Hello, MAX_HASHES_PER_REQUEST, PROTOCOL_VERSION,
-        PointInfo, ReceiverMessage,
+        self, AgentMessage, Begin, DataFrame, DataFrameRef, Hello, MAX_HASHES_PER_REQUEST,
+        PROTOCOL_VERSION, PointInfo, ReceiverMessage,
     },
 };
 
@@ -168,8 +168,8 @@ impl Control {
         let mut sent = 0;
         for frame in &frames {
             let encoded = wire::encode(frame);
-            net::write_encoded(&mut stream, &encoded).await?;
             sent += encoded.len() as u64;
+            net::write_encoded(&mut stream, encoded).await?;
         }
         let _ = stream.finish();
         Ok(sent)
@@ -362,8 +362,8 @@ impl Runner<'_> {
     ) -> Result<(Vec<DataFrame>, u64), AgentError> {
         let mut builder = FrameBuilder::new(seq, self.agent.chunk, compare, None);
         let mut frames = Vec::new();
-        let mut emit = |frame: DataFrame| {
-            frames.push(frame);
+        let mut emit = |frame: DataFrameRef<'_>| {
+            frames.push(frame.to_owned());
             Ok::<(), AgentError>(())
         };
         for chunk in chunks {
