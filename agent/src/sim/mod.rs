@@ -693,6 +693,10 @@ impl World {
                 }
             }
             ControlStep::Serve(AgentMessage::Begin(begin)) => {
+                // A receiver that dies inside the Begin may come back with the journal it kept
+                // before (the new one was never made durable): what that journal held stays
+                // what a restart may find (seed 51810).
+                let kept_before = std::mem::take(&mut self.journal_order);
                 self.forget_open_cycle();
                 self.journaled_at_resume.clear();
                 let volume = self.volume.as_mut().expect("admitted");
@@ -704,6 +708,7 @@ impl World {
                     Some(SIM_AGENT),
                 );
                 if self.disk.dead() {
+                    self.journal_order = kept_before;
                     return Err(self.receiver_dies());
                 }
                 match begun {
