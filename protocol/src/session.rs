@@ -227,10 +227,17 @@ impl SourceSession {
 
     /// Opens a cycle.
     pub fn begin(&mut self, begin: Begin) -> Result<AgentMessage, SessionError> {
-        self.ask(
+        let message = self.ask(
             Awaiting::Ready { seq: begin.seq },
             AgentMessage::Begin(begin),
-        )
+        )?;
+        // From now on the replica may hold data, so it is no longer all zeros: a sync that
+        // starts over on this connection (the tracker lost its history in the middle of the
+        // initial one) compares hashes instead of skipping the source's zero chunks, which the
+        // replica may hold as data by then (the simulator found this, seed 102346). The pass
+        // under way keeps what it was told when it began.
+        self.new_replica = false;
+        Ok(message)
     }
 
     /// The interrupted cycle the receiver kept open, if the next cycle may continue it instead
@@ -809,9 +816,21 @@ mod tests {
 
     #[test]
     fn a_new_volume_gets_an_initial_sync_written_directly() {
-        let (session, welcomed) = connected(SourceRecord::default(), welcome(true, 0, None), 1);
+        let (mut session, welcomed) = connected(SourceRecord::default(), welcome(true, 0, None), 1);
         assert_eq!(welcomed.sync_from, Some(0));
         assert!(session.initial_sync());
+        assert!(session.sync_shape(1 << 30, 1 << 20, 64 << 20).direct);
+        // Once a step has begun, the replica may hold data: a sync that starts over on this
+        // connection is a verify sync, still written directly (there is no point yet).
+        session
+            .begin(Begin {
+                seq: 1,
+                bytes_estimate: 0,
+                direct: true,
+                from: 0,
+            })
+            .unwrap();
+        assert!(!session.initial_sync());
         assert!(session.sync_shape(1 << 30, 1 << 20, 64 << 20).direct);
     }
 
