@@ -112,6 +112,7 @@ impl Client {
             &fingerprint.clone().into(),
             8 * MIB,
             net::Congestion::default(),
+            net::PathSlot::default(),
         )
         .expect("endpoint");
         let connection = endpoint
@@ -753,6 +754,7 @@ fn unauthenticated_and_spoofed_handshakes_cannot_flood_the_audit_log() {
                     &fingerprint.clone().into(),
                     MIB,
                     net::Congestion::default(),
+                    net::PathSlot::default(),
                 )
                 .expect("endpoint");
                 let connecting = endpoint

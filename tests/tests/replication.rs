@@ -417,6 +417,7 @@ async fn hostile_session(
         &fingerprint.clone().into(),
         8 * MIB,
         net::Congestion::default(),
+        net::PathSlot::default(),
     )
     .expect("endpoint");
     let connection = endpoint

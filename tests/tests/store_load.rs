@@ -112,7 +112,15 @@ fn run_load(load: &Load) -> String {
         .build()
         .expect("runtime");
     let (endpoint, client_config) = runtime
-        .block_on(async { net::client_endpoint(&identity, &pins, 8 << 20, Congestion::Cubic) })
+        .block_on(async {
+            net::client_endpoint(
+                &identity,
+                &pins,
+                8 << 20,
+                Congestion::Cubic,
+                net::PathSlot::default(),
+            )
+        })
         .expect("an endpoint");
     // Agent i starts at receiver i % 3 and goes around the others after it.
     let agents: Vec<SimulatedAgent> = (0..load.agents)

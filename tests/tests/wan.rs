@@ -84,11 +84,38 @@ fn a_sync_and_cycles_over_a_distant_link_with_one_percent_loss_equal_the_device(
         "nothing committed: {lines:?}"
     );
     assert_same(&dev.path, &site.receiver.image("wan"));
+    // The sync kept what it observed of the path for the next run: the 40 ms round trip
+    // (the floor, plus at most the peer's ack delay) and a window beyond the initial one.
+    let kept: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(agent.state_dir.join("agent-wan.path.json")).expect("the path memory"),
+    )
+    .expect("the path memory is JSON");
+    let floor_ms = kept["floor_us"].as_u64().expect("floor_us") / 1000;
+    assert!(
+        (40..70).contains(&floor_ms),
+        "kept a floor of {floor_ms} ms: {kept}"
+    );
+    assert!(
+        kept["window"].as_u64().expect("window") > 14_720,
+        "kept no more than the initial window: {kept}"
+    );
     for round in 0..2u64 {
         for extent in 0..8u64 {
             write_random(&dev.path, (extent * 5 + round) * MIB, MIB / 2);
         }
-        agent.once_ok(&[]);
+        let (output, _) = agent.once(&[], Duration::from_secs(180));
+        assert!(
+            output.status.success(),
+            "agent --once failed ({})",
+            output.status
+        );
+        // Each cycle's connection starts from the window the last run ended with, not from
+        // slow start's 10 datagrams (Careful Resume).
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            log.contains("the connection resumed a window of"),
+            "round {round} did not resume the path's window: {log}"
+        );
         assert_same(&dev.path, &site.receiver.image("wan"));
     }
     // The loss was real: the relay dropped datagrams both ways.

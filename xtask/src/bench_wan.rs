@@ -4,7 +4,9 @@
 //! For each cell: a fresh receiver and agent state, an initial sync of a random-filled loop
 //! device sized for about `--seconds` of the link, then one incremental cycle of scattered
 //! 64 KiB changes (10% of the device), both with `agent --once --compression off` through a
-//! `wan-relay` that models the link both ways. Goodput is device bytes over the committed
+//! `wan-relay` that models the link both ways. The cycle resumes the window the sync ended
+//! with (Careful Resume, see `blkmirror_protocol::cubic`); the same cycle is then run again
+//! with the agent's memory of the path removed, from slow start, as its baseline. Goodput is device bytes over the committed
 //! passes' own durations (`duration_ms` of the `committed` events: start-up and the
 //! handshake are left out), as a fraction of the link rate. The relay's counters give the
 //! wire bytes per device byte and the datagrams lost or tail-dropped.
@@ -241,6 +243,9 @@ struct Cell {
     sync_bound: bool,
     cycle: Option<f64>,
     cycle_bound: bool,
+    /// The same cycle again, from slow start (the agent's memory of the path removed).
+    cold_cycle: Option<f64>,
+    cold_cycle_bound: bool,
     wire_per_byte: f64,
     dropped_pct: f64,
 }
@@ -301,11 +306,12 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                     )?;
                     let mut relay =
                         RelayProcess::start(&relay_binary, &receiver, rtt_ms, loss_pct, *mbit)?;
+                    let relay_address = relay.address.clone();
                     let agent = || {
                         let mut command = Command::new(&binary);
                         command
                             .args(["agent", "--device", device, "--volume", "bench"])
-                            .args(["--receiver", &relay.address])
+                            .args(["--receiver", &relay_address])
                             .args(["--receiver-fingerprint", &receiver_fp])
                             .args(["--once", "--json", "--compression", "off"])
                             .args(["--congestion", congestion])
@@ -341,31 +347,42 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                         sync_bound: !sync.finished,
                         cycle: None,
                         cycle_bound: false,
+                        cold_cycle: None,
+                        cold_cycle_bound: false,
                         wire_per_byte: 0.0,
                         dropped_pct: 0.0,
                     };
-                    if sync.finished {
-                        // 10% of the device in scattered 64 KiB writes, no chunk twice.
-                        let chunks = size / 65536;
+                    // 10% of the device in scattered 64 KiB writes, no chunk twice.
+                    let chunks = size / 65536;
+                    let changed = chunks / 10;
+                    let mut offsets: Vec<u64> = {
                         let stride = (2_654_435_761 % chunks) | 1;
                         let mut at = 7919 % chunks;
-                        let changed = chunks / 10;
-                        let mut offsets: Vec<u64> = (0..changed)
+                        (0..changed)
                             .map(|_| {
                                 at = (at + stride) % chunks;
                                 at
                             })
-                            .collect();
-                        offsets.sort_unstable();
-                        write_chunks(device, &offsets, index as u64)?;
+                            .collect()
+                    };
+                    offsets.sort_unstable();
+                    // One cycle of those changes: its fraction of the link, and whether it was
+                    // cut off by the timeout.
+                    let cycle = |seed: u64| -> Result<(Option<f64>, bool)> {
+                        write_chunks(device, &offsets, seed)?;
                         let cycle = agent_pass(&mut agent(), "cycle", matrix.timeout)?;
-                        cell.cycle_bound = !cycle.finished;
-                        cell.cycle = (cycle.seconds > 0.0)
+                        let fraction = (cycle.seconds > 0.0)
                             .then(|| (changed * 65536) as f64 / cycle.seconds / link_bytes)
                             .or_else(|| {
                                 (!cycle.finished)
                                     .then(|| (changed * 65536) as f64 / matrix.timeout / link_bytes)
                             });
+                        Ok((fraction, !cycle.finished))
+                    };
+                    if sync.finished {
+                        // The agent resumes the window its last run ended with (Careful
+                        // Resume, `agent-VOLUME.path.json` in its state directory)...
+                        (cell.cycle, cell.cycle_bound) = cycle(index as u64)?;
                     }
                     let stats = relay.stats()?;
                     let up = &stats["up"];
@@ -375,11 +392,18 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                     cell.dropped_pct = dropped as f64 * 100.0 / offered as f64;
                     cell.wire_per_byte =
                         up["delivered_bytes"].as_u64().unwrap_or(0) as f64 / *size as f64;
+                    if sync.finished {
+                        // ...and, as the baseline, the same cycle from slow start.
+                        let _ = std::fs::remove_file(cell_dir.join("state/agent-bench.path.json"));
+                        (cell.cold_cycle, cell.cold_cycle_bound) = cycle(index as u64 + 1000)?;
+                    }
                     eprintln!(
-                        "bench: [{index}/{total}] sync {} cycle {} of the link; {:.2} wire \
-                         bytes per device byte (both passes), {:.2}% of datagrams dropped",
+                        "bench: [{index}/{total}] sync {} cycle {} (from slow start {}) of the \
+                         link; {:.2} wire bytes per device byte (sync and first cycle), {:.2}% \
+                         of datagrams dropped",
                         fraction(cell.sync, cell.sync_bound),
                         fraction(cell.cycle, cell.cycle_bound),
+                        fraction(cell.cold_cycle, cell.cold_cycle_bound),
                         cell.wire_per_byte,
                         cell.dropped_pct
                     );
@@ -404,18 +428,20 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
     );
     println!();
     println!(
-        "| link | RTT | loss | controller | sync | cycle | wire bytes / device byte | dropped |"
+        "| link | RTT | loss | controller | sync | cycle | cycle from slow start | wire bytes / \
+         device byte | dropped |"
     );
-    println!("|---|---:|---:|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|");
     for cell in &cells {
         println!(
-            "| {} Mbit/s | {} ms | {}% | {} | {} | {} | {:.2} | {:.2}% |",
+            "| {} Mbit/s | {} ms | {}% | {} | {} | {} | {} | {:.2} | {:.2}% |",
             cell.mbit,
             cell.rtt_ms,
             cell.loss_pct,
             cell.congestion,
             fraction(cell.sync, cell.sync_bound),
             fraction(cell.cycle, cell.cycle_bound),
+            fraction(cell.cold_cycle, cell.cold_cycle_bound),
             cell.wire_per_byte,
             cell.dropped_pct
         );

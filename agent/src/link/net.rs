@@ -12,7 +12,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::link::identity::{self, Fingerprint, Identity, IdentityError};
 use blkmirror_protocol::{
     congestion::LossFilter,
-    cubic::FilteredCubic,
+    cubic::{FilteredCubic, PathMemory},
     wire::{self, WireError},
 };
 
@@ -65,9 +65,53 @@ fn initial_window(mtu: u16) -> u64 {
     14720u64.clamp(2 * u64::from(mtu), 10 * u64::from(mtu))
 }
 
-/// Builds [`OwnCubic`] controllers.
+/// What the latest connection observed of its path (its floor round trip and window), which
+/// the next connection resumes from (Careful Resume, see [`blkmirror_protocol::cubic`]).
+/// The agent's connections share one: a reconnect after a blackout resumes the window of the
+/// connection before it, and the agent keeps it on disk for its next run (`--once`).
+#[derive(Clone, Debug, Default)]
+pub struct PathSlot(Arc<std::sync::Mutex<PathState>>);
+
+#[derive(Debug, Default)]
+struct PathState {
+    memory: Option<PathMemory>,
+    /// The window a connection jumped to from `memory`, until the agent reports it.
+    resumed: Option<u64>,
+}
+
+impl PathSlot {
+    /// A slot holding `memory` (from disk), if any.
+    pub fn new(memory: Option<PathMemory>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(PathState {
+            memory,
+            resumed: None,
+        })))
+    }
+
+    /// What the latest connection observed.
+    pub fn get(&self) -> Option<PathMemory> {
+        self.0.lock().expect("path slot lock").memory
+    }
+
+    /// The window a connection resumed since the last call, if one did.
+    pub fn take_resumed(&self) -> Option<u64> {
+        self.0.lock().expect("path slot lock").resumed.take()
+    }
+
+    fn set(&self, memory: PathMemory) {
+        self.0.lock().expect("path slot lock").memory = Some(memory);
+    }
+
+    fn set_resumed(&self, window: u64) {
+        self.0.lock().expect("path slot lock").resumed = Some(window);
+    }
+}
+
+/// Builds [`OwnCubic`] controllers, each resuming from what `path` holds.
 #[derive(Debug)]
-struct OwnCubicFactory;
+struct OwnCubicFactory {
+    path: PathSlot,
+}
 
 impl congestion::ControllerFactory for OwnCubicFactory {
     fn build(
@@ -75,9 +119,16 @@ impl congestion::ControllerFactory for OwnCubicFactory {
         now: std::time::Instant,
         current_mtu: u16,
     ) -> Box<dyn congestion::Controller> {
+        let mut controller =
+            FilteredCubic::new(u64::from(current_mtu), initial_window(current_mtu));
+        if let Some(memory) = self.path.get() {
+            controller.cubic.resume_from(memory);
+        }
         Box::new(OwnCubic {
-            controller: FilteredCubic::new(u64::from(current_mtu), initial_window(current_mtu)),
+            controller,
             epoch: now,
+            path: self.path.clone(),
+            reported: false,
         })
     }
 }
@@ -88,6 +139,10 @@ impl congestion::ControllerFactory for OwnCubicFactory {
 struct OwnCubic {
     controller: FilteredCubic,
     epoch: std::time::Instant,
+    /// Where the path's latest memory goes, for the next connection.
+    path: PathSlot,
+    /// Whether the jump from the path's memory was put in the slot for the agent to report.
+    reported: bool,
 }
 
 impl OwnCubic {
@@ -108,6 +163,27 @@ impl congestion::Controller for OwnCubic {
         let (now, sent) = (self.since(now), self.since(sent));
         self.controller
             .on_ack(now, sent, bytes, app_limited, rtt.get());
+        if self.controller.cubic.resumed && !self.reported {
+            self.reported = true;
+            self.path.set_resumed(self.controller.cubic.window());
+        }
+    }
+
+    fn on_end_acks(
+        &mut self,
+        _now: std::time::Instant,
+        _in_flight: u64,
+        _app_limited: bool,
+        _largest_packet_num_acked: Option<u64>,
+    ) {
+        // Once per ack frame. A connection that never grew its window (control messages
+        // only) has nothing to teach the next one and leaves the memory as it was.
+        let cubic = &self.controller.cubic;
+        if let Some(memory) = cubic.path_memory()
+            && memory.window > cubic.initial_window()
+        {
+            self.path.set(memory);
+        }
     }
 
     fn on_congestion_event(
@@ -322,6 +398,12 @@ impl NetError {
 /// link's bandwidth × round-trip time; the default, 32 MiB, suits up to 1 Gbit/s at 250 ms),
 /// and the congestion controller.
 pub fn transport_config(window: u64, congestion: Congestion) -> TransportConfig {
+    transport_config_on(window, congestion, PathSlot::default())
+}
+
+/// [`transport_config`] for connections that resume from, and record into, `path` (with
+/// `filtered-cubic`; the other controllers start from their initial window).
+pub fn transport_config_on(window: u64, congestion: Congestion, path: PathSlot) -> TransportConfig {
     let window = window.clamp(1 << 20, 1 << 30);
     let mut transport = TransportConfig::default();
     let var = |v: u64| VarInt::from_u64(v).expect("window below 2^62");
@@ -347,7 +429,7 @@ pub fn transport_config(window: u64, congestion: Congestion) -> TransportConfig 
             transport.congestion_controller_factory(Arc::new(congestion::BbrConfig::default()))
         }
         Congestion::FilteredCubic => {
-            transport.congestion_controller_factory(Arc::new(OwnCubicFactory))
+            transport.congestion_controller_factory(Arc::new(OwnCubicFactory { path }))
         }
         Congestion::FilteredQuinnCubic => transport.congestion_controller_factory(Arc::new(
             FilteredFactory(Arc::new(congestion::CubicConfig::default())),
@@ -439,18 +521,20 @@ fn get_socket_int(socket: &std::net::UdpSocket, option: libc::c_int) -> std::io:
     }
 }
 
-/// An agent's endpoint: presents `identity`, admits only the receiver `receiver`.
+/// An agent's endpoint: presents `identity`, admits only the receiver `receiver`; its
+/// connections resume from and record into `path`.
 pub fn client_endpoint(
     identity: &Identity,
     receiver: &identity::ReceiverPins,
     window: u64,
     congestion: Congestion,
+    path: PathSlot,
 ) -> Result<(Endpoint, quinn::ClientConfig), NetError> {
     let tls = identity::client_config(identity, receiver)?;
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|error| IdentityError::Tls(rustls::Error::General(error.to_string())))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(window, congestion)));
+    config.transport_config(Arc::new(transport_config_on(window, congestion, path)));
     let addr: SocketAddr = "[::]:0".parse().expect("valid address");
     let socket = udp_socket(addr)
         .or_else(|_| udp_socket("0.0.0.0:0".parse().expect("valid address")))
@@ -618,8 +702,13 @@ pub async fn loopback_throughput(
         }
         total
     });
-    let (client, config) =
-        client_endpoint(&client_id, &server_fp.clone().into(), window, congestion)?;
+    let (client, config) = client_endpoint(
+        &client_id,
+        &server_fp.clone().into(),
+        window,
+        congestion,
+        PathSlot::default(),
+    )?;
     let connection = client
         .connect_with(config, addr, "blkmirror")
         .map_err(|error| NetError::Connect {
@@ -831,6 +920,7 @@ mod tests {
                 &peers.server_fp.clone().into(),
                 32 << 20,
                 Congestion::default(),
+                PathSlot::default(),
             )
             .unwrap();
             endpoint

@@ -46,6 +46,7 @@ use crate::{
     tracker::device,
     tracker::track::{TrackError, TrackOptions, Tracker},
 };
+use blkmirror_protocol::cubic::PathMemory;
 use blkmirror_protocol::frames::{Compare, FrameBuilder, FrameStats};
 use blkmirror_protocol::pass::{
     Cycle, CycleAction, FreezeOutcome, Resumption, SyncAction, SyncPass, WindowCompare,
@@ -457,6 +458,9 @@ pub struct Agent {
     reader: BlockReader,
     state: AgentState,
     state_path: PathBuf,
+    /// What the last connection observed of the path to the receiver, shared by this run's
+    /// connections and kept beside the state file for the next run.
+    path: net::PathSlot,
     mount: Option<PathBuf>,
     size: u64,
     chunk: u64,
@@ -607,11 +611,13 @@ impl Agent {
         let rate = config
             .max_rate
             .map(|rate| Arc::new(Mutex::new(RateLimit::new(rate, Duration::ZERO))));
+        let path = net::PathSlot::new(load_path_memory(&state_path, &config.receiver, now_ms()));
         Ok(Self {
             config,
             tracker,
             reader,
             state_path,
+            path,
             mount,
             size,
             chunk,
@@ -633,6 +639,33 @@ impl Agent {
         *self.shutdown.borrow()
     }
 
+    /// Writes what the connections observed of the path beside the state file, for the next
+    /// run to resume from. Only an optimisation: a failure is logged, not fatal.
+    fn keep_path_memory(&self) {
+        let Some(memory) = self.path.get() else {
+            return;
+        };
+        if let Some(window) = self.path.take_resumed() {
+            say(format!(
+                "the connection resumed a window of {} KiB from the last one over this path \
+                 (round trip {} ms)",
+                window / 1024,
+                memory.floor.as_millis()
+            ));
+        }
+        let saved = SavedPath {
+            receiver: self.config.receiver.clone(),
+            floor_us: u64::try_from(memory.floor.as_micros()).unwrap_or(u64::MAX),
+            window: memory.window,
+            saved_unix_ms: now_ms(),
+        };
+        let path = path_memory_file(&self.state_path);
+        let bytes = serde_json::to_vec(&saved).expect("serializing a path memory");
+        if let Err(error) = crate::durable::write_atomic(&path, &bytes) {
+            warn(format!("could not keep {}: {error}", path.display()));
+        }
+    }
+
     /// Writes the state file: the session's record and the in-flight set.
     fn persist(&mut self) -> Result<(), AgentError> {
         self.state.set_record(self.session.record());
@@ -647,6 +680,7 @@ impl Agent {
             &self.config.receiver_fingerprint,
             self.config.window,
             self.config.congestion,
+            self.path.clone(),
         )?;
         // Receivers that share an object store can each serve the volume: a failure moves the
         // agent to the next one (the one holding the volume's lease takes it; another refuses
@@ -668,6 +702,7 @@ impl Agent {
                 }
                 Err(error) => Err(error),
             };
+            self.keep_path_memory();
             match outcome {
                 Ok(()) => {
                     endpoint.close(quinn::VarInt::from_u32(0), b"done");
@@ -1772,6 +1807,48 @@ pub(crate) fn load_state(path: &Path) -> Result<Option<AgentState>, AgentError> 
     Ok(Some(state))
 }
 
+/// What the agent keeps of the path to its receiver between runs (`agent-VOLUME.path.json`),
+/// for Careful Resume (see [`blkmirror_protocol::cubic`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedPath {
+    /// The `--receiver` it was observed with: another receiver is another path.
+    receiver: String,
+    /// The floor round trip, microseconds.
+    floor_us: u64,
+    /// The congestion window, bytes.
+    window: u64,
+    /// When it was kept.
+    saved_unix_ms: u64,
+}
+
+impl SavedPath {
+    /// How long a memory of the path is trusted: past this, the path may have changed for
+    /// other reasons than what its round trip shows.
+    const LIFETIME_MS: u64 = 3_600_000;
+    /// A window or round trip beyond these is not a path this agent observed.
+    const MAX_WINDOW: u64 = 1 << 30;
+    const MAX_FLOOR_US: u64 = 10_000_000;
+}
+
+fn path_memory_file(state_path: &Path) -> PathBuf {
+    state_path.with_extension("path.json")
+}
+
+/// The path memory kept by an earlier run, when it is for `receiver`, recent and plausible;
+/// anything else (missing, unreadable, stale, another receiver) starts from slow start.
+fn load_path_memory(state_path: &Path, receiver: &str, now_unix_ms: u64) -> Option<PathMemory> {
+    let bytes = std::fs::read(path_memory_file(state_path)).ok()?;
+    let saved: SavedPath = serde_json::from_slice(&bytes).ok()?;
+    let fresh = now_unix_ms.saturating_sub(saved.saved_unix_ms) < SavedPath::LIFETIME_MS
+        && saved.saved_unix_ms <= now_unix_ms;
+    let plausible = (1..=SavedPath::MAX_FLOOR_US).contains(&saved.floor_us)
+        && (1..=SavedPath::MAX_WINDOW).contains(&saved.window);
+    (saved.receiver == receiver && fresh && plausible).then(|| PathMemory {
+        floor: Duration::from_micros(saved.floor_us),
+        window: saved.window,
+    })
+}
+
 pub(crate) fn store_state(path: &Path, state: &AgentState) -> Result<(), AgentError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|error| AgentError::State {
@@ -1806,6 +1883,53 @@ pub(crate) fn hashes_compare(answer: Answer, count: u32) -> Result<Compare, Agen
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run resumes the path of the run before only for the same receiver, within the
+    /// lifetime, and from a file that holds plausible values; anything else is slow start.
+    #[test]
+    fn a_kept_path_memory_is_used_only_when_it_fits() {
+        let dir = crate::testing::TempDir::new("path-memory");
+        let state_path = dir.0.join("agent-v.json");
+        let write = |receiver: &str, floor_us: u64, window: u64, saved_unix_ms: u64| {
+            let saved = SavedPath {
+                receiver: receiver.into(),
+                floor_us,
+                window,
+                saved_unix_ms,
+            };
+            std::fs::write(
+                path_memory_file(&state_path),
+                serde_json::to_vec(&saved).unwrap(),
+            )
+            .unwrap();
+        };
+        let now = 1_800_000_000_000;
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+        write("dr:7000", 200_000, 3 << 20, now - 60_000);
+        assert_eq!(
+            load_path_memory(&state_path, "dr:7000", now),
+            Some(PathMemory {
+                floor: Duration::from_millis(200),
+                window: 3 << 20
+            })
+        );
+        assert_eq!(load_path_memory(&state_path, "other:7000", now), None);
+        write(
+            "dr:7000",
+            200_000,
+            3 << 20,
+            now - 2 * SavedPath::LIFETIME_MS,
+        );
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+        write("dr:7000", 200_000, 3 << 20, now + 60_000);
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+        write("dr:7000", 0, 3 << 20, now);
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+        write("dr:7000", 200_000, u64::MAX, now);
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+        std::fs::write(path_memory_file(&state_path), b"{\"receiver\": 3").unwrap();
+        assert_eq!(load_path_memory(&state_path, "dr:7000", now), None);
+    }
 
     #[test]
     fn a_log_is_short_when_it_does_not_reach_an_interval_and_the_margin_back() {

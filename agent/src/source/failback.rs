@@ -206,6 +206,7 @@ impl Pull<'_> {
             &self.options.receiver_fingerprint.clone().into(),
             32 << 20,
             net::Congestion::default(),
+            net::PathSlot::default(),
         )
         .map_err(network("preparing the connection"))?;
         let addr = tokio::net::lookup_host(&self.options.from)
