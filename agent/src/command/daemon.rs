@@ -315,7 +315,15 @@ pub fn run_receiver(settings: ReceiverSettings, config_path: Option<PathBuf>) ->
     let drills = Arc::new(std::sync::Mutex::new(settings.drills.clone()));
     let roles = Arc::new(std::sync::Mutex::new(settings.roles.clone()));
     let exports = Arc::new(std::sync::Mutex::new(start_exports(&settings.exports)));
+    // Registered here, before the receiver says it is listening, not when the task first
+    // runs: a SIGHUP sent right after that line must reach the reload rather than end the
+    // process (SIGHUP's default action). A rehearsal's root test caught the race.
+    let hangups = {
+        let _runtime = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    };
     runtime.spawn(reload_on_hangup(
+        hangups.ok(),
         config_path,
         settings.clone(),
         reload_tx,
@@ -450,6 +458,7 @@ async fn refresh_drills(
 /// On every SIGHUP, reads the configuration file again and hands the result to the receiver
 /// (the drill schedules go straight to the status refresher).
 async fn reload_on_hangup(
+    hangups: Option<tokio::signal::unix::Signal>,
     path: Option<PathBuf>,
     running: ReceiverSettings,
     reloads: tokio::sync::mpsc::Sender<receiver::Reload>,
@@ -457,8 +466,7 @@ async fn reload_on_hangup(
     roles: Arc<std::sync::Mutex<crate::command::roles::RoleMap>>,
     exports: Arc<std::sync::Mutex<Vec<crate::dr::export::DaemonExport>>>,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+    let Some(mut hangups) = hangups else {
         return;
     };
     while hangups.recv().await.is_some() {
