@@ -11,9 +11,10 @@
 //!
 //! ```text
 //! start ─▶ PreCopy ─pass_sent─▶ Flush ─flushed─▶ Freeze(n)   (freezing, attempts left)
-//!                                       └──────▶ Commit      (no freeze, or none left)
+//!                         └───────────────────────▶ Commit      (no freeze, or none left)
 //! Freeze(n) ─frozen(Read)──────▶ SendFrozen ─frozen_sent─▶ Commit (consistent unless a guard thawed)
-//!           ─frozen(DidNotFit)─▶ PreCopy (of the frozen cut) ─▶ Flush ─▶ Freeze(n+1) | Commit
+//!           ─frozen(DidNotFit)─▶ PreCopy (of the frozen cut) ─▶ Flush ─▶ Freeze(n+1)
+//!                                                         └──────▶ Commit (none left)
 //!           ─frozen(NotFrozen)─▶ Commit (fuzzy: the pre-copy pass's point)
 //! ```
 //!
@@ -189,23 +190,27 @@ impl Cycle {
         }
         self.frames += frames;
         self.bytes += bytes;
-        self.state = CycleState::Flush;
-        CycleAction::Flush {
-            frames: self.frames,
+        if self.freezes && self.attempt < self.attempts {
+            // A freeze follows: the pre-copy pass must have arrived first, so that the
+            // remainder is cut after the link drained and the freeze stays short.
+            self.state = CycleState::Flush;
+            CycleAction::Flush {
+                frames: self.frames,
+            }
+        } else {
+            // Nothing is frozen: `Commit` waits for the frames itself, so a `Flush` would only
+            // add a round trip (200 ms on a distant link).
+            self.commit()
         }
     }
 
-    /// The receiver has journaled every frame so far.
+    /// The receiver has journaled every frame so far: the next freeze attempt.
     pub fn flushed(&mut self) -> CycleAction {
         self.expect(CycleState::Flush, "flushed");
-        if self.freezes && self.attempt < self.attempts {
-            self.attempt += 1;
-            self.state = CycleState::Freeze;
-            CycleAction::Freeze {
-                attempt: self.attempt,
-            }
-        } else {
-            self.commit()
+        self.attempt += 1;
+        self.state = CycleState::Freeze;
+        CycleAction::Freeze {
+            attempt: self.attempt,
         }
     }
 
@@ -592,11 +597,7 @@ mod tests {
         let (cycle, action) = Cycle::start(4, 1, 2, 8 << 20, false, 0);
         assert_eq!(action, CycleAction::PreCopy);
         let mut cycle = cycle.resumed(&resumption);
-        assert_eq!(
-            cycle.pass_sent(5, 4096, 1000),
-            CycleAction::Flush { frames: 15 }
-        );
-        match cycle.flushed() {
+        match cycle.pass_sent(5, 4096, 1000) {
             CycleAction::Commit { frames, point } => {
                 assert_eq!(frames, 15);
                 assert_eq!(point.bytes, (1 << 20) + 4096);
@@ -622,11 +623,8 @@ mod tests {
     #[test]
     fn a_cycle_without_freezing_commits_the_pre_copy_pass_as_a_fuzzy_point() {
         let mut cycle = cycle(false);
-        assert_eq!(
-            cycle.pass_sent(4, 100, 1_000),
-            CycleAction::Flush { frames: 4 }
-        );
-        let (frames, point) = committed(cycle.flushed());
+        // No Flush: the commit waits for the frames itself.
+        let (frames, point) = committed(cycle.pass_sent(4, 100, 1_000));
         assert_eq!(frames, 4);
         assert_eq!((point.seq, point.epoch, point.time_unix_ms), (7, 10, 1_000));
         assert!(point.complete && !point.consistent);
@@ -684,14 +682,17 @@ mod tests {
                 epoch: 10 + u64::from(attempt),
             };
             assert_eq!(cycle.frozen(outcome), CycleAction::PreCopy);
-            assert_eq!(
-                cycle.pass_sent(1, 10, 5_000),
-                CycleAction::Flush {
-                    frames: 1 + u64::from(attempt)
-                }
-            );
+            if attempt < 3 {
+                assert_eq!(
+                    cycle.pass_sent(1, 10, 5_000),
+                    CycleAction::Flush {
+                        frames: 1 + u64::from(attempt)
+                    }
+                );
+            }
         }
-        let (frames, point) = committed(cycle.flushed());
+        // No attempt is left after the last pass: it commits without a Flush.
+        let (frames, point) = committed(cycle.pass_sent(1, 10, 5_000));
         assert_eq!(frames, 4);
         assert!(!point.consistent);
         assert_eq!((point.epoch, point.time_unix_ms), (13, 1_003));

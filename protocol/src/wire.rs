@@ -28,7 +28,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The protocol version both sides must speak.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// The largest payload of one [`DataFrame::Write`] (decompressed).
 pub const MAX_WRITE_BYTES: u32 = 1 << 20;
@@ -145,6 +145,15 @@ pub enum DataFrame {
         /// Length in bytes (a multiple of 512).
         length: u64,
     },
+}
+
+impl DataFrame {
+    /// The cycle the frame says it belongs to (not yet checked).
+    pub fn seq(&self) -> u64 {
+        match *self {
+            Self::Write { seq, .. } | Self::Zero { seq, .. } => seq,
+        }
+    }
 }
 
 /// A [`DataFrame`] whose payload is borrowed, for the sender: it encodes to exactly the bytes

@@ -410,6 +410,26 @@ async fn hostile_session(
     hello: Hello,
     attack: impl AsyncFnOnce(&quinn::Connection, &mut quinn::SendStream, &mut quinn::RecvStream),
 ) -> String {
+    let (endpoint, connection, mut send, mut recv) = session_by_hand(receiver, id, hello).await;
+    attack(&connection, &mut send, &mut recv).await;
+    let reason = tokio::time::timeout(Duration::from_secs(20), connection.closed())
+        .await
+        .expect("the receiver must close a hostile connection");
+    endpoint.close(quinn::VarInt::from_u32(0), b"");
+    reason.to_string()
+}
+
+/// A connection admitted with `hello`: the endpoint, the connection and its control stream.
+async fn session_by_hand(
+    receiver: &Receiver,
+    id: &Id,
+    hello: Hello,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
     let identity = Identity::load(&id.dir).expect("identity");
     let fingerprint = Fingerprint::parse(&receiver.fingerprint).expect("fingerprint");
     let (endpoint, config) = net::client_endpoint(
@@ -437,12 +457,74 @@ async fn hostile_session(
         matches!(welcome, ReceiverMessage::Welcome(_)),
         "{welcome:?}"
     );
-    attack(&connection, &mut send, &mut recv).await;
-    let reason = tokio::time::timeout(Duration::from_secs(20), connection.closed())
+    (endpoint, connection, send, recv)
+}
+
+/// The agent sends a cycle's first frames right after its `Begin`, without waiting for
+/// `Ready`: a frame that reaches the receiver before its `Begin` was read waits for it and
+/// lands in the cycle. (The frames of a cycle that no `Begin` opens are refused: see
+/// `malformed_frames_are_refused_without_touching_the_image`.)
+#[test]
+fn a_frame_that_arrives_before_its_begin_waits_for_it_and_is_committed() {
+    require_root();
+    let site = Site::new("vol");
+    let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
+    write_random(&dev.path, 0, 4 * MIB);
+    site.setup(&dev.path, "vol").once_ok(&[]);
+    let meta = site.receiver.meta("vol");
+    let seq = meta["committed_seq"].as_u64().expect("seq") + 1;
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        volume: "vol".into(),
+        source_id: meta["source_id"].as_str().expect("source").to_owned(),
+        size_bytes: 16 * MIB,
+        chunk_bytes: 65536,
+    };
+    let frame = DataFrame::Write {
+        seq,
+        offset: 8192,
+        codec: Codec::Raw,
+        raw_len: 4096,
+        data: vec![0xee; 4096],
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let committed = runtime.block_on(async {
+        let (endpoint, connection, mut send, mut recv) =
+            session_by_hand(&site.receiver, &site.agent, hello).await;
+        // The frame first; the Begin well after it has arrived.
+        send_data(&connection, &wire::encode(&frame)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        begin(&mut send, &mut recv, seq).await;
+        net::write_frame(
+            &mut send,
+            &AgentMessage::Commit {
+                frames: 1,
+                point: wire::PointInfo {
+                    seq,
+                    complete: true,
+                    synced_to: 16 * MIB,
+                    ..wire::PointInfo::default()
+                },
+            },
+        )
         .await
-        .expect("the receiver must close a hostile connection");
-    endpoint.close(quinn::VarInt::from_u32(0), b"");
-    reason.to_string()
+        .expect("commit");
+        let reply = tokio::time::timeout(
+            Duration::from_secs(20),
+            net::read_frame::<ReceiverMessage>(&mut recv),
+        )
+        .await
+        .expect("the receiver answers the commit");
+        endpoint.close(quinn::VarInt::from_u32(0), b"");
+        reply
+    });
+    assert!(
+        matches!(committed, Ok(Some(ReceiverMessage::Committed { seq: got })) if got == seq),
+        "{committed:?}"
+    );
+    assert_eq!(site.receiver.meta("vol")["committed_seq"], seq);
+    let image = std::fs::read(site.receiver.image("vol")).expect("image");
+    assert!(image[8192..12288].iter().all(|&byte| byte == 0xee));
 }
 
 async fn begin(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, seq: u64) {

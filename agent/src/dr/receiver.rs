@@ -27,7 +27,9 @@ use crate::{
     link::identity::{Fingerprint, Identity},
     link::net::{self, NetError},
 };
-use blkmirror_protocol::session::{self, ControlStep, FramesVerdict, ReceiverSession};
+use blkmirror_protocol::session::{
+    self, ControlStep, CyclesOpened, FrameAdmission, FramesVerdict, ReceiverSession,
+};
 use blkmirror_protocol::{
     retention::RetentionPolicy,
     wire::{self, AgentMessage, DataFrame, ReceiverMessage, RefusalCode},
@@ -1373,10 +1375,14 @@ impl Session {
         });
         let (journaled_tx, mut journaled) = watch::channel(0u64);
         let journaled_tx = Arc::new(journaled_tx);
+        let cycles_tx = Arc::new(watch::Sender::new(CyclesOpened::default()));
         let data = tokio::spawn(accept_data(
             self.connection.clone(),
             volume.clone(),
-            journaled_tx.clone(),
+            DataCounters {
+                journaled: journaled_tx.clone(),
+                cycles: cycles_tx.clone(),
+            },
             size,
         ));
         let result = async {
@@ -1411,25 +1417,42 @@ impl Session {
                         .await?;
                     }
                     AgentMessage::Begin(begin) => {
+                        // The agent's first frames may follow at once: they wait for this
+                        // Begin (`session::data_frame_verdict`).
+                        cycles_tx.send_modify(|cycles| {
+                            cycles.announced = Some(begin.seq);
+                            cycles.opened = None;
+                        });
                         let volume = volume.clone();
                         let holder = self.fingerprint.to_string();
+                        let (journaled_tx, cycles_tx) = (journaled_tx.clone(), cycles_tx.clone());
                         tokio::task::spawn_blocking(move || {
-                            volume.lock().expect("volume lock").begin_held(
+                            let mut volume = volume.lock().expect("volume lock");
+                            volume.begin_held(
                                 begin.seq,
                                 begin.bytes_estimate,
                                 begin.direct,
                                 begin.from,
                                 Some(&holder),
-                            )
+                            )?;
+                            // Under the volume lock: no frame of the new cycle is journaled,
+                            // nor counted, before the count starts again.
+                            journaled_tx.send_replace(0);
+                            cycles_tx.send_modify(|cycles| cycles.opened = Some(begin.seq));
+                            Ok::<_, StoreError>(())
                         })
                         .await
                         .expect("begin task")?;
-                        journaled_tx.send_replace(0);
                         net::write_frame(send, &ReceiverMessage::Ready { seq: begin.seq }).await?;
                     }
                     AgentMessage::Resume { seq } => {
-                        let frames = volume.lock().expect("volume lock").resume(seq)?;
-                        journaled_tx.send_replace(frames);
+                        let frames = {
+                            let mut volume = volume.lock().expect("volume lock");
+                            let frames = volume.resume(seq)?;
+                            journaled_tx.send_replace(frames);
+                            cycles_tx.send_modify(|cycles| cycles.opened = Some(seq));
+                            frames
+                        };
                         log(format!(
                             "volume {}: the agent resumes cycle {seq} after {frames} journaled \
                              frames",
@@ -1596,19 +1619,91 @@ async fn wait_frames(
     }
 }
 
+/// What the control stream and the data streams of one connection tell each other.
+#[derive(Clone)]
+struct DataCounters {
+    /// Frames of the open cycle journaled (reset when a cycle opens).
+    journaled: Arc<watch::Sender<u64>>,
+    /// The cycles the control stream announced and opened.
+    cycles: Arc<watch::Sender<CyclesOpened>>,
+}
+
+/// How long a data frame of the next cycle waits for its `Begin` to be read (it was sent
+/// before the frame, on the control stream, so only lost packets hold it back): a few round
+/// trips, and at least 2 s.
+fn begin_grace(rtt: Duration) -> Duration {
+    (rtt * 8).clamp(Duration::from_secs(2), FRAME_WAIT)
+}
+
+/// Waits until a data frame of cycle `frame_seq` may be journaled (see
+/// `session::data_frame_verdict`); a refusal names why not.
+async fn admit_frame(
+    connection: &quinn::Connection,
+    volume: &SharedVolume,
+    cycles: &mut watch::Receiver<CyclesOpened>,
+    frame_seq: u64,
+) -> Result<(), Refusal> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let opened = *cycles.borrow_and_update();
+        let (committed, open) = {
+            let volume = volume.lock().expect("volume lock");
+            (
+                volume.meta().committed_seq,
+                volume.open_cycle().map(|c| c.0),
+            )
+        };
+        let limit = match session::data_frame_verdict(frame_seq, opened, committed) {
+            FrameAdmission::Journal => return Ok(()),
+            FrameAdmission::AwaitReady => FRAME_WAIT,
+            FrameAdmission::AwaitBegin => begin_grace(connection.rtt()),
+            FrameAdmission::Refuse => Duration::ZERO,
+        };
+        let left = limit.saturating_sub(started.elapsed());
+        if left.is_zero() {
+            return Err(Refusal::new(
+                RefusalCode::Sequence,
+                match open {
+                    Some(open) => format!(
+                        "data frame of cycle {frame_seq}, but cycle {open} is open{}",
+                        if opened.opened == Some(open) {
+                            ""
+                        } else {
+                            " and this connection did not open it"
+                        }
+                    ),
+                    None => format!(
+                        "data frame outside a cycle (cycle {frame_seq}; no Begin of it came)"
+                    ),
+                },
+            ));
+        }
+        tokio::select! {
+            changed = tokio::time::timeout(left, cycles.changed()) => {
+                if let Ok(Err(_)) = changed {
+                    return Err(Refusal::new(RefusalCode::Sequence, "the control stream ended"));
+                }
+            }
+            error = connection.closed() => {
+                return Err(Refusal::new(RefusalCode::Sequence, format!("connection closed: {error}")));
+            }
+        }
+    }
+}
+
 /// Accepts the agent's data streams and journals their frames.
 async fn accept_data(
     connection: quinn::Connection,
     volume: SharedVolume,
-    journaled: Arc<watch::Sender<u64>>,
+    counters: DataCounters,
     size: u64,
 ) {
     while let Ok(mut stream) = connection.accept_uni().await {
         let connection = connection.clone();
         let volume = volume.clone();
-        let journaled = journaled.clone();
+        let counters = counters.clone();
         tokio::spawn(async move {
-            match data_stream(&connection, &mut stream, &volume, &journaled, size).await {
+            match data_stream(&connection, &mut stream, &volume, &counters, size).await {
                 Ok(()) => {}
                 // The connection broke: the session's end decides what becomes of the cycle.
                 Err(refusal) if refusal.transport => {}
@@ -1631,10 +1726,12 @@ async fn data_stream(
     connection: &quinn::Connection,
     stream: &mut quinn::RecvStream,
     volume: &SharedVolume,
-    journaled: &watch::Sender<u64>,
+    counters: &DataCounters,
     size: u64,
 ) -> Result<(), Refusal> {
+    let mut cycles = counters.cycles.subscribe();
     while let Some(frame) = net::read_frame::<DataFrame>(stream).await? {
+        admit_frame(connection, volume, &mut cycles, frame.seq()).await?;
         let open = volume.lock().expect("volume lock").open_cycle();
         let Some((seq, _)) = open else {
             return Err(Refusal::new(
@@ -1651,9 +1748,11 @@ async fn data_stream(
             if let Some(error) = connection.close_reason() {
                 return Err(Refusal::from(NetError::Connection(error)));
             }
-            volume.journal(checked).map_err(Refusal::from)
+            volume.journal(checked).map_err(Refusal::from)?;
+            // Under the lock, as the count's reset at a Begin is.
+            counters.journaled.send_modify(|count| *count += 1);
+            Ok(())
         })?;
-        journaled.send_modify(|count| *count += 1);
     }
     Ok(())
 }

@@ -396,7 +396,21 @@ impl PassStats {
 struct Link {
     connection: quinn::Connection,
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    /// Away while a [`PendingBegin`] reads the answer to a `Begin`.
+    recv: Option<quinn::RecvStream>,
+}
+
+/// What a task that read one reply hands back: the stream, and what it read.
+type ReadReply = (quinn::RecvStream, Result<Option<ReceiverMessage>, NetError>);
+
+/// A `Begin` sent without waiting for its `Ready` (see [`Agent::begin_pipelined`]).
+struct PendingBegin {
+    /// The cycle that `Ready` opens.
+    open: OpenCycle,
+    /// The state file as the task writes it on `Ready`.
+    persisted: AgentState,
+    /// Reads the reply and, on `Ready`, writes `persisted`.
+    task: tokio::task::JoinHandle<(ReadReply, Result<(), AgentError>)>,
 }
 
 impl Link {
@@ -406,7 +420,21 @@ impl Link {
     }
 
     async fn reply(&mut self) -> Result<ReceiverMessage, AgentError> {
-        let reply = match net::read_frame::<ReceiverMessage>(&mut self.recv).await {
+        let Some(recv) = self.recv.as_mut() else {
+            return Err(AgentError::Closed(
+                "the control stream was lost with a reply's task".into(),
+            ));
+        };
+        let read = net::read_frame::<ReceiverMessage>(recv).await;
+        self.interpret(read)
+    }
+
+    /// A reply read from the control stream, as the answer or the error it means.
+    fn interpret(
+        &self,
+        read: Result<Option<ReceiverMessage>, NetError>,
+    ) -> Result<ReceiverMessage, AgentError> {
+        let reply = match read {
             Ok(Some(reply)) => reply,
             Ok(None) => return Err(self.closed_error()),
             Err(NetError::Read(_)) => return Err(self.closed_error()),
@@ -783,7 +811,7 @@ impl Agent {
         Ok(Link {
             connection,
             send,
-            recv,
+            recv: Some(recv),
         })
     }
 
@@ -995,6 +1023,80 @@ impl Agent {
         Ok(())
     }
 
+    /// Sends `Begin` for cycle `seq` and returns without waiting for `Ready`, so the cycle's
+    /// first frames follow at once (the receiver holds them until the cycle is open): a round
+    /// trip less per cycle. A task reads the answer and, on `Ready`, writes the open cycle to
+    /// the state file at once, as a waiting `Begin` did: an agent killed in the middle of the
+    /// pass resumes the cycle after its restart. Nothing else writes the state file until
+    /// [`Self::settle_begin`] (the pre-copy pass does not).
+    async fn begin_pipelined(
+        &mut self,
+        link: &mut Link,
+        seq: u64,
+        estimate: u64,
+    ) -> Result<PendingBegin, AgentError> {
+        let message = self.session.begin(Begin {
+            seq,
+            bytes_estimate: estimate,
+            direct: false,
+            from: 0,
+        })?;
+        let open = OpenCycle {
+            seq,
+            generation: self.tracker.generation(),
+            redirtied: DirtyBitmaps::new(self.tracker.geometry()),
+        };
+        let mut persisted = self.state.clone();
+        persisted.set_record(self.session.record());
+        persisted.open_cycle = Some(open.record());
+        net::write_frame(&mut link.send, &message).await?;
+        let mut recv = link.recv.take().ok_or_else(|| {
+            AgentError::Closed("the control stream was lost with a reply's task".into())
+        })?;
+        let (path, state) = (self.state_path.clone(), persisted.clone());
+        let task = tokio::spawn(async move {
+            let read = net::read_frame::<ReceiverMessage>(&mut recv).await;
+            let stored = match &read {
+                Ok(Some(ReceiverMessage::Ready { seq: ready })) if *ready == seq => {
+                    tokio::task::spawn_blocking(move || store_state(&path, &state))
+                        .await
+                        .unwrap_or_else(|error| Err(AgentError::Protocol(error.to_string())))
+                }
+                _ => Ok(()),
+            };
+            ((recv, read), stored)
+        });
+        Ok(PendingBegin {
+            open,
+            persisted,
+            task,
+        })
+    }
+
+    /// Takes the answer to a pipelined `Begin`: the cycle is open from now on (and was
+    /// written to the state file as the answer came).
+    async fn settle_begin(
+        &mut self,
+        link: &mut Link,
+        pending: PendingBegin,
+    ) -> Result<(), AgentError> {
+        let ((recv, read), stored) = pending
+            .task
+            .await
+            .map_err(|error| AgentError::Protocol(format!("the Begin's reply task: {error}")))?;
+        link.recv = Some(recv);
+        self.session.on_reply(link.interpret(read)?)?;
+        stored?;
+        self.open_cycle = Some(pending.open);
+        self.state.set_record(self.session.record());
+        self.state.open_cycle = self.open_cycle.as_ref().map(OpenCycle::record);
+        if self.state != pending.persisted {
+            // Something changed the state since the Begin: the file must say it too.
+            tokio::task::block_in_place(|| self.persist())?;
+        }
+        Ok(())
+    }
+
     async fn flush(&mut self, link: &mut Link, frames: u64) -> Result<(), AgentError> {
         let message = self.session.flush(frames)?;
         self.session.on_reply(link.request(&message).await?)?;
@@ -1056,20 +1158,17 @@ impl Agent {
             }
             _ => PassPlan::from_extents(&inflight.extents(), self.size),
         };
+        let mut pending_begin = None;
         if resumption.is_some() {
             let message = self.session.resume(seq)?;
             self.session.on_reply(link.request(&message).await?)?;
         } else {
-            self.begin(link, seq, plan.data_estimate(), false, 0)
-                .await?;
-            self.open_cycle = Some(OpenCycle {
-                seq,
-                generation: self.tracker.generation(),
-                redirtied: DirtyBitmaps::new(self.tracker.geometry()),
-            });
-            // Durable before the first frame: an agent killed in the middle of the cycle
-            // resumes it after its restart.
-            tokio::task::block_in_place(|| self.persist())?;
+            // The state file says no cycle is open (the cut above wrote it so): until `Ready`
+            // comes, a restarted agent begins afresh.
+            pending_begin = Some(
+                self.begin_pipelined(link, seq, plan.data_estimate())
+                    .await?,
+            );
         }
         let freezes = self.mount.is_some() || self.config.group.is_some();
         let (cycle, mut action) = Cycle::start(
@@ -1094,7 +1193,19 @@ impl Agent {
             action = match action {
                 CycleAction::PreCopy => {
                     let pass_started = Instant::now();
-                    let stats = self.send_pass(link, seq, &plan, Compare::Nothing).await?;
+                    let sent = self.send_pass(link, seq, &plan, Compare::Nothing).await;
+                    if let Some(pending) = pending_begin.take() {
+                        // Also when the pass failed: a cycle the receiver opened is resumed
+                        // after a reconnect. The receiver's refusal of the Begin explains a
+                        // pass that failed with the connection.
+                        let settled = self.settle_begin(link, pending).await;
+                        if let Err(error) = settled
+                            && (sent.is_ok() || matches!(error, AgentError::Refused { .. }))
+                        {
+                            return Err(error);
+                        }
+                    }
+                    let stats = sent?;
                     if cycle.attempt() == 0 && stats.read_bytes >= 1 << 20 {
                         self.read_rate =
                             stats.read_bytes as f64 / pass_started.elapsed().as_secs_f64();
