@@ -129,6 +129,7 @@ impl congestion::ControllerFactory for OwnCubicFactory {
             epoch: now,
             path: self.path.clone(),
             reported: false,
+            recorded_at: None,
         })
     }
 }
@@ -143,7 +144,14 @@ struct OwnCubic {
     path: PathSlot,
     /// Whether the jump from the path's memory was put in the slot for the agent to report.
     reported: bool,
+    /// When the path's memory was last put in the slot (since `epoch`).
+    recorded_at: Option<Duration>,
 }
+
+/// How often a connection puts its path's memory in the slot: on ack frames, at most this
+/// often (the slot's lock is shared by the agent's connections, and a memory this much older
+/// than the connection's end changes nothing that halving the window for a resume does not).
+const PATH_RECORD_EVERY: Duration = Duration::from_millis(50);
 
 impl OwnCubic {
     fn since(&self, at: std::time::Instant) -> Duration {
@@ -171,18 +179,27 @@ impl congestion::Controller for OwnCubic {
 
     fn on_end_acks(
         &mut self,
-        _now: std::time::Instant,
+        now: std::time::Instant,
         _in_flight: u64,
         _app_limited: bool,
         _largest_packet_num_acked: Option<u64>,
     ) {
-        // Once per ack frame. A connection that never grew its window (control messages
-        // only) has nothing to teach the next one and leaves the memory as it was.
+        // Once per ack frame, at most every `PATH_RECORD_EVERY`. A connection that never grew
+        // its window (control messages only) has nothing to teach the next one and leaves the
+        // memory as it was.
+        let now = self.since(now);
+        if self
+            .recorded_at
+            .is_some_and(|at| now.saturating_sub(at) < PATH_RECORD_EVERY)
+        {
+            return;
+        }
         let cubic = &self.controller.cubic;
         if let Some(memory) = cubic.path_memory()
             && memory.window > cubic.initial_window()
         {
             self.path.set(memory);
+            self.recorded_at = Some(now);
         }
     }
 

@@ -22,7 +22,9 @@
 //!     right before a freeze and right after the thaw;
 //!   * the network: control messages in order (one QUIC stream), data frames on several
 //!     streams, so they arrive in any order until a `Flush` or `Commit` (which the receiver
-//!     holds until they have); a connection can drop before any message, losing what is on
+//!     holds until they have). The real agent sends a cycle's first frames before its
+//!     `Begin` is answered; the real receiver holds them until the `Begin` opened the cycle
+//!     on that connection, so the simulator delivers the `Begin` first; a connection can drop before any message, losing what is on
 //!     its way; a journaled cycle it interrupts is kept by the receiver and resumed by the
 //!     agent (when it began it, before a crash of its process too) with `Resume`;
 //!   * the receiver's disk ([`disk`]): a power cut loses or tears any write not yet synced
