@@ -460,14 +460,9 @@ async fn session_by_hand(
     (endpoint, connection, send, recv)
 }
 
-/// The agent sends a cycle's first frames right after its `Begin`, without waiting for
-/// `Ready`: a frame that reaches the receiver before its `Begin` was read waits for it and
-/// lands in the cycle. (The frames of a cycle that no `Begin` opens are refused: see
-/// `malformed_frames_are_refused_without_touching_the_image`.)
-#[test]
-fn a_frame_that_arrives_before_its_begin_waits_for_it_and_is_committed() {
-    require_root();
-    let site = Site::new("vol");
+/// A 16 MiB device of `site` replicated once as volume `vol`: the device, the `Hello` a
+/// session by hand opens the volume with, and the next cycle's number.
+fn replicated_for_a_session_by_hand(site: &Site) -> (LoopDevice, Hello, u64) {
     let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
     write_random(&dev.path, 0, 4 * MIB);
     site.setup(&dev.path, "vol").once_ok(&[]);
@@ -480,6 +475,18 @@ fn a_frame_that_arrives_before_its_begin_waits_for_it_and_is_committed() {
         size_bytes: 16 * MIB,
         chunk_bytes: 65536,
     };
+    (dev, hello, seq)
+}
+
+/// The agent sends a cycle's first frames right after its `Begin`, without waiting for
+/// `Ready`: a frame that reaches the receiver before its `Begin` was read waits for it and
+/// lands in the cycle. (The frames of a cycle that no `Begin` opens are refused: see
+/// `malformed_frames_are_refused_without_touching_the_image`.)
+#[test]
+fn a_frame_that_arrives_before_its_begin_waits_for_it_and_is_committed() {
+    require_root();
+    let site = Site::new("vol");
+    let (_dev, hello, seq) = replicated_for_a_session_by_hand(&site);
     let frame = DataFrame::Write {
         seq,
         offset: 8192,
@@ -558,19 +565,8 @@ async fn send_data(connection: &quinn::Connection, bytes: &[u8]) {
 fn malformed_frames_are_refused_without_touching_the_image() {
     require_root();
     let site = Site::new("vol");
-    let dev = LoopDevice::new(&site.scratch.path, 16 * MIB);
-    write_random(&dev.path, 0, 4 * MIB);
-    site.setup(&dev.path, "vol").once_ok(&[]);
+    let (dev, hello, seq) = replicated_for_a_session_by_hand(&site);
     let before = digest(&site.receiver.image("vol"));
-    let meta = site.receiver.meta("vol");
-    let seq = meta["committed_seq"].as_u64().expect("seq") + 1;
-    let hello = Hello {
-        protocol: PROTOCOL_VERSION,
-        volume: "vol".into(),
-        source_id: meta["source_id"].as_str().expect("source").to_owned(),
-        size_bytes: 16 * MIB,
-        chunk_bytes: 65536,
-    };
     let write = |offset: u64, seq: u64| DataFrame::Write {
         seq,
         offset,
