@@ -652,6 +652,21 @@ fn malformed_frames_are_refused_without_touching_the_image() {
             )
             .await,
         );
+        // Frames of the next cycle, waiting for a Begin that never comes, on more streams
+        // than an agent has: the receiver holds 32 at most.
+        let flood = hostile_session(
+            &site.receiver,
+            &site.agent,
+            hello.clone(),
+            async |c, _, _| {
+                for stream in 0..40u64 {
+                    send_data(c, &wire::encode(&write(stream * 65536, seq))).await;
+                }
+            },
+        )
+        .await;
+        assert!(flood.contains("wait for their cycle's Begin"), "{flood}");
+        reasons.push(flood);
         // A compressed payload that inflates beyond its declared length.
         reasons.push(
             hostile_session(

@@ -1382,6 +1382,7 @@ impl Session {
             DataCounters {
                 journaled: journaled_tx.clone(),
                 cycles: cycles_tx.clone(),
+                waiting: Arc::default(),
             },
             size,
         ));
@@ -1626,6 +1627,23 @@ struct DataCounters {
     journaled: Arc<watch::Sender<u64>>,
     /// The cycles the control stream announced and opened.
     cycles: Arc<watch::Sender<CyclesOpened>>,
+    /// Data frames held until their cycle opens.
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The most data frames of one connection held until their cycle opens: an agent's data
+/// streams (at most 32) each send one before the receiver reads the next, so an honest agent
+/// never has more waiting, and a hostile one holds at most this many frames (32 MiB) for the
+/// grace of [`begin_grace`].
+const MAX_WAITING_FRAMES: usize = 32;
+
+/// One frame counted in [`DataCounters::waiting`] while it waits.
+struct WaitingFrame<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for WaitingFrame<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How long a data frame of the next cycle waits for its `Begin` to be read (it was sent
@@ -1641,9 +1659,11 @@ async fn admit_frame(
     connection: &quinn::Connection,
     volume: &SharedVolume,
     cycles: &mut watch::Receiver<CyclesOpened>,
+    waiting: &std::sync::atomic::AtomicUsize,
     frame_seq: u64,
 ) -> Result<(), Refusal> {
     let started = tokio::time::Instant::now();
+    let mut counted = None;
     loop {
         let opened = *cycles.borrow_and_update();
         let (committed, open) = {
@@ -1660,6 +1680,18 @@ async fn admit_frame(
             FrameAdmission::Refuse => Duration::ZERO,
         };
         let left = limit.saturating_sub(started.elapsed());
+        if !left.is_zero() && counted.is_none() {
+            if waiting.fetch_add(1, Ordering::Relaxed) >= MAX_WAITING_FRAMES {
+                waiting.fetch_sub(1, Ordering::Relaxed);
+                return Err(Refusal::new(
+                    RefusalCode::Sequence,
+                    format!(
+                        "more than {MAX_WAITING_FRAMES} data frames wait for their cycle's Begin                          (an agent has at most 32 data streams)"
+                    ),
+                ));
+            }
+            counted = Some(WaitingFrame(waiting));
+        }
         if left.is_zero() {
             return Err(Refusal::new(
                 RefusalCode::Sequence,
@@ -1731,7 +1763,14 @@ async fn data_stream(
 ) -> Result<(), Refusal> {
     let mut cycles = counters.cycles.subscribe();
     while let Some(frame) = net::read_frame::<DataFrame>(stream).await? {
-        admit_frame(connection, volume, &mut cycles, frame.seq()).await?;
+        admit_frame(
+            connection,
+            volume,
+            &mut cycles,
+            &counters.waiting,
+            frame.seq(),
+        )
+        .await?;
         let open = volume.lock().expect("volume lock").open_cycle();
         let Some((seq, _)) = open else {
             return Err(Refusal::new(
