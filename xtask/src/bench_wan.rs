@@ -246,8 +246,25 @@ struct Cell {
     /// The same cycle again, from slow start (the agent's memory of the path removed).
     cold_cycle: Option<f64>,
     cold_cycle_bound: bool,
+    /// The resumed cycle's duration and, of it, the receiver's commit (seconds).
+    cycle_seconds: Option<(f64, f64)>,
+    /// The congestion window at the resumed cycle's end, as a share of the link's
+    /// bandwidth-delay product.
+    cycle_window_bdp: Option<f64>,
     wire_per_byte: f64,
     dropped_pct: f64,
+}
+
+/// One cycle's fraction of the link, whether the timeout cut it off, and, if it committed,
+/// its duration, its receiver's commit (seconds) and its window at the end (in BDPs).
+type CycleRun = (Option<f64>, bool, Option<(f64, f64, f64)>);
+
+/// A cycle's duration and its receiver's commit, as the table shows them.
+fn cycle_seconds(seconds: Option<(f64, f64)>) -> String {
+    match seconds {
+        Some((cycle, commit)) => format!("{cycle:.2} ({commit:.2})"),
+        None => "n/a".into(),
+    }
 }
 
 fn fraction(value: Option<f64>, bound: bool) -> String {
@@ -349,6 +366,8 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                         cycle_bound: false,
                         cold_cycle: None,
                         cold_cycle_bound: false,
+                        cycle_seconds: None,
+                        cycle_window_bdp: None,
                         wire_per_byte: 0.0,
                         dropped_pct: 0.0,
                     };
@@ -368,7 +387,8 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                     offsets.sort_unstable();
                     // One cycle of those changes: its fraction of the link, and whether it was
                     // cut off by the timeout.
-                    let cycle = |seed: u64| -> Result<(Option<f64>, bool)> {
+                    // and its duration with the receiver's commit in it (seconds).
+                    let cycle = |seed: u64| -> Result<CycleRun> {
                         write_chunks(device, &offsets, seed)?;
                         let cycle = agent_pass(&mut agent(), "cycle", matrix.timeout)?;
                         let fraction = (cycle.seconds > 0.0)
@@ -377,12 +397,21 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                                 (!cycle.finished)
                                     .then(|| (changed * 65536) as f64 / matrix.timeout / link_bytes)
                             });
-                        Ok((fraction, !cycle.finished))
+                        let seconds = cycle.last.as_ref().map(|event| {
+                            let commit = event["commit_ms"].as_u64().unwrap_or(0) as f64 / 1e3;
+                            let window = event["congestion_window_bytes"].as_u64().unwrap_or(0);
+                            let bdp = link_bytes * rtt_ms as f64 / 1e3;
+                            (cycle.seconds, commit, window as f64 / bdp)
+                        });
+                        Ok((fraction, !cycle.finished, seconds))
                     };
                     if sync.finished {
                         // The agent resumes the window its last run ended with (Careful
                         // Resume, `agent-VOLUME.path.json` in its state directory)...
-                        (cell.cycle, cell.cycle_bound) = cycle(index as u64)?;
+                        let seconds;
+                        (cell.cycle, cell.cycle_bound, seconds) = cycle(index as u64)?;
+                        cell.cycle_seconds = seconds.map(|(cycle, commit, _)| (cycle, commit));
+                        cell.cycle_window_bdp = seconds.map(|(_, _, window)| window);
                     }
                     let stats = relay.stats()?;
                     let up = &stats["up"];
@@ -395,14 +424,17 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
                     if sync.finished {
                         // ...and, as the baseline, the same cycle from slow start.
                         let _ = std::fs::remove_file(cell_dir.join("state/agent-bench.path.json"));
-                        (cell.cold_cycle, cell.cold_cycle_bound) = cycle(index as u64 + 1000)?;
+                        (cell.cold_cycle, cell.cold_cycle_bound, _) = cycle(index as u64 + 1000)?;
                     }
                     eprintln!(
-                        "bench: [{index}/{total}] sync {} cycle {} (from slow start {}) of the \
-                         link; {:.2} wire bytes per device byte (sync and first cycle), {:.2}% \
-                         of datagrams dropped",
+                        "bench: [{index}/{total}] sync {} cycle {} ({}, window at its end \
+                         {} BDP; from slow start {}) of the link; {:.2} wire bytes per device \
+                         byte (sync and first cycle), {:.2}% of datagrams dropped",
                         fraction(cell.sync, cell.sync_bound),
                         fraction(cell.cycle, cell.cycle_bound),
+                        cycle_seconds(cell.cycle_seconds),
+                        cell.cycle_window_bdp
+                            .map_or("n/a".into(), |window| format!("{window:.2}")),
                         fraction(cell.cold_cycle, cell.cold_cycle_bound),
                         cell.wire_per_byte,
                         cell.dropped_pct
@@ -428,19 +460,20 @@ pub fn wan(matrix: &WanMatrix) -> Result<()> {
     );
     println!();
     println!(
-        "| link | RTT | loss | controller | sync | cycle | cycle from slow start | wire bytes / \
-         device byte | dropped |"
+        "| link | RTT | loss | controller | sync | cycle | cycle, s (of which the receiver's \
+         commit) | cycle from slow start | wire bytes / device byte | dropped |"
     );
-    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
     for cell in &cells {
         println!(
-            "| {} Mbit/s | {} ms | {}% | {} | {} | {} | {} | {:.2} | {:.2}% |",
+            "| {} Mbit/s | {} ms | {}% | {} | {} | {} | {} | {} | {:.2} | {:.2}% |",
             cell.mbit,
             cell.rtt_ms,
             cell.loss_pct,
             cell.congestion,
             fraction(cell.sync, cell.sync_bound),
             fraction(cell.cycle, cell.cycle_bound),
+            cycle_seconds(cell.cycle_seconds),
             fraction(cell.cold_cycle, cell.cold_cycle_bound),
             cell.wire_per_byte,
             cell.dropped_pct

@@ -1237,8 +1237,8 @@ impl Agent {
                 CycleAction::Commit { frames, mut point } => {
                     point.app_consistent = point.consistent && self.last_pre_freeze == Some(true);
                     self.commit(link, frames, point.clone()).await?;
-                    self.report("cycle", &point, &totals, started.elapsed());
-                    self.link_stats(link);
+                    let path = self.link_stats(link);
+                    self.report("cycle", &point, &totals, started.elapsed(), &path);
                     return Ok(());
                 }
             };
@@ -1550,8 +1550,8 @@ impl Agent {
                 SyncAction::Commit { frames, point } => {
                     self.commit(link, frames, point.clone()).await?;
                     totals.add(step.2);
-                    self.report("sync-step", &point, &step.2, step.1.elapsed());
-                    self.link_stats(link);
+                    let path = self.link_stats(link);
+                    self.report("sync-step", &point, &step.2, step.1.elapsed(), &path);
                 }
                 SyncAction::Done => break,
             }
@@ -1600,21 +1600,28 @@ impl Agent {
     }
 
     /// Puts what quinn measures of the path into the status.
-    fn link_stats(&self, link: &Link) {
+    /// The connection's path as the status board shows it (and returns it).
+    fn link_stats(&self, link: &Link) -> LinkStats {
         let path = link.connection.stats().path;
-        self.config.status.link(
-            &self.config.volume,
-            LinkStats {
-                rtt_ms: path.rtt.as_secs_f64() * 1000.0,
-                congestion_window_bytes: path.cwnd,
-                sent_packets: path.sent_packets,
-                lost_packets: path.lost_packets,
-                congestion_events: path.congestion_events,
-            },
-        );
+        let stats = LinkStats {
+            rtt_ms: path.rtt.as_secs_f64() * 1000.0,
+            congestion_window_bytes: path.cwnd,
+            sent_packets: path.sent_packets,
+            lost_packets: path.lost_packets,
+            congestion_events: path.congestion_events,
+        };
+        self.config.status.link(&self.config.volume, stats.clone());
+        stats
     }
 
-    fn report(&self, kind: &str, point: &PointInfo, stats: &PassStats, took: Duration) {
+    fn report(
+        &self,
+        kind: &str,
+        point: &PointInfo,
+        stats: &PassStats,
+        took: Duration,
+        path: &LinkStats,
+    ) {
         if kind == "cycle" {
             self.config
                 .status
@@ -1652,6 +1659,10 @@ impl Agent {
                     "synced_to": point.synced_to,
                     "duration_ms": took.as_millis() as u64,
                     "commit_ms": self.last_commit.as_millis() as u64,
+                    "rtt_ms": path.rtt_ms,
+                    "congestion_window_bytes": path.congestion_window_bytes,
+                    "lost_packets": path.lost_packets,
+                    "congestion_events": path.congestion_events,
                 })
             );
         } else {
