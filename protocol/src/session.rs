@@ -632,6 +632,17 @@ pub struct CyclesOpened {
     pub opened: Option<u64>,
 }
 
+impl CyclesOpened {
+    /// Whether a frame of cycle `frame_seq` may be journaled: this connection opened its
+    /// cycle, and no `Begin` read since has ended it.
+    pub fn admits(&self, frame_seq: u64) -> bool {
+        self.opened == Some(frame_seq)
+            && self
+                .announced
+                .is_none_or(|announced| announced <= frame_seq)
+    }
+}
+
 /// What a receiver does with a data frame of cycle `frame_seq` that arrived on a data stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrameAdmission {
@@ -663,11 +674,7 @@ pub fn data_frame_verdict(
     cycles: CyclesOpened,
     committed_seq: u64,
 ) -> FrameAdmission {
-    // A Begin read after the cycle was opened ends it for its frames.
-    let superseded = cycles
-        .announced
-        .is_some_and(|announced| announced > frame_seq);
-    if cycles.opened == Some(frame_seq) && !superseded {
+    if cycles.admits(frame_seq) {
         FrameAdmission::Journal
     } else if cycles.announced == Some(frame_seq) {
         FrameAdmission::AwaitReady

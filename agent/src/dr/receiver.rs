@@ -1666,6 +1666,11 @@ async fn admit_frame(
     let mut counted = None;
     loop {
         let opened = *cycles.borrow_and_update();
+        // The common case, decided without the volume's lock (which the streams journaling
+        // hold): the frame's cycle is open on this connection.
+        if opened.admits(frame_seq) {
+            return Ok(());
+        }
         let (committed, open) = {
             let volume = volume.lock().expect("volume lock");
             (

@@ -400,6 +400,11 @@ struct Link {
     recv: Option<quinn::RecvStream>,
 }
 
+/// The control stream went with a reply's task that ended without handing it back.
+fn control_stream_lost() -> AgentError {
+    AgentError::Closed("the control stream was lost with a reply's task".into())
+}
+
 /// What a task that read one reply hands back: the stream, and what it read.
 type ReadReply = (quinn::RecvStream, Result<Option<ReceiverMessage>, NetError>);
 
@@ -421,9 +426,7 @@ impl Link {
 
     async fn reply(&mut self) -> Result<ReceiverMessage, AgentError> {
         let Some(recv) = self.recv.as_mut() else {
-            return Err(AgentError::Closed(
-                "the control stream was lost with a reply's task".into(),
-            ));
+            return Err(control_stream_lost());
         };
         let read = net::read_frame::<ReceiverMessage>(recv).await;
         self.interpret(read)
@@ -1050,9 +1053,7 @@ impl Agent {
         persisted.set_record(self.session.record());
         persisted.open_cycle = Some(open.record());
         net::write_frame(&mut link.send, &message).await?;
-        let mut recv = link.recv.take().ok_or_else(|| {
-            AgentError::Closed("the control stream was lost with a reply's task".into())
-        })?;
+        let mut recv = link.recv.take().ok_or_else(control_stream_lost)?;
         let (path, state) = (self.state_path.clone(), persisted.clone());
         let task = tokio::spawn(async move {
             let read = net::read_frame::<ReceiverMessage>(&mut recv).await;
