@@ -1691,7 +1691,8 @@ async fn admit_frame(
                 return Err(Refusal::new(
                     RefusalCode::Sequence,
                     format!(
-                        "more than {MAX_WAITING_FRAMES} data frames wait for their cycle's Begin                          (an agent has at most 32 data streams)"
+                        "more than {MAX_WAITING_FRAMES} data frames wait for their cycle's Begin \
+                         (an agent has at most 32 data streams)"
                     ),
                 ));
             }
