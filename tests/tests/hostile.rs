@@ -178,6 +178,27 @@ impl Client {
         self.endpoint.wait_idle().await;
     }
 
+    /// Connects and says `Hello`. The receiver may not have seen the last connection of this
+    /// volume end yet (the tests drop theirs without waiting): its refusal is retried for a
+    /// while, as an agent retries it.
+    async fn greeted(receiver: &Receiver, id: &Id) -> (Self, wire::Welcome) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut client = Client::connect(receiver, id).await.expect("connect");
+            let reply = client.request(&AgentMessage::Hello(hello())).await;
+            match reply {
+                Some(ReceiverMessage::Refused { ref message, .. })
+                    if message.contains("in use by another connection")
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    client.close().await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                reply => return (client, Client::welcome(reply)),
+            }
+        }
+    }
+
     fn welcome(reply: Option<ReceiverMessage>) -> wire::Welcome {
         match reply {
             Some(ReceiverMessage::Welcome(welcome)) => welcome,
@@ -202,8 +223,7 @@ async fn honest_cycle(
     writes: &[(u64, u8, u64)],
     model: &mut [u8],
 ) -> u64 {
-    let mut client = Client::connect(receiver, id).await.expect("connect");
-    let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+    let (mut client, welcome) = Client::greeted(receiver, id).await;
     let seq = welcome.committed_seq + 1;
     client.begin_journaled(seq).await;
     let frames: Vec<DataFrame> = writes
@@ -432,8 +452,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
 
     runtime.block_on(async {
         // The history wipe of the hardening issue: a direct Begin on a volume with points.
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, welcome) = Client::greeted(&receiver, &agent).await;
         assert!(welcome.history);
         let reply = client
             .request(&AgentMessage::Begin(Begin {
@@ -447,8 +466,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
         client.close().await;
 
         // A half-finished cycle: Begin, data, and the agent vanishes.
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, _) = Client::greeted(&receiver, &agent).await;
         client
             .request(&AgentMessage::Begin(Begin {
                 seq: committed + 1,
@@ -467,8 +485,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
         drop(client);
 
         // A cycle the agent leaves after one frame has been journaled.
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, _) = Client::greeted(&receiver, &agent).await;
         client.begin_journaled(committed + 1).await;
         client
             .data(&[DataFrame::Zero {
@@ -483,8 +500,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
 
         // The receiver kept that cycle for this agent to resume; a `Resume` of any other
         // cycle is refused, and the refusal abandons the kept cycle.
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, welcome) = Client::greeted(&receiver, &agent).await;
         let open = welcome.open_cycle.expect("the interrupted cycle is kept");
         assert_eq!((open.seq, open.frames), (committed + 1, 1));
         assert_eq!(open.journaled, vec![(0, SIZE)]);
@@ -493,8 +509,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
             .await;
         assert_refused(&reply, RefusalCode::Sequence);
         client.close().await;
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, welcome) = Client::greeted(&receiver, &agent).await;
         assert_eq!(welcome.open_cycle, None);
         let reply = client
             .request(&AgentMessage::Resume { seq: committed + 1 })
@@ -518,8 +533,7 @@ fn a_granted_hostile_agent_cannot_touch_any_committed_point() {
 
         // Bad data as a new point is what a compromised source can do: a whole-volume Zero
         // and overlapping writes, committed as point 4 with a time far in the future.
-        let mut client = Client::connect(&receiver, &agent).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, welcome) = Client::greeted(&receiver, &agent).await;
         let seq = welcome.committed_seq + 1;
         client.begin_journaled(seq).await;
         let frames = [
@@ -653,8 +667,7 @@ fn a_cycle_kept_over_a_receiver_restart_is_resumed_by_its_own_agent_only() {
     // journal file), then the receiver is killed.
     let seq = committed + 1;
     runtime.block_on(async {
-        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
-        Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, _) = Client::greeted(&receiver, &honest).await;
         client.begin_journaled(seq).await;
         let frames: Vec<DataFrame> = [(2 * MIB, 7u8), (4 * MIB, 8)]
             .into_iter()
@@ -684,22 +697,19 @@ fn a_cycle_kept_over_a_receiver_restart_is_resumed_by_its_own_agent_only() {
     );
     runtime.block_on(async {
         // Its own agent is told of the kept cycle...
-        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (client, welcome) = Client::greeted(&receiver, &honest).await;
         let open = welcome
             .open_cycle
             .expect("the kept cycle is reported to its agent");
         assert_eq!((open.seq, open.frames), (seq, 2));
         drop(client);
         // ... the other is not, cannot resume it, and abandons it by connecting.
-        let mut client = Client::connect(&receiver, &hostile).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (mut client, welcome) = Client::greeted(&receiver, &hostile).await;
         assert!(welcome.open_cycle.is_none(), "{:?}", welcome.open_cycle);
         let resumed = client.request(&AgentMessage::Resume { seq }).await;
         assert_refused(&resumed, RefusalCode::Sequence);
         drop(client);
-        let mut client = Client::connect(&receiver, &honest).await.expect("connect");
-        let welcome = Client::welcome(client.request(&AgentMessage::Hello(hello())).await);
+        let (client, welcome) = Client::greeted(&receiver, &honest).await;
         assert!(welcome.open_cycle.is_none(), "{:?}", welcome.open_cycle);
         assert_eq!(welcome.committed_seq, committed);
         client.close().await;
