@@ -263,12 +263,20 @@ impl ChunkRanges {
         let mut out = ChunkRanges::default();
         for (first, end) in self.ranges() {
             let mut at = first;
-            for (start, stop) in other.ranges() {
+            // Only the ranges of `other` that reach into [first, end): the one that starts
+            // before it, and those that start inside it.
+            let before = other
+                .ranges
+                .range(..first)
+                .next_back()
+                .map(|(&start, &stop)| (start, stop));
+            let inside = other
+                .ranges
+                .range(first..end)
+                .map(|(&start, &stop)| (start, stop));
+            for (start, stop) in before.into_iter().chain(inside) {
                 if stop <= at {
                     continue;
-                }
-                if start >= end {
-                    break;
                 }
                 if start > at {
                     out.insert(at, start);
@@ -482,6 +490,38 @@ impl PointStore {
             writer.push(chunk, &buffer[..len])?;
         }
         writer.finish()
+    }
+
+    /// Starts writing `delta` while its cycle's frames arrive (the image is still at point
+    /// `delta.to` until the commit): the chunks a frame rewrites are captured as it is
+    /// journaled, and the commit only adds the rest and makes the file durable. Until then the
+    /// file has its temporary name and is no delta; [`PointStore::remove_leftovers`] deletes
+    /// it after a crash.
+    pub fn start_capture(&self, delta: Delta) -> Result<PendingDelta, PointsError> {
+        Ok(PendingDelta {
+            writer: DeltaWriter::create(self, delta)?,
+            delta,
+            captured: ChunkRanges::default(),
+            unhinted: 0,
+        })
+    }
+
+    /// Deletes the temporary files of deltas that were being written when the process died (a
+    /// capture in the middle of a cycle or a merge): no delta is named by them.
+    pub fn remove_leftovers(&self) -> Result<(), PointsError> {
+        for name in self
+            .disk
+            .list(&self.dir)
+            .map_err(io_err("listing", &self.dir))?
+        {
+            if name.starts_with("tmp-") {
+                let path = self.dir.join(&name);
+                self.disk
+                    .remove_file(&path)
+                    .map_err(io_err("removing", &path))?;
+            }
+        }
+        Ok(())
     }
 
     /// Deletes every delta (the chain was broken: the image was overwritten outside a cycle).
@@ -939,6 +979,103 @@ fn read_checked<'b>(
 }
 
 /// Writes a delta file: temporary name, records, trailer, sync, rename, directory sync.
+/// An undo delta written while its cycle is open (see [`PointStore::start_capture`]).
+pub struct PendingDelta {
+    writer: DeltaWriter,
+    delta: Delta,
+    /// The chunks written to it so far: each chunk is captured once.
+    captured: ChunkRanges,
+    /// Bytes captured since the last write-back hint.
+    unhinted: u64,
+}
+
+/// How often a delta captured during a cycle asks the kernel to start writing it back, so that
+/// the commit's sync has little left to wait for.
+const DELTA_WRITEBACK_EVERY: u64 = 32 << 20;
+
+impl PendingDelta {
+    /// The delta this becomes.
+    pub fn delta(&self) -> Delta {
+        self.delta
+    }
+
+    /// How many chunks it holds so far.
+    pub fn captured(&self) -> &ChunkRanges {
+        &self.captured
+    }
+
+    /// Captures the content `image` holds now of the chunks in `chunks` not captured yet.
+    pub fn capture(
+        &mut self,
+        store: &PointStore,
+        image: &dyn StoredFile,
+        chunks: std::ops::Range<u64>,
+    ) -> Result<(), PointsError> {
+        let mut wanted = ChunkRanges::default();
+        wanted.insert(chunks.start, chunks.end);
+        let missing = wanted.without(&self.captured);
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut buffer = vec![0u8; store.chunk_bytes as usize];
+        for chunk in missing.chunks() {
+            let len = store.chunk_len(chunk) as usize;
+            image
+                .read_exact_at(&mut buffer[..len], chunk * store.chunk_bytes)
+                .map_err(io_err("reading the image for", &self.writer.tmp))?;
+            self.writer.push(chunk, &buffer[..len])?;
+            self.unhinted += len as u64;
+        }
+        self.captured.extend(&missing);
+        if self.unhinted >= DELTA_WRITEBACK_EVERY {
+            self.unhinted = 0;
+            // Only a hint: a write that failed is reported by the commit's sync.
+            let _ = self.writer.writer.get_ref().file().start_writeback();
+        }
+        Ok(())
+    }
+
+    /// Drops the delta unfinished (its cycle was aborted, or the commit keeps no history):
+    /// what it buffers is not written, and its temporary file is removed.
+    pub fn discard(self) {
+        let DeltaWriter {
+            tmp, writer, disk, ..
+        } = self.writer;
+        drop(writer.into_parts());
+        if let Err(error) = disk.remove_file(&tmp)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(
+                target: "blkmirror receiver",
+                "{} not removed ({error}); it is removed when the volume is opened next",
+                tmp.display()
+            );
+        }
+    }
+
+    /// Drops the delta as a killed process would: nothing buffered is written and the file
+    /// stays.
+    #[cfg(test)]
+    pub(crate) fn die(self) {
+        drop(self.writer.writer.into_parts());
+    }
+
+    /// Captures the chunks of `set` not captured yet, and makes the delta durable under its
+    /// name. Chunks captured that `set` does not hold stay in it: their old content is what
+    /// the image held at `delta.to`, which is all a delta promises.
+    pub fn finish(
+        mut self,
+        store: &PointStore,
+        image: &dyn StoredFile,
+        set: &ChunkRanges,
+    ) -> Result<(), PointsError> {
+        for (first, end) in set.without(&self.captured).ranges() {
+            self.capture(store, image, first..end)?;
+        }
+        self.writer.finish()
+    }
+}
+
 struct DeltaWriter {
     tmp: PathBuf,
     path: PathBuf,

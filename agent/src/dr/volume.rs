@@ -34,7 +34,9 @@ use std::collections::BTreeSet;
 
 use crate::{
     dr::authority,
-    dr::points::{ChunkRanges, Delta, KnownHashes, PointStore, PointsError, RECORD_HEAD_BYTES},
+    dr::points::{
+        ChunkRanges, Delta, KnownHashes, PendingDelta, PointStore, PointsError, RECORD_HEAD_BYTES,
+    },
     dr::storage::{Cursor, Disk, LocalDisk, LockGuard, OpenMode, StoredFile},
     dr::stored::{JOURNAL_FORMAT, META_FORMAT, StoredPoint, StoredPointV2},
 };
@@ -219,9 +221,13 @@ struct OpenCycle {
     checked: u64,
     /// `bytes` at the last write-back hint.
     written_back: u64,
-    /// For a direct step: the hashes of the chunks written so far, so its commit need not read
+    /// The hashes of the chunks written so far, as the image will hold them after the commit
+    /// (the frames apply in the order they came), so the commit need neither hash nor read
     /// them back.
     known: KnownHashes,
+    /// Whether `known` followed every frame of the cycle: not for a cycle kept over a restart,
+    /// whose commit hashes what it applies, as a replay does.
+    known_follows: bool,
     /// The journal; `None` for a direct sync step, whose frames go straight to the image.
     writer: Option<BufWriter<Cursor>>,
     /// The chunks the cycle touches (for a direct step: their hashes are recorded at its
@@ -233,6 +239,12 @@ struct OpenCycle {
     /// The agent that began the cycle, as the journal records it (none for a direct step, and
     /// for a cycle begun without one: such a journal is not kept over a restart).
     holder: Option<String>,
+    /// The undo delta back to the committed point, captured as the frames are journaled (the
+    /// image does not change before the commit), so the commit has little left to read and
+    /// write: on a fast link a large cycle's commit is what bounds it. `None` for a direct
+    /// step, a volume that keeps no history, and a cycle kept over a restart (its commit
+    /// captures it whole, as a replay does).
+    undo: Option<PendingDelta>,
 }
 
 /// What a cycle changes, by chunk. Kept as merged ranges, so a frame naming a whole volume
@@ -284,6 +296,43 @@ struct Known {
     touched: Touched,
     /// The chunks its undo delta holds, if the commit computed them.
     capture: Option<ChunkRanges>,
+    /// The undo delta captured while the cycle was open.
+    undo: Option<PendingDelta>,
+    /// The hashes of the chunks the cycle writes whole, computed as its frames came.
+    hashes: Option<KnownHashes>,
+}
+
+/// How long each step of applying a committed journal took, for the debug log: a large
+/// cycle's commit is what bounds it on a fast link, and these say which step to look at.
+struct CommitPhases {
+    last: std::time::Instant,
+    steps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl CommitPhases {
+    fn start() -> Self {
+        Self {
+            last: std::time::Instant::now(),
+            steps: Vec::with_capacity(8),
+        }
+    }
+
+    /// The step `name` ended now.
+    fn mark(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for CommitPhases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (at, (name, took)) in self.steps.iter().enumerate() {
+            let separator = if at == 0 { "" } else { ", " };
+            write!(f, "{separator}{name} {} ms", took.as_millis())?;
+        }
+        Ok(())
+    }
 }
 
 /// One volume, open for replication.
@@ -475,6 +524,9 @@ impl Volume {
             // A volume from before the points store: hash the image once.
             volume.store.rehash_all(&*volume.image)?;
         }
+        // An undo delta captured while a cycle was open, or a merge, cut off by the process's
+        // end (a kept cycle captures its delta whole at its commit).
+        volume.store.remove_leftovers()?;
         let kept = volume.kept_seqs();
         volume.store.compact(volume.meta.committed_seq, &kept)?;
         Ok((volume, recovery))
@@ -682,6 +734,15 @@ impl Volume {
             Some(writer)
         };
         let holder = holder.filter(|_| writer.is_some()).map(str::to_owned);
+        // The pins read here only decide whether to start early; the commit decides again.
+        let undo = if writer.is_some() && self.captures(&pinned_points(&self.disk, &self.dir)) {
+            Some(self.store.start_capture(Delta {
+                from: seq,
+                to: self.meta.committed_seq,
+            })?)
+        } else {
+            None
+        };
         self.cycle = Some(OpenCycle {
             seq,
             frames: 0,
@@ -689,10 +750,12 @@ impl Volume {
             checked: 0,
             written_back: 0,
             known: KnownHashes::default(),
+            known_follows: true,
             writer,
             touched: Touched::default(),
             journaled_bytes: ChunkRanges::default(),
             holder,
+            undo,
         });
         Ok(())
     }
@@ -777,6 +840,13 @@ impl Volume {
             .ok_or_else(|| StoreError::Sequence("data frame outside a cycle".into()))?;
         let record = match data {
             CheckedData::Write { offset, data } => {
+                if let Some(undo) = cycle.undo.as_mut() {
+                    undo.capture(
+                        &self.store,
+                        &*self.image,
+                        self.store.chunks_of(offset, data.len() as u64),
+                    )?;
+                }
                 cycle.bytes += data.len() as u64;
                 if cycle.writer.is_some() {
                     cycle
@@ -801,7 +871,18 @@ impl Volume {
         cycle.frames += 1;
         let (bytes, checked, seq) = (cycle.bytes, cycle.checked, cycle.seq);
         match cycle.writer.as_mut() {
-            Some(writer) => append(writer, &record, &path)?,
+            Some(writer) => {
+                append(writer, &record, &path)?;
+                match &record {
+                    Record::Write { offset, data } => {
+                        cycle.known.written(&self.store, *offset, data);
+                    }
+                    Record::Zero { offset, length } => {
+                        cycle.known.forget(self.store.chunks_of(*offset, *length));
+                    }
+                    _ => {}
+                }
+            }
             None => match record {
                 Record::Write { offset, data } => {
                     let written = self.image.write_all_at(&data, offset);
@@ -867,9 +948,12 @@ impl Volume {
     /// brought up to date, so a resumed sync that skips them (they already match) leaves no
     /// stale hash behind; if that fails, the volume is marked for a full rehash.
     pub fn abort(&mut self) {
-        let Some(cycle) = self.cycle.take() else {
+        let Some(mut cycle) = self.cycle.take() else {
             return;
         };
+        if let Some(undo) = cycle.undo.take() {
+            undo.discard();
+        }
         if cycle.writer.is_some() {
             let _ = self
                 .disk
@@ -935,11 +1019,14 @@ impl Volume {
             touched,
             writer,
             known,
+            known_follows,
+            undo,
             ..
         } = cycle;
         let Some(mut writer) = writer else {
             return self.commit_direct(point, &touched, &known);
         };
+        let started = std::time::Instant::now();
         let durable = append(&mut writer, &Record::CommitV3 { point }, &path).and_then(|()| {
             let file = writer
                 .into_inner()
@@ -950,14 +1037,27 @@ impl Volume {
         });
         if let Err(error) = durable {
             self.cycle = None;
+            if let Some(undo) = undo {
+                undo.discard();
+            }
             let _ = self.disk.open(&path, OpenMode::Truncate);
             return Err(error);
         }
-        self.apply_journal(Some(Known {
+        let synced = started.elapsed();
+        let applied = self.apply_journal(Some(Known {
             seq,
             touched,
             capture,
-        }))
+            undo,
+            hashes: known_follows.then_some(known),
+        }));
+        tracing::debug!(
+            target: "blkmirror receiver",
+            "volume {}: cycle {seq} committed in {:?} (journal synced in {synced:?})",
+            self.meta.volume,
+            started.elapsed()
+        );
+        applied
     }
 
     /// Syncs what a direct step wrote into the image and records the hashes of those chunks.
@@ -1025,9 +1125,13 @@ impl Volume {
         } else {
             None
         };
+        // What the open cycle captured already is on disk (and out of `available`).
         let capture = capture_set.as_ref().map_or(0, |set| {
-            set.count()
-                .saturating_mul(self.meta.chunk_bytes + RECORD_HEAD_BYTES)
+            let left = match cycle.undo.as_ref() {
+                Some(undo) => set.without(undo.captured()).count(),
+                None => set.count(),
+            };
+            left.saturating_mul(self.meta.chunk_bytes + RECORD_HEAD_BYTES)
         });
         let needed = capture
             .saturating_add(cycle.bytes)
@@ -1185,10 +1289,12 @@ impl Volume {
             checked: found.bytes,
             written_back: found.bytes,
             known: KnownHashes::default(),
+            known_follows: false,
             writer: Some(BufWriter::with_capacity(4 << 20, cursor)),
             touched,
             journaled_bytes: found.journaled,
             holder: Some(found.holder),
+            undo: None,
         });
         Ok(Some((seq, frames)))
     }
@@ -1199,6 +1305,9 @@ impl Volume {
     pub(crate) fn die(mut self) {
         if let Some(writer) = self.cycle.as_mut().and_then(|c| c.writer.take()) {
             drop(writer.into_parts());
+        }
+        if let Some(undo) = self.cycle.as_mut().and_then(|c| c.undo.take()) {
+            undo.die();
         }
     }
 
@@ -1233,7 +1342,7 @@ impl Volume {
 
     /// Applies a committed journal to the image, records the point, and empties the journal.
     /// The commit path passes what it already knows of the journal; a replay at open reads it.
-    fn apply_journal(&mut self, known: Option<Known>) -> Result<(), StoreError> {
+    fn apply_journal(&mut self, mut known: Option<Known>) -> Result<(), StoreError> {
         let path = self.journal_path();
         let image_path = self.image_path();
         let _lock = self.lock_exclusive()?;
@@ -1241,6 +1350,9 @@ impl Volume {
         // source's cycle must not change the replica now. It is discarded (the agent was not
         // told it committed).
         if let Some(refusal) = authority::read(&self.disk, &self.dir)?.refusal(&self.meta.volume) {
+            if let Some(undo) = known.as_mut().and_then(|known| known.undo.take()) {
+                undo.discard();
+            }
             let file = self
                 .disk
                 .open(&path, OpenMode::Truncate)
@@ -1254,6 +1366,8 @@ impl Volume {
             seq,
             touched,
             capture,
+            mut undo,
+            hashes,
         } = match known {
             Some(known) => known,
             None => {
@@ -1262,6 +1376,8 @@ impl Volume {
                     seq: point.seq,
                     touched,
                     capture: None,
+                    undo: None,
+                    hashes: None,
                 }
             }
         };
@@ -1269,6 +1385,7 @@ impl Volume {
         // the image changes. A replay finds the delta already written (the image may be half
         // applied by then, so it must not be captured again). A policy that keeps only the
         // newest point would drop the delta right after the commit: it is skipped.
+        let mut phases = CommitPhases::start();
         let previous = self.meta.committed_seq;
         // Read under the exclusive lock: an export pins its point under the shared one.
         let pinned = pinned_points(&self.disk, &self.dir);
@@ -1287,9 +1404,23 @@ impl Volume {
                     Some(chunks) => chunks,
                     None => self.capture_set(&touched)?,
                 };
-                self.store.capture(&*self.image, delta, chunks.chunks())?;
+                match undo.take() {
+                    Some(pending) if pending.delta() == delta => {
+                        pending.finish(&self.store, &*self.image, &chunks)?;
+                    }
+                    other => {
+                        if let Some(other) = other {
+                            other.discard();
+                        }
+                        self.store.capture(&*self.image, delta, chunks.chunks())?;
+                    }
+                }
             }
         }
+        if let Some(undo) = undo {
+            undo.discard();
+        }
+        phases.mark("undo delta");
         let file = self
             .disk
             .open(&path, OpenMode::Read)
@@ -1297,8 +1428,10 @@ impl Volume {
         let mut reader = BufReader::with_capacity(4 << 20, Cursor::new(file));
         let mut committed = None;
         // Every record is applied in order, so what the last write to a chunk held is what
-        // the image holds after the apply: those chunks need no read back to be hashed.
-        let mut written = KnownHashes::default();
+        // the image holds after the apply: those chunks need no read back to be hashed. The
+        // commit of a cycle begun in this process hashed them as they came.
+        let follow = hashes.is_none();
+        let mut written = hashes.unwrap_or_default();
         while let Some(record) = read_record(&mut reader)? {
             match record {
                 Record::Begin { .. } | Record::Format { .. } | Record::Holder { .. } => {}
@@ -1306,10 +1439,14 @@ impl Volume {
                     self.image
                         .write_all_at(&data, offset)
                         .map_err(StoreError::io("writing", &image_path))?;
-                    written.written(&self.store, offset, &data);
+                    if follow {
+                        written.written(&self.store, offset, &data);
+                    }
                 }
                 Record::Zero { offset, length } => {
-                    written.forget(self.store.chunks_of(offset, length));
+                    if follow {
+                        written.forget(self.store.chunks_of(offset, length));
+                    }
                     self.zero(offset, length)?;
                 }
                 commit @ (Record::Commit { .. } | Record::CommitV3 { .. }) => {
@@ -1322,9 +1459,11 @@ impl Volume {
             path: path.clone(),
             message: "journal applied without a commit record".into(),
         })?;
+        phases.mark("apply");
         self.image
             .sync_all()
             .map_err(StoreError::io("syncing", &image_path))?;
+        phases.mark("image sync");
         let mut meta = self.meta.clone();
         if meta.hashes_stale && point.complete {
             // An initial sync step was cut off by a crash: which chunks it wrote is unknown, so
@@ -1347,17 +1486,26 @@ impl Volume {
             .filter(|seq| !keep.contains(seq))
             .collect();
         meta.points.retain(|p| keep.contains(&p.seq));
+        phases.mark("hashes");
         record_point(&mut meta, point);
         write_meta(&self.disk, &self.dir, &meta)?;
         self.meta = meta;
+        phases.mark("metadata");
         // Deltas of dropped points are merged only after the metadata no longer lists them.
         let kept = self.kept_seqs();
         self.store.compact(self.meta.committed_seq, &kept)?;
+        phases.mark("compaction");
         let file = self
             .disk
             .open(&path, OpenMode::Truncate)
             .map_err(StoreError::io("truncating", &path))?;
         file.sync_all().map_err(StoreError::io("syncing", &path))?;
+        phases.mark("journal reset");
+        tracing::debug!(
+            target: "blkmirror receiver",
+            "volume {}: cycle {seq} applied: {phases}",
+            self.meta.volume
+        );
         Ok(())
     }
 
@@ -2641,6 +2789,104 @@ mod tests {
         // tests of `points` prove that deltas restore.
         let reader = PointReader::open(&tmp.0, "v").unwrap();
         assert_eq!(reader.delta_bytes().unwrap(), 40 + 2 * (48 + 4096) + 48);
+    }
+
+    /// Point `seq` of volume `v` in `dir`, read back whole.
+    fn point_bytes(dir: &Path, seq: u64) -> Vec<u8> {
+        let reader = PointReader::open(dir, "v").unwrap();
+        let mut out = vec![0u8; reader.meta().size_bytes as usize];
+        let bad = reader
+            .read_point(seq, false, |offset, data| {
+                if let Some(data) = data {
+                    out[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert!(bad.is_empty(), "point {seq}: corrupt chunks {bad:?}");
+        out
+    }
+
+    /// The temporary files in the volume's points directory.
+    fn leftovers(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir.join("v/points"))
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with("tmp-"))
+            .collect()
+    }
+
+    #[test]
+    fn the_undo_delta_is_captured_while_the_frames_arrive() {
+        let tmp = TempDir::new("precapture");
+        let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello()).unwrap();
+        volume.begin(1, 0, false, 0).unwrap();
+        assert!(
+            volume.cycle.as_ref().unwrap().undo.is_none(),
+            "no point yet: no history to keep"
+        );
+        volume.journal(write(0, 1, 1 << 20)).unwrap();
+        volume.commit(complete()).unwrap();
+        let first = vec![1u8; 1 << 20];
+        // Chunk 0 written twice, chunk 3 in part, chunks 8 and 9 zeroed.
+        volume.begin(2, 0, false, 0).unwrap();
+        volume.journal(write(0, 2, 65536)).unwrap();
+        volume.journal(write(4096, 3, 4096)).unwrap();
+        volume.journal(write(3 * 65536 + 100, 4, 1000)).unwrap();
+        volume
+            .journal(CheckedData::Zero {
+                offset: 8 * 65536,
+                length: 2 * 65536,
+            })
+            .unwrap();
+        let undo = volume.cycle.as_ref().unwrap().undo.as_ref().unwrap();
+        assert_eq!(
+            undo.captured().ranges().collect::<Vec<_>>(),
+            [(0, 1), (3, 4)],
+            "the written chunks are captured as they arrive, each once; zeroed ones at the commit"
+        );
+        volume.commit(complete()).unwrap();
+        assert_eq!(leftovers(&tmp.0), Vec::<String>::new());
+        let mut second = first.clone();
+        second[..65536].fill(2);
+        second[4096..8192].fill(3);
+        second[3 * 65536 + 100..3 * 65536 + 1100].fill(4);
+        second[8 * 65536..10 * 65536].fill(0);
+        assert_eq!(image(&tmp.0), second);
+        assert!(point_bytes(&tmp.0, 1) == first, "point 1 restores");
+        // An aborted cycle leaves no file behind, nor does one a new Begin abandons.
+        volume.begin(3, 0, false, 0).unwrap();
+        volume.journal(write(0, 5, 65536)).unwrap();
+        assert_eq!(leftovers(&tmp.0).len(), 1, "the delta being captured");
+        volume.abort();
+        assert_eq!(leftovers(&tmp.0), Vec::<String>::new());
+        volume.begin(3, 0, false, 0).unwrap();
+        volume.journal(write(0, 6, 65536)).unwrap();
+        volume.begin(3, 0, false, 0).unwrap();
+        volume.journal(write(65536, 7, 65536)).unwrap();
+        volume.commit(complete()).unwrap();
+        assert_eq!(leftovers(&tmp.0), Vec::<String>::new());
+        let mut third = second.clone();
+        third[65536..2 * 65536].fill(7);
+        assert_eq!(image(&tmp.0), third, "only the last Begin's frames applied");
+        assert!(point_bytes(&tmp.0, 2) == second, "point 2 restores");
+        // A receiver killed in the middle of a cycle leaves the delta it was capturing; the
+        // next open removes it.
+        volume.begin(4, 0, false, 0).unwrap();
+        volume.journal(write(0, 8, 65536)).unwrap();
+        volume.die();
+        assert_eq!(leftovers(&tmp.0).len(), 1);
+        let (volume, recovery) = Volume::open(&tmp.0, "v").unwrap();
+        assert_eq!(
+            recovery,
+            Recovery::Clean,
+            "the journal's buffer died with it"
+        );
+        assert_eq!(leftovers(&tmp.0), Vec::<String>::new());
+        drop(volume);
+        for (seq, content) in [(1, &first), (2, &second), (3, &third)] {
+            assert!(point_bytes(&tmp.0, seq) == *content, "point {seq} restores");
+        }
     }
 
     /// Finding 6: zeroing a range that is already a hole (a routine `fstrim`) needs no room.
