@@ -1317,6 +1317,8 @@ mod tests {
         let image = disk
             .open(&dir.join("image.raw"), OpenMode::ReadWrite)
             .unwrap();
+        let mut first_chunk = crate::dr::points::ChunkRanges::default();
+        first_chunk.insert(0, 1);
         store
             .capture(
                 &*image,
@@ -1324,7 +1326,7 @@ mod tests {
                     from: first + 1,
                     to: first,
                 },
-                [0],
+                &first_chunk,
             )
             .unwrap();
         image.write_all_at(&[8; 4096], 0).unwrap();

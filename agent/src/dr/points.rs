@@ -474,22 +474,12 @@ impl PointStore {
         &self,
         image: &dyn StoredFile,
         delta: Delta,
-        chunks: impl IntoIterator<Item = u64>,
+        chunks: &ChunkRanges,
     ) -> Result<(), PointsError> {
-        let path = self.path(delta);
-        if self.disk.exists(&path) {
+        if self.disk.exists(&self.path(delta)) {
             return Ok(());
         }
-        let mut writer = DeltaWriter::create(self, delta)?;
-        let mut buffer = vec![0u8; self.chunk_bytes as usize];
-        for chunk in chunks {
-            let len = self.chunk_len(chunk) as usize;
-            image
-                .read_exact_at(&mut buffer[..len], chunk * self.chunk_bytes)
-                .map_err(io_err("reading the image for", &path))?;
-            writer.push(chunk, &buffer[..len])?;
-        }
-        writer.finish()
+        self.start_capture(delta)?.finish(self, image, chunks)
     }
 
     /// Starts writing `delta` while its cycle's frames arrive (the image is still at point
@@ -503,6 +493,7 @@ impl PointStore {
             delta,
             captured: ChunkRanges::default(),
             unhinted: 0,
+            buffer: vec![0u8; self.chunk_bytes as usize],
         })
     }
 
@@ -978,7 +969,6 @@ fn read_checked<'b>(
     Ok(data)
 }
 
-/// Writes a delta file: temporary name, records, trailer, sync, rename, directory sync.
 /// An undo delta written while its cycle is open (see [`PointStore::start_capture`]).
 pub struct PendingDelta {
     writer: DeltaWriter,
@@ -987,6 +977,8 @@ pub struct PendingDelta {
     captured: ChunkRanges,
     /// Bytes captured since the last write-back hint.
     unhinted: u64,
+    /// One chunk's room, for the reads of the image (one per frame otherwise).
+    buffer: Vec<u8>,
 }
 
 /// How often a delta captured during a cycle asks the kernel to start writing it back, so that
@@ -999,7 +991,7 @@ impl PendingDelta {
         self.delta
     }
 
-    /// How many chunks it holds so far.
+    /// The chunks it holds so far.
     pub fn captured(&self) -> &ChunkRanges {
         &self.captured
     }
@@ -1017,13 +1009,13 @@ impl PendingDelta {
         if missing.is_empty() {
             return Ok(());
         }
-        let mut buffer = vec![0u8; store.chunk_bytes as usize];
         for chunk in missing.chunks() {
             let len = store.chunk_len(chunk) as usize;
+            let buffer = &mut self.buffer[..len];
             image
-                .read_exact_at(&mut buffer[..len], chunk * store.chunk_bytes)
+                .read_exact_at(buffer, chunk * store.chunk_bytes)
                 .map_err(io_err("reading the image for", &self.writer.tmp))?;
-            self.writer.push(chunk, &buffer[..len])?;
+            self.writer.push(chunk, buffer)?;
             self.unhinted += len as u64;
         }
         self.captured.extend(&missing);
@@ -1076,6 +1068,7 @@ impl PendingDelta {
     }
 }
 
+/// Writes a delta file: temporary name, records, trailer, sync, rename, directory sync.
 struct DeltaWriter {
     tmp: PathBuf,
     path: PathBuf,
@@ -1209,9 +1202,10 @@ mod tests {
 
         fn cycle(&mut self, writes: &[(u64, u64, u8)]) {
             let seq = self.head + 1;
-            let mut chunks = BTreeSet::new();
+            let mut set = ChunkRanges::default();
             for &(offset, len, _) in writes {
-                chunks.extend(self.store.chunks_of(offset, len));
+                let range = self.store.chunks_of(offset, len);
+                set.insert(range.start, range.end);
             }
             self.store
                 .capture(
@@ -1220,7 +1214,7 @@ mod tests {
                         from: seq,
                         to: self.head,
                     },
-                    chunks.iter().copied(),
+                    &set,
                 )
                 .unwrap();
             for &(offset, len, byte) in writes {
@@ -1229,7 +1223,7 @@ mod tests {
                     .unwrap();
             }
             self.store
-                .update_hashes(&self.image, &ChunkRanges::default(), chunks.iter().copied())
+                .update_hashes(&self.image, &ChunkRanges::default(), set.chunks())
                 .unwrap();
             self.head = seq;
             self.copies.insert(seq, self.contents());

@@ -1412,7 +1412,7 @@ impl Volume {
                         if let Some(other) = other {
                             other.discard();
                         }
-                        self.store.capture(&*self.image, delta, chunks.chunks())?;
+                        self.store.capture(&*self.image, delta, &chunks)?;
                     }
                 }
             }
