@@ -512,7 +512,7 @@ rgw_dns_name = 127.0.0.1
             let view = objpoints::load_view(client).await.expect("view");
             let id = map.chunks.get(&0).expect("chunk 0 holds data");
             let (pack, entry) = view.locations.get(id).expect("chunk 0's pack");
-            let key = layout::pack_key(pack);
+            let key = layout::pack_key(&pack);
             let (mut bytes, e_tag) = client
                 .get(&key, 1 << 30)
                 .await

@@ -518,6 +518,16 @@ pub fn render(snapshot: &Snapshot) -> String {
             None => "this receiver's [[agent]] list (the store's not read yet)".to_owned(),
         };
         let _ = writeln!(out, "    grants       {grants}");
+        if store.view_chunks > 0 || store.remembered_chunks > 0 {
+            let _ = writeln!(
+                out,
+                "    memory       view of {} chunk(s) in {}; {} chunk reference(s) of published \
+                 points remembered",
+                store.view_chunks,
+                units::format_size(store.view_bytes),
+                store.remembered_chunks
+            );
+        }
         let _ = writeln!(
             out,
             "    audit chain  {} entr{} copied{}",
@@ -892,7 +902,7 @@ impl Collector for SnapshotCollector {
             }
         }
         if let Some(store) = &self.0.store {
-            let gauges: [(&str, &str, f64); 2] = [
+            let gauges: [(&str, &str, f64); 5] = [
                 (
                     "blkmirror_store_reachable",
                     "(receiver) 1 when the last request to the object store succeeded.",
@@ -902,6 +912,23 @@ impl Collector for SnapshotCollector {
                     "blkmirror_store_publish_seconds",
                     "(receiver) How long the last publish of a point to the object store took.",
                     store.last_publish_ms as f64 / 1000.0,
+                ),
+                (
+                    "blkmirror_store_view_chunks",
+                    "(receiver) Chunks in this receiver's view of the object store.",
+                    store.view_chunks as f64,
+                ),
+                (
+                    "blkmirror_store_view_bytes",
+                    "(receiver) Memory taken by this receiver's view of the object store \
+                     (where each chunk is): it grows with the store's unique chunks.",
+                    store.view_bytes as f64,
+                ),
+                (
+                    "blkmirror_store_remembered_chunks",
+                    "(receiver) Chunk references of the published points this receiver \
+                     remembers, one map per volume.",
+                    store.remembered_chunks as f64,
                 ),
             ];
             for (name, help, value) in gauges {
@@ -1051,6 +1078,9 @@ mod tests {
             grants_version: Some(4),
             audit_shipped: 12,
             audit_error: Some("object store: creating audit/blocks/9: refused".into()),
+            view_chunks: 1_000_000,
+            view_bytes: 65 << 20,
+            remembered_chunks: 2_500_000,
         });
         let snap = board.snapshot(0);
         let text = render(&snap);
@@ -1071,6 +1101,12 @@ mod tests {
             text.contains("2 pack(s) deleted (64 MiB freed of 1 GiB), 1 repacked"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "memory       view of 1000000 chunk(s) in 65 MiB; 2500000 chunk reference(s)"
+            ),
+            "{text}"
+        );
         let metrics = prometheus(&snap);
         for expected in [
             "blkmirror_store_pruned_points_total 3",
@@ -1080,6 +1116,8 @@ mod tests {
             "blkmirror_store_publish_seconds 1.5",
             "blkmirror_store_published_points_total 7",
             "blkmirror_store_deduplicated_chunks_total 5",
+            "blkmirror_store_view_bytes 68157440",
+            "blkmirror_store_remembered_chunks 2500000",
         ] {
             assert!(
                 metrics.contains(expected),

@@ -1214,60 +1214,227 @@ pub fn gc_plan(
 
 /// Where each chunk is: the union of pack indexes (a chunk in two packs, after a repack or
 /// a race of two writers, is found in either; a pack not condemned is preferred).
+///
+/// Every receiver of a store holds one for the whole store (its view), so its size per chunk
+/// is what bounds the unique data a store can hold (the capacity model in ARCHITECTURE.md).
+/// Hence the compact layout:
+/// * each pack id is kept once ([`ChunkLocations::packs`]) and a chunk's entry names it by
+///   number, without the copy of the chunk id an [`IndexEntry`] carries: an entry takes 56
+///   bytes with its id, against 128 when the map held the pack id and the whole index entry;
+/// * most entries are in one vector sorted by id (`sorted`), found by binary search, which
+///   takes those 56 bytes and no more. A hash table keeps 1/8 to 1/2 of its buckets spare
+///   (65 to 130 bytes an entry here), and doubles at once when it grows. What is added after
+///   the view is loaded (the packs of each commit, the indexes a refresh reads) goes to a
+///   table (`added`), which is merged into the vector, in place, once it holds a sixteenth
+///   as many entries (and at least [`MERGE_AT_LEAST`]).
+///
+/// `agent/tests/view_memory.rs` counts the bytes per chunk with an allocator.
 #[derive(Debug, Default)]
 pub struct ChunkLocations {
-    by_chunk: HashMap<ChunkId, (PackId, IndexEntry, bool)>,
+    /// Sorted by id, each id once.
+    sorted: Vec<(ChunkId, Slot)>,
+    /// Added since the last merge; an id here stands for the same id in `sorted`.
+    added: HashMap<ChunkId, Slot>,
+    /// How many ids of `added` are in `sorted` too (so that [`ChunkLocations::len`] counts
+    /// each chunk once).
+    shadowing: usize,
+    /// Each pack once, numbered by its first appearance.
+    packs: Vec<PackId>,
+    pack_numbers: HashMap<PackId, u32>,
+}
+
+/// The fewest added entries [`ChunkLocations`] merges into its sorted vector: below that a
+/// merge would cost more than the table saves.
+pub const MERGE_AT_LEAST: usize = 1 << 16;
+
+/// A chunk's place, compact: see [`ChunkLocations`]. Fields of at most 4-byte alignment, so
+/// that a slot beside its 32-byte key takes 56 bytes, not 64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// The pack, by its number in [`ChunkLocations::packs`].
+    pack: u32,
+    offset_low: u32,
+    offset_high: u32,
+    stored_len: u32,
+    raw_len: u32,
+    codec: Codec,
+    /// [`Slot::SEALED`], [`Slot::CONDEMNED`].
+    flags: u8,
+}
+
+impl Slot {
+    const SEALED: u8 = 1;
+    const CONDEMNED: u8 = 2;
+
+    fn condemned(&self) -> bool {
+        self.flags & Self::CONDEMNED != 0
+    }
+
+    fn entry(&self, id: ChunkId) -> IndexEntry {
+        IndexEntry {
+            id,
+            offset: (u64::from(self.offset_high) << 32) | u64::from(self.offset_low),
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+            codec: self.codec,
+            sealed: self.flags & Self::SEALED != 0,
+        }
+    }
 }
 
 impl ChunkLocations {
     /// Adds a pack's index; `condemned`: a collection has marked the pack for deletion.
     pub fn add(&mut self, pack: PackId, index: &[IndexEntry], condemned: bool) {
+        let mut number = None;
         for entry in index {
-            match self.by_chunk.get(&entry.id) {
-                Some((_, _, false)) => {}
-                Some((_, _, true)) if condemned => {}
-                _ => {
-                    self.by_chunk
-                        .insert(entry.id, (pack, entry.clone(), condemned));
-                }
+            // One search of each side: a chunk new to `added` but in `sorted` shadows it.
+            let (known, shadows) = match self.added.get(&entry.id) {
+                Some(slot) => (Some(*slot), false),
+                None => match self.sorted_index(&entry.id) {
+                    Ok(at) => (Some(self.sorted[at].1), true),
+                    Err(_) => (None, false),
+                },
+            };
+            let replace = match known {
+                None => true,
+                Some(known) => known.condemned() && !condemned,
+            };
+            if !replace {
+                continue;
+            }
+            let pack = *number.get_or_insert_with(|| self.number_of(pack));
+            let flags = if entry.sealed { Slot::SEALED } else { 0 }
+                | if condemned { Slot::CONDEMNED } else { 0 };
+            let slot = Slot {
+                pack,
+                offset_low: entry.offset as u32,
+                offset_high: (entry.offset >> 32) as u32,
+                stored_len: entry.stored_len,
+                raw_len: entry.raw_len,
+                codec: entry.codec,
+                flags,
+            };
+            self.added.insert(entry.id, slot);
+            if shadows {
+                self.shadowing += 1;
             }
         }
+        if self.added.len() >= MERGE_AT_LEAST.max(self.sorted.len() / 16) {
+            self.merge();
+        }
+    }
+
+    /// Moves the added entries into the sorted vector, in place: the vector grows by what is
+    /// new, and is filled from its end, taking the larger id of the two sides each time (an
+    /// added entry replaces the sorted one of the same id).
+    fn merge(&mut self) {
+        let mut added: Vec<(ChunkId, Slot)> = self.added.drain().collect();
+        self.added.shrink_to_fit();
+        added.sort_unstable_by_key(|(id, _)| *id);
+        let old_len = self.sorted.len();
+        let new_len = old_len + added.len() - self.shadowing;
+        self.sorted.reserve_exact(new_len - old_len);
+        self.sorted.resize(new_len, ([0; 32], Slot::filler()));
+        // Writing at `write`, reading the old entries below `old` and the added ones below
+        // `next`: `write - old` is the added entries left less those that will replace an old
+        // one, never negative, so no old entry is overwritten before it is read.
+        let (mut write, mut old, mut next) = (new_len, old_len, added.len());
+        while next > 0 {
+            write -= 1;
+            let take_old = old > 0 && self.sorted[old - 1].0 > added[next - 1].0;
+            if take_old {
+                old -= 1;
+                self.sorted[write] = self.sorted[old];
+            } else {
+                next -= 1;
+                if old > 0 && self.sorted[old - 1].0 == added[next].0 {
+                    old -= 1;
+                }
+                self.sorted[write] = added[next];
+            }
+        }
+        debug_assert_eq!(write, old, "the old entries below are in place");
+        self.shadowing = 0;
+    }
+
+    /// Where `id` is in `sorted`, or where it would go.
+    fn sorted_index(&self, id: &ChunkId) -> Result<usize, usize> {
+        self.sorted.binary_search_by(|(known, _)| known.cmp(id))
+    }
+
+    fn slot(&self, id: &ChunkId) -> Option<&Slot> {
+        match self.added.get(id) {
+            Some(slot) => Some(slot),
+            None => self.sorted_index(id).ok().map(|at| &self.sorted[at].1),
+        }
+    }
+
+    /// The number of `pack`, given it now if it has none.
+    fn number_of(&mut self, pack: PackId) -> u32 {
+        *self.pack_numbers.entry(pack).or_insert_with(|| {
+            self.packs.push(pack);
+            u32::try_from(self.packs.len() - 1).expect("fewer than 2^32 packs in a view")
+        })
     }
 
     /// Where the chunks of `map` are (those known here): a small copy for a long read, so
     /// that the whole set need not stay locked.
     pub fn subset(&self, map: &ChunkMap) -> ChunkLocations {
-        ChunkLocations {
-            by_chunk: map
-                .chunks
-                .values()
-                .filter_map(|id| Some((*id, self.by_chunk.get(id)?.clone())))
-                .collect(),
+        let mut subset = ChunkLocations::default();
+        for id in map.chunks.values() {
+            if let Some(slot) = self.slot(id) {
+                let pack = subset.number_of(self.packs[slot.pack as usize]);
+                subset.added.insert(*id, Slot { pack, ..*slot });
+            }
         }
+        subset
     }
 
     /// Where a chunk can be read (from a condemned pack too: a point that a commit made
     /// reference it is still readable until the next collection revives the pack).
-    pub fn get(&self, id: &ChunkId) -> Option<(&PackId, &IndexEntry)> {
-        self.by_chunk.get(id).map(|(pack, entry, _)| (pack, entry))
+    pub fn get(&self, id: &ChunkId) -> Option<(PackId, IndexEntry)> {
+        self.slot(id)
+            .map(|slot| (self.packs[slot.pack as usize], slot.entry(*id)))
     }
 
     /// Whether a new point may reference this chunk without storing it again: the store
     /// holds it in a pack that is not condemned.
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.by_chunk
-            .get(id)
-            .is_some_and(|(_, _, condemned)| !condemned)
+        self.slot(id).is_some_and(|slot| !slot.condemned())
     }
 
     /// Chunks known.
     pub fn len(&self) -> usize {
-        self.by_chunk.len()
+        self.sorted.len() + self.added.len() - self.shadowing
     }
 
     /// Whether no chunk is known.
     pub fn is_empty(&self) -> bool {
-        self.by_chunk.is_empty()
+        self.len() == 0
+    }
+
+    /// The heap this takes, in bytes, from the capacities: what `status` reports as the
+    /// view's memory. The hash tables' layout is the standard library's (a control byte
+    /// beside each bucket, up to 7/8 of the buckets used, a power of two of them), so this is
+    /// an estimate, which `agent/tests/view_memory.rs` checks against an allocator's count.
+    pub fn memory_bytes(&self) -> u64 {
+        fn table<K, V>(map: &HashMap<K, V>) -> u64 {
+            let capacity = map.capacity() as u64;
+            if capacity == 0 {
+                return 0;
+            }
+            // `capacity()` is 7/8 of the buckets past 8 of them.
+            let buckets = if capacity < 8 {
+                capacity + 1
+            } else {
+                (capacity * 8 / 7).next_power_of_two()
+            };
+            buckets * (std::mem::size_of::<(K, V)>() as u64 + 1) + 16
+        }
+        fn vector<T>(vector: &Vec<T>) -> u64 {
+            (vector.capacity() * std::mem::size_of::<T>()) as u64
+        }
+        vector(&self.sorted) + table(&self.added) + vector(&self.packs) + table(&self.pack_numbers)
     }
 
     /// The chunks of `map` the store does not hold readable (a point cannot be committed
@@ -1275,9 +1442,24 @@ impl ChunkLocations {
     pub fn missing(&self, map: &ChunkMap) -> BTreeSet<u64> {
         map.chunks
             .iter()
-            .filter(|(_, id)| !self.by_chunk.contains_key(*id))
+            .filter(|(_, id)| self.slot(id).is_none())
             .map(|(&chunk, _)| chunk)
             .collect()
+    }
+}
+
+impl Slot {
+    /// A value to grow the sorted vector by before the merge overwrites it.
+    fn filler() -> Slot {
+        Slot {
+            pack: 0,
+            offset_low: 0,
+            offset_high: 0,
+            stored_len: 0,
+            raw_len: 0,
+            codec: Codec::Raw,
+            flags: 0,
+        }
     }
 }
 
@@ -1555,6 +1737,65 @@ mod tests {
         assert_eq!(plan.revive, Vec::<PackId>::new());
     }
 
+    proptest::proptest! {
+        /// The sorted vector and the table of additions answer as one map with the rule of
+        /// `add` would (the model below), whenever they merge.
+        #[test]
+        fn the_compact_locations_answer_as_a_plain_map_across_merges(
+            steps in proptest::collection::vec(
+                (0u8..6, proptest::collection::vec((0u8..40, 0u64..1 << 36), 0..20),
+                 proptest::bool::ANY, proptest::bool::ANY),
+                1..40,
+            )
+        ) {
+            let mut locations = ChunkLocations::default();
+            let mut model: HashMap<ChunkId, (PackId, IndexEntry, bool)> = HashMap::new();
+            for (pack, entries, condemned, merge) in steps {
+                let pack = [pack; 32];
+                let mut seen = HashSet::new();
+                let index: Vec<IndexEntry> = entries
+                    .into_iter()
+                    .filter(|(id, _)| seen.insert(*id))
+                    .map(|(id, offset)| IndexEntry {
+                        id: [id; 32],
+                        offset,
+                        stored_len: id.into(),
+                        raw_len: u32::from(id) * 2,
+                        codec: if id % 2 == 0 { Codec::Raw } else { Codec::Zstd },
+                        sealed: id % 3 == 0,
+                    })
+                    .collect();
+                locations.add(pack, &index, condemned);
+                for entry in &index {
+                    match model.get(&entry.id) {
+                        Some((_, _, false)) => {}
+                        Some((_, _, true)) if condemned => {}
+                        _ => {
+                            model.insert(entry.id, (pack, entry.clone(), condemned));
+                        }
+                    }
+                }
+                if merge {
+                    locations.merge();
+                }
+                proptest::prop_assert_eq!(locations.len(), model.len());
+                for id in 0u8..40 {
+                    let id = [id; 32];
+                    let expected = model.get(&id);
+                    proptest::prop_assert_eq!(
+                        locations.get(&id),
+                        expected.map(|(pack, entry, _)| (*pack, entry.clone()))
+                    );
+                    proptest::prop_assert_eq!(
+                        locations.contains(&id),
+                        expected.is_some_and(|(_, _, condemned)| !condemned)
+                    );
+                }
+            }
+            proptest::prop_assert!(locations.sorted.windows(2).all(|w| w[0].0 < w[1].0));
+        }
+    }
+
     #[test]
     fn a_new_point_never_dedups_into_a_condemned_pack_but_can_read_from_one() {
         let entry = IndexEntry {
@@ -1568,7 +1809,7 @@ mod tests {
         let mut locations = ChunkLocations::default();
         locations.add([1; 32], std::slice::from_ref(&entry), true);
         assert!(!locations.contains(&[9; 32]));
-        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| *p), Some([1; 32]));
+        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| p), Some([1; 32]));
         let mut map = ChunkMap::default();
         map.chunks.insert(0, [9; 32]);
         assert!(locations.missing(&map).is_empty());
@@ -1576,7 +1817,7 @@ mod tests {
         locations.add([2; 32], std::slice::from_ref(&entry), false);
         locations.add([3; 32], std::slice::from_ref(&entry), true);
         assert!(locations.contains(&[9; 32]));
-        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| *p), Some([2; 32]));
+        assert_eq!(locations.get(&[9; 32]).map(|(p, _)| p), Some([2; 32]));
     }
 
     /// A volume's manifests in memory, read as `objpoints::read_point` reads the store.

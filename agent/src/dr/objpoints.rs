@@ -1299,11 +1299,11 @@ pub async fn read_chunk(
     let (pack, entry) = locations
         .get(id)
         .ok_or_else(|| PointStoreError::Missing(format!("chunk {}", layout::hex(id))))?;
-    let key = layout::pack_key(pack);
+    let key = layout::pack_key(&pack);
     let stored = client
         .get_range(&key, entry.offset, u64::from(entry.stored_len))
         .await?;
-    layout::chunk_from_stored(&stored, entry, client.sealing()).map_err(layout_error(&key))
+    layout::chunk_from_stored(&stored, &entry, client.sealing()).map_err(layout_error(&key))
 }
 
 /// The whole image of a point, in memory (small volumes and tests; a restore streams).
@@ -1347,18 +1347,18 @@ fn plan_reads(locations: &ChunkLocations, map: &ChunkMap) -> Result<Vec<ReadRun>
         let stored = u64::from(entry.stored_len);
         match runs.last_mut() {
             Some(run)
-                if run.pack == *pack
+                if run.pack == pack
                     && run.offset + run.len == entry.offset
                     && run.len + stored <= MAX_READ_RUN =>
             {
                 run.len += stored;
-                run.chunks.push((chunk, entry.clone()));
+                run.chunks.push((chunk, entry));
             }
             _ => runs.push(ReadRun {
-                pack: *pack,
+                pack,
                 offset: entry.offset,
                 len: stored,
-                chunks: vec![(chunk, entry.clone())],
+                chunks: vec![(chunk, entry)],
             }),
         }
     }
@@ -1500,7 +1500,7 @@ pub async fn verify_chunks(
         let (pack, entry) = locations
             .get(id)
             .ok_or_else(|| PointStoreError::Missing(format!("chunk {}", layout::hex(id))))?;
-        placed.push((*pack, entry.offset, *id));
+        placed.push((pack, entry.offset, *id));
     }
     placed.sort_unstable();
     // Numbered in pack order, the chunks plan into runs as a point's do.
@@ -1570,7 +1570,7 @@ mod tests {
         // A collection condemns the pack: the view reloads, and no longer dedups into it.
         let (pack, _) = stale.locations.get(&id).unwrap();
         client
-            .put(&condemned_key(pack), b"1700000000000".to_vec())
+            .put(&condemned_key(&pack), b"1700000000000".to_vec())
             .await
             .unwrap();
         assert_eq!(

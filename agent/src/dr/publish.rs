@@ -248,6 +248,18 @@ pub struct StoreHealth {
     /// Why the last copy to the shared audit chain failed, if it did.
     #[serde(default)]
     pub audit_error: Option<String>,
+    /// Chunks in this receiver's view of the store (where each chunk of the store is).
+    #[serde(default)]
+    pub view_chunks: u64,
+    /// The memory the view takes ([`crate::dr::layout::ChunkLocations::memory_bytes`]):
+    /// every receiver of a store holds one for the whole store, so this is what bounds the
+    /// unique data a store can hold.
+    #[serde(default)]
+    pub view_bytes: u64,
+    /// Chunk references of the points this receiver remembers as published, one map per
+    /// volume it publishes (about 40 to 60 bytes each).
+    #[serde(default)]
+    pub remembered_chunks: u64,
 }
 
 /// A garbage collection as `status` shows it.
@@ -502,6 +514,20 @@ impl Publisher {
                 health.last_error = Some(error.to_string());
             }
         }
+        // Another volume's publish holding the view leaves the figures of the last one.
+        if let Ok(view) = self.view.try_lock()
+            && let Some(view) = view.as_ref()
+        {
+            health.view_chunks = view.locations.len() as u64;
+            health.view_bytes = view.locations.memory_bytes();
+        }
+        health.remembered_chunks = self
+            .volumes
+            .lock()
+            .expect("volumes lock")
+            .values()
+            .map(|published| published.map.chunks.len() as u64)
+            .sum();
         result
     }
 

@@ -131,13 +131,13 @@ impl StorePointView {
                 self.volume
             ))
         })?;
-        let key = layout::pack_key(pack);
+        let key = layout::pack_key(&pack);
         let stored = self
             .client
             .get_range(&key, entry.offset, entry.stored_len as u64)
             .await
             .map_err(PointStoreError::Store)?;
-        let content = layout::chunk_from_stored(&stored, entry, self.client.sealing())
+        let content = layout::chunk_from_stored(&stored, &entry, self.client.sealing())
             .map_err(|source| PointStoreError::Layout { key, source })?;
         let content = Arc::new(content);
         self.cache
