@@ -388,6 +388,18 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let store = &status[0]["store"];
     assert_eq!(store["reachable"], true, "{status:?}");
     assert!(store["published"].as_u64() >= Some(1), "{status:?}");
+    // The receiver's memory for the store: its view holds the volume's chunks (56 bytes each
+    // at least), and it remembers the map of the point it published.
+    let view_chunks = store["view_chunks"].as_u64().unwrap_or(0);
+    assert!(view_chunks > 0, "{status:?}");
+    assert!(
+        store["view_bytes"].as_u64().unwrap_or(0) >= 56 * view_chunks,
+        "{status:?}"
+    );
+    assert!(
+        store["remembered_chunks"].as_u64().unwrap_or(0) > 0,
+        "{status:?}"
+    );
 
     // Receiver A dies. Its agent, given both receivers, is refused by B while A's lease
     // lasts, then B takes the lease, fetches the volume's newest point from the store, and the
