@@ -1176,7 +1176,7 @@ fn bench_restore_from_the_store_against_its_bulk_read() {
         objpoints::create_manifest(
             &client,
             &view,
-            &ChunkMap::default(),
+            ChunkMap::default(),
             ManifestToCreate {
                 volume: VOLUME,
                 size_bytes: mib * MIB,

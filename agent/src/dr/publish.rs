@@ -1170,9 +1170,14 @@ impl Publisher {
             }
         }
         let seq = point.seq;
-        // The new point references the base's chunks too, which another receiver may have
-        // stored after this one read the indexes.
-        let view = self.view_covering(&base_map).await?;
+        // A full manifest is checked whole, and the base's chunks may have been stored by
+        // another receiver after this one read the indexes. A delta is checked for its new
+        // references only, which this publish found in the view or stored itself.
+        let view = if base_map.next_is_full() {
+            self.view_covering(&base_map).await?
+        } else {
+            self.fresh_view().await?
+        };
         // Renewed last thing before the manifest, which reading the view may have delayed.
         // Past this, a writer paused beyond its lease is fenced by the store itself: the
         // manifest's name is either free or taken for good (a point or a tombstone).
@@ -1180,7 +1185,7 @@ impl Publisher {
         let (commit, map) = objpoints::create_manifest(
             &self.client,
             view.as_ref().expect("a view was loaded"),
-            &base_map,
+            base_map,
             ManifestToCreate {
                 volume: name,
                 size_bytes,
