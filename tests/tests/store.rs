@@ -270,6 +270,7 @@ fn gc_settings(grace_ms: u64) -> GcSettings {
             target_bytes: 1 << 20,
             level: Some(3),
             max_view_age: Duration::from_secs(60),
+            ..PackSettings::default()
         },
         dry_run: false,
     }
@@ -319,6 +320,7 @@ impl Hosts {
                 target_bytes: 1 << 20,
                 level: Some(3),
                 max_view_age: Duration::from_secs(60),
+                ..PackSettings::default()
             },
         }
     }

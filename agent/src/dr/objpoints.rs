@@ -40,9 +40,12 @@ use crate::dr::layout::{
 use crate::dr::objstore::{Created, ObjectStoreClient, StoreError};
 use blkmirror_protocol::wire::PointInfo;
 
-/// The largest manifest read (a full manifest of [`layout::MAX_MANIFEST_ENTRIES`] references
-/// is larger; such volumes are not supported yet).
-const MAX_MANIFEST_BYTES: usize = 256 << 20;
+/// The largest manifest read, and so written ([`PackSettings::max_manifest_bytes`]). A full
+/// manifest lists every chunk that holds data, 41 bytes each: 1 GiB is 26 million chunks,
+/// a volume of 1.6 TiB of data in 64 KiB chunks, or 26 TiB in 1 MiB chunks. Larger volumes
+/// need larger chunks until manifests are layered. (It was 256 MiB, and nothing stopped a
+/// receiver from writing a larger manifest that no receiver could then read.)
+pub const MAX_MANIFEST_BYTES: usize = 1 << 30;
 
 /// The store's record of how its chunks are named and sealed.
 pub const STORE_RECORD_KEY: &str = "store.json";
@@ -157,6 +160,24 @@ pub enum PointStoreError {
     /// An object the layout needs is not in the store.
     #[error("object store: {0} is missing")]
     Missing(String),
+    /// A full manifest larger than a receiver reads back: not written.
+    #[error(
+        "point {seq} of volume {volume}: its full manifest would take {bytes} bytes ({chunks} \
+         chunks holding data), more than the {limit} a receiver reads back; not committed. A \
+         volume this large needs a larger chunk size (the agent's --chunk-size)"
+    )]
+    ManifestTooLarge {
+        /// The volume.
+        volume: String,
+        /// The point.
+        seq: u64,
+        /// The manifest's size.
+        bytes: usize,
+        /// The chunks it lists.
+        chunks: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// This client's encryption (or its absence) is not the store's.
     #[error("object store: {0}")]
     Sealing(String),
@@ -225,6 +246,9 @@ pub struct PackSettings {
     /// The longest a commit may take from reading the pack indexes to creating its manifest.
     /// Garbage collection's grace must be longer.
     pub max_view_age: Duration,
+    /// The largest manifest written: [`MAX_MANIFEST_BYTES`], what a receiver reads back
+    /// (lower in tests).
+    pub max_manifest_bytes: usize,
 }
 
 impl Default for PackSettings {
@@ -233,6 +257,7 @@ impl Default for PackSettings {
             target_bytes: 32 << 20,
             level: Some(3),
             max_view_age: Duration::from_secs(600),
+            max_manifest_bytes: MAX_MANIFEST_BYTES,
         }
     }
 }
@@ -521,6 +546,17 @@ pub async fn create_manifest(
     }
     report.delta = manifest.base.is_some();
     let bytes = layout::encode_manifest(&manifest);
+    // Never a manifest that no receiver would read back.
+    let limit = settings.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
+    if bytes.len() > limit {
+        return Err(PointStoreError::ManifestTooLarge {
+            volume: point.volume.to_owned(),
+            seq,
+            bytes: bytes.len(),
+            chunks: manifest.entries.len(),
+            limit,
+        });
+    }
     report.manifest_bytes = bytes.len() as u64;
     match client
         .put_if_absent(&layout::manifest_key(point.volume, seq), bytes)
@@ -769,13 +805,19 @@ pub async fn prune_run(
         }
         let key = layout::manifest_key(volume, run.next);
         if let Some(spliced) = layout::splice(&dropped, &next).map_err(layout_error(&key))? {
+            let encoded = layout::encode_manifest(&spliced);
+            if encoded.len() > MAX_MANIFEST_BYTES {
+                return Err(PointStoreError::ManifestTooLarge {
+                    volume: volume.to_owned(),
+                    seq: run.next,
+                    bytes: encoded.len(),
+                    chunks: spliced.entries.len(),
+                    limit: MAX_MANIFEST_BYTES,
+                });
+            }
             before_deadline(run.next)?;
             let replaced = match &e_tag {
-                Some(e_tag) => {
-                    client
-                        .replace_if_unchanged(&key, layout::encode_manifest(&spliced), e_tag)
-                        .await?
-                }
+                Some(e_tag) => client.replace_if_unchanged(&key, encoded, e_tag).await?,
                 None => false,
             };
             if !replaced {
@@ -1683,6 +1725,61 @@ mod tests {
             "the base's map, changed in place"
         );
         assert_eq!((map.seq, map.chain), (2, 1));
+    }
+
+    /// A full manifest larger than a receiver reads back is not written (the point is not
+    /// committed, with what to do); a delta of the same volume still is.
+    #[tokio::test]
+    async fn a_full_manifest_larger_than_a_receiver_reads_back_is_refused() {
+        let client = ObjectStoreClient::in_memory();
+        let mut view = load_view(&client).await.unwrap();
+        let changes: BTreeMap<u64, Vec<u8>> = (0..40u64)
+            .map(|chunk| (chunk, vec![chunk as u8 + 1; 4096]))
+            .collect();
+        // 40 references of 41 bytes, and the head: more than 1,000 bytes.
+        let settings = PackSettings {
+            max_manifest_bytes: 1_000,
+            ..PackSettings::default()
+        };
+        let commit = |seq, changes| PointToCommit {
+            volume: "big",
+            size_bytes: 1 << 20,
+            chunk_bytes: 4096,
+            point: PointInfo {
+                seq,
+                complete: true,
+                ..PointInfo::default()
+            },
+            changes,
+        };
+        let refused = commit_point(
+            &client,
+            &mut view,
+            &ChunkMap::default(),
+            commit(1, &changes),
+            settings,
+        )
+        .await;
+        let Err(error @ PointStoreError::ManifestTooLarge { chunks: 40, .. }) = &refused else {
+            panic!("{refused:?}");
+        };
+        assert!(error.to_string().contains("--chunk-size"), "{error}");
+        assert!(list_points(&client, "big").await.unwrap().is_empty());
+        // Under the limit: point 1 as a full manifest, then a delta of one chunk.
+        let (_, map) = commit_point(
+            &client,
+            &mut view,
+            &ChunkMap::default(),
+            commit(1, &changes),
+            PackSettings::default(),
+        )
+        .await
+        .unwrap();
+        let one = BTreeMap::from([(3u64, vec![9u8; 4096])]);
+        let (report, _) = commit_point(&client, &mut view, &map, commit(2, &one), settings)
+            .await
+            .unwrap();
+        assert!(report.delta && report.manifest_bytes <= 1_000, "{report:?}");
     }
 
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
