@@ -100,6 +100,29 @@ fn per_chunk(chunks: u64) -> (f64, f64, f64) {
     assert_eq!(locations.get(&chunk_id(chunks)), None);
     drop(locations);
 
+    // Loaded at once, as a receiver loads its view when it starts.
+    let before = live();
+    let loaded = ChunkLocations::from_packs(
+        indexes
+            .iter()
+            .map(|(pack, index)| (*pack, index.as_slice(), false)),
+    );
+    let loaded_counted = (live() - before) as f64;
+    assert!(
+        (loaded.memory_bytes() as f64 - loaded_counted).abs() <= loaded_counted * 0.02,
+        "{chunks} chunks loaded: memory_bytes() says {}, the allocator counted {loaded_counted}",
+        loaded.memory_bytes()
+    );
+    assert!(
+        loaded_counted <= counted,
+        "{loaded_counted} loaded, {counted} grown"
+    );
+    for (pack, index) in indexes.iter().step_by(11) {
+        let entry = &index[index.len() / 2];
+        assert_eq!(loaded.get(&entry.id), Some((*pack, entry.clone())));
+    }
+    drop(loaded);
+
     // The layout before (a copy of the pack id and of the whole index entry per chunk).
     let before = live();
     let mut old: HashMap<ChunkId, (PackId, IndexEntry, bool)> = HashMap::new();

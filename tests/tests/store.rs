@@ -719,3 +719,145 @@ impl Hosts {
         self.read_every_point_back(a).await;
     }
 }
+
+/// `cargo xtask bench view`: a receiver's view of the store (where every chunk is) and a
+/// commit's map work on a large volume, each against the way it was done before, rebuilt here
+/// as the baseline of the same run (a hash table holding each chunk's pack id and whole index
+/// entry; a commit that copied the volume's map and looked every chunk of the base and of the
+/// new map up). No store is needed: the view is built from indexes in memory, as
+/// `load_view` builds it from those it reads.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench view"]
+fn bench_store_view_and_commit_map_work_against_the_layout_before() {
+    use blkmirror::dr::layout::{ChunkId, ChunkLocations, Codec, IndexEntry, PackId};
+    use std::{collections::HashMap, time::Instant};
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let chunks = var("BLKMIRROR_BENCH_VIEW_CHUNKS", 8_000_000);
+    let volume_chunks = var("BLKMIRROR_BENCH_VIEW_VOLUME_CHUNKS", 7_600_000);
+    let changed = var("BLKMIRROR_BENCH_VIEW_CHANGED", 256);
+    let id = |n: u64| layout::chunk_id(&n.to_le_bytes());
+    let packs: Vec<(PackId, Vec<IndexEntry>)> = (0..chunks.div_ceil(512))
+        .map(|pack| {
+            let mut pack_id = [0xffu8; 32];
+            pack_id[..8].copy_from_slice(&pack.to_le_bytes());
+            let index = (pack * 512..((pack + 1) * 512).min(chunks))
+                .map(|n| IndexEntry {
+                    id: id(n),
+                    offset: (n % 512) * 40_000,
+                    stored_len: 40_000,
+                    raw_len: 65_536,
+                    codec: Codec::Zstd,
+                    sealed: false,
+                })
+                .collect();
+            (pack_id, index)
+        })
+        .collect();
+
+    let started = Instant::now();
+    let view = ChunkLocations::from_packs(
+        packs
+            .iter()
+            .map(|(pack, index)| (*pack, index.as_slice(), false)),
+    );
+    let load = started.elapsed();
+    let started = Instant::now();
+    let mut before: HashMap<ChunkId, (PackId, IndexEntry, bool)> = HashMap::new();
+    for (pack, index) in &packs {
+        for entry in index {
+            before
+                .entry(entry.id)
+                .or_insert((*pack, entry.clone(), false));
+        }
+    }
+    let load_before = started.elapsed();
+    let before_bytes = before.capacity() * (size_of::<(ChunkId, (PackId, IndexEntry, bool))>() + 1);
+    drop(packs);
+
+    let probes: Vec<ChunkId> = (0..1_000_000u64)
+        .map(|n| id(n.wrapping_mul(2_654_435_761) % chunks))
+        .collect();
+    let started = Instant::now();
+    assert!(probes.iter().all(|probe| view.contains(probe)));
+    let lookup = started.elapsed().as_nanos() as f64 / probes.len() as f64;
+    let started = Instant::now();
+    assert!(probes.iter().all(|probe| before.contains_key(probe)));
+    let lookup_before = started.elapsed().as_nanos() as f64 / probes.len() as f64;
+
+    // A volume whose chunks are all in the view, and a commit of `changed` chunks.
+    let map = ChunkMap {
+        seq: 5,
+        chain: 3,
+        chunks: (0..volume_chunks).map(|c| (c, id(c % chunks))).collect(),
+    };
+    let changes: BTreeMap<u64, Option<ChunkId>> = (0..changed)
+        .map(|k| ((k * 7919) % volume_chunks, Some(id((k * 31) % chunks))))
+        .collect();
+    let point = PointInfo {
+        seq: 6,
+        complete: true,
+        ..PointInfo::default()
+    };
+    let size = volume_chunks << 16;
+    // Before: the base checked whole, the map copied, the new map checked whole.
+    let started = Instant::now();
+    assert!(map.chunks.values().all(|c| before.contains_key(c)));
+    let (_, next) = map
+        .clone()
+        .next_manifest("v", point.clone(), size, 65536, &changes);
+    assert!(next.chunks.values().all(|c| before.contains_key(c)));
+    let commit_before = started.elapsed();
+    drop(next);
+    // Now: the map changed in place, the new references checked.
+    let started = Instant::now();
+    let (_, next) = map.next_manifest("v", point, size, 65536, &changes);
+    assert!(changes.values().flatten().all(|c| view.get(c).is_some()));
+    let commit = started.elapsed();
+    // A full manifest (every 32nd point) still checks every chunk.
+    let started = Instant::now();
+    assert!(view.missing(&next).is_empty());
+    let full = started.elapsed();
+
+    let mib = |bytes: u64| bytes as f64 / f64::from(1 << 20);
+    println!(
+        "store view of {chunks} chunks, commit of {changed} chunks on a volume of \
+         {volume_chunks} chunks (release build)"
+    );
+    println!("| | before | now | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| view memory, MiB | {:.0} | {:.0} | {:.2} |",
+        mib(before_bytes as u64),
+        mib(view.memory_bytes()),
+        view.memory_bytes() as f64 / before_bytes as f64
+    );
+    println!(
+        "| view load from indexes in memory, s | {:.2} | {:.2} | {:.2} |",
+        load_before.as_secs_f64(),
+        load.as_secs_f64(),
+        load.as_secs_f64() / load_before.as_secs_f64()
+    );
+    println!(
+        "| lookup of a chunk, ns | {lookup_before:.0} | {lookup:.0} | {:.2} |",
+        lookup / lookup_before
+    );
+    println!(
+        "| a commit's map work, ms | {:.1} | {:.3} | {:.5} |",
+        commit_before.as_secs_f64() * 1e3,
+        commit.as_secs_f64() * 1e3,
+        commit.as_secs_f64() / commit_before.as_secs_f64()
+    );
+    println!(
+        "a full manifest's check of the {volume_chunks} chunks now: {:.2} s",
+        full.as_secs_f64()
+    );
+    println!(
+        "Reproduce: cargo xtask bench view --chunks {chunks} --volume-chunks {volume_chunks} \
+         --changed {changed}"
+    );
+}

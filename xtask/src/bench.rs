@@ -104,6 +104,20 @@ pub enum Which {
         #[arg(long, default_value_t = 3)]
         rounds: u32,
     },
+    /// A receiver's view of the object store (memory, load, lookup) and a commit's map work
+    /// on a large volume, each against the way it was done before, rebuilt as the baseline in
+    /// the same run (release build; no store needed).
+    View {
+        /// Unique chunks in the store.
+        #[arg(long, default_value_t = 8_000_000)]
+        chunks: u64,
+        /// Chunks of the committed volume (7,600,000: 500 GB in 64 KiB chunks).
+        #[arg(long, default_value_t = 7_600_000)]
+        volume_chunks: u64,
+        /// Chunks the commit changes.
+        #[arg(long, default_value_t = 256)]
+        changed: u64,
+    },
     /// Simulated agents (the real protocol over QUIC, devices in memory) replicating at once
     /// to three receivers on one Ceph cluster, one receiver killed midway: every cycle must
     /// commit and every volume's newest point equal its device; reports commits per second
@@ -188,6 +202,22 @@ pub fn run(which: Which) -> Result<()> {
             &[
                 ("BLKMIRROR_BENCH_STORE_MIB", size_mib.to_string()),
                 ("BLKMIRROR_BENCH_STORE_ROUNDS", rounds.to_string()),
+            ],
+        ),
+        Which::View {
+            chunks,
+            volume_chunks,
+            changed,
+        } => release_bench_test(
+            "store",
+            "bench_store_view_and_commit_map_work_against_the_layout_before",
+            &[
+                ("BLKMIRROR_BENCH_VIEW_CHUNKS", chunks.to_string()),
+                (
+                    "BLKMIRROR_BENCH_VIEW_VOLUME_CHUNKS",
+                    volume_chunks.to_string(),
+                ),
+                ("BLKMIRROR_BENCH_VIEW_CHANGED", changed.to_string()),
             ],
         ),
         Which::Load {

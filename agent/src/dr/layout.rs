@@ -1282,6 +1282,19 @@ impl Slot {
     const SEALED: u8 = 1;
     const CONDEMNED: u8 = 2;
 
+    fn of(pack: u32, entry: &IndexEntry, condemned: bool) -> Slot {
+        Slot {
+            pack,
+            offset_low: entry.offset as u32,
+            offset_high: (entry.offset >> 32) as u32,
+            stored_len: entry.stored_len,
+            raw_len: entry.raw_len,
+            codec: entry.codec,
+            flags: if entry.sealed { Self::SEALED } else { 0 }
+                | if condemned { Self::CONDEMNED } else { 0 },
+        }
+    }
+
     fn condemned(&self) -> bool {
         self.flags & Self::CONDEMNED != 0
     }
@@ -1319,18 +1332,8 @@ impl ChunkLocations {
                 continue;
             }
             let pack = *number.get_or_insert_with(|| self.number_of(pack));
-            let flags = if entry.sealed { Slot::SEALED } else { 0 }
-                | if condemned { Slot::CONDEMNED } else { 0 };
-            let slot = Slot {
-                pack,
-                offset_low: entry.offset as u32,
-                offset_high: (entry.offset >> 32) as u32,
-                stored_len: entry.stored_len,
-                raw_len: entry.raw_len,
-                codec: entry.codec,
-                flags,
-            };
-            self.added.insert(entry.id, slot);
+            self.added
+                .insert(entry.id, Slot::of(pack, entry, condemned));
             if shadows {
                 self.shadowing += 1;
             }
@@ -1417,10 +1420,51 @@ impl ChunkLocations {
     }
 
     fn slot(&self, id: &ChunkId) -> Option<&Slot> {
+        if self.shadowing == 0 {
+            // No id is on both sides: the vector first, where most chunks are, without
+            // hashing the id for the table.
+            return match self.sorted_index(id) {
+                Some(at) => Some(&self.sorted[at].1),
+                None => self.added.get(id),
+            };
+        }
         match self.added.get(id) {
             Some(slot) => Some(slot),
             None => self.sorted_index(id).map(|at| &self.sorted[at].1),
         }
+    }
+
+    /// The view of these packs' indexes (`true`: condemned), built at once: one sort of
+    /// every entry, instead of the merges [`ChunkLocations::add`] makes as it grows. Each
+    /// chunk is where `add` in this order would put it (the first pack not condemned that
+    /// holds it, else the first that does).
+    pub fn from_packs<'a>(
+        packs: impl IntoIterator<Item = (PackId, &'a [IndexEntry], bool)> + Clone,
+    ) -> ChunkLocations {
+        let mut locations = ChunkLocations::default();
+        let total = packs
+            .clone()
+            .into_iter()
+            .map(|(_, index, _)| index.len())
+            .sum();
+        let mut all: Vec<(ChunkId, Slot)> = Vec::with_capacity(total);
+        for (pack, index, condemned) in packs {
+            if index.is_empty() {
+                continue;
+            }
+            let pack = locations.number_of(pack);
+            all.extend(
+                index
+                    .iter()
+                    .map(|entry| (entry.id, Slot::of(pack, entry, condemned))),
+            );
+        }
+        // Stable: of a chunk's entries, the order of the packs stays among equals.
+        all.sort_by_key(|(id, slot)| (*id, slot.condemned()));
+        all.dedup_by(|later, first| later.0 == first.0);
+        locations.sorted = all;
+        locations.build_directory();
+        locations
     }
 
     /// The number of `pack`, given it now if it has none.
@@ -1808,6 +1852,7 @@ mod tests {
         ) {
             let mut locations = ChunkLocations::default();
             let mut model: HashMap<ChunkId, (PackId, IndexEntry, bool)> = HashMap::new();
+            let mut packs: Vec<(PackId, Vec<IndexEntry>, bool)> = Vec::new();
             for (pack, entries, condemned, merge) in steps {
                 let pack = [pack; 32];
                 let mut seen = HashSet::new();
@@ -1825,6 +1870,7 @@ mod tests {
                     })
                     .collect();
                 locations.add(pack, &index, condemned);
+                packs.push((pack, index.clone(), condemned));
                 for entry in &index {
                     match model.get(&entry.id) {
                         Some((_, _, false)) => {}
@@ -1852,6 +1898,19 @@ mod tests {
                 }
             }
             proptest::prop_assert!(locations.sorted.windows(2).all(|w| w[0].0 < w[1].0));
+            // Built at once from the same packs: the same answers.
+            let built = ChunkLocations::from_packs(
+                packs.iter().map(|(pack, index, condemned)| (*pack, index.as_slice(), *condemned)),
+            );
+            proptest::prop_assert_eq!(built.len(), model.len());
+            for id in 0u8..40 {
+                let id = [id.wrapping_mul(6); 32];
+                let expected = model.get(&id);
+                proptest::prop_assert_eq!(
+                    built.get(&id),
+                    expected.map(|(pack, entry, _)| (*pack, entry.clone()))
+                );
+            }
         }
     }
 

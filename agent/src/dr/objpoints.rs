@@ -1061,13 +1061,17 @@ async fn read_new_indexes(
 /// What the store holds now: a commit deduplicates against it, a read finds chunks in it.
 pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointStoreError> {
     let read_at = Instant::now();
-    let mut locations = ChunkLocations::default();
-    let mut packs = HashMap::new();
-    for (id, pack) in read_indexes(client).await? {
-        let condemned = pack.condemned_unix_ms.is_some();
-        locations.add(id, &pack.index, condemned);
-        packs.insert(id, condemned);
-    }
+    let indexes = read_indexes(client).await?;
+    let locations = ChunkLocations::from_packs(
+        indexes
+            .iter()
+            .map(|(id, pack)| (*id, pack.index.as_slice(), pack.condemned_unix_ms.is_some())),
+    );
+    let packs = indexes
+        .iter()
+        .map(|(id, pack)| (*id, pack.condemned_unix_ms.is_some()))
+        .collect();
+    drop(indexes);
     Ok(StoreView {
         locations,
         read_at,
