@@ -1227,7 +1227,7 @@ pub fn gc_plan(
 /// Every receiver of a store holds one for the whole store (its view), so its size per chunk
 /// is what bounds the unique data a store can hold (the capacity model in ARCHITECTURE.md).
 /// Hence the compact layout:
-/// * each pack id is kept once ([`ChunkLocations::packs`]) and a chunk's entry names it by
+/// * each pack id is kept once (`packs`) and a chunk's entry names it by
 ///   number, without the copy of the chunk id an [`IndexEntry`] carries: an entry takes 56
 ///   bytes with its id, against 128 when the map held the pack id and the whole index entry;
 /// * most entries are in one vector sorted by id (`sorted`), found by a binary search of the
@@ -1267,7 +1267,7 @@ pub const MERGE_AT_LEAST: usize = 1 << 16;
 /// that a slot beside its 32-byte key takes 56 bytes, not 64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
-    /// The pack, by its number in [`ChunkLocations::packs`].
+    /// The pack, by its number in `ChunkLocations::packs`.
     pack: u32,
     offset_low: u32,
     offset_high: u32,
