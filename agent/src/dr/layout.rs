@@ -1227,16 +1227,17 @@ pub fn gc_plan(
 /// Every receiver of a store holds one for the whole store (its view), so its size per chunk
 /// is what bounds the unique data a store can hold (the capacity model in ARCHITECTURE.md).
 /// Hence the compact layout:
-/// * each pack id is kept once (`packs`) and a chunk's entry names it by
-///   number, without the copy of the chunk id an [`IndexEntry`] carries: an entry takes 56
-///   bytes with its id, against 128 when the map held the pack id and the whole index entry;
-/// * most entries are in one vector sorted by id (`sorted`), found by a binary search of the
-///   run of entries that share the first bits of the id (a directory of the runs takes a
-///   byte an entry), which takes those 56 bytes and no more. A hash table keeps 1/8 to 1/2 of its buckets spare
-///   (65 to 130 bytes an entry here), and doubles at once when it grows. What is added after
-///   the view is loaded (the packs of each commit, the indexes a refresh reads) goes to a
-///   table (`added`), which is merged into the vector, in place, once it holds a sixteenth
-///   as many entries (and at least [`MERGE_AT_LEAST`]).
+/// * each pack id is kept once (`packs`) and a chunk's entry names it by number, without the
+///   copy of the chunk id an [`IndexEntry`] carries: an entry takes 56 bytes with its id,
+///   against 128 when the map held the pack id and the whole index entry;
+/// * most entries are in one vector sorted by id (`sorted`), which takes those 56 bytes and
+///   no more, found by a binary search of the run of entries that share the first bits of
+///   the id (a directory of the runs takes a byte an entry). A hash table keeps 1/8 to 1/2
+///   of its buckets spare (65 to 130 bytes an entry here), and doubles at once when it grows;
+/// * a view is loaded at once ([`ChunkLocations::from_packs`]: one sort). What is added
+///   after (the packs of each commit, the indexes a refresh reads) goes to a table
+///   (`added`), which is merged into the vector, in place, once it holds a sixteenth as many
+///   entries (and at least [`MERGE_AT_LEAST`]).
 ///
 /// `agent/tests/view_memory.rs` counts the bytes per chunk with an allocator.
 #[derive(Debug, Default)]
