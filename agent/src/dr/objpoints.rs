@@ -1786,6 +1786,55 @@ mod tests {
         assert!(report.delta && report.manifest_bytes <= 1_000, "{report:?}");
     }
 
+    /// The fill of chunk 0 of point `seq` of volume "v", as the store holds it.
+    async fn fill_of(client: &ObjectStoreClient, seq: u64) -> u8 {
+        let (map, _) = read_point(client, "v", seq).await.unwrap();
+        let view = load_view(client).await.unwrap();
+        read_chunk(client, &view.locations, &map.chunks[&0])
+            .await
+            .unwrap()[0]
+    }
+
+    /// A manifest whose creation the store applies late (the writer's request timed out, so
+    /// it took the commit for failed) creates the point only if its name is still free: the
+    /// other writer's point is never replaced, and each point is one writer's whole.
+    #[tokio::test]
+    async fn a_manifest_the_store_applies_late_commits_the_point_whole_or_nothing() {
+        let (a, b, writes) = ObjectStoreClient::with_late_writes();
+        let mut map = ChunkMap::default();
+        for seq in 1..=2 {
+            map = commit_fill(&a, &map, seq, seq as u8).await.unwrap();
+        }
+        // A's point 3: its packs are stored, its manifest's creation times out.
+        writes.hold("volumes/v/manifests/");
+        let failed = commit_fill(&a, &map, 3, 0xaa).await;
+        assert!(
+            matches!(failed, Err(PointStoreError::Store(_))),
+            "{failed:?}"
+        );
+        // B, the next writer, finds point 2 the newest and commits its own point 3.
+        assert_eq!(list_points(&b, "v").await.unwrap(), vec![1, 2]);
+        let (base, _) = read_point(&b, "v", 2).await.unwrap();
+        let b3 = commit_fill(&b, &base, 3, 0xbb).await.unwrap();
+        // A's request lands now: the name is taken, so nothing changes.
+        assert_eq!(writes.release().await, vec![false]);
+        assert_eq!(fill_of(&b, 3).await, 0xbb);
+
+        // The other order: A's point 4 lands before B tries its own 4. B is refused, and the
+        // store's point 4 is A's.
+        writes.hold("volumes/v/manifests/");
+        let (a3, _) = read_point(&a, "v", 3).await.unwrap();
+        assert!(commit_fill(&a, &a3, 4, 0xaa).await.is_err());
+        assert_eq!(writes.release().await, vec![true]);
+        let refused = commit_fill(&b, &b3, 4, 0xbb).await;
+        assert!(
+            matches!(refused, Err(PointStoreError::Conflict { seq: 4, .. })),
+            "{refused:?}"
+        );
+        assert_eq!(fill_of(&b, 4).await, 0xaa);
+        assert_eq!(list_points(&b, "v").await.unwrap(), vec![1, 2, 3, 4]);
+    }
+
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
     async fn commit_fill(
         client: &ObjectStoreClient,

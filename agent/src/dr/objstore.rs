@@ -219,6 +219,20 @@ impl ObjectStoreClient {
         }
     }
 
+    /// A client of an in-process store that applies the writes under a prefix late, when
+    /// the test says (see [`late::LateWrites`]); and a plain client of the same store, for
+    /// another writer.
+    #[cfg(test)]
+    pub fn with_late_writes() -> (Self, Self, late::LateWrites) {
+        let inner = Arc::new(object_store::memory::InMemory::new());
+        let (store, writes) = late::LateStore::over(inner.clone());
+        let client = |store: Arc<dyn ObjectStore>| Self {
+            store,
+            sealing: crate::dr::layout::Sealing::plain(),
+        };
+        (client(Arc::new(store)), client(inner), writes)
+    }
+
     /// How this client names and seals chunks (the `[store]` encryption key, if any).
     pub fn sealing(&self) -> &crate::dr::layout::Sealing {
         &self.sealing
@@ -496,5 +510,216 @@ fn listing_error(prefix: &str) -> impl FnOnce(object_store::Error) -> StoreError
         what: "listing",
         key: prefix.to_owned(),
         source,
+    }
+}
+
+/// A store that applies some writes late, as a real one may: a request that timed out at the
+/// client (which reports it failed) can still be applied by the store afterwards, with its
+/// conditions checked then. Unit tests hold the writes under a prefix and release them when
+/// the scenario needs them to land.
+#[cfg(test)]
+pub mod late {
+    use std::sync::{Arc, Mutex};
+
+    use futures_util::stream::BoxStream;
+    use object_store::{
+        CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+        PutMultipartOptions, PutOptions, PutPayload, PutResult, Result, memory::InMemory,
+        path::Path,
+    };
+
+    #[derive(Debug, Default)]
+    struct Held {
+        prefix: Option<String>,
+        writes: Vec<(Path, PutPayload, PutOptions)>,
+    }
+
+    /// The test's handle on a [`LateStore`]'s held writes.
+    #[derive(Debug, Clone)]
+    pub struct LateWrites {
+        inner: Arc<InMemory>,
+        held: Arc<Mutex<Held>>,
+    }
+
+    impl LateWrites {
+        /// From now on, writes to keys under `prefix` fail at the client and are kept.
+        pub fn hold(&self, prefix: &str) {
+            self.held.lock().expect("held").prefix = Some(prefix.to_owned());
+        }
+
+        /// The store applies the kept writes now, in the order they were sent, each with its
+        /// condition checked now; writes are no longer held. Returns whether each was applied.
+        pub async fn release(&self) -> Vec<bool> {
+            let writes = {
+                let mut held = self.held.lock().expect("held");
+                held.prefix = None;
+                std::mem::take(&mut held.writes)
+            };
+            let mut applied = Vec::new();
+            for (location, payload, options) in writes {
+                applied.push(
+                    self.inner
+                        .put_opts(&location, payload, options)
+                        .await
+                        .is_ok(),
+                );
+            }
+            applied
+        }
+    }
+
+    /// An in-memory store whose writes under the held prefix are applied late.
+    #[derive(Debug)]
+    pub struct LateStore {
+        inner: Arc<InMemory>,
+        held: Arc<Mutex<Held>>,
+    }
+
+    impl LateStore {
+        /// A store over `inner`, and the handle on its held writes.
+        pub fn over(inner: Arc<InMemory>) -> (LateStore, LateWrites) {
+            let held = Arc::new(Mutex::new(Held::default()));
+            (
+                LateStore {
+                    inner: inner.clone(),
+                    held: held.clone(),
+                },
+                LateWrites { inner, held },
+            )
+        }
+    }
+
+    impl std::fmt::Display for LateStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "LateStore({})", self.inner)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for LateStore {
+        async fn put_opts(
+            &self,
+            location: &Path,
+            payload: PutPayload,
+            opts: PutOptions,
+        ) -> Result<PutResult> {
+            {
+                let mut held = self.held.lock().expect("held");
+                if held
+                    .prefix
+                    .as_deref()
+                    .is_some_and(|prefix| location.as_ref().starts_with(prefix))
+                {
+                    held.writes.push((location.clone(), payload, opts));
+                    return Err(object_store::Error::Generic {
+                        store: "late",
+                        source: "the request timed out (the store applies it later)".into(),
+                    });
+                }
+            }
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(
+            &self,
+            location: &Path,
+            opts: PutMultipartOptions,
+        ) -> Result<Box<dyn MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(&self, location: &Path, options: GetOptions) -> Result<GetResult> {
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(
+            &self,
+            locations: BoxStream<'static, Result<Path>>,
+        ) -> BoxStream<'static, Result<Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewal the store applies late is a renewal only if nobody replaced the lease since:
+    /// the receiver that took an expired lease over keeps it, and the late writer sees that.
+    #[tokio::test]
+    async fn a_lease_renewal_the_store_applies_late_never_takes_the_lease_back() {
+        let (a, b, writes) = ObjectStoreClient::with_late_writes();
+        let key = lease_key("v");
+        let minute = 60_000;
+        let holder = |outcome: &LeaseOutcome| match outcome {
+            LeaseOutcome::Holding(record) => Some((record.holder.clone(), record.token)),
+            _ => None,
+        };
+        let first = a.acquire_lease_at(&key, "v", "a", 0, minute).await.unwrap();
+        assert_eq!(holder(&first), Some(("a".into(), 1)));
+        // A's renewal at 30 s times out at the client; the store keeps the request.
+        writes.hold(&key);
+        assert!(
+            a.acquire_lease_at(&key, "v", "a", 30_000, minute)
+                .await
+                .is_err()
+        );
+        // B takes the lease over once it has expired by the record it reads.
+        let taken = b
+            .acquire_lease_at(&key, "v", "b", 61_000, minute)
+            .await
+            .unwrap();
+        assert_eq!(holder(&taken), Some(("b".into(), 2)));
+        // A's renewal lands now: the version it was to replace is gone.
+        assert_eq!(writes.release().await, vec![false]);
+        let seen = a
+            .acquire_lease_at(&key, "v", "a", 62_000, minute)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&seen, LeaseOutcome::Held { holder, expires_ms: 121_000 } if holder == "b"),
+            "{seen:?}"
+        );
+
+        // The other order: A takes it back after B's lease ends, renews, and the store applies
+        // the renewal late but before anyone else writes: a renewal like any other.
+        let back = a
+            .acquire_lease_at(&key, "v", "a", 130_000, minute)
+            .await
+            .unwrap();
+        assert_eq!(holder(&back), Some(("a".into(), 3)));
+        writes.hold(&key);
+        assert!(
+            a.acquire_lease_at(&key, "v", "a", 150_000, minute)
+                .await
+                .is_err()
+        );
+        assert_eq!(writes.release().await, vec![true]);
+        let kept_off = b
+            .acquire_lease_at(&key, "v", "b", 191_000, minute)
+            .await
+            .unwrap();
+        assert!(
+            matches!(&kept_off, LeaseOutcome::Held { holder, expires_ms: 210_000 } if holder == "a"),
+            "{kept_off:?}"
+        );
+        let renewed = a
+            .acquire_lease_at(&key, "v", "a", 192_000, minute)
+            .await
+            .unwrap();
+        assert_eq!(holder(&renewed), Some(("a".into(), 3)), "the same token");
     }
 }
