@@ -546,17 +546,13 @@ pub async fn create_manifest(
     }
     report.delta = manifest.base.is_some();
     let bytes = layout::encode_manifest(&manifest);
-    // Never a manifest that no receiver would read back.
-    let limit = settings.max_manifest_bytes.min(MAX_MANIFEST_BYTES);
-    if bytes.len() > limit {
-        return Err(PointStoreError::ManifestTooLarge {
-            volume: point.volume.to_owned(),
-            seq,
-            bytes: bytes.len(),
-            chunks: manifest.entries.len(),
-            limit,
-        });
-    }
+    check_manifest_size(
+        point.volume,
+        seq,
+        &bytes,
+        manifest.entries.len(),
+        settings.max_manifest_bytes,
+    )?;
     report.manifest_bytes = bytes.len() as u64;
     match client
         .put_if_absent(&layout::manifest_key(point.volume, seq), bytes)
@@ -595,6 +591,29 @@ async fn read_manifest_tagged(
     let manifest = layout::decode_manifest(&bytes).map_err(layout_error(&key))?;
     check_manifest_names(key, (&manifest.volume, manifest.seq), (volume, seq))?;
     Ok((manifest, e_tag))
+}
+
+/// Refuses an encoded manifest over `limit` (never over [`MAX_MANIFEST_BYTES`], which is what
+/// every reader accepts): a manifest written past it would be a point that no receiver, restore
+/// or retention run could ever read back.
+fn check_manifest_size(
+    volume: &str,
+    seq: u64,
+    encoded: &[u8],
+    chunks: usize,
+    limit: usize,
+) -> Result<(), PointStoreError> {
+    let limit = limit.min(MAX_MANIFEST_BYTES);
+    if encoded.len() > limit {
+        return Err(PointStoreError::ManifestTooLarge {
+            volume: volume.to_owned(),
+            seq,
+            bytes: encoded.len(),
+            chunks,
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// A manifest under another point's name (`key` names `wanted`, the manifest holds `held`)
@@ -806,15 +825,13 @@ pub async fn prune_run(
         let key = layout::manifest_key(volume, run.next);
         if let Some(spliced) = layout::splice(&dropped, &next).map_err(layout_error(&key))? {
             let encoded = layout::encode_manifest(&spliced);
-            if encoded.len() > MAX_MANIFEST_BYTES {
-                return Err(PointStoreError::ManifestTooLarge {
-                    volume: volume.to_owned(),
-                    seq: run.next,
-                    bytes: encoded.len(),
-                    chunks: spliced.entries.len(),
-                    limit: MAX_MANIFEST_BYTES,
-                });
-            }
+            check_manifest_size(
+                volume,
+                run.next,
+                &encoded,
+                spliced.entries.len(),
+                MAX_MANIFEST_BYTES,
+            )?;
             before_deadline(run.next)?;
             let replaced = match &e_tag {
                 Some(e_tag) => client.replace_if_unchanged(&key, encoded, e_tag).await?,
