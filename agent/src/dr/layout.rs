@@ -1164,7 +1164,9 @@ pub struct GcPlan {
 ///   against condemned packs from then on, and a commit must land within the grace of the
 ///   moment it read the pack indexes (`objpoints` enforces it).
 /// * A condemned pack is deleted when a later collection, at least `grace_ms` after the
-///   condemnation, still finds it not needed; if a commit made it needed, it is revived.
+///   condemnation, still finds it not needed; if a commit made it needed, it is revived. The
+///   condemnation's time is when writers could first see it (`objpoints` takes the later of
+///   the marker's own time and the store's: a marker the store applied late counts from then).
 /// * A needed pack whose live bytes are under `repack_below` of its stored bytes is repacked.
 pub fn gc_plan(
     packs: &BTreeMap<PackId, PackInfo>,

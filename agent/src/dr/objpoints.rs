@@ -975,12 +975,16 @@ async fn list_packs(
         .collect())
 }
 
-/// The condemnation markers: pack id → when it was condemned (Unix milliseconds).
+/// The condemnation markers: pack id → when it was condemned (Unix milliseconds): the later
+/// of the time the marker holds (when the collection decided) and the time the store shows
+/// it written. A marker the store applies late (the collection's request timed out) is seen
+/// by writers only from then, and a writer whose view was read before may deduplicate into
+/// the pack for up to `max_view_age` after: the grace runs from when writers could see it.
 async fn list_condemned(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, u64>, PointStoreError> {
     let mut condemned = BTreeMap::new();
-    for (key, _, _) in client.list("condemned").await? {
+    for (key, _, written) in client.list("condemned").await? {
         let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
             continue;
         };
@@ -997,7 +1001,7 @@ async fn list_condemned(
                     detail: "not a time in milliseconds".to_owned(),
                 },
             })?;
-        condemned.insert(id, at);
+        condemned.insert(id, written.max(at));
     }
     Ok(condemned)
 }
@@ -1850,6 +1854,85 @@ mod tests {
         );
         assert_eq!(fill_of(&b, 4).await, 0xaa);
         assert_eq!(list_points(&b, "v").await.unwrap(), vec![1, 2, 3, 4]);
+    }
+
+    /// A condemnation the store applies late (the collection's request timed out, so the
+    /// collection stopped there) counts its grace from when the store applied it, not from
+    /// when the collection decided: until then a writer's view shows the pack as not
+    /// condemned, and a commit may deduplicate into it for up to `max_view_age` after. Timed
+    /// from the decision, the grace would be spent in part before anyone could see it, and a
+    /// collection could delete the pack under that commit.
+    #[tokio::test]
+    async fn a_condemnation_the_store_applies_late_counts_its_grace_from_when_it_landed() {
+        let (a, b, writes) = ObjectStoreClient::with_late_writes();
+        let grace = Duration::from_millis(1500);
+        let settings = GcSettings {
+            grace_ms: grace.as_millis() as u64,
+            repack_below: 0.0,
+            pack: PackSettings::default(),
+            dry_run: false,
+        };
+        // A pack no point references: a commit stored it and failed before its manifest.
+        let content = BTreeMap::from([(0, vec![0x77; 4096])]);
+        let mut view = load_view(&a).await.unwrap();
+        let mut upload = Upload::default();
+        upload_changes(
+            &a,
+            &mut view,
+            &content,
+            PackSettings::default(),
+            &mut upload,
+        )
+        .await
+        .unwrap();
+        assert_eq!(upload.report.packs, 1);
+        tokio::time::sleep(grace + Duration::from_millis(100)).await;
+        // A collection condemns it, and the store applies the marker late.
+        writes.hold("condemned/");
+        let failed = collect_garbage(&a, now_ms(), &settings).await;
+        assert!(
+            matches!(failed, Err(PointStoreError::Store(_))),
+            "{failed:?}"
+        );
+        // Writer B reads the store meanwhile: the pack is there, not condemned.
+        let mut b_view = load_view(&b).await.unwrap();
+        let id = a.sealing().chunk_id(&content[&0]);
+        assert!(b_view.locations.contains(&id));
+        tokio::time::sleep(grace + Duration::from_millis(100)).await;
+        assert_eq!(writes.release().await, vec![true]);
+        // More than the grace after the decision, but just after the marker landed: kept.
+        let collected = collect_garbage(&a, now_ms(), &settings).await.unwrap();
+        assert_eq!(collected.deleted, 0, "{collected:?}");
+        // B commits point 1 with the same content, deduplicated into the pack.
+        let (report, _) = commit_point(
+            &b,
+            &mut b_view,
+            &ChunkMap::default(),
+            PointToCommit {
+                volume: "v",
+                size_bytes: 1 << 20,
+                chunk_bytes: 4096,
+                point: PointInfo {
+                    seq: 1,
+                    complete: true,
+                    ..PointInfo::default()
+                },
+                changes: &content,
+            },
+            PackSettings::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.deduplicated_chunks, report.packs), (1, 0));
+        // A collection past the grace revives the pack, and the point reads.
+        let later = now_ms() + settings.grace_ms;
+        let collected = collect_garbage(&a, later, &settings).await.unwrap();
+        assert_eq!(
+            (collected.revived, collected.deleted),
+            (1, 0),
+            "{collected:?}"
+        );
+        assert_eq!(fill_of(&b, 1).await, 0x77);
     }
 
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
