@@ -515,7 +515,7 @@ mod tests {
         // A pack of two chunks (one compressible), its index, and a full and a delta manifest.
         {
             use crate::dr::layout::{self, ChunkMap, PackBuilder};
-            let mut pack = PackBuilder::new(1 << 20);
+            let mut pack = PackBuilder::new(1 << 20, [0; layout::PACK_SALT_BYTES]);
             let plain = layout::Sealing::plain();
             let text = pack
                 .add(&b"blkmirror ".repeat(410), Some(3), &plain)
@@ -523,7 +523,7 @@ mod tests {
             let other = pack.add(&[7u8; 4096], None, &plain).unwrap();
             let pack = pack.finish();
             write("store_layout", "pack", &pack.bytes);
-            let mut sealed = PackBuilder::new(1 << 20);
+            let mut sealed = PackBuilder::new(1 << 20, [0; layout::PACK_SALT_BYTES]);
             sealed
                 .add(&b"blkmirror ".repeat(410), Some(3), &fuzz_sealing())
                 .unwrap();

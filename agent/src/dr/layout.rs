@@ -11,7 +11,11 @@
 //! * **Pack** (`packs/ID`). Many chunks in one object of tens of MiB (one PUT per many chunks;
 //!   object stores charge and slow down per request), each stored raw or zstd-compressed,
 //!   followed by the pack's index and a trailer. `ID` is the BLAKE3 hash of the whole object:
-//!   a pack written twice (a retried upload) is the same object.
+//!   a request retried is the same object. A random salt follows the pack's header
+//!   ([`PACK_SALT_BYTES`]), so that two packs of the same chunks are two objects: a commit
+//!   that stores again the chunks of a condemned pack must not find that pack "already
+//!   there" and reference it, since a collection may be deleting it (readers find chunks by
+//!   the index's offsets, so packs written before the salt, without it, read the same).
 //! * **Index** (`index/ID`). The pack's table of chunk id → where, how long, which codec. The
 //!   same bytes end the pack, so a lost index object can be rebuilt from its pack; the copy
 //!   alone lets a receiver learn what the store holds without reading packs. Checksummed.
@@ -51,6 +55,9 @@ pub type PackId = [u8; 32];
 
 /// A full manifest after this many deltas: a read walks at most this many manifests.
 pub const FULL_EVERY: u64 = 32;
+
+/// Bytes of the random salt after a pack's header (see the module docs, "Pack").
+pub const PACK_SALT_BYTES: usize = 16;
 
 /// The most chunks one pack holds (an index stays under 1 MiB).
 pub const MAX_PACK_CHUNKS: usize = 16_384;
@@ -306,11 +313,14 @@ pub struct Pack {
 }
 
 impl PackBuilder {
-    /// An empty pack that asks to be finished past `target_bytes`.
-    pub fn new(target_bytes: usize) -> Self {
+    /// An empty pack that asks to be finished past `target_bytes`, its header followed by
+    /// `salt`: random for every pack written, so that no pack is ever the same object as
+    /// another (see the module docs, "Pack").
+    pub fn new(target_bytes: usize, salt: [u8; PACK_SALT_BYTES]) -> Self {
         let mut bytes = Vec::with_capacity(target_bytes.min(64 << 20) + 4096);
         bytes.extend_from_slice(PACK_MAGIC);
         bytes.push(VERSION);
+        bytes.extend_from_slice(&salt);
         Self {
             bytes,
             entries: Vec::new(),
@@ -1597,7 +1607,7 @@ mod tests {
 
     #[test]
     fn a_pack_stores_each_chunk_once_and_reads_back_checked() {
-        let mut builder = PackBuilder::new(1 << 20);
+        let mut builder = PackBuilder::new(1 << 20, [7; PACK_SALT_BYTES]);
         let text = b"blkmirror ".repeat(6554)[..65536].to_vec();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let random: Vec<u8> = (0..65536)
@@ -1655,9 +1665,49 @@ mod tests {
         );
     }
 
+    /// Two packs of the same chunks are two objects (their salts differ), and a pack written
+    /// before the salt (its first chunk right after the header) reads as before.
+    #[test]
+    fn packs_of_the_same_chunks_differ_by_their_salt_and_unsalted_ones_still_read() {
+        let content = b"salted ".repeat(600);
+        let build = |salt: [u8; PACK_SALT_BYTES]| {
+            let mut builder = PackBuilder::new(1 << 20, salt);
+            builder.add(&content, Some(3), &Sealing::plain()).unwrap();
+            builder.add(&[9; 4096], None, &Sealing::plain()).unwrap();
+            builder.finish()
+        };
+        let (one, other) = (build([1; PACK_SALT_BYTES]), build([2; PACK_SALT_BYTES]));
+        assert_ne!(one.id, other.id);
+        assert_eq!(one.bytes.len(), other.bytes.len());
+        assert_eq!(one.index[0].offset, 5 + PACK_SALT_BYTES as u64);
+        // The unsalted form: header, chunks, index (offsets 16 lower), trailer.
+        let index: Vec<IndexEntry> = one
+            .index
+            .iter()
+            .map(|entry| IndexEntry {
+                offset: entry.offset - PACK_SALT_BYTES as u64,
+                ..entry.clone()
+            })
+            .collect();
+        let chunks_end = one.index.last().map(|e| e.offset + u64::from(e.stored_len));
+        let mut unsalted = one.bytes[..5].to_vec();
+        unsalted.extend_from_slice(&one.bytes[5 + PACK_SALT_BYTES..chunks_end.unwrap() as usize]);
+        let encoded = encode_index(&index);
+        unsalted.extend_from_slice(&encoded);
+        unsalted.extend_from_slice(&(encoded.len() as u32).to_le_bytes());
+        unsalted.extend_from_slice(PACK_MAGIC);
+        assert_eq!(index_of_pack(&unsalted).unwrap(), index);
+        let first = &index[0];
+        let stored = &unsalted[first.offset as usize..][..first.stored_len as usize];
+        assert_eq!(
+            chunk_from_stored(stored, first, &Sealing::plain()).unwrap(),
+            content
+        );
+    }
+
     #[test]
     fn damaged_or_lying_indexes_are_refused() {
-        let mut builder = PackBuilder::new(1 << 20);
+        let mut builder = PackBuilder::new(1 << 20, [7; PACK_SALT_BYTES]);
         builder
             .add(&content(1, 4096), None, &Sealing::plain())
             .unwrap();
@@ -2108,7 +2158,7 @@ mod tests {
         let key = Sealing::encrypted(&[42; 32]);
         let other = Sealing::encrypted(&[43; 32]);
         let text = b"the quick brown fox ".repeat(3277)[..65536].to_vec();
-        let mut builder = PackBuilder::new(1 << 20);
+        let mut builder = PackBuilder::new(1 << 20, [7; PACK_SALT_BYTES]);
         let id = builder.add(&text, Some(3), &key).unwrap();
         let again = builder.add(&content(5, 4096), None, &key).unwrap();
         // Keyed ids: not the plain hash, not another key's, the same for the same content.
@@ -2155,7 +2205,7 @@ mod tests {
         );
         // Sealing is deterministic (two receivers storing one chunk store the same bytes),
         // and the key check tells keys apart without showing them.
-        let mut twice = PackBuilder::new(1 << 20);
+        let mut twice = PackBuilder::new(1 << 20, [7; PACK_SALT_BYTES]);
         twice.add(&text, Some(3), &key).unwrap();
         let twice = twice.finish();
         let entry = &twice.index[0];

@@ -210,6 +210,9 @@ pub enum PointStoreError {
         /// The point whose manifest it was about to write.
         seq: u64,
     },
+    /// The system's random source failed (a pack's salt could not be drawn).
+    #[error("object store: the system's random source failed; no pack was written")]
+    Random,
 }
 
 fn layout_error(key: &str) -> impl FnOnce(LayoutError) -> PointStoreError + '_ {
@@ -289,6 +292,14 @@ pub struct PointToCommit<'a> {
     pub changes: &'a BTreeMap<u64, Vec<u8>>,
 }
 
+/// An empty pack with a fresh random salt ([`layout::PACK_SALT_BYTES`]).
+fn new_pack(target_bytes: usize) -> Result<PackBuilder, PointStoreError> {
+    let mut salt = [0; layout::PACK_SALT_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| PointStoreError::Random)?;
+    Ok(PackBuilder::new(target_bytes, salt))
+}
+
 async fn upload_pack(
     client: &ObjectStoreClient,
     builder: PackBuilder,
@@ -299,7 +310,8 @@ async fn upload_pack(
     let index = layout::encode_index(&pack.index);
     report.packs += 1;
     report.uploaded_bytes += (pack.bytes.len() + index.len()) as u64;
-    // Content-addressed: a pack (or index) of this name already there is this very object.
+    // Named by its content, salt included: a pack (or index) of this name already there is
+    // this very object, created by a try of this request that timed out.
     client
         .put_if_absent(&layout::pack_key(&pack.id), pack.bytes)
         .await?;
@@ -420,13 +432,13 @@ pub async fn store_batch(
 ) -> Result<Stored, PointStoreError> {
     let mut locations = ChunkLocations::default();
     let mut stored = Vec::new();
-    let mut builder = PackBuilder::new(settings.target_bytes);
+    let mut builder = new_pack(settings.target_bytes)?;
     for content in &to_store.0 {
         builder
             .add(content, settings.level, client.sealing())
             .map_err(layout_error("a pack being built"))?;
         if builder.is_full() {
-            let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
+            let full = std::mem::replace(&mut builder, new_pack(settings.target_bytes)?);
             stored.push(upload_pack(client, full, &mut locations, &mut upload.report).await?);
         }
     }
@@ -462,7 +474,7 @@ pub async fn upload_changes(
     let locations = &mut view.locations;
     let report = &mut upload.report;
     report.changed_chunks += changes.len() as u64;
-    let mut builder = PackBuilder::new(settings.target_bytes);
+    let mut builder = new_pack(settings.target_bytes)?;
     for (&chunk, content) in changes {
         if content.iter().all(|&b| b == 0) {
             upload.references.insert(chunk, None);
@@ -478,7 +490,7 @@ pub async fn upload_changes(
             .add(content, settings.level, client.sealing())
             .map_err(layout_error("a pack being built"))?;
         if builder.is_full() {
-            let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
+            let full = std::mem::replace(&mut builder, new_pack(settings.target_bytes)?);
             upload_pack(client, full, locations, report).await?;
         }
     }
@@ -1338,7 +1350,7 @@ async fn repack(
         .collect();
     let mut written = CommitReport::default();
     let mut locations = ChunkLocations::default();
-    let mut builder = PackBuilder::new(settings.target_bytes);
+    let mut builder = new_pack(settings.target_bytes)?;
     for id in sparse {
         let key = layout::pack_key(id);
         let Some((bytes, _)) = client.get(&key, MAX_PACK_BYTES).await? else {
@@ -1362,7 +1374,7 @@ async fn repack(
                 .add(&content, settings.level, client.sealing())
                 .map_err(layout_error("a repacked pack"))?;
             if builder.is_full() {
-                let full = std::mem::replace(&mut builder, PackBuilder::new(settings.target_bytes));
+                let full = std::mem::replace(&mut builder, new_pack(settings.target_bytes)?);
                 upload_pack(client, full, &mut locations, &mut written).await?;
             }
         }
@@ -1933,6 +1945,101 @@ mod tests {
             "{collected:?}"
         );
         assert_eq!(fill_of(&b, 1).await, 0x77);
+    }
+
+    /// A commit that stores again the chunks of a condemned pack, in the same order, builds a
+    /// pack of the same content. Were packs named by their content alone, the store would
+    /// answer that the pack exists, and the commit would reference the condemned pack, which a
+    /// collection that decided before the commit's manifest landed deletes under it. So each
+    /// pack carries a random salt: a new pack is always a new object.
+    #[tokio::test]
+    async fn a_commit_that_stores_a_condemned_packs_chunks_again_stores_its_own_pack() {
+        let client = ObjectStoreClient::in_memory();
+        let grace_ms = 1000;
+        let settings = GcSettings {
+            grace_ms,
+            repack_below: 0.0,
+            pack: PackSettings::default(),
+            dry_run: false,
+        };
+        let content = BTreeMap::from([(0, vec![0x55; 4096]), (1, vec![0x66; 4096])]);
+        // A pack no point references (a commit stored it and failed before its manifest),
+        // condemned by a collection.
+        let mut view = load_view(&client).await.unwrap();
+        let mut upload = Upload::default();
+        upload_changes(
+            &client,
+            &mut view,
+            &content,
+            PackSettings::default(),
+            &mut upload,
+        )
+        .await
+        .unwrap();
+        let start = now_ms();
+        let collected = collect_garbage(&client, start + grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(collected.condemned, 1, "{collected:?}");
+        // A writer finds it condemned, so it stores the same chunks again.
+        let mut view = load_view(&client).await.unwrap();
+        assert!(
+            !view
+                .locations
+                .contains(&client.sealing().chunk_id(&content[&0]))
+        );
+        let mut upload = Upload::default();
+        upload_changes(
+            &client,
+            &mut view,
+            &content,
+            PackSettings::default(),
+            &mut upload,
+        )
+        .await
+        .unwrap();
+        assert_eq!(upload.report.packs, 1);
+        // A collection marks before the writer's manifest lands: it deletes the condemned
+        // pack, and condemns the writer's (old enough by the collection's clock, not needed).
+        let collected = collect_garbage(&client, start + 2 * grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(
+            (collected.deleted, collected.condemned),
+            (1, 1),
+            "{collected:?}"
+        );
+        create_manifest(
+            &client,
+            &view,
+            ChunkMap::default(),
+            ManifestToCreate {
+                volume: "v",
+                size_bytes: 1 << 20,
+                chunk_bytes: 4096,
+                point: PointInfo {
+                    seq: 1,
+                    complete: true,
+                    ..PointInfo::default()
+                },
+            },
+            upload,
+            PackSettings::default(),
+        )
+        .await
+        .unwrap();
+        // The point reads from the writer's pack, which the next collection revives.
+        assert_eq!(fill_of(&client, 1).await, 0x55);
+        let collected = collect_garbage(&client, start + 3 * grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(
+            (collected.revived, collected.deleted),
+            (1, 0),
+            "{collected:?}"
+        );
+        assert_eq!(fill_of(&client, 1).await, 0x55);
+        every_point_reads(&client).await.unwrap();
     }
 
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
