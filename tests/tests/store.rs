@@ -162,6 +162,7 @@ fn one_writer_per_volume_and_deduplicated_points_hold_through_races_deaths_and_a
         hosts.commit_with_a_node_down(&b).await;
         hosts.collect_garbage_while_committing(&a, &b).await;
         hosts.prune_then_repack_while_committing(&a, &b).await;
+        clear_strays(&a).await;
         let renewed = b
             .acquire_lease("v1", "receiver-b", now_ms(), 30_000)
             .await
@@ -262,6 +263,73 @@ async fn encrypted_points_dedup_and_show_nothing(cluster: &CephCluster) {
 
 /// A collection as the tests run it: a short grace (the tests' commits are quick), packs
 /// under a fifth live repacked.
+/// What a stopped collection or writer leaves, on the real store, cleared by a collection
+/// once it is older than the grace (by the store's listing times): an index and a
+/// condemnation marker of a pack that is gone are deleted, and a pack without its index gets
+/// it again (then it is judged like any other: no point needs it, so it is condemned).
+async fn clear_strays(client: &ObjectStoreClient) {
+    const GRACE_MS: u64 = 3_000;
+    let mut builder = layout::PackBuilder::new(1 << 20, [0xab; layout::PACK_SALT_BYTES]);
+    builder
+        .add(&chunk_content(900_001), None, client.sealing())
+        .expect("a chunk");
+    let unindexed = builder.finish();
+    client
+        .put_if_absent(&layout::pack_key(&unindexed.id), unindexed.bytes.clone())
+        .await
+        .expect("a pack without its index");
+    let gone = [0xcd; 32];
+    let orphans = [
+        layout::index_key(&gone),
+        format!("condemned/{}", layout::hex(&gone)),
+    ];
+    client
+        .put_if_absent(&orphans[0], layout::encode_index(&unindexed.index))
+        .await
+        .expect("an index whose pack is gone");
+    client
+        .put_if_absent(&orphans[1], now_ms().to_string().into_bytes())
+        .await
+        .expect("a marker whose pack is gone");
+    let young = objpoints::collect_garbage(client, now_ms(), &gc_settings(GRACE_MS))
+        .await
+        .expect("a collection");
+    assert_eq!(
+        (young.strays_deleted, young.indexes_rebuilt),
+        (0, 0),
+        "{young:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(GRACE_MS + 500)).await;
+    let old = objpoints::collect_garbage(client, now_ms(), &gc_settings(GRACE_MS))
+        .await
+        .expect("a collection");
+    eprintln!("strays: {old:?}");
+    assert_eq!((old.strays_deleted, old.indexes_rebuilt), (2, 1), "{old:?}");
+    for key in &orphans {
+        assert!(
+            client.get(key, 1 << 20).await.expect("read").is_none(),
+            "{key}"
+        );
+    }
+    let (index, _) = client
+        .get(&layout::index_key(&unindexed.id), 1 << 20)
+        .await
+        .expect("read")
+        .expect("the index, rebuilt");
+    assert_eq!(
+        layout::decode_index(&index, None).expect("an index"),
+        unindexed.index
+    );
+    assert!(
+        client
+            .get(&format!("condemned/{}", layout::hex(&unindexed.id)), 64)
+            .await
+            .expect("read")
+            .is_some(),
+        "the pack, indexed again, is judged and condemned"
+    );
+}
+
 fn gc_settings(grace_ms: u64) -> GcSettings {
     GcSettings {
         grace_ms,

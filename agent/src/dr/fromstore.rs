@@ -436,6 +436,8 @@ pub fn collect(store: &StoreConfig, dry_run: bool, json: bool) -> Result<(), Ops
                 "repack_bytes": report.repack_bytes,
                 "young": report.young,
                 "tombstones_swept": report.tombstones_swept,
+                "strays_deleted": report.strays_deleted,
+                "indexes_rebuilt": report.indexes_rebuilt,
                 "elapsed_ms": started.elapsed().as_millis() as u64,
             })
         );

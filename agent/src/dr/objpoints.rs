@@ -1237,6 +1237,12 @@ pub struct GcReport {
     pub young: usize,
     /// Tombstones of dropped points deleted (older than [`layout::TOMBSTONE_KEEP_MS`]).
     pub tombstones_swept: u64,
+    /// Index objects and condemnation markers deleted whose pack is gone (a collection
+    /// stopped between deleting a pack and deleting them).
+    pub strays_deleted: usize,
+    /// Packs whose index object was missing (a writer stopped between the two uploads),
+    /// given it again from the copy at the pack's end, so that the collection can judge them.
+    pub indexes_rebuilt: usize,
 }
 
 /// How a collection runs.
@@ -1266,6 +1272,82 @@ fn condemned_key(id: &PackId) -> String {
     format!("condemned/{}", layout::hex(id))
 }
 
+/// What stopped collections and commits leave behind, older than the grace.
+#[derive(Debug, Default)]
+struct Strays {
+    /// Index objects and condemnation markers whose pack is gone: a collection deletes a
+    /// pack first, then its index, then its marker, and may stop in between. Readers ignore
+    /// them, so without this they would stay forever (an index is up to 800 KB, and every
+    /// view load reads every marker).
+    orphans: Vec<String>,
+    /// Packs without an index object: a writer uploads the pack, then the index, and may
+    /// stop in between. No view knows their chunks, so no collection would ever judge them.
+    unindexed: Vec<PackId>,
+}
+
+/// Finds the strays among the objects at `now_ms`, from `packs` (listed before). Only those
+/// older than `grace_ms` are taken, which is what makes the listings' order safe: a pack
+/// written after its listing, with its index before the index listing, has a young index;
+/// and a writer sends a pack's index right after the pack, so an old pack without one will
+/// not get it.
+async fn find_strays(
+    client: &ObjectStoreClient,
+    packs: &BTreeMap<PackId, (u64, u64)>,
+    now_ms: u64,
+    grace_ms: u64,
+) -> Result<Strays, PointStoreError> {
+    let (indexes, markers) = tokio::join!(client.list("index"), client.list("condemned"));
+    let old = |written: u64| now_ms.saturating_sub(written) >= grace_ms;
+    let mut strays = Strays::default();
+    let mut indexed = HashSet::new();
+    for (key, _, written) in indexes? {
+        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
+            continue;
+        };
+        indexed.insert(id);
+        if !packs.contains_key(&id) && old(written) {
+            strays.orphans.push(key);
+        }
+    }
+    for (key, _, written) in markers? {
+        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
+            continue;
+        };
+        if !packs.contains_key(&id) && old(written) {
+            strays.orphans.push(key);
+        }
+    }
+    strays.unindexed = packs
+        .iter()
+        .filter(|(id, (_, written))| !indexed.contains(*id) && old(*written))
+        .map(|(id, _)| *id)
+        .collect();
+    Ok(strays)
+}
+
+/// Gives `pack` its index object again, from the copy at the pack's end (the same bytes its
+/// writer would have sent). A pack that does not read as one is left, with a warning.
+async fn rebuild_index(client: &ObjectStoreClient, pack: &PackId) -> Result<bool, PointStoreError> {
+    let key = layout::pack_key(pack);
+    let Some((bytes, _)) = client.get(&key, MAX_PACK_BYTES).await? else {
+        return Ok(false);
+    };
+    match layout::index_of_pack(&bytes) {
+        Ok(index) => {
+            client
+                .put_if_absent(&layout::index_key(pack), layout::encode_index(&index))
+                .await?;
+            Ok(true)
+        }
+        Err(error) => {
+            tracing::warn!(
+                "object store: {key} has no index object and its own index does not read                  ({error}); left as it is"
+            );
+            Ok(false)
+        }
+    }
+}
+
 /// One collection at `now_unix_ms` (the time is read before anything else is: every manifest
 /// read after it is seen).
 ///
@@ -1278,6 +1360,14 @@ pub async fn collect_garbage(
     settings: &GcSettings,
 ) -> Result<GcReport, PointStoreError> {
     let listed = list_packs(client).await?;
+    let strays = find_strays(client, &listed, now_unix_ms, settings.grace_ms).await?;
+    let mut indexes_rebuilt = 0;
+    if !settings.dry_run {
+        // Before the indexes are read: a pack given its index is judged like any other.
+        for id in &strays.unindexed {
+            indexes_rebuilt += usize::from(rebuild_index(client, id).await?);
+        }
+    }
     let packs = read_indexes(client).await?;
     let (live, tombstones) = mark(client, now_unix_ms).await?;
     let plan = layout::gc_plan(
@@ -1302,6 +1392,12 @@ pub async fn collect_garbage(
         revived: plan.revive.len(),
         repacked: plan.repack.len(),
         young: plan.young,
+        strays_deleted: strays.orphans.len(),
+        indexes_rebuilt: if settings.dry_run {
+            strays.unindexed.len()
+        } else {
+            indexes_rebuilt
+        },
         ..GcReport::default()
     };
     if settings.dry_run {
@@ -1327,6 +1423,9 @@ pub async fn collect_garbage(
         client.delete(&layout::pack_key(id)).await?;
         client.delete(&layout::index_key(id)).await?;
         client.delete(&condemned_key(id)).await?;
+    }
+    for key in &strays.orphans {
+        client.delete(key).await?;
     }
     // Tombstones found by the mark's listings: a day old by then, and still a day old now.
     report.tombstones_swept = delete_tombstones(client, &tombstones).await?;
@@ -2040,6 +2139,124 @@ mod tests {
         );
         assert_eq!(fill_of(&client, 1).await, 0x55);
         every_point_reads(&client).await.unwrap();
+    }
+
+    /// What stopped collections and writers leave: an index and a marker whose pack a
+    /// collection deleted before it stopped, and a pack whose writer stopped before its index.
+    /// Younger than the grace they are left alone (a commit may be in progress); older, a
+    /// collection deletes the first two and gives the pack its index again, after which the
+    /// pack is collected like any other.
+    #[tokio::test]
+    async fn a_collection_clears_what_stopped_collections_and_writers_left() {
+        let client = ObjectStoreClient::in_memory();
+        let grace_ms = 1000;
+        let settings = GcSettings {
+            grace_ms,
+            repack_below: 0.0,
+            pack: PackSettings::default(),
+            dry_run: false,
+        };
+        let listed = |prefix: &'static str| {
+            let client = client.clone();
+            async move { client.list(prefix).await.unwrap().len() }
+        };
+        // A pack no point references, condemned; a collection then deletes the pack object
+        // and stops before its index and marker.
+        let mut view = load_view(&client).await.unwrap();
+        let changes = BTreeMap::from([(0, vec![1; 4096])]);
+        let mut upload = Upload::default();
+        upload_changes(&client, &mut view, &changes, settings.pack, &mut upload)
+            .await
+            .unwrap();
+        let start = now_ms();
+        let collected = collect_garbage(&client, start + grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(collected.condemned, 1, "{collected:?}");
+        let (stopped, _, _) = client.list("packs").await.unwrap().remove(0);
+        client.delete(&stopped).await.unwrap();
+        // A pack whose writer stopped before its index.
+        let mut builder = new_pack(1 << 20).unwrap();
+        builder.add(&[2; 4096], None, client.sealing()).unwrap();
+        let unindexed = builder.finish();
+        client
+            .put_if_absent(&layout::pack_key(&unindexed.id), unindexed.bytes)
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                listed("packs").await,
+                listed("index").await,
+                listed("condemned").await
+            ),
+            (1, 1, 1)
+        );
+
+        // Younger than the grace: left alone.
+        let collected = collect_garbage(&client, now_ms(), &settings).await.unwrap();
+        assert_eq!(
+            (collected.strays_deleted, collected.indexes_rebuilt),
+            (0, 0),
+            "{collected:?}"
+        );
+        // Older: a dry run says what it would do, and does nothing.
+        let later = start + 2 * grace_ms;
+        let dry = GcSettings {
+            dry_run: true,
+            ..settings
+        };
+        let planned = collect_garbage(&client, later, &dry).await.unwrap();
+        assert_eq!(
+            (planned.strays_deleted, planned.indexes_rebuilt),
+            (2, 1),
+            "{planned:?}"
+        );
+        assert_eq!(
+            (
+                listed("packs").await,
+                listed("index").await,
+                listed("condemned").await
+            ),
+            (1, 1, 1)
+        );
+        let collected = collect_garbage(&client, later, &settings).await.unwrap();
+        assert_eq!(
+            (
+                collected.strays_deleted,
+                collected.indexes_rebuilt,
+                collected.condemned
+            ),
+            (2, 1, 1),
+            "{collected:?}"
+        );
+        // The index is the one its writer would have sent; only that pack's objects remain.
+        let (index, _) = client
+            .get(&layout::index_key(&unindexed.id), 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(layout::decode_index(&index, None).unwrap(), unindexed.index);
+        assert_eq!(
+            (
+                listed("packs").await,
+                listed("index").await,
+                listed("condemned").await
+            ),
+            (1, 1, 1)
+        );
+        // A grace after its condemnation the pack goes, and nothing is left.
+        let collected = collect_garbage(&client, start + 4 * grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(collected.deleted, 1, "{collected:?}");
+        assert_eq!(
+            (
+                listed("packs").await,
+                listed("index").await,
+                listed("condemned").await
+            ),
+            (0, 0, 0)
+        );
     }
 
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.

@@ -1273,7 +1273,8 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
     format!(
         "{} pack(s) of {} in the store, {} live chunk(s); {} pack(s) condemned, {} deleted \
          ({} freed), {} revived, {} repacked into {} new pack(s) ({} written), {} too young \
-         to judge, {} tombstone(s) of dropped points deleted",
+         to judge, {} tombstone(s) of dropped points deleted, {} stray index(es) and \
+         marker(s) deleted, {} missing index(es) rebuilt",
         report.packs,
         units::format_size(report.pack_bytes),
         report.live_chunks,
@@ -1285,7 +1286,9 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
         report.repack_written,
         units::format_size(report.repack_bytes),
         report.young,
-        report.tombstones_swept
+        report.tombstones_swept,
+        report.strays_deleted,
+        report.indexes_rebuilt
     )
 }
 
