@@ -38,7 +38,8 @@
 //! A chain grows by up to one block per receiver every few seconds, so a check of a year's
 //! chain would read millions of objects one by one. [`write_segments`] copies each full run of
 //! [`SEGMENT_BLOCKS`] old blocks, byte for byte, into one object
-//! `audit/segments/FIRST-LAST`, and a check reads a segment instead of its blocks. The
+//! `audit/segments/FIRST-LAST`, and a check reads a segment instead of its blocks (the writer
+//! lists only the blocks after the segments it finds from block 1 on). The
 //! blocks stay: they remain the chain, a segment is only a faster way to read them, so no
 //! receiver ever has to know about segments to append (nothing is deleted, nothing can be
 //! appended twice at a number). A segment is checked like the blocks it holds, by the same
@@ -66,7 +67,7 @@
 //! compares with their copies in the store.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
     fs,
     io::{self, Read as _, Seek as _, SeekFrom},
     path::{Path, PathBuf},
@@ -193,15 +194,23 @@ async fn write_segments_of(
         .iter()
         .filter_map(|(key, _, _)| segment_range(key))
         .collect();
-    let mut blocks: Vec<u64> = client
-        .list(BLOCKS)
-        .await?
+    // Only the blocks after those the segments already hold from block 1 on are listed: a
+    // year's chain is millions of blocks, a listing returns a thousand keys a request, and
+    // this runs at every collection turn.
+    let covered = covered_by_segments(&segments, run);
+    let listed = if covered == 0 {
+        client.list(BLOCKS).await?
+    } else {
+        client.list_after(BLOCKS, &block_key(covered)).await?
+    };
+    let mut blocks: Vec<u64> = listed
         .iter()
         .filter_map(|(key, _, _)| block_number(key))
+        .filter(|&number| number > covered)
         .collect();
     blocks.sort_unstable();
     let mut written = 0;
-    let mut first = 1;
+    let mut first = covered + 1;
     loop {
         let last = first + run - 1;
         // Only a run of blocks all present: blocks never change once created, so a full run
@@ -233,6 +242,20 @@ async fn write_segments_of(
         first = last + 1;
     }
     Ok(written)
+}
+
+/// The last block of the runs of `run` blocks that `segments` hold one after the other from
+/// block 1 on (0 if none): the part of the chain already copied.
+fn covered_by_segments(segments: &[(u64, u64)], run: u64) -> u64 {
+    if run == 0 {
+        return 0;
+    }
+    let held: HashSet<(u64, u64)> = segments.iter().copied().collect();
+    let mut last = 0;
+    while held.contains(&(last + 1, last + run)) {
+        last += run;
+    }
+    last
 }
 
 /// The key of block `number`.
@@ -1686,6 +1709,41 @@ mod tests {
             .unwrap();
         assert_eq!(from_six, (7..=12).collect::<Vec<_>>());
         assert_eq!(later, whole);
+    }
+
+    /// Segments are written from where the segments so far end: the blocks they hold are
+    /// not listed again (shown here by deleting two of them, which only a hand at the store
+    /// does: before, the walk from block 1 stopped at the first missing one).
+    #[tokio::test]
+    async fn segments_are_written_after_those_already_written_without_listing_their_blocks() {
+        let client = ObjectStoreClient::in_memory();
+        let dir = crate::testing::TempDir::new("auditchain-segments-after");
+        let mut shipper = Shipper::open(client.clone(), "rx-0".into(), &dir.0).unwrap();
+        for _ in 0..9 {
+            AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+            assert_eq!(shipper.ship().await.unwrap(), 1);
+        }
+        assert_eq!(write_segments_of(&client, 2, 4).await.unwrap(), 2);
+        client.delete(&block_key(1)).await.unwrap();
+        client.delete(&block_key(6)).await.unwrap();
+        for _ in 0..3 {
+            AuditLog::in_dir(&dir.0).append(event("commit")).unwrap();
+            assert_eq!(shipper.ship().await.unwrap(), 1);
+        }
+        assert_eq!(write_segments_of(&client, 2, 4).await.unwrap(), 1);
+        assert!(
+            client
+                .get(&segment_key(9, 12), MAX_SEGMENT_BYTES)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            covered_by_segments(&[(1, 4), (9, 12), (5, 8), (17, 20)], 4),
+            12
+        );
+        assert_eq!(covered_by_segments(&[(5, 8)], 4), 0);
+        assert_eq!(covered_by_segments(&[(1, 4)], 0), 0);
     }
 
     #[test]
