@@ -73,7 +73,7 @@
 //! request later than the settle time (the collection's grace assumes the same of commits).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -398,8 +398,17 @@ fn now_ms() -> u64 {
 impl Publisher {
     /// A publisher for `config`, naming itself `holder` in leases.
     pub fn new(config: &StoreConfig, holder: String) -> Result<Self, ObjectStoreError> {
-        Ok(Self {
-            client: ObjectStoreClient::connect(config)?,
+        Ok(Self::over(
+            ObjectStoreClient::connect(config)?,
+            config,
+            holder,
+        ))
+    }
+
+    /// A publisher through `client`, with `config`'s settings.
+    fn over(client: ObjectStoreClient, config: &StoreConfig, holder: String) -> Self {
+        Self {
+            client,
             holder,
             settings: PackSettings {
                 // A commit must land well within a collection's grace of reading the indexes.
@@ -424,7 +433,7 @@ impl Publisher {
                 ..StoreHealth::default()
             }),
             audit_shipper: tokio::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// The client of the store.
@@ -797,19 +806,30 @@ impl Publisher {
     }
 
     /// The pack view, read again if it lacks a chunk of `map` (another receiver stored it
-    /// since this one read the indexes: the point was published elsewhere).
+    /// since this one read the indexes: the point was published elsewhere), and the chunks of
+    /// `map` the store still lacks then (lost there).
     async fn view_covering(
         &self,
         map: &ChunkMap,
-    ) -> Result<tokio::sync::MutexGuard<'_, Option<StoreView>>, PublishError> {
+    ) -> Result<
+        (
+            tokio::sync::MutexGuard<'_, Option<StoreView>>,
+            BTreeSet<u64>,
+        ),
+        PublishError,
+    > {
         let mut slot = self.fresh_view().await?;
-        let lacking = slot
-            .as_ref()
-            .is_some_and(|view| !view.locations.missing(map).is_empty());
-        if lacking {
+        let missing = |slot: &Option<StoreView>| {
+            slot.as_ref()
+                .map(|view| view.locations.missing(map))
+                .unwrap_or_default()
+        };
+        let mut lacking = missing(&slot);
+        if !lacking.is_empty() {
             self.refresh(&mut slot).await?;
+            lacking = missing(&slot);
         }
-        Ok(slot)
+        Ok((slot, lacking))
     }
 
     async fn publish_inner(
@@ -1038,6 +1058,7 @@ impl Publisher {
         let locations = self
             .view_covering(&newest.map)
             .await?
+            .0
             .as_ref()
             .expect("a view was loaded")
             .locations
@@ -1131,6 +1152,34 @@ impl Publisher {
             (Some(base), Some(_)) => base.map,
             _ => ChunkMap::default(),
         };
+        // A full manifest lists every chunk, so the store must hold every chunk of the base.
+        // One it lacks was lost there (a fault of the store, or a hand): the replica holds the
+        // same content at that chunk (it did not change since the base), so it is read and
+        // stored again like a changed one. Stored again under its id, it also repairs the
+        // earlier points that reference it.
+        let mut ranges = ranges;
+        if let (Some(base_seq), true) = (against, base_map.next_is_full()) {
+            let (view, lacking) = self.view_covering(&base_map).await?;
+            drop(view);
+            let lost: Vec<u64> = lacking
+                .into_iter()
+                .filter(|&chunk| {
+                    let at = ranges.partition_point(|&(_, end)| end <= chunk);
+                    ranges.get(at).is_none_or(|&(first, _)| chunk < first)
+                })
+                .collect();
+            if !lost.is_empty() {
+                tracing::warn!(
+                    "object store: volume {name}: the store lacks {} chunk(s) of point {base_seq}, \
+                     its newest (lost there: a fault of the store, or deleted by hand); storing \
+                     them again from the replica with point {}",
+                    lost.len(),
+                    point.seq
+                );
+                ranges.extend(lost.iter().map(|&chunk| (chunk, chunk + 1)));
+                ranges.sort_unstable();
+            }
+        }
         let mut upload = objpoints::Upload::default();
         let per_batch = (BATCH_BYTES / chunk_bytes.max(1)).max(1);
         let mut chunks = ranges.into_iter().flat_map(|(first, end)| first..end);
@@ -1170,14 +1219,10 @@ impl Publisher {
             }
         }
         let seq = point.seq;
-        // A full manifest is checked whole, and the base's chunks may have been stored by
-        // another receiver after this one read the indexes. A delta is checked for its new
-        // references only, which this publish found in the view or stored itself.
-        let view = if base_map.next_is_full() {
-            self.view_covering(&base_map).await?
-        } else {
-            self.fresh_view().await?
-        };
+        // A full manifest is checked whole: the view covered the base above (or the base is
+        // empty), and the base's chunks stay, being the newest point's. A delta is checked for
+        // its new references only, which this publish found in the view or stored itself.
+        let view = self.fresh_view().await?;
         // Renewed last thing before the manifest, which reading the view may have delayed.
         // Past this, a writer paused beyond its lease is fenced by the store itself: the
         // manifest's name is either free or taken for good (a point or a tombstone).
@@ -1302,6 +1347,113 @@ mod tests {
             time_unix_ms,
             complete: true,
             ..PointInfo::default()
+        }
+    }
+
+    /// A chunk of the volume's newest point that the store lost (here: its pack deleted) is
+    /// stored again from the replica when the next full manifest is published, and every
+    /// point that references it reads again. Before, the full manifest was refused
+    /// (`Missing`) at every try, and the volume's publishing, so its cycles, stopped there.
+    #[tokio::test]
+    async fn a_chunk_the_store_lost_is_stored_again_from_the_replica_at_the_next_full_manifest() {
+        use blkmirror_protocol::wire::{CheckedData, Hello, PROTOCOL_VERSION};
+        let tmp = crate::testing::TempDir::new("publish-lost-chunk");
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            volume: "v".into(),
+            source_id: "test:source".into(),
+            size_bytes: 1 << 20,
+            chunk_bytes: 65536,
+        };
+        let (volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
+        let volume = Arc::new(Mutex::new(volume));
+        let client = ObjectStoreClient::in_memory();
+        let config = StoreConfig {
+            endpoint: "memory".into(),
+            bucket: "test".into(),
+            region: String::new(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            allow_http: false,
+            lease: crate::dr::objstore::DEFAULT_LEASE,
+            gc_every: None,
+            gc_grace: crate::dr::objstore::DEFAULT_GC_GRACE,
+            takeover_settle: crate::dr::objstore::DEFAULT_TAKEOVER_SETTLE,
+            encryption_key: None,
+        };
+        let publisher = Publisher::over(client.clone(), &config, "rx".into());
+        let chunk = |byte: u8| vec![byte; 65536];
+        // Point 1 writes chunks 0 and 1, never changed after; each later point `seq` writes
+        // chunk 2 with `seq`.
+        let commit_and_publish = async |seq: u64| {
+            {
+                let mut volume = volume.lock().unwrap();
+                volume.begin(seq, 3 * 65536, false, 0).unwrap();
+                let writes = if seq == 1 {
+                    vec![(0, 0xa0), (1, 0xb1)]
+                } else {
+                    vec![(2, seq as u8)]
+                };
+                for (at, byte) in writes {
+                    let data = CheckedData::Write {
+                        offset: at * 65536,
+                        data: chunk(byte),
+                    };
+                    volume.journal(data).unwrap();
+                }
+                volume
+                    .commit(PointInfo {
+                        complete: true,
+                        time_unix_ms: 1_000 * seq,
+                        ..PointInfo::default()
+                    })
+                    .unwrap();
+            }
+            publisher.publish(&volume).await
+        };
+        // Point 1's manifest is full, the next 31 are deltas.
+        let full = layout::FULL_EVERY + 1;
+        for seq in 1..full {
+            let report = commit_and_publish(seq).await.unwrap().unwrap();
+            assert_eq!(
+                (report.seq, report.commit.delta),
+                (seq, seq > 1),
+                "{report:?}"
+            );
+        }
+        // The store loses the pack that holds chunks 0 and 1.
+        let (map, _) = objpoints::read_point(&client, "v", 1).await.unwrap();
+        let view = objpoints::load_view(&client).await.unwrap();
+        let (pack, _) = view.locations.get(&map.chunks[&0]).unwrap();
+        assert_eq!(view.locations.get(&map.chunks[&1]).unwrap().0, pack);
+        client.delete(&layout::pack_key(&pack)).await.unwrap();
+        assert!(
+            objpoints::read_chunk(&client, &view.locations, &map.chunks[&0])
+                .await
+                .is_err()
+        );
+
+        // The receiver reads the store's indexes again (its view is at most half of
+        // `max_view_age` old), and the next point's manifest is full: the lost chunks are
+        // stored again with it.
+        *publisher.view.lock().await = None;
+        let report = commit_and_publish(full).await.unwrap().unwrap();
+        assert!(!report.commit.delta, "{report:?}");
+        assert_eq!(report.commit.changed_chunks, 3, "{report:?}");
+        let view = objpoints::load_view(&client).await.unwrap();
+        for seq in 1..=full {
+            let (map, _) = objpoints::read_point(&client, "v", seq).await.unwrap();
+            let mut expected = vec![(0, 0xa0), (1, 0xb1)];
+            if seq > 1 {
+                expected.push((2, seq as u8));
+            }
+            assert_eq!(map.chunks.len(), expected.len());
+            for (at, byte) in expected {
+                let read = objpoints::read_chunk(&client, &view.locations, &map.chunks[&at])
+                    .await
+                    .unwrap();
+                assert_eq!(read, chunk(byte), "point {seq}, chunk {at}");
+            }
         }
     }
 
