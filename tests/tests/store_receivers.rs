@@ -379,6 +379,42 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
     let after_outage = dir.join("after-outage.img");
     restore_from_store(&config_a, "latest", &after_outage);
     assert_same(&device.path, &after_outage);
+
+    // The store loses the pack of a chunk no cycle has changed since the first (20 MiB in).
+    // Once the receiver reads the store's indexes again (every few minutes, or here at its
+    // restart), the next full manifest stores it again from the replica, which repairs the
+    // earlier points too.
+    let lost_pack = lose_the_pack_of(&cluster, final_seq, 20 * MIB / 65536);
+    eprintln!("deleted pack {lost_pack} from the store");
+    receiver_a.kill();
+    let mut receiver_a = Receiver::start_config(&config_a, &data_a, &a_id);
+    let agent = setup(&device.path, &receiver_a, &agent_id, &pins, &agent_state);
+    let mut cycles = 0;
+    loop {
+        assert!(cycles < 40, "no full manifest after {cycles} cycles");
+        // In the zeros at the end of the first sync: no chunk of the lost pack changes.
+        write_random(&device.path, 26 * MIB, 64 * 1024);
+        agent.once_ok(&[]);
+        cycles += 1;
+        let points = store_points(&config_a);
+        if points.last().is_some_and(|p| p["manifest"] == "full") {
+            break;
+        }
+    }
+    let log_a = receiver_a.log();
+    assert!(
+        log_a.contains("storing them again from the replica"),
+        "{log_a}"
+    );
+    eprintln!("the lost chunks were stored again after {cycles} cycle(s)");
+    let repaired = dir.join("repaired.img");
+    restore_from_store(&config_a, "latest", &repaired);
+    assert_same(&device.path, &repaired);
+    // The point before the loss reads again too. (Chunks of the lost pack that later points
+    // changed are gone from the earlier points: only those points held them.)
+    let before_loss = dir.join("before-loss-repaired.img");
+    restore_from_store(&config_a, &format!("seq:{final_seq}"), &before_loss);
+    assert_same(&after_outage, &before_loss);
     let status = parse_lines(&run_ok(&[
         "status",
         "--json",
@@ -1044,6 +1080,27 @@ fn every_acknowledged_point_is_on_the_store_and_restores_from_it_alone() {
         let said = String::from_utf8_lossy(&listed.stderr);
         assert!(!listed.status.success() && said.contains(reason), "{said}");
     }
+}
+
+/// Deletes from the store the pack that holds chunk `chunk` of point `seq` of [`VOLUME`] (a
+/// fault of the store, or a hand); returns its key.
+fn lose_the_pack_of(cluster: &CephCluster, seq: u64, chunk: u64) -> String {
+    use blkmirror::dr::{layout, objpoints};
+    cluster.with_bucket(BUCKET, async |client| {
+        let (map, _) = objpoints::read_point(client, VOLUME, seq)
+            .await
+            .expect("reading the point");
+        let view = objpoints::load_view(client)
+            .await
+            .expect("the store's view");
+        let (pack, _) = view
+            .locations
+            .get(&map.chunks[&chunk])
+            .expect("the chunk is in a pack");
+        let key = layout::pack_key(&pack);
+        client.delete(&key).await.expect("deleting the pack");
+        key
+    })
 }
 
 /// Deletes object `key` from the test's bucket, as an operator with the store's credentials
