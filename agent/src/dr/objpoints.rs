@@ -1977,26 +1977,9 @@ mod tests {
     async fn a_condemnation_the_store_applies_late_counts_its_grace_from_when_it_landed() {
         let (a, b, writes) = ObjectStoreClient::with_late_writes();
         let grace = Duration::from_millis(1500);
-        let settings = GcSettings {
-            grace_ms: grace.as_millis() as u64,
-            repack_below: 0.0,
-            pack: PackSettings::default(),
-            dry_run: false,
-        };
-        // A pack no point references: a commit stored it and failed before its manifest.
+        let settings = gc_settings(grace.as_millis() as u64);
         let content = BTreeMap::from([(0, vec![0x77; 4096])]);
-        let mut view = load_view(&a).await.unwrap();
-        let mut upload = Upload::default();
-        upload_changes(
-            &a,
-            &mut view,
-            &content,
-            PackSettings::default(),
-            &mut upload,
-        )
-        .await
-        .unwrap();
-        assert_eq!(upload.report.packs, 1);
+        assert_eq!(store_unreferenced(&a, &content).await.packs, 1);
         tokio::time::sleep(grace + Duration::from_millis(100)).await;
         // A collection condemns it, and the store applies the marker late.
         writes.hold("condemned/");
@@ -2055,26 +2038,10 @@ mod tests {
     async fn a_commit_that_stores_a_condemned_packs_chunks_again_stores_its_own_pack() {
         let client = ObjectStoreClient::in_memory();
         let grace_ms = 1000;
-        let settings = GcSettings {
-            grace_ms,
-            repack_below: 0.0,
-            pack: PackSettings::default(),
-            dry_run: false,
-        };
+        let settings = gc_settings(grace_ms);
         let content = BTreeMap::from([(0, vec![0x55; 4096]), (1, vec![0x66; 4096])]);
-        // A pack no point references (a commit stored it and failed before its manifest),
-        // condemned by a collection.
-        let mut view = load_view(&client).await.unwrap();
-        let mut upload = Upload::default();
-        upload_changes(
-            &client,
-            &mut view,
-            &content,
-            PackSettings::default(),
-            &mut upload,
-        )
-        .await
-        .unwrap();
+        // A pack no point references, condemned by a collection.
+        store_unreferenced(&client, &content).await;
         let start = now_ms();
         let collected = collect_garbage(&client, start + grace_ms, &settings)
             .await
@@ -2150,24 +2117,14 @@ mod tests {
     async fn a_collection_clears_what_stopped_collections_and_writers_left() {
         let client = ObjectStoreClient::in_memory();
         let grace_ms = 1000;
-        let settings = GcSettings {
-            grace_ms,
-            repack_below: 0.0,
-            pack: PackSettings::default(),
-            dry_run: false,
-        };
+        let settings = gc_settings(grace_ms);
         let listed = |prefix: &'static str| {
             let client = client.clone();
             async move { client.list(prefix).await.unwrap().len() }
         };
         // A pack no point references, condemned; a collection then deletes the pack object
         // and stops before its index and marker.
-        let mut view = load_view(&client).await.unwrap();
-        let changes = BTreeMap::from([(0, vec![1; 4096])]);
-        let mut upload = Upload::default();
-        upload_changes(&client, &mut view, &changes, settings.pack, &mut upload)
-            .await
-            .unwrap();
+        store_unreferenced(&client, &BTreeMap::from([(0, vec![1; 4096])])).await;
         let start = now_ms();
         let collected = collect_garbage(&client, start + grace_ms, &settings)
             .await
@@ -2257,6 +2214,36 @@ mod tests {
             ),
             (0, 0, 0)
         );
+    }
+
+    /// A collection with grace `grace_ms`, no repack and default packs.
+    fn gc_settings(grace_ms: u64) -> GcSettings {
+        GcSettings {
+            grace_ms,
+            repack_below: 0.0,
+            pack: PackSettings::default(),
+            dry_run: false,
+        }
+    }
+
+    /// Stores `content` in packs that no point references (a commit that stored them and
+    /// failed before its manifest), deduplicated against a view read now.
+    async fn store_unreferenced(
+        client: &ObjectStoreClient,
+        content: &BTreeMap<u64, Vec<u8>>,
+    ) -> CommitReport {
+        let mut view = load_view(client).await.unwrap();
+        let mut upload = Upload::default();
+        upload_changes(
+            client,
+            &mut view,
+            content,
+            PackSettings::default(),
+            &mut upload,
+        )
+        .await
+        .unwrap();
+        upload.report
     }
 
     /// Commits point `seq` of volume "v" on top of `base`, with chunk 0 holding `fill`.
@@ -2367,12 +2354,7 @@ mod tests {
         // finds them in its mark's listings.
         assert_eq!(sweep_tombstones(&client, "v", now_ms()).await.unwrap(), 0);
         let later = now_ms() + layout::TOMBSTONE_KEEP_MS + 1000;
-        let settings = GcSettings {
-            grace_ms: layout::TOMBSTONE_KEEP_MS * 2,
-            repack_below: 0.0,
-            pack: PackSettings::default(),
-            dry_run: false,
-        };
+        let settings = gc_settings(layout::TOMBSTONE_KEEP_MS * 2);
         let collected = collect_garbage(&client, now_ms(), &settings).await.unwrap();
         assert_eq!(collected.tombstones_swept, 0);
         let collected = collect_garbage(&client, later, &settings).await.unwrap();
