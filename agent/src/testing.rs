@@ -34,3 +34,14 @@ impl Drop for TempDir {
         let _ = fs::remove_dir_all(&self.0);
     }
 }
+
+/// The `Hello` of the unit tests' volume "v": 1 MiB in 64 KiB chunks.
+pub fn volume_hello() -> blkmirror_protocol::wire::Hello {
+    blkmirror_protocol::wire::Hello {
+        protocol: blkmirror_protocol::wire::PROTOCOL_VERSION,
+        volume: "v".into(),
+        source_id: "test:source".into(),
+        size_bytes: 1 << 20,
+        chunk_bytes: 65536,
+    }
+}

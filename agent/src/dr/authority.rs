@@ -317,15 +317,9 @@ mod tests {
     #[test]
     fn a_cycle_committing_when_the_failover_lands_is_discarded_and_the_next_one_refused() {
         use crate::dr::volume::Volume;
-        use blkmirror_protocol::wire::{CheckedData, Hello, PROTOCOL_VERSION, PointInfo};
+        use blkmirror_protocol::wire::{CheckedData, PointInfo};
         let tmp = crate::testing::TempDir::new("authority-race");
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            volume: "v".into(),
-            source_id: "test:source".into(),
-            size_bytes: 1 << 20,
-            chunk_bytes: 65536,
-        };
+        let hello = crate::testing::volume_hello();
         let (mut volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
         let data = |byte: u8| CheckedData::Write {
             offset: 0,

@@ -770,16 +770,10 @@ mod tests {
     #[test]
     fn restore_does_not_follow_a_planted_partial_file() {
         use crate::{dr::volume::Volume, testing::TempDir};
-        use blkmirror_protocol::wire::{CheckedData, Hello, PROTOCOL_VERSION};
+        use blkmirror_protocol::wire::CheckedData;
         let tmp = TempDir::new("planted");
         let data = tmp.0.join("data");
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            volume: "v".into(),
-            source_id: "test:source".into(),
-            size_bytes: 1 << 20,
-            chunk_bytes: 65536,
-        };
+        let hello = crate::testing::volume_hello();
         let (mut volume, _, _) = Volume::open_or_create(&data, &hello).unwrap();
         volume.begin(1, 0, false, 0).unwrap();
         volume

@@ -1356,15 +1356,9 @@ mod tests {
     /// (`Missing`) at every try, and the volume's publishing, so its cycles, stopped there.
     #[tokio::test]
     async fn a_chunk_the_store_lost_is_stored_again_from_the_replica_at_the_next_full_manifest() {
-        use blkmirror_protocol::wire::{CheckedData, Hello, PROTOCOL_VERSION};
+        use blkmirror_protocol::wire::CheckedData;
         let tmp = crate::testing::TempDir::new("publish-lost-chunk");
-        let hello = Hello {
-            protocol: PROTOCOL_VERSION,
-            volume: "v".into(),
-            source_id: "test:source".into(),
-            size_bytes: 1 << 20,
-            chunk_bytes: 65536,
-        };
+        let hello = crate::testing::volume_hello();
         let (volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
         let volume = Arc::new(Mutex::new(volume));
         let client = ObjectStoreClient::in_memory();

@@ -2192,22 +2192,14 @@ fn write_meta(disk: &Disk, dir: &Path, meta: &VolumeMeta) -> Result<(), StoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{testing::TempDir, tracker::sys};
-    use blkmirror_protocol::wire::PROTOCOL_VERSION;
+    use crate::{
+        testing::{TempDir, volume_hello as hello},
+        tracker::sys,
+    };
     use std::fs::{self, File};
 
     fn now_ms() -> u64 {
         system_clock()()
-    }
-
-    fn hello() -> Hello {
-        Hello {
-            protocol: PROTOCOL_VERSION,
-            volume: "v".into(),
-            source_id: "test:source".into(),
-            size_bytes: 1 << 20,
-            chunk_bytes: 65536,
-        }
     }
 
     fn write(offset: u64, byte: u8, len: usize) -> CheckedData {
