@@ -18,6 +18,12 @@
 //! that safe: a commit must create its manifest within [`PackSettings::max_view_age`] of
 //! reading the indexes ([`StoreView`]), and the grace is longer.
 //!
+//! A writer's view of the store ([`StoreView`]) is loaded once, then followed
+//! ([`refresh_view`]): each pack is logged as added (`added/TIME-ID`) after its index, and a
+//! refresh reads the log from where it last looked and the condemnation markers, not every
+//! pack and index (some 31,000 listing requests at 500 TB); it lists the store whole once an
+//! hour ([`VIEW_LISTING_EVERY`]).
+//!
 //! A repack copies the live chunks of a sparse pack into a new pack and condemns the old one
 //! at once: from then on the copy keeps those chunks, and the old pack goes the way of any
 //! condemned pack.
@@ -273,6 +279,11 @@ pub struct StoreView {
     /// When the indexes were read (or a [`refresh_view`] found that nothing known had
     /// changed and read the new ones).
     pub read_at: Instant,
+    /// When every pack and index was last listed ([`VIEW_LISTING_EVERY`]).
+    listed_at: Instant,
+    /// This host's clock (Unix milliseconds) when the view was last brought up to date: the
+    /// next refresh reads the log of added packs from there (less a margin).
+    log_from_ms: u64,
     /// The packs whose indexes are in `locations`, and whether each was condemned.
     packs: HashMap<PackId, bool>,
 }
@@ -318,6 +329,9 @@ async fn upload_pack(
     client
         .put_if_absent(&layout::index_key(&pack.id), index)
         .await?;
+    // Last: a receiver that reads the entry finds the index.
+    let logged = layout::added_key(wall_clock_ms(), &pack.id);
+    client.put(&logged, Vec::new()).await?;
     locations.add(pack.id, &pack.index, false);
     Ok((pack.id, pack.index))
 }
@@ -384,6 +398,14 @@ pub struct ToStore(Vec<Vec<u8>>);
 pub struct Stored(Vec<(PackId, Vec<layout::IndexEntry>)>);
 
 impl StoreView {
+    /// The packs the view knows, and whether each is condemned.
+    pub fn known_packs(&self) -> BTreeMap<PackId, bool> {
+        self.packs
+            .iter()
+            .map(|(id, condemned)| (*id, *condemned))
+            .collect()
+    }
+
     /// Makes `stored` packs known to later commits.
     pub fn add_packs(&mut self, stored: &Stored) {
         for (id, index) in &stored.0 {
@@ -963,14 +985,7 @@ fn manifests_listed(volume: &str, listing: &[(String, u64, u64)]) -> Vec<(u64, u
 }
 
 fn parse_id(hex: &str) -> Option<PackId> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut id = [0u8; 32];
-    for (i, byte) in id.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(id)
+    layout::parse_hex(hex)
 }
 
 /// The pack objects in the store: id → (size, when written, in Unix milliseconds).
@@ -1027,46 +1042,58 @@ const PARALLEL_INDEX_READS: usize = 16;
 async fn read_indexes(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
-    Ok(read_new_indexes(client, &HashMap::new()).await?.0)
+    let (packs, condemned) = tokio::join!(list_indexed_packs(client), list_condemned(client));
+    let (packs, condemned) = (packs?, condemned?);
+    let wanted = packs
+        .into_iter()
+        .map(|(id, (pack_len, written))| (id, Some(pack_len), written))
+        .collect();
+    Ok(read_index_objects(client, wanted)
+        .await?
+        .into_iter()
+        .map(|(id, (index, written))| {
+            let pack = PackInfo {
+                index,
+                written_unix_ms: written,
+                condemned_unix_ms: condemned.get(&id).copied(),
+            };
+            (id, pack)
+        })
+        .collect())
 }
 
-/// Like [`read_indexes`], but reads only the indexes of packs not in `known`; also returns
-/// every pack the listings show with an index, and whether each is condemned.
-async fn read_new_indexes(
+/// The packs that have an index object: id → (size, when written). An index whose pack is
+/// gone (collected, or never finished) locates nothing.
+async fn list_indexed_packs(
     client: &ObjectStoreClient,
-    known: &HashMap<PackId, bool>,
-) -> Result<(BTreeMap<PackId, PackInfo>, HashMap<PackId, bool>), PointStoreError> {
-    let (packs, condemned, listed) = tokio::join!(
-        list_packs(client),
-        list_condemned(client),
-        client.list("index")
-    );
-    let (packs, condemned, listed) = (packs?, condemned?, listed?);
-    let mut listing = HashMap::new();
-    let mut wanted = Vec::new();
-    for (key, _, _) in listed {
-        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
-            continue;
-        };
-        // An index whose pack is gone (collected, or never finished) locates nothing.
-        let Some(&(pack_len, written)) = packs.get(&id) else {
-            continue;
-        };
-        listing.insert(id, condemned.contains_key(&id));
-        if !known.contains_key(&id) {
-            wanted.push((key, id, pack_len, written));
-        }
-    }
+) -> Result<BTreeMap<PackId, (u64, u64)>, PointStoreError> {
+    let (packs, indexes) = tokio::join!(list_packs(client), client.list("index"));
+    let indexed: HashSet<PackId> = indexes?
+        .into_iter()
+        .filter_map(|(key, _, _)| key.rsplit('/').next().and_then(parse_id))
+        .collect();
+    let mut packs = packs?;
+    packs.retain(|id, _| indexed.contains(id));
+    Ok(packs)
+}
+
+/// Reads the index objects of `wanted` packs (id, the pack's length to check the index
+/// against if known, when written), many at a time. A pack whose index is gone is left out.
+async fn read_index_objects(
+    client: &ObjectStoreClient,
+    wanted: Vec<(PackId, Option<u64>, u64)>,
+) -> Result<BTreeMap<PackId, (Vec<layout::IndexEntry>, u64)>, PointStoreError> {
     let mut wanted = wanted.into_iter();
     let mut indexes = BTreeMap::new();
     let mut in_flight = tokio::task::JoinSet::new();
     loop {
         while in_flight.len() < PARALLEL_INDEX_READS {
-            let Some((key, id, pack_len, written)) = wanted.next() else {
+            let Some((id, pack_len, written)) = wanted.next() else {
                 break;
             };
             let client = client.clone();
             in_flight.spawn(async move {
+                let key = layout::index_key(&id);
                 let bytes = client.get(&key, MAX_INDEX_BYTES).await;
                 (key, id, pack_len, written, bytes)
             });
@@ -1078,22 +1105,43 @@ async fn read_new_indexes(
         let Some((bytes, _)) = bytes? else {
             continue;
         };
-        let index = layout::decode_index(&bytes, Some(pack_len)).map_err(layout_error(&key))?;
-        indexes.insert(
-            id,
-            PackInfo {
-                index,
-                written_unix_ms: written,
-                condemned_unix_ms: condemned.get(&id).copied(),
-            },
-        );
+        let index = layout::decode_index(&bytes, pack_len).map_err(layout_error(&key))?;
+        indexes.insert(id, (index, written));
     }
-    Ok((indexes, listing))
+    Ok(indexes)
+}
+
+/// The size and time of each of `packs` that the store holds, asked many at a time.
+async fn head_packs(
+    client: &ObjectStoreClient,
+    packs: HashSet<PackId>,
+) -> Result<BTreeMap<PackId, (Option<u64>, u64)>, PointStoreError> {
+    let mut packs = packs.into_iter();
+    let mut found = BTreeMap::new();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < PARALLEL_INDEX_READS {
+            let Some(id) = packs.next() else {
+                break;
+            };
+            let client = client.clone();
+            in_flight.spawn(async move { (id, client.head(&layout::pack_key(&id)).await) });
+        }
+        let Some(done) = in_flight.join_next().await else {
+            break;
+        };
+        let (id, head) = done.expect("a pack head task");
+        if let Some((size, written)) = head? {
+            found.insert(id, (Some(size), written));
+        }
+    }
+    Ok(found)
 }
 
 /// What the store holds now: a commit deduplicates against it, a read finds chunks in it.
 pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointStoreError> {
     let read_at = Instant::now();
+    let log_from_ms = wall_clock_ms();
     let indexes = read_indexes(client).await?;
     let locations = ChunkLocations::from_packs(
         indexes
@@ -1108,47 +1156,182 @@ pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointSto
     Ok(StoreView {
         locations,
         read_at,
+        listed_at: read_at,
+        log_from_ms,
         packs,
     })
 }
 
-/// How [`refresh_view`] brought a view up to date.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Refreshed {
-    /// Only packs were added since: their indexes were read (how many).
-    Added(usize),
-    /// A known pack was deleted, condemned or revived: every index was read again.
-    Reloaded,
+/// The clock of this host, in Unix milliseconds.
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
-/// Brings `view` up to what the store holds now, reading as little as it can: the three
-/// listings, then only the indexes of packs added since. Why that is the same as a reload:
-/// the listings show that every pack the view knows is still there in the same state, so the
-/// places it knows are still right, and the new indexes add the rest. Anything else (a
-/// collection deleted, condemned or revived a pack) reloads the view whole: a chunk whose
-/// place went may be in another pack the view prefers less, which only a reload finds.
+/// How long a view goes without listing every pack and index of the store: such a listing
+/// finds the packs whose entry in the log of added packs never came (a writer stopped after
+/// the index) or came too late for a refresh to read it, and packs the store lost. At
+/// 500 TB in 32 MiB packs a listing is some 31,000 requests (ARCHITECTURE.md), which is why a
+/// refresh reads the log instead.
+pub const VIEW_LISTING_EVERY: Duration = Duration::from_secs(3600);
+
+/// How far before its last refresh a refresh reads the log of added packs: writers' clocks
+/// differ, and an entry may land well after its writer read the clock (a retried request).
+/// An entry later still is found by the next whole listing.
+const ADDED_LOG_LOOKBACK_MS: u64 = 10 * 60 * 1000;
+
+/// How long the log of added packs keeps an entry: a collection deletes older ones. A day,
+/// against the minutes a refresh looks back.
+pub const ADDED_LOG_KEEP_MS: u64 = 24 * 3600 * 1000;
+
+/// What [`refresh_view`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Packs new to the view whose indexes were read.
+    pub added: usize,
+    /// Known packs a collection condemned since (their chunks are no longer deduplicated
+    /// into).
+    pub condemned: usize,
+    /// Known condemned packs a collection revived.
+    pub revived: usize,
+    /// Known packs gone from the store (deleted by a collection, or lost), forgotten.
+    pub gone: usize,
+    /// Whether every pack and index of the store was listed.
+    pub listed: bool,
+    /// Whether the view was read again whole, being older than allowed.
+    pub reloaded: bool,
+}
+
+/// Brings `view` up to what the store holds now, reading as little as it can:
+/// * the condemnation markers (a listing: few of them), whose changes for the packs the view
+///   knows are applied from those packs' indexes: a pack newly condemned is no longer
+///   deduplicated into, a revived one is again, one deleted is forgotten;
+/// * the log of added packs since the last refresh ([`layout::added_key`]), whose indexes
+///   are read; every [`VIEW_LISTING_EVERY`] (or when `list_whole`), every pack and index is
+///   listed instead, which also finds packs the store lost.
+///
+/// Why that is safe for a commit's dedup, which must never reference a pack a collection
+/// deletes: a collection deletes a pack a grace after its marker lands, and the grace
+/// exceeds `max_gap`. A pack the view saw without a marker at the last refresh, less than
+/// `max_gap` ago, and sees without one now, cannot have been deleted in between; an index
+/// is read after the markers are listed, so a pack deleted before the listing has no index
+/// to read. A view older than `max_gap` is read again whole.
+///
+/// What it gives up against a whole reload: a chunk is placed in one pack, so if two packs
+/// held it and its pack is condemned, the view no longer deduplicates into it until the next
+/// load (it is stored again). [`crate::dr::publish`] reloads whole before it calls a chunk
+/// lost.
 pub async fn refresh_view(
     client: &ObjectStoreClient,
     view: &mut StoreView,
+    max_gap: Duration,
+    list_whole: bool,
 ) -> Result<Refreshed, PointStoreError> {
     let read_at = Instant::now();
-    let (new, listing) = read_new_indexes(client, &view.packs).await?;
-    let unchanged = view
+    if read_at.duration_since(view.read_at) > max_gap {
+        *view = load_view(client).await?;
+        return Ok(Refreshed {
+            listed: true,
+            reloaded: true,
+            ..Refreshed::default()
+        });
+    }
+    let log_from_ms = wall_clock_ms();
+    let list_whole = list_whole || view.listed_at.elapsed() >= VIEW_LISTING_EVERY;
+    let log_after = layout::added_key_from(view.log_from_ms.saturating_sub(ADDED_LOG_LOOKBACK_MS));
+    let (condemned, logged, listed) = tokio::join!(
+        client.list("condemned"),
+        client.list_after(layout::ADDED_PREFIX, &log_after),
+        async {
+            match list_whole {
+                true => list_indexed_packs(client).await.map(Some),
+                false => Ok(None),
+            }
+        }
+    );
+    let condemned: HashSet<PackId> = condemned?
+        .into_iter()
+        .filter_map(|(key, _, _)| key.rsplit('/').next().and_then(parse_id))
+        .collect();
+    let (logged, listed) = (logged?, listed?);
+    let mut report = Refreshed {
+        listed: list_whole,
+        ..Refreshed::default()
+    };
+
+    // New packs: from the whole listing if there is one, else from the log, each then
+    // asked for (a pack the store lost keeps its entry, and maybe its index).
+    let mut wanted: BTreeMap<PackId, (Option<u64>, u64)> = BTreeMap::new();
+    let mut gone = HashSet::new();
+    if let Some(listed) = &listed {
+        for (id, &(pack_len, written)) in listed {
+            if !view.packs.contains_key(id) {
+                wanted.insert(*id, (Some(pack_len), written));
+            }
+        }
+        gone.extend(view.packs.keys().filter(|id| !listed.contains_key(*id)));
+    } else {
+        let logged: HashSet<PackId> = logged
+            .iter()
+            .filter_map(|(key, _, _)| layout::parse_added_key(key))
+            .map(|(_, id)| id)
+            .filter(|id| !view.packs.contains_key(id))
+            .collect();
+        wanted.extend(head_packs(client, logged).await?);
+    }
+    // Known packs whose condemnation changed: their indexes name their chunks.
+    let changed: Vec<(PackId, bool)> = view
         .packs
         .iter()
-        .all(|(id, condemned)| listing.get(id) == Some(condemned));
-    if !unchanged {
-        *view = load_view(client).await?;
-        return Ok(Refreshed::Reloaded);
+        .filter(|(id, was)| !gone.contains(*id) && condemned.contains(*id) != **was)
+        .map(|(id, _)| (*id, condemned.contains(id)))
+        .collect();
+    let reread = changed.iter().map(|(id, _)| (*id, None, 0));
+    let mut indexes = read_index_objects(
+        client,
+        wanted
+            .iter()
+            .map(|(id, (pack_len, written))| (*id, *pack_len, *written))
+            .chain(reread)
+            .collect(),
+    )
+    .await?;
+    // Condemnations before additions: a repack's copy, new here, then takes the chunks of the
+    // pack it replaces.
+    for (id, now_condemned) in changed {
+        let Some((index, _)) = indexes.remove(&id) else {
+            gone.insert(id);
+            continue;
+        };
+        if now_condemned {
+            view.locations.condemn(id, &index);
+            report.condemned += 1;
+        } else {
+            view.locations.add(id, &index, false);
+            report.revived += 1;
+        }
+        view.packs.insert(id, now_condemned);
     }
-    let added = new.len();
-    for (id, pack) in new {
-        let condemned = pack.condemned_unix_ms.is_some();
-        view.locations.add(id, &pack.index, condemned);
-        view.packs.insert(id, condemned);
+    for (id, (index, _)) in indexes {
+        let is_condemned = condemned.contains(&id);
+        view.locations.add(id, &index, is_condemned);
+        view.packs.insert(id, is_condemned);
+        report.added += 1;
+    }
+    if !gone.is_empty() {
+        for id in &gone {
+            view.packs.remove(id);
+        }
+        view.locations.forget_packs(&gone);
+        report.gone = gone.len();
     }
     view.read_at = read_at;
-    Ok(Refreshed::Added(added))
+    view.log_from_ms = log_from_ms;
+    if list_whole {
+        view.listed_at = read_at;
+    }
+    Ok(report)
 }
 
 /// The volumes with points in the store.
@@ -1243,6 +1426,8 @@ pub struct GcReport {
     /// Packs whose index object was missing (a writer stopped between the two uploads),
     /// given it again from the copy at the pack's end, so that the collection can judge them.
     pub indexes_rebuilt: usize,
+    /// Entries of the log of added packs deleted (older than [`ADDED_LOG_KEEP_MS`]).
+    pub log_entries_swept: usize,
 }
 
 /// How a collection runs.
@@ -1337,6 +1522,9 @@ async fn rebuild_index(client: &ObjectStoreClient, pack: &PackId) -> Result<bool
             client
                 .put_if_absent(&layout::index_key(pack), layout::encode_index(&index))
                 .await?;
+            // So that receivers' views find it at their next refresh.
+            let logged = layout::added_key(wall_clock_ms(), pack);
+            client.put(&logged, Vec::new()).await?;
             Ok(true)
         }
         Err(error) => {
@@ -1370,6 +1558,16 @@ pub async fn collect_garbage(
     }
     let packs = read_indexes(client).await?;
     let (live, tombstones) = mark(client, now_unix_ms).await?;
+    let old_log_entries: Vec<String> = client
+        .list(layout::ADDED_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|(key, _, written)| {
+            let logged = layout::parse_added_key(key).map_or(*written, |(at, _)| at);
+            now_unix_ms.saturating_sub(logged) >= ADDED_LOG_KEEP_MS
+        })
+        .map(|(key, _, _)| key)
+        .collect();
     let plan = layout::gc_plan(
         &packs,
         &live,
@@ -1393,6 +1591,7 @@ pub async fn collect_garbage(
         repacked: plan.repack.len(),
         young: plan.young,
         strays_deleted: strays.orphans.len(),
+        log_entries_swept: old_log_entries.len(),
         indexes_rebuilt: if settings.dry_run {
             strays.unindexed.len()
         } else {
@@ -1424,7 +1623,7 @@ pub async fn collect_garbage(
         client.delete(&layout::index_key(id)).await?;
         client.delete(&condemned_key(id)).await?;
     }
-    for key in &strays.orphans {
+    for key in strays.orphans.iter().chain(&old_log_entries) {
         client.delete(key).await?;
     }
     // Tombstones found by the mark's listings: a day old by then, and still a day old now.
@@ -1716,63 +1915,202 @@ pub async fn verify_chunks(
 mod tests {
     use super::*;
 
-    /// The 200-agent load found each fail-over fetch reading every pack index again: a
-    /// refresh reads only what was added, and still reloads whole when a collection changed
-    /// what the view knows.
+    /// What a refresh found (in tests: what it added, condemned, revived, forgot).
+    fn refreshed(added: usize, condemned: usize, revived: usize, gone: usize) -> Refreshed {
+        Refreshed {
+            added,
+            condemned,
+            revived,
+            gone,
+            ..Refreshed::default()
+        }
+    }
+
+    /// A refresh reads the condemnation markers and the log of added packs, not every pack
+    /// and index of the store (at 500 TB, some 31,000 listing requests), and it no longer
+    /// reads the whole view again when a collection changed a pack it knows: another
+    /// writer's pack comes from its log entry; a condemnation, a revival and a deletion are
+    /// applied from the known pack's index.
     #[tokio::test]
-    async fn a_refresh_reads_only_new_indexes_and_reloads_when_a_known_pack_changed() {
+    async fn a_refresh_follows_the_log_of_added_packs_and_the_collections_markers() {
         let client = ObjectStoreClient::in_memory();
         let mut stale = load_view(&client).await.unwrap();
-        assert_eq!(
-            refresh_view(&client, &mut stale).await.unwrap(),
-            Refreshed::Added(0)
-        );
-        let content = vec![7u8; 4096];
-        let id = client.sealing().chunk_id(&content);
-        let mut view = load_view(&client).await.unwrap();
-        commit_point(
-            &client,
-            &mut view,
-            &ChunkMap::default(),
-            PointToCommit {
-                volume: "a",
-                size_bytes: 1 << 20,
-                chunk_bytes: 4096,
-                point: PointInfo {
-                    seq: 1,
-                    complete: true,
-                    ..PointInfo::default()
-                },
-                changes: &BTreeMap::from([(0, content)]),
-            },
-            PackSettings::default(),
-        )
-        .await
-        .unwrap();
+        async fn refresh(client: &ObjectStoreClient, view: &mut StoreView) -> Refreshed {
+            let gap = PackSettings::default().max_view_age;
+            refresh_view(client, view, gap, false).await.unwrap()
+        }
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 0, 0, 0));
+        let content = BTreeMap::from([(0, vec![7u8; 4096])]);
+        let id = client.sealing().chunk_id(&content[&0]);
+        store_unreferenced(&client, &content).await;
         assert!(!stale.locations.contains(&id));
         let before = stale.read_at;
-        assert_eq!(
-            refresh_view(&client, &mut stale).await.unwrap(),
-            Refreshed::Added(1)
-        );
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(1, 0, 0, 0));
         assert!(stale.locations.contains(&id));
         assert!(stale.read_at > before);
-        assert_eq!(
-            refresh_view(&client, &mut stale).await.unwrap(),
-            Refreshed::Added(0)
-        );
-        // A collection condemns the pack: the view reloads, and no longer dedups into it.
+        // The entry is listed again (the refresh looks back), and is known.
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 0, 0, 0));
+
+        // A collection condemns the pack: no longer deduplicated into, still readable.
         let (pack, _) = stale.locations.get(&id).unwrap();
-        client
-            .put(&condemned_key(&pack), b"1700000000000".to_vec())
+        let marker = || b"1700000000000".to_vec();
+        client.put(&condemned_key(&pack), marker()).await.unwrap();
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 1, 0, 0));
+        assert!(!stale.locations.contains(&id));
+        assert!(stale.locations.get(&id).is_some(), "still readable");
+        // A commit needed it after all: revived.
+        client.delete(&condemned_key(&pack)).await.unwrap();
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 0, 1, 0));
+        assert!(stale.locations.contains(&id));
+        // Condemned again, then deleted as a collection deletes: pack, index, marker.
+        client.put(&condemned_key(&pack), marker()).await.unwrap();
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 1, 0, 0));
+        for key in [
+            layout::pack_key(&pack),
+            layout::index_key(&pack),
+            condemned_key(&pack),
+        ] {
+            client.delete(&key).await.unwrap();
+        }
+        assert_eq!(refresh(&client, &mut stale).await, refreshed(0, 0, 0, 1));
+        assert_eq!(stale.locations.get(&id), None);
+        assert!(stale.packs.is_empty());
+        assert_eq!(stale.locations.len(), 0);
+    }
+
+    /// A refresh that lists every pack (every `VIEW_LISTING_EVERY`, or when asked) finds
+    /// a pack whose log entry never came (its writer stopped after the index), and forgets a
+    /// pack the store lost; a view older than allowed is read again whole.
+    #[tokio::test]
+    async fn a_whole_listing_finds_what_the_log_missed_and_an_old_view_is_read_again() {
+        let client = ObjectStoreClient::in_memory();
+        let gap = PackSettings::default().max_view_age;
+        let first = BTreeMap::from([(0, vec![1u8; 4096])]);
+        let second = BTreeMap::from([(0, vec![2u8; 4096])]);
+        let [first_id, second_id] = [&first, &second].map(|c| client.sealing().chunk_id(&c[&0]));
+        store_unreferenced(&client, &first).await;
+        let first_logged = client.list(layout::ADDED_PREFIX).await.unwrap();
+        let mut view = load_view(&client).await.unwrap();
+        // The second pack's writer stops before its log entry.
+        store_unreferenced(&client, &second).await;
+        for (key, _, _) in client.list(layout::ADDED_PREFIX).await.unwrap() {
+            if !first_logged.iter().any(|(first, _, _)| *first == key) {
+                client.delete(&key).await.unwrap();
+            }
+        }
+        assert_eq!(
+            refresh_view(&client, &mut view, gap, false).await.unwrap(),
+            refreshed(0, 0, 0, 0)
+        );
+        assert!(!view.locations.contains(&second_id));
+        // The store loses the first pack.
+        let (lost, _) = view.locations.get(&first_id).unwrap();
+        client.delete(&layout::pack_key(&lost)).await.unwrap();
+        assert_eq!(
+            refresh_view(&client, &mut view, gap, true).await.unwrap(),
+            Refreshed {
+                listed: true,
+                ..refreshed(1, 0, 0, 1)
+            }
+        );
+        assert!(view.locations.contains(&second_id));
+        assert_eq!(view.locations.get(&first_id), None);
+        // The lost pack's log entry and index are still there; the pack is not.
+        assert_eq!(
+            refresh_view(&client, &mut view, gap, false).await.unwrap(),
+            refreshed(0, 0, 0, 0)
+        );
+        assert_eq!(view.locations.get(&first_id), None);
+        // Too old to be brought up to date safely: read again whole.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let reloaded = refresh_view(&client, &mut view, Duration::from_millis(1), false)
+            .await
+            .unwrap();
+        assert!(reloaded.reloaded && reloaded.listed, "{reloaded:?}");
+        assert!(view.locations.contains(&second_id));
+    }
+
+    /// A collection repacks a sparse pack a writer's view knows: at its next refresh the view
+    /// finds the copy (from the log) and the old pack condemned, and places the live chunk
+    /// in the copy, so that commits still deduplicate into it; once the old pack is deleted,
+    /// the view forgets it and the chunk stays found. Every point reads throughout.
+    #[tokio::test]
+    async fn a_refresh_moves_a_repacked_chunk_to_its_copy_and_forgets_the_old_pack() {
+        let client = ObjectStoreClient::in_memory();
+        let gap = PackSettings::default().max_view_age;
+        let grace_ms = 1000;
+        let settings = GcSettings {
+            repack_below: 0.9,
+            ..gc_settings(grace_ms)
+        };
+        let (live, dead) = (vec![0x31u8; 4096], vec![0x32u8; 4096]);
+        let [live_id, dead_id] = [&live, &dead].map(|c| client.sealing().chunk_id(c));
+        store_unreferenced(&client, &BTreeMap::from([(0, live.clone()), (1, dead)])).await;
+        commit_fill(&client, &ChunkMap::default(), 1, 0x31)
+            .await
+            .unwrap();
+        let mut view = load_view(&client).await.unwrap();
+        let (sparse, _) = view.locations.get(&live_id).unwrap();
+        let start = now_ms();
+        let collected = collect_garbage(&client, start + grace_ms, &settings)
             .await
             .unwrap();
         assert_eq!(
-            refresh_view(&client, &mut stale).await.unwrap(),
-            Refreshed::Reloaded
+            (collected.repacked, collected.repack_written),
+            (1, 1),
+            "{collected:?}"
         );
-        assert!(!stale.locations.contains(&id));
-        assert!(stale.locations.get(&id).is_some(), "still readable");
+        assert_eq!(
+            refresh_view(&client, &mut view, gap, false).await.unwrap(),
+            refreshed(1, 1, 0, 0)
+        );
+        let (copy, _) = view.locations.get(&live_id).unwrap();
+        assert_ne!(copy, sparse);
+        assert!(view.locations.contains(&live_id));
+        assert!(!view.locations.contains(&dead_id));
+        assert_eq!(fill_of(&client, 1).await, 0x31);
+        let collected = collect_garbage(&client, start + 3 * grace_ms, &settings)
+            .await
+            .unwrap();
+        assert_eq!(collected.deleted, 1, "{collected:?}");
+        assert_eq!(
+            refresh_view(&client, &mut view, gap, false).await.unwrap(),
+            refreshed(0, 0, 0, 1)
+        );
+        assert_eq!(
+            view.locations.get(&live_id).map(|(pack, _)| pack),
+            Some(copy)
+        );
+        assert_eq!(view.locations.get(&dead_id), None);
+        // The view is what a load reads now.
+        let fresh = load_view(&client).await.unwrap();
+        assert_eq!(fresh.packs, view.packs);
+        assert_eq!(fresh.locations.len(), view.locations.len());
+        assert_eq!(fill_of(&client, 1).await, 0x31);
+        every_point_reads(&client).await.unwrap();
+    }
+
+    /// The log of added packs is a hint kept a day: a collection deletes older entries.
+    #[tokio::test]
+    async fn a_collection_deletes_log_entries_older_than_a_day() {
+        let client = ObjectStoreClient::in_memory();
+        store_unreferenced(&client, &BTreeMap::from([(0, vec![9u8; 4096])])).await;
+        let logged = || async { client.list(layout::ADDED_PREFIX).await.unwrap().len() };
+        assert_eq!(logged().await, 1);
+        let settings = gc_settings(3_600_000);
+        let collected = collect_garbage(&client, now_ms(), &settings).await.unwrap();
+        assert_eq!(collected.log_entries_swept, 0, "{collected:?}");
+        let later = now_ms() + ADDED_LOG_KEEP_MS;
+        let dry = GcSettings {
+            dry_run: true,
+            ..settings
+        };
+        let planned = collect_garbage(&client, later, &dry).await.unwrap();
+        assert_eq!(planned.log_entries_swept, 1, "{planned:?}");
+        assert_eq!(logged().await, 1);
+        let collected = collect_garbage(&client, later, &settings).await.unwrap();
+        assert_eq!(collected.log_entries_swept, 1, "{collected:?}");
+        assert_eq!(logged().await, 0);
     }
 
     /// A delta's commit looks up its new references only, so its cost follows the change;

@@ -270,6 +270,23 @@ impl ObjectStoreClient {
         Ok(Some((bytes.to_vec(), e_tag)))
     }
 
+    /// The size of `key` and when it was last written (milliseconds since the Unix epoch),
+    /// or `None` if there is no such object.
+    pub async fn head(&self, key: &str) -> Result<Option<(u64, u64)>, StoreError> {
+        match self.store.head(&ObjectPath::from(key)).await {
+            Ok(meta) => {
+                let (_, size, written) = listed_object(meta);
+                Ok(Some((size, written)))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(source) => Err(StoreError::Request {
+                what: "asking for",
+                key: key.to_owned(),
+                source,
+            }),
+        }
+    }
+
     /// `len` bytes of `key` from `offset` (a ranged GET: one chunk of a pack).
     pub async fn get_range(&self, key: &str, offset: u64, len: u64) -> Result<Vec<u8>, StoreError> {
         let end = offset.checked_add(len).ok_or_else(|| StoreError::Request {

@@ -788,17 +788,29 @@ impl Publisher {
             .as_ref()
             .is_none_or(|view| view.read_at.elapsed() > self.settings.max_view_age / 2);
         if stale {
-            self.refresh(&mut slot).await?;
+            self.refresh(&mut slot, false).await?;
         }
         Ok(slot)
     }
 
-    /// Brings the shared view up to the store: only the indexes added since, unless a
-    /// collection changed what the view knows ([`objpoints::refresh_view`]).
-    async fn refresh(&self, slot: &mut Option<StoreView>) -> Result<(), PublishError> {
+    /// Brings the shared view up to the store: the indexes of the packs added since and the
+    /// changes of condemnation ([`objpoints::refresh_view`]); with `list_whole`, from a
+    /// listing of every pack.
+    async fn refresh(
+        &self,
+        slot: &mut Option<StoreView>,
+        list_whole: bool,
+    ) -> Result<(), PublishError> {
         match slot {
             Some(view) => {
-                objpoints::refresh_view(&self.client, view).await?;
+                let refreshed = objpoints::refresh_view(
+                    &self.client,
+                    view,
+                    self.settings.max_view_age,
+                    list_whole,
+                )
+                .await?;
+                tracing::debug!(target: "blkmirror receiver", "store view refreshed: {refreshed:?}");
             }
             None => *slot = Some(objpoints::load_view(&self.client).await?),
         }
@@ -807,7 +819,10 @@ impl Publisher {
 
     /// The pack view, read again if it lacks a chunk of `map` (another receiver stored it
     /// since this one read the indexes: the point was published elsewhere), and the chunks of
-    /// `map` the store still lacks then (lost there).
+    /// `map` the store still lacks then (lost there). Read again in three steps, each only if
+    /// the one before left a chunk lacking: a refresh (the log of added packs), a refresh from
+    /// a listing of every pack (a pack whose log entry never came), a whole reload (a chunk
+    /// in two packs, the one the view knew deleted).
     async fn view_covering(
         &self,
         map: &ChunkMap,
@@ -825,8 +840,15 @@ impl Publisher {
                 .unwrap_or_default()
         };
         let mut lacking = missing(&slot);
+        for list_whole in [false, true] {
+            if lacking.is_empty() {
+                break;
+            }
+            self.refresh(&mut slot, list_whole).await?;
+            lacking = missing(&slot);
+        }
         if !lacking.is_empty() {
-            self.refresh(&mut slot).await?;
+            *slot = Some(objpoints::load_view(&self.client).await?);
             lacking = missing(&slot);
         }
         Ok((slot, lacking))
@@ -1319,7 +1341,8 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
         "{} pack(s) of {} in the store, {} live chunk(s); {} pack(s) condemned, {} deleted \
          ({} freed), {} revived, {} repacked into {} new pack(s) ({} written), {} too young \
          to judge, {} tombstone(s) of dropped points deleted, {} stray index(es) and \
-         marker(s) deleted, {} missing index(es) rebuilt",
+         marker(s) deleted, {} missing index(es) rebuilt, {} old entr(ies) of the log of \
+         added packs deleted",
         report.packs,
         units::format_size(report.pack_bytes),
         report.live_chunks,
@@ -1333,7 +1356,8 @@ pub fn describe_gc(report: &objpoints::GcReport) -> String {
         report.young,
         report.tombstones_swept,
         report.strays_deleted,
-        report.indexes_rebuilt
+        report.indexes_rebuilt,
+        report.log_entries_swept
     )
 }
 
