@@ -676,15 +676,27 @@ impl Hosts {
     ) {
         const GRACE_MS: u64 = 3_000;
         let seed = |seq: u64, chunk: u64| 100_000 + seq * 100 + chunk;
+        // Receiver b's view, followed from the log of added packs and the markers (never
+        // reloaded) through the commits and collections below.
+        let mut followed = objpoints::load_view(b).await.expect("view");
+        let mut packs_written = 0;
         for seq in 6..=15u64 {
             let chunks = if seq == 6 { 0..16 } else { 0..14 };
             let changes: BTreeMap<u64, Vec<u8>> = chunks
                 .map(|chunk| (chunk, chunk_content(seed(seq, chunk))))
                 .collect();
-            self.commit(a, "host-a", seq, &changes)
+            let report = self
+                .commit(a, "host-a", seq, &changes)
                 .await
                 .expect("a point to prune later");
+            packs_written += report.packs;
         }
+        let refreshed = follow(b, &mut followed).await;
+        assert_eq!(
+            (refreshed.added as u64, refreshed.listed, refreshed.reloaded),
+            (packs_written, false, false),
+            "{refreshed:?}"
+        );
         let bytes_before: u64 = a
             .list("packs")
             .await
@@ -756,6 +768,7 @@ impl Hosts {
         eprintln!("after retention: {first:?}");
         assert!(first.condemned >= 8 && first.repacked >= 1, "{first:?}");
         assert_eq!(first.repack_written, 1, "{first:?}");
+        follow_collection(b, &mut followed, &first).await;
         // Chunk 0 of point 6, which only the repacked pack holds, deduplicated from the old
         // view into chunk 30 of point 16.
         let changes: BTreeMap<u64, Vec<u8>> =
@@ -771,6 +784,27 @@ impl Hosts {
             .expect("second collection");
         eprintln!("then: {second:?}");
         assert!(second.revived >= 1 && second.deleted >= 7, "{second:?}");
+        follow_collection(b, &mut followed, &second).await;
+        // The followed view knows what a load reads now, and deduplicates the same.
+        let loaded = objpoints::load_view(b).await.expect("view");
+        assert_eq!(followed.known_packs(), loaded.known_packs());
+        assert_eq!(followed.locations.len(), loaded.locations.len());
+        let mut chunks_checked = 0;
+        for image in self.expected.values() {
+            for content in image.chunks(CHUNK as usize) {
+                let id = b.sealing().chunk_id(content);
+                assert_eq!(
+                    followed.locations.contains(&id),
+                    loaded.locations.contains(&id)
+                );
+                chunks_checked += 1;
+            }
+        }
+        eprintln!(
+            "followed view: {} packs, {} chunks, as loaded; {chunks_checked} chunk lookups agree",
+            loaded.known_packs().len(),
+            loaded.locations.len()
+        );
         let bytes_after: u64 = a
             .list("packs")
             .await
@@ -789,6 +823,33 @@ impl Hosts {
         );
         self.read_every_point_back(a).await;
     }
+}
+
+/// Brings `view` up to the store as a receiver does between its whole listings.
+async fn follow(client: &ObjectStoreClient, view: &mut StoreView) -> objpoints::Refreshed {
+    objpoints::refresh_view(client, view, Duration::from_secs(600), false)
+        .await
+        .expect("refresh")
+}
+
+/// Follows `view` past `collected`: the refresh sees what the collection did, pack for pack.
+async fn follow_collection(client: &ObjectStoreClient, view: &mut StoreView, collected: &GcReport) {
+    let refreshed = follow(client, view).await;
+    assert_eq!(
+        [
+            refreshed.added,
+            refreshed.condemned,
+            refreshed.revived,
+            refreshed.gone
+        ],
+        [
+            collected.repack_written as usize,
+            collected.condemned,
+            collected.revived,
+            collected.deleted
+        ],
+        "{refreshed:?} after {collected:?}"
+    );
 }
 
 /// `cargo xtask bench view`: a receiver's view of the store (where every chunk is) and a
