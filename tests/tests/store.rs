@@ -993,3 +993,139 @@ fn bench_store_view_and_commit_map_work_against_the_layout_before() {
          --changed {changed}"
     );
 }
+
+/// `cargo xtask bench refresh`: a receiver's view brought up to date on Ceph, from the log of
+/// added packs and the markers, against the same refresh from a whole listing of packs and
+/// indexes (what every refresh did before, and what one does every `VIEW_LISTING_EVERY`).
+/// Both read the indexes of the same number of new packs, alternating. The store is filled
+/// with packs of one chunk whose log entries are then deleted, as a collection deletes them
+/// after a day: a store written before the refresh's look-back.
+#[test]
+#[ignore = "a benchmark: cargo xtask bench refresh"]
+fn bench_view_refresh_from_the_log_against_a_whole_listing() {
+    use std::time::Instant;
+    require_root();
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let packs = var("BLKMIRROR_BENCH_REFRESH_PACKS", 5_000);
+    let added = var("BLKMIRROR_BENCH_REFRESH_ADDED", 20);
+    let rounds = var("BLKMIRROR_BENCH_REFRESH_ROUNDS", 5).max(1);
+    let cluster = CephCluster::start();
+    cluster.create_bucket("refresh");
+    let client = ObjectStoreClient::connect(&cluster.store_config("refresh")).expect("client");
+    // The writers deduplicate against nothing (their chunks are all new): a view of an empty
+    // bucket, not a load of the store's every index per writer.
+    cluster.create_bucket("empty");
+    let empty = ObjectStoreClient::connect(&cluster.store_config("empty")).expect("client");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    const WRITERS: u64 = 16;
+    // Packs of one chunk each (a pack closes past 1 byte), `count` of them from `first` (none
+    // all zeros: zeros are never stored).
+    let store_packs = |first: u64, count: u64| {
+        let (client, empty) = (client.clone(), empty.clone());
+        async move {
+            let mut writers = tokio::task::JoinSet::new();
+            for writer in 0..WRITERS.min(count) {
+                let (client, empty) = (client.clone(), empty.clone());
+                writers.spawn(async move {
+                    let changes: BTreeMap<u64, Vec<u8>> = (first + writer..first + count)
+                        .step_by(WRITERS as usize)
+                        .map(|n| (n, (n + 1).to_le_bytes().repeat(64)))
+                        .collect();
+                    let mut view = objpoints::load_view(&empty).await.expect("view");
+                    let mut upload = objpoints::Upload::default();
+                    let settings = PackSettings {
+                        target_bytes: 1,
+                        level: None,
+                        ..PackSettings::default()
+                    };
+                    objpoints::upload_changes(&client, &mut view, &changes, settings, &mut upload)
+                        .await
+                        .expect("upload");
+                });
+            }
+            while let Some(done) = writers.join_next().await {
+                done.expect("a writer");
+            }
+        }
+    };
+    runtime.block_on(async {
+        let started = Instant::now();
+        store_packs(0, packs).await;
+        let logged = client.list(layout::ADDED_PREFIX).await.expect("log");
+        let mut deleting = tokio::task::JoinSet::new();
+        for batch in logged.chunks(logged.len().div_ceil(WRITERS as usize).max(1)) {
+            let (client, keys) = (client.clone(), batch.to_vec());
+            deleting.spawn(async move {
+                for (key, _, _) in keys {
+                    client.delete(&key).await.expect("delete a log entry");
+                }
+            });
+        }
+        while let Some(done) = deleting.join_next().await {
+            done.expect("a deleter");
+        }
+        eprintln!(
+            "filled: {packs} packs of one chunk in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let started = Instant::now();
+        let mut view = objpoints::load_view(&client).await.expect("view");
+        let load = started.elapsed();
+        assert_eq!(view.known_packs().len() as u64, packs);
+        let (mut by_log, mut by_listing) = (Vec::new(), Vec::new());
+        let mut next = packs;
+        for round in 0..rounds {
+            for list_whole in [false, true] {
+                store_packs(next, added).await;
+                next += added;
+                let started = Instant::now();
+                let refreshed =
+                    objpoints::refresh_view(&client, &mut view, Duration::from_secs(600), list_whole)
+                        .await
+                        .expect("refresh");
+                let took = started.elapsed().as_secs_f64();
+                assert_eq!(
+                    (refreshed.added as u64, refreshed.listed, refreshed.gone),
+                    (added, list_whole, 0),
+                    "round {round}: {refreshed:?}"
+                );
+                let times = if list_whole { &mut by_listing } else { &mut by_log };
+                times.push(took);
+            }
+        }
+        assert_eq!(view.known_packs().len() as u64, next);
+        let median = |times: &mut Vec<f64>| {
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        };
+        let (log, listing) = (median(&mut by_log), median(&mut by_listing));
+        // Requests of a listing: one per 1,000 keys.
+        let log_entries = client.list(layout::ADDED_PREFIX).await.expect("log").len() as u64;
+        eprintln!(
+            "bench refresh: {next} packs in the store (Ceph, 3 OSDs); view load {:.2} s\n\
+             refresh reading the indexes of {added} new packs, median of {rounds}:\n\
+             \x20 from the log and the markers: {:.1} ms (listing {} log entries: {} request(s), \
+             plus {added} HEADs)\n\
+             \x20 from a whole listing:         {:.1} ms (listing {} packs and indexes: {} requests)\n\
+             \x20 ratio whole listing / log: {:.1}\n\
+             reproduce: cargo xtask bench refresh --packs {packs} --added {added} --rounds {rounds}",
+            load.as_secs_f64(),
+            log * 1e3,
+            log_entries,
+            log_entries.div_ceil(1000).max(1) + 1,
+            listing * 1e3,
+            2 * next,
+            2 * next.div_ceil(1000) + 1,
+            listing / log
+        );
+    });
+}

@@ -118,6 +118,20 @@ pub enum Which {
         #[arg(long, default_value_t = 256)]
         changed: u64,
     },
+    /// A receiver's view of the store brought up to date from the log of added packs and the
+    /// markers, against a refresh from a whole listing of packs and indexes, on a Ceph
+    /// cluster the benchmark starts and fills (release build).
+    Refresh {
+        /// Packs of one chunk in the store.
+        #[arg(long, default_value_t = 5_000)]
+        packs: u64,
+        /// New packs before each refresh.
+        #[arg(long, default_value_t = 20)]
+        added: u64,
+        /// Refreshes of each kind, alternating (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+    },
     /// Simulated agents (the real protocol over QUIC, devices in memory) replicating at once
     /// to three receivers on one Ceph cluster, one receiver killed midway: every cycle must
     /// commit and every volume's newest point equal its device; reports commits per second
@@ -218,6 +232,19 @@ pub fn run(which: Which) -> Result<()> {
                     volume_chunks.to_string(),
                 ),
                 ("BLKMIRROR_BENCH_VIEW_CHANGED", changed.to_string()),
+            ],
+        ),
+        Which::Refresh {
+            packs,
+            added,
+            rounds,
+        } => release_bench_test(
+            "store",
+            "bench_view_refresh_from_the_log_against_a_whole_listing",
+            &[
+                ("BLKMIRROR_BENCH_REFRESH_PACKS", packs.to_string()),
+                ("BLKMIRROR_BENCH_REFRESH_ADDED", added.to_string()),
+                ("BLKMIRROR_BENCH_REFRESH_ROUNDS", rounds.to_string()),
             ],
         ),
         Which::Load {
