@@ -825,6 +825,14 @@ impl Hosts {
     }
 }
 
+/// A benchmark's setting from the environment (`cargo xtask bench` sets them), or `default`.
+fn bench_setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Brings `view` up to the store as a receiver does between its whole listings.
 async fn follow(client: &ObjectStoreClient, view: &mut StoreView) -> objpoints::Refreshed {
     objpoints::refresh_view(client, view, Duration::from_secs(600), false)
@@ -863,15 +871,9 @@ async fn follow_collection(client: &ObjectStoreClient, view: &mut StoreView, col
 fn bench_store_view_and_commit_map_work_against_the_layout_before() {
     use blkmirror::dr::layout::{ChunkId, ChunkLocations, Codec, IndexEntry, PackId};
     use std::{collections::HashMap, time::Instant};
-    let var = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let chunks = var("BLKMIRROR_BENCH_VIEW_CHUNKS", 8_000_000);
-    let volume_chunks = var("BLKMIRROR_BENCH_VIEW_VOLUME_CHUNKS", 7_600_000);
-    let changed = var("BLKMIRROR_BENCH_VIEW_CHANGED", 256);
+    let chunks = bench_setting("BLKMIRROR_BENCH_VIEW_CHUNKS", 8_000_000);
+    let volume_chunks = bench_setting("BLKMIRROR_BENCH_VIEW_VOLUME_CHUNKS", 7_600_000);
+    let changed = bench_setting("BLKMIRROR_BENCH_VIEW_CHANGED", 256);
     let id = |n: u64| layout::chunk_id(&n.to_le_bytes());
     let packs: Vec<(PackId, Vec<IndexEntry>)> = (0..chunks.div_ceil(512))
         .map(|pack| {
@@ -1005,15 +1007,9 @@ fn bench_store_view_and_commit_map_work_against_the_layout_before() {
 fn bench_view_refresh_from_the_log_against_a_whole_listing() {
     use std::time::Instant;
     require_root();
-    let var = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let packs = var("BLKMIRROR_BENCH_REFRESH_PACKS", 5_000);
-    let added = var("BLKMIRROR_BENCH_REFRESH_ADDED", 20);
-    let rounds = var("BLKMIRROR_BENCH_REFRESH_ROUNDS", 5).max(1);
+    let packs = bench_setting("BLKMIRROR_BENCH_REFRESH_PACKS", 5_000);
+    let added = bench_setting("BLKMIRROR_BENCH_REFRESH_ADDED", 20);
+    let rounds = bench_setting("BLKMIRROR_BENCH_REFRESH_ROUNDS", 5).max(1);
     let cluster = CephCluster::start();
     cluster.create_bucket("refresh");
     let client = ObjectStoreClient::connect(&cluster.store_config("refresh")).expect("client");

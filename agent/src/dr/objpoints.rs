@@ -1002,19 +1002,71 @@ async fn list_packs(
         .collect())
 }
 
-/// The condemnation markers: pack id → when it was condemned (Unix milliseconds): the later
-/// of the time the marker holds (when the collection decided) and the time the store shows
-/// it written. A marker the store applies late (the collection's request timed out) is seen
-/// by writers only from then, and a writer whose view was read before may deduplicate into
-/// the pack for up to `max_view_age` after: the grace runs from when writers could see it.
-async fn list_condemned(
+/// The ids of the objects of a listing (of `index/` or `condemned/`), each with when it was
+/// written; keys that name no pack are left out.
+fn ids_listed(listing: Vec<(String, u64, u64)>) -> BTreeMap<PackId, u64> {
+    listing
+        .into_iter()
+        .filter_map(|(key, _, written)| Some((key.rsplit('/').next().and_then(parse_id)?, written)))
+        .collect()
+}
+
+/// The store's listings of packs, index objects and condemnation markers, taken at once:
+/// what a view's load and a collection start from (a collection lists each once).
+struct StoreListing {
+    /// Pack id → (size, when written, in Unix milliseconds).
+    packs: BTreeMap<PackId, (u64, u64)>,
+    /// The index objects: pack id → when written.
+    indexes: BTreeMap<PackId, u64>,
+    /// The condemnation markers: pack id → when written.
+    markers: BTreeMap<PackId, u64>,
+}
+
+impl StoreListing {
+    async fn take(client: &ObjectStoreClient) -> Result<Self, PointStoreError> {
+        let (packs, indexes, markers) = tokio::join!(
+            list_packs(client),
+            client.list("index"),
+            client.list("condemned")
+        );
+        Ok(Self {
+            packs: packs?,
+            indexes: ids_listed(indexes?),
+            markers: ids_listed(markers?),
+        })
+    }
+
+    /// The packs that have an index object: id → (size, when written). An index whose pack
+    /// is gone (collected, or never finished) locates nothing.
+    fn indexed_packs(&self) -> BTreeMap<PackId, (u64, u64)> {
+        indexed_packs(&self.packs, &self.indexes)
+    }
+}
+
+fn indexed_packs<T>(
+    packs: &BTreeMap<PackId, (u64, u64)>,
+    indexes: &BTreeMap<PackId, T>,
+) -> BTreeMap<PackId, (u64, u64)> {
+    packs
+        .iter()
+        .filter(|(id, _)| indexes.contains_key(*id))
+        .map(|(id, pack)| (*id, *pack))
+        .collect()
+}
+
+/// The condemnation markers listed: pack id → when it was condemned (Unix milliseconds): the
+/// later of the time the marker holds (when the collection decided) and the time the store
+/// shows it written. A marker the store applies late (the collection's request timed out) is
+/// seen by writers only from then, and a writer whose view was read before may deduplicate
+/// into the pack for up to `max_view_age` after: the grace runs from when writers could see
+/// it.
+async fn read_markers(
     client: &ObjectStoreClient,
+    markers: &BTreeMap<PackId, u64>,
 ) -> Result<BTreeMap<PackId, u64>, PointStoreError> {
     let mut condemned = BTreeMap::new();
-    for (key, _, written) in client.list("condemned").await? {
-        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
-            continue;
-        };
+    for (id, &written) in markers {
+        let key = condemned_key(id);
         let Some((bytes, _)) = client.get(&key, 64).await? else {
             continue;
         };
@@ -1028,7 +1080,7 @@ async fn list_condemned(
                     detail: "not a time in milliseconds".to_owned(),
                 },
             })?;
-        condemned.insert(id, written.max(at));
+        condemned.insert(*id, written.max(at));
     }
     Ok(condemned)
 }
@@ -1042,14 +1094,25 @@ const PARALLEL_INDEX_READS: usize = 16;
 async fn read_indexes(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
-    let (packs, condemned) = tokio::join!(list_indexed_packs(client), list_condemned(client));
-    let (packs, condemned) = (packs?, condemned?);
-    let wanted = packs
+    read_listed_indexes(client, &StoreListing::take(client).await?).await
+}
+
+/// [`read_indexes`] from listings already taken.
+async fn read_listed_indexes(
+    client: &ObjectStoreClient,
+    listing: &StoreListing,
+) -> Result<BTreeMap<PackId, PackInfo>, PointStoreError> {
+    let wanted = listing
+        .indexed_packs()
         .into_iter()
         .map(|(id, (pack_len, written))| (id, Some(pack_len), written))
         .collect();
-    Ok(read_index_objects(client, wanted)
-        .await?
+    let (condemned, indexes) = tokio::join!(
+        read_markers(client, &listing.markers),
+        read_index_objects(client, wanted)
+    );
+    let condemned = condemned?;
+    Ok(indexes?
         .into_iter()
         .map(|(id, (index, written))| {
             let pack = PackInfo {
@@ -1062,19 +1125,13 @@ async fn read_indexes(
         .collect())
 }
 
-/// The packs that have an index object: id → (size, when written). An index whose pack is
-/// gone (collected, or never finished) locates nothing.
+/// The packs that have an index object, from a listing of packs and one of indexes (the
+/// whole listing of a view's refresh, which reads the markers apart).
 async fn list_indexed_packs(
     client: &ObjectStoreClient,
 ) -> Result<BTreeMap<PackId, (u64, u64)>, PointStoreError> {
     let (packs, indexes) = tokio::join!(list_packs(client), client.list("index"));
-    let indexed: HashSet<PackId> = indexes?
-        .into_iter()
-        .filter_map(|(key, _, _)| key.rsplit('/').next().and_then(parse_id))
-        .collect();
-    let mut packs = packs?;
-    packs.retain(|id, _| indexed.contains(id));
-    Ok(packs)
+    Ok(indexed_packs(&packs?, &ids_listed(indexes?)))
 }
 
 /// Reads the index objects of `wanted` packs (id, the pack's length to check the index
@@ -1250,10 +1307,7 @@ pub async fn refresh_view(
             }
         }
     );
-    let condemned: HashSet<PackId> = condemned?
-        .into_iter()
-        .filter_map(|(key, _, _)| key.rsplit('/').next().and_then(parse_id))
-        .collect();
+    let condemned: HashSet<PackId> = ids_listed(condemned?).into_keys().collect();
     let (logged, listed) = (logged?, listed?);
     let mut report = Refreshed {
         listed: list_whole,
@@ -1470,44 +1524,35 @@ struct Strays {
     unindexed: Vec<PackId>,
 }
 
-/// Finds the strays among the objects at `now_ms`, from `packs` (listed before). Only those
-/// older than `grace_ms` are taken, which is what makes the listings' order safe: a pack
-/// written after its listing, with its index before the index listing, has a young index;
-/// and a writer sends a pack's index right after the pack, so an old pack without one will
-/// not get it.
-async fn find_strays(
-    client: &ObjectStoreClient,
-    packs: &BTreeMap<PackId, (u64, u64)>,
-    now_ms: u64,
-    grace_ms: u64,
-) -> Result<Strays, PointStoreError> {
-    let (indexes, markers) = tokio::join!(client.list("index"), client.list("condemned"));
+/// Finds the strays among the objects listed, at `now_ms`. Only those older than `grace_ms`
+/// are taken, which is what makes the listings' order safe: a pack written after its
+/// listing, with its index before the index listing, has a young index; and a writer sends a
+/// pack's index right after the pack, so an old pack without one will not get it.
+fn find_strays(listing: &StoreListing, now_ms: u64, grace_ms: u64) -> Strays {
     let old = |written: u64| now_ms.saturating_sub(written) >= grace_ms;
-    let mut strays = Strays::default();
-    let mut indexed = HashSet::new();
-    for (key, _, written) in indexes? {
-        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
-            continue;
-        };
-        indexed.insert(id);
-        if !packs.contains_key(&id) && old(written) {
-            strays.orphans.push(key);
-        }
-    }
-    for (key, _, written) in markers? {
-        let Some(id) = key.rsplit('/').next().and_then(parse_id) else {
-            continue;
-        };
-        if !packs.contains_key(&id) && old(written) {
-            strays.orphans.push(key);
-        }
-    }
-    strays.unindexed = packs
+    let orphan = |id: &PackId, written: u64| !listing.packs.contains_key(id) && old(written);
+    let mut orphans: Vec<String> = listing
+        .indexes
         .iter()
-        .filter(|(id, (_, written))| !indexed.contains(*id) && old(*written))
-        .map(|(id, _)| *id)
+        .filter(|(id, written)| orphan(id, **written))
+        .map(|(id, _)| layout::index_key(id))
         .collect();
-    Ok(strays)
+    orphans.extend(
+        listing
+            .markers
+            .iter()
+            .filter(|(id, written)| orphan(id, **written))
+            .map(|(id, _)| condemned_key(id)),
+    );
+    Strays {
+        orphans,
+        unindexed: listing
+            .packs
+            .iter()
+            .filter(|(id, (_, written))| !listing.indexes.contains_key(*id) && old(*written))
+            .map(|(id, _)| *id)
+            .collect(),
+    }
 }
 
 /// Gives `pack` its index object again, from the copy at the pack's end (the same bytes its
@@ -1547,16 +1592,21 @@ pub async fn collect_garbage(
     now_unix_ms: u64,
     settings: &GcSettings,
 ) -> Result<GcReport, PointStoreError> {
-    let listed = list_packs(client).await?;
-    let strays = find_strays(client, &listed, now_unix_ms, settings.grace_ms).await?;
+    // Each of the store's listings once, for the strays and the indexes both.
+    let mut listing = StoreListing::take(client).await?;
+    let strays = find_strays(&listing, now_unix_ms, settings.grace_ms);
     let mut indexes_rebuilt = 0;
     if !settings.dry_run {
         // Before the indexes are read: a pack given its index is judged like any other.
         for id in &strays.unindexed {
-            indexes_rebuilt += usize::from(rebuild_index(client, id).await?);
+            if rebuild_index(client, id).await? {
+                indexes_rebuilt += 1;
+                listing.indexes.insert(*id, now_unix_ms);
+            }
         }
     }
-    let packs = read_indexes(client).await?;
+    let packs = read_listed_indexes(client, &listing).await?;
+    let listed = &listing.packs;
     let (live, tombstones) = mark(client, now_unix_ms).await?;
     let old_log_entries: Vec<String> = client
         .list(layout::ADDED_PREFIX)
