@@ -817,6 +817,49 @@ impl Publisher {
         Ok(())
     }
 
+    /// Keeps the pack view current between publishes, so that no publish waits for more
+    /// than a refresh from the log: loads it if there is none (a spare receiver then has it
+    /// before a failover brings it volumes), lists the store whole when due
+    /// ([`objpoints::VIEW_LISTING_EVERY`]) outside the view's lock (minutes on a large
+    /// store), and refreshes it when half its allowed age has passed. The receiver calls it
+    /// every quarter of `max_view_age`.
+    pub async fn keep_view_current(&self) -> Result<(), PublishError> {
+        let listing_due = self
+            .view
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(StoreView::listing_due);
+        if listing_due {
+            let listing = objpoints::list_whole(&self.client).await?;
+            let mut slot = self.view.lock().await;
+            if let Some(view) = slot.as_mut() {
+                let refreshed = objpoints::refresh_view_listed(
+                    &self.client,
+                    view,
+                    self.settings.max_view_age,
+                    listing,
+                )
+                .await?;
+                tracing::debug!(
+                    target: "blkmirror receiver",
+                    "store view listed whole: {refreshed:?}"
+                );
+                return Ok(());
+            }
+        }
+        drop(self.fresh_view().await?);
+        Ok(())
+    }
+
+    /// How often the receiver calls [`Publisher::keep_view_current`]: within a refresh's due
+    /// time (half the allowed age), so that the view never needs a whole reload (past the
+    /// allowed age); not more than ten times a second (test builds allow a grace of a
+    /// second).
+    pub fn view_kept_every(&self) -> Duration {
+        (self.settings.max_view_age / 4).max(Duration::from_millis(100))
+    }
+
     /// The pack view, read again if it lacks a chunk of `map` (another receiver stored it
     /// since this one read the indexes: the point was published elsewhere), and the chunks of
     /// `map` the store still lacks then (lost there). Read again in three steps, each only if
@@ -1374,6 +1417,69 @@ mod tests {
         }
     }
 
+    /// The `[store]` of a publisher over an in-memory store, with the default timings.
+    fn memory_store_config() -> StoreConfig {
+        StoreConfig {
+            endpoint: "memory".into(),
+            bucket: "test".into(),
+            region: String::new(),
+            access_key: String::new(),
+            secret_key: String::new(),
+            allow_http: false,
+            lease: crate::dr::objstore::DEFAULT_LEASE,
+            gc_every: None,
+            gc_grace: crate::dr::objstore::DEFAULT_GC_GRACE,
+            takeover_settle: crate::dr::objstore::DEFAULT_TAKEOVER_SETTLE,
+            encryption_key: None,
+        }
+    }
+
+    /// The receiver keeps its view current between publishes: it loads it before any
+    /// publish (a spare receiver has it before a failover), and when a whole listing is due
+    /// it takes it outside the view's lock, then finds what the log of added packs missed.
+    #[tokio::test]
+    async fn the_receiver_keeps_its_view_loaded_and_lists_the_store_whole_when_due() {
+        let client = ObjectStoreClient::in_memory();
+        let publisher = Publisher::over(client.clone(), &memory_store_config(), "rx".into());
+        assert!(publisher.view.lock().await.is_none());
+        publisher.keep_view_current().await.unwrap();
+        assert!(publisher.view.lock().await.is_some(), "loaded at once");
+        // Another receiver stores a pack and stops before its log entry.
+        let content = vec![0x5a; 4096];
+        let id = client.sealing().chunk_id(&content);
+        let mut other = objpoints::load_view(&client).await.unwrap();
+        let mut upload = objpoints::Upload::default();
+        objpoints::upload_changes(
+            &client,
+            &mut other,
+            &BTreeMap::from([(0, content)]),
+            PackSettings::default(),
+            &mut upload,
+        )
+        .await
+        .unwrap();
+        for (key, _, _) in client.list(layout::ADDED_PREFIX).await.unwrap() {
+            client.delete(&key).await.unwrap();
+        }
+        let known = async || {
+            let slot = publisher.view.lock().await;
+            let view = slot.as_ref().unwrap();
+            (view.locations.contains(&id), view.listing_due())
+        };
+        publisher.keep_view_current().await.unwrap();
+        assert_eq!(known().await, (false, false), "not from the log");
+        publisher
+            .view
+            .lock()
+            .await
+            .as_mut()
+            .unwrap()
+            .age_listing(objpoints::VIEW_LISTING_EVERY);
+        assert_eq!(known().await, (false, true));
+        publisher.keep_view_current().await.unwrap();
+        assert_eq!(known().await, (true, false), "from the whole listing");
+    }
+
     /// A chunk of the volume's newest point that the store lost (here: its pack deleted) is
     /// stored again from the replica when the next full manifest is published, and every
     /// point that references it reads again. Before, the full manifest was refused
@@ -1386,20 +1492,7 @@ mod tests {
         let (volume, _, _) = Volume::open_or_create(&tmp.0, &hello).unwrap();
         let volume = Arc::new(Mutex::new(volume));
         let client = ObjectStoreClient::in_memory();
-        let config = StoreConfig {
-            endpoint: "memory".into(),
-            bucket: "test".into(),
-            region: String::new(),
-            access_key: String::new(),
-            secret_key: String::new(),
-            allow_http: false,
-            lease: crate::dr::objstore::DEFAULT_LEASE,
-            gc_every: None,
-            gc_grace: crate::dr::objstore::DEFAULT_GC_GRACE,
-            takeover_settle: crate::dr::objstore::DEFAULT_TAKEOVER_SETTLE,
-            encryption_key: None,
-        };
-        let publisher = Publisher::over(client.clone(), &config, "rx".into());
+        let publisher = Publisher::over(client.clone(), &memory_store_config(), "rx".into());
         let chunk = |byte: u8| vec![byte; 65536];
         // Point 1 writes chunks 0 and 1, never changed after; each later point `seq` writes
         // chunk 2 with `seq`.

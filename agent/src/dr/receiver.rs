@@ -559,6 +559,11 @@ pub async fn serve(
         .clone()
         .map(|publisher| tokio::spawn(ship_audit_periodically(context.clone(), publisher)));
     let _shipper = AbortOnDrop(shipper);
+    let view_keeper = context
+        .publisher
+        .clone()
+        .map(|publisher| tokio::spawn(keep_store_view_current(publisher)));
+    let _view_keeper = AbortOnDrop(view_keeper);
     let (grant_changes_tx, mut grant_changes) = tokio::sync::mpsc::channel(2);
     let follower = context.publisher.clone().map(|publisher| {
         tokio::spawn(follow_store_grants(
@@ -641,6 +646,33 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Keeps this receiver's view of the store current ([`Publisher::keep_view_current`]) from
+/// its start: a publish then finds it loaded and at most a quarter of its allowed age old,
+/// and the store's whole listing runs here, not in a publish.
+async fn keep_store_view_current(publisher: Arc<Publisher>) {
+    let mut failing = false;
+    loop {
+        match publisher.keep_view_current().await {
+            Ok(()) if failing => {
+                failing = false;
+                log("the receiver's view of the object store is current again");
+            }
+            Ok(()) => {}
+            // Said once per outage: publishes report their own errors meanwhile.
+            Err(error) if !failing => {
+                failing = true;
+                warn(format!(
+                    "keeping the receiver's view of the object store current failed \
+                     (retried every {}s): {error}",
+                    publisher.view_kept_every().as_secs()
+                ));
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(publisher.view_kept_every()).await;
+    }
 }
 
 /// Every [`AUDIT_SHIP_EVERY`]: copies the audit log to the store's shared chain, and records
