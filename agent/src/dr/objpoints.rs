@@ -507,7 +507,9 @@ pub async fn upload_changes(
     upload: &mut Upload,
 ) -> Result<(), PointStoreError> {
     upload.saw(view);
-    let locations = &mut view.locations;
+    let StoreView {
+        locations, packs, ..
+    } = view;
     let report = &mut upload.report;
     report.changed_chunks += changes.len() as u64;
     let mut builder = new_pack(settings.target_bytes)?;
@@ -527,11 +529,13 @@ pub async fn upload_changes(
             .map_err(layout_error("a pack being built"))?;
         if builder.is_full() {
             let full = std::mem::replace(&mut builder, new_pack(settings.target_bytes)?);
-            upload_pack(client, full, locations, report).await?;
+            let (id, _) = upload_pack(client, full, locations, report).await?;
+            packs.insert(id, false);
         }
     }
     if !builder.is_empty() {
-        upload_pack(client, builder, locations, report).await?;
+        let (id, _) = upload_pack(client, builder, locations, report).await?;
+        packs.insert(id, false);
     }
     Ok(())
 }
