@@ -1061,9 +1061,9 @@ impl StoreListing {
     }
 }
 
-fn indexed_packs<T>(
+fn indexed_packs(
     packs: &BTreeMap<PackId, (u64, u64)>,
-    indexes: &BTreeMap<PackId, T>,
+    indexes: &BTreeMap<PackId, u64>,
 ) -> BTreeMap<PackId, (u64, u64)> {
     packs
         .iter()
@@ -1152,37 +1152,57 @@ async fn list_indexed_packs(
     Ok(indexed_packs(&packs?, &ids_listed(indexes?)))
 }
 
+/// Runs `request` for each of `items`, [`PARALLEL_INDEX_READS`] at a time, and hands each
+/// answer to `answered` as it comes; the first error stops the rest (dropping the set aborts
+/// the requests in flight).
+async fn request_each<I, A, R>(
+    items: impl IntoIterator<Item = I>,
+    request: impl Fn(I) -> R,
+    mut answered: impl FnMut(A) -> Result<(), PointStoreError>,
+) -> Result<(), PointStoreError>
+where
+    R: std::future::Future<Output = A> + Send + 'static,
+    A: Send + 'static,
+{
+    let mut items = items.into_iter();
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        while in_flight.len() < PARALLEL_INDEX_READS {
+            let Some(item) = items.next() else {
+                break;
+            };
+            in_flight.spawn(request(item));
+        }
+        let Some(done) = in_flight.join_next().await else {
+            return Ok(());
+        };
+        answered(done.expect("a store request task"))?;
+    }
+}
+
 /// Reads the index objects of `wanted` packs (id, the pack's length to check the index
 /// against if known, when written), many at a time. A pack whose index is gone is left out.
 async fn read_index_objects(
     client: &ObjectStoreClient,
     wanted: Vec<(PackId, Option<u64>, u64)>,
 ) -> Result<BTreeMap<PackId, (Vec<layout::IndexEntry>, u64)>, PointStoreError> {
-    let mut wanted = wanted.into_iter();
     let mut indexes = BTreeMap::new();
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        while in_flight.len() < PARALLEL_INDEX_READS {
-            let Some((id, pack_len, written)) = wanted.next() else {
-                break;
-            };
-            let client = client.clone();
-            in_flight.spawn(async move {
-                let key = layout::index_key(&id);
-                let bytes = client.get(&key, MAX_INDEX_BYTES).await;
-                (key, id, pack_len, written, bytes)
-            });
+    let request = |(id, pack_len, written)| {
+        let client = client.clone();
+        async move {
+            let key = layout::index_key(&id);
+            let bytes = client.get(&key, MAX_INDEX_BYTES).await;
+            (key, id, pack_len, written, bytes)
         }
-        let Some(done) = in_flight.join_next().await else {
-            break;
-        };
-        let (key, id, pack_len, written, bytes) = done.expect("an index read task");
-        let Some((bytes, _)) = bytes? else {
-            continue;
-        };
-        let index = layout::decode_index(&bytes, pack_len).map_err(layout_error(&key))?;
-        indexes.insert(id, (index, written));
-    }
+    };
+    request_each(wanted, request, |(key, id, pack_len, written, bytes)| {
+        if let Some((bytes, _)) = bytes? {
+            let index = layout::decode_index(&bytes, pack_len).map_err(layout_error(&key))?;
+            indexes.insert(id, (index, written));
+        }
+        Ok(())
+    })
+    .await?;
     Ok(indexes)
 }
 
@@ -1190,26 +1210,19 @@ async fn read_index_objects(
 async fn head_packs(
     client: &ObjectStoreClient,
     packs: HashSet<PackId>,
-) -> Result<BTreeMap<PackId, (Option<u64>, u64)>, PointStoreError> {
-    let mut packs = packs.into_iter();
+) -> Result<BTreeMap<PackId, (u64, u64)>, PointStoreError> {
     let mut found = BTreeMap::new();
-    let mut in_flight = tokio::task::JoinSet::new();
-    loop {
-        while in_flight.len() < PARALLEL_INDEX_READS {
-            let Some(id) = packs.next() else {
-                break;
-            };
-            let client = client.clone();
-            in_flight.spawn(async move { (id, client.head(&layout::pack_key(&id)).await) });
+    let request = |id| {
+        let client = client.clone();
+        async move { (id, client.head(&layout::pack_key(&id)).await) }
+    };
+    request_each(packs, request, |(id, head)| {
+        if let Some(head) = head? {
+            found.insert(id, head);
         }
-        let Some(done) = in_flight.join_next().await else {
-            break;
-        };
-        let (id, head) = done.expect("a pack head task");
-        if let Some((size, written)) = head? {
-            found.insert(id, (Some(size), written));
-        }
-    }
+        Ok(())
+    })
+    .await?;
     Ok(found)
 }
 
@@ -1238,7 +1251,7 @@ pub async fn load_view(client: &ObjectStoreClient) -> Result<StoreView, PointSto
 }
 
 /// The clock of this host, in Unix milliseconds.
-fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |since| since.as_millis() as u64)
@@ -1391,27 +1404,19 @@ async fn refresh(
 
     // New packs: from the whole listing if there is one, and from the log, each of the
     // latter asked for (a pack the store lost keeps its entry, and maybe its index).
-    let mut wanted: BTreeMap<PackId, (Option<u64>, u64)> = BTreeMap::new();
-    let mut gone = HashSet::new();
-    let listed_packs = listed.as_ref().map(|listing| &listing.packs);
-    if let Some(listed) = listed_packs {
-        for (id, &(pack_len, written)) in listed {
+    let mut wanted: BTreeMap<PackId, (u64, u64)> = BTreeMap::new();
+    // Known and not listed: gone, unless the view learned it after the listing began.
+    let mut unlisted = HashSet::new();
+    if let Some(listing) = &listed {
+        for (id, pack) in &listing.packs {
             if !view.packs.contains_key(id) {
-                wanted.insert(*id, (Some(pack_len), written));
+                wanted.insert(*id, *pack);
             }
         }
-        // Known and not listed: gone, unless the view learned it after the listing began.
-        let unlisted: HashSet<PackId> = view
-            .packs
-            .keys()
-            .filter(|id| !listed.contains_key(*id))
-            .copied()
-            .collect();
-        let still_there = head_packs(client, unlisted.clone()).await?;
-        gone.extend(
-            unlisted
-                .into_iter()
-                .filter(|id| !still_there.contains_key(id)),
+        unlisted.extend(
+            view.packs
+                .keys()
+                .filter(|id| !listing.packs.contains_key(*id)),
         );
     }
     let logged: HashSet<PackId> = logged
@@ -1420,7 +1425,13 @@ async fn refresh(
         .map(|(_, id)| id)
         .filter(|id| !view.packs.contains_key(id) && !wanted.contains_key(id))
         .collect();
-    wanted.extend(head_packs(client, logged).await?);
+    // Both asked for in one round.
+    let there = head_packs(client, unlisted.iter().chain(&logged).copied().collect()).await?;
+    let mut gone: HashSet<PackId> = unlisted
+        .into_iter()
+        .filter(|id| !there.contains_key(id))
+        .collect();
+    wanted.extend(there.into_iter().filter(|(id, _)| logged.contains(id)));
     // Known packs whose condemnation changed: their indexes name their chunks.
     let changed: Vec<(PackId, bool)> = view
         .packs
@@ -1433,7 +1444,7 @@ async fn refresh(
         client,
         wanted
             .iter()
-            .map(|(id, (pack_len, written))| (*id, *pack_len, *written))
+            .map(|(id, (pack_len, written))| (*id, Some(*pack_len), *written))
             .chain(reread)
             .collect(),
     )
@@ -3047,12 +3058,7 @@ mod tests {
         assert_eq!(list_points(&other, "v").await.unwrap(), vec![1, 2, 3, 4]);
     }
 
-    fn now_ms() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    }
+    use super::wall_clock_ms as now_ms;
 
     fn entry(seed: u8, offset: u64, stored_len: u32) -> layout::IndexEntry {
         layout::IndexEntry {

@@ -75,7 +75,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use blkmirror_protocol::{retention::PointAge, units, wire::PointInfo};
@@ -85,7 +85,10 @@ use crate::dr::{
     authority::Authority,
     layout::{self, ChunkMap},
     lease,
-    objpoints::{self, CommitReport, ManifestToCreate, PackSettings, PointStoreError, StoreView},
+    objpoints::{
+        self, CommitReport, ManifestToCreate, PackSettings, PointStoreError, StoreView,
+        wall_clock_ms as now_ms,
+    },
     objstore::{
         Created, LeaseOutcome, ObjectStoreClient, StoreConfig, StoreError as ObjectStoreError,
     },
@@ -387,12 +390,6 @@ pub struct Publisher {
     health: Mutex<StoreHealth>,
     /// Copies this receiver's audit log to the shared chain (opened at the first round).
     audit_shipper: tokio::sync::Mutex<Option<crate::dr::auditchain::Shipper>>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Publisher {
